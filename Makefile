@@ -1,0 +1,32 @@
+# Two commands for a fresh machine with Python 3.10+:
+#   make demo   installs into .venv, trains on the bundled digits (~8 min on 2 CPU cores), samples
+#   make test   installs into .venv (with test extras) and runs the test suite
+# TORCH picks the PyTorch build; the default CPU build is small. `make test TORCH=torch` takes
+# whatever pip resolves (a CUDA build on Linux).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "ddpmkit needs Python 3.10+"'
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q "$(TORCH)" || $(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/ddpmkit train --out runs/demo
+	$(BIN)/ddpmkit sample runs/demo --num 64 --sampler ddim --steps 50 --size 32 --gif --out runs/demo/samples
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs samples .pytest_cache

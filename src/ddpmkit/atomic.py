@@ -1,0 +1,52 @@
+"""Atomic file writes: write beside the target under a temporary name, optionally fsync, rename.
+
+A crash at any instant leaves either the old complete file or the new complete file, never a torn
+one. `fsync=True` (checkpoints, state, manifests) also makes the rename durable across power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
+    """Yields a temporary path to write; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    with atomic_path(path, fsync) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str, fsync: bool = True) -> None:
+    write_bytes(path, text.encode("utf-8"), fsync)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

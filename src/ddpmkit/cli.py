@@ -1,0 +1,134 @@
+"""`ddpmkit <command>`: parses arguments, builds the config, calls the library. Nothing else.
+
+Every config key can be set as `section.key=value`; the everyday flags set exactly one key each
+(listed in FLAG_KEYS, so `--help` and the README stay true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import flatten, from_dict, load_config, merge_overrides, parse_override, read_yaml
+from .errors import UserError
+
+TRAIN_FLAGS = {  # flag -> config key
+    "data": "data.path", "out": "train.out_dir", "image_size": "data.image_size",
+    "batch_size": "train.batch_size", "steps": "train.max_steps", "max_minutes": "train.max_minutes",
+    "lr": "train.lr", "seed": "train.seed", "device": "train.device",
+}
+SAMPLE_FLAGS = {
+    "num": "sample.num", "sampler": "sample.sampler", "steps": "sample.steps", "eta": "sample.eta",
+    "seed": "sample.seed", "batch_size": "sample.batch_size", "size": "sample.size",
+    "checkpoint": "sample.checkpoint", "out": "sample.out_dir", "device": "sample.device",
+    "spacing": "sample.spacing",
+}
+
+TRAIN_EXAMPLES = """examples:
+  ddpmkit train                                     # bundled digits, defaults, runs/default
+  ddpmkit train configs/mnist.yaml data.path=/data/mnist train.batch_size=64
+  ddpmkit train --data ./my_images --image-size 64 --out runs/lesions
+rerunning the same command resumes from the latest checkpoint."""
+
+SAMPLE_EXAMPLES = """examples:
+  ddpmkit sample runs/default --num 64 --sampler ddim --steps 50 --seed 0 --out samples/
+  ddpmkit sample runs/lesions --num 5900 --sampler ddpm --size 128 --out big/   # all T steps"""
+
+
+def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[str, type]) -> None:
+    for name, key in flags.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=types.get(name, str), default=None,
+                       metavar=name.upper(), help=f"sets {key}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models for images: train, sample.")
+    parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (or resume) a model", epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
+                   help="an optional YAML config, then overrides")
+    _add_flags(t, TRAIN_FLAGS, {"image_size": int, "batch_size": int, "steps": int, "max_minutes": float,
+                                "lr": float, "seed": int})
+    t.add_argument("--fresh", action="store_true", help="discard an existing run in --out and start over")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("run", help="run directory (as written by ddpmkit train)")
+    s.add_argument("args", nargs="*", metavar="sample.key=value", help="overrides of the sample section")
+    _add_flags(s, SAMPLE_FLAGS, {"num": int, "steps": int, "eta": float, "seed": int, "batch_size": int, "size": int})
+    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA (sets sample.ema=false)")
+    s.add_argument("--gif", action="store_true", help="also write OUT/trajectory.gif (sets sample.gif=true)")
+    return parser
+
+
+def _overrides(tokens: list[str], flags: dict[str, str], ns: argparse.Namespace) -> dict:
+    out = dict(parse_override(tok) for tok in tokens)
+    for name, key in flags.items():
+        value = getattr(ns, name)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    from .train import train
+
+    tokens = list(ns.args)
+    config_path = None
+    if tokens and "=" not in tokens[0]:
+        config_path = tokens.pop(0)
+    cfg = load_config(config_path, _overrides(tokens, TRAIN_FLAGS, ns))
+    train(cfg, fresh=ns.fresh, progress=not ns.quiet)
+
+
+def cmd_sample(ns: argparse.Namespace) -> None:
+    from .generate import generate
+    from .run import RunDir, load_run
+    from .runtime import resolve_device
+
+    run_dir = RunDir(ns.run)
+    if not run_dir.config_path.is_file():
+        raise UserError(f"{ns.run} is not a ddpmkit run directory (no config.yaml)")
+    overrides = _overrides(ns.args, SAMPLE_FLAGS, ns)
+    if ns.no_ema:
+        overrides["sample.ema"] = False
+    if ns.gif:
+        overrides["sample.gif"] = True
+    bad = [k for k in overrides if not k.startswith("sample.")]
+    if bad:
+        raise UserError(f"only sample.* keys can be set when sampling, got {bad[0]}")
+    saved = read_yaml(run_dir.config_path)
+    cfg = from_dict(merge_overrides(saved, overrides))
+    sc = cfg.sample
+    run = load_run(run_dir.path, sc.checkpoint, sc.ema, resolve_device(sc.device))
+    generate(run, sc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after flags: argparse leaves the later ones unparsed.
+    ns, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    ns.args = list(ns.args) + rest
+    try:
+        {"train": cmd_train, "sample": cmd_sample}[ns.command](ns)
+    except UserError as exc:
+        print(f"ddpmkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddpmkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

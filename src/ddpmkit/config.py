@@ -1,0 +1,330 @@
+"""Configuration: five dataclass sections, YAML in and out, dotted overrides, strict validation.
+
+Resolution order: dataclass defaults <- model preset <- YAML file <- `section.key=value` overrides.
+Unknown keys and wrong types are `UserError`s that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # None: scikit-learn's bundled digits (1797 images, 8x8)
+    image_size: int = 8
+    channels: Optional[int] = None  # None keeps the data's own (grayscale stays grayscale)
+    hflip: bool = False
+    labels: Optional[str] = None  # CSV with an image-name column and a label column
+    image_column: str = "image"
+    label_column: str = "label"
+    filter_label: Optional[str] = None  # keep only rows whose label equals this
+    split: str = "train"  # .npz key prefix: {split}_images / {split}_labels
+    on_error: str = "skip"  # unreadable images: skip (and report) or fail
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = "small"  # "small", "ddpm-cifar10" or null; explicit keys override it
+    in_channels: Optional[int] = None  # None: taken from the data
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=list)
+    attention_head_dim: Optional[int] = None  # None: one head per attention layer
+    dropout: float = 0.0
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    time_flip_sin_to_cos: bool = False  # embedding order [sin, cos] as in DDPM; diffusers' option
+    time_freq_shift: float = 1.0  # DDPM divides frequencies by (half - 1)
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000
+    schedule: str = "linear"  # linear | cosine
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"  # eps | x0 | v
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    max_steps: int = 4000
+    max_minutes: float = 0.0  # 0: no time budget
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50
+    sample_every: int = 500
+    grid_images: int = 16
+    grid_steps: int = 50
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row (each one is skipped)
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "samples"
+    num: int = 64
+    sampler: str = "ddim"  # ddpm | ddim
+    steps: Optional[int] = None  # None: all T for ddpm, 50 for ddim
+    eta: float = 0.0
+    spacing: str = "uniform"  # uniform | quadratic
+    variance: str = "small"  # ddpm only: small (posterior) | large (beta)
+    clip_x0: bool = True
+    batch_size: int = 256
+    seed: int = 0
+    checkpoint: str = "latest"  # latest | best | a step number
+    ema: bool = True
+    size: Optional[int] = None  # bicubic upsampling of the output
+    gif: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+
+MODEL_PRESETS = {
+    # CPU-friendly: 0.92M parameters (1 channel), two levels, no attention; the defaults.
+    "small": dict(base_channels=32, channel_mult=[1, 2], num_res_blocks=2,
+                  attention_resolutions=[], dropout=0.0),
+    # Ho et al. 2020's CIFAR-10 network (35,746,307 parameters with 3 channels at 32x32),
+    # block for block the layout of diffusers' UNet2DModel for google/ddpm-cifar10-32.
+    "ddpm-cifar10": dict(base_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
+                         attention_resolutions=[16], dropout=0.1, attention_head_dim=None),
+}
+
+CHOICES = {
+    "data.on_error": ("skip", "fail"),
+    "data.channels": (None, 1, 3),
+    "model.preset": (None, *MODEL_PRESETS),
+    "diffusion.schedule": ("linear", "cosine"),
+    "diffusion.prediction": ("eps", "x0", "v"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "sample.sampler": ("ddpm", "ddim"),
+    "sample.spacing": ("uniform", "quadratic"),
+    "sample.variance": ("small", "large"),
+}
+
+POSITIVE = {
+    "data.image_size", "model.base_channels", "model.num_res_blocks", "model.norm_groups",
+    "diffusion.num_timesteps", "train.batch_size", "train.max_steps", "train.log_every",
+    "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.grid_images",
+    "train.grid_steps", "train.max_nonfinite", "sample.num", "sample.batch_size", "sample.size", "sample.steps",
+}
+NON_NEGATIVE = {
+    "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
+    "train.max_minutes", "model.dropout", "sample.eta", "train.seed", "sample.seed",
+}
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check `value` against the field type `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (elem,) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _section_from_dict(name: str, values: dict) -> Any:
+    cls = _SECTION_CLASSES[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"unknown config key {name}.{key} (known keys in '{name}': {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    flat = flatten(cfg.to_dict())
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            raise UserError(f"config key {key}: {flat[key]!r} is not one of: {shown}")
+    for key in POSITIVE:
+        if flat[key] is not None and flat[key] <= 0:
+            raise UserError(f"config key {key}: must be positive, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise UserError(f"config key {key}: must not be negative, got {flat[key]}")
+    m = cfg.model
+    if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
+        raise UserError(f"config key model.channel_mult: needs positive entries, got {m.channel_mult}")
+    if m.base_channels % m.norm_groups:
+        raise UserError(f"config key model.base_channels: {m.base_channels} is not divisible by "
+                        f"model.norm_groups={m.norm_groups}")
+    factor = 2 ** (len(m.channel_mult) - 1)
+    if cfg.data.image_size % factor:
+        raise UserError(f"config key data.image_size: {cfg.data.image_size} cannot pass through "
+                        f"{len(m.channel_mult) - 1} halvings (model.channel_mult={m.channel_mult}); "
+                        f"use a multiple of {factor}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise UserError(f"config key train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    d = cfg.diffusion
+    if d.schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
+        raise UserError("config keys diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
+    if cfg.sample.steps is not None and cfg.sample.steps > d.num_timesteps:
+        raise UserError(f"config key sample.steps: {cfg.sample.steps} is more than "
+                        f"diffusion.num_timesteps={d.num_timesteps}")
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from nested dicts (YAML content merged with overrides)."""
+    if not isinstance(raw, dict):
+        raise UserError("config: expected a mapping of sections (data, model, diffusion, train, sample)")
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise UserError(f"unknown config section '{name}' (known: {', '.join(SECTIONS)})")
+        if values is not None and not isinstance(values, dict):
+            raise UserError(f"config section '{name}': expected key: value pairs, got {values!r}")
+    sections = {}
+    for name in SECTIONS:
+        values = dict(raw.get(name) or {})
+        if name == "model" and values.get("preset") is not None:
+            preset = values["preset"]
+            if preset not in MODEL_PRESETS:
+                raise UserError(f"config key model.preset: unknown preset {preset!r} "
+                                f"(known: {', '.join(MODEL_PRESETS)})")
+            values = {**MODEL_PRESETS[preset], **values}
+        sections[name] = _section_from_dict(name, values)
+    cfg = Config(**sections)
+    _check_values(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 1e-4); values are parsed as YAML scalars/lists."""
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise UserError(f"cannot read override {text!r}: write section.key=value, e.g. train.lr=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def merge_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    merged = {k: dict(v or {}) for k, v in raw.items()}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name or "." in name:
+            raise UserError(f"unknown config key {key} (write section.key with a section from: "
+                            f"{', '.join(SECTIONS)})")
+        merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return raw or {}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    raw = read_yaml(path) if path is not None else {}
+    return from_dict(merge_overrides(raw, overrides or {}))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# Keys that may change between a run and its resumption: they do not change what is computed.
+RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
+                     "train.checkpoint_every", "train.keep_last", "train.device", "train.out_dir",
+                     "sample.")
+
+
+def differing_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ between two config dicts, ignoring those a resume may change."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]

@@ -1,0 +1,342 @@
+"""Reading training images from wherever users keep them, into one uint8 N x C x H x W tensor.
+
+Sources: scikit-learn's digits (the bundled default), a folder of images (recursive), optionally
+filtered or labelled by a CSV, .npy/.npz arrays, and MNIST-style IDX files. Every image is resized
+(shorter side) and center-cropped to `image_size`; grayscale stays grayscale unless
+`data.channels` says otherwise. Scaling to [-1, 1] and flips happen per batch (`batch_to_model`).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from .config import DataConfig
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # uint8, N x C x H x W
+    source: str  # what was read, for logs and the run record
+    labels: list[str] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) for unreadable images
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_images(cfg: DataConfig) -> ImageData:
+    if cfg.path is None:
+        data = _load_digits()
+    else:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise UserError(f"data path not found: {path}")
+        if path.is_dir() and not _idx_files(path):
+            data = _load_folder(path, cfg)
+        elif path.is_dir() or _is_idx(path):
+            data = _load_idx(path, cfg.split)
+        elif path.suffix.lower() in (".npy", ".npz"):
+            data = _load_array_file(path, cfg.split)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            raise UserError(f"data path {path} is a single image: point data.path at its folder")
+        else:
+            raise UserError(f"data path {path}: not a folder, .npy/.npz or IDX file")
+    images = _set_channels(data.images, cfg.channels)
+    data.images = resize_center_crop(images, cfg.image_size)
+    return data
+
+
+def batch_to_model(images_u8: torch.Tensor, hflip: bool = False, generator: torch.Generator | None = None):
+    """uint8 N x C x H x W -> float in [-1, 1], randomly mirrored if asked."""
+    x = images_u8.float() / 127.5 - 1.0
+    if hflip:
+        flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else None) < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry and channels
+
+
+def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize so the shorter side is `size` (antialiased bicubic), then center-crop to size x size."""
+    n, c, h, w = images.shape
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        images = x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous()
+
+
+def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    c = images.shape[1]
+    if channels is None or channels == c:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601 luma, as PIL's "L"
+    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# bundled default
+
+
+def _load_digits() -> ImageData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    arr = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values are 0..16
+    return ImageData(torch.from_numpy(arr)[:, None], "scikit-learn digits (1797 images, 8x8)",
+                     labels=[str(int(v)) for v in digits.target])
+
+
+# ---------------------------------------------------------------------------------------------
+# folders of images
+
+
+def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    labels = None
+    if cfg.labels is not None:
+        files, labels = _select_by_csv(root, files, cfg)
+    if not files:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+
+    decoded, kept_labels, skipped = [], [], []
+    for i, path in enumerate(files):
+        try:
+            decoded.append(_read_image(path))
+            kept_labels.append(labels[i] if labels else None)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            if cfg.on_error == "fail":
+                raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
+            skipped.append((str(path), str(exc) or type(exc).__name__))
+    if not decoded:
+        raise UserError(f"none of the {len(files)} images under {root} could be read (first: {skipped[0][0]}: {skipped[0][1]})")
+
+    gray = cfg.channels == 1 or (cfg.channels is None and all(a.ndim == 2 for a in decoded))
+    size = cfg.image_size
+    tensors = []
+    for arr in decoded:
+        if gray and arr.ndim == 3:
+            arr = np.asarray(Image.fromarray(arr).convert("L"))
+        elif not gray and arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        t = torch.from_numpy(np.array(arr))  # a writable copy
+        t = t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
+        tensors.append(resize_center_crop(t, size))  # mixed sizes become one size here
+    desc = f"{len(tensors)} images from {root}" + (f" ({len(skipped)} skipped)" if skipped else "")
+    return ImageData(torch.cat(tensors), desc, labels=kept_labels if labels else None, skipped=skipped)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """Decode fully (so truncation is caught here) to uint8 H x W (gray) or H x W x 3."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            arr = np.asarray(im, dtype=np.float64)
+            peak = 1.0 if im.mode == "F" and arr.max() <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
+            return np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        if im.mode in GRAY_MODES:
+            return np.asarray(im.convert("L"))
+        return np.asarray(im.convert("RGB"))
+
+
+def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
+    csv_path = Path(cfg.labels).expanduser()
+    if not csv_path.is_file():
+        raise UserError(f"labels CSV not found: {csv_path}")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if cfg.image_column not in columns:
+        raise UserError(f"labels CSV {csv_path} has no column '{cfg.image_column}' (columns: {', '.join(columns)}); "
+                        f"set data.image_column")
+    has_labels = cfg.label_column in columns
+    if cfg.filter_label is not None and not has_labels:
+        raise UserError(f"labels CSV {csv_path} has no column '{cfg.label_column}' to filter on "
+                        f"(columns: {', '.join(columns)}); set data.label_column")
+
+    by_rel = {p.relative_to(root).as_posix(): p for p in files}
+    by_stem: dict[str, list[Path]] = {}
+    for rel, p in by_rel.items():
+        by_stem.setdefault(str(PurePosixPath(rel).with_suffix("")), []).append(p)
+        by_stem.setdefault(p.stem, []).append(p)
+
+    chosen, labels, missing, seen = [], [], [], set()
+    for row in rows:
+        name = (row.get(cfg.image_column) or "").strip()
+        label = (row.get(cfg.label_column) or "").strip() if has_labels else None
+        if cfg.filter_label is not None and label != cfg.filter_label:
+            continue
+        pure = PurePosixPath(name.replace("\\", "/"))
+        if pure.is_absolute() or ".." in pure.parts:
+            raise UserError(f"labels CSV {csv_path}: '{name}' points outside the data folder {root}")
+        if name in seen:
+            raise UserError(f"labels CSV {csv_path}: '{name}' is listed twice")
+        seen.add(name)
+        match = by_rel.get(pure.as_posix()) or _unique(by_stem.get(pure.as_posix(), []))
+        if match is None:
+            missing.append(name)
+            continue
+        chosen.append(match)
+        labels.append(label)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"labels CSV {csv_path} names {len(missing)} image(s) not found under {root}: {shown}")
+    if not chosen and cfg.filter_label is not None:
+        present = sorted({(r.get(cfg.label_column) or "").strip() for r in rows})
+        raise UserError(f"no rows of {csv_path} have {cfg.label_column} == '{cfg.filter_label}' "
+                        f"(labels present: {', '.join(present[:10])})")
+    return chosen, (labels if has_labels else None)
+
+
+def _unique(paths: list[Path]) -> Path | None:
+    return paths[0] if len(set(paths)) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays
+
+
+def _load_array_file(path: Path, split: str) -> ImageData:
+    try:
+        if path.suffix.lower() == ".npy":
+            arr, labels, key = np.load(path, allow_pickle=False), None, None
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                key = _pick_npz_key(path, list(z.keys()), split)
+                arr = z[key]
+                label_key = key.replace("images", "labels")
+                labels = z[label_key] if label_key != key and label_key in z else None
+    except ValueError as exc:  # object arrays need pickle, which is refused
+        raise UserError(f"cannot read {path}: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    images = array_to_uint8_nchw(arr, f"{path}" + (f"[{key}]" if key else ""))
+    label_list = [str(v) for v in np.asarray(labels).reshape(len(arr), -1)[:, 0]] if labels is not None else None
+    return ImageData(images, f"{len(images)} images from {path}" + (f" [{key}]" if key else ""), labels=label_list)
+
+
+def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
+    for key in (f"{split}_images", "images", "x", "arr_0"):
+        if key in keys:
+            return key
+    if len(keys) == 1:
+        return keys[0]
+    raise UserError(f"{path} holds {', '.join(keys)}: expected '{split}_images' (set data.split) or 'images'")
+
+
+def array_to_uint8_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
+    """(N,H,W), (N,H,W,C) or (N,C,H,W), uint8/uint16/bool/float -> uint8 N x C x H x W."""
+    arr = np.asarray(arr)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4:
+        if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+            arr = arr.transpose(0, 3, 1, 2)
+        elif arr.shape[1] not in (1, 3, 4):
+            raise UserError(f"{name}: shape {arr.shape} has no channel axis of size 1, 3 or 4")
+    else:
+        raise UserError(f"{name}: shape {arr.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
+    if arr.shape[0] == 0:
+        raise UserError(f"{name}: holds no images")
+    if arr.shape[1] == 4:
+        arr = arr[:, :3]  # drop alpha
+    if arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise UserError(f"{name}: integer values in [{lo}, {hi}]; expected 0..255 or 0..65535")
+        out = arr if hi <= 255 else np.round(arr / 257.0)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise UserError(f"{name}: contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0 and hi <= 1:
+            out = np.round(arr * 255.0)
+        elif lo >= -1 and hi <= 1:
+            out = np.round((arr + 1.0) * 127.5)
+        elif lo >= 0 and hi <= 255:
+            out = np.round(arr)
+        else:
+            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
+    else:
+        raise UserError(f"{name}: unsupported dtype {arr.dtype}")
+    return torch.from_numpy(np.array(out, dtype=np.uint8))  # a writable, contiguous copy
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST-style IDX
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _is_idx(path: Path) -> bool:
+    return "idx" in path.name and path.is_file()
+
+
+def _idx_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if "idx3" in p.name and p.is_file())
+
+
+def read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read IDX file {path}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise UserError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = raw[4 + 4 * ndim:]
+    if len(body) != expected:
+        raise UserError(f"IDX file {path} is truncated or padded: {len(body)} bytes of data, expected {expected}")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _load_idx(path: Path, split: str) -> ImageData:
+    if path.is_dir():
+        candidates = _idx_files(path)
+        prefix = "train" if split == "train" else "t10k"
+        preferred = [p for p in candidates if p.name.startswith(prefix)]
+        if len(preferred) == 1 or len(candidates) == 1:
+            path = (preferred or candidates)[0]
+        else:
+            raise UserError(f"{path} holds several IDX image files ({', '.join(p.name for p in candidates)}): "
+                            f"point data.path at one")
+    images = array_to_uint8_nchw(read_idx(path), str(path))
+    label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+    labels = None
+    if label_path != path and label_path.is_file():
+        labels = [str(int(v)) for v in read_idx(label_path)]
+    return ImageData(images, f"{len(images)} images from {path}", labels=labels)

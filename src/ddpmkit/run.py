@@ -1,0 +1,121 @@
+"""A run directory: everything one training run produced, and how to load it back.
+
+    RUN/config.yaml       the resolved config (what `ddpmkit sample RUN` rebuilds the model from)
+    RUN/meta.json         versions, git hash, command line, device, dataset description
+    RUN/state.json        checkpoints with step, SHA-256 and mean loss; which one is best
+    RUN/stats.jsonl       one JSON line per log interval
+    RUN/checkpoints/      step_000001000.safetensors ...
+    RUN/grids/            step_000001000.png ... (same noise every time, so grids compare)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import atomic
+from .checkpoint import file_sha256, load_into, read_checkpoint
+from .config import Config, from_dict, read_yaml
+from .errors import UserError
+from .schedule import Schedule
+from .unet import UNet
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_path = self.path / "config.yaml"
+        self.meta_path = self.path / "meta.json"
+        self.state_path = self.path / "state.json"
+        self.stats_path = self.path / "stats.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.grids = self.path / "grids"
+
+    def read_state(self) -> dict:
+        if not self.state_path.exists():
+            return {"checkpoints": [], "best": None}
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {self.state_path}: {exc}") from None
+
+    def write_state(self, state: dict) -> None:
+        atomic.write_text(self.state_path, json.dumps(state, indent=1))
+
+    def checkpoint_file(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:09d}.safetensors"
+
+    def verified_checkpoints(self, warn=print) -> list[dict]:
+        """Recorded checkpoints, newest first, that exist and match their recorded SHA-256."""
+        good = []
+        for entry in sorted(self.read_state()["checkpoints"], key=lambda e: -e["step"]):
+            path = self.path / entry["file"]
+            if not path.exists():
+                warn(f"checkpoint {path} is missing; skipping it")
+            elif file_sha256(path) != entry["sha256"]:
+                warn(f"checkpoint {path} is damaged (SHA-256 mismatch); skipping it")
+            else:
+                good.append(entry)
+        return good
+
+    def select_checkpoint(self, which: str) -> dict:
+        """'latest', 'best' or a step number -> the checkpoint entry (verified)."""
+        entries = self.verified_checkpoints()
+        if not entries:
+            raise UserError(f"{self.path} has no usable checkpoint: train it first (ddpmkit train --out {self.path})")
+        if which == "latest":
+            return entries[0]
+        if which == "best":
+            best = self.read_state().get("best")
+            match = [e for e in entries if e["step"] == best]
+            if not match:
+                raise UserError(f"{self.path}: the best checkpoint (step {best}) is not available; use --checkpoint latest")
+            return match[0]
+        try:
+            step = int(which)
+        except ValueError:
+            raise UserError(f"--checkpoint must be latest, best or a step number, got {which!r}") from None
+        match = [e for e in entries if e["step"] == step]
+        if not match:
+            raise UserError(f"{self.path} has no checkpoint at step {step} (have: {', '.join(str(e['step']) for e in entries)})")
+        return match[0]
+
+
+@dataclass
+class Run:
+    """A trained run loaded for inference: config, schedule and (EMA) network."""
+
+    path: Path
+    config: Config
+    net: torch.nn.Module
+    schedule: Schedule
+    step: int
+    checkpoint: str  # file name, for manifests
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.config.model.in_channels
+
+
+def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, device: str | torch.device = "cpu") -> Run:
+    run_dir = RunDir(path)
+    if not run_dir.path.is_dir():
+        raise UserError(f"run directory not found: {run_dir.path}")
+    if not run_dir.config_path.is_file():
+        raise UserError(f"{run_dir.path} is not a ddpmkit run (no config.yaml)")
+    cfg = from_dict(read_yaml(run_dir.config_path))
+    entry = run_dir.select_checkpoint(checkpoint)
+    ckpt_path = run_dir.path / entry["file"]
+    prefix = "ema" if ema else "model"
+    groups, meta = read_checkpoint(ckpt_path, prefixes=(prefix,))
+    net = UNet(cfg.model, cfg.data.image_size)
+    load_into(net, groups[prefix], f"checkpoint {ckpt_path}")
+    net.to(device).eval().requires_grad_(False)
+    return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"], ckpt_path.name)

@@ -1,0 +1,62 @@
+"""Device choice, precision and the facts about this environment a run records."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from several integers: (0, 1) and (1, 0) share nothing."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for, but this PyTorch sees no CUDA GPU: use --device cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means plain fp32. 'auto' is bf16 on CUDA (no loss scaling needed), fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and device.type != "cuda":
+        raise UserError(f"precision {precision} needs a CUDA device; on {device.type} use fp32")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def environment(device: torch.device) -> dict:
+    from . import __version__
+
+    info = {"ddpmkit": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "platform": platform.platform(), "device": str(device), "command": sys.argv}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+    try:
+        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                     cwd=__file__.rsplit("/", 1)[0]).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["git"] = None
+    return info

@@ -1,0 +1,297 @@
+"""The training loop.
+
+Every random draw of step s (batch order, timesteps, noise, flips, dropout) comes from seeds
+derived from (train.seed, s), so a run resumed from a checkpoint at step s continues exactly as if
+it had never stopped: the checkpoint needs only weights, EMA, optimizer state and the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import resource
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import atomic
+from .checkpoint import restore, save_checkpoint
+from .config import Config, differing_keys, read_yaml, to_yaml
+from .data import batch_to_model, load_images
+from .errors import UserError
+from .generate import sample_batch
+from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
+from .run import Run, RunDir
+from .runtime import autocast, autocast_dtype, environment, mix_seed, resolve_device
+from .schedule import Schedule
+from .unet import UNet, count_parameters
+
+
+def diffusion_loss(net, schedule: Schedule, prediction: str, x0, t, noise) -> torch.Tensor:
+    """Simple loss of Ho et al.: MSE between the network output and its target (eps, x0 or v)."""
+    x_t = schedule.q_sample(x0, t, noise)
+    return F.mse_loss(net(x_t, t).float(), schedule.target(prediction, x0, noise, t))
+
+
+class EpochOrder:
+    """Batch indices for step s: a fresh permutation each epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch, self.seed = n, batch_size, seed
+        self.steps_per_epoch = max(1, n // batch_size)
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
+            reps = math.ceil(self.batch / self.n)  # a dataset smaller than one batch repeats
+            self._epoch, self._perm = epoch, torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])
+        return self._perm[i * self.batch:(i + 1) * self.batch]
+
+
+def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
+    """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"output path {run.path} is a file: choose a folder with --out")
+    if fresh:
+        for name in ("checkpoints", "grids"):
+            shutil.rmtree(run.path / name, ignore_errors=True)
+        for p in (run.state_path, run.stats_path, run.config_path, run.meta_path):
+            p.unlink(missing_ok=True)
+        return None
+    if not run.config_path.exists():
+        if run.path.is_dir() and any(run.path.iterdir()):
+            raise UserError(f"{run.path} exists and is not a ddpmkit run: choose another --out")
+        return None
+    old = read_yaml(run.config_path)
+    diff = differing_keys(old, cfg.to_dict())
+    if diff:
+        from .config import flatten
+
+        a, b = flatten(old), flatten(cfg.to_dict())
+        shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise UserError(f"{run.path} was trained with a different config ({shown}): rerun with --fresh to "
+                        f"start over there, or choose another --out")
+    if not run.read_state()["checkpoints"]:
+        return None  # stopped before its first checkpoint: nothing to resume
+    good = run.verified_checkpoints(warn=lambda m: log(f"warning: {m}"))
+    if not good:
+        raise UserError(f"{run.path}: no intact checkpoint to resume from; rerun with --fresh to start over")
+    return run.path / good[0]["file"]
+
+
+class _StopSignal:
+    """SIGTERM sets a flag; the loop saves a checkpoint and stops at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) -> RunDir:
+    """Train (or resume) the run in cfg.train.out_dir; returns its RunDir."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    amp_dtype = autocast_dtype(tc.precision, device)
+    data = load_images(cfg.data)
+    if data.skipped:
+        log(f"skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
+    if cfg.model.in_channels is None:
+        cfg.model.in_channels = data.channels
+    elif cfg.model.in_channels != data.channels:
+        raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {data.channels} channel(s): "
+                        f"set data.channels={cfg.model.in_channels} or drop model.in_channels")
+
+    run = RunDir(tc.out_dir)
+    resume_from = _prepare_run_dir(run, cfg, fresh, log)
+
+    torch.manual_seed(tc.seed)
+    model = UNet(cfg.model, cfg.data.image_size).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    schedule = Schedule.from_config(cfg.diffusion)
+
+    step = 0
+    if resume_from is not None:
+        step = restore(resume_from, model, ema, opt)["step"]
+        log(f"resuming {run.path} from step {step} ({resume_from.name})")
+        _truncate_stats(run, step)
+    else:
+        run.path.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run.config_path, to_yaml(cfg))
+        meta = {"environment": environment(device), "data": data.source, "num_images": len(data),
+                "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model)}
+        atomic.write_text(run.meta_path, json.dumps(meta, indent=1))
+        log(f"training {run.path}: {count_parameters(model):,} parameters, {data.source}, on {device}")
+    if step >= tc.max_steps:
+        log(f"{run.path} is already trained to step {step} (train.max_steps={tc.max_steps})")
+        return run
+
+    images = data.images.to(device)
+    order = EpochOrder(len(data), tc.batch_size, tc.seed)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    loss_sum = torch.zeros((), device=device)
+    ckpt_loss_sum, ckpt_loss_n, nonfinite_run, skipped, skipped_total = 0.0, 0, 0, 0, 0
+    t_start = t_log = time.time()
+    step_at_log = step
+    bar = _progress(progress, step, tc.max_steps)
+    model.train()
+
+    with _StopSignal() as stop:
+        try:
+            while step < tc.max_steps:
+                # --- one optimizer step, every random draw seeded by (seed, step) ---
+                g = torch.Generator(device).manual_seed(mix_seed(tc.seed, step, 2))
+                torch.manual_seed(mix_seed(tc.seed, step, 3))  # dropout
+                x0 = batch_to_model(images[order.indices(step).to(device)], cfg.data.hflip, g)
+                if device.type == "cuda":
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=device, generator=g)
+                noise = torch.randn(x0.shape, device=device, generator=g)
+                for group in opt.param_groups:
+                    group["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+                with autocast(device, amp_dtype):
+                    loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, noise)
+                opt.zero_grad(set_to_none=True)
+                if scaler:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                finite = torch.isfinite(loss) & torch.isfinite(gnorm)
+                if bool(finite):
+                    nonfinite_run = 0
+                    if scaler:
+                        scaler.step(opt)
+                    else:
+                        opt.step()
+                    with torch.no_grad():
+                        decay = min(tc.ema_decay, (1 + step) / (10 + step))  # EMA warmup
+                        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+                    loss_sum += loss.detach()
+                else:  # skip this batch: no update, counted, and fatal after max_nonfinite in a row
+                    nonfinite_run, skipped, skipped_total = nonfinite_run + 1, skipped + 1, skipped_total + 1
+                    if nonfinite_run >= tc.max_nonfinite:
+                        bar.close()
+                        raise UserError(f"training diverged: {nonfinite_run} non-finite losses in a row at step {step}; "
+                                        f"last good checkpoint kept in {run.checkpoints}; lower train.lr")
+                if scaler:
+                    scaler.update()
+                step += 1
+
+                # --- bookkeeping at intervals (the only host syncs) ---
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    n = step - step_at_log
+                    mean_loss = loss_sum.item() / max(1, n - skipped) if n > skipped else float("nan")
+                    loss_sum.zero_()
+                    if math.isfinite(mean_loss):
+                        ckpt_loss_sum, ckpt_loss_n = ckpt_loss_sum + mean_loss * n, ckpt_loss_n + n
+                    now = time.time()
+                    ips = n * tc.batch_size / max(now - t_log, 1e-9)
+                    record = {"step": step, "images_seen": step * tc.batch_size, "loss": mean_loss,
+                              "lr": opt.param_groups[0]["lr"], "images_per_sec": ips,
+                              "sec_per_kimg": 1000 / ips, "memory_mb": _memory_mb(device),
+                              "elapsed_sec": now - t_start, "skipped_nonfinite": skipped_total}
+                    with open(run.stats_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+                    t_log, step_at_log, skipped = now, step, 0
+                bar.update(1)
+                out_of_time = tc.max_minutes > 0 and time.time() - t_start > tc.max_minutes * 60
+                done = step == tc.max_steps or out_of_time or stop.requested
+                if step % tc.sample_every == 0 or done:
+                    _save_grid(run, cfg, ema, schedule, step)
+                if step % tc.checkpoint_every == 0 or done:
+                    _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last)
+                    ckpt_loss_sum, ckpt_loss_n = 0.0, 0
+                if done:
+                    if out_of_time:
+                        log(f"stopped at step {step}: train.max_minutes={tc.max_minutes} reached")
+                    if stop.requested:
+                        log(f"stopped at step {step} on SIGTERM; checkpoint saved")
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last)
+            log(f"interrupted at step {step}; checkpoint saved; rerun the same command to resume")
+            raise
+    bar.close()
+    log(f"trained {run.path} to step {step}: checkpoints in {run.checkpoints}, grids in {run.grids}, "
+        f"log {run.stats_path}")
+    return run
+
+
+def _progress(enabled: bool, step: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not enabled)
+
+
+def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: int) -> None:
+    state = run.read_state()
+    entries = [e for e in state["checkpoints"] if e["step"] != step]
+    path = run.checkpoint_file(step)
+    sha = save_checkpoint(path, model, ema, opt, step)
+    entries.append({"step": step, "file": path.relative_to(run.path).as_posix(), "sha256": sha, "loss": mean_loss})
+    best = min(entries, key=lambda e: e["loss"])["step"]
+    keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
+    run.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
+    for e in entries:  # delete only after state.json no longer names them
+        if e["step"] not in keep:
+            (run.path / e["file"]).unlink(missing_ok=True)
+
+
+def _save_grid(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int) -> None:
+    """Sample the fixed-noise grid (images 0..n-1 of train.seed) with the EMA weights."""
+    tc = cfg.train
+    view = Run(run.path, cfg, ema, schedule, step, "")
+    x = sample_batch(view, list(range(tc.grid_images)), tc.seed, "ddim", min(tc.grid_steps, schedule.num_timesteps))
+    grid = scale_for_viewing(make_grid(to_uint8(x)))
+    atomic.write_bytes(run.grids / f"step_{step:09d}.png", png_bytes(grid), fsync=False)
+
+
+def _truncate_stats(run: RunDir, step: int) -> None:
+    """Drop log lines past the resumed step (written after the checkpoint, before the crash)."""
+    if not run.stats_path.exists():
+        return
+    kept = [line for line in run.stats_path.read_text().splitlines()
+            if line.strip() and _line_step(line) is not None and _line_step(line) <= step]
+    atomic.write_text(run.stats_path, "".join(line + "\n" for line in kept))
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line from a crash

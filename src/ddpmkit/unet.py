@@ -1,0 +1,191 @@
+"""The DDPM UNet (Ho et al. 2020), configurable.
+
+Block order follows diffusers' UNet2DModel (and the original TF code) so that weights map one to
+one: conv_in -> per level [ResBlock (+Attention)] x num_res_blocks (+Downsample) -> mid
+[ResBlock, Attention, ResBlock] -> per level [ResBlock (+Attention)] x (num_res_blocks + 1) with
+skip concatenation (+Upsample) -> GroupNorm, SiLU, conv_out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps. freq_shift=1 and [sin, cos] order
+    reproduce the DDPM paper's embedding."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, through PyTorch's SDPA."""
+
+    def __init__(self, channels: int, head_dim: int | None, groups: int, eps: float):
+        super().__init__()
+        self.heads = 1 if head_dim is None else max(1, channels // head_dim)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # B, HW, C
+
+        def heads(t):
+            return t.view(b, h * w, self.heads, c // self.heads).transpose(1, 2)
+
+        q, k, v = heads(self.to_q(tokens)), heads(self.to_k(tokens)), heads(self.to_v(tokens))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        return x + self.to_out(out).transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # TF "SAME" padding for a stride-2 conv on even sizes: one row/column at the end.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path."""
+
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module], resample: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        if cfg.in_channels is None:
+            raise ValueError("ModelConfig.in_channels must be resolved from the data first")
+        self.cfg, self.image_size = cfg, image_size
+        ch = [cfg.base_channels * m for m in cfg.channel_mult]
+        temb_dim = 4 * cfg.base_channels
+        g, eps, drop = cfg.norm_groups, cfg.norm_eps, cfg.dropout
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, temb_dim, drop, g, eps)
+
+        def attn(c):
+            return Attention(c, cfg.attention_head_dim, g, eps)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_linear_1 = nn.Linear(cfg.base_channels, temb_dim)
+        self.time_linear_2 = nn.Linear(temb_dim, temb_dim)
+
+        n_levels = len(ch)
+        use_attn = [image_size // 2**i in cfg.attention_resolutions for i in range(n_levels)]
+        self.down = nn.ModuleList()
+        skips, cur = [ch[0]], ch[0]
+        for i, cout in enumerate(ch):
+            resnets, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                resnets.append(res(cur, cout))
+                attns += [attn(cout)] if use_attn[i] else []
+                cur = cout
+                skips.append(cur)
+            last = i == n_levels - 1
+            self.down.append(Level(resnets, attns, None if last else Downsample(cur)))
+            if not last:
+                skips.append(cur)
+
+        self.mid_res_1, self.mid_attn, self.mid_res_2 = res(cur, cur), attn(cur), res(cur, cur)
+
+        self.up = nn.ModuleList()
+        for i in reversed(range(n_levels)):
+            resnets, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                resnets.append(res(cur + skips.pop(), ch[i]))
+                attns += [attn(ch[i])] if use_attn[i] else []
+                cur = ch[i]
+            self.up.append(Level(resnets, attns, Upsample(cur) if i > 0 else None))
+
+        self.norm_out = nn.GroupNorm(g, cur, eps=eps)
+        self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        temb = timestep_embedding(t, self.cfg.base_channels, self.cfg.time_flip_sin_to_cos,
+                                  self.cfg.time_freq_shift)
+        temb = self.time_linear_2(F.silu(self.time_linear_1(temb.to(x.dtype))))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for j, block in enumerate(level.resnets):
+                h = block(h, temb)
+                if level.attentions:
+                    h = level.attentions[j](h)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid_res_2(self.mid_attn(self.mid_res_1(h, temb)), temb)
+
+        for level in self.up:
+            for j, block in enumerate(level.resnets):
+                h = block(torch.cat([h, skips.pop()], dim=1), temb)
+                if level.attentions:
+                    h = level.attentions[j](h)
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

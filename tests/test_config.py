@@ -1,0 +1,75 @@
+import pytest
+
+from ddpmkit.config import differing_keys, load_config, parse_override, to_yaml
+from ddpmkit.errors import UserError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, {"train.lr": "1e-4", "data.image_size": 16, "model.channel_mult": [1, 2]})
+    assert cfg.train.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string: still a float
+    assert cfg.data.image_size == 16
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("train.batch_size=64") == ("train.batch_size", 64)
+    assert parse_override("model.channel_mult=[1,2,4]") == ("model.channel_mult", [1, 2, 4])
+    assert parse_override("data.path=null") == ("data.path", None)
+    assert parse_override("data.hflip=true") == ("data.hflip", True)
+    with pytest.raises(UserError, match="section.key=value"):
+        parse_override("batch_size")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.batchsize": 4}, "unknown config key train.batchsize"),
+    ({"nosection.x": 1}, "unknown config key nosection.x"),
+    ({"train.batch_size": "abc"}, "train.batch_size: expected an integer"),
+    ({"train.batch_size": 0}, "train.batch_size: must be positive"),
+    ({"train.batch_size": -3}, "train.batch_size: must be positive"),
+    ({"train.lr": -1.0}, "train.lr: must not be negative"),
+    ({"data.hflip": "sometimes"}, "data.hflip: expected true or false"),
+    ({"diffusion.prediction": "score"}, "diffusion.prediction"),
+    ({"model.channel_mult": "wide"}, "model.channel_mult: expected a list"),
+    ({"model.preset": "huge"}, "model.preset"),
+    ({"train.ema_decay": 1.5}, "train.ema_decay"),
+    ({"sample.steps": 5000}, "sample.steps"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_yaml_file_unknown_section(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(UserError, match="unknown config section 'trian'"):
+        load_config(p)
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, {"model.preset": "ddpm-cifar10", "data.image_size": 32, "train.lr": 2e-4})
+    p = tmp_path / "c.yaml"
+    p.write_text(to_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_differing_keys_ignores_what_a_resume_may_change():
+    a = load_config(None).to_dict()
+    b = load_config(None, {"train.max_steps": 99, "sample.num": 5, "train.lr": 0.5}).to_dict()
+    assert differing_keys(a, b) == ["train.lr"]
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 7
+    for path in configs:
+        load_config(path)
+
+
+def test_default_yaml_is_what_no_config_means():
+    from pathlib import Path
+
+    assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == load_config(None)

@@ -1,0 +1,179 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA, write_images
+from ddpmkit.config import DataConfig
+from ddpmkit.data import array_to_uint8_nchw, batch_to_model, load_images, resize_center_crop
+from ddpmkit.errors import UserError
+
+
+def test_default_is_sklearn_digits_native_size():
+    d = load_images(DataConfig())
+    assert d.images.shape == (1797, 1, 8, 8) and d.images.dtype == torch.uint8
+    assert d.images.max() == 255 and d.images.min() == 0
+    assert sorted(set(d.labels)) == [str(i) for i in range(10)]
+
+
+def test_folder_grayscale_stays_grayscale_and_is_resized(tmp_path):
+    write_images(tmp_path / "a", 5, size=(20, 10))
+    write_images(tmp_path / "a" / "nested", 3, size=(16, 16), seed=1)
+    d = load_images(DataConfig(path=str(tmp_path / "a"), image_size=8))
+    assert d.images.shape == (8, 1, 8, 8)
+
+
+def test_folder_rgb_and_forced_channels(tmp_path):
+    write_images(tmp_path, 4, mode="RGB")
+    assert load_images(DataConfig(path=str(tmp_path), image_size=8)).images.shape == (4, 3, 8, 8)
+    assert load_images(DataConfig(path=str(tmp_path), image_size=8, channels=1)).images.shape == (4, 1, 8, 8)
+
+
+def test_mixed_modes_become_one_format(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (9, 9, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (9, 9), dtype=np.uint8)).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(rng.integers(0, 65535, (9, 9), dtype=np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(rng.integers(0, 255, (12, 7), dtype=np.uint8)).save(tmp_path / "gray.jpg")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert d.images.shape == (5, 3, 8, 8)
+
+
+def test_sixteen_bit_images_scale_to_eight(tmp_path):
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "white16.png")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert d.images.shape == (1, 1, 8, 8) and int(d.images.min()) == 255
+
+
+def test_unreadable_images_are_skipped_and_reported_or_fail(tmp_path):
+    write_images(tmp_path, 3)
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = (tmp_path / "img_000.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "notes.txt").write_text("not an image")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert len(d) == 3 and sorted(p.split("/")[-1] for p, _ in d.skipped) == ["empty.png", "truncated.png"]
+    with pytest.raises(UserError, match="cannot read image"):
+        load_images(DataConfig(path=str(tmp_path), image_size=8, on_error="fail"))
+
+
+def test_csv_filters_by_label_with_or_without_extensions(tmp_path):
+    write_images(tmp_path / "imgs", 6)
+    rows = ["image_name,target"] + [f"img_{i:03d}{'.png' if i % 2 else ''},{i % 3 == 0:d}" for i in range(6)]
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "meta.csv"), image_column="image_name",
+                     label_column="target", filter_label="1", image_size=8)
+    d = load_images(cfg)
+    assert len(d) == 2 and d.labels == ["1", "1"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("name,label\nimg_000.png,1\n", "no column 'image'"),
+    ("image,label\nimg_000.png,1\nimg_999.png,1\n", "not found under"),
+    ("image,label\nimg_000.png,1\nimg_000.png,1\n", "listed twice"),
+    ("image,label\n../../etc/passwd,1\n", "outside the data folder"),
+    ("image,label\n/etc/passwd,1\n", "outside the data folder"),
+    ("image,label\nimg_000.png,0\n", "no rows"),
+])
+def test_bad_csvs_are_named(tmp_path, content, message):
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "l.csv").write_text(content)
+    cfg = DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"), image_size=8, filter_label="1")
+    with pytest.raises(UserError, match=message):
+        load_images(cfg)
+
+
+@pytest.mark.parametrize("shape", [(5, 12, 12), (5, 12, 12, 1), (5, 1, 12, 12), (5, 12, 12, 3), (5, 3, 12, 12)])
+def test_array_layouts(tmp_path, shape):
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    np.save(tmp_path / "x.npy", arr)
+    d = load_images(DataConfig(path=str(tmp_path / "x.npy"), image_size=12))
+    c = 3 if 3 in shape[1:] else 1
+    assert d.images.shape == (5, c, 12, 12)
+    expected = arr.reshape(5, 12, 12, -1).transpose(0, 3, 1, 2) if shape[-1] in (1, 3) else arr.reshape(5, c, 12, 12)
+    assert torch.equal(d.images, torch.from_numpy(np.ascontiguousarray(expected)))
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)])
+def test_float_ranges_map_to_uint8(lo, hi):
+    arr = np.linspace(lo, hi, 2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    out = array_to_uint8_nchw(arr, "x")
+    assert out.min() == 0 and out.max() == 255
+
+
+@pytest.mark.parametrize("arr,message", [
+    (np.full((2, 4, 4), np.nan, dtype=np.float32), "NaN"),
+    (np.zeros((4, 4)), "expected"),
+    (np.zeros((2, 5, 5, 7)), "no channel axis"),
+    (np.full((2, 4, 4), 300.0), "float values"),
+    (np.zeros((0, 4, 4), dtype=np.uint8), "no images"),
+])
+def test_bad_arrays(arr, message):
+    with pytest.raises(UserError, match=message):
+        array_to_uint8_nchw(arr, "x")
+
+
+def test_npz_medmnist_style_with_split(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 255, (7, 28, 28), dtype=np.uint8),
+             train_labels=np.arange(7).reshape(7, 1), test_images=np.zeros((3, 28, 28), dtype=np.uint8))
+    d = load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28))
+    assert d.images.shape == (7, 1, 28, 28) and d.labels == [str(i) for i in range(7)]
+    assert len(load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28, split="test"))) == 3
+    with pytest.raises(UserError, match="val_images"):
+        load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28, split="val"))
+
+
+def test_pickled_object_arrays_are_refused(tmp_path):
+    np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="cannot read"):
+        load_images(DataConfig(path=str(tmp_path / "evil.npy")))
+
+
+def _write_idx(path, arr, gz=True):
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def test_idx_files_gz_or_not_and_folders(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 255, (4, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", imgs)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 1, 4, 1]))
+    _write_idx(tmp_path / "raw-idx3-ubyte", imgs, gz=False)
+    d = load_images(DataConfig(path=str(tmp_path / "train-images-idx3-ubyte.gz"), image_size=28))
+    assert torch.equal(d.images[:, 0], torch.from_numpy(imgs)) and d.labels == ["3", "1", "4", "1"]
+    assert len(load_images(DataConfig(path=str(tmp_path / "raw-idx3-ubyte"), image_size=28))) == 4
+    assert len(load_images(DataConfig(path=str(tmp_path), image_size=28))) == 4  # picks train-*
+    (tmp_path / "bad-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 4, 28, 28) + b"\x00" * 10)
+    with pytest.raises(UserError, match="truncated"):
+        load_images(DataConfig(path=str(tmp_path / "bad-idx3-ubyte"), image_size=28))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist-test").is_dir(), reason="../shared/data/mnist-test not present")
+def test_real_mnist_idx():
+    d = load_images(DataConfig(path=str(SHARED_DATA / "mnist-test" / "t10k-images-idx3-ubyte.gz"), image_size=28))
+    assert d.images.shape == (10000, 1, 28, 28) and len(d.labels) == 10000
+
+
+@pytest.mark.parametrize("path,message", [("missing_dir", "not found"), ("empty", "no images")])
+def test_missing_and_empty(tmp_path, path, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=message):
+        load_images(DataConfig(path=str(tmp_path / path)))
+
+
+def test_resize_center_crop_and_batch_scaling():
+    x = torch.zeros(1, 1, 10, 20, dtype=torch.uint8)
+    x[..., :, 5:15] = 255  # a centred white square in a wide image
+    out = resize_center_crop(x, 10)
+    assert out.shape == (1, 1, 10, 10) and out.float().mean() > 240
+    scaled = batch_to_model(torch.tensor([[[[0, 255]]]], dtype=torch.uint8))
+    assert scaled.flatten().tolist() == [-1.0, 1.0]
+    g = torch.Generator().manual_seed(0)
+    flipped = batch_to_model(torch.arange(64, dtype=torch.uint8).view(16, 1, 2, 2), hflip=True, generator=g)
+    assert 0 < (flipped[:, 0, 0, 0] > flipped[:, 0, 0, 1]).sum() < 16  # some mirrored, some not

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from ddpmkit.config import DiffusionConfig
+from ddpmkit.schedule import Schedule, cosine_betas, linear_betas
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_alpha_bar_is_monotone_and_in_range(kind):
+    s = Schedule.from_config(DiffusionConfig(schedule=kind))
+    a = s.alphas_cumprod
+    assert len(a) == 1000
+    assert np.all(np.diff(a) < 0)
+    assert 0 < a[-1] < a[0] < 1
+
+
+def test_linear_schedule_matches_ddpm_paper():
+    b = linear_betas(1000, 1e-4, 0.02)
+    assert b[0] == pytest.approx(1e-4) and b[-1] == pytest.approx(0.02)
+    # abar_T is ~4e-5 for the paper's schedule: x_T is essentially pure noise
+    assert np.cumprod(1 - b)[-1] == pytest.approx(4.04e-5, rel=0.01)
+
+
+def test_cosine_schedule_follows_its_formula():
+    T, s = 1000, 0.008
+    f = lambda t: np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
+    abar = np.cumprod(1 - cosine_betas(T))
+    t = np.arange(1, 900)  # before the 0.999 clipping matters
+    np.testing.assert_allclose(abar[t - 1], f(t) / f(0), rtol=1e-6)
+
+
+def test_q_sample_moments():
+    s = Schedule.from_config(DiffusionConfig())
+    torch.manual_seed(0)
+    x0 = torch.full((200_000,), 0.7)
+    for step in (0, 250, 999):
+        t = torch.full((len(x0),), step)
+        xt = s.q_sample(x0, t, torch.randn_like(x0))
+        a = s.alphas_cumprod[step]
+        assert xt.mean().item() == pytest.approx(np.sqrt(a) * 0.7, abs=5e-3)
+        assert xt.var().item() == pytest.approx(1 - a, rel=2e-2, abs=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_prediction_round_trips_are_exact(prediction):
+    s = Schedule.from_config(DiffusionConfig(schedule="cosine"))
+    torch.manual_seed(1)
+    x0, eps = torch.randn(64, 1, 4, 4), torch.randn(64, 1, 4, 4)
+    t = torch.randint(0, 1000, (64,))
+    xt = s.q_sample(x0, t, eps)
+    target = s.target(prediction, x0, eps, t)
+    x0_hat, eps_hat = s.to_x0_eps(prediction, target, xt, t)
+    tol = dict(atol=2e-3, rtol=1e-3) if prediction == "eps" else dict(atol=1e-4, rtol=1e-4)  # /sqrt(abar) near T
+    torch.testing.assert_close(x0_hat, x0, **tol)
+    torch.testing.assert_close(eps_hat, eps, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(s.eps_from_x0(xt, t, x0), eps, atol=1e-3, rtol=1e-3)
+
+
+def test_v_target_definition():
+    s = Schedule.from_config(DiffusionConfig())
+    x0, eps, t = torch.randn(8, 3), torch.randn(8, 3), torch.arange(8) * 100
+    a = torch.tensor(s.alphas_cumprod[t.numpy()], dtype=torch.float32)[:, None]
+    torch.testing.assert_close(s.target("v", x0, eps, t), a.sqrt() * eps - (1 - a).sqrt() * x0)

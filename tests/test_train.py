@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmkit.checkpoint import restore, save_checkpoint
+from ddpmkit.errors import UserError
+from ddpmkit.run import RunDir, load_run
+from ddpmkit.train import EpochOrder, train
+from ddpmkit.unet import UNet
+
+
+def quiet(*_):
+    pass
+
+
+def stats(run_dir):
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+def test_loss_goes_down_on_tiny_data(tiny):
+    cfg = tiny(**{"train.max_steps": 80, "train.log_every": 10})
+    run = train(cfg, log=quiet, progress=False)
+    losses = [r["loss"] for r in stats(run.path)]
+    assert losses[-1] < 0.6 * losses[0] and losses[-1] < 0.5  # eps-MSE starts near 1
+    assert {"step", "images_seen", "loss", "lr", "images_per_sec", "memory_mb"} <= set(stats(run.path)[0])
+
+
+def test_run_directory_records_everything(tiny):
+    run = train(tiny(**{"train.max_steps": 10, "train.sample_every": 5}), log=quiet, progress=False)
+    meta = json.loads(run.meta_path.read_text())
+    assert meta["environment"]["torch"] == torch.__version__ and "command" in meta["environment"]
+    assert meta["num_images"] == 1797
+    assert sorted(p.name for p in run.grids.iterdir()) == ["step_000000005.png", "step_000000010.png"]
+    state = run.read_state()
+    assert [e["step"] for e in state["checkpoints"]] == [10] and state["best"] == 10
+    loaded = load_run(run.path)
+    assert loaded.step == 10 and loaded.channels == 1 and not loaded.net.training
+
+
+def test_checkpoint_round_trip(tmp_path, tiny):
+    cfg = tiny()
+    cfg.model.in_channels = 1
+    torch.manual_seed(0)
+    model, ema = UNet(cfg.model, 8), UNet(cfg.model, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.safetensors", model, ema, opt, step=7)
+    model2, ema2 = UNet(cfg.model, 8), UNet(cfg.model, 8)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    meta = restore(tmp_path / "c.safetensors", model2, ema2, opt2)
+    assert meta["step"] == 7
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[i]["exp_avg_sq"], s2[i]["exp_avg_sq"]) for i in s1)
+
+
+def test_resume_equals_uninterrupted_bitwise(tmp_path, tiny):
+    straight = train(tiny(**{"train.max_steps": 30, "train.out_dir": str(tmp_path / "a")}), log=quiet, progress=False)
+    # the same run stopped at step 10, then resumed by the same command (only max_steps changed)
+    train(tiny(**{"train.max_steps": 10, "train.out_dir": str(tmp_path / "b")}), log=quiet, progress=False)
+    messages = []
+    resumed = train(tiny(**{"train.max_steps": 30, "train.out_dir": str(tmp_path / "b")}), log=messages.append,
+                    progress=False)
+    assert any("resuming" in m and "step 10" in m for m in messages)
+    a = load_file(straight.checkpoint_file(30))
+    b = load_file(resumed.checkpoint_file(30))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_config_is_refused_unless_fresh(tiny):
+    train(tiny(**{"train.max_steps": 10}), log=quiet, progress=False)
+    with pytest.raises(UserError, match=r"train\.lr: 0\.002 -> 0\.1"):
+        train(tiny(**{"train.max_steps": 20, "train.lr": 0.1}), log=quiet, progress=False)
+    run = train(tiny(**{"train.max_steps": 10, "train.lr": 0.1}), fresh=True, log=quiet, progress=False)
+    assert run.read_state()["checkpoints"][-1]["step"] == 10
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous(tiny):
+    cfg = tiny(**{"train.max_steps": 20, "train.checkpoint_every": 10})
+    run = train(cfg, log=quiet, progress=False)
+    latest = run.checkpoint_file(20)
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    messages = []
+    cfg = tiny(**{"train.max_steps": 20, "train.checkpoint_every": 10})
+    train(cfg, log=messages.append, progress=False)
+    assert any("damaged" in m for m in messages) and any("from step 10" in m for m in messages)
+    assert load_run(run.path).step == 20  # retrained and re-saved
+
+
+def test_keep_last_prunes_old_checkpoints_but_keeps_best(tiny):
+    run = train(tiny(**{"train.max_steps": 50, "train.checkpoint_every": 10, "train.keep_last": 2}),
+                log=quiet, progress=False)
+    state = RunDir(run.path).read_state()
+    kept = sorted(e["step"] for e in state["checkpoints"])
+    assert set(kept) >= {40, 50} and state["best"] in kept and len(kept) <= 3
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [f"step_{s:09d}.safetensors" for s in kept]
+
+
+def test_non_finite_losses_are_skipped_then_stop(tiny):
+    cfg = tiny(**{"train.max_steps": 30, "train.lr": 1e30, "train.warmup_steps": 1, "train.max_nonfinite": 3,
+                  "train.grad_clip": 0.0})
+    with pytest.raises(UserError, match="diverged"):
+        train(cfg, log=quiet, progress=False)
+
+
+def test_epoch_order_is_a_permutation_per_epoch():
+    order = EpochOrder(10, 4, seed=0)
+    epoch0 = torch.cat([order.indices(0), order.indices(1)])
+    assert len(set(epoch0.tolist())) == 8
+    assert not torch.equal(order.indices(0), order.indices(2))  # next epoch reshuffled
+    small = EpochOrder(3, 8, 0).indices(0)  # a dataset smaller than a batch: each image 2-3 times
+    assert len(small) == 8 and sorted(torch.bincount(small, minlength=3).tolist()) in ([2, 3, 3],)
