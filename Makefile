@@ -22,7 +22,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/ddpmkit train --out runs/demo
+	$(BIN)/ddpmkit train --out runs/demo --max-minutes 9.5
 	$(BIN)/ddpmkit sample runs/demo --num 64 --sampler ddim --steps 50 --size 32 --gif --out runs/demo/samples
 
 test: install
