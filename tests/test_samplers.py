@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ddpmkit.config import DiffusionConfig
-from ddpmkit.samplers import SAMPLERS, Denoiser, ImageNoise, ddim, ddpm, make_timesteps
+from ddpmkit.samplers import SAMPLERS, Denoiser, ImageNoise, ddim, ddpm, make_timesteps, nfe
 from ddpmkit.schedule import Schedule
 
 
@@ -25,18 +25,23 @@ def _gaussian_run(sampler, steps, prediction="eps", spacing="uniform", mu=0.3, s
     denoiser = Denoiser(ExactGaussianNet(schedule, mu, sd, prediction), schedule, prediction, clip_x0=False)
     torch.manual_seed(0)
     x = torch.randn(4000, 1, 2, 2)
-    return SAMPLERS[sampler](denoiser, x, make_timesteps(steps, 1000, spacing), lambda: torch.randn_like(x), **options)
+    return SAMPLERS[sampler](denoiser, x, make_timesteps(steps, schedule, spacing), lambda: torch.randn_like(x), **options)
 
 
-@pytest.mark.parametrize("sampler,options", [
-    ("ddpm", {"variance": "small"}),
-    ("ddim", {"eta": 0.0}),
-    ("ddim", {"eta": 1.0}),
+@pytest.mark.parametrize("sampler,steps,spacing,options", [
+    ("ddpm", 1000, "uniform", {"variance": "small"}),
+    ("ddim", 1000, "uniform", {"eta": 0.0}),
+    ("ddim", 1000, "uniform", {"eta": 1.0}),
+    ("dpmpp-2m", 50, "karras", {}),
+    ("dpmpp-2m-sde", 250, "karras", {}),
+    ("euler", 500, "karras", {}),
+    ("heun", 50, "karras", {}),
 ])
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_exact_denoiser_reproduces_gaussian_data(sampler, options, prediction):
-    """With all T steps the samplers are exact for the exact denoiser: data mean and std come back."""
-    out = _gaussian_run(sampler, 1000, prediction, **options)
+def test_exact_denoiser_reproduces_gaussian_data(sampler, steps, spacing, options, prediction):
+    """Driven by the exact denoiser, each sampler returns the data's mean and std: exactly with all
+    T steps for ddpm/ddim, up to a small discretisation error for the fast ones."""
+    out = _gaussian_run(sampler, steps, prediction, spacing, **options)
     assert out.mean().item() == pytest.approx(0.3, abs=0.015)
     assert out.std().item() == pytest.approx(0.5, rel=0.02)
 
@@ -50,6 +55,14 @@ def test_respaced_sampling_converges_to_the_data_variance(sampler, spacing):
     assert errors[2] < 0.025
 
 
+def test_dpm_solver_beats_ddim_at_equal_steps():
+    """Second order against first: at 20 steps DPM-Solver++(2M) is far closer to the true std than
+    DDIM (measured 0.021 vs 0.068), and its error falls faster with steps."""
+    err = {(s, n): abs(_gaussian_run(s, n).std().item() - 0.5) for s in ("ddim", "dpmpp-2m") for n in (20, 40)}
+    assert err["dpmpp-2m", 20] < 0.5 * err["ddim", 20]
+    assert err["dpmpp-2m", 40] < 0.2 * err["ddim", 40]
+
+
 def test_timesteps_spacings():
     assert make_timesteps(1000, 1000) == list(range(999, -1, -1))
     uni = make_timesteps(50, 1000)
@@ -58,6 +71,23 @@ def test_timesteps_spacings():
     assert len(set(quad)) == 50 and quad[-1] == 0
     gaps = [a - b for a, b in zip(quad, quad[1:])]
     assert gaps[0] > gaps[-1]  # denser near t=0
+    trailing = make_timesteps(50, 1000, "trailing")
+    assert trailing[0] == 999 and trailing[-1] == 19 and len(set(trailing)) == 50
+    schedule = Schedule.from_config(DiffusionConfig())
+    karras = make_timesteps(20, schedule, "karras")
+    assert karras[0] == pytest.approx(999) and karras[-1] == pytest.approx(0, abs=1e-9)
+    assert all(a > b for a, b in zip(karras, karras[1:])) and not all(float(t).is_integer() for t in karras)
+    sig = [schedule.sigma_at(t) for t in karras]  # evenly spaced in sigma^(1/7)
+    roots = [s ** (1 / 7) for s in sig]
+    assert max(abs((a - b) - (roots[0] - roots[1])) for a, b in zip(roots, roots[1:])) < 1e-6
+    assert nfe("heun", 10) == 19 and nfe("dpmpp-2m", 10) == 10
+
+
+def test_fractional_timesteps_interpolate_the_schedule():
+    s = Schedule.from_config(DiffusionConfig())
+    assert s.abar_at(10) == s.alphas_cumprod[10]
+    assert s.alphas_cumprod[11] < s.abar_at(10.5) < s.alphas_cumprod[10]
+    assert s.t_at_sigma(s.sigma_at(123.25)) == pytest.approx(123.25)
 
 
 class TinyNet(torch.nn.Module):
@@ -69,7 +99,8 @@ class TinyNet(torch.nn.Module):
         return self.conv(x) * (t.float()[:, None, None, None] / 100)
 
 
-@pytest.mark.parametrize("sampler,options", [("ddpm", {}), ("ddim", {"eta": 0.5})])
+@pytest.mark.parametrize("sampler,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpmpp-2m", {}),
+                                             ("dpmpp-2m-sde", {}), ("euler", {}), ("heun", {})])
 def test_images_do_not_depend_on_batch_size(sampler, options):
     torch.manual_seed(0)
     schedule = Schedule.from_config(DiffusionConfig(num_timesteps=100))

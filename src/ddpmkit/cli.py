@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import flatten, from_dict, load_config, merge_overrides, parse_override, read_yaml
+from .config import from_dict, load_config, merge_overrides, parse_override, read_yaml
 from .errors import UserError
 
 TRAIN_FLAGS = {  # flag -> config key
@@ -33,13 +33,24 @@ rerunning the same command resumes from the latest checkpoint."""
 
 SAMPLE_EXAMPLES = """examples:
   ddpmkit sample runs/default --num 64 --sampler ddim --steps 50 --seed 0 --out samples/
-  ddpmkit sample runs/lesions --num 5900 --sampler ddpm --size 128 --out big/   # all T steps"""
+  ddpmkit sample runs/lesions --num 5900 --sampler dpmpp-2m --steps 20 --batch-size 256 --out gen/
+  ddpmkit sample runs/lesions --num 5900 --sampler ddpm --size 128 --out big/   # all T steps
+  torchrun --nproc-per-node 4 -m ddpmkit sample runs/lesions -n 50000 --sampler dpmpp-2m --out gen50k/
+an interrupted job rerun with the same command skips the images it already wrote.
+under torchrun write -n or --num-images: torchrun's own parser takes --num for its --numa-binding."""
+
+GIF_EXAMPLES = """examples:
+  ddpmkit gif runs/default                  # runs/default/learning.gif from runs/default/grids/"""
+
+
+# torchrun's own parser claims --num (a prefix of its --numa-binding), so under torchrun use these.
+ALIASES = {"num": ["-n", "--num-images"]}
 
 
 def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[str, type]) -> None:
     for name, key in flags.items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=types.get(name, str), default=None,
-                       metavar=name.upper(), help=f"sets {key}")
+        p.add_argument(f"--{name.replace('_', '-')}", *ALIASES.get(name, []), dest=name, type=types.get(name, str),
+                       default=None, metavar=name.upper(), help=f"sets {key}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(s, SAMPLE_FLAGS, {"num": int, "steps": int, "eta": float, "seed": int, "batch_size": int, "size": int})
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA (sets sample.ema=false)")
     s.add_argument("--gif", action="store_true", help="also write OUT/trajectory.gif (sets sample.gif=true)")
+    s.add_argument("--fresh", action="store_true", help="replace images of an earlier, different job in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("gif", help="turn a run's periodic training grids into a 'learning' GIF", epilog=GIF_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("run", help="run directory")
+    g.add_argument("--out", default=None, help="GIF path (default RUN/learning.gif)")
+    g.add_argument("--frame-ms", type=int, default=200, help="milliseconds per grid")
     return parser
 
 
@@ -89,9 +108,10 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
+    from . import distributed
     from .generate import generate
     from .run import RunDir, load_run
-    from .runtime import resolve_device
+    from .runtime import autocast_dtype, resolve_device
 
     run_dir = RunDir(ns.run)
     if not run_dir.config_path.is_file():
@@ -107,20 +127,49 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     saved = read_yaml(run_dir.config_path)
     cfg = from_dict(merge_overrides(saved, overrides))
     sc = cfg.sample
-    run = load_run(run_dir.path, sc.checkpoint, sc.ema, resolve_device(sc.device))
-    generate(run, sc)
+    world = distributed.init_from_env(sc.device)
+    try:
+        device = resolve_device(distributed.device_for(world, sc.device))
+        run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
+        if sc.compile:
+            import torch
+
+            run.net = torch.compile(run.net)
+        amp = autocast_dtype(sc.precision, device)
+        generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not ns.quiet,
+                 log=print if world.is_main else (lambda *_: None))
+    finally:
+        distributed.shutdown()
+
+
+def cmd_gif(ns: argparse.Namespace) -> None:
+    from . import atomic
+    from .images import gif_bytes, read_image
+    from .run import RunDir
+
+    run_dir = RunDir(ns.run)
+    grids = sorted(run_dir.grids.glob("step_*.png")) if run_dir.grids.is_dir() else []
+    if not grids:
+        raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} (train.sample_every writes them)")
+    frames = [read_image(p) for p in grids]
+    out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
+    atomic.write_bytes(out, gif_bytes(frames, frame_ms=ns.frame_ms))
+    print(f"wrote {out} ({len(frames)} grids, steps {grids[0].stem[5:].lstrip('0') or 0} to "
+          f"{grids[-1].stem[5:].lstrip('0')})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after flags: argparse leaves the later ones unparsed.
     ns, rest = parser.parse_known_args(argv)
-    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    takes_overrides = hasattr(ns, "args")
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r or not takes_overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    ns.args = list(ns.args) + rest
+    if takes_overrides:
+        ns.args = list(ns.args) + rest
     try:
-        {"train": cmd_train, "sample": cmd_sample}[ns.command](ns)
+        {"train": cmd_train, "sample": cmd_sample, "gif": cmd_gif}[ns.command](ns)
     except UserError as exc:
         print(f"ddpmkit: error: {exc}", file=sys.stderr)
         return 2

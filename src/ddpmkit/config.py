@@ -83,10 +83,10 @@ class TrainConfig:
 class SampleConfig:
     out_dir: str = "samples"
     num: int = 64
-    sampler: str = "ddim"  # ddpm | ddim
-    steps: Optional[int] = None  # None: all T for ddpm, 50 for ddim
+    sampler: str = "ddim"  # ddpm | ddim | dpmpp-2m | dpmpp-2m-sde | euler | heun
+    steps: Optional[int] = None  # None: the sampler's default (all T for ddpm)
     eta: float = 0.0
-    spacing: str = "uniform"  # uniform | quadratic
+    spacing: str = "uniform"  # uniform | quadratic | trailing | karras
     variance: str = "small"  # ddpm only: small (posterior) | large (beta)
     clip_x0: bool = True
     batch_size: int = 256
@@ -96,6 +96,9 @@ class SampleConfig:
     size: Optional[int] = None  # bicubic upsampling of the output
     gif: bool = False
     device: str = "auto"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the network (pays off for large jobs on GPUs)
+    writers: int = 2  # background threads encoding and writing PNGs
 
 
 @dataclass
@@ -136,8 +139,9 @@ CHOICES = {
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "sample.sampler": ("ddpm", "ddim"),
-    "sample.spacing": ("uniform", "quadratic"),
+    "sample.sampler": ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"),
+    "sample.spacing": ("uniform", "quadratic", "trailing", "karras"),
+    "sample.precision": ("auto", "fp32", "bf16"),
     "sample.variance": ("small", "large"),
 }
 
@@ -145,7 +149,7 @@ POSITIVE = {
     "data.image_size", "model.base_channels", "model.num_res_blocks", "model.norm_groups",
     "diffusion.num_timesteps", "train.batch_size", "train.max_steps", "train.log_every",
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.grid_images",
-    "train.grid_steps", "train.max_nonfinite", "sample.num", "sample.batch_size", "sample.size", "sample.steps",
+    "train.grid_steps", "train.max_nonfinite", "sample.num", "sample.batch_size", "sample.size", "sample.steps", "sample.writers",
 }
 NON_NEGATIVE = {
     "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip",

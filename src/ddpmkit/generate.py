@@ -6,27 +6,40 @@ Output layout, shared by every command that writes images:
     OUT/grids/grid_4x4.png ...      4x4, 6x6, 8x8 grids of the first images (those that fit)
     OUT/manifest.csv                file, index, seed, sampler, steps, checkpoint, label, synthetic
     OUT/trajectory.gif              with --gif: the first images denoising from noise
+
+A generation job survives interruption: OUT/.ddpmkit-job.json records what is being generated, and
+each process appends the rows of images it has finished (after fsyncing them) to its own
+OUT/.manifest-rank<r>.csv. Rerunning the same command skips those images; since image k depends only
+on (seed, k), the final set equals an uninterrupted run's. manifest.csv is written at the end.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import atomic
 from .config import SampleConfig
+from .distributed import World, barrier
 from .errors import UserError
-from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
+from .images import gif_bytes, make_grid, png_bytes, read_image, scale_for_viewing, to_uint8, upsample
 from .run import Run
 from .samplers import DEFAULT_STEPS, SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
 GRID_SIDES = (4, 6, 8)
 GIF_IMAGES, GIF_FRAMES = 16, 40
+JOB_FILE = ".ddpmkit-job.json"
+MAX_PENDING_BATCHES = 4  # images waiting for the writer before sampling pauses (bounds memory)
 
 
 def resolved_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:
@@ -35,15 +48,14 @@ def resolved_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:
 
 def sample_batch(run: Run, indices: list[int], seed: int, sampler: str = "ddim", steps: int | None = None,
                  spacing: str = "uniform", eta: float = 0.0, variance: str = "small", clip_x0: bool = True,
-                 callback: Callback | None = None) -> torch.Tensor:
+                 amp_dtype: torch.dtype | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)."""
     device = next(run.net.parameters()).device
     shape = (run.channels, run.image_size, run.image_size)
     noise = ImageNoise(seed, indices, shape, device)
-    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, clip_x0)
-    T = run.schedule.num_timesteps
-    timesteps = make_timesteps(resolved_steps(sampler, steps, T), T, spacing)
-    options = {"variance": variance} if sampler == "ddpm" else {"eta": eta}
+    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, clip_x0, amp_dtype)
+    timesteps = make_timesteps(resolved_steps(sampler, steps, run.schedule.num_timesteps), run.schedule, spacing)
+    options = {"ddpm": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
     return SAMPLERS[sampler](denoiser, noise(), timesteps, noise, callback=callback, **options)
 
 
@@ -57,61 +69,175 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
     return torch.cat(out)
 
 
-def prepare_out_dir(out: Path) -> None:
+def _options(cfg: SampleConfig, steps: int, amp_dtype) -> dict:
+    return dict(sampler=cfg.sampler, steps=steps, spacing=cfg.spacing, eta=cfg.eta, variance=cfg.variance,
+                clip_x0=cfg.clip_x0, amp_dtype=amp_dtype)
+
+
+def _job_identity(run: Run, cfg: SampleConfig, steps: int) -> dict:
+    """What determines the pixels of image k. `num` is not part of it: a job may be extended."""
+    return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "checkpoint_sha256": run.checkpoint_sha256,
+            "ema": cfg.ema, "sampler": cfg.sampler, "steps": steps, "spacing": cfg.spacing, "eta": cfg.eta,
+            "variance": cfg.variance, "clip_x0": cfg.clip_x0, "seed": cfg.seed, "size": cfg.size}
+
+
+def _start_job(out: Path, job: dict, fresh: bool) -> None:
+    """Rank 0: check that OUT holds this job (or nothing), record it. Refuses to mix two jobs."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    job_path = out / JOB_FILE
+    if fresh:
+        shutil.rmtree(out / "individual", ignore_errors=True)
+        shutil.rmtree(out / "grids", ignore_errors=True)
+        for p in [job_path, out / "manifest.csv", out / "trajectory.gif", *out.glob(".manifest-rank*.csv")]:
+            p.unlink(missing_ok=True)
+    elif job_path.exists():
+        old = json.loads(job_path.read_text())
+        diff = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} -> {job.get(k)!r}" for k in diff[:4])
+            raise UserError(f"{out} holds images of another sampling job ({shown}): use --fresh to replace them, "
+                            f"or another --out")
+    elif (out / "individual").is_dir() and any((out / "individual").iterdir()):
+        raise UserError(f"{out}/individual already holds images not made by this job: use --fresh or another --out")
     (out / "individual").mkdir(parents=True, exist_ok=True)
+    atomic.write_text(job_path, json.dumps(job, indent=1))
 
 
-class _Trajectory:
-    """Collects frames of the first images while the first batch is sampled."""
+def _finished_rows(out: Path) -> dict[int, list[str]]:
+    """Rows of a finished manifest and of every rank's partial one; a torn last line (a crash
+    mid-append) is ignored."""
+    rows: dict[int, list[str]] = {}
+    done = out / "manifest.csv"
+    for path in ([done] if done.exists() else []) + sorted(out.glob(".manifest-rank*.csv")):
+        text = path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        for row in csv.reader(io.StringIO(complete)):
+            if len(row) == len(MANIFEST_COLUMNS) and row[1].isdigit() and (out / row[0]).is_file():
+                rows[int(row[1])] = row
+    return rows
 
-    def __init__(self, n_images: int, n_steps: int, size: int | None):
-        self.n, self.size, self.frames = n_images, size, []
-        self.keep = set(torch.linspace(0, n_steps - 1, min(GIF_FRAMES, n_steps)).round().long().tolist())
 
-    def __call__(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        if i in self.keep:
-            imgs = x[: self.n].clamp(-1, 1)
-            self.frames.append(make_grid(to_uint8(upsample(imgs, self.size) if self.size else imgs)))
+class _Writer:
+    """PNG encoding and writing on background threads, so sampling never waits on them. Rows of a
+    batch reach the partial manifest only after all its images are written and fsynced."""
+
+    def __init__(self, out: Path, rank: int, threads: int):
+        self.out, self.pool = out, ThreadPoolExecutor(max_workers=max(1, threads))
+        self.manifest = open(out / f".manifest-rank{rank}.csv", "a", newline="")
+        self.pending: list[tuple[list[Future], list[list]]] = []
+
+    def submit(self, images: torch.Tensor, rows: list[list], text: dict) -> None:
+        futures = [self.pool.submit(_write_png, self.out / row[0], img, text) for img, row in zip(images, rows)]
+        self.pending.append((futures, rows))
+        self._commit(block=len(self.pending) > MAX_PENDING_BATCHES)
+
+    def _commit(self, block: bool) -> None:
+        while self.pending and (block or all(f.done() for f in self.pending[0][0])):
+            futures, rows = self.pending.pop(0)
+            for f in futures:
+                f.result()  # re-raises a write error (disk full) here
+            for row in rows:
+                _fsync_file(self.out / row[0])
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows(rows)
+            self.manifest.write(buf.getvalue())
+            self.manifest.flush()
+            os.fsync(self.manifest.fileno())
+            block = False
+
+    def close(self) -> None:
+        while self.pending:
+            self._commit(block=True)
+        self.pool.shutdown()
+        self.manifest.close()
 
 
-def generate(run: Run, cfg: SampleConfig, log=print) -> Path:
-    """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder."""
+def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
+    atomic.write_bytes(path, png_bytes(img, text), fsync=False)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world: World = World(),
+             amp_dtype: torch.dtype | None = None, progress: bool = True) -> Path:
+    """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder.
+    Under torchrun every rank calls this and generates its share of the unfinished indices."""
     if cfg.num <= 0:
         raise UserError(f"--num must be at least 1, got {cfg.num}")
     out = Path(cfg.out_dir)
-    prepare_out_dir(out)
     steps = resolved_steps(cfg.sampler, cfg.steps, run.schedule.num_timesteps)
-    text = {"ddpmkit": "synthetic", "source": f"{run.path.name}/{run.checkpoint}", "sampler": f"{cfg.sampler}-{steps}"}
-    options = dict(sampler=cfg.sampler, steps=steps, spacing=cfg.spacing, eta=cfg.eta,
-                   variance=cfg.variance, clip_x0=cfg.clip_x0)
-    trajectory = _Trajectory(min(cfg.num, GIF_IMAGES), steps, cfg.size) if cfg.gif else None
-    rows, first = [], []
-    bar = tqdm(total=cfg.num, desc=f"sampling ({cfg.sampler}, {steps} steps)", unit="img", dynamic_ncols=True)
-    for start in range(0, cfg.num, cfg.batch_size):
-        indices = list(range(start, min(cfg.num, start + cfg.batch_size)))
-        x = sample_batch(run, indices, cfg.seed, callback=trajectory if start == 0 else None, **options)
-        images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
-        for k, img in zip(indices, images):
-            name = f"individual/{k:06d}.png"
-            atomic.write_bytes(out / name, png_bytes(img, text), fsync=False)
-            rows.append([name, k, cfg.seed, cfg.sampler, steps, run.checkpoint, "", "true"])
-        first.extend(images[: max(0, 64 - len(first))])
-        bar.update(len(indices))
-    bar.close()
+    if world.is_main:
+        _start_job(out, _job_identity(run, cfg, steps), fresh)
+    barrier()
+    finished = _finished_rows(out)
+    todo = [k for k in range(cfg.num) if k not in finished][world.rank::world.size]
+    if finished and world.is_main:
+        log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images already in {out}")
 
+    text = {"ddpmkit": "synthetic", "source": f"{run.path.name}/{run.checkpoint}", "sampler": f"{cfg.sampler}-{steps}"}
+    options = _options(cfg, steps, amp_dtype)
+    writer = _Writer(out, world.rank, cfg.writers)
+    bar = tqdm(total=len(todo), desc=f"sampling ({cfg.sampler}, {steps} steps)", unit="img", dynamic_ncols=True,
+               disable=not progress)
+    try:
+        for start in range(0, len(todo), cfg.batch_size):
+            indices = todo[start:start + cfg.batch_size]
+            x = sample_batch(run, indices, cfg.seed, **options)
+            images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
+            rows = [[f"individual/{k:06d}.png", k, cfg.seed, cfg.sampler, steps, run.checkpoint, "", "true"]
+                    for k in indices]
+            writer.submit(images, rows, text)
+            bar.update(len(indices))
+    finally:
+        writer.close()
+        bar.close()
+    barrier()
+    if world.is_main:
+        _finish(run, cfg, out, options, log)
+    return out
+
+
+def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, log) -> None:
+    rows = _finished_rows(out)
+    missing = [k for k in range(cfg.num) if k not in rows]
+    if missing:
+        raise UserError(f"{len(missing)} images missing from {out} after sampling (first: {missing[0]}); rerun the command")
+    first = [read_image(out / rows[k][0]) for k in range(min(cfg.num, 64))]
     for side in GRID_SIDES:
         if len(first) >= side * side:
             grid = make_grid(torch.stack(first[: side * side]), side)
             atomic.write_bytes(out / "grids" / f"grid_{side}x{side}.png", png_bytes(scale_for_viewing(grid)), fsync=False)
-    if trajectory is not None:
-        frames = [scale_for_viewing(f) for f in trajectory.frames]
-        atomic.write_bytes(out / "trajectory.gif", gif_bytes(frames), fsync=False)
-    write_manifest(out / "manifest.csv", rows)
+    if cfg.gif:
+        atomic.write_bytes(out / "trajectory.gif", trajectory_gif(run, cfg, options), fsync=False)
+    # rows beyond --num stay listed if an earlier run of this job made more
+    write_manifest(out / "manifest.csv", [rows[k] for k in sorted(rows)])
+    for p in out.glob(".manifest-rank*.csv"):
+        p.unlink()
     log(f"wrote {cfg.num} images to {out}/individual, grids to {out}/grids, manifest {out}/manifest.csv"
         + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
-    return out
+
+
+def trajectory_gif(run: Run, cfg: SampleConfig, options: dict) -> bytes:
+    """The first images (same noise as in the job) from noise to image, as a GIF of grids."""
+    n = min(cfg.num, GIF_IMAGES)
+    n_steps = options["steps"]
+    keep = set(np.round(np.linspace(0, n_steps - 1, min(GIF_FRAMES, n_steps))).astype(int).tolist())
+    frames = []
+
+    def record(i, x, x0):
+        if i in keep:
+            imgs = x.clamp(-1, 1)
+            frames.append(scale_for_viewing(make_grid(to_uint8(upsample(imgs, cfg.size) if cfg.size else imgs))))
+
+    sample_batch(run, list(range(n)), cfg.seed, callback=record, **options)
+    return gif_bytes(frames)
 
 
 def write_manifest(path: Path, rows: list[list]) -> None:

@@ -32,6 +32,14 @@ def to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(np.moveaxis(arr, 0, -1), "RGB")
 
 
+def read_image(path: str | Path) -> torch.Tensor:
+    """An 8-bit L or RGB image file -> uint8 C x H x W."""
+    with Image.open(path) as im:
+        arr = np.array(im)
+    t = torch.from_numpy(arr)
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
 def png_bytes(img: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():

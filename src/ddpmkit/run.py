@@ -94,6 +94,7 @@ class Run:
     schedule: Schedule
     step: int
     checkpoint: str  # file name, for manifests
+    checkpoint_sha256: str = ""
 
     @property
     def image_size(self) -> int:
@@ -118,4 +119,6 @@ def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, dev
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, groups[prefix], f"checkpoint {ckpt_path}")
     net.to(device).eval().requires_grad_(False)
-    return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"], ckpt_path.name)
+    if torch.device(device).type == "cuda":
+        net.to(memory_format=torch.channels_last)
+    return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"], ckpt_path.name, entry["sha256"])

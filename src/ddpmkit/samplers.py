@@ -1,11 +1,15 @@
-"""Samplers: plain functions with one signature over one denoiser interface.
+"""Samplers: plain functions with one signature over one denoiser interface (k-diffusion's factoring).
 
     sampler(denoiser, x, timesteps, noise, callback=None, **options) -> x0
 
 `denoiser(x_t, t) -> (x0_hat, eps_hat)` hides the network and its prediction type (eps, x0 or v),
-so every sampler works for all three. `timesteps` is a descending list of integer steps (built by
-`make_timesteps`, separate from the sampler). `noise()` returns fresh noise shaped like x, drawn
-from per-image generators so an image never depends on which batch it was in.
+so every sampler works for all three. `timesteps` is a descending list of (possibly fractional)
+timesteps from `make_timesteps`, separate from the sampler; after the last one each sampler steps to
+the clean image. `noise()` returns fresh noise shaped like x, drawn from per-image generators so an
+image never depends on which batch it was in.
+
+Network evaluations (NFE) per image: `len(timesteps)` for every sampler except heun, which takes
+2 * len(timesteps) - 1.
 """
 
 from __future__ import annotations
@@ -16,25 +20,33 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .runtime import mix_seed
-from .schedule import Schedule
+from .runtime import autocast, mix_seed
+from .schedule import Schedule, x0_eps_from_output
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x_t, x0_hat)
 
 
 class Denoiser:
-    def __init__(self, net: torch.nn.Module, schedule: Schedule, prediction: str, clip_x0: bool = True):
+    """A network, its schedule and prediction type as one function (x_t, t) -> (x0, eps).
+    The whole batch shares t, so the conversions use scalars."""
+
+    def __init__(self, net: torch.nn.Module, schedule: Schedule, prediction: str, clip_x0: bool = True,
+                 amp_dtype: torch.dtype | None = None):
         self.net, self.schedule, self.prediction, self.clip_x0 = net, schedule, prediction, clip_x0
+        self.amp_dtype = amp_dtype
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = self.net(x, tt).float()
-        x0, eps = self.schedule.to_x0_eps(self.prediction, out, x, tt)
+    def __call__(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        tt = torch.full((x.shape[0],), float(t), device=x.device)
+        with autocast(x.device, self.amp_dtype):
+            out = self.net(x, tt).float()
+        a = self.schedule.abar_at(t)
+        sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
+        x0, eps = x0_eps_from_output(self.prediction, out, x, sa, sb)
         if self.clip_x0:
             # Keep eps consistent with the clipped x0 (as guided-diffusion does).
             x0 = x0.clamp(-1, 1)
-            eps = self.schedule.eps_from_x0(x, tt, x0)
+            eps = (x - sa * x0) / sb
         return x0, eps
 
 
@@ -51,30 +63,46 @@ class ImageNoise:
         return torch.stack(draws).to(self.device)
 
 
-def make_timesteps(steps: int, num_timesteps: int, spacing: str = "uniform") -> list[int]:
-    """Descending integer timesteps. uniform: evenly spaced over [0, T-1], both ends included
-    (so sampling starts from pure noise); quadratic: denser near t=0 (DDIM paper, section 5)."""
-    T = num_timesteps
+SPACINGS = ("uniform", "quadratic", "trailing", "karras")
+
+
+def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "uniform") -> list[float]:
+    """Descending timesteps.
+    uniform:   evenly spaced over [0, T-1], both ends included (starts from pure noise);
+    quadratic: denser near t=0 (DDIM paper, section 5);
+    trailing:  T-1, T-1-T/n, ... (Lin et al. 2024): evenly spaced, starting at T-1, not reaching 0;
+    karras:    noise levels sigma evenly spaced in sigma^(1/7) (Karras et al. 2022), fractional t."""
+    T = schedule_or_T if isinstance(schedule_or_T, int) else schedule_or_T.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
     if spacing == "uniform":
-        ts = np.round(np.linspace(0, T - 1, steps)).astype(int)
+        ts = np.round(np.linspace(0, T - 1, steps))
     elif spacing == "quadratic":
-        ts = np.round(np.linspace(0, math.sqrt(T * 0.8), steps) ** 2).astype(int)
+        ts = np.round(np.linspace(0, math.sqrt(T * 0.8), steps) ** 2)
         for i in range(1, len(ts)):  # rounding can repeat small values: keep them strictly increasing
             ts[i] = max(ts[i], ts[i - 1] + 1)
+    elif spacing == "trailing":
+        ts = (np.round(np.arange(T, 0, -T / steps)) - 1)[::-1]
+    elif spacing == "karras":
+        if isinstance(schedule_or_T, int):
+            raise ValueError("karras spacing needs the schedule, not just T")
+        s = schedule_or_T
+        lo, hi = math.exp(s.log_sigmas[0]), math.exp(s.log_sigmas[-1])
+        ramp = np.linspace(0, 1, steps)
+        sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+        return [s.t_at_sigma(sig) for sig in sigmas]
     else:
-        raise ValueError(f"unknown spacing {spacing!r}")
-    return [int(t) for t in ts[::-1]]
+        raise ValueError(f"unknown spacing {spacing!r} (known: {', '.join(SPACINGS)})")
+    return [float(t) for t in ts[::-1]]
 
 
-def _alphas(schedule: Schedule, timesteps: list[int], i: int) -> tuple[float, float]:
+def _alphas(schedule: Schedule, timesteps: list[float], i: int) -> tuple[float, float]:
     """(abar at this step, abar at the next one; 1.0 after the last: the clean image)."""
-    a = schedule.alphas_cumprod
-    return float(a[timesteps[i]]), float(a[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+    nxt = schedule.abar_at(timesteps[i + 1]) if i + 1 < len(timesteps) else 1.0
+    return schedule.abar_at(timesteps[i]), nxt
 
 
-def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int], noise: Callable[[], torch.Tensor],
+def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
          callback: Callback | None = None, variance: str = "small") -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020), on any subsequence of timesteps (respaced as in
     improved DDPM: beta_t = 1 - abar_t / abar_prev). variance: 'small' is the posterior variance
@@ -94,7 +122,7 @@ def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int], noise: Calla
     return x
 
 
-def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int], noise: Callable[[], torch.Tensor],
+def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
          callback: Callback | None = None, eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021). eta=0 is deterministic; eta=1 matches DDPM's posterior variance."""
     for i, t in enumerate(timesteps):
@@ -109,5 +137,91 @@ def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[int], noise: Calla
     return x
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50}  # None: all T steps
+def _lam(a: float) -> float:
+    """log(alpha / sigma), DPM-Solver's time variable (half the log-SNR)."""
+    return 0.5 * math.log(a / (1.0 - a))
+
+
+def _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde: bool):
+    old_x0, h_last = None, None
+    for i, t in enumerate(timesteps):
+        a_s, a_t = _alphas(denoiser.schedule, timesteps, i)
+        x0, _ = denoiser(x, t)
+        if a_t == 1.0:  # last step: to the clean image, where lambda is infinite
+            x = x0
+        else:
+            h = _lam(a_t) - _lam(a_s)
+            alpha_t, sigma_t, sigma_s = math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(1 - a_s)
+            # second order from the previous x0 (multistep), except on the first step and the step into
+            # the last timestep: near t=0 uniform-in-t steps are tiny in lambda next to the one before,
+            # and the extrapolation weight 1/(2r) would blow up (diffusers' final-step rule, likewise)
+            lower = old_x0 is None or i == len(timesteps) - 2
+            d = x0 if lower else x0 + (h / h_last) / 2 * (x0 - old_x0)  # 1/(2r), r = h_last/h
+            if sde:
+                x = (sigma_t / sigma_s * math.exp(-h)) * x + alpha_t * -math.expm1(-2 * h) * d \
+                    + sigma_t * math.sqrt(-math.expm1(-2 * h)) * noise()
+            else:
+                x = (sigma_t / sigma_s) * x - alpha_t * math.expm1(-h) * d
+            old_x0, h_last = x0, h
+        if callback:
+            callback(i, x, x0)
+    return x
+
+
+def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
+             callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): deterministic, second-order multistep in x0 space."""
+    return _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde=False)
+
+
+def dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
+                 callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE (midpoint variant): the same multistep x0 estimate with fresh noise
+    each step, which corrects earlier errors at the cost of needing more steps."""
+    return _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde=True)
+
+
+def _karras_ode(denoiser, x, timesteps, callback, heun: bool):
+    """Euler / Heun on the probability-flow ODE in the variance-exploding view, where
+    x_ve = x_vp / sqrt(abar) and dx_ve / dsigma = (x_ve - x0) / sigma (Karras et al. 2022)."""
+    s = denoiser.schedule
+    sig = [s.sigma_at(t) for t in timesteps] + [0.0]
+
+    def d_at(x_ve, i, t):
+        x0, _ = denoiser(x_ve / math.sqrt(1 + sig[i] ** 2), t)
+        return (x_ve - x0) / sig[i], x0
+
+    x_ve = x * math.sqrt(1 + sig[0] ** 2)
+    for i, t in enumerate(timesteps):
+        d, x0 = d_at(x_ve, i, t)
+        dt = sig[i + 1] - sig[i]
+        if heun and sig[i + 1] > 0:
+            x_pred = x_ve + d * dt
+            d2, _ = d_at(x_pred, i + 1, timesteps[i + 1])
+            x_ve = x_ve + (d + d2) / 2 * dt
+        else:
+            x_ve = x_ve + d * dt
+        if callback:
+            callback(i, x_ve / math.sqrt(1 + sig[i + 1] ** 2), x0)
+    return x_ve
+
+
+def euler(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
+          callback: Callback | None = None) -> torch.Tensor:
+    """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the 2nd order)."""
+    return _karras_ode(denoiser, x, timesteps, callback, heun=False)
+
+
+def heun(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
+         callback: Callback | None = None) -> torch.Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
+    return _karras_ode(denoiser, x, timesteps, callback, heun=True)
+
+
+SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "dpmpp-2m-sde": dpmpp_2m_sde,
+            "euler": euler, "heun": heun}
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp-2m": 20, "dpmpp-2m-sde": 30, "euler": 50, "heun": 25}  # None: all T
+
+
+def nfe(sampler: str, steps: int) -> int:
+    return 2 * steps - 1 if sampler == "heun" else steps

@@ -26,14 +26,29 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarra
     return np.array([min(1 - f(i + 1) / f(i), max_beta) for i in range(T)], dtype=np.float64)
 
 
+def x0_eps_from_output(prediction: str, out, x_t, sa, sb):
+    """Network output -> (x0, eps), given sqrt(abar) and sqrt(1 - abar) (scalars or tensors)."""
+    if prediction == "eps":
+        return (x_t - sb * out) / sa, out
+    if prediction == "x0":
+        return out, (x_t - sa * out) / sb
+    return sa * x_t - sb * out, sb * x_t + sa * out  # v
+
+
 class Schedule:
     """The alpha-bar table and everything derived from it. Tables are float64 for exact math;
-    the per-sample coefficients are returned as float32 on the input's device."""
+    the per-sample coefficients are returned as float32 on the input's device.
+
+    Samplers also see the schedule in continuous time: sigma(t) = sqrt((1 - abar) / abar) (the
+    noise level in the variance-exploding view, x / sqrt(abar) = x0 + sigma * eps) is interpolated
+    linearly in log-sigma between integer steps, as k-diffusion does, so fractional timesteps
+    (Karras spacing) have an exact abar."""
 
     def __init__(self, betas: np.ndarray):
         self.betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(self.betas)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
+        self.log_sigmas = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # increasing
         self._abar = torch.from_numpy(self.alphas_cumprod).float()
         self._abar_on: dict[torch.device, torch.Tensor] = {}  # per-device copies: no host syncs
 
@@ -42,6 +57,18 @@ class Schedule:
         if cfg.schedule == "linear":
             return cls(linear_betas(cfg.num_timesteps, cfg.beta_start, cfg.beta_end))
         return cls(cosine_betas(cfg.num_timesteps))
+
+    def sigma_at(self, t: float) -> float:
+        return float(np.exp(np.interp(t, np.arange(self.num_timesteps), self.log_sigmas)))
+
+    def t_at_sigma(self, sigma: float) -> float:
+        return float(np.interp(np.log(sigma), self.log_sigmas, np.arange(self.num_timesteps)))
+
+    def abar_at(self, t: float) -> float:
+        """alpha-bar at a (possibly fractional) timestep; exact table values at integers."""
+        if float(t).is_integer():
+            return float(self.alphas_cumprod[int(t)])
+        return 1.0 / (1.0 + self.sigma_at(t) ** 2)
 
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """alpha-bar at integer timesteps t (shape B), broadcast to `like`'s rank."""
@@ -69,12 +96,7 @@ class Schedule:
 
     def to_x0_eps(self, prediction: str, out, x_t, t) -> tuple[torch.Tensor, torch.Tensor]:
         """Network output -> (x0, eps) at (x_t, t)."""
-        sa, sb = self._coefs(t, x_t)
-        if prediction == "eps":
-            return (x_t - sb * out) / sa, out
-        if prediction == "x0":
-            return out, (x_t - sa * out) / sb
-        return sa * x_t - sb * out, sb * x_t + sa * out  # v
+        return x0_eps_from_output(prediction, out, x_t, *self._coefs(t, x_t))
 
     def eps_from_x0(self, x_t, t, x0) -> torch.Tensor:
         sa, sb = self._coefs(t, x_t)
