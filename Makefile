@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/ddpmkit train --out runs/demo --max-minutes 9.5
-	$(BIN)/ddpmkit sample runs/demo --num 64 --sampler ddim --steps 50 --size 32 --gif --out runs/demo/samples
+	$(BIN)/ddpmkit sample runs/demo --num 64 --sampler dpmpp-2m --steps 20 --size 32 --gif --out runs/demo/samples
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.data import resize_center_crop  # noqa: E402
+from ddpmkit.metrics.stats import FeatureStats, frechet_distance  # noqa: E402
 
 VIEW = 16
 CONFIDENCE = 0.9
@@ -123,14 +124,9 @@ def features_and_probs(model: JudgeCNN, images_u8: torch.Tensor) -> tuple[np.nda
     return torch.cat(feats).double().numpy(), torch.cat(logits).softmax(-1).double().numpy()
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2). tr((S1 S2)^1/2) is the sum of the square roots of
-    the eigenvalues of S1 S2 (real and non-negative for covariances), which stays stable when the
-    covariances are singular, unlike a matrix square root."""
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eig = np.linalg.eigvals(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig.clip(min=0)).sum())
+def _stats(feats: np.ndarray):
+    s = FeatureStats.from_features(feats)
+    return s.mu, s.sigma
 
 
 def score(images_u8: torch.Tensor) -> dict:
@@ -145,7 +141,7 @@ def score(images_u8: torch.Tensor) -> dict:
         "confident_share": float((probs.max(1) > CONFIDENCE).mean()),
         "class_entropy": float(-(nz * np.log(nz)).sum() / np.log(10)),
         "class_shares": [round(float(s), 4) for s in shares],
-        "frechet_distance": frechet_distance(feats, real_feats),
+        "frechet_distance": frechet_distance(*_stats(feats), *_stats(real_feats)),
     }
 
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.config import load_config  # noqa: E402
-from ddpmkit.generate import sample_batch  # noqa: E402
+from ddpmkit.generation import sample_batch  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.schedule import Schedule  # noqa: E402
 from ddpmkit.unet import UNet, count_parameters  # noqa: E402

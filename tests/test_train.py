@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from ddpmkit.checkpoint import restore, save_checkpoint
 from ddpmkit.errors import UserError
 from ddpmkit.run import RunDir, load_run
-from ddpmkit.train import EpochOrder, train
+from ddpmkit.training import EpochOrder, train
 from ddpmkit.unet import UNet
 
 

@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 from .config import Config, load_config
 from .errors import UserError
-from .generate import generate, sample
+from .generation import generate, sample
 from .run import load_run
-from .train import train
+from .training import train
 
 __all__ = ["Config", "UserError", "generate", "load_config", "load_run", "sample", "train", "__version__"]

@@ -39,6 +39,14 @@ SAMPLE_EXAMPLES = """examples:
 an interrupted job rerun with the same command skips the images it already wrote.
 under torchrun write -n or --num-images: torchrun's own parser takes --num for its --numa-binding."""
 
+EVAL_EXAMPLES = """examples:
+  ddpmkit eval samples/ --ref data.path=/data/mnist             # GEN folder vs the real data
+  ddpmkit eval samples/ --ref runs/mnist                        # the run's own training data
+  ddpmkit eval samples/ --ref stats/mnist_inception.npz --metrics fid
+  ddpmkit eval samples/ --ref runs/mnist --features classifier  # a classifier trained on the labels
+  ddpmkit eval samples/ --ref runs/mnist --features efficientnet   # offline; not comparable with FID
+FID needs the standard Inception weights: --inception-weights FILE, or the torch hub cache."""
+
 GIF_EXAMPLES = """examples:
   ddpmkit gif runs/default                  # runs/default/learning.gif from runs/default/grids/"""
 
@@ -79,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fresh", action="store_true", help="replace images of an earlier, different job in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    e = sub.add_parser("eval", help="FID, KID, precision/recall of generated images against real ones",
+                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("gen", help="a sample output folder or any folder of images")
+    e.add_argument("--ref", action="append", required=True, metavar="REF",
+                   help="data.key=value (repeatable), a run directory, or a statistics .npz")
+    e.add_argument("--metrics", default="fid,kid,pr", help="comma-separated: fid, kid, pr, is (default fid,kid,pr)")
+    e.add_argument("--features", default="inception", choices=["inception", "efficientnet", "classifier"])
+    e.add_argument("--inception-weights", default=None, metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", default=None, help="JSON path (default GEN/eval_<features>.json)")
+    e.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+
     g = sub.add_parser("gif", help="turn a run's periodic training grids into a 'learning' GIF", epilog=GIF_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("run", help="run directory")
@@ -97,7 +117,7 @@ def _overrides(tokens: list[str], flags: dict[str, str], ns: argparse.Namespace)
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
-    from .train import train
+    from .training import train
 
     tokens = list(ns.args)
     config_path = None
@@ -109,7 +129,7 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
 def cmd_sample(ns: argparse.Namespace) -> None:
     from . import distributed
-    from .generate import generate
+    from .generation import generate
     from .run import RunDir, load_run
     from .runtime import autocast_dtype, resolve_device
 
@@ -142,6 +162,19 @@ def cmd_sample(ns: argparse.Namespace) -> None:
         distributed.shutdown()
 
 
+def cmd_eval(ns: argparse.Namespace) -> None:
+    import json
+
+    from .metrics.evaluate import evaluate, format_table, write_result
+    from .runtime import resolve_device
+
+    metrics = tuple(m.strip() for m in ns.metrics.split(",") if m.strip())
+    result = evaluate(ns.gen, ns.ref, metrics, ns.features, ns.inception_weights, str(resolve_device(ns.device)),
+                      log=(lambda *_: None) if ns.json else print)
+    path = write_result(result, ns.out)
+    print(json.dumps(result, indent=1) if ns.json else f"{format_table(result)}\nwrote {path}")
+
+
 def cmd_gif(ns: argparse.Namespace) -> None:
     from . import atomic
     from .images import gif_bytes, read_image
@@ -169,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     if takes_overrides:
         ns.args = list(ns.args) + rest
     try:
-        {"train": cmd_train, "sample": cmd_sample, "gif": cmd_gif}[ns.command](ns)
+        {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "gif": cmd_gif}[ns.command](ns)
     except UserError as exc:
         print(f"ddpmkit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user named cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ddpmkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddpmkit: interrupted", file=sys.stderr)

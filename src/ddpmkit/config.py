@@ -83,7 +83,7 @@ class TrainConfig:
 class SampleConfig:
     out_dir: str = "samples"
     num: int = 64
-    sampler: str = "ddim"  # ddpm | ddim | dpmpp-2m | dpmpp-2m-sde | euler | heun
+    sampler: str = "dpmpp-2m"  # ddpm | ddim | dpmpp-2m | dpmpp-2m-sde | euler | heun (RESULTS.md: quality per step)
     steps: Optional[int] = None  # None: the sampler's default (all T for ddpm)
     eta: float = 0.0
     spacing: str = "uniform"  # uniform | quadratic | trailing | karras
@@ -323,7 +323,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
-                     "train.checkpoint_every", "train.keep_last", "train.device", "train.out_dir",
+                     "train.checkpoint_every", "train.keep_last", "train.device", "train.out_dir", "train.max_nonfinite",
                      "sample.")
 
 

@@ -126,6 +126,7 @@ class _Writer:
         self.out, self.pool = out, ThreadPoolExecutor(max_workers=max(1, threads))
         self.manifest = open(out / f".manifest-rank{rank}.csv", "a", newline="")
         self.pending: list[tuple[list[Future], list[list]]] = []
+        self.committed = 0
 
     def submit(self, images: torch.Tensor, rows: list[list], text: dict) -> None:
         futures = [self.pool.submit(_write_png, self.out / row[0], img, text) for img, row in zip(images, rows)]
@@ -136,7 +137,11 @@ class _Writer:
         while self.pending and (block or all(f.done() for f in self.pending[0][0])):
             futures, rows = self.pending.pop(0)
             for f in futures:
-                f.result()  # re-raises a write error (disk full) here
+                try:
+                    f.result()
+                except OSError as exc:  # disk full: rows of unwritten images never reach the manifest
+                    raise UserError(f"cannot write images to {self.out}: {exc.strerror or exc}; "
+                                    f"{self.committed} finished images are kept, rerun to continue") from None
             for row in rows:
                 _fsync_file(self.out / row[0])
             buf = io.StringIO()
@@ -144,6 +149,7 @@ class _Writer:
             self.manifest.write(buf.getvalue())
             self.manifest.flush()
             os.fsync(self.manifest.fileno())
+            self.committed += len(rows)
             block = False
 
     def close(self) -> None:
@@ -196,8 +202,8 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
             writer.submit(images, rows, text)
             bar.update(len(indices))
     finally:
-        writer.close()
         bar.close()
+        writer.close()
     barrier()
     if world.is_main:
         _finish(run, cfg, out, options, log)

@@ -24,7 +24,7 @@ from .checkpoint import restore, save_checkpoint
 from .config import Config, differing_keys, read_yaml, to_yaml
 from .data import batch_to_model, load_images
 from .errors import UserError
-from .generate import sample_batch
+from .generation import sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .run import Run, RunDir
 from .runtime import autocast, autocast_dtype, environment, mix_seed, resolve_device
@@ -238,8 +238,6 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
                 if done:
                     if out_of_time:
                         log(f"stopped at step {step}: train.max_minutes={tc.max_minutes} reached")
-                    if stop.requested:
-                        log(f"stopped at step {step} on SIGTERM; checkpoint saved")
                     break
         except KeyboardInterrupt:
             bar.close()
@@ -247,6 +245,11 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
             log(f"interrupted at step {step}; checkpoint saved; rerun the same command to resume")
             raise
     bar.close()
+    if stop.requested:  # a scheduler's SIGTERM: saved, now leave non-zero so it is not taken as done
+        log(f"stopped at step {step} on SIGTERM; checkpoint saved; rerun the same command to resume")
+        raise KeyboardInterrupt
+    if data.skipped:
+        log(f"{len(data.skipped)} unreadable image(s) were skipped; they are listed in {run.meta_path}")
     log(f"trained {run.path} to step {step}: checkpoints in {run.checkpoints}, grids in {run.grids}, "
         f"log {run.stats_path}")
     return run
@@ -262,7 +265,11 @@ def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: 
     state = run.read_state()
     entries = [e for e in state["checkpoints"] if e["step"] != step]
     path = run.checkpoint_file(step)
-    sha = save_checkpoint(path, model, ema, opt, step)
+    try:
+        sha = save_checkpoint(path, model, ema, opt, step)
+    except OSError as exc:  # disk full, quota, permissions: the temporary file is already removed
+        kept = f"checkpoint of step {max(e['step'] for e in entries)} kept" if entries else "no earlier checkpoint"
+        raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}, nothing half-written") from None
     entries.append({"step": step, "file": path.relative_to(run.path).as_posix(), "sha256": sha, "loss": mean_loss})
     best = min(entries, key=lambda e: e["loss"])["step"]
     keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}

@@ -1,0 +1,245 @@
+"""Fault trials too long for the test suite. Prints JSON.
+
+    python benchmarks/faults.py                 # 20 training kills, 5 sampling kills, the bad inputs
+    python benchmarks/faults.py --train-kills 50
+
+1. kill -9 a training run at a random moment, rerun the same command: the final weights must equal
+   an uninterrupted run's bitwise, every checkpoint recorded in state.json must still verify
+   (bytes lost = size of recorded files that are missing or damaged), and no temp file may remain.
+2. The same for a 600-image sampling job: the final images must equal an uninterrupted job's.
+3. Bad inputs: each must end with exit code 2 and a one-line `ddpmkit: error:` naming the problem
+   (or, for unreadable images under data.on_error=skip, train and report them), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from ddpmkit.checkpoint import file_sha256  # noqa: E402
+from ddpmkit.cli import main  # noqa: E402
+
+TINY = ["model.base_channels=16", "model.norm_groups=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+        "diffusion.num_timesteps=100", "train.batch_size=32", "train.warmup_steps=5", "train.log_every=5",
+        "train.sample_every=1000", "train.grid_steps=5", "train.grid_images=4"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def ddpmkit(*args) -> list[str]:
+    return [sys.executable, "-m", "ddpmkit", *map(str, args)]
+
+
+def kill_at_random(cmd: list[str], low: float, high: float, rng: random.Random) -> float:
+    delay = rng.uniform(low, high)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return delay
+
+
+def recorded_bytes_lost(run: Path) -> int:
+    state_path = run / "state.json"
+    if not state_path.exists():
+        return 0
+    lost = 0
+    for entry in json.loads(state_path.read_text())["checkpoints"]:
+        path = run / entry["file"]
+        if not path.exists() or file_sha256(path) != entry["sha256"]:
+            lost += path.stat().st_size if path.exists() else 1
+    return lost
+
+
+def temp_files(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob("*.tmp")]
+
+
+def train_trials(n: int, work: Path, rng: random.Random) -> dict:
+    args = [*TINY, "train.max_steps=80", "train.checkpoint_every=10", "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(ddpmkit("train", *args, "--out", work / "reference"), env=ENV, check=True, capture_output=True)
+    duration = time.perf_counter() - t0
+    reference = load_file(work / "reference" / "checkpoints" / "step_000000080.safetensors")
+    passed, lost, leftovers, delays = 0, 0, 0, []
+    for i in range(n):
+        out = work / f"killed{i}"
+        delays.append(round(kill_at_random(ddpmkit("train", *args, "--out", out), 0.3, duration, rng), 2))
+        lost += recorded_bytes_lost(out)
+        done = subprocess.run(ddpmkit("train", *args, "--out", out), env=ENV, capture_output=True)
+        final = load_file(out / "checkpoints" / "step_000000080.safetensors") if done.returncode == 0 else {}
+        same = bool(final) and all((final[k] == reference[k]).all().item() for k in reference)
+        leftovers += len(temp_files(out))
+        passed += same
+    return {"trials": n, "passed": passed, "bytes_lost": lost, "temp_files_left": leftovers,
+            "reference_seconds": round(duration, 1), "kill_times_s": delays}
+
+
+def sample_trials(n: int, work: Path, rng: random.Random) -> dict:
+    run = work / "reference"
+    args = ["sample", run, "--num", 600, "--steps", 4, "--batch-size", 40, "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(ddpmkit(*args, "--out", work / "gen_ref"), env=ENV, check=True, capture_output=True)
+    duration = time.perf_counter() - t0
+    passed = 0
+    for i in range(n):
+        out = work / f"gen{i}"
+        kill_at_random(ddpmkit(*args, "--out", out), 0.3, duration, rng)
+        done = subprocess.run(ddpmkit(*args, "--out", out), env=ENV, capture_output=True)
+        same = done.returncode == 0 and all(
+            (out / "individual" / f"{k:06d}.png").read_bytes() == (work / "gen_ref" / "individual" / f"{k:06d}.png").read_bytes()
+            for k in range(600)) and (out / "manifest.csv").read_bytes() == (work / "gen_ref" / "manifest.csv").read_bytes()
+        passed += same and not temp_files(out)
+    return {"trials": n, "passed": passed, "reference_seconds": round(duration, 1)}
+
+
+def bad_input_cases(work: Path) -> list[tuple[str, list, str]]:
+    """(name, argv, expected): expected 'error' = exit 2 + one line; 'skip' = exit 0 + a report."""
+    d = work / "bad"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+
+    def folder(name, files):
+        f = d / name
+        f.mkdir()
+        for fname, writer in files.items():
+            writer(f / fname)
+        return f
+
+    def img(mode="L", size=(9, 9), dtype=np.uint8, hi=255):
+        shape = size + ((3,) if mode == "RGB" else (4,) if mode == "RGBA" else ())
+        return lambda p: Image.fromarray(rng.integers(0, hi, shape, dtype=dtype)).save(p)
+
+    good = {f"g{i}.png": img() for i in range(3)}
+    png_bytes = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(png_bytes, "PNG")
+    truncated = png_bytes.getvalue()[:60]
+
+    def npy(name, arr, **kw):
+        p = d / name
+        np.save(p, arr, **kw)
+        return p
+
+    csv_dir = folder("csvimgs", dict(good))
+    (d / "missing_col.csv").write_text("name,label\ng0.png,1\n")
+    (d / "dup.csv").write_text("image,label\ng0.png,1\ng0.png,1\n")
+    (d / "ghost.csv").write_text("image,label\nghost.png,1\n")
+    (d / "escape.csv").write_text("image,label\n../../etc/passwd,1\n")
+    (d / "absolute.csv").write_text("image,label\n/etc/passwd,1\n")
+    (d / "nolabel.csv").write_text("image,label\ng0.png,0\n")
+    (d / "bad.yaml").write_text("train: [unclosed\n")
+    (d / "unknown.yaml").write_text("trian:\n  lr: 1\n")
+    (d / "afile").write_text("not a folder")
+    (d / "evil.bin").write_bytes(b"\x80\x04K\x01.")
+    out = d / "never"
+    t = ["train", *TINY, "--steps", 2, "--quiet"]
+    cases = [
+        ("missing data path", [*t, "--data", d / "nope", "--out", out], "error"),
+        ("empty folder", [*t, "--data", folder("empty", {}), "--out", out], "error"),
+        ("only non-image files", [*t, "--data", folder("txt", {"a.txt": lambda p: p.write_text("x")}), "--out", out], "error"),
+        ("zero-byte image, skipped", [*t, "--data", folder("zero", {**good, "z.png": lambda p: p.write_bytes(b"")}),
+                                      "--out", d / "r1"], "skip"),
+        ("truncated image, skipped", [*t, "--data", folder("trunc", {**good, "t.png": lambda p: p.write_bytes(truncated)}),
+                                      "--out", d / "r2"], "skip"),
+        ("corrupt image, on_error=fail", [*t, "--data", folder("corrupt", {**good, "c.png": lambda p: p.write_bytes(b"\x89PNGxx")}),
+                                          "data.on_error=fail", "--out", out], "error"),
+        ("all images unreadable", [*t, "--data", folder("allbad", {"a.png": lambda p: p.write_bytes(b"x")}), "--out", out], "error"),
+        ("mixed sizes and modes", [*t, "--data", folder("mixed", {"a.png": img("L", (5, 9)), "b.png": img("RGB", (12, 7)),
+                                                                   "c.png": img("RGBA"), "d.png": img("L", dtype=np.uint16, hi=65535),
+                                                                   "e.bmp": img("RGB", (30, 30))}),
+                                   "--out", d / "r3"], "ok"),
+        ("CSV missing column", [*t, "--data", csv_dir, f"data.labels={d / 'missing_col.csv'}", "--out", out], "error"),
+        ("CSV duplicate names", [*t, "--data", csv_dir, f"data.labels={d / 'dup.csv'}", "--out", out], "error"),
+        ("CSV names missing file", [*t, "--data", csv_dir, f"data.labels={d / 'ghost.csv'}", "--out", out], "error"),
+        ("CSV path escapes (..)", [*t, "--data", csv_dir, f"data.labels={d / 'escape.csv'}", "--out", out], "error"),
+        ("CSV absolute path", [*t, "--data", csv_dir, f"data.labels={d / 'absolute.csv'}", "--out", out], "error"),
+        ("CSV filter matches nothing", [*t, "--data", csv_dir, f"data.labels={d / 'nolabel.csv'}", "data.filter_label=1",
+                                        "--out", out], "error"),
+        ("CSV file missing", [*t, "--data", csv_dir, f"data.labels={d / 'nope.csv'}", "--out", out], "error"),
+        (".npy with NaN", [*t, "--data", npy("nan.npy", np.full((4, 8, 8), np.nan, np.float32)), "--out", out], "error"),
+        (".npy wrong rank", [*t, "--data", npy("rank.npy", np.zeros((8, 8))), "--out", out], "error"),
+        (".npy 5-D", [*t, "--data", npy("rank5.npy", np.zeros((2, 2, 2, 8, 8))), "--out", out], "error"),
+        (".npy out-of-range floats", [*t, "--data", npy("range.npy", np.full((4, 8, 8), 1e4, np.float32)), "--out", out], "error"),
+        (".npy pickled objects", [*t, "--data", npy("obj.npy", np.array([{}], dtype=object), allow_pickle=True),
+                                  "--out", out], "error"),
+        (".npy empty", [*t, "--data", npy("empty.npy", np.zeros((0, 8, 8), np.uint8)), "--out", out], "error"),
+        ("unsupported data file", [*t, "--data", d / "evil.bin", "--out", out], "error"),
+        ("config unknown key", [*t, "train.learning_rate=1", "--out", out], "error"),
+        ("config unknown section", ["train", d / "unknown.yaml", "--out", out], "error"),
+        ("config invalid YAML", ["train", d / "bad.yaml", "--out", out], "error"),
+        ("config missing file", ["train", d / "none.yaml", "--out", out], "error"),
+        ("config wrong type", [*t, "train.batch_size=lots", "--out", out], "error"),
+        ("config negative size", [*t, "data.image_size=-8", "--out", out], "error"),
+        ("config zero batch", [*t, "train.batch_size=0", "--out", out], "error"),
+        ("config size the UNet cannot take", [*t, "data.image_size=9", "--out", out], "error"),
+        ("config bad choice", [*t, "diffusion.schedule=exp", "--out", out], "error"),
+        ("config bad override syntax", [*t, "lr=1", "--out", out], "error"),
+        ("train output is a file", [*t, "--out", d / "afile"], "error"),
+        ("sample: not a run", ["sample", d / "empty", "--out", out], "error"),
+        ("sample: --num 0", ["sample", work / "reference", "--num", 0, "--out", out], "error"),
+        ("sample: output is a file", ["sample", work / "reference", "--num", 1, "--out", d / "afile"], "error"),
+        ("sample: unknown checkpoint", ["sample", work / "reference", "--checkpoint", 7777, "--out", out], "error"),
+        ("sample: bad checkpoint name", ["sample", work / "reference", "--checkpoint", "newest", "--out", out], "error"),
+        ("sample: non-sample override", ["sample", work / "reference", "train.lr=1", "--out", out], "error"),
+        ("sample: steps above T", ["sample", work / "reference", "--steps", 5000, "--out", out], "error"),
+        ("gif: run without grids", ["gif", d / "empty"], "error"),
+    ]
+    return cases
+
+
+def run_bad_inputs(work: Path) -> dict:
+    results = []
+    for name, argv, expected in bad_input_cases(work):
+        err, outbuf = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(outbuf):
+                code = main([str(a) for a in argv])
+            crash = None
+        except SystemExit as exc:  # argparse usage errors
+            code, crash = exc.code, None
+        except Exception as exc:  # noqa: BLE001 - exactly what this trial looks for
+            code, crash = None, f"{type(exc).__name__}: {exc}"
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("ddpmkit: error:")]
+        if expected == "error":
+            ok = code == 2 and len(lines) == 1 and crash is None
+        elif expected == "skip":
+            ok = code == 0 and "skipped" in outbuf.getvalue()
+        else:
+            ok = code == 0
+        results.append({"case": name, "handled": bool(ok), "exit": code,
+                        "message": lines[0][16:] if lines else (crash or "")[:120]})
+    handled = sum(r["handled"] for r in results)
+    return {"cases": len(results), "handled": handled, "details": results}
+
+
+def main_() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train-kills", type=int, default=20)
+    ap.add_argument("--sample-kills", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        report = {"date": time.strftime("%Y-%m-%d"), "train_kill_resume": train_trials(args.train_kills, work, rng),
+                  "sample_kill_resume": sample_trials(args.sample_kills, work, rng),
+                  "bad_inputs": run_bad_inputs(work)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main_()

@@ -1,0 +1,1 @@
+"""Evaluation metrics: statistics over image features; feature extractors live beside them."""

@@ -1,0 +1,202 @@
+"""`ddpmkit eval`: generated images against a reference, on one feature extractor.
+
+GEN is a `sample` output folder (its manifest, else its individual/ images; never the grids) or any
+folder of images. The reference is data (`data.path=...` overrides, read like training data), a
+run directory (its training data) or a statistics .npz (mu/sigma; FID only). Reference features
+are cached under ~/.cache/ddpmkit/eval, keyed by the reference pixels and the extractor, so a
+second evaluation against the same data only extracts the generated images.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import atomic
+from ..config import DataConfig, from_dict, merge_overrides, parse_override, read_yaml
+from ..data import IMAGE_SUFFIXES, _read_image, load_images, resize_center_crop
+from ..errors import UserError
+from . import features as fx
+from .stats import FeatureStats, frechet_distance, inception_score, kid, precision_recall
+
+METRICS = ("fid", "kid", "pr", "is")
+CONFIDENCE = 0.9
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DDPMKIT_CACHE", Path.home() / ".cache" / "ddpmkit")) / "eval"
+
+
+@dataclass
+class Reference:
+    description: str
+    images: torch.Tensor | None = None  # uint8 N x C x H x W
+    labels: list[str] | None = None
+    stats: FeatureStats | None = None
+
+
+def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """uint8 images of a sample output (manifest order) or of any image folder, at one size."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"generated-images folder not found: {folder}")
+    manifest = folder / "manifest.csv"
+    if manifest.is_file():
+        with open(manifest, newline="") as f:
+            files = [folder / row["file"] for row in csv.DictReader(f)]
+    else:
+        root = folder / "individual" if (folder / "individual").is_dir() else folder
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "grids" not in p.parts)
+    if not files:
+        raise UserError(f"no images in {folder} (expected a ddpmkit sample folder or a folder of images)")
+    try:
+        arrays = [_read_image(p) for p in files]
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"cannot read a generated image in {folder}: {exc}") from None
+    rgb = any(a.ndim == 3 for a in arrays)
+    size = arrays[0].shape[0]
+    tensors = []
+    for a in arrays:
+        t = torch.from_numpy(np.array(a))
+        t = t[None].expand(3, -1, -1) if (rgb and t.dim() == 2) else (t[None] if t.dim() == 2 else t.permute(2, 0, 1))
+        tensors.append(resize_center_crop(t[None].contiguous(), size))
+    return torch.cat(tensors), [str(p) for p in files]
+
+
+def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Reference:
+    overrides = [r for r in refs if "=" in r]
+    paths = [r for r in refs if "=" not in r]
+    if overrides and paths or len(paths) > 1 or not refs:
+        raise UserError("--ref takes data.key=value overrides, or one run directory, or one statistics .npz")
+    if overrides:
+        values = dict(parse_override(r) for r in overrides)
+        values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
+        values.setdefault("data.channels", gen_channels)
+        data_cfg = from_dict(merge_overrides({}, values)).data
+        return _from_data(data_cfg)
+    path = Path(paths[0])
+    if path.suffix == ".npz" and path.is_file():
+        stats = FeatureStats.load(path)
+        return Reference(f"statistics {path}", stats=stats)
+    if (path / "config.yaml").is_file():
+        data_cfg = from_dict(read_yaml(path / "config.yaml")).data
+        return _from_data(data_cfg, f" (training data of {path})")
+    raise UserError(f"--ref {path}: not a run directory, a statistics .npz, or data.path=...")
+
+
+def _from_data(data_cfg: DataConfig, suffix: str = "") -> Reference:
+    data = load_images(data_cfg)
+    return Reference(data.source + suffix, images=data.images, labels=data.labels)
+
+
+def _cached_features(extractor: fx.Extractor, images: torch.Tensor, log) -> tuple[np.ndarray, np.ndarray | None]:
+    key = hashlib.sha256(images.numpy().tobytes() + json.dumps(extractor.identity(), sort_keys=True).encode())
+    path = cache_dir() / f"ref_{key.hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return z["feats"].astype(np.float64), (z["logits"].astype(np.float64) if "logits" in z.files else None)
+    log(f"extracting {extractor.name} features of {len(images)} reference images (cached for next time)")
+    feats, logits = extractor(images)
+    arrays = {"feats": feats.astype(np.float32)}
+    if logits is not None:
+        arrays["logits"] = logits.astype(np.float32)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return feats.astype(np.float32).astype(np.float64), (logits.astype(np.float32).astype(np.float64) if logits is not None else None)
+
+
+def build_extractor(name: str, ref: Reference, inception_weights: str | None, device: torch.device, log) -> fx.Extractor:
+    if name == "inception":
+        return fx.inception(inception_weights, device)
+    if name == "efficientnet":
+        return fx.efficientnet(device)
+    if ref.images is None or not ref.labels:
+        raise UserError("--features classifier needs labelled reference images (a run or data with labels), "
+                        "not a statistics file")
+    return fx.classifier(ref.images, ref.labels, cache_dir(), log)
+
+
+def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid", "kid", "pr"),
+             features: str = "inception", inception_weights: str | None = None, device: str = "cpu",
+             log=print) -> dict:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
+    t0 = time.perf_counter()
+    gen_images, gen_files = read_generated(gen)
+    ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1])
+    if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
+        ref.images = ref.images.expand(-1, 3, -1, -1) if ref.images.shape[1] == 1 else ref.images
+        gen_images = gen_images.expand(-1, 3, -1, -1) if gen_images.shape[1] == 1 else gen_images
+    extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
+    gen_feats, gen_logits = extractor(gen_images)
+    if ref.images is not None:
+        ref_feats, _ = _cached_features(extractor, ref.images, log)
+        ref_stats = FeatureStats.from_features(ref_feats)
+    else:
+        if set(metrics) & {"kid", "pr"}:
+            raise UserError("KID and precision/recall need reference features: give the reference data, not statistics")
+        ref_feats, ref_stats = None, ref.stats
+    gen_stats = FeatureStats.from_features(gen_feats)
+    if gen_stats.mu.shape != ref_stats.mu.shape:
+        raise UserError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, {extractor.name} features "
+                        f"{gen_stats.mu.shape[0]}: they come from another extractor")
+
+    values: dict[str, float] = {}
+    if "fid" in metrics:
+        values["fid" if extractor.comparable_with_published_fid else "fd"] = \
+            frechet_distance(gen_stats.mu, gen_stats.sigma, ref_stats.mu, ref_stats.sigma)
+    if "kid" in metrics:
+        values["kid"], values["kid_std"] = kid(ref_feats, gen_feats, subset_size=min(1000, len(gen_feats), len(ref_feats)))
+    if "pr" in metrics:
+        values["precision"], values["recall"] = precision_recall(ref_feats, gen_feats)
+    if "is" in metrics and gen_logits is not None and extractor.name != "classifier":
+        probs = torch.from_numpy(gen_logits[:, :1000]).softmax(-1).numpy()
+        values["inception_score"], values["inception_score_std"] = inception_score(probs, splits=min(10, len(probs)))
+    result = {"gen": str(gen), "num_gen": len(gen_images), "ref": ref.description,
+              "num_ref": len(ref.images) if ref.images is not None else ref.stats.n, **extractor.identity(),
+              "metrics": values}
+    if extractor.name == "classifier" and gen_logits is not None:
+        result["classifier"] = _class_report(gen_logits, extractor.class_names)
+    result["gen_sha256"] = hashlib.sha256(gen_images.numpy().tobytes()).hexdigest()
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    from .. import __version__
+
+    result["ddpmkit"], result["date"] = __version__, time.strftime("%Y-%m-%d %H:%M:%S")
+    return result
+
+
+def _class_report(logits: np.ndarray, names: list[str]) -> dict:
+    probs = torch.from_numpy(logits).softmax(-1).numpy()
+    pred = probs.argmax(1)
+    shares = np.bincount(pred, minlength=len(names)) / len(pred)
+    nz = shares[shares > 0]
+    return {"confident_share": float((probs.max(1) > CONFIDENCE).mean()),
+            "class_entropy": float(-(nz * np.log(nz)).sum() / np.log(len(names))),
+            "class_shares": {name: round(float(s), 4) for name, s in zip(names, shares)}}
+
+
+def write_result(result: dict, out: str | Path | None) -> Path:
+    path = Path(out) if out else Path(result["gen"]) / f"eval_{result['features']}.json"
+    atomic.write_text(path, json.dumps(result, indent=1))
+    return path
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['num_gen']} generated vs {result['num_ref']} reference images ({result['ref']})",
+             f"features: {result['features']}" + ("" if result["comparable_with_published_fid"]
+                                                  else " (not comparable with published FID)")]
+    for key, value in result["metrics"].items():
+        lines.append(f"  {key:<22} {value:.4f}")
+    for key, value in result.get("classifier", {}).items():
+        if not isinstance(value, dict):
+            lines.append(f"  {key:<22} {value:.4f}")
+    return "\n".join(lines)

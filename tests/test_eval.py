@@ -1,0 +1,160 @@
+"""Evaluation: the FID network, extractors, the eval command, and real-data sanity."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA
+from ddpmkit.cli import main
+from ddpmkit.errors import UserError
+from ddpmkit.metrics import features as fx
+from ddpmkit.metrics.evaluate import evaluate, read_generated
+from ddpmkit.metrics.inception import FIDInceptionV3, load_fid_inception
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+def write_pngs(folder, images_u8):
+    (folder / "individual").mkdir(parents=True)
+    for i, img in enumerate(images_u8):
+        Image.fromarray(img[0].numpy()).save(folder / "individual" / f"{i:06d}.png")
+    return folder
+
+
+def digits(n=None):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:n, None], [str(t) for t in d.target[:n]]
+
+
+def test_fid_inception_shapes_and_grayscale_handling():
+    torch.manual_seed(0)
+    net = FIDInceptionV3().eval()
+    gray = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        feats, logits = net(fx.to_rgb(gray))
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert torch.equal(fx.to_rgb(gray)[:, 0], fx.to_rgb(gray)[:, 2])  # replicated, never tinted
+
+
+def test_wrong_weights_hash_is_refused(tmp_path):
+    fake = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(FIDInceptionV3().state_dict(), fake)
+    with pytest.raises(UserError, match="is not the FID Inception weights file"):
+        load_fid_inception(fake)
+
+
+def test_offline_without_weights_says_how_to_get_them():
+    with pytest.raises(UserError, match="download https://github.com/mseitzer/pytorch-fid"):
+        load_fid_inception(None, download=False)
+
+
+def test_matches_pytorch_fid_with_the_same_random_weights():
+    pytest.importorskip("torchvision", reason="torchvision does not import beside this torch (needs torch 2.14.1 + "
+                        "torchvision 0.29.1, or a GPU machine)")
+    fid_inception = pytest.importorskip("pytorch_fid.inception", reason="pytorch-fid not installed")
+    torch.manual_seed(0)
+    theirs = fid_inception.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=False)
+    ours = FIDInceptionV3().eval()
+    fid_net = fid_inception.fid_inception_v3()  # their FID blocks, random init (no download)
+    missing = ours.load_state_dict({k: v for k, v in fid_net.state_dict().items()}, strict=False)
+    assert not missing.missing_keys
+    theirs = fid_inception.InceptionV3([3], resize_input=True, normalize_input=True)
+    theirs.blocks.load_state_dict(_blocks_state(fid_net, theirs))
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = theirs(x.float() / 255)[0].flatten(1)
+        mine = ours(x)[0]
+    torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+
+
+def _blocks_state(fid_net, theirs):
+    own = fid_net.state_dict()
+    return {k: own[k.split(".", 2)[2]] for k in theirs.blocks.state_dict()}
+
+
+def test_features_do_not_depend_on_batch_size(monkeypatch):
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8)
+    ext = fx.efficientnet(torch.device("cpu"))
+    monkeypatch.setattr(fx, "BATCH", 5)
+    a, _ = ext(images)
+    monkeypatch.setattr(fx, "BATCH", 64)
+    b, _ = ext(images)
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_eval_command_with_the_classifier_on_real_and_noisy_digits(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(fx.CLASSIFIER_RECIPE, "epochs", 6)  # the test needs a decent classifier, not the best
+    images, _ = digits()
+    real = write_pngs(tmp_path / "real", images[1200:1500])
+    noise = write_pngs(tmp_path / "noise", torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8))
+    ref = ["--ref", "data.path=null", "--features", "classifier", "--metrics", "fid,kid,pr"]
+    assert main(["eval", str(real), *ref]) == 0
+    out = capsys.readouterr().out
+    assert "training the evaluation classifier" in out and "wrote" in out
+    good = json.loads((real / "eval_classifier.json").read_text())
+    assert main(["eval", str(noise), *ref, "--json"]) == 0
+    bad = json.loads(capsys.readouterr().out)
+    assert "training the evaluation classifier" not in json.dumps(bad)  # cached
+    assert good["metrics"]["fd"] * 10 < bad["metrics"]["fd"]
+    # a CNN is often confidently wrong on noise, so confidence alone does not separate them; FD does
+    assert good["classifier"]["confident_share"] > 0.85 and good["classifier"]["class_entropy"] > 0.95
+    assert good["metrics"]["precision"] > 0.8 and bad["metrics"]["precision"] < 0.5 * good["metrics"]["precision"]
+    assert abs(good["metrics"]["kid"]) < 0.1 * bad["metrics"]["kid"]
+    assert good["num_gen"] == 300 and good["num_ref"] == 1797 and not good["comparable_with_published_fid"]
+    assert set(good["classifier"]["class_shares"]) == {str(i) for i in range(10)}
+
+
+def test_statistics_reference_and_its_limits(tmp_path):
+    images, _ = digits(200)
+    gen = write_pngs(tmp_path / "g", images[:100])
+    feats, _ = fx.efficientnet(torch.device("cpu"))(images[100:])
+    from ddpmkit.metrics.stats import FeatureStats
+
+    FeatureStats.from_features(feats).save(tmp_path / "stats.npz")
+    result = evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "efficientnet")
+    assert result["metrics"]["fd"] > 0 and result["num_ref"] == 100
+    with pytest.raises(UserError, match="KID and precision/recall need reference features"):
+        evaluate(gen, [str(tmp_path / "stats.npz")], ("fid", "kid"), "efficientnet")
+    with pytest.raises(UserError, match="labelled reference images"):
+        evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "classifier")
+
+
+def test_reading_generated_images_never_takes_the_grids(tmp_path):
+    folder = write_pngs(tmp_path / "s", torch.zeros(3, 1, 8, 8, dtype=torch.uint8))
+    (folder / "grids").mkdir()
+    Image.new("L", (40, 40)).save(folder / "grids" / "grid_4x4.png")
+    images, files = read_generated(folder)
+    assert images.shape == (3, 1, 8, 8) and all("grids" not in f for f in files)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        read_generated(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist-test").is_dir(), reason="../shared/data/mnist-test not present")
+def test_real_mnist_halves_are_closer_than_blur_or_noise(tmp_path):
+    from ddpmkit.config import DataConfig
+    from ddpmkit.data import load_images
+
+    d = load_images(DataConfig(path=str(SHARED_DATA / "mnist-test" / "t10k-images-idx3-ubyte.gz"), image_size=28))
+    a, b = d.images[:400], d.images[5000:5400]
+    blurred = torch.nn.functional.avg_pool2d(b.float(), 3, stride=1, padding=1).round().to(torch.uint8)
+    noise = torch.randint(0, 256, b.shape, dtype=torch.uint8)
+    ext = fx.efficientnet(torch.device("cpu"))
+    from ddpmkit.metrics.stats import FeatureStats, frechet_distance
+
+    stats = {k: FeatureStats.from_features(ext(v)[0]) for k, v in {"a": a, "b": b, "blur": blurred, "noise": noise}.items()}
+
+    def fd(x, y):
+        return frechet_distance(stats[x].mu, stats[x].sigma, stats[y].mu, stats[y].sigma)
+
+    assert fd("a", "b") < fd("a", "blur") < fd("a", "noise")
+    assert fd("a", "b") * 3 < fd("a", "noise")

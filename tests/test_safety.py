@@ -1,0 +1,190 @@
+"""Faults injected on purpose: full disks, signals, NaNs, planted pickles, random inputs."""
+
+import errno
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ddpmkit.checkpoint
+import ddpmkit.generation
+import ddpmkit.training
+from ddpmkit.cli import main
+from ddpmkit.config import from_dict
+from ddpmkit.data import array_to_uint8_nchw
+from ddpmkit.errors import UserError
+from ddpmkit.run import RunDir, load_run
+from ddpmkit.training import train
+from ddpmkit.unet import UNet
+from test_cli import TINY_ARGS
+
+
+def quiet(*_):
+    pass
+
+
+def leftovers(folder):
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(tiny, monkeypatch):
+    run = train(tiny(**{"train.max_steps": 10}), log=quiet, progress=False)
+    real_save = ddpmkit.checkpoint.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(1000)  # half-written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ddpmkit.checkpoint, "save_file", full_disk)
+    with pytest.raises(UserError, match="No space left on device; checkpoint of step 10 kept"):
+        train(tiny(**{"train.max_steps": 20}), log=quiet, progress=False)
+    assert leftovers(run.path) == []
+    assert [e["step"] for e in RunDir(run.path).verified_checkpoints()] == [10]
+    assert load_run(run.path).step == 10
+
+
+def test_disk_full_while_sampling_keeps_finished_images(tiny, tmp_path, monkeypatch, capsys):
+    run = train(tiny(**{"train.max_steps": 5}), log=quiet, progress=False)
+    args = ["sample", str(run.path), "--num", "12", "--steps", "2", "--batch-size", "4", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    real_write, calls = ddpmkit.generation._write_png, []
+
+    def fills_up(path, img, text):
+        calls.append(path)
+        if len(calls) > 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, img, text)
+
+    monkeypatch.setattr(ddpmkit.generation, "_write_png", fills_up)
+    out = tmp_path / "o"
+    assert main(args + ["--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert leftovers(out) == [] and not (out / "manifest.csv").exists()
+    monkeypatch.setattr(ddpmkit.generation, "_write_png", real_write)
+    assert main(args + ["--out", str(out)]) == 0  # the disk has room again: rerun completes
+    for i in range(12):
+        name = f"individual/{i:06d}.png"
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ddpmkit", "train", *TINY_ARGS, "train.max_steps=100000",
+           "train.checkpoint_every=1000", "train.log_every=1", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while time.time() < deadline and (not (out / "stats.jsonl").exists() or (out / "stats.jsonl").stat().st_size < 2000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "on SIGTERM; checkpoint saved" in stdout
+    step = RunDir(out).verified_checkpoints()[0]["step"]
+    assert step > 0 and step % 1000 != 0  # saved where it stopped, not at an interval
+
+
+def test_one_nan_batch_is_skipped_and_counted(tiny, monkeypatch):
+    real_loss, calls = ddpmkit.training.diffusion_loss, []
+
+    def sometimes_nan(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(ddpmkit.training, "diffusion_loss", sometimes_nan)
+    run = train(tiny(**{"train.max_steps": 20}), log=quiet, progress=False)
+    last = json.loads(run.stats_path.read_text().splitlines()[-1])
+    assert last["skipped_nonfinite"] == 1 and np.isfinite(last["loss"])
+    net = load_run(run.path).net
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_divergence_stops_with_the_last_good_checkpoint_intact(tiny, monkeypatch):
+    run = train(tiny(**{"train.max_steps": 10}), log=quiet, progress=False)
+    monkeypatch.setattr(ddpmkit.training, "diffusion_loss", lambda *a: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(UserError, match="diverged: 4 non-finite losses in a row at step 13"):
+        train(tiny(**{"train.max_steps": 40, "train.max_nonfinite": 4}), log=quiet, progress=False)
+    assert [e["step"] for e in RunDir(run.path).verified_checkpoints()] == [10]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_planted_as_checkpoint_runs_no_code(tiny, tmp_path, capsys):
+    run = train(tiny(**{"train.max_steps": 10}), log=quiet, progress=False)
+    marker = tmp_path / "PWNED"
+    ckpt = run.checkpoint_file(10)
+    ckpt.write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    state = run.read_state()
+    state["checkpoints"][0]["sha256"] = ddpmkit.checkpoint.file_sha256(ckpt)  # an attacker fixes the hash too
+    run.write_state(state)
+    assert main(["sample", str(run.path), "--num", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert main(["train", *TINY_ARGS, "--steps", "20", "--out", str(run.path), "--quiet"]) == 2
+    assert not marker.exists()
+
+
+def test_train_output_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["train", *TINY_ARGS, "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+SECTION_KEYS = {
+    "data": {"image_size": st.integers(-4, 40), "channels": st.sampled_from([None, 1, 2, 3]),
+             "hflip": st.booleans(), "on_error": st.sampled_from(["skip", "fail", "ignore"])},
+    "model": {"base_channels": st.integers(-8, 40), "channel_mult": st.lists(st.integers(-1, 3), max_size=4),
+              "num_res_blocks": st.integers(-1, 2), "attention_resolutions": st.lists(st.integers(1, 16), max_size=2),
+              "norm_groups": st.integers(0, 16), "dropout": st.floats(-1, 1), "preset": st.sampled_from([None, "small", "x"])},
+    "diffusion": {"num_timesteps": st.integers(-5, 50), "schedule": st.sampled_from(["linear", "cosine", "exp"]),
+                  "beta_start": st.floats(-0.1, 0.5), "beta_end": st.floats(-0.1, 1.5),
+                  "prediction": st.sampled_from(["eps", "x0", "v", "score"])},
+    "train": {"batch_size": st.integers(-2, 8), "lr": st.floats(-1, 1), "ema_decay": st.floats(-0.5, 1.5)},
+}
+junk = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=5), st.lists(st.integers(), max_size=3))
+config_dicts = st.fixed_dictionaries({}, optional={
+    name: st.fixed_dictionaries({}, optional={**{k: st.one_of(v, junk) for k, v in keys.items()}, "bogus": junk})
+    for name, keys in SECTION_KEYS.items()})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config_dicts)
+def test_any_config_is_accepted_and_works_or_refused_with_a_user_error(raw):
+    try:
+        cfg = from_dict(raw)
+    except UserError:
+        return
+    cfg.model.in_channels = cfg.data.channels or 1
+    net = UNet(cfg.model, cfg.data.image_size)  # accepted means buildable and runnable
+    x = torch.zeros(1, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    assert net(x, torch.tensor([0])).shape == x.shape
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=0, max_size=5),
+       st.sampled_from([np.uint8, np.uint16, np.int32, np.float32, np.float64, np.bool_]),
+       st.sampled_from([0.0, 1.0, 255.0, -1.0, 300.0, float("nan"), float("inf")]))
+def test_any_array_is_accepted_or_refused_with_a_user_error(shape, dtype, fill):
+    arr = np.full(shape, fill if np.issubdtype(dtype, np.floating) else abs(np.nan_to_num(fill, posinf=7)), dtype=dtype) \
+        if np.issubdtype(dtype, np.floating) or np.isfinite(fill) else np.zeros(shape, dtype=dtype)
+    try:
+        out = array_to_uint8_nchw(arr, "x")
+    except UserError:
+        return
+    assert out.dtype == torch.uint8 and out.dim() == 4 and out.shape[1] in (1, 3) and out.shape[0] > 0
