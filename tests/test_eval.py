@@ -57,28 +57,38 @@ def test_offline_without_weights_says_how_to_get_them():
         load_fid_inception(None, download=False)
 
 
-def test_matches_pytorch_fid_with_the_same_random_weights():
+def test_matches_pytorch_fid_with_the_same_random_weights(monkeypatch):
     pytest.importorskip("torchvision", reason="torchvision does not import beside this torch (needs torch 2.14.1 + "
                         "torchvision 0.29.1, or a GPU machine)")
     fid_inception = pytest.importorskip("pytorch_fid.inception", reason="pytorch-fid not installed")
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from ddpmkit.metrics.stats import FeatureStats, frechet_distance
+
     torch.manual_seed(0)
-    theirs = fid_inception.InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=False)
     ours = FIDInceptionV3().eval()
-    fid_net = fid_inception.fid_inception_v3()  # their FID blocks, random init (no download)
-    missing = ours.load_state_dict({k: v for k, v in fid_net.state_dict().items()}, strict=False)
-    assert not missing.missing_keys
-    theirs = fid_inception.InceptionV3([3], resize_input=True, normalize_input=True)
-    theirs.blocks.load_state_dict(_blocks_state(fid_net, theirs))
-    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():  # random BatchNorm statistics too, so the comparison covers them
+        for m in ours.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    # pytorch-fid's FID network, given our random weights instead of its download (loaded strictly:
+    # every parameter name must match)
+    monkeypatch.setattr(fid_inception, "load_state_dict_from_url", lambda *a, **k: ours.state_dict())
+    theirs = fid_inception.InceptionV3([3]).eval()
+    g = torch.Generator().manual_seed(1)
+    sets = [torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g),
+            torch.randint(0, 128, (24, 3, 28, 28), dtype=torch.uint8, generator=g)]
     with torch.no_grad():
-        ref = theirs(x.float() / 255)[0].flatten(1)
-        mine = ours(x)[0]
-    torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
-
-
-def _blocks_state(fid_net, theirs):
-    own = fid_net.state_dict()
-    return {k: own[k.split(".", 2)[2]] for k in theirs.blocks.state_dict()}
+        f_theirs = [theirs(x.float() / 255)[0].flatten(1).double().numpy() for x in sets]
+        f_ours = [ours(x)[0].double().numpy() for x in sets]
+    for a, b in zip(f_ours, f_theirs):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    s_theirs = [(f.mean(0), np.cov(f, rowvar=False)) for f in f_theirs]
+    s_ours = [FeatureStats.from_features(f) for f in f_ours]
+    fid_theirs = calculate_frechet_distance(*s_theirs[0], *s_theirs[1])
+    fid_ours = frechet_distance(s_ours[0].mu, s_ours[0].sigma, s_ours[1].mu, s_ours[1].sigma)
+    assert fid_ours == pytest.approx(fid_theirs, abs=1e-4, rel=1e-6)
 
 
 def test_features_do_not_depend_on_batch_size(monkeypatch):

@@ -78,7 +78,8 @@ def test_disk_full_while_sampling_keeps_finished_images(tiny, tmp_path, monkeypa
         assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_nonzero(tmp_path, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ddpmkit", "train", *TINY_ARGS, "train.max_steps=100000",
            "train.checkpoint_every=1000", "train.log_every=1", "--out", str(out), "--quiet"]
@@ -87,9 +88,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and (not (out / "stats.jsonl").exists() or (out / "stats.jsonl").stat().st_size < 2000):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "on SIGTERM; checkpoint saved" in stdout
+    assert proc.returncode == 130 and "checkpoint saved; rerun the same command to resume" in stdout
     step = RunDir(out).verified_checkpoints()[0]["step"]
     assert step > 0 and step % 1000 != 0  # saved where it stopped, not at an interval
 

@@ -114,3 +114,17 @@ def test_epoch_order_is_a_permutation_per_epoch():
     assert not torch.equal(order.indices(0), order.indices(2))  # next epoch reshuffled
     small = EpochOrder(3, 8, 0).indices(0)  # a dataset smaller than a batch: each image 2-3 times
     assert len(small) == 8 and sorted(torch.bincount(small, minlength=3).tolist()) in ([2, 3, 3],)
+
+
+def test_evaluation_during_training_picks_the_best_checkpoint(tiny, monkeypatch):
+    from ddpmkit.metrics import features
+
+    monkeypatch.setitem(features.CLASSIFIER_RECIPE, "epochs", 2)
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tiny().train.out_dir) + "_cache")
+    cfg = tiny(**{"train.max_steps": 30, "train.checkpoint_every": 10, "train.eval_every": 10, "train.eval_num": 24})
+    run = train(cfg, log=quiet, progress=False)
+    evals = [r for r in stats(run.path) if "eval" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert all(r["eval"]["features"] == "classifier" and r["eval"]["fd"] > 0 for r in evals)
+    state = run.read_state()
+    assert state["best"] == min(state["checkpoints"], key=lambda e: e["fd"])["step"]

@@ -34,6 +34,18 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
+def remove_stale_temps(*folders: Path) -> int:
+    """Delete temporaries that a killed process (SIGKILL, power loss) left behind in `folders`;
+    returns how many. Only names `atomic_path` makes are touched."""
+    removed = 0
+    for folder in folders:
+        if Path(folder).is_dir():
+            for p in Path(folder).glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
 def write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
     with atomic_path(path, fsync) as tmp:
         tmp.write_bytes(data)

@@ -77,6 +77,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     max_nonfinite: int = 20  # stop after this many non-finite losses in a row (each one is skipped)
+    eval_every: int = 0  # 0: off; else evaluate at checkpoints whose step is a multiple of this
+    eval_num: int = 500  # samples per evaluation (dpmpp-2m, 20 steps, EMA weights)
+    eval_features: str = "classifier"  # classifier (needs labels) | efficientnet | inception
 
 
 @dataclass
@@ -139,6 +142,7 @@ CHOICES = {
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.eval_features": ("classifier", "efficientnet", "inception"),
     "sample.sampler": ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"),
     "sample.spacing": ("uniform", "quadratic", "trailing", "karras"),
     "sample.precision": ("auto", "fp32", "bf16"),
@@ -149,10 +153,11 @@ POSITIVE = {
     "data.image_size", "model.base_channels", "model.num_res_blocks", "model.norm_groups",
     "diffusion.num_timesteps", "train.batch_size", "train.max_steps", "train.log_every",
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.grid_images",
-    "train.grid_steps", "train.max_nonfinite", "sample.num", "sample.batch_size", "sample.size", "sample.steps", "sample.writers",
+    "train.grid_steps", "train.max_nonfinite", "train.eval_num",
+    "sample.num", "sample.batch_size", "sample.size", "sample.steps", "sample.writers",
 }
 NON_NEGATIVE = {
-    "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
+    "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.eval_every",
     "train.max_minutes", "model.dropout", "sample.eta", "train.seed", "sample.seed",
 }
 
@@ -324,6 +329,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
                      "train.checkpoint_every", "train.keep_last", "train.device", "train.out_dir", "train.max_nonfinite",
+                     "train.eval_every", "train.eval_num", "train.eval_features",
                      "sample.")
 
 

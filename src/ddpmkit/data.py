@@ -126,7 +126,7 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     decoded, kept_labels, skipped = [], [], []
     for i, path in enumerate(files):
         try:
-            decoded.append(_read_image(path))
+            decoded.append(decode_image(path))
             kept_labels.append(labels[i] if labels else None)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             if cfg.on_error == "fail":
@@ -150,7 +150,7 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     return ImageData(torch.cat(tensors), desc, labels=kept_labels if labels else None, skipped=skipped)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def decode_image(path: Path) -> np.ndarray:
     """Decode fully (so truncation is caught here) to uint8 H x W (gray) or H x W x 3."""
     with Image.open(path) as im:
         im.load()

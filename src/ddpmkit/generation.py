@@ -101,6 +101,7 @@ def _start_job(out: Path, job: dict, fresh: bool) -> None:
     elif (out / "individual").is_dir() and any((out / "individual").iterdir()):
         raise UserError(f"{out}/individual already holds images not made by this job: use --fresh or another --out")
     (out / "individual").mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temps(out, out / "individual", out / "grids")  # from a job killed mid-write
     atomic.write_text(job_path, json.dumps(job, indent=1))
 
 

@@ -24,7 +24,7 @@ from .checkpoint import restore, save_checkpoint
 from .config import Config, differing_keys, read_yaml, to_yaml
 from .data import batch_to_model, load_images
 from .errors import UserError
-from .generation import sample_batch
+from .generation import sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .run import Run, RunDir
 from .runtime import autocast, autocast_dtype, environment, mix_seed, resolve_device
@@ -65,6 +65,7 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
         for p in (run.state_path, run.stats_path, run.config_path, run.meta_path):
             p.unlink(missing_ok=True)
         return None
+    atomic.remove_stale_temps(run.path, run.checkpoints, run.grids)  # from a run killed mid-write
     if not run.config_path.exists():
         if run.path.is_dir() and any(run.path.iterdir()):
             raise UserError(f"{run.path} exists and is not a ddpmkit run: choose another --out")
@@ -165,6 +166,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
     t_start = t_log = time.time()
     step_at_log = step
     bar = _progress(progress, step, tc.max_steps)
+    evaluator = None
     model.train()
 
     with _StopSignal() as stop:
@@ -233,7 +235,11 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
                 if step % tc.sample_every == 0 or done:
                     _save_grid(run, cfg, ema, schedule, step)
                 if step % tc.checkpoint_every == 0 or done:
-                    _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last)
+                    metrics = None
+                    if tc.eval_every and (step % tc.eval_every == 0 or done):
+                        evaluator = evaluator or _evaluator(cfg, data, device, log)
+                        metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
+                    _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last, metrics)
                     ckpt_loss_sum, ckpt_loss_n = 0.0, 0
                 if done:
                     if out_of_time:
@@ -261,7 +267,23 @@ def _progress(enabled: bool, step: int, total: int):
     return tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not enabled)
 
 
-def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: int) -> None:
+def _evaluator(cfg: Config, data, device, log):
+    from .metrics.evaluate import TrainingEvaluator
+
+    return TrainingEvaluator(cfg.train.eval_features, data.images, data.labels, device, log)
+
+
+def _evaluate(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int, evaluator) -> dict:
+    """Sample train.eval_num images with the EMA weights (fixed seed) and score them; logged."""
+    view = Run(run.path, cfg, ema, schedule, step, "")
+    images = sample(view, num=cfg.train.eval_num, seed=cfg.train.seed, sampler="dpmpp-2m", steps=20)
+    metrics = evaluator(images)
+    with open(run.stats_path, "a") as f:
+        f.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+    return metrics
+
+
+def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: int, metrics: dict | None = None) -> None:
     state = run.read_state()
     entries = [e for e in state["checkpoints"] if e["step"] != step]
     path = run.checkpoint_file(step)
@@ -270,8 +292,13 @@ def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: 
     except OSError as exc:  # disk full, quota, permissions: the temporary file is already removed
         kept = f"checkpoint of step {max(e['step'] for e in entries)} kept" if entries else "no earlier checkpoint"
         raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}, nothing half-written") from None
-    entries.append({"step": step, "file": path.relative_to(run.path).as_posix(), "sha256": sha, "loss": mean_loss})
-    best = min(entries, key=lambda e: e["loss"])["step"]
+    entry = {"step": step, "file": path.relative_to(run.path).as_posix(), "sha256": sha, "loss": mean_loss}
+    if metrics:
+        entry["fd"] = metrics["fd"]
+    entries.append(entry)
+    # best: lowest evaluation FD when evaluation is on, else lowest mean training loss
+    scored = [e for e in entries if "fd" in e]
+    best = min(scored, key=lambda e: e["fd"])["step"] if scored else min(entries, key=lambda e: e["loss"])["step"]
     keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
     run.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
     for e in entries:  # delete only after state.json no longer names them

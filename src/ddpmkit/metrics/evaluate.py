@@ -22,7 +22,7 @@ import torch
 
 from .. import atomic
 from ..config import DataConfig, from_dict, merge_overrides, parse_override, read_yaml
-from ..data import IMAGE_SUFFIXES, _read_image, load_images, resize_center_crop
+from ..data import IMAGE_SUFFIXES, decode_image, load_images, resize_center_crop
 from ..errors import UserError
 from . import features as fx
 from .stats import FeatureStats, frechet_distance, inception_score, kid, precision_recall
@@ -58,7 +58,7 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     if not files:
         raise UserError(f"no images in {folder} (expected a ddpmkit sample folder or a folder of images)")
     try:
-        arrays = [_read_image(p) for p in files]
+        arrays = [decode_image(p) for p in files]
     except (OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"cannot read a generated image in {folder}: {exc}") from None
     rgb = any(a.ndim == 3 for a in arrays)
@@ -110,7 +110,8 @@ def _cached_features(extractor: fx.Extractor, images: torch.Tensor, log) -> tupl
         arrays["logits"] = logits.astype(np.float32)
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    return feats.astype(np.float32).astype(np.float64), (logits.astype(np.float32).astype(np.float64) if logits is not None else None)
+    # the cache holds float32: return the same rounding now, so a cached rerun gives identical numbers
+    return tuple(None if a is None else a.astype(np.float64) for a in (arrays["feats"], arrays.get("logits")))
 
 
 def build_extractor(name: str, ref: Reference, inception_weights: str | None, device: torch.device, log) -> fx.Extractor:
@@ -200,3 +201,22 @@ def format_table(result: dict) -> str:
         if not isinstance(value, dict):
             lines.append(f"  {key:<22} {value:.4f}")
     return "\n".join(lines)
+
+
+class TrainingEvaluator:
+    """Periodic evaluation inside a training run: Frechet distance (and, for the classifier, the
+    confident share and class balance) of generated images against the training images."""
+
+    def __init__(self, features: str, images: torch.Tensor, labels: list[str] | None, device: torch.device, log=print):
+        ref = Reference("training data", images=images, labels=labels)
+        self.extractor = build_extractor(features, ref, None, device, log)
+        self.ref = FeatureStats.from_features(_cached_features(self.extractor, images, log)[0])
+
+    def __call__(self, gen_u8: torch.Tensor) -> dict:
+        feats, logits = self.extractor(gen_u8)
+        s = FeatureStats.from_features(feats)
+        out = {"fd": frechet_distance(s.mu, s.sigma, self.ref.mu, self.ref.sigma), "features": self.extractor.name}
+        if self.extractor.name == "classifier":
+            report = _class_report(logits, self.extractor.class_names)
+            out.update(confident_share=report["confident_share"], class_entropy=report["class_entropy"])
+        return out
