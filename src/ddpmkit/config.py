@@ -234,10 +234,11 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key model.base_channels: {m.base_channels} is not divisible by "
                         f"model.norm_groups={m.norm_groups}")
     factor = 2 ** (len(m.channel_mult) - 1)
-    if cfg.data.image_size % factor:
+    if cfg.data.image_size % factor or cfg.data.image_size < 2 * factor:
+        # below 2x2 at the bottom, GroupNorm would normalise single values
         raise UserError(f"config key data.image_size: {cfg.data.image_size} cannot pass through "
-                        f"{len(m.channel_mult) - 1} halvings (model.channel_mult={m.channel_mult}); "
-                        f"use a multiple of {factor}")
+                        f"{len(m.channel_mult) - 1} halvings to at least 2x2 (model.channel_mult={m.channel_mult}); "
+                        f"use a multiple of {factor}, at least {2 * factor}")
     if not 0 <= cfg.train.ema_decay < 1:
         raise UserError(f"config key train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     d = cfg.diffusion

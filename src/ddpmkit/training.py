@@ -88,24 +88,30 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
 
 
 class _StopSignal:
-    """SIGTERM sets a flag; the loop saves a checkpoint and stops at the end of the step."""
+    """SIGTERM or Ctrl-C set a flag; the loop finishes its step, saves a checkpoint and stops, so
+    the saved state is never half an optimizer update. A second Ctrl-C aborts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
+        self.requested: str | None = None
+        self._old: dict = {}
 
     def __enter__(self):
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = {}
         return self
 
-    def _handle(self, *_):
-        self.requested = True
+    def _handle(self, signum, _frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -170,89 +176,83 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
     model.train()
 
     with _StopSignal() as stop:
-        try:
-            while step < tc.max_steps:
-                # --- one optimizer step, every random draw seeded by (seed, step) ---
-                g = torch.Generator(device).manual_seed(mix_seed(tc.seed, step, 2))
-                torch.manual_seed(mix_seed(tc.seed, step, 3))  # dropout
-                x0 = batch_to_model(images[order.indices(step).to(device)], cfg.data.hflip, g)
-                if device.type == "cuda":
-                    x0 = x0.contiguous(memory_format=torch.channels_last)
-                t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=device, generator=g)
-                noise = torch.randn(x0.shape, device=device, generator=g)
-                for group in opt.param_groups:
-                    group["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
-                with autocast(device, amp_dtype):
-                    loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, noise)
-                opt.zero_grad(set_to_none=True)
+        while step < tc.max_steps:
+            # --- one optimizer step, every random draw seeded by (seed, step) ---
+            g = torch.Generator(device).manual_seed(mix_seed(tc.seed, step, 2))
+            torch.manual_seed(mix_seed(tc.seed, step, 3))  # dropout
+            x0 = batch_to_model(images[order.indices(step).to(device)], cfg.data.hflip, g)
+            if device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=device, generator=g)
+            noise = torch.randn(x0.shape, device=device, generator=g)
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
+            with autocast(device, amp_dtype):
+                loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, noise)
+            opt.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+            else:
+                loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+            finite = torch.isfinite(loss) & torch.isfinite(gnorm)
+            if bool(finite):
+                nonfinite_run = 0
                 if scaler:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(opt)
+                    scaler.step(opt)
                 else:
-                    loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-                finite = torch.isfinite(loss) & torch.isfinite(gnorm)
-                if bool(finite):
-                    nonfinite_run = 0
-                    if scaler:
-                        scaler.step(opt)
-                    else:
-                        opt.step()
-                    with torch.no_grad():
-                        decay = min(tc.ema_decay, (1 + step) / (10 + step))  # EMA warmup
-                        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-                    loss_sum += loss.detach()
-                else:  # skip this batch: no update, counted, and fatal after max_nonfinite in a row
-                    nonfinite_run, skipped, skipped_total = nonfinite_run + 1, skipped + 1, skipped_total + 1
-                    if nonfinite_run >= tc.max_nonfinite:
-                        bar.close()
-                        raise UserError(f"training diverged: {nonfinite_run} non-finite losses in a row at step {step}; "
-                                        f"last good checkpoint kept in {run.checkpoints}; lower train.lr")
-                if scaler:
-                    scaler.update()
-                step += 1
+                    opt.step()
+                with torch.no_grad():
+                    decay = min(tc.ema_decay, (1 + step) / (10 + step))  # EMA warmup
+                    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+                loss_sum += loss.detach()
+            else:  # skip this batch: no update, counted, and fatal after max_nonfinite in a row
+                nonfinite_run, skipped, skipped_total = nonfinite_run + 1, skipped + 1, skipped_total + 1
+                if nonfinite_run >= tc.max_nonfinite:
+                    bar.close()
+                    raise UserError(f"training diverged: {nonfinite_run} non-finite losses in a row at step {step}; "
+                                    f"last good checkpoint kept in {run.checkpoints}; lower train.lr")
+            if scaler:
+                scaler.update()
+            step += 1
 
-                # --- bookkeeping at intervals (the only host syncs) ---
-                if step % tc.log_every == 0 or step == tc.max_steps:
-                    n = step - step_at_log
-                    mean_loss = loss_sum.item() / max(1, n - skipped) if n > skipped else float("nan")
-                    loss_sum.zero_()
-                    if math.isfinite(mean_loss):
-                        ckpt_loss_sum, ckpt_loss_n = ckpt_loss_sum + mean_loss * n, ckpt_loss_n + n
-                    now = time.time()
-                    ips = n * tc.batch_size / max(now - t_log, 1e-9)
-                    record = {"step": step, "images_seen": step * tc.batch_size, "loss": mean_loss,
-                              "lr": opt.param_groups[0]["lr"], "images_per_sec": ips,
-                              "sec_per_kimg": 1000 / ips, "memory_mb": _memory_mb(device),
-                              "elapsed_sec": now - t_start, "skipped_nonfinite": skipped_total}
-                    with open(run.stats_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                    t_log, step_at_log, skipped = now, step, 0
-                bar.update(1)
-                out_of_time = tc.max_minutes > 0 and time.time() - t_start > tc.max_minutes * 60
-                done = step == tc.max_steps or out_of_time or stop.requested
-                if step % tc.sample_every == 0 or done:
-                    _save_grid(run, cfg, ema, schedule, step)
-                if step % tc.checkpoint_every == 0 or done:
-                    metrics = None
-                    if tc.eval_every and (step % tc.eval_every == 0 or done):
-                        evaluator = evaluator or _evaluator(cfg, data, device, log)
-                        metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
-                    _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last, metrics)
-                    ckpt_loss_sum, ckpt_loss_n = 0.0, 0
-                if done:
-                    if out_of_time:
-                        log(f"stopped at step {step}: train.max_minutes={tc.max_minutes} reached")
-                    break
-        except KeyboardInterrupt:
-            bar.close()
-            _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last)
-            log(f"interrupted at step {step}; checkpoint saved; rerun the same command to resume")
-            raise
+            # --- bookkeeping at intervals (host syncs here and in the NaN guard above) ---
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                n = step - step_at_log
+                mean_loss = loss_sum.item() / max(1, n - skipped) if n > skipped else float("nan")
+                loss_sum.zero_()
+                if math.isfinite(mean_loss):
+                    ckpt_loss_sum, ckpt_loss_n = ckpt_loss_sum + mean_loss * n, ckpt_loss_n + n
+                now = time.time()
+                ips = n * tc.batch_size / max(now - t_log, 1e-9)
+                record = {"step": step, "images_seen": step * tc.batch_size, "loss": mean_loss,
+                          "lr": opt.param_groups[0]["lr"], "images_per_sec": ips,
+                          "sec_per_kimg": 1000 / ips, "memory_mb": _memory_mb(device),
+                          "elapsed_sec": now - t_start, "skipped_nonfinite": skipped_total}
+                with open(run.stats_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+                t_log, step_at_log, skipped = now, step, 0
+            bar.update(1)
+            out_of_time = tc.max_minutes > 0 and time.time() - t_start > tc.max_minutes * 60
+            done = step == tc.max_steps or out_of_time or stop.requested
+            if step % tc.sample_every == 0 or done:
+                _save_grid(run, cfg, ema, schedule, step)
+            if step % tc.checkpoint_every == 0 or done:
+                metrics = None
+                if tc.eval_every and (step % tc.eval_every == 0 or done):
+                    evaluator = evaluator or _evaluator(cfg, data, device, log)
+                    metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
+                _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last, metrics)
+                ckpt_loss_sum, ckpt_loss_n = 0.0, 0
+            if done:
+                if out_of_time:
+                    log(f"stopped at step {step}: train.max_minutes={tc.max_minutes} reached")
+                break
     bar.close()
-    if stop.requested:  # a scheduler's SIGTERM: saved, now leave non-zero so it is not taken as done
-        log(f"stopped at step {step} on SIGTERM; checkpoint saved; rerun the same command to resume")
+    if stop.requested:  # saved; now leave non-zero, so a scheduler does not take the run as finished
+        log(f"stopped at step {step} on {stop.requested}; checkpoint saved; rerun the same command to resume")
         raise KeyboardInterrupt
     if data.skipped:
         log(f"{len(data.skipped)} unreadable image(s) were skipped; they are listed in {run.meta_path}")

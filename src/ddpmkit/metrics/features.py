@@ -99,7 +99,7 @@ def efficientnet(device: torch.device) -> Extractor:
 # ---------------------------------------------------------------------------------------------
 # a classifier trained on the labelled real images
 
-CLASSIFIER_RECIPE = {"epochs": 30, "batch": 64, "lr": 1e-3, "seed": 0, "shift": 2, "width": 32, "v": 1}
+CLASSIFIER_RECIPE = {"epochs": 30, "batch": 64, "lr": 1e-3, "seed": 0, "shift": 2, "width": 32, "v": 2}
 
 
 def classifier_view(size: int) -> int:
@@ -110,6 +110,9 @@ def classifier_view(size: int) -> int:
 class SmallCNN(nn.Module):
     def __init__(self, channels: int, num_classes: int, view: int, width: int):
         super().__init__()
+        # features are divided by their RMS over the reference images (set after training), so they
+        # have unit scale: KID's cubic kernel (x.y/D + 1)^3 is meaningless on raw ReLU magnitudes
+        self.register_buffer("feature_scale", torch.ones(()))
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2), nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -118,7 +121,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         feats = self.body(x)
-        return feats, self.head(feats)
+        return feats / self.feature_scale, self.head(feats)
 
 
 def _view_batch(x: torch.Tensor, view: int) -> torch.Tensor:
@@ -162,6 +165,10 @@ def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path
             opt.zero_grad()
             loss.backward()
             opt.step()
+    net.eval()
+    with torch.no_grad():
+        feats = torch.cat([net(x[i:i + 512])[0] for i in range(0, len(x), 512)])
+        net.feature_scale.copy_(feats.pow(2).mean().sqrt().clamp_min(1e-8))
     with atomic.atomic_path(path) as tmp:
         save_file(net.state_dict(), str(tmp))
     return net.eval(), names, view
