@@ -12,6 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+# mkstemp creates files as 0600; finished files get the usual 0666 & ~umask instead. The umask can
+# only be read by setting it, which is not thread-safe, so it is read once, here.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
@@ -23,6 +28,7 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if fsync:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

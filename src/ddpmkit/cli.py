@@ -99,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="JSON path (default GEN/eval_<features>.json)")
     e.add_argument("--json", action="store_true", help="print the JSON instead of a table")
 
+    i = sub.add_parser("info", help="architecture, parameters, FLOPs and training memory of a run or config",
+                       epilog="examples:\n  ddpmkit info runs/mnist\n  ddpmkit info configs/cifar10.yaml --batch-sizes 64,128",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("target", nargs="?", default=None, help="a run directory or a YAML config (default: the defaults)")
+    i.add_argument("args", nargs="*", metavar="section.key=value", help="overrides")
+    i.add_argument("--batch-sizes", default="1,8,32,128", help="batch sizes for the memory estimate")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    r = sub.add_parser("report", help="write RUN/report.html: curves, grids, checkpoints, config",
+                       epilog="examples:\n  ddpmkit report runs/mnist      # prints the path of runs/mnist/report.html",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run", help="run directory")
+
     g = sub.add_parser("gif", help="turn a run's periodic training grids into a 'learning' GIF", epilog=GIF_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("run", help="run directory")
@@ -175,20 +188,43 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1) if ns.json else f"{format_table(result)}\nwrote {path}")
 
 
+def cmd_info(ns: argparse.Namespace) -> None:
+    import json
+
+    from .info import format_info, model_info
+
+    tokens = list(ns.args)
+    target = ns.target
+    if target and "=" in target:  # only overrides were given
+        tokens, target = [target, *tokens], None
+    path = Path(target) / "config.yaml" if target and Path(target).is_dir() else target
+    cfg = load_config(path, dict(parse_override(tok) for tok in tokens))
+    try:
+        sizes = tuple(int(b) for b in ns.batch_sizes.split(","))
+    except ValueError:
+        raise UserError(f"--batch-sizes takes comma-separated integers, got {ns.batch_sizes!r}") from None
+    info = model_info(cfg, sizes)
+    print(json.dumps(info, indent=1) if ns.json else format_info(info))
+
+
 def cmd_gif(ns: argparse.Namespace) -> None:
     from . import atomic
-    from .images import gif_bytes, read_image
+    from .report import learning_gif
     from .run import RunDir
 
     run_dir = RunDir(ns.run)
-    grids = sorted(run_dir.grids.glob("step_*.png")) if run_dir.grids.is_dir() else []
-    if not grids:
+    gif = learning_gif(run_dir, ns.frame_ms)
+    if gif is None:
         raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} (train.sample_every writes them)")
-    frames = [read_image(p) for p in grids]
     out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
-    atomic.write_bytes(out, gif_bytes(frames, frame_ms=ns.frame_ms))
-    print(f"wrote {out} ({len(frames)} grids, steps {grids[0].stem[5:].lstrip('0') or 0} to "
-          f"{grids[-1].stem[5:].lstrip('0')})")
+    atomic.write_bytes(out, gif)
+    print(f"wrote {out} ({len(list(run_dir.grids.glob('step_*.png')))} grids)")
+
+
+def cmd_report(ns: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(write_report(ns.run))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if takes_overrides:
         ns.args = list(ns.args) + rest
     try:
-        {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "gif": cmd_gif}[ns.command](ns)
+        {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report, "gif": cmd_gif}[ns.command](ns)
     except UserError as exc:
         print(f"ddpmkit: error: {exc}", file=sys.stderr)
         return 2

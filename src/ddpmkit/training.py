@@ -256,8 +256,11 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
         raise KeyboardInterrupt
     if data.skipped:
         log(f"{len(data.skipped)} unreadable image(s) were skipped; they are listed in {run.meta_path}")
+    from .report import write_report
+
+    report = write_report(run.path)
     log(f"trained {run.path} to step {step}: checkpoints in {run.checkpoints}, grids in {run.grids}, "
-        f"log {run.stats_path}")
+        f"log {run.stats_path}, report {report}")
     return run
 
 

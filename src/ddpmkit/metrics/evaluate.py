@@ -160,7 +160,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     if "pr" in metrics:
         values["precision"], values["recall"] = precision_recall(ref_feats, gen_feats)
     if "is" in metrics and gen_logits is not None and extractor.name != "classifier":
-        probs = torch.from_numpy(gen_logits[:, :1000]).softmax(-1).numpy()
+        probs = torch.from_numpy(gen_logits).softmax(-1).numpy()
         values["inception_score"], values["inception_score_std"] = inception_score(probs, splits=min(10, len(probs)))
     result = {"gen": str(gen), "num_gen": len(gen_images), "ref": ref.description,
               "num_ref": len(ref.images) if ref.images is not None else ref.stats.n, **extractor.identity(),

@@ -5,8 +5,9 @@ It differs from torchvision's Inception-v3 in four places (pytorch-fid's FIDInce
 average pools of the A, C and first E blocks exclude padding, the last E block max-pools, and the
 classifier has 1008 classes. Inputs are uint8 images; they are resized to 299x299 exactly as
 pytorch-fid does (bilinear `F.interpolate`, align_corners=False, no antialiasing) and scaled to
-[-1, 1]. Features are the 2048-d pool3 activations; logits (first 1000 of 1008 used as ImageNet
-classes, as torch-fidelity does for IS) are also returned.
+[-1, 1]. Features are the 2048-d pool3 activations. The logits returned with them are pool3 times
+the classifier's weights without its bias, over all 1008 classes: what the original Inception Score
+code used (torch-fidelity's "logits_unbiased").
 
 Weights: `pt_inception-2015-12-05-6726825d.pth`, loaded with `torch.load(weights_only=True)` and
 checked against the SHA-256 prefix in its name (PyTorch hub's convention).
@@ -172,7 +173,7 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 N x 3 x H x W -> (pool3 features N x 2048, logits N x 1008)."""
+        """uint8 N x 3 x H x W -> (pool3 features N x 2048, unbiased logits N x 1008)."""
         x = images_u8.float() / 255.0
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
@@ -184,7 +185,7 @@ class FIDInceptionV3(nn.Module):
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
         feats = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return feats, self.fc(feats)
+        return feats, F.linear(feats, self.fc.weight)
 
 
 def default_weights_path() -> Path:

@@ -1,0 +1,94 @@
+"""`ddpmkit info`: what a model is and costs, computed on meta tensors (instant, no memory).
+
+Per block: resolution, output channels, attention, parameters and forward FLOPs per image (counted
+by `torch.utils.flop_counter`, not by a hand-written formula). Training memory for a batch size is
+estimated as weights + gradients + AdamW's two moments + the EMA copy (20 bytes per parameter in
+fp32) plus the activations autograd saves for the backward pass, measured for one image and scaled
+by the batch (fp32; bf16 autocast roughly halves that part).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import Config
+from .unet import UNet
+
+BYTES_PER_PARAMETER = 4 * 5  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq, EMA
+
+
+def resolved_channels(cfg: Config) -> int:
+    """Channels the model will have: as configured, else the data's (digits are gray; a guess of
+    RGB for other data until training reads it)."""
+    return cfg.model.in_channels or cfg.data.channels or (1 if cfg.data.path is None else 3)
+
+
+def model_info(cfg: Config, batch_sizes: tuple[int, ...] = (1, 8, 32, 128)) -> dict:
+    size, channels = cfg.data.image_size, resolved_channels(cfg)
+    cfg.model.in_channels = channels
+    with torch.device("meta"):
+        net = UNet(cfg.model, size)
+    x = torch.empty(1, channels, size, size, device="meta", requires_grad=True)
+    t = torch.zeros(1, device="meta")
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x, t)
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+
+    def block_flops(name: str) -> float:
+        """FLOPs under UNet.<name>: containers whose forward is never called (a Level) are not
+        recorded themselves, so sum their outermost recorded descendants."""
+        prefix = f"UNet.{name}"
+        keys = [k for k in flops if k == prefix or k.startswith(prefix + ".")]
+        outer = [k for k in keys if not any(k != o and k.startswith(o + ".") for o in keys)]
+        return sum(flops[k] for k in outer) / 1e9
+
+    def block(name: str, module: torch.nn.Module, resolution: int, attention: bool) -> dict:
+        out_channels = [m.out_channels for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+        return {"block": name, "resolution": resolution, "channels": out_channels[-1] if out_channels else None,
+                "attention": attention, "parameters": sum(p.numel() for p in module.parameters()),
+                "gflops": block_flops(name)}
+
+    rows = [block("conv_in", net.conv_in, size, False)]
+    time_params = sum(p.numel() for p in (*net.time_linear_1.parameters(), *net.time_linear_2.parameters()))
+    rows.append({"block": "time embedding", "resolution": None, "channels": net.time_linear_2.out_features,
+                 "attention": False, "parameters": time_params,
+                 "gflops": block_flops("time_linear_1") + block_flops("time_linear_2")})
+    for i, level in enumerate(net.down):
+        rows.append(block(f"down.{i}", level, size // 2**i, bool(level.attentions)))
+    bottom = size // 2 ** (len(net.down) - 1)
+    for name in ("mid_res_1", "mid_attn", "mid_res_2"):
+        rows.append(block(name, getattr(net, name), bottom, name == "mid_attn"))
+    for j, level in enumerate(net.up):
+        i = len(net.up) - 1 - j
+        rows.append(block(f"up.{j}", level, size // 2**i, bool(level.attentions)))
+    rows.append(block("norm_out", net.norm_out, size, False))
+    rows.append(block("conv_out", net.conv_out, size, False))
+
+    params = sum(p.numel() for p in net.parameters())
+    memory = {str(b): round((params * BYTES_PER_PARAMETER + b * saved[0]) / 2**20, 1) for b in batch_sizes}
+    return {"image_size": size, "channels": channels, "parameters": params,
+            "gflops_forward_per_image": flops.get("Global", 0) / 1e9,
+            "gflops_train_step_per_image": 3 * flops.get("Global", 0) / 1e9,  # backward ~ 2x forward
+            "activation_mib_per_image": round(saved[0] / 2**20, 2),
+            "training_memory_mib_by_batch": memory, "blocks": rows}
+
+
+def format_info(info: dict) -> str:
+    lines = [f"{'block':<16}{'res':>5}{'channels':>10}{'attn':>6}{'parameters':>14}{'GFLOPs':>10}"]
+    for r in info["blocks"]:
+        res = "" if r["resolution"] is None else r["resolution"]
+        lines.append(f"{r['block']:<16}{res!s:>5}{r['channels'] or '':>10}{'yes' if r['attention'] else '':>6}"
+                     f"{r['parameters']:>14,}{r['gflops']:>10.3f}")
+    lines.append(f"total: {info['parameters']:,} parameters; {info['gflops_forward_per_image']:.3f} GFLOPs forward per "
+                 f"{info['channels']}x{info['image_size']}x{info['image_size']} image "
+                 f"(~{info['gflops_train_step_per_image']:.2f} per training step)")
+    mem = ", ".join(f"batch {b}: {m:,.0f} MiB" for b, m in info["training_memory_mib_by_batch"].items())
+    lines.append(f"estimated fp32 training memory: {mem}")
+    return "\n".join(lines)

@@ -1,0 +1,185 @@
+"""`ddpmkit report RUN`: one self-contained HTML page about a run (RUN/report.html).
+
+Everything is inside the file (plots as inline SVG, images as data URIs), so it opens offline and
+can be mailed. Written at the end of training and on demand. Colours follow the reader's light or
+dark preference.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+
+from . import atomic
+from .errors import UserError
+from .images import gif_bytes, read_image
+from .run import RunDir
+
+MAX_STRIP = 10  # grids shown in the "learning" strip, evenly spaced over the run
+
+CSS = """
+:root { color-scheme: light dark; --fg: #1d1d1f; --bg: #ffffff; --muted: #6e6e73; --grid: #d2d2d7;
+        --s0: #d9480f; --s1: #1971c2; --card: #f5f5f7; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #f5f5f7; --bg: #161617; --muted: #a1a1a6; --grid: #3a3a3c; --s0: #ff922b; --s1: #4dabf7; --card: #232325; }
+}
+body { font: 15px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg); margin: 2rem auto; max-width: 1100px;
+       padding: 0 1rem; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid var(--grid); padding-bottom: 0.3rem; }
+.muted { color: var(--muted); } .plots { display: flex; flex-wrap: wrap; gap: 1rem; }
+figure { margin: 0; background: var(--card); border-radius: 8px; padding: 0.6rem; }
+figcaption { font-size: 13px; color: var(--muted); text-align: center; }
+svg text { fill: var(--fg); font-size: 11px; } svg .axis { stroke: var(--muted); } svg .gridline { stroke: var(--grid); }
+svg .s0 { stroke: var(--s0); } svg .s1 { stroke: var(--s1); }
+.strip { display: flex; gap: 0.5rem; overflow-x: auto; } .strip img { height: 150px; image-rendering: pixelated; }
+img.big { max-width: 480px; width: 100%; image-rendering: pixelated; }
+table { border-collapse: collapse; } td, th { padding: 0.25rem 0.8rem; border-bottom: 1px solid var(--grid); text-align: right; }
+pre { background: var(--card); padding: 0.8rem; border-radius: 8px; overflow-x: auto; }
+"""
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks at 1, 2 and 5 times powers of ten (in log10 units) within [lo, hi]."""
+    ticks = [math.log10(m * 10**k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
+    inside = [t for t in ticks if lo <= t <= hi]
+    return inside if len(inside) >= 2 else _ticks(lo, hi)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, logy: bool = False,
+             width: int = 520, height: int = 250) -> str:
+    """A line plot as inline SVG: series of (label, x, y). Colours come from the page's CSS."""
+    pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (y > 0 or not logy)]
+    if not pts:
+        return f'<p class="muted">no {ylabel} recorded yet</p>'
+    f = (lambda v: math.log10(v)) if logy else (lambda v: v)  # noqa: E731
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(f(p[1]) for p in pts), max(f(p[1]) for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
+    left, right, top, bottom = 58, 26, 12, 38
+    sx = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+    sy = lambda v: height - bottom - (f(v) - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
+    out = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="{html.escape(ylabel)} against {html.escape(xlabel)}">']
+    for t in _ticks(x0, x1):
+        out.append(f'<line class="gridline" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{height - bottom}"/>'
+                   f'<text x="{sx(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_fmt(t)}</text>')
+    for t in _log_ticks(y0, y1) if logy else _ticks(y0, y1):
+        label = _fmt(10**t if logy else t)
+        y = height - bottom - (t - y0) / (y1 - y0) * (height - top - bottom)
+        out.append(f'<line class="gridline" x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
+    out.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}"/>'
+               f'<line class="axis" x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}"/>'
+               f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    for i, (label, xs, ys) in enumerate(series):
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys)
+                        if y is not None and math.isfinite(y) and (y > 0 or not logy))
+        out.append(f'<polyline class="s{i % 2}" fill="none" stroke-width="1.8" points="{line}"><title>{html.escape(label)}'
+                   f'</title></polyline>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _figure(svg: str, caption: str) -> str:
+    return f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def learning_gif(run: RunDir, frame_ms: int = 200) -> bytes | None:
+    """The periodic training grids as one animated GIF, or None if there are none."""
+    grids = sorted(run.grids.glob("step_*.png")) if run.grids.is_dir() else []
+    return gif_bytes([read_image(p) for p in grids], frame_ms=frame_ms) if grids else None
+
+
+def build_report(run: RunDir) -> str:
+    if not run.config_path.is_file():
+        raise UserError(f"{run.path} is not a ddpmkit run (no config.yaml)")
+    meta = json.loads(run.meta_path.read_text()) if run.meta_path.is_file() else {}
+    state = run.read_state()
+    rows = [json.loads(line) for line in run.stats_path.read_text().splitlines() if line.strip()] \
+        if run.stats_path.is_file() else []
+    logs = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    steps = [r["step"] for r in logs]
+    grids = sorted(run.grids.glob("step_*.png")) if run.grids.is_dir() else []
+    env = meta.get("environment", {})
+    last_step = steps[-1] if steps else 0
+    e = html.escape
+
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit report: {e(run.path.name)}</title>"
+             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style></head><body>",
+             f"<h1>{e(run.path.name)}</h1><p class='muted'>{last_step:,} steps · {meta.get('parameters', 0):,} parameters · "
+             f"{e(str(meta.get('data', '')))} · {e(env.get('device', ''))}</p>"]
+
+    parts.append("<h2>Training curves</h2><div class='plots'>")
+    parts.append(_figure(svg_plot([("loss", steps, [r["loss"] for r in logs])], "step", "loss", logy=True),
+                         "loss against steps (log scale)"))
+    parts.append(_figure(svg_plot([("loss", [r["images_seen"] for r in logs], [r["loss"] for r in logs])],
+                                  "images seen", "loss", logy=True), "loss against images seen"))
+    parts.append(_figure(svg_plot([("lr", steps, [r["lr"] for r in logs])], "step", "learning rate"), "learning rate"))
+    parts.append(_figure(svg_plot([("images/s", steps, [r["images_per_sec"] for r in logs])], "step", "images/s"),
+                         "throughput (images per second)"))
+    if evals:
+        parts.append(_figure(svg_plot([("FD", [r["step"] for r in evals], [r["eval"]["fd"] for r in evals])], "step",
+                                      "Frechet distance"), f"evaluation: Frechet distance ({evals[-1]['eval']['features']})"))
+    parts.append("</div>")
+
+    parts.append("<h2>Samples while learning</h2>")
+    if grids:
+        shown = [grids[round(i * (len(grids) - 1) / max(1, min(MAX_STRIP, len(grids)) - 1))]
+                 for i in range(min(MAX_STRIP, len(grids)))]
+        parts.append("<div class='strip'>" + "".join(
+            f"<figure><img alt='samples at {e(p.stem)}' src='{_data_uri(p.read_bytes(), 'image/png')}'>"
+            f"<figcaption>step {int(p.stem[5:]):,}</figcaption></figure>" for p in dict.fromkeys(shown)) + "</div>")
+        gif = learning_gif(run)
+        parts.append(f"<div class='plots'><figure><img class='big' alt='learning GIF' src='{_data_uri(gif, 'image/gif')}'>"
+                     f"<figcaption>the same noise at every grid, step by step</figcaption></figure>"
+                     f"<figure><img class='big' alt='latest samples' src='{_data_uri(grids[-1].read_bytes(), 'image/png')}'>"
+                     f"<figcaption>latest samples (step {int(grids[-1].stem[5:]):,}, EMA weights)</figcaption></figure></div>")
+    else:
+        parts.append("<p class='muted'>no sample grids yet (train.sample_every)</p>")
+
+    parts.append("<h2>Checkpoints</h2><table><tr><th>step</th><th>mean loss</th><th>eval FD</th><th>SHA-256</th><th></th></tr>")
+    for c in sorted(state.get("checkpoints", []), key=lambda c: c["step"]):
+        fd = f"{c['fd']:.4f}" if "fd" in c else ""
+        best = "best" if c["step"] == state.get("best") else ""
+        parts.append(f"<tr><td>{c['step']:,}</td><td>{c['loss']:.5f}</td><td>{fd}</td>"
+                     f"<td><code>{c['sha256'][:12]}</code></td><td>{best}</td></tr>")
+    parts.append("</table>")
+
+    elapsed = logs[-1]["elapsed_sec"] if logs else 0
+    mean_ips = sum(r["images_per_sec"] for r in logs) / len(logs) if logs else 0
+    hw = {"device": env.get("gpu") or env.get("device"), "torch": env.get("torch"), "ddpmkit": env.get("ddpmkit"),
+          "python": env.get("python"), "platform": env.get("platform"), "git": env.get("git"),
+          "command": " ".join(env.get("command", [])), "training time (this session)": f"{elapsed / 60:.1f} min",
+          "mean images/s": f"{mean_ips:,.0f}", "peak memory": f"{logs[-1]['memory_mb']:,.0f} MiB" if logs else ""}
+    parts.append("<h2>Hardware and timing</h2><table>" + "".join(
+        f"<tr><th style='text-align:left'>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>"
+        for k, v in hw.items() if v) + "</table>")
+    parts.append(f"<h2>Resolved config</h2><pre>{e(run.config_path.read_text())}</pre></body></html>")
+    return "".join(parts)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run = RunDir(run_dir)
+    path = run.path / "report.html"
+    atomic.write_text(path, build_report(run))
+    return path

@@ -1,0 +1,81 @@
+"""The run report: self-contained HTML, rendered in a real headless browser where one exists."""
+
+import json
+import re
+import shutil
+
+import pytest
+
+from ddpmkit.cli import main
+from ddpmkit.training import train
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("report")
+    run = train(tiny_config(tmp, **{"train.max_steps": 20, "train.sample_every": 5, "train.log_every": 2}),
+                log=lambda *_: None, progress=False)
+    return run.path / "report.html"
+
+
+def test_training_writes_a_self_contained_report(report, capsys):
+    text = report.read_text()
+    assert text.count("<svg") == 4 and text.count("<polyline") == 4  # loss x2, lr, throughput
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == 5  # 4 grids + latest; the GIF is image/gif
+    assert "data:image/gif;base64," in text
+    assert not re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", text)  # no network fetches
+    assert "<td>20</td>" in text and "best" in text and "train:" in text  # checkpoints, config
+    assert main(["report", str(report.parent)]) == 0
+    assert capsys.readouterr().out.strip() == str(report.parent / "report.html")
+
+
+def _browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no browser: Debian's chromium and chromium-driver are not installed "
+                    "(apt-get install chromium chromium-driver; .ci/run does this on CI)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    return chromium, driver, webdriver
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    chromium, driver_path, webdriver = _browser()
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1800"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get_log("browser"), browser.get_log("performance")  # drain the browser's own start-up (new tab page)
+        browser.get(report.as_uri())
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        # requests made for the report (the browser's own new-tab page runs alongside, ignored)
+        events = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
+        ours = [ev["params"] for ev in events if ev["method"] == "Network.requestWillBeSent"
+                and ev["params"].get("documentURL") == report.as_uri()]
+        ids = {p["requestId"] for p in ours}
+        failed = [ev for ev in events if ev["method"] == "Network.loadingFailed" and ev["params"]["requestId"] in ids]
+        assert not failed, failed
+        urls = [p["request"]["url"] for p in ours]
+        assert len(urls) >= 5 and all(u.startswith(("file:", "data:")) for u in urls)  # identical images load once; nothing from outside
+        plots = browser.find_elements(By.CSS_SELECTOR, "svg")
+        assert len(plots) == 4 and all(p.is_displayed() and p.size["width"] > 300 for p in plots)
+        images = browser.find_elements(By.TAG_NAME, "img")
+        assert len(images) == 6
+        for img in images:
+            browser.execute_script("arguments[0].scrollIntoView()", img)
+            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
+            assert img.is_displayed()
+        shot = tmp_path / "report.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    finally:
+        browser.quit()
