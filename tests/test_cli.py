@@ -139,3 +139,12 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     a = load_file(tmp_path / "straight" / "checkpoints" / "step_000000060.safetensors")
     b = load_file(killed / "checkpoints" / "step_000000060.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_json_output_for_scripts(trained, tmp_path, capsys):
+    assert cli("sample", trained, "--num", 2, "--steps", 2, "--out", tmp_path / "j", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num"] == 2 and out["manifest"].endswith("manifest.csv")
+    assert cli("train", *TINY_ARGS, "--steps", 20, "--out", trained, "--json") == 0  # already trained: a no-op
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 20 and out["report"].endswith("report.html")

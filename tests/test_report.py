@@ -79,3 +79,17 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 10, "train.sample_every": 5, "train.tensorboard": True})
+    run = train(cfg, log=lambda *_: None, progress=False)
+    events = EventAccumulator(str(run.path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10]
+    assert {"train/lr", "train/images_per_sec", "train/memory_mb"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("samples")] == [5, 10]

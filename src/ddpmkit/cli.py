@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "lr": float, "seed": int})
     t.add_argument("--fresh", action="store_true", help="discard an existing run in --out and start over")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true", help="only a JSON summary at the end (implies --quiet)")
 
     s = sub.add_parser("sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gif", action="store_true", help="also write OUT/trajectory.gif (sets sample.gif=true)")
     s.add_argument("--fresh", action="store_true", help="replace images of an earlier, different job in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="only a JSON summary at the end (implies --quiet)")
 
     e = sub.add_parser("eval", help="FID, KID, precision/recall of generated images against real ones",
                        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception-weights", default=None, metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="JSON path (default GEN/eval_<features>.json)")
-    e.add_argument("--json", action="store_true", help="print the JSON instead of a table")
+    e.add_argument("--json", action="store_true", help="print the JSON instead of a table (implies --quiet)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
     i = sub.add_parser("info", help="architecture, parameters, FLOPs and training memory of a run or config",
                        epilog="examples:\n  ddpmkit info runs/mnist\n  ddpmkit info configs/cifar10.yaml --batch-sizes 64,128",
@@ -137,7 +140,12 @@ def cmd_train(ns: argparse.Namespace) -> None:
     if tokens and "=" not in tokens[0]:
         config_path = tokens.pop(0)
     cfg = load_config(config_path, _overrides(tokens, TRAIN_FLAGS, ns))
-    train(cfg, fresh=ns.fresh, progress=not ns.quiet)
+    run = train(cfg, fresh=ns.fresh, progress=not (ns.quiet or ns.json), log=_silent if ns.json else print)
+    if ns.json:
+        state = run.read_state()
+        latest = max(state["checkpoints"], key=lambda e: e["step"])
+        _print_json({"run": str(run.path), "step": latest["step"], "checkpoint": str(run.path / latest["file"]),
+                     "best_step": state["best"], "report": str(run.path / "report.html"), "stats": str(run.stats_path)})
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
@@ -169,10 +177,23 @@ def cmd_sample(ns: argparse.Namespace) -> None:
 
             run.net = torch.compile(run.net)
         amp = autocast_dtype(sc.precision, device)
-        generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not ns.quiet,
-                 log=print if world.is_main else (lambda *_: None))
+        out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not (ns.quiet or ns.json),
+                       log=print if world.is_main and not ns.json else _silent)
+        if ns.json and world.is_main:
+            _print_json({"out": str(out), "num": sc.num, "images": str(out / "individual"),
+                         "manifest": str(out / "manifest.csv"), "checkpoint": run.checkpoint, "sampler": sc.sampler})
     finally:
         distributed.shutdown()
+
+
+def _silent(*_) -> None:
+    pass
+
+
+def _print_json(obj: dict) -> None:
+    import json
+
+    print(json.dumps(obj, indent=1))
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
@@ -182,8 +203,9 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     from .runtime import resolve_device
 
     metrics = tuple(m.strip() for m in ns.metrics.split(",") if m.strip())
+    quiet = ns.quiet or ns.json
     result = evaluate(ns.gen, ns.ref, metrics, ns.features, ns.inception_weights, str(resolve_device(ns.device)),
-                      log=(lambda *_: None) if ns.json else print)
+                      log=(lambda *_: None) if quiet else print, progress=not quiet)
     path = write_result(result, ns.out)
     print(json.dumps(result, indent=1) if ns.json else f"{format_table(result)}\nwrote {path}")
 

@@ -80,6 +80,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: off; else evaluate at checkpoints whose step is a multiple of this
     eval_num: int = 500  # samples per evaluation (dpmpp-2m, 20 steps, EMA weights)
     eval_features: str = "classifier"  # classifier (needs labels) | efficientnet | inception
+    tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (pip install tensorboard)
 
 
 @dataclass
@@ -330,7 +331,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
                      "train.checkpoint_every", "train.keep_last", "train.device", "train.out_dir", "train.max_nonfinite",
-                     "train.eval_every", "train.eval_num", "train.eval_features",
+                     "train.eval_every", "train.eval_num", "train.eval_features", "train.tensorboard",
                      "sample.")
 
 

@@ -172,6 +172,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
     t_start = t_log = time.time()
     step_at_log = step
     bar = _progress(progress, step, tc.max_steps)
+    board = _tensorboard(run) if tc.tensorboard else None
     evaluator = None
     model.train()
 
@@ -232,18 +233,25 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
                           "elapsed_sec": now - t_start, "skipped_nonfinite": skipped_total}
                 with open(run.stats_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                if board:
+                    for key in ("loss", "lr", "images_per_sec", "memory_mb"):
+                        board.add_scalar(f"train/{key}", record[key], step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
                 t_log, step_at_log, skipped = now, step, 0
             bar.update(1)
             out_of_time = tc.max_minutes > 0 and time.time() - t_start > tc.max_minutes * 60
             done = step == tc.max_steps or out_of_time or stop.requested
             if step % tc.sample_every == 0 or done:
-                _save_grid(run, cfg, ema, schedule, step)
+                grid = _save_grid(run, cfg, ema, schedule, step)
+                if board:
+                    board.add_image("samples", grid.numpy(), step)
             if step % tc.checkpoint_every == 0 or done:
                 metrics = None
                 if tc.eval_every and (step % tc.eval_every == 0 or done):
                     evaluator = evaluator or _evaluator(cfg, data, device, log)
                     metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
+                    if board:
+                        board.add_scalar(f"eval/fd_{metrics['features']}", metrics["fd"], step)
                 _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last, metrics)
                 ckpt_loss_sum, ckpt_loss_n = 0.0, 0
             if done:
@@ -251,6 +259,8 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
                     log(f"stopped at step {step}: train.max_minutes={tc.max_minutes} reached")
                 break
     bar.close()
+    if board:
+        board.close()
     if stop.requested:  # saved; now leave non-zero, so a scheduler does not take the run as finished
         log(f"stopped at step {step} on {stop.requested}; checkpoint saved; rerun the same command to resume")
         raise KeyboardInterrupt
@@ -268,6 +278,15 @@ def _progress(enabled: bool, step: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not enabled)
+
+
+def _tensorboard(run: RunDir):
+    """A TensorBoard writer for RUN/tensorboard (an append-only event log, like stats.jsonl)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run.path / "tensorboard"))
 
 
 def _evaluator(cfg: Config, data, device, log):
@@ -309,13 +328,14 @@ def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: 
             (run.path / e["file"]).unlink(missing_ok=True)
 
 
-def _save_grid(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int) -> None:
+def _save_grid(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int) -> torch.Tensor:
     """Sample the fixed-noise grid (images 0..n-1 of train.seed) with the EMA weights."""
     tc = cfg.train
     view = Run(run.path, cfg, ema, schedule, step, "")
     x = sample_batch(view, list(range(tc.grid_images)), tc.seed, "ddim", min(tc.grid_steps, schedule.num_timesteps))
     grid = scale_for_viewing(make_grid(to_uint8(x)))
     atomic.write_bytes(run.grids / f"step_{step:09d}.png", png_bytes(grid), fsync=False)
+    return grid
 
 
 def _truncate_stats(run: RunDir, step: int) -> None:

@@ -97,14 +97,23 @@ def _from_data(data_cfg: DataConfig, suffix: str = "") -> Reference:
     return Reference(data.source + suffix, images=data.images, labels=data.labels)
 
 
-def _cached_features(extractor: fx.Extractor, images: torch.Tensor, log) -> tuple[np.ndarray, np.ndarray | None]:
+def _extract(extractor: fx.Extractor, images: torch.Tensor, what: str, progress: bool):
+    from tqdm import tqdm
+
+    with tqdm(total=len(images), desc=f"{extractor.name} features ({what})", unit="img", dynamic_ncols=True,
+              disable=not progress) as bar:
+        return extractor(images, progress=bar.update)
+
+
+def _cached_features(extractor: fx.Extractor, images: torch.Tensor, log,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     key = hashlib.sha256(images.numpy().tobytes() + json.dumps(extractor.identity(), sort_keys=True).encode())
     path = cache_dir() / f"ref_{key.hexdigest()[:24]}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             return z["feats"].astype(np.float64), (z["logits"].astype(np.float64) if "logits" in z.files else None)
     log(f"extracting {extractor.name} features of {len(images)} reference images (cached for next time)")
-    feats, logits = extractor(images)
+    feats, logits = _extract(extractor, images, "reference", progress)
     arrays = {"feats": feats.astype(np.float32)}
     if logits is not None:
         arrays["logits"] = logits.astype(np.float32)
@@ -127,7 +136,7 @@ def build_extractor(name: str, ref: Reference, inception_weights: str | None, de
 
 def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid", "kid", "pr"),
              features: str = "inception", inception_weights: str | None = None, device: str = "cpu",
-             log=print) -> dict:
+             log=print, progress: bool = False) -> dict:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
@@ -138,9 +147,9 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         ref.images = ref.images.expand(-1, 3, -1, -1) if ref.images.shape[1] == 1 else ref.images
         gen_images = gen_images.expand(-1, 3, -1, -1) if gen_images.shape[1] == 1 else gen_images
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
-    gen_feats, gen_logits = extractor(gen_images)
+    gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
     if ref.images is not None:
-        ref_feats, _ = _cached_features(extractor, ref.images, log)
+        ref_feats, _ = _cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)
     else:
         if set(metrics) & {"kid", "pr"}:
