@@ -168,3 +168,24 @@ def test_real_mnist_halves_are_closer_than_blur_or_noise(tmp_path):
 
     assert fd("a", "b") < fd("a", "blur") < fd("a", "noise")
     assert fd("a", "b") * 3 < fd("a", "noise")
+
+
+def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tmp_path, capsys):
+    images, _ = digits(140)
+    gen = write_pngs(tmp_path / "g", images[:40])
+    np.save(tmp_path / "ref.npy", images[40:, 0].numpy())
+    ref_file = tmp_path / "stats" / "digits.npz"
+    args = ["eval", str(gen), "--features", "efficientnet", "--metrics", "fid,kid,pr", "--json"]
+    assert main([*args, "--ref", f"data.path={tmp_path / 'ref.npy'}", "--save-ref", str(ref_file)]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert main([*args, "--ref", str(ref_file)]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    for key in ("fd", "kid", "precision", "recall"):
+        assert from_file["metrics"][key] == pytest.approx(direct["metrics"][key], rel=1e-9, abs=1e-12)
+    with np.load(ref_file) as z:  # the same file as if made with other weights
+        arrays = {k: z[k] for k in z.files}
+    identity = json.loads(str(arrays["extractor"]))
+    arrays["extractor"] = np.asarray(json.dumps({**identity, "weights_sha256": "0" * 64}))
+    np.savez(ref_file, **arrays)
+    assert main([*args, "--ref", str(ref_file)]) == 2
+    assert "other weights or preprocessing" in capsys.readouterr().err

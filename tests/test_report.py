@@ -66,7 +66,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         failed = [ev for ev in events if ev["method"] == "Network.loadingFailed" and ev["params"]["requestId"] in ids]
         assert not failed, failed
         urls = [p["request"]["url"] for p in ours]
-        assert len(urls) >= 5 and all(u.startswith(("file:", "data:")) for u in urls)  # identical images load once; nothing from outside
+        # identical images load once; nothing comes from outside
+        assert len(urls) >= 5 and all(u.startswith(("file:", "data:")) for u in urls)
         plots = browser.find_elements(By.CSS_SELECTOR, "svg")
         assert len(plots) == 4 and all(p.is_displayed() and p.size["width"] > 300 for p in plots)
         images = browser.find_elements(By.TAG_NAME, "img")

@@ -42,7 +42,8 @@ under torchrun write -n or --num-images: torchrun's own parser takes --num for i
 EVAL_EXAMPLES = """examples:
   ddpmkit eval samples/ --ref data.path=/data/mnist             # GEN folder vs the real data
   ddpmkit eval samples/ --ref runs/mnist                        # the run's own training data
-  ddpmkit eval samples/ --ref stats/mnist_inception.npz --metrics fid
+  ddpmkit eval samples/ --ref data.path=/data/mnist --save-ref stats/mnist_inception.npz
+  ddpmkit eval samples/ --ref stats/mnist_inception.npz --metrics fid,kid,pr
   ddpmkit eval samples/ --ref runs/mnist --features classifier  # a classifier trained on the labels
   ddpmkit eval samples/ --ref runs/mnist --features efficientnet   # offline; not comparable with FID
 FID needs the standard Inception weights: --inception-weights FILE, or the torch hub cache."""
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception-weights", default=None, metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="JSON path (default GEN/eval_<features>.json)")
+    e.add_argument("--save-ref", default=None, metavar="FILE.npz",
+                   help="also save the reference features (+ mu, sigma) for later --ref FILE, KID and P/R included")
     e.add_argument("--json", action="store_true", help="print the JSON instead of a table (implies --quiet)")
     e.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
@@ -199,11 +202,18 @@ def _print_json(obj: dict) -> None:
 def cmd_eval(ns: argparse.Namespace) -> None:
     import json
 
-    from .metrics.evaluate import evaluate, format_table, write_result
+    from .metrics.evaluate import evaluate, format_table, read_generated, save_reference, write_result
     from .runtime import resolve_device
 
     metrics = tuple(m.strip() for m in ns.metrics.split(",") if m.strip())
     quiet = ns.quiet or ns.json
+    if ns.save_ref:
+        gen = read_generated(ns.gen)[0]
+        saved = save_reference(ns.ref, ns.features, ns.save_ref, ns.inception_weights, str(resolve_device(ns.device)),
+                               log=(lambda *_: None) if quiet else print, progress=not quiet, size=gen.shape[-1],
+                               channels=gen.shape[1])
+        if not quiet:
+            print(f"wrote reference features {saved}")
     result = evaluate(ns.gen, ns.ref, metrics, ns.features, ns.inception_weights, str(resolve_device(ns.device)),
                       log=(lambda *_: None) if quiet else print, progress=not quiet)
     path = write_result(result, ns.out)
@@ -249,6 +259,10 @@ def cmd_report(ns: argparse.Namespace) -> None:
     print(write_report(ns.run))
 
 
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
+            "gif": cmd_gif}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after flags: argparse leaves the later ones unparsed.
@@ -260,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if takes_overrides:
         ns.args = list(ns.args) + rest
     try:
-        {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report, "gif": cmd_gif}[ns.command](ns)
+        COMMANDS[ns.command](ns)
     except UserError as exc:
         print(f"ddpmkit: error: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ class Reference:
     images: torch.Tensor | None = None  # uint8 N x C x H x W
     labels: list[str] | None = None
     stats: FeatureStats | None = None
+    feats: np.ndarray | None = None  # from a file written by --save-ref: KID and P/R work too
+    extractor: dict | None = None  # the identity of the extractor those features came from
 
 
 def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
@@ -85,6 +87,10 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Refe
     path = Path(paths[0])
     if path.suffix == ".npz" and path.is_file():
         stats = FeatureStats.load(path)
+        with np.load(path, allow_pickle=False) as z:
+            if "feats" in z.files and "extractor" in z.files:
+                return Reference(f"features {path}", stats=stats, feats=z["feats"].astype(np.float64),
+                                 extractor=json.loads(str(z["extractor"])))
         return Reference(f"statistics {path}", stats=stats)
     if (path / "config.yaml").is_file():
         data_cfg = from_dict(read_yaml(path / "config.yaml")).data
@@ -148,13 +154,17 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         gen_images = gen_images.expand(-1, 3, -1, -1) if gen_images.shape[1] == 1 else gen_images
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
     gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
+    if ref.extractor is not None and ref.extractor != extractor.identity():
+        raise UserError(f"{ref.description} holds {ref.extractor['features']} features made with other weights or "
+                        f"preprocessing than --features {extractor.name} uses here: recompute it with --save-ref")
     if ref.images is not None:
         ref_feats, _ = _cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)
     else:
-        if set(metrics) & {"kid", "pr"}:
-            raise UserError("KID and precision/recall need reference features: give the reference data, not statistics")
-        ref_feats, ref_stats = None, ref.stats
+        if set(metrics) & {"kid", "pr"} and ref.feats is None:
+            raise UserError("KID and precision/recall need reference features: give the reference data, or a file "
+                            "written by --save-ref, not mu/sigma statistics")
+        ref_feats, ref_stats = ref.feats, ref.stats
     gen_stats = FeatureStats.from_features(gen_feats)
     if gen_stats.mu.shape != ref_stats.mu.shape:
         raise UserError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, {extractor.name} features "
@@ -182,6 +192,25 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
 
     result["ddpmkit"], result["date"] = __version__, time.strftime("%Y-%m-%d %H:%M:%S")
     return result
+
+
+def save_reference(refs: list[str], features: str, path: str | Path, inception_weights: str | None = None,
+                   device: str = "cpu", log=print, progress: bool = False, size: int | None = None,
+                   channels: int | None = None) -> Path:
+    """Write the reference's features, mu and sigma and the extractor's identity to an .npz that
+    `--ref FILE` takes for every metric (and pytorch-fid reads for FID: it has mu and sigma)."""
+    if size is None:
+        raise UserError("--save-ref needs the generated images' size: run it with a GEN folder")
+    ref = resolve_reference(refs, size, channels or 1)
+    if ref.images is None:
+        raise UserError("--save-ref needs reference images (data.path=... or a run), not a statistics file")
+    extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
+    feats, _ = _cached_features(extractor, ref.images, log, progress)
+    stats = FeatureStats.from_features(feats)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.asarray(stats.n), feats=feats.astype(np.float32),
+                 extractor=np.asarray(json.dumps(extractor.identity(), sort_keys=True)))
+    return Path(path)
 
 
 def _class_report(logits: np.ndarray, names: list[str]) -> dict:
