@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from PIL import Image
 
 from ddpmkit.config import load_config
@@ -20,6 +23,11 @@ TINY = {
 }
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Property tests: the same examples on every CI run; HYPOTHESIS_PROFILE=wide searches far more, at random.
+settings.register_profile("ci", max_examples=80, derandomize=True, deadline=None)
+settings.register_profile("wide", max_examples=3000, derandomize=False, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def tiny_config(tmp_path: Path, **overrides):

@@ -264,7 +264,7 @@ def from_dict(raw: dict) -> Config:
         values = dict(raw.get(name) or {})
         if name == "model" and values.get("preset") is not None:
             preset = values["preset"]
-            if preset not in MODEL_PRESETS:
+            if not isinstance(preset, str) or preset not in MODEL_PRESETS:
                 raise UserError(f"config key model.preset: unknown preset {preset!r} "
                                 f"(known: {', '.join(MODEL_PRESETS)})")
             values = {**MODEL_PRESETS[preset], **values}

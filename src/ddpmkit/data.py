@@ -263,6 +263,8 @@ def array_to_uint8_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
         raise UserError(f"{name}: shape {arr.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
     if arr.shape[0] == 0:
         raise UserError(f"{name}: holds no images")
+    if arr.size == 0:
+        raise UserError(f"{name}: shape {arr.shape} has images of zero size")
     if arr.shape[1] == 4:
         arr = arr[:, :3]  # drop alpha
     if arr.dtype == np.uint8:
