@@ -202,20 +202,13 @@ def _print_json(obj: dict) -> None:
 def cmd_eval(ns: argparse.Namespace) -> None:
     import json
 
-    from .metrics.evaluate import evaluate, format_table, read_generated, save_reference, write_result
+    from .metrics.evaluate import evaluate, format_table, write_result
     from .runtime import resolve_device
 
     metrics = tuple(m.strip() for m in ns.metrics.split(",") if m.strip())
     quiet = ns.quiet or ns.json
-    if ns.save_ref:
-        gen = read_generated(ns.gen)[0]
-        saved = save_reference(ns.ref, ns.features, ns.save_ref, ns.inception_weights, str(resolve_device(ns.device)),
-                               log=(lambda *_: None) if quiet else print, progress=not quiet, size=gen.shape[-1],
-                               channels=gen.shape[1])
-        if not quiet:
-            print(f"wrote reference features {saved}")
     result = evaluate(ns.gen, ns.ref, metrics, ns.features, ns.inception_weights, str(resolve_device(ns.device)),
-                      log=(lambda *_: None) if quiet else print, progress=not quiet)
+                      log=_silent if quiet else print, progress=not quiet, save_ref=ns.save_ref)
     path = write_result(result, ns.out)
     print(json.dumps(result, indent=1) if ns.json else f"{format_table(result)}\nwrote {path}")
 

@@ -144,7 +144,7 @@ class _Writer:
                     raise UserError(f"cannot write images to {self.out}: {exc.strerror or exc}; "
                                     f"{self.committed} finished images are kept, rerun to continue") from None
             for row in rows:
-                _fsync_file(self.out / row[0])
+                atomic.fsync_file(self.out / row[0])
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows(rows)
             self.manifest.write(buf.getvalue())
@@ -162,14 +162,6 @@ class _Writer:
 
 def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
     atomic.write_bytes(path, png_bytes(img, text), fsync=False)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world: World = World(),

@@ -142,7 +142,7 @@ def build_extractor(name: str, ref: Reference, inception_weights: str | None, de
 
 def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid", "kid", "pr"),
              features: str = "inception", inception_weights: str | None = None, device: str = "cpu",
-             log=print, progress: bool = False) -> dict:
+             log=print, progress: bool = False, save_ref: str | Path | None = None) -> dict:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
@@ -160,6 +160,11 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     if ref.images is not None:
         ref_feats, _ = _cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)
+        if save_ref:
+            _save_reference(save_ref, ref_feats, extractor)
+            log(f"wrote reference features {save_ref}")
+    elif save_ref:
+        raise UserError("--save-ref needs reference images (data.path=... or a run), not a statistics file")
     else:
         if set(metrics) & {"kid", "pr"} and ref.feats is None:
             raise UserError("KID and precision/recall need reference features: give the reference data, or a file "
@@ -194,23 +199,13 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     return result
 
 
-def save_reference(refs: list[str], features: str, path: str | Path, inception_weights: str | None = None,
-                   device: str = "cpu", log=print, progress: bool = False, size: int | None = None,
-                   channels: int | None = None) -> Path:
-    """Write the reference's features, mu and sigma and the extractor's identity to an .npz that
-    `--ref FILE` takes for every metric (and pytorch-fid reads for FID: it has mu and sigma)."""
-    if size is None:
-        raise UserError("--save-ref needs the generated images' size: run it with a GEN folder")
-    ref = resolve_reference(refs, size, channels or 1)
-    if ref.images is None:
-        raise UserError("--save-ref needs reference images (data.path=... or a run), not a statistics file")
-    extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
-    feats, _ = _cached_features(extractor, ref.images, log, progress)
+def _save_reference(path: str | Path, feats: np.ndarray, extractor: fx.Extractor) -> None:
+    """The reference's features, mu and sigma and the extractor's identity, as an .npz that `--ref
+    FILE` takes for every metric (and pytorch-fid reads for FID: it has mu and sigma)."""
     stats = FeatureStats.from_features(feats)
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.asarray(stats.n), feats=feats.astype(np.float32),
                  extractor=np.asarray(json.dumps(extractor.identity(), sort_keys=True)))
-    return Path(path)
 
 
 def _class_report(logits: np.ndarray, names: list[str]) -> dict:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import atomic
+from ..checkpoint import file_sha256
 from ..data import resize_center_crop
 from ..errors import UserError
 
@@ -61,16 +62,12 @@ def to_rgb(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.expand(-1, 3, -1, -1) if images_u8.shape[1] == 1 else images_u8
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def inception(weights: str | None, device: torch.device) -> Extractor:
-    from .inception import RESIZE, default_weights_path, load_fid_inception
+    from .inception import RESIZE, load_fid_inception
 
-    net = load_fid_inception(weights).to(device)
-    path = Path(weights) if weights else default_weights_path()
-    return Extractor("inception", f"grayscale replicated to RGB; {RESIZE}; scaled to [-1, 1]", file_sha256(path),
+    net, digest = load_fid_inception(weights)
+    net = net.to(device)
+    return Extractor("inception", f"grayscale replicated to RGB; {RESIZE}; scaled to [-1, 1]", digest,
                      lambda x: net(to_rgb(x)), comparable_with_published_fid=True, device=device)
 
 

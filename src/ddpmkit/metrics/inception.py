@@ -15,7 +15,6 @@ checked against the SHA-256 prefix in its name (PyTorch hub's convention).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import file_sha256
 from ..errors import UserError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -193,9 +193,9 @@ def default_weights_path() -> Path:
     return hub / "hub" / "checkpoints" / WEIGHTS_NAME
 
 
-def load_fid_inception(weights: str | Path | None = None, download: bool = True) -> FIDInceptionV3:
-    """The FID network with the standard weights: from `weights`, else PyTorch hub's cache (where
-    pytorch-fid also keeps them), downloading them there when online."""
+def load_fid_inception(weights: str | Path | None = None, download: bool = True) -> tuple[FIDInceptionV3, str]:
+    """The FID network with the standard weights, and the weights file's SHA-256: from `weights`,
+    else PyTorch hub's cache (where pytorch-fid also keeps them), downloading them there when online."""
     path = Path(weights) if weights else default_weights_path()
     if not path.is_file():
         if weights:
@@ -206,7 +206,7 @@ def load_fid_inception(weights: str | Path | None = None, download: bool = True)
             torch.hub.download_url_to_file(WEIGHTS_URL, str(path), hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
         except Exception:  # offline: urllib raises several types
             raise UserError(_how_to_get_weights(path)) from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if not digest.startswith(WEIGHTS_SHA256_PREFIX):
         raise UserError(f"{path} is not the FID Inception weights file (SHA-256 {digest[:8]}..., expected "
                         f"{WEIGHTS_SHA256_PREFIX}...): FID from other weights would not be comparable")
@@ -216,7 +216,7 @@ def load_fid_inception(weights: str | Path | None = None, download: bool = True)
         net.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - any failure here means a bad file
         raise UserError(f"cannot load Inception weights {path}: {exc}") from None
-    return net.eval().requires_grad_(False)
+    return net.eval().requires_grad_(False), digest
 
 
 def _how_to_get_weights(path: Path) -> str:
