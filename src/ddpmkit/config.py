@@ -45,6 +45,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     time_flip_sin_to_cos: bool = False  # embedding order [sin, cos] as in DDPM; diffusers' option
     time_freq_shift: float = 1.0  # DDPM divides frequencies by (half - 1)
+    num_classes: int = 0  # >0: class-conditional (a learned class embedding added to the time embedding)
 
 
 @dataclass
@@ -159,7 +160,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.eval_every",
-    "train.max_minutes", "model.dropout", "sample.eta", "train.seed", "sample.seed",
+    "train.max_minutes", "model.dropout", "sample.eta", "train.seed", "sample.seed", "model.num_classes",
 }
 
 

@@ -124,6 +124,9 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_linear_1 = nn.Linear(cfg.base_channels, temb_dim)
         self.time_linear_2 = nn.Linear(temb_dim, temb_dim)
+        # Class conditioning as in diffusers' num_class_embeds: one learned vector per class added to
+        # the time embedding. Label -1 adds nothing: the unconditional model of classifier-free guidance.
+        self.class_embedding = nn.Embedding(cfg.num_classes, temb_dim) if cfg.num_classes > 0 else None
 
         n_levels = len(ch)
         use_attn = [image_size // 2**i in cfg.attention_resolutions for i in range(n_levels)]
@@ -155,12 +158,17 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(g, cur, eps=eps)
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W); t: (B,) or scalar timesteps, may be fractional; labels: (B,) class
+        indices, -1 for none (ignored by an unconditional model, None means all -1)."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = timestep_embedding(t, self.cfg.base_channels, self.cfg.time_flip_sin_to_cos,
                                   self.cfg.time_freq_shift)
         temb = self.time_linear_2(F.silu(self.time_linear_1(temb.to(x.dtype))))
+        if self.class_embedding is not None and labels is not None:
+            keep = (labels >= 0).unsqueeze(1)
+            temb = temb + self.class_embedding(labels.clamp(min=0)).to(temb.dtype) * keep
 
         h = self.conv_in(x)
         skips = [h]
