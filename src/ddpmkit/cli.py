@@ -29,7 +29,10 @@ TRAIN_EXAMPLES = """examples:
   ddpmkit train                                     # bundled digits, defaults, runs/default
   ddpmkit train configs/mnist.yaml data.path=/data/mnist train.batch_size=64
   ddpmkit train --data ./my_images --image-size 64 --out runs/lesions
-rerunning the same command resumes from the latest checkpoint."""
+  ddpmkit train configs/lesions.yaml train.grad_accum=4 train.activation_checkpointing=true model.compile=true
+  ddpmkit train configs/cifar10.yaml --max-batch             # largest micro-batch on this GPU, then exit
+  torchrun --nproc-per-node 8 -m ddpmkit train configs/cifar10.yaml   # train.batch_size stays the global batch
+rerunning the same command resumes from the latest checkpoint (under torchrun too, any number of processes)."""
 
 SAMPLE_EXAMPLES = """examples:
   ddpmkit sample runs/default --num 64 --sampler ddim --steps 50 --seed 0 --out samples/
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(t, TRAIN_FLAGS, {"image_size": int, "batch_size": int, "steps": int, "max_minutes": float,
                                 "lr": float, "seed": int})
     t.add_argument("--fresh", action="store_true", help="discard an existing run in --out and start over")
+    t.add_argument("--max-batch", action="store_true",
+                   help="only find the largest micro-batch that fits in GPU memory (and a grad_accum), then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="only a JSON summary at the end (implies --quiet)")
 
@@ -136,6 +141,7 @@ def _overrides(tokens: list[str], flags: dict[str, str], ns: argparse.Namespace)
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
+    from . import distributed
     from .training import train
 
     tokens = list(ns.args)
@@ -143,8 +149,18 @@ def cmd_train(ns: argparse.Namespace) -> None:
     if tokens and "=" not in tokens[0]:
         config_path = tokens.pop(0)
     cfg = load_config(config_path, _overrides(tokens, TRAIN_FLAGS, ns))
-    run = train(cfg, fresh=ns.fresh, progress=not (ns.quiet or ns.json), log=_silent if ns.json else print)
-    if ns.json:
+    if ns.max_batch:
+        from .batchprobe import probe
+
+        _print_json(probe(cfg, log=_silent if ns.json else print))
+        return
+    world = distributed.init_from_env(cfg.train.device, cfg.train.dist_timeout_minutes)
+    try:
+        run = train(cfg, fresh=ns.fresh, progress=not (ns.quiet or ns.json), log=_silent if ns.json else print,
+                    world=world)
+    finally:
+        distributed.shutdown()
+    if ns.json and world.is_main:
         state = run.read_state()
         latest = max(state["checkpoints"], key=lambda e: e["step"])
         _print_json({"run": str(run.path), "step": latest["step"], "checkpoint": str(run.path / latest["file"]),

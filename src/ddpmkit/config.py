@@ -29,6 +29,8 @@ class DataConfig:
     filter_label: Optional[str] = None  # keep only rows whose label equals this
     split: str = "train"  # .npz key prefix: {split}_images / {split}_labels
     on_error: str = "skip"  # unreadable images: skip (and report) or fail
+    stream: bool = False  # read batches from disk (.npy memory-mapped, folders decoded lazily): RAM stays flat
+    workers: int = 4  # with stream: DataLoader worker processes decoding ahead of the GPU
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     time_flip_sin_to_cos: bool = False  # embedding order [sin, cos] as in DDPM; diffusers' option
     time_freq_shift: float = 1.0  # DDPM divides frequencies by (half - 1)
+    compile: bool = False  # torch.compile the network for training (CUDA; minutes of compilation first)
     num_classes: int = 0  # >0: class-conditional (a learned class embedding added to the time embedding)
 
 
@@ -60,7 +63,10 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
-    batch_size: int = 128
+    batch_size: int = 128  # global batch per optimizer step, whatever the number of processes and grad_accum
+    grad_accum: int = 1  # micro-batches per optimizer step (each process takes batch_size / (processes * grad_accum))
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    dist_timeout_minutes: float = 60.0  # torchrun: how long a process waits for the others (rank 0 sampling grids, evaluating)
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 200
@@ -155,12 +161,12 @@ POSITIVE = {
     "data.image_size", "model.base_channels", "model.num_res_blocks", "model.norm_groups",
     "diffusion.num_timesteps", "train.batch_size", "train.max_steps", "train.log_every",
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.grid_images",
-    "train.grid_steps", "train.max_nonfinite", "train.eval_num",
+    "train.grid_steps", "train.max_nonfinite", "train.eval_num", "train.grad_accum", "train.dist_timeout_minutes",
     "sample.num", "sample.batch_size", "sample.size", "sample.steps", "sample.writers",
 }
 NON_NEGATIVE = {
     "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.eval_every",
-    "train.max_minutes", "model.dropout", "sample.eta", "train.seed", "sample.seed", "model.num_classes",
+    "train.max_minutes", "model.dropout", "sample.eta", "train.seed", "sample.seed", "model.num_classes", "data.workers",
 }
 
 
@@ -333,7 +339,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
                      "train.checkpoint_every", "train.keep_last", "train.device", "train.out_dir", "train.max_nonfinite",
                      "train.eval_every", "train.eval_num", "train.eval_features", "train.tensorboard",
-                     "sample.")
+                     "train.grad_accum", "train.activation_checkpointing", "train.dist_timeout_minutes",
+                     "model.compile", "data.stream", "data.workers", "sample.")
 
 
 def differing_keys(old: dict, new: dict) -> list[str]:

@@ -58,16 +58,15 @@ def load_images(cfg: DataConfig) -> ImageData:
             raise UserError(f"data path {path} is a single image: point data.path at its folder")
         else:
             raise UserError(f"data path {path}: not a folder, .npy/.npz or IDX file")
-    images = _set_channels(data.images, cfg.channels)
+    images = set_channels(data.images, cfg.channels)
     data.images = resize_center_crop(images, cfg.image_size)
     return data
 
 
-def batch_to_model(images_u8: torch.Tensor, hflip: bool = False, generator: torch.Generator | None = None):
-    """uint8 N x C x H x W -> float in [-1, 1], randomly mirrored if asked."""
+def batch_to_model(images_u8: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 N x C x H x W -> float in [-1, 1]; images where the bool mask `flip` is set are mirrored."""
     x = images_u8.float() / 127.5 - 1.0
-    if hflip:
-        flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else None) < 0.5
+    if flip is not None:
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -88,7 +87,7 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images.contiguous()
 
 
-def _set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+def set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     c = images.shape[1]
     if channels is None or channels == c:
         return images
@@ -115,13 +114,19 @@ def _load_digits() -> ImageData:
 # folders of images
 
 
-def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
+def list_image_files(root: Path, cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
+    """The folder's images (recursive, sorted), selected and labelled by the CSV if one is given."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     labels = None
     if cfg.labels is not None:
         files, labels = _select_by_csv(root, files, cfg)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+    return files, labels
+
+
+def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
+    files, labels = list_image_files(root, cfg)
 
     decoded, kept_labels, skipped = [], [], []
     for i, path in enumerate(files):
@@ -136,18 +141,20 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
         raise UserError(f"none of the {len(files)} images under {root} could be read (first: {skipped[0][0]}: {skipped[0][1]})")
 
     gray = cfg.channels == 1 or (cfg.channels is None and all(a.ndim == 2 for a in decoded))
-    size = cfg.image_size
-    tensors = []
-    for arr in decoded:
-        if gray and arr.ndim == 3:
-            arr = np.asarray(Image.fromarray(arr).convert("L"))
-        elif not gray and arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        t = torch.from_numpy(np.array(arr))  # a writable copy
-        t = t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
-        tensors.append(resize_center_crop(t, size))  # mixed sizes become one size here
+    tensors = [image_to_tensor(arr, gray, cfg.image_size) for arr in decoded]  # mixed sizes become one size
     desc = f"{len(tensors)} images from {root}" + (f" ({len(skipped)} skipped)" if skipped else "")
     return ImageData(torch.cat(tensors), desc, labels=kept_labels if labels else None, skipped=skipped)
+
+
+def image_to_tensor(arr: np.ndarray, gray: bool, size: int) -> torch.Tensor:
+    """A decoded H x W (x 3) image -> uint8 1 x C x size x size, in the dataset's channel count."""
+    if gray and arr.ndim == 3:
+        arr = np.asarray(Image.fromarray(arr).convert("L"))
+    elif not gray and arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    t = torch.from_numpy(np.array(arr))  # a writable copy
+    t = t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
+    return resize_center_crop(t, size)
 
 
 def decode_image(path: Path) -> np.ndarray:

@@ -3,8 +3,10 @@ rank 0 of 1 and every call here is a no-op for it."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,8 +23,11 @@ class World:
         return self.rank == 0
 
 
-def init_from_env(device_name: str = "auto") -> World:
-    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPU)."""
+def init_from_env(device_name: str = "auto", timeout_minutes: float = 60.0) -> World:
+    """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPU).
+    Rendezvous (--nnodes, --rdzv-endpoint ...) is torchrun's: it arrives here as MASTER_ADDR/PORT,
+    RANK and WORLD_SIZE. `timeout_minutes` bounds every wait on another process, stated rather
+    than left to the backend's default."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
@@ -31,7 +36,8 @@ def init_from_env(device_name: str = "auto") -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -50,3 +56,39 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+def on_main_then_shared(world: World, fn: Callable[[], T]) -> T:
+    """Run fn on rank 0 only and hand its result (or its UserError) to every process, so a refusal
+    on rank 0 stops all of them with the same message instead of leaving them waiting."""
+    from .errors import UserError
+
+    if world.size == 1:
+        return fn()
+    box: list = [None]
+    if world.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)  # our own objects between our processes, never user files
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def agreed(world: World, flags: list[bool], at: bool) -> list[bool]:
+    """Each flag true on any process. Alone, at once; under torchrun only where `at` holds (a
+    collective, so all processes call it at the same steps) and false in between."""
+    if world.size == 1:
+        return [bool(f) for f in flags]
+    if not at:
+        return [False] * len(flags)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    votes = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]

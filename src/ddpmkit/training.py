@@ -7,6 +7,7 @@ it had never stopped: the checkpoint needs only weights, EMA, optimizer state an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -23,26 +24,30 @@ from . import atomic
 from .checkpoint import restore, save_checkpoint
 from .config import Config, differing_keys, read_yaml, to_yaml
 from .data import batch_to_model, load_images
+from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
 from .generation import sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .run import Run, RunDir
 from .runtime import autocast, autocast_dtype, environment, mix_seed, resolve_device
 from .schedule import Schedule
+from .streaming import batch_loader, open_stream
 from .unet import UNet, count_parameters
 
 
-def diffusion_loss(net, schedule: Schedule, prediction: str, x0, t, noise) -> torch.Tensor:
+def diffusion_loss(net, schedule: Schedule, prediction: str, x0, t, noise, labels=None) -> torch.Tensor:
     """Simple loss of Ho et al.: MSE between the network output and its target (eps, x0 or v)."""
     x_t = schedule.q_sample(x0, t, noise)
-    return F.mse_loss(net(x_t, t).float(), schedule.target(prediction, x0, noise, t))
+    out = net(x_t, t) if labels is None else net(x_t, t, labels)
+    return F.mse_loss(out.float(), schedule.target(prediction, x0, noise, t))
 
 
 class EpochOrder:
-    """Batch indices for step s: a fresh permutation each epoch, seeded by (seed, epoch)."""
+    """Batch indices for step s: a fresh permutation each epoch, seeded by (seed, epoch). It is
+    drawn on the CPU (the same on every machine) and moved to `device` once per epoch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch, self.seed = n, batch_size, seed
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
+        self.n, self.batch, self.seed, self.device = n, batch_size, seed, device
         self.steps_per_epoch = max(1, n // batch_size)
         self._epoch, self._perm = -1, None
 
@@ -51,7 +56,8 @@ class EpochOrder:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
             reps = math.ceil(self.batch / self.n)  # a dataset smaller than one batch repeats
-            self._epoch, self._perm = epoch, torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])
+            perm = torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])
+            self._epoch, self._perm = epoch, perm.to(self.device)
         return self._perm[i * self.batch:(i + 1) * self.batch]
 
 
@@ -120,12 +126,20 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) -> RunDir:
-    """Train (or resume) the run in cfg.train.out_dir; returns its RunDir."""
+def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, world: World = World()) -> RunDir:
+    """Train (or resume) the run in cfg.train.out_dir; returns its RunDir. Under torchrun pass the
+    process's `World`: every process trains its share of each batch, rank 0 alone writes files."""
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = resolve_device(device_for(world, tc.device))
     amp_dtype = autocast_dtype(tc.precision, device)
-    data = load_images(cfg.data)
+    if not world.is_main:
+        log, progress = (lambda *_: None), False
+    share = tc.batch_size // (world.size * tc.grad_accum)  # images per process per micro-batch
+    if share * world.size * tc.grad_accum != tc.batch_size:
+        raise UserError(f"train.batch_size={tc.batch_size} does not split into {world.size} process(es) x "
+                        f"train.grad_accum={tc.grad_accum} equal micro-batches: make it a multiple of "
+                        f"{world.size * tc.grad_accum}")
+    data = open_stream(cfg.data) if cfg.data.stream else load_images(cfg.data)
     if data.skipped:
         log(f"skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
     if cfg.model.in_channels is None:
@@ -135,7 +149,8 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
                         f"set data.channels={cfg.model.in_channels} or drop model.in_channels")
 
     run = RunDir(tc.out_dir)
-    resume_from = _prepare_run_dir(run, cfg, fresh, log)
+    # rank 0 decides between a fresh start and a resume; the others learn the outcome (or its error)
+    resume_from = on_main_then_shared(world, lambda: _prepare_run_dir(run, cfg, fresh, log))
 
     torch.manual_seed(tc.seed)
     model = UNet(cfg.model, cfg.data.image_size).to(device)
@@ -143,8 +158,9 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                            fused=device.type == "cuda")
+    # Fused AdamW (CPU and CUDA) takes a found_inf flag: a non-finite step is skipped on the device,
+    # so the step never waits for the host to read the loss.
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     schedule = Schedule.from_config(cfg.diffusion)
 
@@ -152,77 +168,124 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
     if resume_from is not None:
         step = restore(resume_from, model, ema, opt)["step"]
         log(f"resuming {run.path} from step {step} ({resume_from.name})")
-        _truncate_stats(run, step)
-    else:
+        if world.is_main:
+            _truncate_stats(run, step)
+    elif world.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         atomic.write_text(run.config_path, to_yaml(cfg))
         meta = {"environment": environment(device), "data": data.source, "num_images": len(data),
-                "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model)}
+                "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model),
+                "processes": world.size}
         atomic.write_text(run.meta_path, json.dumps(meta, indent=1))
-        log(f"training {run.path}: {count_parameters(model):,} parameters, {data.source}, on {device}")
+    log(f"training {run.path}: {count_parameters(model):,} parameters, {data.source}, on {device}"
+        + (f" x {world.size} processes" if world.size > 1 else "")
+        + (f", {tc.grad_accum} micro-batches of {share} per step" if tc.grad_accum > 1 else ""))
     if step >= tc.max_steps:
         log(f"{run.path} is already trained to step {step} (train.max_steps={tc.max_steps})")
         return run
 
-    images = data.images.to(device)
-    order = EpochOrder(len(data), tc.batch_size, tc.seed)
+    model.activation_checkpointing = tc.activation_checkpointing
+    net = model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = net if world.size > 1 else None
+    if cfg.model.compile:
+        net = torch.compile(net)
+
+    # This process's rows of each global batch: rank r takes [r*A*share, (r+1)*A*share), A micro-batches.
+    mine = slice(world.rank * tc.grad_accum * share, (world.rank + 1) * tc.grad_accum * share)
+    if cfg.data.stream:
+        order = EpochOrder(len(data), tc.batch_size, tc.seed)
+        loader = iter(batch_loader(data, order, mine, step, tc.max_steps, cfg.data.workers, device.type == "cuda"))
+        next_images = lambda: next(loader).to(device, non_blocking=True)  # noqa: E731
+    else:
+        images = data.images.to(device)
+        order = EpochOrder(len(data), tc.batch_size, tc.seed, device)
+        next_images = lambda: images[order.indices(step)[mine]]  # noqa: E731
+
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    loss_sum = torch.zeros((), device=device)
-    ckpt_loss_sum, ckpt_loss_n, nonfinite_run, skipped, skipped_total = 0.0, 0, 0, 0, 0
+    # Counters live on the device and are read at log intervals only (no host sync per step).
+    loss_sum, skipped_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    nonfinite_run, worst_run = torch.zeros((), device=device), torch.zeros((), device=device)
+    ckpt_loss_sum, ckpt_loss_n, skipped_total = 0.0, 0, 0
     t_start = t_log = time.time()
     step_at_log = step
     bar = _progress(progress, step, tc.max_steps)
-    board = _tensorboard(run) if tc.tensorboard else None
+    board = _tensorboard(run) if tc.tensorboard and world.is_main else None
     evaluator = None
     model.train()
 
     with _StopSignal() as stop:
         while step < tc.max_steps:
-            # --- one optimizer step, every random draw seeded by (seed, step) ---
+            # --- one optimizer step; every random draw seeded by (seed, step), for the whole global batch ---
             g = torch.Generator(device).manual_seed(mix_seed(tc.seed, step, 2))
-            torch.manual_seed(mix_seed(tc.seed, step, 3))  # dropout
-            x0 = batch_to_model(images[order.indices(step).to(device)], cfg.data.hflip, g)
-            if device.type == "cuda":
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=device, generator=g)
-            noise = torch.randn(x0.shape, device=device, generator=g)
+            torch.manual_seed(mix_seed(tc.seed, step, 3, world.rank))  # dropout
+            flips = torch.rand(tc.batch_size, device=device, generator=g) < 0.5 if cfg.data.hflip else None
+            t = torch.randint(0, schedule.num_timesteps, (tc.batch_size,), device=device, generator=g)
+            noise = torch.randn((tc.batch_size, *data_shape(cfg)), device=device, generator=g)
             for group in opt.param_groups:
                 group["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
-            with autocast(device, amp_dtype):
-                loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, noise)
+            batch_u8 = next_images()
+            loss = torch.zeros((), device=device)
             opt.zero_grad(set_to_none=True)
+            for k in range(tc.grad_accum):
+                rows = slice(mine.start + k * share, mine.start + (k + 1) * share)
+                x0 = batch_to_model(batch_u8[k * share:(k + 1) * share], None if flips is None else flips[rows])
+                if device.type == "cuda":
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                # DDP all-reduces gradients on the last micro-batch only
+                sync = contextlib.nullcontext() if ddp is None or k == tc.grad_accum - 1 else ddp.no_sync()
+                with sync:
+                    with autocast(device, amp_dtype):
+                        micro_loss = diffusion_loss(net, schedule, cfg.diffusion.prediction, x0, t[rows], noise[rows])
+                    micro_loss = micro_loss / tc.grad_accum
+                    (scaler.scale(micro_loss) if scaler else micro_loss).backward()
+                loss = loss + micro_loss.detach()
             if scaler:
-                scaler.scale(loss).backward()
                 scaler.unscale_(opt)
-            else:
-                loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            finite = torch.isfinite(loss) & torch.isfinite(gnorm)
-            if bool(finite):
-                nonfinite_run = 0
-                if scaler:
-                    scaler.step(opt)
-                else:
-                    opt.step()
-                with torch.no_grad():
-                    decay = min(tc.ema_decay, (1 + step) / (10 + step))  # EMA warmup
-                    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-                loss_sum += loss.detach()
-            else:  # skip this batch: no update, counted, and fatal after max_nonfinite in a row
-                nonfinite_run, skipped, skipped_total = nonfinite_run + 1, skipped + 1, skipped_total + 1
-                if nonfinite_run >= tc.max_nonfinite:
-                    bar.close()
-                    raise UserError(f"training diverged: {nonfinite_run} non-finite losses in a row at step {step}; "
-                                    f"last good checkpoint kept in {run.checkpoints}; lower train.lr")
+            finite = (torch.isfinite(loss) & torch.isfinite(gnorm)).float()
+            if world.size > 1:  # a NaN on any process skips the step on all of them
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             if scaler:
+                scaler.step(opt)  # skips steps with inf gradients itself
                 scaler.update()
+            else:
+                opt.found_inf = 1.0 - finite
+                opt.step()
+            with torch.no_grad():
+                decay = min(tc.ema_decay, (1 + step) / (10 + step))  # EMA warmup
+                # ema += w * (params - ema), w a device tensor (0 on a skipped step): foreach_lerp_
+                # would take w as a Python scalar, reading it back from the GPU every step.
+                delta = torch._foreach_sub(params, ema_params)
+                torch._foreach_mul_(delta, (1.0 - decay) * finite)
+                torch._foreach_add_(ema_params, delta)
+                # Every process holds the same weights after the all-reduce, so each updates its own EMA
+                # identically: no communication, and any rank could save it.
+                loss_sum += loss.nan_to_num(0.0, 0.0, 0.0) * finite
+                skipped_sum += 1.0 - finite
+                nonfinite_run.mul_(1.0 - finite).add_(1.0 - finite)
+                torch.maximum(worst_run, nonfinite_run, out=worst_run)
             step += 1
 
-            # --- bookkeeping at intervals (host syncs here and in the NaN guard above) ---
+            # --- bookkeeping at intervals: the only host syncs of the loop ---
             if step % tc.log_every == 0 or step == tc.max_steps:
                 n = step - step_at_log
-                mean_loss = loss_sum.item() / max(1, n - skipped) if n > skipped else float("nan")
-                loss_sum.zero_()
+                counters = torch.stack([loss_sum, skipped_sum, worst_run])
+                if world.size > 1:
+                    torch.distributed.all_reduce(counters)
+                    counters /= world.size
+                total_loss, skipped, worst = counters.tolist()
+                skipped, worst = round(skipped), round(worst)
+                loss_sum.zero_(), skipped_sum.zero_(), worst_run.copy_(nonfinite_run)
+                skipped_total += skipped
+                if worst >= tc.max_nonfinite:
+                    bar.close()
+                    raise UserError(f"training diverged: {worst} non-finite losses in a row by step {step}; "
+                                    f"last good checkpoint kept in {run.checkpoints}; lower train.lr")
+                mean_loss = total_loss / (n - skipped) if n > skipped else float("nan")
                 if math.isfinite(mean_loss):
                     ckpt_loss_sum, ckpt_loss_n = ckpt_loss_sum + mean_loss * n, ckpt_loss_n + n
                 now = time.time()
@@ -231,28 +294,35 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
                           "lr": opt.param_groups[0]["lr"], "images_per_sec": ips,
                           "sec_per_kimg": 1000 / ips, "memory_mb": _memory_mb(device),
                           "elapsed_sec": now - t_start, "skipped_nonfinite": skipped_total}
-                with open(run.stats_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if world.is_main:
+                    with open(run.stats_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 if board:
                     for key in ("loss", "lr", "images_per_sec", "memory_mb"):
                         board.add_scalar(f"train/{key}", record[key], step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                t_log, step_at_log, skipped = now, step, 0
-            bar.update(1)
+                t_log, step_at_log = now, step
+                bar.update(n)
             out_of_time = tc.max_minutes > 0 and time.time() - t_start > tc.max_minutes * 60
-            done = step == tc.max_steps or out_of_time or stop.requested
+            # one process alone must never stop: under torchrun they agree at log intervals
+            out_of_time, stopping = agreed(world, [out_of_time, bool(stop.requested)], at=step % tc.log_every == 0)
+            done = step == tc.max_steps or out_of_time or stopping
             if step % tc.sample_every == 0 or done:
-                grid = _save_grid(run, cfg, ema, schedule, step)
-                if board:
-                    board.add_image("samples", grid.numpy(), step)
-            if step % tc.checkpoint_every == 0 or done:
-                metrics = None
-                if tc.eval_every and (step % tc.eval_every == 0 or done):
-                    evaluator = evaluator or _evaluator(cfg, data, device, log)
-                    metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
+                if world.is_main:
+                    grid = _save_grid(run, cfg, ema, schedule, step)
                     if board:
-                        board.add_scalar(f"eval/fd_{metrics['features']}", metrics["fd"], step)
-                _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last, metrics)
+                        board.add_image("samples", grid.numpy(), step)
+                barrier()
+            if step % tc.checkpoint_every == 0 or done:
+                if world.is_main:
+                    metrics = None
+                    if tc.eval_every and (step % tc.eval_every == 0 or done):
+                        evaluator = evaluator or _evaluator(cfg, data, device, log)
+                        metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
+                        if board:
+                            board.add_scalar(f"eval/fd_{metrics['features']}", metrics["fd"], step)
+                    _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last, metrics)
+                barrier()
                 ckpt_loss_sum, ckpt_loss_n = 0.0, 0
             if done:
                 if out_of_time:
@@ -261,17 +331,23 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True) ->
     bar.close()
     if board:
         board.close()
-    if stop.requested:  # saved; now leave non-zero, so a scheduler does not take the run as finished
-        log(f"stopped at step {step} on {stop.requested}; checkpoint saved; rerun the same command to resume")
+    if stopping:  # saved; now leave non-zero, so a scheduler does not take the run as finished
+        log(f"stopped at step {step} on {stop.requested or 'a signal'}; checkpoint saved; "
+            f"rerun the same command to resume")
         raise KeyboardInterrupt
     if data.skipped:
         log(f"{len(data.skipped)} unreadable image(s) were skipped; they are listed in {run.meta_path}")
-    from .report import write_report
+    if world.is_main:
+        from .report import write_report
 
-    report = write_report(run.path)
-    log(f"trained {run.path} to step {step}: checkpoints in {run.checkpoints}, grids in {run.grids}, "
-        f"log {run.stats_path}, report {report}")
+        report = write_report(run.path)
+        log(f"trained {run.path} to step {step}: checkpoints in {run.checkpoints}, grids in {run.grids}, "
+            f"log {run.stats_path}, report {report}")
     return run
+
+
+def data_shape(cfg: Config) -> tuple[int, int, int]:
+    return cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size
 
 
 def _progress(enabled: bool, step: int, total: int):

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -157,6 +158,12 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(g, cur, eps=eps)
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
+        self.activation_checkpointing = False  # training only: recompute each block in backward
+
+    def _run(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)  # the RNG state is replayed: same dropout
+        return block(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) or scalar timesteps, may be fractional; labels: (B,) class
@@ -174,21 +181,22 @@ class UNet(nn.Module):
         skips = [h]
         for level in self.down:
             for j, block in enumerate(level.resnets):
-                h = block(h, temb)
+                h = self._run(block, h, temb)
                 if level.attentions:
-                    h = level.attentions[j](h)
+                    h = self._run(level.attentions[j], h)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
                 skips.append(h)
 
-        h = self.mid_res_2(self.mid_attn(self.mid_res_1(h, temb)), temb)
+        h = self._run(self.mid_res_1, h, temb)
+        h = self._run(self.mid_res_2, self._run(self.mid_attn, h), temb)
 
         for level in self.up:
             for j, block in enumerate(level.resnets):
-                h = block(torch.cat([h, skips.pop()], dim=1), temb)
+                h = self._run(block, torch.cat([h, skips.pop()], dim=1), temb)
                 if level.attentions:
-                    h = level.attentions[j](h)
+                    h = self._run(level.attentions[j], h)
             if level.resample is not None:
                 h = level.resample(h)
 

@@ -1,0 +1,123 @@
+"""Training data read from disk batch by batch, so memory does not grow with the dataset.
+
+`data.stream=true` swaps the in-memory tensor of `load_images` for a source that reads only the
+images of the current batch: a memory-mapped `.npy` (the OS pages in what is touched) or a folder
+whose images are decoded when drawn. DataLoader worker processes decode ahead of the GPU, and on
+CUDA the batches arrive in pinned memory so the copy to the device does not block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import DataConfig
+from .data import (GRAY_MODES, IMAGE_SUFFIXES, set_channels, array_to_uint8_nchw, decode_image, image_to_tensor,
+                   list_image_files, resize_center_crop)
+from .errors import UserError
+
+
+class NpyImages:
+    """A memory-mapped .npy of N images in any layout `array_to_uint8_nchw` accepts."""
+
+    def __init__(self, path: Path, cfg: DataConfig):
+        try:
+            self.array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"cannot memory-map {path}: {exc}") from None
+        if self.array.ndim not in (3, 4) or len(self.array) == 0:
+            raise UserError(f"{path}: shape {self.array.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
+        self.path, self.cfg = path, cfg
+        first = array_to_uint8_nchw(self.array[:1], str(path))  # checks layout and dtype once
+        self.channels = cfg.channels or first.shape[1]
+        self.source = f"{len(self.array)} images streamed from {path} (memory-mapped)"
+        self.labels, self.skipped = None, []
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def read(self, indices: np.ndarray) -> torch.Tensor:
+        order = np.argsort(indices)  # sorted reads touch the file in order; undone below
+        images = array_to_uint8_nchw(self.array[indices[order]], str(self.path))
+        images = resize_center_crop(set_channels(images, self.cfg.channels), self.cfg.image_size)
+        return images[torch.from_numpy(np.argsort(order))]
+
+
+class FolderImages:
+    """A folder of image files, each decoded when a batch draws it. Headers are checked up front
+    (cheap: no pixel is decoded), so unreadable files are skipped or refused before training."""
+
+    def __init__(self, root: Path, cfg: DataConfig):
+        files, labels = list_image_files(root, cfg)
+        kept, kept_labels, self.skipped = [], [], []
+        modes = set()
+        for i, path in enumerate(files):
+            try:
+                with Image.open(path) as im:
+                    modes.add(im.mode)
+                kept.append(path)
+                kept_labels.append(labels[i] if labels else None)
+            except (OSError, UnidentifiedImageError) as exc:
+                if cfg.on_error == "fail":
+                    raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
+                self.skipped.append((str(path), str(exc) or type(exc).__name__))
+        if not kept:
+            raise UserError(f"none of the {len(files)} images under {root} could be read")
+        self.files, self.cfg = kept, cfg
+        self.labels = kept_labels if labels else None
+        self.gray = cfg.channels == 1 or (cfg.channels is None and modes <= GRAY_MODES)
+        self.channels = 1 if self.gray else 3
+        self.source = f"{len(kept)} images streamed from {root}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, indices: np.ndarray) -> torch.Tensor:
+        out = []
+        for i in indices:
+            try:
+                arr = decode_image(self.files[i])
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                raise UserError(f"cannot decode image {self.files[i]} during training: {exc}; "
+                                f"remove it or fix it, then rerun to resume") from None
+            out.append(image_to_tensor(arr, self.gray, self.cfg.image_size))
+        return torch.cat(out)
+
+
+def open_stream(cfg: DataConfig):
+    path = Path(cfg.path).expanduser() if cfg.path else None
+    if path is None or not path.exists():
+        raise UserError("data.stream=true needs data.path: a .npy file or a folder of images")
+    if path.is_dir():
+        return FolderImages(path, cfg)
+    if path.suffix.lower() == ".npy":
+        return NpyImages(path, cfg)
+    kind = "a single image" if path.suffix.lower() in IMAGE_SUFFIXES else f"a {path.suffix or 'suffix-less'} file"
+    raise UserError(f"data.stream=true reads .npy files and image folders, and {path} is {kind}: "
+                    f"convert it (numpy.save) or set data.stream=false")
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item s = this process's uint8 images of optimizer step s. Which images a step takes is a
+    function of (seed, step) alone, so worker processes compute it independently and a resumed run
+    reads exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, source, order, rows: slice, first_step: int, last_step: int):
+        self.source, self.order, self.rows = source, order, rows
+        self.first, self.last = first_step, last_step
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.source.read(self.order.indices(self.first + i)[self.rows].numpy())
+
+
+def batch_loader(source, order, rows: slice, first_step: int, last_step: int, workers: int, pin: bool):
+    dataset = StepBatches(source, order, rows, first_step, last_step)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                       pin_memory=pin, prefetch_factor=4 if workers else None,
+                                       persistent_workers=False)

@@ -1,0 +1,136 @@
+"""Training under torchrun (2 CPU processes, gloo) against one process: same weights, resumable, rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+# dropout 0: dropout masks are drawn per process, so only a dropout-free model is comparable bitwise
+ARGS = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in TINY.items()] + [
+    "model.dropout=0.0", "train.checkpoint_every=10", "train.sample_every=10", "data.hflip=true"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(nproc: int, out: Path, *extra: str) -> list[str]:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+              "--master-port", str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    return [*launch, "-m", "ddpmkit", "train", *ARGS, f"train.out_dir={out}", "--quiet", *extra]
+
+
+def _train(nproc: int, out: Path, *extra: str) -> None:
+    done = subprocess.run(_cmd(nproc, out, *extra), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step_{step:09d}.safetensors")
+
+
+def _diff(a: dict, b: dict, prefix: str) -> tuple[float, float]:
+    """(largest, mean) absolute difference over the tensors under prefix.
+
+    Adam divides each gradient by its own running RMS, so a weight whose gradient is nearly zero
+    turns rounding noise into a visible step: a few elements may differ by ~1e-5 while the mean
+    difference stays at rounding level (~1e-8). An attention key bias has an exactly-zero gradient
+    (softmax ignores a constant shift), so it is pure noise and skipped."""
+    keys = [k for k in a if k.startswith(prefix) and not k.endswith("to_k.bias")]
+    assert keys and a.keys() == b.keys()
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in keys])
+    return diffs.max().item(), diffs.mean().item()
+
+
+def _assert_same_to_fp32(a: dict, b: dict, prefix: str) -> None:
+    largest, mean = _diff(a, b, prefix)
+    assert largest < 1e-4 and mean < 1e-7, (largest, mean)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    _train(1, root / "one", "train.max_steps=20")
+    _train(2, root / "two", "train.max_steps=20")
+    return root
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(runs):
+    one, two = _weights(runs / "one", 20), _weights(runs / "two", 20)
+    # Same images, timesteps and noise per step; only the order of float sums differs (the all-reduce).
+    _assert_same_to_fp32(one, two, "model/")
+    _assert_same_to_fp32(one, two, "ema/")
+    assert _diff(one, _weights(runs / "one", 10), "model/")[1] > 1e-4  # not vacuous: the weights moved
+
+
+def test_gradient_accumulation_equals_one_big_batch(runs, tmp_path):
+    _train(1, tmp_path / "accum", "train.max_steps=10", "train.grad_accum=4")
+    _assert_same_to_fp32(_weights(runs / "one", 10), _weights(tmp_path / "accum", 10), "model/")
+
+
+def test_only_rank_zero_writes_and_logs_once(runs):
+    def listing(p):
+        return sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file())
+
+    assert listing(runs / "one") == listing(runs / "two")
+    lines = [json.loads(x) for x in (runs / "two" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20]  # one line per interval, not one per process
+    meta = json.loads((runs / "two" / "meta.json").read_text())
+    assert meta["processes"] == 2 and lines[-1]["images_seen"] == 20 * TINY["train.batch_size"]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
+def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(2, out, "train.max_steps=100000"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["checkpoints"]):
+        time.sleep(0.05)
+    for pid in _process_tree(proc.pid):  # the launcher and both workers, mid-step
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    saved = max(e["step"] for e in json.loads(state.read_text())["checkpoints"])
+    final = saved + 10
+    _train(2, out, f"train.max_steps={final}")  # the same command resumes
+    _train(2, tmp_path / "straight", f"train.max_steps={final}")
+    a, b = _weights(tmp_path / "straight", final), _weights(out, final)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resume is exact under DDP too
+
+
+def test_indivisible_global_batch_is_refused(tmp_path):
+    done = subprocess.run(_cmd(1, tmp_path / "bad", "train.max_steps=2", "train.grad_accum=3"), env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "train.batch_size=32 does not split into 1 process(es) x train.grad_accum=3" in done.stderr
