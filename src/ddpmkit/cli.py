@@ -16,7 +16,7 @@ from .errors import UserError
 TRAIN_FLAGS = {  # flag -> config key
     "data": "data.path", "out": "train.out_dir", "image_size": "data.image_size",
     "batch_size": "train.batch_size", "steps": "train.max_steps", "max_minutes": "train.max_minutes",
-    "lr": "train.lr", "seed": "train.seed", "device": "train.device",
+    "lr": "train.lr", "seed": "train.seed", "device": "train.device", "init_from": "train.init_from",
 }
 SAMPLE_FLAGS = {
     "num": "sample.num", "sampler": "sample.sampler", "steps": "sample.steps", "eta": "sample.eta",
@@ -32,6 +32,7 @@ TRAIN_EXAMPLES = """examples:
   ddpmkit train configs/lesions.yaml train.grad_accum=4 train.activation_checkpointing=true model.compile=true
   ddpmkit train configs/cifar10.yaml --max-batch             # largest micro-batch on this GPU, then exit
   torchrun --nproc-per-node 8 -m ddpmkit train configs/cifar10.yaml   # train.batch_size stays the global batch
+  ddpmkit train configs/lesions.yaml --init-from runs/cifar10-pretrained train.lr=1e-5   # fine-tune
 rerunning the same command resumes from the latest checkpoint (under torchrun too, any number of processes)."""
 
 SAMPLE_EXAMPLES = """examples:
@@ -50,6 +51,14 @@ EVAL_EXAMPLES = """examples:
   ddpmkit eval samples/ --ref runs/mnist --features classifier  # a classifier trained on the labels
   ddpmkit eval samples/ --ref runs/mnist --features efficientnet   # offline; not comparable with FID
 FID needs the standard Inception weights: --inception-weights FILE, or the torch hub cache."""
+
+IMPORT_EXAMPLES = """examples:
+  ddpmkit import path/to/ddpm-cifar10-32 --out runs/cifar10-pretrained   # a diffusers folder (no diffusers needed)
+  ddpmkit import google/ddpm-cifar10-32 --out runs/cifar10-pretrained    # a hub id (needs huggingface_hub, network)
+only what ddpmkit's UNet computes exactly is imported; any other option is refused by name."""
+
+EXPORT_EXAMPLES = """examples:
+  ddpmkit export runs/lesions --format diffusers --out lesions-diffusers/   # DDPMPipeline.from_pretrained(...)"""
 
 GIF_EXAMPLES = """examples:
   ddpmkit gif runs/default                  # runs/default/learning.gif from runs/default/grids/"""
@@ -122,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  ddpmkit report runs/mnist      # prints the path of runs/mnist/report.html",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("run", help="run directory")
+
+    im = sub.add_parser("import", help="a diffusers UNet2DModel (+ scheduler) as a ddpmkit run", epilog=IMPORT_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    im.add_argument("source", help="a diffusers pipeline or UNet folder, or a Hugging Face hub id")
+    im.add_argument("--out", required=True, help="the run folder to create (must not exist or be empty)")
+
+    ex = sub.add_parser("export", help="a run's weights as a diffusers DDPMPipeline folder", epilog=EXPORT_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--format", default="diffusers", choices=["diffusers"], help="only diffusers for now")
+    ex.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
+    ex.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
 
     g = sub.add_parser("gif", help="turn a run's periodic training grids into a 'learning' GIF", epilog=GIF_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,6 +284,18 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     print(f"wrote {out} ({len(list(run_dir.grids.glob('step_*.png')))} grids)")
 
 
+def cmd_import(ns: argparse.Namespace) -> None:
+    from .interop import import_diffusers
+
+    import_diffusers(ns.source, ns.out)
+
+
+def cmd_export(ns: argparse.Namespace) -> None:
+    from .interop import export_diffusers
+
+    export_diffusers(ns.run, ns.out, ns.checkpoint, ema=not ns.no_ema)
+
+
 def cmd_report(ns: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -269,7 +303,7 @@ def cmd_report(ns: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
-            "gif": cmd_gif}
+            "gif": cmd_gif, "import": cmd_import, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,6 +87,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: off; else evaluate at checkpoints whose step is a multiple of this
     eval_num: int = 500  # samples per evaluation (dpmpp-2m, 20 steps, EMA weights)
     eval_features: str = "classifier"  # classifier (needs labels) | efficientnet | inception
+    init_from: Optional[str] = None  # pretrained weights to start from: a ddpmkit run, or a diffusers folder / hub id
     tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (pip install tensorboard)
 
 

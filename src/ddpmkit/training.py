@@ -26,6 +26,7 @@ from .config import Config, differing_keys, read_yaml, to_yaml
 from .data import batch_to_model, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
+from .finetune import Source, adopt_architecture, load_pretrained
 from .generation import sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .run import Run, RunDir
@@ -148,6 +149,11 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {data.channels} channel(s): "
                         f"set data.channels={cfg.model.in_channels} or drop model.in_channels")
 
+    source = None
+    if tc.init_from:
+        source = Source(tc.init_from, log)
+        adopt_architecture(cfg, source.config, log)
+
     run = RunDir(tc.out_dir)
     # rank 0 decides between a fresh start and a resume; the others learn the outcome (or its error)
     resume_from = on_main_then_shared(world, lambda: _prepare_run_dir(run, cfg, fresh, log))
@@ -170,13 +176,17 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         log(f"resuming {run.path} from step {step} ({resume_from.name})")
         if world.is_main:
             _truncate_stats(run, step)
-    elif world.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run.config_path, to_yaml(cfg))
-        meta = {"environment": environment(device), "data": data.source, "num_images": len(data),
-                "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model),
-                "processes": world.size}
-        atomic.write_text(run.meta_path, json.dumps(meta, indent=1))
+    else:
+        pretrained = load_pretrained(model, ema, source, log) if source else None
+        if pretrained:
+            log(f"starting from {pretrained}; optimizer and step start from zero")
+        if world.is_main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(run.config_path, to_yaml(cfg))
+            meta = {"environment": environment(device), "data": data.source, "num_images": len(data),
+                    "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model),
+                    "processes": world.size, "init_from": pretrained}
+            atomic.write_text(run.meta_path, json.dumps(meta, indent=1))
     log(f"training {run.path}: {count_parameters(model):,} parameters, {data.source}, on {device}"
         + (f" x {world.size} processes" if world.size > 1 else "")
         + (f", {tc.grad_accum} micro-batches of {share} per step" if tc.grad_accum > 1 else ""))

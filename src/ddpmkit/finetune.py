@@ -1,0 +1,106 @@
+"""`train.init_from`: start training from pretrained weights (a ddpmkit run or a diffusers model).
+
+The network's architecture and the noise schedule come from the source, since the weights only
+make sense with them; the data, image size, class count, dropout and training recipe come from
+the config being trained. Weights (and the EMA, where the source has one) are loaded; the
+optimizer and step start from zero.
+
+- Another image size: attention stays at the same levels (attention_resolutions is rescaled), so
+  every weight keeps its meaning; the UNet is convolutional and takes any size its levels divide.
+- Another class count: the class embedding is new (initialised as a fresh model's) and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_into, read_checkpoint
+from .config import Config, from_dict, read_yaml
+from .errors import UserError
+from .run import RunDir
+
+# Model keys the fine-tuning config decides; all others are the source's architecture.
+OWN_KEYS = ("preset", "dropout", "compile", "num_classes", "in_channels")
+
+
+class Source:
+    """What init_from names, read lazily: its config first, weights only when a run starts."""
+
+    def __init__(self, name: str, log=print):
+        self.name, self.log = name, log
+        path = Path(name).expanduser()
+        self.is_run = (path / "config.yaml").is_file()
+        if self.is_run:
+            self.path = path
+            self.config = from_dict(read_yaml(path / "config.yaml"))
+            self._net = None
+        else:  # a diffusers folder or hub id: converted exactly, or refused
+            from .interop import read_diffusers
+
+            self.config, self._net, _ = read_diffusers(name, log=log)
+            self.path = None
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+        """(model weights, EMA weights, description of what was loaded)."""
+        if not self.is_run:
+            sd = self._net.state_dict()
+            return sd, sd, f"diffusers model {self.name}"
+        entry = RunDir(self.path).select_checkpoint("latest")
+        groups, meta = read_checkpoint(self.path / entry["file"], prefixes=("model", "ema"))
+        return groups["model"], groups["ema"], f"{self.path} step {meta['step']} ({entry['sha256'][:12]})"
+
+
+def adopt_architecture(cfg: Config, source: Config, log=print) -> None:
+    """Set cfg's model architecture and diffusion schedule to the source's, saying what changed."""
+    changed = []
+    for f in dataclasses.fields(source.model):
+        if f.name in OWN_KEYS:
+            continue
+        value = getattr(source.model, f.name)
+        if f.name == "attention_resolutions" and cfg.data.image_size != source.data.image_size:
+            scale = cfg.data.image_size / source.data.image_size
+            value = [round(r * scale) for r in value]  # attention at the same levels as in the source
+        if getattr(cfg.model, f.name) != value:
+            changed.append(f"model.{f.name}={value}")
+            setattr(cfg.model, f.name, value)
+    if cfg.model.preset is not None:
+        cfg.model.preset = None  # the architecture is spelled out now
+    for f in dataclasses.fields(source.diffusion):
+        value = getattr(source.diffusion, f.name)
+        if getattr(cfg.diffusion, f.name) != value:
+            changed.append(f"diffusion.{f.name}={value}")
+            setattr(cfg.diffusion, f.name, value)
+    if source.model.in_channels not in (None, cfg.model.in_channels):
+        raise UserError(f"train.init_from: the source has {source.model.in_channels} channel(s) and the data "
+                        f"{cfg.model.in_channels}: set data.channels={source.model.in_channels}")
+    size = cfg.data.image_size
+    if size % 2 ** (len(cfg.model.channel_mult) - 1):
+        raise UserError(f"train.init_from: data.image_size={size} does not halve {len(cfg.model.channel_mult) - 1} "
+                        f"times as the source's UNet does: use a multiple of {2 ** (len(cfg.model.channel_mult) - 1)}")
+    if changed:
+        log(f"init_from: architecture and schedule taken from the source: {', '.join(changed)}")
+
+
+def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source, log=print) -> str:
+    """Copy the source's weights into model and EMA; a class embedding of another shape stays new."""
+    weights, ema_weights, what = source.weights()
+    own = model.state_dict()
+    fresh = [k for k in own if k.startswith("class_embedding.")
+             and (k not in weights or weights[k].shape != own[k].shape)]
+    dropped = [k for k in weights if k.startswith("class_embedding.") and k not in own]
+    keep = {k: v for k, v in own.items() if k in fresh}
+
+    def pick(w):
+        return {**{k: v for k, v in w.items() if k not in fresh and k not in dropped}, **keep}
+
+    load_into(model, pick(weights), f"train.init_from {source.name}")
+    load_into(ema, pick(ema_weights), f"train.init_from {source.name} (EMA)")
+    if fresh:
+        log(f"init_from: new class embedding ({model.cfg.num_classes} classes); the source has "
+            f"{weights['class_embedding.weight'].shape[0] if 'class_embedding.weight' in weights else 'none'}")
+    if dropped:
+        log("init_from: the source's class embedding is dropped (this model is unconditional)")
+    return what

@@ -1,0 +1,118 @@
+"""train.init_from / --init-from: fine-tuning from a ddpmkit run or a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmkit.cli import main
+from ddpmkit.config import load_config
+from ddpmkit.errors import UserError
+from ddpmkit.finetune import load_pretrained, Source
+from ddpmkit.interop import export_diffusers
+from ddpmkit.training import train
+from ddpmkit.unet import UNet
+
+from conftest import TINY
+
+
+def quiet(*_):
+    pass
+
+
+def _ckpt(run_path, step):
+    return load_file(run_path / "checkpoints" / f"step_{step:09d}.safetensors")
+
+
+def _group(weights, prefix):
+    return {k.split("/", 1)[1]: v for k, v in weights.items() if k.startswith(prefix + "/")}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    out = tmp_path_factory.mktemp("src") / "run"
+    cfg = load_config(None, {**TINY, "train.out_dir": str(out), "train.max_steps": 20})
+    train(cfg, log=quiet, progress=False)
+    return out
+
+
+def test_init_from_a_run_loads_weights_and_restarts_the_step(source, tiny):
+    messages = []
+    run = train(tiny(**{"train.init_from": str(source), "train.max_steps": 20, "train.lr": 1e-3}),
+                log=messages.append, progress=False)
+    assert any("starting from" in m and "step 20" in m for m in messages)
+    state = run.read_state()
+    assert sorted(e["step"] for e in state["checkpoints"]) == [10, 20]  # counted from zero, not from 20
+    meta = json.loads(run.meta_path.read_text())
+    assert str(source) in meta["init_from"]
+    src, new = _group(_ckpt(source, 20), "model"), _group(_ckpt(run.path, 20), "model")
+    moved = max((src[k] - new[k]).abs().max().item() for k in src)
+    assert moved > 1e-4  # trained on
+    fresh = UNet(load_config(None, {**TINY, "model.in_channels": 1}).model, 8).state_dict()
+    closer = sum((src[k] - new[k]).norm() for k in src) < sum((fresh[k] - new[k]).norm() for k in src)
+    assert closer  # it started from the source, not from a random init
+
+
+def test_with_zero_learning_rate_the_weights_and_ema_are_the_imported_ones(source, tiny, tmp_path):
+    exported = export_diffusers(source, tmp_path / "diffusers", log=quiet)  # a diffusers folder: model = EMA
+    run = train(tiny(**{"train.init_from": str(exported), "train.max_steps": 10, "train.lr": 0.0}),
+                log=quiet, progress=False)
+    imported = _group(_ckpt(source, 20), "ema")
+    weights = _ckpt(run.path, 10)
+    for prefix in ("model", "ema"):
+        got = _group(weights, prefix)
+        assert all(torch.equal(got[k], imported[k]) for k in imported), prefix
+
+
+def test_architecture_comes_from_the_source_and_attention_follows_a_new_image_size(tmp_path):
+    src = tmp_path / "att"
+    train(load_config(None, {**TINY, "train.out_dir": str(src), "train.max_steps": 2, "model.attention_resolutions": [4]}),
+          log=quiet, progress=False)
+    messages = []
+    cfg = load_config(None, {**TINY, "train.out_dir": str(tmp_path / "big"), "train.max_steps": 2,
+                             "data.image_size": 16, "model.base_channels": 32, "train.init_from": str(src)})
+    run = train(cfg, log=messages.append, progress=False)
+    assert cfg.model.base_channels == 16 and cfg.model.attention_resolutions == [8]
+    assert any("model.base_channels=16" in m and "model.attention_resolutions=[8]" in m for m in messages)
+    from ddpmkit.run import load_run
+
+    assert load_run(run.path).config.model.attention_resolutions == [8]  # recorded: sampling rebuilds it
+
+
+def test_a_different_class_count_gets_a_new_class_embedding(source):
+    cfg = load_config(None, {**TINY, "model.in_channels": 1, "model.num_classes": 3})
+    model, ema = UNet(cfg.model, 8), UNet(cfg.model, 8)
+    before = model.class_embedding.weight.clone()
+    messages = []
+    load_pretrained(model, ema, Source(str(source)), log=messages.append)
+    assert torch.equal(model.class_embedding.weight, before) and any("new class embedding" in m for m in messages)
+    assert torch.equal(model.conv_in.weight, _group(_ckpt(source, 20), "model")["conv_in.weight"])
+
+
+def test_mismatched_channels_are_refused_in_one_line(source, tmp_path, capsys, tiny):
+    rgb = tmp_path / "rgb.npy"
+    import numpy as np
+
+    np.save(rgb, np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    code = main(["train", f"data.path={rgb}", f"--init-from={source}", f"--out={tmp_path / 'x'}", "--quiet"]
+                + [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in TINY.items()])
+    err = capsys.readouterr().err
+    assert code == 2 and "source has 1 channel(s) and the data 3: set data.channels=1" in err
+    with pytest.raises(UserError, match="not a diffusers folder"):
+        Source(str(tmp_path))
+
+
+def test_export_and_import_commands_round_trip_a_run(source, tmp_path, capsys):
+    assert main(["export", str(source), "--format", "diffusers", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model_index.json").is_file() and (tmp_path / "hf" / "unet" / "config.json").is_file()
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert main(["sample", str(tmp_path / "back"), "-n", "4", "--steps", "5", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    assert len(list((tmp_path / "s" / "individual").glob("*.png"))) == 4
+    back = _group(load_file(next((tmp_path / "back" / "checkpoints").glob("*.safetensors"))), "ema")
+    original = _group(_ckpt(source, 20), "ema")
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    assert main(["export", str(source), "--out", str(tmp_path / "hf")]) == 2  # never over an existing export
+    assert "already exists and is not empty" in capsys.readouterr().err
