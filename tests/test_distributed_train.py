@@ -134,3 +134,28 @@ def test_indivisible_global_batch_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "train.batch_size=32 does not split into 1 process(es) x train.grad_accum=3" in done.stderr
+
+
+def test_batch_probe_search_finds_the_limit_with_a_simulated_out_of_memory():
+    from ddpmkit.batchprobe import largest_fitting
+
+    for limit in (1, 2, 37, 64, 1000, 1953):
+        tried = []
+
+        def fits(b, limit=limit):
+            tried.append(b)
+            return b <= limit  # what a CUDA out-of-memory error decides on a GPU
+
+        assert largest_fitting(fits) == limit
+        assert len(tried) <= 2 * limit.bit_length() + 1  # doubling, then bisection
+    assert largest_fitting(lambda b: False) == 0
+    assert largest_fitting(lambda b: True, ceiling=512) == 512
+
+
+def test_batch_probe_needs_a_gpu(tmp_path, capsys):
+    from ddpmkit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["train", "--max-batch", "--device", "cpu"]) == 2
+    assert "--max-batch measures GPU memory" in capsys.readouterr().err

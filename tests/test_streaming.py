@@ -1,0 +1,71 @@
+"""data.stream: batches read from disk give the same training as the data held in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmkit.errors import UserError
+from ddpmkit.streaming import FolderImages, NpyImages, open_stream
+from ddpmkit.training import train
+from conftest import write_images
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture
+def npy(tmp_path):
+    path = tmp_path / "images.npy"
+    rng = np.random.default_rng(0)
+    np.save(path, rng.integers(0, 256, (70, 12, 12), dtype=np.uint8))  # not the model size: resized per batch
+    return path
+
+
+def test_streamed_npy_trains_exactly_like_the_in_memory_array(npy, tiny, tmp_path):
+    common = {"data.path": str(npy), "train.max_steps": 10, "data.hflip": True}
+    a = train(tiny(**common, **{"train.out_dir": str(tmp_path / "mem")}), log=quiet, progress=False)
+    b = train(tiny(**common, **{"train.out_dir": str(tmp_path / "stream"), "data.stream": True, "data.workers": 2}),
+              log=quiet, progress=False)
+    wa, wb = load_file(a.checkpoint_file(10)), load_file(b.checkpoint_file(10))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stream_resumes_exactly(npy, tiny, tmp_path):
+    common = {"data.path": str(npy), "data.stream": True, "data.workers": 0}
+    straight = train(tiny(**common, **{"train.max_steps": 20, "train.out_dir": str(tmp_path / "a")}), log=quiet, progress=False)
+    train(tiny(**common, **{"train.max_steps": 10, "train.out_dir": str(tmp_path / "b")}), log=quiet, progress=False)
+    resumed = train(tiny(**common, **{"train.max_steps": 20, "train.out_dir": str(tmp_path / "b")}), log=quiet, progress=False)
+    wa, wb = load_file(straight.checkpoint_file(20)), load_file(resumed.checkpoint_file(20))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_npy_is_memory_mapped_and_reads_only_what_is_asked(npy, tiny):
+    cfg = tiny(**{"data.path": str(npy)}).data
+    source = open_stream(cfg)
+    assert isinstance(source, NpyImages) and isinstance(source.array, np.memmap) and len(source) == 70
+    batch = source.read(np.array([5, 1, 5]))
+    assert batch.shape == (3, 1, 8, 8) and batch.dtype == torch.uint8 and torch.equal(batch[0], batch[2])
+
+
+def test_folder_stream_matches_the_loaded_folder_and_skips_unreadable_files(tmp_path, tiny):
+    from ddpmkit.data import load_images
+
+    write_images(tmp_path / "imgs", n=6, size=(10, 12), mode="RGB")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
+    cfg = tiny(**{"data.path": str(tmp_path / "imgs")}).data
+    source = open_stream(cfg)
+    assert isinstance(source, FolderImages) and len(source) == 6 and len(source.skipped) == 1
+    loaded = load_images(cfg)
+    assert torch.equal(source.read(np.arange(6)), loaded.images)
+
+
+def test_stream_refuses_what_it_cannot_stream(tmp_path, tiny):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(UserError, match=r"data.stream=true reads .npy files and image folders.*numpy.save"):
+        open_stream(tiny(**{"data.path": str(tmp_path / "a.npz")}).data)
+    with pytest.raises(UserError, match="needs data.path"):
+        open_stream(tiny().data)
