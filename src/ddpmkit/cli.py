@@ -22,7 +22,7 @@ SAMPLE_FLAGS = {
     "num": "sample.num", "sampler": "sample.sampler", "steps": "sample.steps", "eta": "sample.eta",
     "seed": "sample.seed", "batch_size": "sample.batch_size", "size": "sample.size",
     "checkpoint": "sample.checkpoint", "out": "sample.out_dir", "device": "sample.device",
-    "spacing": "sample.spacing",
+    "spacing": "sample.spacing", "class_label": "sample.class_label", "guidance": "sample.guidance",
 }
 
 TRAIN_EXAMPLES = """examples:
@@ -65,7 +65,7 @@ GIF_EXAMPLES = """examples:
 
 
 # torchrun's own parser claims --num (a prefix of its --numa-binding), so under torchrun use these.
-ALIASES = {"num": ["-n", "--num-images"]}
+ALIASES = {"num": ["-n", "--num-images"], "class_label": ["--class"]}
 
 
 def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[str, type]) -> None:
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("run", help="run directory (as written by ddpmkit train)")
     s.add_argument("args", nargs="*", metavar="sample.key=value", help="overrides of the sample section")
-    _add_flags(s, SAMPLE_FLAGS, {"num": int, "steps": int, "eta": float, "seed": int, "batch_size": int, "size": int})
+    _add_flags(s, SAMPLE_FLAGS, {"num": int, "steps": int, "eta": float, "seed": int, "batch_size": int, "size": int,
+                                 "guidance": float})
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA (sets sample.ema=false)")
     s.add_argument("--gif", action="store_true", help="also write OUT/trajectory.gif (sets sample.gif=true)")
     s.add_argument("--fresh", action="store_true", help="replace images of an earlier, different job in --out")

@@ -28,6 +28,7 @@ class DataConfig:
     label_column: str = "label"
     filter_label: Optional[str] = None  # keep only rows whose label equals this
     split: str = "train"  # .npz key prefix: {split}_images / {split}_labels
+    class_names: Optional[list[str]] = None  # resolved from the labels for a class-conditional model (index = class id)
     on_error: str = "skip"  # unreadable images: skip (and report) or fail
     stream: bool = False  # read batches from disk (.npy memory-mapped, folders decoded lazily): RAM stays flat
     workers: int = 4  # with stream: DataLoader worker processes decoding ahead of the GPU
@@ -48,7 +49,8 @@ class ModelConfig:
     time_flip_sin_to_cos: bool = False  # embedding order [sin, cos] as in DDPM; diffusers' option
     time_freq_shift: float = 1.0  # DDPM divides frequencies by (half - 1)
     compile: bool = False  # torch.compile the network for training (CUDA; minutes of compilation first)
-    num_classes: int = 0  # >0: class-conditional (a learned class embedding added to the time embedding)
+    class_conditional: bool = False  # learn p(x | class) from the data's labels (CSV, class subfolders, .npz, digits)
+    num_classes: int = 0  # the class embedding's size; set from the labels when class_conditional
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: off; else evaluate at checkpoints whose step is a multiple of this
     eval_num: int = 500  # samples per evaluation (dpmpp-2m, 20 steps, EMA weights)
     eval_features: str = "classifier"  # classifier (needs labels) | efficientnet | inception
+    label_dropout: float = 0.1  # class-conditional: share of labels dropped, which trains the unconditional model CFG needs
     init_from: Optional[str] = None  # pretrained weights to start from: a ddpmkit run, or a diffusers folder / hub id
     tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (pip install tensorboard)
 
@@ -110,6 +113,8 @@ class SampleConfig:
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the network (pays off for large jobs on GPUs)
+    class_label: Optional[str] = None  # class-conditional models: the class to generate (None: classes in turn)
+    guidance: float = 1.0  # classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger
     writers: int = 2  # background threads encoding and writing PNGs
 
 
@@ -167,7 +172,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.eval_every",
-    "train.max_minutes", "model.dropout", "sample.eta", "train.seed", "sample.seed", "model.num_classes", "data.workers",
+    "train.max_minutes", "model.dropout", "sample.eta", "train.label_dropout", "sample.guidance", "train.seed", "sample.seed", "model.num_classes", "data.workers",
 }
 
 

@@ -122,7 +122,19 @@ def list_image_files(root: Path, cfg: DataConfig) -> tuple[list[Path], list[str]
         files, labels = _select_by_csv(root, files, cfg)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+    if labels is None:
+        labels = _class_folder_labels(root, files)
     return files, labels
+
+
+def _class_folder_labels(root: Path, files: list[Path]) -> list[str] | None:
+    """root/<class>/image.png: the first folder level names the class, when every image has one
+    and there are at least two (a single subfolder is just where the images are)."""
+    parts = [f.relative_to(root).parts for f in files]
+    if any(len(p) < 2 for p in parts):
+        return None
+    labels = [p[0] for p in parts]
+    return labels if len(set(labels)) > 1 else None
 
 
 def _load_folder(root: Path, cfg: DataConfig) -> ImageData:

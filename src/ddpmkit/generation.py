@@ -48,15 +48,42 @@ def resolved_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:
 
 def sample_batch(run: Run, indices: list[int], seed: int, sampler: str = "ddim", steps: int | None = None,
                  spacing: str = "uniform", eta: float = 0.0, variance: str = "small", clip_x0: bool = True,
-                 amp_dtype: torch.dtype | None = None, callback: Callback | None = None) -> torch.Tensor:
-    """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)."""
+                 amp_dtype: torch.dtype | None = None, callback: Callback | None = None,
+                 class_label: str | None = None, guidance: float = 1.0) -> torch.Tensor:
+    """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)
+    (and, for a class-conditional run, on its class: `class_label`, or class k mod K by default)."""
     device = next(run.net.parameters()).device
     shape = (run.channels, run.image_size, run.image_size)
     noise = ImageNoise(seed, indices, shape, device)
-    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, clip_x0, amp_dtype)
+    labels = class_indices(run, indices, class_label)
+    labels = None if labels is None else labels.to(device)
+    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, clip_x0, amp_dtype, labels, guidance)
     timesteps = make_timesteps(resolved_steps(sampler, steps, run.schedule.num_timesteps), run.schedule, spacing)
     options = {"ddpm": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
     return SAMPLERS[sampler](denoiser, noise(), timesteps, noise, callback=callback, **options)
+
+
+def class_indices(run: Run, indices: list[int], class_label: str | None) -> torch.Tensor | None:
+    """The class of each image index: the one asked for, else classes in turn (image k: k mod K)."""
+    names = run.config.data.class_names
+    if not run.config.model.class_conditional or not names:
+        if class_label is not None:
+            raise UserError(f"--class {class_label}: {run.path} is not class-conditional (train with "
+                            f"model.class_conditional=true)")
+        return None
+    if class_label is None:
+        return torch.tensor([k % len(names) for k in indices])
+    if class_label not in names:
+        raise UserError(f"--class {class_label}: not a class of {run.path} (classes: {', '.join(names[:20])})")
+    return torch.full((len(indices),), names.index(class_label))
+
+
+def class_name(run: Run, index: int, class_label: str | None) -> str:
+    """The manifest's label column: the class of image `index`, empty for unconditional runs."""
+    names = run.config.data.class_names
+    if not run.config.model.class_conditional or not names:
+        return ""
+    return class_label if class_label is not None else names[index % len(names)]
 
 
 def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: int | None = None,
@@ -71,14 +98,15 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
 
 def _options(cfg: SampleConfig, steps: int, amp_dtype) -> dict:
     return dict(sampler=cfg.sampler, steps=steps, spacing=cfg.spacing, eta=cfg.eta, variance=cfg.variance,
-                clip_x0=cfg.clip_x0, amp_dtype=amp_dtype)
+                clip_x0=cfg.clip_x0, amp_dtype=amp_dtype, class_label=cfg.class_label, guidance=cfg.guidance)
 
 
 def _job_identity(run: Run, cfg: SampleConfig, steps: int) -> dict:
     """What determines the pixels of image k. `num` is not part of it: a job may be extended."""
     return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "checkpoint_sha256": run.checkpoint_sha256,
             "ema": cfg.ema, "sampler": cfg.sampler, "steps": steps, "spacing": cfg.spacing, "eta": cfg.eta,
-            "variance": cfg.variance, "clip_x0": cfg.clip_x0, "seed": cfg.seed, "size": cfg.size}
+            "variance": cfg.variance, "clip_x0": cfg.clip_x0, "seed": cfg.seed, "size": cfg.size,
+            "class_label": cfg.class_label, "guidance": cfg.guidance}
 
 
 def _start_job(out: Path, job: dict, fresh: bool) -> None:
@@ -190,8 +218,8 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
             indices = todo[start:start + cfg.batch_size]
             x = sample_batch(run, indices, cfg.seed, **options)
             images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
-            rows = [[f"individual/{k:06d}.png", k, cfg.seed, cfg.sampler, steps, run.checkpoint, "", "true"]
-                    for k in indices]
+            rows = [[f"individual/{k:06d}.png", k, cfg.seed, cfg.sampler, steps, run.checkpoint,
+                     class_name(run, k, cfg.class_label), "true"] for k in indices]
             writer.submit(images, rows, text)
             bar.update(len(indices))
     finally:

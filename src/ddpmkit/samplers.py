@@ -28,18 +28,35 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x_t
 
 class Denoiser:
     """A network, its schedule and prediction type as one function (x_t, t) -> (x0, eps).
-    The whole batch shares t, so the conversions use scalars."""
+    The whole batch shares t, so the conversions use scalars.
+
+    Class-conditional networks take `labels` (one class index per image, -1 for none) and
+    classifier-free guidance: out = uncond + guidance * (cond - uncond), so 0 is the unconditional
+    model, 1 the plain conditional one, and larger values push harder towards the class. The
+    output is linear in eps, x0 and v alike, so guiding the raw output is guiding all three."""
 
     def __init__(self, net: torch.nn.Module, schedule: Schedule, prediction: str, clip_x0: bool = True,
-                 amp_dtype: torch.dtype | None = None):
+                 amp_dtype: torch.dtype | None = None, labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.net, self.schedule, self.prediction, self.clip_x0 = net, schedule, prediction, clip_x0
-        self.amp_dtype = amp_dtype
+        self.amp_dtype, self.labels, self.guidance = amp_dtype, labels, guidance
+
+    def _output(self, x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        if self.labels is None:
+            return self.net(x, tt).float()
+        if self.guidance == 1.0:
+            return self.net(x, tt, self.labels).float()
+        none = torch.full_like(self.labels, -1)
+        if self.guidance == 0.0:
+            return self.net(x, tt, none).float()
+        both = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.labels, none])).float()
+        cond, uncond = both.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         tt = torch.full((x.shape[0],), float(t), device=x.device)
         with autocast(x.device, self.amp_dtype):
-            out = self.net(x, tt).float()
+            out = self._output(x, tt)
         a = self.schedule.abar_at(t)
         sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
         x0, eps = x0_eps_from_output(self.prediction, out, x, sa, sb)

@@ -149,6 +149,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {data.channels} channel(s): "
                         f"set data.channels={cfg.model.in_channels} or drop model.in_channels")
 
+    class_ids = _class_ids(cfg, data) if cfg.model.class_conditional else None
     source = None
     if tc.init_from:
         source = Source(tc.init_from, log)
@@ -215,6 +216,9 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         order = EpochOrder(len(data), tc.batch_size, tc.seed, device)
         next_images = lambda: images[order.indices(step)[mine]]  # noqa: E731
 
+    if class_ids is not None:
+        class_ids = class_ids.to(device)
+        label_order = order if not cfg.data.stream else EpochOrder(len(data), tc.batch_size, tc.seed, device)
     ema_params, params = list(ema.parameters()), list(model.parameters())
     # Counters live on the device and are read at log intervals only (no host sync per step).
     loss_sum, skipped_sum = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -235,6 +239,10 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
             flips = torch.rand(tc.batch_size, device=device, generator=g) < 0.5 if cfg.data.hflip else None
             t = torch.randint(0, schedule.num_timesteps, (tc.batch_size,), device=device, generator=g)
             noise = torch.randn((tc.batch_size, *data_shape(cfg)), device=device, generator=g)
+            labels = None
+            if class_ids is not None:  # dropped labels (-1) train the unconditional model guidance needs
+                dropped = torch.rand(tc.batch_size, device=device, generator=g) < tc.label_dropout
+                labels = torch.where(dropped, -1, class_ids[label_order.indices(step)])[mine]
             for group in opt.param_groups:
                 group["lr"] = tc.lr * min(1.0, (step + 1) / max(1, tc.warmup_steps))
             batch_u8 = next_images()
@@ -249,7 +257,9 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
                 sync = contextlib.nullcontext() if ddp is None or k == tc.grad_accum - 1 else ddp.no_sync()
                 with sync:
                     with autocast(device, amp_dtype):
-                        micro_loss = diffusion_loss(net, schedule, cfg.diffusion.prediction, x0, t[rows], noise[rows])
+                        micro_labels = None if labels is None else labels[k * share:(k + 1) * share]
+                        micro_loss = diffusion_loss(net, schedule, cfg.diffusion.prediction, x0, t[rows], noise[rows],
+                                                    micro_labels)
                     micro_loss = micro_loss / tc.grad_accum
                     (scaler.scale(micro_loss) if scaler else micro_loss).backward()
                 loss = loss + micro_loss.detach()
@@ -354,6 +364,26 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         log(f"trained {run.path} to step {step}: checkpoints in {run.checkpoints}, grids in {run.grids}, "
             f"log {run.stats_path}, report {report}")
     return run
+
+
+def _class_ids(cfg: Config, data) -> torch.Tensor:
+    """Class index per image for a class-conditional model; fixes data.class_names and
+    model.num_classes in the config (and so in the run's config.yaml)."""
+    if not data.labels or any(label is None for label in data.labels):
+        raise UserError("model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
+                        "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
+    present = set(data.labels)
+    names = cfg.data.class_names or sorted(present, key=lambda c: (not c.lstrip("-").isdigit(), int(c) if
+                                                                    c.lstrip("-").isdigit() else 0, c))
+    unknown = sorted(present - set(names))
+    if unknown:
+        raise UserError(f"labels {', '.join(unknown[:5])} are not in data.class_names ({', '.join(names[:10])})")
+    if cfg.model.num_classes not in (0, len(names)):
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the labels name {len(names)} classes: "
+                        f"drop model.num_classes (it is set from the labels)")
+    cfg.data.class_names, cfg.model.num_classes = list(names), len(names)
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[label] for label in data.labels])
 
 
 def data_shape(cfg: Config) -> tuple[int, int, int]:
