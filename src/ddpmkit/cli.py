@@ -60,6 +60,13 @@ only what ddpmkit's UNet computes exactly is imported; any other option is refus
 EXPORT_EXAMPLES = """examples:
   ddpmkit export runs/lesions --format diffusers --out lesions-diffusers/   # DDPMPipeline.from_pretrained(...)"""
 
+RESTORE_EXAMPLES = """examples:
+  ddpmkit denoise runs/mnist noisy/ --sigma auto --out clean/        # or --sigma 0.2 (on the [0,1] scale)
+  ddpmkit denoise runs/mnist noisy/ --sigma 0.2 --method sample --samples 4 --out clean/
+  ddpmkit img2img runs/lesions inputs/ --strength 0.5 --out variants/  # SDEdit
+  ddpmkit inpaint runs/mnist images/ --mask masks/ --out filled/       # RePaint; mask white = fill
+images must have the model's size and channels (no silent resizing)."""
+
 GIF_EXAMPLES = """examples:
   ddpmkit gif runs/default                  # runs/default/learning.gif from runs/default/grids/"""
 
@@ -145,6 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
     ex.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+
+    for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
+                           ("img2img", "variations of images (SDEdit): noise to --strength, then denoise"),
+                           ("inpaint", "fill the white part of each mask (RePaint)")):
+        rp = sub.add_parser(kind, help=helptext, epilog=RESTORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        rp.add_argument("run", help="run directory")
+        rp.add_argument("inputs", help="a folder of images of the model's size")
+        rp.add_argument("--out", required=True, help="output folder: individual/, grid.png, manifest.csv")
+        rp.add_argument("--seed", type=int, default=0)
+        rp.add_argument("--batch-size", type=int, default=64)
+        rp.add_argument("--steps", type=int, default=None, help="network evaluations (sampler default if unset)")
+        rp.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
+        rp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+        rp.add_argument("--device", default="auto")
+        if kind == "denoise":
+            rp.add_argument("--sigma", default="auto", help="noise std on the [0,1] scale, or auto (wavelet estimate)")
+            rp.add_argument("--method", default="mmse", choices=["mmse", "sample"],
+                            help="mmse: posterior mean, one network call (best PSNR); sample: reverse process")
+            rp.add_argument("--samples", type=int, default=1, help="--method sample: draws averaged")
+            rp.add_argument("--sampler", default="ddpm", help="--method sample: the sampler")
+        elif kind == "img2img":
+            rp.add_argument("--strength", type=float, default=0.5, help="0 returns the input, 1 ignores it")
+            rp.add_argument("--sampler", default="ddim")
+        else:
+            rp.add_argument("--mask", required=True, help="a folder of masks named like the images (white = fill)")
+            rp.add_argument("--jump-length", type=int, default=10)
+            rp.add_argument("--resamplings", type=int, default=10)
 
     g = sub.add_parser("gif", help="turn a run's periodic training grids into a 'learning' GIF", epilog=GIF_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,6 +331,20 @@ def cmd_export(ns: argparse.Namespace) -> None:
     export_diffusers(ns.run, ns.out, ns.checkpoint, ema=not ns.no_ema)
 
 
+def cmd_restore(ns: argparse.Namespace) -> None:
+    from .restoration import restore_folder
+    from .run import load_run
+    from .runtime import resolve_device
+
+    run = load_run(ns.run, ns.checkpoint, not ns.no_ema, resolve_device(ns.device))
+    options = {"denoise": lambda: {"sigma": ns.sigma, "method": ns.method, "samples": ns.samples, "sampler": ns.sampler},
+               "img2img": lambda: {"strength": ns.strength, "sampler": ns.sampler},
+               "inpaint": lambda: {"masks_dir": ns.mask, "jump_length": ns.jump_length,
+                                   "resamplings": ns.resamplings}}[ns.command]()
+    restore_folder(run, ns.command, ns.inputs, ns.out, seed=ns.seed, batch_size=ns.batch_size, steps=ns.steps,
+                   **options)
+
+
 def cmd_report(ns: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -304,7 +352,8 @@ def cmd_report(ns: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
-            "gif": cmd_gif, "import": cmd_import, "export": cmd_export}
+            "gif": cmd_gif, "import": cmd_import, "export": cmd_export,
+            "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,465 @@
+"""Restoration with a trained model: denoising, img2img (SDEdit) and inpainting (RePaint).
+
+Scales. Images enter and leave as uint8 N x C x H x W; the model works on [-1, 1]. A user's noise
+level `sigma` is on the [0, 1] image scale, so on the model scale it is 2 * sigma.
+
+Denoising. A noisy image y = x + s * n (model scale, n ~ N(0, I)) has the same law as the diffusion's
+x_t / sqrt(abar_t) = x0 + sqrt((1 - abar_t) / abar_t) * eps at the (fractional) timestep t where
+sqrt((1 - abar_t) / abar_t) = s. So x_t = sqrt(abar_t) * y is an exact sample of the forward process
+at t, and
+  - method 'mmse':   one network evaluation gives E[x0 | x_t] (Tweedie), the posterior mean: the
+                     estimate with the least mean squared error (if the network is exact);
+  - method 'sample': the reverse process from t to 0 draws from p(x0 | y); averaging `samples`
+                     draws tends to the posterior mean, one draw is sharper but noisier.
+
+img2img (SDEdit, Meng et al. 2022): noise the input to t = strength * (T - 1) with the forward
+process, then run a sampler from t to 0. strength 0 returns the input unchanged; strength 1 starts
+from (almost) pure noise and ignores the input.
+
+Inpainting (RePaint, Lugmayr et al. 2022): mask white = unknown (to fill), black = known. Every
+reverse step x_t -> x_{t-1} takes the unknown pixels from the model's ancestral step and the known
+pixels from the forward process applied to the known image at t-1; every `jump_length` steps the
+state is noised forward again by `jump_length` steps and the stretch redone (`resamplings` times in
+all), which lets the filled region agree with the known one. The known pixels of the result are
+the input's own uint8 values.
+
+Randomness: image k of an input list draws its noise from its own generator seeded by (seed, k)
+(samplers.ImageNoise), so results do not depend on the batch size or on which batch an image was in.
+
+Sizes: an image must have the model's size and channel count; anything else is refused with a
+UserError (no silent resizing, no tiling yet).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import atomic
+from .data import IMAGE_SUFFIXES, decode_image
+from .errors import UserError
+from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
+from .run import Run
+from .runtime import mix_seed
+from .samplers import DEFAULT_STEPS, SAMPLERS, Denoiser, ImageNoise
+from .schedule import Schedule
+
+KINDS = ("denoise", "img2img", "inpaint")
+METHODS = ("mmse", "sample")
+MANIFEST_COLUMNS = ["input", "output", "kind", "seed", "sigma", "parameters"]
+GRID_MAX_COLUMNS = 16  # the before/after grid shows at most this many image pairs
+_INT_SNAP = 1e-9  # timesteps this close to an integer are that integer (exact table values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise level <-> timestep
+
+def sigma_range(schedule: Schedule) -> tuple[float, float]:
+    """The smallest and largest noise level the schedule covers, on the [0, 1] image scale."""
+    return math.exp(schedule.log_sigmas[0]) / 2, math.exp(schedule.log_sigmas[-1]) / 2
+
+
+def sigma_to_timestep(schedule: Schedule, sigma: float) -> float:
+    """The (fractional) timestep whose noise level equals `sigma` ([0, 1] image scale).
+
+    y = x + sigma * n on [0, 1] is x + 2 * sigma * n on the model's [-1, 1], and x_t / sqrt(abar_t)
+    = x0 + sqrt((1 - abar_t) / abar_t) * eps, so t solves sqrt((1 - abar_t) / abar_t) = 2 * sigma;
+    then x_t = sqrt(abar_at(t)) * y. Schedule.t_at_sigma inverts the schedule's own log-sigma
+    interpolation, so abar_at(t) reproduces sigma exactly; results within 1e-9 of an integer are
+    snapped to it so table values (and integer network timesteps) are used there."""
+    lo, hi = sigma_range(schedule)
+    if not (lo * (1 - 1e-9) <= sigma <= hi * (1 + 1e-9)):
+        raise UserError(f"noise level sigma={sigma:g} is outside what this model's schedule covers "
+                        f"([{lo:.4g}, {hi:.4g}] on the [0,1] scale)")
+    t = schedule.t_at_sigma(2.0 * sigma)
+    return float(round(t)) if abs(t - round(t)) < _INT_SNAP else t
+
+
+def to_model(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float [-1, 1] (the inverse of images.to_uint8 on the 256 levels)."""
+    return images_u8.float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise estimation
+
+def estimate_sigma(images) -> list[float]:
+    """Per-image Gaussian noise level on the [0, 1] scale, from the median absolute deviation of
+    the finest diagonal wavelet coefficients (Donoho & Johnstone 1994, via scikit-image).
+    `images`: uint8 N x C x H x W (0..255), or floats N x C x H x W already on the [0, 1] scale.
+    Noisy images that were clipped to [0, 1] (most saved files) read low where they saturate."""
+    try:  # optional dependencies, imported only when an estimate is asked for
+        import pywt  # noqa: F401  (scikit-image's wavelet code needs it but does not install it)
+        from skimage.restoration import estimate_sigma as _wavelet_sigma
+    except ImportError:
+        raise UserError("estimating the noise level (sigma auto) needs scikit-image and PyWavelets: "
+                        "pip install scikit-image PyWavelets, or give the noise level as a number") from None
+    arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
+    out = []
+    for img in arr:
+        if img.shape[0] == 1:
+            out.append(float(_wavelet_sigma(img[0])))
+        else:  # one estimate per channel, averaged
+            out.append(float(_wavelet_sigma(np.moveaxis(img, 0, -1), channel_axis=-1, average_sigmas=True)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks on model-scale tensors (any Denoiser, e.g. an exact one in tests)
+
+def timesteps_from(t_start: float, steps: int | None = None) -> list[float]:
+    """Descending timesteps from t_start (possibly fractional) down to 0: t_start itself, then
+    integer timesteps below it, all of them (steps None) or `steps - 1` evenly spaced ones. Each
+    sampler steps to the clean image after the last, so `steps` is the number of network calls."""
+    below = np.arange(math.ceil(t_start) - 1, -1, -1, dtype=np.float64)  # integers < t_start
+    if steps is not None:
+        if steps < 1:
+            raise UserError(f"steps must be at least 1, got {steps}")
+        if steps - 1 < len(below):
+            below = np.unique(np.round(np.linspace(below[0], 0, steps - 1)))[::-1] if steps > 1 else below[:0]
+    return [float(t_start)] + [float(t) for t in below]
+
+
+def _sampler(name: str):
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]
+
+
+def _sigma_list(sigma, n: int) -> list[float]:
+    s = [float(v) for v in sigma] if isinstance(sigma, (list, tuple, np.ndarray, torch.Tensor)) else [float(sigma)] * n
+    if len(s) != n:
+        raise UserError(f"{len(s)} noise levels given for {n} images")
+    return s
+
+
+def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mmse", samples: int = 1,
+                   seed: int = 0, indices: Sequence[int] | None = None, sampler: str = "ddpm",
+                   steps: int | None = None) -> torch.Tensor:
+    """Denoise model-scale images y = x + 2*sigma*n ([-1, 1] floats, N x C x H x W); `sigma` on the
+    [0, 1] scale, one number or one per image. Returns model-scale floats (not clipped).
+    `indices`: the images' positions in the whole job, which seed their noise (default 0..N-1)."""
+    if method not in METHODS:
+        raise UserError(f"unknown denoising method {method!r} (known: {', '.join(METHODS)})")
+    if samples < 1:
+        raise UserError(f"samples must be at least 1, got {samples}")
+    indices = list(range(len(y))) if indices is None else list(indices)
+    sigmas = _sigma_list(sigma, len(y))
+    out = torch.empty_like(y, dtype=torch.float32)
+    # The denoiser takes one t per batch: images sharing a noise level go through together.
+    for s in sorted(set(sigmas)):
+        rows = [i for i, v in enumerate(sigmas) if v == s]
+        t = sigma_to_timestep(denoiser.schedule, s)
+        x_t = math.sqrt(denoiser.schedule.abar_at(t)) * y[rows].float()
+        if method == "mmse":
+            out[rows] = denoiser(x_t, t)[0]
+            continue
+        acc = torch.zeros_like(x_t)
+        for k in range(samples):  # draw k of image i uses the generator of (seed, k, i)
+            noise = ImageNoise(mix_seed(seed, k), [indices[i] for i in rows], tuple(x_t.shape[1:]), x_t.device)
+            acc += _run_sampler(sampler, denoiser, x_t, timesteps_from(t, steps), noise)
+        out[rows] = acc / samples
+    return out
+
+
+def _run_sampler(name: str, denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise) -> torch.Tensor:
+    return _sampler(name)(denoiser, x, timesteps, noise)
+
+
+def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: int = 0,
+                   indices: Sequence[int] | None = None, sampler: str = "ddim", steps: int | None = None) -> torch.Tensor:
+    """SDEdit on model-scale images: forward-noise to t = strength * (T - 1) (fractional t allowed:
+    the schedule's log-sigma interpolation gives its abar), then sample back to t = 0 with `steps`
+    network calls (None: every integer timestep below t). strength 0 returns x0 itself."""
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"strength must be in [0, 1], got {strength}")
+    if strength == 0.0:
+        return x0
+    s = denoiser.schedule
+    t = strength * (s.num_timesteps - 1)
+    indices = list(range(len(x0))) if indices is None else list(indices)
+    noise = ImageNoise(seed, indices, tuple(x0.shape[1:]), x0.device)
+    a = s.abar_at(t)
+    x_t = math.sqrt(a) * x0.float() + math.sqrt(1.0 - a) * noise()  # q_sample at a fractional t
+    return _run_sampler(sampler, denoiser, x_t, timesteps_from(t, steps), noise)
+
+
+def repaint_schedule(levels: int, jump_length: int, resamplings: int) -> list[int]:
+    """The sequence of levels RePaint visits (its get_schedule_jump): levels-1 down to -1 (the
+    clean image), going back up `jump_length` levels after every `jump_length` levels down,
+    `resamplings - 1` times at each such point. A step down is a reverse step, up a forward one."""
+    if jump_length < 1 or resamplings < 1:
+        raise UserError(f"jump_length and resamplings must be at least 1, got {jump_length} and {resamplings}")
+    jumps = {j: resamplings - 1 for j in range(0, levels - jump_length, jump_length)}
+    t, seq = levels, []
+    while t >= 1:
+        t -= 1
+        seq.append(t)
+        if jumps.get(t, 0) > 0:
+            jumps[t] -= 1
+            for _ in range(jump_length):
+                t += 1
+                seq.append(t)
+    seq.append(-1)
+    return seq
+
+
+def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor, seed: int = 0,
+                   indices: Sequence[int] | None = None, steps: int | None = None, jump_length: int = 10,
+                   resamplings: int = 10) -> torch.Tensor:
+    """RePaint on model-scale images. `fill`: bool N x 1 x H x W (or N x C x H x W), True where the
+    pixel is unknown. Reverse steps are DDPM ancestral steps (posterior variance) on `steps` evenly
+    spaced integer timesteps (None, or more than T: all T); network calls are about steps * resamplings."""
+    s = denoiser.schedule
+    if steps is not None and steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    n_levels = s.num_timesteps if steps is None else min(steps, s.num_timesteps)
+    grid = np.unique(np.round(np.linspace(0, s.num_timesteps - 1, n_levels))).astype(int)  # level -> timestep
+    abar = lambda level: 1.0 if level < 0 else float(s.alphas_cumprod[grid[level]])
+    indices = list(range(len(x_known))) if indices is None else list(indices)
+    noise = ImageNoise(seed, indices, tuple(x_known.shape[1:]), x_known.device)
+    fill = fill.to(x_known.device).expand_as(x_known)
+    x0 = x_known.float()
+
+    def known_at(level):  # the known image pushed through the forward process to this level
+        a = abar(level)
+        return x0 if level < 0 else math.sqrt(a) * x0 + math.sqrt(1 - a) * noise()
+
+    top = len(grid) - 1
+    x = torch.where(fill, noise(), known_at(top))
+    seq = repaint_schedule(len(grid), jump_length, resamplings)
+    for cur, nxt in zip(seq, seq[1:]):
+        a_cur, a_nxt = abar(cur), abar(nxt)
+        if nxt < cur:  # reverse step cur -> nxt: ancestral for the unknown, forward process for the known
+            beta = 1.0 - a_cur / a_nxt
+            x0_hat, _ = denoiser(x, float(grid[cur]))
+            mean = (math.sqrt(a_nxt) * beta / (1 - a_cur)) * x0_hat \
+                + (math.sqrt(1 - beta) * (1 - a_nxt) / (1 - a_cur)) * x
+            if nxt >= 0:
+                mean = mean + math.sqrt(beta * (1 - a_nxt) / (1 - a_cur)) * noise()
+            x = torch.where(fill, mean, known_at(nxt))
+        else:  # forward jump cur -> nxt: q(x_nxt | x_cur)
+            ratio = a_nxt / a_cur
+            x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * noise()
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# uint8 API on a trained run
+
+def _denoiser(run: Run, clip_x0: bool = True) -> Denoiser:
+    return Denoiser(run.net, run.schedule, run.config.diffusion.prediction, clip_x0)
+
+
+def check_images(run: Run, images_u8: torch.Tensor, names: Sequence[str] | None = None) -> None:
+    """Refuse images the model cannot take: wrong dtype, size or channel count."""
+    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
+        raise UserError(f"expected uint8 images N x C x H x W, got {images_u8.dtype} of shape {tuple(images_u8.shape)}")
+    want = (run.channels, run.image_size, run.image_size)
+    for i, img in enumerate(images_u8):
+        if tuple(img.shape) != want:
+            name = names[i] if names else f"image {i}"
+            raise UserError(f"{name}: {img.shape[0]} channel(s), {img.shape[2]}x{img.shape[1]} pixels, but the model "
+                            f"takes {want[0]} channel(s) at {want[2]}x{want[1]}: resize/convert it first "
+                            f"(no silent resizing)")
+
+
+def _device(run: Run) -> torch.device:
+    return next(run.net.parameters()).device
+
+
+def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1,
+            seed: int = 0, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
+            indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Denoise uint8 images (N x C x H x W, the model's size) whose noise level is `sigma` on the
+    [0, 1] scale: a number, one per image, or 'auto' (estimate_sigma per image, raised to the
+    schedule's smallest level). method 'mmse': posterior mean, one network call; 'sample': reverse
+    process from the matched t with `sampler` and `steps` (None: all integer steps below t),
+    averaged over `samples` draws. Returns uint8."""
+    check_images(run, images_u8)
+    sig = resolve_sigma(run.schedule, images_u8, sigma)
+    y = to_model(images_u8).to(_device(run))
+    x = denoise_tensor(_denoiser(run, clip_x0), y, sig, method, samples, seed, indices, sampler, steps)
+    return to_uint8(x)
+
+
+def resolve_sigma(schedule: Schedule, images_u8: torch.Tensor, sigma) -> list[float]:
+    """'auto' -> the per-image estimate, clamped into the schedule's range (an almost clean image
+    gets the smallest level); numbers are used as given (refused when out of range)."""
+    if isinstance(sigma, str):
+        if sigma != "auto":
+            try:
+                sigma = float(sigma)
+            except ValueError:
+                raise UserError(f"sigma must be 'auto' or a number, got {sigma!r}") from None
+        else:
+            lo, hi = sigma_range(schedule)
+            return [min(max(s, lo), hi) for s in estimate_sigma(images_u8)]
+    return _sigma_list(sigma, len(images_u8))
+
+
+def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int = 0, sampler: str = "ddim",
+            steps: int | None = None, clip_x0: bool = True, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """SDEdit: t = strength * (T - 1), forward-noise, sample back with `sampler` in `steps` network
+    calls (None: the sampler's default, capped at the integer steps below t). strength 0 is the
+    identity (the input tensor's values, bit for bit). Returns uint8."""
+    check_images(run, images_u8)
+    if strength == 0:
+        return images_u8.clone()
+    steps = steps if steps is not None else DEFAULT_STEPS.get(sampler)
+    x = img2img_tensor(_denoiser(run, clip_x0), to_model(images_u8).to(_device(run)), strength, seed, indices,
+                       sampler, steps)
+    return to_uint8(x)
+
+
+def load_mask(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A mask image -> bool 1 x H x W, True (white, > 127) where the pixel is to be filled."""
+    try:
+        arr = decode_image(Path(path))
+    except OSError as exc:
+        raise UserError(f"cannot read mask {path}: {exc}") from None
+    if arr.ndim == 3:
+        arr = arr.mean(axis=2)
+    if size is not None and arr.shape != size:
+        raise UserError(f"mask {path} is {arr.shape[1]}x{arr.shape[0]} pixels but its image is {size[1]}x{size[0]}")
+    return torch.from_numpy(np.asarray(arr) > 127)[None]
+
+
+def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, steps: int | None = 250,
+            jump_length: int = 10, resamplings: int = 10, clip_x0: bool = True,
+            indices: Sequence[int] | None = None) -> torch.Tensor:
+    """RePaint. `masks`: bool (or 0/255 uint8) N x 1 x H x W, True/white where the pixel is unknown.
+    steps: reverse steps on evenly spaced timesteps, capped at T (None: all T). The default 250 with
+    jump_length = resamplings = 10 is the paper's setting (it used T = 250); network calls are about
+    steps * resamplings (2,500 per image by default).
+    Known pixels of the result are the input's uint8 values exactly. Returns uint8."""
+    check_images(run, images_u8)
+    fill = masks.bool() if masks.dtype != torch.uint8 else masks > 127
+    if fill.dim() != 4 or fill.shape[0] != images_u8.shape[0] or fill.shape[-2:] != images_u8.shape[-2:] \
+            or fill.shape[1] not in (1, images_u8.shape[1]):
+        raise UserError(f"masks of shape {tuple(fill.shape)} do not fit images of shape {tuple(images_u8.shape)}")
+    x = inpaint_tensor(_denoiser(run, clip_x0), to_model(images_u8).to(_device(run)), fill, seed, indices, steps,
+                       jump_length, resamplings)
+    # The known pixels are the input's exactly (not a float round trip of them).
+    return torch.where(fill.expand_as(images_u8), to_uint8(x), images_u8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder runner
+
+def _read_inputs(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"input folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {folder}")
+    stems = [p.stem for p in files]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise UserError(f"{folder} holds several images named {dup[0]}.* (outputs are PNGs named by the stem): rename one")
+    return files
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    try:
+        arr = decode_image(path)
+    except OSError as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    t = torch.from_numpy(np.array(arr))
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _find_mask(masks_dir: Path, image: Path) -> Path:
+    for suffix in [image.suffix, *sorted(IMAGE_SUFFIXES)]:
+        p = masks_dir / (image.stem + suffix)
+        if p.is_file():
+            return p
+    raise UserError(f"no mask for {image.name} in {masks_dir} (expected {image.stem}.png or the same name)")
+
+
+def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sigma="auto", method: str = "mmse",
+                   samples: int = 1, strength: float = 0.5, sampler: str | None = None, steps: int | None = None,
+                   # steps None: denoise 'sample' all steps below t, img2img the sampler's default, inpaint 250
+                   jump_length: int = 10, resamplings: int = 10, seed: int = 0, batch_size: int = 64,
+                   clip_x0: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Restore every image of `inputs_dir` into `out_dir`, in the layout of `ddpmkit sample`:
+        OUT/individual/<input stem>.png   one output per input
+        OUT/grid.png                      inputs (top row) above outputs (bottom row), first 16
+        OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)
+    kind: denoise | img2img | inpaint (masks_dir: masks matched by file name, white = fill).
+    Every file is written atomically; each image's noise depends only on (seed, its sorted position)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown restoration {kind!r} (known: {', '.join(KINDS)})")
+    if kind == "inpaint" and masks_dir is None:
+        raise UserError("inpainting needs a folder of masks (white = fill), matched to the images by file name")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    files = _read_inputs(Path(inputs_dir))
+    images = [_load_image(p) for p in files]
+    for p, img in zip(files, images):
+        check_images(run, img[None], [str(p)])
+    masks = None
+    if kind == "inpaint":
+        masks = [load_mask(_find_mask(Path(masks_dir), p), tuple(img.shape[-2:])) for p, img in zip(files, images)]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    sampler = sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(kind)
+    params = _parameters(kind, method, samples, strength, sampler, steps, jump_length, resamplings, clip_x0)
+    text = {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
+
+    results, sigmas = [], []
+    for start in range(0, len(files), batch_size):
+        idx = list(range(start, min(len(files), start + batch_size)))
+        batch = torch.stack([images[i] for i in idx])
+        if kind == "denoise":
+            sig = resolve_sigma(run.schedule, batch, sigma)
+            sigmas += sig
+            res = denoise(run, batch, sig, method, samples, seed, steps, sampler, clip_x0, idx)
+        elif kind == "img2img":
+            sigmas += [""] * len(idx)
+            res = img2img(run, batch, strength, seed, sampler, steps, clip_x0, idx)
+        else:
+            sigmas += [""] * len(idx)
+            res = inpaint(run, batch, torch.stack([masks[i] for i in idx]), seed, steps or 250, jump_length,
+                          resamplings, clip_x0, idx)
+        for i, img in zip(idx, res):
+            atomic.write_bytes(out / "individual" / f"{files[i].stem}.png", png_bytes(img, text), fsync=False)
+        results.append(res)
+    outputs = torch.cat(results)
+
+    n = min(len(files), GRID_MAX_COLUMNS)
+    grid = make_grid(torch.cat([torch.stack(images[:n]), outputs[:n]]), ncol=n)
+    atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
+    rows = [[str(p), f"individual/{p.stem}.png", kind, seed, f"{s:.6g}" if s != "" else "", json.dumps(params)]
+            for p, s in zip(files, sigmas)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerows(rows)
+    atomic.write_text(out / "manifest.csv", buf.getvalue(), fsync=True)
+    log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
+        f"manifest {out}/manifest.csv")
+    return out
+
+
+def _parameters(kind, method, samples, strength, sampler, steps, jump_length, resamplings, clip_x0) -> dict:
+    if kind == "denoise":
+        p = {"method": method}
+        if method == "sample":
+            p.update(samples=samples, sampler=sampler, steps=steps)
+    elif kind == "img2img":
+        p = {"strength": strength, "sampler": sampler, "steps": steps if steps is not None else DEFAULT_STEPS.get(sampler)}
+    else:
+        p = {"steps": steps or 250, "jump_length": jump_length, "resamplings": resamplings}
+    p["clip_x0"] = clip_x0
+    return p

@@ -1,0 +1,292 @@
+"""Restoration: the noise-level mapping, denoising (known answer with an exact denoiser),
+img2img, RePaint inpainting and the folder runner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from ddpmkit.config import DiffusionConfig, load_config
+from ddpmkit.errors import UserError
+from ddpmkit.images import read_image
+from ddpmkit.restoration import (
+    denoise,
+    denoise_tensor,
+    estimate_sigma,
+    img2img,
+    inpaint,
+    repaint_schedule,
+    restore_folder,
+    sigma_range,
+    sigma_to_timestep,
+    timesteps_from,
+)
+from ddpmkit.run import Run, load_run
+from ddpmkit.samplers import Denoiser
+from ddpmkit.schedule import Schedule
+from ddpmkit.training import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny model trained for a few steps on the 8x8 digits: not good, but a real network."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path_factory.mktemp("restore"), **{"train.max_steps": 20})
+    return load_run(train(cfg, log=lambda *a: None, progress=False).path)
+
+
+class ExactGaussianNet(torch.nn.Module):
+    """The exact eps-predictor for x0 ~ N(mu, sd^2) per pixel, at fractional t too (abar_at)."""
+
+    def __init__(self, schedule, mu, sd):
+        super().__init__()
+        self.s, self.mu, self.var = schedule, mu, sd**2
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # so the run has a device
+
+    def forward(self, x, t, labels=None):
+        a = self.s.abar_at(float(t[0]))
+        x0 = self.mu + math.sqrt(a) * self.var / (a * self.var + 1 - a) * (x - math.sqrt(a) * self.mu)
+        return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+
+
+def _gaussian_run(mu, sd, size=8, schedule="linear"):
+    cfg = load_config(None, {"data.image_size": size, "model.in_channels": 1, "diffusion.schedule": schedule})
+    s = Schedule.from_config(cfg.diffusion)
+    return Run(path=__import__("pathlib").Path("gauss"), config=cfg, net=ExactGaussianNet(s, mu, sd), schedule=s,
+               step=0, checkpoint="exact")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_sigma_to_timestep_is_exact(schedule):
+    s = Schedule.from_config(DiffusionConfig(schedule=schedule))
+    for t in [0, 1, 17, 250, 998, 999]:  # integer t: exactly, and the table's abar reproduces sigma
+        sigma = math.sqrt((1 - s.alphas_cumprod[t]) / s.alphas_cumprod[t]) / 2
+        t_back = sigma_to_timestep(s, sigma)
+        assert t_back == t
+        assert math.sqrt((1 - s.abar_at(t_back)) / s.abar_at(t_back)) == pytest.approx(2 * sigma, rel=1e-12)
+    for t in np.linspace(0.3, 998.7, 57):  # fractional t: round trip through the log-sigma interpolation
+        t_back = sigma_to_timestep(s, s.sigma_at(t) / 2)
+        assert t_back == pytest.approx(t, abs=1e-6)
+        a = s.abar_at(t_back)
+        assert math.sqrt((1 - a) / a) == pytest.approx(s.sigma_at(t), rel=1e-6)
+    lo, hi = sigma_range(s)
+    with pytest.raises(UserError, match="outside"):
+        sigma_to_timestep(s, lo / 2)
+    with pytest.raises(UserError, match="outside"):
+        sigma_to_timestep(s, hi * 2)
+
+
+def test_timesteps_from():
+    assert timesteps_from(5.5) == [5.5, 5, 4, 3, 2, 1, 0]
+    assert timesteps_from(5.0) == [5.0, 4, 3, 2, 1, 0]
+    assert timesteps_from(40.2, 1) == [40.2]
+    ts = timesteps_from(40.2, 5)
+    assert ts[0] == 40.2 and ts[-1] == 0 and len(ts) == 5 and ts == sorted(ts, reverse=True)
+
+
+def test_denoise_mmse_is_the_gaussian_posterior_mean():
+    """Known answer: for x ~ N(mu, s^2) per pixel and y = x + sigma_m n, E[x | y] =
+    mu + s^2 / (s^2 + sigma_m^2) (y - mu); the exact denoiser at the matched t must return it."""
+    mu, sd = 0.2, 0.3
+    run = _gaussian_run(mu, sd)
+    den = Denoiser(run.net, run.schedule, "eps", clip_x0=False)
+    g = torch.Generator().manual_seed(0)
+    x = mu + sd * torch.randn(16, 1, 8, 8, generator=g)
+    for sigma in [0.05, 0.1, 0.2, 0.4, 0.0123]:  # [0, 1] scale: 2*sigma on the model's scale
+        sm = 2 * sigma
+        y = x + sm * torch.randn(x.shape, generator=g)
+        expect = mu + sd**2 / (sd**2 + sm**2) * (y - mu)
+        torch.testing.assert_close(denoise_tensor(den, y, sigma), expect, atol=1e-5, rtol=1e-5)
+    # The uint8 API: the same answer computed from the quantised input, to within one level.
+    y8 = ((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8)
+    yq = y8.float() / 127.5 - 1
+    expect = mu + sd**2 / (sd**2 + 0.2**2) * (yq - mu)  # sigma 0.1 -> 0.2 on the model scale
+    got = denoise(run, y8, 0.1, clip_x0=False).float()
+    assert (got - (expect.clamp(-1, 1) * 127.5 + 127.5)).abs().max() <= 0.51
+
+
+def test_denoise_sampling_averages_to_the_posterior_mean():
+    """method='sample' draws from p(x | y): for the Gaussian model, mean mu + k (y - mu) and
+    variance k sigma_m^2 with k = s^2 / (s^2 + sigma_m^2)."""
+    mu, sd, sigma = 0.1, 0.4, 0.2
+    run = _gaussian_run(mu, sd)
+    den = Denoiser(run.net, run.schedule, "eps", clip_x0=False)
+    y = torch.full((3000, 1, 2, 2), 0.5)
+    k = sd**2 / (sd**2 + (2 * sigma) ** 2)
+    draws = denoise_tensor(den, y, sigma, method="sample", sampler="ddpm")  # all integer steps below t
+    assert draws.mean().item() == pytest.approx(mu + k * (0.5 - mu), abs=0.01)
+    assert draws.std().item() == pytest.approx(math.sqrt(k) * 2 * sigma, rel=0.05)
+
+
+def test_estimate_sigma_within_10_percent():
+    from sklearn.datasets import load_digits
+
+    digits = torch.from_numpy(load_digits().images[:20] / 16.0).float()[:, None]
+    smooth = torch.nn.functional.interpolate(digits, size=(64, 64), mode="bicubic", align_corners=False)
+    smooth = 0.25 + 0.5 * smooth.clamp(0, 1)  # [0, 1] scale, away from the ends
+    g = torch.Generator().manual_seed(1)
+    for sigma in (0.05, 0.1, 0.2):
+        noisy = smooth + sigma * torch.randn(smooth.shape, generator=g)
+        est = np.array(estimate_sigma(noisy.numpy()))
+        assert np.median(est) == pytest.approx(sigma, rel=0.10)
+        assert np.all(np.abs(est / sigma - 1) < 0.2)
+    rgb = (0.5 + 0.1 * torch.randn(2, 3, 64, 64, generator=g)).clamp(0, 1)
+    assert estimate_sigma((rgb * 255).round().to(torch.uint8)) == pytest.approx([0.1, 0.1], rel=0.1)
+
+
+def test_strength_zero_is_the_identity(tiny_run):
+    imgs = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(img2img(tiny_run, imgs, strength=0.0), imgs)
+    out = img2img(tiny_run, imgs, strength=0.5, seed=3, steps=5)
+    assert out.shape == imgs.shape and out.dtype == torch.uint8 and not torch.equal(out, imgs)
+
+
+def test_results_do_not_depend_on_the_batch(tiny_run):
+    imgs = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = img2img(tiny_run, imgs, strength=0.6, seed=1, sampler="ddpm", steps=6)
+    parts = torch.cat([img2img(tiny_run, imgs[i:i + 1], 0.6, 1, "ddpm", 6, indices=[i]) for i in range(4)])
+    assert (whole.int() - parts.int()).abs().max() <= 1  # same noise; float batching differences only
+    a = denoise(tiny_run, imgs, 0.1, method="sample", samples=2, seed=5, steps=4)
+    assert torch.equal(a, denoise(tiny_run, imgs, 0.1, method="sample", samples=2, seed=5, steps=4))
+
+
+def test_inpainting_keeps_known_pixels(tiny_run):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=g)
+    fill = torch.zeros(3, 1, 8, 8, dtype=torch.bool)
+    fill[:, :, 2:6, 2:6] = True
+    imgs[fill] = 255  # garbage where the fill goes
+    out = inpaint(tiny_run, imgs, fill, seed=0, steps=10, jump_length=3, resamplings=2)
+    assert torch.equal(out[~fill], imgs[~fill])  # bit for bit
+    assert not torch.equal(out[fill], imgs[fill])
+    assert (out[fill] != 255).float().mean() > 0.5
+
+
+def test_repaint_schedule():
+    seq = repaint_schedule(20, 5, 3)
+    assert seq[0] == 19 and seq[-1] == -1
+    down = sum(1 for a, b in zip(seq, seq[1:]) if b < a)
+    up = sum(1 for a, b in zip(seq, seq[1:]) if b > a)
+    assert up == 3 * 5 * 2  # jump points 0, 5, 10 (< 20 - 5), each redone twice, 5 levels up
+    assert down == 20 + up
+    assert repaint_schedule(7, 10, 10) == [6, 5, 4, 3, 2, 1, 0, -1]  # no room to jump
+
+
+def test_wrong_size_or_channels_refused(tiny_run):
+    with pytest.raises(UserError, match="16x16"):
+        denoise(tiny_run, torch.zeros(1, 1, 16, 16, dtype=torch.uint8), 0.1)
+    with pytest.raises(UserError, match="3 channel"):
+        img2img(tiny_run, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0.5)
+    with pytest.raises(UserError, match="outside"):
+        denoise(tiny_run, torch.zeros(1, 1, 8, 8, dtype=torch.uint8), 50.0)
+
+
+def _write_pngs(folder, arrays, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for a, n in zip(arrays, names):
+        Image.fromarray(a, "L").save(folder / n)
+
+
+def test_folder_runner_layout(tiny_run, tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["b.png", "a.png", "c.png"]
+    _write_pngs(tmp_path / "in", [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in names], names)
+    out = restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "out", sigma="auto", log=lambda *a: None)
+    assert sorted(p.name for p in (out / "individual").iterdir()) == ["a.png", "b.png", "c.png"]
+    grid = read_image(out / "grid.png")
+    assert grid.shape[0] == 1 and grid.shape[1] < grid.shape[2]  # two rows of three
+    with open(out / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["output"] for r in rows] == ["individual/a.png", "individual/b.png", "individual/c.png"]
+    assert all(r["kind"] == "denoise" and float(r["sigma"]) > 0 for r in rows)
+    assert json.loads(rows[0]["parameters"])["method"] == "mmse"
+    assert not list(out.rglob(".*.tmp"))
+
+    # inpainting: masks by name; known pixels of the files unchanged
+    masks = [np.zeros((8, 8), np.uint8) for _ in names]
+    for m in masks:
+        m[3:5, :] = 255
+    _write_pngs(tmp_path / "masks", masks, names)
+    out2 = restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "out2", masks_dir=tmp_path / "masks",
+                          steps=5, jump_length=2, resamplings=2, log=lambda *a: None)
+    for n in names:
+        before, after = read_image(tmp_path / "in" / n), read_image(out2 / "individual" / n)
+        assert torch.equal(before[:, :3], after[:, :3]) and torch.equal(before[:, 5:], after[:, 5:])
+    # a missing or wrong-sized mask is named
+    (tmp_path / "masks" / "c.png").unlink()
+    with pytest.raises(UserError, match="c.png"):
+        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o3", masks_dir=tmp_path / "masks")
+    _write_pngs(tmp_path / "masks", [np.zeros((9, 8), np.uint8)], ["c.png"])
+    with pytest.raises(UserError, match="mask .*c.png"):
+        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o3", masks_dir=tmp_path / "masks")
+    # a wrong-sized input is named
+    _write_pngs(tmp_path / "in", [np.zeros((16, 16), np.uint8)], ["d.png"])
+    with pytest.raises(UserError, match="d.png"):
+        restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "o4")
+
+
+def test_missing_scikit_image_is_a_user_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pywt", None)  # import fails as if not installed
+    with pytest.raises(UserError, match="pip install scikit-image"):
+        estimate_sigma(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_inpainting_with_the_exact_denoiser_fills_with_the_conditional_mean():
+    """Independent Gaussian pixels: the known ones say nothing about the unknown ones, so the filled
+    pixels are draws from N(mu, sd^2); their mean and spread show RePaint's reverse steps are right."""
+    mu, sd = 0.2, 0.3
+    run = _gaussian_run(mu, sd, size=8)
+    run.schedule = Schedule.from_config(DiffusionConfig(num_timesteps=100))
+    run.net = ExactGaussianNet(run.schedule, mu, sd)
+    imgs = torch.full((200, 1, 8, 8), 20, dtype=torch.uint8)
+    fill = torch.zeros(200, 1, 8, 8, dtype=torch.bool)
+    fill[:, :, :4] = True
+    out = inpaint(run, imgs, fill, steps=None, jump_length=10, resamplings=3, clip_x0=False)  # all T: exact steps
+    filled = out[fill].float() / 127.5 - 1
+    assert torch.equal(out[~fill], imgs[~fill])
+    assert filled.mean().item() == pytest.approx(mu, abs=0.02)
+    assert filled.std().item() == pytest.approx(sd, rel=0.1)
+
+
+def test_restoration_commands_end_to_end(tmp_path, capsys):
+    from ddpmkit.cli import main
+    from ddpmkit.config import load_config
+    from ddpmkit.training import train
+    from conftest import TINY
+
+    run = tmp_path / "run"
+    train(load_config(None, {**TINY, "train.out_dir": str(run), "train.max_steps": 10}), log=lambda *_: None,
+          progress=False)
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "in" / f"x{i}.png")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:5, 2:6] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"x{i}.png")
+    common = [str(run), str(tmp_path / "in"), "--steps", "4"]
+    assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "d")]) == 0
+    assert main(["img2img", *common, "--strength", "0.3", "--out", str(tmp_path / "v")]) == 0
+    assert main(["inpaint", *common, "--mask", str(tmp_path / "masks"), "--resamplings", "2", "--jump-length", "2",
+                 "--out", str(tmp_path / "f")]) == 0
+    for out in ("d", "v", "f"):
+        assert sorted(p.name for p in (tmp_path / out / "individual").iterdir()) == ["x0.png", "x1.png", "x2.png"]
+        assert (tmp_path / out / "grid.png").is_file() and (tmp_path / out / "manifest.csv").is_file()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "in" / "big.png")
+    assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "e")]) == 2
+    assert "big.png" in capsys.readouterr().err and not (tmp_path / "e" / "individual").exists()
