@@ -60,6 +60,12 @@ only what ddpmkit's UNet computes exactly is imported; any other option is refus
 EXPORT_EXAMPLES = """examples:
   ddpmkit export runs/lesions --format diffusers --out lesions-diffusers/   # DDPMPipeline.from_pretrained(...)"""
 
+BALANCE_EXAMPLES = """examples:
+  ddpmkit balance runs/lesions --out balanced/                                  # every class up to the largest
+  ddpmkit balance runs/lesions --target 6274 --class malignant --out balanced/  # final count of that class
+  ddpmkit balance runs/lesions --proportions benign=0.5,malignant=0.5 --out balanced/
+needs a class-conditional run (model.class_conditional=true); reads the run's own training data."""
+
 RESTORE_EXAMPLES = """examples:
   ddpmkit denoise runs/mnist noisy/ --sigma auto --out clean/        # or --sigma 0.2 (on the [0,1] scale)
   ddpmkit denoise runs/mnist noisy/ --sigma 0.2 --method sample --samples 4 --out clean/
@@ -152,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
     ex.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+
+    b = sub.add_parser("balance", help="top up a labelled dataset's classes with generated images",
+                       epilog=BALANCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("run", help="a class-conditional run directory")
+    b.add_argument("args", nargs="*", metavar="sample.key=value", help="sampling overrides (sampler, steps, guidance...)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--target", type=int, default=None, help="with --class: that class's final count")
+    b.add_argument("--class", dest="class_label", default=None)
+    b.add_argument("--proportions", default=None, help="class=share,... summing to 1")
+    b.add_argument("--by-class-folders", action="store_true", help="also OUT/by_class/<class>/ (symlinks)")
+    b.add_argument("--guidance", type=float, default=None, help="sets sample.guidance")
+    b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
+    b.add_argument("--quiet", action="store_true")
 
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
                            ("img2img", "variations of images (SDEdit): noise to --strength, then denoise"),
@@ -331,6 +350,27 @@ def cmd_export(ns: argparse.Namespace) -> None:
     export_diffusers(ns.run, ns.out, ns.checkpoint, ema=not ns.no_ema)
 
 
+def cmd_balance(ns: argparse.Namespace) -> None:
+    from .balance import balance, parse_proportions
+    from .run import RunDir, load_run
+    from .runtime import autocast_dtype, resolve_device
+
+    run_dir = RunDir(ns.run)
+    if not run_dir.config_path.is_file():
+        raise UserError(f"{ns.run} is not a ddpmkit run directory (no config.yaml)")
+    overrides = dict(parse_override(tok) for tok in ns.args)
+    for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed)):
+        if value is not None:
+            overrides[key] = value
+    if any(not k.startswith("sample.") for k in overrides):
+        raise UserError("only sample.* keys can be set when balancing")
+    sc = from_dict(merge_overrides(read_yaml(run_dir.config_path), overrides)).sample
+    device = resolve_device(sc.device)
+    run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
+    balance(run, sc, ns.out, ns.target, ns.class_label, parse_proportions(ns.proportions) if ns.proportions else None,
+            ns.by_class_folders, progress=not ns.quiet, amp_dtype=autocast_dtype(sc.precision, device))
+
+
 def cmd_restore(ns: argparse.Namespace) -> None:
     from .restoration import restore_folder
     from .run import load_run
@@ -353,7 +393,7 @@ def cmd_report(ns: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
             "gif": cmd_gif, "import": cmd_import, "export": cmd_export,
-            "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore}
+            "balance": cmd_balance, "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,8 @@ class ImageData:
     source: str  # what was read, for logs and the run record
     labels: list[str] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) for unreadable images
+    files: list[str] | None = None  # each image's file, for folders
+    source_path: str = ""  # the file or folder read (arrays: with their key), for manifests
 
     @property
     def channels(self) -> int:
@@ -107,7 +109,7 @@ def _load_digits() -> ImageData:
     digits = load_digits()
     arr = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values are 0..16
     return ImageData(torch.from_numpy(arr)[:, None], "scikit-learn digits (1797 images, 8x8)",
-                     labels=[str(int(v)) for v in digits.target])
+                     labels=[str(int(v)) for v in digits.target], source_path="sklearn.datasets.load_digits")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,11 +142,12 @@ def _class_folder_labels(root: Path, files: list[Path]) -> list[str] | None:
 def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     files, labels = list_image_files(root, cfg)
 
-    decoded, kept_labels, skipped = [], [], []
+    decoded, kept_labels, kept_files, skipped = [], [], [], []
     for i, path in enumerate(files):
         try:
             decoded.append(decode_image(path))
             kept_labels.append(labels[i] if labels else None)
+            kept_files.append(str(path))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             if cfg.on_error == "fail":
                 raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
@@ -155,7 +158,8 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     gray = cfg.channels == 1 or (cfg.channels is None and all(a.ndim == 2 for a in decoded))
     tensors = [image_to_tensor(arr, gray, cfg.image_size) for arr in decoded]  # mixed sizes become one size
     desc = f"{len(tensors)} images from {root}" + (f" ({len(skipped)} skipped)" if skipped else "")
-    return ImageData(torch.cat(tensors), desc, labels=kept_labels if labels else None, skipped=skipped)
+    return ImageData(torch.cat(tensors), desc, labels=kept_labels if labels else None, skipped=skipped, files=kept_files,
+                     source_path=str(root))
 
 
 def image_to_tensor(arr: np.ndarray, gray: bool, size: int) -> torch.Tensor:
@@ -256,7 +260,8 @@ def _load_array_file(path: Path, split: str) -> ImageData:
         raise UserError(f"cannot read {path}: {exc}") from None
     images = array_to_uint8_nchw(arr, f"{path}" + (f"[{key}]" if key else ""))
     label_list = [str(v) for v in np.asarray(labels).reshape(len(arr), -1)[:, 0]] if labels is not None else None
-    return ImageData(images, f"{len(images)} images from {path}" + (f" [{key}]" if key else ""), labels=label_list)
+    return ImageData(images, f"{len(images)} images from {path}" + (f" [{key}]" if key else ""), labels=label_list,
+                     source_path=f"{path}" + (f"[{key}]" if key else ""))
 
 
 def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
@@ -360,4 +365,4 @@ def _load_idx(path: Path, split: str) -> ImageData:
     labels = None
     if label_path != path and label_path.is_file():
         labels = [str(int(v)) for v in read_idx(label_path)]
-    return ImageData(images, f"{len(images)} images from {path}", labels=labels)
+    return ImageData(images, f"{len(images)} images from {path}", labels=labels, source_path=str(path))

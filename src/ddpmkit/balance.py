@@ -1,0 +1,128 @@
+"""`ddpmkit balance`: top up the classes of a labelled dataset with generated images.
+
+How many each class needs (`plan`):
+  - default: every class up to the largest one;
+  - `target` with one class: that class's final count;
+  - `proportions`: the smallest balanced dataset with those class shares that keeps every real
+    image (nothing is ever removed), rounded to whole images.
+
+Output (`balance`):
+    OUT/classes/<class>/          one standard `ddpmkit sample` folder per class topped up
+                                  (individual/, grids/, manifest.csv; resumable like any job)
+    OUT/manifest.csv              real images (their original paths, synthetic=false) and generated
+                                  ones (paths relative to OUT, synthetic=true), one schema
+    OUT/by_class/<class>/         with by_class_folders: symlinks to all of a class's images
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from pathlib import Path
+
+from .data import load_images
+from .errors import UserError
+from .generation import MANIFEST_COLUMNS, _finished_rows, generate, write_manifest
+from .run import Run
+from .runtime import mix_seed
+
+
+def plan(counts: dict[str, int], target: int | None = None, class_label: str | None = None,
+         proportions: dict[str, float] | None = None) -> dict[str, int]:
+    """Images to generate per class (every class of `counts` listed, 0 where none)."""
+    if target is not None or class_label is not None:
+        if target is None or class_label is None:
+            raise UserError("--target and --class go together: the final count of that one class")
+        if class_label not in counts:
+            raise UserError(f"--class {class_label}: not a class of the data ({', '.join(counts)})")
+        if target < counts[class_label]:
+            raise UserError(f"--target {target} is below the {counts[class_label]} real images of {class_label}; "
+                            f"balancing never removes images")
+        return {c: (target - n if c == class_label else 0) for c, n in counts.items()}
+    if proportions is not None:
+        unknown = sorted(set(proportions) - set(counts))
+        if unknown:
+            raise UserError(f"--proportions names {', '.join(unknown)}: not a class of the data ({', '.join(counts)})")
+        shares = {c: proportions.get(c, 0.0) for c in counts}
+        if any(p < 0 for p in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-6:
+            raise UserError(f"--proportions must be non-negative and sum to 1, got {sum(shares.values()):g}")
+        stuck = [c for c, p in shares.items() if p == 0 and counts[c] > 0]
+        if stuck:
+            raise UserError(f"--proportions gives {stuck[0]} no share but it has {counts[stuck[0]]} real images; "
+                            f"balancing never removes images")
+        total = max(counts[c] / p for c, p in shares.items() if p > 0)  # the smallest total keeping all images
+        return {c: max(0, round(p * total) - counts[c]) for c, p in shares.items()}
+    largest = max(counts.values())
+    return {c: largest - n for c, n in counts.items()}
+
+
+def parse_proportions(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise UserError(f"--proportions takes class=share pairs like benign=0.5,malignant=0.5, got {part!r}")
+    return out
+
+
+def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, class_label: str | None = None,
+            proportions: dict[str, float] | None = None, by_class_folders: bool = False, log=print,
+            progress: bool = True, amp_dtype=None) -> dict[str, int]:
+    """Generate what `plan` asks for with the run's class-conditional model; returns the plan."""
+    if not run.config.model.class_conditional:
+        raise UserError(f"{run.path} is not class-conditional: train with model.class_conditional=true to balance")
+    data = load_images(run.config.data)
+    counts = Counter(data.labels)
+    counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
+    need = plan(counts, target, class_label, proportions)
+    log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
+    out = Path(out)
+    rows = [[path, i, "", "", "", "", label, "false"] for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
+    for position, (name, num) in enumerate(need.items()):
+        if num == 0:
+            continue
+        folder = out / "classes" / _safe(name)
+        cfg = dataclasses.replace(sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
+                                  seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
+        log(f"balance: generating {num} images of {name} into {folder}")
+        generate(run, cfg, log=log, progress=progress, amp_dtype=amp_dtype)
+        finished = _finished_rows(folder)
+        rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]] for k, r in sorted(finished.items()) if k < num]
+    write_manifest(out / "manifest.csv", rows)
+    if by_class_folders:
+        _link_by_class(out, rows)
+    log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, {sum(need.values())} generated)")
+    return need
+
+
+def real_paths(data) -> list[str]:
+    """Where each real image came from: its file, or `array#index` for arrays and the digits."""
+    if data.files is not None:
+        return [str(Path(f).resolve()) for f in data.files]
+    return [f"{data.source_path}#{i}" for i in range(len(data))]
+
+
+def _safe(name: str) -> str:
+    """A class name as a folder name (no separators, nothing hidden)."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).lstrip(".")
+    return cleaned or "_"
+
+
+def _link_by_class(out: Path, rows: list[list]) -> None:
+    root = out / "by_class"
+    for i, row in enumerate(rows):
+        path, label, synthetic = row[0], row[MANIFEST_COLUMNS.index("label")], row[-1] == "true"
+        if "#" in path:
+            continue  # an array element has no file to link
+        target = out / path if synthetic else Path(path)
+        folder = root / _safe(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / (f"synthetic_{i:07d}{target.suffix}" if synthetic else f"real_{i:07d}{target.suffix}")
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        os.symlink(os.path.relpath(target, folder), link)

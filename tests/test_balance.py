@@ -1,0 +1,72 @@
+"""ddpmkit balance: how many images each class needs, and the balanced dataset it writes."""
+
+from __future__ import annotations
+
+import csv
+
+
+import pytest
+
+from ddpmkit.balance import parse_proportions, plan
+from ddpmkit.cli import main
+from ddpmkit.errors import UserError
+from conftest import TINY, write_images
+
+
+def test_plan_tops_every_class_up_to_the_largest():
+    assert plan({"benign": 5900, "malignant": 374, "other": 10}) == {"benign": 0, "malignant": 5526, "other": 5890}
+
+
+def test_plan_target_sets_one_class_final_count():
+    assert plan({"benign": 5900, "malignant": 374}, target=6274, class_label="malignant") == {"benign": 0, "malignant": 5900}
+    with pytest.raises(UserError, match="below the 374 real images"):
+        plan({"benign": 5900, "malignant": 374}, target=100, class_label="malignant")
+    with pytest.raises(UserError, match="go together"):
+        plan({"a": 1}, target=10)
+
+
+def test_plan_proportions_keep_every_real_image():
+    counts = {"normal": 388, "pneumonia": 3494}
+    need = plan(counts, proportions={"normal": 0.5, "pneumonia": 0.5})
+    assert need == {"normal": 3106, "pneumonia": 0}
+    need = plan({"a": 30, "b": 10, "c": 0}, proportions={"a": 0.5, "b": 0.25, "c": 0.25})
+    final = {"a": 30 + need["a"], "b": 10 + need["b"], "c": need["c"]}
+    assert final == {"a": 30, "b": 15, "c": 15} and min(need.values()) >= 0
+    with pytest.raises(UserError, match="sum to 1"):
+        plan(counts, proportions={"normal": 0.5, "pneumonia": 0.2})
+    with pytest.raises(UserError, match="never removes"):
+        plan(counts, proportions={"normal": 1.0})
+    assert parse_proportions("benign=0.5, malignant=0.5") == {"benign": 0.5, "malignant": 0.5}
+    with pytest.raises(UserError, match="class=share"):
+        parse_proportions("benign:0.5")
+
+
+def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path):
+    for name, n in (("cat", 6), ("dog", 2)):
+        write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=len(name) + n)
+    run = tmp_path / "run"
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true", "train.max_steps=4",
+                 f"--out={run}", "--quiet", *args]) == 0
+    out = tmp_path / "balanced"
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    real = [r for r in rows if r["synthetic"] == "false"]
+    fake = [r for r in rows if r["synthetic"] == "true"]
+    assert len(real) == 8 and {r["label"] for r in fake} == {"dog"} and len(fake) == 4  # dog: 2 real + 4 = 6
+    assert all((out / r["file"]).is_file() for r in fake) and all(r["file"].startswith(str(tmp_path)) for r in real)
+    assert len(list((out / "by_class" / "dog").iterdir())) == 6 and len(list((out / "by_class" / "cat").iterdir())) == 6
+    assert (out / "classes" / "dog" / "manifest.csv").is_file()
+    # rerunning the same command finds the images done and writes the same manifest
+    before = (out / "manifest.csv").read_text()
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
+    assert (out / "manifest.csv").read_text() == before
+
+
+def test_balance_refuses_an_unconditional_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
+    assert main(["train", "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
+    assert main(["balance", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert "not class-conditional" in capsys.readouterr().err
+
