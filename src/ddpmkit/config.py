@@ -172,7 +172,8 @@ POSITIVE = {
 }
 NON_NEGATIVE = {
     "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.eval_every",
-    "train.max_minutes", "model.dropout", "sample.eta", "train.label_dropout", "sample.guidance", "train.seed", "sample.seed", "model.num_classes", "data.workers",
+    "train.max_minutes", "model.dropout", "sample.eta", "train.label_dropout", "sample.guidance", "train.seed",
+    "sample.seed", "model.num_classes", "data.workers",
 }
 
 
