@@ -172,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
     b.add_argument("--quiet", action="store_true")
 
+    d = sub.add_parser("downstream", help="does a synthetic set help a classifier? (real vs real+synthetic vs oversampling)",
+                       epilog="examples:\n  ddpmkit downstream --real pneumonia.npz --synthetic balanced/ --out study/\n"
+                              "  ddpmkit downstream --real lesions/train --test lesions/test --synthetic balanced/ --out study/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--real", required=True, help="the labelled real training data (any data.path)")
+    d.add_argument("--test", default=None, help="the real test data (default: --real's test split, for .npz)")
+    d.add_argument("--synthetic", required=True, help="a ddpmkit balance output folder")
+    d.add_argument("--out", required=True)
+    d.add_argument("--real-split", default="train")
+    d.add_argument("--test-split", default="test")
+    d.add_argument("--seeds", type=int, default=3)
+    d.add_argument("--steps", type=int, default=1500, help="optimizer steps per classifier (the same in every arm)")
+    d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
+
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
                            ("img2img", "variations of images (SDEdit): noise to --strength, then denoise"),
                            ("inpaint", "fill the white part of each mask (RePaint)")):
@@ -371,6 +385,12 @@ def cmd_balance(ns: argparse.Namespace) -> None:
             ns.by_class_folders, progress=not ns.quiet, amp_dtype=autocast_dtype(sc.precision, device))
 
 
+def cmd_downstream(ns: argparse.Namespace) -> None:
+    from .downstream import run_study
+
+    run_study(ns.real, ns.synthetic, ns.out, ns.test, ns.real_split, ns.test_split, ns.seeds, ns.steps, ns.unverified)
+
+
 def cmd_restore(ns: argparse.Namespace) -> None:
     from .restoration import restore_folder
     from .run import load_run
@@ -393,7 +413,8 @@ def cmd_report(ns: argparse.Namespace) -> None:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
             "gif": cmd_gif, "import": cmd_import, "export": cmd_export,
-            "balance": cmd_balance, "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore}
+            "balance": cmd_balance, "downstream": cmd_downstream,
+            "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore}
 
 
 def main(argv: list[str] | None = None) -> int:
