@@ -69,3 +69,14 @@ def test_stream_refuses_what_it_cannot_stream(tmp_path, tiny):
         open_stream(tiny(**{"data.path": str(tmp_path / "a.npz")}).data)
     with pytest.raises(UserError, match="needs data.path"):
         open_stream(tiny().data)
+
+
+def test_evaluation_during_training_works_on_streamed_data(npy, tiny, monkeypatch):
+    from ddpmkit.metrics import features
+
+    monkeypatch.setitem(features.CLASSIFIER_RECIPE, "epochs", 1)
+    monkeypatch.setenv("DDPMKIT_CACHE", str(npy.parent / "cache"))
+    run = train(tiny(**{"data.path": str(npy), "data.stream": True, "data.workers": 0, "train.max_steps": 10,
+                        "train.eval_every": 10, "train.eval_num": 16, "train.eval_features": "efficientnet"}),
+                log=quiet, progress=False)
+    assert "fd" in run.read_state()["checkpoints"][-1]

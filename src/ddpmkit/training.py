@@ -17,6 +17,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -408,7 +409,12 @@ def _tensorboard(run: RunDir):
 def _evaluator(cfg: Config, data, device, log):
     from .metrics.evaluate import TrainingEvaluator
 
-    return TrainingEvaluator(cfg.train.eval_features, data.images, data.labels, device, log)
+    if hasattr(data, "images"):
+        return TrainingEvaluator(cfg.train.eval_features, data.images, data.labels, device, log)
+    # streamed data: the reference is the first (up to) 10,000 images, read once
+    n = min(len(data), 10_000)
+    labels = data.labels[:n] if data.labels else None
+    return TrainingEvaluator(cfg.train.eval_features, data.read(np.arange(n)), labels, device, log)
 
 
 def _evaluate(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int, evaluator) -> dict:
