@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,26 @@ def test_any_array_is_accepted_or_refused_with_a_user_error(shape, dtype, fill):
     except UserError:
         return
     assert out.dtype == torch.uint8 and out.dim() == 4 and out.shape[1] in (1, 3) and out.shape[0] > 0
+
+
+def test_a_second_training_into_the_same_run_is_refused(tiny):
+    from ddpmkit.training import _RunLock
+
+    cfg = tiny(**{"train.max_steps": 4})
+    with _RunLock(Path(cfg.train.out_dir)):  # as if another `ddpmkit train` held the run
+        with pytest.raises(UserError, match="another ddpmkit train is writing to"):
+            train(cfg, log=quiet, progress=False)
+    run = train(cfg, log=quiet, progress=False)  # released: trains
+    assert run.read_state()["checkpoints"][-1]["step"] == 4
+
+
+def test_a_checkpoint_saved_before_any_logged_loss_is_never_best(tiny):
+    from ddpmkit.training import _save
+
+    cfg = tiny(**{"train.max_steps": 3, "train.log_every": 100, "train.checkpoint_every": 100})
+    run = train(cfg, log=quiet, progress=False)
+    assert np.isfinite(run.read_state()["checkpoints"][-1]["loss"])  # the final log line covers it
+    net = UNet(load_run(run.path).config.model, 8)
+    run.write_state({"checkpoints": [{"step": 1, "file": "x", "sha256": "", "loss": float("nan")}], "best": 1})
+    _save(run, net, UNet(net.cfg, 8), torch.optim.AdamW(net.parameters()), 2, 0.5, keep_last=5)
+    assert run.read_state()["best"] == 2

@@ -75,7 +75,7 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
         return None
     atomic.remove_stale_temps(run.path, run.checkpoints, run.grids)  # from a run killed mid-write
     if not run.config_path.exists():
-        if run.path.is_dir() and any(run.path.iterdir()):
+        if run.path.is_dir() and any(p.name != ".lock" for p in run.path.iterdir()):
             raise UserError(f"{run.path} exists and is not a ddpmkit run: choose another --out")
         return None
     old = read_yaml(run.config_path)
@@ -158,6 +158,40 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
 
     run = RunDir(tc.out_dir)
     # rank 0 decides between a fresh start and a resume; the others learn the outcome (or its error)
+    lock = _RunLock(run.path) if world.is_main else contextlib.nullcontext()
+    with lock:
+        return _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share)
+
+
+class _RunLock:
+    """One training per run directory: a second `ddpmkit train` into the same --out (a duplicate
+    job, a forgotten terminal) would interleave checkpoints and state. An advisory flock on
+    RUN/.lock, released by the OS however the holder ends (even kill -9)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        import fcntl
+
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output path {self.path} is a file: choose a folder with --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise UserError(f"another ddpmkit train is writing to {self.path}: wait for it, stop it, "
+                            f"or choose another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share) -> RunDir:
+    tc = cfg.train
     resume_from = on_main_then_shared(world, lambda: _prepare_run_dir(run, cfg, fresh, log))
 
     torch.manual_seed(tc.seed)
@@ -342,7 +376,8 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
                         metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
                         if board:
                             board.add_scalar(f"eval/fd_{metrics['features']}", metrics["fd"], step)
-                    _save(run, model, ema, opt, step, ckpt_loss_sum / max(ckpt_loss_n, 1), tc.keep_last, metrics)
+                    mean_loss = ckpt_loss_sum / ckpt_loss_n if ckpt_loss_n else float("nan")  # none logged yet
+                    _save(run, model, ema, opt, step, mean_loss, tc.keep_last, metrics)
                 barrier()
                 ckpt_loss_sum, ckpt_loss_n = 0.0, 0
             if done:
@@ -442,7 +477,9 @@ def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: 
     entries.append(entry)
     # best: lowest evaluation FD when evaluation is on, else lowest mean training loss
     scored = [e for e in entries if "fd" in e]
-    best = min(scored, key=lambda e: e["fd"])["step"] if scored else min(entries, key=lambda e: e["loss"])["step"]
+    # a checkpoint saved before any loss was logged has loss NaN and is never "best" by loss
+    by_loss = [e for e in entries if math.isfinite(e["loss"])] or entries
+    best = min(scored, key=lambda e: e["fd"])["step"] if scored else min(by_loss, key=lambda e: e["loss"])["step"]
     keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
     run.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
     for e in entries:  # delete only after state.json no longer names them
