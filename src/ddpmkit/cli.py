@@ -90,7 +90,7 @@ def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[st
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models for images: train, sample.")
+    parser = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models for images: train, sample, evaluate, balance, restore.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
