@@ -157,7 +157,6 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         adopt_architecture(cfg, source.config, log)
 
     run = RunDir(tc.out_dir)
-    # rank 0 decides between a fresh start and a resume; the others learn the outcome (or its error)
     lock = _RunLock(run.path) if world.is_main else contextlib.nullcontext()
     with lock:
         return _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share)
@@ -192,6 +191,7 @@ class _RunLock:
 
 def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share) -> RunDir:
     tc = cfg.train
+    # rank 0 decides between a fresh start and a resume; the others learn the outcome (or its error)
     resume_from = on_main_then_shared(world, lambda: _prepare_run_dir(run, cfg, fresh, log))
 
     torch.manual_seed(tc.seed)
