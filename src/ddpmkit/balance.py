@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .data import load_images
 from .errors import UserError
-from .generation import MANIFEST_COLUMNS, _finished_rows, generate, write_manifest
+from .generation import MANIFEST_COLUMNS, finished_rows, generate, write_manifest
 from .run import Run
 from .runtime import mix_seed
 
@@ -91,7 +91,7 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
                                   seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
         log(f"balance: generating {num} images of {name} into {folder}")
         generate(run, cfg, log=log, progress=progress, amp_dtype=amp_dtype)
-        finished = _finished_rows(folder)
+        finished = finished_rows(folder)
         rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]] for k, r in sorted(finished.items()) if k < num]
     write_manifest(out / "manifest.csv", rows)
     if by_class_folders:

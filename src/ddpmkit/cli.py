@@ -257,26 +257,31 @@ def cmd_train(ns: argparse.Namespace) -> None:
                      "best_step": state["best"], "report": str(run.path / "report.html"), "stats": str(run.stats_path)})
 
 
+def _sample_config(run_path: str, overrides: dict, doing: str):
+    """A run's saved config with sample.* overrides -> (RunDir, its sample section)."""
+    from .run import RunDir
+
+    run_dir = RunDir(run_path)
+    if not run_dir.config_path.is_file():
+        raise UserError(f"{run_path} is not a ddpmkit run directory (no config.yaml)")
+    bad = [k for k in overrides if not k.startswith("sample.")]
+    if bad:
+        raise UserError(f"only sample.* keys can be set when {doing}, got {bad[0]}")
+    return run_dir, from_dict(merge_overrides(read_yaml(run_dir.config_path), overrides)).sample
+
+
 def cmd_sample(ns: argparse.Namespace) -> None:
     from . import distributed
     from .generation import generate
-    from .run import RunDir, load_run
+    from .run import load_run
     from .runtime import autocast_dtype, resolve_device
 
-    run_dir = RunDir(ns.run)
-    if not run_dir.config_path.is_file():
-        raise UserError(f"{ns.run} is not a ddpmkit run directory (no config.yaml)")
     overrides = _overrides(ns.args, SAMPLE_FLAGS, ns)
     if ns.no_ema:
         overrides["sample.ema"] = False
     if ns.gif:
         overrides["sample.gif"] = True
-    bad = [k for k in overrides if not k.startswith("sample.")]
-    if bad:
-        raise UserError(f"only sample.* keys can be set when sampling, got {bad[0]}")
-    saved = read_yaml(run_dir.config_path)
-    cfg = from_dict(merge_overrides(saved, overrides))
-    sc = cfg.sample
+    run_dir, sc = _sample_config(ns.run, overrides, "sampling")
     world = distributed.init_from_env(sc.device)
     try:
         device = resolve_device(distributed.device_for(world, sc.device))
@@ -366,19 +371,14 @@ def cmd_export(ns: argparse.Namespace) -> None:
 
 def cmd_balance(ns: argparse.Namespace) -> None:
     from .balance import balance, parse_proportions
-    from .run import RunDir, load_run
+    from .run import load_run
     from .runtime import autocast_dtype, resolve_device
 
-    run_dir = RunDir(ns.run)
-    if not run_dir.config_path.is_file():
-        raise UserError(f"{ns.run} is not a ddpmkit run directory (no config.yaml)")
     overrides = dict(parse_override(tok) for tok in ns.args)
     for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed)):
         if value is not None:
             overrides[key] = value
-    if any(not k.startswith("sample.") for k in overrides):
-        raise UserError("only sample.* keys can be set when balancing")
-    sc = from_dict(merge_overrides(read_yaml(run_dir.config_path), overrides)).sample
+    run_dir, sc = _sample_config(ns.run, overrides, "balancing")
     device = resolve_device(sc.device)
     run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
     balance(run, sc, ns.out, ns.target, ns.class_label, parse_proportions(ns.proportions) if ns.proportions else None,

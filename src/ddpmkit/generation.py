@@ -52,7 +52,7 @@ def sample_batch(run: Run, indices: list[int], seed: int, sampler: str = "ddim",
                  class_label: str | None = None, guidance: float = 1.0) -> torch.Tensor:
     """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)
     (and, for a class-conditional run, on its class: `class_label`, or class k mod K by default)."""
-    device = next(run.net.parameters()).device
+    device = run.device
     shape = (run.channels, run.image_size, run.image_size)
     noise = ImageNoise(seed, indices, shape, device)
     labels = class_indices(run, indices, class_label)
@@ -133,7 +133,7 @@ def _start_job(out: Path, job: dict, fresh: bool) -> None:
     atomic.write_text(job_path, json.dumps(job, indent=1))
 
 
-def _finished_rows(out: Path) -> dict[int, list[str]]:
+def finished_rows(out: Path) -> dict[int, list[str]]:
     """Rows of a finished manifest and of every rank's partial one; a torn last line (a crash
     mid-append) is ignored."""
     rows: dict[int, list[str]] = {}
@@ -203,7 +203,7 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
     if world.is_main:
         _start_job(out, _job_identity(run, cfg, steps), fresh)
     barrier()
-    finished = _finished_rows(out)
+    finished = finished_rows(out)
     todo = [k for k in range(cfg.num) if k not in finished][world.rank::world.size]
     if finished and world.is_main:
         log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images already in {out}")
@@ -232,7 +232,7 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
 
 
 def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, log) -> None:
-    rows = _finished_rows(out)
+    rows = finished_rows(out)
     missing = [k for k in range(cfg.num) if k not in rows]
     if missing:
         raise UserError(f"{len(missing)} images missing from {out} after sampling (first: {missing[0]}); rerun the command")
@@ -267,9 +267,9 @@ def trajectory_gif(run: Run, cfg: SampleConfig, options: dict) -> bytes:
     return gif_bytes(frames)
 
 
-def write_manifest(path: Path, rows: list[list]) -> None:
+def write_manifest(path: Path, rows: list[list], columns: list[str] = MANIFEST_COLUMNS) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    writer.writerow(columns)
     writer.writerows(rows)
     atomic.write_text(path, buf.getvalue(), fsync=True)

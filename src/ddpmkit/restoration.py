@@ -32,8 +32,6 @@ UserError (no silent resizing, no tiling yet).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -43,8 +41,9 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import IMAGE_SUFFIXES, decode_image
+from .data import IMAGE_SUFFIXES, batch_to_model, decode_image
 from .errors import UserError
+from .generation import write_manifest
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .run import Run
 from .runtime import mix_seed
@@ -80,11 +79,6 @@ def sigma_to_timestep(schedule: Schedule, sigma: float) -> float:
                         f"([{lo:.4g}, {hi:.4g}] on the [0,1] scale)")
     t = schedule.t_at_sigma(2.0 * sigma)
     return float(round(t)) if abs(t - round(t)) < _INT_SNAP else t
-
-
-def to_model(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 -> float [-1, 1] (the inverse of images.to_uint8 on the 256 levels)."""
-    return images_u8.float() / 127.5 - 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,13 +159,9 @@ def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mm
         acc = torch.zeros_like(x_t)
         for k in range(samples):  # draw k of image i uses the generator of (seed, k, i)
             noise = ImageNoise(mix_seed(seed, k), [indices[i] for i in rows], tuple(x_t.shape[1:]), x_t.device)
-            acc += _run_sampler(sampler, denoiser, x_t, timesteps_from(t, steps), noise)
+            acc += _sampler(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
         out[rows] = acc / samples
     return out
-
-
-def _run_sampler(name: str, denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise) -> torch.Tensor:
-    return _sampler(name)(denoiser, x, timesteps, noise)
 
 
 def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: int = 0,
@@ -189,7 +179,7 @@ def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: 
     noise = ImageNoise(seed, indices, tuple(x0.shape[1:]), x0.device)
     a = s.abar_at(t)
     x_t = math.sqrt(a) * x0.float() + math.sqrt(1.0 - a) * noise()  # q_sample at a fractional t
-    return _run_sampler(sampler, denoiser, x_t, timesteps_from(t, steps), noise)
+    return _sampler(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
 
 
 def repaint_schedule(levels: int, jump_length: int, resamplings: int) -> list[int]:
@@ -272,10 +262,6 @@ def check_images(run: Run, images_u8: torch.Tensor, names: Sequence[str] | None 
                             f"(no silent resizing)")
 
 
-def _device(run: Run) -> torch.device:
-    return next(run.net.parameters()).device
-
-
 def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1,
             seed: int = 0, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
             indices: Sequence[int] | None = None) -> torch.Tensor:
@@ -286,7 +272,7 @@ def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse
     averaged over `samples` draws. Returns uint8."""
     check_images(run, images_u8)
     sig = resolve_sigma(run.schedule, images_u8, sigma)
-    y = to_model(images_u8).to(_device(run))
+    y = batch_to_model(images_u8).to(run.device)
     x = denoise_tensor(_denoiser(run, clip_x0), y, sig, method, samples, seed, indices, sampler, steps)
     return to_uint8(x)
 
@@ -315,7 +301,7 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     if strength == 0:
         return images_u8.clone()
     steps = steps if steps is not None else DEFAULT_STEPS.get(sampler)
-    x = img2img_tensor(_denoiser(run, clip_x0), to_model(images_u8).to(_device(run)), strength, seed, indices,
+    x = img2img_tensor(_denoiser(run, clip_x0), batch_to_model(images_u8).to(run.device), strength, seed, indices,
                        sampler, steps)
     return to_uint8(x)
 
@@ -346,7 +332,7 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
     if fill.dim() != 4 or fill.shape[0] != images_u8.shape[0] or fill.shape[-2:] != images_u8.shape[-2:] \
             or fill.shape[1] not in (1, images_u8.shape[1]):
         raise UserError(f"masks of shape {tuple(fill.shape)} do not fit images of shape {tuple(images_u8.shape)}")
-    x = inpaint_tensor(_denoiser(run, clip_x0), to_model(images_u8).to(_device(run)), fill, seed, indices, steps,
+    x = inpaint_tensor(_denoiser(run, clip_x0), batch_to_model(images_u8).to(run.device), fill, seed, indices, steps,
                        jump_length, resamplings)
     # The known pixels are the input's exactly (not a float round trip of them).
     return torch.where(fill.expand_as(images_u8), to_uint8(x), images_u8)
@@ -442,11 +428,7 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
     atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
     rows = [[str(p), f"individual/{p.stem}.png", kind, seed, f"{s:.6g}" if s != "" else "", json.dumps(params)]
             for p, s in zip(files, sigmas)]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
-    writer.writerows(rows)
-    atomic.write_text(out / "manifest.csv", buf.getvalue(), fsync=True)
+    write_manifest(out / "manifest.csv", rows, MANIFEST_COLUMNS)
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
         f"manifest {out}/manifest.csv")
     return out

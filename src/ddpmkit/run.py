@@ -104,6 +104,10 @@ class Run:
     def channels(self) -> int:
         return self.config.model.in_channels
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
 
 def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, device: str | torch.device = "cpu") -> Run:
     run_dir = RunDir(path)
