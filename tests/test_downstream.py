@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ddpmkit.cli import main
-from ddpmkit.downstream import _summarise
+from ddpmkit.downstream import _summarise, load_study_data
 from conftest import TINY
 
 TINY_ARGS = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
@@ -43,7 +43,7 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     assert main(["downstream", "--real", str(data), "--synthetic", str(_balanced(tmp_path, data, "ok")),
                  "--out", str(out), "--seeds", "2", "--steps", "15"]) == 0
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["table"]) == {"real", "real+synthetic", "oversampled+augmented"}
+    assert set(summary["table"]) == {"real", "real+synthetic", "oversampled"}
     assert {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "recall[0]", "recall[1]"} <= set(summary["table"]["real"])
     assert summary["train_counts"]["real+synthetic"][0] > summary["train_counts"]["real"][0]  # topped up
     report = (out / "report.md").read_text()
@@ -53,10 +53,14 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
 
 def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     data = _npz(tmp_path / "leaky.npz", np.arange(0, 200), np.arange(150, 250))  # 50 test images in train
-    code = main(["downstream", "--real", str(data), "--synthetic", str(_balanced(tmp_path, data, "leaky")),
+    synthetic = _balanced(tmp_path, data, "leaky")
+    code = main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
                  "--out", str(tmp_path / "s"), "--seeds", "1", "--steps", "2"])
     assert code == 2 and "leakage: the generator" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    # for choosing on a validation split, the seen images can be dropped instead (and are counted)
+    *_, test, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
+    assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped; checked")
 
 
 def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
@@ -64,9 +68,27 @@ def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
         return [{"balanced_accuracy": v, "accuracy": v} for v in values]
 
     flat = _summarise({"real": runs([0.80, 0.82, 0.78]), "real+synthetic": runs([0.81, 0.83, 0.79]),
-                       "oversampled+augmented": runs([0.80, 0.81, 0.80])})
+                       "oversampled": runs([0.80, 0.81, 0.80])})
     assert flat["verdict"].startswith("no improvement")
     clear = _summarise({"real": runs([0.70, 0.72, 0.69]), "real+synthetic": runs([0.85, 0.86, 0.86]),
-                        "oversampled+augmented": runs([0.75, 0.74, 0.75])})
+                        "oversampled": runs([0.75, 0.74, 0.75])})
     assert clear["verdict"].startswith("improvement") and clear["paired_tests"]["real+synthetic vs real"]["p_value"] < 0.01
     assert clear["table"]["real"]["balanced_accuracy"][0] == pytest.approx(0.7033, abs=1e-4)
+
+
+def test_the_arms_share_one_recipe_and_differ_only_in_their_data():
+    """With equal class counts oversampling changes nothing, so the real and oversampled arms (the
+    augmentation included) must train the very same classifier; turning augmentation off changes it."""
+    import torch
+
+    from ddpmkit.downstream import Pool, train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    pool = Pool(torch.randint(0, 256, (40, 1, 8, 8), generator=g, dtype=torch.uint8), np.repeat([0, 1], 20))
+
+    def weights(arm, augment=True):
+        net = train_classifier(pool, 2, arm, seed=0, steps=3, batch=8, lr=1e-3, augment=augment)
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    assert torch.equal(weights("real"), weights("oversampled"))
+    assert not torch.equal(weights("real"), weights("real", augment=False))

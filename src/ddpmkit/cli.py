@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test-split", default="test")
     d.add_argument("--seeds", type=int, default=3)
     d.add_argument("--steps", type=int, default=1500, help="optimizer steps per classifier (the same in every arm)")
+    d.add_argument("--no-augment", action="store_true", help="train every arm without random shifts and flips")
     d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
 
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
@@ -388,7 +389,8 @@ def cmd_balance(ns: argparse.Namespace) -> None:
 def cmd_downstream(ns: argparse.Namespace) -> None:
     from .downstream import run_study
 
-    run_study(ns.real, ns.synthetic, ns.out, ns.test, ns.real_split, ns.test_split, ns.seeds, ns.steps, ns.unverified)
+    run_study(ns.real, ns.synthetic, ns.out, ns.test, ns.real_split, ns.test_split, ns.seeds, ns.steps,
+              augment=not ns.no_augment, unverified=ns.unverified)
 
 
 def cmd_restore(ns: argparse.Namespace) -> None:

@@ -1,11 +1,13 @@
 """`ddpmkit downstream`: do the synthetic images help a classifier? The study, measured honestly.
 
-On a real test split that no generator saw, the same small ResNet is trained with the same budget
-(optimizer steps, batch size) on three training sets, for several seeds each:
+On a real test split that no generator saw, the same small ResNet is trained with the same recipe
+(optimizer steps, batch size, augmentation) on three training sets, for several seeds each:
   (a) real:         the real training images, drawn uniformly;
   (b) real+synth:   the real images plus a `ddpmkit balance` output's synthetic ones, uniformly;
-  (c) oversampled:  the real images drawn class-balanced (oversampling the rare classes) with
-                    random shifts and flips: the classic baseline any reviewer asks for.
+  (c) oversampled:  the real images drawn class-balanced (oversampling the rare classes): the
+                    classic baseline any reviewer asks for.
+Augmentation (random shifts and flips, on by default) is part of the recipe, so it is the same in
+every arm: the arms differ only in their data, and a gain can be credited to the synthetic images.
 Reported per arm: accuracy, balanced accuracy, per-class recall, macro-F1 and AUROC as mean and
 std over seeds, a paired t-test of balanced accuracy (same seeds) of (b) against (a) and (c), and a
 verdict that says "no improvement" unless (b) beats both by more than the seed-to-seed spread.
@@ -35,7 +37,7 @@ from .errors import UserError
 from .images import read_image
 from .runtime import mix_seed
 
-ARMS = ("real", "real+synthetic", "oversampled+augmented")
+ARMS = ("real", "real+synthetic", "oversampled")
 
 
 @dataclass
@@ -105,6 +107,20 @@ def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
     return np.array([names.index(label) for label in labels])
 
 
+def seen_by_generators(test: Pool, runs: list[Path]) -> np.ndarray:
+    """Per test image: is it (byte for byte, at the study's size) among the training images of these runs?"""
+    size = test.images.shape[-1]
+    seen: set[str] = set()
+    for run in runs:
+        cfg = from_dict(read_yaml(run / "config.yaml"))
+        seen |= {_digest(img) for img in resize_center_crop(load_images(cfg.data).images, size)}
+    return np.array([_digest(img) in seen for img in test.images], dtype=bool)
+
+
+def _digest(image: torch.Tensor) -> str:
+    return hashlib.sha256(image.numpy().tobytes()).hexdigest()
+
+
 def check_no_leakage(test: Pool, runs: list[Path], verified: bool) -> str:
     """Refuse when a test image is among the training images of a run that made the synthetic set."""
     if not runs:
@@ -112,15 +128,10 @@ def check_no_leakage(test: Pool, runs: list[Path], verified: bool) -> str:
             raise UserError("the synthetic images do not say which run made them (no .ddpmkit-job.json), so "
                             "leakage cannot be ruled out; pass --unverified to run the study anyway (reported)")
         return "not checked (--unverified): the synthetic set does not name its generator"
-    test_hashes = {hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in test.images}
-    for run in runs:
-        cfg = from_dict(read_yaml(run / "config.yaml"))
-        seen = load_images(cfg.data)
-        seen_images = resize_center_crop(seen.images, test.images.shape[-1])
-        overlap = sum(hashlib.sha256(img.numpy().tobytes()).hexdigest() in test_hashes for img in seen_images)
-        if overlap:
-            raise UserError(f"leakage: the generator {run} was trained on {overlap} of the test images "
-                            f"({seen.source}); retrain it without the test split")
+    overlap = int(seen_by_generators(test, runs).sum())
+    if overlap:
+        raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on {overlap} of the test images; "
+                        f"retrain it without the test split")
     return f"checked: no test image is among the training images of {', '.join(str(r) for r in runs)}"
 
 
@@ -136,13 +147,14 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
-def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, batch: int, lr: float) -> nn.Module:
+def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, batch: int, lr: float,
+                     augment: bool = True) -> nn.Module:
     torch.manual_seed(mix_seed(seed, 11))
     g = torch.Generator().manual_seed(mix_seed(seed, 12))
     net = SmallResNet(pool.images.shape[1], classes)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    if arm == "oversampled+augmented":
+    if arm == "oversampled":
         counts = np.bincount(pool.labels, minlength=classes)
         weights = torch.tensor(1.0 / counts[pool.labels], dtype=torch.float64)
     else:
@@ -152,7 +164,7 @@ def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, 
     for _ in range(steps):
         idx = torch.multinomial(weights, batch, replacement=True, generator=g)
         x = pool.images[idx].float() / 127.5 - 1
-        if arm == "oversampled+augmented":
+        if augment:
             x = _augment(x, g)
         loss = F.cross_entropy(net(x), labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -181,19 +193,19 @@ def scores(probs: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
 # --- the study ---------------------------------------------------------------------------------
 
 def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, seeds: int = 3, steps: int = 1500,
-          batch: int = 64, lr: float = 2e-3, leakage: str = "", log=print) -> dict:
+          batch: int = 64, lr: float = 2e-3, augment: bool = True, leakage: str = "", log=print) -> dict:
     combined = Pool(torch.cat([real.images, synthetic.images]), np.concatenate([real.labels, synthetic.labels]))
-    pools = {"real": real, "real+synthetic": combined, "oversampled+augmented": real}
+    pools = {"real": real, "real+synthetic": combined, "oversampled": real}
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in range(seeds):
         for arm in ARMS:
             t0 = time.time()
-            net = train_classifier(pools[arm], len(names), arm, seed, steps, batch, lr)
+            net = train_classifier(pools[arm], len(names), arm, seed, steps, batch, lr, augment)
             results[arm].append(scores(predict(net, test.images), test.labels, names))
             log(f"seed {seed} {arm}: balanced accuracy {results[arm][-1]['balanced_accuracy']:.4f} "
                 f"({time.time() - t0:.0f} s)")
     summary = _summarise(results)
-    summary.update({"classes": names, "seeds": seeds, "steps": steps, "batch": batch, "lr": lr,
+    summary.update({"classes": names, "seeds": seeds, "steps": steps, "batch": batch, "lr": lr, "augment": augment,
                     "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist() for arm, p in pools.items()},
                     "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(), "leakage": leakage,
                     "per_seed": results})
@@ -212,7 +224,7 @@ def _summarise(results: dict[str, list[dict]]) -> dict:
                        if len(runs) > 1 else 0.0) for k in runs[0]} for arm, runs in results.items()}
     bal = {arm: np.array([r["balanced_accuracy"] for r in runs]) for arm, runs in results.items()}
     tests = {}
-    for other in ("real", "oversampled+augmented"):
+    for other in ("real", "oversampled"):
         diff = bal["real+synthetic"] - bal[other]
         p = float(ttest_rel(bal["real+synthetic"], bal[other]).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
         tests[f"real+synthetic vs {other}"] = {"mean_gain": float(diff.mean()), "p_value": p}
@@ -233,7 +245,8 @@ def _report(s: dict) -> str:
              f"**Verdict: {s['verdict']}.**", "",
              f"Classes {', '.join(s['classes'])}; test images per class {s['test_counts']}; "
              f"{s['seeds']} seeds per arm; each classifier (a small ResNet) trained for {s['steps']} steps of batch "
-             f"{s['batch']} (AdamW, one-cycle lr {s['lr']}): the same budget in every arm.", "",
+             f"{s['batch']} (AdamW, one-cycle lr {s['lr']}), "
+             f"{'with random shifts and flips' if s['augment'] else 'without augmentation'}: the same recipe in every arm.", "",
              "Training images per class: " + "; ".join(f"{arm} {c}" for arm, c in s["train_counts"].items()), "",
              "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for arm, row in s["table"].items():
@@ -273,9 +286,12 @@ def _bar_chart(s: dict) -> str:
     return "".join(parts)
 
 
-def run_study(real: str, synthetic: str, out: str, test: str | None = None, real_split: str = "train",
-              test_split: str = "test", seeds: int = 3, steps: int = 1500, unverified: bool = False, log=print) -> dict:
-    """The CLI's entry: real data (its train split), the synthetic folder, the test split."""
+def load_study_data(real: str, synthetic: str, test: str | None = None, real_split: str = "train",
+                    test_split: str = "test", unverified: bool = False,
+                    drop_seen: bool = False) -> tuple[list[str], Pool, Pool, Pool, str]:
+    """Class names, the real, synthetic and test pools at the generator's resolution, and the leakage check.
+    drop_seen removes the test images the generator saw instead of refusing (for choosing on a
+    validation split that shares images with the training split; never for the final study)."""
     synth_folder = Path(synthetic)
     probe = load_images(DataConfig(path=real, split=real_split, image_size=8))  # labels and the native size
     if not probe.labels:
@@ -288,7 +304,21 @@ def run_study(real: str, synthetic: str, out: str, test: str | None = None, real
     synth, runs = load_synthetic(synth_folder, size, names)
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
     test_pool = load_real(test or real, test_split, size, synth.images.shape[1], names)
-    leakage = check_no_leakage(test_pool, runs, verified=not unverified)
+    dropped = ""
+    if drop_seen and runs:
+        seen = seen_by_generators(test_pool, runs)
+        test_pool = Pool(test_pool.images[torch.from_numpy(~seen)], test_pool.labels[~seen])
+        dropped = f"{int(seen.sum())} {test_split} images the generator saw were dropped; "
+    return names, real_pool, synth, test_pool, dropped + check_no_leakage(test_pool, runs, verified=not unverified)
+
+
+def run_study(real: str, synthetic: str, out: str, test: str | None = None, real_split: str = "train",
+              test_split: str = "test", seeds: int = 3, steps: int = 1500, augment: bool = True, unverified: bool = False,
+              log=print) -> dict:
+    """The CLI's entry: real data (its train split), the synthetic folder, the test split."""
+    names, real_pool, synth, test_pool, leakage = load_study_data(real, synthetic, test, real_split, test_split, unverified)
+    size = synth.images.shape[-1]
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, {len(test_pool.labels)} test images "
         f"at {size}x{size}; leakage {leakage}")
-    return study(real_pool, synth, test_pool, names, Path(out), seeds=seeds, steps=steps, leakage=leakage, log=log)
+    return study(real_pool, synth, test_pool, names, Path(out), seeds=seeds, steps=steps, augment=augment,
+                 leakage=leakage, log=log)
