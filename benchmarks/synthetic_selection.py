@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ddpmkit.downstream import Pool, load_study_data, predict, scores, train_classifier  # noqa: E402
+from ddpmkit.downstream import Pool, combine, load_study_data, predict, scores, train_classifier  # noqa: E402
 
 
 def main() -> None:
@@ -35,12 +34,15 @@ def main() -> None:
     ap.add_argument("--val-split", default="val")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--synthetic-share", type=float, default=None, help="as `ddpmkit downstream --synthetic-share`")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the real and oversampled arms (already measured)")
     args = ap.parse_args()
 
     def evaluate(pool: Pool, arm: str, val: Pool, names: list[str]) -> dict:
         t0, rows = time.time(), []
         for seed in range(args.seeds):
-            net = train_classifier(pool, len(names), arm, seed, args.steps, batch=64, lr=2e-3)
+            net = train_classifier(pool, len(names), arm, seed, args.steps, batch=64, lr=2e-3,
+                                   synthetic_share=args.synthetic_share)
             rows.append(scores(predict(net, val.images), val.labels, names))
         out = {k: [round(float(np.mean([r[k] for r in rows])), 4), round(float(np.std([r[k] for r in rows], ddof=1)), 4)]
                for k in rows[0] if k == "balanced_accuracy" or k.startswith("recall")}
@@ -51,16 +53,16 @@ def main() -> None:
     for i, folder in enumerate(args.synthetic):
         names, real, synth, val, leakage = load_study_data(args.real, folder, None, args.real_split, args.val_split,
                                                          drop_seen=True)
-        if i == 0:
+        if i == 0 and not args.no_baselines:
             results["real"] = evaluate(real, "real", val, names)
             results["oversampled"] = evaluate(real, "oversampled", val, names)
-        combined = Pool(torch.cat([real.images, synth.images]), np.concatenate([real.labels, synth.labels]))
         arm = f"real+{folder}"
-        results[arm] = {**evaluate(combined, "real+synthetic", val, names),
+        results[arm] = {**evaluate(combine(real, synth), "real+synthetic", val, names),
                         "synthetic_per_class": np.bincount(synth.labels, minlength=len(names)).tolist()}
         if best is None or results[arm]["balanced_accuracy"][0] > results[best]["balanced_accuracy"][0]:
             best = arm
-    print(json.dumps({"split": args.val_split, "seeds": args.seeds, "steps": args.steps, "arms": results,
+    print(json.dumps({"split": args.val_split, "seeds": args.seeds, "steps": args.steps,
+                      "synthetic_share": args.synthetic_share, "arms": results,
                       "best_synthetic": best, "leakage": leakage}, indent=1))
 
 

@@ -92,3 +92,21 @@ def test_the_arms_share_one_recipe_and_differ_only_in_their_data():
 
     assert torch.equal(weights("real"), weights("oversampled"))
     assert not torch.equal(weights("real"), weights("real", augment=False))
+
+
+def test_draw_weights_keep_class_mass_and_give_synthetic_its_share():
+    import torch
+
+    from ddpmkit.downstream import Pool, combine, draw_weights
+
+    real = Pool(torch.zeros(13, 1, 4, 4, dtype=torch.uint8), np.array([0] * 3 + [1] * 10))
+    synthetic = Pool(torch.zeros(7, 1, 4, 4, dtype=torch.uint8), np.array([0] * 7))  # class 0 topped up to 10
+    pool = combine(real, synthetic)
+    for share in (0.0, 0.3, 0.5, 1.0):
+        w = draw_weights(pool, "real+synthetic", 2, synthetic_share=share).numpy()
+        assert w[pool.labels == 0].sum() == pytest.approx(10) and w[pool.labels == 1].sum() == pytest.approx(10)
+        assert w[pool.synthetic].sum() / w[pool.labels == 0].sum() == pytest.approx(share)
+        assert np.allclose(w[pool.labels == 1], 1.0)  # a class without generated images is drawn as before
+    assert torch.equal(draw_weights(pool, "real+synthetic", 2), torch.ones(20, dtype=torch.float64))  # uniform
+    over = draw_weights(real, "oversampled", 2).numpy()
+    assert over[real.labels == 0].sum() == pytest.approx(over[real.labels == 1].sum())

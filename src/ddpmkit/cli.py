@@ -90,7 +90,8 @@ def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[st
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ddpmkit", description="Denoising diffusion models for images: train, sample, evaluate, balance, restore.")
+    parser = argparse.ArgumentParser(
+        prog="ddpmkit", description="Denoising diffusion models for images: train, sample, evaluate, balance, restore.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=3)
     d.add_argument("--steps", type=int, default=1500, help="optimizer steps per classifier (the same in every arm)")
     d.add_argument("--no-augment", action="store_true", help="train every arm without random shifts and flips")
+    d.add_argument("--synthetic-share", type=float, default=None,
+                   help="in real+synthetic, the fraction of a topped-up class's draws that are generated images "
+                        "(default: every image equally often); choose it on a validation split")
     d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
 
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
@@ -390,7 +394,7 @@ def cmd_downstream(ns: argparse.Namespace) -> None:
     from .downstream import run_study
 
     run_study(ns.real, ns.synthetic, ns.out, ns.test, ns.real_split, ns.test_split, ns.seeds, ns.steps,
-              augment=not ns.no_augment, unverified=ns.unverified)
+              augment=not ns.no_augment, synthetic_share=ns.synthetic_share, unverified=ns.unverified)
 
 
 def cmd_restore(ns: argparse.Namespace) -> None:

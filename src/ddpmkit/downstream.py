@@ -44,6 +44,30 @@ ARMS = ("real", "real+synthetic", "oversampled")
 class Pool:
     images: torch.Tensor  # uint8 N x C x H x W
     labels: np.ndarray  # class index per image
+    synthetic: np.ndarray | None = None  # per image: generated? (None: all real)
+
+
+def combine(real: Pool, synthetic: Pool) -> Pool:
+    return Pool(torch.cat([real.images, synthetic.images]), np.concatenate([real.labels, synthetic.labels]),
+                np.concatenate([np.zeros(len(real.labels), bool), np.ones(len(synthetic.labels), bool)]))
+
+
+def draw_weights(pool: Pool, arm: str, classes: int, synthetic_share: float | None = None) -> torch.Tensor:
+    """How often each training image is drawn. oversampled: every class equally often. real+synthetic
+    with a synthetic_share: each class keeps its share of the pool, and within a class that has
+    generated images they make that fraction of its draws (the real ones the rest). Otherwise uniform."""
+    counts = np.bincount(pool.labels, minlength=classes).astype(np.float64)
+    if arm == "oversampled":
+        return torch.from_numpy(1.0 / counts[pool.labels])
+    if synthetic_share is None or pool.synthetic is None:
+        return torch.ones(len(pool.labels), dtype=torch.float64)
+    synth = np.bincount(pool.labels[pool.synthetic], minlength=classes).astype(np.float64)
+    real = counts - synth
+    has_synth = (synth > 0)[pool.labels] & (real > 0)[pool.labels]
+    share = np.where(pool.synthetic, synthetic_share / np.maximum(synth, 1)[pool.labels],
+                     (1 - synthetic_share) / np.maximum(real, 1)[pool.labels])
+    weights = np.where(has_synth, share * counts[pool.labels], 1.0)  # class mass: its count, as uniform
+    return torch.from_numpy(weights)
 
 
 class SmallResNet(nn.Module):
@@ -148,17 +172,13 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, batch: int, lr: float,
-                     augment: bool = True) -> nn.Module:
+                     augment: bool = True, synthetic_share: float | None = None) -> nn.Module:
     torch.manual_seed(mix_seed(seed, 11))
     g = torch.Generator().manual_seed(mix_seed(seed, 12))
     net = SmallResNet(pool.images.shape[1], classes)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    if arm == "oversampled":
-        counts = np.bincount(pool.labels, minlength=classes)
-        weights = torch.tensor(1.0 / counts[pool.labels], dtype=torch.float64)
-    else:
-        weights = torch.ones(len(pool.labels), dtype=torch.float64)
+    weights = draw_weights(pool, arm, classes, synthetic_share)
     labels = torch.from_numpy(pool.labels)
     net.train()
     for _ in range(steps):
@@ -193,19 +213,20 @@ def scores(probs: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
 # --- the study ---------------------------------------------------------------------------------
 
 def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, seeds: int = 3, steps: int = 1500,
-          batch: int = 64, lr: float = 2e-3, augment: bool = True, leakage: str = "", log=print) -> dict:
-    combined = Pool(torch.cat([real.images, synthetic.images]), np.concatenate([real.labels, synthetic.labels]))
-    pools = {"real": real, "real+synthetic": combined, "oversampled": real}
+          batch: int = 64, lr: float = 2e-3, augment: bool = True, synthetic_share: float | None = None,
+          leakage: str = "", log=print) -> dict:
+    pools = {"real": real, "real+synthetic": combine(real, synthetic), "oversampled": real}
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in range(seeds):
         for arm in ARMS:
             t0 = time.time()
-            net = train_classifier(pools[arm], len(names), arm, seed, steps, batch, lr, augment)
+            net = train_classifier(pools[arm], len(names), arm, seed, steps, batch, lr, augment, synthetic_share)
             results[arm].append(scores(predict(net, test.images), test.labels, names))
             log(f"seed {seed} {arm}: balanced accuracy {results[arm][-1]['balanced_accuracy']:.4f} "
                 f"({time.time() - t0:.0f} s)")
     summary = _summarise(results)
     summary.update({"classes": names, "seeds": seeds, "steps": steps, "batch": batch, "lr": lr, "augment": augment,
+                    "synthetic_share": synthetic_share,
                     "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist() for arm, p in pools.items()},
                     "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(), "leakage": leakage,
                     "per_seed": results})
@@ -313,12 +334,14 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
 
 
 def run_study(real: str, synthetic: str, out: str, test: str | None = None, real_split: str = "train",
-              test_split: str = "test", seeds: int = 3, steps: int = 1500, augment: bool = True, unverified: bool = False,
-              log=print) -> dict:
+              test_split: str = "test", seeds: int = 3, steps: int = 1500, augment: bool = True,
+              synthetic_share: float | None = None, unverified: bool = False, log=print) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split."""
     names, real_pool, synth, test_pool, leakage = load_study_data(real, synthetic, test, real_split, test_split, unverified)
     size = synth.images.shape[-1]
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, {len(test_pool.labels)} test images "
         f"at {size}x{size}; leakage {leakage}")
+    if synthetic_share is not None and not 0 <= synthetic_share <= 1:
+        raise UserError(f"--synthetic-share {synthetic_share}: give a fraction from 0 to 1")
     return study(real_pool, synth, test_pool, names, Path(out), seeds=seeds, steps=steps, augment=augment,
-                 leakage=leakage, log=log)
+                 synthetic_share=synthetic_share, leakage=leakage, log=log)
