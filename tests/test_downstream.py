@@ -41,13 +41,15 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     data = _npz(tmp_path / "d.npz", np.concatenate([order[:40], order[60:200]]), order[200:])  # class 0 rarer
     out = tmp_path / "study"
     assert main(["downstream", "--real", str(data), "--synthetic", str(_balanced(tmp_path, data, "ok")),
-                 "--out", str(out), "--seeds", "2", "--steps", "15"]) == 0
+                 "--out", str(out), "--seeds", "2", "--steps", "15", "--synthetic-share", "0.5"]) == 0
     summary = json.loads((out / "results.json").read_text())
+    assert summary["synthetic_share"] == 0.5 and summary["augment"] is True
     assert set(summary["table"]) == {"real", "real+synthetic", "oversampled"}
     assert {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "recall[0]", "recall[1]"} <= set(summary["table"]["real"])
     assert summary["train_counts"]["real+synthetic"][0] > summary["train_counts"]["real"][0]  # topped up
     report = (out / "report.md").read_text()
     assert "Verdict:" in report and "| real+synthetic |" in report and "checked: no test image" in report
+    assert "generated images are 0.5 of a topped-up class's draws" in report and "random shifts and flips" in report
     assert (out / "balanced_accuracy.svg").read_text().startswith("<svg")
 
 

@@ -268,7 +268,9 @@ def _report(s: dict) -> str:
              f"{s['seeds']} seeds per arm; each classifier (a small ResNet) trained for {s['steps']} steps of batch "
              f"{s['batch']} (AdamW, one-cycle lr {s['lr']}), "
              f"{'with random shifts and flips' if s['augment'] else 'without augmentation'}: the same recipe in every arm.", "",
-             "Training images per class: " + "; ".join(f"{arm} {c}" for arm, c in s["train_counts"].items()), "",
+             "Training images per class: " + "; ".join(f"{arm} {c}" for arm, c in s["train_counts"].items())
+             + ("" if s["synthetic_share"] is None else
+                f"; in real+synthetic, generated images are {s['synthetic_share']:g} of a topped-up class's draws"), "",
              "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for arm, row in s["table"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values()) + " |")
