@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -55,7 +56,12 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
 
 def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     data = _npz(tmp_path / "leaky.npz", np.arange(0, 200), np.arange(150, 250))  # 50 test images in train
-    synthetic = _balanced(tmp_path, data, "leaky")
+    moved = tmp_path / "moved.npz"
+    shutil.copy(data, moved)
+    synthetic = _balanced(tmp_path, moved, "leaky")
+    recorded = (tmp_path / "run_leaky" / "training_images.sha256").read_text().split()
+    assert len(recorded) == len(set(recorded)) == 200  # every training image, once (digits has no duplicates here)
+    moved.unlink()  # the run's own record is what the guard reads: the data may have moved since
     code = main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
                  "--out", str(tmp_path / "s"), "--seeds", "1", "--steps", "2"])
     assert code == 2 and "leakage: the generator" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -63,6 +64,11 @@ def load_images(cfg: DataConfig) -> ImageData:
     images = set_channels(data.images, cfg.channels)
     data.images = resize_center_crop(images, cfg.image_size)
     return data
+
+
+def image_digests(images: torch.Tensor) -> list[str]:
+    """sha256 of each uint8 image's bytes: identity at a given size, for the leakage guard."""
+    return [hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images]
 
 
 def batch_to_model(images_u8: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,6 @@ run); the study loads that run's training data and refuses to go on if any test 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -32,9 +31,10 @@ from torch import nn
 
 from . import atomic
 from .config import DataConfig, from_dict, read_yaml
-from .data import load_images, resize_center_crop
+from .data import image_digests, load_images, resize_center_crop
 from .errors import UserError
 from .images import read_image
+from .run import RunDir
 from .runtime import mix_seed
 
 ARMS = ("real", "real+synthetic", "oversampled")
@@ -132,17 +132,19 @@ def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
 
 
 def seen_by_generators(test: Pool, runs: list[Path]) -> np.ndarray:
-    """Per test image: is it (byte for byte, at the study's size) among the training images of these runs?"""
+    """Per test image: is it (byte for byte, at the study's size) among the training images of these runs?
+    A run's own record of its training images is used where it has one (and is at this size);
+    otherwise its training data is loaded again from its config."""
     size = test.images.shape[-1]
     seen: set[str] = set()
     for run in runs:
         cfg = from_dict(read_yaml(run / "config.yaml"))
-        seen |= {_digest(img) for img in resize_center_crop(load_images(cfg.data).images, size)}
-    return np.array([_digest(img) in seen for img in test.images], dtype=bool)
-
-
-def _digest(image: torch.Tensor) -> str:
-    return hashlib.sha256(image.numpy().tobytes()).hexdigest()
+        recorded = RunDir(run).digests_path
+        if recorded.is_file() and cfg.data.image_size == size:
+            seen |= set(recorded.read_text().split())
+        else:
+            seen |= set(image_digests(resize_center_crop(load_images(cfg.data).images, size)))
+    return np.array([d in seen for d in image_digests(test.images)], dtype=bool)
 
 
 def check_no_leakage(test: Pool, runs: list[Path], verified: bool) -> str:

@@ -31,6 +31,9 @@ class RunDir:
         self.meta_path = self.path / "meta.json"
         self.state_path = self.path / "state.json"
         self.stats_path = self.path / "stats.jsonl"
+        # sha256 of every training image as the model saw it (in-memory data only): which images the
+        # generator was trained on, kept with the run so a later study can rule out leakage
+        self.digests_path = self.path / "training_images.sha256"
         self.checkpoints = self.path / "checkpoints"
         self.grids = self.path / "grids"
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import atomic
 from .checkpoint import restore, save_checkpoint
 from .config import Config, differing_keys, read_yaml, to_yaml
-from .data import batch_to_model, load_images
+from .data import ImageData, batch_to_model, image_digests, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
 from .finetune import Source, adopt_architecture, load_pretrained
@@ -70,7 +70,7 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
     if fresh:
         for name in ("checkpoints", "grids"):
             shutil.rmtree(run.path / name, ignore_errors=True)
-        for p in (run.state_path, run.stats_path, run.config_path, run.meta_path):
+        for p in (run.state_path, run.stats_path, run.config_path, run.meta_path, run.digests_path):
             p.unlink(missing_ok=True)
         return None
     atomic.remove_stale_temps(run.path, run.checkpoints, run.grids)  # from a run killed mid-write
@@ -223,6 +223,8 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
                     "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model),
                     "processes": world.size, "init_from": pretrained}
             atomic.write_text(run.meta_path, json.dumps(meta, indent=1))
+            if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
+                atomic.write_text(run.digests_path, "\n".join(sorted(set(image_digests(data.images)))) + "\n")
     log(f"training {run.path}: {count_parameters(model):,} parameters, {data.source}, on {device}"
         + (f" x {world.size} processes" if world.size > 1 else "")
         + (f", {tc.grad_accum} micro-batches of {share} per step" if tc.grad_accum > 1 else ""))
