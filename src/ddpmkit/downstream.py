@@ -3,7 +3,8 @@
 On a real test split that no generator saw, the same small ResNet is trained with the same recipe
 (optimizer steps, batch size, augmentation) on three training sets, for several seeds each:
   (a) real:         the real training images, drawn uniformly;
-  (b) real+synth:   the real images plus a `ddpmkit balance` output's synthetic ones, uniformly;
+  (b) real+synth:   the real images plus a `ddpmkit balance` output's synthetic ones, uniformly
+                    or with a chosen synthetic share of the topped-up classes' draws;
   (c) oversampled:  the real images drawn class-balanced (oversampling the rare classes): the
                     classic baseline any reviewer asks for.
 Augmentation (random shifts and flips, on by default) is part of the recipe, so it is the same in
@@ -13,7 +14,8 @@ std over seeds, a paired t-test of balanced accuracy (same seeds) of (b) against
 verdict that says "no improvement" unless (b) beats both by more than the seed-to-seed spread.
 
 Leakage guard: the synthetic set names the run that generated it (its sampling jobs record the
-run); the study loads that run's training data and refuses to go on if any test image is among it.
+run); the study reads that run's record of its training images (or loads its training data again)
+and refuses to go on if any test image is among them.
 """
 
 from __future__ import annotations
