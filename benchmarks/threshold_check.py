@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.downstream import ARMS, combine, load_study_data, predict, train_classifier  # noqa: E402
 
 
 def balanced_accuracy(p_positive: np.ndarray, labels: np.ndarray, threshold: float) -> float:
-    pred = (p_positive >= threshold).astype(int)
-    return float(np.mean([np.mean(pred[labels == c] == c) for c in (0, 1)]))
+    return float(balanced_accuracy_score(labels, (p_positive >= threshold).astype(int)))
 
 
 def main() -> None:

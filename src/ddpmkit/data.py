@@ -66,6 +66,15 @@ def load_images(cfg: DataConfig) -> ImageData:
     return data
 
 
+def class_order(labels) -> list[str]:
+    """The distinct labels in a stable order: integers numerically (2 before 10), then names."""
+    def key(c: str):
+        numeric = c.lstrip("-").isdigit()
+        return (not numeric, int(c) if numeric else 0, c)
+
+    return sorted(set(labels), key=key)
+
+
 def image_digests(images: torch.Tensor) -> list[str]:
     """sha256 of each uint8 image's bytes: identity at a given size, for the leakage guard."""
     return [hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images]

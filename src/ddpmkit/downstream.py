@@ -33,7 +33,7 @@ from torch import nn
 
 from . import atomic
 from .config import DataConfig, from_dict, read_yaml
-from .data import image_digests, load_images, resize_center_crop
+from .data import class_order, image_digests, load_images, resize_center_crop
 from .errors import UserError
 from .images import read_image
 from .run import RunDir
@@ -323,7 +323,7 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
     probe = load_images(DataConfig(path=real, split=real_split, image_size=8))  # labels and the native size
     if not probe.labels:
         raise UserError(f"{real}: no labels; the study needs labelled real images")
-    names = sorted(set(probe.labels), key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+    names = class_order(probe.labels)
     first = next(synth_folder.rglob("individual/*.png"), None)
     if first is None:
         raise UserError(f"{synth_folder} holds no generated images (individual/*.png)")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import atomic
 from .checkpoint import restore, save_checkpoint
 from .config import Config, differing_keys, read_yaml, to_yaml
-from .data import ImageData, batch_to_model, image_digests, load_images
+from .data import ImageData, batch_to_model, class_order, image_digests, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
 from .finetune import Source, adopt_architecture, load_pretrained
@@ -411,8 +411,7 @@ def _class_ids(cfg: Config, data) -> torch.Tensor:
         raise UserError("model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
                         "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
     present = set(data.labels)
-    names = cfg.data.class_names or sorted(present, key=lambda c: (not c.lstrip("-").isdigit(), int(c) if
-                                                                    c.lstrip("-").isdigit() else 0, c))
+    names = cfg.data.class_names or class_order(present)
     unknown = sorted(present - set(names))
     if unknown:
         raise UserError(f"labels {', '.join(unknown[:5])} are not in data.class_names ({', '.join(names[:10])})")
@@ -446,7 +445,7 @@ def _tensorboard(run: RunDir):
 def _evaluator(cfg: Config, data, device, log):
     from .metrics.evaluate import TrainingEvaluator
 
-    if hasattr(data, "images"):
+    if isinstance(data, ImageData):
         return TrainingEvaluator(cfg.train.eval_features, data.images, data.labels, device, log)
     # streamed data: the reference is the first (up to) 10,000 images, read once
     n = min(len(data), 10_000)
