@@ -1,13 +1,16 @@
 """Fault trials too long for the test suite. Prints JSON.
 
-    python benchmarks/faults.py                 # 20 training kills, 5 sampling kills, the bad inputs
-    python benchmarks/faults.py --train-kills 50
+    python benchmarks/faults.py                 # all of the trials below
+    python benchmarks/faults.py --train-kills 50 --ddp-train-kills 0
 
 1. kill -9 a training run at a random moment, rerun the same command: the final weights must equal
    an uninterrupted run's bitwise, every checkpoint recorded in state.json must still verify
    (bytes lost = size of recorded files that are missing or damaged), and no temp file may remain.
 2. The same for a 600-image sampling job: the final images must equal an uninterrupted job's.
-3. Bad inputs: each must end with exit code 2 and a one-line `ddpmkit: error:` naming the problem
+3. Both again under torchrun (2 CPU processes, gloo), killing either the whole job (a lost machine)
+   or one worker (the out-of-memory killer): the launcher must exit on its own, no worker may be
+   left running, and rerunning the same command must end where an uninterrupted job ends.
+4. Bad inputs: each must end with exit code 2 and a one-line `ddpmkit: error:` naming the problem
    (or, for unreadable images under data.on_error=skip, train and report them), never a traceback.
 """
 
@@ -27,12 +30,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.checkpoint import file_sha256  # noqa: E402
 from ddpmkit.cli import main  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from processes import process_tree, worker_rank  # noqa: E402
 
 TINY = ["model.base_channels=16", "model.norm_groups=8", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
         "diffusion.num_timesteps=100", "train.batch_size=32", "train.warmup_steps=5", "train.log_every=5",
@@ -51,6 +58,56 @@ def kill_at_random(cmd: list[str], low: float, high: float, rng: random.Random) 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return delay
+
+
+def torchrun(port: int, *args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+            "-m", "ddpmkit", *map(str, args)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def crash_torchrun(cmd: list[str], low: float, high: float, rng: random.Random, progress) -> dict:
+    """Start a torchrun job, then kill -9 either all of it or one worker at a random moment.
+    progress() says how far the job had got when it was killed."""
+    delay = rng.uniform(low, high)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    tree = process_tree(proc.pid)
+    wanted = rng.choice(["whole job", 0, 1])
+    victims = [p for p in tree if worker_rank(p) == wanted] if wanted != "whole job" else tree
+    victim = wanted if victims else "whole job"  # that worker had not started yet
+    for pid in victims or tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    t0 = time.perf_counter()
+    try:
+        proc.wait(timeout=180)
+        hung = False
+    except subprocess.TimeoutExpired:  # the launcher waits on a worker that waits on a dead peer
+        hung = True
+        for pid in process_tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 10  # a process killed mid-write may take a moment to go
+    while (left := [p for p in tree if p != proc.pid and alive(p)]) and time.time() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return {"kill_s": round(delay, 2), "done_at_kill": progress(),
+            "victim": f"rank {victim}" if victim != "whole job" else victim,
+            "launcher_exit_s": round(time.perf_counter() - t0, 1), "hung": hung, "workers_left": len(left)}
+
+
+def saved_step(run: Path) -> int:
+    state = run / "state.json"
+    return max((e["step"] for e in json.loads(state.read_text())["checkpoints"]), default=0) if state.exists() else 0
 
 
 def recorded_bytes_lost(run: Path) -> int:
@@ -91,7 +148,7 @@ def train_trials(n: int, work: Path, rng: random.Random) -> dict:
 
 def sample_trials(n: int, work: Path, rng: random.Random) -> dict:
     run = work / "reference"
-    args = ["sample", run, "--num", 600, "--steps", 4, "--batch-size", 40, "--quiet"]
+    args = ["sample", run, "--num", 600, "--steps", 20, "--batch-size", 40, "--quiet"]
     t0 = time.perf_counter()
     subprocess.run(ddpmkit(*args, "--out", work / "gen_ref"), env=ENV, check=True, capture_output=True)
     duration = time.perf_counter() - t0
@@ -103,15 +160,66 @@ def sample_trials(n: int, work: Path, rng: random.Random) -> dict:
         done = subprocess.run(ddpmkit(*args, "--out", out), env=ENV, capture_output=True, text=True)
         problems = [] if done.returncode == 0 else [f"rerun exit {done.returncode}: {done.stderr.strip()[-200:]}"]
         if not problems:
-            differing = [k for k in range(600) if (out / "individual" / f"{k:06d}.png").read_bytes()
-                         != (ref / "individual" / f"{k:06d}.png").read_bytes()]
-            problems += [f"{len(differing)} images differ"] if differing else []
+            problems += [] if same_images(out, ref, 600) else ["images differ"]
             if (out / "manifest.csv").read_bytes() != (ref / "manifest.csv").read_bytes():
                 problems.append("manifest differs")
             problems += [f"temp files left: {temp_files(out)}"] if temp_files(out) else []
         passed += not problems
         failures += [{"trial": i, "problems": problems}] if problems else []
     return {"trials": n, "passed": passed, "reference_seconds": round(duration, 1), "failures": failures}
+
+
+def ddp_train_trials(n: int, work: Path, rng: random.Random) -> dict:
+    args = [*TINY, "model.dropout=0.0", "train.max_steps=150", "train.checkpoint_every=10", "--quiet"]
+    t0 = time.perf_counter()
+    subprocess.run(torchrun(29600, "train", *args, "--out", work / "ddp_reference"), env=ENV, check=True,
+                   capture_output=True)
+    duration = time.perf_counter() - t0
+    reference = load_file(work / "ddp_reference" / "checkpoints" / "step_000000150.safetensors")
+    trials = []
+    for i in range(n):
+        out = work / f"ddp_killed{i}"
+        trial = crash_torchrun(torchrun(29601 + i, "train", *args, "--out", out), 1.0, duration, rng,
+                               lambda out=out: f"step {saved_step(out)} saved")
+        trial["bytes_lost"] = recorded_bytes_lost(out)
+        done = subprocess.run(torchrun(29700 + i, "train", *args, "--out", out), env=ENV, capture_output=True, text=True)
+        final = load_file(out / "checkpoints" / "step_000000150.safetensors") if done.returncode == 0 else {}
+        trial["resumed_equal"] = bool(final) and all(torch.equal(final[k], reference[k]) for k in reference)
+        trial["temp_files_left"] = len(temp_files(out))
+        trial["passed"] = (trial["resumed_equal"] and not trial["hung"] and not trial["workers_left"]
+                           and not trial["bytes_lost"] and not trial["temp_files_left"])
+        if done.returncode:
+            trial["rerun_error"] = done.stderr.strip()[-300:]
+        trials.append(trial)
+    return {"trials": n, "passed": sum(t["passed"] for t in trials), "reference_seconds": round(duration, 1),
+            "details": trials}
+
+
+def same_images(a: Path, b: Path, n: int) -> bool:
+    return all((a / "individual" / f"{k:06d}.png").read_bytes() == (b / "individual" / f"{k:06d}.png").read_bytes()
+               for k in range(n))
+
+
+def ddp_sample_trials(n: int, work: Path, rng: random.Random) -> dict:
+    args = ["sample", work / "reference", "-n", 1200, "--steps", 20, "--batch-size", 40, "--quiet"]
+    ref = work / "ddp_gen_ref"
+    t0 = time.perf_counter()
+    subprocess.run(torchrun(29800, *args, "--out", ref), env=ENV, check=True, capture_output=True)
+    duration = time.perf_counter() - t0
+    trials = []
+    for i in range(n):
+        out = work / f"ddp_gen{i}"
+        trial = crash_torchrun(torchrun(29801 + i, *args, "--out", out), 1.0, duration, rng,
+                               lambda out=out: f"{len(list(out.glob('individual/*.png')))} images")
+        done = subprocess.run(torchrun(29900 + i, *args, "--out", out), env=ENV, capture_output=True, text=True)
+        same = (done.returncode == 0 and same_images(out, ref, 1200)
+                and (out / "manifest.csv").read_bytes() == (ref / "manifest.csv").read_bytes())
+        trial.update(resumed_equal=same, temp_files_left=len(temp_files(out)))
+        trial["passed"] = same and not trial["hung"] and not trial["workers_left"] and not trial["temp_files_left"]
+        trials.append(trial)
+    # image k depends only on (seed, k), not on how many processes drew it
+    return {"trials": n, "passed": sum(t["passed"] for t in trials), "reference_seconds": round(duration, 1),
+            "first_600_equal_one_process_job": same_images(ref, work / "gen_ref", 600), "details": trials}
 
 
 def bad_input_cases(work: Path) -> list[tuple[str, list, str]]:
@@ -130,6 +238,9 @@ def bad_input_cases(work: Path) -> list[tuple[str, list, str]]:
     def img(mode="L", size=(9, 9), dtype=np.uint8, hi=255):
         shape = size + ((3,) if mode == "RGB" else (4,) if mode == "RGBA" else ())
         return lambda p: Image.fromarray(rng.integers(0, hi, shape, dtype=dtype)).save(p)
+
+    def raw(data: bytes):
+        return lambda p: p.write_bytes(data)
 
     good = {f"g{i}.png": img() for i in range(3)}
     png_bytes = io.BytesIO()
@@ -158,17 +269,16 @@ def bad_input_cases(work: Path) -> list[tuple[str, list, str]]:
         ("missing data path", [*t, "--data", d / "nope", "--out", out], "error"),
         ("empty folder", [*t, "--data", folder("empty", {}), "--out", out], "error"),
         ("only non-image files", [*t, "--data", folder("txt", {"a.txt": lambda p: p.write_text("x")}), "--out", out], "error"),
-        ("zero-byte image, skipped", [*t, "--data", folder("zero", {**good, "z.png": lambda p: p.write_bytes(b"")}),
+        ("zero-byte image, skipped", [*t, "--data", folder("zero", {**good, "z.png": raw(b"")}),
                                       "--out", d / "r1"], "skip"),
-        ("truncated image, skipped", [*t, "--data", folder("trunc", {**good, "t.png": lambda p: p.write_bytes(truncated)}),
+        ("truncated image, skipped", [*t, "--data", folder("trunc", {**good, "t.png": raw(truncated)}),
                                       "--out", d / "r2"], "skip"),
-        ("corrupt image, on_error=fail", [*t, "--data", folder("corrupt", {**good, "c.png": lambda p: p.write_bytes(b"\x89PNGxx")}),
+        ("corrupt image, on_error=fail", [*t, "--data", folder("corrupt", {**good, "c.png": raw(b"\x89PNGxx")}),
                                           "data.on_error=fail", "--out", out], "error"),
-        ("all images unreadable", [*t, "--data", folder("allbad", {"a.png": lambda p: p.write_bytes(b"x")}), "--out", out], "error"),
-        ("mixed sizes and modes", [*t, "--data", folder("mixed", {"a.png": img("L", (5, 9)), "b.png": img("RGB", (12, 7)),
-                                                                   "c.png": img("RGBA"), "d.png": img("L", dtype=np.uint16, hi=65535),
-                                                                   "e.bmp": img("RGB", (30, 30))}),
-                                   "--out", d / "r3"], "ok"),
+        ("all images unreadable", [*t, "--data", folder("allbad", {"a.png": raw(b"x")}), "--out", out], "error"),
+        ("mixed sizes and modes", [*t, "--data", folder("mixed", {
+            "a.png": img("L", (5, 9)), "b.png": img("RGB", (12, 7)), "c.png": img("RGBA"),
+            "d.png": img("L", dtype=np.uint16, hi=65535), "e.bmp": img("RGB", (30, 30))}), "--out", d / "r3"], "ok"),
         ("CSV missing column", [*t, "--data", csv_dir, f"data.labels={d / 'missing_col.csv'}", "--out", out], "error"),
         ("CSV duplicate names", [*t, "--data", csv_dir, f"data.labels={d / 'dup.csv'}", "--out", out], "error"),
         ("CSV names missing file", [*t, "--data", csv_dir, f"data.labels={d / 'ghost.csv'}", "--out", out], "error"),
@@ -180,7 +290,8 @@ def bad_input_cases(work: Path) -> list[tuple[str, list, str]]:
         (".npy with NaN", [*t, "--data", npy("nan.npy", np.full((4, 8, 8), np.nan, np.float32)), "--out", out], "error"),
         (".npy wrong rank", [*t, "--data", npy("rank.npy", np.zeros((8, 8))), "--out", out], "error"),
         (".npy 5-D", [*t, "--data", npy("rank5.npy", np.zeros((2, 2, 2, 8, 8))), "--out", out], "error"),
-        (".npy out-of-range floats", [*t, "--data", npy("range.npy", np.full((4, 8, 8), 1e4, np.float32)), "--out", out], "error"),
+        (".npy out-of-range floats", [*t, "--data", npy("range.npy", np.full((4, 8, 8), 1e4, np.float32)), "--out", out],
+         "error"),
         (".npy pickled objects", [*t, "--data", npy("obj.npy", np.array([{}], dtype=object), allow_pickle=True),
                                   "--out", out], "error"),
         (".npy empty", [*t, "--data", npy("empty.npy", np.zeros((0, 8, 8), np.uint8)), "--out", out], "error"),
@@ -237,6 +348,8 @@ def main_() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-kills", type=int, default=20)
     ap.add_argument("--sample-kills", type=int, default=5)
+    ap.add_argument("--ddp-train-kills", type=int, default=10)
+    ap.add_argument("--ddp-sample-kills", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-bad-inputs", action="store_true")
     args = ap.parse_args()
@@ -245,6 +358,8 @@ def main_() -> None:
         work = Path(tmp)
         report = {"date": time.strftime("%Y-%m-%d"), "train_kill_resume": train_trials(args.train_kills, work, rng),
                   "sample_kill_resume": sample_trials(args.sample_kills, work, rng),
+                  "torchrun_train_kill_resume": ddp_train_trials(args.ddp_train_kills, work, rng),
+                  "torchrun_sample_kill_resume": ddp_sample_trials(args.ddp_sample_kills, work, rng),
                   "bad_inputs": None if args.skip_bad_inputs else run_bad_inputs(work)}
     print(json.dumps(report, indent=1))
 

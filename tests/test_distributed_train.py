@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY
+from processes import process_tree
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
@@ -92,23 +93,6 @@ def test_only_rank_zero_writes_and_logs_once(runs):
     assert meta["processes"] == 2 and lines[-1]["images_seen"] == 20 * TINY["train.batch_size"]
 
 
-def _process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
 def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
     out = tmp_path / "killed"
@@ -118,7 +102,7 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["checkpoints"]):
         time.sleep(0.05)
-    for pid in _process_tree(proc.pid):  # the launcher and both workers, mid-step
+    for pid in process_tree(proc.pid):  # the launcher and both workers, mid-step
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     saved = max(e["step"] for e in json.loads(state.read_text())["checkpoints"])
