@@ -1,6 +1,6 @@
 # Two commands for a fresh machine with Python 3.10+:
 #   make demo   installs into .venv, trains on the bundled digits (~8 min on 2 CPU cores), samples
-#   make test   installs into .venv (with test extras) and runs the test suite
+#   make test   installs into .venv (with test extras), lints (ruff) and runs the test suite
 # TORCH picks the PyTorch build; the default CPU build is small. `make test TORCH=torch` takes
 # whatever pip resolves (a CUDA build on Linux).
 PYTHON ?= python3
@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/ddpmkit sample runs/demo --num 64 --sampler dpmpp-2m --steps 20 --size 32 --gif --out runs/demo/samples
 
 test: install
+	$(BIN)/python -m ruff check -q src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -75,7 +75,8 @@ def main() -> None:
                          "seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), file=sys.stderr)
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "image_size": args.image_size, "steps": args.steps,
-                      "note": "peak RSS of the training process, and of its largest child (a DataLoader worker)", "results": rows},
+                      "note": "peak RSS of the training process, and of its largest child (a DataLoader worker)",
+                      "results": rows},
                      indent=1))
 
 

@@ -107,7 +107,8 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    result = {"device": where,
               "torch": torch.__version__, "diffusers": diffusers_version, "date": time.strftime("%Y-%m-%d"),
               "parameters": count_parameters(ours), "image_size": size, "steps": args.steps,
               "precision": "bf16" if amp else "fp32", "channels_last": args.channels_last, "compile": args.compile}

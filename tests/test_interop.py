@@ -44,7 +44,8 @@ CIFAR = {"act_fn": "silu", "attention_head_dim": None, "block_out_channels": [12
          "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
          "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
          "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
-# Grayscale and small (1000 sampling steps take seconds), two heads of 16 at 16x16, diffusers' own embedding order (flip_sin_to_cos, freq_shift 0).
+# Grayscale and small (1000 sampling steps take seconds), two heads of 16 at 16x16,
+# diffusers' own embedding order (flip_sin_to_cos, freq_shift 0).
 GRAY = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "layers_per_block": 1, "block_out_channels": [16, 32],
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
         "attention_head_dim": 16, "norm_num_groups": 8, "norm_eps": 1e-6, "downsample_padding": 0}

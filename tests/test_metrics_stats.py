@@ -56,7 +56,10 @@ def test_fd_from_samples_small_for_same_gaussian_and_grows_with_mean_shift():
     d, n = 4, 20000
     cov = _spd(rng, d)
     chol = np.linalg.cholesky(cov)
-    draw = lambda shift: rng.normal(size=(n, d)) @ chol.T + shift
+
+    def draw(shift):
+        return rng.normal(size=(n, d)) @ chol.T + shift
+
     ref = FeatureStats.from_features(draw(0.0))
     same = FeatureStats.from_features(draw(0.0))
     assert frechet_distance(ref.mu, ref.sigma, same.mu, same.sigma) < 0.01
@@ -124,7 +127,10 @@ def test_feature_stats_bad_file_raises_user_error(tmp_path, kind):
 def _mmd2_loops(x: np.ndarray, y: np.ndarray, biased: bool = False) -> float:
     """MMD^2 by the definition, one kernel value at a time."""
     d, m = x.shape[1], len(x)
-    k = lambda a, b: (a @ b / d + 1.0) ** 3
+
+    def k(a, b):
+        return (a @ b / d + 1.0) ** 3
+
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if biased or i != j)
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if biased or i != j)
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m))

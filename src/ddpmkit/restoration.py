@@ -213,7 +213,10 @@ def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor
         raise UserError(f"steps must be at least 1, got {steps}")
     n_levels = s.num_timesteps if steps is None else min(steps, s.num_timesteps)
     grid = np.unique(np.round(np.linspace(0, s.num_timesteps - 1, n_levels))).astype(int)  # level -> timestep
-    abar = lambda level: 1.0 if level < 0 else float(s.alphas_cumprod[grid[level]])
+
+    def abar(level: int) -> float:
+        return 1.0 if level < 0 else float(s.alphas_cumprod[grid[level]])
+
     indices = list(range(len(x_known))) if indices is None else list(indices)
     noise = ImageNoise(seed, indices, tuple(x_known.shape[1:]), x_known.device)
     fill = fill.to(x_known.device).expand_as(x_known)
