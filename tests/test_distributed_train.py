@@ -82,15 +82,33 @@ def test_gradient_accumulation_equals_one_big_batch(runs, tmp_path):
     _assert_same_to_fp32(_weights(runs / "one", 10), _weights(tmp_path / "accum", 10), "model/")
 
 
-def test_only_rank_zero_writes_and_logs_once(runs):
-    def listing(p):
-        return sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file())
+def _listing(run: Path) -> list[str]:
+    return sorted(str(f.relative_to(run)) for f in run.rglob("*") if f.is_file())
 
-    assert listing(runs / "one") == listing(runs / "two")
+
+def test_only_rank_zero_writes_and_logs_once(runs):
+    assert _listing(runs / "one") == _listing(runs / "two")
     lines = [json.loads(x) for x in (runs / "two" / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [5, 10, 15, 20]  # one line per interval, not one per process
     meta = json.loads((runs / "two" / "meta.json").read_text())
     assert meta["processes"] == 2 and lines[-1]["images_seen"] == 20 * TINY["train.batch_size"]
+
+
+def test_two_nodes_of_one_process_each_equal_one_process(runs, tmp_path):
+    """Two torchrun launchers joined as two "nodes" (static rendezvous on this machine, the run directory
+    on a shared filesystem): each worker has LOCAL_RANK 0, so only code that uses the global rank for
+    "who writes" gets one writer and the one-process weights."""
+    out, port = tmp_path / "nodes", str(29500 + (os.getpid() + 500) % 1000)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "ddpmkit", "train", *ARGS, f"train.out_dir={out}", "train.max_steps=20", "--quiet"],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs
+    _assert_same_to_fp32(_weights(runs / "one", 20), _weights(out, 20), "model/")
+    assert _listing(out) == _listing(runs / "two")
+    assert json.loads((out / "meta.json").read_text())["processes"] == 2
+    assert len((out / "stats.jsonl").read_text().splitlines()) == 4  # written once, by global rank 0
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
