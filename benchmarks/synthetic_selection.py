@@ -51,7 +51,7 @@ def main() -> None:
 
     results, best = {}, None
     for i, folder in enumerate(args.synthetic):
-        names, real, synth, val, leakage = load_study_data(args.real, folder, None, args.real_split, args.val_split,
+        names, real, synth, val, _, leakage = load_study_data(args.real, folder, None, args.real_split, args.val_split,
                                                          drop_seen=True)
         if i == 0 and not args.no_baselines:
             results["real"] = evaluate(real, "real", val, names)

@@ -15,16 +15,18 @@ from conftest import TINY
 TINY_ARGS = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
 
 
-def _npz(path, train_idx, test_idx):
-    """Digits as an .npz with train and test splits (chosen by index), labels as MedMNIST stores them."""
+def _npz(path, train_idx, test_idx, val_idx=()):
+    """Digits as an .npz with train, test and (optional) val splits chosen by index, labels as MedMNIST stores them."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     keep = np.isin(digits.target, [0, 1])  # two classes: a binary study, as in the real case
     images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)
     labels = digits.target[keep][:, None]
+    val_idx = np.asarray(val_idx, dtype=int)
     np.savez(path, train_images=images[train_idx], train_labels=labels[train_idx],
-             test_images=images[test_idx], test_labels=labels[test_idx])
+             test_images=images[test_idx], test_labels=labels[test_idx],
+             **({"val_images": images[val_idx], "val_labels": labels[val_idx]} if len(val_idx) else {}))
     return path
 
 
@@ -54,6 +56,63 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     assert (out / "balanced_accuracy.svg").read_text().startswith("<svg")
 
 
+def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tmp_path):
+    rng = np.random.default_rng(1)
+    order = rng.permutation(360)
+    train = np.concatenate([order[:40], order[60:200]])
+    val = np.concatenate([order[200:260], train[:5]])  # 5 val images are copies of train ones, as in PneumoniaMNIST
+    data = _npz(tmp_path / "d.npz", train, order[260:], val)
+    out = tmp_path / "study"
+    assert main(["downstream", "--real", str(data), "--synthetic", str(_balanced(tmp_path, data, "cal")),
+                 "--calibration-split", "val", "--out", str(out), "--seeds", "2", "--steps", "15"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["calibration_images"] == 60  # the 5 the generator saw were dropped
+    assert summary["leakage"].startswith("5 val images a classifier or the generator trained on were dropped; checked")
+    for arm, runs in summary["per_seed"].items():
+        for r in runs:
+            assert 0.01 <= r["tuned_threshold"] <= 0.99 and 0 <= r["balanced_accuracy@tuned"] <= 1
+    assert set(summary["paired_tests_tuned"]) == {"real+synthetic vs real", "real+synthetic vs oversampled"}
+    verdict = summary["verdict"]
+    assert "with thresholds tuned on the calibration split" in verdict or "default threshold only" in verdict
+    assert "tuned on the calibration split (60 images" in (out / "report.md").read_text()
+
+
+def test_a_calibration_split_that_is_not_separate_is_refused(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250), np.arange(240, 300))  # 10 val in test
+    synthetic = _balanced(tmp_path, data, "badcal")
+    argv = ["downstream", "--real", str(data), "--synthetic", str(synthetic), "--seeds", "1", "--steps", "2"]
+    assert main([*argv, "--calibration-split", "val", "--out", str(tmp_path / "a")]) == 2
+    assert "--calibration-split val: 10 of its images are in the test split" in capsys.readouterr().err
+    # the training split itself: every image is dropped, nothing is left to tune on
+    assert main([*argv, "--calibration-split", "train", "--out", str(tmp_path / "b")]) == 2
+    assert "150 images a classifier or the generator trained on, 0 images of fewer than 2 classes are left" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_tuned_threshold_finds_the_operating_point_the_default_misses():
+    from ddpmkit.downstream import scores, tuned_threshold
+
+    labels = np.array([0] * 50 + [1] * 50)
+    p1 = np.concatenate([np.linspace(0.55, 0.75, 50), np.linspace(0.85, 0.95, 50)])  # ranked perfectly, badly placed
+    threshold = tuned_threshold(p1, labels)
+    assert 0.75 < threshold <= 0.85
+    s = scores(np.stack([1 - p1, p1], 1), labels, ["0", "1"], threshold)
+    assert s["balanced_accuracy"] == 0.5 and s["balanced_accuracy@tuned"] == 1.0 and s["auroc"] == 1.0
+
+
+def test_a_calibration_split_needs_a_binary_study(tmp_path):
+    import torch
+
+    from ddpmkit.downstream import Pool, study
+    from ddpmkit.errors import UserError
+
+    pool = Pool(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), np.array([0, 1, 2] * 2))
+    with pytest.raises(UserError, match="binary decision threshold; this study has 3 classes"):
+        study(pool, pool, pool, ["a", "b", "c"], tmp_path / "s", seeds=1, steps=1, calibration=pool)
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     data = _npz(tmp_path / "leaky.npz", np.arange(0, 200), np.arange(150, 250))  # 50 test images in train
     moved = tmp_path / "moved.npz"
@@ -67,7 +126,7 @@ def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     assert code == 2 and "leakage: the generator" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
     # for choosing on a validation split, the seen images can be dropped instead (and are counted)
-    *_, test, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
+    *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
     assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped; checked")
 
 
@@ -82,6 +141,22 @@ def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
                         "oversampled": runs([0.75, 0.74, 0.75])})
     assert clear["verdict"].startswith("improvement") and clear["paired_tests"]["real+synthetic vs real"]["p_value"] < 0.01
     assert clear["table"]["real"]["balanced_accuracy"][0] == pytest.approx(0.7033, abs=1e-4)
+
+
+def test_the_verdict_says_when_a_gain_is_only_a_moved_threshold():
+    def runs(default, tuned):
+        return [{"balanced_accuracy": d, "balanced_accuracy@tuned": t} for d, t in zip(default, tuned)]
+
+    same_when_tuned = _summarise({"real": runs([0.70, 0.72, 0.69], [0.86, 0.87, 0.85]),
+                                  "real+synthetic": runs([0.85, 0.86, 0.86], [0.86, 0.86, 0.85]),
+                                  "oversampled": runs([0.75, 0.74, 0.75], [0.87, 0.86, 0.86])})
+    assert same_when_tuned["verdict"].startswith("improvement at the default threshold only")
+    assert "move the operating point" in same_when_tuned["verdict"]
+    holds = _summarise({"real": runs([0.70, 0.72, 0.69], [0.75, 0.76, 0.74]),
+                        "real+synthetic": runs([0.85, 0.86, 0.86], [0.86, 0.87, 0.86]),
+                        "oversampled": runs([0.75, 0.74, 0.75], [0.77, 0.78, 0.77])})
+    assert holds["verdict"].startswith("improvement: ") and holds["verdict"].endswith("an improvement there too")
+    assert holds["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"] == pytest.approx(0.09)
 
 
 def test_the_arms_share_one_recipe_and_differ_only_in_their_data():

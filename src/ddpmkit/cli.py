@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("downstream", help="does a synthetic set help a classifier? (real vs real+synthetic vs oversampling)",
                        epilog="examples:\n  ddpmkit downstream --real pneumonia.npz --synthetic balanced/ --out study/\n"
-                              "  ddpmkit downstream --real lesions/train --test lesions/test --synthetic balanced/ --out study/",
+                              "  ddpmkit downstream --real lesions/train --test lesions/test --synthetic balanced/ --out study/\n"
+                              "  ddpmkit downstream --real pneumonia.npz --calibration-split val --synthetic balanced/ "
+                              "--out study/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--real", required=True, help="the labelled real training data (any data.path)")
     d.add_argument("--test", default=None, help="the real test data (default: --real's test split, for .npz)")
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-share", type=float, default=None,
                    help="in real+synthetic, the fraction of a topped-up class's draws that are generated images "
                         "(default: every image equally often); choose it on a validation split")
+    d.add_argument("--calibration-split", default=None, metavar="SPLIT",
+                   help="a split of --real (e.g. val) on which each classifier's decision threshold is tuned, to see "
+                        "whether a gain is more than a moved operating point (binary studies)")
     d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
 
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
@@ -394,7 +399,8 @@ def cmd_downstream(ns: argparse.Namespace) -> None:
     from .downstream import run_study
 
     run_study(ns.real, ns.synthetic, ns.out, ns.test, ns.real_split, ns.test_split, ns.seeds, ns.steps,
-              augment=not ns.no_augment, synthetic_share=ns.synthetic_share, unverified=ns.unverified)
+              augment=not ns.no_augment, synthetic_share=ns.synthetic_share, unverified=ns.unverified,
+              calibration_split=ns.calibration_split)
 
 
 def cmd_restore(ns: argparse.Namespace) -> None:

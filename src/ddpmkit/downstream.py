@@ -13,6 +13,11 @@ Reported per arm: accuracy, balanced accuracy, per-class recall, macro-F1 and AU
 std over seeds, a paired t-test of balanced accuracy (same seeds) of (b) against (a) and (c), and a
 verdict that says "no improvement" unless (b) beats both by more than the seed-to-seed spread.
 
+Balanced accuracy at the default threshold rewards a classifier for where its threshold lands as
+much as for what it has learnt: training on a balanced mix moves the operating point. With a
+calibration split (binary studies), each classifier is also scored at the threshold that maximises
+its balanced accuracy there, and the verdict says whether the gain survives that tuning.
+
 Leakage guard: the synthetic set names the run that generated it (its sampling jobs record the
 run); the study reads that run's record of its training images (or loads its training data again)
 and refuses to go on if any test image is among them.
@@ -40,6 +45,7 @@ from .run import RunDir
 from .runtime import mix_seed
 
 ARMS = ("real", "real+synthetic", "oversampled")
+TUNED = "balanced_accuracy@tuned"  # at the threshold tuned on the calibration split
 
 
 @dataclass
@@ -203,34 +209,53 @@ def predict(net: nn.Module, images: torch.Tensor) -> np.ndarray:
     return torch.cat([net(images[i:i + 512].float() / 127.5 - 1).softmax(1) for i in range(0, len(images), 512)]).numpy()
 
 
-def scores(probs: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+def scores(probs: np.ndarray, labels: np.ndarray, names: list[str], threshold: float | None = None) -> dict:
+    """The study's metrics at the default decision (argmax); with a threshold on P(class 1) (binary),
+    also balanced accuracy at that threshold."""
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
     pred = probs.argmax(1)
     recall = recall_score(labels, pred, average=None, labels=range(len(names)), zero_division=0)
     auroc = roc_auc_score(labels, probs[:, 1]) if len(names) == 2 else roc_auc_score(labels, probs, multi_class="ovr")
+    tuned = {} if threshold is None else {
+        TUNED: balanced_accuracy_score(labels, probs[:, 1] >= threshold), "tuned_threshold": threshold}
     return {"accuracy": accuracy_score(labels, pred), "balanced_accuracy": balanced_accuracy_score(labels, pred),
             "macro_f1": f1_score(labels, pred, average="macro"), "auroc": auroc,
-            **{f"recall[{n}]": float(r) for n, r in zip(names, recall)}}
+            **{f"recall[{n}]": float(r) for n, r in zip(names, recall)}, **tuned}
+
+
+def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold on P(class 1), on a grid of 0.01, that maximises balanced accuracy on a calibration split."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    grid = np.linspace(0.01, 0.99, 99)
+    return float(grid[np.argmax([balanced_accuracy_score(labels, p_positive >= t) for t in grid])])
 
 
 # --- the study ---------------------------------------------------------------------------------
 
 def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, seeds: int = 3, steps: int = 1500,
           batch: int = 64, lr: float = 2e-3, augment: bool = True, synthetic_share: float | None = None,
-          leakage: str = "", log=print) -> dict:
+          leakage: str = "", calibration: Pool | None = None, log=print) -> dict:
+    """calibration: a labelled split (binary studies) on which each classifier's threshold is tuned."""
+    if calibration is not None and len(names) != 2:
+        raise UserError(f"a calibration split tunes a binary decision threshold; this study has {len(names)} classes")
     pools = {"real": real, "real+synthetic": combine(real, synthetic), "oversampled": real}
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in range(seeds):
         for arm in ARMS:
             t0 = time.time()
             net = train_classifier(pools[arm], len(names), arm, seed, steps, batch, lr, augment, synthetic_share)
-            results[arm].append(scores(predict(net, test.images), test.labels, names))
-            log(f"seed {seed} {arm}: balanced accuracy {results[arm][-1]['balanced_accuracy']:.4f} "
+            threshold = None if calibration is None else tuned_threshold(predict(net, calibration.images)[:, 1],
+                                                                         calibration.labels)
+            results[arm].append(scores(predict(net, test.images), test.labels, names, threshold))
+            tuned = "" if threshold is None else f", {results[arm][-1][TUNED]:.4f} at the tuned threshold {threshold:.2f}"
+            log(f"seed {seed} {arm}: balanced accuracy {results[arm][-1]['balanced_accuracy']:.4f}{tuned} "
                 f"({time.time() - t0:.0f} s)")
     summary = _summarise(results)
     summary.update({"classes": names, "seeds": seeds, "steps": steps, "batch": batch, "lr": lr, "augment": augment,
                     "synthetic_share": synthetic_share,
+                    "calibration_images": None if calibration is None else len(calibration.labels),
                     "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist() for arm, p in pools.items()},
                     "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(), "leakage": leakage,
                     "per_seed": results})
@@ -242,26 +267,48 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
     return summary
 
 
-def _summarise(results: dict[str, list[dict]]) -> dict:
+def _paired_tests(results: dict[str, list[dict]], metric: str) -> tuple[dict, float, bool]:
+    """(real+synthetic against each baseline: mean gain and paired-t p-value; the largest seed-to-seed
+    std of the metric; whether both gains are positive and larger than that std)."""
     from scipy.stats import ttest_rel
 
-    table = {arm: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs], ddof=1))
-                       if len(runs) > 1 else 0.0) for k in runs[0]} for arm, runs in results.items()}
-    bal = {arm: np.array([r["balanced_accuracy"] for r in runs]) for arm, runs in results.items()}
+    values = {arm: np.array([r[metric] for r in runs]) for arm, runs in results.items()}
     tests = {}
     for other in ("real", "oversampled"):
-        diff = bal["real+synthetic"] - bal[other]
-        p = float(ttest_rel(bal["real+synthetic"], bal[other]).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
+        diff = values["real+synthetic"] - values[other]
+        p = float(ttest_rel(values["real+synthetic"], values[other]).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
         tests[f"real+synthetic vs {other}"] = {"mean_gain": float(diff.mean()), "p_value": p}
-    spread = max(table[arm]["balanced_accuracy"][1] for arm in ARMS)
-    gains = [t["mean_gain"] for t in tests.values()]
-    if min(gains) > spread and min(gains) > 0:
+    spread = max(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values.values())
+    least = min(t["mean_gain"] for t in tests.values())
+    return tests, spread, least > spread and least > 0
+
+
+def _summarise(results: dict[str, list[dict]]) -> dict:
+    table = {arm: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs], ddof=1))
+                       if len(runs) > 1 else 0.0) for k in runs[0]} for arm, runs in results.items()}
+    tests, spread, improved = _paired_tests(results, "balanced_accuracy")
+    gains = ", ".join(f"{t['mean_gain']:+.4f}" for t in tests.values())
+    if improved:
         verdict = (f"improvement: real+synthetic beats both baselines in balanced accuracy by at least "
-                   f"{min(gains):.4f}, more than the largest seed-to-seed std ({spread:.4f})")
+                   f"{min(t['mean_gain'] for t in tests.values()):.4f}, more than the largest seed-to-seed std ({spread:.4f})")
     else:
-        verdict = (f"no improvement: real+synthetic's gains in balanced accuracy ({', '.join(f'{g:+.4f}' for g in gains)} "
+        verdict = (f"no improvement: real+synthetic's gains in balanced accuracy ({gains} "
                    f"over real and oversampled) are not larger than the seed-to-seed std ({spread:.4f})")
-    return {"table": table, "paired_tests": tests, "verdict": verdict}
+    summary = {"table": table, "paired_tests": tests}
+    if TUNED in next(iter(results.values()))[0]:
+        tuned_tests, tuned_spread, tuned_improved = _paired_tests(results, TUNED)
+        tuned_gains = ", ".join(f"{t['mean_gain']:+.4f}" for t in tuned_tests.values())
+        if improved and not tuned_improved:
+            verdict = ("improvement at the default threshold only: " + verdict.split(": ", 1)[1]
+                       + f"; with each classifier's threshold tuned on the calibration split the gains ({tuned_gains}) "
+                       f"are not larger than the std ({tuned_spread:.4f}), so the synthetic images move the operating "
+                       f"point rather than add information a classifier can use")
+        else:
+            verdict += (f"; with thresholds tuned on the calibration split the gains are {tuned_gains} "
+                        f"(std {tuned_spread:.4f})" + ("" if not tuned_improved else ", an improvement there too"
+                                                        if improved else ", an improvement there"))
+        summary["paired_tests_tuned"] = tuned_tests
+    return summary | {"verdict": verdict}
 
 
 def _report(s: dict) -> str:
@@ -280,6 +327,11 @@ def _report(s: dict) -> str:
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values()) + " |")
     lines += ["", "Paired t-tests of balanced accuracy over the same seeds:", ""]
     lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {t['p_value']:.3g}" for name, t in s["paired_tests"].items()]
+    if "paired_tests_tuned" in s:
+        lines += ["", f"The same at each classifier's threshold tuned on the calibration split "
+                      f"({s['calibration_images']} images; column {TUNED}):", ""]
+        lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {t['p_value']:.3g}"
+                  for name, t in s["paired_tests_tuned"].items()]
     lines += ["", f"Leakage: {s['leakage']}.", "", "![balanced accuracy per arm](balanced_accuracy.svg)", "",
               "Synthetic images are for research, not for diagnosis."]
     return "\n".join(lines) + "\n"
@@ -313,12 +365,40 @@ def _bar_chart(s: dict) -> str:
     return "".join(parts)
 
 
+def _without(pool: Pool, drop: np.ndarray) -> Pool:
+    return Pool(pool.images[torch.from_numpy(~drop)], pool.labels[~drop])
+
+
+def load_calibration(real: str, split: str, size: int, channels: int, names: list[str], real_pool: Pool,
+                     test: Pool, runs: list[Path]) -> tuple[Pool, str]:
+    """A split of the real data to tune thresholds on, without the images a classifier or the generator
+    trained on (tuning on them would flatter every arm); refused if it shares images with the test split
+    (a source without that split falls back to another one, which must not pass silently)."""
+    pool = load_real(real, split, size, channels, names)
+    digests = np.array(image_digests(pool.images))
+    in_test = int(np.isin(digests, image_digests(test.images)).sum())
+    if in_test:
+        raise UserError(f"--calibration-split {split}: {in_test} of its images are in the test split; "
+                        f"tune thresholds on a split the test does not hold")
+    seen = np.isin(digests, image_digests(real_pool.images))
+    if runs:
+        seen |= seen_by_generators(pool, runs)
+    pool = _without(pool, seen)
+    if len(np.unique(pool.labels)) < 2:
+        raise UserError(f"--calibration-split {split}: after dropping the {int(seen.sum())} images a classifier or the "
+                        f"generator trained on, {len(pool.labels)} images of fewer than 2 classes are left; "
+                        f"does {real} have a separate '{split}' split?")
+    return pool, f"{int(seen.sum())} {split} images a classifier or the generator trained on were dropped; " if seen.any() else ""
+
+
 def load_study_data(real: str, synthetic: str, test: str | None = None, real_split: str = "train",
-                    test_split: str = "test", unverified: bool = False,
-                    drop_seen: bool = False) -> tuple[list[str], Pool, Pool, Pool, str]:
-    """Class names, the real, synthetic and test pools at the generator's resolution, and the leakage check.
+                    test_split: str = "test", unverified: bool = False, drop_seen: bool = False,
+                    calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
+    """Class names, the real, synthetic, test and calibration (None without a calibration_split) pools at
+    the generator's resolution, and the leakage check.
     drop_seen removes the test images the generator saw instead of refusing (for choosing on a
-    validation split that shares images with the training split; never for the final study)."""
+    validation split that shares images with the training split; never for the final study).
+    The calibration split is a split of `real`'s data (see load_calibration)."""
     synth_folder = Path(synthetic)
     probe = load_images(DataConfig(path=real, split=real_split, image_size=8))  # labels and the native size
     if not probe.labels:
@@ -334,20 +414,29 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
     dropped = ""
     if drop_seen and runs:
         seen = seen_by_generators(test_pool, runs)
-        test_pool = Pool(test_pool.images[torch.from_numpy(~seen)], test_pool.labels[~seen])
+        test_pool = _without(test_pool, seen)
         dropped = f"{int(seen.sum())} {test_split} images the generator saw were dropped; "
-    return names, real_pool, synth, test_pool, dropped + check_no_leakage(test_pool, runs, verified=not unverified)
+    calibration = None
+    if calibration_split is not None:
+        calibration, note = load_calibration(real, calibration_split, size, synth.images.shape[1], names, real_pool,
+                                             test_pool, runs)
+        dropped += note
+    leakage = dropped + check_no_leakage(test_pool, runs, verified=not unverified)
+    return names, real_pool, synth, test_pool, calibration, leakage
 
 
 def run_study(real: str, synthetic: str, out: str, test: str | None = None, real_split: str = "train",
               test_split: str = "test", seeds: int = 3, steps: int = 1500, augment: bool = True,
-              synthetic_share: float | None = None, unverified: bool = False, log=print) -> dict:
+              synthetic_share: float | None = None, unverified: bool = False, calibration_split: str | None = None,
+              log=print) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split."""
-    names, real_pool, synth, test_pool, leakage = load_study_data(real, synthetic, test, real_split, test_split, unverified)
+    names, real_pool, synth, test_pool, calibration, leakage = load_study_data(
+        real, synthetic, test, real_split, test_split, unverified, calibration_split=calibration_split)
     size = synth.images.shape[-1]
-    log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, {len(test_pool.labels)} test images "
-        f"at {size}x{size}; leakage {leakage}")
+    calibrated = "" if calibration is None else f", {len(calibration.labels)} calibration"
+    log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, {len(test_pool.labels)} test"
+        f"{calibrated} images at {size}x{size}; leakage {leakage}")
     if synthetic_share is not None and not 0 <= synthetic_share <= 1:
         raise UserError(f"--synthetic-share {synthetic_share}: give a fraction from 0 to 1")
     return study(real_pool, synth, test_pool, names, Path(out), seeds=seeds, steps=steps, augment=augment,
-                 synthetic_share=synthetic_share, leakage=leakage, log=log)
+                 synthetic_share=synthetic_share, leakage=leakage, calibration=calibration, log=log)
