@@ -60,49 +60,70 @@ def kill_at_random(cmd: list[str], low: float, high: float, rng: random.Random) 
     return delay
 
 
-def torchrun(port: int, *args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+def torchrun(*args) -> list[str]:
+    """2 workers; --standalone picks a free port for every job, so trials (and a test run beside them) never collide."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "ddpmkit", *map(str, args)]
 
 
-def alive(pid: int) -> bool:
+def start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), which tells a pid from its reuse; None once gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return False
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def kill_all(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_to_end(cmd: list[str], timeout: float = 600) -> tuple[int | None, str]:
+    """(exit code, or None if it hung past the timeout and was killed with all its processes; stderr's tail)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        return proc.wait(timeout=timeout), proc.stderr.read()[-300:]
+    except subprocess.TimeoutExpired:
+        kill_all(process_tree(proc.pid))
+        proc.wait()
+        return None, f"hung for {timeout} s"
 
 
 def crash_torchrun(cmd: list[str], low: float, high: float, rng: random.Random, progress) -> dict:
     """Start a torchrun job, then kill -9 either all of it or one worker at a random moment.
-    progress() says how far the job had got when it was killed."""
+    progress() says how far the job had got just before the kill."""
     delay = rng.uniform(low, high)
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
-    tree = process_tree(proc.pid)
+    tree = {pid: start_time(pid) for pid in process_tree(proc.pid) if pid != proc.pid}
+    done = progress()
     wanted = rng.choice(["whole job", 0, 1])
-    victims = [p for p in tree if worker_rank(p) == wanted] if wanted != "whole job" else tree
+    victims = [p for p in tree if worker_rank(p) == wanted] if wanted != "whole job" else [proc.pid, *tree]
     victim = wanted if victims else "whole job"  # that worker had not started yet
-    for pid in victims or tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_all(victims or [proc.pid, *tree])
     t0 = time.perf_counter()
     try:
         proc.wait(timeout=180)
         hung = False
     except subprocess.TimeoutExpired:  # the launcher waits on a worker that waits on a dead peer
         hung = True
-        for pid in process_tree(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(process_tree(proc.pid))
         proc.wait()
+    exit_s = time.perf_counter() - t0
     deadline = time.time() + 10  # a process killed mid-write may take a moment to go
-    while (left := [p for p in tree if p != proc.pid and alive(p)]) and time.time() < deadline:
+
+    def still_running():  # the same processes, not later ones that reuse their pids
+        return [p for p, started in tree.items() if started is not None and start_time(p) == started]
+
+    while (left := still_running()) and time.time() < deadline:
         time.sleep(0.1)
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    return {"kill_s": round(delay, 2), "done_at_kill": progress(),
+    kill_all(left)
+    return {"kill_s": round(delay, 2), "done_at_kill": done,
             "victim": f"rank {victim}" if victim != "whole job" else victim,
-            "launcher_exit_s": round(time.perf_counter() - t0, 1), "hung": hung, "workers_left": len(left)}
+            "launcher_exit_s": round(exit_s, 1), "hung": hung, "workers_left": len(left)}
 
 
 def saved_step(run: Path) -> int:
@@ -137,8 +158,8 @@ def train_trials(n: int, work: Path, rng: random.Random) -> dict:
         out = work / f"killed{i}"
         delays.append(round(kill_at_random(ddpmkit("train", *args, "--out", out), 0.3, duration, rng), 2))
         lost += recorded_bytes_lost(out)
-        done = subprocess.run(ddpmkit("train", *args, "--out", out), env=ENV, capture_output=True)
-        final = load_file(out / "checkpoints" / "step_000000080.safetensors") if done.returncode == 0 else {}
+        code, _ = run_to_end(ddpmkit("train", *args, "--out", out))
+        final = load_file(out / "checkpoints" / "step_000000080.safetensors") if code == 0 else {}
         same = bool(final) and all((final[k] == reference[k]).all().item() for k in reference)
         leftovers += len(temp_files(out))
         passed += same
@@ -157,8 +178,8 @@ def sample_trials(n: int, work: Path, rng: random.Random) -> dict:
     for i in range(n):
         out = work / f"gen{i}"
         kill_at_random(ddpmkit(*args, "--out", out), 0.3, duration, rng)
-        done = subprocess.run(ddpmkit(*args, "--out", out), env=ENV, capture_output=True, text=True)
-        problems = [] if done.returncode == 0 else [f"rerun exit {done.returncode}: {done.stderr.strip()[-200:]}"]
+        code, err = run_to_end(ddpmkit(*args, "--out", out))
+        problems = [] if code == 0 else [f"rerun exit {code}: {err.strip()}"]
         if not problems:
             problems += [] if same_images(out, ref, 600) else ["images differ"]
             if (out / "manifest.csv").read_bytes() != (ref / "manifest.csv").read_bytes():
@@ -169,30 +190,41 @@ def sample_trials(n: int, work: Path, rng: random.Random) -> dict:
     return {"trials": n, "passed": passed, "reference_seconds": round(duration, 1), "failures": failures}
 
 
-def ddp_train_trials(n: int, work: Path, rng: random.Random) -> dict:
-    args = [*TINY, "model.dropout=0.0", "train.max_steps=150", "train.checkpoint_every=10", "--quiet"]
+def torchrun_trials(n: int, args: list, name: str, work: Path, rng: random.Random, progress, same) -> dict:
+    """n kill-and-rerun trials of a torchrun job against one uninterrupted run of it. progress(out) says how
+    far a job got; same(out, reference) whether a rerun ended where the uninterrupted job did."""
+    reference = work / f"{name}_reference"
     t0 = time.perf_counter()
-    subprocess.run(torchrun(29600, "train", *args, "--out", work / "ddp_reference"), env=ENV, check=True,
-                   capture_output=True)
+    code, err = run_to_end(torchrun(*args, "--out", reference))
+    if code != 0:
+        raise SystemExit(f"faults.py: the uninterrupted {name} job failed: {err}")
     duration = time.perf_counter() - t0
-    reference = load_file(work / "ddp_reference" / "checkpoints" / "step_000000150.safetensors")
     trials = []
     for i in range(n):
-        out = work / f"ddp_killed{i}"
-        trial = crash_torchrun(torchrun(29601 + i, "train", *args, "--out", out), 1.0, duration, rng,
-                               lambda out=out: f"step {saved_step(out)} saved")
-        trial["bytes_lost"] = recorded_bytes_lost(out)
-        done = subprocess.run(torchrun(29700 + i, "train", *args, "--out", out), env=ENV, capture_output=True, text=True)
-        final = load_file(out / "checkpoints" / "step_000000150.safetensors") if done.returncode == 0 else {}
-        trial["resumed_equal"] = bool(final) and all(torch.equal(final[k], reference[k]) for k in reference)
+        out = work / f"{name}{i}"
+        trial = crash_torchrun(torchrun(*args, "--out", out), 1.0, duration, rng, lambda: progress(out))
+        trial["bytes_lost"] = recorded_bytes_lost(out)  # checkpoints state.json names (training)
+        code, err = run_to_end(torchrun(*args, "--out", out))
+        trial["resumed_equal"] = code == 0 and same(out, reference)
         trial["temp_files_left"] = len(temp_files(out))
+        if code != 0:
+            trial["rerun_error"] = err
         trial["passed"] = (trial["resumed_equal"] and not trial["hung"] and not trial["workers_left"]
                            and not trial["bytes_lost"] and not trial["temp_files_left"])
-        if done.returncode:
-            trial["rerun_error"] = done.stderr.strip()[-300:]
         trials.append(trial)
     return {"trials": n, "passed": sum(t["passed"] for t in trials), "reference_seconds": round(duration, 1),
             "details": trials}
+
+
+def ddp_train_trials(n: int, work: Path, rng: random.Random) -> dict:
+    final = "checkpoints/step_000000150.safetensors"
+
+    def same(out: Path, reference: Path) -> bool:
+        a, b = load_file(out / final), load_file(reference / final)
+        return all(torch.equal(a[k], b[k]) for k in b)
+
+    args = ["train", *TINY, "model.dropout=0.0", "train.max_steps=150", "train.checkpoint_every=10", "--quiet"]
+    return torchrun_trials(n, args, "ddp_train", work, rng, lambda out: f"step {saved_step(out)} saved", same)
 
 
 def same_images(a: Path, b: Path, n: int) -> bool:
@@ -201,25 +233,14 @@ def same_images(a: Path, b: Path, n: int) -> bool:
 
 
 def ddp_sample_trials(n: int, work: Path, rng: random.Random) -> dict:
+    """Samples from work/reference, the run train_trials trains (image k depends only on k, not on the world size)."""
+    def same(out: Path, reference: Path) -> bool:
+        return same_images(out, reference, 1200) and (out / "manifest.csv").read_bytes() == (
+            reference / "manifest.csv").read_bytes()
+
     args = ["sample", work / "reference", "-n", 1200, "--steps", 20, "--batch-size", 40, "--quiet"]
-    ref = work / "ddp_gen_ref"
-    t0 = time.perf_counter()
-    subprocess.run(torchrun(29800, *args, "--out", ref), env=ENV, check=True, capture_output=True)
-    duration = time.perf_counter() - t0
-    trials = []
-    for i in range(n):
-        out = work / f"ddp_gen{i}"
-        trial = crash_torchrun(torchrun(29801 + i, *args, "--out", out), 1.0, duration, rng,
-                               lambda out=out: f"{len(list(out.glob('individual/*.png')))} images")
-        done = subprocess.run(torchrun(29900 + i, *args, "--out", out), env=ENV, capture_output=True, text=True)
-        same = (done.returncode == 0 and same_images(out, ref, 1200)
-                and (out / "manifest.csv").read_bytes() == (ref / "manifest.csv").read_bytes())
-        trial.update(resumed_equal=same, temp_files_left=len(temp_files(out)))
-        trial["passed"] = same and not trial["hung"] and not trial["workers_left"] and not trial["temp_files_left"]
-        trials.append(trial)
-    # image k depends only on (seed, k), not on how many processes drew it
-    return {"trials": n, "passed": sum(t["passed"] for t in trials), "reference_seconds": round(duration, 1),
-            "first_600_equal_one_process_job": same_images(ref, work / "gen_ref", 600), "details": trials}
+    return torchrun_trials(n, args, "ddp_sample", work, rng,
+                           lambda out: f"{len(list(out.glob('individual/*.png')))} images", same)
 
 
 def bad_input_cases(work: Path) -> list[tuple[str, list, str]]:
@@ -358,8 +379,10 @@ def main_() -> None:
         work = Path(tmp)
         report = {"date": time.strftime("%Y-%m-%d"), "train_kill_resume": train_trials(args.train_kills, work, rng),
                   "sample_kill_resume": sample_trials(args.sample_kills, work, rng),
-                  "torchrun_train_kill_resume": ddp_train_trials(args.ddp_train_kills, work, rng),
-                  "torchrun_sample_kill_resume": ddp_sample_trials(args.ddp_sample_kills, work, rng),
+                  "torchrun_train_kill_resume": ddp_train_trials(args.ddp_train_kills, work, rng)
+                  if args.ddp_train_kills else None,
+                  "torchrun_sample_kill_resume": ddp_sample_trials(args.ddp_sample_kills, work, rng)
+                  if args.ddp_sample_kills else None,
                   "bad_inputs": None if args.skip_bad_inputs else run_bad_inputs(work)}
     print(json.dumps(report, indent=1))
 

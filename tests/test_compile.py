@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from ddpmkit.cli import main
 from ddpmkit.training import train
 
-pytestmark = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
-                                reason="torch.compile on CPU generates C++ and needs a compiler")
+pytestmark = [pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
+                                 reason="torch.compile on CPU generates C++ and needs a compiler"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")]  # torch's own, while compiling
 
 
 def _images(folder) -> np.ndarray:

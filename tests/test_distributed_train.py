@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,15 +97,24 @@ def test_only_rank_zero_writes_and_logs_once(runs):
 
 
 def test_two_nodes_of_one_process_each_equal_one_process(runs, tmp_path):
-    """Two torchrun launchers joined as two "nodes" (static rendezvous on this machine, the run directory
-    on a shared filesystem): each worker has LOCAL_RANK 0, so only code that uses the global rank for
+    """Two torchrun launchers joined as two "nodes" (static rendezvous, --master-addr/--master-port, on this
+    machine; the run directory on a shared filesystem): each worker has LOCAL_RANK 0, so only code that uses the global rank for
     "who writes" gets one writer and the one-process weights."""
-    out, port = tmp_path / "nodes", str(29500 + (os.getpid() + 500) % 1000)
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "nodes"
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
                                "-m", "ddpmkit", "train", *ARGS, f"train.out_dir={out}", "train.max_steps=20", "--quiet"],
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    logs = [p.communicate(timeout=300)[0] for p in nodes]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in nodes]
+    finally:  # one node failing leaves the other waiting at the rendezvous
+        for p in nodes:
+            for pid in process_tree(p.pid) if p.poll() is None else []:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert [p.returncode for p in nodes] == [0, 0], logs
     _assert_same_to_fp32(_weights(runs / "one", 20), _weights(out, 20), "model/")
     assert _listing(out) == _listing(runs / "two")

@@ -15,14 +15,18 @@ from conftest import TINY
 TINY_ARGS = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
 
 
-def _npz(path, train_idx, test_idx, val_idx=()):
-    """Digits as an .npz with train, test and (optional) val splits chosen by index, labels as MedMNIST stores them."""
+def _digits01():
+    """The 360 digits 0 and 1 as uint8 images, and their labels: a binary study, as in the real case."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    keep = np.isin(digits.target, [0, 1])  # two classes: a binary study, as in the real case
-    images = np.round(digits.images[keep] * 255 / 16).astype(np.uint8)
-    labels = digits.target[keep][:, None]
+    keep = np.isin(digits.target, [0, 1])
+    return np.round(digits.images[keep] * 255 / 16).astype(np.uint8), digits.target[keep][:, None]
+
+
+def _npz(path, train_idx, test_idx, val_idx=()):
+    """Digits as an .npz with train, test and (optional) val splits chosen by index, labels as MedMNIST stores them."""
+    images, labels = _digits01()
     val_idx = np.asarray(val_idx, dtype=int)
     np.savez(path, train_images=images[train_idx], train_labels=labels[train_idx],
              test_images=images[test_idx], test_labels=labels[test_idx],
@@ -67,13 +71,11 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
                  "--calibration-split", "val", "--out", str(out), "--seeds", "2", "--steps", "15"]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["calibration_images"] == 60  # the 5 the generator saw were dropped
-    assert summary["leakage"].startswith("5 val images a classifier or the generator trained on were dropped; checked")
-    for arm, runs in summary["per_seed"].items():
-        for r in runs:
-            assert 0.01 <= r["tuned_threshold"] <= 0.99 and 0 <= r["balanced_accuracy@tuned"] <= 1
-    assert set(summary["paired_tests_tuned"]) == {"real+synthetic vs real", "real+synthetic vs oversampled"}
-    verdict = summary["verdict"]
-    assert "with thresholds tuned on the calibration split" in verdict or "default threshold only" in verdict
+    assert summary["leakage"].startswith("5 calibration images a classifier or the generator trained on were dropped; checked")
+    tuned = {arm: [r["balanced_accuracy@tuned"] for r in runs] for arm, runs in summary["per_seed"].items()}
+    assert summary["table"]["real"]["balanced_accuracy@tuned"][0] == pytest.approx(np.mean(tuned["real"]))
+    gain = np.mean(tuned["real+synthetic"]) - np.mean(tuned["oversampled"])
+    assert summary["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"] == pytest.approx(gain)
     assert "tuned on the calibration split (60 images" in (out / "report.md").read_text()
 
 
@@ -82,12 +84,27 @@ def test_a_calibration_split_that_is_not_separate_is_refused(tmp_path, capsys):
     synthetic = _balanced(tmp_path, data, "badcal")
     argv = ["downstream", "--real", str(data), "--synthetic", str(synthetic), "--seeds", "1", "--steps", "2"]
     assert main([*argv, "--calibration-split", "val", "--out", str(tmp_path / "a")]) == 2
-    assert "--calibration-split val: 10 of its images are in the test split" in capsys.readouterr().err
+    assert f"calibration data {data} (val): 10 of its images are in the test split" in capsys.readouterr().err
     # the training split itself: every image is dropped, nothing is left to tune on
     assert main([*argv, "--calibration-split", "train", "--out", str(tmp_path / "b")]) == 2
     assert "150 images a classifier or the generator trained on, 0 images of fewer than 2 classes are left" \
         in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path):
+    from PIL import Image
+
+    images, labels = _digits01()
+    data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250))
+    folder = tmp_path / "calibration"
+    for i in [*range(250, 290), 3, 7]:  # 40 held-out images and 2 the classifiers train on
+        (folder / str(labels[i, 0])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / str(labels[i, 0]) / f"{i}.png")
+    *_, calibration, leakage = load_study_data(str(data), str(_balanced(tmp_path, data, "folder")),
+                                               calibration=str(folder))
+    assert len(calibration.labels) == 40 and leakage.startswith("2 calibration images a classifier or the generator trained on")
+    assert sorted(np.bincount(calibration.labels)) == sorted(np.bincount(labels[250:290, 0]))
 
 
 def test_a_tuned_threshold_finds_the_operating_point_the_default_misses():
@@ -143,20 +160,24 @@ def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
     assert clear["table"]["real"]["balanced_accuracy"][0] == pytest.approx(0.7033, abs=1e-4)
 
 
-def test_the_verdict_says_when_a_gain_is_only_a_moved_threshold():
+def test_the_verdict_says_whether_a_gain_survives_tuned_thresholds():
     def runs(default, tuned):
-        return [{"balanced_accuracy": d, "balanced_accuracy@tuned": t} for d, t in zip(default, tuned)]
+        return [{"balanced_accuracy": d, "balanced_accuracy@tuned": t, "auroc": 0.98} for d, t in zip(default, tuned)]
 
-    same_when_tuned = _summarise({"real": runs([0.70, 0.72, 0.69], [0.86, 0.87, 0.85]),
-                                  "real+synthetic": runs([0.85, 0.86, 0.86], [0.86, 0.86, 0.85]),
-                                  "oversampled": runs([0.75, 0.74, 0.75], [0.87, 0.86, 0.86])})
-    assert same_when_tuned["verdict"].startswith("improvement at the default threshold only")
-    assert "move the operating point" in same_when_tuned["verdict"]
-    holds = _summarise({"real": runs([0.70, 0.72, 0.69], [0.75, 0.76, 0.74]),
-                        "real+synthetic": runs([0.85, 0.86, 0.86], [0.86, 0.87, 0.86]),
-                        "oversampled": runs([0.75, 0.74, 0.75], [0.77, 0.78, 0.77])})
-    assert holds["verdict"].startswith("improvement: ") and holds["verdict"].endswith("an improvement there too")
-    assert holds["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"] == pytest.approx(0.09)
+    behind, ahead, level = [0.70, 0.72, 0.69], [0.85, 0.86, 0.86], [0.86, 0.87, 0.85]
+
+    def verdict(synthetic_default, synthetic_tuned):
+        return _summarise({"real": runs(behind, level), "real+synthetic": runs(synthetic_default, synthetic_tuned),
+                           "oversampled": runs(behind, level)})
+
+    only_default = verdict(ahead, level)
+    assert only_default["verdict"].startswith("improvement at the default threshold only (not shown once")
+    assert "AUROC, which no threshold moves, changes by +0.0000" in only_default["verdict"]
+    assert verdict(ahead, [0.95, 0.96, 0.95])["verdict"].startswith("improvement, at the default and at tuned")
+    assert verdict(behind, [0.95, 0.96, 0.95])["verdict"].startswith("no improvement at the default threshold, but")
+    neither = verdict(behind, level)
+    assert neither["verdict"].startswith("no improvement: ")
+    assert neither["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"] == pytest.approx(0.0)
 
 
 def test_the_arms_share_one_recipe_and_differ_only_in_their_data():

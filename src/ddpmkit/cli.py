@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("downstream", help="does a synthetic set help a classifier? (real vs real+synthetic vs oversampling)",
                        epilog="examples:\n  ddpmkit downstream --real pneumonia.npz --synthetic balanced/ --out study/\n"
-                              "  ddpmkit downstream --real lesions/train --test lesions/test --synthetic balanced/ --out study/\n"
+                              "  ddpmkit downstream --real lesions/train --test lesions/test --calibration lesions/val "
+                              "--synthetic balanced/ --out study/\n"
                               "  ddpmkit downstream --real pneumonia.npz --calibration-split val --synthetic balanced/ "
                               "--out study/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,9 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-share", type=float, default=None,
                    help="in real+synthetic, the fraction of a topped-up class's draws that are generated images "
                         "(default: every image equally often); choose it on a validation split")
+    d.add_argument("--calibration", default=None, metavar="PATH",
+                   help="held-out labelled real images on which each classifier's decision threshold is also tuned, to "
+                        "see whether a gain is more than a moved operating point (binary studies); with only "
+                        "--calibration-split, that split of --real")
     d.add_argument("--calibration-split", default=None, metavar="SPLIT",
-                   help="a split of --real (e.g. val) on which each classifier's decision threshold is tuned, to see "
-                        "whether a gain is more than a moved operating point (binary studies)")
+                   help="the split of the calibration data, e.g. val for an .npz (default: val)")
     d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
 
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
@@ -400,7 +404,7 @@ def cmd_downstream(ns: argparse.Namespace) -> None:
 
     run_study(ns.real, ns.synthetic, ns.out, ns.test, ns.real_split, ns.test_split, ns.seeds, ns.steps,
               augment=not ns.no_augment, synthetic_share=ns.synthetic_share, unverified=ns.unverified,
-              calibration_split=ns.calibration_split)
+              calibration=ns.calibration, calibration_split=ns.calibration_split)
 
 
 def cmd_restore(ns: argparse.Namespace) -> None:

@@ -225,11 +225,13 @@ def scores(probs: np.ndarray, labels: np.ndarray, names: list[str], threshold: f
 
 
 def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold on P(class 1), on a grid of 0.01, that maximises balanced accuracy on a calibration split."""
-    from sklearn.metrics import balanced_accuracy_score
+    """The threshold on P(class 1) that maximises balanced accuracy, (TPR + 1 - FPR) / 2, on a calibration
+    split: exactly, over every cut the ROC curve has (the highest on ties), not on a grid."""
+    from sklearn.metrics import roc_curve
 
-    grid = np.linspace(0.01, 0.99, 99)
-    return float(grid[np.argmax([balanced_accuracy_score(labels, p_positive >= t) for t in grid])])
+    fpr, tpr, thresholds = roc_curve(labels, p_positive)
+    usable = np.isfinite(thresholds)  # the first cut, +inf, calls nothing positive
+    return float(thresholds[usable][np.argmax((tpr - fpr)[usable])])
 
 
 # --- the study ---------------------------------------------------------------------------------
@@ -267,6 +269,10 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
     return summary
 
 
+def _gains(tests: dict) -> str:
+    return ", ".join(f"{t['mean_gain']:+.4f} (p = {t['p_value']:.2g})" for t in tests.values())
+
+
 def _paired_tests(results: dict[str, list[dict]], metric: str) -> tuple[dict, float, bool]:
     """(real+synthetic against each baseline: mean gain and paired-t p-value; the largest seed-to-seed
     std of the metric; whether both gains are positive and larger than that std)."""
@@ -287,28 +293,26 @@ def _summarise(results: dict[str, list[dict]]) -> dict:
     table = {arm: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs], ddof=1))
                        if len(runs) > 1 else 0.0) for k in runs[0]} for arm, runs in results.items()}
     tests, spread, improved = _paired_tests(results, "balanced_accuracy")
-    gains = ", ".join(f"{t['mean_gain']:+.4f}" for t in tests.values())
-    if improved:
-        verdict = (f"improvement: real+synthetic beats both baselines in balanced accuracy by at least "
-                   f"{min(t['mean_gain'] for t in tests.values()):.4f}, more than the largest seed-to-seed std ({spread:.4f})")
-    else:
-        verdict = (f"no improvement: real+synthetic's gains in balanced accuracy ({gains} "
-                   f"over real and oversampled) are not larger than the seed-to-seed std ({spread:.4f})")
+    default = (f"real+synthetic's gains in balanced accuracy over real and oversampled are {_gains(tests)}, "
+               f"against a largest seed-to-seed std of {spread:.4f}")
     summary = {"table": table, "paired_tests": tests}
-    if TUNED in next(iter(results.values()))[0]:
-        tuned_tests, tuned_spread, tuned_improved = _paired_tests(results, TUNED)
-        tuned_gains = ", ".join(f"{t['mean_gain']:+.4f}" for t in tuned_tests.values())
-        if improved and not tuned_improved:
-            verdict = ("improvement at the default threshold only: " + verdict.split(": ", 1)[1]
-                       + f"; with each classifier's threshold tuned on the calibration split the gains ({tuned_gains}) "
-                       f"are not larger than the std ({tuned_spread:.4f}), so the synthetic images move the operating "
-                       f"point rather than add information a classifier can use")
-        else:
-            verdict += (f"; with thresholds tuned on the calibration split the gains are {tuned_gains} "
-                        f"(std {tuned_spread:.4f})" + ("" if not tuned_improved else ", an improvement there too"
-                                                        if improved else ", an improvement there"))
-        summary["paired_tests_tuned"] = tuned_tests
-    return summary | {"verdict": verdict}
+    if TUNED not in next(iter(results.values()))[0]:
+        return summary | {"verdict": f"{'improvement' if improved else 'no improvement'}: {default}"}
+    tuned_tests, tuned_spread, tuned_improved = _paired_tests(results, TUNED)
+    summary["paired_tests_tuned"] = tuned_tests
+    tuned = (f"at each classifier's threshold tuned on the calibration split they are {_gains(tuned_tests)} "
+             f"(std {tuned_spread:.4f}); AUROC, which no threshold moves, changes by "
+             f"{_gains(_paired_tests(results, 'auroc')[0])}")
+    if improved and tuned_improved:
+        headline = "improvement, at the default and at tuned thresholds"
+    elif improved:
+        headline = ("improvement at the default threshold only (not shown once thresholds are tuned: the synthetic "
+                    "images may move the operating point rather than teach the classifier more)")
+    elif tuned_improved:
+        headline = "no improvement at the default threshold, but an improvement at tuned thresholds"
+    else:
+        headline = "no improvement"
+    return summary | {"verdict": f"{headline}: {default}; {tuned}"}
 
 
 def _report(s: dict) -> str:
@@ -369,36 +373,39 @@ def _without(pool: Pool, drop: np.ndarray) -> Pool:
     return Pool(pool.images[torch.from_numpy(~drop)], pool.labels[~drop])
 
 
-def load_calibration(real: str, split: str, size: int, channels: int, names: list[str], real_pool: Pool,
+def load_calibration(path: str, split: str, size: int, channels: int, names: list[str], real_pool: Pool,
                      test: Pool, runs: list[Path]) -> tuple[Pool, str]:
-    """A split of the real data to tune thresholds on, without the images a classifier or the generator
-    trained on (tuning on them would flatter every arm); refused if it shares images with the test split
-    (a source without that split falls back to another one, which must not pass silently)."""
-    pool = load_real(real, split, size, channels, names)
+    """Labelled real images to tune thresholds on, without those a classifier or the generator trained on
+    (tuning on them would flatter every arm); refused if it shares images with the test split (a
+    source without the named split falls back to another one, which must not pass silently)."""
+    pool = load_real(path, split, size, channels, names)
     digests = np.array(image_digests(pool.images))
     in_test = int(np.isin(digests, image_digests(test.images)).sum())
     if in_test:
-        raise UserError(f"--calibration-split {split}: {in_test} of its images are in the test split; "
-                        f"tune thresholds on a split the test does not hold")
+        raise UserError(f"calibration data {path} ({split}): {in_test} of its images are in the test split; "
+                        f"tune thresholds on images the test does not hold")
     seen = np.isin(digests, image_digests(real_pool.images))
     if runs:
         seen |= seen_by_generators(pool, runs)
     pool = _without(pool, seen)
     if len(np.unique(pool.labels)) < 2:
-        raise UserError(f"--calibration-split {split}: after dropping the {int(seen.sum())} images a classifier or the "
-                        f"generator trained on, {len(pool.labels)} images of fewer than 2 classes are left; "
-                        f"does {real} have a separate '{split}' split?")
-    return pool, f"{int(seen.sum())} {split} images a classifier or the generator trained on were dropped; " if seen.any() else ""
+        raise UserError(f"calibration data {path} ({split}): after dropping the {int(seen.sum())} images a classifier or "
+                        f"the generator trained on, {len(pool.labels)} images of fewer than 2 classes are left; "
+                        f"give held-out labelled images (--calibration PATH, or a separate split of --real)")
+    note = f"{int(seen.sum())} calibration images a classifier or the generator trained on were dropped; "
+    return pool, note if seen.any() else ""
 
 
 def load_study_data(real: str, synthetic: str, test: str | None = None, real_split: str = "train",
                     test_split: str = "test", unverified: bool = False, drop_seen: bool = False,
-                    calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
-    """Class names, the real, synthetic, test and calibration (None without a calibration_split) pools at
-    the generator's resolution, and the leakage check.
+                    calibration: str | None = None, calibration_split: str | None = None
+                    ) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
+    """Class names, the real, synthetic, test and calibration pools at the generator's resolution, and
+    the leakage check. Calibration images come from `calibration` (default: `real`), split
+    `calibration_split` (default: val), when either is given; otherwise the calibration pool is None.
     drop_seen removes the test images the generator saw instead of refusing (for choosing on a
     validation split that shares images with the training split; never for the final study).
-    The calibration split is a split of `real`'s data (see load_calibration)."""
+    """
     synth_folder = Path(synthetic)
     probe = load_images(DataConfig(path=real, split=real_split, image_size=8))  # labels and the native size
     if not probe.labels:
@@ -416,27 +423,28 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
         seen = seen_by_generators(test_pool, runs)
         test_pool = _without(test_pool, seen)
         dropped = f"{int(seen.sum())} {test_split} images the generator saw were dropped; "
-    calibration = None
-    if calibration_split is not None:
-        calibration, note = load_calibration(real, calibration_split, size, synth.images.shape[1], names, real_pool,
-                                             test_pool, runs)
+    calibration_pool = None
+    if calibration is not None or calibration_split is not None:
+        calibration_pool, note = load_calibration(calibration or real, calibration_split or "val", size,
+                                                  synth.images.shape[1], names, real_pool, test_pool, runs)
         dropped += note
     leakage = dropped + check_no_leakage(test_pool, runs, verified=not unverified)
-    return names, real_pool, synth, test_pool, calibration, leakage
+    return names, real_pool, synth, test_pool, calibration_pool, leakage
 
 
 def run_study(real: str, synthetic: str, out: str, test: str | None = None, real_split: str = "train",
               test_split: str = "test", seeds: int = 3, steps: int = 1500, augment: bool = True,
-              synthetic_share: float | None = None, unverified: bool = False, calibration_split: str | None = None,
-              log=print) -> dict:
+              synthetic_share: float | None = None, unverified: bool = False, calibration: str | None = None,
+              calibration_split: str | None = None, log=print) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split."""
-    names, real_pool, synth, test_pool, calibration, leakage = load_study_data(
-        real, synthetic, test, real_split, test_split, unverified, calibration_split=calibration_split)
+    names, real_pool, synth, test_pool, calibration_pool, leakage = load_study_data(
+        real, synthetic, test, real_split, test_split, unverified, calibration=calibration,
+        calibration_split=calibration_split)
     size = synth.images.shape[-1]
-    calibrated = "" if calibration is None else f", {len(calibration.labels)} calibration"
+    calibrated = "" if calibration_pool is None else f", {len(calibration_pool.labels)} calibration"
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, {len(test_pool.labels)} test"
         f"{calibrated} images at {size}x{size}; leakage {leakage}")
     if synthetic_share is not None and not 0 <= synthetic_share <= 1:
         raise UserError(f"--synthetic-share {synthetic_share}: give a fraction from 0 to 1")
     return study(real_pool, synth, test_pool, names, Path(out), seeds=seeds, steps=steps, augment=augment,
-                 synthetic_share=synthetic_share, leakage=leakage, calibration=calibration, log=log)
+                 synthetic_share=synthetic_share, leakage=leakage, calibration=calibration_pool, log=log)
