@@ -128,6 +128,21 @@ def test_npz_medmnist_style_with_split(tmp_path):
         load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28, split="val"))
 
 
+def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
+    images = np.zeros((5, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", images=images)
+    assert len(load_images(DataConfig(path=str(tmp_path / "plain.npz"), image_size=8))) == 5  # the default split
+    with pytest.raises(UserError, match="plain.npz has no 'test' split"):
+        load_images(DataConfig(path=str(tmp_path / "plain.npz"), image_size=8, split="test"))
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    with pytest.raises(UserError, match="has no 'test' split: no t10k-"):
+        load_images(DataConfig(path=str(tmp_path), image_size=8, split="test"))
+    with pytest.raises(UserError, match="IDX folders hold 'train' and 'test'"):
+        load_images(DataConfig(path=str(tmp_path), image_size=8, split="val"))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images[:2])
+    assert len(load_images(DataConfig(path=str(tmp_path), image_size=8, split="test"))) == 2
+
+
 def test_pickled_object_arrays_are_refused(tmp_path):
     np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UserError, match="cannot read"):

@@ -280,7 +280,13 @@ def _load_array_file(path: Path, split: str) -> ImageData:
 
 
 def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
-    for key in (f"{split}_images", "images", "x", "arr_0"):
+    """{split}_images; for the default split a lone or generically named array too. Any other split must
+    be there by name: falling back to the training images would mislabel them as test or val data."""
+    if f"{split}_images" in keys:
+        return f"{split}_images"
+    if split != "train":
+        raise UserError(f"{path} has no '{split}' split (no '{split}_images' among {', '.join(keys)})")
+    for key in ("images", "x", "arr_0"):
         if key in keys:
             return key
     if len(keys) == 1:
@@ -368,8 +374,13 @@ def read_idx(path: Path) -> np.ndarray:
 def _load_idx(path: Path, split: str) -> ImageData:
     if path.is_dir():
         candidates = _idx_files(path)
-        prefix = "train" if split == "train" else "t10k"
+        prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
+        if prefix is None:
+            raise UserError(f"data.split={split}: MNIST-style IDX folders hold 'train' and 'test' (t10k) splits only")
         preferred = [p for p in candidates if p.name.startswith(prefix)]
+        if split != "train" and not preferred:
+            raise UserError(f"{path} has no '{split}' split: no {prefix}-*idx3* file among "
+                            f"{', '.join(p.name for p in candidates)}")
         if len(preferred) == 1 or len(candidates) == 1:
             path = (preferred or candidates)[0]
         else:
