@@ -139,11 +139,10 @@ def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
     return np.array([names.index(label) for label in labels])
 
 
-def seen_by_generators(test: Pool, runs: list[Path]) -> np.ndarray:
-    """Per test image: is it (byte for byte, at the study's size) among the training images of these runs?
-    A run's own record of its training images is used where it has one (and is at this size);
-    otherwise its training data is loaded again from its config."""
-    size = test.images.shape[-1]
+def generators_training_digests(runs: list[Path], size: int) -> set[str]:
+    """The digests (at the study's size) of every image these runs trained on. A run's own record of
+    its training images is used where it has one (and is at this size); otherwise its training data is
+    loaded again from its config."""
     seen: set[str] = set()
     for run in runs:
         cfg = from_dict(read_yaml(run / "config.yaml"))
@@ -152,17 +151,22 @@ def seen_by_generators(test: Pool, runs: list[Path]) -> np.ndarray:
             seen |= set(recorded.read_text().split())
         else:
             seen |= set(image_digests(resize_center_crop(load_images(cfg.data).images, size)))
-    return np.array([d in seen for d in image_digests(test.images)], dtype=bool)
+    return seen
 
 
-def check_no_leakage(test: Pool, runs: list[Path], verified: bool) -> str:
+def among(pool: Pool, digests: set[str]) -> np.ndarray:
+    """Per image of the pool: is it (byte for byte) one of these?"""
+    return np.array([d in digests for d in image_digests(pool.images)], dtype=bool)
+
+
+def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: bool) -> str:
     """Refuse when a test image is among the training images of a run that made the synthetic set."""
     if not runs:
         if verified:
             raise UserError("the synthetic images do not say which run made them (no .ddpmkit-job.json), so "
                             "leakage cannot be ruled out; pass --unverified to run the study anyway (reported)")
         return "not checked (--unverified): the synthetic set does not name its generator"
-    overlap = int(seen_by_generators(test, runs).sum())
+    overlap = int(among(test, trained).sum())
     if overlap:
         raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on {overlap} of the test images; "
                         f"retrain it without the test split")
@@ -374,19 +378,16 @@ def _without(pool: Pool, drop: np.ndarray) -> Pool:
 
 
 def load_calibration(path: str, split: str, size: int, channels: int, names: list[str], real_pool: Pool,
-                     test: Pool, runs: list[Path]) -> tuple[Pool, str]:
+                     test: Pool, generators_trained: set[str]) -> tuple[Pool, str]:
     """Labelled real images to tune thresholds on, without those a classifier or the generator trained on
     (tuning on them would flatter every arm); refused if it shares images with the test split (a
     source without the named split falls back to another one, which must not pass silently)."""
     pool = load_real(path, split, size, channels, names)
-    digests = np.array(image_digests(pool.images))
-    in_test = int(np.isin(digests, image_digests(test.images)).sum())
+    in_test = int(among(pool, set(image_digests(test.images))).sum())
     if in_test:
         raise UserError(f"calibration data {path} ({split}): {in_test} of its images are in the test split; "
                         f"tune thresholds on images the test does not hold")
-    seen = np.isin(digests, image_digests(real_pool.images))
-    if runs:
-        seen |= seen_by_generators(pool, runs)
+    seen = among(pool, set(image_digests(real_pool.images)) | generators_trained)
     pool = _without(pool, seen)
     if len(np.unique(pool.labels)) < 2:
         raise UserError(f"calibration data {path} ({split}): after dropping the {int(seen.sum())} images a classifier or "
@@ -418,17 +419,18 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
     synth, runs = load_synthetic(synth_folder, size, names)
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
     test_pool = load_real(test or real, test_split, size, synth.images.shape[1], names)
+    trained = generators_training_digests(runs, size)  # read once, for every check below
     dropped = ""
     if drop_seen and runs:
-        seen = seen_by_generators(test_pool, runs)
+        seen = among(test_pool, trained)
         test_pool = _without(test_pool, seen)
         dropped = f"{int(seen.sum())} {test_split} images the generator saw were dropped; "
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
         calibration_pool, note = load_calibration(calibration or real, calibration_split or "val", size,
-                                                  synth.images.shape[1], names, real_pool, test_pool, runs)
+                                                  synth.images.shape[1], names, real_pool, test_pool, trained)
         dropped += note
-    leakage = dropped + check_no_leakage(test_pool, runs, verified=not unverified)
+    leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)
     return names, real_pool, synth, test_pool, calibration_pool, leakage
 
 
