@@ -57,7 +57,9 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "Verdict:" in report and "| real+synthetic |" in report and "checked: no test image" in report
     assert "generated images are 0.5 of a topped-up class's draws" in report and "random shifts and flips" in report
-    assert (out / "balanced_accuracy.svg").read_text().startswith("<svg")
+    chart = (out / "balanced_accuracy.svg").read_text()
+    assert chart.startswith("<svg") and chart.count("<rect") == 3  # one bar per arm
+    assert f'>{summary["table"]["oversampled"]["balanced_accuracy"][0]:.3f}</text>' in chart
 
 
 def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tmp_path):
@@ -77,6 +79,9 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
     gain = np.mean(tuned["real+synthetic"]) - np.mean(tuned["oversampled"])
     assert summary["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"] == pytest.approx(gain)
     assert "tuned on the calibration split (60 images" in (out / "report.md").read_text()
+    chart = (out / "balanced_accuracy.svg").read_text()
+    assert chart.count("<rect") == 6 and "lighter: at tuned thresholds" in chart  # default and tuned, per arm
+    assert f'>{summary["table"]["real+synthetic"]["balanced_accuracy@tuned"][0]:.3f}</text>' in chart
 
 
 def test_a_calibration_split_that_is_not_separate_is_refused(tmp_path, capsys):
