@@ -8,9 +8,11 @@ alternating the two so drift on the machine hits both.
     pip install diffusers            # only this benchmark (and the interop tests) need it
     python benchmarks/sample_speed.py                      # CPU: batch 8, 10 steps
     python benchmarks/sample_speed.py --device cuda --batch 256 --steps 50 --bf16 --channels-last
+    python benchmarks/sample_speed.py ... --compile reduce-overhead     # both compiled, with CUDA graphs
 
 --job reproduces the skin-lesion seed's job on a GPU: 5,900 images at 64x64 with 50 DDIM steps
-from a ~100M-parameter UNet (base 128, mult 1,2,3,4, attention at 16), timed once for each.
+from a 101.1M-parameter UNet (base 128, mult 1,2,4,4, attention at 16), timed once for each. (Until
+2026-11-23 this network had mult 1,2,3,4 and 83.0M parameters; RESULTS says which one each figure used.)
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ddpmkit.config import load_config  # noqa: E402
+from ddpmkit.config import COMPILE_MODES, load_config  # noqa: E402
 from ddpmkit.generation import sample_batch  # noqa: E402
+from ddpmkit.runtime import compile_network  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.schedule import Schedule  # noqa: E402
 from ddpmkit.unet import UNet, count_parameters  # noqa: E402
@@ -35,7 +38,7 @@ from ddpmkit.unet import UNet, count_parameters  # noqa: E402
 CIFAR = dict(size=32, preset="ddpm-cifar10", block_out=(128, 256, 256, 256),
              down=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
              up=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-JOB = dict(size=64, preset=None, block_out=(128, 256, 384, 512),
+JOB = dict(size=64, preset=None, block_out=(128, 256, 512, 512),
            down=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
            up=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
 
@@ -48,8 +51,9 @@ def build(arch: dict, device, channels_last: bool):
     if arch["preset"]:
         overrides["model.preset"] = arch["preset"]
     else:
-        overrides.update({"model.preset": None, "model.base_channels": 128, "model.channel_mult": [1, 2, 3, 4],
-                          "model.attention_resolutions": [16]})
+        base = arch["block_out"][0]
+        overrides.update({"model.preset": None, "model.base_channels": base, "model.attention_resolutions": [16],
+                          "model.channel_mult": [c // base for c in arch["block_out"]]})
     cfg = load_config(None, overrides)
     ours = UNet(cfg.model, size).to(device).eval().requires_grad_(False)
     theirs = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=2,
@@ -70,7 +74,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    ap.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                    help="torch.compile both networks (optionally in a mode: reduce-overhead adds CUDA graphs)")
     ap.add_argument("--job", action="store_true", help="the 5,900-image 64x64 job instead (GPU)")
     args = ap.parse_args()
     from diffusers import DDIMScheduler, __version__ as diffusers_version
@@ -78,8 +83,9 @@ def main() -> None:
     device = torch.device(args.device)
     arch = JOB if args.job else CIFAR
     cfg, ours, theirs = build(arch, device, args.channels_last)
-    if args.compile:
-        ours, theirs = torch.compile(ours), torch.compile(theirs)
+    if args.compile:  # diffusers as its docs compile it; ours as `ddpmkit sample` does
+        ours = compile_network(ours, args.compile, for_sampling=True)
+        theirs = torch.compile(theirs, mode=None if args.compile == "default" else args.compile)
     amp = torch.bfloat16 if args.bf16 else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,

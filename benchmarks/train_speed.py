@@ -15,7 +15,7 @@ Each arm runs in its own process, so peak memory (CUDA: max allocated; CPU: max 
 
     pip install diffusers
     python benchmarks/train_speed.py                         # this CPU: fp32, batch 8
-    python benchmarks/train_speed.py --device cuda --batch 128 --bf16 --channels-last [--compile]
+    python benchmarks/train_speed.py --device cuda --batch 128 --bf16 --channels-last [--compile [MODE]]
     python benchmarks/train_speed.py --arch all ...         # also the 64x64 network
 
 Model-FLOPs utilisation (GPU): 3 x forward FLOPs (torch's FLOP counter) x images/s over the
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from sample_speed import CIFAR, JOB, build  # noqa: E402  (the same architectures, built the same way)
+from ddpmkit.config import COMPILE_MODES  # noqa: E402
 
 ARCHS = {"cifar10": CIFAR, "64px": JOB}
 
@@ -62,7 +63,8 @@ def run_ddpmkit(args, arch: dict) -> dict:
         np.save(data, rng.integers(0, 256, (max(1024, args.batch * 4), size, size, 3), dtype=np.uint8))
         _, ours, _ = build(arch, "cpu", False)  # only for its config
         overrides = {f"model.{k}": v for k, v in vars(ours.cfg).items() if k not in ("preset",)}
-        overrides.update({"model.preset": None, "model.dropout": 0.0, "model.compile": args.compile,
+        overrides.update({"model.preset": None, "model.dropout": 0.0, "model.compile": bool(args.compile),
+                          "model.compile_mode": args.compile or "default",
                           "data.path": str(data), "data.image_size": size, "train.batch_size": args.batch,
                           "train.max_steps": args.warmup + args.interval * args.repeats,
                           "train.log_every": args.interval,
@@ -87,7 +89,7 @@ def run_diffusers(args, arch: dict) -> dict:
     ema = EMAModel(unet.parameters(), decay=0.9999, foreach=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    model = torch.compile(unet) if args.compile else unet
+    model = torch.compile(unet, mode=None if args.compile == "default" else args.compile) if args.compile else unet
     size, amp = arch["size"], torch.bfloat16 if args.bf16 else None
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randint(0, 256, (max(1024, args.batch * 4), 3, size, size), dtype=torch.uint8, device=device)
@@ -143,7 +145,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--channels-last", action="store_true", help="diffusers arm (ddpmkit always uses it on CUDA)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    ap.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                    help="torch.compile both networks (optionally in a mode: reduce-overhead adds CUDA graphs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU, for MFU")
     ap.add_argument("--arm", choices=["ddpmkit", "diffusers"], help=argparse.SUPPRESS)  # one arm, in a child process
     ap.add_argument("--one-arch", help=argparse.SUPPRESS)

@@ -288,7 +288,7 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     from . import distributed
     from .generation import generate
     from .run import load_run
-    from .runtime import autocast_dtype, resolve_device
+    from .runtime import autocast_dtype, compile_network, resolve_device
 
     overrides = _overrides(ns.args, SAMPLE_FLAGS, ns)
     if ns.no_ema:
@@ -301,9 +301,7 @@ def cmd_sample(ns: argparse.Namespace) -> None:
         device = resolve_device(distributed.device_for(world, sc.device))
         run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
         if sc.compile:
-            import torch
-
-            run.net = torch.compile(run.net)
+            run.net = compile_network(run.net, sc.compile_mode, for_sampling=True)
         amp = autocast_dtype(sc.precision, device)
         out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not (ns.quiet or ns.json),
                        log=print if world.is_main and not ns.json else _silent)

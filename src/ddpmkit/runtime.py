@@ -45,6 +45,29 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+class _FreshOutputs(torch.nn.Module):
+    """A compiled network for sampling under CUDA graphs, which write each call's output into the
+    same memory: samplers keep earlier outputs (DPM-Solver++'s previous x0), so each call starts a
+    new graph step and hands out a copy (one image batch copied per network call)."""
+
+    def __init__(self, compiled: torch.nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args).clone()
+
+
+def compile_network(net: torch.nn.Module, mode: str = "default", for_sampling: bool = False) -> torch.nn.Module:
+    """torch.compile with one of its modes; "reduce-overhead" and "max-autotune" also capture CUDA
+    graphs on GPUs (on CPU they compile as "default" does)."""
+    compiled = torch.compile(net, mode=None if mode == "default" else mode)
+    if for_sampling and mode in ("reduce-overhead", "max-autotune"):
+        return _FreshOutputs(compiled)
+    return compiled
+
+
 def environment(device: torch.device) -> dict:
     from . import __version__
 

@@ -31,7 +31,7 @@ from .finetune import Source, adopt_architecture, load_pretrained
 from .generation import sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .run import Run, RunDir
-from .runtime import autocast, autocast_dtype, environment, mix_seed, resolve_device
+from .runtime import autocast, autocast_dtype, compile_network, environment, mix_seed, resolve_device
 from .schedule import Schedule
 from .streaming import batch_loader, open_stream
 from .unet import UNet, count_parameters
@@ -240,7 +240,7 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ddp = net if world.size > 1 else None
     if cfg.model.compile:
-        net = torch.compile(net)
+        net = compile_network(net, cfg.model.compile_mode)
 
     # This process's rows of each global batch: rank r takes [r*A*share, (r+1)*A*share), A micro-batches.
     mine = slice(world.rank * tc.grad_accum * share, (world.rank + 1) * tc.grad_accum * share)
