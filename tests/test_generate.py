@@ -83,6 +83,15 @@ def test_every_sampler_from_the_cli(run_dir, tmp_path, sampler):
         assert gif.n_frames == 3
 
 
+def test_a_sampler_default_longer_than_the_schedule_is_capped_at_T(tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", *TINY_ARGS, "diffusion.num_timesteps=8", "sample.steps=null", "--steps", 2, "--out", run,
+               "--quiet") == 0
+    out = tmp_path / "gen"
+    assert cli("sample", run, "--num", 2, "--out", out, "--quiet") == 0  # dpmpp-2m's default 20 steps > T = 8
+    assert {r["steps"] for r in rows(out)} == {"8"}
+
+
 def test_torchrun_ranks_share_the_work_and_match_one_process(run_dir, tmp_path):
     # -n, not --num: torchrun's parser takes --num as an abbreviation of its own --numa-binding
     args = ["sample", str(run_dir), "-n", "10", "--steps", "3", "--batch-size", "3", "--quiet"]

@@ -83,6 +83,23 @@ def test_timesteps_spacings():
     assert nfe("heun", 10) == 19 and nfe("dpmpp-2m", 10) == 10
 
 
+@pytest.mark.parametrize("T", [10, 1000])
+def test_every_step_count_gives_that_many_distinct_timesteps_in_range(T):
+    schedule = Schedule.from_config(DiffusionConfig(num_timesteps=T))
+    for spacing in ("uniform", "quadratic", "trailing", "karras"):
+        for steps in (range(1, T + 1) if spacing != "karras" else {1, 2, 7, min(61, T), T}):
+            ts = make_timesteps(steps, schedule, spacing)
+            assert len(ts) == steps and 0 <= ts[-1] and ts[0] <= T - 1, (spacing, steps, ts[-3:])
+            assert all(a > b for a, b in zip(ts, ts[1:])), (spacing, steps)
+        assert make_timesteps(1, schedule, spacing) == [pytest.approx(T - 1)]  # one step starts from pure noise
+
+
+def test_trailing_spacing_at_a_step_count_that_does_not_divide_T():
+    """61 steps into 1000: float arange used to add a 62nd timestep, -1, sending the last step back to noise."""
+    out = _gaussian_run("dpmpp-2m", 61, spacing="trailing")
+    assert out.mean().item() == pytest.approx(0.3, abs=0.03) and out.std().item() == pytest.approx(0.5, abs=0.03)
+
+
 def test_fractional_timesteps_interpolate_the_schedule():
     s = Schedule.from_config(DiffusionConfig())
     assert s.abar_at(10) == s.alphas_cumprod[10]

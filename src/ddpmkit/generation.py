@@ -43,7 +43,8 @@ MAX_PENDING_BATCHES = 4  # images waiting for the writer before sampling pauses 
 
 
 def resolved_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:
-    return steps or DEFAULT_STEPS[sampler] or num_timesteps
+    """The steps asked for; else the sampler's default, at most T (a model trained with few timesteps)."""
+    return steps or min(DEFAULT_STEPS[sampler] or num_timesteps, num_timesteps)
 
 
 def sample_batch(run: Run, indices: list[int], seed: int, sampler: str = "ddim", steps: int | None = None,

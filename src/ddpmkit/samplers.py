@@ -92,14 +92,17 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "un
     T = schedule_or_T if isinstance(schedule_or_T, int) else schedule_or_T.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
-    if spacing == "uniform":
+    if steps == 1 and spacing in ("uniform", "quadratic"):
+        ts = np.array([T - 1.0])  # one step: from pure noise straight to the image
+    elif spacing == "uniform":
         ts = np.round(np.linspace(0, T - 1, steps))
     elif spacing == "quadratic":
         ts = np.round(np.linspace(0, math.sqrt(T * 0.8), steps) ** 2)
         for i in range(1, len(ts)):  # rounding can repeat small values: keep them strictly increasing
             ts[i] = max(ts[i], ts[i - 1] + 1)
     elif spacing == "trailing":
-        ts = (np.round(np.arange(T, 0, -T / steps)) - 1)[::-1]
+        # by index, not np.arange over floats, which can return steps + 1 values (the last one -1)
+        ts = (np.round(T - np.arange(steps) * (T / steps)) - 1)[::-1]
     elif spacing == "karras":
         if isinstance(schedule_or_T, int):
             raise ValueError("karras spacing needs the schedule, not just T")

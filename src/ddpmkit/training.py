@@ -456,7 +456,8 @@ def _evaluator(cfg: Config, data, device, log):
 def _evaluate(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int, evaluator) -> dict:
     """Sample train.eval_num images with the EMA weights (fixed seed) and score them; logged."""
     view = Run(run.path, cfg, ema, schedule, step, "")
-    images = sample(view, num=cfg.train.eval_num, seed=cfg.train.seed, sampler="dpmpp-2m", steps=20)
+    images = sample(view, num=cfg.train.eval_num, seed=cfg.train.seed, sampler="dpmpp-2m",
+                    steps=min(20, schedule.num_timesteps))
     metrics = evaluator(images)
     with open(run.stats_path, "a") as f:
         f.write(json.dumps({"step": step, "eval": metrics}) + "\n")
