@@ -97,6 +97,40 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_nonzero(tmp_path, sig):
     assert step > 0 and step % 1000 != 0  # saved where it stopped, not at an interval
 
 
+def test_a_signal_gets_its_checkpoint_before_any_grid_or_evaluation(tiny, monkeypatch):
+    """A scheduler's grace period (often 30 s) must not be spent sampling a grid or 500 evaluation images."""
+    from ddpmkit.metrics import features
+
+    monkeypatch.setitem(features.CLASSIFIER_RECIPE, "epochs", 1)
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tiny().train.out_dir) + "_cache")
+    real_loss, calls = ddpmkit.training.diffusion_loss, []
+
+    def signalled_at_step_7(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args)
+
+    monkeypatch.setattr(ddpmkit.training, "diffusion_loss", signalled_at_step_7)
+    monkeypatch.setattr(ddpmkit.training, "_evaluate", lambda *a: pytest.fail("evaluated while stopping"))
+    cfg = tiny(**{"train.max_steps": 100, "train.eval_every": 10, "train.sample_every": 5})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=quiet, progress=False)
+    run = RunDir(Path(cfg.train.out_dir))
+    assert run.verified_checkpoints()[0]["step"] == 7
+    assert sorted(p.name for p in run.grids.iterdir()) == ["step_000000005.png"]  # none sampled at the stop
+
+
+def test_evaluation_that_cannot_run_stops_the_run_before_it_trains(tmp_path, tiny):
+    data = tmp_path / "unlabelled.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    cfg = tiny(**{"data.path": str(data), "train.eval_every": 10})
+    with pytest.raises(UserError, match="train.eval_features=classifier, and .*unlabelled.npy has no labels: set "
+                                        "train.eval_features=efficientnet or inception"):
+        train(cfg, log=quiet, progress=False)
+    assert not RunDir(Path(cfg.train.out_dir)).stats_path.exists() or not RunDir(Path(cfg.train.out_dir)).stats_path.read_text()
+
+
 def test_one_nan_batch_is_skipped_and_counted(tiny, monkeypatch):
     real_loss, calls = ddpmkit.training.diffusion_loss, []
 

@@ -265,7 +265,8 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
     step_at_log = step
     bar = _progress(progress, step, tc.max_steps)
     board = _tensorboard(run) if tc.tensorboard and world.is_main else None
-    evaluator = None
+    # built before step 0, so data or weights it cannot use stop the run now, not at its first checkpoint
+    evaluator = _evaluator(cfg, data, device, log) if tc.eval_every and world.is_main else None
     model.train()
 
     with _StopSignal() as stop:
@@ -364,24 +365,27 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
             # one process alone must never stop: under torchrun they agree at log intervals
             out_of_time, stopping = agreed(world, [out_of_time, bool(stop.requested)], at=step % tc.log_every == 0)
             done = step == tc.max_steps or out_of_time or stopping
-            if step % tc.sample_every == 0 or done:
+            # The checkpoint first: a signal's grace period (often 30 s) is for it, not for samples.
+            checkpointed = step % tc.checkpoint_every == 0 or done
+            if checkpointed:
+                if world.is_main:
+                    mean_loss = ckpt_loss_sum / ckpt_loss_n if ckpt_loss_n else float("nan")  # none logged yet
+                    _save(run, model, ema, opt, step, mean_loss, tc.keep_last)
+                barrier()
+                ckpt_loss_sum, ckpt_loss_n = 0.0, 0
+            if (step % tc.sample_every == 0 or done) and not stopping:
                 if world.is_main:
                     grid = _save_grid(run, cfg, ema, schedule, step)
                     if board:
                         board.add_image("samples", grid.numpy(), step)
                 barrier()
-            if step % tc.checkpoint_every == 0 or done:
+            if checkpointed and tc.eval_every and (step % tc.eval_every == 0 or done) and not stopping:
                 if world.is_main:
-                    metrics = None
-                    if tc.eval_every and (step % tc.eval_every == 0 or done):
-                        evaluator = evaluator or _evaluator(cfg, data, device, log)
-                        metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
-                        if board:
-                            board.add_scalar(f"eval/fd_{metrics['features']}", metrics["fd"], step)
-                    mean_loss = ckpt_loss_sum / ckpt_loss_n if ckpt_loss_n else float("nan")  # none logged yet
-                    _save(run, model, ema, opt, step, mean_loss, tc.keep_last, metrics)
+                    metrics = _evaluate(run, cfg, ema, schedule, step, evaluator)
+                    _record_fd(run, step, metrics["fd"], tc.keep_last)
+                    if board:
+                        board.add_scalar(f"eval/fd_{metrics['features']}", metrics["fd"], step)
                 barrier()
-                ckpt_loss_sum, ckpt_loss_n = 0.0, 0
             if done:
                 if out_of_time:
                     log(f"stopped at step {step}: train.max_minutes={tc.max_minutes} reached")
@@ -445,6 +449,10 @@ def _tensorboard(run: RunDir):
 def _evaluator(cfg: Config, data, device, log):
     from .metrics.evaluate import TrainingEvaluator
 
+    if cfg.train.eval_features == "classifier" and not data.labels:
+        raise UserError(f"train.eval_every needs labelled training images for train.eval_features=classifier, and "
+                        f"{cfg.data.path or 'the data'} has no labels: set train.eval_features=efficientnet or inception")
+
     if isinstance(data, ImageData):
         return TrainingEvaluator(cfg.train.eval_features, data.images, data.labels, device, log)
     # streamed data: the reference is the first (up to) 10,000 images, read once
@@ -464,19 +472,29 @@ def _evaluate(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int, eval
     return metrics
 
 
-def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: int, metrics: dict | None = None) -> None:
-    state = run.read_state()
-    entries = [e for e in state["checkpoints"] if e["step"] != step]
+def _save(run: RunDir, model, ema, opt, step: int, mean_loss: float, keep_last: int) -> None:
+    entries = [e for e in run.read_state()["checkpoints"] if e["step"] != step]
     path = run.checkpoint_file(step)
     try:
         sha = save_checkpoint(path, model, ema, opt, step)
     except OSError as exc:  # disk full, quota, permissions: the temporary file is already removed
         kept = f"checkpoint of step {max(e['step'] for e in entries)} kept" if entries else "no earlier checkpoint"
         raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}, nothing half-written") from None
-    entry = {"step": step, "file": path.relative_to(run.path).as_posix(), "sha256": sha, "loss": mean_loss}
-    if metrics:
-        entry["fd"] = metrics["fd"]
-    entries.append(entry)
+    entries.append({"step": step, "file": path.relative_to(run.path).as_posix(), "sha256": sha, "loss": mean_loss})
+    _commit_checkpoints(run, entries, keep_last)
+
+
+def _record_fd(run: RunDir, step: int, fd: float, keep_last: int) -> None:
+    """The evaluation of a saved checkpoint, which may make it the best one."""
+    entries = run.read_state()["checkpoints"]
+    for e in entries:
+        if e["step"] == step:
+            e["fd"] = fd
+    _commit_checkpoints(run, entries, keep_last)
+
+
+def _commit_checkpoints(run: RunDir, entries: list[dict], keep_last: int) -> None:
+    """Name the kept checkpoints and the best one in state.json, then delete the others."""
     # best: lowest evaluation FD when evaluation is on, else lowest mean training loss
     scored = [e for e in entries if "fd" in e]
     # a checkpoint saved before any loss was logged has loss NaN and is never "best" by loss
