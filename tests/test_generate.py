@@ -64,6 +64,19 @@ def test_another_job_in_the_same_folder_is_refused(run_dir, tmp_path, capsys):
     assert [r["seed"] for r in rows(out)] == ["5"] * 3
 
 
+def test_fresh_replaces_only_a_sampling_job(run_dir, tmp_path, capsys):
+    grids = sorted((run_dir / "grids").iterdir())
+    assert cli("sample", run_dir, "--num", 2, "--out", run_dir, "--fresh") == 2  # the run's own folder
+    assert f"--out {run_dir} is a training run: write the images into a folder of their own" in capsys.readouterr().err
+    assert sorted((run_dir / "grids").iterdir()) == grids
+    out = tmp_path / "photos"
+    (out / "individual").mkdir(parents=True)
+    (out / "individual" / "holiday.png").write_bytes(b"not ours")
+    assert cli("sample", run_dir, "--num", 2, "--steps", 2, "--out", out, "--fresh") == 2
+    assert "holds images no ddpmkit sampling job made there" in capsys.readouterr().err
+    assert (out / "individual" / "holiday.png").read_bytes() == b"not ours"
+
+
 def test_a_larger_num_extends_the_job(run_dir, tmp_path, capsys):
     out = tmp_path / "o"
     assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0

@@ -79,6 +79,23 @@ def test_changed_config_is_refused_unless_fresh(tiny):
     assert run.read_state()["checkpoints"][-1]["step"] == 10
 
 
+def test_fresh_deletes_only_a_ddpmkit_run(tiny, tmp_path):
+    out = tmp_path / "run"  # tiny's train.out_dir: someone's project with its own config.yaml
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "model.ckpt").write_bytes(b"weights")
+    (out / "config.yaml").write_text("model: resnet50\n")
+    for fresh in (False, True):
+        with pytest.raises(UserError, match="exists and is not a ddpmkit run: choose another --out"):
+            train(tiny(**{"train.max_steps": 2}), fresh=fresh, log=quiet, progress=False)
+    assert (out / "checkpoints" / "model.ckpt").read_bytes() == b"weights"
+    run = tmp_path / "source"
+    train(tiny(**{"train.max_steps": 2, "train.out_dir": str(run)}), log=quiet, progress=False)
+    with pytest.raises(UserError, match="--fresh would delete .*source's checkpoints, which train.init_from starts from"):
+        train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run), "train.init_from": str(run)}), fresh=True,
+              log=quiet, progress=False)
+    assert run.joinpath("state.json").is_file()
+
+
 def test_damaged_latest_checkpoint_falls_back_to_previous(tiny):
     cfg = tiny(**{"train.max_steps": 20, "train.checkpoint_every": 10})
     run = train(cfg, log=quiet, progress=False)

@@ -48,13 +48,18 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def is_temporary(path: Path) -> bool:
+    """A name `atomic_path` makes."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def remove_stale_temps(*folders: Path) -> int:
     """Delete temporaries that a killed process (SIGKILL, power loss) left behind in `folders`;
     returns how many. Only names `atomic_path` makes are touched."""
     removed = 0
     for folder in folders:
         if Path(folder).is_dir():
-            for p in Path(folder).glob(".*.tmp"):
+            for p in filter(is_temporary, Path(folder).iterdir()):
                 p.unlink(missing_ok=True)
                 removed += 1
     return removed

@@ -114,8 +114,11 @@ def _start_job(out: Path, job: dict, fresh: bool) -> None:
     """Rank 0: check that OUT holds this job (or nothing), record it. Refuses to mix two jobs."""
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    if (out / "config.yaml").is_file() and ((out / "state.json").is_file() or (out / "meta.json").is_file()):
+        raise UserError(f"--out {out} is a training run: write the images into a folder of their own, "
+                        f"e.g. --out {out / 'samples'}")
     job_path = out / JOB_FILE
-    if fresh:
+    if fresh and job_path.exists():  # only a ddpmkit job's files are ever deleted
         shutil.rmtree(out / "individual", ignore_errors=True)
         shutil.rmtree(out / "grids", ignore_errors=True)
         for p in [job_path, out / "manifest.csv", out / "trajectory.gif", *out.glob(".manifest-rank*.csv")]:
@@ -128,7 +131,8 @@ def _start_job(out: Path, job: dict, fresh: bool) -> None:
             raise UserError(f"{out} holds images of another sampling job ({shown}): use --fresh to replace them, "
                             f"or another --out")
     elif (out / "individual").is_dir() and any((out / "individual").iterdir()):
-        raise UserError(f"{out}/individual already holds images not made by this job: use --fresh or another --out")
+        raise UserError(f"{out}/individual already holds images no ddpmkit sampling job made there (--fresh replaces "
+                        f"only a job's own files): move them, or choose another --out")
     (out / "individual").mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out, out / "individual", out / "grids")  # from a job killed mid-write
     atomic.write_text(job_path, json.dumps(job, indent=1))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import atomic
 from .checkpoint import restore, save_checkpoint
-from .config import Config, differing_keys, read_yaml, to_yaml
+from .config import Config, differing_keys, from_dict, read_yaml, to_yaml
 from .data import ImageData, batch_to_model, class_order, image_digests, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
@@ -63,11 +63,29 @@ class EpochOrder:
         return self._perm[i * self.batch:(i + 1) * self.batch]
 
 
+def _is_ddpmkit_run(run: RunDir) -> bool:
+    """A config.yaml ddpmkit can read: the mark of a run (config.yaml alone is a common file name)."""
+    try:
+        from_dict(read_yaml(run.config_path))
+        return True
+    except UserError:
+        return False
+
+
 def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
     """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"output path {run.path} is a file: choose a folder with --out")
+    if run.config_path.exists():
+        is_run = _is_ddpmkit_run(run)
+    else:  # a new run: the folder holds nothing, or only our lock and temporaries
+        is_run = not run.path.is_dir() or all(p.name == ".lock" or atomic.is_temporary(p) for p in run.path.iterdir())
+    if not is_run:
+        raise UserError(f"{run.path} exists and is not a ddpmkit run: choose another --out")
     if fresh:
+        if cfg.train.init_from and Path(cfg.train.init_from).expanduser().resolve() == run.path.resolve():
+            raise UserError(f"--fresh would delete {run.path}'s checkpoints, which train.init_from starts from: "
+                            f"choose another --out")
         for name in ("checkpoints", "grids"):
             shutil.rmtree(run.path / name, ignore_errors=True)
         for p in (run.state_path, run.stats_path, run.config_path, run.meta_path, run.digests_path):
@@ -75,8 +93,6 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
         return None
     atomic.remove_stale_temps(run.path, run.checkpoints, run.grids)  # from a run killed mid-write
     if not run.config_path.exists():
-        if run.path.is_dir() and any(p.name != ".lock" for p in run.path.iterdir()):
-            raise UserError(f"{run.path} exists and is not a ddpmkit run: choose another --out")
         return None
     old = read_yaml(run.config_path)
     diff = differing_keys(old, cfg.to_dict())
