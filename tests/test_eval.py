@@ -149,6 +149,39 @@ def test_reading_generated_images_never_takes_the_grids(tmp_path):
         read_generated(tmp_path / "empty")
 
 
+def test_references_are_read_at_the_generated_resolution(tmp_path):
+    from conftest import write_images
+    from ddpmkit.config import load_config, to_yaml
+    from ddpmkit.metrics.evaluate import resolve_reference
+
+    write_images(tmp_path / "photos", n=3, size=(75, 75))  # no UNet could train at 75: none is asked to
+    assert resolve_reference([f"data.path={tmp_path / 'photos'}"], 75, 1).images.shape == (3, 1, 75, 75)
+    with pytest.raises(UserError, match="only data.* keys describe a dataset here, got model.base_channels"):
+        resolve_reference([f"data.path={tmp_path / 'photos'}", "model.base_channels=8"], 75, 1)
+    run = tmp_path / "run"  # trained on the 8x8 digits; samples written at 32x32 (--size 32)
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config(None, {})))
+    assert resolve_reference([str(run)], 32, 1).images.shape == (1797, 1, 32, 32)
+
+
+def test_reading_a_balanced_set_or_a_restoration_takes_only_generated_outputs(tmp_path):
+    from ddpmkit.generation import MANIFEST_COLUMNS, write_manifest
+    from ddpmkit.restoration import MANIFEST_COLUMNS as RESTORED_COLUMNS
+
+    real = write_pngs(tmp_path / "real", torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    balanced = write_pngs(tmp_path / "balanced", torch.full((3, 1, 8, 8), 200, dtype=torch.uint8))
+    rows = [[str(real / "individual" / f"{i:06d}.png"), i, "", "", "", "", "0", "false"] for i in range(2)]
+    rows += [[f"individual/{i:06d}.png", i, 0, "ddim", 5, "x", "0", "true"] for i in range(3)]
+    write_manifest(balanced / "manifest.csv", rows, MANIFEST_COLUMNS)
+    images, files = read_generated(balanced)
+    assert len(files) == 3 and (images == 200).all()  # the real images the set lists are not "generated"
+    restored = write_pngs(tmp_path / "clean", torch.full((2, 1, 8, 8), 9, dtype=torch.uint8))
+    write_manifest(restored / "manifest.csv",
+                   [[f"in/{i}.png", f"individual/{i:06d}.png", "denoise", 0, "0.1", "{}"] for i in range(2)], RESTORED_COLUMNS)
+    images, files = read_generated(restored)
+    assert len(files) == 2 and (images == 9).all()
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "mnist-test").is_dir(), reason="../shared/data/mnist-test not present")
 def test_real_mnist_halves_are_closer_than_blur_or_noise(tmp_path):
     from ddpmkit.config import DataConfig

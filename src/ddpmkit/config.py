@@ -236,18 +236,32 @@ def _section_from_dict(name: str, values: dict) -> Any:
     return cls(**kwargs)
 
 
-def _check_values(cfg: Config) -> None:
-    flat = flatten(cfg.to_dict())
+def _check_each_key(flat: dict) -> None:
+    """The checks of single keys (choices, signs) for those in `flat`."""
     for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
+        if key in flat and flat[key] not in allowed:
             shown = ", ".join("null" if a is None else str(a) for a in allowed)
             raise UserError(f"config key {key}: {flat[key]!r} is not one of: {shown}")
     for key in POSITIVE:
-        if flat[key] is not None and flat[key] <= 0:
+        if key in flat and flat[key] is not None and flat[key] <= 0:
             raise UserError(f"config key {key}: must be positive, got {flat[key]}")
     for key in NON_NEGATIVE:
-        if flat[key] < 0:
+        if key in flat and flat[key] < 0:
             raise UserError(f"config key {key}: must not be negative, got {flat[key]}")
+
+
+def data_config(overrides: dict[str, Any]) -> DataConfig:
+    """A data section on its own (an evaluation reference): checked as data, not against a model."""
+    other = [k for k in overrides if not k.startswith("data.")]
+    if other:
+        raise UserError(f"only data.* keys describe a dataset here, got {other[0]}")
+    data = _section_from_dict("data", {k.removeprefix("data."): v for k, v in overrides.items()})
+    _check_each_key({f"data.{k}": v for k, v in dataclasses.asdict(data).items()})
+    return data
+
+
+def _check_values(cfg: Config) -> None:
+    _check_each_key(flatten(cfg.to_dict()))
     m = cfg.model
     if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
         raise UserError(f"config key model.channel_mult: needs positive entries, got {m.channel_mult}")

@@ -14,14 +14,14 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import atomic
-from ..config import DataConfig, from_dict, merge_overrides, parse_override, read_yaml
+from ..config import DataConfig, data_config, from_dict, parse_override, read_yaml
 from ..data import IMAGE_SUFFIXES, decode_image, load_images, resize_center_crop
 from ..errors import UserError
 from . import features as fx
@@ -51,9 +51,16 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     if not folder.is_dir():
         raise UserError(f"generated-images folder not found: {folder}")
     manifest = folder / "manifest.csv"
+    rows, column = [], None
     if manifest.is_file():
         with open(manifest, newline="") as f:
-            files = [folder / row["file"] for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            # sample and balance outputs name images in "file", restoration outputs in "output"
+            column = next((c for c in ("file", "output") if c in (reader.fieldnames or [])), None)
+            rows = list(reader)
+    if column:
+        # a balanced set lists its real images too (synthetic=false): they are not generated
+        files = [folder / row[column] for row in rows if row.get("synthetic", "true") == "true"]
     else:
         root = folder / "individual" if (folder / "individual").is_dir() else folder
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "grids" not in p.parts)
@@ -82,8 +89,7 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Refe
         values = dict(parse_override(r) for r in overrides)
         values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
         values.setdefault("data.channels", gen_channels)
-        data_cfg = from_dict(merge_overrides({}, values)).data
-        return _from_data(data_cfg)
+        return _from_data(data_config(values))
     path = Path(paths[0])
     if path.suffix == ".npz" and path.is_file():
         stats = FeatureStats.load(path)
@@ -93,7 +99,7 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Refe
                                  extractor=json.loads(str(z["extractor"])))
         return Reference(f"statistics {path}", stats=stats)
     if (path / "config.yaml").is_file():
-        data_cfg = from_dict(read_yaml(path / "config.yaml")).data
+        data_cfg = replace(from_dict(read_yaml(path / "config.yaml")).data, image_size=gen_size)
         return _from_data(data_cfg, f" (training data of {path})")
     raise UserError(f"--ref {path}: not a run directory, a statistics .npz, or data.path=...")
 
