@@ -224,6 +224,9 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     for n in names:
         before, after = read_image(tmp_path / "in" / n), read_image(out2 / "individual" / n)
         assert torch.equal(before[:, :3], after[:, :3]) and torch.equal(before[:, 5:], after[:, 5:])
+    with pytest.raises(UserError, match="steps must be at least 1, got 0"):  # not silently RePaint's 250
+        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o0", masks_dir=tmp_path / "masks", steps=0)
+    assert not (tmp_path / "o0").exists()
     # a missing or wrong-sized mask is named
     (tmp_path / "masks" / "c.png").unlink()
     with pytest.raises(UserError, match="c.png"):

@@ -53,6 +53,7 @@ from .schedule import Schedule
 KINDS = ("denoise", "img2img", "inpaint")
 METHODS = ("mmse", "sample")
 MANIFEST_COLUMNS = ["input", "output", "kind", "seed", "sigma", "parameters"]
+INPAINT_STEPS = 250  # RePaint's default
 GRID_MAX_COLUMNS = 16  # the before/after grid shows at most this many image pairs
 _INT_SNAP = 1e-9  # timesteps this close to an integer are that integer (exact table values)
 
@@ -322,7 +323,7 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(arr) > 127)[None]
 
 
-def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, steps: int | None = 250,
+def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, steps: int | None = INPAINT_STEPS,
             jump_length: int = 10, resamplings: int = 10, clip_x0: bool = True,
             indices: Sequence[int] | None = None) -> torch.Tensor:
     """RePaint. `masks`: bool (or 0/255 uint8) N x 1 x H x W, True/white where the pixel is unknown.
@@ -392,6 +393,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
         raise UserError("inpainting needs a folder of masks (white = fill), matched to the images by file name")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if steps is not None and steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
     files = _read_inputs(Path(inputs_dir))
     images = [_load_image(p) for p in files]
     for p, img in zip(files, images):
@@ -403,6 +406,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file: choose a folder name with --out")
     sampler = sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(kind)
+    if kind == "inpaint" and steps is None:
+        steps = INPAINT_STEPS
     params = _parameters(kind, method, samples, strength, sampler, steps, jump_length, resamplings, clip_x0)
     text = {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
 
@@ -419,8 +424,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
             res = img2img(run, batch, strength, seed, sampler, steps, clip_x0, idx)
         else:
             sigmas += [""] * len(idx)
-            res = inpaint(run, batch, torch.stack([masks[i] for i in idx]), seed, steps or 250, jump_length,
-                          resamplings, clip_x0, idx)
+            res = inpaint(run, batch, torch.stack([masks[i] for i in idx]), seed, steps, jump_length, resamplings,
+                          clip_x0, idx)
         for i, img in zip(idx, res):
             atomic.write_bytes(out / "individual" / f"{files[i].stem}.png", png_bytes(img, text), fsync=False)
         results.append(res)
@@ -445,6 +450,6 @@ def _parameters(kind, method, samples, strength, sampler, steps, jump_length, re
     elif kind == "img2img":
         p = {"strength": strength, "sampler": sampler, "steps": steps if steps is not None else DEFAULT_STEPS.get(sampler)}
     else:
-        p = {"steps": steps or 250, "jump_length": jump_length, "resamplings": resamplings}
+        p = {"steps": steps, "jump_length": jump_length, "resamplings": resamplings}
     p["clip_x0"] = clip_x0
     return p
