@@ -143,6 +143,29 @@ def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
     assert len(load_images(DataConfig(path=str(tmp_path), image_size=8, split="test"))) == 2
 
 
+def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path):
+    """chest_xray/{train,test}/{NORMAL,PNEUMONIA}/: the splits are not classes, and test images are not trained on."""
+    from ddpmkit.data import has_named_splits
+    from ddpmkit.streaming import open_stream
+
+    root = tmp_path / "chest_xray"
+    for split, n in (("train", 5), ("test", 3)):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            write_images(root / split / cls, n=n, size=(8, 8), seed=len(split) + len(cls))
+    (root / ".DS_Store").write_bytes(b"")  # hidden files do not make it a plain folder
+    train = load_images(DataConfig(path=str(root), image_size=8))
+    assert len(train) == 10 and sorted(set(train.labels)) == ["NORMAL", "PNEUMONIA"]
+    assert train.source_path == str(root / "train")
+    test = load_images(DataConfig(path=str(root), split="test", image_size=8))
+    assert len(test) == 6 and sorted(set(test.labels)) == ["NORMAL", "PNEUMONIA"]
+    assert len(open_stream(DataConfig(path=str(root), image_size=8, stream=True))) == 10
+    with pytest.raises(UserError, match=r"chest_xray is split into test, train and has no 'val' split: set data.split"):
+        load_images(DataConfig(path=str(root), split="val", image_size=8))
+    with pytest.raises(UserError, match=r"data.split=val: .*NORMAL has no splits \(no train/val/test folders\)"):
+        load_images(DataConfig(path=str(root / "train" / "NORMAL"), split="val", image_size=8))
+    assert has_named_splits(root) and not has_named_splits(root / "test")
+
+
 def test_pickled_object_arrays_are_refused(tmp_path):
     np.save(tmp_path / "evil.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(UserError, match="cannot read"):

@@ -52,7 +52,7 @@ def load_images(cfg: DataConfig) -> ImageData:
         if not path.exists():
             raise UserError(f"data path not found: {path}")
         if path.is_dir() and not _idx_files(path):
-            data = _load_folder(path, cfg)
+            data = _load_folder(split_folder(path, cfg), cfg)
         elif path.is_dir() or _is_idx(path):
             data = _load_idx(path, cfg.split)
         elif path.suffix.lower() in (".npy", ".npz"):
@@ -129,6 +129,42 @@ def _load_digits() -> ImageData:
 
 # ---------------------------------------------------------------------------------------------
 # folders of images
+
+
+SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test", "dev")
+
+
+def _is_split_folder(root: Path) -> bool:
+    entries = [p for p in root.iterdir() if not p.name.startswith((".", "__"))]  # .ipynb_checkpoints, __MACOSX
+    subdirs = [p for p in entries if p.is_dir()]
+    return bool(subdirs) and len(subdirs) == len(entries) and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
+
+
+def has_named_splits(path: str | Path) -> bool:
+    """Whether data.split chooses among parts of `path` (an .npz, an IDX folder, a train/val/test
+    folder) rather than `path` being one split itself (a plain folder, an .npy, one IDX file)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return bool(_idx_files(path)) or _is_split_folder(path)
+    return path.suffix.lower() == ".npz"
+
+
+def split_folder(root: Path, cfg: DataConfig) -> Path:
+    """A folder split into train/, val/, test/ (every subfolder a split's name, no image beside them;
+    the usual layout of published datasets) is read one split at a time: data.split picks it, so the
+    splits are never taken for classes. Any other folder is one split, the default one."""
+    if cfg.labels is None and _is_split_folder(root):
+        subdirs = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDERS]
+        chosen = [p for p in subdirs if p.name.lower() == cfg.split.lower()]
+        if not chosen:
+            raise UserError(f"{root} is split into {', '.join(sorted(p.name for p in subdirs))} and has no "
+                            f"'{cfg.split}' split: set data.split to one of them")
+        return chosen[0]
+    if cfg.split != "train":
+        why = "a CSV, data.labels, names its images" if cfg.labels is not None else "no train/val/test folders"
+        raise UserError(f"data.split={cfg.split}: {root} has no splits ({why}): point data.path at the "
+                        f"{cfg.split} images instead")
+    return root
 
 
 def list_image_files(root: Path, cfg: DataConfig) -> tuple[list[Path], list[str] | None]:

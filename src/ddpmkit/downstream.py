@@ -38,7 +38,7 @@ from torch import nn
 
 from . import atomic
 from .config import DataConfig, from_dict, read_yaml
-from .data import class_order, image_digests, load_images, resize_center_crop
+from .data import class_order, has_named_splits, image_digests, load_images, resize_center_crop
 from .errors import UserError
 from .images import read_image
 from .run import RunDir
@@ -405,6 +405,12 @@ def load_calibration(path: str, split: str, size: int, channels: int, names: lis
     return pool, note if seen.any() else ""
 
 
+def _split_of(separate: str | None, split: str) -> str:
+    """The split to read: `split` of --real, or of a separate source that has splits; a separate
+    source without them (a plain folder, an .npy) is the split itself, read whole."""
+    return split if separate is None or has_named_splits(separate) else DataConfig.split
+
+
 def load_study_data(real: str, synthetic: str, test: str | None = None, real_split: str = "train",
                     test_split: str = "test", unverified: bool = False, drop_seen: bool = False,
                     calibration: str | None = None, calibration_split: str | None = None
@@ -426,7 +432,7 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
     size = read_image(first).shape[-1]  # the study runs at the generator's resolution
     synth, runs = load_synthetic(synth_folder, size, names)
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
-    test_pool = load_real(test or real, test_split, size, synth.images.shape[1], names)
+    test_pool = load_real(test or real, _split_of(test, test_split), size, synth.images.shape[1], names)
     trained = generators_training_digests(runs, size)  # read once, for every check below
     dropped = ""
     if drop_seen and runs:
@@ -435,7 +441,7 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
         dropped = f"{int(seen.sum())} {test_split} images the generator saw were dropped; "
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
-        calibration_pool, note = load_calibration(calibration or real, calibration_split or "val", size,
+        calibration_pool, note = load_calibration(calibration or real, _split_of(calibration, calibration_split or "val"), size,
                                                   synth.images.shape[1], names, real_pool, test_pool, trained)
         dropped += note
     leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .data import (GRAY_MODES, IMAGE_SUFFIXES, set_channels, array_to_uint8_nchw, decode_image, image_to_tensor,
-                   list_image_files, resize_center_crop)
+                   list_image_files, resize_center_crop, split_folder)
 from .errors import UserError
 
 
@@ -92,7 +92,7 @@ def open_stream(cfg: DataConfig):
     if path is None or not path.exists():
         raise UserError("data.stream=true needs data.path: a .npy file or a folder of images")
     if path.is_dir():
-        return FolderImages(path, cfg)
+        return FolderImages(split_folder(path, cfg), cfg)
     if path.suffix.lower() == ".npy":
         return NpyImages(path, cfg)
     kind = "a single image" if path.suffix.lower() in IMAGE_SUFFIXES else f"a {path.suffix or 'suffix-less'} file"
