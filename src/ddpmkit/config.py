@@ -27,7 +27,7 @@ class DataConfig:
     image_column: str = "image"
     label_column: str = "label"
     filter_label: Optional[str] = None  # keep only rows whose label equals this
-    split: str = "train"  # .npz key prefix: {split}_images / {split}_labels
+    split: str = "train"  # .npz {split}_images / {split}_labels, IDX train or test, or a train/val/test subfolder
     class_names: Optional[list[str]] = None  # resolved from the labels for a class-conditional model (index = class id)
     on_error: str = "skip"  # unreadable images: skip (and report) or fail
     stream: bool = False  # read batches from disk (.npy memory-mapped, folders decoded lazily): RAM stays flat
