@@ -116,3 +116,30 @@ def test_export_and_import_commands_round_trip_a_run(source, tmp_path, capsys):
     assert all(torch.equal(back[k], original[k]) for k in original)
     assert main(["export", str(source), "--out", str(tmp_path / "hf")]) == 2  # never over an existing export
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_fine_tuning_an_unconditional_model_into_a_conditional_one_records_it(source, tiny, tmp_path):
+    run = train(tiny(**{"train.init_from": str(source), "train.max_steps": 4, "model.class_conditional": True}),
+                log=quiet, progress=False)
+    saved = load_config(run.config_path, {})
+    assert saved.model.class_conditional and saved.model.num_classes == 10  # not the source's "unconditional"
+    assert main(["sample", str(run.path), "-n", "2", "--steps", "2", "--class", "3", "--quiet",
+                 "--out", str(tmp_path / "threes")]) == 0
+
+
+def test_a_class_conditional_model_round_trips_through_diffusers_with_its_class_names(tmp_path):
+    import shutil
+
+    cond = tmp_path / "cond"
+    train(load_config(None, {**TINY, "model.class_conditional": True, "train.max_steps": 2, "train.out_dir": str(cond)}),
+          log=quiet, progress=False)
+    assert main(["export", str(cond), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back = load_config(tmp_path / "back" / "config.yaml", {})
+    assert back.model.class_conditional and back.data.class_names == [str(i) for i in range(10)]
+    assert main(["sample", str(tmp_path / "back"), "-n", "2", "--steps", "2", "--class", "7", "--quiet",
+                 "--out", str(tmp_path / "sevens")]) == 0
+    # a diffusers model from elsewhere has no names: its classes are its indices, still sampled by class
+    shutil.copytree(tmp_path / "hf" / "unet", tmp_path / "bare")
+    assert main(["import", str(tmp_path / "bare"), "--out", str(tmp_path / "bare_run")]) == 0
+    assert load_config(tmp_path / "bare_run" / "config.yaml", {}).data.class_names == [str(i) for i in range(10)]

@@ -336,7 +336,8 @@ def make_run(path, num_classes):
     cfg = load_config(None, {"model.in_channels": 3, "data.image_size": 16, "model.base_channels": 16,
                              "model.norm_groups": 8, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
                              "model.attention_resolutions": [8], "model.attention_head_dim": 8,
-                             "model.num_classes": num_classes, "diffusion.num_timesteps": 100,
+                             "model.num_classes": num_classes, "model.class_conditional": num_classes > 0,
+                             "data.class_names": [str(i) for i in range(num_classes)] or None, "diffusion.num_timesteps": 100,
                              "diffusion.prediction": "v", "train.out_dir": str(path)})
     torch.manual_seed(3)
     model = randomized(UNet(cfg.model, 16))

@@ -23,7 +23,7 @@ from .errors import UserError
 from .run import RunDir
 
 # Model keys the fine-tuning config decides; all others are the source's architecture.
-OWN_KEYS = ("preset", "dropout", "compile", "compile_mode", "num_classes", "in_channels")
+OWN_KEYS = ("preset", "dropout", "compile", "compile_mode", "class_conditional", "num_classes", "in_channels")
 
 
 class Source:

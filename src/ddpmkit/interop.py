@@ -98,6 +98,9 @@ def _public(config: dict | None) -> dict:
 
 # --- configs -----------------------------------------------------------------------------------
 
+CLASS_NAMES_FILE = "ddpmkit_classes.json"  # beside model_index.json: what class index i means (ddpmkit exports)
+
+
 def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None = None) -> Config:
     """A diffusers UNet2DModel config (and DDPMScheduler/DDIMScheduler config; None: DDPM defaults)
     -> a validated ddpmkit Config (data.image_size, model.*, diffusion.*, sample.clip_x0/variance).
@@ -169,6 +172,8 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
         "model.time_freq_shift": u["freq_shift"], "model.num_classes": classes or 0, "data.image_size": size,
         **_scheduler_overrides(scheduler_config),
     }
+    if classes:  # diffusers' UNet always adds the class embedding: sample it with labels (named by index)
+        overrides.update({"model.class_conditional": True, "data.class_names": [str(i) for i in range(classes)]})
     return load_config(None, overrides)
 
 
@@ -433,6 +438,9 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
     if unknown:  # diffusers 0.42 ignores them too (with a warning): they change nothing it builds
         log(f"note: ignoring UNet2DModel config keys unknown to diffusers {DIFFUSERS_VERSION}: {', '.join(unknown)}")
     cfg = diffusers_config_to_ddpmkit(unet_config, scheduler_config)
+    names = _read_json(folder / CLASS_NAMES_FILE).get("class_names") if (folder / CLASS_NAMES_FILE).is_file() else None
+    if cfg.model.class_conditional and isinstance(names, list) and len(names) == cfg.model.num_classes:
+        cfg.data.class_names = [str(n) for n in names]  # a ddpmkit export's own names
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, diffusers_to_ddpmkit_state_dict(_read_weights(unet_dir), cfg), f"the weights in {unet_dir}")
     provenance = {"imported_from": origin, "diffusers_unet_config": unet_config,
@@ -485,6 +493,8 @@ def export_diffusers(run_path: str | Path, out: str | Path, checkpoint: str = "l
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path),
                       metadata={"format": "pt"})
         _write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
+        if run.config.data.class_names:
+            _write_json(tmp / CLASS_NAMES_FILE, {"class_names": run.config.data.class_names})
     log(f"exported {run.path} ({run.checkpoint}, {'EMA' if ema else 'raw'} weights) to {out}")
     if run.config.model.num_classes:
         log(f"note: the model is class-conditional ({run.config.model.num_classes} classes); DDPMPipeline cannot "
