@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ddpmkit.checkpoint import save_checkpoint
 from ddpmkit.config import load_config, to_yaml
@@ -278,7 +279,7 @@ def test_import_pipeline_and_bare_unet_folders_then_sample(diffusers, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_import_legacy_bin_with_old_attention_names(diffusers, tmp_path):
+def test_import_old_attention_names_and_refuse_pickled_weights(diffusers, tmp_path):
     theirs, ours, _ = diffusers_model("cond")
     theirs.save_config(tmp_path / "old")
     old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
@@ -288,7 +289,12 @@ def test_import_legacy_bin_with_old_attention_names(diffusers, tmp_path):
             name = name.replace(new, old)
         weights[name] = tensor.half()  # stored in fp16: widened exactly on import
     assert any(".query." in k for k in weights)
-    torch.save(weights, tmp_path / "old" / "diffusion_pytorch_model.bin")
+    torch.save(weights, tmp_path / "old" / "diffusion_pytorch_model.bin")  # a pickle: refused, never loaded
+    with pytest.raises(UserError, match="diffusion_pytorch_model.bin is a pickle, which ddpmkit never loads: if you trust "
+                                        "it, convert it with diffusers"):
+        import_diffusers(tmp_path / "old", tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+    save_file(weights, str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
     import_diffusers(tmp_path / "old", tmp_path / "run", log=lambda m: None)
     net = load_run(tmp_path / "run").net
     assert net.state_dict().keys() == ours.state_dict().keys()

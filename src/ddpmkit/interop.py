@@ -8,9 +8,9 @@ reproduce is refused with a UserError naming it (never approximated).
     unet/config.json + unet/diffusion_pytorch_model.safetensors  <->  config.yaml model.* + checkpoint
     scheduler/scheduler_config.json                              <->  config.yaml diffusion.* (+ sample.*)
 
-Neither direction needs diffusers installed: configs are plain JSON, weights safetensors (or a
-legacy .bin read with torch.load(weights_only=True)). The hub is used only for a hub id, and only
-through huggingface_hub, imported when needed.
+Neither direction needs diffusers installed: configs are plain JSON, weights safetensors. A legacy
+pickled .bin is refused, never unpickled, with the command that converts it where it is trusted.
+The hub is used only for a hub id, and only through huggingface_hub, imported when needed.
 """
 
 from __future__ import annotations
@@ -366,28 +366,20 @@ def _locate(folder: Path) -> tuple[Path, Path | None]:
     return unet, scheduler if scheduler.is_file() else None
 
 
-def _weights_file(unet_dir: Path) -> Path | None:
-    for name in (f"{_WEIGHTS}.safetensors", f"{_WEIGHTS}.bin"):
-        if (unet_dir / name).is_file():
-            return unet_dir / name
-    return None
-
-
 def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
-    path = _weights_file(unet_dir)
-    if path is None:
+    path = unet_dir / f"{_WEIGHTS}.safetensors"
+    if not path.is_file():
+        if (unet_dir / f"{_WEIGHTS}.bin").is_file():  # a pickle can run code when loaded: never here
+            raise UserError(f"{unet_dir / f'{_WEIGHTS}.bin'} is a pickle, which ddpmkit never loads: if you trust it, "
+                            f"convert it with diffusers: python -c \"from diffusers import UNet2DModel as U; "
+                            f"U.from_pretrained('{unet_dir}').save_pretrained('{unet_dir}')\" (writes .safetensors)")
         found = ", ".join(sorted(p.name for p in unet_dir.iterdir())) or "nothing"
-        raise UserError(f"no {_WEIGHTS}.safetensors or {_WEIGHTS}.bin in {unet_dir} (found: {found}); "
-                        f"sharded and variant (fp16) weight files are not supported")
+        raise UserError(f"no {_WEIGHTS}.safetensors in {unet_dir} (found: {found}); "
+                        f"sharded, variant (fp16) and pickled (.bin) weight files are not supported")
     try:
-        if path.suffix == ".safetensors":
-            weights = load_file(str(path))
-        else:  # legacy pickle: tensors only, never arbitrary objects
-            weights = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 -- a damaged file, or a pickle holding more than tensors
+        weights = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file: safetensors has several error types
         raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
-        raise UserError(f"{path} does not hold a plain dict of tensors")
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}  # fp16 -> fp32 is exact
 
 
@@ -411,10 +403,6 @@ def _fetch(source: str, log) -> tuple[Path, str]:
     try:
         folder = Path(snapshot_download(source, allow_patterns=_HUB_FILES + [f"{_WEIGHTS}.safetensors",
                                                                             f"unet/{_WEIGHTS}.safetensors"]))
-        if _weights_file(_locate(folder)[0]) is None:  # an old repo with pickled weights only
-            folder = Path(snapshot_download(source, allow_patterns=_HUB_FILES + [f"{_WEIGHTS}.bin", f"unet/{_WEIGHTS}.bin"]))
-    except UserError:
-        raise
     except Exception as exc:  # noqa: BLE001 -- offline, unknown or gated repo: huggingface_hub has many error types
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"{source} is not a local folder, and downloading it from the Hugging Face hub failed "
