@@ -61,6 +61,18 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path):
     before = (out / "manifest.csv").read_text()
     assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
     assert (out / "manifest.csv").read_text() == before
+    # a smaller target: the class folders follow the new manifest, no stale link is left
+    assert main(["balance", str(run), "--out", str(out), "--target", "3", "--class", "dog", "--by-class-folders",
+                 "--quiet", "sample.steps=3"]) == 0
+    assert len(list((out / "by_class" / "dog").iterdir())) == 3
+    # another seed is another set of images: refused, then replaced with --fresh
+    balance = ["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--seed", "5"]
+    assert main(balance) == 2
+    assert main([*balance, "--fresh"]) == 0 and not (out / "by_class").exists()
+    # the balanced set's root is not a sampling job's folder
+    assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 2
+    assert main(["balance", str(run), "--out", str(out), "--proportions", "cat=0.5,dog=0.5", "--target", "9",
+                 "--class", "dog"]) == 2
 
 
 def test_balance_refuses_an_unconditional_run(tmp_path, capsys):

@@ -31,6 +31,8 @@ from .runtime import mix_seed
 def plan(counts: dict[str, int], target: int | None = None, class_label: str | None = None,
          proportions: dict[str, float] | None = None) -> dict[str, int]:
     """Images to generate per class (every class of `counts` listed, 0 where none)."""
+    if proportions is not None and (target is not None or class_label is not None):
+        raise UserError("--proportions sets every class's share; --target and --class set one class's count: use one")
     if target is not None or class_label is not None:
         if target is None or class_label is None:
             raise UserError("--target and --class go together: the final count of that one class")
@@ -72,7 +74,7 @@ def parse_proportions(text: str) -> dict[str, float]:
 
 def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, class_label: str | None = None,
             proportions: dict[str, float] | None = None, by_class_folders: bool = False, log=print,
-            progress: bool = True, amp_dtype=None) -> dict[str, int]:
+            progress: bool = True, amp_dtype=None, fresh: bool = False) -> dict[str, int]:
     """Generate what `plan` asks for with the run's class-conditional model; returns the plan."""
     if not run.config.model.class_conditional:
         raise UserError(f"{run.path} is not class-conditional: train with model.class_conditional=true to balance")
@@ -90,10 +92,11 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
         cfg = dataclasses.replace(sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
                                   seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
         log(f"balance: generating {num} images of {name} into {folder}")
-        generate(run, cfg, log=log, progress=progress, amp_dtype=amp_dtype)
+        generate(run, cfg, fresh=fresh, log=log, progress=progress, amp_dtype=amp_dtype)
         finished = finished_rows(folder)
         rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]] for k, r in sorted(finished.items()) if k < num]
     write_manifest(out / "manifest.csv", rows)
+    _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
     if by_class_folders:
         _link_by_class(out, rows)
     log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, {sum(need.values())} generated)")
@@ -113,6 +116,22 @@ def _safe(name: str) -> str:
     return cleaned or "_"
 
 
+def _unlink_by_class(out: Path) -> None:
+    """Remove the links `_link_by_class` made (and folders they leave empty); nothing else."""
+    root = out / "by_class"
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.is_dir() and not folder.is_symlink():
+            for link in folder.iterdir():
+                if link.is_symlink() and link.name.startswith(("real_", "synthetic_")):
+                    link.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()
+
+
 def _link_by_class(out: Path, rows: list[list]) -> None:
     root = out / "by_class"
     for i, row in enumerate(rows):
@@ -123,6 +142,4 @@ def _link_by_class(out: Path, rows: list[list]) -> None:
         folder = root / _safe(label)
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / (f"synthetic_{i:07d}{target.suffix}" if synthetic else f"real_{i:07d}{target.suffix}")
-        if link.is_symlink() or link.exists():
-            link.unlink()
         os.symlink(os.path.relpath(target, folder), link)

@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--by-class-folders", action="store_true", help="also OUT/by_class/<class>/ (symlinks)")
     b.add_argument("--guidance", type=float, default=None, help="sets sample.guidance")
     b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
+    b.add_argument("--fresh", action="store_true", help="replace the images of an earlier, different balance in --out")
     b.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("downstream", help="does a synthetic set help a classifier? (real vs real+synthetic vs oversampling)",
@@ -394,7 +395,7 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     device = resolve_device(sc.device)
     run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
     balance(run, sc, ns.out, ns.target, ns.class_label, parse_proportions(ns.proportions) if ns.proportions else None,
-            ns.by_class_folders, progress=not ns.quiet, amp_dtype=autocast_dtype(sc.precision, device))
+            ns.by_class_folders, progress=not ns.quiet, amp_dtype=autocast_dtype(sc.precision, device), fresh=ns.fresh)
 
 
 def cmd_downstream(ns: argparse.Namespace) -> None:

@@ -133,6 +133,8 @@ def _start_job(out: Path, job: dict, fresh: bool) -> None:
     elif (out / "individual").is_dir() and any((out / "individual").iterdir()):
         raise UserError(f"{out}/individual already holds images no ddpmkit sampling job made there (--fresh replaces "
                         f"only a job's own files): move them, or choose another --out")
+    elif (out / "manifest.csv").exists() or any(out.glob(".manifest-rank*.csv")):  # e.g. a balance output's root
+        raise UserError(f"{out} holds a manifest.csv no ddpmkit sampling job wrote there: choose another --out")
     (out / "individual").mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out, out / "individual", out / "grids")  # from a job killed mid-write
     atomic.write_text(job_path, json.dumps(job, indent=1))
