@@ -154,13 +154,24 @@ def finished_rows(out: Path) -> dict[int, list[str]]:
     return rows
 
 
+def _cut_torn_tail(path: Path) -> None:
+    """Drop an unfinished last line (no newline) that a killed process left in an append-only file."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
 class _Writer:
     """PNG encoding and writing on background threads, so sampling never waits on them. Rows of a
     batch reach the partial manifest only after all its images are written and fsynced."""
 
     def __init__(self, out: Path, rank: int, threads: int):
         self.out, self.pool = out, ThreadPoolExecutor(max_workers=max(1, threads))
-        self.manifest = open(out / f".manifest-rank{rank}.csv", "a", newline="")
+        path = out / f".manifest-rank{rank}.csv"
+        _cut_torn_tail(path)  # a crash mid-append: the next row must start on a line of its own
+        self.manifest = open(path, "a", newline="")
         self.pending: list[tuple[list[Future], list[list]]] = []
         self.committed = 0
 
