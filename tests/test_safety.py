@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,22 @@ def test_evaluation_that_cannot_run_stops_the_run_before_it_trains(tmp_path, tin
                                         "train.eval_features=efficientnet or inception"):
         train(cfg, log=quiet, progress=False)
     assert not RunDir(Path(cfg.train.out_dir)).stats_path.exists() or not RunDir(Path(cfg.train.out_dir)).stats_path.read_text()
+
+
+def test_a_restart_before_the_first_checkpoint_and_a_torn_log_line_leave_one_clean_log(tiny):
+    from ddpmkit.report import build_report
+
+    cfg = tiny(**{"train.max_steps": 10})
+    run = train(cfg, log=quiet, progress=False)
+    # as if it had died before its first checkpoint, mid-way through appending a log line
+    run.state_path.unlink()
+    shutil.rmtree(run.checkpoints)
+    with open(run.stats_path, "a") as f:
+        f.write('{"step": 11, "lo')
+    assert "<html" in build_report(run)  # the torn line is skipped, not a traceback
+    train(cfg, log=quiet, progress=False)
+    steps = [r["step"] for r in run.read_stats()]
+    assert steps == sorted(set(steps)) and steps[-1] == 10  # the first attempt's lines are gone
 
 
 def test_one_nan_batch_is_skipped_and_counted(tiny, monkeypatch):

@@ -114,8 +114,7 @@ def build_report(run: RunDir) -> str:
         raise UserError(f"{run.path} is not a ddpmkit run (no config.yaml)")
     meta = json.loads(run.meta_path.read_text()) if run.meta_path.is_file() else {}
     state = run.read_state()
-    rows = [json.loads(line) for line in run.stats_path.read_text().splitlines() if line.strip()] \
-        if run.stats_path.is_file() else []
+    rows = run.read_stats()
     logs = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval" in r]
     steps = [r["step"] for r in logs]

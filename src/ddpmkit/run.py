@@ -45,6 +45,18 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read {self.state_path}: {exc}") from None
 
+    def read_stats(self) -> list[dict]:
+        """The rows of stats.jsonl; a torn last line (a crash mid-append) is left out."""
+        rows = []
+        for line in self.stats_path.read_text().splitlines() if self.stats_path.is_file() else []:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
+
     def write_state(self, state: dict) -> None:
         atomic.write_text(self.state_path, json.dumps(state, indent=1))
 

@@ -234,6 +234,7 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
             log(f"starting from {pretrained}; optimizer and step start from zero")
         if world.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
+            _truncate_stats(run, 0)  # an attempt that died before its first checkpoint starts over
             atomic.write_text(run.config_path, to_yaml(cfg))
             meta = {"environment": environment(device), "data": data.source, "num_images": len(data),
                     "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model),
@@ -534,16 +535,8 @@ def _save_grid(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int) -> 
 
 
 def _truncate_stats(run: RunDir, step: int) -> None:
-    """Drop log lines past the resumed step (written after the checkpoint, before the crash)."""
-    if not run.stats_path.exists():
-        return
-    kept = [line for line in run.stats_path.read_text().splitlines()
-            if line.strip() and _line_step(line) is not None and _line_step(line) <= step]
-    atomic.write_text(run.stats_path, "".join(line + "\n" for line in kept))
-
-
-def _line_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None  # a torn last line from a crash
+    """Drop log lines past the step training restarts from (written after its checkpoint, before
+    the crash), and a torn last line."""
+    if run.stats_path.exists():
+        kept = [row for row in run.read_stats() if row["step"] <= step]
+        atomic.write_text(run.stats_path, "".join(json.dumps(row) + "\n" for row in kept))
