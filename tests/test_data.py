@@ -141,6 +141,13 @@ def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
         load_images(DataConfig(path=str(tmp_path), image_size=8, split="val"))
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images[:2])
     assert len(load_images(DataConfig(path=str(tmp_path), image_size=8, split="test"))) == 2
+    # a lone file names its own split: an .npy has none, an IDX file is the one its name says
+    np.save(tmp_path / "one.npy", images)
+    with pytest.raises(UserError, match="data.split=test: .*one.npy is one array with no splits"):
+        load_images(DataConfig(path=str(tmp_path / "one.npy"), image_size=8, split="test"))
+    with pytest.raises(UserError, match="data.split=test: .*train-images-idx3-ubyte.gz is one IDX file, not the test split"):
+        load_images(DataConfig(path=str(tmp_path / "train-images-idx3-ubyte.gz"), image_size=8, split="test"))
+    assert len(load_images(DataConfig(path=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=8, split="test"))) == 2
 
 
 def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path):

@@ -34,11 +34,11 @@ def _npz(path, train_idx, test_idx, val_idx=()):
     return path
 
 
-def _balanced(tmp_path, data, name):
+def _balanced(tmp_path, data, name, *sample_args):
     run, out = tmp_path / f"run_{name}", tmp_path / f"bal_{name}"
     assert main(["train", f"--data={data}", "model.class_conditional=true", "train.max_steps=4", f"--out={run}",
                  "--quiet", *TINY_ARGS]) == 0
-    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3"]) == 0
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", *sample_args]) == 0
     return out
 
 
@@ -87,7 +87,7 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
 def test_a_calibration_split_that_is_not_separate_is_refused(tmp_path, capsys):
     data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250), np.arange(240, 300))  # 10 val in test
     synthetic = _balanced(tmp_path, data, "badcal")
-    argv = ["downstream", "--real", str(data), "--synthetic", str(synthetic), "--seeds", "1", "--steps", "2"]
+    argv = ["downstream", "--real", str(data), "--synthetic", str(synthetic), "--seeds", "2", "--steps", "2"]
     assert main([*argv, "--calibration-split", "val", "--out", str(tmp_path / "a")]) == 2
     assert f"calibration data {data} (val): 10 of its images are in the test split" in capsys.readouterr().err
     # the training split itself: every image is dropped, nothing is left to tune on
@@ -144,12 +144,31 @@ def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     assert len(recorded) == len(set(recorded)) == 200  # every training image, once (digits has no duplicates here)
     moved.unlink()  # the run's own record is what the guard reads: the data may have moved since
     code = main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
-                 "--out", str(tmp_path / "s"), "--seeds", "1", "--steps", "2"])
+                 "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"])
     assert code == 2 and "leakage: the generator" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
     # for choosing on a validation split, the seen images can be dropped instead (and are counted)
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
     assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped; checked")
+
+
+def test_the_leakage_guard_holds_when_the_synthetic_images_were_upsampled(tmp_path, capsys):
+    """Images stored at 32x32; the generator trained at 8x8 on 50 test images, its samples written at 16x16, where
+    the study runs: training images resampled 32 -> 8 -> 16 match no test image resampled 32 -> 16."""
+    small = np.load(_npz(tmp_path / "small.npz", np.arange(0, 200), np.arange(150, 250)))
+    data = tmp_path / "leaky.npz"
+    np.savez(data, **{k: np.kron(v, np.ones((1, 4, 4), np.uint8)) if k.endswith("images") else v for k, v in small.items()})
+    synthetic = _balanced(tmp_path, data, "up", "sample.size=16")
+    code = main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
+                 "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"])
+    assert code == 2 and "was trained on 50 of the test images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [(["--seeds", "1"], "--seeds 1: a verdict needs at least 2 seeds"),
+                                           (["--steps", "0"], "--steps 0: each classifier needs at least 1")])
+def test_a_study_that_cannot_give_a_verdict_is_refused_first(tmp_path, capsys, flags, message):
+    code = main(["downstream", "--real", "nowhere.npz", "--synthetic", "nothing", "--out", str(tmp_path / "s"), *flags])
+    assert code == 2 and message in capsys.readouterr().err
 
 
 def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():

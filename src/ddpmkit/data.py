@@ -298,6 +298,9 @@ def _unique(paths: list[Path]) -> Path | None:
 def _load_array_file(path: Path, split: str) -> ImageData:
     try:
         if path.suffix.lower() == ".npy":
+            if split != "train":
+                raise UserError(f"data.split={split}: {path} is one array with no splits: point data.path at the "
+                                f"{split} images instead (or an .npz with {split}_images)")
             arr, labels, key = np.load(path, allow_pickle=False), None, None
         else:
             with np.load(path, allow_pickle=False) as z:
@@ -422,6 +425,9 @@ def _load_idx(path: Path, split: str) -> ImageData:
         else:
             raise UserError(f"{path} holds several IDX image files ({', '.join(p.name for p in candidates)}): "
                             f"point data.path at one")
+    elif split != "train" and not path.name.startswith({"test": "t10k"}.get(split, split)):
+        raise UserError(f"data.split={split}: {path} is one IDX file, not the {split} split: point data.path at "
+                        f"the {split} file or its folder")
     images = array_to_uint8_nchw(read_idx(path), str(path))
     label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
     labels = None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -139,18 +139,20 @@ def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
     return np.array([names.index(label) for label in labels])
 
 
-def generators_training_digests(runs: list[Path], size: int) -> set[str]:
-    """The digests (at the study's size) of every image these runs trained on. A run's own record of
-    its training images is used where it has one (and is at this size); otherwise its training data is
-    loaded again from its config."""
+def generators_training_digests(runs: list[Path], size: int, channels: int) -> set[str]:
+    """The digests of every image these runs trained on, as the study reads real images (at its
+    size and channels, resampled once from the source). A run's own record is used where it is at
+    those; otherwise its training data is read again from its config, straight to the study's size
+    (a record at the run's size, resampled again, would match no test image byte for byte)."""
     seen: set[str] = set()
     for run in runs:
         cfg = from_dict(read_yaml(run / "config.yaml"))
         recorded = RunDir(run).digests_path
-        if recorded.is_file() and cfg.data.image_size == size:
+        if recorded.is_file() and cfg.data.image_size == size and cfg.model.in_channels == channels:
             seen |= set(recorded.read_text().split())
         else:
-            seen |= set(image_digests(resize_center_crop(load_images(cfg.data).images, size)))
+            as_study = replace(cfg.data, image_size=size, channels=channels)
+            seen |= set(image_digests(load_images(as_study).images))
     return seen
 
 
@@ -433,7 +435,7 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
     synth, runs = load_synthetic(synth_folder, size, names)
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
     test_pool = load_real(test or real, _split_of(test, test_split), size, synth.images.shape[1], names)
-    trained = generators_training_digests(runs, size)  # read once, for every check below
+    trained = generators_training_digests(runs, size, synth.images.shape[1])  # read once, for every check below
     dropped = ""
     if drop_seen and runs:
         seen = among(test_pool, trained)
@@ -453,6 +455,10 @@ def run_study(real: str, synthetic: str, out: str, test: str | None = None, real
               synthetic_share: float | None = None, unverified: bool = False, calibration: str | None = None,
               calibration_split: str | None = None, log=print) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split."""
+    if seeds < 2:  # with one seed there is no seed-to-seed spread, and any lucky gain would read as one
+        raise UserError(f"--seeds {seeds}: a verdict needs at least 2 seeds per arm (3 or more is better)")
+    if steps < 1:
+        raise UserError(f"--steps {steps}: each classifier needs at least 1 optimizer step")
     names, real_pool, synth, test_pool, calibration_pool, leakage = load_study_data(
         real, synthetic, test, real_split, test_split, unverified, calibration=calibration,
         calibration_split=calibration_split)
