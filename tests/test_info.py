@@ -28,3 +28,6 @@ def test_info_command_on_a_run_and_on_overrides(tmp_path, capsys):
     assert info["channels"] == 1 and info["image_size"] == 8
     assert main(["info", "model.preset=ddpm-cifar10", "data.image_size=32", "data.channels=3"]) == 0
     assert "35,746,307 parameters" in capsys.readouterr().out
+    # a fine-tuning config is sized as its source, not as its own (default) preset; so is --max-batch
+    assert main(["info", f"train.init_from={run}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == info["parameters"] != 917_889

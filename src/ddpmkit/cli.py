@@ -256,8 +256,10 @@ def cmd_train(ns: argparse.Namespace) -> None:
     cfg = load_config(config_path, _overrides(tokens, TRAIN_FLAGS, ns))
     if ns.max_batch:
         from .batchprobe import probe
+        from .finetune import with_source_architecture
 
-        _print_json(probe(cfg, log=_silent if ns.json else print))
+        log = _silent if ns.json else print
+        _print_json(probe(with_source_architecture(cfg, log), log=log))
         return
     world = distributed.init_from_env(cfg.train.device, cfg.train.dist_timeout_minutes)
     try:
@@ -340,6 +342,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
 def cmd_info(ns: argparse.Namespace) -> None:
     import json
 
+    from .finetune import with_source_architecture
     from .info import format_info, model_info
 
     tokens = list(ns.args)
@@ -352,6 +355,8 @@ def cmd_info(ns: argparse.Namespace) -> None:
         sizes = tuple(int(b) for b in ns.batch_sizes.split(","))
     except ValueError:
         raise UserError(f"--batch-sizes takes comma-separated integers, got {ns.batch_sizes!r}") from None
+    if not (target and Path(target).is_dir()):  # a run's config.yaml already holds its source's architecture
+        cfg = with_source_architecture(cfg, log=_silent)
     info = model_info(cfg, sizes)
     print(json.dumps(info, indent=1) if ns.json else format_info(info))
 

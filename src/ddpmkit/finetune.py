@@ -53,6 +53,17 @@ class Source:
         return groups["model"], groups["ema"], f"{self.path} step {meta['step']} ({entry['sha256'][:12]})"
 
 
+def with_source_architecture(cfg: Config, log=print) -> Config:
+    """The config with train.init_from's architecture, for what inspects the model before any
+    data is read (the batch probe, `info`); the channel count, unknown yet, is the source's."""
+    if cfg.train.init_from:
+        source = Source(cfg.train.init_from, log)
+        if cfg.model.in_channels is None:
+            cfg.model.in_channels = source.config.model.in_channels
+        adopt_architecture(cfg, source.config, log)
+    return cfg
+
+
 def adopt_architecture(cfg: Config, source: Config, log=print) -> None:
     """Set cfg's model architecture and diffusion schedule to the source's, saying what changed."""
     changed = []
