@@ -73,6 +73,7 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path):
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 2
     assert main(["balance", str(run), "--out", str(out), "--proportions", "cat=0.5,dog=0.5", "--target", "9",
                  "--class", "dog"]) == 2
+    assert main(["balance", str(run), "--out", str(out), "sample.num=100"]) == 2  # balance decides the counts
 
 
 def test_balance_refuses_an_unconditional_run(tmp_path, capsys):

@@ -55,6 +55,18 @@ def test_killed_job_resumes_to_the_same_complete_set(run_dir, tmp_path):
         assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--sampler", "dpmpp-2m", "--eta", "0.5"], "sample.eta=0.5 applies to the ddim sampler only, not dpmpp-2m"),
+    (["--sampler", "ddim", "sample.variance=large"], "sample.variance=large applies to the ddpm sampler only"),
+    (["--guidance", "2"], "is not class-conditional, so there is nothing to guide"),
+    (["--class", "3"], "--class 3: "),
+])
+def test_options_the_job_would_ignore_are_refused_before_anything_is_written(run_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "never"
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", out, *flags) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_a_torn_partial_manifest_line_is_dropped_on_resume(run_dir, tmp_path):
     """kill -9 in the middle of appending a row: the rerun completes in one go, the row redone."""
     straight, out = tmp_path / "straight", tmp_path / "torn"

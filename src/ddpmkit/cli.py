@@ -393,6 +393,10 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     from .runtime import autocast_dtype, resolve_device
 
     overrides = dict(parse_override(tok) for tok in ns.args)
+    decided = [k for k in overrides if k in ("sample.num", "sample.out_dir", "sample.class_label", "sample.gif")]
+    if decided:
+        raise UserError(f"balance decides {decided[0]} for each class itself: use --target/--class, --proportions "
+                        f"and --out instead")
     for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed)):
         if value is not None:
             overrides[key] = value
