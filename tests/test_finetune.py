@@ -143,3 +143,11 @@ def test_a_class_conditional_model_round_trips_through_diffusers_with_its_class_
     shutil.copytree(tmp_path / "hf" / "unet", tmp_path / "bare")
     assert main(["import", str(tmp_path / "bare"), "--out", str(tmp_path / "bare_run")]) == 0
     assert load_config(tmp_path / "bare_run" / "config.yaml", {}).data.class_names == [str(i) for i in range(10)]
+
+
+def test_training_an_imported_run_in_place_points_to_init_from(source, tmp_path):
+    assert main(["export", str(source), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    cfg = load_config(tmp_path / "back" / "config.yaml", {"train.max_steps": 4})
+    with pytest.raises(UserError, match="imported weights without optimizer state, .* fine-tune from it with --init-from"):
+        train(cfg, log=quiet, progress=False)

@@ -227,6 +227,8 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     with pytest.raises(UserError, match="steps must be at least 1, got 0"):  # not silently RePaint's 250
         restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o0", masks_dir=tmp_path / "masks", steps=0)
     assert not (tmp_path / "o0").exists()
+    with pytest.raises(UserError, match="--seed must not be negative, got -1"):
+        restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "o0", seed=-1)
     # a missing or wrong-sized mask is named
     (tmp_path / "masks" / "c.png").unlink()
     with pytest.raises(UserError, match="c.png"):

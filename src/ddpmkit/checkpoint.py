@@ -97,6 +97,10 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], what: str) ->
 
 def restore(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     groups, meta = read_checkpoint(path)
+    if meta.get("optimizer") is None:  # an imported model: weights, no training state
+        run = path.parent.parent
+        raise UserError(f"{path} holds imported weights without optimizer state, so there is no training to resume: "
+                        f"fine-tune from it with --init-from {run} and a new --out")
     load_into(model, groups["model"], f"checkpoint {path}")
     load_into(ema, groups["ema"], f"checkpoint {path}")
     optimizer.load_state_dict(_unflatten_optimizer(groups["optim"], meta["optimizer"]))

@@ -395,6 +395,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if steps is not None and steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
+    if seed < 0:
+        raise UserError(f"--seed must not be negative, got {seed}")
     files = _read_inputs(Path(inputs_dir))
     images = [_load_image(p) for p in files]
     for p, img in zip(files, images):
