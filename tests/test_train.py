@@ -83,7 +83,7 @@ def test_fresh_deletes_only_a_ddpmkit_run(tiny, tmp_path):
     out = tmp_path / "run"  # tiny's train.out_dir: someone's project with its own config.yaml
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "model.ckpt").write_bytes(b"weights")
-    (out / "config.yaml").write_text("model: resnet50\n")
+    (out / "config.yaml").write_text("data:\n  path: ./images\ntrain:\n  batch_size: 32\n")  # parses as ours
     for fresh in (False, True):
         with pytest.raises(UserError, match="exists and is not a ddpmkit run: choose another --out"):
             train(tiny(**{"train.max_steps": 2}), fresh=fresh, log=quiet, progress=False)
@@ -94,6 +94,13 @@ def test_fresh_deletes_only_a_ddpmkit_run(tiny, tmp_path):
         train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run), "train.init_from": str(run)}), fresh=True,
               log=quiet, progress=False)
     assert run.joinpath("state.json").is_file()
+    (run / "samples" / "individual").mkdir(parents=True)  # the user's samples inside the run, as `make demo` does
+    resumed = train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run)}), log=quiet, progress=False)
+    assert resumed.read_state()["checkpoints"][-1]["step"] == 4
+    train(tiny(**{"train.max_steps": 2, "train.out_dir": str(run), "train.lr": 0.5}), fresh=True, log=quiet, progress=False)
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints", "config.yaml", "grids", "meta.json", "report.html", "samples", "state.json", "stats.jsonl",
+        "training_images.sha256"]  # --fresh replaced ddpmkit's files and kept the user's
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(tiny):

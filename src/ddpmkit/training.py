@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import atomic
 from .checkpoint import restore, save_checkpoint
-from .config import Config, differing_keys, from_dict, read_yaml, to_yaml
+from .config import Config, differing_keys, read_yaml, to_yaml
 from .data import ImageData, batch_to_model, class_order, image_digests, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
@@ -63,12 +63,17 @@ class EpochOrder:
         return self._perm[i * self.batch:(i + 1) * self.batch]
 
 
-def _is_ddpmkit_run(run: RunDir) -> bool:
-    """A config.yaml ddpmkit can read: the mark of a run (config.yaml alone is a common file name)."""
+# What a run folder may hold that ddpmkit wrote; --fresh deletes these and nothing else.
+RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html", "learning.gif")
+RUN_FOLDERS = ("checkpoints", "grids", "tensorboard")
+
+
+def _marked_by_ddpmkit(run: RunDir) -> bool:
+    """meta.json as ddpmkit writes it (its environment names ddpmkit's version): the mark of a run.
+    config.yaml alone is not one: it is a common file name, and another tool's may parse as ours."""
     try:
-        from_dict(read_yaml(run.config_path))
-        return True
-    except UserError:
+        return "ddpmkit" in json.loads(run.meta_path.read_text())["environment"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -76,20 +81,19 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
     """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"output path {run.path} is a file: choose a folder with --out")
-    if run.config_path.exists():
-        is_run = _is_ddpmkit_run(run)
-    else:  # a new run: the folder holds nothing, or only our lock and temporaries
-        is_run = not run.path.is_dir() or all(p.name == ".lock" or atomic.is_temporary(p) for p in run.path.iterdir())
-    if not is_run:
+    # a run (it may hold the user's files too, e.g. samples/), or a folder with nothing in it yet
+    if not _marked_by_ddpmkit(run) and run.path.is_dir() and not all(
+            p.name == ".lock" or atomic.is_temporary(p) for p in run.path.iterdir()):
         raise UserError(f"{run.path} exists and is not a ddpmkit run: choose another --out")
     if fresh:
         if cfg.train.init_from and Path(cfg.train.init_from).expanduser().resolve() == run.path.resolve():
             raise UserError(f"--fresh would delete {run.path}'s checkpoints, which train.init_from starts from: "
                             f"choose another --out")
-        for name in ("checkpoints", "grids"):
+        for name in RUN_FOLDERS:
             shutil.rmtree(run.path / name, ignore_errors=True)
-        for p in (run.state_path, run.stats_path, run.config_path, run.meta_path, run.digests_path):
-            p.unlink(missing_ok=True)
+        for name in RUN_FILES:
+            (run.path / name).unlink(missing_ok=True)
+        run.meta_path.unlink(missing_ok=True)  # the mark goes last: an interrupted --fresh can be rerun
         return None
     atomic.remove_stale_temps(run.path, run.checkpoints, run.grids)  # from a run killed mid-write
     if not run.config_path.exists():
@@ -235,11 +239,11 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
         if world.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
             _truncate_stats(run, 0)  # an attempt that died before its first checkpoint starts over
-            atomic.write_text(run.config_path, to_yaml(cfg))
             meta = {"environment": environment(device), "data": data.source, "num_images": len(data),
                     "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(model),
                     "processes": world.size, "init_from": pretrained}
-            atomic.write_text(run.meta_path, json.dumps(meta, indent=1))
+            atomic.write_text(run.meta_path, json.dumps(meta, indent=1))  # the mark of a run, first
+            atomic.write_text(run.config_path, to_yaml(cfg))
             if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
                 atomic.write_text(run.digests_path, "\n".join(sorted(set(image_digests(data.images)))) + "\n")
     log(f"training {run.path}: {count_parameters(model):,} parameters, {data.source}, on {device}"
