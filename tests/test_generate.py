@@ -67,6 +67,13 @@ def test_options_the_job_would_ignore_are_refused_before_anything_is_written(run
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_options_from_the_runs_own_config_are_not_refused(tmp_path):
+    """An import of a fixed_large DDPM scheduler records sample.variance=large; other samplers just do not use it."""
+    run = tmp_path / "run"
+    assert cli("train", *TINY_ARGS, "sample.variance=large", "--steps", 2, "--out", run, "--quiet") == 0
+    assert cli("sample", run, "-n", 2, "--steps", 2, "--sampler", "dpmpp-2m", "--out", tmp_path / "s", "--quiet") == 0
+
+
 def test_a_torn_partial_manifest_line_is_dropped_on_resume(run_dir, tmp_path):
     """kill -9 in the middle of appending a row: the rerun completes in one go, the row redone."""
     straight, out = tmp_path / "straight", tmp_path / "torn"

@@ -289,7 +289,7 @@ def _sample_config(run_path: str, overrides: dict, doing: str):
 
 def cmd_sample(ns: argparse.Namespace) -> None:
     from . import distributed
-    from .generation import generate
+    from .generation import check_asked_options, generate
     from .run import load_run
     from .runtime import autocast_dtype, compile_network, resolve_device
 
@@ -303,6 +303,7 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     try:
         device = resolve_device(distributed.device_for(world, sc.device))
         run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
+        check_asked_options(run, sc, overrides)
         if sc.compile:
             run.net = compile_network(run.net, sc.compile_mode, for_sampling=True)
         amp = autocast_dtype(sc.precision, device)
@@ -389,6 +390,7 @@ def cmd_export(ns: argparse.Namespace) -> None:
 
 def cmd_balance(ns: argparse.Namespace) -> None:
     from .balance import balance, parse_proportions
+    from .generation import check_asked_options
     from .run import load_run
     from .runtime import autocast_dtype, resolve_device
 
@@ -403,6 +405,7 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     run_dir, sc = _sample_config(ns.run, overrides, "balancing")
     device = resolve_device(sc.device)
     run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
+    check_asked_options(run, sc, overrides)
     balance(run, sc, ns.out, ns.target, ns.class_label, parse_proportions(ns.proportions) if ns.proportions else None,
             ns.by_class_folders, progress=not ns.quiet, amp_dtype=autocast_dtype(sc.precision, device), fresh=ns.fresh)
 

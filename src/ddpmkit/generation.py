@@ -210,15 +210,15 @@ def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
     atomic.write_bytes(path, png_bytes(img, text), fsync=False)
 
 
-def _check_options(run: Run, cfg: SampleConfig) -> None:
-    """Refuse, before anything is written, options this job would silently ignore."""
-    if cfg.eta != 0 and cfg.sampler != "ddim":
+def check_asked_options(run: Run, cfg: SampleConfig, asked) -> None:
+    """Refuse options asked for (`asked`: the sample.* keys given as flags or overrides) that this job
+    would ignore. Values that come from the run's own config (an import's variance) are not asked for."""
+    if "sample.eta" in asked and cfg.eta != 0 and cfg.sampler != "ddim":
         raise UserError(f"sample.eta={cfg.eta} applies to the ddim sampler only, not {cfg.sampler}")
-    if cfg.variance != "small" and cfg.sampler != "ddpm":
+    if "sample.variance" in asked and cfg.variance != "small" and cfg.sampler != "ddpm":
         raise UserError(f"sample.variance={cfg.variance} applies to the ddpm sampler only, not {cfg.sampler}")
-    if cfg.guidance != 1.0 and not run.config.model.class_conditional:
+    if "sample.guidance" in asked and cfg.guidance != 1.0 and not run.config.model.class_conditional:
         raise UserError(f"sample.guidance={cfg.guidance}: {run.path} is not class-conditional, so there is nothing to guide")
-    class_indices(run, [0], cfg.class_label)  # an unknown class, or a class for an unconditional run
 
 
 def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world: World = World(),
@@ -227,7 +227,7 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
     Under torchrun every rank calls this and generates its share of the unfinished indices."""
     if cfg.num <= 0:
         raise UserError(f"--num must be at least 1, got {cfg.num}")
-    _check_options(run, cfg)
+    class_indices(run, [0], cfg.class_label)  # an unknown class, or one for an unconditional run: before any write
     out = Path(cfg.out_dir)
     steps = resolved_steps(cfg.sampler, cfg.steps, run.schedule.num_timesteps)
     if world.is_main:
