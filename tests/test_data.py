@@ -129,6 +129,8 @@ def test_npz_medmnist_style_with_split(tmp_path):
 
 
 def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
+    from ddpmkit.streaming import open_stream
+
     images = np.zeros((5, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "plain.npz", images=images)
     assert len(load_images(DataConfig(path=str(tmp_path / "plain.npz"), image_size=8))) == 5  # the default split
@@ -143,8 +145,10 @@ def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
     assert len(load_images(DataConfig(path=str(tmp_path), image_size=8, split="test"))) == 2
     # a lone file names its own split: an .npy has none, an IDX file is the one its name says
     np.save(tmp_path / "one.npy", images)
-    with pytest.raises(UserError, match="data.split=test: .*one.npy is one array with no splits"):
-        load_images(DataConfig(path=str(tmp_path / "one.npy"), image_size=8, split="test"))
+    for stream in (False, True):
+        with pytest.raises(UserError, match="data.split=test: .*one.npy is one array with no splits"):
+            cfg = DataConfig(path=str(tmp_path / "one.npy"), image_size=8, split="test", stream=stream)
+            open_stream(cfg) if stream else load_images(cfg)
     with pytest.raises(UserError, match="data.split=test: .*train-images-idx3-ubyte.gz is one IDX file, not the test split"):
         load_images(DataConfig(path=str(tmp_path / "train-images-idx3-ubyte.gz"), image_size=8, split="test"))
     assert len(load_images(DataConfig(path=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=8, split="test"))) == 2
@@ -159,7 +163,8 @@ def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path
     for split, n in (("train", 5), ("test", 3)):
         for cls in ("NORMAL", "PNEUMONIA"):
             write_images(root / split / cls, n=n, size=(8, 8), seed=len(split) + len(cls))
-    (root / ".DS_Store").write_bytes(b"")  # hidden files do not make it a plain folder
+    (root / ".DS_Store").write_bytes(b"")  # hidden files and a README do not make it a plain folder
+    (root / "README.txt").write_text("Chest X-rays, split by patient")
     train = load_images(DataConfig(path=str(root), image_size=8))
     assert len(train) == 10 and sorted(set(train.labels)) == ["NORMAL", "PNEUMONIA"]
     assert train.source_path == str(root / "train")

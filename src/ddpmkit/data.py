@@ -135,9 +135,11 @@ SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test", "dev")
 
 
 def _is_split_folder(root: Path) -> bool:
+    """Every subfolder a split's name and no image beside them (a README or LICENSE may be)."""
     entries = [p for p in root.iterdir() if not p.name.startswith((".", "__"))]  # .ipynb_checkpoints, __MACOSX
     subdirs = [p for p in entries if p.is_dir()]
-    return bool(subdirs) and len(subdirs) == len(entries) and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
+    loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return bool(subdirs) and not loose_images and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
 
 
 def has_named_splits(path: str | Path) -> bool:
@@ -298,9 +300,7 @@ def _unique(paths: list[Path]) -> Path | None:
 def _load_array_file(path: Path, split: str) -> ImageData:
     try:
         if path.suffix.lower() == ".npy":
-            if split != "train":
-                raise UserError(f"data.split={split}: {path} is one array with no splits: point data.path at the "
-                                f"{split} images instead (or an .npz with {split}_images)")
+            refuse_split_of_npy(path, split)
             arr, labels, key = np.load(path, allow_pickle=False), None, None
         else:
             with np.load(path, allow_pickle=False) as z:
@@ -316,6 +316,12 @@ def _load_array_file(path: Path, split: str) -> ImageData:
     label_list = [str(v) for v in np.asarray(labels).reshape(len(arr), -1)[:, 0]] if labels is not None else None
     return ImageData(images, f"{len(images)} images from {path}" + (f" [{key}]" if key else ""), labels=label_list,
                      source_path=f"{path}" + (f"[{key}]" if key else ""))
+
+
+def refuse_split_of_npy(path: Path, split: str) -> None:
+    if split != "train":
+        raise UserError(f"data.split={split}: {path} is one array with no splits: point data.path at the "
+                        f"{split} images instead (or an .npz with {split}_images)")
 
 
 def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
@@ -425,7 +431,7 @@ def _load_idx(path: Path, split: str) -> ImageData:
         else:
             raise UserError(f"{path} holds several IDX image files ({', '.join(p.name for p in candidates)}): "
                             f"point data.path at one")
-    elif split != "train" and not path.name.startswith({"test": "t10k"}.get(split, split)):
+    elif split != "train" and not any(word in path.name.lower() for word in {"test": ("t10k", "test")}.get(split, (split,))):
         raise UserError(f"data.split={split}: {path} is one IDX file, not the {split} split: point data.path at "
                         f"the {split} file or its folder")
     images = array_to_uint8_nchw(read_idx(path), str(path))

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .data import (GRAY_MODES, IMAGE_SUFFIXES, set_channels, array_to_uint8_nchw, decode_image, image_to_tensor,
-                   list_image_files, resize_center_crop, split_folder)
+                   list_image_files, refuse_split_of_npy, resize_center_crop, split_folder)
 from .errors import UserError
 
 
@@ -94,6 +94,7 @@ def open_stream(cfg: DataConfig):
     if path.is_dir():
         return FolderImages(split_folder(path, cfg), cfg)
     if path.suffix.lower() == ".npy":
+        refuse_split_of_npy(path, cfg.split)
         return NpyImages(path, cfg)
     kind = "a single image" if path.suffix.lower() in IMAGE_SUFFIXES else f"a {path.suffix or 'suffix-less'} file"
     raise UserError(f"data.stream=true reads .npy files and image folders, and {path} is {kind}: "
