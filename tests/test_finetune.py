@@ -130,19 +130,27 @@ def test_fine_tuning_an_unconditional_model_into_a_conditional_one_records_it(so
 def test_a_class_conditional_model_round_trips_through_diffusers_with_its_class_names(tmp_path):
     import shutil
 
+    from conftest import write_images
+
+    for name in ("cat", "dog"):
+        write_images(tmp_path / "pets" / name, n=4, size=(8, 8), seed=len(name))
     cond = tmp_path / "cond"
-    train(load_config(None, {**TINY, "model.class_conditional": True, "train.max_steps": 2, "train.out_dir": str(cond)}),
-          log=quiet, progress=False)
+    train(load_config(None, {**TINY, "data.path": str(tmp_path / "pets"), "model.class_conditional": True,
+                             "train.max_steps": 2, "train.out_dir": str(cond)}), log=quiet, progress=False)
     assert main(["export", str(cond), "--out", str(tmp_path / "hf")]) == 0
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     back = load_config(tmp_path / "back" / "config.yaml", {})
-    assert back.model.class_conditional and back.data.class_names == [str(i) for i in range(10)]
-    assert main(["sample", str(tmp_path / "back"), "-n", "2", "--steps", "2", "--class", "7", "--quiet",
+    assert back.model.class_conditional and back.data.class_names == ["cat", "dog"]
+    assert main(["sample", str(tmp_path / "back"), "-n", "2", "--steps", "2", "--class", "dog", "--quiet",
                  "--out", str(tmp_path / "sevens")]) == 0
+    # an import has no training data of its own: nothing to balance, nothing to compare with
+    assert main(["balance", str(tmp_path / "back"), "--out", str(tmp_path / "bal")]) == 2
+    assert main(["eval", str(tmp_path / "sevens"), "--ref", str(tmp_path / "back")]) == 2
+    assert not (tmp_path / "bal").exists()
     # a diffusers model from elsewhere has no names: its classes are its indices, still sampled by class
     shutil.copytree(tmp_path / "hf" / "unet", tmp_path / "bare")
     assert main(["import", str(tmp_path / "bare"), "--out", str(tmp_path / "bare_run")]) == 0
-    assert load_config(tmp_path / "bare_run" / "config.yaml", {}).data.class_names == [str(i) for i in range(10)]
+    assert load_config(tmp_path / "bare_run" / "config.yaml", {}).data.class_names == ["0", "1"]
 
 
 def test_training_an_imported_run_in_place_points_to_init_from(source, tmp_path):

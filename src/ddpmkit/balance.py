@@ -24,7 +24,7 @@ from pathlib import Path
 from .data import load_images
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, finished_rows, generate, write_manifest
-from .run import Run
+from .run import Run, RunDir
 from .runtime import mix_seed
 
 
@@ -78,6 +78,9 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     """Generate what `plan` asks for with the run's class-conditional model; returns the plan."""
     if not run.config.model.class_conditional:
         raise UserError(f"{run.path} is not class-conditional: train with model.class_conditional=true to balance")
+    if RunDir(run.path).imported_from():
+        raise UserError(f"{run.path} is an imported model with no training data of its own to balance: fine-tune it "
+                        f"on your labelled data first (--init-from {run.path})")
     data = load_images(run.config.data)
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}

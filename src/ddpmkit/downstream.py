@@ -146,6 +146,9 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
     (a record at the run's size, resampled again, would match no test image byte for byte)."""
     seen: set[str] = set()
     for run in runs:
+        if RunDir(run).imported_from():
+            raise UserError(f"the synthetic images come from {run}, an imported model: the images it was trained on "
+                            f"are unknown, so leakage into the test split cannot be ruled out")
         cfg = from_dict(read_yaml(run / "config.yaml"))
         recorded = RunDir(run).digests_path
         if recorded.is_file() and cfg.data.image_size == size and cfg.model.in_channels == channels:

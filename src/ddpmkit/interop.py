@@ -82,8 +82,9 @@ _VARIANCES_IN = {**_VARIANCES, "fixed_small_log": "small"}
 _DOWN, _UP = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "AttnUpBlock2D")
 _WEIGHTS = "diffusion_pytorch_model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CLASS_NAMES_FILE = "ddpmkit_classes.json"  # beside model_index.json: what class index i means (ddpmkit exports)
 _HUB_FILES = ["model_index.json", "config.json", "scheduler_config.json", "unet/config.json",
-              "scheduler/scheduler_config.json"]
+              "scheduler/scheduler_config.json", CLASS_NAMES_FILE]
 
 
 def _unsupported(key: str, value, allowed=None, owner: str = "UNet2DModel") -> UserError:
@@ -97,9 +98,6 @@ def _public(config: dict | None) -> dict:
 
 
 # --- configs -----------------------------------------------------------------------------------
-
-CLASS_NAMES_FILE = "ddpmkit_classes.json"  # beside model_index.json: what class index i means (ddpmkit exports)
-
 
 def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None = None) -> Config:
     """A diffusers UNet2DModel config (and DDPMScheduler/DDIMScheduler config; None: DDPM defaults)

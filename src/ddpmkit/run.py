@@ -45,6 +45,13 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read {self.state_path}: {exc}") from None
 
+    def imported_from(self) -> str | None:
+        """Where an imported model came from (such a run has no training data of its own), else None."""
+        try:
+            return json.loads(self.meta_path.read_text()).get("imported_from")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def read_stats(self) -> list[dict]:
         """The rows of stats.jsonl; a torn last line (a crash mid-append) is left out."""
         rows = []

@@ -24,6 +24,7 @@ from .. import atomic
 from ..config import DataConfig, data_config, from_dict, parse_override, read_yaml
 from ..data import IMAGE_SUFFIXES, decode_image, load_images, resize_center_crop
 from ..errors import UserError
+from ..run import RunDir
 from . import features as fx
 from .stats import FeatureStats, frechet_distance, inception_score, kid, precision_recall
 
@@ -99,6 +100,9 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Refe
                                  extractor=json.loads(str(z["extractor"])))
         return Reference(f"statistics {path}", stats=stats)
     if (path / "config.yaml").is_file():
+        if RunDir(path).imported_from():
+            raise UserError(f"--ref {path}: an imported model has no training data of its own to compare with: "
+                            f"give the reference images as --ref data.path=...")
         data_cfg = replace(from_dict(read_yaml(path / "config.yaml")).data, image_size=gen_size)
         return _from_data(data_cfg, f" (training data of {path})")
     raise UserError(f"--ref {path}: not a run directory, a statistics .npz, or data.path=...")
