@@ -49,7 +49,7 @@ class ModelConfig:
     time_flip_sin_to_cos: bool = False  # embedding order [sin, cos] as in DDPM; diffusers' option
     time_freq_shift: float = 1.0  # DDPM divides frequencies by (half - 1)
     compile: bool = False  # torch.compile the network for training (CUDA; minutes of compilation first)
-    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead | max-autotune | ...
+    compile_mode: str = "default"  # torch.compile's mode (with compile=true): default | reduce-overhead | ...
     class_conditional: bool = False  # learn p(x | class) from the data's labels (CSV, class subfolders, .npz, digits)
     num_classes: int = 0  # the class embedding's size; set from the labels when class_conditional
 
@@ -114,7 +114,7 @@ class SampleConfig:
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the network (pays off for large jobs on GPUs)
-    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead and max-autotune add CUDA graphs
+    compile_mode: str = "default"  # torch.compile's mode (with compile=true); reduce-overhead adds CUDA graphs
     class_label: Optional[str] = None  # class-conditional models: the class to generate (None: classes in turn)
     guidance: float = 1.0  # classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger
     writers: int = 2  # background threads encoding and writing PNGs
@@ -274,11 +274,6 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key data.image_size: {cfg.data.image_size} cannot pass through "
                         f"{len(m.channel_mult) - 1} halvings to at least 2x2 (model.channel_mult={m.channel_mult}); "
                         f"use a multiple of {factor}, at least {2 * factor}")
-    for section in (cfg.model, cfg.sample):
-        if section.compile_mode != "default" and not section.compile:
-            name = "model" if section is cfg.model else "sample"
-            raise UserError(f"config key {name}.compile_mode: {section.compile_mode} has no effect without "
-                            f"{name}.compile=true; set both")
     if not 0 <= cfg.train.ema_decay < 1:
         raise UserError(f"config key train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
     d = cfg.diffusion
