@@ -45,6 +45,14 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read {self.state_path}: {exc}") from None
 
+    def is_run(self) -> bool:
+        """meta.json as ddpmkit writes it (its environment names ddpmkit's version): the mark of a run.
+        config.yaml alone is not one: it is a common file name, and another tool's may parse as ours."""
+        try:
+            return "ddpmkit" in json.loads(self.meta_path.read_text())["environment"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
     def imported_from(self) -> str | None:
         """Where an imported model came from (such a run has no training data of its own), else None."""
         try:

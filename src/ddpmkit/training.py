@@ -68,21 +68,12 @@ RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256
 RUN_FOLDERS = ("checkpoints", "grids", "tensorboard")
 
 
-def _marked_by_ddpmkit(run: RunDir) -> bool:
-    """meta.json as ddpmkit writes it (its environment names ddpmkit's version): the mark of a run.
-    config.yaml alone is not one: it is a common file name, and another tool's may parse as ours."""
-    try:
-        return "ddpmkit" in json.loads(run.meta_path.read_text())["environment"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
     """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
     if run.path.exists() and not run.path.is_dir():
         raise UserError(f"output path {run.path} is a file: choose a folder with --out")
     # a run (it may hold the user's files too, e.g. samples/), or a folder with nothing in it yet
-    if not _marked_by_ddpmkit(run) and run.path.is_dir() and not all(
+    if not run.is_run() and run.path.is_dir() and not all(
             p.name == ".lock" or atomic.is_temporary(p) for p in run.path.iterdir()):
         raise UserError(f"{run.path} exists and is not a ddpmkit run: choose another --out")
     if fresh:
