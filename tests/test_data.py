@@ -137,9 +137,9 @@ def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
     with pytest.raises(UserError, match="plain.npz has no 'test' split"):
         load_images(DataConfig(path=str(tmp_path / "plain.npz"), image_size=8, split="test"))
     _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
-    with pytest.raises(UserError, match="has no 'test' split: no t10k-"):
+    with pytest.raises(UserError, match="has no 'test' split: no test/t10k IDX image file"):
         load_images(DataConfig(path=str(tmp_path), image_size=8, split="test"))
-    with pytest.raises(UserError, match="IDX folders hold 'train' and 'test'"):
+    with pytest.raises(UserError, match="IDX files hold 'train' and 'test'"):
         load_images(DataConfig(path=str(tmp_path), image_size=8, split="val"))
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images[:2])
     assert len(load_images(DataConfig(path=str(tmp_path), image_size=8, split="test"))) == 2
@@ -152,6 +152,11 @@ def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
     with pytest.raises(UserError, match="data.split=test: .*train-images-idx3-ubyte.gz is one IDX file, not the test split"):
         load_images(DataConfig(path=str(tmp_path / "train-images-idx3-ubyte.gz"), image_size=8, split="test"))
     assert len(load_images(DataConfig(path=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=8, split="test"))) == 2
+    emnist = tmp_path / "emnist"  # EMNIST names its splits inside the name
+    emnist.mkdir()
+    _write_idx(emnist / "emnist-balanced-train-images-idx3-ubyte", images, gz=False)
+    _write_idx(emnist / "emnist-balanced-test-images-idx3-ubyte", images[:3], gz=False)
+    assert [len(load_images(DataConfig(path=str(emnist), image_size=8, split=s))) for s in ("train", "test")] == [5, 3]
 
 
 def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path):

@@ -171,6 +171,18 @@ def test_a_study_that_cannot_give_a_verdict_is_refused_first(tmp_path, capsys, f
     assert code == 2 and message in capsys.readouterr().err
 
 
+def test_the_leakage_note_says_what_a_fine_tuned_generator_started_from(tmp_path):
+    import torch
+    from ddpmkit.downstream import Pool, check_no_leakage
+
+    run = tmp_path / "tuned"
+    run.mkdir()
+    (run / "meta.json").write_text(json.dumps({"init_from": "google/ddpm-cifar10-32"}))
+    test = Pool(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), np.array([0, 1]))
+    note = check_no_leakage(test, [run], set(), verified=True)
+    assert note.startswith("checked:") and "not among those of the pretrained weights it started from: google/" in note
+
+
 def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
     def runs(values):
         return [{"balanced_accuracy": v, "accuracy": v} for v in values]

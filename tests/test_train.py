@@ -95,6 +95,7 @@ def test_fresh_deletes_only_a_ddpmkit_run(tiny, tmp_path):
               log=quiet, progress=False)
     assert run.joinpath("state.json").is_file()
     (run / "samples" / "individual").mkdir(parents=True)  # the user's samples inside the run, as `make demo` does
+    (run / "meta.json").unlink()  # copied without it: config.yaml and state.json still mark a run
     resumed = train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run)}), log=quiet, progress=False)
     assert resumed.read_state()["checkpoints"][-1]["step"] == 4
     train(tiny(**{"train.max_steps": 2, "train.out_dir": str(run), "train.lr": 0.5}), fresh=True, log=quiet, progress=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -416,22 +417,29 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
+_IDX_SPLIT_WORDS = {"train": ("train",), "test": ("t10k", "test"), "t10k": ("t10k", "test")}
+
+
+def _idx_file_of_split(name: str, split: str) -> bool:
+    """MNIST's train-/t10k- prefixes, EMNIST's -train-/-test- infixes (whole words: not 'latest')."""
+    return any(re.search(rf"(^|[-_.]){word}([-_.]|$)", name.lower()) for word in _IDX_SPLIT_WORDS[split])
+
+
 def _load_idx(path: Path, split: str) -> ImageData:
+    if split not in _IDX_SPLIT_WORDS:
+        raise UserError(f"data.split={split}: MNIST-style IDX files hold 'train' and 'test' (t10k) splits only")
     if path.is_dir():
         candidates = _idx_files(path)
-        prefix = {"train": "train", "test": "t10k", "t10k": "t10k"}.get(split)
-        if prefix is None:
-            raise UserError(f"data.split={split}: MNIST-style IDX folders hold 'train' and 'test' (t10k) splits only")
-        preferred = [p for p in candidates if p.name.startswith(prefix)]
+        preferred = [p for p in candidates if _idx_file_of_split(p.name, split)]
         if split != "train" and not preferred:
-            raise UserError(f"{path} has no '{split}' split: no {prefix}-*idx3* file among "
+            raise UserError(f"{path} has no '{split}' split: no {split}/t10k IDX image file among "
                             f"{', '.join(p.name for p in candidates)}")
         if len(preferred) == 1 or len(candidates) == 1:
             path = (preferred or candidates)[0]
         else:
             raise UserError(f"{path} holds several IDX image files ({', '.join(p.name for p in candidates)}): "
                             f"point data.path at one")
-    elif split != "train" and not any(word in path.name.lower() for word in {"test": ("t10k", "test")}.get(split, (split,))):
+    elif split != "train" and not _idx_file_of_split(path.name, split):
         raise UserError(f"data.split={split}: {path} is one IDX file, not the {split} split: point data.path at "
                         f"the {split} file or its folder")
     images = array_to_uint8_nchw(read_idx(path), str(path))

@@ -175,7 +175,10 @@ def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: 
     if overlap:
         raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on {overlap} of the test images; "
                         f"retrain it without the test split")
-    return f"checked: no test image is among the training images of {', '.join(str(r) for r in runs)}"
+    checked = f"checked: no test image is among the training images of {', '.join(str(r) for r in runs)}"
+    sources = [str(RunDir(r).meta()["init_from"]) for r in runs if RunDir(r).meta().get("init_from")]
+    return checked + (f" (not among those of the pretrained weights it started from: {'; '.join(sources)})"
+                      if sources else "")
 
 
 # --- training and metrics ----------------------------------------------------------------------

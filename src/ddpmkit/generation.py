@@ -224,7 +224,8 @@ def check_asked_options(run: Run, cfg: SampleConfig, asked) -> None:
 def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world: World = World(),
              amp_dtype: torch.dtype | None = None, progress: bool = True) -> Path:
     """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder.
-    Under torchrun every rank calls this and generates its share of the unfinished indices."""
+    Under torchrun every rank calls this and generates its share of the unfinished indices.
+    Options a sampler does not use (eta off ddim...) are taken as given; the CLI refuses them."""
     if cfg.num <= 0:
         raise UserError(f"--num must be at least 1, got {cfg.num}")
     class_indices(run, [0], cfg.class_label)  # an unknown class, or one for an unconditional run: before any write

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 
@@ -112,7 +111,7 @@ def learning_gif(run: RunDir, frame_ms: int = 200) -> bytes | None:
 def build_report(run: RunDir) -> str:
     if not run.config_path.is_file():
         raise UserError(f"{run.path} is not a ddpmkit run (no config.yaml)")
-    meta = json.loads(run.meta_path.read_text()) if run.meta_path.is_file() else {}
+    meta = run.meta()
     state = run.read_state()
     rows = run.read_stats()
     logs = [r for r in rows if "loss" in r]

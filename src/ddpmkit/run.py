@@ -45,20 +45,28 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read {self.state_path}: {exc}") from None
 
-    def is_run(self) -> bool:
-        """meta.json as ddpmkit writes it (its environment names ddpmkit's version): the mark of a run.
-        config.yaml alone is not one: it is a common file name, and another tool's may parse as ours."""
+    def meta(self) -> dict:
+        """meta.json, or {} when it is missing or not ddpmkit's."""
         try:
-            return "ddpmkit" in json.loads(self.meta_path.read_text())["environment"]
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def is_run(self) -> bool:
+        """The mark of a run: meta.json as ddpmkit writes it (its environment names ddpmkit), or, for
+        a run copied without it, state.json's checkpoint list beside config.yaml. config.yaml alone is
+        not one: it is a common file name, and another tool's may parse as ours."""
+        if "ddpmkit" in (self.meta().get("environment") or {}):
+            return True
+        try:
+            return self.config_path.is_file() and isinstance(json.loads(self.state_path.read_text())["checkpoints"], list)
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
     def imported_from(self) -> str | None:
         """Where an imported model came from (such a run has no training data of its own), else None."""
-        try:
-            return json.loads(self.meta_path.read_text()).get("imported_from")
-        except (OSError, ValueError, AttributeError):
-            return None
+        return self.meta().get("imported_from")
 
     def read_stats(self) -> list[dict]:
         """The rows of stats.jsonl; a torn last line (a crash mid-append) is left out."""

@@ -63,7 +63,7 @@ class EpochOrder:
         return self._perm[i * self.batch:(i + 1) * self.batch]
 
 
-# What a run folder may hold that ddpmkit wrote; --fresh deletes these and nothing else.
+# What a run folder holds that ddpmkit wrote, besides meta.json; --fresh deletes these and nothing else.
 RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html", "learning.gif")
 RUN_FOLDERS = ("checkpoints", "grids", "tensorboard")
 
@@ -82,9 +82,8 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
                             f"choose another --out")
         for name in RUN_FOLDERS:
             shutil.rmtree(run.path / name, ignore_errors=True)
-        for name in RUN_FILES:
-            (run.path / name).unlink(missing_ok=True)
-        run.meta_path.unlink(missing_ok=True)  # the mark goes last: an interrupted --fresh can be rerun
+        for name in RUN_FILES:  # meta.json stays, the run's mark until training replaces it: a fresh
+            (run.path / name).unlink(missing_ok=True)  # start that fails before then can be rerun
         return None
     atomic.remove_stale_temps(run.path, run.checkpoints, run.grids)  # from a run killed mid-write
     if not run.config_path.exists():
