@@ -85,7 +85,7 @@ def main() -> None:
     cfg, ours, theirs = build(arch, device, args.channels_last)
     if args.compile:  # diffusers as its docs compile it; ours as `ddpmkit sample` does
         ours = compile_network(ours, args.compile, for_sampling=True)
-        theirs = torch.compile(theirs, mode=None if args.compile == "default" else args.compile)
+        theirs = compile_network(theirs, args.compile)
     amp = torch.bfloat16 if args.bf16 else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from sample_speed import CIFAR, JOB, build  # noqa: E402  (the same architectures, built the same way)
 from ddpmkit.config import COMPILE_MODES  # noqa: E402
+from ddpmkit.runtime import compile_network  # noqa: E402
 
 ARCHS = {"cifar10": CIFAR, "64px": JOB}
 
@@ -89,7 +90,7 @@ def run_diffusers(args, arch: dict) -> dict:
     ema = EMAModel(unet.parameters(), decay=0.9999, foreach=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    model = torch.compile(unet, mode=None if args.compile == "default" else args.compile) if args.compile else unet
+    model = compile_network(unet, args.compile) if args.compile else unet
     size, amp = arch["size"], torch.bfloat16 if args.bf16 else None
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     images = torch.randint(0, 256, (max(1024, args.batch * 4), 3, size, size), dtype=torch.uint8, device=device)

@@ -135,12 +135,14 @@ def _load_digits() -> ImageData:
 SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test", "dev")
 
 
-def _is_split_folder(root: Path) -> bool:
-    """Every subfolder a split's name and no image beside them (a README or LICENSE may be)."""
+def _split_subfolders(root: Path) -> list[Path]:
+    """The split folders of a folder whose every subfolder is named as a split and that has no image
+    beside them (a README or LICENSE may be); [] for any other folder."""
     entries = [p for p in root.iterdir() if not p.name.startswith((".", "__"))]  # .ipynb_checkpoints, __MACOSX
     subdirs = [p for p in entries if p.is_dir()]
     loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return bool(subdirs) and not loose_images and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
+    is_split = not loose_images and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
+    return subdirs if is_split else []
 
 
 def has_named_splits(path: str | Path) -> bool:
@@ -148,7 +150,7 @@ def has_named_splits(path: str | Path) -> bool:
     folder) rather than `path` being one split itself (a plain folder, an .npy, one IDX file)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return bool(_idx_files(path)) or _is_split_folder(path)
+        return bool(_idx_files(path) or _split_subfolders(path))
     return path.suffix.lower() == ".npz"
 
 
@@ -156,8 +158,8 @@ def split_folder(root: Path, cfg: DataConfig) -> Path:
     """A folder split into train/, val/, test/ (every subfolder a split's name, no image beside them;
     the usual layout of published datasets) is read one split at a time: data.split picks it, so the
     splits are never taken for classes. Any other folder is one split, the default one."""
-    if cfg.labels is None and _is_split_folder(root):
-        subdirs = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDERS]
+    subdirs = _split_subfolders(root) if cfg.labels is None else []
+    if subdirs:
         chosen = [p for p in subdirs if p.name.lower() == cfg.split.lower()]
         if not chosen:
             raise UserError(f"{root} is split into {', '.join(sorted(p.name for p in subdirs))} and has no "

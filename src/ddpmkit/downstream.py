@@ -176,7 +176,7 @@ def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: 
         raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on {overlap} of the test images; "
                         f"retrain it without the test split")
     checked = f"checked: no test image is among the training images of {', '.join(str(r) for r in runs)}"
-    sources = [str(RunDir(r).meta()["init_from"]) for r in runs if RunDir(r).meta().get("init_from")]
+    sources = [str(start) for start in (RunDir(r).meta().get("init_from") for r in runs) if start]
     return checked + (f" (not among those of the pretrained weights it started from: {'; '.join(sources)})"
                       if sources else "")
 
