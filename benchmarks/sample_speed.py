@@ -5,6 +5,11 @@ for the same number of steps and batch: diffusers as `UNet2DModel` + `DDIMSchedu
 loop, ddpmkit through `sample_batch` (per-image seeded noise included). Median of --repeats runs,
 alternating the two so drift on the machine hits both.
 
+--bf16 puts both networks' weights in bf16, as `ddpmkit sample` does on a GPU and as diffusers'
+docs load pipelines (torch_dtype=torch.bfloat16; its latents and scheduler run in bf16 too).
+--channels-last applies to diffusers alone, whose docs advise it: ddpmkit samples in NCHW, which
+its eager GroupNorms run faster in (RESULTS.md).
+
     pip install diffusers            # only this benchmark (and the interop tests) need it
     python benchmarks/sample_speed.py                      # CPU: batch 8, 10 steps
     python benchmarks/sample_speed.py --device cuda --batch 256 --steps 50 --bf16 --channels-last
@@ -18,7 +23,6 @@ from a 101.1M-parameter UNet (base 128, mult 1,2,4,4, attention at 16), timed on
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -44,6 +48,8 @@ JOB = dict(size=64, preset=None, block_out=(128, 256, 512, 512),
 
 
 def build(arch: dict, device, channels_last: bool):
+    """ddpmkit's and diffusers' networks for `arch`, equal parameter counts checked; channels_last
+    is for diffusers' network only."""
     from diffusers import UNet2DModel
 
     size = arch["size"]
@@ -62,7 +68,7 @@ def build(arch: dict, device, channels_last: bool):
                          freq_shift=1).to(device).eval().requires_grad_(False)
     assert count_parameters(ours) == count_parameters(theirs), (count_parameters(ours), count_parameters(theirs))
     if channels_last:
-        ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
+        theirs = theirs.to(memory_format=torch.channels_last)
     return cfg, ours, theirs
 
 
@@ -83,22 +89,27 @@ def main() -> None:
     device = torch.device(args.device)
     arch = JOB if args.job else CIFAR
     cfg, ours, theirs = build(arch, device, args.channels_last)
+    amp = torch.bfloat16 if args.bf16 else None
+    if amp:
+        ours, theirs = ours.to(amp), theirs.to(amp)
     if args.compile:  # diffusers as its docs compile it; ours as `ddpmkit sample` does
         ours = compile_network(ours, args.compile, for_sampling=True)
         theirs = compile_network(theirs, args.compile)
-    amp = torch.bfloat16 if args.bf16 else None
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
                               timestep_spacing="linspace")
     view = Run(Path("."), cfg, ours, Schedule.from_config(cfg.diffusion), 0, "")
     size = arch["size"]
 
+    scheduler.set_timesteps(args.steps)
+    timesteps_on_device = scheduler.timesteps.to(device)  # the network gets them on its device: no copy per step
+
     def run_diffusers(n):
-        scheduler.set_timesteps(args.steps)
-        x = torch.randn(n, 3, size, size, device=device)
-        with torch.inference_mode(), autocast():
-            for t in scheduler.timesteps:
-                x = scheduler.step(theirs(x, t).sample.float(), t, x).prev_sample
+        x = torch.randn(n, 3, size, size, device=device, dtype=amp)
+        if args.channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            for t, t_net in zip(scheduler.timesteps, timesteps_on_device):
+                x = scheduler.step(theirs(x, t_net).sample, t, x).prev_sample
         return x
 
     def run_ours(n):
@@ -117,11 +128,13 @@ def main() -> None:
     result = {"device": where,
               "torch": torch.__version__, "diffusers": diffusers_version, "date": time.strftime("%Y-%m-%d"),
               "parameters": count_parameters(ours), "image_size": size, "steps": args.steps,
-              "precision": "bf16" if amp else "fp32", "channels_last": args.channels_last, "compile": args.compile}
+              "precision": "bf16 weights" if amp else "fp32", "diffusers_channels_last": args.channels_last,
+              "compile": args.compile}
     if args.job:
         total, batch = 5900, args.batch
         for fn in (run_ours, run_diffusers):
-            fn(batch)  # warm-up (and compilation)
+            for n in {batch, total % batch} - {0}:
+                fn(n)  # warm-up (and compilation, for the last, smaller batch too)
         secs = {}
         for name, fn in (("ddpmkit", run_ours), ("diffusers", run_diffusers)):
             secs[name] = sum(timed(fn, min(batch, total - i)) for i in range(0, total, batch))

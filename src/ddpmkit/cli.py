@@ -302,11 +302,11 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     world = distributed.init_from_env(sc.device)
     try:
         device = resolve_device(distributed.device_for(world, sc.device))
-        run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
+        amp = autocast_dtype(sc.precision, device)
+        run = load_run(run_dir.path, sc.checkpoint, sc.ema, device, dtype=amp)
         check_asked_options(run, sc, overrides)
         if sc.compile:
             run.net = compile_network(run.net, sc.compile_mode, for_sampling=True)
-        amp = autocast_dtype(sc.precision, device)
         out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not (ns.quiet or ns.json),
                        log=print if world.is_main and not ns.json else _silent)
         if ns.json and world.is_main:
@@ -404,10 +404,11 @@ def cmd_balance(ns: argparse.Namespace) -> None:
             overrides[key] = value
     run_dir, sc = _sample_config(ns.run, overrides, "balancing")
     device = resolve_device(sc.device)
-    run = load_run(run_dir.path, sc.checkpoint, sc.ema, device)
+    amp = autocast_dtype(sc.precision, device)
+    run = load_run(run_dir.path, sc.checkpoint, sc.ema, device, dtype=amp)
     check_asked_options(run, sc, overrides)
     balance(run, sc, ns.out, ns.target, ns.class_label, parse_proportions(ns.proportions) if ns.proportions else None,
-            ns.by_class_folders, progress=not ns.quiet, amp_dtype=autocast_dtype(sc.precision, device), fresh=ns.fresh)
+            ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp, fresh=ns.fresh)
 
 
 def cmd_downstream(ns: argparse.Namespace) -> None:

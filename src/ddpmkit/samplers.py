@@ -39,6 +39,8 @@ class Denoiser:
                  amp_dtype: torch.dtype | None = None, labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.net, self.schedule, self.prediction, self.clip_x0 = net, schedule, prediction, clip_x0
         self.amp_dtype, self.labels, self.guidance = amp_dtype, labels, guidance
+        # Weights already in the low precision (load_run's dtype) take inputs in it; fp32 ones autocast.
+        self.input_dtype = amp_dtype if amp_dtype is not None and next(net.parameters()).dtype == amp_dtype else None
 
     def _output(self, x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         if self.labels is None:
@@ -55,8 +57,11 @@ class Denoiser:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         tt = torch.full((x.shape[0],), float(t), device=x.device)
-        with autocast(x.device, self.amp_dtype):
-            out = self._output(x, tt)
+        if self.input_dtype is not None:
+            out = self._output(x.to(self.input_dtype), tt)
+        else:
+            with autocast(x.device, self.amp_dtype):
+                out = self._output(x, tt)
         a = self.schedule.abar_at(t)
         sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
         x0, eps = x0_eps_from_output(self.prediction, out, x, sa, sb)
