@@ -39,8 +39,9 @@ class Denoiser:
                  amp_dtype: torch.dtype | None = None, labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.net, self.schedule, self.prediction, self.clip_x0 = net, schedule, prediction, clip_x0
         self.amp_dtype, self.labels, self.guidance = amp_dtype, labels, guidance
-        # Weights already in the low precision (load_run's dtype) take inputs in it; fp32 ones autocast.
-        self.input_dtype = amp_dtype if amp_dtype is not None and next(net.parameters()).dtype == amp_dtype else None
+        # Weights already in a low precision (load_run's dtype) take their inputs in it; fp32 ones autocast.
+        weights = next(net.parameters(), torch.empty(0)).dtype
+        self.input_dtype = weights if weights != torch.float32 else None
 
     def _output(self, x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         if self.labels is None:
@@ -91,7 +92,7 @@ SPACINGS = ("uniform", "quadratic", "trailing", "karras")
 def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "uniform") -> list[float]:
     """Descending timesteps.
     uniform:   evenly spaced over [0, T-1], both ends included (starts from pure noise);
-    quadratic: denser near t=0 (DDIM paper, section 5);
+    quadratic: denser near t=0 (DDIM paper, section 5), from T-1;
     trailing:  T-1, T-1-T/n, ... (Lin et al. 2024): evenly spaced, starting at T-1, not reaching 0;
     karras:    noise levels sigma evenly spaced in sigma^(1/7) (Karras et al. 2022), fractional t."""
     T = schedule_or_T if isinstance(schedule_or_T, int) else schedule_or_T.num_timesteps
@@ -102,7 +103,9 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "un
     elif spacing == "uniform":
         ts = np.round(np.linspace(0, T - 1, steps))
     elif spacing == "quadratic":
-        ts = np.round(np.linspace(0, math.sqrt(T * 0.8), steps) ** 2)
+        # The DDIM code stops at 0.8 T, fine for linear betas (abar there 0.0015) but not for cosine
+        # (0.093) when sampling starts from pure noise: this runs to T-1 instead.
+        ts = np.round(np.linspace(0, math.sqrt(T - 1), steps) ** 2)
         for i in range(1, len(ts)):  # rounding can repeat small values: keep them strictly increasing
             ts[i] = max(ts[i], ts[i - 1] + 1)
     elif spacing == "trailing":
@@ -177,10 +180,11 @@ def _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde: bool):
         else:
             h = _lam(a_t) - _lam(a_s)
             alpha_t, sigma_t, sigma_s = math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(1 - a_s)
-            # second order from the previous x0 (multistep), except on the first step and the step into
-            # the last timestep: near t=0 uniform-in-t steps are tiny in lambda next to the one before,
-            # and the extrapolation weight 1/(2r) would blow up (diffusers' final-step rule, likewise)
-            lower = old_x0 is None or i == len(timesteps) - 2
+            # second order from the previous x0 (multistep), except on the first step and on a step into
+            # t=0: there uniform-in-t steps are tiny in lambda next to the one before, and the
+            # extrapolation weight 1/(2r) would blow up (diffusers' final-step rule). Trailing spacing
+            # stops short of t=0 and keeps second order to the end.
+            lower = old_x0 is None or (i == len(timesteps) - 2 and timesteps[-1] == 0)
             d = x0 if lower else x0 + (h / h_last) / 2 * (x0 - old_x0)  # 1/(2r), r = h_last/h
             if sde:
                 x = (sigma_t / sigma_s * math.exp(-h)) * x + alpha_t * -math.expm1(-2 * h) * d \
@@ -220,7 +224,11 @@ def _karras_ode(denoiser, x, timesteps, callback, heun: bool):
     for i, t in enumerate(timesteps):
         d, x0 = d_at(x_ve, i, t)
         dt = sig[i + 1] - sig[i]
-        if heun and sig[i + 1] > 0:
+        # Heun corrects every step but the first and the last. The first starts from pure noise,
+        # where x0 is the data mean and the path is straight in sigma; its sigma can also be huge (the
+        # cosine schedule's t=T-1 is sigma 20,291, against 15 one step later), and the trapezoid's
+        # second slope would multiply the two x0 estimates' difference by sigma_0 / (2 sigma_1).
+        if heun and i > 0 and sig[i + 1] > 0:
             x_pred = x_ve + d * dt
             d2, _ = d_at(x_pred, i + 1, timesteps[i + 1])
             x_ve = x_ve + (d + d2) / 2 * dt
@@ -249,4 +257,5 @@ DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp-2m": 20, "dpmpp-2m-sde": 30, "
 
 
 def nfe(sampler: str, steps: int) -> int:
-    return 2 * steps - 1 if sampler == "heun" else steps
+    """Network evaluations: Heun's steps take two, except its first and its last."""
+    return max(2 * steps - 2, 1) if sampler == "heun" else steps
