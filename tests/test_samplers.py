@@ -84,7 +84,7 @@ def test_heun_on_the_cosine_schedule_follows_the_ode():
 def test_dpm_solver_keeps_second_order_to_the_end_of_trailing_spacing():
     """The first-order final step guards a step into t=0; trailing spacing stops at T/n - 1, where
     dropping to first order only adds error."""
-    assert _gaussian_run("dpmpp-2m", 10, spacing="trailing", exact_ode_error=True) < 0.105  # 0.096; 0.120 with a first-order last step
+    assert _gaussian_run("dpmpp-2m", 10, spacing="trailing", exact_ode_error=True) < 0.105  # 0.096 (0.120 before)
     assert _gaussian_run("dpmpp-2m", 10, spacing="karras", exact_ode_error=True) < 0.02  # 0.013: ends at t=0, first order into it
 
 
