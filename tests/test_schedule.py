@@ -62,3 +62,18 @@ def test_v_target_definition():
     x0, eps, t = torch.randn(8, 3), torch.randn(8, 3), torch.arange(8) * 100
     a = torch.tensor(s.alphas_cumprod[t.numpy()], dtype=torch.float32)[:, None]
     torch.testing.assert_close(s.target("v", x0, eps, t), a.sqrt() * eps - (1 - a).sqrt() * x0)
+
+
+def test_linear_betas_scale_with_T_unless_given():
+    """Ho et al.'s 1e-4..0.02 at T=1000 leave abar(T-1) = 4e-5; taken as given at T=100 they would
+    leave 0.36 (60% of the signal) where sampling starts from pure noise. Unset, they scale by 1000/T."""
+    from ddpmkit.config import load_config
+
+    default = DiffusionConfig()
+    assert (default.beta_start, default.beta_end) == (1e-4, 0.02)
+    for T in (1000, 250, 100, 8):
+        assert Schedule.from_config(DiffusionConfig(num_timesteps=T)).abar_at(T - 1) < 1e-3, T
+    given = DiffusionConfig(num_timesteps=100, beta_start=1e-4, beta_end=0.02)
+    assert Schedule.from_config(given).abar_at(99) == pytest.approx(0.364, abs=0.001)
+    cfg = load_config(None, {"diffusion.num_timesteps": 100})
+    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end) == pytest.approx((1e-3, 0.2))  # recorded as numbers

@@ -58,9 +58,19 @@ class ModelConfig:
 class DiffusionConfig:
     num_timesteps: int = 1000
     schedule: str = "linear"  # linear | cosine
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    # linear schedule; None: Ho et al.'s 1e-4 and 0.02 scaled by 1000/T (Nichol & Dhariwal's rule, the
+    # same at T=1000), so any T ends near pure noise; explicit values are taken as given
+    beta_start: Optional[float] = None
+    beta_end: Optional[float] = None
     prediction: str = "eps"  # eps | x0 | v
+
+    def __post_init__(self):
+        T = self.num_timesteps
+        if isinstance(T, int) and not isinstance(T, bool) and T > 0:  # else refused in _check_values
+            if self.beta_start is None:
+                self.beta_start = 1e-4 * 1000 / T
+            if self.beta_end is None:
+                self.beta_end = min(0.02 * 1000 / T, 0.999)  # capped below 1, as the cosine schedule is
 
 
 @dataclass

@@ -16,7 +16,8 @@ from .config import DiffusionConfig
 
 
 def linear_betas(T: int, beta_start: float, beta_end: float) -> np.ndarray:
-    # Taken as given for any T (as diffusers does), so imported schedules map one to one.
+    # Taken as given (as diffusers does), so imported schedules map one to one; DiffusionConfig's
+    # defaults are what scale with T.
     return np.linspace(beta_start, beta_end, T, dtype=np.float64)
 
 
