@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
             rp.add_argument("--method", default="mmse", choices=["mmse", "sample"],
                             help="mmse: posterior mean, one network call (best PSNR); sample: reverse process")
             rp.add_argument("--samples", type=int, default=1, help="--method sample: draws averaged")
-            rp.add_argument("--sampler", default="ddpm", help="--method sample: the sampler")
+            rp.add_argument("--sampler", default="ddpm", help="--method sample: a stochastic sampler, ddpm or dpmpp-2m-sde")
         elif kind == "img2img":
             rp.add_argument("--strength", type=float, default=0.5, help="0 returns the input, 1 ignores it")
             rp.add_argument("--sampler", default="ddim")
