@@ -41,7 +41,7 @@ def test_plan_proportions_keep_every_real_image():
         parse_proportions("benign:0.5")
 
 
-def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path):
+def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, capsys):
     for name, n in (("cat", 6), ("dog", 2)):
         write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=len(name) + n)
     run = tmp_path / "run"
@@ -74,6 +74,18 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path):
     assert main(["balance", str(run), "--out", str(out), "--proportions", "cat=0.5,dog=0.5", "--target", "9",
                  "--class", "dog"]) == 2
     assert main(["balance", str(run), "--out", str(out), "sample.num=100"]) == 2  # balance decides the counts
+    # nor is anything else a balanced set's root: a sampling job, a training run, someone's manifest
+    job = tmp_path / "job"
+    assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(job), "--quiet"]) == 0
+    before = (job / "manifest.csv").read_text()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.csv").write_text("file,label\n")
+    for target, says in ((job, "sampling job"), (run, "training run"), (foreign, "no ddpmkit balance wrote")):
+        capsys.readouterr()
+        assert main(["balance", str(run), "--out", str(target), "--quiet", "sample.steps=3"]) == 2
+        assert says in capsys.readouterr().err and not (target / "classes").exists()
+    assert (job / "manifest.csv").read_text() == before and (foreign / "manifest.csv").read_text() == "file,label\n"
 
 
 def test_balance_refuses_an_unconditional_run(tmp_path, capsys):

@@ -17,13 +17,15 @@ Output (`balance`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections import Counter
 from pathlib import Path
 
+from . import atomic
 from .data import load_images
 from .errors import UserError
-from .generation import MANIFEST_COLUMNS, finished_rows, generate, write_manifest
+from .generation import JOB_FILE, MANIFEST_COLUMNS, finished_rows, generate, write_manifest
 from .run import Run, RunDir
 from .runtime import mix_seed
 
@@ -85,8 +87,9 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_label, proportions)
-    log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
     out = Path(out)
+    _claim(out, run, fresh)
+    log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
     rows = [[path, i, "", "", "", "", label, "false"] for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
     for position, (name, num) in enumerate(need.items()):
         if num == 0:
@@ -104,6 +107,31 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
         _link_by_class(out, rows)
     log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, {sum(need.values())} generated)")
     return need
+
+
+BALANCE_FILE = ".ddpmkit-balance.json"  # marks a folder a balance job writes into
+
+
+def _claim(out: Path, run: Run, fresh: bool) -> None:
+    """Refuse an --out that holds anything but this run's balance (a sampling job, a training run,
+    someone's files), then mark it as this run's."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    if RunDir(out).is_run():
+        raise UserError(f"--out {out} is a training run: write the balanced set into a folder of its own, "
+                        f"e.g. --out {out / 'balanced'}")
+    if (out / JOB_FILE).exists():
+        raise UserError(f"--out {out} holds a sampling job's images: choose another --out for the balanced set")
+    mark = out / BALANCE_FILE
+    mine = {"run": str(run.path.resolve())}
+    if mark.exists():
+        if json.loads(mark.read_text()) != mine and not fresh:
+            raise UserError(f"{out} holds a balanced set from another run ({json.loads(mark.read_text())['run']}): "
+                            f"use --fresh to replace it, or another --out")
+    elif (out / "manifest.csv").exists() and not (out / "classes").is_dir():  # (classes/: an older balance)
+        raise UserError(f"{out} holds a manifest.csv no ddpmkit balance wrote there: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(mark, json.dumps(mine, indent=1))
 
 
 def real_paths(data) -> list[str]:

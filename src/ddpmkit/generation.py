@@ -149,7 +149,8 @@ def finished_rows(out: Path) -> dict[int, list[str]]:
         text = path.read_text()
         complete = text[: text.rfind("\n") + 1]
         for row in csv.reader(io.StringIO(complete)):
-            if len(row) == len(MANIFEST_COLUMNS) and row[1].isdigit() and (out / row[0]).is_file():
+            inside = not Path(row[0]).is_absolute() and ".." not in Path(row[0]).parts if row else False
+            if len(row) == len(MANIFEST_COLUMNS) and inside and row[1].isdigit() and (out / row[0]).is_file():
                 rows[int(row[1])] = row
     return rows
 
