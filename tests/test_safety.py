@@ -266,3 +266,19 @@ def test_a_checkpoint_saved_before_any_logged_loss_is_never_best(tiny):
     run.write_state({"checkpoints": [{"step": 1, "file": "x", "sha256": "", "loss": float("nan")}], "best": 1})
     _save(run, net, UNet(net.cfg, 8), torch.optim.AdamW(net.parameters()), 2, 0.5, keep_last=5)
     assert run.read_state()["best"] == 2
+
+
+def test_json_files_are_standard_json(tiny):
+    """A checkpoint saved before any loss was logged has no loss: null in state.json, not NaN (which
+    JSON.parse and most tools refuse); the report and the choice of the best checkpoint take it."""
+    from ddpmkit.report import write_report
+
+    run = train(tiny(**{"train.max_steps": 4, "train.checkpoint_every": 2, "train.log_every": 4}),
+                log=lambda *_: None, progress=False)
+    text = (run.path / "state.json").read_text()
+    assert "NaN" not in text
+    state = json.loads(text)
+    assert [c["loss"] is None for c in state["checkpoints"]] == [True, False] and state["best"] == 4
+    write_report(run.path)
+    for line in (run.path / "stats.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))

@@ -7,6 +7,8 @@ one. `fsync=True` (checkpoints, state, manifests) also makes the rename durable 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -81,3 +83,17 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def json_text(obj, indent: int | None = 1) -> str:
+    """JSON that any parser reads: NaN and infinities (a loss not measured yet, a p-value of tied
+    seeds) become null instead of Python's non-standard NaN."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)

@@ -321,13 +321,12 @@ def _silent(*_) -> None:
 
 
 def _print_json(obj: dict) -> None:
-    import json
+    from .atomic import json_text
 
-    print(json.dumps(obj, indent=1))
+    print(json_text(obj))
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
-    import json
 
     from .metrics.evaluate import evaluate, format_table, write_result
     from .runtime import resolve_device
@@ -337,11 +336,10 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     result = evaluate(ns.gen, ns.ref, metrics, ns.features, ns.inception_weights, str(resolve_device(ns.device)),
                       log=_silent if quiet else print, progress=not quiet, save_ref=ns.save_ref)
     path = write_result(result, ns.out)
-    print(json.dumps(result, indent=1) if ns.json else f"{format_table(result)}\nwrote {path}")
+    _print_json(result) if ns.json else print(f"{format_table(result)}\nwrote {path}")
 
 
 def cmd_info(ns: argparse.Namespace) -> None:
-    import json
 
     from .finetune import with_source_architecture
     from .info import format_info, model_info
@@ -359,7 +357,7 @@ def cmd_info(ns: argparse.Namespace) -> None:
     if not (target and Path(target).is_dir()):  # a run's config.yaml already holds its source's architecture
         cfg = with_source_architecture(cfg, log=_silent)
     info = model_info(cfg, sizes)
-    print(json.dumps(info, indent=1) if ns.json else format_info(info))
+    _print_json(info) if ns.json else print(format_info(info))
 
 
 def cmd_gif(ns: argparse.Namespace) -> None:

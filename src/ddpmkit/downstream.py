@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -274,7 +275,7 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
                     "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(), "leakage": leakage,
                     "per_seed": results})
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "results.json", json.dumps(summary, indent=1))
+    atomic.write_text(out / "results.json", atomic.json_text(summary))
     atomic.write_text(out / "balanced_accuracy.svg", _bar_chart(summary))
     atomic.write_text(out / "report.md", _report(summary))
     log(f"{summary['verdict']}\nwrote {out}/report.md, results.json, balanced_accuracy.svg")
@@ -282,7 +283,12 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
 
 
 def _gains(tests: dict) -> str:
-    return ", ".join(f"{t['mean_gain']:+.4f} (p = {t['p_value']:.2g})" for t in tests.values())
+    return ", ".join(f"{t['mean_gain']:+.4f} (p = {_p(t['p_value'], '.2g')})" for t in tests.values())
+
+
+def _p(value, fmt: str) -> str:
+    """A p-value for the text; none exists when every seed gave the same difference."""
+    return format(value, fmt) if value is not None and math.isfinite(value) else "n/a (no spread across seeds)"
 
 
 def _paired_tests(results: dict[str, list[dict]], metric: str) -> tuple[dict, float, bool]:
@@ -342,11 +348,12 @@ def _report(s: dict) -> str:
     for arm, row in s["table"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values()) + " |")
     lines += ["", "Paired t-tests of balanced accuracy over the same seeds:", ""]
-    lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {t['p_value']:.3g}" for name, t in s["paired_tests"].items()]
+    lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {_p(t['p_value'], '.3g')}"
+              for name, t in s["paired_tests"].items()]
     if "paired_tests_tuned" in s:
         lines += ["", f"The same at each classifier's threshold tuned on the calibration split "
                       f"({s['calibration_images']} images; column {TUNED}):", ""]
-        lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {t['p_value']:.3g}"
+        lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {_p(t['p_value'], '.3g')}"
                   for name, t in s["paired_tests_tuned"].items()]
     lines += ["", f"Leakage: {s['leakage']}.", "", "![balanced accuracy per arm](balanced_accuracy.svg)", "",
               "Synthetic images are for research, not for diagnosis."]

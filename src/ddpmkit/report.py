@@ -114,7 +114,7 @@ def build_report(run: RunDir) -> str:
     meta = run.meta()
     state = run.read_state()
     rows = run.read_stats()
-    logs = [r for r in rows if "loss" in r]
+    logs = [r for r in rows if r.get("loss") is not None]
     evals = [r for r in rows if "eval" in r]
     steps = [r["step"] for r in logs]
     grids = sorted(run.grids.glob("step_*.png")) if run.grids.is_dir() else []
@@ -159,7 +159,8 @@ def build_report(run: RunDir) -> str:
     for c in sorted(state.get("checkpoints", []), key=lambda c: c["step"]):
         fd = f"{c['fd']:.4f}" if "fd" in c else ""
         best = "best" if c["step"] == state.get("best") else ""
-        parts.append(f"<tr><td>{c['step']:,}</td><td>{c['loss']:.5f}</td><td>{fd}</td>"
+        loss = f"{c['loss']:.5f}" if c.get("loss") is not None else ""
+        parts.append(f"<tr><td>{c['step']:,}</td><td>{loss}</td><td>{fd}</td>"
                      f"<td><code>{c['sha256'][:12]}</code></td><td>{best}</td></tr>")
     parts.append("</table>")
 

@@ -81,7 +81,7 @@ class RunDir:
         return rows
 
     def write_state(self, state: dict) -> None:
-        atomic.write_text(self.state_path, json.dumps(state, indent=1))
+        atomic.write_text(self.state_path, atomic.json_text(state))
 
     def checkpoint_file(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:09d}.safetensors"

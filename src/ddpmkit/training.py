@@ -365,7 +365,7 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
                           "elapsed_sec": now - t_start, "skipped_nonfinite": skipped_total}
                 if world.is_main:
                     with open(run.stats_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                        f.write(atomic.json_text(record, indent=None) + "\n")
                 if board:
                     for key in ("loss", "lr", "images_per_sec", "memory_mb"):
                         board.add_scalar(f"train/{key}", record[key], step)
@@ -479,7 +479,7 @@ def _evaluate(run: RunDir, cfg: Config, ema, schedule: Schedule, step: int, eval
                     steps=min(20, schedule.num_timesteps))
     metrics = evaluator(images)
     with open(run.stats_path, "a") as f:
-        f.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+        f.write(atomic.json_text({"step": step, "eval": metrics}, indent=None) + "\n")
     return metrics
 
 
@@ -508,9 +508,13 @@ def _commit_checkpoints(run: RunDir, entries: list[dict], keep_last: int) -> Non
     """Name the kept checkpoints and the best one in state.json, then delete the others."""
     # best: lowest evaluation FD when evaluation is on, else lowest mean training loss
     scored = [e for e in entries if "fd" in e]
-    # a checkpoint saved before any loss was logged has loss NaN and is never "best" by loss
-    by_loss = [e for e in entries if math.isfinite(e["loss"])] or entries
-    best = min(scored, key=lambda e: e["fd"])["step"] if scored else min(by_loss, key=lambda e: e["loss"])["step"]
+    # a checkpoint saved before any loss was logged has loss null (NaN in older runs): never "best" by
+    # loss, unless no checkpoint has one, when the latest is
+    by_loss = [e for e in entries if e["loss"] is not None and math.isfinite(e["loss"])]
+    if scored:
+        best = min(scored, key=lambda e: e["fd"])["step"]
+    else:
+        best = min(by_loss, key=lambda e: e["loss"])["step"] if by_loss else max(e["step"] for e in entries)
     keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
     run.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
     for e in entries:  # delete only after state.json no longer names them
@@ -533,4 +537,4 @@ def _truncate_stats(run: RunDir, step: int) -> None:
     the crash), and a torn last line."""
     if run.stats_path.exists():
         kept = [row for row in run.read_stats() if row["step"] <= step]
-        atomic.write_text(run.stats_path, "".join(json.dumps(row) + "\n" for row in kept))
+        atomic.write_text(run.stats_path, "".join(atomic.json_text(row, indent=None) + "\n" for row in kept))

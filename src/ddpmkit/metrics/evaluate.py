@@ -230,7 +230,7 @@ def _class_report(logits: np.ndarray, names: list[str]) -> dict:
 
 def write_result(result: dict, out: str | Path | None) -> Path:
     path = Path(out) if out else Path(result["gen"]) / f"eval_{result['features']}.json"
-    atomic.write_text(path, json.dumps(result, indent=1))
+    atomic.write_text(path, atomic.json_text(result))
     return path
 
 
