@@ -232,3 +232,45 @@ def test_resize_center_crop_and_batch_scaling():
     flip = torch.arange(16) % 3 == 0
     flipped = batch_to_model(torch.arange(64, dtype=torch.uint8).view(16, 1, 2, 2), flip)
     assert torch.equal(flipped[:, 0, 0, 0] > flipped[:, 0, 0, 1], flip)  # exactly the masked ones mirrored
+
+
+def test_malformed_user_data_gets_one_clear_line(tmp_path):
+    from ddpmkit.config import load_config
+    from ddpmkit.training import _class_ids
+
+    """Each of these raised a traceback (UnicodeDecodeError, a numpy reshape error, an IndexError
+    mid-training, struct.error) or, for one-hot labels, silently trained on column 0."""
+    write_images(tmp_path / "imgs", n=3, size=(8, 8))
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(csv_path)))
+    csv_path.write_text("image,label\nimg_000.png,a\nimg_001.png,\n")
+    assert load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(csv_path))).labels == ["a", ""]
+    with pytest.raises(UserError, match=r"1 image\(s\) have an empty label \(img_001.png first\)"):
+        _class_ids(load_config(None, {"data.path": str(tmp_path / "imgs"), "data.labels": str(csv_path)}),
+                   load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(csv_path))))
+
+    images = np.zeros((10, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "few.npz", train_images=images, train_labels=np.arange(7))
+    with pytest.raises(UserError, match=r"few.npz\[train_labels\] holds 7 labels for 10 images"):
+        load_images(DataConfig(path=str(tmp_path / "few.npz")))
+    np.savez(tmp_path / "onehot.npz", train_images=images, train_labels=np.eye(3)[np.arange(10) % 3])
+    with pytest.raises(UserError, match=r"shape \(10, 3\): one-hot"):
+        load_images(DataConfig(path=str(tmp_path / "onehot.npz")))
+    np.savez(tmp_path / "column.npz", train_images=images, train_labels=np.arange(10)[:, None])
+    assert load_images(DataConfig(path=str(tmp_path / "column.npz"))).labels[:3] == ["0", "1", "2"]
+    (tmp_path / "text.npy").write_text("not an array")
+    with pytest.raises(UserError, match="not a NumPy array file") as err:
+        load_images(DataConfig(path=str(tmp_path / "text.npy")))
+    assert "allow_pickle" not in str(err.value)
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    _write_idx(idx / "train-images-idx3-ubyte.gz", np.zeros((20, 8, 8)))
+    _write_idx(idx / "train-labels-idx1-ubyte.gz", np.arange(10))
+    with pytest.raises(UserError, match="holds 10 labels for the 20 images"):
+        load_images(DataConfig(path=str(idx)))
+    (tmp_path / "short-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03")
+    with pytest.raises(UserError, match="header ends early"):
+        load_images(DataConfig(path=str(tmp_path / "short-idx3-ubyte")))

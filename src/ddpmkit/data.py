@@ -246,10 +246,15 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list
     csv_path = Path(cfg.labels).expanduser()
     if not csv_path.is_file():
         raise UserError(f"labels CSV not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except UnicodeDecodeError:
+        raise UserError(f"labels CSV {csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise UserError(f"labels CSV {csv_path} cannot be read as CSV: {exc}") from None
     if cfg.image_column not in columns:
         raise UserError(f"labels CSV {csv_path} has no column '{cfg.image_column}' (columns: {', '.join(columns)}); "
                         f"set data.image_column")
@@ -311,12 +316,24 @@ def _load_array_file(path: Path, split: str) -> ImageData:
                 arr = z[key]
                 label_key = key.replace("images", "labels")
                 labels = z[label_key] if label_key != key and label_key in z else None
-    except ValueError as exc:  # object arrays need pickle, which is refused
+    except ValueError as exc:
+        if "pickle" in str(exc):  # numpy falls back to unpickling what is not an array file: refused
+            raise UserError(f"cannot read {path}: not a NumPy array file, or it holds Python objects, which "
+                            f"ddpmkit never unpickles: save plain numeric arrays") from None
         raise UserError(f"cannot read {path}: {exc}") from None
     except (OSError, EOFError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     images = array_to_uint8_nchw(arr, f"{path}" + (f"[{key}]" if key else ""))
-    label_list = [str(v) for v in np.asarray(labels).reshape(len(arr), -1)[:, 0]] if labels is not None else None
+    label_list = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        where = f"{path}[{key.replace('images', 'labels')}]"
+        if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
+            raise UserError(f"{where} has shape {labels.shape}: one-hot or multi-label labels; ddpmkit needs one "
+                            f"class per image (e.g. labels.argmax(1) for one-hot)")
+        if labels.size != len(images):
+            raise UserError(f"{where} holds {labels.size} labels for {len(images)} images: give one per image")
+        label_list = [str(v) for v in labels.reshape(-1)]
     return ImageData(images, f"{len(images)} images from {path}" + (f" [{key}]" if key else ""), labels=label_list,
                      source_path=f"{path}" + (f"[{key}]" if key else ""))
 
@@ -410,6 +427,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise UserError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise UserError(f"IDX file {path} is truncated: its header ends early")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
@@ -448,5 +467,8 @@ def _load_idx(path: Path, split: str) -> ImageData:
     label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
     labels = None
     if label_path != path and label_path.is_file():
-        labels = [str(int(v)) for v in read_idx(label_path)]
+        labels = [str(int(v)) for v in read_idx(label_path).reshape(-1)]
+        if len(labels) != len(images):
+            raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images of {path.name}: "
+                            f"use the labels file of the same split")
     return ImageData(images, f"{len(images)} images from {path}", labels=labels, source_path=str(path))

@@ -425,6 +425,11 @@ def _class_ids(cfg: Config, data) -> torch.Tensor:
     if not data.labels or any(label is None for label in data.labels):
         raise UserError("model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
                         "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
+    empty = [i for i, label in enumerate(data.labels) if not label.strip()]
+    if empty:  # an empty class name would read as "no class" (unconditional) in manifests
+        first = Path(data.files[empty[0]]).name if data.files is not None else f"image {empty[0]}"
+        raise UserError(f"{len(empty)} image(s) have an empty label ({first} first): give each a class, or leave "
+                        f"them out of the labels CSV")
     present = set(data.labels)
     names = cfg.data.class_names or class_order(present)
     unknown = sorted(present - set(names))
