@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_images
 from safetensors.torch import load_file
 
 from ddpmkit.checkpoint import restore, save_checkpoint
@@ -153,3 +154,21 @@ def test_evaluation_during_training_picks_the_best_checkpoint(tiny, monkeypatch)
     assert all(r["eval"]["features"] == "classifier" and r["eval"]["fd"] > 0 for r in evals)
     state = run.read_state()
     assert state["best"] == min(state["checkpoints"], key=lambda e: e["fd"])["step"]
+
+
+def test_a_refused_start_leaves_no_files(tiny, tmp_path):
+    """Refusals used to leave RUN/.lock in a user's folder, or config.yaml, meta.json and the
+    digests of a run that never began."""
+    mine = tmp_path / "my_folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists and is not a ddpmkit run"):
+        train(tiny(**{"train.out_dir": str(mine)}), log=lambda *_: None, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    blank = tmp_path / "blank"
+    images = tmp_path / "images"
+    write_images(images, n=8, size=(8, 8))
+    with pytest.raises(UserError, match="needs labelled training images"):
+        train(tiny(**{"train.out_dir": str(blank), "data.path": str(images), "train.eval_every": 2}),
+              log=lambda *_: None, progress=False)
+    assert not blank.exists()

@@ -166,10 +166,14 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         source = Source(tc.init_from, log)
         adopt_architecture(cfg, source.config, log)
 
+    # before anything is written: a refusal here (unlabelled data for the classifier judge, missing
+    # feature weights) leaves no half-made run behind
+    evaluator = _evaluator(cfg, data, device, log) if tc.eval_every and world.is_main else None
     run = RunDir(tc.out_dir)
     lock = _RunLock(run.path) if world.is_main else contextlib.nullcontext()
     with lock:
-        return _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share)
+        return _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share,
+                      evaluator)
 
 
 class _RunLock:
@@ -185,6 +189,7 @@ class _RunLock:
 
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output path {self.path} is a file: choose a folder with --out")
+        self.created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path / ".lock", "w")
         try:
@@ -197,9 +202,14 @@ class _RunLock:
 
     def __exit__(self, *exc):
         self.file.close()
+        if not RunDir(self.path).is_run():  # refused before it began: leave the folder as it was
+            (self.path / ".lock").unlink(missing_ok=True)
+            if self.created and not any(self.path.iterdir()):
+                self.path.rmdir()
 
 
-def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share) -> RunDir:
+def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share,
+           evaluator) -> RunDir:
     tc = cfg.train
     # rank 0 decides between a fresh start and a resume; the others learn the outcome (or its error)
     resume_from = on_main_then_shared(world, lambda: _prepare_run_dir(run, cfg, fresh, log))
@@ -277,7 +287,6 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
     bar = _progress(progress, step, tc.max_steps)
     board = _tensorboard(run) if tc.tensorboard and world.is_main else None
     # built before step 0, so data or weights it cannot use stop the run now, not at its first checkpoint
-    evaluator = _evaluator(cfg, data, device, log) if tc.eval_every and world.is_main else None
     model.train()
 
     with _StopSignal() as stop:
