@@ -172,3 +172,26 @@ def test_a_refused_start_leaves_no_files(tiny, tmp_path):
         train(tiny(**{"train.out_dir": str(blank), "data.path": str(images), "train.eval_every": 2}),
               log=lambda *_: None, progress=False)
     assert not blank.exists()
+
+
+def test_resuming_on_changed_data_records_the_new_images(tiny, tmp_path):
+    """The leakage guard reads training_images.sha256: a resume on a folder with new images must add
+    them (it kept the first start's list), and say that the data changed."""
+    images = tmp_path / "images"
+    write_images(images, n=8, size=(8, 8))
+    cfg = {"data.path": str(images), "train.out_dir": str(tmp_path / "run"), "train.checkpoint_every": 2}
+    run = train(tiny(**cfg, **{"train.max_steps": 2}), log=lambda *_: None, progress=False)
+    first = run.digests_path.read_text().split()
+    assert len(first) == 8
+    (images / "img_000.png").unlink()
+    write_images(tmp_path / "more", n=1, size=(8, 8), seed=99)
+    (tmp_path / "more" / "img_000.png").rename(images / "new.png")
+    said = []
+    train(tiny(**cfg, **{"train.max_steps": 4}), log=said.append, progress=False)
+    recorded = run.digests_path.read_text().split()
+    assert len(recorded) == 9 and set(first) < set(recorded)  # the removed image stays: it was trained on
+    assert any("the data changed" in line and "1 image(s)" in line for line in said)
+    said.clear()
+    train(tiny(**cfg, **{"train.max_steps": 6}), log=said.append, progress=False)  # same data: quiet
+    assert not any("the data changed" in line for line in said), said
+    assert run.digests_path.read_text().split() == recorded

@@ -232,6 +232,7 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
         log(f"resuming {run.path} from step {step} ({resume_from.name})")
         if world.is_main:
             _truncate_stats(run, step)
+            _record_training_images(run, data, log)
     else:
         pretrained = load_pretrained(model, ema, source, log) if source else None
         if pretrained:
@@ -244,8 +245,8 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
                     "processes": world.size, "init_from": pretrained}
             atomic.write_text(run.meta_path, json.dumps(meta, indent=1))  # the mark of a run, first
             atomic.write_text(run.config_path, to_yaml(cfg))
-            if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
-                atomic.write_text(run.digests_path, "\n".join(sorted(set(image_digests(data.images)))) + "\n")
+            run.digests_path.unlink(missing_ok=True)
+            _record_training_images(run, data, log)
     log(f"training {run.path}: {count_parameters(model):,} parameters, {data.source}, on {device}"
         + (f" x {world.size} processes" if world.size > 1 else "")
         + (f", {tc.grad_accum} micro-batches of {share} per step" if tc.grad_accum > 1 else ""))
@@ -469,6 +470,20 @@ def _tensorboard(run: RunDir):
     except ImportError:
         raise UserError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(run.path / "tensorboard"))
+
+
+def _record_training_images(run: RunDir, data, log) -> None:
+    """Keep RUN/training_images.sha256 (what downstream's leakage guard checks) a record of every
+    image the run has trained on: a resume on changed data adds the new images, with a warning."""
+    if not isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
+        return
+    now = set(image_digests(data.images))
+    before = set(run.digests_path.read_text().split()) if run.digests_path.exists() else set()
+    if before and not now <= before:
+        log(f"warning: the data changed since {run.path} started ({len(now - before)} image(s) it had not seen): "
+            f"training goes on with it, and {run.digests_path.name} now records those too")
+    if not now <= before:
+        atomic.write_text(run.digests_path, "\n".join(sorted(before | now)) + "\n")
 
 
 def _evaluator(cfg: Config, data, device, log):
