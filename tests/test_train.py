@@ -195,3 +195,25 @@ def test_resuming_on_changed_data_records_the_new_images(tiny, tmp_path):
     train(tiny(**cfg, **{"train.max_steps": 6}), log=said.append, progress=False)  # same data: quiet
     assert not any("the data changed" in line for line in said), said
     assert run.digests_path.read_text().split() == recorded
+
+
+def test_data_paths_are_recorded_absolute(tiny, tmp_path, monkeypatch):
+    """A run records where its data is as an absolute path, so `eval --ref RUN`, `balance` and a
+    resume work from any folder; a run that recorded a relative path still resumes."""
+    from ddpmkit.config import read_yaml
+
+    write_images(tmp_path / "images", n=8, size=(8, 8))
+    monkeypatch.chdir(tmp_path)
+    cfg = {"data.path": "images", "train.out_dir": str(tmp_path / "run"), "train.checkpoint_every": 2}
+    run = train(tiny(**cfg, **{"train.max_steps": 2}), log=lambda *_: None, progress=False)
+    assert read_yaml(run.config_path)["data"]["path"] == str(tmp_path / "images")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg["data.path"] = str(tmp_path / "images")
+    assert train(tiny(**cfg, **{"train.max_steps": 4}), log=lambda *_: None, progress=False).read_state()["best"]
+    text = run.config_path.read_text().replace(str(tmp_path / "images"), "images")  # as older runs wrote it
+    run.config_path.write_text(text)
+    monkeypatch.chdir(tmp_path)
+    cfg["data.path"] = "images"
+    train(tiny(**cfg, **{"train.max_steps": 6}), log=lambda *_: None, progress=False)
+    assert max(c["step"] for c in run.read_state()["checkpoints"]) == 6

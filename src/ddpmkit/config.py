@@ -380,8 +380,18 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", 
                      "model.compile", "data.stream", "data.workers", "sample.")
 
 
+DATA_PATH_KEYS = ("data.path", "data.labels")  # recorded absolute, so any command finds them from anywhere
+
+
+def absolute_data_paths(flat: dict) -> dict:
+    """A flattened config with its data paths made absolute (from the current folder)."""
+    return {k: str(Path(v).expanduser().resolve()) if k in DATA_PATH_KEYS and isinstance(v, str) else v
+            for k, v in flat.items()}
+
+
 def differing_keys(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two config dicts, ignoring those a resume may change."""
-    a, b = flatten(old), flatten(new)
+    """Keys whose values differ between two config dicts, ignoring those a resume may change. Data
+    paths compare as absolute paths (runs before 2026-11-23 recorded them as given)."""
+    a, b = absolute_data_paths(flatten(old)), absolute_data_paths(flatten(new))
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]

@@ -142,6 +142,9 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
     """Train (or resume) the run in cfg.train.out_dir; returns its RunDir. Under torchrun pass the
     process's `World`: every process trains its share of each batch, rank 0 alone writes files."""
     tc = cfg.train
+    for key in ("path", "labels"):  # recorded absolute: sampling, eval --ref RUN, balance run from anywhere
+        if getattr(cfg.data, key) is not None:
+            setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).expanduser().resolve()))
     device = resolve_device(device_for(world, tc.device))
     amp_dtype = autocast_dtype(tc.precision, device)
     if not world.is_main:
