@@ -245,6 +245,18 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     assert all(r["kind"] == "denoise" and float(r["sigma"]) > 0 for r in rows)
     assert json.loads(rows[0]["parameters"])["method"] == "mmse"
     assert not list(out.rglob(".*.tmp"))
+    # rerun on other inputs: the earlier outputs go (the manifest listed only the new ones, beside stale files)
+    _write_pngs(tmp_path / "in_b", [rng.integers(0, 256, (8, 8), dtype=np.uint8)], ["z.png"])
+    (out / "individual" / "mine.txt").write_text("not an output")
+    restore_folder(tiny_run, "denoise", tmp_path / "in_b", out, sigma=0.1, log=lambda *a: None)
+    assert sorted(p.name for p in (out / "individual").iterdir()) == ["mine.txt", "z.png"]
+    # nor does it write into a sampling job's folder, a training run, or a folder of someone's files
+    foreign = tmp_path / "foreign"
+    _write_pngs(foreign / "individual", [np.zeros((8, 8), np.uint8)], ["keep.png"])
+    for target, says in ((tiny_run.path, "training run"), (foreign, "no ddpmkit restoration wrote")):
+        with pytest.raises(UserError, match=says):
+            restore_folder(tiny_run, "denoise", tmp_path / "in_b", target, sigma=0.1, log=lambda *a: None)
+    assert [p.name for p in (foreign / "individual").iterdir()] == ["keep.png"]
 
     # inpainting: masks by name; known pixels of the files unchanged
     masks = [np.zeros((8, 8), np.uint8) for _ in names]

@@ -32,6 +32,7 @@ UserError (no silent resizing, no tiling yet).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -415,8 +416,7 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
     if kind == "inpaint":
         masks = [load_mask(_find_mask(Path(masks_dir), p), tuple(img.shape[-2:])) for p, img in zip(files, images)]
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    _claim(out)
     sampler = sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(kind)
     if kind == "inpaint" and steps is None:
         steps = INPAINT_STEPS
@@ -452,6 +452,42 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
         f"manifest {out}/manifest.csv")
     return out
+
+
+RESTORE_FILE = ".ddpmkit-restore.json"  # marks a folder a restoration writes into
+
+
+def _claim(out: Path) -> None:
+    """Refuse an --out that holds anything but an earlier restoration (a sampling job, a balanced
+    set, a training run, someone's files); remove that earlier restoration's outputs, so the folder
+    holds this one's alone; mark it."""
+    from .balance import BALANCE_FILE
+    from .generation import JOB_FILE
+    from .run import RunDir
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    if RunDir(out).is_run():
+        raise UserError(f"--out {out} is a training run: write the outputs into a folder of their own, "
+                        f"e.g. --out {out / 'restored'}")
+    if (out / JOB_FILE).exists() or (out / BALANCE_FILE).exists():
+        raise UserError(f"--out {out} holds generated images (a sampling job or a balanced set): choose another --out")
+    manifest = out / "manifest.csv"
+    ours = (out / RESTORE_FILE).exists() or (
+        manifest.is_file() and manifest.read_text().startswith(",".join(MANIFEST_COLUMNS)))  # (before the mark)
+    if ours:
+        if manifest.is_file():
+            with open(manifest, newline="") as f:
+                for row in csv.DictReader(f):
+                    name = Path(row.get("output") or "")
+                    if name.parent == Path("individual"):  # only files it wrote, by name
+                        (out / name).unlink(missing_ok=True)
+        (out / "grid.png").unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
+    elif manifest.exists() or ((out / "individual").is_dir() and any((out / "individual").iterdir())):
+        raise UserError(f"{out} holds files no ddpmkit restoration wrote there: choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / RESTORE_FILE, json.dumps({"restoration": True}))
 
 
 def _parameters(kind, method, samples, strength, sampler, steps, jump_length, resamplings, clip_x0) -> dict:
