@@ -26,7 +26,7 @@ from . import atomic
 from .data import load_images
 from .errors import UserError
 from .generation import JOB_FILE, MANIFEST_COLUMNS, finished_rows, generate, write_manifest
-from .run import Run, RunDir
+from .run import Run, RunDir, check_output_folder
 from .runtime import mix_seed
 
 
@@ -115,18 +115,15 @@ BALANCE_FILE = ".ddpmkit-balance.json"  # marks a folder a balance job writes in
 def _claim(out: Path, run: Run, fresh: bool) -> None:
     """Refuse an --out that holds anything but this run's balance (a sampling job, a training run,
     someone's files), then mark it as this run's."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder name with --out")
-    if RunDir(out).is_run():
-        raise UserError(f"--out {out} is a training run: write the balanced set into a folder of its own, "
-                        f"e.g. --out {out / 'balanced'}")
+    check_output_folder(out, "balanced set", "balanced")
     if (out / JOB_FILE).exists():
         raise UserError(f"--out {out} holds a sampling job's images: choose another --out for the balanced set")
     mark = out / BALANCE_FILE
     mine = {"run": str(run.path.resolve())}
     if mark.exists():
-        if json.loads(mark.read_text()) != mine and not fresh:
-            raise UserError(f"{out} holds a balanced set from another run ({json.loads(mark.read_text())['run']}): "
+        theirs = json.loads(mark.read_text())
+        if theirs != mine and not fresh:
+            raise UserError(f"{out} holds a balanced set from another run ({theirs.get('run')}): "
                             f"use --fresh to replace it, or another --out")
     elif (out / "manifest.csv").exists() and not (out / "classes").is_dir():  # (classes/: an older balance)
         raise UserError(f"{out} holds a manifest.csv no ddpmkit balance wrote there: choose another --out")

@@ -383,10 +383,13 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", 
 DATA_PATH_KEYS = ("data.path", "data.labels")  # recorded absolute, so any command finds them from anywhere
 
 
+def absolute_path(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if isinstance(path, str) else path
+
+
 def absolute_data_paths(flat: dict) -> dict:
     """A flattened config with its data paths made absolute (from the current folder)."""
-    return {k: str(Path(v).expanduser().resolve()) if k in DATA_PATH_KEYS and isinstance(v, str) else v
-            for k, v in flat.items()}
+    return {k: absolute_path(v) if k in DATA_PATH_KEYS else v for k, v in flat.items()}
 
 
 def differing_keys(old: dict, new: dict) -> list[str]:

@@ -32,7 +32,7 @@ from .config import SampleConfig
 from .distributed import World, barrier
 from .errors import UserError
 from .images import gif_bytes, make_grid, png_bytes, read_image, scale_for_viewing, to_uint8, upsample
-from .run import Run, RunDir
+from .run import Run, check_output_folder
 from .samplers import DEFAULT_STEPS, SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
@@ -112,11 +112,7 @@ def _job_identity(run: Run, cfg: SampleConfig, steps: int) -> dict:
 
 def _start_job(out: Path, job: dict, fresh: bool) -> None:
     """Rank 0: check that OUT holds this job (or nothing), record it. Refuses to mix two jobs."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder name with --out")
-    if RunDir(out).is_run():
-        raise UserError(f"--out {out} is a training run: write the images into a folder of their own, "
-                        f"e.g. --out {out / 'samples'}")
+    check_output_folder(out, "images", "samples")
     job_path = out / JOB_FILE
     if fresh and job_path.exists():  # only a ddpmkit job's files are ever deleted
         shutil.rmtree(out / "individual", ignore_errors=True)

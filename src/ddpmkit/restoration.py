@@ -463,13 +463,9 @@ def _claim(out: Path) -> None:
     holds this one's alone; mark it."""
     from .balance import BALANCE_FILE
     from .generation import JOB_FILE
-    from .run import RunDir
+    from .run import check_output_folder
 
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder name with --out")
-    if RunDir(out).is_run():
-        raise UserError(f"--out {out} is a training run: write the outputs into a folder of their own, "
-                        f"e.g. --out {out / 'restored'}")
+    check_output_folder(out, "outputs", "restored")
     if (out / JOB_FILE).exists() or (out / BALANCE_FILE).exists():
         raise UserError(f"--out {out} holds generated images (a sampling job or a balanced set): choose another --out")
     manifest = out / "manifest.csv"

@@ -147,6 +147,15 @@ class Run:
         return next(self.net.parameters()).device
 
 
+def check_output_folder(out: Path, what: str, subfolder: str) -> None:
+    """An --out for generated files (`what`) must be a folder, or not exist yet, and not a training run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    if RunDir(out).is_run():
+        raise UserError(f"--out {out} is a training run: write the {what} into a folder of their own, "
+                        f"e.g. --out {out / subfolder}")
+
+
 def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> Run:
     """The run's network on `device`, in eval mode. `dtype` (bf16, for sampling on a GPU) casts the

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import atomic
 from .checkpoint import restore, save_checkpoint
-from .config import Config, differing_keys, read_yaml, to_yaml
+from .config import Config, absolute_path, differing_keys, read_yaml, to_yaml
 from .data import ImageData, batch_to_model, class_order, image_digests, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
@@ -142,9 +142,8 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
     """Train (or resume) the run in cfg.train.out_dir; returns its RunDir. Under torchrun pass the
     process's `World`: every process trains its share of each batch, rank 0 alone writes files."""
     tc = cfg.train
-    for key in ("path", "labels"):  # recorded absolute: sampling, eval --ref RUN, balance run from anywhere
-        if getattr(cfg.data, key) is not None:
-            setattr(cfg.data, key, str(Path(getattr(cfg.data, key)).expanduser().resolve()))
+    # recorded absolute: sampling, eval --ref RUN and balance find the data from any folder
+    cfg.data.path, cfg.data.labels = (absolute_path(p) for p in (cfg.data.path, cfg.data.labels))
     device = resolve_device(device_for(world, tc.device))
     amp_dtype = autocast_dtype(tc.precision, device)
     if not world.is_main:
@@ -482,11 +481,12 @@ def _record_training_images(run: RunDir, data, log) -> None:
         return
     now = set(image_digests(data.images))
     before = set(run.digests_path.read_text().split()) if run.digests_path.exists() else set()
-    if before and not now <= before:
+    if now <= before:
+        return
+    if before:
         log(f"warning: the data changed since {run.path} started ({len(now - before)} image(s) it had not seen): "
             f"training goes on with it, and {run.digests_path.name} now records those too")
-    if not now <= before:
-        atomic.write_text(run.digests_path, "\n".join(sorted(before | now)) + "\n")
+    atomic.write_text(run.digests_path, "\n".join(sorted(before | now)) + "\n")
 
 
 def _evaluator(cfg: Config, data, device, log):
