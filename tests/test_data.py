@@ -49,6 +49,37 @@ def test_sixteen_bit_images_scale_to_eight(tmp_path):
     assert d.images.shape == (1, 1, 8, 8) and int(d.images.min()) == 255
 
 
+def test_twelve_bit_values_in_sixteen_bit_files_are_read_as_twelve_bit(tmp_path):
+    # a 12-bit detector's X-rays saved as 16-bit PNGs: read as 16-bit they would be nearly black
+    Image.fromarray(np.full((8, 8), 4095, dtype=np.uint16)).save(tmp_path / "white12.png")
+    Image.fromarray(np.full((8, 8), 2048, dtype=np.uint16)).save(tmp_path / "grey12.png")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert sorted(int(v) for v in d.images.amax((1, 2, 3))) == [128, 255]  # files sort grey12, white12
+    assert "read as 12-bit (largest 4095" in d.source
+    forced = load_images(DataConfig(path=str(tmp_path), image_size=8, bit_depth=16))
+    assert sorted(int(v) for v in forced.images.amax((1, 2, 3))) == [8, 16]  # 2048/257, 4095/257
+    with pytest.raises(UserError, match="values up to 4095 do not fit data.bit_depth=10: set it to at least 12"):
+        load_images(DataConfig(path=str(tmp_path), image_size=8, bit_depth=10))
+
+
+def test_a_dark_sixteen_bit_image_is_scaled_with_its_dataset_not_on_its_own(tmp_path):
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint16)).save(tmp_path / "dark.png")
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "white.png")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert [int(v) for v in d.images.amax((1, 2, 3))] == [1, 255]  # 200/257, not 200 as if 8-bit
+
+
+def test_wide_integer_arrays_take_one_bit_depth_for_the_whole_file(tmp_path):
+    arr = np.zeros((3, 8, 8), dtype=np.uint16)
+    arr[0], arr[1], arr[2] = 1023, 100, 0  # 10-bit data
+    np.save(tmp_path / "ten.npy", arr)
+    d = load_images(DataConfig(path=str(tmp_path / "ten.npy"), image_size=8))
+    assert [int(v) for v in d.images.amax((1, 2, 3))] == [255, 25, 0] and "10-bit" in d.source
+    assert int(array_to_uint8_nchw(arr, "x", bit_depth=16).max()) == 4
+    eight_bit_values = np.full((2, 8, 8), 255, dtype=np.int32)  # 8-bit data in a wide type stays as it is
+    assert int(array_to_uint8_nchw(eight_bit_values, "x").min()) == 255
+
+
 def test_unreadable_images_are_skipped_and_reported_or_fail(tmp_path):
     write_images(tmp_path, 3)
     (tmp_path / "empty.png").write_bytes(b"")

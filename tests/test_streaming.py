@@ -80,3 +80,24 @@ def test_evaluation_during_training_works_on_streamed_data(npy, tiny, monkeypatc
                         "train.eval_every": 10, "train.eval_num": 16, "train.eval_features": "efficientnet"}),
                 log=quiet, progress=False)
     assert "fd" in run.read_state()["checkpoints"][-1]
+
+
+def test_streamed_wide_data_shares_one_scale_across_batches(tmp_path, tiny):
+    """A batch of only dark 16-bit images is scaled like every other batch (a scale chosen per batch
+    or per image would read it as 8-bit), for memory-mapped arrays and for image folders alike."""
+    from PIL import Image
+
+    from ddpmkit.data import load_images
+
+    arr = np.zeros((4, 8, 8), dtype=np.uint16)
+    arr[0], arr[1] = 4000, 150
+    np.save(tmp_path / "wide.npy", arr)
+    (tmp_path / "imgs").mkdir()
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(tmp_path / "imgs" / f"{i}.png")
+    for path in (tmp_path / "wide.npy", tmp_path / "imgs"):
+        cfg = tiny(**{"data.path": str(path)}).data
+        source, loaded = open_stream(cfg), load_images(cfg)
+        dark = source.read(np.array([1, 2]))
+        assert torch.equal(dark, loaded.images[1:3]) and int(dark.max()) == 9  # round(150 * 255 / 4095)
+        assert torch.equal(source.read(np.arange(4)), loaded.images) and "12-bit" in source.source

@@ -22,6 +22,9 @@ class DataConfig:
     path: Optional[str] = None  # None: scikit-learn's bundled digits (1797 images, 8x8)
     image_size: int = 8
     channels: Optional[int] = None  # None keeps the data's own (grayscale stays grayscale)
+    # integer pixels wider than 8 bits (16-bit PNG/TIFF, uint16 arrays) span 0..2**bit_depth-1; None: the
+    # smallest of 8, 10, 12, 14, 16 bits that holds the dataset's largest value (12-bit X-rays in 16-bit files)
+    bit_depth: Optional[int] = None
     hflip: bool = False
     labels: Optional[str] = None  # CSV with an image-name column and a label column
     image_column: str = "image"
@@ -166,6 +169,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CHOICES = {
     "data.on_error": ("skip", "fail"),
     "data.channels": (None, 1, 3),
+    "data.bit_depth": (None, *range(1, 17)),
     "model.preset": (None, *MODEL_PRESETS),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v"),

@@ -55,9 +55,9 @@ def load_images(cfg: DataConfig) -> ImageData:
         if path.is_dir() and not _idx_files(path):
             data = _load_folder(split_folder(path, cfg), cfg)
         elif path.is_dir() or _is_idx(path):
-            data = _load_idx(path, cfg.split)
+            data = _load_idx(path, cfg.split, cfg.bit_depth)
         elif path.suffix.lower() in (".npy", ".npz"):
-            data = _load_array_file(path, cfg.split)
+            data = _load_array_file(path, cfg.split, cfg.bit_depth)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             raise UserError(f"data path {path} is a single image: point data.path at its folder")
         else:
@@ -201,7 +201,7 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     decoded, kept_labels, kept_files, skipped = [], [], [], []
     for i, path in enumerate(files):
         try:
-            decoded.append(decode_image(path))
+            decoded.append(read_pixels(path))
             kept_labels.append(labels[i] if labels else None)
             kept_files.append(str(path))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
@@ -211,11 +211,18 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     if not decoded:
         raise UserError(f"none of the {len(files)} images under {root} could be read (first: {skipped[0][0]}: {skipped[0][1]})")
 
+    scales = image_scales(decoded, f"the images under {root}", cfg.bit_depth)
     gray = cfg.channels == 1 or (cfg.channels is None and all(a.ndim == 2 for a in decoded))
-    tensors = [image_to_tensor(arr, gray, cfg.image_size) for arr in decoded]  # mixed sizes become one size
+    # mixed sizes become one size
+    tensors = [image_to_tensor(scaled_image(arr, scales), gray, cfg.image_size) for arr in decoded]
     desc = f"{len(tensors)} images from {root}" + (f" ({len(skipped)} skipped)" if skipped else "")
-    return ImageData(torch.cat(tensors), desc, labels=kept_labels if labels else None, skipped=skipped, files=kept_files,
-                     source_path=str(root))
+    return ImageData(torch.cat(tensors), desc + scales_note(scales), labels=kept_labels if labels else None,
+                     skipped=skipped, files=kept_files, source_path=str(root))
+
+
+def scales_note(scales: dict[str, ValueScale]) -> str:
+    notes = [s.note for s in scales.values() if s.note]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def image_to_tensor(arr: np.ndarray, gray: bool, size: int) -> torch.Tensor:
@@ -229,17 +236,26 @@ def image_to_tensor(arr: np.ndarray, gray: bool, size: int) -> torch.Tensor:
     return resize_center_crop(t, size)
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """Decode fully (so truncation is caught here) to uint8 H x W (gray) or H x W x 3."""
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # one channel, values wider than 8 bits
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    """Decode fully (so truncation is caught here): uint8 H x W (gray) or H x W x 3, or the stored
+    values (H x W) of a 16-bit, 32-bit or float image, for `image_scales` to map to 0..255."""
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            peak = 1.0 if im.mode == "F" and arr.max() <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
-            return np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        if im.mode in WIDE_MODES:
+            return np.array(im)
         if im.mode in GRAY_MODES:
             return np.asarray(im.convert("L"))
         return np.asarray(im.convert("RGB"))
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """One image on its own (an input to restore, a mask) as uint8 H x W or H x W x 3: wide values
+    are scaled by this image's own range. Datasets use `image_scales` over all their images."""
+    arr = read_pixels(path)
+    return scaled_image(arr, image_scales([arr], str(path)))
 
 
 def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
@@ -305,7 +321,7 @@ def _unique(paths: list[Path]) -> Path | None:
 # arrays
 
 
-def _load_array_file(path: Path, split: str) -> ImageData:
+def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> ImageData:
     try:
         if path.suffix.lower() == ".npy":
             refuse_split_of_npy(path, split)
@@ -323,7 +339,9 @@ def _load_array_file(path: Path, split: str) -> ImageData:
         raise UserError(f"cannot read {path}: {exc}") from None
     except (OSError, EOFError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
-    images = array_to_uint8_nchw(arr, f"{path}" + (f"[{key}]" if key else ""))
+    name = f"{path}" + (f"[{key}]" if key else "")
+    scale = value_scale(np.asarray(arr), name, bit_depth)
+    images = array_to_uint8_nchw(arr, name, scale)
     label_list = None
     if labels is not None:
         labels = np.asarray(labels)
@@ -334,7 +352,8 @@ def _load_array_file(path: Path, split: str) -> ImageData:
         if labels.size != len(images):
             raise UserError(f"{where} holds {labels.size} labels for {len(images)} images: give one per image")
         label_list = [str(v) for v in labels.reshape(-1)]
-    return ImageData(images, f"{len(images)} images from {path}" + (f" [{key}]" if key else ""), labels=label_list,
+    desc = f"{len(images)} images from {path}" + (f" [{key}]" if key else "") + scales_note({"": scale})
+    return ImageData(images, desc, labels=label_list,
                      source_path=f"{path}" + (f"[{key}]" if key else ""))
 
 
@@ -359,8 +378,11 @@ def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
     raise UserError(f"{path} holds {', '.join(keys)}: expected '{split}_images' (set data.split) or 'images'")
 
 
-def array_to_uint8_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
-    """(N,H,W), (N,H,W,C) or (N,C,H,W), uint8/uint16/bool/float -> uint8 N x C x H x W."""
+def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = None,
+                        bit_depth: int | None = None) -> torch.Tensor:
+    """(N,H,W), (N,H,W,C) or (N,C,H,W), uint8/uint16/bool/float -> uint8 N x C x H x W. `scale`
+    (default: the array's own, see `value_scale`) maps its values to 0..255, so batches read from
+    one file share it."""
     arr = np.asarray(arr)
     if arr.ndim == 3:
         arr = arr[:, None]
@@ -377,30 +399,86 @@ def array_to_uint8_nchw(arr: np.ndarray, name: str) -> torch.Tensor:
         raise UserError(f"{name}: shape {arr.shape} has images of zero size")
     if arr.shape[1] == 4:
         arr = arr[:, :3]  # drop alpha
-    if arr.dtype == np.uint8:
-        out = arr
-    elif arr.dtype == np.bool_:
-        out = arr.astype(np.uint8) * 255
-    elif np.issubdtype(arr.dtype, np.integer):
-        lo, hi = int(arr.min()), int(arr.max())
+    if scale is None:
+        scale = value_scale(arr, name, bit_depth)
+    return torch.from_numpy(np.array(scale.apply(arr), dtype=np.uint8))  # a writable, contiguous copy
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel values: one mapping to 0..255 for a whole dataset
+
+BIT_DEPTHS = (8, 10, 12, 14, 16)  # what an unset data.bit_depth chooses among
+
+
+@dataclass(frozen=True)
+class ValueScale:
+    """uint8 = round((value - low) * 255 / (high - low)), clipped. `note` says how wide values were
+    read, for the data's description."""
+    low: float = 0.0
+    high: float = 255.0
+    note: str = ""
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        if arr.dtype == np.uint8 and (self.low, self.high) == (0, 255):
+            return arr
+        x = (arr.astype(np.float64) - self.low) * (255.0 / (self.high - self.low))
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def value_scale(arr: np.ndarray, name: str, bit_depth: int | None = None) -> ValueScale:
+    """The scale of one array holding a whole dataset (or one image)."""
+    if arr.dtype == np.bool_:
+        return ValueScale(0, 1)
+    if arr.dtype == np.uint8 or arr.size == 0:  # an empty array is refused with its shape
+        return ValueScale()
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise UserError(f"{name}: unsupported dtype {arr.dtype}")
+    return _range_scale(arr.dtype.kind == "f", arr.min().item(), arr.max().item(), name, bit_depth)
+
+
+def image_scales(images, name: str, bit_depth: int | None = None) -> dict[str, ValueScale]:
+    """One scale for all of a dataset's integer images wider than 8 bits ("i") and one for its float
+    images ("f"), from one pass over `images` (decoded arrays, any iterable): never decided per image,
+    so a dark 16-bit image is not read as an 8-bit one."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for arr in images:
+        if arr.dtype == np.uint8:
+            continue
+        kind = "f" if arr.dtype.kind == "f" else "i"
+        lo, hi = arr.min().item(), arr.max().item()
+        if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+            raise UserError(f"{name}: an image contains NaN or infinite values")
+        if kind in ranges:
+            lo, hi = min(lo, ranges[kind][0]), max(hi, ranges[kind][1])
+        ranges[kind] = (lo, hi)
+    return {kind: _range_scale(kind == "f", lo, hi, name, bit_depth) for kind, (lo, hi) in ranges.items()}
+
+
+def scaled_image(arr: np.ndarray, scales: dict[str, ValueScale]) -> np.ndarray:
+    """A decoded image in uint8, through its dataset's `image_scales`."""
+    return arr if arr.dtype == np.uint8 else scales["f" if arr.dtype.kind == "f" else "i"].apply(arr)
+
+
+def _range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None) -> ValueScale:
+    """Integers are read at data.bit_depth or, unset, at the smallest of 8, 10, 12, 14 or 16 bits that
+    holds the largest value, so 12-bit X-rays stored in 16-bit files are not nearly black. Floats are
+    [0,1], [-1,1] or [0,255]."""
+    if not is_float:
         if lo < 0 or hi > 65535:
             raise UserError(f"{name}: integer values in [{lo}, {hi}]; expected 0..255 or 0..65535")
-        out = arr if hi <= 255 else np.round(arr / 257.0)
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise UserError(f"{name}: contains NaN or infinite values")
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo >= 0 and hi <= 1:
-            out = np.round(arr * 255.0)
-        elif lo >= -1 and hi <= 1:
-            out = np.round((arr + 1.0) * 127.5)
-        elif lo >= 0 and hi <= 255:
-            out = np.round(arr)
-        else:
-            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
-    else:
-        raise UserError(f"{name}: unsupported dtype {arr.dtype}")
-    return torch.from_numpy(np.array(out, dtype=np.uint8))  # a writable, contiguous copy
+        depth = bit_depth or next(d for d in BIT_DEPTHS if hi < 2 ** d)
+        if hi >= 2 ** depth:
+            raise UserError(f"{name}: values up to {hi} do not fit data.bit_depth={depth}: set it to at least "
+                            f"{int(hi).bit_length()}, or unset it")
+        how = "as data.bit_depth says" if bit_depth else "from the largest value; data.bit_depth sets it"
+        note = f"values read as {depth}-bit (largest {hi}; {how})" if depth != 8 else ""
+        return ValueScale(0, 2 ** depth - 1, note)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise UserError(f"{name}: contains NaN or infinite values")
+    for low, high in ((0, 1), (-1, 1), (0, 255)):
+        if lo >= low and hi <= high:
+            return ValueScale(low, high)
+    raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +524,7 @@ def _idx_file_of_split(name: str, split: str) -> bool:
     return any(re.search(rf"(^|[-_.]){word}([-_.]|$)", name.lower()) for word in _IDX_SPLIT_WORDS[split])
 
 
-def _load_idx(path: Path, split: str) -> ImageData:
+def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData:
     if split not in _IDX_SPLIT_WORDS:
         raise UserError(f"data.split={split}: MNIST-style IDX files hold 'train' and 'test' (t10k) splits only")
     if path.is_dir():
@@ -463,7 +541,9 @@ def _load_idx(path: Path, split: str) -> ImageData:
     elif split != "train" and not _idx_file_of_split(path.name, split):
         raise UserError(f"data.split={split}: {path} is one IDX file, not the {split} split: point data.path at "
                         f"the {split} file or its folder")
-    images = array_to_uint8_nchw(read_idx(path), str(path))
+    arr = read_idx(path)
+    scale = value_scale(arr, str(path), bit_depth)
+    images = array_to_uint8_nchw(arr, str(path), scale)
     label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
     labels = None
     if label_path != path and label_path.is_file():
@@ -471,4 +551,5 @@ def _load_idx(path: Path, split: str) -> ImageData:
         if len(labels) != len(images):
             raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images of {path.name}: "
                             f"use the labels file of the same split")
-    return ImageData(images, f"{len(images)} images from {path}", labels=labels, source_path=str(path))
+    return ImageData(images, f"{len(images)} images from {path}" + scales_note({"": scale}), labels=labels,
+                     source_path=str(path))

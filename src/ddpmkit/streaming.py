@@ -15,8 +15,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
-from .data import (GRAY_MODES, IMAGE_SUFFIXES, set_channels, array_to_uint8_nchw, decode_image, image_to_tensor,
-                   list_image_files, refuse_split_of_npy, resize_center_crop, split_folder)
+from .data import (GRAY_MODES, IMAGE_SUFFIXES, WIDE_MODES, array_to_uint8_nchw, image_scales, image_to_tensor,
+                   list_image_files, read_pixels, refuse_split_of_npy, resize_center_crop, scaled_image, scales_note,
+                   set_channels, split_folder, value_scale)
 from .errors import UserError
 
 
@@ -31,9 +32,10 @@ class NpyImages:
         if self.array.ndim not in (3, 4) or len(self.array) == 0:
             raise UserError(f"{path}: shape {self.array.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
         self.path, self.cfg = path, cfg
-        first = array_to_uint8_nchw(self.array[:1], str(path))  # checks layout and dtype once
+        self.scale = _array_scale(self.array, str(path), cfg.bit_depth)  # one for every batch
+        first = array_to_uint8_nchw(self.array[:1], str(path), self.scale)  # checks layout and dtype once
         self.channels = cfg.channels or first.shape[1]
-        self.source = f"{len(self.array)} images streamed from {path} (memory-mapped)"
+        self.source = f"{len(self.array)} images streamed from {path} (memory-mapped)" + scales_note({"": self.scale})
         self.labels, self.skipped = None, []
 
     def __len__(self) -> int:
@@ -41,7 +43,7 @@ class NpyImages:
 
     def read(self, indices: np.ndarray) -> torch.Tensor:
         order = np.argsort(indices)  # sorted reads touch the file in order; undone below
-        images = array_to_uint8_nchw(self.array[indices[order]], str(self.path))
+        images = array_to_uint8_nchw(self.array[indices[order]], str(self.path), self.scale)
         images = resize_center_crop(set_channels(images, self.cfg.channels), self.cfg.image_size)
         return images[torch.from_numpy(np.argsort(order))]
 
@@ -52,12 +54,11 @@ class FolderImages:
 
     def __init__(self, root: Path, cfg: DataConfig):
         files, labels = list_image_files(root, cfg)
-        kept, kept_labels, self.skipped = [], [], []
-        modes = set()
+        kept, kept_labels, modes, self.skipped = [], [], [], []
         for i, path in enumerate(files):
             try:
                 with Image.open(path) as im:
-                    modes.add(im.mode)
+                    modes.append(im.mode)
                 kept.append(path)
                 kept_labels.append(labels[i] if labels else None)
             except (OSError, UnidentifiedImageError) as exc:
@@ -68,23 +69,36 @@ class FolderImages:
             raise UserError(f"none of the {len(files)} images under {root} could be read")
         self.files, self.cfg = kept, cfg
         self.labels = kept_labels if labels else None
-        self.gray = cfg.channels == 1 or (cfg.channels is None and modes <= GRAY_MODES)
+        self.gray = cfg.channels == 1 or (cfg.channels is None and set(modes) <= GRAY_MODES)
         self.channels = 1 if self.gray else 3
-        self.source = f"{len(kept)} images streamed from {root}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+        # wide (16-bit, float) images share one scale, found by one pass over them before training
+        wide = (self._pixels(i) for i, mode in enumerate(modes) if mode in WIDE_MODES)
+        self.scales = image_scales(wide, f"the images under {root}", cfg.bit_depth)
+        self.source = (f"{len(kept)} images streamed from {root}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+                       + scales_note(self.scales))
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _pixels(self, i: int) -> np.ndarray:
+        try:
+            return read_pixels(self.files[i])
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise UserError(f"cannot decode image {self.files[i]}: {exc}; remove it or fix it, then rerun "
+                            f"(a run resumes)") from None
+
     def read(self, indices: np.ndarray) -> torch.Tensor:
-        out = []
-        for i in indices:
-            try:
-                arr = decode_image(self.files[i])
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-                raise UserError(f"cannot decode image {self.files[i]} during training: {exc}; "
-                                f"remove it or fix it, then rerun to resume") from None
-            out.append(image_to_tensor(arr, self.gray, self.cfg.image_size))
-        return torch.cat(out)
+        return torch.cat([image_to_tensor(scaled_image(self._pixels(i), self.scales), self.gray, self.cfg.image_size)
+                          for i in indices])
+
+
+def _array_scale(array: np.ndarray, name: str, bit_depth: int | None):
+    """One scale for a memory-mapped array, from its range read a chunk at a time."""
+    if array.dtype in (np.uint8, np.bool_):
+        return value_scale(array[:1], name, bit_depth)
+    chunk = max(1, 2 ** 24 // max(1, array[0].size))
+    lows_highs = [(c.min(), c.max()) for c in (np.asarray(array[i:i + chunk]) for i in range(0, len(array), chunk))]
+    return value_scale(np.array([v for pair in lows_highs for v in pair], dtype=array.dtype), name, bit_depth)
 
 
 def open_stream(cfg: DataConfig):
