@@ -71,6 +71,7 @@ def run_ddpmkit(args, arch: dict) -> dict:
                           "train.log_every": args.interval,
                           "train.sample_every": 10**9, "train.checkpoint_every": 10**9, "train.device": args.device,
                           "train.precision": "bf16" if args.bf16 else "fp32", "train.out_dir": str(Path(tmp) / "run"),
+                          "train.channels_last": args.channels_last,
                           "train.warmup_steps": 1, "train.grid_images": 1, "train.grid_steps": 1})
         cfg = load_config(None, overrides)
         train(cfg, log=lambda *_: None, progress=False)
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=4, help="steps per timed interval")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--channels-last", action="store_true", help="diffusers arm (ddpmkit always uses it on CUDA)")
+    ap.add_argument("--channels-last", action="store_true", help="both arms (ddpmkit: train.channels_last); else NCHW")
     ap.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                     help="torch.compile both networks (optionally in a mode: reduce-overhead adds CUDA graphs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU, for MFU")

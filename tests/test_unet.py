@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddpmkit.config import load_config
 from ddpmkit.errors import UserError
@@ -56,3 +57,30 @@ def test_timestep_embedding_matches_the_ddpm_formula():
     torch.testing.assert_close(emb, expected)
     flipped = timestep_embedding(t, 8, flip_sin_to_cos=True)
     torch.testing.assert_close(flipped, torch.cat([expected[:, 4:], expected[:, :4]], 1))
+
+
+def test_group_norm_keeps_low_precision_under_autocast_and_is_nn_group_norm_otherwise(monkeypatch):
+    from ddpmkit.unet import GroupNorm
+
+    torch.manual_seed(0)
+    ours, ref = GroupNorm(4, 8, eps=1e-6), torch.nn.GroupNorm(4, 8, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 6, 6) * 3 + 1
+    assert torch.equal(ours(x), ref(x))  # fp32: the same op (CPU training is unchanged)
+    xb = x.bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(xb)
+    # bf16 out, with bf16-rounded weights (as EDM's GroupNorm), within bf16 precision of fp32
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.group_norm(xb.detach(), 4, ours.weight.bfloat16(), ours.bias.bfloat16(), 1e-6))
+    assert (y.float() - ref(xb.detach().float())).abs().max() < 0.05
+    y.float().square().sum().backward()  # gradients reach the fp32 parameters and the input
+    assert ours.weight.grad.dtype == torch.float32 and ours.weight.grad.abs().sum() > 0 and xb.grad is not None
+    # CUDA's autocast would run group_norm in fp32 (CPU's does not): it is called with autocast off
+    seen, group_norm = [], F.group_norm
+    monkeypatch.setattr(F, "group_norm", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or group_norm(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(xb)
+    assert seen == [False]

@@ -219,8 +219,10 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
     torch.manual_seed(tc.seed)
     model = UNet(cfg.model, cfg.data.image_size).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    channels_last = device.type == "cuda" and tc.channels_last
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if channels_last:
         model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
     # Fused AdamW (CPU and CUDA) takes a found_inf flag: a non-finite step is skipped on the device,
     # so the step never waits for the host to read the loss.
@@ -312,7 +314,7 @@ def _train(cfg, fresh, log, progress, world, run, data, class_ids, source, devic
             for k in range(tc.grad_accum):
                 rows = slice(mine.start + k * share, mine.start + (k + 1) * share)
                 x0 = batch_to_model(batch_u8[k * share:(k + 1) * share], None if flips is None else flips[rows])
-                if device.type == "cuda":
+                if channels_last:
                     x0 = x0.contiguous(memory_format=torch.channels_last)
                 # DDP all-reduces gradients on the last micro-batch only
                 sync = contextlib.nullcontext() if ddp is None or k == tc.grad_accum - 1 else ddp.no_sync()

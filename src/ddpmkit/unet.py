@@ -34,13 +34,26 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
     return emb
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps a bf16/fp16 input's precision under autocast, as NVlabs EDM's does.
+    Autocast runs group_norm in fp32, so every normalised activation (and the SiLU after it) makes
+    an fp32 round trip through memory; the kernel accumulates its statistics in fp32 either way.
+    Outside autocast, and for fp32 inputs, it is nn.GroupNorm: CPU training is unchanged bit for bit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return super().forward(x)
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.norm1 = GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.norm2 = GroupNorm(groups, cout, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
@@ -59,7 +72,7 @@ class Attention(nn.Module):
     def __init__(self, channels: int, head_dim: int | None, groups: int, eps: float):
         super().__init__()
         self.heads = 1 if head_dim is None else max(1, channels // head_dim)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.group_norm = GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -156,7 +169,7 @@ class UNet(nn.Module):
                 cur = ch[i]
             self.up.append(Level(resnets, attns, Upsample(cur) if i > 0 else None))
 
-        self.norm_out = nn.GroupNorm(g, cur, eps=eps)
+        self.norm_out = GroupNorm(g, cur, eps=eps)
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
         self.activation_checkpointing = False  # training only: recompute each block in backward
 
