@@ -216,12 +216,12 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     # mixed sizes become one size
     tensors = [image_to_tensor(scaled_image(arr, scales), gray, cfg.image_size) for arr in decoded]
     desc = f"{len(tensors)} images from {root}" + (f" ({len(skipped)} skipped)" if skipped else "")
-    return ImageData(torch.cat(tensors), desc + scales_note(scales), labels=kept_labels if labels else None,
+    return ImageData(torch.cat(tensors), desc + scales_note(*scales.values()), labels=kept_labels if labels else None,
                      skipped=skipped, files=kept_files, source_path=str(root))
 
 
-def scales_note(scales: dict[str, ValueScale]) -> str:
-    notes = [s.note for s in scales.values() if s.note]
+def scales_note(*scales: ValueScale) -> str:
+    notes = [s.note for s in scales if s.note]
     return f" ({'; '.join(notes)})" if notes else ""
 
 
@@ -352,7 +352,7 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
         if labels.size != len(images):
             raise UserError(f"{where} holds {labels.size} labels for {len(images)} images: give one per image")
         label_list = [str(v) for v in labels.reshape(-1)]
-    desc = f"{len(images)} images from {path}" + (f" [{key}]" if key else "") + scales_note({"": scale})
+    desc = f"{len(images)} images from {path}" + (f" [{key}]" if key else "") + scales_note(scale)
     return ImageData(images, desc, labels=label_list,
                      source_path=f"{path}" + (f"[{key}]" if key else ""))
 
@@ -378,8 +378,7 @@ def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
     raise UserError(f"{path} holds {', '.join(keys)}: expected '{split}_images' (set data.split) or 'images'")
 
 
-def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = None,
-                        bit_depth: int | None = None) -> torch.Tensor:
+def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = None) -> torch.Tensor:
     """(N,H,W), (N,H,W,C) or (N,C,H,W), uint8/uint16/bool/float -> uint8 N x C x H x W. `scale`
     (default: the array's own, see `value_scale`) maps its values to 0..255, so batches read from
     one file share it."""
@@ -400,7 +399,7 @@ def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = N
     if arr.shape[1] == 4:
         arr = arr[:, :3]  # drop alpha
     if scale is None:
-        scale = value_scale(arr, name, bit_depth)
+        scale = value_scale(arr, name)
     return torch.from_numpy(np.array(scale.apply(arr), dtype=np.uint8))  # a writable, contiguous copy
 
 
@@ -551,5 +550,5 @@ def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData
         if len(labels) != len(images):
             raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images of {path.name}: "
                             f"use the labels file of the same split")
-    return ImageData(images, f"{len(images)} images from {path}" + scales_note({"": scale}), labels=labels,
+    return ImageData(images, f"{len(images)} images from {path}" + scales_note(scale), labels=labels,
                      source_path=str(path))

@@ -35,7 +35,7 @@ class NpyImages:
         self.scale = _array_scale(self.array, str(path), cfg.bit_depth)  # one for every batch
         first = array_to_uint8_nchw(self.array[:1], str(path), self.scale)  # checks layout and dtype once
         self.channels = cfg.channels or first.shape[1]
-        self.source = f"{len(self.array)} images streamed from {path} (memory-mapped)" + scales_note({"": self.scale})
+        self.source = f"{len(self.array)} images streamed from {path} (memory-mapped)" + scales_note(self.scale)
         self.labels, self.skipped = None, []
 
     def __len__(self) -> int:
@@ -75,7 +75,7 @@ class FolderImages:
         wide = (self._pixels(i) for i, mode in enumerate(modes) if mode in WIDE_MODES)
         self.scales = image_scales(wide, f"the images under {root}", cfg.bit_depth)
         self.source = (f"{len(kept)} images streamed from {root}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
-                       + scales_note(self.scales))
+                       + scales_note(*self.scales.values()))
 
     def __len__(self) -> int:
         return len(self.files)
