@@ -31,3 +31,48 @@ def test_info_command_on_a_run_and_on_overrides(tmp_path, capsys):
     # a fine-tuning config is sized as its source, not as its own (default) preset; so is --max-batch
     assert main(["info", f"train.init_from={run}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"] == info["parameters"] != 917_889
+
+
+def _idx(path, images):
+    """An MNIST-style IDX image file (uint8, N x H x W)."""
+    import struct
+
+    path.write_bytes(struct.pack(">BBBB3I", 0, 0, 0x08, 3, *images.shape) + images.tobytes())
+    return path
+
+
+def test_info_sizes_the_model_for_the_channels_of_the_data_it_names(tmp_path, capsys):
+    """A config naming grayscale data used to be sized for 3 channels: the data's channels are read
+    (image headers, the first image of a .npy), and 3 is assumed, and said, only for a missing path."""
+    import numpy as np
+    from conftest import write_images
+
+    rng = np.random.default_rng(0)
+    write_images(tmp_path / "gray", 3, mode="L")
+    write_images(tmp_path / "rgb", 3, mode="RGB")
+    (tmp_path / "labels.csv").write_text("image,label\nimg_000,a\nimg_002,b\n")
+    np.save(tmp_path / "gray.npy", rng.integers(0, 256, (4, 8, 8), dtype=np.uint8))
+    np.save(tmp_path / "rgb.npy", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "mnist").mkdir()
+    _idx(tmp_path / "mnist" / "train-images-idx3-ubyte", rng.integers(0, 256, (4, 8, 8), dtype=np.uint8))
+
+    def info(*overrides):
+        assert main(["info", *overrides, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for data, channels in (("gray", 1), ("rgb", 3), ("gray.npy", 1), ("rgb.npy", 3), ("mnist", 1),
+                           ("mnist/train-images-idx3-ubyte", 1)):
+        out = info(f"data.path={tmp_path / data}")
+        assert out["channels"] == channels and out["channels_from"] == f"the data in {tmp_path / data}", data
+    assert info(f"data.path={tmp_path / 'gray'}", f"data.labels={tmp_path / 'labels.csv'}")["channels"] == 1
+    out = info(f"data.path={tmp_path / 'gray'}", "data.channels=3")
+    assert (out["channels"], out["channels_from"]) == (3, "data.channels")
+    out = info(f"data.path={tmp_path / 'rgb'}", "model.in_channels=1")
+    assert (out["channels"], out["channels_from"]) == (1, "model.in_channels")
+    one = load_config(None, {"data.path": str(tmp_path / "gray")})
+    assert model_info(one)["parameters"] == 917_889  # the default model with 1 input channel, as training builds it
+    # a path that is not there (yet): RGB assumed, and said
+    assert main(["info", f"data.path={tmp_path / 'later'}"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"3 channels assumed: data.path {tmp_path / 'later'} does not exist here (set data.channels=1 for " \
+                   f"grayscale data)"

@@ -174,6 +174,30 @@ def test_a_refused_start_leaves_no_files(tiny, tmp_path):
     assert not blank.exists()
 
 
+def test_streaming_idx_data_is_refused_in_one_clear_line(tiny, tmp_path):
+    """data.stream reads .npy files and image folders: an IDX folder was searched for image files ("no
+    images found") and an IDX file called "a suffix-less file"; both now say what they are and what to do."""
+    import struct
+
+    import numpy as np
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    images = np.zeros((4, 8, 8), np.uint8)
+    idx = folder / "train-images-idx3-ubyte"
+    idx.write_bytes(struct.pack(">BBBB3I", 0, 0, 0x08, 3, *images.shape) + images.tobytes())
+    for path in (folder, idx):
+        out = tmp_path / f"run_{path.name}"
+        cfg = tiny(**{"data.path": str(path), "data.stream": True, "train.out_dir": str(out)})
+        with pytest.raises(UserError) as refused:
+            train(cfg, log=quiet, progress=False)
+        assert str(refused.value) == (f"data.stream=true reads .npy files and image folders, and {path} is MNIST-style "
+                                      f"IDX data: set data.stream=false (IDX data is small enough to load: MNIST's "
+                                      f"60,000 images take 47 MB)")
+        assert not out.exists()
+    train(tiny(**{"data.path": str(folder), "train.max_steps": 1}), log=quiet, progress=False)  # loaded, it trains
+
+
 def test_resuming_on_changed_data_records_the_new_images(tiny, tmp_path):
     """The leakage guard reads training_images.sha256: a resume on a folder with new images must add
     them (it kept the first start's list), and say that the data changed."""

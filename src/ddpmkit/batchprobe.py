@@ -37,6 +37,7 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1, ceiling: int = 
 def probe(cfg: Config, log=print) -> dict:
     """Try full training steps (forward, backward, AdamW) of the configured model at growing batch
     sizes on the GPU; report the largest that fits and a grad_accum that reaches train.batch_size."""
+    from .info import resolved_channels
     from .training import diffusion_loss
     from .runtime import autocast, autocast_dtype, resolve_device
     from .schedule import Schedule
@@ -45,10 +46,12 @@ def probe(cfg: Config, log=print) -> dict:
     device = resolve_device(cfg.train.device)
     if device.type != "cuda":
         raise UserError("--max-batch measures GPU memory: run it on a machine with a CUDA GPU (--device cuda)")
-    if cfg.model.in_channels is None:
-        cfg.model.in_channels = cfg.data.channels or 3
+    channels_from = "model.in_channels"
+    if cfg.model.in_channels is None:  # as training will find them (`info` reads them the same way)
+        cfg.model.in_channels, channels_from = resolved_channels(cfg)
     amp = autocast_dtype(cfg.train.precision, device)
-    model = UNet(cfg.model, cfg.data.image_size).to(device, memory_format=torch.channels_last)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as training lays it out
+    model = UNet(cfg.model, cfg.data.image_size).to(device, memory_format=fmt)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=True)
     schedule = Schedule.from_config(cfg.diffusion)
@@ -56,7 +59,7 @@ def probe(cfg: Config, log=print) -> dict:
 
     def fits(b: int) -> bool:
         try:
-            x0 = torch.randn((b, *shape), device=device).contiguous(memory_format=torch.channels_last)
+            x0 = torch.randn((b, *shape), device=device).contiguous(memory_format=fmt)
             t = torch.randint(0, schedule.num_timesteps, (b,), device=device)
             with autocast(device, amp):
                 loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, torch.randn_like(x0))
@@ -82,4 +85,5 @@ def probe(cfg: Config, log=print) -> dict:
         accum += 1
     return {"device": torch.cuda.get_device_name(device), "max_micro_batch": best,
             "batch_size": cfg.train.batch_size, "suggested_grad_accum": accum,
+            "channels": cfg.model.in_channels, "channels_from": channels_from,
             "note": "per process; keep some headroom (sampling grids and evaluation also use memory)"}

@@ -52,10 +52,10 @@ def load_images(cfg: DataConfig) -> ImageData:
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise UserError(f"data path not found: {path}")
-        if path.is_dir() and not _idx_files(path):
-            data = _load_folder(split_folder(path, cfg), cfg)
-        elif path.is_dir() or _is_idx(path):
+        if is_idx_data(path):
             data = _load_idx(path, cfg.split, cfg.bit_depth)
+        elif path.is_dir():
+            data = _load_folder(split_folder(path, cfg), cfg)
         elif path.suffix.lower() in (".npy", ".npz"):
             data = _load_array_file(path, cfg.split, cfg.bit_depth)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
@@ -150,7 +150,7 @@ def has_named_splits(path: str | Path) -> bool:
     folder) rather than `path` being one split itself (a plain folder, an .npy, one IDX file)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return bool(_idx_files(path) or _split_subfolders(path))
+        return is_idx_data(path) or bool(_split_subfolders(path))
     return path.suffix.lower() == ".npz"
 
 
@@ -488,6 +488,11 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 def _is_idx(path: Path) -> bool:
     return "idx" in path.name and path.is_file()
+
+
+def is_idx_data(path: Path) -> bool:
+    """An MNIST-style IDX file, or a folder holding IDX image files (read as IDX, not as images)."""
+    return _is_idx(path) or (path.is_dir() and bool(_idx_files(path)))
 
 
 def _idx_files(folder: Path) -> list[Path]:

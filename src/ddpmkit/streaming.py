@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .data import (GRAY_MODES, IMAGE_SUFFIXES, WIDE_MODES, array_to_uint8_nchw, image_scales, image_to_tensor,
-                   list_image_files, read_pixels, refuse_split_of_npy, resize_center_crop, scaled_image, scales_note,
+                   is_idx_data, list_image_files, read_pixels, refuse_split_of_npy, resize_center_crop, scaled_image, scales_note,
                    set_channels, split_folder, value_scale)
 from .errors import UserError
 
@@ -105,6 +105,9 @@ def open_stream(cfg: DataConfig):
     path = Path(cfg.path).expanduser() if cfg.path else None
     if path is None or not path.exists():
         raise UserError("data.stream=true needs data.path: a .npy file or a folder of images")
+    if is_idx_data(path):
+        raise UserError(f"data.stream=true reads .npy files and image folders, and {path} is MNIST-style IDX data: "
+                        f"set data.stream=false (IDX data is small enough to load: MNIST's 60,000 images take 47 MB)")
     if path.is_dir():
         return FolderImages(split_folder(path, cfg), cfg)
     if path.suffix.lower() == ".npy":
