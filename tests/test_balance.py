@@ -65,9 +65,13 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     assert main(["balance", str(run), "--out", str(out), "--target", "3", "--class", "dog", "--by-class-folders",
                  "--quiet", "sample.steps=3"]) == 0
     assert len(list((out / "by_class" / "dog").iterdir())) == 3
-    # another seed is another set of images: refused, then replaced with --fresh
+    # another seed is another set of images: refused, naming the --seed the user set (not the per-class seeds
+    # derived from it, which the classes' sampling jobs record), then replaced with --fresh
     balance = ["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--seed", "5"]
+    capsys.readouterr()
     assert main(balance) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out} holds a balanced set generated with --seed 0, not 5" in err[0], err
     assert main([*balance, "--fresh"]) == 0 and not (out / "by_class").exists()
     # the balanced set's root is not a sampling job's folder
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 2

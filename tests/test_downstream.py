@@ -112,6 +112,44 @@ def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path)
     assert sorted(np.bincount(calibration.labels)) == sorted(np.bincount(labels[250:290, 0]))
 
 
+def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):
+    """One folder of PNGs and a CSV per split, with their own column names (as ISIC ships them): the
+    generator trains on it with data.labels, and the study reads it with --real-labels and --test-labels."""
+    from PIL import Image
+
+    images, labels = _digits01()
+    folder, names = tmp_path / "scans", {0: "benign", 1: "malignant"}
+    folder.mkdir()
+    csvs = {"train": ["file,diagnosis"], "test": ["file,diagnosis"]}
+    for i in range(100):
+        Image.fromarray(images[i]).save(folder / f"scan_{i:03d}.png")
+        csvs["train" if i < 60 else "test"].append(f"scan_{i:03d},{names[labels[i, 0]]}")
+    for split, lines in csvs.items():
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    columns = ["data.image_column=file", "data.label_column=diagnosis"]
+    run, synthetic = tmp_path / "run", tmp_path / "balanced"
+    assert main(["train", f"--data={folder}", f"data.labels={tmp_path / 'train.csv'}", *columns,
+                 "model.class_conditional=true", "train.max_steps=4", f"--out={run}", "--quiet", *TINY_ARGS]) == 0
+    assert main(["balance", str(run), "--out", str(synthetic), "--quiet", "sample.steps=3"]) == 0
+    argv = ["downstream", "--real", str(folder), "--real-labels", str(tmp_path / "train.csv"), "--synthetic",
+            str(synthetic), "--seeds", "2", "--steps", "2", *columns]
+    out = tmp_path / "study"
+    assert main([*argv, "--test-labels", str(tmp_path / "test.csv"), "--out", str(out)]) == 0  # tests in --real's folder
+    summary = json.loads((out / "results.json").read_text())
+    count = {split: [sum(line.endswith(n) for line in csvs[split]) for n in names.values()] for split in csvs}
+    assert summary["classes"] == ["benign", "malignant"] and summary["test_counts"] == count["test"]
+    assert summary["train_counts"]["real"] == count["train"] and summary["leakage"].startswith("checked: no test image")
+    # a CSV names one set of images, so there is no test split to fall back on; other data keys are the flags'
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert f"--real {folder} has no 'test' split to take the test images from: give them with --test (and " \
+           f"--test-labels if a CSV names them)" in capsys.readouterr().err
+    assert main([*argv, "--test-labels", str(tmp_path / "test.csv"), "data.split=val", "--out", str(tmp_path / "b")]) == 2
+    assert "downstream takes only data.image_column, data.label_column, data.on_error as overrides, got data.split" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_tuned_threshold_finds_the_operating_point_the_default_misses():
     from ddpmkit.downstream import scores, tuned_threshold
 

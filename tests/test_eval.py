@@ -138,6 +138,21 @@ def test_statistics_reference_and_its_limits(tmp_path):
         evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "classifier")
 
 
+def test_the_classifier_against_an_unlabelled_run_is_refused_in_one_line(tmp_path, capsys):
+    from conftest import write_images
+    from test_cli import TINY_ARGS
+
+    write_images(tmp_path / "plain", n=8, size=(8, 8))  # no labels: no CSV, no class subfolders
+    run = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--data", str(tmp_path / "plain"), "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    gen = write_pngs(tmp_path / "gen", digits(8)[0])
+    capsys.readouterr()
+    assert main(["eval", str(gen), "--ref", str(run), "--features", "classifier"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"(training data of {run}), has no labels" in err[0], err
+    assert "use --features inception or efficientnet" in err[0] and "statistics" not in err[0]
+
+
 def test_reading_generated_images_never_takes_the_grids(tmp_path):
     folder = write_pngs(tmp_path / "s", torch.zeros(3, 1, 8, 8, dtype=torch.uint8))
     (folder / "grids").mkdir()

@@ -159,6 +159,28 @@ def test_learning_gif_from_training_grids(run_dir, capsys):
     assert "learning.gif" in capsys.readouterr().out
 
 
+def test_gif_of_a_folder_that_is_not_a_training_run_says_so(run_dir, tmp_path, capsys):
+    images = tmp_path / "images"
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", images, "--quiet") == 0  # a folder of images
+    capsys.readouterr()
+    for folder, says in ((images, f"{images} is not a ddpmkit training run"), (tmp_path / "nowhere", "not found")):
+        assert cli("gif", folder) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and "grids" not in err[0], err
+    assert not (images / "learning.gif").exists()
+
+
+def test_sampling_says_which_grids_it_wrote(run_dir, tmp_path, capsys):
+    """Grids need 16 images or more: --num 2 used to say it wrote grids to OUT/grids, which did not exist."""
+    assert cli("sample", run_dir, "--num", 2, "--steps", 2, "--out", tmp_path / "two", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "no grid (one needs at least 16 images)" in out and "grids to" not in out
+    assert not (tmp_path / "two" / "grids").exists()
+    assert cli("sample", run_dir, "--num", 16, "--steps", 2, "--out", tmp_path / "sixteen", "--quiet") == 0
+    assert f"grids grid_4x4.png to {tmp_path / 'sixteen'}/grids," in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "sixteen" / "grids").iterdir()] == ["grid_4x4.png"]
+
+
 def test_bf16_weights_sample_as_autocast_does(run_dir):
     """On a GPU `ddpmkit sample` loads the weights in bf16 (load_run's dtype) and feeds the network
     bf16 instead of autocasting fp32 weights on every call: images stay fp32 and agree with the

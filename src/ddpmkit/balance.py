@@ -88,7 +88,7 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_label, proportions)
     out = Path(out)
-    _claim(out, run, fresh)
+    _claim(out, run, sample_cfg.seed, fresh)
     log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
     rows = [[path, i, "", "", "", "", label, "false"] for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
     for position, (name, num) in enumerate(need.items()):
@@ -112,19 +112,24 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
 BALANCE_FILE = ".ddpmkit-balance.json"  # marks a folder a balance job writes into
 
 
-def _claim(out: Path, run: Run, fresh: bool) -> None:
-    """Refuse an --out that holds anything but this run's balance (a sampling job, a training run,
-    someone's files), then mark it as this run's."""
+def _claim(out: Path, run: Run, seed: int, fresh: bool) -> None:
+    """Refuse an --out that holds anything but this run's balance with this --seed (a sampling job, a
+    training run, someone's files), then mark it as this run's. The seed is checked here, in the
+    user's terms: each class's sampling job would refuse it too, but naming its derived seed."""
     check_output_folder(out, "balanced set", "balanced")
     if (out / JOB_FILE).exists():
         raise UserError(f"--out {out} holds a sampling job's images: choose another --out for the balanced set")
     mark = out / BALANCE_FILE
-    mine = {"run": str(run.path.resolve())}
+    mine = {"run": str(run.path.resolve()), "seed": seed}
     if mark.exists():
         theirs = json.loads(mark.read_text())
-        if theirs != mine and not fresh:
+        if theirs.get("run") != mine["run"] and not fresh:
             raise UserError(f"{out} holds a balanced set from another run ({theirs.get('run')}): "
                             f"use --fresh to replace it, or another --out")
+        if theirs.get("seed", seed) != seed and not fresh:  # (a mark without one: written before it was kept)
+            raise UserError(f"{out} holds a balanced set generated with --seed {theirs['seed']}, not {seed} (each "
+                            f"class samples with a seed derived from it): use --fresh to replace its images, "
+                            f"or another --out")
     elif (out / "manifest.csv").exists() and not (out / "classes").is_dir():  # (classes/: an older balance)
         raise UserError(f"{out} holds a manifest.csv no ddpmkit balance wrote there: choose another --out")
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import from_dict, load_config, merge_overrides, parse_override, read_yaml
+from .config import data_config, from_dict, load_config, merge_overrides, parse_override, read_yaml
 from .errors import UserError
 
 TRAIN_FLAGS = {  # flag -> config key
@@ -18,6 +18,7 @@ TRAIN_FLAGS = {  # flag -> config key
     "batch_size": "train.batch_size", "steps": "train.max_steps", "max_minutes": "train.max_minutes",
     "lr": "train.lr", "seed": "train.seed", "device": "train.device", "init_from": "train.init_from",
 }
+STUDY_DATA_KEYS = ("data.image_column", "data.label_column", "data.on_error")  # downstream: for every real source
 SAMPLE_FLAGS = {
     "num": "sample.num", "sampler": "sample.sampler", "steps": "sample.steps", "eta": "sample.eta",
     "seed": "sample.seed", "batch_size": "sample.batch_size", "size": "sample.size",
@@ -179,10 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "  ddpmkit downstream --real lesions/train --test lesions/test --calibration lesions/val "
                               "--synthetic balanced/ --out study/\n"
                               "  ddpmkit downstream --real pneumonia.npz --calibration-split val --synthetic balanced/ "
-                              "--out study/",
+                              "--out study/\n"
+                              "  ddpmkit downstream --real lesions/ --real-labels train.csv --test-labels test.csv "
+                              "--synthetic balanced/ --out study/ data.image_column=isic_id   # a CSV per split",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("args", nargs="*", metavar="data.key=value",
+                   help=f"for every labels CSV and real image read: {', '.join(STUDY_DATA_KEYS)}")
     d.add_argument("--real", required=True, help="the labelled real training data (any data.path)")
+    d.add_argument("--real-labels", default=None, metavar="CSV",
+                   help="a CSV naming --real's images and their labels (as data.labels for train)")
     d.add_argument("--test", default=None, help="the real test data (default: --real's test split, for .npz)")
+    d.add_argument("--test-labels", default=None, metavar="CSV",
+                   help="a CSV naming the test images and their labels, in --test (default: in --real's folder)")
     d.add_argument("--synthetic", required=True, help="a ddpmkit balance output folder")
     d.add_argument("--out", required=True)
     d.add_argument("--real-split", default="train")
@@ -199,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--calibration-split, that split of --real")
     d.add_argument("--calibration-split", default=None, metavar="SPLIT",
                    help="the split of the calibration data, e.g. val for an .npz (default: val)")
+    d.add_argument("--calibration-labels", default=None, metavar="CSV",
+                   help="a CSV naming the calibration images and their labels, in --calibration (default: in --real's "
+                        "folder)")
     d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
 
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
@@ -366,7 +378,13 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     from .run import RunDir
 
     run_dir = RunDir(ns.run)
+    if not run_dir.path.is_dir():
+        raise UserError(f"run directory not found: {run_dir.path}")
+    if not run_dir.is_run():  # a data or samples folder: "no training grids" would read as a run that lost them
+        raise UserError(f"{run_dir.path} is not a ddpmkit training run: give the folder `ddpmkit train --out` wrote")
     gif = learning_gif(run_dir, ns.frame_ms)
+    if gif is None and run_dir.imported_from():
+        raise UserError(f"{run_dir.path} is an imported model ({run_dir.imported_from()}): it has no training grids")
     if gif is None:
         raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} (train.sample_every writes them)")
     out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
@@ -409,12 +427,28 @@ def cmd_balance(ns: argparse.Namespace) -> None:
             ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp, fresh=ns.fresh)
 
 
+def _study_source(path: str | None, labels: str | None, real: str, overrides: dict):
+    """A real-data source of the study as a data section: a path and, for a CSV-labelled folder, its
+    CSV (a CSV without a path names images in --real's folder). None when neither is given."""
+    if path is None and labels is None:
+        return None
+    return data_config({**overrides, "data.path": path or real, "data.labels": labels})
+
+
 def cmd_downstream(ns: argparse.Namespace) -> None:
     from .downstream import run_study
 
-    run_study(ns.real, ns.synthetic, ns.out, ns.test, ns.real_split, ns.test_split, ns.seeds, ns.steps,
-              augment=not ns.no_augment, synthetic_share=ns.synthetic_share, unverified=ns.unverified,
-              calibration=ns.calibration, calibration_split=ns.calibration_split)
+    overrides = dict(parse_override(tok) for tok in ns.args)
+    other = [k for k in overrides if k not in STUDY_DATA_KEYS]
+    if other:  # paths, labels and splits have their flags; the study sets the size and channels
+        raise UserError(f"downstream takes only {', '.join(STUDY_DATA_KEYS)} as overrides, got {other[0]}: --real, "
+                        f"--test, --calibration and their -labels and -split flags name the data")
+    sources = {name: _study_source(path, labels, ns.real, overrides) for name, path, labels in (
+        ("real", ns.real, ns.real_labels), ("test", ns.test, ns.test_labels),
+        ("calibration", ns.calibration, ns.calibration_labels))}
+    run_study(sources["real"], ns.synthetic, ns.out, sources["test"], ns.real_split, ns.test_split, ns.seeds,
+              ns.steps, augment=not ns.no_augment, synthetic_share=ns.synthetic_share, unverified=ns.unverified,
+              calibration=sources["calibration"], calibration_split=ns.calibration_split)
 
 
 def cmd_restore(ns: argparse.Namespace) -> None:

@@ -112,11 +112,22 @@ class _Block(nn.Module):
 
 # --- data --------------------------------------------------------------------------------------
 
-def load_real(path: str, split: str, size: int, channels: int | None, names: list[str]) -> Pool:
-    data = load_images(DataConfig(path=path, split=split, image_size=size, channels=channels))
+def as_source(source: str | DataConfig | None) -> DataConfig | None:
+    """A real-data source: a path, or a data section (a folder with its labels CSV and columns)."""
+    return DataConfig(path=source) if isinstance(source, str) else source
+
+
+def _named(source: DataConfig, split: str) -> str:
+    return f"{source.path} ({split})" if source.labels is None else f"{source.path} (labelled by {source.labels})"
+
+
+def load_real(source: str | DataConfig, split: str, size: int, channels: int | None, names: list[str]) -> Pool:
+    source = as_source(source)
+    data = load_images(replace(source, split=split, image_size=size, channels=channels))
     if not data.labels:
-        raise UserError(f"{path} ({split}): no labels; the study needs labelled real images")
-    return Pool(data.images, _indices(data.labels, names, f"{path} ({split})"))
+        raise UserError(f"{_named(source, split)}: no labels; the study needs labelled real images (class "
+                        f"subfolders, an .npz with *_labels, or a CSV: --real-labels, --test-labels)")
+    return Pool(data.images, _indices(data.labels, names, _named(source, split)))
 
 
 def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, list[Path]]:
@@ -400,46 +411,60 @@ def _without(pool: Pool, drop: np.ndarray) -> Pool:
     return Pool(pool.images[torch.from_numpy(~drop)], pool.labels[~drop])
 
 
-def load_calibration(path: str, split: str, size: int, channels: int, names: list[str], real_pool: Pool,
+def load_calibration(source: DataConfig, split: str, size: int, channels: int, names: list[str], real_pool: Pool,
                      test: Pool, generators_trained: set[str]) -> tuple[Pool, str]:
     """Labelled real images to tune thresholds on, without those a classifier or the generator trained on
     (tuning on them would flatter every arm); refused if it shares images with the test split (a
     source without the named split falls back to another one, which must not pass silently)."""
-    pool = load_real(path, split, size, channels, names)
+    pool = load_real(source, split, size, channels, names)
     in_test = int(among(pool, set(image_digests(test.images))).sum())
     if in_test:
-        raise UserError(f"calibration data {path} ({split}): {in_test} of its images are in the test split; "
+        raise UserError(f"calibration data {_named(source, split)}: {in_test} of its images are in the test split; "
                         f"tune thresholds on images the test does not hold")
     seen = among(pool, set(image_digests(real_pool.images)) | generators_trained)
     pool = _without(pool, seen)
     if len(np.unique(pool.labels)) < 2:
-        raise UserError(f"calibration data {path} ({split}): after dropping the {int(seen.sum())} images a classifier or "
+        raise UserError(f"calibration data {_named(source, split)}: after dropping the {int(seen.sum())} images a classifier or "
                         f"the generator trained on, {len(pool.labels)} images of fewer than 2 classes are left; "
                         f"give held-out labelled images (--calibration PATH, or a separate split of --real)")
     note = f"{int(seen.sum())} calibration images a classifier or the generator trained on were dropped; "
     return pool, note if seen.any() else ""
 
 
-def _split_of(separate: str | None, split: str) -> str:
-    """The split to read: `split` of --real, or of a separate source that has splits; a separate
-    source without them (a plain folder, an .npy) is the split itself, read whole."""
-    return split if separate is None or has_named_splits(separate) else DataConfig.split
+def _has_splits(source: DataConfig) -> bool:
+    """Whether data.split chooses among parts of the source; a labels CSV names one set of images."""
+    return source.labels is None and has_named_splits(source.path)
 
 
-def load_study_data(real: str, synthetic: str, test: str | None = None, real_split: str = "train",
-                    test_split: str = "test", unverified: bool = False, drop_seen: bool = False,
-                    calibration: str | None = None, calibration_split: str | None = None
-                    ) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
+def _split_source(real: DataConfig, separate: DataConfig | None, split: str, flag: str) -> tuple[DataConfig, str]:
+    """What to read for the test or calibration images, and its split: `split` of a separate source that
+    has splits, a separate source without them (a plain or CSV-labelled folder, an .npy) whole, and
+    without a separate source, that split of --real."""
+    if separate is not None:
+        return separate, split if _has_splits(separate) else DataConfig.split
+    if not _has_splits(real):
+        raise UserError(f"--real {real.path} has no '{split}' split to take the {flag[2:]} images from: give them "
+                        f"with {flag} (and {flag}-labels if a CSV names them)")
+    return real, split
+
+
+def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConfig | None = None,
+                    real_split: str = "train", test_split: str = "test", unverified: bool = False,
+                    drop_seen: bool = False, calibration: str | DataConfig | None = None,
+                    calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
     """Class names, the real, synthetic, test and calibration pools at the generator's resolution, and
-    the leakage check. Calibration images come from `calibration` (default: `real`), split
-    `calibration_split` (default: val), when either is given; otherwise the calibration pool is None.
-    drop_seen removes the test images the generator saw instead of refusing (for choosing on a
-    validation split that shares images with the training split; never for the final study).
+    the leakage check. Each real source is a path or a data section (for a labels CSV). Calibration
+    images come from `calibration` (default: `real`), split `calibration_split` (default: val), when
+    either is given; otherwise the calibration pool is None. drop_seen removes the test images the
+    generator saw instead of refusing (for choosing on a validation split that shares images with
+    the training split; never for the final study).
     """
+    real, test, calibration = as_source(real), as_source(test), as_source(calibration)
     synth_folder = Path(synthetic)
-    probe = load_images(DataConfig(path=real, split=real_split, image_size=8))  # labels and the native size
+    probe = load_images(replace(real, split=real_split, image_size=8))  # labels and the native size
     if not probe.labels:
-        raise UserError(f"{real}: no labels; the study needs labelled real images")
+        raise UserError(f"{real.path}: no labels; the study needs labelled real images (class subfolders, an .npz "
+                        f"with *_labels, or a CSV naming them: --real-labels)")
     names = class_order(probe.labels)
     first = next(synth_folder.rglob("individual/*.png"), None)
     if first is None:
@@ -447,7 +472,7 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
     size = read_image(first).shape[-1]  # the study runs at the generator's resolution
     synth, runs = load_synthetic(synth_folder, size, names)
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
-    test_pool = load_real(test or real, _split_of(test, test_split), size, synth.images.shape[1], names)
+    test_pool = load_real(*_split_source(real, test, test_split, "--test"), size, synth.images.shape[1], names)
     trained = generators_training_digests(runs, size, synth.images.shape[1])  # read once, for every check below
     dropped = ""
     if drop_seen and runs:
@@ -456,18 +481,20 @@ def load_study_data(real: str, synthetic: str, test: str | None = None, real_spl
         dropped = f"{int(seen.sum())} {test_split} images the generator saw were dropped; "
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
-        calibration_pool, note = load_calibration(calibration or real, _split_of(calibration, calibration_split or "val"), size,
-                                                  synth.images.shape[1], names, real_pool, test_pool, trained)
+        source, split = _split_source(real, calibration, calibration_split or "val", "--calibration")
+        calibration_pool, note = load_calibration(source, split, size, synth.images.shape[1], names, real_pool,
+                                                  test_pool, trained)
         dropped += note
     leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)
     return names, real_pool, synth, test_pool, calibration_pool, leakage
 
 
-def run_study(real: str, synthetic: str, out: str, test: str | None = None, real_split: str = "train",
-              test_split: str = "test", seeds: int = 3, steps: int = 1500, augment: bool = True,
-              synthetic_share: float | None = None, unverified: bool = False, calibration: str | None = None,
-              calibration_split: str | None = None, log=print) -> dict:
-    """The CLI's entry: real data (its train split), the synthetic folder, the test split."""
+def run_study(real: str | DataConfig, synthetic: str, out: str, test: str | DataConfig | None = None,
+              real_split: str = "train", test_split: str = "test", seeds: int = 3, steps: int = 1500,
+              augment: bool = True, synthetic_share: float | None = None, unverified: bool = False,
+              calibration: str | DataConfig | None = None, calibration_split: str | None = None, log=print) -> dict:
+    """The CLI's entry: real data (its train split), the synthetic folder, the test split; each real
+    source a path or a data section (a folder and the CSV that labels it)."""
     if seeds < 2:  # with one seed there is no seed-to-seed spread, and any lucky gain would read as one
         raise UserError(f"--seeds {seeds}: a verdict needs at least 2 seeds per arm (3 or more is better)")
     if steps < 1:

@@ -265,17 +265,22 @@ def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, log) -> None:
     if missing:
         raise UserError(f"{len(missing)} images missing from {out} after sampling (first: {missing[0]}); rerun the command")
     first = [read_image(out / rows[k][0]) for k in range(min(cfg.num, 64))]
+    grids = []
     for side in GRID_SIDES:
         if len(first) >= side * side:
             grid = make_grid(torch.stack(first[: side * side]), side)
-            atomic.write_bytes(out / "grids" / f"grid_{side}x{side}.png", png_bytes(scale_for_viewing(grid)), fsync=False)
+            grids.append(f"grid_{side}x{side}.png")
+            atomic.write_bytes(out / "grids" / grids[-1], png_bytes(scale_for_viewing(grid)), fsync=False)
     if cfg.gif:
         atomic.write_bytes(out / "trajectory.gif", trajectory_gif(run, cfg, options), fsync=False)
     # rows beyond --num stay listed if an earlier run of this job made more
     write_manifest(out / "manifest.csv", [rows[k] for k in sorted(rows)])
     for p in out.glob(".manifest-rank*.csv"):
         p.unlink()
-    log(f"wrote {cfg.num} images to {out}/individual, grids to {out}/grids, manifest {out}/manifest.csv"
+    # the smallest grid needs 16 images: say so rather than name a folder that was not written
+    grid_note = (f"grids {', '.join(grids)} to {out}/grids" if grids
+                 else f"no grid (one needs at least {GRID_SIDES[0] ** 2} images)")
+    log(f"wrote {cfg.num} images to {out}/individual, {grid_note}, manifest {out}/manifest.csv"
         + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
 
 

@@ -144,9 +144,13 @@ def build_extractor(name: str, ref: Reference, inception_weights: str | None, de
         return fx.inception(inception_weights, device)
     if name == "efficientnet":
         return fx.efficientnet(device)
-    if ref.images is None or not ref.labels:
-        raise UserError("--features classifier needs labelled reference images (a run or data with labels), "
-                        "not a statistics file")
+    if ref.images is None:
+        raise UserError(f"--features classifier trains on labelled reference images, and the reference, "
+                        f"{ref.description}, holds no images: give a run or --ref data.path=... instead")
+    if not ref.labels:
+        raise UserError(f"--features classifier trains on the reference's labels, and the reference, {ref.description}, "
+                        f"has no labels: use --features inception or efficientnet, or a labelled reference (class "
+                        f"subfolders, an .npz with *_labels, or --ref data.labels=CSV beside --ref data.path=...)")
     return fx.classifier(ref.images, ref.labels, cache_dir(), log)
 
 
