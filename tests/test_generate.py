@@ -67,6 +67,19 @@ def test_options_the_job_would_ignore_are_refused_before_anything_is_written(run
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_the_python_api_refuses_what_its_sampler_would_ignore_as_the_cli_does(run_dir):
+    from ddpmkit import UserError, load_run, sample
+
+    run = load_run(run_dir)
+    for options, message in [({"sampler": "dpmpp-2m", "eta": 0.5}, "sample.eta=0.5 applies to the ddim sampler only"),
+                             ({"eta": 0.5, "variance": "large"}, "sample.variance=large applies to the ddpm sampler only"),
+                             ({"guidance": 2.0}, "is not class-conditional, so there is nothing to guide")]:
+        with pytest.raises(UserError, match=message):
+            sample(run, num=1, steps=2, **options)
+    assert sample(run, num=1, steps=2, sampler="ddpm", variance="large").shape[0] == 1  # what applies is taken
+    assert sample(run, num=1, steps=2, eta=1.0).shape[0] == 1  # ddim, the API's default sampler
+
+
 def test_options_from_the_runs_own_config_are_not_refused(tmp_path):
     """An import of a fixed_large DDPM scheduler records sample.variance=large; other samplers just do not use it."""
     run = tmp_path / "run"

@@ -22,6 +22,7 @@ import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -89,7 +90,12 @@ def class_name(run: Run, index: int, class_label: str | None) -> str:
 
 def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: int | None = None,
            **options) -> torch.Tensor:
-    """Notebook API: `num` images as uint8 N x C x H x W (options as in `sample_batch`)."""
+    """Notebook API: `num` images as uint8 N x C x H x W (options as in `sample_batch`). An option the
+    sampler would ignore (eta off ddim, variance off ddpm, guidance for an unconditional run) is
+    refused, as the CLI refuses it."""
+    chosen = SimpleNamespace(sampler=options.get("sampler", "ddim"), eta=options.get("eta", 0.0),
+                             variance=options.get("variance", "small"), guidance=options.get("guidance", 1.0))
+    check_asked_options(run, chosen, {f"sample.{k}" for k in options})
     out = []
     for start in range(0, num, batch_size):
         x = sample_batch(run, list(range(start, min(num, start + batch_size))), seed, **options)
