@@ -8,8 +8,9 @@
 # Each measurement writes NAME.json (the script's JSON) and NAME.err into $OUT; one that fails or
 # runs past its limit does not stop the others. What they answer:
 #   train_nchw / train_cl  training img/s, ddpmkit against diffusers, both bf16 autocast, NCHW (both
-#                          networks) and channels_last (64x64): which layout ddpmkit's train.channels_last should default
-#                          to, now that its GroupNorms stay in bf16 under autocast (unet.GroupNorm)
+#                          networks) and channels_last (64x64): which layout train.channels_last
+#                          should default to, now that ddpmkit's GroupNorms stay in bf16 under
+#                          autocast (unet.GroupNorm)
 #   sample_job             the seed's 5,900-image 64x64 job, eager, both with bf16 weights (diffusers
 #                          in channels_last, as its docs advise): never timed end to end eager
 set -uo pipefail

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 
 import pytest
@@ -73,6 +74,12 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{out} holds a balanced set generated with --seed 0, not 5" in err[0], err
     assert main([*balance, "--fresh"]) == 0 and not (out / "by_class").exists()
+    # a mark from before the seed was kept: another seed is refused by the class jobs, and the mark does not
+    # start claiming it, so the command that made the set still runs
+    mark = out / ".ddpmkit-balance.json"
+    mark.write_text(json.dumps({"run": json.loads(mark.read_text())["run"]}))
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--seed", "7"]) == 2
+    assert "seed" not in json.loads(mark.read_text()) and main(balance) == 0
     # the balanced set's root is not a sampling job's folder
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 2
     assert main(["balance", str(run), "--out", str(out), "--proportions", "cat=0.5,dog=0.5", "--target", "9",

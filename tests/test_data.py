@@ -55,7 +55,7 @@ def test_twelve_bit_values_in_sixteen_bit_files_are_read_as_twelve_bit(tmp_path)
     Image.fromarray(np.full((8, 8), 2048, dtype=np.uint16)).save(tmp_path / "grey12.png")
     d = load_images(DataConfig(path=str(tmp_path), image_size=8))
     assert sorted(int(v) for v in d.images.amax((1, 2, 3))) == [128, 255]  # files sort grey12, white12
-    assert "read as 12-bit (largest 4095" in d.source
+    assert "12-bit values (largest 4095" in d.source
     forced = load_images(DataConfig(path=str(tmp_path), image_size=8, bit_depth=16))
     assert sorted(int(v) for v in forced.images.amax((1, 2, 3))) == [8, 16]  # 2048/257, 4095/257
     with pytest.raises(UserError, match="values up to 4095 do not fit data.bit_depth=10: set it to at least 12"):
@@ -78,6 +78,33 @@ def test_wide_integer_arrays_take_one_bit_depth_for_the_whole_file(tmp_path):
     assert int(array_to_uint8_nchw(arr, "x", value_scale(arr, "x", bit_depth=16)).max()) == 4
     eight_bit_values = np.full((2, 8, 8), 255, dtype=np.int32)  # 8-bit data in a wide type stays as it is
     assert int(array_to_uint8_nchw(eight_bit_values, "x").min()) == 255
+
+
+def test_float_and_signed_image_files_beyond_the_usual_ranges_load_as_clipped_integers(tmp_path):
+    # a float TIFF of raw counts and a 32-bit TIFF with negative values (CT in Hounsfield units): read as
+    # integers clipped to 0..65535, at the depth of their largest value, and said so; arrays are refused
+    Image.fromarray(np.full((8, 8), 3000.0, dtype=np.float32)).save(tmp_path / "counts.tif")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert int(d.images.max()) == round(3000 * 255 / 4095) and "12-bit values" in d.source and d.bit_depth == 12
+    (tmp_path / "counts.tif").unlink()
+    Image.fromarray(np.array([[-1000] * 4 + [1000] * 4] * 8, dtype=np.int32)).save(tmp_path / "hu.tif")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert sorted(set(d.images.flatten().tolist())) == [0, round(1000 * 255 / 1023)]  # 10-bit: largest 1000
+    assert "clipped from [-1000, 1000]" in d.source
+    with pytest.raises(UserError, match="integer values in"):
+        array_to_uint8_nchw(np.full((1, 8, 8), -5, dtype=np.int32), "x")
+
+
+def test_the_scale_ignores_alpha_and_labels_name_folder_images_only(tmp_path):
+    rgba = np.zeros((2, 8, 8, 4), dtype=np.uint16)
+    rgba[..., :3], rgba[..., 3] = 4095, 65535  # 12-bit colour, opaque 16-bit alpha
+    np.save(tmp_path / "rgba.npy", rgba)
+    d = load_images(DataConfig(path=str(tmp_path / "rgba.npy"), image_size=8))
+    assert int(d.images.min()) == 255 and d.bit_depth == 12
+    np.savez(tmp_path / "d.npz", train_images=rgba[..., 0], train_labels=np.array([0, 1]))
+    (tmp_path / "labels.csv").write_text("image,label\na,0\n")
+    with pytest.raises(UserError, match="names images in a folder"):
+        load_images(DataConfig(path=str(tmp_path / "d.npz"), labels=str(tmp_path / "labels.csv")))
 
 
 def test_unreadable_images_are_skipped_and_reported_or_fail(tmp_path):

@@ -145,8 +145,9 @@ def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):
     assert f"--real {folder} has no 'test' split to take the test images from: give them with --test (and " \
            f"--test-labels if a CSV names them)" in capsys.readouterr().err
     assert main([*argv, "--test-labels", str(tmp_path / "test.csv"), "data.split=val", "--out", str(tmp_path / "b")]) == 2
-    assert "downstream takes only data.image_column, data.label_column, data.on_error as overrides, got data.split" \
-        in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "downstream takes only data.image_column, data.label_column, data.on_error, data.bit_depth as overrides" in err
+    assert "got data.split" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -188,6 +189,20 @@ def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     # for choosing on a validation split, the seen images can be dropped instead (and are counted)
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
     assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped; checked")
+
+
+def test_real_images_are_read_at_the_bit_depth_the_generator_recorded(tmp_path):
+    """12-bit-looking values in uint16 arrays, a generator told data.bit_depth=16: the study reads the real
+    images at 16 bits too (unset, it would choose 12), so the leakage guard still recognises them."""
+    small = np.load(_npz(tmp_path / "small.npz", np.arange(0, 200), np.arange(150, 250)))
+    data = tmp_path / "wide.npz"
+    np.savez(data, **{k: v.astype(np.uint16) * 16 if k.endswith("images") else v for k, v in small.items()})
+    run, synthetic = tmp_path / "run_wide", tmp_path / "bal_wide"
+    assert main(["train", f"--data={data}", "data.bit_depth=16", "model.class_conditional=true", "train.max_steps=4",
+                 f"--out={run}", "--quiet", *TINY_ARGS]) == 0
+    assert main(["balance", str(run), "--out", str(synthetic), "--quiet", "sample.steps=3"]) == 0
+    *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
+    assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped")
 
 
 def test_the_leakage_guard_holds_when_the_synthetic_images_were_upsampled(tmp_path, capsys):

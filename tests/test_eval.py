@@ -237,3 +237,14 @@ def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tm
     np.savez(ref_file, **arrays)
     assert main([*args, "--ref", str(ref_file)]) == 2
     assert "other weights or preprocessing" in capsys.readouterr().err
+
+
+def test_wide_generated_images_are_read_at_one_scale_for_the_set(tmp_path):
+    from PIL import Image
+
+    for i, top in enumerate((900, 4000)):
+        a = np.full((8, 8), 900, dtype=np.uint16)
+        a[0, 0] = top
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    images, _ = read_generated(tmp_path)
+    assert images[0, 0, 4, 4] == images[1, 0, 4, 4] == round(900 * 255 / 4095)  # not per image: 56 and 224

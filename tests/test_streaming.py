@@ -101,3 +101,25 @@ def test_streamed_wide_data_shares_one_scale_across_batches(tmp_path, tiny):
         dark = source.read(np.array([1, 2]))
         assert torch.equal(dark, loaded.images[1:3]) and int(dark.max()) == 9  # round(150 * 255 / 4095)
         assert torch.equal(source.read(np.arange(4)), loaded.images) and "12-bit" in source.source
+
+
+def test_an_unreadable_wide_image_is_skipped_when_streamed_as_in_memory(tmp_path, tiny):
+    from PIL import Image
+
+    from ddpmkit.data import load_images
+
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 1000 * (i + 1), dtype=np.uint16)).save(tmp_path / f"{i}.png")
+    whole = (tmp_path / "0.png").read_bytes()
+    (tmp_path / "0.png").write_bytes(whole[: len(whole) // 2])  # truncated: its header still reads
+    cfg = tiny(**{"data.path": str(tmp_path)}).data
+    source, loaded = open_stream(cfg), load_images(cfg)
+    assert len(source) == len(loaded) == 2 and [p for p, _ in source.skipped] == [p for p, _ in loaded.skipped]
+    assert torch.equal(source.read(np.arange(2)), loaded.images)
+    with pytest.raises(UserError, match="cannot read image"):
+        open_stream(tiny(**{"data.path": str(tmp_path), "data.on_error": "fail"}).data)
+
+
+def test_an_npy_with_idx_in_its_name_streams(tmp_path, tiny):
+    np.save(tmp_path / "scans_idx.npy", np.zeros((4, 8, 8), dtype=np.uint8))
+    assert len(open_stream(tiny(**{"data.path": str(tmp_path / "scans_idx.npy")}).data)) == 4

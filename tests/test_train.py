@@ -1,11 +1,14 @@
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_images
 from safetensors.torch import load_file
 
 from ddpmkit.checkpoint import restore, save_checkpoint
+from ddpmkit.data import image_digests, load_images
 from ddpmkit.errors import UserError
 from ddpmkit.run import RunDir, load_run
 from ddpmkit.training import EpochOrder, train
@@ -241,3 +244,27 @@ def test_data_paths_are_recorded_absolute(tiny, tmp_path, monkeypatch):
     cfg["data.path"] = "images"
     train(tiny(**cfg, **{"train.max_steps": 6}), log=lambda *_: None, progress=False)
     assert max(c["step"] for c in run.read_state()["checkpoints"]) == 6
+
+
+def test_a_run_records_the_bit_depth_it_chose_and_a_run_from_before_the_key_keeps_16_bits(tiny, tmp_path):
+    import yaml
+    from PIL import Image
+
+    (tmp_path / "x12").mkdir()
+    for i, top in enumerate((4095, 3000, 2000, 1000)):  # 12-bit values in 16-bit PNGs
+        Image.fromarray(np.full((8, 8), top, dtype=np.uint16)).save(tmp_path / "x12" / f"{i}.png")
+    logs = []
+    cfg = tiny(**{"data.path": str(tmp_path / "x12"), "train.max_steps": 2})
+    run = train(cfg, log=logs.append, progress=False)
+    assert yaml.safe_load(run.config_path.read_text())["data"]["bit_depth"] == 12 and "12-bit values" in "\n".join(logs)
+    # a run trained before data.bit_depth existed read these as 16-bit: without the key it resumes so
+    raw = yaml.safe_load(run.config_path.read_text())
+    del raw["data"]["bit_depth"]
+    run.config_path.write_text(yaml.safe_dump(raw))
+    (run.path / "training_images.sha256").write_text("\n".join(image_digests(
+        load_images(replace(cfg.data, bit_depth=16)).images)) + "\n")  # what the old reading recorded
+    logs.clear()
+    train(tiny(**{"data.path": str(tmp_path / "x12"), "train.max_steps": 4}), log=logs.append, progress=False)
+    assert any("resuming" in m for m in logs) and "16-bit values" in "\n".join(logs)
+    assert not any("data changed" in m for m in logs)
+    assert load_run(run.path).config.data.bit_depth == 16  # sampling, balance and eval read it alike

@@ -130,6 +130,8 @@ def _claim(out: Path, run: Run, seed: int, fresh: bool) -> None:
             raise UserError(f"{out} holds a balanced set generated with --seed {theirs['seed']}, not {seed} (each "
                             f"class samples with a seed derived from it): use --fresh to replace its images, "
                             f"or another --out")
+        if "seed" not in theirs and not fresh:  # an older balance's mark: its class jobs know their seeds
+            del mine["seed"]  # and refuse another one; the mark never claims a seed it was not made with
     elif (out / "manifest.csv").exists() and not (out / "classes").is_dir():  # (classes/: an older balance)
         raise UserError(f"{out} holds a manifest.csv no ddpmkit balance wrote there: choose another --out")
     out.mkdir(parents=True, exist_ok=True)

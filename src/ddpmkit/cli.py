@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import data_config, from_dict, load_config, merge_overrides, parse_override, read_yaml
+from .config import data_config, from_dict, load_config, merge_overrides, parse_override, read_run_config
 from .errors import UserError
 
 TRAIN_FLAGS = {  # flag -> config key
@@ -18,7 +18,8 @@ TRAIN_FLAGS = {  # flag -> config key
     "batch_size": "train.batch_size", "steps": "train.max_steps", "max_minutes": "train.max_minutes",
     "lr": "train.lr", "seed": "train.seed", "device": "train.device", "init_from": "train.init_from",
 }
-STUDY_DATA_KEYS = ("data.image_column", "data.label_column", "data.on_error")  # downstream: for every real source
+# downstream: set for every real source (its flags name the paths, labels and splits)
+STUDY_DATA_KEYS = ("data.image_column", "data.label_column", "data.on_error", "data.bit_depth")
 SAMPLE_FLAGS = {
     "num": "sample.num", "sampler": "sample.sampler", "steps": "sample.steps", "eta": "sample.eta",
     "seed": "sample.seed", "batch_size": "sample.batch_size", "size": "sample.size",
@@ -296,7 +297,7 @@ def _sample_config(run_path: str, overrides: dict, doing: str):
     bad = [k for k in overrides if not k.startswith("sample.")]
     if bad:
         raise UserError(f"only sample.* keys can be set when {doing}, got {bad[0]}")
-    return run_dir, from_dict(merge_overrides(read_yaml(run_dir.config_path), overrides)).sample
+    return run_dir, from_dict(merge_overrides(read_run_config(run_dir.config_path), overrides)).sample
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
@@ -389,7 +390,8 @@ def cmd_gif(ns: argparse.Namespace) -> None:
         raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} (train.sample_every writes them)")
     out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
     atomic.write_bytes(out, gif)
-    print(f"wrote {out} ({len(list(run_dir.grids.glob('step_*.png')))} grids)")
+    frames = len(list(run_dir.grids.glob("step_*.png")))
+    print(f"wrote {out} ({frames} training grid{'' if frames == 1 else 's'})")
 
 
 def cmd_import(ns: argparse.Namespace) -> None:

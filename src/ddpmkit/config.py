@@ -22,8 +22,8 @@ class DataConfig:
     path: Optional[str] = None  # None: scikit-learn's bundled digits (1797 images, 8x8)
     image_size: int = 8
     channels: Optional[int] = None  # None keeps the data's own (grayscale stays grayscale)
-    # integer pixels wider than 8 bits (16-bit PNG/TIFF, uint16 arrays) span 0..2**bit_depth-1; None: the
-    # smallest of 8, 10, 12, 14, 16 bits that holds the dataset's largest value (12-bit X-rays in 16-bit files)
+    # integer pixels wider than 8 bits (16-bit PNG/TIFF, uint16 arrays) span 0..2**bit_depth-1 (8..16); None:
+    # the smallest of 8, 10, 12, 14, 16 bits holding the data's largest value, recorded by a run at its start
     bit_depth: Optional[int] = None
     hflip: bool = False
     labels: Optional[str] = None  # CSV with an image-name column and a label column
@@ -91,7 +91,7 @@ class TrainConfig:
     max_steps: int = 4000
     max_minutes: float = 0.0  # 0: no time budget
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
-    channels_last: bool = True  # CUDA: channels_last tensors (false: NCHW, whose eager GroupNorm is faster)
+    channels_last: bool = True  # CUDA: channels_last tensors (false: NCHW); which is faster is not yet measured
     seed: int = 0
     device: str = "auto"
     log_every: int = 50
@@ -170,7 +170,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CHOICES = {
     "data.on_error": ("skip", "fail"),
     "data.channels": (None, 1, 3),
-    "data.bit_depth": (None, *range(1, 17)),
+    "data.bit_depth": (None, *range(8, 17)),
     "model.preset": (None, *MODEL_PRESETS),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v"),
@@ -355,6 +355,15 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return raw or {}
+
+
+def read_run_config(path: str | Path) -> dict:
+    """A run's config.yaml. Runs from before data.bit_depth existed read wide pixels as 16-bit:
+    without the key they keep that reading (resumes, sampling, balance, eval and downstream alike)."""
+    raw = read_yaml(path)
+    if isinstance(raw.get("data"), dict):
+        raw["data"].setdefault("bit_depth", 16)
+    return raw
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

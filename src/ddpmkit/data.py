@@ -36,6 +36,7 @@ class ImageData:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) for unreadable images
     files: list[str] | None = None  # each image's file, for folders
     source_path: str = ""  # the file or folder read (arrays: with their key), for manifests
+    bit_depth: int | None = None  # the depth wide integer pixels were read at (None: there were none)
 
     @property
     def channels(self) -> int:
@@ -52,6 +53,7 @@ def load_images(cfg: DataConfig) -> ImageData:
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise UserError(f"data path not found: {path}")
+        refuse_labels_off_folder(path, cfg)
         if is_idx_data(path):
             data = _load_idx(path, cfg.split, cfg.bit_depth)
         elif path.is_dir():
@@ -65,6 +67,13 @@ def load_images(cfg: DataConfig) -> ImageData:
     images = set_channels(data.images, cfg.channels)
     data.images = resize_center_crop(images, cfg.image_size)
     return data
+
+
+def refuse_labels_off_folder(path: Path, cfg: DataConfig) -> None:
+    """data.labels (a CSV) names images in a folder: for arrays and IDX files it would be ignored."""
+    if cfg.labels is not None and (not path.is_dir() or is_idx_data(path)):
+        raise UserError(f"data.labels={cfg.labels} names images in a folder, and {path} is not a folder of images: "
+                        f"drop data.labels (an .npz takes labels from its *_labels arrays, IDX from its labels file)")
 
 
 def class_order(labels) -> list[str]:
@@ -217,12 +226,16 @@ def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     tensors = [image_to_tensor(scaled_image(arr, scales), gray, cfg.image_size) for arr in decoded]
     desc = f"{len(tensors)} images from {root}" + (f" ({len(skipped)} skipped)" if skipped else "")
     return ImageData(torch.cat(tensors), desc + scales_note(*scales.values()), labels=kept_labels if labels else None,
-                     skipped=skipped, files=kept_files, source_path=str(root))
+                     skipped=skipped, files=kept_files, source_path=str(root), bit_depth=resolved_depth(*scales.values()))
 
 
 def scales_note(*scales: ValueScale) -> str:
-    notes = [s.note for s in scales if s.note]
-    return f" ({'; '.join(notes)})" if notes else ""
+    """How wide values were read, for the data's description (training prints it)."""
+    return "".join(f", {s.note}" for s in scales if s.note)
+
+
+def resolved_depth(*scales: ValueScale) -> int | None:
+    return next((s.bit_depth for s in scales if s.bit_depth is not None), None)
 
 
 def image_to_tensor(arr: np.ndarray, gray: bool, size: int) -> torch.Tensor:
@@ -340,7 +353,8 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
     except (OSError, EOFError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     name = f"{path}" + (f"[{key}]" if key else "")
-    scale = value_scale(np.asarray(arr), name, bit_depth)
+    arr = as_nchw(arr, name)
+    scale = value_scale(arr, name, bit_depth)
     images = array_to_uint8_nchw(arr, name, scale)
     label_list = None
     if labels is not None:
@@ -353,8 +367,7 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
             raise UserError(f"{where} holds {labels.size} labels for {len(images)} images: give one per image")
         label_list = [str(v) for v in labels.reshape(-1)]
     desc = f"{len(images)} images from {path}" + (f" [{key}]" if key else "") + scales_note(scale)
-    return ImageData(images, desc, labels=label_list,
-                     source_path=f"{path}" + (f"[{key}]" if key else ""))
+    return ImageData(images, desc, labels=label_list, source_path=name, bit_depth=scale.bit_depth)
 
 
 def refuse_split_of_npy(path: Path, split: str) -> None:
@@ -378,10 +391,8 @@ def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
     raise UserError(f"{path} holds {', '.join(keys)}: expected '{split}_images' (set data.split) or 'images'")
 
 
-def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = None) -> torch.Tensor:
-    """(N,H,W), (N,H,W,C) or (N,C,H,W), uint8/uint16/bool/float -> uint8 N x C x H x W. `scale`
-    (default: the array's own, see `value_scale`) maps its values to 0..255, so batches read from
-    one file share it."""
+def as_nchw(arr: np.ndarray, name: str) -> np.ndarray:
+    """(N,H,W), (N,H,W,C) or (N,C,H,W) -> N x C x H x W with C 1 or 3 (alpha dropped); checked."""
     arr = np.asarray(arr)
     if arr.ndim == 3:
         arr = arr[:, None]
@@ -396,10 +407,15 @@ def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = N
         raise UserError(f"{name}: holds no images")
     if arr.size == 0:
         raise UserError(f"{name}: shape {arr.shape} has images of zero size")
-    if arr.shape[1] == 4:
-        arr = arr[:, :3]  # drop alpha
-    if scale is None:
-        scale = value_scale(arr, name)
+    return arr[:, :3] if arr.shape[1] == 4 else arr  # drop alpha
+
+
+def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = None) -> torch.Tensor:
+    """An image array in any layout `as_nchw` takes, uint8/uint16/bool/float -> uint8 N x C x H x W.
+    `scale` (default: the array's own, `value_scale`) maps its values to 0..255: batches read from
+    one file share their file's."""
+    arr = as_nchw(arr, name)
+    scale = scale if scale is not None else value_scale(arr, name)
     return torch.from_numpy(np.array(scale.apply(arr), dtype=np.uint8))  # a writable, contiguous copy
 
 
@@ -411,10 +427,11 @@ BIT_DEPTHS = (8, 10, 12, 14, 16)  # what an unset data.bit_depth chooses among
 
 @dataclass(frozen=True)
 class ValueScale:
-    """uint8 = round((value - low) * 255 / (high - low)), clipped. `note` says how wide values were
-    read, for the data's description."""
+    """uint8 = round((value - low) * 255 / (high - low)), clipped to 0..255. `bit_depth`: the depth
+    integer values were read at; `note` says so, for the data's description."""
     low: float = 0.0
     high: float = 255.0
+    bit_depth: int | None = None
     note: str = ""
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
@@ -425,14 +442,14 @@ class ValueScale:
 
 
 def value_scale(arr: np.ndarray, name: str, bit_depth: int | None = None) -> ValueScale:
-    """The scale of one array holding a whole dataset (or one image)."""
+    """The scale of an array holding a whole dataset (N x C x H x W, alpha dropped)."""
     if arr.dtype == np.bool_:
         return ValueScale(0, 1)
     if arr.dtype == np.uint8 or arr.size == 0:  # an empty array is refused with its shape
         return ValueScale()
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise UserError(f"{name}: unsupported dtype {arr.dtype}")
-    return _range_scale(arr.dtype.kind == "f", arr.min().item(), arr.max().item(), name, bit_depth)
+    return range_scale(arr.dtype.kind == "f", arr.min().item(), arr.max().item(), name, bit_depth)
 
 
 def image_scales(images, name: str, bit_depth: int | None = None) -> dict[str, ValueScale]:
@@ -445,12 +462,13 @@ def image_scales(images, name: str, bit_depth: int | None = None) -> dict[str, V
             continue
         kind = "f" if arr.dtype.kind == "f" else "i"
         lo, hi = arr.min().item(), arr.max().item()
-        if kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # here: min() and max() below would drop a NaN
             raise UserError(f"{name}: an image contains NaN or infinite values")
         if kind in ranges:
             lo, hi = min(lo, ranges[kind][0]), max(hi, ranges[kind][1])
         ranges[kind] = (lo, hi)
-    return {kind: _range_scale(kind == "f", lo, hi, name, bit_depth) for kind, (lo, hi) in ranges.items()}
+    return {kind: range_scale(kind == "f", lo, hi, name, bit_depth, image_files=True)
+            for kind, (lo, hi) in ranges.items()}
 
 
 def scaled_image(arr: np.ndarray, scales: dict[str, ValueScale]) -> np.ndarray:
@@ -458,26 +476,30 @@ def scaled_image(arr: np.ndarray, scales: dict[str, ValueScale]) -> np.ndarray:
     return arr if arr.dtype == np.uint8 else scales["f" if arr.dtype.kind == "f" else "i"].apply(arr)
 
 
-def _range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None) -> ValueScale:
-    """Integers are read at data.bit_depth or, unset, at the smallest of 8, 10, 12, 14 or 16 bits that
-    holds the largest value, so 12-bit X-rays stored in 16-bit files are not nearly black. Floats are
-    [0,1], [-1,1] or [0,255]."""
-    if not is_float:
-        if lo < 0 or hi > 65535:
-            raise UserError(f"{name}: integer values in [{lo}, {hi}]; expected 0..255 or 0..65535")
-        depth = bit_depth or next(d for d in BIT_DEPTHS if hi < 2 ** d)
-        if hi >= 2 ** depth:
-            raise UserError(f"{name}: values up to {hi} do not fit data.bit_depth={depth}: set it to at least "
-                            f"{int(hi).bit_length()}, or unset it")
-        how = "as data.bit_depth says" if bit_depth else "from the largest value; data.bit_depth sets it"
-        note = f"values read as {depth}-bit (largest {hi}; {how})" if depth != 8 else ""
-        return ValueScale(0, 2 ** depth - 1, note)
+def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, image_files: bool = False) -> ValueScale:
+    """Floats in [0,1], [-1,1] or [0,255] map from that range. Integers are read at data.bit_depth or,
+    unset, at the smallest of 8, 10, 12, 14 or 16 bits holding the largest value, so 12-bit X-rays
+    stored in 16-bit files are not nearly black. Image files (32-bit and float TIFFs) may hold other
+    values: those are read as integers, clipped to 0..65535; arrays holding them are refused."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise UserError(f"{name}: contains NaN or infinite values")
-    for low, high in ((0, 1), (-1, 1), (0, 255)):
-        if lo >= low and hi <= high:
-            return ValueScale(low, high)
-    raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
+    if is_float:
+        for low, high in ((0, 1), (-1, 1), (0, 255)):
+            if lo >= low and hi <= high:
+                return ValueScale(low, high)
+        if not image_files:
+            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
+    clipped = ""
+    if lo < 0 or hi > 65535:
+        if not image_files:
+            raise UserError(f"{name}: integer values in [{lo}, {hi}]; expected 0..255 or 0..65535")
+        clipped, hi = f", clipped from [{lo:.6g}, {hi:.6g}] to 0..65535", min(hi, 65535)
+    depth = bit_depth or next(d for d in BIT_DEPTHS if hi < 2 ** d)
+    if hi >= 2 ** depth:
+        raise UserError(f"{name}: values up to {hi:.6g} do not fit data.bit_depth={depth}: set it to at least "
+                        f"{int(hi).bit_length()}, or unset it")
+    note = f"{depth}-bit values (largest {hi:.6g}{clipped}; data.bit_depth sets the depth)"
+    return ValueScale(0, 2 ** depth - 1, depth, note if depth != 8 or clipped else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +509,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def _is_idx(path: Path) -> bool:
-    return "idx" in path.name and path.is_file()
+    return "idx" in path.name and path.is_file() and path.suffix.lower() not in {".npy", ".npz", *IMAGE_SUFFIXES}
 
 
 def is_idx_data(path: Path) -> bool:
@@ -545,7 +567,7 @@ def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData
     elif split != "train" and not _idx_file_of_split(path.name, split):
         raise UserError(f"data.split={split}: {path} is one IDX file, not the {split} split: point data.path at "
                         f"the {split} file or its folder")
-    arr = read_idx(path)
+    arr = as_nchw(read_idx(path), str(path))
     scale = value_scale(arr, str(path), bit_depth)
     images = array_to_uint8_nchw(arr, str(path), scale)
     label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
@@ -556,4 +578,4 @@ def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData
             raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images of {path.name}: "
                             f"use the labels file of the same split")
     return ImageData(images, f"{len(images)} images from {path}" + scales_note(scale), labels=labels,
-                     source_path=str(path))
+                     source_path=str(path), bit_depth=scale.bit_depth)

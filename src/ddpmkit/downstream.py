@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import atomic
-from .config import DataConfig, from_dict, read_yaml
+from .config import DataConfig, from_dict, read_run_config
 from .data import class_order, has_named_splits, image_digests, load_images, resize_center_crop
 from .errors import UserError
 from .images import read_image
@@ -161,7 +161,7 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
         if RunDir(run).imported_from():
             raise UserError(f"the synthetic images come from {run}, an imported model: the images it was trained on "
                             f"are unknown, so leakage into the test split cannot be ruled out")
-        cfg = from_dict(read_yaml(run / "config.yaml"))
+        cfg = from_dict(read_run_config(run / "config.yaml"))
         recorded = RunDir(run).digests_path
         if recorded.is_file() and cfg.data.image_size == size and cfg.model.in_channels == channels:
             seen |= set(recorded.read_text().split())
@@ -169,6 +169,13 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
             as_study = replace(cfg.data, image_size=size, channels=channels)
             seen |= set(image_digests(load_images(as_study).images))
     return seen
+
+
+def generators_bit_depth(runs: list[Path]) -> int | None:
+    """The depth the generators read wide pixels at (their config records it), so the real images are
+    read as they were: the same pixels, and the same bytes for the leakage guard. None if they differ."""
+    depths = {from_dict(read_run_config(run / "config.yaml")).data.bit_depth for run in runs}
+    return depths.pop() if len(depths) == 1 else None
 
 
 def among(pool: Pool, digests: set[str]) -> np.ndarray:
@@ -471,6 +478,9 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
         raise UserError(f"{synth_folder} holds no generated images (individual/*.png)")
     size = read_image(first).shape[-1]  # the study runs at the generator's resolution
     synth, runs = load_synthetic(synth_folder, size, names)
+    depth = generators_bit_depth(runs)
+    real, test, calibration = (source if source is None or source.bit_depth is not None else replace(source, bit_depth=depth)
+                               for source in (real, test, calibration))
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
     test_pool = load_real(*_split_source(real, test, test_split, "--test"), size, synth.images.shape[1], names)
     trained = generators_training_digests(runs, size, synth.images.shape[1])  # read once, for every check below

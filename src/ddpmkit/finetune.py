@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_into, read_checkpoint
-from .config import Config, from_dict, read_yaml
+from .config import Config, from_dict, read_run_config
 from .errors import UserError
 from .run import RunDir
 
@@ -35,7 +35,7 @@ class Source:
         self.is_run = (path / "config.yaml").is_file()
         if self.is_run:
             self.path = path
-            self.config = from_dict(read_yaml(path / "config.yaml"))
+            self.config = from_dict(read_run_config(path / "config.yaml"))
             self._net = None
         else:  # a diffusers folder or hub id: converted exactly, or refused
             from .interop import read_diffusers

@@ -18,7 +18,7 @@ import torch
 
 from . import atomic
 from .checkpoint import file_sha256, load_into, read_checkpoint
-from .config import Config, from_dict, read_yaml
+from .config import Config, from_dict, read_run_config
 from .errors import UserError
 from .schedule import Schedule
 from .unet import UNet
@@ -166,7 +166,7 @@ def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, dev
         raise UserError(f"run directory not found: {run_dir.path}")
     if not run_dir.config_path.is_file():
         raise UserError(f"{run_dir.path} is not a ddpmkit run (no config.yaml)")
-    cfg = from_dict(read_yaml(run_dir.config_path))
+    cfg = from_dict(read_run_config(run_dir.config_path))
     entry = run_dir.select_checkpoint(checkpoint)
     ckpt_path = run_dir.path / entry["file"]
     prefix = "ema" if ema else "model"

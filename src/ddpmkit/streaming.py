@@ -15,9 +15,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
-from .data import (GRAY_MODES, IMAGE_SUFFIXES, WIDE_MODES, array_to_uint8_nchw, image_scales, image_to_tensor,
-                   is_idx_data, list_image_files, read_pixels, refuse_split_of_npy, resize_center_crop, scaled_image, scales_note,
-                   set_channels, split_folder, value_scale)
+from .data import (GRAY_MODES, IMAGE_SUFFIXES, WIDE_MODES, ValueScale, array_to_uint8_nchw, as_nchw, image_scales,
+                   image_to_tensor, is_idx_data, list_image_files, range_scale, read_pixels, refuse_labels_off_folder,
+                   refuse_split_of_npy, resize_center_crop, resolved_depth, scaled_image, scales_note, set_channels,
+                   split_folder, value_scale)
 from .errors import UserError
 
 
@@ -36,7 +37,7 @@ class NpyImages:
         first = array_to_uint8_nchw(self.array[:1], str(path), self.scale)  # checks layout and dtype once
         self.channels = cfg.channels or first.shape[1]
         self.source = f"{len(self.array)} images streamed from {path} (memory-mapped)" + scales_note(self.scale)
-        self.labels, self.skipped = None, []
+        self.labels, self.skipped, self.bit_depth = None, [], self.scale.bit_depth
 
     def __len__(self) -> int:
         return len(self.array)
@@ -54,28 +55,31 @@ class FolderImages:
 
     def __init__(self, root: Path, cfg: DataConfig):
         files, labels = list_image_files(root, cfg)
-        kept, kept_labels, modes, self.skipped = [], [], [], []
-        for i, path in enumerate(files):
-            try:
-                with Image.open(path) as im:
-                    modes.append(im.mode)
-                kept.append(path)
-                kept_labels.append(labels[i] if labels else None)
-            except (OSError, UnidentifiedImageError) as exc:
-                if cfg.on_error == "fail":
-                    raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
-                self.skipped.append((str(path), str(exc) or type(exc).__name__))
-        if not kept:
+        self.cfg, self.skipped = cfg, []
+        modes = [self._checked(path, _mode) for path in files]  # headers only: no pixel is decoded
+        # wide (16-bit, float) images share one scale: one pass over them before training finds it
+        wide = {i: self._checked(files[i], read_pixels) for i, mode in enumerate(modes) if mode in WIDE_MODES}
+        readable = [i for i, mode in enumerate(modes) if mode is not None and wide.get(i, 0) is not None]
+        if not readable:
             raise UserError(f"none of the {len(files)} images under {root} could be read")
-        self.files, self.cfg = kept, cfg
-        self.labels = kept_labels if labels else None
-        self.gray = cfg.channels == 1 or (cfg.channels is None and set(modes) <= GRAY_MODES)
+        self.files = [files[i] for i in readable]
+        self.labels = [labels[i] for i in readable] if labels else None
+        self.gray = cfg.channels == 1 or (cfg.channels is None and {modes[i] for i in readable} <= GRAY_MODES)
         self.channels = 1 if self.gray else 3
-        # wide (16-bit, float) images share one scale, found by one pass over them before training
-        wide = (self._pixels(i) for i, mode in enumerate(modes) if mode in WIDE_MODES)
-        self.scales = image_scales(wide, f"the images under {root}", cfg.bit_depth)
-        self.source = (f"{len(kept)} images streamed from {root}" + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
-                       + scales_note(*self.scales.values()))
+        self.scales = image_scales((a for a in wide.values() if a is not None), f"the images under {root}", cfg.bit_depth)
+        self.bit_depth = resolved_depth(*self.scales.values())
+        self.source = (f"{len(self.files)} images streamed from {root}"
+                       + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + scales_note(*self.scales.values()))
+
+    def _checked(self, path: Path, read):
+        """read(path), or None for an unreadable file, skipped (and reported) or refused by data.on_error."""
+        try:
+            return read(path)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            if self.cfg.on_error == "fail":
+                raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
+            self.skipped.append((str(path), str(exc) or type(exc).__name__))
+            return None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -92,19 +96,32 @@ class FolderImages:
                           for i in indices])
 
 
-def _array_scale(array: np.ndarray, name: str, bit_depth: int | None):
-    """One scale for a memory-mapped array, from its range read a chunk at a time."""
+def _mode(path: Path) -> str:
+    with Image.open(path) as im:
+        return im.mode
+
+
+def _array_scale(array: np.ndarray, name: str, bit_depth: int | None) -> ValueScale:
+    """One scale for a memory-mapped array, from its range read a chunk at a time (a pass over the
+    file before training; uint8 needs none)."""
     if array.dtype in (np.uint8, np.bool_):
-        return value_scale(array[:1], name, bit_depth)
-    chunk = max(1, 2 ** 24 // max(1, array[0].size))
-    lows_highs = [(c.min(), c.max()) for c in (np.asarray(array[i:i + chunk]) for i in range(0, len(array), chunk))]
-    return value_scale(np.array([v for pair in lows_highs for v in pair], dtype=array.dtype), name, bit_depth)
+        return value_scale(as_nchw(array[:1], name), name, bit_depth)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise UserError(f"{name}: unsupported dtype {array.dtype}")
+    chunk, lows, highs = max(1, 2 ** 24 // max(1, array[0].size)), [], []
+    for i in range(0, len(array), chunk):  # one chunk in memory at a time
+        part = as_nchw(np.asarray(array[i:i + chunk]), name)
+        lows.append(part.min().item())
+        highs.append(part.max().item())
+    # numpy's min and max keep a NaN, which range_scale refuses (Python's would drop it)
+    return range_scale(array.dtype.kind == "f", np.min(lows).item(), np.max(highs).item(), name, bit_depth)
 
 
 def open_stream(cfg: DataConfig):
     path = Path(cfg.path).expanduser() if cfg.path else None
     if path is None or not path.exists():
         raise UserError("data.stream=true needs data.path: a .npy file or a folder of images")
+    refuse_labels_off_folder(path, cfg)
     if is_idx_data(path):
         raise UserError(f"data.stream=true reads .npy files and image folders, and {path} is MNIST-style IDX data: "
                         f"set data.stream=false (IDX data is small enough to load: MNIST's 60,000 images take 47 MB)")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import atomic
 from .checkpoint import restore, save_checkpoint
-from .config import Config, absolute_path, differing_keys, read_yaml, to_yaml
+from .config import Config, absolute_path, differing_keys, read_run_config, to_yaml
 from .data import ImageData, batch_to_model, class_order, image_digests, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
@@ -88,7 +88,7 @@ def _prepare_run_dir(run: RunDir, cfg: Config, fresh: bool, log) -> Path | None:
     atomic.remove_stale_temps(run.path, run.checkpoints, run.grids)  # from a run killed mid-write
     if not run.config_path.exists():
         return None
-    old = read_yaml(run.config_path)
+    old = read_run_config(run.config_path)
     diff = differing_keys(old, cfg.to_dict())
     if diff:
         from .config import flatten
@@ -153,7 +153,11 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         raise UserError(f"train.batch_size={tc.batch_size} does not split into {world.size} process(es) x "
                         f"train.grad_accum={tc.grad_accum} equal micro-batches: make it a multiple of "
                         f"{world.size * tc.grad_accum}")
+    if cfg.data.bit_depth is None and not fresh:  # unset: a resumed run reads its data as it started
+        cfg.data.bit_depth = _recorded_bit_depth(RunDir(tc.out_dir))
     data = open_stream(cfg.data) if cfg.data.stream else load_images(cfg.data)
+    if cfg.data.bit_depth is None:  # recorded in config.yaml, so sampling, balance and eval read the data alike
+        cfg.data.bit_depth = data.bit_depth
     if data.skipped:
         log(f"skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
     if cfg.model.in_channels is None:
@@ -176,6 +180,13 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
     with lock:
         return _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share,
                       evaluator)
+
+
+def _recorded_bit_depth(run: RunDir) -> int | None:
+    try:
+        return read_run_config(run.config_path)["data"]["bit_depth"] if run.is_run() else None
+    except (UserError, KeyError, TypeError):  # an unreadable config: the resume check says what is wrong
+        return None
 
 
 class _RunLock:

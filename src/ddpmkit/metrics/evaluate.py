@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .. import atomic
-from ..config import DataConfig, data_config, from_dict, parse_override, read_yaml
-from ..data import IMAGE_SUFFIXES, decode_image, load_images, resize_center_crop
+from ..config import DataConfig, data_config, from_dict, parse_override, read_run_config
+from ..data import IMAGE_SUFFIXES, image_scales, load_images, read_pixels, resize_center_crop, scaled_image
 from ..errors import UserError
 from ..run import RunDir
 from . import features as fx
@@ -68,9 +68,11 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     if not files:
         raise UserError(f"no images in {folder} (expected a ddpmkit sample folder or a folder of images)")
     try:
-        arrays = [decode_image(p) for p in files]
+        arrays = [read_pixels(p) for p in files]
     except (OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"cannot read a generated image in {folder}: {exc}") from None
+    scales = image_scales(arrays, f"the images in {folder}")  # wide (16-bit) images: one scale for the set
+    arrays = [scaled_image(a, scales) for a in arrays]
     rgb = any(a.ndim == 3 for a in arrays)
     size = arrays[0].shape[0]
     tensors = []
@@ -103,7 +105,7 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Refe
         if RunDir(path).imported_from():
             raise UserError(f"--ref {path}: an imported model has no training data of its own to compare with: "
                             f"give the reference images as --ref data.path=...")
-        data_cfg = replace(from_dict(read_yaml(path / "config.yaml")).data, image_size=gen_size)
+        data_cfg = replace(from_dict(read_run_config(path / "config.yaml")).data, image_size=gen_size)
         return _from_data(data_cfg, f" (training data of {path})")
     raise UserError(f"--ref {path}: not a run directory, a statistics .npz, or data.path=...")
 
