@@ -57,16 +57,26 @@ class FolderImages:
         files, labels = list_image_files(root, cfg)
         self.cfg, self.skipped = cfg, []
         modes = [self._checked(path, _mode) for path in files]  # headers only: no pixel is decoded
-        # wide (16-bit, float) images share one scale: one pass over them before training finds it
-        wide = {i: self._checked(files[i], read_pixels) for i, mode in enumerate(modes) if mode in WIDE_MODES}
-        readable = [i for i, mode in enumerate(modes) if mode is not None and wide.get(i, 0) is not None]
+        # wide (16-bit, float) images share one scale: one pass over them before training finds it,
+        # decoding one image at a time (memory stays flat) and skipping those that do not decode
+        undecodable: set[int] = set()
+
+        def wide_images():
+            for i, mode in enumerate(modes):
+                pixels = self._checked(files[i], read_pixels) if mode in WIDE_MODES else None
+                if pixels is not None:
+                    yield pixels
+                elif mode in WIDE_MODES:
+                    undecodable.add(i)
+
+        self.scales = image_scales(wide_images(), f"the images under {root}", cfg.bit_depth)
+        readable = [i for i, mode in enumerate(modes) if mode is not None and i not in undecodable]
         if not readable:
             raise UserError(f"none of the {len(files)} images under {root} could be read")
         self.files = [files[i] for i in readable]
         self.labels = [labels[i] for i in readable] if labels else None
         self.gray = cfg.channels == 1 or (cfg.channels is None and {modes[i] for i in readable} <= GRAY_MODES)
         self.channels = 1 if self.gray else 3
-        self.scales = image_scales((a for a in wide.values() if a is not None), f"the images under {root}", cfg.bit_depth)
         self.bit_depth = resolved_depth(*self.scales.values())
         self.source = (f"{len(self.files)} images streamed from {root}"
                        + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + scales_note(*self.scales.values()))
