@@ -3,6 +3,7 @@ judge (benchmarks/digits_judge.py). Prints JSON, one row per (sampler, steps, sp
 
     python benchmarks/sampler_quality.py runs/default            # 1,000 images per row
     python benchmarks/sampler_quality.py runs/default --num 500 --quick
+    python benchmarks/sampler_quality.py runs/default --row heun:10:karras --row dpmpp-2m:20:uniform
 
 Every row uses the same seed, so the rows differ only by the sampler.
 """
@@ -34,16 +35,23 @@ ROWS = [  # (sampler, steps, spacing)
 QUICK = [r for r in ROWS if r[1] <= 20 or r[0] == "ddpm" and r[1] == 1000]
 
 
+def _row(text: str) -> tuple[str, int, str]:
+    sampler, steps, spacing = text.split(":")
+    return sampler, int(steps), spacing
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="only rows of at most 20 steps, plus DDPM-1000")
+    ap.add_argument("--row", action="append", type=_row, metavar="SAMPLER:STEPS:SPACING",
+                    help="only these rows (repeatable), e.g. to rerun one after a sampler changed")
     args = ap.parse_args()
     run = load_run(args.run)
     results = []
-    for sampler, steps, spacing in QUICK if args.quick else ROWS:
+    for sampler, steps, spacing in args.row or (QUICK if args.quick else ROWS):
         t0 = time.perf_counter()
         images = sample(run, num=args.num, seed=args.seed, sampler=sampler, steps=steps, spacing=spacing)
         seconds = time.perf_counter() - t0
