@@ -80,6 +80,9 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     mark.write_text(json.dumps({"run": json.loads(mark.read_text())["run"]}))
     assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--seed", "7"]) == 2
     assert "seed" not in json.loads(mark.read_text()) and main(balance) == 0
+    mark.unlink()  # older still: no mark at all, only classes/
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--seed", "7"]) == 2
+    assert "seed" not in json.loads(mark.read_text()) and main(balance) == 0
     # the balanced set's root is not a sampling job's folder
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 2
     assert main(["balance", str(run), "--out", str(out), "--proportions", "cat=0.5,dog=0.5", "--target", "9",

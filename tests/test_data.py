@@ -58,7 +58,7 @@ def test_twelve_bit_values_in_sixteen_bit_files_are_read_as_twelve_bit(tmp_path)
     assert "12-bit values (largest 4095" in d.source
     forced = load_images(DataConfig(path=str(tmp_path), image_size=8, bit_depth=16))
     assert sorted(int(v) for v in forced.images.amax((1, 2, 3))) == [8, 16]  # 2048/257, 4095/257
-    with pytest.raises(UserError, match="values up to 4095 do not fit data.bit_depth=10: set it to at least 12"):
+    with pytest.raises(UserError, match=r"values up to 4095 do not fit data.bit_depth=10 \(yours, .*\): use at least 12 bits"):
         load_images(DataConfig(path=str(tmp_path), image_size=8, bit_depth=10))
 
 
@@ -105,6 +105,21 @@ def test_the_scale_ignores_alpha_and_labels_name_folder_images_only(tmp_path):
     (tmp_path / "labels.csv").write_text("image,label\na,0\n")
     with pytest.raises(UserError, match="names images in a folder"):
         load_images(DataConfig(path=str(tmp_path / "d.npz"), labels=str(tmp_path / "labels.csv")))
+
+
+def test_runs_from_before_bit_depth_keep_the_old_rule_and_mixed_wide_kinds_share_one_depth(tmp_path):
+    # bit_depth 0, what runs without the key record: 8 bits when the largest value fits, else 16
+    np.save(tmp_path / "eight.npy", np.full((2, 8, 8), 255, dtype=np.int64))
+    np.save(tmp_path / "twelve.npy", np.full((2, 8, 8), 4095, dtype=np.uint16))
+    assert int(load_images(DataConfig(path=str(tmp_path / "eight.npy"), bit_depth=0)).images.max()) == 255
+    legacy = load_images(DataConfig(path=str(tmp_path / "twelve.npy"), bit_depth=0))
+    assert int(legacy.images.max()) == 16 and legacy.bit_depth == 16  # 4095 / 257
+    # a float TIFF beyond the usual ranges is read as integers, at the same depth as the 16-bit PNGs
+    (tmp_path / "mixed").mkdir()
+    Image.fromarray(np.full((8, 8), 40000.0, dtype=np.float32)).save(tmp_path / "mixed" / "a.tif")
+    Image.fromarray(np.full((8, 8), 3000, dtype=np.uint16)).save(tmp_path / "mixed" / "b.png")
+    d = load_images(DataConfig(path=str(tmp_path / "mixed"), image_size=8))
+    assert [int(v) for v in d.images.amax((1, 2, 3))] == [round(40000 / 257), round(3000 / 257)] and d.bit_depth == 16
 
 
 def test_unreadable_images_are_skipped_and_reported_or_fail(tmp_path):

@@ -265,6 +265,6 @@ def test_a_run_records_the_bit_depth_it_chose_and_a_run_from_before_the_key_keep
         load_images(replace(cfg.data, bit_depth=16)).images)) + "\n")  # what the old reading recorded
     logs.clear()
     train(tiny(**{"data.path": str(tmp_path / "x12"), "train.max_steps": 4}), log=logs.append, progress=False)
-    assert any("resuming" in m for m in logs) and "16-bit values" in "\n".join(logs)
+    assert any("resuming" in m for m in logs) and "16-bit values (largest 4095; as read before" in "\n".join(logs)
     assert not any("data changed" in m for m in logs)
-    assert load_run(run.path).config.data.bit_depth == 16  # sampling, balance and eval read it alike
+    assert load_run(run.path).config.data.bit_depth == 0  # the old rule, for sampling, balance and eval alike

@@ -130,10 +130,11 @@ def _claim(out: Path, run: Run, seed: int, fresh: bool) -> None:
             raise UserError(f"{out} holds a balanced set generated with --seed {theirs['seed']}, not {seed} (each "
                             f"class samples with a seed derived from it): use --fresh to replace its images, "
                             f"or another --out")
-        if "seed" not in theirs and not fresh:  # an older balance's mark: its class jobs know their seeds
-            del mine["seed"]  # and refuse another one; the mark never claims a seed it was not made with
     elif (out / "manifest.csv").exists() and not (out / "classes").is_dir():  # (classes/: an older balance)
         raise UserError(f"{out} holds a manifest.csv no ddpmkit balance wrote there: choose another --out")
+    older = (out / "classes").is_dir() and "seed" not in (json.loads(mark.read_text()) if mark.exists() else {})
+    if older and not fresh:  # a balance from before the seed was kept: its class jobs know their seeds and
+        del mine["seed"]  # refuse another one; the mark never claims a seed it was not made with
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(mark, json.dumps(mine, indent=1))
 

@@ -23,7 +23,8 @@ class DataConfig:
     image_size: int = 8
     channels: Optional[int] = None  # None keeps the data's own (grayscale stays grayscale)
     # integer pixels wider than 8 bits (16-bit PNG/TIFF, uint16 arrays) span 0..2**bit_depth-1 (8..16); None:
-    # the smallest of 8, 10, 12, 14, 16 bits holding the data's largest value, recorded by a run at its start
+    # the smallest of 8, 10, 12, 14, 16 bits holding the data's largest value, recorded by a run at its start;
+    # 0: 8 bits if they fit, else 16, as runs from before this key read them
     bit_depth: Optional[int] = None
     hflip: bool = False
     labels: Optional[str] = None  # CSV with an image-name column and a label column
@@ -167,10 +168,12 @@ MODEL_PRESETS = {
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
+LEGACY_BIT_DEPTH = 0  # data.bit_depth of runs from before the key: wide pixels as 8 bits if they fit, else 16
+
 CHOICES = {
     "data.on_error": ("skip", "fail"),
     "data.channels": (None, 1, 3),
-    "data.bit_depth": (None, *range(8, 17)),
+    "data.bit_depth": (None, LEGACY_BIT_DEPTH, *range(8, 17)),
     "model.preset": (None, *MODEL_PRESETS),
     "diffusion.schedule": ("linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v"),
@@ -358,11 +361,12 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def read_run_config(path: str | Path) -> dict:
-    """A run's config.yaml. Runs from before data.bit_depth existed read wide pixels as 16-bit:
-    without the key they keep that reading (resumes, sampling, balance, eval and downstream alike)."""
+    """A run's config.yaml. Runs from before data.bit_depth existed read wide pixels as 8-bit when
+    the largest value fit, else as 16-bit: without the key they keep that reading (resumes, sampling,
+    balance, eval and downstream alike)."""
     raw = read_yaml(path)
-    if isinstance(raw.get("data"), dict):
-        raw["data"].setdefault("bit_depth", 16)
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        raw["data"].setdefault("bit_depth", LEGACY_BIT_DEPTH)
     return raw
 
 

@@ -467,6 +467,10 @@ def image_scales(images, name: str, bit_depth: int | None = None) -> dict[str, V
         if kind in ranges:
             lo, hi = min(lo, ranges[kind][0]), max(hi, ranges[kind][1])
         ranges[kind] = (lo, hi)
+    floats = ranges.get("f")
+    if floats and _float_range(*floats) is None and "i" in ranges:
+        # floats beyond the usual ranges are read as integers: with the integer images, at one depth
+        ranges["i"] = ranges["f"] = (min(floats[0], ranges["i"][0]), max(floats[1], ranges["i"][1]))
     return {kind: range_scale(kind == "f", lo, hi, name, bit_depth, image_files=True)
             for kind, (lo, hi) in ranges.items()}
 
@@ -476,29 +480,35 @@ def scaled_image(arr: np.ndarray, scales: dict[str, ValueScale]) -> np.ndarray:
     return arr if arr.dtype == np.uint8 else scales["f" if arr.dtype.kind == "f" else "i"].apply(arr)
 
 
+def _float_range(lo: float, hi: float) -> tuple[int, int] | None:
+    """The usual range of float pixels that [lo, hi] lies in: [0,1], [-1,1] or [0,255]."""
+    return next(((low, high) for low, high in ((0, 1), (-1, 1), (0, 255)) if lo >= low and hi <= high), None)
+
+
 def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, image_files: bool = False) -> ValueScale:
     """Floats in [0,1], [-1,1] or [0,255] map from that range. Integers are read at data.bit_depth or,
     unset, at the smallest of 8, 10, 12, 14 or 16 bits holding the largest value, so 12-bit X-rays
-    stored in 16-bit files are not nearly black. Image files (32-bit and float TIFFs) may hold other
-    values: those are read as integers, clipped to 0..65535; arrays holding them are refused."""
+    stored in 16-bit files are not nearly black (bit_depth 0, which runs from before the key was
+    added record: 8 or 16 bits, as they were read then). Image files (32-bit and float TIFFs) may hold
+    other values: those are read as integers, clipped to 0..65535; arrays holding them are refused."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise UserError(f"{name}: contains NaN or infinite values")
     if is_float:
-        for low, high in ((0, 1), (-1, 1), (0, 255)):
-            if lo >= low and hi <= high:
-                return ValueScale(low, high)
+        if _float_range(lo, hi):
+            return ValueScale(*_float_range(lo, hi))
         if not image_files:
             raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
-    clipped = ""
+    clipped, largest = "", hi
     if lo < 0 or hi > 65535:
         if not image_files:
             raise UserError(f"{name}: integer values in [{lo}, {hi}]; expected 0..255 or 0..65535")
         clipped, hi = f", clipped from [{lo:.6g}, {hi:.6g}] to 0..65535", min(hi, 65535)
-    depth = bit_depth or next(d for d in BIT_DEPTHS if hi < 2 ** d)
+    depth = bit_depth or next(d for d in ((8, 16) if bit_depth == 0 else BIT_DEPTHS) if hi < 2 ** d)
     if hi >= 2 ** depth:
-        raise UserError(f"{name}: values up to {hi:.6g} do not fit data.bit_depth={depth}: set it to at least "
-                        f"{int(hi).bit_length()}, or unset it")
-    note = f"{depth}-bit values (largest {hi:.6g}{clipped}; data.bit_depth sets the depth)"
+        raise UserError(f"{name}: values up to {largest:.6g} do not fit data.bit_depth={depth} (yours, or the one a run "
+                        f"recorded): use at least {int(hi).bit_length()} bits, or for a run, start over with --fresh")
+    why = "as read before data.bit_depth existed" if bit_depth == 0 else "data.bit_depth sets the depth"
+    note = f"{depth}-bit values (largest {hi:.6g}{clipped}; {why})"
     return ValueScale(0, 2 ** depth - 1, depth, note if depth != 8 or clipped else "")
 
 
