@@ -339,3 +339,24 @@ def test_restoration_commands_end_to_end(tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "in" / "big.png")
     assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "e")]) == 2
     assert "big.png" in capsys.readouterr().err and not (tmp_path / "e" / "individual").exists()
+
+
+def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
+    """A run trained on 12-bit data reads a dark 16-bit input at 12 bits, as its training images were
+    read, not at the 10 bits this one image's largest value would need on its own."""
+    import copy
+
+    run = copy.copy(tiny_run)
+    run.config = copy.deepcopy(tiny_run.config)
+    run.config.data.bit_depth = 12
+    wide = np.arange(64, dtype=np.uint16).reshape(8, 8) * 14  # largest 882: fits 10 bits
+    (tmp_path / "in").mkdir()
+    Image.fromarray(wide).save(tmp_path / "in" / "x.png")  # a 16-bit grayscale PNG
+    restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out", strength=0.0, log=lambda *_: None)
+    out = read_image(tmp_path / "out" / "individual" / "x.png")[0].numpy()
+    assert np.array_equal(out, np.round(wide * (255 / 4095)).astype(np.uint8))
+    assert out.max() == 55  # at 10 bits it would be 220
+    run.config.data.bit_depth = 8  # values beyond the run's depth are refused, naming the file
+    with pytest.raises(UserError, match=r"x\.png: values up to 882 do not fit data.bit_depth=8"):
+        restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out2", strength=0.0, log=lambda *_: None)
+    assert not (tmp_path / "out2").exists()

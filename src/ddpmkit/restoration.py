@@ -370,9 +370,9 @@ def _read_inputs(folder: Path) -> list[Path]:
     return files
 
 
-def _load_image(path: Path) -> torch.Tensor:
+def _load_image(path: Path, bit_depth: int | None) -> torch.Tensor:
     try:
-        arr = decode_image(path)
+        arr = decode_image(path, bit_depth)
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
     t = torch.from_numpy(np.array(arr))
@@ -409,7 +409,7 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
     if seed < 0:
         raise UserError(f"--seed must not be negative, got {seed}")
     files = _read_inputs(Path(inputs_dir))
-    images = [_load_image(p) for p in files]
+    images = [_load_image(p, run.config.data.bit_depth) for p in files]  # wide pixels as its training data
     for p, img in zip(files, images):
         check_images(run, img[None], [str(p)])
     masks = None
