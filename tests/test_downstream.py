@@ -106,10 +106,17 @@ def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path)
     for i in [*range(250, 290), 3, 7]:  # 40 held-out images and 2 the classifiers train on
         (folder / str(labels[i, 0])).mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i]).save(folder / str(labels[i, 0]) / f"{i}.png")
-    *_, calibration, leakage = load_study_data(str(data), str(_balanced(tmp_path, data, "folder")),
-                                               calibration=str(folder))
+    synthetic = str(_balanced(tmp_path, data, "folder"))
+    *_, calibration, leakage = load_study_data(str(data), synthetic, calibration=str(folder))
     assert len(calibration.labels) == 40 and leakage.startswith("2 calibration images a classifier or the generator trained on")
     assert sorted(np.bincount(calibration.labels)) == sorted(np.bincount(labels[250:290, 0]))
+    # a split named for a source that has none is refused, not ignored
+    from ddpmkit.errors import UserError
+
+    with pytest.raises(UserError, match=f"--calibration-split val: --calibration {folder} has no splits"):
+        load_study_data(str(data), synthetic, calibration=str(folder), calibration_split="val")
+    with pytest.raises(UserError, match=f"--test-split val: --test {folder} has no splits"):
+        load_study_data(str(data), synthetic, test=str(folder), test_split="val")
 
 
 def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic", required=True, help="a ddpmkit balance output folder")
     d.add_argument("--out", required=True)
     d.add_argument("--real-split", default="train")
-    d.add_argument("--test-split", default="test")
+    d.add_argument("--test-split", default=None, metavar="SPLIT",
+                   help="the split of the test data (default: test); only for data with splits")
     d.add_argument("--seeds", type=int, default=3)
     d.add_argument("--steps", type=int, default=1500, help="optimizer steps per classifier (the same in every arm)")
     d.add_argument("--no-augment", action="store_true", help="train every arm without random shifts and flips")

@@ -443,12 +443,21 @@ def _has_splits(source: DataConfig) -> bool:
     return source.labels is None and has_named_splits(source.path)
 
 
-def _split_source(real: DataConfig, separate: DataConfig | None, split: str, flag: str) -> tuple[DataConfig, str]:
-    """What to read for the test or calibration images, and its split: `split` of a separate source that
-    has splits, a separate source without them (a plain or CSV-labelled folder, an .npy) whole, and
-    without a separate source, that split of --real."""
+def _split_source(real: DataConfig, separate: DataConfig | None, split: str | None, default: str,
+                  flag: str) -> tuple[DataConfig, str]:
+    """What to read for the test or calibration images, and its split: `split` (None: `default`) of a
+    separate source that has splits, a separate source without them (a plain or CSV-labelled folder,
+    an .npy) whole, and without a separate source, that split of --real. A split named for a source
+    without splits is refused rather than ignored."""
     if separate is not None:
-        return separate, split if _has_splits(separate) else DataConfig.split
+        if _has_splits(separate):
+            return separate, split or default
+        if split is not None:
+            raise UserError(f"{flag}-split {split}: {flag} {separate.path} has no splits "
+                            f"({'a CSV names its images' if separate.labels else 'it is one set of images'}): "
+                            f"drop {flag}-split, or point {flag} at the {split} images")
+        return separate, DataConfig.split
+    split = split or default
     if not _has_splits(real):
         raise UserError(f"--real {real.path} has no '{split}' split to take the {flag[2:]} images from: give them "
                         f"with {flag} (and {flag}-labels if a CSV names them)")
@@ -456,7 +465,7 @@ def _split_source(real: DataConfig, separate: DataConfig | None, split: str, fla
 
 
 def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConfig | None = None,
-                    real_split: str = "train", test_split: str = "test", unverified: bool = False,
+                    real_split: str = "train", test_split: str | None = None, unverified: bool = False,
                     drop_seen: bool = False, calibration: str | DataConfig | None = None,
                     calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
     """Class names, the real, synthetic, test and calibration pools at the generator's resolution, and
@@ -482,16 +491,16 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     real, test, calibration = (source if source is None or source.bit_depth is not None else replace(source, bit_depth=depth)
                                for source in (real, test, calibration))
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
-    test_pool = load_real(*_split_source(real, test, test_split, "--test"), size, synth.images.shape[1], names)
+    test_pool = load_real(*_split_source(real, test, test_split, "test", "--test"), size, synth.images.shape[1], names)
     trained = generators_training_digests(runs, size, synth.images.shape[1])  # read once, for every check below
     dropped = ""
     if drop_seen and runs:
         seen = among(test_pool, trained)
         test_pool = _without(test_pool, seen)
-        dropped = f"{int(seen.sum())} {test_split} images the generator saw were dropped; "
+        dropped = f"{int(seen.sum())} {test_split or 'test'} images the generator saw were dropped; "
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
-        source, split = _split_source(real, calibration, calibration_split or "val", "--calibration")
+        source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
         calibration_pool, note = load_calibration(source, split, size, synth.images.shape[1], names, real_pool,
                                                   test_pool, trained)
         dropped += note
@@ -500,7 +509,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
 
 
 def run_study(real: str | DataConfig, synthetic: str, out: str, test: str | DataConfig | None = None,
-              real_split: str = "train", test_split: str = "test", seeds: int = 3, steps: int = 1500,
+              real_split: str = "train", test_split: str | None = None, seeds: int = 3, steps: int = 1500,
               augment: bool = True, synthetic_share: float | None = None, unverified: bool = False,
               calibration: str | DataConfig | None = None, calibration_split: str | None = None, log=print) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split; each real
