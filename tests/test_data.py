@@ -93,6 +93,10 @@ def test_float_and_signed_image_files_beyond_the_usual_ranges_load_as_clipped_in
     assert "clipped from [-1000, 1000]" in d.source
     with pytest.raises(UserError, match="integer values in"):
         array_to_uint8_nchw(np.full((1, 8, 8), -5, dtype=np.int32), "x")
+    (tmp_path / "hu.tif").unlink()  # a float TIFF of [0, 1] data a little past 1 is refused, not read nearly black
+    Image.fromarray(np.linspace(0, 1.2, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "ratio.tif")
+    with pytest.raises(UserError, match=r"float values in \[0, 1.2\] are past \[0,1\]"):
+        load_images(DataConfig(path=str(tmp_path), image_size=8))
 
 
 def test_the_scale_ignores_alpha_and_labels_name_folder_images_only(tmp_path):
@@ -183,6 +187,7 @@ def test_float_ranges_map_to_uint8(lo, hi):
     (np.zeros((4, 4)), "expected"),
     (np.zeros((2, 5, 5, 7)), "no channel axis"),
     (np.full((2, 4, 4), 300.0), "float values"),
+    (np.linspace(0, 1.5, 32).reshape(2, 4, 4), r"float values in \[0, 1.5\] are past \[0,1\] yet would be nearly black"),
     (np.zeros((0, 4, 4), dtype=np.uint8), "no images"),
 ])
 def test_bad_arrays(arr, message):

@@ -496,8 +496,12 @@ def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, image_
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise UserError(f"{name}: contains NaN or infinite values")
     if is_float:
-        if _float_range(lo, hi):
-            return ValueScale(*_float_range(lo, hi))
+        usual = _float_range(lo, hi)
+        if usual == (0, 255) and hi <= 2:  # [0, 1] data a little past 1, not 0..255 data all nearly black
+            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}] are past [0,1] yet would be nearly black "
+                            f"read as [0,255]: rescale them to [0,1] (e.g. divide by the largest value)")
+        if usual:
+            return ValueScale(*usual)
         if not image_files:
             raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
     clipped, largest = "", hi
