@@ -282,6 +282,9 @@ def test_idx_files_gz_or_not_and_folders(tmp_path):
     assert torch.equal(d.images[:, 0], torch.from_numpy(imgs)) and d.labels == ["3", "1", "4", "1"]
     assert len(load_images(DataConfig(path=str(tmp_path / "raw-idx3-ubyte"), image_size=28))) == 4
     assert len(load_images(DataConfig(path=str(tmp_path), image_size=28))) == 4  # picks train-*
+    (tmp_path / "raw-idx3-ubyte").unlink()  # a checksum beside the images is not taken for a second IDX file
+    (tmp_path / "train-images-idx3-ubyte.gz.md5").write_text("0123 train-images-idx3-ubyte.gz\n")
+    assert len(load_images(DataConfig(path=str(tmp_path), image_size=28))) == 4
     (tmp_path / "bad-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 4, 28, 28) + b"\x00" * 10)
     with pytest.raises(UserError, match="truncated"):
         load_images(DataConfig(path=str(tmp_path / "bad-idx3-ubyte"), image_size=28))

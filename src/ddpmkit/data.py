@@ -533,8 +533,12 @@ def is_idx_data(path: Path) -> bool:
     return _is_idx(path) or (path.is_dir() and bool(_idx_files(path)))
 
 
+_IDX_IMAGE_NAME = re.compile(r"idx3[-.]ubyte(\.gz)?$", re.IGNORECASE)  # train-images-idx3-ubyte(.gz), *.idx3-ubyte
+
+
 def _idx_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if "idx3" in p.name and p.is_file())
+    """The IDX image files of a folder, by name (not a checksum or note beside them)."""
+    return sorted(p for p in folder.iterdir() if _IDX_IMAGE_NAME.search(p.name) and p.is_file())
 
 
 def read_idx(path: Path) -> np.ndarray:
