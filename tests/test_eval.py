@@ -248,3 +248,23 @@ def test_wide_generated_images_are_read_at_one_scale_for_the_set(tmp_path):
         Image.fromarray(a).save(tmp_path / f"{i}.png")
     images, _ = read_generated(tmp_path)
     assert images[0, 0, 4, 4] == images[1, 0, 4, 4] == round(900 * 255 / 4095)  # not per image: 56 and 224
+
+
+def test_reference_data_is_read_at_the_generators_bit_depth(tmp_path):
+    """Samples of a run trained on 12-bit data, compared with data.path=...: its wide pixels are read at
+    12 bits, as the generator's training images were, not at the 10 bits their own largest value needs."""
+    from ddpmkit.config import load_config, to_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config(None, {"data.bit_depth": 12})))
+    images, _ = digits(20)
+    gen = write_pngs(tmp_path / "g", images)
+    (gen / ".ddpmkit-job.json").write_text(json.dumps({"run": str(run.resolve())}))
+    (tmp_path / "real").mkdir()
+    for i, img in enumerate(images.numpy()):
+        Image.fromarray(img[0].astype(np.uint16) * 3).save(tmp_path / "real" / f"{i}.png")  # 16-bit, largest 765
+    result = evaluate(gen, [f"data.path={tmp_path / 'real'}"], ("fid",), "efficientnet")
+    assert "12-bit values (largest 765" in result["ref"]
+    result = evaluate(gen, [f"data.path={tmp_path / 'real'}", "data.bit_depth=null"], ("fid",), "efficientnet")
+    assert "10-bit values (largest 765" in result["ref"]  # the user's own choice wins

@@ -26,7 +26,6 @@ and refuses to go on if any test image is among them.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -42,7 +41,8 @@ from .config import DataConfig, from_dict, read_run_config
 from .data import class_order, has_named_splits, image_digests, load_images, resize_center_crop
 from .errors import UserError
 from .images import read_image
-from .run import RunDir
+from .generation import job_runs
+from .run import RunDir, recorded_bit_depth
 from .runtime import mix_seed
 
 ARMS = ("real", "real+synthetic", "oversampled")
@@ -140,7 +140,7 @@ def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, lis
     if not rows:
         raise UserError(f"{manifest} lists no synthetic images")
     images = torch.stack([read_image(folder / r["file"]) for r in rows])
-    runs = sorted({Path(json.loads(p.read_text())["run"]) for p in folder.rglob(".ddpmkit-job.json")})
+    runs = job_runs(folder)
     return Pool(resize_center_crop(images, size), _indices([r["label"] for r in rows], names, str(manifest))), runs
 
 
@@ -169,13 +169,6 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
             as_study = replace(cfg.data, image_size=size, channels=channels)
             seen |= set(image_digests(load_images(as_study).images))
     return seen
-
-
-def generators_bit_depth(runs: list[Path]) -> int | None:
-    """The depth the generators read wide pixels at (their config records it), so the real images are
-    read as they were: the same pixels, and the same bytes for the leakage guard. None if they differ."""
-    depths = {from_dict(read_run_config(run / "config.yaml")).data.bit_depth for run in runs}
-    return depths.pop() if len(depths) == 1 else None
 
 
 def among(pool: Pool, digests: set[str]) -> np.ndarray:
@@ -487,7 +480,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
         raise UserError(f"{synth_folder} holds no generated images (individual/*.png)")
     size = read_image(first).shape[-1]  # the study runs at the generator's resolution
     synth, runs = load_synthetic(synth_folder, size, names)
-    depth = generators_bit_depth(runs)
+    depth = recorded_bit_depth(runs)
     real, test, calibration = (source if source is None or source.bit_depth is not None else replace(source, bit_depth=depth)
                                for source in (real, test, calibration))
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)

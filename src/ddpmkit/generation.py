@@ -116,6 +116,18 @@ def _job_identity(run: Run, cfg: SampleConfig, steps: int) -> dict:
             "class_label": cfg.class_label, "guidance": cfg.guidance}
 
 
+def job_runs(folder: Path) -> list[Path]:
+    """The runs that generated the images under `folder` (a sample output, or a balanced set with one
+    job per class), as their job files record them."""
+    runs = set()
+    for path in Path(folder).rglob(JOB_FILE):
+        try:
+            runs.add(Path(json.loads(path.read_text())["run"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a job file ddpmkit wrote
+    return sorted(runs)
+
+
 def _start_job(out: Path, job: dict, fresh: bool) -> None:
     """Rank 0: check that OUT holds this job (or nothing), record it. Refuses to mix two jobs."""
     check_output_folder(out, "images", "samples")

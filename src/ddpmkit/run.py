@@ -147,6 +147,15 @@ class Run:
         return next(self.net.parameters()).device
 
 
+def recorded_bit_depth(runs: list[Path]) -> int | None:
+    """The depth these runs read wide pixels at (their config.yaml records it), so real images compared
+    with their samples are read as their training images were. None if they differ or record none;
+    runs no longer here are left out."""
+    depths = {from_dict(read_run_config(run / "config.yaml")).data.bit_depth
+              for run in runs if (run / "config.yaml").is_file()}
+    return depths.pop() if len(depths) == 1 else None
+
+
 def check_output_folder(out: Path, what: str, subfolder: str) -> None:
     """An --out for generated files (`what`) must be a folder, or not exist yet, and not a training run."""
     if out.exists() and not out.is_dir():

@@ -24,7 +24,8 @@ from .. import atomic
 from ..config import DataConfig, data_config, from_dict, parse_override, read_run_config
 from ..data import IMAGE_SUFFIXES, image_scales, load_images, read_pixels, resize_center_crop, scaled_image
 from ..errors import UserError
-from ..run import RunDir
+from ..generation import job_runs
+from ..run import RunDir, recorded_bit_depth
 from . import features as fx
 from .stats import FeatureStats, frechet_distance, inception_score, kid, precision_recall
 
@@ -83,7 +84,9 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     return torch.cat(tensors), [str(p) for p in files]
 
 
-def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Reference:
+def resolve_reference(refs: list[str], gen_size: int, gen_channels: int, bit_depth: int | None = None) -> Reference:
+    """`bit_depth`: the generator's recorded data.bit_depth, for reference data given as data.path=...
+    and no data.bit_depth of its own, so its wide pixels are read as the generator's training images were."""
     overrides = [r for r in refs if "=" in r]
     paths = [r for r in refs if "=" not in r]
     if overrides and paths or len(paths) > 1 or not refs:
@@ -92,6 +95,8 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int) -> Refe
         values = dict(parse_override(r) for r in overrides)
         values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
         values.setdefault("data.channels", gen_channels)
+        if bit_depth is not None:
+            values.setdefault("data.bit_depth", bit_depth)
         return _from_data(data_config(values))
     path = Path(paths[0])
     if path.suffix == ".npz" and path.is_file():
@@ -164,7 +169,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
     t0 = time.perf_counter()
     gen_images, gen_files = read_generated(gen)
-    ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1])
+    ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], recorded_bit_depth(job_runs(Path(gen))))
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
         ref.images = ref.images.expand(-1, 3, -1, -1) if ref.images.shape[1] == 1 else ref.images
         gen_images = gen_images.expand(-1, 3, -1, -1) if gen_images.shape[1] == 1 else gen_images
