@@ -196,6 +196,10 @@ def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     # for choosing on a validation split, the seen images can be dropped instead (and are counted)
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
     assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped; checked")
+    (tmp_path / "run_leaky").rename(tmp_path / "elsewhere")  # a generator moved away cannot vouch for its set
+    assert main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
+                 "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
+    assert "run_leaky, which is no longer there: the leakage check reads its training data" in capsys.readouterr().err
 
 
 def test_real_images_are_read_at_the_bit_depth_the_generator_recorded(tmp_path):

@@ -158,6 +158,9 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
     (a record at the run's size, resampled again, would match no test image byte for byte)."""
     seen: set[str] = set()
     for run in runs:
+        if not RunDir(run).config_path.is_file():
+            raise UserError(f"the synthetic images were made by {run}, which is no longer there: the leakage check "
+                            f"reads its training data, so put the run back (or regenerate the set)")
         if RunDir(run).imported_from():
             raise UserError(f"the synthetic images come from {run}, an imported model: the images it was trained on "
                             f"are unknown, so leakage into the test split cannot be ruled out")
