@@ -217,8 +217,8 @@ def test_repaint_schedule():
 
 
 def test_wrong_size_or_channels_refused(tiny_run):
-    with pytest.raises(UserError, match="16x16"):
-        denoise(tiny_run, torch.zeros(1, 1, 16, 16, dtype=torch.uint8), 0.1)
+    with pytest.raises(UserError, match="6x7 pixels, but the model takes 1 channel.* at 8x8 or larger"):
+        denoise(tiny_run, torch.zeros(1, 1, 7, 6, dtype=torch.uint8), 0.1)
     with pytest.raises(UserError, match="3 channel"):
         img2img(tiny_run, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0.5)
     with pytest.raises(UserError, match="outside"):
@@ -280,8 +280,8 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     _write_pngs(tmp_path / "masks", [np.zeros((9, 8), np.uint8)], ["c.png"])
     with pytest.raises(UserError, match="mask .*c.png"):
         restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o3", masks_dir=tmp_path / "masks")
-    # a wrong-sized input is named
-    _write_pngs(tmp_path / "in", [np.zeros((16, 16), np.uint8)], ["d.png"])
+    # a too small input is named
+    _write_pngs(tmp_path / "in", [np.zeros((6, 6), np.uint8)], ["d.png"])
     with pytest.raises(UserError, match="d.png"):
         restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "o4")
 
@@ -336,9 +336,9 @@ def test_restoration_commands_end_to_end(tmp_path, capsys):
     for out in ("d", "v", "f"):
         assert sorted(p.name for p in (tmp_path / out / "individual").iterdir()) == ["x0.png", "x1.png", "x2.png"]
         assert (tmp_path / out / "grid.png").is_file() and (tmp_path / out / "manifest.csv").is_file()
-    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "in" / "big.png")
+    Image.fromarray(np.zeros((6, 16), np.uint8)).save(tmp_path / "in" / "small.png")
     assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "e")]) == 2
-    assert "big.png" in capsys.readouterr().err and not (tmp_path / "e" / "individual").exists()
+    assert "small.png" in capsys.readouterr().err and not (tmp_path / "e" / "individual").exists()
 
 
 def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
@@ -360,3 +360,62 @@ def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
     with pytest.raises(UserError, match=r"x\.png: values up to 882 do not fit data.bit_depth=8"):
         restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out2", strength=0.0, log=lambda *_: None)
     assert not (tmp_path / "out2").exists()
+
+
+def test_tiles_cover_every_pixel_and_blend_to_a_weighted_mean():
+    from ddpmkit.tiling import TiledNet, tile_starts
+
+    assert tile_starts(8, 8, 2) == [0] and tile_starts(20, 8, 2) == [0, 6, 12] and tile_starts(9, 8, 2) == [0, 1]
+    assert tile_starts(50, 8, 2)[-1] == 42 and all(b - a <= 6 for a, b in zip(tile_starts(50, 8, 2), tile_starts(50, 8, 2)[1:]))
+    calls = []
+
+    class Spy(torch.nn.Module):  # the identity, recording what it was given
+        def forward(self, x, t, labels=None):
+            calls.append((tuple(x.shape), t.tolist(), None if labels is None else labels.tolist()))
+            return x * 1.0
+
+    x = torch.randn(2, 3, 13, 21)
+    out = TiledNet(Spy(), 8, chunk=5)(x, torch.tensor([10.0, 20.0]), torch.tensor([1, 2]))
+    assert torch.allclose(out, x, atol=1e-6)  # weights normalised: the identity stays the identity
+    tiles = len(tile_starts(13, 8, 2)) * len(tile_starts(21, 8, 2))
+    assert all(shape[1:] == (3, 8, 8) and shape[0] <= 5 for shape, _, _ in calls)  # only whole tiles, in chunks
+    assert sum(shape[0] for shape, _, _ in calls) == 2 * tiles
+    assert sum((c[1] for c in calls), []) == [10.0, 20.0] * tiles  # each tile keeps its image's t and label
+    assert sum((c[2] for c in calls), []) == [1, 2] * tiles
+
+
+def test_a_large_image_is_denoised_tile_by_tile_exactly_as_the_exact_denoiser_would():
+    """The exact Gaussian denoiser works pixel by pixel, so tiling must not change its answer: a 20x13
+    image through 8x8 tiles gives the posterior mean of every pixel."""
+    mu, sd, sigma = 0.1, 0.4, 0.1
+    run = _gaussian_run(mu, sd, size=8)
+    g = torch.Generator().manual_seed(0)
+    x = (mu + sd * torch.randn(4, 1, 13, 20, generator=g)).clamp(-1, 1)
+    y = x + 2 * sigma * torch.randn(x.shape, generator=g)
+    noisy = to_uint8_images(y)
+    out = denoise(run, noisy, sigma, clip_x0=False)
+    y_model = noisy.float() / 127.5 - 1  # what the model sees: y rounded to uint8
+    s2 = (2 * sigma) ** 2
+    expected = mu + sd**2 / (sd**2 + s2) * (y_model - mu)  # E[x | y] for x ~ N(mu, sd^2), y = x + 2 sigma n
+    assert out.shape == noisy.shape
+    assert (out.float() - ((expected + 1) * 127.5).round().clamp(0, 255)).abs().max() <= 1
+
+
+def to_uint8_images(x):
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_a_folder_of_mixed_sizes_is_restored_at_each_image_size(tiny_run, tmp_path):
+    rng = np.random.default_rng(3)
+    shapes = {"a.png": (8, 8), "b.png": (12, 20), "c.png": (8, 8), "d.png": (12, 20), "e.png": (9, 8)}
+    _write_pngs(tmp_path / "in", [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes.values()], list(shapes))
+    out = restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "out", sigma=0.1, batch_size=2,
+                         log=lambda *a: None)
+    for name, (h, w) in shapes.items():
+        assert read_image(out / "individual" / name).shape == (1, h, w)
+    assert read_image(out / "grid.png").shape[0] == 1
+    # each image's result is the same whatever else is in the folder (its own batch of its size)
+    alone = tmp_path / "alone"
+    _write_pngs(alone, [np.asarray(Image.open(tmp_path / "in" / "d.png"))], ["d.png"])
+    restore_folder(tiny_run, "denoise", alone, tmp_path / "out_alone", sigma=0.1, log=lambda *a: None)
+    assert torch.equal(read_image(tmp_path / "out_alone" / "individual" / "d.png"), read_image(out / "individual" / "d.png"))

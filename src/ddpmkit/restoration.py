@@ -26,8 +26,9 @@ the input's own uint8 values.
 Randomness: image k of an input list draws its noise from its own generator seeded by (seed, k)
 (samplers.ImageNoise), so results do not depend on the batch size or on which batch an image was in.
 
-Sizes: an image must have the model's size and channel count; anything else is refused with a
-UserError (no silent resizing, no tiling yet).
+Sizes: an image must have the model's channel count and at least its size on both sides; a larger
+one (any shape) is restored tile by tile at every network call (tiling.py), never resized. Smaller
+images and other channel counts are refused with a UserError.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import IMAGE_SUFFIXES, batch_to_model, decode_image
+from .data import IMAGE_SUFFIXES, batch_to_model, decode_image, resize_center_crop
 from .errors import UserError
 from .generation import write_manifest
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
@@ -50,6 +51,7 @@ from .run import Run
 from .runtime import mix_seed
 from .samplers import DEFAULT_STEPS, SAMPLERS, Denoiser, ImageNoise
 from .schedule import Schedule
+from .tiling import TiledNet
 
 KINDS = ("denoise", "img2img", "inpaint")
 METHODS = ("mmse", "sample")
@@ -260,21 +262,25 @@ def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # uint8 API on a trained run
 
-def _denoiser(run: Run, clip_x0: bool = True) -> Denoiser:
-    return Denoiser(run.net, run.schedule, run.config.diffusion.prediction, clip_x0)
+def _denoiser(run: Run, images: torch.Tensor, clip_x0: bool = True) -> Denoiser:
+    """The run's denoiser for these images: tile by tile (tiling.py) when they are larger than the
+    model's training size."""
+    net = run.net if images.shape[-2:] == (run.image_size, run.image_size) else TiledNet(run.net, run.image_size)
+    return Denoiser(net, run.schedule, run.config.diffusion.prediction, clip_x0)
 
 
 def check_images(run: Run, images_u8: torch.Tensor, names: Sequence[str] | None = None) -> None:
-    """Refuse images the model cannot take: wrong dtype, size or channel count."""
+    """Refuse images the model cannot take: wrong dtype or channel count, or smaller than its size
+    (larger ones are restored tile by tile)."""
     if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
         raise UserError(f"expected uint8 images N x C x H x W, got {images_u8.dtype} of shape {tuple(images_u8.shape)}")
-    want = (run.channels, run.image_size, run.image_size)
-    for i, img in enumerate(images_u8):
-        if tuple(img.shape) != want:
-            name = names[i] if names else f"image {i}"
-            raise UserError(f"{name}: {img.shape[0]} channel(s), {img.shape[2]}x{img.shape[1]} pixels, but the model "
-                            f"takes {want[0]} channel(s) at {want[2]}x{want[1]}: resize/convert it first "
-                            f"(no silent resizing)")
+    c, h, w = images_u8.shape[1:]
+    size = run.image_size
+    if c != run.channels or min(h, w) < size:
+        name = names[0] if names else "the images"
+        raise UserError(f"{name}: {c} channel(s), {w}x{h} pixels, but the model takes {run.channels} channel(s) at "
+                        f"{size}x{size} or larger (restored tile by tile): convert or upscale it first "
+                        f"(no silent resizing)")
 
 
 def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1,
@@ -288,7 +294,7 @@ def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse
     check_images(run, images_u8)
     sig = resolve_sigma(run.schedule, images_u8, sigma)
     y = batch_to_model(images_u8).to(run.device)
-    x = denoise_tensor(_denoiser(run, clip_x0), y, sig, method, samples, seed, indices, sampler, steps)
+    x = denoise_tensor(_denoiser(run, y, clip_x0), y, sig, method, samples, seed, indices, sampler, steps)
     return to_uint8(x)
 
 
@@ -316,7 +322,7 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     if strength == 0:
         return images_u8.clone()
     steps = steps if steps is not None else DEFAULT_STEPS.get(sampler)
-    x = img2img_tensor(_denoiser(run, clip_x0), batch_to_model(images_u8).to(run.device), strength, seed, indices,
+    x = img2img_tensor(_denoiser(run, images_u8, clip_x0), batch_to_model(images_u8).to(run.device), strength, seed, indices,
                        sampler, steps)
     return to_uint8(x)
 
@@ -347,7 +353,7 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
     if fill.dim() != 4 or fill.shape[0] != images_u8.shape[0] or fill.shape[-2:] != images_u8.shape[-2:] \
             or fill.shape[1] not in (1, images_u8.shape[1]):
         raise UserError(f"masks of shape {tuple(fill.shape)} do not fit images of shape {tuple(images_u8.shape)}")
-    x = inpaint_tensor(_denoiser(run, clip_x0), batch_to_model(images_u8).to(run.device), fill, seed, indices, steps,
+    x = inpaint_tensor(_denoiser(run, images_u8, clip_x0), batch_to_model(images_u8).to(run.device), fill, seed, indices, steps,
                        jump_length, resamplings)
     # The known pixels are the input's exactly (not a float round trip of them).
     return torch.where(fill.expand_as(images_u8), to_uint8(x), images_u8)
@@ -377,6 +383,14 @@ def _load_image(path: Path, bit_depth: int | None) -> torch.Tensor:
         raise UserError(f"cannot read image {path}: {exc}") from None
     t = torch.from_numpy(np.array(arr))
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _batches_of_one_size(images: list[torch.Tensor], batch_size: int) -> list[list[int]]:
+    """Indices of the images in batches of at most batch_size images of one shape each."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape), []).append(i)
+    return [idx[k:k + batch_size] for idx in by_shape.values() for k in range(0, len(idx), batch_size)]
 
 
 def _find_mask(masks_dir: Path, image: Path) -> Path:
@@ -423,28 +437,26 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
     params = _parameters(kind, method, samples, strength, sampler, steps, jump_length, resamplings, clip_x0)
     text = {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
 
-    results, sigmas = [], []
-    for start in range(0, len(files), batch_size):
-        idx = list(range(start, min(len(files), start + batch_size)))
+    outputs, sigmas = [None] * len(files), [""] * len(files)
+    for idx in _batches_of_one_size(images, batch_size):
         batch = torch.stack([images[i] for i in idx])
         if kind == "denoise":
             sig = resolve_sigma(run.schedule, batch, sigma)
-            sigmas += sig
+            for i, s in zip(idx, sig):
+                sigmas[i] = s
             res = denoise(run, batch, sig, method, samples, seed, steps, sampler, clip_x0, idx)
         elif kind == "img2img":
-            sigmas += [""] * len(idx)
             res = img2img(run, batch, strength, seed, sampler, steps, clip_x0, idx)
         else:
-            sigmas += [""] * len(idx)
             res = inpaint(run, batch, torch.stack([masks[i] for i in idx]), seed, steps, jump_length, resamplings,
                           clip_x0, idx)
         for i, img in zip(idx, res):
             atomic.write_bytes(out / "individual" / f"{files[i].stem}.png", png_bytes(img, text), fsync=False)
-        results.append(res)
-    outputs = torch.cat(results)
+            outputs[i] = img
 
     n = min(len(files), GRID_MAX_COLUMNS)
-    grid = make_grid(torch.cat([torch.stack(images[:n]), outputs[:n]]), ncol=n)
+    shown = min(min(img.shape[-2:]) for img in images[:n])  # other sizes and shapes: centre squares of this side
+    grid = make_grid(torch.cat([resize_center_crop(img[None], shown) for img in [*images[:n], *outputs[:n]]]), ncol=n)
     atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
     rows = [[str(p), f"individual/{p.stem}.png", kind, seed, f"{s:.6g}" if s != "" else "", json.dumps(params)]
             for p, s in zip(files, sigmas)]
