@@ -409,10 +409,27 @@ def test_a_folder_of_mixed_sizes_is_restored_at_each_image_size(tiny_run, tmp_pa
     rng = np.random.default_rng(3)
     shapes = {"a.png": (8, 8), "b.png": (12, 20), "c.png": (8, 8), "d.png": (12, 20), "e.png": (9, 8)}
     _write_pngs(tmp_path / "in", [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes.values()], list(shapes))
-    out = restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "out", sigma=0.1, batch_size=2,
+    import copy
+
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, labels=None):
+            calls.append(tuple(x.shape))
+            return self.net(x, t)
+
+    run = copy.copy(tiny_run)
+    run.net = Recording(tiny_run.net)
+    out = restore_folder(run, "denoise", tmp_path / "in", tmp_path / "out", sigma=0.1, batch_size=2,
                          log=lambda *a: None)
     for name, (h, w) in shapes.items():
         assert read_image(out / "individual" / name).shape == (1, h, w)
+    assert all(shape[0] <= 2 and shape[2:] == (8, 8) for shape in calls)  # --batch-size bounds the tiles per call too
+    assert sum(shape[0] for shape in calls) == 2 + 2 * 2 * 3 + 2  # a, c whole; b, d in 2 x 3 tiles; e in 2 x 1
     assert read_image(out / "grid.png").shape[0] == 1
     # each image's result is the same whatever else is in the folder (its own batch of its size)
     alone = tmp_path / "alone"

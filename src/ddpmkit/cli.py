@@ -73,7 +73,8 @@ RESTORE_EXAMPLES = """examples:
   ddpmkit denoise runs/mnist noisy/ --sigma 0.2 --method sample --samples 4 --out clean/
   ddpmkit img2img runs/lesions inputs/ --strength 0.5 --out variants/  # SDEdit
   ddpmkit inpaint runs/mnist images/ --mask masks/ --out filled/       # RePaint; mask white = fill
-images must have the model's size and channels (no silent resizing)."""
+images must have the model's channels and at least its size; larger ones are restored tile by tile
+(never resized)."""
 
 GIF_EXAMPLES = """examples:
   ddpmkit gif runs/default                  # runs/default/learning.gif from runs/default/grids/"""
@@ -220,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                            ("inpaint", "fill the white part of each mask (RePaint)")):
         rp = sub.add_parser(kind, help=helptext, epilog=RESTORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
         rp.add_argument("run", help="run directory")
-        rp.add_argument("inputs", help="a folder of images of the model's size")
+        rp.add_argument("inputs", help="a folder of images of the model's size or larger (tiled)")
         rp.add_argument("--out", required=True, help="output folder: individual/, grid.png, manifest.csv")
         rp.add_argument("--seed", type=int, default=0)
-        rp.add_argument("--batch-size", type=int, default=64)
+        rp.add_argument("--batch-size", type=int, default=64, help="images (or tiles of a larger image) per network call")
         rp.add_argument("--steps", type=int, default=None, help="network evaluations (sampler default if unset)")
         rp.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
         rp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

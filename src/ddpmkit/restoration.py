@@ -262,10 +262,11 @@ def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # uint8 API on a trained run
 
-def _denoiser(run: Run, images: torch.Tensor, clip_x0: bool = True) -> Denoiser:
-    """The run's denoiser for these images: tile by tile (tiling.py) when they are larger than the
-    model's training size."""
-    net = run.net if images.shape[-2:] == (run.image_size, run.image_size) else TiledNet(run.net, run.image_size)
+def _denoiser(run: Run, images: torch.Tensor, clip_x0: bool = True, tile_batch: int = 64) -> Denoiser:
+    """The run's denoiser for these images: tile by tile (tiling.py, `tile_batch` tiles per network
+    call) when they are larger than the model's training size."""
+    net = run.net if images.shape[-2:] == (run.image_size, run.image_size) else \
+        TiledNet(run.net, run.image_size, chunk=tile_batch)
     return Denoiser(net, run.schedule, run.config.diffusion.prediction, clip_x0)
 
 
@@ -285,7 +286,7 @@ def check_images(run: Run, images_u8: torch.Tensor, names: Sequence[str] | None 
 
 def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1,
             seed: int = 0, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
-            indices: Sequence[int] | None = None) -> torch.Tensor:
+            indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
     """Denoise uint8 images (N x C x H x W, the model's size) whose noise level is `sigma` on the
     [0, 1] scale: a number, one per image, or 'auto' (estimate_sigma per image, raised to the
     schedule's smallest level). method 'mmse': posterior mean, one network call; 'sample': reverse
@@ -294,7 +295,7 @@ def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse
     check_images(run, images_u8)
     sig = resolve_sigma(run.schedule, images_u8, sigma)
     y = batch_to_model(images_u8).to(run.device)
-    x = denoise_tensor(_denoiser(run, y, clip_x0), y, sig, method, samples, seed, indices, sampler, steps)
+    x = denoise_tensor(_denoiser(run, y, clip_x0, tile_batch), y, sig, method, samples, seed, indices, sampler, steps)
     return to_uint8(x)
 
 
@@ -314,7 +315,8 @@ def resolve_sigma(schedule: Schedule, images_u8: torch.Tensor, sigma) -> list[fl
 
 
 def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int = 0, sampler: str = "ddim",
-            steps: int | None = None, clip_x0: bool = True, indices: Sequence[int] | None = None) -> torch.Tensor:
+            steps: int | None = None, clip_x0: bool = True, indices: Sequence[int] | None = None,
+            tile_batch: int = 64) -> torch.Tensor:
     """SDEdit: t = strength * (T - 1), forward-noise, sample back with `sampler` in `steps` network
     calls (None: the sampler's default, capped at the integer steps below t). strength 0 is the
     identity (the input tensor's values, bit for bit). Returns uint8."""
@@ -322,8 +324,8 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     if strength == 0:
         return images_u8.clone()
     steps = steps if steps is not None else DEFAULT_STEPS.get(sampler)
-    x = img2img_tensor(_denoiser(run, images_u8, clip_x0), batch_to_model(images_u8).to(run.device), strength, seed, indices,
-                       sampler, steps)
+    x = img2img_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device), strength,
+                       seed, indices, sampler, steps)
     return to_uint8(x)
 
 
@@ -342,7 +344,7 @@ def load_mask(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
 
 def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, steps: int | None = INPAINT_STEPS,
             jump_length: int = 10, resamplings: int = 10, clip_x0: bool = True,
-            indices: Sequence[int] | None = None) -> torch.Tensor:
+            indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
     """RePaint. `masks`: bool (or 0/255 uint8) N x 1 x H x W, True/white where the pixel is unknown.
     steps: reverse steps on evenly spaced timesteps, capped at T (None: all T). The default 250 with
     jump_length = resamplings = 10 is the paper's setting (it used T = 250); network calls are about
@@ -353,8 +355,8 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
     if fill.dim() != 4 or fill.shape[0] != images_u8.shape[0] or fill.shape[-2:] != images_u8.shape[-2:] \
             or fill.shape[1] not in (1, images_u8.shape[1]):
         raise UserError(f"masks of shape {tuple(fill.shape)} do not fit images of shape {tuple(images_u8.shape)}")
-    x = inpaint_tensor(_denoiser(run, images_u8, clip_x0), batch_to_model(images_u8).to(run.device), fill, seed, indices, steps,
-                       jump_length, resamplings)
+    x = inpaint_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device), fill,
+                       seed, indices, steps, jump_length, resamplings)
     # The known pixels are the input's exactly (not a float round trip of them).
     return torch.where(fill.expand_as(images_u8), to_uint8(x), images_u8)
 
@@ -444,12 +446,12 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
             sig = resolve_sigma(run.schedule, batch, sigma)
             for i, s in zip(idx, sig):
                 sigmas[i] = s
-            res = denoise(run, batch, sig, method, samples, seed, steps, sampler, clip_x0, idx)
+            res = denoise(run, batch, sig, method, samples, seed, steps, sampler, clip_x0, idx, batch_size)
         elif kind == "img2img":
-            res = img2img(run, batch, strength, seed, sampler, steps, clip_x0, idx)
+            res = img2img(run, batch, strength, seed, sampler, steps, clip_x0, idx, batch_size)
         else:
             res = inpaint(run, batch, torch.stack([masks[i] for i in idx]), seed, steps, jump_length, resamplings,
-                          clip_x0, idx)
+                          clip_x0, idx, batch_size)
         for i, img in zip(idx, res):
             atomic.write_bytes(out / "individual" / f"{files[i].stem}.png", png_bytes(img, text), fsync=False)
             outputs[i] = img
