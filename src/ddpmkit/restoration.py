@@ -287,7 +287,7 @@ def check_images(run: Run, images_u8: torch.Tensor, names: Sequence[str] | None 
 def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1,
             seed: int = 0, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
             indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
-    """Denoise uint8 images (N x C x H x W, the model's size) whose noise level is `sigma` on the
+    """Denoise uint8 images (N x C x H x W, the model's size or larger) whose noise level is `sigma` on the
     [0, 1] scale: a number, one per image, or 'auto' (estimate_sigma per image, raised to the
     schedule's smallest level). method 'mmse': posterior mean, one network call; 'sample': reverse
     process from the matched t with `sampler` and `steps` (None: all integer steps below t),

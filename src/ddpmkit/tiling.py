@@ -47,6 +47,8 @@ class TiledNet(torch.nn.Module):
         if (h, w) == (self.size, self.size):
             return self.net(x, t) if labels is None else self.net(x, t, labels)
         s = self.size
+        if min(h, w) < s:
+            raise ValueError(f"tiles of {s}x{s} do not fit a {w}x{h} input")
         corners = [(top, left) for top in tile_starts(h, s, self.overlap) for left in tile_starts(w, s, self.overlap)]
         tiles = torch.cat([x[:, :, top:top + s, left:left + s] for top, left in corners])  # tile-major
         repeat = len(corners)
