@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ddpmkit.balance import parse_proportions, plan
+from ddpmkit.balance import class_folders, parse_proportions, plan
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from conftest import TINY, write_images
@@ -109,3 +109,33 @@ def test_balance_refuses_an_unconditional_run(tmp_path, capsys):
     assert main(["balance", str(run), "--out", str(tmp_path / "b")]) == 2
     assert "not class-conditional" in capsys.readouterr().err
 
+
+
+def test_class_names_that_clean_to_one_folder_name_get_distinct_folders():
+    folders = class_folders(["x y", "x_y", "X_Y", "../up", "x_y-1"])
+    assert folders == {"x y": "x_y", "x_y": "x_y-1", "X_Y": "X_Y-2", "../up": "_up", "x_y-1": "x_y-1-4"}
+    assert len({f.lower() for f in folders.values()}) == 5  # distinct on case-insensitive file systems too
+    assert class_folders(["cat", "dog"]) == {"cat": "cat", "dog": "dog"}  # the usual case keeps its names
+
+
+def test_balance_keeps_classes_apart_whose_names_make_one_folder_name(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng, rows = np.random.default_rng(0), ["image,label"]
+    (tmp_path / "imgs").mkdir()
+    for i, label in enumerate(["a"] * 6 + ["x y"] * 2 + ["x_y"] * 3):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(tmp_path / "imgs" / f"im{i}.png")
+        rows.append(f"im{i}.png,{label}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'imgs'}", f"data.labels={tmp_path / 'labels.csv'}",
+                 "model.class_conditional=true", "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
+    out = tmp_path / "balanced"
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet", "sample.steps=2"]) == 0
+    fake = [r for r in csv.DictReader(open(out / "manifest.csv")) if r["synthetic"] == "true"]
+    assert sorted(r["label"] for r in fake) == ["x y"] * 4 + ["x_y"] * 3
+    assert len({r["file"] for r in fake}) == 7  # no image listed twice, none overwritten by the other class
+    assert {r["file"].split("/")[1] for r in fake} == {"x_y", "x_y-2"}  # 'x y' first in class order
+    assert len(list((out / "by_class" / "x_y").iterdir())) == 6 and len(list((out / "by_class" / "x_y-2").iterdir())) == 6

@@ -91,10 +91,11 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     _claim(out, run, sample_cfg.seed, fresh)
     log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
     rows = [[path, i, "", "", "", "", label, "false"] for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
+    folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))])  # (labels added since training last)
     for position, (name, num) in enumerate(need.items()):
         if num == 0:
             continue
-        folder = out / "classes" / _safe(name)
+        folder = out / "classes" / folders[name]
         cfg = dataclasses.replace(sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
                                   seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
         log(f"balance: generating {num} images of {name} into {folder}")
@@ -104,7 +105,7 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     write_manifest(out / "manifest.csv", rows)
     _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
     if by_class_folders:
-        _link_by_class(out, rows)
+        _link_by_class(out, rows, folders)
     log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, {sum(need.values())} generated)")
     return need
 
@@ -152,6 +153,21 @@ def _safe(name: str) -> str:
     return cleaned or "_"
 
 
+def class_folders(names: list[str]) -> dict[str, str]:
+    """A folder name per class, distinct even where two names clean to the same one ('x y' and 'x_y')
+    or differ only in case (one folder on macOS and Windows): the later class, in the run's class
+    order, gets its position appended. Stable for a run, so a rerun finds its folders."""
+    folders: dict[str, str] = {}
+    taken: set[str] = set()
+    for position, name in enumerate(names):
+        folder = _safe(name)
+        while folder.lower() in taken:
+            folder = f"{folder}-{position}"
+        taken.add(folder.lower())
+        folders[name] = folder
+    return folders
+
+
 def _unlink_by_class(out: Path) -> None:
     """Remove the links `_link_by_class` made (and folders they leave empty); nothing else."""
     root = out / "by_class"
@@ -168,14 +184,14 @@ def _unlink_by_class(out: Path) -> None:
         root.rmdir()
 
 
-def _link_by_class(out: Path, rows: list[list]) -> None:
+def _link_by_class(out: Path, rows: list[list], folders: dict[str, str]) -> None:
     root = out / "by_class"
     for i, row in enumerate(rows):
         path, label, synthetic = row[0], row[MANIFEST_COLUMNS.index("label")], row[-1] == "true"
         if "#" in path:
             continue  # an array element has no file to link
         target = out / path if synthetic else Path(path)
-        folder = root / _safe(label)
+        folder = root / folders[label]
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / (f"synthetic_{i:07d}{target.suffix}" if synthetic else f"real_{i:07d}{target.suffix}")
         os.symlink(os.path.relpath(target, folder), link)
