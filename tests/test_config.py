@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from ddpmkit.config import differing_keys, load_config, parse_override, to_yaml
@@ -33,10 +35,30 @@ def test_parse_override_reads_yaml_values():
     ({"train.ema_decay": 1.5}, "train.ema_decay"),
     ({"sample.steps": 5000}, "sample.steps"),
     ({"sample.compile": True, "sample.compile_mode": "fast"}, "sample.compile_mode: 'fast' is not one of"),
+    # nan passes every sign check and trains (or samples) nothing but NaN; inf likewise
+    ({"train.lr": float("nan")}, "train.lr: must be a finite number"),
+    ({"train.lr": float("inf")}, "train.lr: must be a finite number"),
+    ({"sample.eta": "nan"}, "sample.eta: must be a finite number"),
+    ({"sample.guidance": float("-inf")}, "sample.guidance: must be a finite number"),
+    ({"model.dropout": 1.5}, "model.dropout: must be in [0, 1)"),
+    ({"train.label_dropout": 3}, "train.label_dropout: a share of labels, in [0, 1]"),
+    ({"model.norm_eps": -1}, "model.norm_eps: must be positive"),
+    ({"model.in_channels": 0}, "model.in_channels: must be positive"),
+    ({"model.attention_head_dim": 0}, "model.attention_head_dim: must be positive"),
+    ({"model.attention_head_dim": 20}, "model.attention_head_dim: 20 makes 3 heads of the 64 channels of a level"),
 ])
 def test_bad_values_name_the_key(overrides, message):
-    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_attention_resolutions_must_name_a_level_of_a_new_model(tmp_path):
+    from ddpmkit.config import check_attention_resolutions
+
+    check_attention_resolutions(load_config(None, {"data.image_size": 32, "model.attention_resolutions": [16]}))
+    cfg = load_config(None, {"data.image_size": 28, "model.channel_mult": [1, 2, 2], "model.attention_resolutions": [16]})
+    with pytest.raises(UserError, match=r"no level of this model is 16x16 \(data.image_size=28, .*levels 28, 14, 7\)"):
+        check_attention_resolutions(cfg)  # a run already trained so still loads: from_dict accepts it
 
 
 def test_yaml_file_unknown_section(tmp_path):

@@ -7,6 +7,7 @@ Unknown keys and wrong types are `UserError`s that name the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,7 @@ POSITIVE = {
     "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.grid_images",
     "train.grid_steps", "train.max_nonfinite", "train.eval_num", "train.grad_accum", "train.dist_timeout_minutes",
     "sample.num", "sample.batch_size", "sample.size", "sample.steps", "sample.writers",
+    "model.in_channels", "model.attention_head_dim", "model.norm_eps",
 }
 NON_NEGATIVE = {
     "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.eval_every",
@@ -229,13 +231,18 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan passes every < and > check below, and trains or samples nothing
+                raise UserError(f"config key {key}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -292,14 +299,37 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key data.image_size: {cfg.data.image_size} cannot pass through "
                         f"{len(m.channel_mult) - 1} halvings to at least 2x2 (model.channel_mult={m.channel_mult}); "
                         f"use a multiple of {factor}, at least {2 * factor}")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise UserError(f"config key train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    for key, value, top in (("train.ema_decay", cfg.train.ema_decay, 1), ("model.dropout", m.dropout, 1)):
+        if not 0 <= value < top:
+            raise UserError(f"config key {key}: must be in [0, 1), got {value}")
+    if not 0 <= cfg.train.label_dropout <= 1:
+        raise UserError(f"config key train.label_dropout: a share of labels, in [0, 1], got {cfg.train.label_dropout}")
+    if m.attention_head_dim is not None:
+        widths = sorted({m.base_channels * c for i, c in enumerate(m.channel_mult)  # attention levels and the middle
+                         if i == len(m.channel_mult) - 1 or cfg.data.image_size // 2**i in m.attention_resolutions})
+        # a layer of C channels has max(1, C // head_dim) heads (as in diffusers), which must split C evenly
+        bad = [w for w in widths if w % max(1, w // m.attention_head_dim)]
+        if bad:
+            raise UserError(f"config key model.attention_head_dim: {m.attention_head_dim} makes "
+                            f"{bad[0] // m.attention_head_dim} heads of the {bad[0]} channels of a level, which do not "
+                            f"split evenly; use a divisor of {bad[0]}")
     d = cfg.diffusion
     if d.schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
         raise UserError("config keys diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
     if cfg.sample.steps is not None and cfg.sample.steps > d.num_timesteps:
         raise UserError(f"config key sample.steps: {cfg.sample.steps} is more than "
                         f"diffusion.num_timesteps={d.num_timesteps}")
+
+
+def check_attention_resolutions(cfg: Config) -> None:
+    """A new model's attention resolutions must each be one of its levels' (runs made before this
+    check may hold others, which never added attention: they still load)."""
+    levels = [cfg.data.image_size // 2**i for i in range(len(cfg.model.channel_mult))]
+    unmatched = [r for r in cfg.model.attention_resolutions if r not in levels]
+    if unmatched:
+        raise UserError(f"config key model.attention_resolutions: no level of this model is {unmatched[0]}x{unmatched[0]} "
+                        f"(data.image_size={cfg.data.image_size}, model.channel_mult={cfg.model.channel_mult}: levels "
+                        f"{', '.join(map(str, levels))}), so it would add no attention; use those")
 
 
 def from_dict(raw: dict) -> Config:

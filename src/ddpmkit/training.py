@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import atomic
 from .checkpoint import restore, save_checkpoint
-from .config import Config, absolute_path, differing_keys, read_run_config, to_yaml
+from .config import Config, absolute_path, check_attention_resolutions, differing_keys, read_run_config, to_yaml
 from .data import ImageData, batch_to_model, class_order, image_digests, load_images
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError
@@ -153,6 +153,8 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         raise UserError(f"train.batch_size={tc.batch_size} does not split into {world.size} process(es) x "
                         f"train.grad_accum={tc.grad_accum} equal micro-batches: make it a multiple of "
                         f"{world.size * tc.grad_accum}")
+    if fresh or not RunDir(tc.out_dir).config_path.is_file():  # a new model (a resumed one keeps its layout)
+        check_attention_resolutions(cfg)
     if cfg.data.bit_depth is None and not fresh:  # unset: a resumed run reads its data as it started
         cfg.data.bit_depth = _recorded_bit_depth(RunDir(tc.out_dir))
     data = open_stream(cfg.data) if cfg.data.stream else load_images(cfg.data)
@@ -163,8 +165,9 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
     if cfg.model.in_channels is None:
         cfg.model.in_channels = data.channels
     elif cfg.model.in_channels != data.channels:
+        fix = f"set data.channels={cfg.model.in_channels} or drop" if cfg.model.in_channels in (1, 3) else "drop"
         raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {data.channels} channel(s): "
-                        f"set data.channels={cfg.model.in_channels} or drop model.in_channels")
+                        f"{fix} model.in_channels")
 
     class_ids = _class_ids(cfg, data) if cfg.model.class_conditional else None
     source = None
