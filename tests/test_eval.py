@@ -136,6 +136,11 @@ def test_statistics_reference_and_its_limits(tmp_path):
         evaluate(gen, [str(tmp_path / "stats.npz")], ("fid", "kid"), "efficientnet")
     with pytest.raises(UserError, match="labelled reference images"):
         evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "classifier")
+    # what was asked for is computed or refused, never dropped (before any feature is extracted)
+    with pytest.raises(UserError, match="--metrics is: the Inception Score needs ImageNet classes"):
+        evaluate(gen, [str(tmp_path / "stats.npz")], ("fid", "is"), "classifier")
+    with pytest.raises(UserError, match="--metrics names no metric"):
+        evaluate(gen, [str(tmp_path / "stats.npz")], (), "efficientnet")
 
 
 def test_the_classifier_against_an_unlabelled_run_is_refused_in_one_line(tmp_path, capsys):

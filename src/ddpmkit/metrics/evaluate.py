@@ -165,8 +165,13 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
              features: str = "inception", inception_weights: str | None = None, device: str = "cpu",
              log=print, progress: bool = False, save_ref: str | Path | None = None) -> dict:
     unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
+    if unknown or not metrics:
+        raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})" if unknown else
+                        f"--metrics names no metric: give some of {', '.join(METRICS)}")
+    if "is" in metrics and features == "classifier":
+        raise UserError("--metrics is: the Inception Score needs ImageNet classes (--features inception or "
+                        "efficientnet); with --features classifier the result reports the confident share and "
+                        "class entropy instead")
     t0 = time.perf_counter()
     gen_images, gen_files = read_generated(gen)
     ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], recorded_bit_depth(job_runs(Path(gen))))
@@ -204,7 +209,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         values["kid"], values["kid_std"] = kid(ref_feats, gen_feats, subset_size=min(1000, len(gen_feats), len(ref_feats)))
     if "pr" in metrics:
         values["precision"], values["recall"] = precision_recall(ref_feats, gen_feats)
-    if "is" in metrics and gen_logits is not None and extractor.name != "classifier":
+    if "is" in metrics and gen_logits is not None:
         probs = torch.from_numpy(gen_logits).softmax(-1).numpy()
         values["inception_score"], values["inception_score_std"] = inception_score(probs, splits=min(10, len(probs)))
     result = {"gen": str(gen), "num_gen": len(gen_images), "ref": ref.description,
