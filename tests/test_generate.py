@@ -126,8 +126,14 @@ def test_a_larger_num_extends_the_job(run_dir, tmp_path, capsys):
     assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
     first = (out / "individual" / "000002.png").read_bytes()
     assert cli("sample", run_dir, "--num", 9, "--steps", 3, "--out", out) == 0
-    assert "4 of 9 images already" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "4 of 9 images already" in said and f"wrote 5 images to {out}/individual (4 were there)" in said
     assert len(rows(out)) == 9 and (out / "individual" / "000002.png").read_bytes() == first
+    # a smaller --num after a larger one: nothing to make, and the summary says what the folder holds
+    assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--out", out) == 0
+    said = capsys.readouterr().out
+    assert f"all 3 images were already in {out}/individual, which holds 9: an earlier run of this job made more" in said
+    assert len(rows(out)) == 9
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "euler", "heun"])
@@ -181,6 +187,11 @@ def test_gif_of_a_folder_that_is_not_a_training_run_says_so(run_dir, tmp_path, c
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and "grids" not in err[0], err
     assert not (images / "learning.gif").exists()
+    for args, says in ((["--out", tmp_path], f"--out {tmp_path} is a folder: give the GIF's file name"),
+                       (["--frame-ms", 0], "--frame-ms must be at least 1, got 0")):
+        assert cli("gif", run_dir, *args) == 2 and says in capsys.readouterr().err
+    assert cli("info", run_dir, "--batch-sizes", "8,0") == 2
+    assert "--batch-sizes takes comma-separated positive integers, got '8,0'" in capsys.readouterr().err
 
 
 def test_sampling_says_which_grids_it_wrote(run_dir, tmp_path, capsys):

@@ -368,7 +368,9 @@ def cmd_info(ns: argparse.Namespace) -> None:
     try:
         sizes = tuple(int(b) for b in ns.batch_sizes.split(","))
     except ValueError:
-        raise UserError(f"--batch-sizes takes comma-separated integers, got {ns.batch_sizes!r}") from None
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes takes comma-separated positive integers, got {ns.batch_sizes!r}")
     if not (target and Path(target).is_dir()):  # a run's config.yaml already holds its source's architecture
         cfg = with_source_architecture(cfg, log=_silent)
     info = model_info(cfg, sizes)
@@ -383,6 +385,10 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     run_dir = RunDir(ns.run)
     if not run_dir.path.is_dir():
         raise UserError(f"run directory not found: {run_dir.path}")
+    if ns.frame_ms < 1:
+        raise UserError(f"--frame-ms must be at least 1, got {ns.frame_ms}")
+    if ns.out and Path(ns.out).is_dir():
+        raise UserError(f"--out {ns.out} is a folder: give the GIF's file name, e.g. {Path(ns.out) / 'learning.gif'}")
     if not run_dir.is_run():  # a data or samples folder: "no training grids" would read as a run that lost them
         raise UserError(f"{run_dir.path} is not a ddpmkit training run: give the folder `ddpmkit train --out` wrote")
     gif = learning_gif(run_dir, ns.frame_ms)

@@ -250,7 +250,8 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
         _start_job(out, _job_identity(run, cfg, steps), fresh)
     barrier()
     finished = finished_rows(out)
-    todo = [k for k in range(cfg.num) if k not in finished][world.rank::world.size]
+    unfinished = [k for k in range(cfg.num) if k not in finished]
+    todo = unfinished[world.rank::world.size]
     if finished and world.is_main:
         log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images already in {out}")
 
@@ -273,16 +274,17 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
         writer.close()
     barrier()
     if world.is_main:
-        _finish(run, cfg, out, options, log)
+        _finish(run, cfg, out, options, len(unfinished), log)
     return out
 
 
-def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, log) -> None:
+def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, made: int, log) -> None:
     rows = finished_rows(out)
     missing = [k for k in range(cfg.num) if k not in rows]
     if missing:
         raise UserError(f"{len(missing)} images missing from {out} after sampling (first: {missing[0]}); rerun the command")
-    first = [read_image(out / rows[k][0]) for k in range(min(cfg.num, 64))]
+    # the grids show the job's first images: those of an earlier, larger --num too, as the manifest lists them
+    first = [read_image(out / rows[k][0]) for k in sorted(rows)[:64]]
     grids = []
     for side in GRID_SIDES:
         if len(first) >= side * side:
@@ -298,8 +300,13 @@ def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, log) -> None:
     # the smallest grid needs 16 images: say so rather than name a folder that was not written
     grid_note = (f"grids {', '.join(grids)} to {out}/grids" if grids
                  else f"no grid (one needs at least {GRID_SIDES[0] ** 2} images)")
-    log(f"wrote {cfg.num} images to {out}/individual, {grid_note}, manifest {out}/manifest.csv"
-        + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
+    if not made:
+        done = f"all {cfg.num} images were already in {out}/individual"
+    else:
+        done = f"wrote {made} images to {out}/individual" + (f" ({cfg.num - made} were there)" if made < cfg.num else "")
+    if len(rows) > cfg.num:
+        done += f", which holds {len(rows)}: an earlier run of this job made more"
+    log(f"{done}, {grid_note}, manifest {out}/manifest.csv" + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
 
 
 def trajectory_gif(run: Run, cfg: SampleConfig, options: dict) -> bytes:
