@@ -72,7 +72,8 @@ def test_conditional_samples_show_the_requested_class(conditional_run):
     judge = _judge()
 
     def accuracy(guidance, digit):
-        images = sample(run, num=40, seed=1, sampler="ddim", steps=20, class_label=str(digit), guidance=guidance)
+        images = sample(run, num=40, seed=1, sampler="ddim", steps=20, class_label=str(digit) if guidance else None,
+                        guidance=guidance)  # guidance 0 with a class is refused: the unconditional model ignores it
         return (judge.predict(images.reshape(40, 64).numpy() / 255.0) == digit).mean()
 
     guided = np.mean([accuracy(3.0, d) for d in (0, 3, 7)])
@@ -115,3 +116,13 @@ def test_sample_command_class_and_manifest(conditional_run, tmp_path, capsys):
     assert [r["label"] for r in rows] == [str(k % 10) for k in range(12)]  # classes in turn
     assert main(["sample", str(conditional_run), "-n", "2", "--class", "cat", "--out", str(tmp_path / "x")]) == 2
     assert "--class cat: not a class of" in capsys.readouterr().err
+    # guidance 0 is the unconditional model: its images carry no class, and asking for one is refused
+    assert main(["sample", str(conditional_run), "-n", "3", "--guidance", "0", "--steps", "2", "--out",
+                 str(tmp_path / "u"), "--quiet"]) == 0
+    assert [r["label"] for r in csv.DictReader(open(tmp_path / "u" / "manifest.csv"))] == ["", "", ""]
+    assert main(["sample", str(conditional_run), "-n", "2", "--class", "4", "--guidance", "0", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "--class 4 with sample.guidance=0: guidance 0 samples the unconditional model" in capsys.readouterr().err
+    assert main(["balance", str(conditional_run), "--out", str(tmp_path / "b"), "--guidance", "0"]) == 2
+    assert "balance with sample.guidance=0 would label unconditional samples" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()

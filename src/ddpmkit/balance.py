@@ -83,6 +83,9 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     if RunDir(run.path).imported_from():
         raise UserError(f"{run.path} is an imported model with no training data of its own to balance: fine-tune it "
                         f"on your labelled data first (--init-from {run.path})")
+    if sample_cfg.guidance == 0:
+        raise UserError("balance with sample.guidance=0 would label unconditional samples as classes: use guidance 1 "
+                        "or more")
     data = load_images(run.config.data)
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}

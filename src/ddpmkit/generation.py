@@ -80,10 +80,11 @@ def class_indices(run: Run, indices: list[int], class_label: str | None) -> torc
     return torch.full((len(indices),), names.index(class_label))
 
 
-def class_name(run: Run, index: int, class_label: str | None) -> str:
-    """The manifest's label column: the class of image `index`, empty for unconditional runs."""
+def class_name(run: Run, index: int, class_label: str | None, guidance: float = 1.0) -> str:
+    """The manifest's label column: the class of image `index`, empty for unconditional runs and
+    for guidance 0 (the unconditional model of a conditional run)."""
     names = run.config.data.class_names
-    if not run.config.model.class_conditional or not names:
+    if not run.config.model.class_conditional or not names or guidance == 0:
         return ""
     return class_label if class_label is not None else names[index % len(names)]
 
@@ -94,7 +95,8 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
     sampler would ignore (eta off ddim, variance off ddpm, guidance for an unconditional run) is
     refused, as the CLI refuses it."""
     chosen = SimpleNamespace(sampler=options.get("sampler", "ddim"), eta=options.get("eta", 0.0),
-                             variance=options.get("variance", "small"), guidance=options.get("guidance", 1.0))
+                             variance=options.get("variance", "small"), guidance=options.get("guidance", 1.0),
+                             class_label=options.get("class_label"))
     check_asked_options(run, chosen, {f"sample.{k}" for k in options})
     out = []
     for start in range(0, num, batch_size):
@@ -234,6 +236,9 @@ def check_asked_options(run: Run, cfg: SampleConfig, asked) -> None:
         raise UserError(f"sample.variance={cfg.variance} applies to the ddpm sampler only, not {cfg.sampler}")
     if "sample.guidance" in asked and cfg.guidance != 1.0 and not run.config.model.class_conditional:
         raise UserError(f"sample.guidance={cfg.guidance}: {run.path} is not class-conditional, so there is nothing to guide")
+    if cfg.guidance == 0 and cfg.class_label is not None:
+        raise UserError(f"--class {cfg.class_label} with sample.guidance=0: guidance 0 samples the unconditional model, "
+                        f"which ignores the class; drop --class, or use guidance 1 (the plain conditional model)")
 
 
 def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world: World = World(),
@@ -266,7 +271,7 @@ def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world:
             x = sample_batch(run, indices, cfg.seed, **options)
             images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
             rows = [[f"individual/{k:06d}.png", k, cfg.seed, cfg.sampler, steps, run.checkpoint,
-                     class_name(run, k, cfg.class_label), "true"] for k in indices]
+                     class_name(run, k, cfg.class_label, cfg.guidance), "true"] for k in indices]
             writer.submit(images, rows, text)
             bar.update(len(indices))
     finally:
