@@ -130,8 +130,14 @@ def test_statistics_reference_and_its_limits(tmp_path):
     from ddpmkit.metrics.stats import FeatureStats
 
     FeatureStats.from_features(feats).save(tmp_path / "stats.npz")
-    result = evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "efficientnet")
+    said = []
+    result = evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "efficientnet", log=said.append)
     assert result["metrics"]["fd"] > 0 and result["num_ref"] == 100
+    assert any("note: 100 generated images for 1280-dimensional features: their covariance is rank-deficient" in m
+               for m in said)  # a number not to compare with one made from more images
+    one = write_pngs(tmp_path / "one", images[:1])
+    with pytest.raises(UserError, match="holds 1 image: the metrics compare distributions, so generate more"):
+        evaluate(one, [str(tmp_path / "stats.npz")], ("fid",), "efficientnet")
     with pytest.raises(UserError, match="KID and precision/recall need reference features"):
         evaluate(gen, [str(tmp_path / "stats.npz")], ("fid", "kid"), "efficientnet")
     with pytest.raises(UserError, match="labelled reference images"):

@@ -174,6 +174,9 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
                         "class entropy instead")
     t0 = time.perf_counter()
     gen_images, gen_files = read_generated(gen)
+    if len(gen_images) < 2:
+        raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, so generate more "
+                        f"(thousands for a stable FID)")
     ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], recorded_bit_depth(job_runs(Path(gen))))
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
         ref.images = ref.images.expand(-1, 3, -1, -1) if ref.images.shape[1] == 1 else ref.images
@@ -197,6 +200,10 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
                             "written by --save-ref, not mu/sigma statistics")
         ref_feats, ref_stats = ref.feats, ref.stats
     gen_stats = FeatureStats.from_features(gen_feats)
+    if len(gen_feats) < gen_feats.shape[1] and "fid" in metrics:
+        log(f"note: {len(gen_feats)} generated images for {gen_feats.shape[1]}-dimensional features: their covariance "
+            f"is rank-deficient, so the Frechet distance is biased upward and noisy; compare only numbers made with "
+            f"the same count, and use at least {gen_feats.shape[1]} for a stable one")
     if gen_stats.mu.shape != ref_stats.mu.shape:
         raise UserError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, {extractor.name} features "
                         f"{gen_stats.mu.shape[0]}: they come from another extractor")
