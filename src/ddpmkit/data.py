@@ -264,13 +264,11 @@ def read_pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def decode_image(path: Path, bit_depth: int | None = None) -> np.ndarray:
-    """One image on its own (an input to restore, a mask) as uint8 H x W or H x W x 3: wide values
-    are read at `bit_depth` (a run's recorded data.bit_depth, so inputs look as its training images
-    did) or, None, at the depth this image's largest value needs. Datasets use `image_scales` over
-    all their images."""
+def decode_image(path: Path) -> np.ndarray:
+    """One image on its own (a mask) as uint8 H x W or H x W x 3: wide values are scaled by this
+    image's own range. Datasets use `image_scales` over all their images."""
     arr = read_pixels(path)
-    return scaled_image(arr, image_scales([arr], str(path), bit_depth))
+    return scaled_image(arr, image_scales([arr], str(path)))
 
 
 def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list[Path], list[str] | None]:

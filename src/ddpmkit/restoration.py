@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import IMAGE_SUFFIXES, batch_to_model, decode_image, resize_center_crop
+from .data import IMAGE_SUFFIXES, batch_to_model, decode_image, image_scales, read_pixels, resize_center_crop, scaled_image
 from .errors import UserError
 from .generation import write_manifest
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
@@ -378,11 +378,19 @@ def _read_inputs(folder: Path) -> list[Path]:
     return files
 
 
-def _load_image(path: Path, bit_depth: int | None) -> torch.Tensor:
+def _load_image(path: Path, run: Run) -> torch.Tensor:
+    """An input as uint8 C x H x W. Wide (16-bit) pixels are read at the depth the run read its
+    training images at, when those were wide (data.bit_depth above 8), so an input looks as they did;
+    otherwise at the depth the image's own largest value needs."""
+    depth = run.config.data.bit_depth if (run.config.data.bit_depth or 0) > 8 else None
     try:
-        arr = decode_image(path, bit_depth)
+        arr = read_pixels(path)
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
+    if depth is not None and arr.max() >= 2 ** depth:
+        raise UserError(f"{path}: values up to {arr.max():.6g} do not fit the {depth}-bit range of the images "
+                        f"{run.path} was trained on: scale the image to 0..{2 ** depth - 1} first")
+    arr = scaled_image(arr, image_scales([arr], str(path), depth))
     t = torch.from_numpy(np.array(arr))
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
@@ -425,7 +433,7 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sig
     if seed < 0:
         raise UserError(f"--seed must not be negative, got {seed}")
     files = _read_inputs(Path(inputs_dir))
-    images = [_load_image(p, run.config.data.bit_depth) for p in files]  # wide pixels as its training data
+    images = [_load_image(p, run) for p in files]
     for p, img in zip(files, images):
         check_images(run, img[None], [str(p)])
     masks = None

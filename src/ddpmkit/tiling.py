@@ -35,7 +35,8 @@ def tent_window(size: int) -> torch.Tensor:
 
 
 class TiledNet(torch.nn.Module):
-    """`chunk`: the most tiles one network call takes (a large image has many)."""
+    """`chunk`: the most tiles one network call takes (a large image has many). Tiled outputs are
+    float32 (the Denoiser works in float32)."""
 
     def __init__(self, net: torch.nn.Module, size: int, overlap: int | None = None, chunk: int = 64):
         super().__init__()
@@ -50,16 +51,19 @@ class TiledNet(torch.nn.Module):
         if min(h, w) < s:
             raise ValueError(f"tiles of {s}x{s} do not fit a {w}x{h} input")
         corners = [(top, left) for top in tile_starts(h, s, self.overlap) for left in tile_starts(w, s, self.overlap)]
-        tiles = torch.cat([x[:, :, top:top + s, left:left + s] for top, left in corners])  # tile-major
-        repeat = len(corners)
-        tt, ll = t.repeat(repeat), None if labels is None else labels.repeat(repeat)
-        parts = [self.net(tiles[i:i + self.chunk], tt[i:i + self.chunk], *(() if ll is None else (ll[i:i + self.chunk],)))
-                 for i in range(0, len(tiles), self.chunk)]
-        out = torch.cat(parts).float().unflatten(0, (repeat, n))
         window = tent_window(s).to(x.device)
-        total = torch.zeros(n, out.shape[2], h, w, device=x.device)
         weight = torch.zeros(h, w, device=x.device)
-        for (top, left), tile_out in zip(corners, out):
-            total[:, :, top:top + s, left:left + s] += tile_out * window
+        for top, left in corners:
             weight[top:top + s, left:left + s] += window
+        # (image, tile) pairs, `chunk` to a network call, each blended in as it comes: memory holds one
+        # chunk of tiles, however large the images
+        pairs = [(i, top, left) for top, left in corners for i in range(n)]
+        total = torch.zeros(x.shape, device=x.device)  # the output is shaped like the input (eps, x0 or v)
+        for k in range(0, len(pairs), self.chunk):
+            part = pairs[k:k + self.chunk]
+            rows = torch.tensor([i for i, _, _ in part], device=x.device)
+            tiles = torch.stack([x[i, :, top:top + s, left:left + s] for i, top, left in part])
+            out = self.net(tiles, t[rows], *(() if labels is None else (labels[rows],))).float()
+            for (i, top, left), tile_out in zip(part, out):
+                total[i, :, top:top + s, left:left + s] += tile_out * window
         return total / weight
