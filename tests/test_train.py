@@ -268,3 +268,19 @@ def test_a_run_records_the_bit_depth_it_chose_and_a_run_from_before_the_key_keep
     assert any("resuming" in m for m in logs) and "16-bit values (largest 4095; as read before" in "\n".join(logs)
     assert not any("data changed" in m for m in logs)
     assert load_run(run.path).config.data.bit_depth == 0  # the old rule, for sampling, balance and eval alike
+
+
+def test_attention_at_no_level_is_refused_for_a_new_model_but_an_old_run_resumes(tiny, tmp_path):
+    from ddpmkit.training import train
+
+    quiet = dict(log=lambda *a: None, progress=False)
+    with pytest.raises(UserError, match=r"model.attention_resolutions=\[3\]: no level of this model is 3x3"):
+        train(tiny(**{"model.attention_resolutions": [3]}), **quiet)
+    assert not (tmp_path / "run").exists()
+    run = train(tiny(**{"train.max_steps": 2, "train.checkpoint_every": 2}), **quiet)
+    # a run made before the check, with a resolution that matched no level (so no attention): it resumes
+    (run.config_path).write_text(run.config_path.read_text().replace("attention_resolutions: []",
+                                                                     "attention_resolutions: [3]"))
+    resumed = train(tiny(**{"train.max_steps": 4, "train.checkpoint_every": 2, "model.attention_resolutions": [3]}),
+                    **quiet)
+    assert [c["step"] for c in resumed.read_state()["checkpoints"]][-1] == 4

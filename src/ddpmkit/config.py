@@ -327,9 +327,13 @@ def check_attention_resolutions(cfg: Config) -> None:
     levels = [cfg.data.image_size // 2**i for i in range(len(cfg.model.channel_mult))]
     unmatched = [r for r in cfg.model.attention_resolutions if r not in levels]
     if unmatched:
-        raise UserError(f"config key model.attention_resolutions: no level of this model is {unmatched[0]}x{unmatched[0]} "
-                        f"(data.image_size={cfg.data.image_size}, model.channel_mult={cfg.model.channel_mult}: levels "
-                        f"{', '.join(map(str, levels))}), so it would add no attention; use those")
+        from_preset = cfg.model.preset and MODEL_PRESETS[cfg.model.preset]["attention_resolutions"] == \
+            cfg.model.attention_resolutions
+        preset = f", from model.preset={cfg.model.preset}" if from_preset else ""
+        raise UserError(f"config key model.attention_resolutions={cfg.model.attention_resolutions}{preset}: no level "
+                        f"of this model is {unmatched[0]}x{unmatched[0]} (data.image_size={cfg.data.image_size}, "
+                        f"model.channel_mult={cfg.model.channel_mult}: levels {', '.join(map(str, levels))}), so it "
+                        f"would add no attention; set it to some of those")
 
 
 def from_dict(raw: dict) -> Config:

@@ -153,8 +153,6 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
         raise UserError(f"train.batch_size={tc.batch_size} does not split into {world.size} process(es) x "
                         f"train.grad_accum={tc.grad_accum} equal micro-batches: make it a multiple of "
                         f"{world.size * tc.grad_accum}")
-    if fresh or not RunDir(tc.out_dir).config_path.is_file():  # a new model (a resumed one keeps its layout)
-        check_attention_resolutions(cfg)
     if cfg.data.bit_depth is None and not fresh:  # unset: a resumed run reads its data as it started
         cfg.data.bit_depth = _recorded_bit_depth(RunDir(tc.out_dir))
     data = open_stream(cfg.data) if cfg.data.stream else load_images(cfg.data)
@@ -174,6 +172,8 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
     if tc.init_from:
         source = Source(tc.init_from, log)
         adopt_architecture(cfg, source.config, log)
+    if fresh or not RunDir(tc.out_dir).config_path.is_file():  # a new model (a resumed one keeps its layout)
+        check_attention_resolutions(cfg)
 
     # before anything is written: a refusal here (unlabelled data for the classifier judge, missing
     # feature weights) leaves no half-made run behind
