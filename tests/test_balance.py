@@ -116,6 +116,10 @@ def test_class_names_that_clean_to_one_folder_name_get_distinct_folders():
     assert folders == {"x y": "x_y", "x_y": "x_y-1", "X_Y": "X_Y-2", "../up": "_up", "x_y-1": "x_y-1-4"}
     assert len({f.lower() for f in folders.values()}) == 5  # distinct on case-insensitive file systems too
     assert class_folders(["cat", "dog"]) == {"cat": "cat", "dog": "dog"}  # the usual case keeps its names
+    # folders an earlier balance made are kept (on Linux an older ddpmkit gave 'Cat' and 'cat' one each)
+    assert class_folders(["Cat", "cat", "dog"], {"cat": "cat", "Cat": "Cat", "bird": "bird"}) == \
+        {"Cat": "Cat", "cat": "cat", "dog": "dog"}
+    assert class_folders(["Cat", "cat"], {"cat": "cat"}) == {"Cat": "Cat-0", "cat": "cat"}
 
 
 def test_balance_keeps_classes_apart_whose_names_make_one_folder_name(tmp_path):
@@ -139,3 +143,8 @@ def test_balance_keeps_classes_apart_whose_names_make_one_folder_name(tmp_path):
     assert len({r["file"] for r in fake}) == 7  # no image listed twice, none overwritten by the other class
     assert {r["file"].split("/")[1] for r in fake} == {"x_y", "x_y-2"}  # 'x y' first in class order
     assert len(list((out / "by_class" / "x_y").iterdir())) == 6 and len(list((out / "by_class" / "x_y-2").iterdir())) == 6
+    # a rerun finds each class's folder from its job file, and has nothing left to make
+    (out / "classes" / "x_y-2").rename(out / "classes" / "renamed")  # whatever an earlier version named it
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=2"]) == 0
+    again = [r for r in csv.DictReader(open(out / "manifest.csv")) if r["synthetic"] == "true"]
+    assert {r["file"].split("/")[1] for r in again} == {"x_y", "renamed"} and len(again) == 7

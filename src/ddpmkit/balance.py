@@ -94,7 +94,8 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     _claim(out, run, sample_cfg.seed, fresh)
     log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
     rows = [[path, i, "", "", "", "", label, "false"] for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
-    folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))])  # (labels added since training last)
+    folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],  # (labels added since training last)
+                            _existing_class_folders(out))
     for position, (name, num) in enumerate(need.items()):
         if num == 0:
             continue
@@ -156,19 +157,35 @@ def _safe(name: str) -> str:
     return cleaned or "_"
 
 
-def class_folders(names: list[str]) -> dict[str, str]:
+def class_folders(names: list[str], existing: dict[str, str] | None = None) -> dict[str, str]:
     """A folder name per class, distinct even where two names clean to the same one ('x y' and 'x_y')
     or differ only in case (one folder on macOS and Windows): the later class, in the run's class
-    order, gets its position appended. Stable for a run, so a rerun finds its folders."""
-    folders: dict[str, str] = {}
-    taken: set[str] = set()
+    order, gets its position appended. `existing` (class -> folder, from an earlier balance in the
+    same --out) is kept, so a rerun finds its folders, also those an older ddpmkit named."""
+    folders = {name: folder for name, folder in (existing or {}).items() if name in names}
+    taken = {folder.lower() for folder in folders.values()}
     for position, name in enumerate(names):
+        if name in folders:
+            continue
         folder = _safe(name)
         while folder.lower() in taken:
             folder = f"{folder}-{position}"
         taken.add(folder.lower())
         folders[name] = folder
-    return folders
+    return {name: folders[name] for name in names}
+
+
+def _existing_class_folders(out: Path) -> dict[str, str]:
+    """class -> folder of the class jobs an earlier balance left in OUT/classes (their job files say)."""
+    found = {}
+    for job in sorted((out / "classes").glob(f"*/{JOB_FILE}")):
+        try:
+            label = json.loads(job.read_text()).get("class_label")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(label, str):
+            found.setdefault(label, job.parent.name)
+    return found
 
 
 def _unlink_by_class(out: Path) -> None:
