@@ -472,6 +472,9 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     the training split; never for the final study).
     """
     real, test, calibration = as_source(real), as_source(test), as_source(calibration)
+    _split_source(real, test, test_split, "test", "--test")  # a split flag that cannot apply: before any read
+    if calibration is not None or calibration_split is not None:
+        _split_source(real, calibration, calibration_split, "val", "--calibration")
     synth_folder = Path(synthetic)
     probe = load_images(replace(real, split=real_split, image_size=8))  # labels and the native size
     if not probe.labels:

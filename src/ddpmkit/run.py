@@ -149,10 +149,15 @@ class Run:
 
 def recorded_bit_depth(runs: list[Path]) -> int | None:
     """The depth these runs read wide pixels at (their config.yaml records it), so real images compared
-    with their samples are read as their training images were. None if they differ or record none;
-    runs no longer here are left out."""
-    depths = {from_dict(read_run_config(run / "config.yaml")).data.bit_depth
-              for run in runs if (run / "config.yaml").is_file()}
+    with their samples, or a resumed run's own, are read as their training images were. None if they
+    differ or record none; runs no longer here, or whose config cannot be read, are left out (what
+    needs more of them says what is wrong)."""
+    depths = set()
+    for run in runs:
+        try:
+            depths.add(read_run_config(Path(run) / "config.yaml")["data"]["bit_depth"])
+        except (UserError, KeyError, TypeError):
+            continue
     return depths.pop() if len(depths) == 1 else None
 
 

@@ -30,7 +30,7 @@ from .errors import UserError
 from .finetune import Source, adopt_architecture, load_pretrained
 from .generation import sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
-from .run import Run, RunDir
+from .run import Run, RunDir, recorded_bit_depth
 from .runtime import autocast, autocast_dtype, compile_network, environment, mix_seed, resolve_device
 from .schedule import Schedule
 from .streaming import batch_loader, open_stream
@@ -154,7 +154,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
                         f"train.grad_accum={tc.grad_accum} equal micro-batches: make it a multiple of "
                         f"{world.size * tc.grad_accum}")
     if cfg.data.bit_depth is None and not fresh:  # unset: a resumed run reads its data as it started
-        cfg.data.bit_depth = _recorded_bit_depth(RunDir(tc.out_dir))
+        cfg.data.bit_depth = recorded_bit_depth([tc.out_dir]) if RunDir(tc.out_dir).is_run() else None
     data = open_stream(cfg.data) if cfg.data.stream else load_images(cfg.data)
     if cfg.data.bit_depth is None:  # recorded in config.yaml, so sampling, balance and eval read the data alike
         cfg.data.bit_depth = data.bit_depth
@@ -183,13 +183,6 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
     with lock:
         return _train(cfg, fresh, log, progress, world, run, data, class_ids, source, device, amp_dtype, share,
                       evaluator)
-
-
-def _recorded_bit_depth(run: RunDir) -> int | None:
-    try:
-        return read_run_config(run.config_path)["data"]["bit_depth"] if run.is_run() else None
-    except (UserError, KeyError, TypeError):  # an unreadable config: the resume check says what is wrong
-        return None
 
 
 class _RunLock:

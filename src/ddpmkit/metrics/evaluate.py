@@ -84,9 +84,9 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     return torch.cat(tensors), [str(p) for p in files]
 
 
-def resolve_reference(refs: list[str], gen_size: int, gen_channels: int, bit_depth: int | None = None) -> Reference:
-    """`bit_depth`: the generator's recorded data.bit_depth, for reference data given as data.path=...
-    and no data.bit_depth of its own, so its wide pixels are read as the generator's training images were."""
+def resolve_reference(refs: list[str], gen_size: int, gen_channels: int, gen: str | Path | None = None) -> Reference:
+    """Reference data given as data.path=... and no data.bit_depth of its own is read at the depth the
+    runs that generated `gen` recorded (their job files name them), as their training images were."""
     overrides = [r for r in refs if "=" in r]
     paths = [r for r in refs if "=" not in r]
     if overrides and paths or len(paths) > 1 or not refs:
@@ -95,8 +95,9 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int, bit_dep
         values = dict(parse_override(r) for r in overrides)
         values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
         values.setdefault("data.channels", gen_channels)
-        if bit_depth is not None:
-            values.setdefault("data.bit_depth", bit_depth)
+        depth = recorded_bit_depth(job_runs(Path(gen))) if gen is not None else None
+        if depth is not None:
+            values.setdefault("data.bit_depth", depth)
         return _from_data(data_config(values))
     path = Path(paths[0])
     if path.suffix == ".npz" and path.is_file():
@@ -177,7 +178,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     if len(gen_images) < 2:
         raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, so generate more "
                         f"(thousands for a stable FID)")
-    ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], recorded_bit_depth(job_runs(Path(gen))))
+    ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], gen)
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
         ref.images = ref.images.expand(-1, 3, -1, -1) if ref.images.shape[1] == 1 else ref.images
         gen_images = gen_images.expand(-1, 3, -1, -1) if gen_images.shape[1] == 1 else gen_images
