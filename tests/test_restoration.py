@@ -435,7 +435,7 @@ def test_a_folder_of_mixed_sizes_is_restored_at_each_image_size(tiny_run, tmp_pa
     assert all(shape[0] <= 2 and shape[2:] == (8, 8) for shape in calls)  # --batch-size bounds the tiles per call too
     assert sum(shape[0] for shape in calls) == 2 + 2 * 2 * 3 + 2  # a, c whole; b, d in 2 x 3 tiles; e in 2 x 1
     assert read_image(out / "grid.png").shape[0] == 1
-    # each image's result is the same whatever else is in the folder (its own batch of its size)
+    # (mmse, no noise) an image's result does not depend on the images batched with it
     alone = tmp_path / "alone"
     _write_pngs(alone, [np.asarray(Image.open(tmp_path / "in" / "d.png"))], ["d.png"])
     restore_folder(tiny_run, "denoise", alone, tmp_path / "out_alone", sigma=0.1, log=lambda *a: None)
