@@ -299,14 +299,15 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key data.image_size: {cfg.data.image_size} cannot pass through "
                         f"{len(m.channel_mult) - 1} halvings to at least 2x2 (model.channel_mult={m.channel_mult}); "
                         f"use a multiple of {factor}, at least {2 * factor}")
-    for key, value, top in (("train.ema_decay", cfg.train.ema_decay, 1), ("model.dropout", m.dropout, 1)):
-        if not 0 <= value < top:
+    for key, value in (("train.ema_decay", cfg.train.ema_decay), ("model.dropout", m.dropout)):
+        if not 0 <= value < 1:
             raise UserError(f"config key {key}: must be in [0, 1), got {value}")
     if not 0 <= cfg.train.label_dropout <= 1:
         raise UserError(f"config key train.label_dropout: a share of labels, in [0, 1], got {cfg.train.label_dropout}")
     if m.attention_head_dim is not None:
-        widths = sorted({m.base_channels * c for i, c in enumerate(m.channel_mult)  # attention levels and the middle
-                         if i == len(m.channel_mult) - 1 or cfg.data.image_size // 2**i in m.attention_resolutions})
+        levels = level_resolutions(cfg)  # attention levels, and the middle block at the last one
+        widths = sorted({m.base_channels * c for i, (c, level) in enumerate(zip(m.channel_mult, levels))
+                         if level in m.attention_resolutions or i == len(levels) - 1})
         # a layer of C channels has max(1, C // head_dim) heads (as in diffusers), which must split C evenly
         bad = [w for w in widths if w % max(1, w // m.attention_head_dim)]
         if bad:
@@ -321,10 +322,15 @@ def _check_values(cfg: Config) -> None:
                         f"diffusion.num_timesteps={d.num_timesteps}")
 
 
+def level_resolutions(cfg: Config) -> list[int]:
+    """The side of the feature maps at each level of the UNet, from the top."""
+    return [cfg.data.image_size // 2**i for i in range(len(cfg.model.channel_mult))]
+
+
 def check_attention_resolutions(cfg: Config) -> None:
     """A new model's attention resolutions must each be one of its levels' (runs made before this
     check may hold others, which never added attention: they still load)."""
-    levels = [cfg.data.image_size // 2**i for i in range(len(cfg.model.channel_mult))]
+    levels = level_resolutions(cfg)
     unmatched = [r for r in cfg.model.attention_resolutions if r not in levels]
     if unmatched:
         from_preset = cfg.model.preset and MODEL_PRESETS[cfg.model.preset]["attention_resolutions"] == \
