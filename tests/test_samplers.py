@@ -187,3 +187,17 @@ def test_ddim_one_step_from_noise_returns_the_x0_estimate():
     out = ddim(den, x, [99], lambda: torch.randn_like(x))
     x0, _ = den(x, 99)
     torch.testing.assert_close(out, x0)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_dpmpp_last_step_order_does_not_hang_on_rounding(schedule_name):
+    """Karras spacing reaches t=0 through exp and log; on the cosine schedule that used to be 9.5e-15,
+    not 0, which switched the last DPM-Solver++ step to second order and moved 10-step images by up to 2."""
+    schedule = Schedule.from_config(DiffusionConfig(schedule=schedule_name))
+    ts = make_timesteps(10, schedule, "karras")
+    assert ts[0] == 999.0 and ts[-1] == 0.0
+    den = Denoiser(TinyNet(), schedule, "eps")
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    exact = SAMPLERS["dpmpp-2m"](den, x, ts, lambda: torch.randn_like(x))
+    rounded = SAMPLERS["dpmpp-2m"](den, x, [*ts[:-1], 1e-12], lambda: torch.randn_like(x))
+    torch.testing.assert_close(rounded, exact, rtol=0, atol=1e-5)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ddpmkit.config import DiffusionConfig
-from ddpmkit.schedule import Schedule, cosine_betas, linear_betas
+from ddpmkit.schedule import Schedule, cosine_betas, linear_betas, x0_eps_from_output
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -50,11 +50,12 @@ def test_prediction_round_trips_are_exact(prediction):
     t = torch.randint(0, 1000, (64,))
     xt = s.q_sample(x0, t, eps)
     target = s.target(prediction, x0, eps, t)
-    x0_hat, eps_hat = s.to_x0_eps(prediction, target, xt, t)
+    a = s.abar(t, xt)
+    x0_hat, eps_hat = x0_eps_from_output(prediction, target, xt, a.sqrt(), (1 - a).sqrt())
     tol = dict(atol=2e-3, rtol=1e-3) if prediction == "eps" else dict(atol=1e-4, rtol=1e-4)  # /sqrt(abar) near T
     torch.testing.assert_close(x0_hat, x0, **tol)
     torch.testing.assert_close(eps_hat, eps, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(s.eps_from_x0(xt, t, x0), eps, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x0_eps_from_output("x0", x0, xt, a.sqrt(), (1 - a).sqrt())[1], eps, atol=1e-3, rtol=1e-3)
 
 
 def test_v_target_definition():

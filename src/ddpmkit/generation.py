@@ -34,7 +34,7 @@ from .distributed import World, barrier
 from .errors import UserError
 from .images import gif_bytes, make_grid, png_bytes, read_image, scale_for_viewing, to_uint8, upsample
 from .run import Run, check_output_folder
-from .samplers import DEFAULT_STEPS, SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
+from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
 GRID_SIDES = (4, 6, 8)
@@ -45,7 +45,7 @@ MAX_PENDING_BATCHES = 4  # images waiting for the writer before sampling pauses 
 
 def resolved_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:
     """The steps asked for; else the sampler's default, at most T (a model trained with few timesteps)."""
-    return steps or min(DEFAULT_STEPS[sampler] or num_timesteps, num_timesteps)
+    return steps or min(SAMPLERS[sampler].default_steps or num_timesteps, num_timesteps)
 
 
 def sample_batch(run: Run, indices: list[int], seed: int, sampler: str = "ddim", steps: int | None = None,

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 
-from . import atomic
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -48,9 +47,6 @@ def png_bytes(img: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
     to_pil(img).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
-
-def save_png(path: str | Path, img: torch.Tensor, text: dict[str, str] | None = None, fsync: bool = False) -> None:
-    atomic.write_bytes(path, png_bytes(img, text), fsync=fsync)
 
 
 def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:

@@ -49,13 +49,12 @@ from .generation import write_manifest
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .run import Run
 from .runtime import mix_seed
-from .samplers import DEFAULT_STEPS, SAMPLERS, Denoiser, ImageNoise
+from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step
 from .schedule import Schedule
 from .tiling import TiledNet
 
 KINDS = ("denoise", "img2img", "inpaint")
 METHODS = ("mmse", "sample")
-STOCHASTIC_SAMPLERS = ("ddpm", "dpmpp-2m-sde")  # the others solve the probability-flow ODE
 MANIFEST_COLUMNS = ["input", "output", "kind", "seed", "sigma", "parameters"]
 INPAINT_STEPS = 250  # RePaint's default
 GRID_MAX_COLUMNS = 16  # the before/after grid shows at most this many image pairs
@@ -155,9 +154,10 @@ def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mm
         raise UserError(f"unknown denoising method {method!r} (known: {', '.join(METHODS)})")
     if samples < 1:
         raise UserError(f"samples must be at least 1, got {samples}")
-    if method == "sample" and sampler not in STOCHASTIC_SAMPLERS:
+    stochastic = [name for name, info in SAMPLERS.items() if info.stochastic]
+    if method == "sample" and not _sampler(sampler).stochastic:
         raise UserError(f"denoising by sampling draws from p(x | y), which needs a stochastic sampler "
-                        f"({' or '.join(STOCHASTIC_SAMPLERS)}): {sampler!r} is deterministic, every draw would "
+                        f"({' or '.join(stochastic)}): {sampler!r} is deterministic, every draw would "
                         f"be the same image and not a sample; for one best estimate use the mmse method")
     indices = list(range(len(y))) if indices is None else list(indices)
     sigmas = _sigma_list(sigma, len(y))
@@ -191,8 +191,7 @@ def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: 
     t = strength * (s.num_timesteps - 1)
     indices = list(range(len(x0))) if indices is None else list(indices)
     noise = ImageNoise(seed, indices, tuple(x0.shape[1:]), x0.device)
-    a = s.abar_at(t)
-    x_t = math.sqrt(a) * x0.float() + math.sqrt(1.0 - a) * noise()  # q_sample at a fractional t
+    x_t = s.q_sample(x0, t, noise())
     return _sampler(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
 
 
@@ -237,8 +236,7 @@ def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor
     x0 = x_known.float()
 
     def known_at(level):  # the known image pushed through the forward process to this level
-        a = abar(level)
-        return x0 if level < 0 else math.sqrt(a) * x0 + math.sqrt(1 - a) * noise()
+        return x0 if level < 0 else s.q_sample(x0, float(grid[level]), noise())
 
     top = len(grid) - 1
     x = torch.where(fill, noise(), known_at(top))
@@ -246,13 +244,8 @@ def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor
     for cur, nxt in zip(seq, seq[1:]):
         a_cur, a_nxt = abar(cur), abar(nxt)
         if nxt < cur:  # reverse step cur -> nxt: ancestral for the unknown, forward process for the known
-            beta = 1.0 - a_cur / a_nxt
             x0_hat, _ = denoiser(x, float(grid[cur]))
-            mean = (math.sqrt(a_nxt) * beta / (1 - a_cur)) * x0_hat \
-                + (math.sqrt(1 - beta) * (1 - a_nxt) / (1 - a_cur)) * x
-            if nxt >= 0:
-                mean = mean + math.sqrt(beta * (1 - a_nxt) / (1 - a_cur)) * noise()
-            x = torch.where(fill, mean, known_at(nxt))
+            x = torch.where(fill, ancestral_step(x, x0_hat, a_cur, a_nxt, noise), known_at(nxt))
         else:  # forward jump cur -> nxt: q(x_nxt | x_cur)
             ratio = a_nxt / a_cur
             x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * noise()
@@ -323,7 +316,7 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     check_images(run, images_u8)
     if strength == 0:
         return images_u8.clone()
-    steps = steps if steps is not None else DEFAULT_STEPS.get(sampler)
+    steps = steps if steps is not None else _sampler(sampler).default_steps
     x = img2img_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device), strength,
                        seed, indices, sampler, steps)
     return to_uint8(x)
@@ -514,7 +507,7 @@ def _parameters(kind, method, samples, strength, sampler, steps, jump_length, re
         if method == "sample":
             p.update(samples=samples, sampler=sampler, steps=steps)
     elif kind == "img2img":
-        p = {"strength": strength, "sampler": sampler, "steps": steps if steps is not None else DEFAULT_STEPS.get(sampler)}
+        p = {"strength": strength, "sampler": sampler, "steps": steps if steps is not None else _sampler(sampler).default_steps}
     else:
         p = {"steps": steps, "jump_length": jump_length, "resamplings": resamplings}
     p["clip_x0"] = clip_x0

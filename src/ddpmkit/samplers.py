@@ -8,13 +8,16 @@ timesteps from `make_timesteps`, separate from the sampler; after the last one e
 the clean image. `noise()` returns fresh noise shaped like x, drawn from per-image generators so an
 image never depends on which batch it was in.
 
-Network evaluations (NFE) per image: `len(timesteps)` for every sampler except heun, which takes
-2 * len(timesteps) - 1.
+Network evaluations (NFE) per image: `len(timesteps)` for every sampler except heun (`nfe`).
+
+`SAMPLERS` is the one registry of sampler names: the config, the CLI and the restoration commands
+check names, default step counts and what a sampler is against it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -118,7 +121,9 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "un
         lo, hi = math.exp(s.log_sigmas[0]), math.exp(s.log_sigmas[-1])
         ramp = np.linspace(0, 1, steps)
         sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
-        return [s.t_at_sigma(sig) for sig in sigmas]
+        ts = [s.t_at_sigma(sig) for sig in sigmas]
+        ts[-1], ts[0] = 0.0, float(T - 1)  # the ends exactly, not through exp and log (one step: T-1)
+        return ts
     else:
         raise ValueError(f"unknown spacing {spacing!r} (known: {', '.join(SPACINGS)})")
     return [float(t) for t in ts[::-1]]
@@ -130,21 +135,27 @@ def _alphas(schedule: Schedule, timesteps: list[float], i: int) -> tuple[float, 
     return schedule.abar_at(timesteps[i]), nxt
 
 
+def ancestral_step(x: torch.Tensor, x0: torch.Tensor, a_t: float, a_prev: float, noise: Callable[[], torch.Tensor],
+                   variance: str = "small") -> torch.Tensor:
+    """One reverse step x_t -> x_prev of Ho et al. 2020 (eq. 6-7): the posterior mean of q(x_prev | x_t, x0)
+    plus noise of variance beta~ ('small') or beta ('large'), none into the clean image (a_prev = 1).
+    Any two levels of the schedule: beta = 1 - abar_t / abar_prev respaces it (improved DDPM)."""
+    beta = 1.0 - a_t / a_prev
+    mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+    if a_prev == 1.0:
+        return mean
+    var = beta * (1 - a_prev) / (1 - a_t) if variance == "small" else beta
+    return mean + math.sqrt(var) * noise()
+
+
 def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
          callback: Callback | None = None, variance: str = "small") -> torch.Tensor:
-    """Ancestral sampling (Ho et al. 2020), on any subsequence of timesteps (respaced as in
-    improved DDPM: beta_t = 1 - abar_t / abar_prev). variance: 'small' is the posterior variance
-    beta~, 'large' is beta."""
+    """Ancestral sampling (Ho et al. 2020) on any subsequence of timesteps. variance: 'small' is the
+    posterior variance beta~, 'large' is beta."""
     for i, t in enumerate(timesteps):
         a_t, a_prev = _alphas(denoiser.schedule, timesteps, i)
-        beta = 1.0 - a_t / a_prev
         x0, _ = denoiser(x, t)
-        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
-        if i + 1 < len(timesteps):
-            var = beta * (1 - a_prev) / (1 - a_t) if variance == "small" else beta
-            x = mean + math.sqrt(var) * noise()
-        else:
-            x = mean
+        x = ancestral_step(x, x0, a_t, a_prev, noise, variance)
         if callback:
             callback(i, x, x0)
     return x
@@ -183,8 +194,9 @@ def _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde: bool):
             # second order from the previous x0 (multistep), except on the first step and on a step into
             # t=0: there uniform-in-t steps are tiny in lambda next to the one before, and the
             # extrapolation weight 1/(2r) would blow up (diffusers' final-step rule). Trailing spacing
-            # stops short of t=0 and keeps second order to the end.
-            lower = old_x0 is None or (i == len(timesteps) - 2 and timesteps[-1] == 0)
+            # stops short of t=0 and keeps second order to the end. "t=0" up to rounding: Karras
+            # spacing reaches it through exp and log.
+            lower = old_x0 is None or (i == len(timesteps) - 2 and round(timesteps[-1]) == 0)
             d = x0 if lower else x0 + (h / h_last) / 2 * (x0 - old_x0)  # 1/(2r), r = h_last/h
             if sde:
                 x = (sigma_t / sigma_s * math.exp(-h)) * x + alpha_t * -math.expm1(-2 * h) * d \
@@ -251,9 +263,26 @@ def heun(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Cal
     return _karras_ode(denoiser, x, timesteps, callback, heun=True)
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "dpmpp-2m-sde": dpmpp_2m_sde,
-            "euler": euler, "heun": heun}
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp-2m": 20, "dpmpp-2m-sde": 30, "euler": 50, "heun": 25}  # None: all T
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler function and what the rest of ddpmkit needs to know about it."""
+    fn: Callable[..., torch.Tensor]
+    default_steps: int | None  # None: all T
+    stochastic: bool  # draws from p(x0 | x_t) (fresh noise each step), or solves the probability-flow ODE
+    option: str | None = None  # its one keyword option, if any
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
+
+SAMPLERS = {
+    "ddpm": Sampler(ddpm, None, stochastic=True, option="variance"),
+    "ddim": Sampler(ddim, 50, stochastic=False, option="eta"),
+    "dpmpp-2m": Sampler(dpmpp_2m, 20, stochastic=False),
+    "dpmpp-2m-sde": Sampler(dpmpp_2m_sde, 30, stochastic=True),
+    "euler": Sampler(euler, 50, stochastic=False),
+    "heun": Sampler(heun, 25, stochastic=False),
+}
 
 
 def nfe(sampler: str, steps: int) -> int:

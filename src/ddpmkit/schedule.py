@@ -8,11 +8,13 @@ abar_t = prod_{s<=t} (1 - beta_s). The network predicts eps, x0 or v = sqrt(abar
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .config import DiffusionConfig
+if TYPE_CHECKING:
+    from .config import DiffusionConfig
 
 
 def linear_betas(T: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -54,7 +56,7 @@ class Schedule:
         self._abar_on: dict[torch.device, torch.Tensor] = {}  # per-device copies: no host syncs
 
     @classmethod
-    def from_config(cls, cfg: DiffusionConfig) -> "Schedule":
+    def from_config(cls, cfg: DiffusionConfig) -> Schedule:
         if cfg.schedule == "linear":
             return cls(linear_betas(cfg.num_timesteps, cfg.beta_start, cfg.beta_end))
         return cls(cosine_betas(cfg.num_timesteps))
@@ -82,9 +84,15 @@ class Schedule:
         a = self.abar(t, like)
         return a.sqrt(), (1 - a).sqrt()
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        sa, sb = self._coefs(t, x0)
-        return sa * x0 + sb * noise
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+        """x_t of the forward process: t an integer timestep per image (training), or one possibly
+        fractional timestep for the whole batch (restoration)."""
+        if isinstance(t, torch.Tensor):
+            sa, sb = self._coefs(t, x0)
+        else:
+            a = self.abar_at(t)
+            sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
+        return sa * x0.float() + sb * noise
 
     def target(self, prediction: str, x0, noise, t) -> torch.Tensor:
         """What the network is trained to output."""
@@ -94,11 +102,3 @@ class Schedule:
             return x0
         sa, sb = self._coefs(t, x0)
         return sa * noise - sb * x0  # v
-
-    def to_x0_eps(self, prediction: str, out, x_t, t) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network output -> (x0, eps) at (x_t, t)."""
-        return x0_eps_from_output(prediction, out, x_t, *self._coefs(t, x_t))
-
-    def eps_from_x0(self, x_t, t, x0) -> torch.Tensor:
-        sa, sb = self._coefs(t, x_t)
-        return (x_t - sa * x0) / sb
