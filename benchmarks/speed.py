@@ -26,7 +26,7 @@ from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.generation import sample_batch  # noqa: E402
 from ddpmkit.runtime import autocast, autocast_dtype, resolve_device  # noqa: E402
 from ddpmkit.schedule import Schedule  # noqa: E402
-from ddpmkit.training import diffusion_loss  # noqa: E402
+from ddpmkit.loss import diffusion_loss  # noqa: E402
 from ddpmkit.unet import UNet, count_parameters  # noqa: E402
 
 CASES = {  # preset -> (image size, channels, train batch, sample batch) sized for a 2-core CPU

@@ -8,7 +8,8 @@ from PIL import Image
 
 from conftest import SHARED_DATA, write_images
 from ddpmkit.config import DataConfig
-from ddpmkit.data import array_to_uint8_nchw, batch_to_model, load_images, resize_center_crop, value_scale
+from ddpmkit.data import batch_to_model, load_images, resize_center_crop
+from ddpmkit.pixels import array_to_uint8_nchw, value_scale
 from ddpmkit.errors import UserError
 
 
@@ -111,13 +112,7 @@ def test_the_scale_ignores_alpha_and_labels_name_folder_images_only(tmp_path):
         load_images(DataConfig(path=str(tmp_path / "d.npz"), labels=str(tmp_path / "labels.csv")))
 
 
-def test_runs_from_before_bit_depth_keep_the_old_rule_and_mixed_wide_kinds_share_one_depth(tmp_path):
-    # bit_depth 0, what runs without the key record: 8 bits when the largest value fits, else 16
-    np.save(tmp_path / "eight.npy", np.full((2, 8, 8), 255, dtype=np.int64))
-    np.save(tmp_path / "twelve.npy", np.full((2, 8, 8), 4095, dtype=np.uint16))
-    assert int(load_images(DataConfig(path=str(tmp_path / "eight.npy"), bit_depth=0)).images.max()) == 255
-    legacy = load_images(DataConfig(path=str(tmp_path / "twelve.npy"), bit_depth=0))
-    assert int(legacy.images.max()) == 16 and legacy.bit_depth == 16  # 4095 / 257
+def test_mixed_wide_kinds_share_one_depth(tmp_path):
     # a float TIFF beyond the usual ranges is read as integers, at the same depth as the 16-bit PNGs
     (tmp_path / "mixed").mkdir()
     Image.fromarray(np.full((8, 8), 40000.0, dtype=np.float32)).save(tmp_path / "mixed" / "a.tif")
@@ -317,7 +312,7 @@ def test_resize_center_crop_and_batch_scaling():
 
 def test_malformed_user_data_gets_one_clear_line(tmp_path):
     from ddpmkit.config import load_config
-    from ddpmkit.training import _class_ids
+    from ddpmkit.resolve import _class_ids
 
     """Each of these raised a traceback (UnicodeDecodeError, a numpy reshape error, an IndexError
     mid-training, struct.error) or, for one-hot labels, silently trained on column 0."""

@@ -13,6 +13,7 @@ from ddpmkit.errors import UserError
 from ddpmkit.metrics import features as fx
 from ddpmkit.metrics.evaluate import evaluate, read_generated
 from ddpmkit.metrics.inception import FIDInceptionV3, load_fid_inception
+from ddpmkit.run import RunDir
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +178,7 @@ def test_reading_generated_images_never_takes_the_grids(tmp_path):
 
 def test_references_are_read_at_the_generated_resolution(tmp_path):
     from conftest import write_images
-    from ddpmkit.config import load_config, to_yaml
+    from ddpmkit.config import load_config
     from ddpmkit.metrics.evaluate import resolve_reference
 
     write_images(tmp_path / "photos", n=3, size=(75, 75))  # no UNet could train at 75: none is asked to
@@ -185,13 +186,13 @@ def test_references_are_read_at_the_generated_resolution(tmp_path):
     with pytest.raises(UserError, match="only data.* keys describe a dataset here, got model.base_channels"):
         resolve_reference([f"data.path={tmp_path / 'photos'}", "model.base_channels=8"], 75, 1)
     run = tmp_path / "run"  # trained on the 8x8 digits; samples written at 32x32 (--size 32)
-    run.mkdir()
-    (run / "config.yaml").write_text(to_yaml(load_config(None, {})))
+    RunDir(run).start(load_config(None, {}), {}, step=0)
     assert resolve_reference([str(run)], 32, 1).images.shape == (1797, 1, 32, 32)
 
 
 def test_reading_a_balanced_set_or_a_restoration_takes_only_generated_outputs(tmp_path):
-    from ddpmkit.generation import MANIFEST_COLUMNS, write_manifest
+    from ddpmkit.generation import MANIFEST_COLUMNS
+    from ddpmkit.outputs import write_manifest
     from ddpmkit.restoration import MANIFEST_COLUMNS as RESTORED_COLUMNS
 
     real = write_pngs(tmp_path / "real", torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
@@ -264,14 +265,13 @@ def test_wide_generated_images_are_read_at_one_scale_for_the_set(tmp_path):
 def test_reference_data_is_read_at_the_generators_bit_depth(tmp_path):
     """Samples of a run trained on 12-bit data, compared with data.path=...: its wide pixels are read at
     12 bits, as the generator's training images were, not at the 10 bits their own largest value needs."""
-    from ddpmkit.config import load_config, to_yaml
+    from ddpmkit.config import load_config
 
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text(to_yaml(load_config(None, {"data.bit_depth": 12})))
+    RunDir(run).start(load_config(None, {"data.bit_depth": 12}), {}, step=0)
     images, _ = digits(20)
     gen = write_pngs(tmp_path / "g", images)
-    (gen / ".ddpmkit-job.json").write_text(json.dumps({"run": str(run.resolve())}))
+    (gen / ".ddpmkit.json").write_text(json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
     (tmp_path / "real").mkdir()
     for i, img in enumerate(images.numpy()):
         Image.fromarray(img[0].astype(np.uint16) * 3).save(tmp_path / "real" / f"{i}.png")  # 16-bit, largest 765

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ddpmkit.cli import main
 from ddpmkit.config import load_config
 from ddpmkit.errors import UserError
-from ddpmkit.finetune import load_pretrained, Source
+from ddpmkit.pretrained import load_pretrained, Source
 from ddpmkit.interop import export_diffusers
 from ddpmkit.training import train
 from ddpmkit.unet import UNet
@@ -75,7 +75,8 @@ def test_architecture_comes_from_the_source_and_attention_follows_a_new_image_si
     cfg = load_config(None, {**TINY, "train.out_dir": str(tmp_path / "big"), "train.max_steps": 2,
                              "data.image_size": 16, "model.base_channels": 32, "train.init_from": str(src)})
     run = train(cfg, log=messages.append, progress=False)
-    assert cfg.model.base_channels == 16 and cfg.model.attention_resolutions == [8]
+    recorded = load_config(run.config_path)  # the caller's config is never changed: the run's is resolved
+    assert recorded.model.base_channels == 16 and recorded.model.attention_resolutions == [8]
     assert any("model.base_channels=16" in m and "model.attention_resolutions=[8]" in m for m in messages)
     from ddpmkit.run import load_run
 

@@ -72,12 +72,13 @@ def test_the_python_api_refuses_what_its_sampler_would_ignore_as_the_cli_does(ru
 
     run = load_run(run_dir)
     for options, message in [({"sampler": "dpmpp-2m", "eta": 0.5}, "sample.eta=0.5 applies to the ddim sampler only"),
-                             ({"eta": 0.5, "variance": "large"}, "sample.variance=large applies to the ddpm sampler only"),
+                             ({"sampler": "ddim", "eta": 0.5, "variance": "large"},
+                              "sample.variance=large applies to the ddpm sampler only"),
                              ({"guidance": 2.0}, "is not class-conditional, so there is nothing to guide")]:
         with pytest.raises(UserError, match=message):
             sample(run, num=1, steps=2, **options)
     assert sample(run, num=1, steps=2, sampler="ddpm", variance="large").shape[0] == 1  # what applies is taken
-    assert sample(run, num=1, steps=2, eta=1.0).shape[0] == 1  # ddim, the API's default sampler
+    assert sample(run, num=1, steps=2, sampler="ddim", eta=1.0).shape[0] == 1
 
 
 def test_options_from_the_runs_own_config_are_not_refused(tmp_path):
@@ -211,16 +212,17 @@ def test_bf16_weights_sample_as_autocast_does(run_dir):
     autocast ones, and with fp32's, to bf16's precision."""
     import torch
 
-    from ddpmkit.generation import sample_batch
+    from ddpmkit.generation import SamplingSpec, sample_batch
     from ddpmkit.run import load_run
     from ddpmkit.samplers import Denoiser
 
     bf16, images = torch.bfloat16, list(range(16))
     fp32_run, bf16_run = load_run(run_dir), load_run(run_dir, dtype=bf16)
     assert {p.dtype for p in bf16_run.net.parameters()} == {bf16}
-    reference = sample_batch(fp32_run, images, 0, "ddim", 10)
-    autocast = sample_batch(fp32_run, images, 0, "ddim", 10, amp_dtype=bf16)
-    cast = sample_batch(bf16_run, images, 0, "ddim", 10, amp_dtype=bf16)
+    ddim = SamplingSpec("ddim", 10)
+    reference = sample_batch(fp32_run, images, 0, ddim)
+    autocast = sample_batch(fp32_run, images, 0, ddim, amp_dtype=bf16)
+    cast = sample_batch(bf16_run, images, 0, ddim, amp_dtype=bf16)
     assert cast.dtype == torch.float32 and cast.shape == reference.shape
     # bf16 rounding grows along 10 steps of a barely trained net: the two bf16 paths are equally
     # close to fp32 (mean 0.0021 and 0.0020 here; largest single values 0.066 and 0.058)

@@ -19,23 +19,22 @@ import torch
 from safetensors.torch import save_file
 
 from ddpmkit.checkpoint import save_checkpoint
-from ddpmkit.config import load_config, to_yaml
+from ddpmkit.config import load_config
 from ddpmkit.errors import UserError
 from ddpmkit.generation import sample
 from ddpmkit.images import to_uint8
-from ddpmkit.interop import (
+from ddpmkit.diffusers_format import (
     SCHEDULER_DEFAULTS,
     UNET_DEFAULTS,
     ddpmkit_to_diffusers_config,
     ddpmkit_to_diffusers_state_dict,
     diffusers_config_to_ddpmkit,
     diffusers_to_ddpmkit_state_dict,
-    export_diffusers,
-    import_diffusers,
     read_diffusers,
 )
+from ddpmkit.interop import export_diffusers, import_diffusers
 from ddpmkit.run import RunDir, load_run
-from ddpmkit.samplers import Denoiser, ddim, ddpm, make_timesteps
+from ddpmkit.samplers import Denoiser, ddim, ddpm, dpmpp_2m, euler, make_timesteps
 from ddpmkit.schedule import Schedule, cosine_betas
 from ddpmkit.unet import UNet, count_parameters
 
@@ -175,6 +174,83 @@ def test_ddim_10_steps_cifar10_matches_diffusers_ddim_scheduler(diffusers):
             x = scheduler.step(theirs(x, t).sample, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     y = ddim(Denoiser(ours, schedule, "eps", clip_x0=True), x_T.clone(), timesteps, lambda: None, eta=0.0)
     assert (to_uint8(x).int() - to_uint8(y).int()).abs().max() <= 1
+
+
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' set_timesteps, numpy 2
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_dpmpp_2m_10_steps_matches_diffusers_dpm_solver_multistep_scheduler(diffusers, prediction):
+    """DPM-Solver++(2M) agrees with diffusers' DPMSolverMultistepScheduler (algorithm_type "dpmsolver++",
+    solver_order 2, solver_type "midpoint", timestep_spacing "trailing" = our "trailing") to float32 rounding.
+    Clipping: that scheduler has no clip_sample, but thresholding=True with sample_max_value=1.0 clamps
+    its dynamic threshold s to exactly 1, i.e. clips x0 to [-1, 1] like our Denoiser's clip_x0 (DPM-Solver++
+    uses only x0, so our eps recomputed from the clipped x0 plays no part); it keeps the output in [-1, 1].
+    Order: both take a first-order first step and second-order steps after it; both take the last step into
+    sigma = 0 (abar = 1) as x = x0 (diffusers' first-order update there, forced by final_sigmas_type "zero",
+    is exactly x0). Ours also steps first-order into t=0 when the spacing reaches it; trailing stops at
+    T/steps - 1 = 99, so it never does. diffusers' lower_order_final (fewer than 15 steps) lowers the last
+    step, first-order already, and third order to second on the step before: with solver_order 2 True and
+    False run the same algorithm, checked below."""
+    theirs, ours, cfg = diffusers_model("gray")
+    schedule = Schedule.from_config(cfg.diffusion)
+    timesteps = make_timesteps(10, schedule, "trailing")
+    x_T = torch.randn((2, 1, 32, 32), generator=torch.Generator().manual_seed(8))
+
+    def diffusers_sample(lower_order_final):
+        scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+            ddpmkit_to_diffusers_config(cfg)[1], algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+            timestep_spacing="trailing", lower_order_final=lower_order_final, final_sigmas_type="zero",
+            prediction_type=DIFFUSERS_PREDICTION[prediction], thresholding=True, sample_max_value=1.0)
+        scheduler.set_timesteps(10)
+        assert timesteps == scheduler.timesteps.tolist()
+        x = x_T.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(theirs(x, t).sample, t, x).prev_sample
+        return x
+
+    x = diffusers_sample(lower_order_final=True)
+    assert torch.equal(x, diffusers_sample(lower_order_final=False))
+    y = dpmpp_2m(Denoiser(ours, schedule, prediction, clip_x0=True), x_T.clone(), timesteps, lambda: None)
+    assert y.abs().max() <= 1
+    # Measured 1e-6 (v) to 4e-5 (eps, over seeds): float32 steps against our float64 coefficients, and
+    # diffusers' float32 sigma table; eps's x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) multiplies rounding
+    # by 1 / sqrt(abar) = 157 at t = 999. An update coefficient 1% off moves it by 2e-3 or more.
+    assert (x - y).abs().max() <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' set_timesteps, numpy 2
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_euler_10_steps_matches_diffusers_euler_discrete_scheduler(diffusers, prediction):
+    """Euler agrees with diffusers' EulerDiscreteScheduler (timestep_spacing "trailing" = our "trailing",
+    sigmas to 0, no churn) to float32 rounding. Both step x_ve = x / sqrt(abar) along (x_ve - x0) / sigma, and
+    diffusers' scale_model_input (x_ve / sqrt(sigma^2 + 1)) hands the network the same x_t as our Denoiser.
+    Two conventions are matched by hand: (1) clipping: diffusers' Euler never clips x0, so ours runs with
+    clip_x0=False; (2) the start: ours maps x_T to x_ve exactly, x_T * sqrt(1 + sigma_max^2), while diffusers'
+    init_noise_sigma with trailing spacing is sigma_max (x_T * 157.4073 instead of * 157.4105 here), so
+    diffusers starts from our x_ve. From its own init_noise_sigma it ends 1.3e-5 to 2e-5 off, relative to
+    the output's size: above the bound below, which tells the two conventions apart."""
+    theirs, ours, cfg = diffusers_model("gray")
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        ddpmkit_to_diffusers_config(cfg)[1], timestep_spacing="trailing", interpolation_type="linear",
+        final_sigmas_type="zero", prediction_type=DIFFUSERS_PREDICTION[prediction])
+    scheduler.set_timesteps(10)
+    schedule = Schedule.from_config(cfg.diffusion)
+    timesteps = make_timesteps(10, schedule, "trailing")
+    assert timesteps == scheduler.timesteps.tolist()
+    x_T = torch.randn((2, 1, 32, 32), generator=torch.Generator().manual_seed(8))
+    x = x_T * (scheduler.sigmas[0] ** 2 + 1) ** 0.5
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(theirs(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+    y = euler(Denoiser(ours, schedule, prediction, clip_x0=False), x_T.clone(), timesteps, lambda: None)
+    # Unclipped, a random network's eps is no estimate of the noise in x_T and x0 = (x - sqrt(1 - abar) eps)
+    # / sqrt(abar) reaches hundreds (1 / sqrt(abar) = 157 at t = 999); v and x0 stay within a few units.
+    # So the bound is relative to the output's size: measured 3e-7 (eps) and 1e-6 (v), float32 rounding.
+    scale = max(1.0, x.abs().max().item())
+    assert (x - y).abs().max() <= 4e-6 * scale
 
 
 def test_cosine_schedule_is_diffusers_squaredcos_cap_v2(diffusers):
@@ -349,11 +425,9 @@ def make_run(path, num_classes):
     model = randomized(UNet(cfg.model, 16))
     ema = randomized(copy.deepcopy(model))
     run = RunDir(path)
-    run.path.mkdir(parents=True)
-    run.config_path.write_text(to_yaml(cfg))
+    run.start(cfg, {}, step=0)
     sha = save_checkpoint(run.checkpoint_file(7), model, ema, None, 7)
-    run.write_state({"checkpoints": [{"step": 7, "file": f"checkpoints/{run.checkpoint_file(7).name}",
-                                      "sha256": sha, "loss": 0.1}], "best": 7})
+    run.add_checkpoint(sha, 7, 0.1, keep_last=1)
     return cfg, ema
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from ddpmkit.config import DiffusionConfig, load_config
 from ddpmkit.errors import UserError
-from ddpmkit.images import read_image
+from ddpmkit.config import updated
+from ddpmkit.pixels import read_image
 from ddpmkit.restoration import (
     denoise,
     denoise_tensor,
@@ -347,8 +348,7 @@ def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
     import copy
 
     run = copy.copy(tiny_run)
-    run.config = copy.deepcopy(tiny_run.config)
-    run.config.data.bit_depth = 12
+    run.config = updated(tiny_run.config, {"data.bit_depth": 12})
     wide = np.arange(64, dtype=np.uint16).reshape(8, 8) * 14  # largest 882: fits 10 bits
     (tmp_path / "in").mkdir()
     Image.fromarray(wide).save(tmp_path / "in" / "x.png")  # a 16-bit grayscale PNG
@@ -361,7 +361,7 @@ def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
                                         r"scale the image to 0\.\.4095 first"):
         restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out2", strength=0.0, log=lambda *_: None)
     assert not (tmp_path / "out2").exists()
-    run.config.data.bit_depth = 8  # trained on 8-bit images: a wide input is read at its own depth (14 bits here)
+    run.config = updated(tiny_run.config, {"data.bit_depth": 8})  # 8-bit training images: a wide input at its own depth
     restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out3", strength=0.0, log=lambda *_: None)
     out = read_image(tmp_path / "out3" / "individual" / "x.png")[0].numpy()
     assert np.array_equal(out, np.round(wide * 6 * (255 / 16383)).astype(np.uint8))

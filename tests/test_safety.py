@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import ddpmkit.generation
 import ddpmkit.training
 from ddpmkit.cli import main
 from ddpmkit.config import from_dict
-from ddpmkit.data import array_to_uint8_nchw
+from ddpmkit.pixels import array_to_uint8_nchw
 from ddpmkit.errors import UserError
 from ddpmkit.run import RunDir, load_run
 from ddpmkit.training import train
@@ -226,9 +227,9 @@ def test_any_config_is_accepted_and_works_or_refused_with_a_user_error(raw):
         cfg = from_dict(raw)
     except UserError:
         return
-    cfg.model.in_channels = cfg.data.channels or 1
-    net = UNet(cfg.model, cfg.data.image_size)  # accepted means buildable and runnable
-    x = torch.zeros(1, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    model = replace(cfg.model, in_channels=cfg.data.channels or 1)
+    net = UNet(model, cfg.data.image_size)  # accepted means buildable and runnable
+    x = torch.zeros(1, model.in_channels, cfg.data.image_size, cfg.data.image_size)
     assert net(x, torch.tensor([0])).shape == x.shape
 
 
@@ -246,10 +247,10 @@ def test_any_array_is_accepted_or_refused_with_a_user_error(shape, dtype, fill):
 
 
 def test_a_second_training_into_the_same_run_is_refused(tiny):
-    from ddpmkit.training import _RunLock
+    from ddpmkit.atomic import FolderLock
 
     cfg = tiny(**{"train.max_steps": 4})
-    with _RunLock(Path(cfg.train.out_dir)):  # as if another `ddpmkit train` held the run
+    with FolderLock(Path(cfg.train.out_dir), "train"):  # as if another `ddpmkit train` held the run
         with pytest.raises(UserError, match="another ddpmkit train is writing to"):
             train(cfg, log=quiet, progress=False)
     run = train(cfg, log=quiet, progress=False)  # released: trains
@@ -257,14 +258,16 @@ def test_a_second_training_into_the_same_run_is_refused(tiny):
 
 
 def test_a_checkpoint_saved_before_any_logged_loss_is_never_best(tiny):
-    from ddpmkit.training import _save
+    from ddpmkit.checkpoint import save_checkpoint
 
     cfg = tiny(**{"train.max_steps": 3, "train.log_every": 100, "train.checkpoint_every": 100})
     run = train(cfg, log=quiet, progress=False)
     assert np.isfinite(run.read_state()["checkpoints"][-1]["loss"])  # the final log line covers it
     net = UNet(load_run(run.path).config.model, 8)
-    run.write_state({"checkpoints": [{"step": 1, "file": "x", "sha256": "", "loss": float("nan")}], "best": 1})
-    _save(run, net, UNet(net.cfg, 8), torch.optim.AdamW(net.parameters()), 2, 0.5, keep_last=5)
+    run.write_state({"checkpoints": [{"step": 1, "file": run.checkpoint_name(1), "sha256": "0" * 64,
+                                      "loss": float("nan")}], "best": 1})
+    sha = save_checkpoint(run.checkpoint_file(2), net, UNet(net.cfg, 8), torch.optim.AdamW(net.parameters()), 2)
+    run.add_checkpoint(sha, 2, 0.5, keep_last=5)
     assert run.read_state()["best"] == 2
 
 

@@ -7,12 +7,13 @@
     images = ddpmkit.sample(run, num=16, sampler="ddim", steps=50)   # uint8 N x C x H x W
 """
 
-__version__ = "0.1.0"
-
 from .config import Config, load_config
 from .errors import UserError
 from .generation import generate, sample
 from .run import load_run
+from .runtime import version
 from .training import train
+
+__version__ = version()
 
 __all__ = ["Config", "UserError", "generate", "load_config", "load_run", "sample", "train", "__version__"]

@@ -97,3 +97,63 @@ def json_text(obj, indent: int | None = 1) -> str:
             return [clean(x) for x in v]
         return v
     return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+RECORD_NAME = ".ddpmkit.json"  # marks a folder of outputs as ddpmkit's (outputs.py)
+
+
+class FolderLock:
+    """One ddpmkit job per folder: an advisory flock on FOLDER/.ddpmkit.lock, held while the job writes
+    and released by the OS however it ends (even kill -9). The file names the holder, so a second
+    job is refused with a line that says which job is there. A folder the lock created, or the lock
+    file in a folder the job was refused, is removed again on release if the job wrote nothing."""
+
+    NAME = ".ddpmkit.lock"
+
+    def __init__(self, folder: str | Path, job: str):
+        self.folder, self.job = Path(folder), job
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+        import sys
+        import time
+
+        from .errors import UserError
+
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"output path {self.folder} is a file: choose a folder with --out")
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / self.NAME
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            job, detail = _holder(self.file.read())
+            self.file.close()
+            raise UserError(f"another ddpmkit {job} is writing to {self.folder}{detail}: wait for it, stop it, "
+                            f"or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(json.dumps({"job": self.job, "pid": os.getpid(), "command": sys.argv,
+                                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # unlinked while still held: a job that opens the file now is refused, a later one makes a new one
+        (self.folder / self.NAME).unlink(missing_ok=True)
+        self.file.close()
+        if self.created and not any(self.folder.iterdir()):  # refused before it wrote anything
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+def _holder(text: str) -> tuple[str, str]:
+    """('train', ' (pid 123, since ...)') from a lock file's contents, as far as they can be read."""
+    try:
+        info = json.loads(text)
+        return str(info["job"]), f" (pid {info['pid']}, since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "job", ""

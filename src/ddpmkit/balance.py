@@ -17,16 +17,17 @@ Output (`balance`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections import Counter
 from pathlib import Path
 
-from . import atomic
+from .atomic import FolderLock
+from .config import SampleConfig
 from .data import load_images
 from .errors import UserError
-from .generation import JOB_FILE, MANIFEST_COLUMNS, finished_rows, generate, write_manifest
-from .run import Run, RunDir, check_output_folder
+from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate
+from .outputs import RECORD, Kind, OutputFolder, read_record, sample_files, write_manifest
+from .run import Run, RunDir
 from .runtime import mix_seed
 
 
@@ -74,9 +75,10 @@ def parse_proportions(text: str) -> dict[str, float]:
     return out
 
 
-def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, class_label: str | None = None,
-            proportions: dict[str, float] | None = None, by_class_folders: bool = False, log=print,
-            progress: bool = True, amp_dtype=None, fresh: bool = False) -> dict[str, int]:
+def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
+            class_label: str | None = None, proportions: dict[str, float] | None = None,
+            by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None, fresh: bool = False,
+            force: bool = False, asked=()) -> dict[str, int]:
     """Generate what `plan` asks for with the run's class-conditional model; returns the plan."""
     if not run.config.model.class_conditional:
         raise UserError(f"{run.path} is not class-conditional: train with model.class_conditional=true to balance")
@@ -86,62 +88,55 @@ def balance(run: Run, sample_cfg, out: str | Path, target: int | None = None, cl
     if sample_cfg.guidance == 0:
         raise UserError("balance with sample.guidance=0 would label unconditional samples as classes: use guidance 1 "
                         "or more")
+    SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read or written
     data = load_images(run.config.data)
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_label, proportions)
     out = Path(out)
-    _claim(out, run, sample_cfg.seed, fresh)
-    log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
-    rows = [[path, i, "", "", "", "", label, "false"] for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
-    folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],  # (labels added since training last)
-                            _existing_class_folders(out))
-    for position, (name, num) in enumerate(need.items()):
-        if num == 0:
-            continue
-        folder = out / "classes" / folders[name]
-        cfg = dataclasses.replace(sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
-                                  seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
-        log(f"balance: generating {num} images of {name} into {folder}")
-        generate(run, cfg, fresh=fresh, log=log, progress=progress, amp_dtype=amp_dtype)
-        finished = finished_rows(folder)
-        rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]] for k, r in sorted(finished.items()) if k < num]
-    write_manifest(out / "manifest.csv", rows)
-    _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
-    if by_class_folders:
-        _link_by_class(out, rows, folders)
+    with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed}, fresh, force):
+        log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
+        rows = [[path, i, "", "", "", "", label, "false"]
+                for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
+        folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],  # (labels added since training)
+                                _existing_class_folders(out))
+        for position, (name, num) in enumerate(need.items()):
+            if num:
+                folder = out / "classes" / folders[name]
+                cfg = dataclasses.replace(sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
+                                          seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
+                log(f"balance: generating {num} images of {name} into {folder}")
+                generate(run, cfg, fresh=fresh, log=log, progress=progress, amp_dtype=amp_dtype, asked=asked)
+                finished = finished_rows(folder)
+                rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]]
+                         for k, r in sorted(finished.items()) if k < num]
+        write_manifest(out / "manifest.csv", rows, MANIFEST_COLUMNS)
+        _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
+        if by_class_folders:
+            _link_by_class(out, rows, folders)
     log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, {sum(need.values())} generated)")
     return need
 
 
-BALANCE_FILE = ".ddpmkit-balance.json"  # marks a folder a balance job writes into
+def _balance_files(out: Path) -> list[Path]:
+    """A balanced set's own files: each class's sampling job, its links and its manifest."""
+    files = []
+    for record in sorted(out.glob(f"classes/*/{RECORD}")):
+        files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
+    links = [p for p in out.glob("by_class/*/*") if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
+    return [*files, *links, *(p for p in [out / "manifest.csv"] if p.exists())]
 
 
-def _claim(out: Path, run: Run, seed: int, fresh: bool) -> None:
-    """Refuse an --out that holds anything but this run's balance with this --seed (a sampling job, a
-    training run, someone's files), then mark it as this run's. The seed is checked here, in the
-    user's terms: each class's sampling job would refuse it too, but naming its derived seed."""
-    check_output_folder(out, "balanced set", "balanced")
-    if (out / JOB_FILE).exists():
-        raise UserError(f"--out {out} holds a sampling job's images: choose another --out for the balanced set")
-    mark = out / BALANCE_FILE
-    mine = {"run": str(run.path.resolve()), "seed": seed}
-    if mark.exists():
-        theirs = json.loads(mark.read_text())
-        if theirs.get("run") != mine["run"] and not fresh:
-            raise UserError(f"{out} holds a balanced set from another run ({theirs.get('run')}): "
-                            f"use --fresh to replace it, or another --out")
-        if theirs.get("seed", seed) != seed and not fresh:  # (a mark without one: written before it was kept)
-            raise UserError(f"{out} holds a balanced set generated with --seed {theirs['seed']}, not {seed} (each "
-                            f"class samples with a seed derived from it): use --fresh to replace its images, "
-                            f"or another --out")
-    elif (out / "manifest.csv").exists() and not (out / "classes").is_dir():  # (classes/: an older balance)
-        raise UserError(f"{out} holds a manifest.csv no ddpmkit balance wrote there: choose another --out")
-    older = (out / "classes").is_dir() and "seed" not in (json.loads(mark.read_text()) if mark.exists() else {})
-    if older and not fresh:  # a balance from before the seed was kept: its class jobs know their seeds and
-        del mine["seed"]  # refuse another one; the mark never claims a seed it was not made with
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(mark, json.dumps(mine, indent=1))
+def _seed_differs(old: dict, new: dict) -> str:
+    if old.get("run") != new["run"]:
+        return (f"{{out}} holds a balanced set from another run ({old.get('run')}): use --fresh to replace it, or "
+                f"another --out")
+    return (f"{{out}} holds a balanced set generated with --seed {old.get('seed')}, not {new['seed']} (each class "
+            f"samples with a seed derived from it): use --fresh to replace its images, or another --out")
+
+
+BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance wrote there", _balance_files,
+               differs=_seed_differs)
 
 
 def real_paths(data) -> list[str]:
@@ -161,7 +156,7 @@ def class_folders(names: list[str], existing: dict[str, str] | None = None) -> d
     """A folder name per class, distinct even where two names clean to the same one ('x y' and 'x_y')
     or differ only in case (one folder on macOS and Windows): the later class, in the run's class
     order, gets its position appended. `existing` (class -> folder, from an earlier balance in the
-    same --out) is kept, so a rerun finds its folders, also those an older ddpmkit named."""
+    same --out) is kept, so a rerun finds its folders."""
     folders = {name: folder for name, folder in (existing or {}).items() if name in names}
     taken = {folder.lower() for folder in folders.values()}
     for position, name in enumerate(names):
@@ -176,15 +171,12 @@ def class_folders(names: list[str], existing: dict[str, str] | None = None) -> d
 
 
 def _existing_class_folders(out: Path) -> dict[str, str]:
-    """class -> folder of the class jobs an earlier balance left in OUT/classes (their job files say)."""
+    """class -> folder of the class jobs an earlier balance left in OUT/classes (their records say)."""
     found = {}
-    for job in sorted((out / "classes").glob(f"*/{JOB_FILE}")):
-        try:
-            label = json.loads(job.read_text()).get("class_label")
-        except (OSError, ValueError, AttributeError):
-            continue
+    for record in sorted((out / "classes").glob(f"*/{RECORD}")):
+        label = (read_record(record.parent) or {"job": {}})["job"].get("class_label")
         if isinstance(label, str):
-            found.setdefault(label, job.parent.name)
+            found.setdefault(label, record.parent.name)
     return found
 
 

@@ -12,6 +12,11 @@ import torch
 
 from .config import Config
 from .errors import UserError
+from .loss import diffusion_loss
+from .resolve import architecture
+from .runtime import autocast, autocast_dtype, resolve_device
+from .schedule import Schedule
+from .unet import UNet
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 1, ceiling: int = 1 << 16) -> int:
@@ -37,18 +42,10 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1, ceiling: int = 
 def probe(cfg: Config, log=print) -> dict:
     """Try full training steps (forward, backward, AdamW) of the configured model at growing batch
     sizes on the GPU; report the largest that fits and a grad_accum that reaches train.batch_size."""
-    from .info import resolved_channels
-    from .training import diffusion_loss
-    from .runtime import autocast, autocast_dtype, resolve_device
-    from .schedule import Schedule
-    from .unet import UNet
-
     device = resolve_device(cfg.train.device)
     if device.type != "cuda":
         raise UserError("--max-batch measures GPU memory: run it on a machine with a CUDA GPU (--device cuda)")
-    channels_from = "model.in_channels"
-    if cfg.model.in_channels is None:  # as training will find them (`info` reads them the same way)
-        cfg.model.in_channels, channels_from = resolved_channels(cfg)
+    cfg, channels_from = architecture(cfg, log)  # as training will find them (`info` reads them the same way)
     amp = autocast_dtype(cfg.train.precision, device)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as training lays it out
     model = UNet(cfg.model, cfg.data.image_size).to(device, memory_format=fmt)

@@ -84,6 +84,12 @@ def read_checkpoint(path: Path, prefixes: tuple[str, ...] = ("model", "ema", "op
 
 def load_into(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
     """Strict load with a one-line error naming the mismatch (a checkpoint of another architecture)."""
+    check_weights(module, weights, what)
+    module.load_state_dict(weights)
+
+
+def check_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights that do not fit the module tensor for tensor (it may live on the meta device)."""
     own = module.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
@@ -92,7 +98,6 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], what: str) ->
         first = (missing or unexpected or wrong)[0]
         raise UserError(f"{what} does not fit this model's architecture ({len(missing)} missing, "
                         f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors; first: {first})")
-    module.load_state_dict(weights)
 
 
 def restore(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

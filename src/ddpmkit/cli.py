@@ -10,8 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import data_config, from_dict, load_config, merge_overrides, parse_override, read_run_config
+from .config import data_config, load_config, parse_override, updated
 from .errors import UserError
+from .runtime import version
 
 TRAIN_FLAGS = {  # flag -> config key
     "data": "data.path", "out": "train.out_dir", "image_size": "data.image_size",
@@ -76,6 +77,13 @@ RESTORE_EXAMPLES = """examples:
 images must have the model's channels and at least its size; larger ones are restored tile by tile
 (never resized)."""
 
+DOWNSTREAM_EXAMPLES = """examples:
+  ddpmkit downstream --real pneumonia.npz --synthetic balanced/ --out study/
+  ddpmkit downstream --real lesions/train --test lesions/test --calibration lesions/val --synthetic balanced/ --out study/
+  ddpmkit downstream --real pneumonia.npz --calibration-split val --synthetic balanced/ --out study/
+  ddpmkit downstream --real lesions/ --real-labels train.csv --test-labels test.csv --synthetic balanced/ \\
+      --out study/ data.image_column=isic_id   # a CSV per split"""
+
 GIF_EXAMPLES = """examples:
   ddpmkit gif runs/default                  # runs/default/learning.gif from runs/default/grids/"""
 
@@ -90,16 +98,19 @@ def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[st
                        default=None, metavar=name.upper(), help=f"sets {key}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def _command(sub, name: str, helptext: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=helptext, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    parser = argparse.ArgumentParser(
-        prog="ddpmkit", description="Denoising diffusion models for images: train, sample, evaluate, balance, restore.")
-    parser.add_argument("--version", action="version", version=f"ddpmkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) a model", epilog=TRAIN_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
+    p.add_argument("--fresh", action="store_true", help=fresh)
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that holds files ddpmkit did not write (it never deletes them)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_parser(sub) -> None:
+    t = _command(sub, "train", "train (or resume) a model", TRAIN_EXAMPLES)
     t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
                    help="an optional YAML config, then overrides")
     _add_flags(t, TRAIN_FLAGS, {"image_size": int, "batch_size": int, "steps": int, "max_minutes": float,
@@ -110,23 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--json", action="store_true", help="only a JSON summary at the end (implies --quiet)")
 
-    s = sub.add_parser("sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _sample_parser(sub) -> None:
+    s = _command(sub, "sample", "generate images from a trained run", SAMPLE_EXAMPLES)
     s.add_argument("run", help="run directory (as written by ddpmkit train)")
     s.add_argument("args", nargs="*", metavar="sample.key=value", help="overrides of the sample section")
     _add_flags(s, SAMPLE_FLAGS, {"num": int, "steps": int, "eta": float, "seed": int, "batch_size": int, "size": int,
                                  "guidance": float})
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA (sets sample.ema=false)")
     s.add_argument("--gif", action="store_true", help="also write OUT/trajectory.gif (sets sample.gif=true)")
-    s.add_argument("--fresh", action="store_true", help="replace images of an earlier, different job in --out")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(s, "replace images of an earlier, different job in --out")
     s.add_argument("--json", action="store_true", help="only a JSON summary at the end (implies --quiet)")
 
-    e = sub.add_parser("eval", help="FID, KID, precision/recall of generated images against real ones",
-                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _eval_parser(sub) -> None:
+    e = _command(sub, "eval", "FID, KID, precision/recall of generated images against real ones", EVAL_EXAMPLES)
     e.add_argument("gen", help="a sample output folder or any folder of images")
     e.add_argument("--ref", action="append", required=True, metavar="REF",
-                   help="data.key=value (repeatable), a run directory, or a statistics .npz")
+                   help="a folder of images, a run directory, a statistics .npz, or data.key=value (repeatable)")
     e.add_argument("--metrics", default="fid,kid,pr", help="comma-separated: fid, kid, pr, is (default fid,kid,pr)")
     e.add_argument("--features", default="inception", choices=["inception", "efficientnet", "classifier"])
     e.add_argument("--inception-weights", default=None, metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth")
@@ -137,34 +149,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the JSON instead of a table (implies --quiet)")
     e.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
-    i = sub.add_parser("info", help="architecture, parameters, FLOPs and training memory of a run or config",
-                       epilog="examples:\n  ddpmkit info runs/mnist\n  ddpmkit info configs/cifar10.yaml --batch-sizes 64,128",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _model_parsers(sub) -> None:
+    i = _command(sub, "info", "architecture, parameters, FLOPs and training memory of a run or config",
+                 "examples:\n  ddpmkit info runs/mnist\n  ddpmkit info configs/cifar10.yaml --batch-sizes 64,128")
     i.add_argument("target", nargs="?", default=None, help="a run directory or a YAML config (default: the defaults)")
     i.add_argument("args", nargs="*", metavar="section.key=value", help="overrides")
     i.add_argument("--batch-sizes", default="1,8,32,128", help="batch sizes for the memory estimate")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    r = sub.add_parser("report", help="write RUN/report.html: curves, grids, checkpoints, config",
-                       epilog="examples:\n  ddpmkit report runs/mnist      # prints the path of runs/mnist/report.html",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = _command(sub, "report", "write RUN/report.html: curves, grids, checkpoints, config",
+                 "examples:\n  ddpmkit report runs/mnist      # prints the path of runs/mnist/report.html")
     r.add_argument("run", help="run directory")
-
-    im = sub.add_parser("import", help="a diffusers UNet2DModel (+ scheduler) as a ddpmkit run", epilog=IMPORT_EXAMPLES,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = _command(sub, "gif", "turn a run's periodic training grids into a 'learning' GIF", GIF_EXAMPLES)
+    g.add_argument("run", help="run directory")
+    g.add_argument("--out", default=None, help="GIF path (default RUN/learning.gif)")
+    g.add_argument("--frame-ms", type=int, default=200, help="milliseconds per grid")
+    im = _command(sub, "import", "a diffusers UNet2DModel (+ scheduler) as a ddpmkit run", IMPORT_EXAMPLES)
     im.add_argument("source", help="a diffusers pipeline or UNet folder, or a Hugging Face hub id")
     im.add_argument("--out", required=True, help="the run folder to create (must not exist or be empty)")
-
-    ex = sub.add_parser("export", help="a run's weights as a diffusers DDPMPipeline folder", epilog=EXPORT_EXAMPLES,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex = _command(sub, "export", "a run's weights as a diffusers DDPMPipeline folder", EXPORT_EXAMPLES)
     ex.add_argument("run", help="run directory")
     ex.add_argument("--format", default="diffusers", choices=["diffusers"], help="only diffusers for now")
     ex.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
     ex.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
     ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
 
-    b = sub.add_parser("balance", help="top up a labelled dataset's classes with generated images",
-                       epilog=BALANCE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _balance_parser(sub) -> None:
+    b = _command(sub, "balance", "top up a labelled dataset's classes with generated images", BALANCE_EXAMPLES)
     b.add_argument("run", help="a class-conditional run directory")
     b.add_argument("args", nargs="*", metavar="sample.key=value", help="sampling overrides (sampler, steps, guidance...)")
     b.add_argument("--out", required=True)
@@ -174,52 +186,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--by-class-folders", action="store_true", help="also OUT/by_class/<class>/ (symlinks)")
     b.add_argument("--guidance", type=float, default=None, help="sets sample.guidance")
     b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
-    b.add_argument("--fresh", action="store_true", help="replace the images of an earlier, different balance in --out")
-    b.add_argument("--quiet", action="store_true")
+    _add_output_flags(b, "replace the images of an earlier, different balance in --out")
 
-    d = sub.add_parser("downstream", help="does a synthetic set help a classifier? (real vs real+synthetic vs oversampling)",
-                       epilog="examples:\n  ddpmkit downstream --real pneumonia.npz --synthetic balanced/ --out study/\n"
-                              "  ddpmkit downstream --real lesions/train --test lesions/test --calibration lesions/val "
-                              "--synthetic balanced/ --out study/\n"
-                              "  ddpmkit downstream --real pneumonia.npz --calibration-split val --synthetic balanced/ "
-                              "--out study/\n"
-                              "  ddpmkit downstream --real lesions/ --real-labels train.csv --test-labels test.csv "
-                              "--synthetic balanced/ --out study/ data.image_column=isic_id   # a CSV per split",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _downstream_parser(sub) -> None:
+    d = _command(sub, "downstream", "does a synthetic set help a classifier? (real vs real+synthetic vs oversampling)",
+                 DOWNSTREAM_EXAMPLES)
     d.add_argument("args", nargs="*", metavar="data.key=value",
                    help=f"for every labels CSV and real image read: {', '.join(STUDY_DATA_KEYS)}")
-    d.add_argument("--real", required=True, help="the labelled real training data (any data.path)")
-    d.add_argument("--real-labels", default=None, metavar="CSV",
-                   help="a CSV naming --real's images and their labels (as data.labels for train)")
-    d.add_argument("--test", default=None, help="the real test data (default: --real's test split, for .npz)")
-    d.add_argument("--test-labels", default=None, metavar="CSV",
-                   help="a CSV naming the test images and their labels, in --test (default: in --real's folder)")
     d.add_argument("--synthetic", required=True, help="a ddpmkit balance output folder")
     d.add_argument("--out", required=True)
-    d.add_argument("--real-split", default="train")
-    d.add_argument("--test-split", default=None, metavar="SPLIT",
-                   help="the split of the test data (default: test); only for data with splits")
+    for name, what, default in (("real", "the labelled real training data (any data.path)", "train"),
+                                ("test", "the real test data (default: --real's test split)", "test"),
+                                ("calibration", "held-out labelled real images on which each classifier's threshold "
+                                                "is also tuned (binary studies; default: --real's split)", "val")):
+        d.add_argument(f"--{name}", required=name == "real", default=None, metavar="PATH", help=what)
+        d.add_argument(f"--{name}-labels", default=None, metavar="CSV",
+                       help=f"a CSV naming the {name} images and their labels (as data.labels for train)")
+        d.add_argument(f"--{name}-split", default="train" if name == "real" else None, metavar="SPLIT",
+                       help=f"the split of the {name} data (default: {default}); only for data with splits")
     d.add_argument("--seeds", type=int, default=3)
     d.add_argument("--steps", type=int, default=1500, help="optimizer steps per classifier (the same in every arm)")
     d.add_argument("--no-augment", action="store_true", help="train every arm without random shifts and flips")
     d.add_argument("--synthetic-share", type=float, default=None,
                    help="in real+synthetic, the fraction of a topped-up class's draws that are generated images "
                         "(default: every image equally often); choose it on a validation split")
-    d.add_argument("--calibration", default=None, metavar="PATH",
-                   help="held-out labelled real images on which each classifier's decision threshold is also tuned, to "
-                        "see whether a gain is more than a moved operating point (binary studies); with only "
-                        "--calibration-split, that split of --real")
-    d.add_argument("--calibration-split", default=None, metavar="SPLIT",
-                   help="the split of the calibration data, e.g. val for an .npz (default: val)")
-    d.add_argument("--calibration-labels", default=None, metavar="CSV",
-                   help="a CSV naming the calibration images and their labels, in --calibration (default: in --real's "
-                        "folder)")
     d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
 
+
+def _restore_parsers(sub) -> None:
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
                            ("img2img", "variations of images (SDEdit): noise to --strength, then denoise"),
                            ("inpaint", "fill the white part of each mask (RePaint)")):
-        rp = sub.add_parser(kind, help=helptext, epilog=RESTORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        rp = _command(sub, kind, helptext, RESTORE_EXAMPLES)
         rp.add_argument("run", help="run directory")
         rp.add_argument("inputs", help="a folder of images of the model's size or larger (tiled)")
         rp.add_argument("--out", required=True, help="output folder: individual/, grid.png, manifest.csv")
@@ -229,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         rp.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
         rp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
         rp.add_argument("--device", default="auto")
+        rp.add_argument("--force", action="store_true",
+                        help="write into a folder that holds files ddpmkit did not write (it never deletes them)")
         if kind == "denoise":
             rp.add_argument("--sigma", default="auto", help="noise std on the [0,1] scale, or auto (wavelet estimate)")
             rp.add_argument("--method", default="mmse", choices=["mmse", "sample"],
@@ -243,11 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
             rp.add_argument("--jump-length", type=int, default=10)
             rp.add_argument("--resamplings", type=int, default=10)
 
-    g = sub.add_parser("gif", help="turn a run's periodic training grids into a 'learning' GIF", epilog=GIF_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("run", help="run directory")
-    g.add_argument("--out", default=None, help="GIF path (default RUN/learning.gif)")
-    g.add_argument("--frame-ms", type=int, default=200, help="milliseconds per grid")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddpmkit", description="Denoising diffusion models for images: train, sample, evaluate, balance, restore.")
+    parser.add_argument("--version", action="version", version=f"ddpmkit {version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _sample_parser, _eval_parser, _model_parsers, _balance_parser, _downstream_parser,
+                _restore_parsers):
+        add(sub)
     return parser
 
 
@@ -260,77 +265,6 @@ def _overrides(tokens: list[str], flags: dict[str, str], ns: argparse.Namespace)
     return out
 
 
-def cmd_train(ns: argparse.Namespace) -> None:
-    from . import distributed
-    from .training import train
-
-    tokens = list(ns.args)
-    config_path = None
-    if tokens and "=" not in tokens[0]:
-        config_path = tokens.pop(0)
-    cfg = load_config(config_path, _overrides(tokens, TRAIN_FLAGS, ns))
-    if ns.max_batch:
-        from .batchprobe import probe
-        from .finetune import with_source_architecture
-
-        log = _silent if ns.json else print
-        _print_json(probe(with_source_architecture(cfg, log), log=log))
-        return
-    world = distributed.init_from_env(cfg.train.device, cfg.train.dist_timeout_minutes)
-    try:
-        run = train(cfg, fresh=ns.fresh, progress=not (ns.quiet or ns.json), log=_silent if ns.json else print,
-                    world=world)
-    finally:
-        distributed.shutdown()
-    if ns.json and world.is_main:
-        state = run.read_state()
-        latest = max(state["checkpoints"], key=lambda e: e["step"])
-        _print_json({"run": str(run.path), "step": latest["step"], "checkpoint": str(run.path / latest["file"]),
-                     "best_step": state["best"], "report": str(run.path / "report.html"), "stats": str(run.stats_path)})
-
-
-def _sample_config(run_path: str, overrides: dict, doing: str):
-    """A run's saved config with sample.* overrides -> (RunDir, its sample section)."""
-    from .run import RunDir
-
-    run_dir = RunDir(run_path)
-    if not run_dir.config_path.is_file():
-        raise UserError(f"{run_path} is not a ddpmkit run directory (no config.yaml)")
-    bad = [k for k in overrides if not k.startswith("sample.")]
-    if bad:
-        raise UserError(f"only sample.* keys can be set when {doing}, got {bad[0]}")
-    return run_dir, from_dict(merge_overrides(read_run_config(run_dir.config_path), overrides)).sample
-
-
-def cmd_sample(ns: argparse.Namespace) -> None:
-    from . import distributed
-    from .generation import check_asked_options, generate
-    from .run import load_run
-    from .runtime import autocast_dtype, compile_network, resolve_device
-
-    overrides = _overrides(ns.args, SAMPLE_FLAGS, ns)
-    if ns.no_ema:
-        overrides["sample.ema"] = False
-    if ns.gif:
-        overrides["sample.gif"] = True
-    run_dir, sc = _sample_config(ns.run, overrides, "sampling")
-    world = distributed.init_from_env(sc.device)
-    try:
-        device = resolve_device(distributed.device_for(world, sc.device))
-        amp = autocast_dtype(sc.precision, device)
-        run = load_run(run_dir.path, sc.checkpoint, sc.ema, device, dtype=amp)
-        check_asked_options(run, sc, overrides)
-        if sc.compile:
-            run.net = compile_network(run.net, sc.compile_mode, for_sampling=True)
-        out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not (ns.quiet or ns.json),
-                       log=print if world.is_main and not ns.json else _silent)
-        if ns.json and world.is_main:
-            _print_json({"out": str(out), "num": sc.num, "images": str(out / "individual"),
-                         "manifest": str(out / "manifest.csv"), "checkpoint": run.checkpoint, "sampler": sc.sampler})
-    finally:
-        distributed.shutdown()
-
-
 def _silent(*_) -> None:
     pass
 
@@ -341,45 +275,110 @@ def _print_json(obj: dict) -> None:
     print(json_text(obj))
 
 
-def cmd_eval(ns: argparse.Namespace) -> None:
+def cmd_train(ns: argparse.Namespace) -> None:
+    from . import distributed
+    from .training import train
 
+    tokens = list(ns.args)
+    config_path = tokens.pop(0) if tokens and "=" not in tokens[0] else None
+    cfg = load_config(config_path, _overrides(tokens, TRAIN_FLAGS, ns))
+    log = _silent if ns.json else print
+    if ns.max_batch:
+        from .batchprobe import probe
+
+        _print_json(probe(cfg, log=log))
+        return
+    world = distributed.init_from_env(cfg.train.device, cfg.train.dist_timeout_minutes)
+    try:
+        run = train(cfg, fresh=ns.fresh, progress=not (ns.quiet or ns.json), log=log, world=world)
+    finally:
+        distributed.shutdown()
+    if ns.json and world.is_main:
+        state = run.read_state()
+        latest = max(state["checkpoints"], key=lambda e: e["step"])
+        _print_json({"run": str(run.path), "step": latest["step"], "checkpoint": str(run.path / latest["file"]),
+                     "best_step": state["best"], "report": str(run.path / "report.html"), "stats": str(run.stats_path)})
+
+
+def _loaded(run_path: str, overrides: dict, doing: str, world=None):
+    """The run's saved config with sample.* overrides -> (the run loaded on its device, the sample
+    section, the autocast dtype): what every command that samples a run starts with."""
+    from . import distributed
+    from .run import RunDir, load_run
+    from .runtime import autocast_dtype, compile_network, resolve_device
+
+    bad = [k for k in overrides if not k.startswith("sample.")]
+    if bad:
+        raise UserError(f"only sample.* keys can be set when {doing}, got {bad[0]}")
+    sc = updated(RunDir(run_path).config(), overrides).sample
+    device = resolve_device(distributed.device_for(world, sc.device) if world else sc.device)
+    amp = autocast_dtype(sc.precision, device)
+    run = load_run(run_path, sc.checkpoint, sc.ema, device, dtype=amp)
+    if sc.compile:
+        run.net = compile_network(run.net, sc.compile_mode, for_sampling=True)
+    return run, sc, amp
+
+
+def cmd_sample(ns: argparse.Namespace) -> None:
+    from . import distributed
+    from .generation import generate
+
+    overrides = _overrides(ns.args, SAMPLE_FLAGS, ns)
+    if ns.no_ema:
+        overrides["sample.ema"] = False
+    if ns.gif:
+        overrides["sample.gif"] = True
+    world = distributed.init_from_env(overrides.get("sample.device", "auto"))
+    try:
+        run, sc, amp = _loaded(ns.run, overrides, "sampling", world)
+        log = print if world.is_main and not ns.json else _silent
+        out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not (ns.quiet or ns.json),
+                       log=log, asked=set(overrides), force=ns.force)
+        if ns.json and world.is_main:
+            _print_json({"out": str(out), "num": sc.num, "images": str(out / "individual"),
+                         "manifest": str(out / "manifest.csv"), "checkpoint": run.checkpoint, "sampler": sc.sampler})
+    finally:
+        distributed.shutdown()
+
+
+def cmd_eval(ns: argparse.Namespace) -> None:
     from .metrics.evaluate import evaluate, format_table, write_result
     from .runtime import resolve_device
 
     metrics = tuple(m.strip() for m in ns.metrics.split(",") if m.strip())
     quiet = ns.quiet or ns.json
-    result = evaluate(ns.gen, ns.ref, metrics, ns.features, ns.inception_weights, str(resolve_device(ns.device)),
-                      log=_silent if quiet else print, progress=not quiet, save_ref=ns.save_ref)
+    result = evaluate(ns.gen, ns.ref, metrics, ns.features, inception_weights=ns.inception_weights,
+                      device=str(resolve_device(ns.device)), log=_silent if quiet else print, progress=not quiet,
+                      save_ref=ns.save_ref)
     path = write_result(result, ns.out)
     _print_json(result) if ns.json else print(f"{format_table(result)}\nwrote {path}")
 
 
 def cmd_info(ns: argparse.Namespace) -> None:
-
-    from .finetune import with_source_architecture
     from .info import format_info, model_info
+    from .run import RunDir
 
-    tokens = list(ns.args)
-    target = ns.target
+    tokens, target = list(ns.args), ns.target
     if target and "=" in target:  # only overrides were given
         tokens, target = [target, *tokens], None
-    path = Path(target) / "config.yaml" if target and Path(target).is_dir() else target
-    cfg = load_config(path, dict(parse_override(tok) for tok in tokens))
+    overrides = dict(parse_override(tok) for tok in tokens)
+    if target and Path(target).is_dir():  # a run's config.yaml already holds its source's architecture
+        cfg = updated(RunDir(target).config(), {**overrides, "train.init_from": None})
+    else:
+        cfg = load_config(target, overrides)
     try:
         sizes = tuple(int(b) for b in ns.batch_sizes.split(","))
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
         raise UserError(f"--batch-sizes takes comma-separated positive integers, got {ns.batch_sizes!r}")
-    if not (target and Path(target).is_dir()):  # a run's config.yaml already holds its source's architecture
-        cfg = with_source_architecture(cfg, log=_silent)
     info = model_info(cfg, sizes)
     _print_json(info) if ns.json else print(format_info(info))
 
 
 def cmd_gif(ns: argparse.Namespace) -> None:
     from . import atomic
-    from .report import learning_gif
+    from .report import learning_gif, training_grids
     from .run import RunDir
 
     run_dir = RunDir(ns.run)
@@ -398,7 +397,7 @@ def cmd_gif(ns: argparse.Namespace) -> None:
         raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} (train.sample_every writes them)")
     out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
     atomic.write_bytes(out, gif)
-    frames = len(list(run_dir.grids.glob("step_*.png")))
+    frames = len(training_grids(run_dir))
     print(f"wrote {out} ({frames} training grid{'' if frames == 1 else 's'})")
 
 
@@ -416,25 +415,19 @@ def cmd_export(ns: argparse.Namespace) -> None:
 
 def cmd_balance(ns: argparse.Namespace) -> None:
     from .balance import balance, parse_proportions
-    from .generation import check_asked_options
-    from .run import load_run
-    from .runtime import autocast_dtype, resolve_device
 
     overrides = dict(parse_override(tok) for tok in ns.args)
     decided = [k for k in overrides if k in ("sample.num", "sample.out_dir", "sample.class_label", "sample.gif")]
     if decided:
         raise UserError(f"balance decides {decided[0]} for each class itself: use --target/--class, --proportions "
                         f"and --out instead")
-    for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed)):
-        if value is not None:
-            overrides[key] = value
-    run_dir, sc = _sample_config(ns.run, overrides, "balancing")
-    device = resolve_device(sc.device)
-    amp = autocast_dtype(sc.precision, device)
-    run = load_run(run_dir.path, sc.checkpoint, sc.ema, device, dtype=amp)
-    check_asked_options(run, sc, overrides)
-    balance(run, sc, ns.out, ns.target, ns.class_label, parse_proportions(ns.proportions) if ns.proportions else None,
-            ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp, fresh=ns.fresh)
+    overrides.update({key: value for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed))
+                      if value is not None})
+    run, sc, amp = _loaded(ns.run, overrides, "balancing")
+    balance(run, sc, ns.out, target=ns.target, class_label=ns.class_label,
+            proportions=parse_proportions(ns.proportions) if ns.proportions else None,
+            by_class_folders=ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp, fresh=ns.fresh,
+            force=ns.force, asked=set(overrides))
 
 
 def _study_source(path: str | None, labels: str | None, real: str, overrides: dict):
@@ -453,12 +446,16 @@ def cmd_downstream(ns: argparse.Namespace) -> None:
     if other:  # paths, labels and splits have their flags; the study sets the size and channels
         raise UserError(f"downstream takes only {', '.join(STUDY_DATA_KEYS)} as overrides, got {other[0]}: --real, "
                         f"--test, --calibration and their -labels and -split flags name the data")
-    sources = {name: _study_source(path, labels, ns.real, overrides) for name, path, labels in (
-        ("real", ns.real, ns.real_labels), ("test", ns.test, ns.test_labels),
-        ("calibration", ns.calibration, ns.calibration_labels))}
-    run_study(sources["real"], ns.synthetic, ns.out, sources["test"], ns.real_split, ns.test_split, ns.seeds,
-              ns.steps, augment=not ns.no_augment, synthetic_share=ns.synthetic_share, unverified=ns.unverified,
-              calibration=sources["calibration"], calibration_split=ns.calibration_split)
+    sources = {name: _study_source(getattr(ns, name), getattr(ns, f"{name}_labels"), ns.real, overrides)
+               for name in ("real", "test", "calibration")}
+    run_study(sources["real"], ns.synthetic, ns.out, test=sources["test"], real_split=ns.real_split,
+              test_split=ns.test_split, unverified=ns.unverified, calibration=sources["calibration"],
+              calibration_split=ns.calibration_split, seeds=ns.seeds, steps=ns.steps, augment=not ns.no_augment,
+              synthetic_share=ns.synthetic_share)
+
+
+RESTORE_OPTIONS = {"denoise": ("sigma", "method", "samples", "sampler"), "img2img": ("strength", "sampler"),
+                   "inpaint": ("jump_length", "resamplings")}
 
 
 def cmd_restore(ns: argparse.Namespace) -> None:
@@ -467,12 +464,11 @@ def cmd_restore(ns: argparse.Namespace) -> None:
     from .runtime import resolve_device
 
     run = load_run(ns.run, ns.checkpoint, not ns.no_ema, resolve_device(ns.device))
-    options = {"denoise": lambda: {"sigma": ns.sigma, "method": ns.method, "samples": ns.samples, "sampler": ns.sampler},
-               "img2img": lambda: {"strength": ns.strength, "sampler": ns.sampler},
-               "inpaint": lambda: {"masks_dir": ns.mask, "jump_length": ns.jump_length,
-                                   "resamplings": ns.resamplings}}[ns.command]()
+    options = {name: getattr(ns, name) for name in RESTORE_OPTIONS[ns.command]}
+    if ns.command == "inpaint":
+        options["masks_dir"] = ns.mask
     restore_folder(run, ns.command, ns.inputs, ns.out, seed=ns.seed, batch_size=ns.batch_size, steps=ns.steps,
-                   **options)
+                   force=ns.force, **options)
 
 
 def cmd_report(ns: argparse.Namespace) -> None:

@@ -1,7 +1,9 @@
-"""Configuration: five dataclass sections, YAML in and out, dotted overrides, strict validation.
+"""Configuration: five frozen dataclass sections, YAML in and out, dotted overrides, strict checks.
 
-Resolution order: dataclass defaults <- model preset <- YAML file <- `section.key=value` overrides.
-Unknown keys and wrong types are `UserError`s that name the key.
+Resolution: dataclass defaults <- model preset <- YAML file <- `section.key=value` overrides. A
+Config is never changed once built: `updated(cfg, {"model.in_channels": 3})` returns a new one,
+checked like the first. Each field states its rule (`positive`, a set of choices...) where it is
+declared; unknown keys and wrong types are `UserError`s that name the key.
 """
 
 from __future__ import annotations
@@ -16,127 +18,141 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
+from .samplers import SAMPLERS, SPACINGS
+from .schedule import PREDICTIONS, SCHEDULES
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+EVAL_FEATURES = ("classifier", "efficientnet", "inception")
+MAX_YAML_BYTES = 1 << 20  # a config is a page of text; anything larger is not one
+MAX_YAML_ALIASES = 100  # YAML aliases expand: a few hundred bytes can name gigabytes (an "alias bomb")
 
 
-@dataclass
+def _key(default: Any = None, rule: str | tuple | None = None, factory=None):
+    """A config field with its rule: "positive", "non_negative", "fraction" ([0, 1)), "share"
+    ([0, 1]), or a tuple of allowed values."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+@dataclass(frozen=True)
 class DataConfig:
     path: Optional[str] = None  # None: scikit-learn's bundled digits (1797 images, 8x8)
-    image_size: int = 8
-    channels: Optional[int] = None  # None keeps the data's own (grayscale stays grayscale)
-    # integer pixels wider than 8 bits (16-bit PNG/TIFF, uint16 arrays) span 0..2**bit_depth-1 (8..16); None:
-    # the smallest of 8, 10, 12, 14, 16 bits holding the data's largest value, recorded by a run at its start;
-    # 0: 8 bits if they fit, else 16, as runs from before this key read them
-    bit_depth: Optional[int] = None
+    image_size: int = _key(8, "positive")
+    channels: Optional[int] = _key(None, (None, 1, 3))  # None keeps the data's own (grayscale stays grayscale)
+    # integer pixels wider than 8 bits span 0..2**bit_depth-1; None: the smallest of 8, 10, 12, 14, 16
+    # bits that holds the data's largest value, recorded by a run when it starts
+    bit_depth: Optional[int] = _key(None, (None, *range(8, 17)))
     hflip: bool = False
     labels: Optional[str] = None  # CSV with an image-name column and a label column
     image_column: str = "image"
     label_column: str = "label"
     filter_label: Optional[str] = None  # keep only rows whose label equals this
-    split: str = "train"  # .npz {split}_images / {split}_labels, IDX train or test, or a train/val/test subfolder
-    class_names: Optional[list[str]] = None  # resolved from the labels for a class-conditional model (index = class id)
-    on_error: str = "skip"  # unreadable images: skip (and report) or fail
-    stream: bool = False  # read batches from disk (.npy memory-mapped, folders decoded lazily): RAM stays flat
-    workers: int = 4  # with stream: DataLoader worker processes decoding ahead of the GPU
+    split: str = "train"  # .npz {split}_images, IDX train or test, or a train/val/test subfolder
+    class_names: Optional[list[str]] = None  # resolved from the labels for a class-conditional model
+    on_error: str = _key("skip", ("skip", "fail"))  # unreadable images: skip (and report) or fail
+    stream: bool = False  # read batches from disk (.npy memory-mapped, folders decoded lazily)
+    workers: int = _key(4, "non_negative")  # with stream: DataLoader processes decoding ahead
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     preset: Optional[str] = "small"  # "small", "ddpm-cifar10" or null; explicit keys override it
-    in_channels: Optional[int] = None  # None: taken from the data
-    base_channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = 2
-    attention_resolutions: list[int] = field(default_factory=list)
-    attention_head_dim: Optional[int] = None  # None: one head per attention layer
-    dropout: float = 0.0
-    norm_groups: int = 32
-    norm_eps: float = 1e-6
+    in_channels: Optional[int] = _key(None, "positive")  # None: taken from the data
+    base_channels: int = _key(32, "positive")
+    channel_mult: list[int] = _key(factory=lambda: [1, 2])
+    num_res_blocks: int = _key(2, "positive")
+    attention_resolutions: list[int] = _key(factory=list)
+    attention_head_dim: Optional[int] = _key(None, "positive")  # None: one head per attention layer
+    dropout: float = _key(0.0, "fraction")
+    norm_groups: int = _key(32, "positive")
+    norm_eps: float = _key(1e-6, "positive")
     time_flip_sin_to_cos: bool = False  # embedding order [sin, cos] as in DDPM; diffusers' option
     time_freq_shift: float = 1.0  # DDPM divides frequencies by (half - 1)
-    compile: bool = False  # torch.compile the network for training (CUDA; minutes of compilation first)
-    compile_mode: str = "default"  # torch.compile's mode (with compile=true): default | reduce-overhead | ...
-    class_conditional: bool = False  # learn p(x | class) from the data's labels (CSV, class subfolders, .npz, digits)
-    num_classes: int = 0  # the class embedding's size; set from the labels when class_conditional
+    compile: bool = False  # torch.compile the network for training (CUDA; minutes of compilation)
+    compile_mode: str = _key("default", COMPILE_MODES)
+    class_conditional: bool = False  # learn p(x | class) from the data's labels
+    num_classes: int = _key(0, "non_negative")  # the class embedding's size; set from the labels
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
-    num_timesteps: int = 1000
-    schedule: str = "linear"  # linear | cosine
-    # linear schedule; None: Ho et al.'s 1e-4 and 0.02 scaled by 1000/T (Nichol & Dhariwal's rule, the
-    # same at T=1000), so any T ends near pure noise; explicit values are taken as given
+    num_timesteps: int = _key(1000, "positive")
+    schedule: str = _key("linear", SCHEDULES)
+    # linear schedule; None: Ho et al.'s 1e-4 and 0.02 scaled by 1000/T (Nichol & Dhariwal's rule,
+    # the same at T=1000), so any T ends near pure noise; explicit values are taken as given
     beta_start: Optional[float] = None
     beta_end: Optional[float] = None
-    prediction: str = "eps"  # eps | x0 | v
+    prediction: str = _key("eps", PREDICTIONS)
 
     def __post_init__(self):
         T = self.num_timesteps
-        if isinstance(T, int) and not isinstance(T, bool) and T > 0:  # else refused in _check_values
+        if isinstance(T, int) and not isinstance(T, bool) and T > 0:  # else refused by the checks
             if self.beta_start is None:
-                self.beta_start = 1e-4 * 1000 / T
-            if self.beta_end is None:
-                self.beta_end = min(0.02 * 1000 / T, 0.999)  # capped below 1, as the cosine schedule is
+                object.__setattr__(self, "beta_start", 1e-4 * 1000 / T)
+            if self.beta_end is None:  # capped below 1, as the cosine schedule is
+                object.__setattr__(self, "beta_end", min(0.02 * 1000 / T, 0.999))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = "runs/default"
-    batch_size: int = 128  # global batch per optimizer step, whatever the number of processes and grad_accum
-    grad_accum: int = 1  # micro-batches per optimizer step (each process takes batch_size / (processes * grad_accum))
-    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
-    dist_timeout_minutes: float = 60.0  # torchrun: how long a process waits for the others (rank 0 sampling grids, evaluating)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 200
-    grad_clip: float = 1.0
-    ema_decay: float = 0.995
-    max_steps: int = 4000
-    max_minutes: float = 0.0  # 0: no time budget
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
-    channels_last: bool = True  # CUDA: channels_last tensors (false: NCHW); which is faster is not yet measured
-    seed: int = 0
+    batch_size: int = _key(128, "positive")  # the global batch per optimizer step
+    grad_accum: int = _key(1, "positive")  # micro-batches per optimizer step
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory
+    dist_timeout_minutes: float = _key(60.0, "positive")  # torchrun: how long a process waits
+    lr: float = _key(1e-3, "non_negative")
+    weight_decay: float = _key(0.0, "non_negative")
+    warmup_steps: int = _key(200, "non_negative")
+    grad_clip: float = _key(1.0, "non_negative")
+    ema_decay: float = _key(0.995, "fraction")
+    max_steps: int = _key(4000, "positive")
+    max_minutes: float = _key(0.0, "non_negative")  # 0: no time budget
+    precision: str = _key("auto", ("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool = True  # CUDA: channels_last tensors (false: NCHW)
+    seed: int = _key(0, "non_negative")
     device: str = "auto"
-    log_every: int = 50
-    sample_every: int = 500
-    grid_images: int = 16
-    grid_steps: int = 50
-    checkpoint_every: int = 500
-    keep_last: int = 3
-    max_nonfinite: int = 20  # stop after this many non-finite losses in a row (each one is skipped)
-    eval_every: int = 0  # 0: off; else evaluate at checkpoints whose step is a multiple of this
-    eval_num: int = 500  # samples per evaluation (dpmpp-2m, 20 steps, EMA weights)
-    eval_features: str = "classifier"  # classifier (needs labels) | efficientnet | inception
-    label_dropout: float = 0.1  # class-conditional: share of labels dropped, which trains the unconditional model CFG needs
-    init_from: Optional[str] = None  # pretrained weights to start from: a ddpmkit run, or a diffusers folder / hub id
-    tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard (pip install tensorboard)
+    log_every: int = _key(50, "positive")
+    sample_every: int = _key(500, "positive")
+    grid_images: int = _key(16, "positive")
+    grid_steps: int = _key(50, "positive")
+    checkpoint_every: int = _key(500, "positive")
+    keep_last: int = _key(3, "positive")
+    max_nonfinite: int = _key(20, "positive")  # stop after this many non-finite losses in a row
+    eval_every: int = _key(0, "non_negative")  # 0: off; else evaluate at checkpoints at multiples of this
+    eval_num: int = _key(500, "positive")  # samples per evaluation (dpmpp-2m, 20 steps, EMA weights)
+    eval_features: str = _key("classifier", EVAL_FEATURES)  # classifier needs labels
+    label_dropout: float = _key(0.1, "share")  # labels dropped: the unconditional model CFG needs
+    init_from: Optional[str] = None  # pretrained weights: a ddpmkit run, or a diffusers folder / hub id
+    tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
     out_dir: str = "samples"
-    num: int = 64
-    sampler: str = "dpmpp-2m"  # ddpm | ddim | dpmpp-2m | dpmpp-2m-sde | euler | heun (RESULTS.md: quality per step)
-    steps: Optional[int] = None  # None: the sampler's default (all T for ddpm)
-    eta: float = 0.0
-    spacing: str = "uniform"  # uniform | quadratic | trailing | karras
-    variance: str = "small"  # ddpm only: small (posterior) | large (beta)
+    num: int = _key(64, "positive")
+    sampler: str = _key("dpmpp-2m", tuple(SAMPLERS))
+    steps: Optional[int] = _key(None, "positive")  # None: the sampler's default (all T for ddpm)
+    eta: float = _key(0.0, "non_negative")
+    spacing: str = _key("uniform", SPACINGS)
+    variance: str = _key("small", ("small", "large"))  # ddpm only: posterior (small) or beta (large)
     clip_x0: bool = True
-    batch_size: int = 256
-    seed: int = 0
+    batch_size: int = _key(256, "positive")
+    seed: int = _key(0, "non_negative")
     checkpoint: str = "latest"  # latest | best | a step number
     ema: bool = True
-    size: Optional[int] = None  # bicubic upsampling of the output
+    size: Optional[int] = _key(None, "positive")  # bicubic upsampling of the output
     gif: bool = False
     device: str = "auto"
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = _key("auto", ("auto", "fp32", "bf16"))  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the network (pays off for large jobs on GPUs)
-    compile_mode: str = "default"  # torch.compile's mode (with compile=true); reduce-overhead adds CUDA graphs
-    class_label: Optional[str] = None  # class-conditional models: the class to generate (None: classes in turn)
-    guidance: float = 1.0  # classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger
-    writers: int = 2  # background threads encoding and writing PNGs
+    compile_mode: str = _key("default", COMPILE_MODES)  # reduce-overhead adds CUDA graphs
+    class_label: Optional[str] = None  # class-conditional models: the class (None: classes in turn)
+    guidance: float = _key(1.0, "non_negative")  # 0 unconditional, 1 conditional, >1 stronger
+    writers: int = _key(2, "positive")  # background threads encoding and writing PNGs
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -149,57 +165,17 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "diffusion": DiffusionConfig,
-    "train": TrainConfig,
-    "sample": SampleConfig,
-}
+_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
+                    "train": TrainConfig, "sample": SampleConfig}
 
 MODEL_PRESETS = {
-    # CPU-friendly: 0.92M parameters (1 channel), two levels, no attention; the defaults.
+    # the default: 0.9M parameters, minutes on a CPU for 8x8 to 32x32 data
     "small": dict(base_channels=32, channel_mult=[1, 2], num_res_blocks=2,
                   attention_resolutions=[], dropout=0.0),
     # Ho et al. 2020's CIFAR-10 network (35,746,307 parameters with 3 channels at 32x32),
     # block for block the layout of diffusers' UNet2DModel for google/ddpm-cifar10-32.
     "ddpm-cifar10": dict(base_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
                          attention_resolutions=[16], dropout=0.1, attention_head_dim=None),
-}
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-
-LEGACY_BIT_DEPTH = 0  # data.bit_depth of runs from before the key: wide pixels as 8 bits if they fit, else 16
-
-CHOICES = {
-    "data.on_error": ("skip", "fail"),
-    "data.channels": (None, 1, 3),
-    "data.bit_depth": (None, LEGACY_BIT_DEPTH, *range(8, 17)),
-    "model.preset": (None, *MODEL_PRESETS),
-    "diffusion.schedule": ("linear", "cosine"),
-    "diffusion.prediction": ("eps", "x0", "v"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.eval_features": ("classifier", "efficientnet", "inception"),
-    "sample.sampler": ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"),
-    "sample.spacing": ("uniform", "quadratic", "trailing", "karras"),
-    "sample.precision": ("auto", "fp32", "bf16"),
-    "sample.variance": ("small", "large"),
-    "model.compile_mode": COMPILE_MODES,
-    "sample.compile_mode": COMPILE_MODES,
-}
-
-POSITIVE = {
-    "data.image_size", "model.base_channels", "model.num_res_blocks", "model.norm_groups",
-    "diffusion.num_timesteps", "train.batch_size", "train.max_steps", "train.log_every",
-    "train.sample_every", "train.checkpoint_every", "train.keep_last", "train.grid_images",
-    "train.grid_steps", "train.max_nonfinite", "train.eval_num", "train.grad_accum", "train.dist_timeout_minutes",
-    "sample.num", "sample.batch_size", "sample.size", "sample.steps", "sample.writers",
-    "model.in_channels", "model.attention_head_dim", "model.norm_eps",
-}
-NON_NEGATIVE = {
-    "train.lr", "train.weight_decay", "train.warmup_steps", "train.grad_clip", "train.eval_every",
-    "train.max_minutes", "model.dropout", "sample.eta", "train.label_dropout", "sample.guidance", "train.seed",
-    "sample.seed", "model.num_classes", "data.workers",
 }
 
 
@@ -211,68 +187,63 @@ def _coerce(key: str, value: Any, tp) -> Any:
     """Check `value` against the field type `tp`, converting only where it is lossless."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(key, value, args[0])
+        return _coerce(key, value, next(a for a in typing.get_args(tp) if a is not type(None)))
     if origin is list:
-        (elem,) = typing.get_args(tp)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # nan passes every < and > check below, and trains or samples nothing
+        return [_coerce(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and number and float(value).is_integer():
+        return int(value)
+    if tp is str and (number or isinstance(value, str)):
+        return str(value)
+    if tp is float and (number or isinstance(value, str)):  # YAML 1.1 reads "1e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+        else:
+            if not math.isfinite(value):  # nan passes every < and > check, and trains nothing
                 raise UserError(f"config key {key}: must be a finite number, got {value!r}")
-            return number
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            return value
     raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _check_rule(key: str, value: Any, rule) -> None:
+    if rule is None or value is None and not isinstance(rule, tuple):
+        return
+    if isinstance(rule, tuple):
+        if value not in rule:
+            shown = ", ".join("null" if a is None else str(a) for a in rule)
+            raise UserError(f"config key {key}: {value!r} is not one of: {shown}")
+    elif rule == "positive" and value <= 0:
+        raise UserError(f"config key {key}: must be positive, got {value}")
+    elif rule == "non_negative" and value < 0:
+        raise UserError(f"config key {key}: must not be negative, got {value}")
+    elif rule == "fraction" and not 0 <= value < 1:
+        raise UserError(f"config key {key}: must be in [0, 1), got {value}")
+    elif rule == "share" and not 0 <= value <= 1:
+        raise UserError(f"config key {key}: a share of labels, in [0, 1], got {value}")
 
 
 def _section_from_dict(name: str, values: dict) -> Any:
     cls = _SECTION_CLASSES[name]
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in known:
-            raise UserError(f"unknown config key {name}.{key} (known keys in '{name}': {', '.join(sorted(known))})")
+        if key not in fields:
+            raise UserError(f"unknown config key {name}.{key} (known keys in '{name}': "
+                            f"{', '.join(sorted(fields))})")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        _check_rule(f"{name}.{key}", kwargs[key], fields[key].metadata.get("rule"))
     return cls(**kwargs)
-
-
-def _check_each_key(flat: dict) -> None:
-    """The checks of single keys (choices, signs) for those in `flat`."""
-    for key, allowed in CHOICES.items():
-        if key in flat and flat[key] not in allowed:
-            shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise UserError(f"config key {key}: {flat[key]!r} is not one of: {shown}")
-    for key in POSITIVE:
-        if key in flat and flat[key] is not None and flat[key] <= 0:
-            raise UserError(f"config key {key}: must be positive, got {flat[key]}")
-    for key in NON_NEGATIVE:
-        if key in flat and flat[key] < 0:
-            raise UserError(f"config key {key}: must not be negative, got {flat[key]}")
 
 
 def data_config(overrides: dict[str, Any]) -> DataConfig:
@@ -280,13 +251,10 @@ def data_config(overrides: dict[str, Any]) -> DataConfig:
     other = [k for k in overrides if not k.startswith("data.")]
     if other:
         raise UserError(f"only data.* keys describe a dataset here, got {other[0]}")
-    data = _section_from_dict("data", {k.removeprefix("data."): v for k, v in overrides.items()})
-    _check_each_key({f"data.{k}": v for k, v in dataclasses.asdict(data).items()})
-    return data
+    return _section_from_dict("data", {k.removeprefix("data."): v for k, v in overrides.items()})
 
 
-def _check_values(cfg: Config) -> None:
-    _check_each_key(flatten(cfg.to_dict()))
+def _check_model(cfg: Config) -> None:
     m = cfg.model
     if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
         raise UserError(f"config key model.channel_mult: needs positive entries, got {m.channel_mult}")
@@ -297,23 +265,31 @@ def _check_values(cfg: Config) -> None:
     if cfg.data.image_size % factor or cfg.data.image_size < 2 * factor:
         # below 2x2 at the bottom, GroupNorm would normalise single values
         raise UserError(f"config key data.image_size: {cfg.data.image_size} cannot pass through "
-                        f"{len(m.channel_mult) - 1} halvings to at least 2x2 (model.channel_mult={m.channel_mult}); "
-                        f"use a multiple of {factor}, at least {2 * factor}")
-    for key, value in (("train.ema_decay", cfg.train.ema_decay), ("model.dropout", m.dropout)):
-        if not 0 <= value < 1:
-            raise UserError(f"config key {key}: must be in [0, 1), got {value}")
-    if not 0 <= cfg.train.label_dropout <= 1:
-        raise UserError(f"config key train.label_dropout: a share of labels, in [0, 1], got {cfg.train.label_dropout}")
+                        f"{len(m.channel_mult) - 1} halvings to at least 2x2 (model.channel_mult="
+                        f"{m.channel_mult}); use a multiple of {factor}, at least {2 * factor}")
     if m.attention_head_dim is not None:
         levels = level_resolutions(cfg)  # attention levels, and the middle block at the last one
         widths = sorted({m.base_channels * c for i, (c, level) in enumerate(zip(m.channel_mult, levels))
                          if level in m.attention_resolutions or i == len(levels) - 1})
-        # a layer of C channels has max(1, C // head_dim) heads (as in diffusers), which must split C evenly
+        # a layer of C channels has max(1, C // head_dim) heads (as in diffusers), which must split C
         bad = [w for w in widths if w % max(1, w // m.attention_head_dim)]
         if bad:
             raise UserError(f"config key model.attention_head_dim: {m.attention_head_dim} makes "
-                            f"{bad[0] // m.attention_head_dim} heads of the {bad[0]} channels of a level, which do not "
-                            f"split evenly; use a divisor of {bad[0]}")
+                            f"{bad[0] // m.attention_head_dim} heads of the {bad[0]} channels of a level, "
+                            f"which do not split evenly; use a divisor of {bad[0]}")
+    levels = level_resolutions(cfg)
+    unmatched = [r for r in m.attention_resolutions if r not in levels]
+    if unmatched:
+        preset = m.preset and MODEL_PRESETS[m.preset]["attention_resolutions"] == m.attention_resolutions
+        raise UserError(f"config key model.attention_resolutions={m.attention_resolutions}"
+                        f"{f', from model.preset={m.preset}' if preset else ''}: no level of this model is "
+                        f"{unmatched[0]}x{unmatched[0]} (data.image_size={cfg.data.image_size}, "
+                        f"model.channel_mult={m.channel_mult}: levels {', '.join(map(str, levels))}), "
+                        f"so it would add no attention; set it to some of those")
+
+
+def _check_values(cfg: Config) -> None:
+    _check_model(cfg)
     d = cfg.diffusion
     if d.schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
         raise UserError("config keys diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
@@ -327,23 +303,8 @@ def level_resolutions(cfg: Config) -> list[int]:
     return [cfg.data.image_size // 2**i for i in range(len(cfg.model.channel_mult))]
 
 
-def check_attention_resolutions(cfg: Config) -> None:
-    """A new model's attention resolutions must each be one of its levels' (runs made before this
-    check may hold others, which never added attention: they still load)."""
-    levels = level_resolutions(cfg)
-    unmatched = [r for r in cfg.model.attention_resolutions if r not in levels]
-    if unmatched:
-        from_preset = cfg.model.preset and MODEL_PRESETS[cfg.model.preset]["attention_resolutions"] == \
-            cfg.model.attention_resolutions
-        preset = f", from model.preset={cfg.model.preset}" if from_preset else ""
-        raise UserError(f"config key model.attention_resolutions={cfg.model.attention_resolutions}{preset}: no level "
-                        f"of this model is {unmatched[0]}x{unmatched[0]} (data.image_size={cfg.data.image_size}, "
-                        f"model.channel_mult={cfg.model.channel_mult}: levels {', '.join(map(str, levels))}), so it "
-                        f"would add no attention; set it to some of those")
-
-
 def from_dict(raw: dict) -> Config:
-    """Build and validate a Config from nested dicts (YAML content merged with overrides)."""
+    """Build and check a Config from nested dicts (YAML content merged with overrides)."""
     if not isinstance(raw, dict):
         raise UserError("config: expected a mapping of sections (data, model, diffusion, train, sample)")
     for name, values in raw.items():
@@ -366,14 +327,19 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
+def updated(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new Config: `cfg` with these `section.key` values, checked as a whole again."""
+    return from_dict(merge_overrides(cfg.to_dict(), values))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.lr=1e-4` -> ("train.lr", 1e-4); values are parsed as YAML scalars/lists."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
         raise UserError(f"cannot read override {text!r}: write section.key=value, e.g. train.lr=1e-4")
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
-    except yaml.YAMLError:
+        parsed = safe_yaml(value, f"override {key}") if value != "" else None
+    except UserError:
         parsed = value
     return key.strip(), parsed
 
@@ -389,25 +355,36 @@ def merge_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return merged
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data, no Python objects) that refuses more than a few aliases."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (&anchor/*alias): refused, "
+                                     f"since each can expand without bound")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """YAML text -> plain data: no Python objects, a bounded number of aliases."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return raw or {}
-
-
-def read_run_config(path: str | Path) -> dict:
-    """A run's config.yaml. Runs from before data.bit_depth existed read wide pixels as 8-bit when
-    the largest value fit, else as 16-bit: without the key they keep that reading (resumes, sampling,
-    balance, eval and downstream alike)."""
-    raw = read_yaml(path)
-    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
-        raw["data"].setdefault("bit_depth", LEGACY_BIT_DEPTH)
-    return raw
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"config file {path} is {path.stat().st_size:,} bytes: a config is at most "
+                        f"{MAX_YAML_BYTES:,}")
+    return safe_yaml(path.read_text(), f"config file {path}") or {}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -422,37 +399,8 @@ def to_yaml(cfg: Config) -> str:
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = v
     return out
-
-
-# Keys that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_CHANGES = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
-                     "train.checkpoint_every", "train.keep_last", "train.device", "train.out_dir", "train.max_nonfinite",
-                     "train.eval_every", "train.eval_num", "train.eval_features", "train.tensorboard",
-                     "train.grad_accum", "train.activation_checkpointing", "train.dist_timeout_minutes", "train.channels_last",
-                     "model.compile", "data.stream", "data.workers", "sample.")
-
-
-DATA_PATH_KEYS = ("data.path", "data.labels")  # recorded absolute, so any command finds them from anywhere
-
-
-def absolute_path(path: str | None) -> str | None:
-    return str(Path(path).expanduser().resolve()) if isinstance(path, str) else path
-
-
-def absolute_data_paths(flat: dict) -> dict:
-    """A flattened config with its data paths made absolute (from the current folder)."""
-    return {k: absolute_path(v) if k in DATA_PATH_KEYS else v for k, v in flat.items()}
-
-
-def differing_keys(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two config dicts, ignoring those a resume may change. Data
-    paths compare as absolute paths (runs before 2026-11-23 recorded them as given)."""
-    a, b = absolute_data_paths(flatten(old)), absolute_data_paths(flatten(new))
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]

@@ -11,21 +11,22 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import math
 import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
 from .errors import UserError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+from .limits import check_memory
+from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, array_to_uint8_nchw, as_nchw, open_image, read_image_files,
+                     scales_note, value_scale)
 
 
 @dataclass
@@ -102,16 +103,27 @@ def batch_to_model(images_u8: torch.Tensor, flip: torch.Tensor | None = None) ->
 # geometry and channels
 
 
+def in_chunks(fn, images: torch.Tensor) -> torch.Tensor:
+    """fn over the images a chunk at a time: its float intermediates stay small (64 MB) whatever
+    the dataset's size."""
+    step = max(1, 2**24 // max(1, images[0].numel()))
+    return images if len(images) == 0 else torch.cat([fn(images[i:i + step]) for i in range(0, len(images), step)])
+
+
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize so the shorter side is `size` (antialiased bicubic), then center-crop to size x size."""
     n, c, h, w = images.shape
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        images = x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
-    return images.contiguous()
+    if (h, w) == (size, size):
+        return images.contiguous()
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (nh - size) // 2, (nw - size) // 2
+
+    def resize(part):
+        x = F.interpolate(part.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        return x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+
+    return in_chunks(resize, images).contiguous()
 
 
 def set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
@@ -121,7 +133,8 @@ def set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601 luma, as PIL's "L"
-    return (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    return in_chunks(lambda part: (part.float() * weights).sum(1, keepdim=True).round().clamp(0, 255)
+                     .to(torch.uint8), images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +165,30 @@ def _split_subfolders(root: Path) -> list[Path]:
     loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     is_split = not loose_images and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
     return subdirs if is_split else []
+
+
+def data_channels(data: DataConfig) -> int:
+    """The channel count training will find in existing data, without decoding a dataset: a folder's
+    image headers (1 if every readable one is gray), the first image of a memory-mapped .npy. An
+    .npz or IDX file is loaded: they hold arrays small enough for that."""
+    path = Path(data.path).expanduser()
+    if path.is_dir() and not is_idx_data(path):
+        files, _ = list_image_files(split_folder(path, data), data)
+        for file in files:
+            try:
+                with open_image(file) as im:
+                    if im.mode not in GRAY_MODES:
+                        return 3
+            except UNREADABLE:
+                continue  # skipped by training too (or refused, with data.on_error=fail)
+        return 1
+    if path.suffix.lower() == ".npy":
+        try:
+            first = np.load(path, mmap_mode="r", allow_pickle=False)[:1]
+        except (ValueError, OSError, IndexError):  # not an array file, or a 0-d array
+            return load_images(data).channels  # which names what is wrong with it
+        return array_to_uint8_nchw(first, str(path)).shape[1]
+    return load_images(data).channels
 
 
 def has_named_splits(path: str | Path) -> bool:
@@ -206,69 +243,15 @@ def _class_folder_labels(root: Path, files: list[Path]) -> list[str] | None:
 
 def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
     files, labels = list_image_files(root, cfg)
-
-    decoded, kept_labels, kept_files, skipped = [], [], [], []
-    for i, path in enumerate(files):
-        try:
-            decoded.append(read_pixels(path))
-            kept_labels.append(labels[i] if labels else None)
-            kept_files.append(str(path))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            if cfg.on_error == "fail":
-                raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
-            skipped.append((str(path), str(exc) or type(exc).__name__))
-    if not decoded:
-        raise UserError(f"none of the {len(files)} images under {root} could be read (first: {skipped[0][0]}: {skipped[0][1]})")
-
-    scales = image_scales(decoded, f"the images under {root}", cfg.bit_depth)
-    gray = cfg.channels == 1 or (cfg.channels is None and all(a.ndim == 2 for a in decoded))
-    # mixed sizes become one size
-    tensors = [image_to_tensor(scaled_image(arr, scales), gray, cfg.image_size) for arr in decoded]
-    desc = f"{len(tensors)} images from {root}" + (f" ({len(skipped)} skipped)" if skipped else "")
-    return ImageData(torch.cat(tensors), desc + scales_note(*scales.values()), labels=kept_labels if labels else None,
-                     skipped=skipped, files=kept_files, source_path=str(root), bit_depth=resolved_depth(*scales.values()))
-
-
-def scales_note(*scales: ValueScale) -> str:
-    """How wide values were read, for the data's description (training prints it)."""
-    return "".join(f", {s.note}" for s in scales if s.note)
-
-
-def resolved_depth(*scales: ValueScale) -> int | None:
-    return next((s.bit_depth for s in scales if s.bit_depth is not None), None)
-
-
-def image_to_tensor(arr: np.ndarray, gray: bool, size: int) -> torch.Tensor:
-    """A decoded H x W (x 3) image -> uint8 1 x C x size x size, in the dataset's channel count."""
-    if gray and arr.ndim == 3:
-        arr = np.asarray(Image.fromarray(arr).convert("L"))
-    elif not gray and arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    t = torch.from_numpy(np.array(arr))  # a writable copy
-    t = t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
-    return resize_center_crop(t, size)
-
-
-WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # one channel, values wider than 8 bits
-
-
-def read_pixels(path: Path) -> np.ndarray:
-    """Decode fully (so truncation is caught here): uint8 H x W (gray) or H x W x 3, or the stored
-    values (H x W) of a 16-bit, 32-bit or float image, for `image_scales` to map to 0..255."""
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in WIDE_MODES:
-            return np.array(im)
-        if im.mode in GRAY_MODES:
-            return np.asarray(im.convert("L"))
-        return np.asarray(im.convert("RGB"))
-
-
-def decode_image(path: Path) -> np.ndarray:
-    """One image on its own (a mask) as uint8 H x W or H x W x 3: wide values are scaled by this
-    image's own range. Datasets use `image_scales` over all their images."""
-    arr = read_pixels(path)
-    return scaled_image(arr, image_scales([arr], str(path)))
+    read = read_image_files(files, f"the images under {root}", bit_depth=cfg.bit_depth, channels=cfg.channels,
+                            on_error=cfg.on_error, hint=" (set data.on_error=skip to skip such files)")
+    kept = set(read.files)
+    if labels:
+        labels = [label for path, label in zip(files, labels) if Path(path) in kept]
+    images = torch.cat([resize_center_crop(img[None], cfg.image_size) for img in read.images])  # mixed sizes
+    desc = f"{len(images)} images from {root}" + (f" ({len(read.skipped)} skipped)" if read.skipped else "")
+    return ImageData(images, desc + read.note, labels=labels, skipped=read.skipped,
+                     files=[str(f) for f in read.files], source_path=str(root), bit_depth=read.bit_depth)
 
 
 def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
@@ -335,39 +318,79 @@ def _unique(paths: list[Path]) -> Path | None:
 
 
 def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> ImageData:
+    key, labels = None, None
     try:
         if path.suffix.lower() == ".npy":
             refuse_split_of_npy(path, split)
-            arr, labels, key = np.load(path, allow_pickle=False), None, None
+            with open(path, "rb") as f:
+                _check_npy_header(f, path.stat().st_size, str(path))
+            arr = np.load(path, allow_pickle=False)
         else:
             with np.load(path, allow_pickle=False) as z:
                 key = _pick_npz_key(path, list(z.keys()), split)
+                _check_npz_member(path, key)
                 arr = z[key]
                 label_key = key.replace("images", "labels")
-                labels = z[label_key] if label_key != key and label_key in z else None
+                if label_key != key and label_key in z:
+                    _check_npz_member(path, label_key)
+                    labels = z[label_key]
     except ValueError as exc:
         if "pickle" in str(exc):  # numpy falls back to unpickling what is not an array file: refused
-            raise UserError(f"cannot read {path}: not a NumPy array file, or it holds Python objects, which "
-                            f"ddpmkit never unpickles: save plain numeric arrays") from None
+            raise UserError(_PICKLED.format(path)) from None
         raise UserError(f"cannot read {path}: {exc}") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     name = f"{path}" + (f"[{key}]" if key else "")
     arr = as_nchw(arr, name)
     scale = value_scale(arr, name, bit_depth)
     images = array_to_uint8_nchw(arr, name, scale)
-    label_list = None
-    if labels is not None:
-        labels = np.asarray(labels)
-        where = f"{path}[{key.replace('images', 'labels')}]"
-        if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
-            raise UserError(f"{where} has shape {labels.shape}: one-hot or multi-label labels; ddpmkit needs one "
-                            f"class per image (e.g. labels.argmax(1) for one-hot)")
-        if labels.size != len(images):
-            raise UserError(f"{where} holds {labels.size} labels for {len(images)} images: give one per image")
-        label_list = [str(v) for v in labels.reshape(-1)]
+    label_list = None if labels is None else _label_list(labels, len(images), f"{path}[{key.replace('images', 'labels')}]")
     desc = f"{len(images)} images from {path}" + (f" [{key}]" if key else "") + scales_note(scale)
     return ImageData(images, desc, labels=label_list, source_path=name, bit_depth=scale.bit_depth)
+
+
+def _label_list(labels: np.ndarray, count: int, where: str) -> list[str]:
+    labels = np.asarray(labels)
+    if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
+        raise UserError(f"{where} has shape {labels.shape}: one-hot or multi-label labels; ddpmkit needs one "
+                        f"class per image (e.g. labels.argmax(1) for one-hot)")
+    if labels.size != count:
+        raise UserError(f"{where} holds {labels.size} labels for {count} images: give one per image")
+    return [str(v) for v in labels.reshape(-1)]
+
+
+_PICKLED = ("cannot read {}: not a NumPy array file, or it holds Python objects, which ddpmkit never "
+            "unpickles: save plain numeric arrays")
+_NPY_HEADERS = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
+
+
+def _check_npy_header(f, stored: int, name: str) -> None:
+    """An .npy's declared shape against the bytes it holds (`stored`, after its header) and the
+    memory it would take, read from its header before any data."""
+    try:
+        version = np.lib.format.read_magic(f)
+    except ValueError:
+        raise UserError(_PICKLED.format(name)) from None
+    if version[0] not in _NPY_HEADERS:
+        raise UserError(f"cannot read {name}: .npy format version {version} (ddpmkit reads 1.0 and 2.0)")
+    shape, _, dtype = _NPY_HEADERS[version[0]](f)
+    if dtype.hasobject:
+        raise UserError(_PICKLED.format(name))
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > stored - f.tell():
+        raise UserError(f"{name} declares an array of shape {shape} ({declared:,} bytes) but holds "
+                        f"{stored - f.tell():,}: the file is damaged or not what it says")
+    check_memory(2 * declared, f"{name} (shape {shape}, {dtype})", "use data.stream=true for an .npy, or a "
+                 "smaller file")
+
+
+def _check_npz_member(path: Path, key: str) -> None:
+    """An .npz member's declared shape against its stored (uncompressed) size and the memory it
+    takes, before numpy inflates it: a few compressed megabytes can inflate to gigabytes."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{key}.npy")
+        with z.open(info) as f:
+            _check_npy_header(f, info.file_size, f"{path}[{key}]")
 
 
 def refuse_split_of_npy(path: Path, split: str) -> None:
@@ -389,131 +412,6 @@ def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
     if len(keys) == 1:
         return keys[0]
     raise UserError(f"{path} holds {', '.join(keys)}: expected '{split}_images' (set data.split) or 'images'")
-
-
-def as_nchw(arr: np.ndarray, name: str) -> np.ndarray:
-    """(N,H,W), (N,H,W,C) or (N,C,H,W) -> N x C x H x W with C 1 or 3 (alpha dropped); checked."""
-    arr = np.asarray(arr)
-    if arr.ndim == 3:
-        arr = arr[:, None]
-    elif arr.ndim == 4:
-        if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
-            arr = arr.transpose(0, 3, 1, 2)
-        elif arr.shape[1] not in (1, 3, 4):
-            raise UserError(f"{name}: shape {arr.shape} has no channel axis of size 1, 3 or 4")
-    else:
-        raise UserError(f"{name}: shape {arr.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
-    if arr.shape[0] == 0:
-        raise UserError(f"{name}: holds no images")
-    if arr.size == 0:
-        raise UserError(f"{name}: shape {arr.shape} has images of zero size")
-    return arr[:, :3] if arr.shape[1] == 4 else arr  # drop alpha
-
-
-def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = None) -> torch.Tensor:
-    """An image array in any layout `as_nchw` takes, uint8/uint16/bool/float -> uint8 N x C x H x W.
-    `scale` (default: the array's own, `value_scale`) maps its values to 0..255: batches read from
-    one file share their file's."""
-    arr = as_nchw(arr, name)
-    scale = scale if scale is not None else value_scale(arr, name)
-    return torch.from_numpy(np.array(scale.apply(arr), dtype=np.uint8))  # a writable, contiguous copy
-
-
-# ---------------------------------------------------------------------------------------------
-# pixel values: one mapping to 0..255 for a whole dataset
-
-BIT_DEPTHS = (8, 10, 12, 14, 16)  # what an unset data.bit_depth chooses among
-
-
-@dataclass(frozen=True)
-class ValueScale:
-    """uint8 = round((value - low) * 255 / (high - low)), clipped to 0..255. `bit_depth`: the depth
-    integer values were read at; `note` says so, for the data's description."""
-    low: float = 0.0
-    high: float = 255.0
-    bit_depth: int | None = None
-    note: str = ""
-
-    def apply(self, arr: np.ndarray) -> np.ndarray:
-        if arr.dtype == np.uint8 and (self.low, self.high) == (0, 255):
-            return arr
-        x = (arr.astype(np.float64) - self.low) * (255.0 / (self.high - self.low))
-        return np.clip(np.round(x), 0, 255).astype(np.uint8)
-
-
-def value_scale(arr: np.ndarray, name: str, bit_depth: int | None = None) -> ValueScale:
-    """The scale of an array holding a whole dataset (N x C x H x W, alpha dropped)."""
-    if arr.dtype == np.bool_:
-        return ValueScale(0, 1)
-    if arr.dtype == np.uint8 or arr.size == 0:  # an empty array is refused with its shape
-        return ValueScale()
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise UserError(f"{name}: unsupported dtype {arr.dtype}")
-    return range_scale(arr.dtype.kind == "f", arr.min().item(), arr.max().item(), name, bit_depth)
-
-
-def image_scales(images, name: str, bit_depth: int | None = None) -> dict[str, ValueScale]:
-    """One scale for all of a dataset's integer images wider than 8 bits ("i") and one for its float
-    images ("f"), from one pass over `images` (decoded arrays, any iterable): never decided per image,
-    so a dark 16-bit image is not read as an 8-bit one."""
-    ranges: dict[str, tuple[float, float]] = {}
-    for arr in images:
-        if arr.dtype == np.uint8:
-            continue
-        kind = "f" if arr.dtype.kind == "f" else "i"
-        lo, hi = arr.min().item(), arr.max().item()
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # here: min() and max() below would drop a NaN
-            raise UserError(f"{name}: an image contains NaN or infinite values")
-        if kind in ranges:
-            lo, hi = min(lo, ranges[kind][0]), max(hi, ranges[kind][1])
-        ranges[kind] = (lo, hi)
-    floats = ranges.get("f")
-    if floats and _float_range(*floats) is None and "i" in ranges:
-        # floats beyond the usual ranges are read as integers: with the integer images, at one depth
-        ranges["i"] = ranges["f"] = (min(floats[0], ranges["i"][0]), max(floats[1], ranges["i"][1]))
-    return {kind: range_scale(kind == "f", lo, hi, name, bit_depth, image_files=True)
-            for kind, (lo, hi) in ranges.items()}
-
-
-def scaled_image(arr: np.ndarray, scales: dict[str, ValueScale]) -> np.ndarray:
-    """A decoded image in uint8, through its dataset's `image_scales`."""
-    return arr if arr.dtype == np.uint8 else scales["f" if arr.dtype.kind == "f" else "i"].apply(arr)
-
-
-def _float_range(lo: float, hi: float) -> tuple[int, int] | None:
-    """The usual range of float pixels that [lo, hi] lies in: [0,1], [-1,1] or [0,255]."""
-    return next(((low, high) for low, high in ((0, 1), (-1, 1), (0, 255)) if lo >= low and hi <= high), None)
-
-
-def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, image_files: bool = False) -> ValueScale:
-    """Floats in [0,1], [-1,1] or [0,255] map from that range. Integers are read at data.bit_depth or,
-    unset, at the smallest of 8, 10, 12, 14 or 16 bits holding the largest value, so 12-bit X-rays
-    stored in 16-bit files are not nearly black (bit_depth 0, which runs from before the key was
-    added record: 8 or 16 bits, as they were read then). Image files (32-bit and float TIFFs) may hold
-    other values: those are read as integers, clipped to 0..65535; arrays holding them are refused."""
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise UserError(f"{name}: contains NaN or infinite values")
-    if is_float:
-        usual = _float_range(lo, hi)
-        if usual == (0, 255) and hi <= 2:  # [0, 1] data a little past 1, not 0..255 data all nearly black
-            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}] are past [0,1] yet would be nearly black "
-                            f"read as [0,255]: rescale them to [0,1] (e.g. divide by the largest value)")
-        if usual:
-            return ValueScale(*usual)
-        if not image_files:
-            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
-    clipped, largest = "", hi
-    if lo < 0 or hi > 65535:
-        if not image_files:
-            raise UserError(f"{name}: integer values in [{lo}, {hi}]; expected 0..255 or 0..65535")
-        clipped, hi = f", clipped from [{lo:.6g}, {hi:.6g}] to 0..65535", min(hi, 65535)
-    depth = bit_depth or next(d for d in ((8, 16) if bit_depth == 0 else BIT_DEPTHS) if hi < 2 ** d)
-    if hi >= 2 ** depth:
-        raise UserError(f"{name}: values up to {largest:.6g} do not fit data.bit_depth={depth} (yours, or the one a run "
-                        f"recorded): use at least {int(hi).bit_length()} bits, or for a run, start over with --fresh")
-    why = "as read before data.bit_depth existed" if bit_depth == 0 else "data.bit_depth sets the depth"
-    note = f"{depth}-bit values (largest {hi:.6g}{clipped}; {why})"
-    return ValueScale(0, 2 ** depth - 1, depth, note if depth != 8 or clipped else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,23 +438,28 @@ def _idx_files(folder: Path) -> list[Path]:
 
 
 def read_idx(path: Path) -> np.ndarray:
+    """An IDX file's array. The header's dimensions are checked against memory before the data is
+    read, and only the bytes they declare are (a small .gz can inflate without end)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise UserError(f"{path} is not an IDX file (bad magic number)")
+            raw_dims = f.read(4 * head[3])
+            if len(raw_dims) < 4 * head[3]:
+                raise UserError(f"IDX file {path} is truncated: its header ends early")
+            dims = struct.unpack(f">{head[3]}I", raw_dims)
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            expected = math.prod(dims) * dtype.itemsize  # Python integers: no wrap-around to 0
+            check_memory(2 * expected, f"IDX file {path} (dimensions {dims})", "check the file")
+            body = f.read(expected)
+            padded = bool(f.read(1))
     except (OSError, EOFError) as exc:
         raise UserError(f"cannot read IDX file {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise UserError(f"{path} is not an IDX file (bad magic number)")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise UserError(f"IDX file {path} is truncated: its header ends early")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    body = raw[4 + 4 * ndim:]
-    if len(body) != expected:
-        raise UserError(f"IDX file {path} is truncated or padded: {len(body)} bytes of data, expected {expected}")
+    if len(body) != expected or padded:
+        shown = f"more than {expected}" if padded else len(body)
+        raise UserError(f"IDX file {path} is truncated or padded: {shown} bytes of data, expected {expected}")
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 

@@ -25,25 +25,23 @@ and refuses to go on if any test image is among them.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import atomic
-from .config import DataConfig, from_dict, read_run_config
+from .config import DataConfig
 from .data import class_order, has_named_splits, image_digests, load_images, resize_center_crop
 from .errors import UserError
-from .images import read_image
-from .generation import job_runs
+from .metrics.classifier import fit, predict
+from .outputs import job_runs, manifest_images
+from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
-from .runtime import mix_seed
 
 ARMS = ("real", "real+synthetic", "oversampled")
 TUNED = "balanced_accuracy@tuned"  # at the threshold tuned on the calibration split
@@ -79,37 +77,6 @@ def draw_weights(pool: Pool, arm: str, classes: int, synthetic_share: float | No
     return torch.from_numpy(weights)
 
 
-class SmallResNet(nn.Module):
-    """Two stages of two residual blocks (32 and 64 channels), global pooling, a linear head."""
-
-    def __init__(self, channels: int, classes: int):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.blocks = nn.ModuleList([_Block(32, 32, 1), _Block(32, 32, 1), _Block(32, 64, 2), _Block(64, 64, 1)])
-        self.head = nn.Linear(64, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean((2, 3)))
-
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = None if stride == 1 and cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                                                           nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(h + (x if self.skip is None else self.skip(x)))
-
-
 # --- data --------------------------------------------------------------------------------------
 
 def as_source(source: str | DataConfig | None) -> DataConfig | None:
@@ -135,13 +102,12 @@ def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, lis
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         raise UserError(f"{folder} has no manifest.csv: pass a `ddpmkit balance` (or `sample`) output folder")
-    with open(manifest, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("synthetic") == "true"]
+    rows = manifest_images(folder, "file")
     if not rows:
         raise UserError(f"{manifest} lists no synthetic images")
-    images = torch.stack([read_image(folder / r["file"]) for r in rows])
-    runs = job_runs(folder)
-    return Pool(resize_center_crop(images, size), _indices([r["label"] for r in rows], names, str(manifest))), runs
+    images = torch.stack([read_image(path) for path, _ in rows])
+    labels = _indices([row["label"] for _, row in rows], names, str(manifest))
+    return Pool(resize_center_crop(images, size), labels), job_runs(folder)
 
 
 def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
@@ -164,7 +130,7 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
         if RunDir(run).imported_from():
             raise UserError(f"the synthetic images come from {run}, an imported model: the images it was trained on "
                             f"are unknown, so leakage into the test split cannot be ruled out")
-        cfg = from_dict(read_run_config(run / "config.yaml"))
+        cfg = RunDir(run).config()
         recorded = RunDir(run).digests_path
         if recorded.is_file() and cfg.data.image_size == size and cfg.model.in_channels == channels:
             seen |= set(recorded.read_text().split())
@@ -198,42 +164,22 @@ def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: 
 
 # --- training and metrics ----------------------------------------------------------------------
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random shifts of up to 2 pixels (reflect padding) and horizontal flips."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
-    dx, dy = torch.randint(0, 5, (2, n), generator=g)
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, generator=g) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+@dataclass(frozen=True)
+class Recipe:
+    """How every classifier of a study is trained: the same in every arm."""
+    seeds: int = 3
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 2e-3
+    augment: bool = True  # random shifts and flips
+    synthetic_share: float | None = None  # generated images' share of a topped-up class's draws
 
 
-def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, batch: int, lr: float,
+def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, batch: int, *, lr: float,
                      augment: bool = True, synthetic_share: float | None = None) -> nn.Module:
-    torch.manual_seed(mix_seed(seed, 11))
-    g = torch.Generator().manual_seed(mix_seed(seed, 12))
-    net = SmallResNet(pool.images.shape[1], classes)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     weights = draw_weights(pool, arm, classes, synthetic_share)
-    labels = torch.from_numpy(pool.labels)
-    net.train()
-    for _ in range(steps):
-        idx = torch.multinomial(weights, batch, replacement=True, generator=g)
-        x = pool.images[idx].float() / 127.5 - 1
-        if augment:
-            x = _augment(x, g)
-        loss = F.cross_entropy(net(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return net.eval()
-
-
-@torch.no_grad()
-def predict(net: nn.Module, images: torch.Tensor) -> np.ndarray:
-    return torch.cat([net(images[i:i + 512].float() / 127.5 - 1).softmax(1) for i in range(0, len(images), 512)]).numpy()
+    return fit(pool.images, pool.labels, classes, steps=steps, batch=batch, lr=lr, seed=seed, weights=weights,
+               shifts=augment, flips=augment)
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, names: list[str], threshold: float | None = None) -> dict:
@@ -263,18 +209,20 @@ def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
 
 # --- the study ---------------------------------------------------------------------------------
 
-def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, seeds: int = 3, steps: int = 1500,
-          batch: int = 64, lr: float = 2e-3, augment: bool = True, synthetic_share: float | None = None,
-          leakage: str = "", calibration: Pool | None = None, log=print) -> dict:
-    """calibration: a labelled split (binary studies) on which each classifier's threshold is tuned."""
+def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, *, leakage: str = "",
+          calibration: Pool | None = None, log=print, **recipe) -> dict:
+    """The three arms, `Recipe(**recipe)` for each classifier. calibration: a labelled split (binary
+    studies) on which each classifier's threshold is tuned."""
+    r = Recipe(**recipe)
     if calibration is not None and len(names) != 2:
         raise UserError(f"a calibration split tunes a binary decision threshold; this study has {len(names)} classes")
     pools = {"real": real, "real+synthetic": combine(real, synthetic), "oversampled": real}
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
-    for seed in range(seeds):
+    for seed in range(r.seeds):
         for arm in ARMS:
             t0 = time.time()
-            net = train_classifier(pools[arm], len(names), arm, seed, steps, batch, lr, augment, synthetic_share)
+            net = train_classifier(pools[arm], len(names), arm, seed, r.steps, r.batch, lr=r.lr, augment=r.augment,
+                                   synthetic_share=r.synthetic_share)
             threshold = None if calibration is None else tuned_threshold(predict(net, calibration.images)[:, 1],
                                                                          calibration.labels)
             results[arm].append(scores(predict(net, test.images), test.labels, names, threshold))
@@ -282,8 +230,7 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
             log(f"seed {seed} {arm}: balanced accuracy {results[arm][-1]['balanced_accuracy']:.4f}{tuned} "
                 f"({time.time() - t0:.0f} s)")
     summary = _summarise(results)
-    summary.update({"classes": names, "seeds": seeds, "steps": steps, "batch": batch, "lr": lr, "augment": augment,
-                    "synthetic_share": synthetic_share,
+    summary.update({"classes": names, **asdict(r),
                     "calibration_images": None if calibration is None else len(calibration.labels),
                     "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist() for arm, p in pools.items()},
                     "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(), "leakage": leakage,
@@ -414,20 +361,19 @@ def _without(pool: Pool, drop: np.ndarray) -> Pool:
     return Pool(pool.images[torch.from_numpy(~drop)], pool.labels[~drop])
 
 
-def load_calibration(source: DataConfig, split: str, size: int, channels: int, names: list[str], real_pool: Pool,
-                     test: Pool, generators_trained: set[str]) -> tuple[Pool, str]:
-    """Labelled real images to tune thresholds on, without those a classifier or the generator trained on
-    (tuning on them would flatter every arm); refused if it shares images with the test split (a
-    source without the named split falls back to another one, which must not pass silently)."""
-    pool = load_real(source, split, size, channels, names)
+def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool, generators_trained: set[str]) -> tuple[Pool, str]:
+    """Labelled real images (`pool`, read from `where`) to tune thresholds on, without those a classifier
+    or the generator trained on (tuning on them would flatter every arm); refused if it shares images
+    with the test split (a source without the named split falls back to another one, which must not
+    pass silently)."""
     in_test = int(among(pool, set(image_digests(test.images))).sum())
     if in_test:
-        raise UserError(f"calibration data {_named(source, split)}: {in_test} of its images are in the test split; "
+        raise UserError(f"calibration data {where}: {in_test} of its images are in the test split; "
                         f"tune thresholds on images the test does not hold")
     seen = among(pool, set(image_digests(real_pool.images)) | generators_trained)
     pool = _without(pool, seen)
     if len(np.unique(pool.labels)) < 2:
-        raise UserError(f"calibration data {_named(source, split)}: after dropping the {int(seen.sum())} images a classifier or "
+        raise UserError(f"calibration data {where}: after dropping the {int(seen.sum())} images a classifier or "
                         f"the generator trained on, {len(pool.labels)} images of fewer than 2 classes are left; "
                         f"give held-out labelled images (--calibration PATH, or a separate split of --real)")
     note = f"{int(seen.sum())} calibration images a classifier or the generator trained on were dropped; "
@@ -461,7 +407,7 @@ def _split_source(real: DataConfig, separate: DataConfig | None, split: str | No
 
 
 def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConfig | None = None,
-                    real_split: str = "train", test_split: str | None = None, unverified: bool = False,
+                    real_split: str = "train", test_split: str | None = None, *, unverified: bool = False,
                     drop_seen: bool = False, calibration: str | DataConfig | None = None,
                     calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
     """Class names, the real, synthetic, test and calibration pools at the generator's resolution, and
@@ -500,31 +446,32 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
         source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
-        calibration_pool, note = load_calibration(source, split, size, synth.images.shape[1], names, real_pool,
-                                                  test_pool, trained)
+        pool = load_real(source, split, size, synth.images.shape[1], names)
+        calibration_pool, note = load_calibration(pool, _named(source, split), real_pool, test_pool, trained)
         dropped += note
     leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)
     return names, real_pool, synth, test_pool, calibration_pool, leakage
 
 
-def run_study(real: str | DataConfig, synthetic: str, out: str, test: str | DataConfig | None = None,
-              real_split: str = "train", test_split: str | None = None, seeds: int = 3, steps: int = 1500,
-              augment: bool = True, synthetic_share: float | None = None, unverified: bool = False,
-              calibration: str | DataConfig | None = None, calibration_split: str | None = None, log=print) -> dict:
+def run_study(real: str | DataConfig, synthetic: str, out: str, *, test: str | DataConfig | None = None,
+              real_split: str = "train", test_split: str | None = None, unverified: bool = False,
+              calibration: str | DataConfig | None = None, calibration_split: str | None = None, log=print,
+              **recipe) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split; each real
-    source a path or a data section (a folder and the CSV that labels it)."""
-    if seeds < 2:  # with one seed there is no seed-to-seed spread, and any lucky gain would read as one
-        raise UserError(f"--seeds {seeds}: a verdict needs at least 2 seeds per arm (3 or more is better)")
-    if steps < 1:
-        raise UserError(f"--steps {steps}: each classifier needs at least 1 optimizer step")
+    source a path or a data section (a folder and the CSV that labels it). `recipe`: Recipe's."""
+    r = Recipe(**recipe)
+    if r.seeds < 2:  # with one seed there is no seed-to-seed spread, and any lucky gain would read as one
+        raise UserError(f"--seeds {r.seeds}: a verdict needs at least 2 seeds per arm (3 or more is better)")
+    if r.steps < 1:
+        raise UserError(f"--steps {r.steps}: each classifier needs at least 1 optimizer step")
+    if r.synthetic_share is not None and not 0 <= r.synthetic_share <= 1:
+        raise UserError(f"--synthetic-share {r.synthetic_share}: give a fraction from 0 to 1")
     names, real_pool, synth, test_pool, calibration_pool, leakage = load_study_data(
-        real, synthetic, test, real_split, test_split, unverified, calibration=calibration,
+        real, synthetic, test, real_split, test_split, unverified=unverified, calibration=calibration,
         calibration_split=calibration_split)
     size = synth.images.shape[-1]
     calibrated = "" if calibration_pool is None else f", {len(calibration_pool.labels)} calibration"
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, {len(test_pool.labels)} test"
         f"{calibrated} images at {size}x{size}; leakage {leakage}")
-    if synthetic_share is not None and not 0 <= synthetic_share <= 1:
-        raise UserError(f"--synthetic-share {synthetic_share}: give a fraction from 0 to 1")
-    return study(real_pool, synth, test_pool, names, Path(out), seeds=seeds, steps=steps, augment=augment,
-                 synthetic_share=synthetic_share, leakage=leakage, calibration=calibration_pool, log=log)
+    return study(real_pool, synth, test_pool, names, Path(out), leakage=leakage, calibration=calibration_pool,
+                 log=log, **asdict(r))

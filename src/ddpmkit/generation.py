@@ -7,22 +7,23 @@ Output layout, shared by every command that writes images:
     OUT/manifest.csv                file, index, seed, sampler, steps, checkpoint, label, synthetic
     OUT/trajectory.gif              with --gif: the first images denoising from noise
 
-A generation job survives interruption: OUT/.ddpmkit-job.json records what is being generated, and
-each process appends the rows of images it has finished (after fsyncing them) to its own
-OUT/.manifest-rank<r>.csv. Rerunning the same command skips those images; since image k depends only
-on (seed, k), the final set equals an uninterrupted run's. manifest.csv is written at the end.
+A generation job survives interruption: the folder's record (outputs.py) holds what is being
+generated, and each process appends the rows of images it has finished (after fsyncing them) to
+its own OUT/.manifest-rank<r>.csv. Rerunning the same command skips those images; since image k
+depends only on (seed, k), the final set equals an uninterrupted run's. manifest.csv comes last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
-import json
 import os
-import shutil
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,37 +33,82 @@ from . import atomic
 from .config import SampleConfig
 from .distributed import World, barrier
 from .errors import UserError
-from .images import gif_bytes, make_grid, png_bytes, read_image, scale_for_viewing, to_uint8, upsample
-from .run import Run, check_output_folder
+from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
+from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
+from .outputs import SAMPLE, OutputFolder, read_manifest, write_manifest
+from .pixels import read_image
+from .run import Run
 from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
 GRID_SIDES = (4, 6, 8)
 GIF_IMAGES, GIF_FRAMES = 16, 40
-JOB_FILE = ".ddpmkit-job.json"
 MAX_PENDING_BATCHES = 4  # images waiting for the writer before sampling pauses (bounds memory)
+MAX_GUIDANCE = 100.0  # beyond this the guided output is all saturation (and overflows float32)
 
 
-def resolved_steps(sampler: str, steps: int | None, num_timesteps: int) -> int:
-    """The steps asked for; else the sampler's default, at most T (a model trained with few timesteps)."""
-    return steps or min(SAMPLERS[sampler].default_steps or num_timesteps, num_timesteps)
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample, checked once: the sampler, its steps and spacing, its one option (eta for
+    ddim, variance for ddpm), clipping, and class-conditional guidance."""
+    sampler: str = SampleConfig.sampler
+    steps: int | None = None  # None: the sampler's default, at most T
+    spacing: str = SampleConfig.spacing
+    eta: float = SampleConfig.eta
+    variance: str = SampleConfig.variance
+    clip_x0: bool = SampleConfig.clip_x0
+    guidance: float = SampleConfig.guidance
+    class_label: str | None = None
+
+    @classmethod
+    def from_config(cls, sc: SampleConfig) -> SamplingSpec:
+        return cls(**{f.name: getattr(sc, f.name) for f in dataclasses.fields(cls)})
+
+    def checked(self, run: Run, asked=()) -> SamplingSpec:
+        """This spec with its steps resolved for `run`; refused where an option asked for (`asked`:
+        the sample.* keys given) would be ignored, or where values would overflow."""
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r} (known: {', '.join(SAMPLERS)})")
+        for key, unused in (("eta", 0.0), ("variance", "small")):
+            value = getattr(self, key)
+            if f"sample.{key}" in asked and value != unused and SAMPLERS[self.sampler].option != key:
+                owner = next(name for name, s in SAMPLERS.items() if s.option == key)
+                raise UserError(f"sample.{key}={value} applies to the {owner} sampler only, not {self.sampler}")
+        if not 0 <= self.eta <= 1:
+            raise UserError(f"sample.eta={self.eta}: DDIM's eta runs from 0 (deterministic) to 1 (DDPM's variance)")
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise UserError(f"sample.guidance={self.guidance}: use 0 to {MAX_GUIDANCE:g} (1-5 are usual; more "
+                            f"saturates every pixel)")
+        if "sample.guidance" in asked and self.guidance != 1.0 and not run.config.model.class_conditional:
+            raise UserError(f"sample.guidance={self.guidance}: {run.path} is not class-conditional, so there is "
+                            f"nothing to guide")
+        if self.guidance == 0 and self.class_label is not None:
+            raise UserError(f"--class {self.class_label} with sample.guidance=0: guidance 0 samples the unconditional "
+                            f"model, which ignores the class; drop --class, or use guidance 1 (the plain "
+                            f"conditional model)")
+        class_indices(run, [0], self.class_label)  # an unknown class, or a class for an unconditional run
+        T = run.schedule.num_timesteps
+        if self.steps is not None and not 1 <= self.steps <= T:
+            raise UserError(f"sample.steps={self.steps}: the model has {T} timesteps; use 1 to {T}")
+        return dataclasses.replace(self, steps=self.steps or min(SAMPLERS[self.sampler].default_steps or T, T))
+
+    def options(self) -> dict:
+        option = SAMPLERS[self.sampler].option
+        return {option: getattr(self, option)} if option else {}
 
 
-def sample_batch(run: Run, indices: list[int], seed: int, sampler: str = "ddim", steps: int | None = None,
-                 spacing: str = "uniform", eta: float = 0.0, variance: str = "small", clip_x0: bool = True,
-                 amp_dtype: torch.dtype | None = None, callback: Callback | None = None,
-                 class_label: str | None = None, guidance: float = 1.0) -> torch.Tensor:
+def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec, amp_dtype: torch.dtype | None = None,
+                 callback: Callback | None = None) -> torch.Tensor:
     """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)
-    (and, for a class-conditional run, on its class: `class_label`, or class k mod K by default)."""
-    device = run.device
+    (and, for a class-conditional run, on its class: spec.class_label, or class k mod K)."""
+    indices = list(indices)
     shape = (run.channels, run.image_size, run.image_size)
-    noise = ImageNoise(seed, indices, shape, device)
-    labels = class_indices(run, indices, class_label)
-    labels = None if labels is None else labels.to(device)
-    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, clip_x0, amp_dtype, labels, guidance)
-    timesteps = make_timesteps(resolved_steps(sampler, steps, run.schedule.num_timesteps), run.schedule, spacing)
-    options = {"ddpm": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
-    return SAMPLERS[sampler](denoiser, noise(), timesteps, noise, callback=callback, **options)
+    noise = ImageNoise(seed, indices, shape, run.device)
+    labels = class_indices(run, indices, spec.class_label)
+    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, spec.clip_x0, amp_dtype=amp_dtype,
+                        labels=None if labels is None else labels.to(run.device), guidance=spec.guidance)
+    timesteps = make_timesteps(spec.steps or run.schedule.num_timesteps, run.schedule, spec.spacing)
+    return SAMPLERS[spec.sampler](denoiser, noise(), timesteps, noise, callback=callback, **spec.options())
 
 
 def class_indices(run: Run, indices: list[int], class_label: str | None) -> torch.Tensor | None:
@@ -80,104 +126,44 @@ def class_indices(run: Run, indices: list[int], class_label: str | None) -> torc
     return torch.full((len(indices),), names.index(class_label))
 
 
-def class_name(run: Run, index: int, class_label: str | None, guidance: float = 1.0) -> str:
+def class_name(run: Run, index: int, spec: SamplingSpec) -> str:
     """The manifest's label column: the class of image `index`, empty for unconditional runs and
     for guidance 0 (the unconditional model of a conditional run)."""
     names = run.config.data.class_names
-    if not run.config.model.class_conditional or not names or guidance == 0:
+    if not run.config.model.class_conditional or not names or spec.guidance == 0:
         return ""
-    return class_label if class_label is not None else names[index % len(names)]
+    return spec.class_label if spec.class_label is not None else names[index % len(names)]
 
 
 def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: int | None = None,
            **options) -> torch.Tensor:
-    """Notebook API: `num` images as uint8 N x C x H x W (options as in `sample_batch`). An option the
-    sampler would ignore (eta off ddim, variance off ddpm, guidance for an unconditional run) is
-    refused, as the CLI refuses it."""
-    chosen = SimpleNamespace(sampler=options.get("sampler", "ddim"), eta=options.get("eta", 0.0),
-                             variance=options.get("variance", "small"), guidance=options.get("guidance", 1.0),
-                             class_label=options.get("class_label"))
-    check_asked_options(run, chosen, {f"sample.{k}" for k in options})
+    """Notebook API: `num` images as uint8 N x C x H x W; `options` are SamplingSpec's (sampler,
+    steps, spacing, eta, variance, clip_x0, guidance, class_label), with SampleConfig's defaults.
+    An option the sampler would ignore is refused, as the CLI refuses it."""
+    spec = SamplingSpec(**options).checked(run, asked={f"sample.{k}" for k in options})
     out = []
     for start in range(0, num, batch_size):
-        x = sample_batch(run, list(range(start, min(num, start + batch_size))), seed, **options)
+        x = sample_batch(run, range(start, min(num, start + batch_size)), seed, spec)
         out.append(to_uint8(upsample(x, size) if size else x))
     return torch.cat(out)
 
 
-def _options(cfg: SampleConfig, steps: int, amp_dtype) -> dict:
-    return dict(sampler=cfg.sampler, steps=steps, spacing=cfg.spacing, eta=cfg.eta, variance=cfg.variance,
-                clip_x0=cfg.clip_x0, amp_dtype=amp_dtype, class_label=cfg.class_label, guidance=cfg.guidance)
-
-
-def _job_identity(run: Run, cfg: SampleConfig, steps: int) -> dict:
+def _job_identity(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> dict:
     """What determines the pixels of image k. `num` is not part of it: a job may be extended."""
     return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "checkpoint_sha256": run.checkpoint_sha256,
-            "ema": cfg.ema, "sampler": cfg.sampler, "steps": steps, "spacing": cfg.spacing, "eta": cfg.eta,
-            "variance": cfg.variance, "clip_x0": cfg.clip_x0, "seed": cfg.seed, "size": cfg.size,
-            "class_label": cfg.class_label, "guidance": cfg.guidance}
-
-
-def job_runs(folder: Path) -> list[Path]:
-    """The runs that generated the images under `folder` (a sample output, or a balanced set with one
-    job per class), as their job files record them."""
-    runs = set()
-    for path in Path(folder).rglob(JOB_FILE):
-        try:
-            runs.add(Path(json.loads(path.read_text())["run"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not a job file ddpmkit wrote
-    return sorted(runs)
-
-
-def _start_job(out: Path, job: dict, fresh: bool) -> None:
-    """Rank 0: check that OUT holds this job (or nothing), record it. Refuses to mix two jobs."""
-    check_output_folder(out, "images", "samples")
-    job_path = out / JOB_FILE
-    if fresh and job_path.exists():  # only a ddpmkit job's files are ever deleted
-        shutil.rmtree(out / "individual", ignore_errors=True)
-        shutil.rmtree(out / "grids", ignore_errors=True)
-        for p in [job_path, out / "manifest.csv", out / "trajectory.gif", *out.glob(".manifest-rank*.csv")]:
-            p.unlink(missing_ok=True)
-    elif job_path.exists():
-        old = json.loads(job_path.read_text())
-        diff = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} -> {job.get(k)!r}" for k in diff[:4])
-            raise UserError(f"{out} holds images of another sampling job ({shown}): use --fresh to replace them, "
-                            f"or another --out")
-    elif (out / "individual").is_dir() and any((out / "individual").iterdir()):
-        raise UserError(f"{out}/individual already holds images no ddpmkit sampling job made there (--fresh replaces "
-                        f"only a job's own files): move them, or choose another --out")
-    elif (out / "manifest.csv").exists() or any(out.glob(".manifest-rank*.csv")):  # e.g. a balance output's root
-        raise UserError(f"{out} holds a manifest.csv no ddpmkit sampling job wrote there: choose another --out")
-    (out / "individual").mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale_temps(out, out / "individual", out / "grids")  # from a job killed mid-write
-    atomic.write_text(job_path, json.dumps(job, indent=1))
+            "ema": cfg.ema, "seed": cfg.seed, "size": cfg.size, **dataclasses.asdict(spec)}
 
 
 def finished_rows(out: Path) -> dict[int, list[str]]:
-    """Rows of a finished manifest and of every rank's partial one; a torn last line (a crash
-    mid-append) is ignored."""
+    """Rows of a finished manifest and of every rank's partial one whose image is there; a torn
+    last line (a crash mid-append) is ignored."""
     rows: dict[int, list[str]] = {}
-    done = out / "manifest.csv"
-    for path in ([done] if done.exists() else []) + sorted(out.glob(".manifest-rank*.csv")):
-        text = path.read_text()
-        complete = text[: text.rfind("\n") + 1]
-        for row in csv.reader(io.StringIO(complete)):
-            inside = not Path(row[0]).is_absolute() and ".." not in Path(row[0]).parts if row else False
-            if len(row) == len(MANIFEST_COLUMNS) and inside and row[1].isdigit() and (out / row[0]).is_file():
+    for path in [out / "manifest.csv", *sorted(out.glob(".manifest-rank*.csv"))]:
+        for row in read_manifest(path, header=path.name == "manifest.csv"):
+            if len(row) == len(MANIFEST_COLUMNS) and row[1].isdigit() and row[0] == f"individual/{int(row[1]):06d}.png" \
+                    and (out / row[0]).is_file():
                 rows[int(row[1])] = row
     return rows
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Drop an unfinished last line (no newline) that a killed process left in an append-only file."""
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
 
 
 class _Writer:
@@ -223,83 +209,92 @@ class _Writer:
         self.manifest.close()
 
 
+def _cut_torn_tail(path: Path) -> None:
+    """Drop an unfinished last line (no newline) that a killed process left in an append-only file."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
 def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
     atomic.write_bytes(path, png_bytes(img, text), fsync=False)
 
 
-def check_asked_options(run: Run, cfg: SampleConfig, asked) -> None:
-    """Refuse options asked for (`asked`: the sample.* keys given as flags or overrides) that this job
-    would ignore. Values that come from the run's own config (an import's variance) are not asked for."""
-    if "sample.eta" in asked and cfg.eta != 0 and cfg.sampler != "ddim":
-        raise UserError(f"sample.eta={cfg.eta} applies to the ddim sampler only, not {cfg.sampler}")
-    if "sample.variance" in asked and cfg.variance != "small" and cfg.sampler != "ddpm":
-        raise UserError(f"sample.variance={cfg.variance} applies to the ddpm sampler only, not {cfg.sampler}")
-    if "sample.guidance" in asked and cfg.guidance != 1.0 and not run.config.model.class_conditional:
-        raise UserError(f"sample.guidance={cfg.guidance}: {run.path} is not class-conditional, so there is nothing to guide")
-    if cfg.guidance == 0 and cfg.class_label is not None:
-        raise UserError(f"--class {cfg.class_label} with sample.guidance=0: guidance 0 samples the unconditional model, "
-                        f"which ignores the class; drop --class, or use guidance 1 (the plain conditional model)")
-
-
-def generate(run: Run, cfg: SampleConfig, log=print, fresh: bool = False, world: World = World(),
-             amp_dtype: torch.dtype | None = None, progress: bool = True) -> Path:
-    """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder.
-    Under torchrun every rank calls this and generates its share of the unfinished indices.
-    Options a sampler does not use (eta off ddim...) are taken as given; the CLI refuses them."""
-    if cfg.num <= 0:
-        raise UserError(f"--num must be at least 1, got {cfg.num}")
-    class_indices(run, [0], cfg.class_label)  # an unknown class, or one for an unconditional run: before any write
+def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, world: World = World(),
+             amp_dtype: torch.dtype | None = None, progress: bool = True, asked=(), force: bool = False) -> Path:
+    """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder. Under
+    torchrun every rank calls this and generates its share of the unfinished indices. `asked`: the
+    sample.* keys the user gave (options they name that the sampler ignores are refused)."""
+    check_count(cfg.num, MAX_IMAGES_PER_JOB, "sample.num")
+    check_count(cfg.size or 0, MAX_SIDE, "sample.size")
+    spec = SamplingSpec.from_config(cfg).checked(run, asked)
+    side = cfg.size or run.image_size
+    check_memory(3 * min(cfg.batch_size, cfg.num) * run.channels * side * side * 4, f"a batch of {cfg.batch_size} "
+                 f"images of {side}x{side}", "lower --batch-size or --size")
     out = Path(cfg.out_dir)
-    steps = resolved_steps(cfg.sampler, cfg.steps, run.schedule.num_timesteps)
-    if world.is_main:
-        _start_job(out, _job_identity(run, cfg, steps), fresh)
-    barrier()
-    finished = finished_rows(out)
-    unfinished = [k for k in range(cfg.num) if k not in finished]
-    todo = unfinished[world.rank::world.size]
-    if finished and world.is_main:
-        log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images already in {out}")
+    folder = OutputFolder(out, SAMPLE, _job_identity(run, cfg, spec), fresh, force) if world.is_main \
+        else contextlib.nullcontext()
+    with folder:
+        barrier()
+        finished = finished_rows(out)
+        unfinished = [k for k in range(cfg.num) if k not in finished]
+        if finished and world.is_main:
+            log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images already in {out}")
+        _sample_into(run, cfg, spec, unfinished[world.rank::world.size], amp_dtype=amp_dtype, rank=world.rank,
+                     progress=progress)
+        barrier()
+        if world.is_main:
+            _finish(run, cfg, spec, len(unfinished), log)
+    return out
 
-    text = {"ddpmkit": "synthetic", "source": f"{run.path.name}/{run.checkpoint}", "sampler": f"{cfg.sampler}-{steps}"}
-    options = _options(cfg, steps, amp_dtype)
-    writer = _Writer(out, world.rank, cfg.writers)
-    bar = tqdm(total=len(todo), desc=f"sampling ({cfg.sampler}, {steps} steps)", unit="img", dynamic_ncols=True,
-               disable=not progress)
+
+def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int], *, amp_dtype, rank: int,
+                 progress: bool) -> None:
+    out = Path(cfg.out_dir)
+    text = {"ddpmkit": "synthetic", "source": f"{run.path.name}/{run.checkpoint}",
+            "sampler": f"{spec.sampler}-{spec.steps}"}
+    writer = _Writer(out, rank, cfg.writers)
+    bar = tqdm(total=len(todo), desc=f"sampling ({spec.sampler}, {spec.steps} steps)", unit="img",
+               dynamic_ncols=True, disable=not progress)
     try:
         for start in range(0, len(todo), cfg.batch_size):
             indices = todo[start:start + cfg.batch_size]
-            x = sample_batch(run, indices, cfg.seed, **options)
+            x = sample_batch(run, indices, cfg.seed, spec, amp_dtype)
+            if not torch.isfinite(x).all():
+                raise UserError(f"sampling {run.path} ({run.checkpoint}) gave non-finite values: its weights or these "
+                                f"options ({spec.sampler}, guidance {spec.guidance}) do not make images; nothing of "
+                                f"this batch was written")
             images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
-            rows = [[f"individual/{k:06d}.png", k, cfg.seed, cfg.sampler, steps, run.checkpoint,
-                     class_name(run, k, cfg.class_label, cfg.guidance), "true"] for k in indices]
+            rows = [[f"individual/{k:06d}.png", k, cfg.seed, spec.sampler, spec.steps, run.checkpoint,
+                     class_name(run, k, spec), "true"] for k in indices]
             writer.submit(images, rows, text)
             bar.update(len(indices))
     finally:
         bar.close()
         writer.close()
-    barrier()
-    if world.is_main:
-        _finish(run, cfg, out, options, len(unfinished), log)
-    return out
 
 
-def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, made: int, log) -> None:
+def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log) -> None:
+    out = Path(cfg.out_dir)
     rows = finished_rows(out)
     missing = [k for k in range(cfg.num) if k not in rows]
     if missing:
-        raise UserError(f"{len(missing)} images missing from {out} after sampling (first: {missing[0]}); rerun the command")
+        raise UserError(f"{len(missing)} images missing from {out} after sampling (first: {missing[0]}); rerun the "
+                        f"command")
     # the grids show the job's first images: those of an earlier, larger --num too, as the manifest lists them
     first = [read_image(out / rows[k][0]) for k in sorted(rows)[:64]]
     grids = []
     for side in GRID_SIDES:
         if len(first) >= side * side:
-            grid = make_grid(torch.stack(first[: side * side]), side)
             grids.append(f"grid_{side}x{side}.png")
-            atomic.write_bytes(out / "grids" / grids[-1], png_bytes(scale_for_viewing(grid)), fsync=False)
+            grid = scale_for_viewing(make_grid(torch.stack(first[: side * side]), side))
+            atomic.write_bytes(out / "grids" / grids[-1], png_bytes(grid), fsync=False)
     if cfg.gif:
-        atomic.write_bytes(out / "trajectory.gif", trajectory_gif(run, cfg, options), fsync=False)
+        atomic.write_bytes(out / "trajectory.gif", trajectory_gif(run, cfg, spec), fsync=False)
     # rows beyond --num stay listed if an earlier run of this job made more
-    write_manifest(out / "manifest.csv", [rows[k] for k in sorted(rows)])
+    write_manifest(out / "manifest.csv", [rows[k] for k in sorted(rows)], MANIFEST_COLUMNS)
     for p in out.glob(".manifest-rank*.csv"):
         p.unlink()
     # the smallest grid needs 16 images: say so rather than name a folder that was not written
@@ -314,11 +309,10 @@ def _finish(run: Run, cfg: SampleConfig, out: Path, options: dict, made: int, lo
     log(f"{done}, {grid_note}, manifest {out}/manifest.csv" + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
 
 
-def trajectory_gif(run: Run, cfg: SampleConfig, options: dict) -> bytes:
+def trajectory_gif(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> bytes:
     """The first images (same noise as in the job) from noise to image, as a GIF of grids."""
     n = min(cfg.num, GIF_IMAGES)
-    n_steps = options["steps"]
-    keep = set(np.round(np.linspace(0, n_steps - 1, min(GIF_FRAMES, n_steps))).astype(int).tolist())
+    keep = set(np.round(np.linspace(0, spec.steps - 1, min(GIF_FRAMES, spec.steps))).astype(int).tolist())
     frames = []
 
     def record(i, x, x0):
@@ -326,13 +320,5 @@ def trajectory_gif(run: Run, cfg: SampleConfig, options: dict) -> bytes:
             imgs = x.clamp(-1, 1)
             frames.append(scale_for_viewing(make_grid(to_uint8(upsample(imgs, cfg.size) if cfg.size else imgs))))
 
-    sample_batch(run, list(range(n)), cfg.seed, callback=record, **options)
+    sample_batch(run, range(n), cfg.seed, spec, callback=record)
     return gif_bytes(frames)
-
-
-def write_manifest(path: Path, rows: list[list], columns: list[str] = MANIFEST_COLUMNS) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    atomic.write_text(path, buf.getvalue(), fsync=True)

@@ -9,79 +9,19 @@ by the batch (fp32; bf16 autocast roughly halves that part).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.flop_counter import FlopCounterMode
 
-from .config import Config, DataConfig
-from .data import GRAY_MODES, array_to_uint8_nchw, is_idx_data, list_image_files, load_images, split_folder
-from .unet import UNet
-
-BYTES_PER_PARAMETER = 4 * 5  # fp32 weights, gradients, AdamW exp_avg and exp_avg_sq, EMA
-
-
-def resolved_channels(cfg: Config) -> tuple[int, str]:
-    """Channels the model will have, and where that number comes from: as configured, else the
-    data's, as training will find them. RGB is assumed only for a data.path that does not exist here."""
-    if cfg.model.in_channels or cfg.data.channels:
-        return cfg.model.in_channels or cfg.data.channels, ("model.in_channels" if cfg.model.in_channels
-                                                            else "data.channels")
-    if cfg.data.path is None:
-        return 1, "the bundled digits"
-    if not Path(cfg.data.path).expanduser().exists():
-        return 3, f"assumed: data.path {cfg.data.path} does not exist here (set data.channels=1 for grayscale data)"
-    return data_channels(cfg.data), f"the data in {cfg.data.path}"
-
-
-def data_channels(data: DataConfig) -> int:
-    """The channel count training will find in existing data, without decoding a dataset: a folder's
-    image headers, the first image of a memory-mapped .npy. An .npz or IDX file is loaded: they hold
-    arrays small enough for that."""
-    path = Path(data.path).expanduser()
-    if path.is_dir() and not is_idx_data(path):
-        return _folder_channels(split_folder(path, data), data)
-    if path.suffix.lower() == ".npy":
-        try:
-            first = np.load(path, mmap_mode="r", allow_pickle=False)[:1]
-        except (ValueError, OSError, IndexError):  # not an array file, or a 0-d array
-            return load_images(data).channels  # which names what is wrong with it
-        return array_to_uint8_nchw(first, str(path)).shape[1]
-    return load_images(data).channels
-
-
-def _folder_channels(root: Path, data: DataConfig) -> int:
-    """1 if every readable image is grayscale (as training decides), else 3: headers only, and the
-    first colour image settles it."""
-    files, _ = list_image_files(root, data)
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                if im.mode not in GRAY_MODES:
-                    return 3
-        except (OSError, UnidentifiedImageError):
-            continue  # skipped by training too (or refused, with data.on_error=fail)
-    return 1
+from .config import Config
+from .resolve import architecture
+from .unet import BYTES_PER_PARAMETER, measure
 
 
 def model_info(cfg: Config, batch_sizes: tuple[int, ...] = (1, 8, 32, 128)) -> dict:
-    size, (channels, channels_from) = cfg.data.image_size, resolved_channels(cfg)
-    cfg.model.in_channels = channels
-    with torch.device("meta"):
-        net = UNet(cfg.model, size)
-    x = torch.empty(1, channels, size, size, device="meta", requires_grad=True)
-    t = torch.zeros(1, device="meta")
-    saved = [0]
-
-    def pack(tensor):
-        saved[0] += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x, t)
-    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    """The model `cfg` describes, its channel count and train.init_from's architecture resolved as
+    training will resolve them (resolve.architecture)."""
+    cfg, channels_from = architecture(cfg, log=lambda *_: None)
+    size, channels = cfg.data.image_size, cfg.model.in_channels
+    net, saved, flops = measure(cfg.model, size, flops=True)
 
     def block_flops(name: str) -> float:
         """FLOPs under UNet.<name>: containers whose forward is never called (a Level) are not
@@ -114,11 +54,11 @@ def model_info(cfg: Config, batch_sizes: tuple[int, ...] = (1, 8, 32, 128)) -> d
     rows.append(block("conv_out", net.conv_out, size, False))
 
     params = sum(p.numel() for p in net.parameters())
-    memory = {str(b): round((params * BYTES_PER_PARAMETER + b * saved[0]) / 2**20, 1) for b in batch_sizes}
+    memory = {str(b): round((params * BYTES_PER_PARAMETER + b * saved) / 2**20, 1) for b in batch_sizes}
     return {"image_size": size, "channels": channels, "channels_from": channels_from, "parameters": params,
             "gflops_forward_per_image": flops.get("Global", 0) / 1e9,
             "gflops_train_step_per_image": 3 * flops.get("Global", 0) / 1e9,  # backward ~ 2x forward
-            "activation_mib_per_image": round(saved[0] / 2**20, 2),
+            "activation_mib_per_image": round(saved / 2**20, 2),
             "training_memory_mib_by_batch": memory, "blocks": rows}
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from pathlib import Path
 
 from . import atomic
-from .errors import UserError
-from .images import gif_bytes, read_image
+from .images import gif_bytes
+from .pixels import read_image
 from .run import RunDir
 
 MAX_STRIP = 10  # grids shown in the "learning" strip, evenly spaced over the run
@@ -66,7 +67,10 @@ def _fmt(v: float) -> str:
 def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, logy: bool = False,
              width: int = 520, height: int = 250) -> str:
     """A line plot as inline SVG: series of (label, x, y). Colours come from the page's CSS."""
-    pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (y > 0 or not logy)]
+    def shown(x, y):
+        return x is not None and y is not None and math.isfinite(y) and (y > 0 or not logy)
+
+    pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if shown(x, y)]
     if not pts:
         return f'<p class="muted">no {ylabel} recorded yet</p>'
     f = (lambda v: math.log10(v)) if logy else (lambda v: v)  # noqa: E731
@@ -90,8 +94,7 @@ def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, yl
                f'<line class="axis" x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}"/>'
                f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
     for i, (label, xs, ys) in enumerate(series):
-        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys)
-                        if y is not None and math.isfinite(y) and (y > 0 or not logy))
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys) if shown(x, y))
         out.append(f'<polyline class="s{i % 2}" fill="none" stroke-width="1.8" points="{line}"><title>{html.escape(label)}'
                    f'</title></polyline>')
     out.append("</svg>")
@@ -102,79 +105,109 @@ def _figure(svg: str, caption: str) -> str:
     return f"<figure>{svg}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
+def training_grids(run: RunDir) -> list[tuple[int, Path]]:
+    """(step, file) of the grids training wrote, in step order; other files there (a copy a file
+    manager made) are not ddpmkit's and are left out."""
+    grids = []
+    for p in run.grids.iterdir() if run.grids.is_dir() else []:
+        match = re.fullmatch(r"step_(\d{9})\.png", p.name)
+        if match and p.is_file():
+            grids.append((int(match[1]), p))
+    return sorted(grids)
+
+
 def learning_gif(run: RunDir, frame_ms: int = 200) -> bytes | None:
     """The periodic training grids as one animated GIF, or None if there are none."""
-    grids = sorted(run.grids.glob("step_*.png")) if run.grids.is_dir() else []
-    return gif_bytes([read_image(p) for p in grids], frame_ms=frame_ms) if grids else None
+    grids = training_grids(run)
+    return gif_bytes([read_image(p) for _, p in grids], frame_ms=frame_ms) if grids else None
+
+
+def _number(value) -> float | None:
+    """A number read from the run's files, or None: a value of another type (a damaged or crafted
+    file) is left out of plots and tables, never passed on."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _series(rows: list[dict], key: str) -> list[float | None]:
+    return [_number(r.get(key)) for r in rows]
 
 
 def build_report(run: RunDir) -> str:
-    if not run.config_path.is_file():
-        raise UserError(f"{run.path} is not a ddpmkit run (no config.yaml)")
-    meta = run.meta()
-    state = run.read_state()
-    rows = run.read_stats()
-    logs = [r for r in rows if r.get("loss") is not None]
-    evals = [r for r in rows if "eval" in r]
+    run.config()  # a run of this format, or one clear line
+    meta, rows, e = run.meta(), run.read_stats(), html.escape
+    logs = [r for r in rows if _number(r.get("loss")) is not None]
+    env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
+    last_step = logs[-1]["step"] if logs else 0
+    parameters = _number(meta.get("parameters")) or 0
+    return "".join([
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit report: {e(run.path.name)}"
+        f"</title><meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style></head>"
+        f"<body><h1>{e(run.path.name)}</h1><p class='muted'>{last_step:,} steps · {parameters:,.0f} parameters · "
+        f"{e(str(meta.get('data', '')))} · {e(str(env.get('device', '')))}</p>",
+        _curves(logs, [r for r in rows if isinstance(r.get("eval"), dict)]), _grids(run), _checkpoints(run),
+        _hardware(env, logs),
+        f"<h2>Resolved config</h2><pre>{e(run.config_path.read_text())}</pre></body></html>"])
+
+
+def _curves(logs: list[dict], evals: list[dict]) -> str:
     steps = [r["step"] for r in logs]
-    grids = sorted(run.grids.glob("step_*.png")) if run.grids.is_dir() else []
-    env = meta.get("environment", {})
-    last_step = steps[-1] if steps else 0
-    e = html.escape
-
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit report: {e(run.path.name)}</title>"
-             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style></head><body>",
-             f"<h1>{e(run.path.name)}</h1><p class='muted'>{last_step:,} steps · {meta.get('parameters', 0):,} parameters · "
-             f"{e(str(meta.get('data', '')))} · {e(env.get('device', ''))}</p>"]
-
-    parts.append("<h2>Training curves</h2><div class='plots'>")
-    parts.append(_figure(svg_plot([("loss", steps, [r["loss"] for r in logs])], "step", "loss", logy=True),
-                         "loss against steps (log scale)"))
-    parts.append(_figure(svg_plot([("loss", [r["images_seen"] for r in logs], [r["loss"] for r in logs])],
-                                  "images seen", "loss", logy=True), "loss against images seen"))
-    parts.append(_figure(svg_plot([("lr", steps, [r["lr"] for r in logs])], "step", "learning rate"), "learning rate"))
-    parts.append(_figure(svg_plot([("images/s", steps, [r["images_per_sec"] for r in logs])], "step", "images/s"),
-                         "throughput (images per second)"))
+    parts = ["<h2>Training curves</h2><div class='plots'>",
+             _figure(svg_plot([("loss", steps, _series(logs, "loss"))], "step", "loss", logy=True),
+                     "loss against steps (log scale)"),
+             _figure(svg_plot([("loss", _series(logs, "images_seen"), _series(logs, "loss"))], "images seen", "loss",
+                              logy=True), "loss against images seen"),
+             _figure(svg_plot([("lr", steps, _series(logs, "lr"))], "step", "learning rate"), "learning rate"),
+             _figure(svg_plot([("images/s", steps, _series(logs, "images_per_sec"))], "step", "images/s"),
+                     "throughput (images per second)")]
     if evals:
-        parts.append(_figure(svg_plot([("FD", [r["step"] for r in evals], [r["eval"]["fd"] for r in evals])], "step",
-                                      "Frechet distance"), f"evaluation: Frechet distance ({evals[-1]['eval']['features']})"))
-    parts.append("</div>")
+        fd = [_number(r["eval"].get("fd")) for r in evals]
+        parts.append(_figure(svg_plot([("FD", [r["step"] for r in evals], fd)], "step", "Frechet distance"),
+                             f"evaluation: Frechet distance ({evals[-1]['eval'].get('features')})"))
+    return "".join(parts) + "</div>"
 
-    parts.append("<h2>Samples while learning</h2>")
-    if grids:
-        shown = [grids[round(i * (len(grids) - 1) / max(1, min(MAX_STRIP, len(grids)) - 1))]
-                 for i in range(min(MAX_STRIP, len(grids)))]
-        parts.append("<div class='strip'>" + "".join(
-            f"<figure><img alt='samples at {e(p.stem)}' src='{_data_uri(p.read_bytes(), 'image/png')}'>"
-            f"<figcaption>step {int(p.stem[5:]):,}</figcaption></figure>" for p in dict.fromkeys(shown)) + "</div>")
-        gif = learning_gif(run)
-        parts.append(f"<div class='plots'><figure><img class='big' alt='learning GIF' src='{_data_uri(gif, 'image/gif')}'>"
-                     f"<figcaption>the same noise at every grid, step by step</figcaption></figure>"
-                     f"<figure><img class='big' alt='latest samples' src='{_data_uri(grids[-1].read_bytes(), 'image/png')}'>"
-                     f"<figcaption>latest samples (step {int(grids[-1].stem[5:]):,}, EMA weights)</figcaption></figure></div>")
-    else:
-        parts.append("<p class='muted'>no sample grids yet (train.sample_every)</p>")
 
-    parts.append("<h2>Checkpoints</h2><table><tr><th>step</th><th>mean loss</th><th>eval FD</th><th>SHA-256</th><th></th></tr>")
-    for c in sorted(state.get("checkpoints", []), key=lambda c: c["step"]):
-        fd = f"{c['fd']:.4f}" if "fd" in c else ""
-        best = "best" if c["step"] == state.get("best") else ""
+def _grids(run: RunDir) -> str:
+    grids = training_grids(run)
+    if not grids:
+        return "<h2>Samples while learning</h2><p class='muted'>no sample grids yet (train.sample_every)</p>"
+    count = min(MAX_STRIP, len(grids))
+    shown = dict.fromkeys(grids[round(i * (len(grids) - 1) / max(1, count - 1))] for i in range(count))
+    strip = "".join(f"<figure><img alt='samples at step {step}' src='{_data_uri(p.read_bytes(), 'image/png')}'>"
+                    f"<figcaption>step {step:,}</figcaption></figure>" for step, p in shown)
+    last_step, last = grids[-1]
+    return (f"<h2>Samples while learning</h2><div class='strip'>{strip}</div><div class='plots'><figure>"
+            f"<img class='big' alt='learning GIF' src='{_data_uri(learning_gif(run), 'image/gif')}'><figcaption>the "
+            f"same noise at every grid, step by step</figcaption></figure><figure><img class='big' alt='latest "
+            f"samples' src='{_data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest samples (step "
+            f"{last_step:,}, EMA weights)</figcaption></figure></div>")
+
+
+def _checkpoints(run: RunDir) -> str:
+    state = run.read_state()  # checked entry by entry: steps are integers, digests hexadecimal
+    rows = []
+    for c in sorted(state["checkpoints"], key=lambda c: c["step"]):
+        fd = f"{c['fd']:.4f}" if c.get("fd") is not None else ""
         loss = f"{c['loss']:.5f}" if c.get("loss") is not None else ""
-        parts.append(f"<tr><td>{c['step']:,}</td><td>{loss}</td><td>{fd}</td>"
-                     f"<td><code>{c['sha256'][:12]}</code></td><td>{best}</td></tr>")
-    parts.append("</table>")
+        rows.append(f"<tr><td>{c['step']:,}</td><td>{loss}</td><td>{fd}</td><td><code>"
+                    f"{html.escape(c['sha256'][:12])}</code></td><td>{'best' if c['step'] == state['best'] else ''}"
+                    f"</td></tr>")
+    return ("<h2>Checkpoints</h2><table><tr><th>step</th><th>mean loss</th><th>eval FD</th><th>SHA-256</th><th></th>"
+            "</tr>" + "".join(rows) + "</table>")
 
-    elapsed = logs[-1]["elapsed_sec"] if logs else 0
-    mean_ips = sum(r["images_per_sec"] for r in logs) / len(logs) if logs else 0
+
+def _hardware(env: dict, logs: list[dict]) -> str:
+    elapsed = _number(logs[-1].get("elapsed_sec")) or 0 if logs else 0
+    speeds = [v for v in _series(logs, "images_per_sec") if v is not None]
+    memory = _number(logs[-1].get("memory_mb")) if logs else None
+    command = env.get("command") if isinstance(env.get("command"), list) else []
     hw = {"device": env.get("gpu") or env.get("device"), "torch": env.get("torch"), "ddpmkit": env.get("ddpmkit"),
           "python": env.get("python"), "platform": env.get("platform"), "git": env.get("git"),
-          "command": " ".join(env.get("command", [])), "training time (this session)": f"{elapsed / 60:.1f} min",
-          "mean images/s": f"{mean_ips:,.0f}", "peak memory": f"{logs[-1]['memory_mb']:,.0f} MiB" if logs else ""}
-    parts.append("<h2>Hardware and timing</h2><table>" + "".join(
-        f"<tr><th style='text-align:left'>{e(k)}</th><td style='text-align:left'>{e(str(v))}</td></tr>"
-        for k, v in hw.items() if v) + "</table>")
-    parts.append(f"<h2>Resolved config</h2><pre>{e(run.config_path.read_text())}</pre></body></html>")
-    return "".join(parts)
+          "command": " ".join(map(str, command)), "training time (this session)": f"{elapsed / 60:.1f} min",
+          "mean images/s": f"{sum(speeds) / len(speeds):,.0f}" if speeds else "",
+          "peak memory": f"{memory:,.0f} MiB" if memory is not None else ""}
+    return "<h2>Hardware and timing</h2><table>" + "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}"
+        f"</td></tr>" for k, v in hw.items() if v) + "</table>"
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -33,20 +33,21 @@ images and other channel counts are refused with a UserError.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import atomic
-from .data import IMAGE_SUFFIXES, batch_to_model, decode_image, image_scales, read_pixels, resize_center_crop, scaled_image
+from .data import batch_to_model, resize_center_crop
 from .errors import UserError
-from .generation import write_manifest
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
+from .outputs import Kind, OutputFolder, manifest_files, write_manifest
+from .pixels import IMAGE_SUFFIXES, read_image, read_image_files
 from .run import Run
 from .runtime import mix_seed
 from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step
@@ -145,7 +146,7 @@ def _sigma_list(sigma, n: int) -> list[float]:
 
 
 def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mmse", samples: int = 1,
-                   seed: int = 0, indices: Sequence[int] | None = None, sampler: str = "ddpm",
+                   seed: int = 0, *, indices: Sequence[int] | None = None, sampler: str = "ddpm",
                    steps: int | None = None) -> torch.Tensor:
     """Denoise model-scale images y = x + 2*sigma*n ([-1, 1] floats, N x C x H x W); `sigma` on the
     [0, 1] scale, one number or one per image. Returns model-scale floats (not clipped).
@@ -178,7 +179,7 @@ def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mm
     return out
 
 
-def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: int = 0,
+def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: int = 0, *,
                    indices: Sequence[int] | None = None, sampler: str = "ddim", steps: int | None = None) -> torch.Tensor:
     """SDEdit on model-scale images: forward-noise to t = strength * (T - 1) (fractional t allowed:
     the schedule's log-sigma interpolation gives its abar), then sample back to t = 0 with `steps`
@@ -215,7 +216,7 @@ def repaint_schedule(levels: int, jump_length: int, resamplings: int) -> list[in
     return seq
 
 
-def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor, seed: int = 0,
+def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor, seed: int = 0, *,
                    indices: Sequence[int] | None = None, steps: int | None = None, jump_length: int = 10,
                    resamplings: int = 10) -> torch.Tensor:
     """RePaint on model-scale images. `fill`: bool N x 1 x H x W (or N x C x H x W), True where the
@@ -277,8 +278,8 @@ def check_images(run: Run, images_u8: torch.Tensor, names: Sequence[str] | None 
                         f"(no silent resizing)")
 
 
-def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1,
-            seed: int = 0, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
+def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1, seed: int = 0,
+            *, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
             indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
     """Denoise uint8 images (N x C x H x W, the model's size or larger) whose noise level is `sigma` on the
     [0, 1] scale: a number, one per image, or 'auto' (estimate_sigma per image, raised to the
@@ -288,7 +289,8 @@ def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse
     check_images(run, images_u8)
     sig = resolve_sigma(run.schedule, images_u8, sigma)
     y = batch_to_model(images_u8).to(run.device)
-    x = denoise_tensor(_denoiser(run, y, clip_x0, tile_batch), y, sig, method, samples, seed, indices, sampler, steps)
+    x = denoise_tensor(_denoiser(run, y, clip_x0, tile_batch), y, sig, method, samples, seed, indices=indices,
+                       sampler=sampler, steps=steps)
     return to_uint8(x)
 
 
@@ -308,7 +310,7 @@ def resolve_sigma(schedule: Schedule, images_u8: torch.Tensor, sigma) -> list[fl
 
 
 def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int = 0, sampler: str = "ddim",
-            steps: int | None = None, clip_x0: bool = True, indices: Sequence[int] | None = None,
+            steps: int | None = None, *, clip_x0: bool = True, indices: Sequence[int] | None = None,
             tile_batch: int = 64) -> torch.Tensor:
     """SDEdit: t = strength * (T - 1), forward-noise, sample back with `sampler` in `steps` network
     calls (None: the sampler's default, capped at the integer steps below t). strength 0 is the
@@ -317,26 +319,13 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     if strength == 0:
         return images_u8.clone()
     steps = steps if steps is not None else _sampler(sampler).default_steps
-    x = img2img_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device), strength,
-                       seed, indices, sampler, steps)
+    x = img2img_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device),
+                       strength, seed, indices=indices, sampler=sampler, steps=steps)
     return to_uint8(x)
 
 
-def load_mask(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A mask image -> bool 1 x H x W, True (white, > 127) where the pixel is to be filled."""
-    try:
-        arr = decode_image(Path(path))
-    except OSError as exc:
-        raise UserError(f"cannot read mask {path}: {exc}") from None
-    if arr.ndim == 3:
-        arr = arr.mean(axis=2)
-    if size is not None and arr.shape != size:
-        raise UserError(f"mask {path} is {arr.shape[1]}x{arr.shape[0]} pixels but its image is {size[1]}x{size[0]}")
-    return torch.from_numpy(np.asarray(arr) > 127)[None]
-
-
-def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, steps: int | None = INPAINT_STEPS,
-            jump_length: int = 10, resamplings: int = 10, clip_x0: bool = True,
+def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, *,
+            steps: int | None = INPAINT_STEPS, jump_length: int = 10, resamplings: int = 10, clip_x0: bool = True,
             indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
     """RePaint. `masks`: bool (or 0/255 uint8) N x 1 x H x W, True/white where the pixel is unknown.
     steps: reverse steps on evenly spaced timesteps, capped at T (None: all T). The default 250 with
@@ -349,7 +338,7 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
             or fill.shape[1] not in (1, images_u8.shape[1]):
         raise UserError(f"masks of shape {tuple(fill.shape)} do not fit images of shape {tuple(images_u8.shape)}")
     x = inpaint_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device), fill,
-                       seed, indices, steps, jump_length, resamplings)
+                       seed, indices=indices, steps=steps, jump_length=jump_length, resamplings=resamplings)
     # The known pixels are the input's exactly (not a float round trip of them).
     return torch.where(fill.expand_as(images_u8), to_uint8(x), images_u8)
 
@@ -357,7 +346,64 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
 # ---------------------------------------------------------------------------------------------
 # Folder runner
 
-def _read_inputs(folder: Path) -> list[Path]:
+@dataclass(frozen=True)
+class Restoration:
+    """One restoration job's settings (what `ddpmkit denoise|img2img|inpaint` take), checked once."""
+    kind: str
+    masks_dir: str | Path | None = None  # inpaint: masks named like the images, white = fill
+    sigma: object = "auto"  # denoise: a number on the [0, 1] scale, one per image, or 'auto'
+    method: str = "mmse"  # denoise: mmse | sample
+    samples: int = 1  # denoise --method sample: draws averaged
+    strength: float = 0.5  # img2img
+    sampler: str | None = None  # None: ddpm for denoise, ddim for img2img
+    steps: int | None = None  # None: denoise 'sample' all steps below t, img2img its sampler's default, inpaint 250
+    jump_length: int = 10  # inpaint
+    resamplings: int = 10  # inpaint
+    seed: int = 0
+    batch_size: int = 64  # images, or tiles of a larger image, per network call
+    clip_x0: bool = True
+
+    def checked(self) -> Restoration:
+        if self.kind not in KINDS:
+            raise UserError(f"unknown restoration {self.kind!r} (known: {', '.join(KINDS)})")
+        if self.kind == "inpaint" and self.masks_dir is None:
+            raise UserError("inpainting needs a folder of masks (white = fill), matched to the images by file name")
+        for name, value in (("batch size", self.batch_size), ("steps", self.steps), ("samples", self.samples)):
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.seed < 0:
+            raise UserError(f"--seed must not be negative, got {self.seed}")
+        sampler = self.sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(self.kind)
+        if sampler is not None:
+            _sampler(sampler)
+        steps = INPAINT_STEPS if self.kind == "inpaint" and self.steps is None else self.steps
+        return replace(self, sampler=sampler, steps=steps)
+
+    def parameters(self) -> dict:
+        """What the manifest records of the job."""
+        if self.kind == "denoise":
+            p = {"method": self.method, **({"samples": self.samples, "sampler": self.sampler, "steps": self.steps}
+                                           if self.method == "sample" else {})}
+        elif self.kind == "img2img":
+            p = {"strength": self.strength, "sampler": self.sampler,
+                 "steps": self.steps if self.steps is not None else _sampler(self.sampler).default_steps}
+        else:
+            p = {"steps": self.steps, "jump_length": self.jump_length, "resamplings": self.resamplings}
+        return {**p, "clip_x0": self.clip_x0}
+
+    def run_on(self, run: Run, batch: torch.Tensor, masks: torch.Tensor | None, idx: list[int]) -> torch.Tensor:
+        """This job on one batch of uint8 images (positions `idx` in the folder)."""
+        common = dict(indices=idx, tile_batch=self.batch_size, clip_x0=self.clip_x0)
+        if self.kind == "denoise":
+            return denoise(run, batch, self.sigma, self.method, self.samples, self.seed, steps=self.steps,
+                           sampler=self.sampler, **common)
+        if self.kind == "img2img":
+            return img2img(run, batch, self.strength, self.seed, self.sampler, self.steps, **common)
+        return inpaint(run, batch, masks, self.seed, steps=self.steps, jump_length=self.jump_length,
+                       resamplings=self.resamplings, **common)
+
+
+def _input_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"input folder not found: {folder}")
@@ -371,21 +417,16 @@ def _read_inputs(folder: Path) -> list[Path]:
     return files
 
 
-def _load_image(path: Path, run: Run) -> torch.Tensor:
-    """An input as uint8 C x H x W. Wide (16-bit) pixels are read at the depth the run read its
-    training images at, when those were wide (data.bit_depth above 8), so an input looks as they did;
-    otherwise at the depth the image's own largest value needs."""
+def read_inputs(run: Run, folder: Path) -> tuple[list[Path], list[torch.Tensor]]:
+    """The folder's images, read as the run's training images were: wide (16-bit) values at the run's
+    recorded bit depth when those were wide, else at the depth the folder's largest value needs."""
+    files = _input_files(folder)
     depth = run.config.data.bit_depth if (run.config.data.bit_depth or 0) > 8 else None
-    try:
-        arr = read_pixels(path)
-    except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
-    if depth is not None and arr.max() >= 2 ** depth:
-        raise UserError(f"{path}: values up to {arr.max():.6g} do not fit the {depth}-bit range of the images "
-                        f"{run.path} was trained on: scale the image to 0..{2 ** depth - 1} first")
-    arr = scaled_image(arr, image_scales([arr], str(path), depth))
-    t = torch.from_numpy(np.array(arr))
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+    read = read_image_files(files, str(folder) if len(files) > 1 else str(files[0]), bit_depth=depth,
+                            channels=run.channels, depth_of=f"the images {run.path} was trained on")
+    for path, img in zip(files, read.images):
+        check_images(run, img[None], [str(path)])
+    return files, read.images
 
 
 def _batches_of_one_size(images: list[torch.Tensor], batch_size: int) -> list[list[int]]:
@@ -396,119 +437,70 @@ def _batches_of_one_size(images: list[torch.Tensor], batch_size: int) -> list[li
     return [idx[k:k + batch_size] for idx in by_shape.values() for k in range(0, len(idx), batch_size)]
 
 
-def _find_mask(masks_dir: Path, image: Path) -> Path:
-    for suffix in [image.suffix, *sorted(IMAGE_SUFFIXES)]:
-        p = masks_dir / (image.stem + suffix)
-        if p.is_file():
-            return p
-    raise UserError(f"no mask for {image.name} in {masks_dir} (expected {image.stem}.png or the same name)")
+def load_masks(masks_dir: Path, files: list[Path], images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mask of each image (named like it, white = fill) as bool 1 x H x W."""
+    masks = []
+    for image, img in zip(files, images):
+        found = [masks_dir / (image.stem + s) for s in [image.suffix, *sorted(IMAGE_SUFFIXES)]]
+        path = next((p for p in found if p.is_file()), None)
+        if path is None:
+            raise UserError(f"no mask for {image.name} in {masks_dir} (expected {image.stem}.png or the same name)")
+        mask = read_image(path).float().mean(0, keepdim=True) > 127
+        if mask.shape[-2:] != img.shape[-2:]:
+            raise UserError(f"mask {path} is {mask.shape[2]}x{mask.shape[1]} pixels but its image is "
+                            f"{img.shape[2]}x{img.shape[1]}")
+        masks.append(mask)
+    return masks
 
 
-def restore_folder(run: Run, kind: str, inputs_dir, out_dir, masks_dir=None, sigma="auto", method: str = "mmse",
-                   samples: int = 1, strength: float = 0.5, sampler: str | None = None, steps: int | None = None,
-                   # steps None: denoise 'sample' all steps below t, img2img the sampler's default, inpaint 250
-                   jump_length: int = 10, resamplings: int = 10, seed: int = 0, batch_size: int = 64,
-                   clip_x0: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Restore every image of `inputs_dir` into `out_dir`, in the layout of `ddpmkit sample`:
+def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[str], None] = print,
+                   force: bool = False, **options) -> Path:
+    """Restore every image of `inputs_dir` into `out_dir` (`options`: Restoration's), in the layout of `sample`:
         OUT/individual/<input stem>.png   one output per input
         OUT/grid.png                      inputs (top row) above outputs (bottom row), first 16
         OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)
-    kind: denoise | img2img | inpaint (masks_dir: masks matched by file name, white = fill).
     Every file is written atomically; each image's noise depends only on (seed, its sorted position)."""
-    if kind not in KINDS:
-        raise UserError(f"unknown restoration {kind!r} (known: {', '.join(KINDS)})")
-    if kind == "inpaint" and masks_dir is None:
-        raise UserError("inpainting needs a folder of masks (white = fill), matched to the images by file name")
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, got {batch_size}")
-    if steps is not None and steps < 1:
-        raise UserError(f"steps must be at least 1, got {steps}")
-    if seed < 0:
-        raise UserError(f"--seed must not be negative, got {seed}")
-    files = _read_inputs(Path(inputs_dir))
-    images = [_load_image(p, run) for p in files]
-    for p, img in zip(files, images):
-        check_images(run, img[None], [str(p)])
-    masks = None
-    if kind == "inpaint":
-        masks = [load_mask(_find_mask(Path(masks_dir), p), tuple(img.shape[-2:])) for p, img in zip(files, images)]
-    out = Path(out_dir)
-    _claim(out)
-    sampler = sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(kind)
-    if kind == "inpaint" and steps is None:
-        steps = INPAINT_STEPS
-    params = _parameters(kind, method, samples, strength, sampler, steps, jump_length, resamplings, clip_x0)
-    text = {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
-
-    outputs, sigmas = [None] * len(files), [""] * len(files)
-    for idx in _batches_of_one_size(images, batch_size):
-        batch = torch.stack([images[i] for i in idx])
-        if kind == "denoise":
-            sig = resolve_sigma(run.schedule, batch, sigma)
-            for i, s in zip(idx, sig):
-                sigmas[i] = s
-            res = denoise(run, batch, sig, method, samples, seed, steps, sampler, clip_x0, idx, batch_size)
-        elif kind == "img2img":
-            res = img2img(run, batch, strength, seed, sampler, steps, clip_x0, idx, batch_size)
-        else:
-            res = inpaint(run, batch, torch.stack([masks[i] for i in idx]), seed, steps, jump_length, resamplings,
-                          clip_x0, idx, batch_size)
-        for i, img in zip(idx, res):
-            atomic.write_bytes(out / "individual" / f"{files[i].stem}.png", png_bytes(img, text), fsync=False)
-            outputs[i] = img
-
-    n = min(len(files), GRID_MAX_COLUMNS)
-    shown = min(min(img.shape[-2:]) for img in images[:n])  # other sizes and shapes: centre squares of this side
-    grid = make_grid(torch.cat([resize_center_crop(img[None], shown) for img in [*images[:n], *outputs[:n]]]), ncol=n)
-    atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
-    rows = [[str(p), f"individual/{p.stem}.png", kind, seed, f"{s:.6g}" if s != "" else "", json.dumps(params)]
-            for p, s in zip(files, sigmas)]
-    write_manifest(out / "manifest.csv", rows, MANIFEST_COLUMNS)
+    job = Restoration(kind, **options).checked()
+    files, images = read_inputs(run, Path(inputs_dir))
+    masks = load_masks(Path(job.masks_dir), files, images) if kind == "inpaint" else None
+    out, text = Path(out_dir), {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
+    reads = (Path(inputs_dir),) + ((Path(job.masks_dir),) if masks else ())
+    identity = {"run": str(run.path.resolve()), "kind": kind, "parameters": job.parameters()}
+    with OutputFolder(out, RESTORE, identity, fresh=True, force=force, reads=reads):
+        outputs, sigmas = [None] * len(files), [""] * len(files)
+        for idx in _batches_of_one_size(images, job.batch_size):
+            batch = torch.stack([images[i] for i in idx])
+            part = job
+            if kind == "denoise":  # resolved here, so the manifest records each image's level
+                part = replace(job, sigma=resolve_sigma(run.schedule, batch, job.sigma))
+                for i, s in zip(idx, part.sigma):
+                    sigmas[i] = s
+            masks_of = None if masks is None else torch.stack([masks[i] for i in idx])
+            for i, img in zip(idx, part.run_on(run, batch, masks_of, idx)):
+                atomic.write_bytes(out / "individual" / f"{files[i].stem}.png", png_bytes(img, text), fsync=False)
+                outputs[i] = img
+        _write_summary(out, files, images, outputs, sigmas, job)
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
         f"manifest {out}/manifest.csv")
     return out
 
 
-RESTORE_FILE = ".ddpmkit-restore.json"  # marks a folder a restoration writes into
+def _write_summary(out: Path, files: list[Path], images: list, outputs: list, sigmas: list, job: Restoration) -> None:
+    """The before/after grid (inputs above outputs) and the manifest."""
+    n = min(len(files), GRID_MAX_COLUMNS)
+    shown = min(min(img.shape[-2:]) for img in images[:n])  # other sizes and shapes: centre squares of this side
+    grid = make_grid(torch.cat([resize_center_crop(img[None], shown) for img in [*images[:n], *outputs[:n]]]), ncol=n)
+    atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
+    rows = [[str(p), f"individual/{p.stem}.png", job.kind, job.seed, f"{s:.6g}" if s != "" else "",
+             json.dumps(job.parameters())] for p, s in zip(files, sigmas)]
+    write_manifest(out / "manifest.csv", rows, MANIFEST_COLUMNS)
 
 
-def _claim(out: Path) -> None:
-    """Refuse an --out that holds anything but an earlier restoration (a sampling job, a balanced
-    set, a training run, someone's files); remove that earlier restoration's outputs, so the folder
-    holds this one's alone; mark it."""
-    from .balance import BALANCE_FILE
-    from .generation import JOB_FILE
-    from .run import check_output_folder
-
-    check_output_folder(out, "outputs", "restored")
-    if (out / JOB_FILE).exists() or (out / BALANCE_FILE).exists():
-        raise UserError(f"--out {out} holds generated images (a sampling job or a balanced set): choose another --out")
-    manifest = out / "manifest.csv"
-    ours = (out / RESTORE_FILE).exists() or (
-        manifest.is_file() and manifest.read_text().startswith(",".join(MANIFEST_COLUMNS)))  # (before the mark)
-    if ours:
-        if manifest.is_file():
-            with open(manifest, newline="") as f:
-                for row in csv.DictReader(f):
-                    name = Path(row.get("output") or "")
-                    if name.parent == Path("individual"):  # only files it wrote, by name
-                        (out / name).unlink(missing_ok=True)
-        (out / "grid.png").unlink(missing_ok=True)
-        manifest.unlink(missing_ok=True)
-    elif manifest.exists() or ((out / "individual").is_dir() and any((out / "individual").iterdir())):
-        raise UserError(f"{out} holds files no ddpmkit restoration wrote there: choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / RESTORE_FILE, json.dumps({"restoration": True}))
+def _restored_files(out: Path) -> list[Path]:
+    """An earlier restoration's own files: the outputs its manifest lists, its grid and manifest."""
+    listed = manifest_files(out, out / "manifest.csv", 1, r"individual/[^/]+\.png")
+    return [*listed, *(p for p in (out / "grid.png", out / "manifest.csv") if p.exists())]
 
 
-def _parameters(kind, method, samples, strength, sampler, steps, jump_length, resamplings, clip_x0) -> dict:
-    if kind == "denoise":
-        p = {"method": method}
-        if method == "sample":
-            p.update(samples=samples, sampler=sampler, steps=steps)
-    elif kind == "img2img":
-        p = {"strength": strength, "sampler": sampler, "steps": steps if steps is not None else _sampler(sampler).default_steps}
-    else:
-        p = {"steps": steps, "jump_length": jump_length, "resamplings": resamplings}
-    p["clip_x0"] = clip_x0
-    return p
+RESTORE = Kind("restore", "restoration", "restored images", "files no ddpmkit restoration wrote there", _restored_files)
+

@@ -1,16 +1,24 @@
-"""A run directory: everything one training run produced, and how to load it back.
+"""A run directory: everything one training run produced, owned by `RunDir`, and how to load it back.
 
+    RUN/meta.json         the format version, versions, git hash, command line, device, the data
     RUN/config.yaml       the resolved config (what `ddpmkit sample RUN` rebuilds the model from)
-    RUN/meta.json         versions, git hash, command line, device, dataset description
-    RUN/state.json        checkpoints with step, SHA-256 and mean loss; which one is best
-    RUN/stats.jsonl       one JSON line per log interval
+    RUN/state.json        checkpoints with step, SHA-256, mean loss (and evaluation); the best one
+    RUN/stats.jsonl       one JSON line per log interval, and one per evaluation
+    RUN/training_images.sha256   one digest per training image (downstream's leakage guard)
     RUN/checkpoints/      step_000001000.safetensors ...
     RUN/grids/            step_000001000.png ... (same noise every time, so grids compare)
+    RUN/report.html, RUN/learning.gif, RUN/tensorboard/, RUN/.ddpmkit.lock
+
+Nothing read from these files is trusted further than it is checked: a checkpoint is a file of
+checkpoints/ named by its step, and it is deleted only when its digest is the one recorded.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +26,23 @@ import torch
 
 from . import atomic
 from .checkpoint import file_sha256, load_into, read_checkpoint
-from .config import Config, from_dict, read_run_config
+from .config import Config, flatten, from_dict, read_yaml, to_yaml
 from .errors import UserError
 from .schedule import Schedule
 from .unet import UNet
+
+FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
+RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html", "learning.gif")
+RUN_FOLDERS = ("checkpoints", "grids", "tensorboard")  # with RUN_FILES: what --fresh deletes
+# Keys a resume may change. The first never change what is computed; the second change it by float
+# rounding only (another summation order, kernels or device): accepted, and recorded in meta.json.
+SAME_COMPUTATION = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
+                    "train.checkpoint_every", "train.keep_last", "train.out_dir", "train.max_nonfinite",
+                    "train.eval_every", "train.eval_num", "train.eval_features", "train.tensorboard",
+                    "train.dist_timeout_minutes", "data.stream", "data.workers", "sample.")
+ROUNDING_ONLY = ("train.grad_accum", "train.activation_checkpointing", "train.channels_last", "train.device",
+                 "model.compile", "model.compile_mode")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class RunDir:
@@ -31,19 +52,12 @@ class RunDir:
         self.meta_path = self.path / "meta.json"
         self.state_path = self.path / "state.json"
         self.stats_path = self.path / "stats.jsonl"
-        # sha256 of every training image as the model saw it (in-memory data only): which images the
-        # generator was trained on, kept with the run so a later study can rule out leakage
         self.digests_path = self.path / "training_images.sha256"
         self.checkpoints = self.path / "checkpoints"
         self.grids = self.path / "grids"
+        self.changes: list[dict] = []  # set by prepare: config changes a resume makes that round differently
 
-    def read_state(self) -> dict:
-        if not self.state_path.exists():
-            return {"checkpoints": [], "best": None}
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read {self.state_path}: {exc}") from None
+    # --- reading ---------------------------------------------------------------------------------
 
     def meta(self) -> dict:
         """meta.json, or {} when it is missing or not ddpmkit's."""
@@ -54,19 +68,58 @@ class RunDir:
         return meta if isinstance(meta, dict) else {}
 
     def is_run(self) -> bool:
-        """The mark of a run: meta.json as ddpmkit writes it (its environment names ddpmkit), or, for
-        a run copied without it, state.json's checkpoint list beside config.yaml. config.yaml alone is
-        not one: it is a common file name, and another tool's may parse as ours."""
-        if "ddpmkit" in (self.meta().get("environment") or {}):
-            return True
-        try:
-            return self.config_path.is_file() and isinstance(json.loads(self.state_path.read_text())["checkpoints"], list)
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+        """Whether ddpmkit made this folder a run (of any version): its meta.json says so."""
+        meta = self.meta()
+        return str(meta.get("format", "")).startswith("ddpmkit-run/") or "ddpmkit" in (meta.get("environment") or {})
+
+    def config(self) -> Config:
+        """The run's resolved config; a folder that is not a run of this format is refused."""
+        if not self.path.is_dir():
+            raise UserError(f"{self.path} is not a ddpmkit run: no such folder")
+        if not self.is_run() or not self.config_path.is_file():
+            raise UserError(f"{self.path} is not a ddpmkit run (no meta.json and config.yaml of one)")
+        found = self.meta().get("format", "ddpmkit-run/1")
+        if found != FORMAT:
+            raise UserError(f"{self.path} was written by another version of ddpmkit ({found}; this one reads {FORMAT}): "
+                            f"use that version, or train the run again")
+        raw = read_yaml(self.config_path)
+        if not isinstance(raw, dict):
+            raise UserError(f"{self.config_path} is not a ddpmkit config (expected a mapping of sections)")
+        return from_dict(raw)
 
     def imported_from(self) -> str | None:
         """Where an imported model came from (such a run has no training data of its own), else None."""
         return self.meta().get("imported_from")
+
+    def read_state(self) -> dict:
+        """state.json, checked entry by entry: {"checkpoints": [...], "best": step or None}."""
+        if not self.state_path.exists():
+            return {"checkpoints": [], "best": None}
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {self.state_path}: {exc}") from None
+        entries = state.get("checkpoints") if isinstance(state, dict) else None
+        bad = "not a mapping with a checkpoints list" if not isinstance(entries, list) else next(
+            (why for why in map(self._entry_problem, entries) if why), None)
+        if bad is None and state.get("best") is not None and not _is_int(state["best"]):
+            bad = f"best is {state['best']!r}"
+        if bad:
+            raise UserError(f"{self.state_path} is not a state file ddpmkit wrote ({bad}): restore it, or rerun "
+                            f"with --fresh to start the run over")
+        return {"checkpoints": entries, "best": state.get("best")}
+
+    def _entry_problem(self, e) -> str | None:
+        if not isinstance(e, dict) or not _is_int(e.get("step")) or e["step"] < 0:
+            return f"a checkpoint entry without a step: {str(e)[:80]!r}"
+        if e.get("file") != self.checkpoint_name(e["step"]):
+            return f"checkpoint of step {e['step']} named {str(e.get('file'))[:80]!r}"
+        if not isinstance(e.get("sha256"), str) or not _SHA256.fullmatch(e["sha256"]):
+            return f"checkpoint of step {e['step']} without a SHA-256"
+        numbers = [e.get("loss"), e.get("fd")]
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in numbers):
+            return f"checkpoint of step {e['step']} with a loss or FD that is not a number"
+        return None
 
     def read_stats(self) -> list[dict]:
         """The rows of stats.jsonl; a torn last line (a crash mid-append) is left out."""
@@ -76,22 +129,23 @@ class RunDir:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int):
+            if isinstance(row, dict) and _is_int(row.get("step")):
                 rows.append(row)
         return rows
 
-    def write_state(self, state: dict) -> None:
-        atomic.write_text(self.state_path, atomic.json_text(state))
+    @staticmethod
+    def checkpoint_name(step: int) -> str:
+        return f"checkpoints/step_{step:09d}.safetensors"
 
     def checkpoint_file(self, step: int) -> Path:
-        return self.checkpoints / f"step_{step:09d}.safetensors"
+        return self.path / self.checkpoint_name(step)
 
     def verified_checkpoints(self, warn=print) -> list[dict]:
         """Recorded checkpoints, newest first, that exist and match their recorded SHA-256."""
         good = []
         for entry in sorted(self.read_state()["checkpoints"], key=lambda e: -e["step"]):
-            path = self.path / entry["file"]
-            if not path.exists():
+            path = self.checkpoint_file(entry["step"])
+            if not path.is_file():
                 warn(f"checkpoint {path} is missing; skipping it")
             elif file_sha256(path) != entry["sha256"]:
                 warn(f"checkpoint {path} is damaged (SHA-256 mismatch); skipping it")
@@ -110,7 +164,8 @@ class RunDir:
             best = self.read_state().get("best")
             match = [e for e in entries if e["step"] == best]
             if not match:
-                raise UserError(f"{self.path}: the best checkpoint (step {best}) is not available; use --checkpoint latest")
+                raise UserError(f"{self.path}: the best checkpoint (step {best}) is not available; use --checkpoint "
+                                f"latest")
             return match[0]
         try:
             step = int(which)
@@ -118,8 +173,131 @@ class RunDir:
             raise UserError(f"--checkpoint must be latest, best or a step number, got {which!r}") from None
         match = [e for e in entries if e["step"] == step]
         if not match:
-            raise UserError(f"{self.path} has no checkpoint at step {step} (have: {', '.join(str(e['step']) for e in entries)})")
+            raise UserError(f"{self.path} has no checkpoint at step {step} (have: "
+                            f"{', '.join(str(e['step']) for e in entries)})")
         return match[0]
+
+    # --- writing (training) ------------------------------------------------------------------------
+
+    def prepare(self, cfg: Config, fresh: bool, log) -> Path | None:
+        """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
+        if self.path.is_dir() and not self.is_run() and any(
+                p.name != atomic.FolderLock.NAME and not atomic.is_temporary(p) for p in self.path.iterdir()):
+            raise UserError(f"{self.path} exists and is not a ddpmkit run: choose another --out")
+        if fresh:
+            if cfg.train.init_from and Path(cfg.train.init_from).expanduser().resolve() == self.path.resolve():
+                raise UserError(f"--fresh would delete {self.path}'s checkpoints, which train.init_from starts "
+                                f"from: choose another --out")
+            for name in RUN_FOLDERS:
+                shutil.rmtree(self.path / name, ignore_errors=True)
+            for name in RUN_FILES:  # meta.json stays, the run's mark, until training replaces it
+                (self.path / name).unlink(missing_ok=True)
+            return None
+        atomic.remove_stale_temps(self.path, self.checkpoints, self.grids)  # from a run killed mid-write
+        if not self.config_path.exists():
+            return None
+        self._check_resumable(cfg, log)
+        if not self.read_state()["checkpoints"]:
+            return None  # stopped before its first checkpoint: nothing to resume
+        good = self.verified_checkpoints(warn=lambda m: log(f"warning: {m}"))
+        if not good:
+            raise UserError(f"{self.path}: no intact checkpoint to resume from; rerun with --fresh to start over")
+        return self.checkpoint_file(good[0]["step"])
+
+    def _check_resumable(self, cfg: Config, log) -> None:
+        """Refuse a resume whose config changes what is computed; record the changes that only round."""
+        old, new = flatten(self.config().to_dict()), flatten(cfg.to_dict())
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        refused = refused_changes(old, new)
+        if refused:
+            shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused[:5])
+            raise UserError(f"{self.path} was trained with a different config ({shown}): rerun with --fresh to "
+                            f"start over there, or choose another --out")
+        self.changes = [{"key": k, "from": old.get(k), "to": new.get(k)} for k in diff if k.startswith(ROUNDING_ONLY)]
+        for c in self.changes:
+            log(f"note: {c['key']} changes from {c['from']!r} to {c['to']!r}: from here the run equals an "
+                f"uninterrupted one to float rounding, not bit for bit (recorded in {self.meta_path.name})")
+
+    def start(self, cfg: Config, meta: dict, step: int) -> None:
+        """Write the run's record: meta.json (the run's mark) and config.yaml at a fresh start; at a
+        resume, config.yaml's new values and the changes that round differently, with their step."""
+        if step == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.meta_path, atomic.json_text({"format": FORMAT, **meta}))
+            self.digests_path.unlink(missing_ok=True)
+        elif self.changes:
+            record = self.meta()
+            record["changes"] = record.get("changes", []) + [{"step": step, **c} for c in self.changes]
+            atomic.write_text(self.meta_path, atomic.json_text(record))
+        atomic.write_text(self.config_path, to_yaml(cfg))
+
+    def write_state(self, state: dict) -> None:
+        atomic.write_text(self.state_path, atomic.json_text(state))
+
+    def append_stats(self, record: dict) -> None:
+        with open(self.stats_path, "a") as f:
+            f.write(atomic.json_text(record, indent=None) + "\n")
+
+    def truncate_stats(self, step: int) -> None:
+        """Drop log lines past the step training restarts from (written after its checkpoint, before
+        the crash), and a torn last line."""
+        if self.stats_path.exists():
+            kept = [row for row in self.read_stats() if row["step"] <= step]
+            atomic.write_text(self.stats_path, "".join(atomic.json_text(row, indent=None) + "\n" for row in kept))
+
+    def record_training_images(self, digests: list[str], log) -> None:
+        """Keep training_images.sha256 a record of every image the run has trained on: a resume on
+        changed data adds the new images, with a warning."""
+        now = set(digests)
+        before = set(self.digests_path.read_text().split()) if self.digests_path.exists() else set()
+        if now <= before:
+            return
+        if before:
+            log(f"warning: the data changed since {self.path} started ({len(now - before)} image(s) it had not "
+                f"seen): training goes on with it, and {self.digests_path.name} now records those too")
+        atomic.write_text(self.digests_path, "\n".join(sorted(before | now)) + "\n")
+
+    def add_checkpoint(self, sha256: str, step: int, mean_loss: float, keep_last: int) -> None:
+        """Record the checkpoint of `step` (already written to checkpoint_file(step)), then prune."""
+        entries = [e for e in self.read_state()["checkpoints"] if e["step"] != step]
+        entries.append({"step": step, "file": self.checkpoint_name(step), "sha256": sha256, "loss": mean_loss})
+        self._commit(entries, keep_last)
+
+    def record_evaluation(self, step: int, metrics: dict, keep_last: int) -> None:
+        """The evaluation of a saved checkpoint: logged, and it may make the checkpoint the best one."""
+        self.append_stats({"step": step, "eval": metrics})
+        entries = self.read_state()["checkpoints"]
+        for e in entries:
+            if e["step"] == step:
+                e["fd"] = metrics["fd"]
+        self._commit(entries, keep_last)
+
+    def _commit(self, entries: list[dict], keep_last: int) -> None:
+        """Name the kept checkpoints and the best one in state.json, then delete the others: files
+        of checkpoints/ that hold what ddpmkit recorded there, nothing else."""
+        scored = [e for e in entries if "fd" in e]  # best: lowest evaluation FD, else lowest mean loss
+        by_loss = [e for e in entries if e["loss"] is not None and math.isfinite(e["loss"])]
+        if scored:
+            best = min(scored, key=lambda e: e["fd"])["step"]
+        else:  # a checkpoint saved before any loss was logged has none: the latest, if none has one
+            best = min(by_loss, key=lambda e: e["loss"])["step"] if by_loss else max(e["step"] for e in entries)
+        keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
+        self.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
+        for e in entries:  # only after state.json no longer names them
+            path = self.checkpoint_file(e["step"])
+            if e["step"] not in keep and path.is_file() and not path.is_symlink() and file_sha256(path) == e["sha256"]:
+                path.unlink()
+
+
+def refused_changes(old: dict, new: dict) -> list[str]:
+    """The keys of two configs (nested or flat dicts) that differ in a way a resume refuses."""
+    a, b = flatten(old), flatten(new)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(SAME_COMPUTATION +
+                                                                                            ROUNDING_ONLY)]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -149,45 +327,31 @@ class Run:
 
 def recorded_bit_depth(runs: list[Path]) -> int | None:
     """The depth these runs read wide pixels at (their config.yaml records it), so real images compared
-    with their samples, or a resumed run's own, are read as their training images were. None if they
-    differ or record none; runs no longer here, or whose config cannot be read, are left out (what
-    needs more of them says what is wrong)."""
+    with their samples are read as their training images were. None if they differ or record none;
+    runs no longer here, or not readable, are left out (what needs more of them says what is wrong)."""
     depths = set()
     for run in runs:
         try:
-            depths.add(read_run_config(Path(run) / "config.yaml")["data"]["bit_depth"])
-        except (UserError, KeyError, TypeError):
+            depths.add(RunDir(run).config().data.bit_depth)
+        except UserError:
             continue
     return depths.pop() if len(depths) == 1 else None
-
-
-def check_output_folder(out: Path, what: str, subfolder: str) -> None:
-    """An --out for generated files (`what`) must be a folder, or not exist yet, and not a training run."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} is a file: choose a folder name with --out")
-    if RunDir(out).is_run():
-        raise UserError(f"--out {out} is a training run: write the {what} into a folder of their own, "
-                        f"e.g. --out {out / subfolder}")
 
 
 def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> Run:
     """The run's network on `device`, in eval mode. `dtype` (bf16, for sampling on a GPU) casts the
     weights once; the samplers then feed the network that dtype instead of autocasting fp32 weights
-    on every call (on an H100 the 64x64 job network ran 1.3x faster so, RESULTS.md)."""
+    on every call."""
     run_dir = RunDir(path)
-    if not run_dir.path.is_dir():
-        raise UserError(f"run directory not found: {run_dir.path}")
-    if not run_dir.config_path.is_file():
-        raise UserError(f"{run_dir.path} is not a ddpmkit run (no config.yaml)")
-    cfg = from_dict(read_run_config(run_dir.config_path))
+    cfg = run_dir.config()
     entry = run_dir.select_checkpoint(checkpoint)
-    ckpt_path = run_dir.path / entry["file"]
+    ckpt_path = run_dir.checkpoint_file(entry["step"])
     prefix = "ema" if ema else "model"
     groups, meta = read_checkpoint(ckpt_path, prefixes=(prefix,))
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, groups[prefix], f"checkpoint {ckpt_path}")
-    # Plain NCHW, not channels_last: eager GroupNorm is 2.3x slower on channels_last tensors, which
-    # made the whole sampling forward 1.3x slower on an H100 (compiled, the two layouts tie).
+    # Plain NCHW, not channels_last: eager GroupNorm is slow on channels_last tensors (RESULTS.md).
     net.to(device, dtype).eval().requires_grad_(False)
-    return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"], ckpt_path.name, entry["sha256"])
+    return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"], ckpt_path.name,
+               entry["sha256"])

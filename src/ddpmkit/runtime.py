@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import platform
 import subprocess
 import sys
@@ -68,10 +69,16 @@ def compile_network(net: torch.nn.Module, mode: str = "default", for_sampling: b
     return compiled
 
 
-def environment(device: torch.device) -> dict:
-    from . import __version__
+def version() -> str:
+    """ddpmkit's version, from the installed package's metadata (pyproject.toml is its one source)."""
+    try:
+        return importlib.metadata.version("ddpmkit")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
-    info = {"ddpmkit": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
+
+def environment(device: torch.device) -> dict:
+    info = {"ddpmkit": version(), "torch": torch.__version__, "python": sys.version.split()[0],
             "platform": platform.platform(), "device": str(device), "command": sys.argv}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

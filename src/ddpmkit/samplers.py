@@ -38,7 +38,7 @@ class Denoiser:
     model, 1 the plain conditional one, and larger values push harder towards the class. The
     output is linear in eps, x0 and v alike, so guiding the raw output is guiding all three."""
 
-    def __init__(self, net: torch.nn.Module, schedule: Schedule, prediction: str, clip_x0: bool = True,
+    def __init__(self, net: torch.nn.Module, schedule: Schedule, prediction: str, clip_x0: bool = True, *,
                  amp_dtype: torch.dtype | None = None, labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.net, self.schedule, self.prediction, self.clip_x0 = net, schedule, prediction, clip_x0
         self.amp_dtype, self.labels, self.guidance = amp_dtype, labels, guidance

@@ -16,6 +16,9 @@ import torch
 if TYPE_CHECKING:
     from .config import DiffusionConfig
 
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "x0", "v")  # what the network outputs
+
 
 def linear_betas(T: int, beta_start: float, beta_end: float) -> np.ndarray:
     # Taken as given (as diffusers does), so imported schedules map one to one; DiffusionConfig's

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .config import DataConfig
-from .data import (GRAY_MODES, IMAGE_SUFFIXES, WIDE_MODES, ValueScale, array_to_uint8_nchw, as_nchw, image_scales,
-                   image_to_tensor, is_idx_data, list_image_files, range_scale, read_pixels, refuse_labels_off_folder,
-                   refuse_split_of_npy, resize_center_crop, resolved_depth, scaled_image, scales_note, set_channels,
-                   split_folder, value_scale)
+from .data import (is_idx_data, list_image_files, refuse_labels_off_folder, refuse_split_of_npy, resize_center_crop,
+                   set_channels, split_folder)
 from .errors import UserError
+from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, WIDE_MODES, ValueScale, array_to_uint8_nchw, as_nchw,
+                     image_scales, open_image, range_scale, read_pixels, resolved_depth, scaled_image, scales_note, to_tensor,
+                     value_scale)
 
 
 class NpyImages:
@@ -85,7 +85,7 @@ class FolderImages:
         """read(path), or None for an unreadable file, skipped (and reported) or refused by data.on_error."""
         try:
             return read(path)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except UNREADABLE as exc:
             if self.cfg.on_error == "fail":
                 raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
             self.skipped.append((str(path), str(exc) or type(exc).__name__))
@@ -97,17 +97,17 @@ class FolderImages:
     def _pixels(self, i: int) -> np.ndarray:
         try:
             return read_pixels(self.files[i])
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except UNREADABLE as exc:
             raise UserError(f"cannot decode image {self.files[i]}: {exc}; remove it or fix it, then rerun "
                             f"(a run resumes)") from None
 
     def read(self, indices: np.ndarray) -> torch.Tensor:
-        return torch.cat([image_to_tensor(scaled_image(self._pixels(i), self.scales), self.gray, self.cfg.image_size)
-                          for i in indices])
+        return torch.cat([resize_center_crop(to_tensor(scaled_image(self._pixels(i), self.scales), self.gray)[None],
+                                             self.cfg.image_size) for i in indices])
 
 
 def _mode(path: Path) -> str:
-    with Image.open(path) as im:
+    with open_image(path) as im:
         return im.mode
 
 
@@ -161,7 +161,7 @@ class StepBatches(torch.utils.data.Dataset):
         return self.source.read(self.order.indices(self.first + i)[self.rows].numpy())
 
 
-def batch_loader(source, order, rows: slice, first_step: int, last_step: int, workers: int, pin: bool):
+def batch_loader(source, order, rows: slice, first_step: int, last_step: int, *, workers: int, pin: bool):
     dataset = StepBatches(source, order, rows, first_step, last_step)
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin, prefetch_factor=4 if workers else None,

@@ -8,14 +8,20 @@ skip concatenation (+Upsample) -> GroupNorm, SiLU, conv_out.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .errors import UserError
+from .limits import check_memory, gib
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
@@ -218,3 +224,47 @@ class UNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+BYTES_PER_PARAMETER = 4 * 5  # training in fp32: weights, gradients, AdamW's two moments, the EMA
+
+
+def measure(cfg: ModelConfig, image_size: int, flops: bool = False) -> tuple[UNet, int, dict]:
+    """Build the UNet on the meta device (nothing is allocated, whatever its widths) and run one image
+    through it: (the meta network, bytes autograd saves for its backward pass, FLOPs per module if
+    asked, counted by torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = UNet(cfg, image_size)
+    x = torch.empty(1, cfg.in_channels, image_size, image_size, device="meta", requires_grad=True)
+    saved = [0]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
+    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x, torch.zeros(1, device="meta"))
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()} if flops else {}
+    return net, saved[0], counts
+
+
+def check_fits(cfg: ModelConfig, image_size: int, device: torch.device, batch: int = 0) -> None:
+    """Refuse a network (and, training, `batch` images of activations) that `device` cannot hold,
+    before anything is built: a config's widths can ask for terabytes."""
+    net, per_image, _ = measure(cfg, image_size)
+    params = count_parameters(net)
+    weights = params * (BYTES_PER_PARAMETER if batch else 4)
+    need = weights + batch * per_image
+    what = f"the UNet ({params:,} parameters" + (f", activations of {batch} images)" if batch else ")")
+    fix = "use a smaller model (model.base_channels, model.channel_mult)" + (", or a smaller train.batch_size or "
+                                                                                "train.grad_accum > 1" if batch else "")
+    if device.type == "cuda":  # activations there are autocast's and --max-batch's business
+        need = weights
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            raise UserError(f"{what} needs {gib(need)} and {device} has {gib(free)} free: {fix}")
+    else:
+        check_memory(need, what, fix)

@@ -1,15 +1,15 @@
 """`ddpmkit eval`: generated images against a reference, on one feature extractor.
 
 GEN is a `sample` output folder (its manifest, else its individual/ images; never the grids) or any
-folder of images. The reference is data (`data.path=...` overrides, read like training data), a
-run directory (its training data) or a statistics .npz (mu/sigma; FID only). Reference features
+folder of images. The reference is data (a folder of images as pytorch-fid and clean-fid take it,
+or `data.path=...` overrides, read like training data), a run directory (its training data) or a
+statistics .npz (mu/sigma; FID only). Reference features
 are cached under ~/.cache/ddpmkit/eval, keyed by the reference pixels and the extractor, so a
 second evaluation against the same data only extracts the generated images.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from .. import atomic
-from ..config import DataConfig, data_config, from_dict, parse_override, read_run_config
-from ..data import IMAGE_SUFFIXES, image_scales, load_images, read_pixels, resize_center_crop, scaled_image
+from ..config import DataConfig, data_config, parse_override
+from ..data import load_images, resize_center_crop
 from ..errors import UserError
-from ..generation import job_runs
+from ..outputs import job_runs, manifest_images
+from ..pixels import IMAGE_SUFFIXES, read_image_files
 from ..run import RunDir, recorded_bit_depth
+from ..runtime import version
 from . import features as fx
 from .stats import FeatureStats, frechet_distance, inception_score, kid, precision_recall
 
@@ -48,72 +50,60 @@ class Reference:
 
 
 def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """uint8 images of a sample output (manifest order) or of any image folder, at one size."""
+    """uint8 images of a sample output (manifest order) or of any image folder, at one size (the
+    first image's; others are resized)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"generated-images folder not found: {folder}")
-    manifest = folder / "manifest.csv"
-    rows, column = [], None
-    if manifest.is_file():
-        with open(manifest, newline="") as f:
-            reader = csv.DictReader(f)
-            # sample and balance outputs name images in "file", restoration outputs in "output"
-            column = next((c for c in ("file", "output") if c in (reader.fieldnames or [])), None)
-            rows = list(reader)
-    if column:
-        # a balanced set lists its real images too (synthetic=false): they are not generated
-        files = [folder / row[column] for row in rows if row.get("synthetic", "true") == "true"]
-    else:
+    # sample and balance outputs name images in "file", restoration outputs in "output"; a balanced
+    # set lists its real images too (synthetic=false): they are not generated
+    files = [path for path, _ in manifest_images(folder, "file") or manifest_images(folder, "output")]
+    if not files:
         root = folder / "individual" if (folder / "individual").is_dir() else folder
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "grids" not in p.parts)
     if not files:
         raise UserError(f"no images in {folder} (expected a ddpmkit sample folder or a folder of images)")
-    try:
-        arrays = [read_pixels(p) for p in files]
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"cannot read a generated image in {folder}: {exc}") from None
-    scales = image_scales(arrays, f"the images in {folder}")  # wide (16-bit) images: one scale for the set
-    arrays = [scaled_image(a, scales) for a in arrays]
-    rgb = any(a.ndim == 3 for a in arrays)
-    size = arrays[0].shape[0]
-    tensors = []
-    for a in arrays:
-        t = torch.from_numpy(np.array(a))
-        t = t[None].expand(3, -1, -1) if (rgb and t.dim() == 2) else (t[None] if t.dim() == 2 else t.permute(2, 0, 1))
-        tensors.append(resize_center_crop(t[None].contiguous(), size))
-    return torch.cat(tensors), [str(p) for p in files]
+    images = read_image_files(files, f"the images in {folder}").images
+    size = images[0].shape[-2]
+    return torch.cat([resize_center_crop(img[None], size) for img in images]), [str(p) for p in files]
 
 
 def resolve_reference(refs: list[str], gen_size: int, gen_channels: int, gen: str | Path | None = None) -> Reference:
-    """Reference data given as data.path=... and no data.bit_depth of its own is read at the depth the
-    runs that generated `gen` recorded (their job files name them), as their training images were."""
+    """The reference: data.key=value overrides, or one folder of images, run directory or statistics
+    .npz. Data is read at the generated resolution and, unless data.bit_depth is given, at the depth
+    the runs that generated `gen` recorded (their records name them), as their training images were."""
     overrides = [r for r in refs if "=" in r]
     paths = [r for r in refs if "=" not in r]
     if overrides and paths or len(paths) > 1 or not refs:
-        raise UserError("--ref takes data.key=value overrides, or one run directory, or one statistics .npz")
-    if overrides:
-        values = dict(parse_override(r) for r in overrides)
-        values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
-        values.setdefault("data.channels", gen_channels)
-        depth = recorded_bit_depth(job_runs(Path(gen))) if gen is not None else None
-        if depth is not None:
-            values.setdefault("data.bit_depth", depth)
-        return _from_data(data_config(values))
-    path = Path(paths[0])
-    if path.suffix == ".npz" and path.is_file():
-        stats = FeatureStats.load(path)
-        with np.load(path, allow_pickle=False) as z:
-            if "feats" in z.files and "extractor" in z.files:
-                return Reference(f"features {path}", stats=stats, feats=z["feats"].astype(np.float64),
-                                 extractor=json.loads(str(z["extractor"])))
-        return Reference(f"statistics {path}", stats=stats)
-    if (path / "config.yaml").is_file():
+        raise UserError("--ref takes data.key=value overrides, or one folder of images, run directory or "
+                        "statistics .npz")
+    if paths and Path(paths[0]).suffix == ".npz" and Path(paths[0]).is_file():
+        return _statistics(Path(paths[0]))
+    if paths and RunDir(paths[0]).is_run():
+        path = Path(paths[0])
         if RunDir(path).imported_from():
             raise UserError(f"--ref {path}: an imported model has no training data of its own to compare with: "
-                            f"give the reference images as --ref data.path=...")
-        data_cfg = replace(from_dict(read_run_config(path / "config.yaml")).data, image_size=gen_size)
-        return _from_data(data_cfg, f" (training data of {path})")
-    raise UserError(f"--ref {path}: not a run directory, a statistics .npz, or data.path=...")
+                            f"give the reference images as --ref FOLDER or --ref data.path=...")
+        return _from_data(replace(RunDir(path).config().data, image_size=gen_size), f" (training data of {path})")
+    if paths and not Path(paths[0]).exists():
+        raise UserError(f"--ref {paths[0]}: not found (give a folder of images, a run directory, a statistics .npz, "
+                        f"or data.path=...)")
+    values = dict(parse_override(r) for r in overrides) if overrides else {"data.path": paths[0]}
+    values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
+    values.setdefault("data.channels", gen_channels)
+    depth = recorded_bit_depth(job_runs(Path(gen))) if gen is not None else None
+    if depth is not None:
+        values.setdefault("data.bit_depth", depth)
+    return _from_data(data_config(values))
+
+
+def _statistics(path: Path) -> Reference:
+    stats = FeatureStats.load(path)
+    with np.load(path, allow_pickle=False) as z:
+        if "feats" in z.files and "extractor" in z.files:
+            return Reference(f"features {path}", stats=stats, feats=z["feats"].astype(np.float64),
+                             extractor=json.loads(str(z["extractor"])))
+    return Reference(f"statistics {path}", stats=stats)
 
 
 def _from_data(data_cfg: DataConfig, suffix: str = "") -> Reference:
@@ -163,7 +153,7 @@ def build_extractor(name: str, ref: Reference, inception_weights: str | None, de
 
 
 def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid", "kid", "pr"),
-             features: str = "inception", inception_weights: str | None = None, device: str = "cpu",
+             features: str = "inception", *, inception_weights: str | None = None, device: str = "cpu",
              log=print, progress: bool = False, save_ref: str | Path | None = None) -> dict:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
@@ -173,6 +163,9 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         raise UserError("--metrics is: the Inception Score needs ImageNet classes (--features inception or "
                         "efficientnet); with --features classifier the result reports the confident share and "
                         "class entropy instead")
+    if save_ref and features == "classifier":
+        raise UserError("--save-ref with --features classifier: that classifier is trained on the reference images, "
+                        "which a features file cannot give back; pass the reference itself (--ref) each time")
     t0 = time.perf_counter()
     gen_images, gen_files = read_generated(gen)
     if len(gen_images) < 2:
@@ -194,7 +187,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
             _save_reference(save_ref, ref_feats, extractor)
             log(f"wrote reference features {save_ref}")
     elif save_ref:
-        raise UserError("--save-ref needs reference images (data.path=... or a run), not a statistics file")
+        raise UserError("--save-ref needs reference images (a folder, data.path=... or a run), not a statistics file")
     else:
         if set(metrics) & {"kid", "pr"} and ref.feats is None:
             raise UserError("KID and precision/recall need reference features: give the reference data, or a file "
@@ -227,9 +220,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         result["classifier"] = _class_report(gen_logits, extractor.class_names)
     result["gen_sha256"] = hashlib.sha256(gen_images.numpy().tobytes()).hexdigest()
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    from .. import __version__
-
-    result["ddpmkit"], result["date"] = __version__, time.strftime("%Y-%m-%d %H:%M:%S")
+    result["ddpmkit"], result["date"] = version(), time.strftime("%Y-%m-%d %H:%M:%S")
     return result
 
 

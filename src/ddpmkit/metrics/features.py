@@ -21,12 +21,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import atomic
 from ..checkpoint import file_sha256
-from ..data import resize_center_crop
+from ..data import class_order, resize_center_crop
 from ..errors import UserError
+from .classifier import SmallResNet, fit, to_input
 
 BATCH = 64
 
@@ -94,9 +94,9 @@ def efficientnet(device: torch.device) -> Extractor:
 
 
 # ---------------------------------------------------------------------------------------------
-# a classifier trained on the labelled real images
+# a classifier trained on the labelled real images (classifier.py)
 
-CLASSIFIER_RECIPE = {"epochs": 30, "batch": 64, "lr": 1e-3, "seed": 0, "shift": 2, "width": 32, "v": 2}
+CLASSIFIER_RECIPE = {"epochs": 30, "batch": 64, "lr": 2e-3, "seed": 0, "v": 3}
 
 
 def classifier_view(size: int) -> int:
@@ -104,75 +104,44 @@ def classifier_view(size: int) -> int:
     return 16 if size <= 16 else 32
 
 
-class SmallCNN(nn.Module):
-    def __init__(self, channels: int, num_classes: int, view: int, width: int):
-        super().__init__()
-        # features are divided by their RMS over the reference images (set after training), so they
-        # have unit scale: KID's cubic kernel (x.y/D + 1)^3 is meaningless on raw ReLU magnitudes
-        self.register_buffer("feature_scale", torch.ones(()))
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(2 * width * (view // 4) ** 2, 128), nn.ReLU())
-        self.head = nn.Linear(128, num_classes)
-
-    def forward(self, x):
-        feats = self.body(x)
-        return feats / self.feature_scale, self.head(feats)
-
-
-def _view_batch(x: torch.Tensor, view: int) -> torch.Tensor:
-    return resize_center_crop(x.cpu(), view).float() / 255.0
-
-
-def _random_shift(x: torch.Tensor, g: torch.Generator, s: int) -> torch.Tensor:
-    """Translate each image by up to s pixels: the classifier must not rely on exact centring."""
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (s, s, s, s))
-    dy, dx = torch.randint(0, 2 * s + 1, (2, len(x)), generator=g).tolist()
-    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
-
-
-def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path, log=print) -> tuple[SmallCNN, list[str], int]:
-    """Train (or load from cache) the small CNN on real labelled images. Returns (net, class names, view)."""
+def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path, log=print):
+    """Train (or load from cache) the classifier on real labelled images at its view; its features
+    are divided by their RMS over these images, so they have unit scale (KID's cubic kernel
+    (x.y/D + 1)^3 means nothing on raw ReLU magnitudes). Returns (net, class names, view, scale)."""
     from safetensors.torch import load_file, save_file
 
-    names = sorted(set(labels), key=lambda s: (len(s), s))
+    names = class_order(labels)
     if len(names) < 2:
         raise UserError("--features classifier needs labelled reference data with at least two classes")
-    y = torch.tensor([names.index(label) for label in labels])
     view = classifier_view(images_u8.shape[-1])
-    key = hashlib.sha256(images_u8.numpy().tobytes() + json.dumps([labels, CLASSIFIER_RECIPE, view]).encode()).hexdigest()[:16]
+    x = resize_center_crop(images_u8.cpu(), view)
+    key = hashlib.sha256(x.numpy().tobytes() + json.dumps([labels, CLASSIFIER_RECIPE]).encode()).hexdigest()[:16]
     path = cache_dir / f"classifier_{key}.safetensors"
-    torch.manual_seed(CLASSIFIER_RECIPE["seed"])
-    net = SmallCNN(images_u8.shape[1], len(names), view, CLASSIFIER_RECIPE["width"])
     if path.exists():
-        net.load_state_dict(load_file(path))
-        return net.eval(), names, view
-    log(f"training the evaluation classifier on {len(y)} labelled real images ({len(names)} classes)")
-    x = _view_batch(images_u8, view)
-    g = torch.Generator().manual_seed(CLASSIFIER_RECIPE["seed"])
-    opt = torch.optim.Adam(net.parameters(), lr=CLASSIFIER_RECIPE["lr"])
-    bs = CLASSIFIER_RECIPE["batch"]
-    for _ in range(CLASSIFIER_RECIPE["epochs"]):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), bs):
-            idx = perm[i:i + bs]
-            loss = F.cross_entropy(net(_random_shift(x[idx], g, CLASSIFIER_RECIPE["shift"]))[1], y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
+        state = load_file(path)
+        net = SmallResNet(images_u8.shape[1], len(names))
+        net.load_state_dict({k: v for k, v in state.items() if k != "feature_scale"})
+        return net.eval(), names, view, state["feature_scale"]
+    log(f"training the evaluation classifier on {len(labels)} labelled real images ({len(names)} classes)")
+    r = CLASSIFIER_RECIPE
+    steps = r["epochs"] * -(-len(labels) // r["batch"])
+    y = np.array([names.index(label) for label in labels])
+    net = fit(x, y, len(names), steps=steps, batch=r["batch"], lr=r["lr"], seed=r["seed"], flips=False)
     with torch.no_grad():
-        feats = torch.cat([net(x[i:i + 512])[0] for i in range(0, len(x), 512)])
-        net.feature_scale.copy_(feats.pow(2).mean().sqrt().clamp_min(1e-8))
+        feats = torch.cat([net.features(to_input(x[i:i + 512])) for i in range(0, len(x), 512)])
+    scale = feats.pow(2).mean().sqrt().clamp_min(1e-8)
     with atomic.atomic_path(path) as tmp:
-        save_file(net.state_dict(), str(tmp))
-    return net.eval(), names, view
+        save_file({**net.state_dict(), "feature_scale": scale}, str(tmp))
+    return net, names, view, scale
 
 
 def classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path, log=print) -> Extractor:
-    net, names, view = train_classifier(images_u8, labels, cache_dir, log)
+    net, names, view, scale = train_classifier(images_u8, labels, cache_dir, log)
     sha = hashlib.sha256(b"".join(v.numpy().tobytes() for v in net.state_dict().values())).hexdigest()
+
+    def run(x):
+        feats = net.features(to_input(resize_center_crop(x.cpu(), view)))
+        return feats / scale, net.head(feats)
+
     return Extractor("classifier", f"antialiased bicubic resize to {view}x{view}; classifier trained on the reference "
-                     f"labels (recipe {CLASSIFIER_RECIPE})", sha, lambda x: net(_view_batch(x, view)), class_names=names)
+                     f"labels (recipe {CLASSIFIER_RECIPE})", sha, run, class_names=names)

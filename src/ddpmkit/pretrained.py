@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_into, read_checkpoint
-from .config import Config, from_dict, read_run_config
+from .config import Config, updated
 from .errors import UserError
 from .run import RunDir
 
@@ -32,13 +32,13 @@ class Source:
     def __init__(self, name: str, log=print):
         self.name, self.log = name, log
         path = Path(name).expanduser()
-        self.is_run = (path / "config.yaml").is_file()
+        self.is_run = RunDir(path).is_run()
         if self.is_run:
             self.path = path
-            self.config = from_dict(read_run_config(path / "config.yaml"))
+            self.config = RunDir(path).config()
             self._net = None
         else:  # a diffusers folder or hub id: converted exactly, or refused
-            from .interop import read_diffusers
+            from .diffusers_format import read_diffusers
 
             self.config, self._net, _ = read_diffusers(name, log=log)
             self.path = None
@@ -49,50 +49,34 @@ class Source:
             sd = self._net.state_dict()
             return sd, sd, f"diffusers model {self.name}"
         entry = RunDir(self.path).select_checkpoint("latest")
-        groups, meta = read_checkpoint(self.path / entry["file"], prefixes=("model", "ema"))
+        groups, meta = read_checkpoint(RunDir(self.path).checkpoint_file(entry["step"]), prefixes=("model", "ema"))
         return groups["model"], groups["ema"], f"{self.path} step {meta['step']} ({entry['sha256'][:12]})"
 
 
-def with_source_architecture(cfg: Config, log=print) -> Config:
-    """The config with train.init_from's architecture, for what inspects the model before any
-    data is read (the batch probe, `info`); the channel count, unknown yet, is the source's."""
-    if cfg.train.init_from:
-        source = Source(cfg.train.init_from, log)
-        if cfg.model.in_channels is None:
-            cfg.model.in_channels = source.config.model.in_channels
-        adopt_architecture(cfg, source.config, log)
-    return cfg
-
-
-def adopt_architecture(cfg: Config, source: Config, log=print) -> None:
-    """Set cfg's model architecture and diffusion schedule to the source's, saying what changed."""
-    changed = []
+def adopt_architecture(cfg: Config, source: Config, log=print) -> Config:
+    """cfg with the source's model architecture and diffusion schedule, saying what changed."""
+    values = {}
     for f in dataclasses.fields(source.model):
-        if f.name in OWN_KEYS:
-            continue
         value = getattr(source.model, f.name)
         if f.name == "attention_resolutions" and cfg.data.image_size != source.data.image_size:
             scale = cfg.data.image_size / source.data.image_size
             value = [round(r * scale) for r in value]  # attention at the same levels as in the source
-        if getattr(cfg.model, f.name) != value:
-            changed.append(f"model.{f.name}={value}")
-            setattr(cfg.model, f.name, value)
-    if cfg.model.preset is not None:
-        cfg.model.preset = None  # the architecture is spelled out now
+        if f.name not in OWN_KEYS and getattr(cfg.model, f.name) != value:
+            values[f"model.{f.name}"] = value
     for f in dataclasses.fields(source.diffusion):
-        value = getattr(source.diffusion, f.name)
-        if getattr(cfg.diffusion, f.name) != value:
-            changed.append(f"diffusion.{f.name}={value}")
-            setattr(cfg.diffusion, f.name, value)
+        if getattr(cfg.diffusion, f.name) != getattr(source.diffusion, f.name):
+            values[f"diffusion.{f.name}"] = getattr(source.diffusion, f.name)
     if source.model.in_channels not in (None, cfg.model.in_channels):
         raise UserError(f"train.init_from: the source has {source.model.in_channels} channel(s) and the data "
                         f"{cfg.model.in_channels}: set data.channels={source.model.in_channels}")
-    size = cfg.data.image_size
-    if size % 2 ** (len(cfg.model.channel_mult) - 1):
-        raise UserError(f"train.init_from: data.image_size={size} does not halve {len(cfg.model.channel_mult) - 1} "
-                        f"times as the source's UNet does: use a multiple of {2 ** (len(cfg.model.channel_mult) - 1)}")
-    if changed:
-        log(f"init_from: architecture and schedule taken from the source: {', '.join(changed)}")
+    size, halvings = cfg.data.image_size, len(source.model.channel_mult) - 1
+    if size % 2 ** halvings:
+        raise UserError(f"train.init_from: data.image_size={size} does not halve {halvings} times as the source's "
+                        f"UNet does: use a multiple of {2 ** halvings}")
+    if values:
+        log(f"init_from: architecture and schedule taken from the source: "
+            f"{', '.join(f'{k}={v}' for k, v in values.items())}")
+    return updated(cfg, {**values, "model.preset": None})  # the architecture is spelled out now
 
 
 def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source, log=print) -> str:

@@ -1,0 +1,258 @@
+"""Output folders: the one owner of every folder a command writes images or models into.
+
+    OUT/.ddpmkit.json   the folder's record: its format, the kind of job (sample, balance,
+                        restore) and the job's identity (what determines its files)
+    OUT/.ddpmkit.lock   held while a job writes: one job per folder (atomic.FolderLock)
+
+A job writes into a folder that is new, empty, or holds a record of its kind. A record of another
+job of that kind is replaced only with --fresh (or freely, when that job wrote nothing), which
+deletes the files the kind names inside the folder and nothing else. A folder holding files no
+ddpmkit job wrote is refused unless --force, which writes beside them and never deletes them. A
+training run, `/`, the home folder and the data a job reads are never output folders.
+`staged` builds whole folders (import, export) under a hidden name and renames them into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import atomic
+from .errors import UserError
+from .run import RunDir
+
+FORMAT = "ddpmkit-output/1"
+RECORD = atomic.RECORD_NAME
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one kind of job writes: its name, how to speak of it, and its own files (to delete)."""
+    name: str  # in the folder's record
+    job: str  # "sampling job" ...: the job, in the user's words
+    what: str  # "images", "balanced set" ...: what the folder holds
+    foreign: str  # the refusal of a folder of someone's files
+    own_files: Callable[[Path], list[Path]]
+    differs: Callable[[dict, dict], str] | None = None  # how two identities differ, in the user's terms
+
+
+def inside(folder: Path, relative: str) -> Path | None:
+    """folder/relative if it names an entry below `folder` (no absolute path, no '..', no folder on
+    the way that links out; the entry itself may be a link, which deleting removes, not its target),
+    else None: paths read from a folder's own files are never trusted further."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        return None
+    path = folder / rel
+    try:
+        path.parent.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return None
+    return path
+
+
+def manifest_files(folder: Path, manifest: Path, column: int, pattern: str) -> list[Path]:
+    """The files a manifest names in `column` that match `pattern` (relative to `folder`) and lie inside it."""
+    names = [row[column] for row in read_manifest(manifest, header=False) if len(row) > column]
+    return [p for p in (inside(folder, n) for n in names if re.fullmatch(pattern, n)) if p is not None]
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these as a formula
+
+
+def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
+    """A manifest CSV, written atomically. A text cell that a spreadsheet would run as a formula is
+    written behind a quote (OWASP's rule); `read_manifest` takes the quote off again."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([[f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA) else v for v in row]
+                      for row in rows])
+    atomic.write_text(path, buf.getvalue(), fsync=True)
+
+
+def read_manifest(path: Path, header: bool = True) -> list[list[str]]:
+    """The rows of a manifest `write_manifest` (or a job's partial manifest) wrote, without the header;
+    a torn last line (a crash mid-append) is left out."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    rows = list(csv.reader(io.StringIO(text[: text.rfind("\n") + 1])))[1 if header else 0:]
+    return [[v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA) else v for v in row] for row in rows]
+
+
+def manifest_images(folder: Path, column: str, synthetic_only: bool = True) -> list[tuple[Path, dict]]:
+    """(file, row) for each image a manifest of `folder` names in `column` (the generated ones only,
+    unless not synthetic_only); a path leading out of the folder is refused."""
+    manifest = folder / "manifest.csv"
+    rows = read_manifest(manifest, header=False)
+    if not rows or column not in rows[0]:
+        return []
+    dicts = [dict(zip(rows[0], row)) for row in rows[1:]]
+    out = []
+    for row in dicts:
+        if synthetic_only and row.get("synthetic", "true") != "true":
+            continue
+        path = inside(folder, row.get(column) or "")
+        if path is None:
+            raise UserError(f"{manifest} names {str(row.get(column))[:80]!r}, which is not a file inside {folder}: "
+                            f"it is not a manifest ddpmkit wrote")
+        out.append((path, row))
+    return out
+
+
+def read_record(folder: Path) -> dict | None:
+    """The folder's record, or None when it has none (or one ddpmkit cannot read)."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("job"), dict) else None
+
+
+def job_runs(folder: Path) -> list[Path]:
+    """The runs whose images are under `folder` (a sample output, or a balanced set with one sampling
+    job per class), as their records name them."""
+    runs = set()
+    for path in sorted(Path(folder).rglob(RECORD)):
+        record = read_record(path.parent) or {}
+        if isinstance(record["job"].get("run") if record else None, str):
+            runs.add(Path(record["job"]["run"]))
+    return sorted(runs)
+
+
+def refuse_special(out: Path, reads: tuple[Path, ...] = (), what: str = "outputs") -> None:
+    """Folders no job writes into: the root, the home folder, data the job reads, a training run."""
+    where = out.expanduser().resolve()
+    if where == Path(where.anchor) or where == Path.home().resolve():
+        raise UserError(f"--out {out} is {'the root' if where == Path(where.anchor) else 'your home'} folder: "
+                        f"choose a folder of its own for the outputs")
+    for data in (Path(p).expanduser().resolve() for p in reads):
+        if where == data or data in where.parents or where in data.parents:
+            raise UserError(f"--out {out} overlaps the data this job reads ({data}): write the outputs elsewhere, "
+                            f"or the next run would read them as inputs")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} is a file: choose a folder name with --out")
+    if RunDir(out).is_run():
+        raise UserError(f"--out {out} is a training run: write the {what} into a folder of their own, "
+                        f"e.g. --out {out / what.split()[-1]}")
+
+
+class OutputFolder:
+    """`with OutputFolder(out, kind, identity, ...)`: the folder locked and claimed for this job."""
+
+    def __init__(self, out: str | Path, kind: Kind, identity: dict, fresh: bool = False, force: bool = False,
+                 reads: tuple[Path, ...] = ()):
+        self.path, self.kind, self.identity = Path(out), kind, identity
+        self.fresh, self.force, self.reads = fresh, force, reads
+
+    def __enter__(self) -> OutputFolder:
+        refuse_special(self.path, self.reads, self.kind.what)
+        self.lock = atomic.FolderLock(self.path, self.kind.name)
+        self.lock.__enter__()
+        try:
+            self._claim()
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.__exit__(*exc)
+
+    def _claim(self) -> None:
+        record = read_record(self.path)
+        if record is None:
+            foreign = [p.name for p in self.path.iterdir() if p.name != atomic.FolderLock.NAME]
+            if foreign and not self.force:
+                raise UserError(f"{self.path} holds {self.kind.foreign} ({', '.join(sorted(foreign)[:3])}): choose "
+                                f"another --out, or add --force to write beside them (ddpmkit never deletes them)")
+        elif record.get("kind") != self.kind.name:
+            raise UserError(f"--out {self.path} holds {_KIND_WHAT.get(record.get('kind'), 'another job')}: choose "
+                            f"another --out for the {self.kind.what}")
+        elif record["job"] != self.identity:
+            ours = self.kind.own_files(self.path)
+            if ours and not self.fresh:
+                raise UserError(self._differs(record["job"]))
+            self.delete(ours)
+        elif self.fresh:
+            self.delete(self.kind.own_files(self.path))
+        # temporaries a killed job of ours left (the names atomic writes make), in its subfolders too
+        atomic.remove_stale_temps(self.path, *(p for p in self.path.rglob("*") if p.is_dir() and not p.is_symlink()))
+        atomic.write_text(self.path / RECORD, json.dumps({"format": FORMAT, "kind": self.kind.name,
+                                                          "job": self.identity}, indent=1))
+
+    def _differs(self, old: dict) -> str:
+        if self.kind.differs is not None:
+            return self.kind.differs(old, self.identity).format(out=self.path)
+        diff = [k for k in sorted(set(old) | set(self.identity)) if old.get(k) != self.identity.get(k)]
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {self.identity.get(k)!r}" for k in diff[:4])
+        return (f"{self.path} holds {self.kind.what} of another {self.kind.job} ({shown}): use --fresh to "
+                f"replace them, or another --out")
+
+    def delete(self, files: list[Path]) -> None:
+        """Delete these files of this folder's own jobs (each checked to lie inside it), then the folders
+        they leave empty."""
+        for path in files:
+            rel = os.path.relpath(path, self.path)
+            if inside(self.path, rel) is not None and (path.is_symlink() or path.is_file()):
+                path.unlink()
+        for folder in sorted({p.parent for p in files}, key=lambda p: -len(p.parts)):
+            while folder != self.path and self.path in folder.parents and folder.is_dir() \
+                    and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
+
+
+def sample_files(folder: Path) -> list[Path]:
+    """A sampling job's files: the images its manifests list, its grids, GIF and manifests."""
+    manifests = [folder / "manifest.csv", *sorted(folder.glob(".manifest-rank*.csv"))]
+    images = [p for m in manifests for p in manifest_files(folder, m, 0, r"individual/\d+\.png")]
+    grids = sorted(folder.glob("grids/grid_*x*.png"))
+    return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists())]
+
+
+SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there", sample_files)
+_KIND_WHAT = {"sample": "a sampling job's images", "balance": "a balanced set", "restore": "restored images"}
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Build a folder under a hidden name beside `out`, then rename it into place: `out` never holds
+    half an import or export, whatever interrupts it. Staging folders an earlier, killed job left
+    beside `out` (they hold a mark naming them ddpmkit's) are removed first."""
+    refuse_special(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty: choose another output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for orphan in out.parent.glob(f".{out.name}.*.partial"):
+        if (orphan / _STAGING_MARK).is_file():
+            shutil.rmtree(orphan, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    (tmp / _STAGING_MARK).write_text(str(os.getpid()))
+    try:
+        yield tmp
+        (tmp / _STAGING_MARK).unlink()
+        if out.exists() and any(out.iterdir()):  # something appeared meanwhile
+            raise UserError(f"{out} already exists and is not empty: choose another output folder")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        with contextlib.suppress(OSError):  # make the rename durable where directories can be fsynced
+            atomic.fsync_file(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_STAGING_MARK = ".ddpmkit-staging"

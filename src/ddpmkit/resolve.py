@@ -1,0 +1,110 @@
+"""The training config resolved once, before anything runs.
+
+config.py resolves defaults, the model preset, the YAML file and the overrides. What only the data
+or a fine-tuning source can say is resolved here, into a new Config that nothing changes after:
+absolute data paths, the bit depth wide pixels are read at (a resumed run's own), the channel
+count, the class names and count of a class-conditional model, and train.init_from's architecture.
+`ddpmkit info` and `train --max-batch` resolve the same fields without reading the whole dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, updated
+from .data import ImageData, class_order, data_channels, load_images
+from .errors import UserError
+from .pretrained import Source, adopt_architecture
+from .run import RunDir
+from .streaming import open_stream
+
+
+@dataclass
+class Prepared:
+    cfg: Config  # resolved: read it, never change it
+    data: object  # ImageData, or a streamed source (streaming.py) with the same fields
+    class_ids: torch.Tensor | None  # class index per image, for a class-conditional model
+    source: Source | None  # train.init_from
+
+
+def absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if isinstance(path, str) else path
+
+
+def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
+    """Read the data the config names and resolve what it decides; refusals come before any write."""
+    # recorded absolute: sampling, eval --ref RUN and balance find the data from any folder
+    values = {"data.path": absolute(cfg.data.path), "data.labels": absolute(cfg.data.labels)}
+    run = RunDir(cfg.train.out_dir)
+    if cfg.data.bit_depth is None and not fresh and run.is_run() and run.config_path.is_file():
+        values["data.bit_depth"] = run.config().data.bit_depth  # a resumed run reads its data as it started
+    cfg = updated(cfg, values)
+    data = open_stream(cfg.data) if cfg.data.stream else load_images(cfg.data)
+    if data.skipped:
+        log(f"skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
+    values = {"model.in_channels": _channels(cfg, data.channels)}
+    if cfg.data.bit_depth is None:  # recorded in config.yaml, so sampling, balance and eval read data alike
+        values["data.bit_depth"] = data.bit_depth
+    class_ids = None
+    if cfg.model.class_conditional:
+        class_ids, names = _class_ids(cfg, data)
+        values.update({"data.class_names": names, "model.num_classes": len(names)})
+    cfg = updated(cfg, values)
+    source = Source(cfg.train.init_from, log) if cfg.train.init_from else None
+    if source:
+        cfg = adopt_architecture(cfg, source.config, log)
+    return Prepared(cfg, data, class_ids, source)
+
+
+def architecture(cfg: Config, log=print) -> tuple[Config, str]:
+    """The config with the model's channel count and train.init_from's architecture, as training will
+    resolve them but without reading the dataset (image headers, an .npy's first image), and where
+    the channel count comes from. 3 is assumed only for a data.path that is not here."""
+    source = Source(cfg.train.init_from, log) if cfg.train.init_from else None
+    if cfg.model.in_channels or cfg.data.channels:
+        channels, where = cfg.model.in_channels or cfg.data.channels, ("model.in_channels" if cfg.model.in_channels
+                                                                         else "data.channels")
+    elif source is not None:
+        channels, where = source.config.model.in_channels, f"train.init_from {cfg.train.init_from}"
+    elif cfg.data.path is None:
+        channels, where = 1, "the bundled digits"
+    elif not Path(cfg.data.path).expanduser().exists():
+        channels, where = 3, (f"assumed: data.path {cfg.data.path} does not exist here (set data.channels=1 for "
+                              f"grayscale data)")
+    else:
+        channels, where = data_channels(cfg.data), f"the data in {cfg.data.path}"
+    cfg = updated(cfg, {"model.in_channels": channels})
+    return (adopt_architecture(cfg, source.config, log) if source else cfg), where
+
+
+def _channels(cfg: Config, found: int) -> int:
+    if cfg.model.in_channels not in (None, found):
+        fix = f"set data.channels={cfg.model.in_channels} or drop" if cfg.model.in_channels in (1, 3) else "drop"
+        raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {found} channel(s): "
+                        f"{fix} model.in_channels")
+    return found
+
+
+def _class_ids(cfg: Config, data: ImageData) -> tuple[torch.Tensor, list[str]]:
+    """Class index per image for a class-conditional model, and the class names in index order."""
+    if not data.labels or any(label is None for label in data.labels):
+        raise UserError("model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
+                        "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
+    empty = [i for i, label in enumerate(data.labels) if not label.strip()]
+    if empty:  # an empty class name would read as "no class" (unconditional) in manifests
+        first = Path(data.files[empty[0]]).name if data.files is not None else f"image {empty[0]}"
+        raise UserError(f"{len(empty)} image(s) have an empty label ({first} first): give each a class, or "
+                        f"leave them out of the labels CSV")
+    present = set(data.labels)
+    names = cfg.data.class_names or class_order(present)
+    unknown = sorted(present - set(names))
+    if unknown:
+        raise UserError(f"labels {', '.join(unknown[:5])} are not in data.class_names ({', '.join(names[:10])})")
+    if cfg.model.num_classes not in (0, len(names)):
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the labels name {len(names)} classes: "
+                        f"drop model.num_classes (it is set from the labels)")
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[label] for label in data.labels]), list(names)
