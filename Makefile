@@ -27,6 +27,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m ruff check -q src tests benchmarks
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 clean:

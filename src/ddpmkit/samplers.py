@@ -12,6 +12,17 @@ Network evaluations (NFE) per image: `len(timesteps)` for every sampler except h
 
 `SAMPLERS` is the one registry of sampler names: the config, the CLI and the restoration commands
 check names, default step counts and what a sampler is against it.
+
+Against diffusers' schedulers (tests/test_interop.py): DDPM, DDIM, DPM-Solver++(2M) and Euler on
+trailing timesteps agree with DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler and
+EulerDiscreteScheduler to float32 rounding, clipping matched and started from the same x_T. The
+conventions that differ: DPM-Solver++ takes a first-order step into t=0 whenever the spacing
+reaches it (diffusers: lower_order_final, below 15 steps); Heun skips its correction on its first
+step, from pure noise, as well as its last (2 * steps - 2 evaluations); Euler and Heun map x_T to
+the variance-exploding view exactly, x_T * sqrt(1 + sigma_max^2), where diffusers starts at
+sigma_max * x_T; timesteps may be fractional, the network seeing the fractional t and abar coming
+from log-sigma interpolation; tables are float64, diffusers' float32; DDIM steps to the next
+timestep of its own list, so on uneven spacings it matches no diffusers scheduler.
 """
 
 from __future__ import annotations

@@ -1,0 +1,41 @@
+"""The shape ARCHITECTURE.md promises a reader: functions that fit on a screen, short argument lists."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "ddpmkit"
+MAX_LINES, MAX_POSITIONAL = 80, 6
+
+
+def _functions():
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield f"{path.relative_to(SRC)}:{node.lineno} {node.name}", node
+
+
+def _positional(node) -> int:
+    names = [a.arg for a in (*node.args.posonlyargs, *node.args.args)]
+    return len(names) - (names[:1] in (["self"], ["cls"]))
+
+
+@pytest.mark.parametrize("limit", ["lines", "positional"])
+def test_every_function_fits_on_a_screen_with_a_short_argument_list(limit):
+    found = list(_functions())
+    assert len(found) > 300  # the walk really reads the package
+    if limit == "lines":
+        over = [f"{name} ({node.end_lineno - node.lineno + 1} lines)" for name, node in found
+                if node.end_lineno - node.lineno + 1 > MAX_LINES]
+    else:
+        over = [f"{name} ({_positional(node)} positional)" for name, node in found if _positional(node) > MAX_POSITIONAL]
+    assert not over, over
+
+
+def test_the_check_sees_what_it_refuses(tmp_path):
+    long = ast.parse("def f(a, b, c, d, e, f, g):\n" + "    x = 1\n" * 90)
+    node = long.body[0]
+    assert _positional(node) == 7 and node.end_lineno - node.lineno + 1 == 91
+    method = ast.parse("class C:\n    def m(self, a, b, c, d, e, f, *, g=1):\n        pass\n").body[0].body[0]
+    assert _positional(method) == 6
