@@ -1,8 +1,10 @@
 # Two commands for a fresh machine with Python 3.10+:
-#   make demo   installs into .venv, trains on the bundled digits (~8 min on 2 CPU cores), samples
+#   make demo   installs into .venv, trains on the bundled digits (8-11 min on 2 CPU cores), samples
 #   make test   installs into .venv (with test extras), lints (ruff) and runs the test suite
-# TORCH picks the PyTorch build; the default CPU build is small. `make test TORCH=torch` takes
-# whatever pip resolves (a CUDA build on Linux).
+# TORCH is what pip installs for PyTorch (its arguments, so an index may be named): torch==2.13.0 by
+# default, which is a small CPU build only where the package index serves one (on PyPI, Linux gets
+# the CUDA build, several GB); `make test TORCH="torch --index-url https://download.pytorch.org/whl/cpu"`
+# takes PyTorch's own CPU-only build.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -15,7 +17,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q "$(TORCH)" || $(BIN)/python -m pip install -q torch
+	$(BIN)/python -m pip install -q $(TORCH) || $(BIN)/python -m pip install -q torch
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 

@@ -1,0 +1,84 @@
+"""What the README and a resume promise, held to the letter: the keys a resume accepts, refuses or
+records, a failed start that writes nothing, a refused --save-ref, and the Makefile's PyTorch
+choice."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddpmkit.cli import main
+from ddpmkit.errors import UserError
+from ddpmkit.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.mark.parametrize("key,value,recorded", [
+    # another summation order: equal to float rounding, not bit for bit
+    ("train.grad_accum", 2, True),
+    ("train.activation_checkpointing", True, True),
+    ("train.channels_last", False, True),
+    ("train.dist_timeout_minutes", 5.0, False),  # how long processes wait: nothing computed changes
+])
+def test_a_resume_records_what_it_changed_and_from_which_step(tiny, key, value, recorded):
+    run = train(tiny(**{"train.max_steps": 4, "train.checkpoint_every": 2}), log=quiet,
+                progress=False)
+    said = []
+    train(tiny(**{"train.max_steps": 6, "train.checkpoint_every": 2, key: value}), log=said.append,
+          progress=False)
+    section, name = key.split(".")
+    # the run says what it now is
+    assert yaml.safe_load(run.config_path.read_text())[section][name] == value
+    changes = json.loads(run.meta_path.read_text()).get("changes", [])
+    if recorded:
+        assert changes == [{"step": 4, "key": key,
+                            "from": not value if isinstance(value, bool) else 1, "to": value}]
+        assert any(f"note: {key} changes from" in m and "float rounding" in m for m in said)
+    else:
+        assert changes == [] and not any("note:" in m for m in said)
+
+
+def test_a_resume_that_would_compute_something_else_is_refused(tiny):
+    train(tiny(**{"train.max_steps": 2}), log=quiet, progress=False)
+    with pytest.raises(UserError,
+                       match=r"trained with a different config \(train.lr: 0.002 -> 0.5\)"):
+        train(tiny(**{"train.max_steps": 4, "train.lr": 0.5}), log=quiet, progress=False)
+
+
+def test_a_failed_start_writes_nothing(tiny, tmp_path, monkeypatch):
+    """train.tensorboard=true without the package used to leave config.yaml, meta.json, the digests
+    and the lock in --out."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    cfg = tiny(**{"train.tensorboard": True, "train.max_steps": 2})
+    with pytest.raises(UserError, match="train.tensorboard=true needs the tensorboard package"):
+        train(cfg, log=quiet, progress=False)
+    assert not Path(cfg.train.out_dir).exists()
+
+
+def test_save_ref_with_the_classifier_is_refused_in_one_line(tmp_path, capsys):
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    assert main(["eval", str(gen), "--ref", "data.path=null", "--features", "classifier",
+                 "--save-ref", str(tmp_path / "ref.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--save-ref with --features classifier" in err[0]
+    assert not (tmp_path / "ref.npz").exists()
+
+
+def test_the_makefile_takes_pytorchs_cpu_index_as_an_option():
+    def dry_run(*args):
+        return subprocess.run(["make", "-n", "-B", "install", *args], cwd=ROOT,
+                              capture_output=True, text=True).stdout
+
+    default = dry_run()
+    assert 'pip install -q torch==2.13.0' in default and "download.pytorch.org" not in default
+    cpu = dry_run("TORCH=torch --index-url https://download.pytorch.org/whl/cpu")
+    assert "pip install -q torch --index-url https://download.pytorch.org/whl/cpu" in cpu
