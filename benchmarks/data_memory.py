@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--workdir", default=None, help="where the .npy files go (default: a temporary folder)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the .npy files go (default: a temporary folder)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ddpmkit_mem_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -60,22 +61,25 @@ def main() -> None:
         if not data.exists():
             write_dataset(data, n, args.image_size)
         for stream in (False, True):
-            overrides = {"data.path": str(data), "data.image_size": args.image_size, "data.stream": stream,
-                         "data.workers": 2, "model.base_channels": 16, "model.norm_groups": 8,
-                         "model.channel_mult": [1, 2], "model.num_res_blocks": 1, "train.batch_size": 32,
-                         "train.max_steps": args.steps, "train.log_every": args.steps, "train.grid_images": 1,
-                         "train.grid_steps": 1, "train.device": "cpu", "train.out_dir": str(work / f"run_{n}_{stream}")}
+            overrides = {"data.path": str(data), "data.image_size": args.image_size,
+                         "data.stream": stream, "data.workers": 2, "model.base_channels": 16,
+                         "model.norm_groups": 8, "model.channel_mult": [1, 2],
+                         "model.num_res_blocks": 1, "train.batch_size": 32,
+                         "train.max_steps": args.steps, "train.log_every": args.steps,
+                         "train.grid_images": 1, "train.grid_steps": 1, "train.device": "cpu",
+                         "train.out_dir": str(work / f"run_{n}_{stream}")}
             child = CHILD.format(src=str(ROOT / "src"), overrides=overrides)
             done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(done.stderr[-3000:])
             peak_mb, worker_mb, seconds = map(float, done.stdout.split()[-3:])
-            rows.append({"images": n, "dataset_mb": round(data.stat().st_size / 2**20), "stream": stream,
-                         "peak_rss_mb": round(peak_mb), "largest_worker_rss_mb": round(worker_mb),
-                         "seconds": round(seconds, 1)})
+            rows.append({"images": n, "dataset_mb": round(data.stat().st_size / 2**20),
+                         "stream": stream, "peak_rss_mb": round(peak_mb),
+                         "largest_worker_rss_mb": round(worker_mb), "seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), file=sys.stderr)
-    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "image_size": args.image_size, "steps": args.steps,
-                      "note": "peak RSS of the training process, and of its largest child (a DataLoader worker)",
+    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "image_size": args.image_size,
+                      "steps": args.steps, "note": "peak RSS of the training process, and of its "
+                                                   "largest child (a DataLoader worker)",
                       "results": rows},
                      indent=1))
 

@@ -1,8 +1,8 @@
 """The digits judge: a small CNN trained on scikit-learn's real digits, with a fixed recipe, that
 scores generated digits. Prints JSON.
 
-    python benchmarks/digits_judge.py SAMPLES/          # a `ddpmkit sample` folder or any PNG folder
-    python benchmarks/digits_judge.py --real            # the reference: held-out real digits
+    python benchmarks/digits_judge.py SAMPLES/         # a `ddpmkit sample` folder or any PNG folder
+    python benchmarks/digits_judge.py --real           # the reference: held-out real digits
 
 Every image (real or generated, any size) is viewed at 16x16 (antialiased bicubic resize, the
 same function for both). Reported:
@@ -36,7 +36,8 @@ from ddpmkit.metrics.stats import FeatureStats, frechet_distance  # noqa: E402
 
 VIEW = 16
 CONFIDENCE = 0.9
-RECIPE = {"view": VIEW, "epochs": 40, "batch": 64, "lr": 1e-3, "seed": 0, "train_share": 0.8, "shift": 2, "v": 1}
+RECIPE = {"view": VIEW, "epochs": 40, "batch": 64, "lr": 1e-3, "seed": 0, "train_share": 0.8,
+          "shift": 2, "v": 1}
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
@@ -44,9 +45,9 @@ class JudgeCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(64 * (VIEW // 4) ** 2, 128), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * (VIEW // 4) ** 2, 128), nn.ReLU(),
         )
         self.head = nn.Linear(128, 10)
 
@@ -58,7 +59,8 @@ class JudgeCNN(nn.Module):
 def view(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 N x C x H x W (any size, 1 or 3 channels) -> float N x 1 x 16 x 16 in [0, 1]."""
     if images_u8.shape[1] == 3:
-        images_u8 = (images_u8.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        images_u8 = (images_u8.float()
+                     * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         images_u8 = images_u8.round().clamp(0, 255).to(torch.uint8)
     return resize_center_crop(images_u8, VIEW).float() / 255.0
 
@@ -78,7 +80,8 @@ def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random translation by up to RECIPE['shift'] pixels: the judge must not need centred digits."""
+    """Random translation by up to RECIPE['shift']
+    pixels: the judge must not need centred digits."""
     s = RECIPE["shift"]
     padded = F.pad(x, (s, s, s, s))
     out = torch.empty_like(x)
@@ -156,8 +159,10 @@ def read_folder(folder: Path) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("samples", nargs="?", type=Path, help="folder of generated digits (a sample output folder)")
-    ap.add_argument("--real", action="store_true", help="score the judge's held-out real digits instead")
+    ap.add_argument("samples", nargs="?", type=Path,
+                    help="folder of generated digits (a sample output folder)")
+    ap.add_argument("--real", action="store_true",
+                    help="score the judge's held-out real digits instead")
     args = ap.parse_args()
     if args.real:
         images, labels = real_digits()

@@ -45,17 +45,19 @@ def main() -> None:
     net = FIDInceptionV3().eval()
     with tempfile.TemporaryDirectory() as tmp:
         train_secs = timed(lambda: fx.classifier(images, labels, Path(tmp), log=lambda *_: None))
-        extractors = {"inception": fx.Extractor("inception", "", "", lambda x: net(fx.to_rgb(x)), device=cpu),
+        extractors = {"inception": fx.Extractor("inception", "", "",
+                                                lambda x: net(fx.to_rgb(x)), device=cpu),
                       "efficientnet": fx.efficientnet(cpu),
                       "classifier": fx.classifier(images, labels, Path(tmp), log=lambda *_: None)}
         rows = []
         for name, extractor in extractors.items():
             secs = timed(lambda: extractor(images))
             rows.append({"features": name, "images_timed": n, "seconds": round(secs, 1),
-                         f"seconds_per_{args.num}": round(secs * args.num / n, 1), "extrapolated": n != args.num,
-                         "images_per_sec": round(n / secs, 1)})
+                         f"seconds_per_{args.num}": round(secs * args.num / n, 1),
+                         "extrapolated": n != args.num, "images_per_sec": round(n / secs, 1)})
     rows[-1]["one_off_training_seconds"] = round(train_secs, 1)
-    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__,
                       "image": "28x28 grayscale", "results": rows}, indent=1))
 
 

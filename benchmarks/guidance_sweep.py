@@ -1,7 +1,8 @@
 """Classifier-free guidance sweep on a class-conditional digits run, judged by the digits judge.
 Prints JSON, one row per guidance scale.
 
-    ddpmkit train model.class_conditional=true --out runs/digits-cond    # the default recipe, with labels
+    ddpmkit train model.class_conditional=true --out runs/digits-cond
+        # the default recipe, with labels
     python benchmarks/guidance_sweep.py runs/digits-cond                 # 1,000 images per scale
 
 For each scale: --num images, classes in turn (image k asks for digit k mod 10), DPM-Solver++ 20
@@ -42,11 +43,13 @@ def main() -> None:
     for scale in (float(s) for s in args.scales.split(",")):
         images = sample(run, num=args.num, seed=0, sampler="dpmpp-2m", steps=20, guidance=scale)
         _, probs = features_and_probs(judge, images)
-        row = {"guidance": scale, "class_accuracy": float((probs.argmax(1) == asked).mean()), **score(images)}
+        row = {"guidance": scale, "class_accuracy": float((probs.argmax(1) == asked).mean()),
+               **score(images)}
         row.pop("class_shares")
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    print(json.dumps({"run": str(args.run), "checkpoint_step": run.step, "num": args.num, "sampler": "dpmpp-2m, 20 steps",
+    print(json.dumps({"run": str(args.run), "checkpoint_step": run.step, "num": args.num,
+                      "sampler": "dpmpp-2m, 20 steps",
                       "date": time.strftime("%Y-%m-%d"), "results": rows}, indent=1))
 
 

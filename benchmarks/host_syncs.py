@@ -22,9 +22,10 @@ def record(message, category, filename, lineno, file=None, line=None):
     frames = [f for f in traceback.extract_stack() if "ddpmkit" in f.filename]
     seen[f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno}" if frames else filename] += 1
 warnings.showwarning = record
-cfg = load_config(None, {"train.max_steps": 60, "train.log_every": 1000, "train.sample_every": 10**6,
-                         "train.checkpoint_every": 10**6, "train.out_dir": "/tmp/syncs", "train.grid_images": 1,
-                         "train.grid_steps": 1})
+cfg = load_config(None,
+                  {"train.max_steps": 60, "train.log_every": 1000, "train.sample_every": 10**6,
+                   "train.checkpoint_every": 10**6, "train.out_dir": "/tmp/syncs",
+                   "train.grid_images": 1, "train.grid_steps": 1})
 torch.cuda.set_sync_debug_mode("warn")
 train(cfg, fresh=True, log=print, progress=False)
 torch.cuda.set_sync_debug_mode(0)

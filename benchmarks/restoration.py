@@ -1,6 +1,6 @@
 """Denoising on held-out real images: ddpmkit (posterior mean, one network call) against
-scikit-image's non-local means and total variation, PSNR and SSIM at sigma 0.1, 0.2, 0.4 ([0, 1] scale).
-Prints JSON.
+scikit-image's non-local means and total variation, PSNR and SSIM at sigma 0.1, 0.2, 0.4
+([0, 1] scale). Prints JSON.
 
     python benchmarks/restoration.py --quick                       # small models, minutes on a CPU
     python benchmarks/restoration.py --minutes 60 --eval-num 500   # a real comparison (GPU advised)
@@ -8,10 +8,10 @@ Prints JSON.
 
 Data: the MNIST test set (10,000 digits, ../shared/data/mnist-test) and, when installed, the
 Fashion-MNIST test set (`apt-get install dataset-fashion-mnist`). Each is permuted with a fixed seed
-and split three ways, disjoint: the ddpmkit model trains on the first part, the baselines' parameters
-are tuned (grid search, best mean PSNR per sigma) on the second, and every method is scored on the
-last `--eval-num` images. The model is trained at 28x28 with channel_mult [1, 2, 2] (28 -> 14 -> 7;
-the config check needs image_size divisible by 2^(levels-1)), no padding.
+and split three ways, disjoint: the ddpmkit model trains on the first part, the baselines'
+parameters are tuned (grid search, best mean PSNR per sigma) on the second, and every method is
+scored on the last `--eval-num` images. The model is trained at 28x28 with channel_mult [1, 2, 2]
+(28 -> 14 -> 7; the config check needs image_size divisible by 2^(levels-1)), no padding.
 
 Noise: y = x + sigma * n on [0, 1], not clipped or quantised, given identically to every method, and
 every method is told the true sigma (NLM's `sigma`, the model's matched timestep). Outputs are
@@ -56,7 +56,8 @@ def load_split(path: Path, tune_num: int, eval_num: int, seed: int = 0):
     return train_part, tune.astype(np.float64) / 255, held.astype(np.float64) / 255
 
 
-def train_model(name: str, train_images: np.ndarray, workdir: Path, quick: bool, minutes: float) -> Path:
+def train_model(name: str, train_images: np.ndarray, workdir: Path, quick: bool,
+                minutes: float) -> Path:
     npy = workdir / f"{name}_train.npy"
     np.save(npy, train_images)
     model = {"model.base_channels": 32, "model.channel_mult": [1, 2, 2], "model.num_res_blocks": 1,
@@ -88,7 +89,8 @@ def nlm(noisy, sigma, h, patch_size, patch_distance):
     from skimage.restoration import denoise_nl_means
 
     return np.stack([denoise_nl_means(y, h=h * sigma, sigma=sigma, patch_size=patch_size,
-                                      patch_distance=patch_distance, fast_mode=True) for y in noisy]).clip(0, 1)
+                                      patch_distance=patch_distance, fast_mode=True)
+                     for y in noisy]).clip(0, 1)
 
 
 def tv(noisy, sigma, weight):
@@ -97,7 +99,8 @@ def tv(noisy, sigma, weight):
     return np.stack([denoise_tv_chambolle(y, weight=weight) for y in noisy]).clip(0, 1)
 
 
-NLM_GRID = [dict(h=h, patch_size=p, patch_distance=d) for h in (0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.2, 1.6)
+NLM_GRID = [dict(h=h, patch_size=p, patch_distance=d)
+            for h in (0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.2, 1.6)
             for p in (3, 5, 7) for d in (3, 6, 9)]
 TV_GRID = [dict(weight=w) for w in (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7)]
 
@@ -115,12 +118,15 @@ def ddpm_denoise(run, noisy: np.ndarray, sigma: float, batch: int = 250) -> np.n
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small model, 3 training minutes a set, 200 eval / 100 tune")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="small model, 3 training minutes a set, 200 eval / 100 tune")
     ap.add_argument("--minutes", type=float, default=None, help="training minutes per data set")
     ap.add_argument("--eval-num", type=int, default=None)
     ap.add_argument("--tune-num", type=int, default=None)
-    ap.add_argument("--run", action="append", default=[], metavar="SET=RUN", help="reuse a trained run for a set")
+    ap.add_argument("--run", action="append", default=[], metavar="SET=RUN",
+                    help="reuse a trained run for a set")
     ap.add_argument("--sets", default="mnist,fashion-mnist")
     ap.add_argument("--workdir", default="/tmp/ddpmkit-restoration-bench")
     ap.add_argument("--threads", type=int, default=1)
@@ -134,20 +140,23 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    result = {"quick": args.quick, "eval_num": eval_num, "tune_num": tune_num, "sigmas": SIGMAS, "sets": {},
-              "notes": []}
+    result = {"quick": args.quick, "eval_num": eval_num, "tune_num": tune_num, "sigmas": SIGMAS,
+              "sets": {}, "notes": []}
     for name in args.sets.split(","):
         path = DATASETS[name]
         if not path.is_file():
             result["notes"].append(f"{name}: skipped, {path} not found"
-                                   + (" (apt-get install dataset-fashion-mnist)" if "fashion" in name else ""))
+                                   + (" (apt-get install dataset-fashion-mnist)"
+                                      if "fashion" in name else ""))
             continue
         train_images, tune_set, eval_set = load_split(path, tune_num, eval_num, args.seed)
         t0 = time.time()
-        run_path = Path(reuse[name]) if name in reuse else train_model(name, train_images, workdir, args.quick, minutes)
+        run_path = (Path(reuse[name]) if name in reuse
+                    else train_model(name, train_images, workdir, args.quick, minutes))
         run = load_run(run_path)
         entry = {"train_images": len(train_images), "run": str(run_path), "model_steps": run.step,
-                 "train_seconds": round(time.time() - t0, 1) if name not in reuse else None, "by_sigma": {}}
+                 "train_seconds": round(time.time() - t0, 1) if name not in reuse else None,
+                 "by_sigma": {}}
         rng = np.random.default_rng(args.seed + 1)
         for sigma in SIGMAS:
             noisy_tune = tune_set + sigma * rng.standard_normal(tune_set.shape)
@@ -162,11 +171,13 @@ def main() -> None:
                 t1 = time.time()
                 out = fn(noisy_eval)
                 p, s = psnr_ssim(eval_set, out)
-                rows[method] = {"psnr": round(p, 3), "ssim": round(s, 4), "seconds": round(time.time() - t1, 2)}
+                rows[method] = {"psnr": round(p, 3), "ssim": round(s, 4),
+                                "seconds": round(time.time() - t1, 2)}
             rows["nl_means"]["params"] = p_nlm
             rows["tv_chambolle"]["params"] = p_tv
             entry["by_sigma"][str(sigma)] = rows
-            print(f"{name} sigma={sigma}: " + ", ".join(f"{k} {v['psnr']:.2f} dB" for k, v in rows.items()),
+            print(f"{name} sigma={sigma}: "
+                  + ", ".join(f"{k} {v['psnr']:.2f} dB" for k, v in rows.items()),
                   file=sys.stderr)
         result["sets"][name] = entry
     print(json.dumps(result, indent=1))

@@ -13,11 +13,13 @@ its eager GroupNorms run faster in (RESULTS.md).
     pip install diffusers            # only this benchmark (and the interop tests) need it
     python benchmarks/sample_speed.py                      # CPU: batch 8, 10 steps
     python benchmarks/sample_speed.py --device cuda --batch 256 --steps 50 --bf16 --channels-last
-    python benchmarks/sample_speed.py ... --compile reduce-overhead     # both compiled, with CUDA graphs
+    python benchmarks/sample_speed.py ... --compile reduce-overhead
+        # both compiled, with CUDA graphs
 
 --job reproduces the skin-lesion seed's job on a GPU: 5,900 images at 64x64 with 50 DDIM steps
 from a 101.1M-parameter UNet (base 128, mult 1,2,4,4, attention at 16), timed once for each. (Until
-2026-11-23 this network had mult 1,2,3,4 and 83.0M parameters; RESULTS says which one each figure used.)
+2026-11-23 this network had mult 1,2,3,4 and 83.0M parameters; RESULTS says which one each figure
+used.)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.config import COMPILE_MODES, load_config  # noqa: E402
-from ddpmkit.generation import sample_batch  # noqa: E402
+from ddpmkit.generation import SamplingSpec, sample_batch  # noqa: E402
 from ddpmkit.runtime import compile_network  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
 from ddpmkit.schedule import Schedule  # noqa: E402
@@ -58,15 +60,18 @@ def build(arch: dict, device, channels_last: bool):
         overrides["model.preset"] = arch["preset"]
     else:
         base = arch["block_out"][0]
-        overrides.update({"model.preset": None, "model.base_channels": base, "model.attention_resolutions": [16],
+        overrides.update({"model.preset": None, "model.base_channels": base,
+                          "model.attention_resolutions": [16],
                           "model.channel_mult": [c // base for c in arch["block_out"]]})
     cfg = load_config(None, overrides)
     ours = UNet(cfg.model, size).to(device).eval().requires_grad_(False)
     theirs = UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=2,
-                         block_out_channels=arch["block_out"], down_block_types=arch["down"], up_block_types=arch["up"],
-                         attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
+                         block_out_channels=arch["block_out"], down_block_types=arch["down"],
+                         up_block_types=arch["up"], attention_head_dim=None, norm_eps=1e-6,
+                         downsample_padding=0, flip_sin_to_cos=False,
                          freq_shift=1).to(device).eval().requires_grad_(False)
-    assert count_parameters(ours) == count_parameters(theirs), (count_parameters(ours), count_parameters(theirs))
+    assert count_parameters(ours) == count_parameters(theirs), (count_parameters(ours),
+                                                                count_parameters(theirs))
     if channels_last:
         theirs = theirs.to(memory_format=torch.channels_last)
     return cfg, ours, theirs
@@ -81,7 +86,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                    help="torch.compile both networks (optionally in a mode: reduce-overhead adds CUDA graphs)")
+                    help="torch.compile both networks (optionally in a mode: reduce-overhead adds "
+                         "CUDA graphs)")
     ap.add_argument("--job", action="store_true", help="the 5,900-image 64x64 job instead (GPU)")
     args = ap.parse_args()
     from diffusers import DDIMScheduler, __version__ as diffusers_version
@@ -101,7 +107,8 @@ def main() -> None:
     size = arch["size"]
 
     scheduler.set_timesteps(args.steps)
-    timesteps_on_device = scheduler.timesteps.to(device)  # the network gets them on its device: no copy per step
+    # the network gets them on its device: no copy per step
+    timesteps_on_device = scheduler.timesteps.to(device)
 
     def run_diffusers(n):
         x = torch.randn(n, 3, size, size, device=device, dtype=amp)
@@ -112,8 +119,10 @@ def main() -> None:
                 x = scheduler.step(theirs(x, t_net).sample, t, x).prev_sample
         return x
 
+    spec = SamplingSpec(sampler="ddim", steps=args.steps, eta=0.0).checked(view)
+
     def run_ours(n):
-        return sample_batch(view, list(range(n)), 0, "ddim", args.steps, amp_dtype=amp)
+        return sample_batch(view, list(range(n)), 0, spec, amp_dtype=amp)
 
     def timed(fn, n):
         if device.type == "cuda":
@@ -124,12 +133,14 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"cpu, {torch.get_num_threads()} threads")
     result = {"device": where,
-              "torch": torch.__version__, "diffusers": diffusers_version, "date": time.strftime("%Y-%m-%d"),
-              "parameters": count_parameters(ours), "image_size": size, "steps": args.steps,
-              "precision": "bf16 weights" if amp else "fp32", "diffusers_channels_last": args.channels_last,
-              "compile": args.compile}
+              "torch": torch.__version__, "diffusers": diffusers_version,
+              "date": time.strftime("%Y-%m-%d"), "parameters": count_parameters(ours),
+              "image_size": size, "steps": args.steps,
+              "precision": "bf16 weights" if amp else "fp32",
+              "diffusers_channels_last": args.channels_last, "compile": args.compile}
     if args.job:
         total, batch = 5900, args.batch
         for fn in (run_ours, run_diffusers):
@@ -138,7 +149,8 @@ def main() -> None:
         secs = {}
         for name, fn in (("ddpmkit", run_ours), ("diffusers", run_diffusers)):
             secs[name] = sum(timed(fn, min(batch, total - i)) for i in range(0, total, batch))
-        result.update({"job": "5,900 images", "batch": batch, "ddpmkit_seconds": round(secs["ddpmkit"], 1),
+        result.update({"job": "5,900 images", "batch": batch,
+                       "ddpmkit_seconds": round(secs["ddpmkit"], 1),
                        "diffusers_seconds": round(secs["diffusers"], 1),
                        "speedup": round(secs["diffusers"] / secs["ddpmkit"], 3)})
     else:

@@ -28,8 +28,8 @@ from ddpmkit.samplers import nfe  # noqa: E402
 ROWS = [  # (sampler, steps, spacing)
     ("ddpm", 1000, "uniform"),
     ("ddim", 10, "uniform"), ("ddim", 20, "uniform"), ("ddim", 50, "uniform"),
-    ("dpmpp-2m", 10, "uniform"), ("dpmpp-2m", 20, "uniform"), ("dpmpp-2m", 10, "karras"), ("dpmpp-2m", 20, "karras"),
-    ("dpmpp-2m-sde", 20, "karras"), ("dpmpp-2m-sde", 50, "karras"),
+    ("dpmpp-2m", 10, "uniform"), ("dpmpp-2m", 20, "uniform"), ("dpmpp-2m", 10, "karras"),
+    ("dpmpp-2m", 20, "karras"), ("dpmpp-2m-sde", 20, "karras"), ("dpmpp-2m-sde", 50, "karras"),
     ("euler", 20, "karras"), ("heun", 10, "karras"), ("ddpm", 50, "uniform"),
 ]
 QUICK = [r for r in ROWS if r[1] <= 20 or r[0] == "ddpm" and r[1] == 1000]
@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="only rows of at most 20 steps, plus DDPM-1000")
+    ap.add_argument("--quick", action="store_true",
+                    help="only rows of at most 20 steps, plus DDPM-1000")
     ap.add_argument("--row", action="append", type=_row, metavar="SAMPLER:STEPS:SPACING",
                     help="only these rows (repeatable), e.g. to rerun one after a sampler changed")
     args = ap.parse_args()
@@ -53,14 +54,16 @@ def main() -> None:
     results = []
     for sampler, steps, spacing in args.row or (QUICK if args.quick else ROWS):
         t0 = time.perf_counter()
-        images = sample(run, num=args.num, seed=args.seed, sampler=sampler, steps=steps, spacing=spacing)
+        images = sample(run, num=args.num, seed=args.seed, sampler=sampler, steps=steps,
+                        spacing=spacing)
         seconds = time.perf_counter() - t0
         row = {"sampler": sampler, "steps": steps, "spacing": spacing, "nfe": nfe(sampler, steps),
                "seconds": round(seconds, 1), **score(images)}
         row.pop("class_shares")
         results.append(row)
         print(json.dumps(row), file=sys.stderr)
-    print(json.dumps({"run": str(args.run), "checkpoint_step": run.step, "num": args.num, "threads": torch.get_num_threads(),
+    print(json.dumps({"run": str(args.run), "checkpoint_step": run.step, "num": args.num,
+                      "threads": torch.get_num_threads(),
                       "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
 
 

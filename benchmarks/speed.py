@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.config import load_config  # noqa: E402
 from ddpmkit.run import Run  # noqa: E402
-from ddpmkit.generation import sample_batch  # noqa: E402
+from ddpmkit.generation import SamplingSpec, sample_batch  # noqa: E402
 from ddpmkit.runtime import autocast, autocast_dtype, resolve_device  # noqa: E402
 from ddpmkit.schedule import Schedule  # noqa: E402
 from ddpmkit.loss import diffusion_loss  # noqa: E402
@@ -53,15 +53,18 @@ def _median_time(fn, device, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench(preset: str, device: torch.device, repeats: int, sample_steps: int, gpu_batch: int | None) -> dict:
+def bench(preset: str, device: torch.device, repeats: int, sample_steps: int,
+          gpu_batch: int | None) -> dict:
     size, channels, train_batch, sample_batch_size = CASES[preset]
     if device.type == "cuda" and gpu_batch:
         train_batch = sample_batch_size = gpu_batch
-    cfg = load_config(None, {"model.preset": preset, "model.in_channels": channels, "data.image_size": size})
+    cfg = load_config(None, {"model.preset": preset, "model.in_channels": channels,
+                             "data.image_size": size})
     model = UNet(cfg.model, size).to(device)
     ema = UNet(cfg.model, size).to(device).eval().requires_grad_(False)
     if device.type == "cuda":
-        model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+        model, ema = (model.to(memory_format=torch.channels_last),
+                      ema.to(memory_format=torch.channels_last))
     amp = autocast_dtype("auto", device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     schedule = Schedule.from_config(cfg.diffusion)
@@ -81,11 +84,13 @@ def bench(preset: str, device: torch.device, repeats: int, sample_steps: int, gp
 
     train_sec = _median_time(train_step, device, repeats)
     view = Run(Path("."), cfg, ema, schedule, 0, "")
-    sample_sec = _median_time(lambda: sample_batch(view, list(range(sample_batch_size)), 0, "ddim", sample_steps),
+    spec = SamplingSpec(sampler="ddim", steps=sample_steps).checked(view)
+    sample_sec = _median_time(lambda: sample_batch(view, list(range(sample_batch_size)), 0, spec),
                               device, max(1, repeats // 2), warmup=1)
     return {
-        "preset": preset, "parameters": count_parameters(model), "image_size": size, "channels": channels,
-        "train_batch": train_batch, "train_images_per_sec": round(train_batch / train_sec, 2),
+        "preset": preset, "parameters": count_parameters(model), "image_size": size,
+        "channels": channels, "train_batch": train_batch,
+        "train_images_per_sec": round(train_batch / train_sec, 2),
         "sample_batch": sample_batch_size, "sample_steps": sample_steps,
         "sample_images_per_sec": round(sample_batch_size / sample_sec, 3),
         "precision": "fp32" if amp is None else str(amp).replace("torch.", ""),
@@ -102,7 +107,8 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    results = [bench(p, device, args.repeats, args.sample_steps, args.gpu_batch) for p in args.preset or list(CASES)]
+    results = [bench(p, device, args.repeats, args.sample_steps, args.gpu_batch)
+               for p in args.preset or list(CASES)]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(json.dumps({"device": str(device), "machine": machine, "torch": torch.__version__,

@@ -2,14 +2,17 @@
 
     ddpmkit balance run --out bal_g1 sample.guidance=1
     ddpmkit balance run --out bal_g2 sample.guidance=2
-    python benchmarks/synthetic_selection.py --real data.npz bal_g1 bal_g2     # scores on data.npz's val split
-    ddpmkit downstream --real data.npz --synthetic bal_<chosen> --out study/   # then, once, on the test split
+    python benchmarks/synthetic_selection.py --real data.npz bal_g1 bal_g2
+        # scores on data.npz's val split
+    ddpmkit downstream --real data.npz --synthetic bal_<chosen> --out study/
+        # then, once, on the test split
 
-Every arm uses `ddpmkit downstream`'s classifier and recipe (same seeds, steps, augmentation): the two
-baselines (real, oversampled) once, then real + each synthetic set. Validation images that the
-generator saw (PneumoniaMNIST's val split repeats 8 of its train images) are dropped, and counted. Prints JSON: balanced accuracy
-and per-class recall (mean and std over seeds) per arm, and the set with the best mean balanced accuracy.
-Choosing on the test split instead would make the study's verdict optimistic.
+Every arm uses `ddpmkit downstream`'s classifier and recipe (same seeds, steps, augmentation): the
+two baselines (real, oversampled) once, then real + each synthetic set. Validation images that the
+generator saw (PneumoniaMNIST's val split repeats 8 of its train images) are dropped, and counted.
+Prints JSON: balanced accuracy and per-class recall (mean and std over seeds) per arm, and the set
+with the best mean balanced accuracy. Choosing on the test split instead would make the study's
+verdict optimistic.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ddpmkit.downstream import Pool, combine, load_study_data, predict, scores, train_classifier  # noqa: E402
+from ddpmkit.downstream import (Pool, combine, load_study_data, predict, scores,  # noqa: E402
+                                train_classifier)
 
 
 def main() -> None:
@@ -34,8 +38,10 @@ def main() -> None:
     ap.add_argument("--val-split", default="val")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--synthetic-share", type=float, default=None, help="as `ddpmkit downstream --synthetic-share`")
-    ap.add_argument("--no-baselines", action="store_true", help="skip the real and oversampled arms (already measured)")
+    ap.add_argument("--synthetic-share", type=float, default=None,
+                    help="as `ddpmkit downstream --synthetic-share`")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="skip the real and oversampled arms (already measured)")
     args = ap.parse_args()
 
     def evaluate(pool: Pool, arm: str, val: Pool, names: list[str]) -> dict:
@@ -44,22 +50,26 @@ def main() -> None:
             net = train_classifier(pool, len(names), arm, seed, args.steps, batch=64, lr=2e-3,
                                    synthetic_share=args.synthetic_share)
             rows.append(scores(predict(net, val.images), val.labels, names))
-        out = {k: [round(float(np.mean([r[k] for r in rows])), 4), round(float(np.std([r[k] for r in rows], ddof=1)), 4)]
+        out = {k: [round(float(np.mean([r[k] for r in rows])), 4),
+                   round(float(np.std([r[k] for r in rows], ddof=1)), 4)]
                for k in rows[0] if k == "balanced_accuracy" or k.startswith("recall")}
         print(f"{arm}: {out} ({time.time() - t0:.0f} s)", file=sys.stderr)
         return out
 
     results, best = {}, None
     for i, folder in enumerate(args.synthetic):
-        names, real, synth, val, _, leakage = load_study_data(args.real, folder, None, args.real_split, args.val_split,
-                                                         drop_seen=True)
+        names, real, synth, val, _, leakage = load_study_data(args.real, folder, None,
+                                                              args.real_split, args.val_split,
+                                                              drop_seen=True)
         if i == 0 and not args.no_baselines:
             results["real"] = evaluate(real, "real", val, names)
             results["oversampled"] = evaluate(real, "oversampled", val, names)
         arm = f"real+{folder}"
         results[arm] = {**evaluate(combine(real, synth), "real+synthetic", val, names),
-                        "synthetic_per_class": np.bincount(synth.labels, minlength=len(names)).tolist()}
-        if best is None or results[arm]["balanced_accuracy"][0] > results[best]["balanced_accuracy"][0]:
+                        "synthetic_per_class": np.bincount(synth.labels,
+                                                           minlength=len(names)).tolist()}
+        if best is None or (results[arm]["balanced_accuracy"][0]
+                            > results[best]["balanced_accuracy"][0]):
             best = arm
     print(json.dumps({"split": args.val_split, "seeds": args.seeds, "steps": args.steps,
                       "synthetic_share": args.synthetic_share, "arms": results,

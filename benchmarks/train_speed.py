@@ -15,7 +15,8 @@ Each arm runs in its own process, so peak memory (CUDA: max allocated; CPU: max 
 
     pip install diffusers
     python benchmarks/train_speed.py                         # this CPU: fp32, batch 8
-    python benchmarks/train_speed.py --device cuda --batch 128 --bf16 --channels-last [--compile [MODE]]
+    python benchmarks/train_speed.py --device cuda --batch 128 --bf16 --channels-last
+        [--compile [MODE]]
     python benchmarks/train_speed.py --arch all ...         # also the 64x64 network
 
 Model-FLOPs utilisation (GPU): 3 x forward FLOPs (torch's FLOP counter) x images/s over the
@@ -40,7 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from sample_speed import CIFAR, JOB, build  # noqa: E402  (the same architectures, built the same way)
+# the same architectures, built the same way
+from sample_speed import CIFAR, JOB, build  # noqa: E402
 from ddpmkit.config import COMPILE_MODES  # noqa: E402
 from ddpmkit.runtime import compile_network  # noqa: E402
 
@@ -61,21 +63,25 @@ def run_ddpmkit(args, arch: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "images.npy"
         rng = np.random.default_rng(0)
-        np.save(data, rng.integers(0, 256, (max(1024, args.batch * 4), size, size, 3), dtype=np.uint8))
+        np.save(data,
+                rng.integers(0, 256, (max(1024, args.batch * 4), size, size, 3), dtype=np.uint8))
         _, ours, _ = build(arch, "cpu", False)  # only for its config
         overrides = {f"model.{k}": v for k, v in vars(ours.cfg).items() if k not in ("preset",)}
-        overrides.update({"model.preset": None, "model.dropout": 0.0, "model.compile": bool(args.compile),
-                          "model.compile_mode": args.compile or "default",
-                          "data.path": str(data), "data.image_size": size, "train.batch_size": args.batch,
+        overrides.update({"model.preset": None, "model.dropout": 0.0,
+                          "model.compile": bool(args.compile),
+                          "model.compile_mode": args.compile or "default", "data.path": str(data),
+                          "data.image_size": size, "train.batch_size": args.batch,
                           "train.max_steps": args.warmup + args.interval * args.repeats,
-                          "train.log_every": args.interval,
-                          "train.sample_every": 10**9, "train.checkpoint_every": 10**9, "train.device": args.device,
-                          "train.precision": "bf16" if args.bf16 else "fp32", "train.out_dir": str(Path(tmp) / "run"),
+                          "train.log_every": args.interval, "train.sample_every": 10**9,
+                          "train.checkpoint_every": 10**9, "train.device": args.device,
+                          "train.precision": "bf16" if args.bf16 else "fp32",
+                          "train.out_dir": str(Path(tmp) / "run"),
                           "train.channels_last": args.channels_last,
                           "train.warmup_steps": 1, "train.grid_images": 1, "train.grid_steps": 1})
         cfg = load_config(None, overrides)
         train(cfg, log=lambda *_: None, progress=False)
-        lines = [json.loads(x) for x in (Path(tmp) / "run" / "stats.jsonl").read_text().splitlines()]
+        lines = [json.loads(x)
+                 for x in (Path(tmp) / "run" / "stats.jsonl").read_text().splitlines()]
     timed = [r for r in lines if r["step"] > args.warmup]
     return {"images_per_sec": statistics.median(r["images_per_sec"] for r in timed),
             "peak_memory_mb": max(r["memory_mb"] for r in lines)}
@@ -94,10 +100,12 @@ def run_diffusers(args, arch: dict) -> dict:
     model = compile_network(unet, args.compile) if args.compile else unet
     size, amp = arch["size"], torch.bfloat16 if args.bf16 else None
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    images = torch.randint(0, 256, (max(1024, args.batch * 4), 3, size, size), dtype=torch.uint8, device=device)
+    images = torch.randint(0, 256, (max(1024, args.batch * 4), 3, size, size), dtype=torch.uint8,
+                           device=device)
 
     def step(i: int):
-        x0 = (images[torch.randint(0, len(images), (args.batch,), device=device)].float() / 127.5 - 1)
+        x0 = (images[torch.randint(0, len(images), (args.batch,), device=device)].float()
+              / 127.5 - 1)
         x0 = x0.contiguous(memory_format=fmt)
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (args.batch,), device=device)
@@ -142,15 +150,20 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--arch", default="cifar10", choices=[*ARCHS, "all"])
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=4, help="untimed steps first (a multiple of --interval)")
+    ap.add_argument("--warmup", type=int, default=4,
+                    help="untimed steps first (a multiple of --interval)")
     ap.add_argument("--interval", type=int, default=4, help="steps per timed interval")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--channels-last", action="store_true", help="both arms (ddpmkit: train.channels_last); else NCHW")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="both arms (ddpmkit: train.channels_last); else NCHW")
     ap.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                    help="torch.compile both networks (optionally in a mode: reduce-overhead adds CUDA graphs)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU, for MFU")
-    ap.add_argument("--arm", choices=["ddpmkit", "diffusers"], help=argparse.SUPPRESS)  # one arm, in a child process
+                    help="torch.compile both networks (optionally in a mode: reduce-overhead adds "
+                         "CUDA graphs)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="dense bf16 peak of the GPU, for MFU")
+    # one arm, in a child process
+    ap.add_argument("--arm", choices=["ddpmkit", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--one-arch", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -173,18 +186,23 @@ def main() -> None:
             if done.returncode:
                 raise SystemExit(f"{arm} on {name} failed:\n{done.stderr[-3000:]}")
             row[arm] = json.loads(done.stdout.strip().splitlines()[-1])
-        row["speedup"] = round(row["ddpmkit"]["images_per_sec"] / row["diffusers"]["images_per_sec"], 3)
+        row["speedup"] = round(
+            row["ddpmkit"]["images_per_sec"] / row["diffusers"]["images_per_sec"], 3)
         if device.type == "cuda":
             flops = 3 * forward_gflops(ARCHS[name]) * 1e9
             row["train_tflops_per_image"] = flops / 1e12
             for arm in ("ddpmkit", "diffusers"):
-                row[arm]["mfu"] = round(flops * row[arm]["images_per_sec"] / (args.peak_tflops * 1e12), 4)
+                row[arm]["mfu"] = round(
+                    flops * row[arm]["images_per_sec"] / (args.peak_tflops * 1e12), 4)
         results.append(row)
     print(json.dumps({
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "date": time.strftime("%Y-%m-%d"),
-        "batch": args.batch, "precision": "bf16" if args.bf16 else "fp32", "channels_last": args.channels_last,
-        "compile": args.compile, "timed": f"median of {args.repeats} intervals of {args.interval} steps after {args.warmup}",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu, {torch.get_num_threads()} threads"),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d"), "batch": args.batch,
+        "precision": "bf16" if args.bf16 else "fp32", "channels_last": args.channels_last,
+        "compile": args.compile,
+        "timed": f"median of {args.repeats} intervals of {args.interval} steps after {args.warmup}",
         "results": results}, indent=1))
 
 

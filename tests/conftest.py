@@ -16,17 +16,19 @@ from ddpmkit.config import load_config
 
 # A UNet of ~60k parameters, 100 diffusion steps, logging and checkpoints every few steps.
 TINY = {
-    "model.base_channels": 16, "model.norm_groups": 8, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
-    "diffusion.num_timesteps": 100, "train.batch_size": 32, "train.lr": 2e-3, "train.warmup_steps": 5,
-    "train.log_every": 5, "train.sample_every": 1000, "train.checkpoint_every": 10, "train.grid_images": 4,
-    "train.grid_steps": 5, "sample.steps": 10,
+    "model.base_channels": 16, "model.norm_groups": 8, "model.channel_mult": [1, 2],
+    "model.num_res_blocks": 1, "diffusion.num_timesteps": 100, "train.batch_size": 32,
+    "train.lr": 2e-3, "train.warmup_steps": 5, "train.log_every": 5, "train.sample_every": 1000,
+    "train.checkpoint_every": 10, "train.grid_images": 4, "train.grid_steps": 5, "sample.steps": 10,
 }
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Property tests: the same examples on every CI run; HYPOTHESIS_PROFILE=wide searches far more, at random.
+# Property tests: the same examples on every CI run; HYPOTHESIS_PROFILE=wide searches far more,
+# at random.
 settings.register_profile("ci", max_examples=80, derandomize=True, deadline=None)
-settings.register_profile("wide", max_examples=3000, derandomize=False, deadline=None, database=None)
+settings.register_profile("wide", max_examples=3000, derandomize=False, deadline=None,
+                          database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -44,7 +46,8 @@ def _threads():
     torch.set_num_threads(2)
 
 
-def write_images(folder: Path, n: int = 12, size=(10, 12), mode: str = "L", seed: int = 0) -> list[Path]:
+def write_images(folder: Path, n: int = 12, size=(10, 12), mode: str = "L",
+                 seed: int = 0) -> list[Path]:
     """n random images of `mode` into folder; returns their paths."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,13 @@ from conftest import TINY, write_images
 
 
 def test_plan_tops_every_class_up_to_the_largest():
-    assert plan({"benign": 5900, "malignant": 374, "other": 10}) == {"benign": 0, "malignant": 5526, "other": 5890}
+    assert (plan({"benign": 5900, "malignant": 374, "other": 10})
+            == {"benign": 0, "malignant": 5526, "other": 5890})
 
 
 def test_plan_target_sets_one_class_final_count():
-    assert plan({"benign": 5900, "malignant": 374}, target=6274, class_label="malignant") == {"benign": 0, "malignant": 5900}
+    assert (plan({"benign": 5900, "malignant": 374}, target=6274, class_label="malignant")
+            == {"benign": 0, "malignant": 5900})
     with pytest.raises(UserError, match="below the 374 real images"):
         plan({"benign": 5900, "malignant": 374}, target=100, class_label="malignant")
     with pytest.raises(UserError, match="go together"):
@@ -45,39 +47,48 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     for name, n in (("cat", 6), ("dog", 2)):
         write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=len(name) + n)
     run = tmp_path / "run"
-    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
-    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true", "train.max_steps=4",
-                 f"--out={run}", "--quiet", *args]) == 0
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true",
+                 "train.max_steps=4", f"--out={run}", "--quiet", *args]) == 0
     out = tmp_path / "balanced"
-    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
+                 "sample.steps=3"]) == 0
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     real = [r for r in rows if r["synthetic"] == "false"]
     fake = [r for r in rows if r["synthetic"] == "true"]
-    assert len(real) == 8 and {r["label"] for r in fake} == {"dog"} and len(fake) == 4  # dog: 2 real + 4 = 6
-    assert all((out / r["file"]).is_file() for r in fake) and all(r["file"].startswith(str(tmp_path)) for r in real)
-    assert len(list((out / "by_class" / "dog").iterdir())) == 6 and len(list((out / "by_class" / "cat").iterdir())) == 6
+    # dog: 2 real + 4 = 6
+    assert len(real) == 8 and {r["label"] for r in fake} == {"dog"} and len(fake) == 4
+    assert (all((out / r["file"]).is_file() for r in fake)
+            and all(r["file"].startswith(str(tmp_path)) for r in real))
+    assert (len(list((out / "by_class" / "dog").iterdir())) == 6
+            and len(list((out / "by_class" / "cat").iterdir())) == 6)
     assert (out / "classes" / "dog" / "manifest.csv").is_file()
     # rerunning the same command finds the images done and writes the same manifest
     before = (out / "manifest.csv").read_text()
-    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
+                 "sample.steps=3"]) == 0
     assert (out / "manifest.csv").read_text() == before
     # a smaller target: the class folders follow the new manifest, no stale link is left
-    assert main(["balance", str(run), "--out", str(out), "--target", "3", "--class", "dog", "--by-class-folders",
-                 "--quiet", "sample.steps=3"]) == 0
+    assert main(["balance", str(run), "--out", str(out), "--target", "3", "--class", "dog",
+                 "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
     assert len(list((out / "by_class" / "dog").iterdir())) == 3
-    # another seed is another set of images: refused, naming the --seed the user set (not the per-class seeds
-    # derived from it, which the classes' sampling jobs record), then replaced with --fresh
+    # another seed is another set of images: refused, naming the --seed the user set (not the
+    # per-class seeds derived from it, which the classes' sampling jobs record), then replaced
+    # with --fresh
     balance = ["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--seed", "5"]
     capsys.readouterr()
     assert main(balance) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{out} holds a balanced set generated with --seed 0, not 5" in err[0], err
+    assert (len(err) == 1
+            and f"{out} holds a balanced set generated with --seed 0, not 5" in err[0]), err
     assert main([*balance, "--fresh"]) == 0 and not (out / "by_class").exists()
     # the balanced set's root is not a sampling job's folder
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 2
-    assert main(["balance", str(run), "--out", str(out), "--proportions", "cat=0.5,dog=0.5", "--target", "9",
-                 "--class", "dog"]) == 2
-    assert main(["balance", str(run), "--out", str(out), "sample.num=100"]) == 2  # balance decides the counts
+    assert main(["balance", str(run), "--out", str(out), "--proportions", "cat=0.5,dog=0.5",
+                 "--target", "9", "--class", "dog"]) == 2
+    # balance decides the counts
+    assert main(["balance", str(run), "--out", str(out), "sample.num=100"]) == 2
     # nor is anything else a balanced set's root: a sampling job, a training run, someone's manifest
     job = tmp_path / "job"
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(job), "--quiet"]) == 0
@@ -85,16 +96,19 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "manifest.csv").write_text("file,label\n")
-    for target, says in ((job, "sampling job"), (run, "training run"), (foreign, "no ddpmkit balance wrote")):
+    for target, says in ((job, "sampling job"), (run, "training run"),
+                         (foreign, "no ddpmkit balance wrote")):
         capsys.readouterr()
         assert main(["balance", str(run), "--out", str(target), "--quiet", "sample.steps=3"]) == 2
         assert says in capsys.readouterr().err and not (target / "classes").exists()
-    assert (job / "manifest.csv").read_text() == before and (foreign / "manifest.csv").read_text() == "file,label\n"
+    assert ((job / "manifest.csv").read_text() == before
+            and (foreign / "manifest.csv").read_text() == "file,label\n")
 
 
 def test_balance_refuses_an_unconditional_run(tmp_path, capsys):
     run = tmp_path / "run"
-    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
     assert main(["train", "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
     assert main(["balance", str(run), "--out", str(tmp_path / "b")]) == 2
     assert "not class-conditional" in capsys.readouterr().err
@@ -103,10 +117,14 @@ def test_balance_refuses_an_unconditional_run(tmp_path, capsys):
 
 def test_class_names_that_clean_to_one_folder_name_get_distinct_folders():
     folders = class_folders(["x y", "x_y", "X_Y", "../up", "x_y-1"])
-    assert folders == {"x y": "x_y", "x_y": "x_y-1", "X_Y": "X_Y-2", "../up": "_up", "x_y-1": "x_y-1-4"}
-    assert len({f.lower() for f in folders.values()}) == 5  # distinct on case-insensitive file systems too
-    assert class_folders(["cat", "dog"]) == {"cat": "cat", "dog": "dog"}  # the usual case keeps its names
-    # folders an earlier balance made are kept (on Linux an older ddpmkit gave 'Cat' and 'cat' one each)
+    assert folders == {"x y": "x_y", "x_y": "x_y-1", "X_Y": "X_Y-2", "../up": "_up",
+                       "x_y-1": "x_y-1-4"}
+    # distinct on case-insensitive file systems too
+    assert len({f.lower() for f in folders.values()}) == 5
+    # the usual case keeps its names
+    assert class_folders(["cat", "dog"]) == {"cat": "cat", "dog": "dog"}
+    # folders an earlier balance made are kept (on Linux an older ddpmkit gave 'Cat' and 'cat'
+    # one each)
     assert class_folders(["Cat", "cat", "dog"], {"cat": "cat", "Cat": "Cat", "bird": "bird"}) == \
         {"Cat": "Cat", "cat": "cat", "dog": "dog"}
     assert class_folders(["Cat", "cat"], {"cat": "cat"}) == {"Cat": "Cat-0", "cat": "cat"}
@@ -119,17 +137,23 @@ def test_balance_keeps_classes_apart_whose_names_make_one_folder_name(tmp_path):
     rng, rows = np.random.default_rng(0), ["image,label"]
     (tmp_path / "imgs").mkdir()
     for i, label in enumerate(["a"] * 6 + ["x y"] * 2 + ["x_y"] * 3):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(tmp_path / "imgs" / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(
+            tmp_path / "imgs" / f"im{i}.png")
         rows.append(f"im{i}.png,{label}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     run = tmp_path / "run"
-    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
     assert main(["train", f"--data={tmp_path / 'imgs'}", f"data.labels={tmp_path / 'labels.csv'}",
-                 "model.class_conditional=true", "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
+                 "model.class_conditional=true", "train.max_steps=2", f"--out={run}", "--quiet",
+                 *args]) == 0
     out = tmp_path / "balanced"
-    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet", "sample.steps=2"]) == 0
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
+                 "sample.steps=2"]) == 0
     fake = [r for r in csv.DictReader(open(out / "manifest.csv")) if r["synthetic"] == "true"]
     assert sorted(r["label"] for r in fake) == ["x y"] * 4 + ["x_y"] * 3
-    assert len({r["file"] for r in fake}) == 7  # no image listed twice, none overwritten by the other class
+    # no image listed twice, none overwritten by the other class
+    assert len({r["file"] for r in fake}) == 7
     assert {r["file"].split("/")[1] for r in fake} == {"x_y", "x_y-2"}  # 'x y' first in class order
-    assert len(list((out / "by_class" / "x_y").iterdir())) == 6 and len(list((out / "by_class" / "x_y-2").iterdir())) == 6
+    assert (len(list((out / "by_class" / "x_y").iterdir())) == 6
+            and len(list((out / "by_class" / "x_y-2").iterdir())) == 6)

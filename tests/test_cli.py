@@ -32,15 +32,19 @@ def trained(tmp_path_factory):
 
 def test_sample_writes_the_layout(trained, tmp_path):
     out = tmp_path / "s"
-    assert cli("sample", trained, "--num", 40, "--sampler", "ddim", "--steps", 5, "--seed", 0, "--out", out, "--gif") == 0
+    assert cli("sample", trained, "--num", 40, "--sampler", "ddim", "--steps", 5, "--seed", 0,
+               "--out", out, "--gif") == 0
     pngs = sorted((out / "individual").iterdir())
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(40)]
     with Image.open(pngs[0]) as im:
         assert im.size == (8, 8) and im.mode == "L" and im.text["ddpmkit"] == "synthetic"
-    assert sorted(p.name for p in (out / "grids").iterdir()) == ["grid_4x4.png", "grid_6x6.png"]  # 8x8 needs 64
+    assert (sorted(p.name for p in (out / "grids").iterdir())
+            == ["grid_4x4.png", "grid_6x6.png"])  # 8x8 needs 64
     rows = list(csv.DictReader(open(out / "manifest.csv")))
-    assert list(rows[0]) == ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
-    assert len(rows) == 40 and rows[3]["file"] == "individual/000003.png" and rows[3]["synthetic"] == "true"
+    assert list(rows[0]) == ["file", "index", "seed", "sampler", "steps", "checkpoint", "label",
+                             "synthetic"]
+    assert (len(rows) == 40 and rows[3]["file"] == "individual/000003.png"
+            and rows[3]["synthetic"] == "true")
     assert rows[0]["steps"] == "5" and rows[0]["checkpoint"] == "step_000000020.safetensors"
     with Image.open(out / "trajectory.gif") as gif:
         assert gif.n_frames == 5
@@ -48,8 +52,8 @@ def test_sample_writes_the_layout(trained, tmp_path):
 
 def test_sampling_does_not_depend_on_batch_size(trained, tmp_path):
     for bs in (3, 16):
-        assert cli("sample", trained, "--num", 7, "--steps", 4, "--batch-size", bs, "--out", tmp_path / str(bs),
-                   "--sampler", "ddpm") == 0
+        assert cli("sample", trained, "--num", 7, "--steps", 4, "--batch-size", bs,
+                   "--out", tmp_path / str(bs), "--sampler", "ddpm") == 0
     for i in range(7):
         a = (tmp_path / "3" / "individual" / f"{i:06d}.png").read_bytes()
         assert a == (tmp_path / "16" / "individual" / f"{i:06d}.png").read_bytes()
@@ -65,8 +69,8 @@ def test_upsampled_output_and_raw_weights(trained, tmp_path):
 def test_rgb_folder_training_writes_rgb(tmp_path):
     write_images(tmp_path / "imgs", 10, size=(12, 12), mode="RGB")
     run = tmp_path / "rgb"
-    assert cli("train", *TINY_ARGS, "--data", tmp_path / "imgs", "--image-size", 8, "--steps", 3, "--out", run,
-               "--quiet") == 0
+    assert cli("train", *TINY_ARGS, "--data", tmp_path / "imgs", "--image-size", 8, "--steps", 3,
+               "--out", run, "--quiet") == 0
     assert cli("sample", run, "--num", 1, "--steps", 2, "--out", tmp_path / "o") == 0
     with Image.open(tmp_path / "o" / "individual" / "000000.png") as im:
         assert im.mode == "RGB" and im.size == (8, 8)
@@ -82,15 +86,17 @@ def user_error(capsys, *args, match: str):
 
 def test_user_errors_are_one_line(capsys, tmp_path, trained):
     out = tmp_path / "never"
-    user_error(capsys, "train", "--data", tmp_path / "missing", "--out", out, match="data path not found")
+    user_error(capsys, "train", "--data", tmp_path / "missing", "--out", out,
+               match="data path not found")
     (tmp_path / "empty").mkdir()
     user_error(capsys, "train", "--data", tmp_path / "empty", "--out", out, match="no images")
     write_images(tmp_path / "imgs", 2)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG garbage")
-    user_error(capsys, "train", "--data", tmp_path / "imgs", "data.on_error=fail", "--out", out, match="broken.png")
+    user_error(capsys, "train", "--data", tmp_path / "imgs", "data.on_error=fail", "--out", out,
+               match="broken.png")
     (tmp_path / "labels.csv").write_text("image,label\nimg_000.png,a\nghost.png,a\n")
-    user_error(capsys, "train", "--data", tmp_path / "imgs", f"data.labels={tmp_path / 'labels.csv'}", "--out", out,
-               match="ghost.png")
+    user_error(capsys, "train", "--data", tmp_path / "imgs",
+               f"data.labels={tmp_path / 'labels.csv'}", "--out", out, match="ghost.png")
     user_error(capsys, "train", "train.learning_rate=1", "--out", out, match="train.learning_rate")
     user_error(capsys, "train", "train.batch_size=-1", "--out", out, match="must be positive")
     user_error(capsys, "train", tmp_path / "nope.yaml", match="config file not found")
@@ -99,7 +105,8 @@ def test_user_errors_are_one_line(capsys, tmp_path, trained):
     user_error(capsys, "sample", trained, "--num", 0, "--out", tmp_path / "x", match="sample.num")
     (tmp_path / "afile").write_text("x")
     user_error(capsys, "sample", trained, "--out", tmp_path / "afile", match="is a file")
-    user_error(capsys, "sample", trained, "--checkpoint", 12345, "--out", tmp_path / "x", match="no checkpoint at step")
+    user_error(capsys, "sample", trained, "--checkpoint", 12345, "--out", tmp_path / "x",
+               match="no checkpoint at step")
     user_error(capsys, "sample", trained, "train.lr=1", match="only sample.* keys")
 
 
@@ -108,7 +115,8 @@ def test_checkpoint_from_another_architecture_is_refused(capsys, trained, tmp_pa
 
     other = tmp_path / "other"
     args = [a for a in TINY_ARGS if not a.startswith("model.base_channels")]
-    assert cli("train", *args, "model.base_channels=24", "--steps", 2, "--out", other, "--quiet") == 0
+    assert cli("train", *args, "model.base_channels=24", "--steps", 2, "--out", other,
+               "--quiet") == 0
     mixed = tmp_path / "mixed"
     shutil.copytree(trained, mixed)
     shutil.copy(other / "config.yaml", mixed / "config.yaml")  # config and weights disagree
@@ -116,7 +124,8 @@ def test_checkpoint_from_another_architecture_is_refused(capsys, trained, tmp_pa
 
 
 def test_python_dash_m_and_help():
-    out = subprocess.run([sys.executable, "-m", "ddpmkit", "sample", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ddpmkit", "sample", "--help"], capture_output=True,
+                         text=True)
     assert out.returncode == 0 and "--sampler" in out.stdout and "examples:" in out.stdout
 
 
@@ -125,12 +134,15 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     args = [*TINY_ARGS, "train.max_steps=60", "train.checkpoint_every=10", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "ddpmkit", "train", *args]
-    subprocess.run(base + ["--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    subprocess.run(base + ["--out", str(tmp_path / "straight")], check=True, env=env,
+                   capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(base + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(base + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoints" / "step_000000020.safetensors").exists():
+    while (time.time() < deadline
+           and not (killed / "checkpoints" / "step_000000020.safetensors").exists()):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -145,6 +157,7 @@ def test_json_output_for_scripts(trained, tmp_path, capsys):
     assert cli("sample", trained, "--num", 2, "--steps", 2, "--out", tmp_path / "j", "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["num"] == 2 and out["manifest"].endswith("manifest.csv")
-    assert cli("train", *TINY_ARGS, "--steps", 20, "--out", trained, "--json") == 0  # already trained: a no-op
+    # already trained: a no-op
+    assert cli("train", *TINY_ARGS, "--steps", 20, "--out", trained, "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 20 and out["report"].endswith("report.html")

@@ -1,4 +1,5 @@
-"""The shape ARCHITECTURE.md promises a reader: functions that fit on a screen, short argument lists."""
+"""The shape ARCHITECTURE.md promises a reader:
+functions that fit on a screen, short argument lists."""
 
 import ast
 from pathlib import Path
@@ -29,7 +30,8 @@ def test_every_function_fits_on_a_screen_with_a_short_argument_list(limit):
         over = [f"{name} ({node.end_lineno - node.lineno + 1} lines)" for name, node in found
                 if node.end_lineno - node.lineno + 1 > MAX_LINES]
     else:
-        over = [f"{name} ({_positional(node)} positional)" for name, node in found if _positional(node) > MAX_POSITIONAL]
+        over = [f"{name} ({_positional(node)} positional)" for name, node in found
+                if _positional(node) > MAX_POSITIONAL]
     assert not over, over
 
 
@@ -37,5 +39,6 @@ def test_the_check_sees_what_it_refuses(tmp_path):
     long = ast.parse("def f(a, b, c, d, e, f, g):\n" + "    x = 1\n" * 90)
     node = long.body[0]
     assert _positional(node) == 7 and node.end_lineno - node.lineno + 1 == 91
-    method = ast.parse("class C:\n    def m(self, a, b, c, d, e, f, *, g=1):\n        pass\n").body[0].body[0]
+    method = ast.parse("class C:\n    def m(self, a, b, c, d, e, f, *, g=1):\n"
+                       "        pass\n").body[0].body[0]
     assert _positional(method) == 6

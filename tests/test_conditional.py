@@ -36,12 +36,14 @@ def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional(tiny):
     t = torch.full((3,), 40.0)
 
     def run(guidance):
-        return Denoiser(net, schedule, "eps", clip_x0=False, labels=labels, guidance=guidance)(x, 40.0)[1]
+        return Denoiser(net, schedule, "eps", clip_x0=False, labels=labels,
+                        guidance=guidance)(x, 40.0)[1]
 
     with torch.no_grad():
         uncond, cond = net(x, t), net(x, t, labels)
         assert torch.equal(net(x, t, torch.full((3,), -1)), uncond)  # label -1 = no class
-    assert torch.allclose(run(0.0), uncond, atol=1e-5) and torch.allclose(run(1.0), cond, atol=1e-5)
+    assert (torch.allclose(run(0.0), uncond, atol=1e-5)
+            and torch.allclose(run(1.0), cond, atol=1e-5))
     assert not torch.allclose(cond, uncond, atol=1e-3)
     assert torch.allclose(run(3.0), uncond + 3.0 * (cond - uncond), atol=1e-4)
 
@@ -50,9 +52,10 @@ def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional(tiny):
 def conditional_run(tmp_path_factory):
     """A small class-conditional model of the digits (about a minute on 2 CPU cores)."""
     out = tmp_path_factory.mktemp("cond") / "run"
-    cfg = load_config(None, {"model.class_conditional": True, "model.base_channels": 32, "model.num_res_blocks": 1,
-                             "train.max_steps": 800, "train.lr": 2e-3, "train.log_every": 100,
-                             "train.sample_every": 10**6, "train.checkpoint_every": 800, "train.out_dir": str(out)})
+    cfg = load_config(None, {"model.class_conditional": True, "model.base_channels": 32,
+                             "model.num_res_blocks": 1, "train.max_steps": 800, "train.lr": 2e-3,
+                             "train.log_every": 100, "train.sample_every": 10**6,
+                             "train.checkpoint_every": 800, "train.out_dir": str(out)})
     train(cfg, log=quiet, progress=False)
     return out
 
@@ -68,12 +71,14 @@ def _judge():
 
 def test_conditional_samples_show_the_requested_class(conditional_run):
     run = load_run(conditional_run)
-    assert run.config.data.class_names == [str(i) for i in range(10)] and run.config.model.num_classes == 10
+    assert (run.config.data.class_names == [str(i) for i in range(10)]
+            and run.config.model.num_classes == 10)
     judge = _judge()
 
     def accuracy(guidance, digit):
-        images = sample(run, num=40, seed=1, sampler="ddim", steps=20, class_label=str(digit) if guidance else None,
-                        guidance=guidance)  # guidance 0 with a class is refused: the unconditional model ignores it
+        # guidance 0 with a class is refused: the unconditional model ignores it
+        images = sample(run, num=40, seed=1, sampler="ddim", steps=20,
+                        class_label=str(digit) if guidance else None, guidance=guidance)
         return (judge.predict(images.reshape(40, 64).numpy() / 255.0) == digit).mean()
 
     guided = np.mean([accuracy(3.0, d) for d in (0, 3, 7)])
@@ -83,11 +88,14 @@ def test_conditional_samples_show_the_requested_class(conditional_run):
 
 
 def test_label_dropout_one_leaves_the_class_embedding_untrained(tiny):
-    run = train(tiny(**{"model.class_conditional": True, "train.label_dropout": 1.0, "train.max_steps": 10,
-                        "train.checkpoint_every": 5}), log=quiet, progress=False)
+    run = train(tiny(**{"model.class_conditional": True, "train.label_dropout": 1.0,
+                        "train.max_steps": 10, "train.checkpoint_every": 5}),
+                log=quiet, progress=False)
     early, late = load_file(run.checkpoint_file(5)), load_file(run.checkpoint_file(10))
-    assert torch.equal(early["model/class_embedding.weight"], late["model/class_embedding.weight"])  # never used
-    assert not torch.equal(early["model/conv_in.weight"], late["model/conv_in.weight"])  # the rest trained
+    assert torch.equal(early["model/class_embedding.weight"],
+                       late["model/class_embedding.weight"])  # never used
+    assert not torch.equal(early["model/conv_in.weight"],
+                           late["model/conv_in.weight"])  # the rest trained
 
 
 def test_labels_from_class_subfolders_csv_and_npz(tmp_path, tiny):
@@ -95,10 +103,13 @@ def test_labels_from_class_subfolders_csv_and_npz(tmp_path, tiny):
         write_images(tmp_path / "pets" / name, n=3, size=(8, 8))
     data = load_images(tiny(**{"data.path": str(tmp_path / "pets")}).data)
     assert sorted(set(data.labels)) == ["cat", "dog"] and data.labels.count("cat") == 3
-    np.savez(tmp_path / "m.npz", train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.array([[2], [10], [2], [1]]))
-    run = train(tiny(**{"data.path": str(tmp_path / "m.npz"), "model.class_conditional": True, "train.max_steps": 2}),
+    np.savez(tmp_path / "m.npz", train_images=np.zeros((4, 8, 8), np.uint8),
+             train_labels=np.array([[2], [10], [2], [1]]))
+    run = train(tiny(**{"data.path": str(tmp_path / "m.npz"), "model.class_conditional": True,
+                        "train.max_steps": 2}),
                 log=quiet, progress=False)
-    assert load_run(run.path).config.data.class_names == ["1", "2", "10"]  # numbers in numeric order
+    # numbers in numeric order
+    assert load_run(run.path).config.data.class_names == ["1", "2", "10"]
     with pytest.raises(UserError, match="needs labels"):
         np.save(tmp_path / "x.npy", np.zeros((4, 8, 8), np.uint8))
         train(tiny(**{"data.path": str(tmp_path / "x.npy"), "model.class_conditional": True,
@@ -107,22 +118,29 @@ def test_labels_from_class_subfolders_csv_and_npz(tmp_path, tiny):
 
 def test_sample_command_class_and_manifest(conditional_run, tmp_path, capsys):
     out = tmp_path / "s"
-    assert main(["sample", str(conditional_run), "-n", "6", "--class", "4", "--guidance", "2", "--steps", "5",
-                 "--out", str(out), "--quiet"]) == 0
+    assert main(["sample", str(conditional_run), "-n", "6", "--class", "4", "--guidance", "2",
+                 "--steps", "5", "--out", str(out), "--quiet"]) == 0
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     assert [r["label"] for r in rows] == ["4"] * 6 and all(r["synthetic"] == "true" for r in rows)
-    assert main(["sample", str(conditional_run), "-n", "12", "--steps", "5", "--out", str(tmp_path / "all"), "--quiet"]) == 0
+    assert main(["sample", str(conditional_run), "-n", "12", "--steps", "5",
+                 "--out", str(tmp_path / "all"), "--quiet"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "all" / "manifest.csv")))
     assert [r["label"] for r in rows] == [str(k % 10) for k in range(12)]  # classes in turn
-    assert main(["sample", str(conditional_run), "-n", "2", "--class", "cat", "--out", str(tmp_path / "x")]) == 2
+    assert main(["sample", str(conditional_run), "-n", "2", "--class", "cat",
+                 "--out", str(tmp_path / "x")]) == 2
     assert "--class cat: not a class of" in capsys.readouterr().err
-    # guidance 0 is the unconditional model: its images carry no class, and asking for one is refused
-    assert main(["sample", str(conditional_run), "-n", "3", "--guidance", "0", "--steps", "2", "--out",
-                 str(tmp_path / "u"), "--quiet"]) == 0
-    assert [r["label"] for r in csv.DictReader(open(tmp_path / "u" / "manifest.csv"))] == ["", "", ""]
-    assert main(["sample", str(conditional_run), "-n", "2", "--class", "4", "--guidance", "0", "--out",
-                 str(tmp_path / "x")]) == 2
-    assert "--class 4 with sample.guidance=0: guidance 0 samples the unconditional model" in capsys.readouterr().err
-    assert main(["balance", str(conditional_run), "--out", str(tmp_path / "b"), "--guidance", "0"]) == 2
-    assert "balance with sample.guidance=0 would label unconditional samples" in capsys.readouterr().err
+    # guidance 0 is the unconditional model: its images carry no class, and asking for one is
+    # refused
+    assert main(["sample", str(conditional_run), "-n", "3", "--guidance", "0", "--steps", "2",
+                 "--out", str(tmp_path / "u"), "--quiet"]) == 0
+    assert ([r["label"] for r in csv.DictReader(open(tmp_path / "u" / "manifest.csv"))]
+            == ["", "", ""])
+    assert main(["sample", str(conditional_run), "-n", "2", "--class", "4", "--guidance", "0",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert ("--class 4 with sample.guidance=0: guidance 0 samples the unconditional model"
+            in capsys.readouterr().err)
+    assert main(["balance", str(conditional_run), "--out", str(tmp_path / "b"),
+                 "--guidance", "0"]) == 2
+    assert ("balance with sample.guidance=0 would label unconditional samples"
+            in capsys.readouterr().err)
     assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()

@@ -8,7 +8,8 @@ from ddpmkit.errors import UserError
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, {"train.lr": "1e-4", "data.image_size": 16, "model.channel_mult": [1, 2]})
+    cfg = load_config(None, {"train.lr": "1e-4", "data.image_size": 16,
+                             "model.channel_mult": [1, 2]})
     assert cfg.train.lr == pytest.approx(1e-4)  # YAML 1.1 reads 1e-4 as a string: still a float
     assert cfg.data.image_size == 16
 
@@ -35,7 +36,8 @@ def test_parse_override_reads_yaml_values():
     ({"model.preset": "huge"}, "model.preset"),
     ({"train.ema_decay": 1.5}, "train.ema_decay"),
     ({"sample.steps": 5000}, "sample.steps"),
-    ({"sample.compile": True, "sample.compile_mode": "fast"}, "sample.compile_mode: 'fast' is not one of"),
+    ({"sample.compile": True, "sample.compile_mode": "fast"},
+     "sample.compile_mode: 'fast' is not one of"),
     # nan passes every sign check and trains (or samples) nothing but NaN; inf likewise
     ({"train.lr": float("nan")}, "train.lr: must be a finite number"),
     ({"train.lr": float("inf")}, "train.lr: must be a finite number"),
@@ -46,7 +48,8 @@ def test_parse_override_reads_yaml_values():
     ({"model.norm_eps": -1}, "model.norm_eps: must be positive"),
     ({"model.in_channels": 0}, "model.in_channels: must be positive"),
     ({"model.attention_head_dim": 0}, "model.attention_head_dim: must be positive"),
-    ({"model.attention_head_dim": 20}, "model.attention_head_dim: 20 makes 3 heads of the 64 channels of a level"),
+    ({"model.attention_head_dim": 20},
+     "model.attention_head_dim: 20 makes 3 heads of the 64 channels of a level"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -55,8 +58,10 @@ def test_bad_values_name_the_key(overrides, message):
 
 def test_attention_resolutions_must_name_a_level_of_the_model(tmp_path):
     load_config(None, {"data.image_size": 32, "model.attention_resolutions": [16]})
-    with pytest.raises(UserError, match=r"no level of this model is 16x16 \(data.image_size=28, .*levels 28, 14, 7\)"):
-        load_config(None, {"data.image_size": 28, "model.channel_mult": [1, 2, 2], "model.attention_resolutions": [16]})
+    with pytest.raises(UserError, match=r"no level of this model is 16x16 "
+                                        r"\(data.image_size=28, .*levels 28, 14, 7\)"):
+        load_config(None, {"data.image_size": 28, "model.channel_mult": [1, 2, 2],
+                           "model.attention_resolutions": [16]})
 
 
 def test_yaml_file_unknown_section(tmp_path):
@@ -69,7 +74,8 @@ def test_yaml_file_unknown_section(tmp_path):
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = load_config(None, {"model.preset": "ddpm-cifar10", "data.image_size": 32, "train.lr": 2e-4})
+    cfg = load_config(None, {"model.preset": "ddpm-cifar10", "data.image_size": 32,
+                             "train.lr": 2e-4})
     p = tmp_path / "c.yaml"
     p.write_text(to_yaml(cfg))
     assert load_config(p) == cfg

@@ -30,14 +30,17 @@ def test_folder_grayscale_stays_grayscale_and_is_resized(tmp_path):
 def test_folder_rgb_and_forced_channels(tmp_path):
     write_images(tmp_path, 4, mode="RGB")
     assert load_images(DataConfig(path=str(tmp_path), image_size=8)).images.shape == (4, 3, 8, 8)
-    assert load_images(DataConfig(path=str(tmp_path), image_size=8, channels=1)).images.shape == (4, 1, 8, 8)
+    assert (load_images(DataConfig(path=str(tmp_path), image_size=8, channels=1)).images.shape
+            == (4, 1, 8, 8))
 
 
 def test_mixed_modes_become_one_format(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
-    Image.fromarray(rng.integers(0, 255, (9, 9, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
-    Image.fromarray(rng.integers(0, 255, (9, 9), dtype=np.uint8)).convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(rng.integers(0, 255, (9, 9, 4), dtype=np.uint8), "RGBA").save(
+        tmp_path / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (9, 9), dtype=np.uint8)).convert("P").save(
+        tmp_path / "pal.png")
     Image.fromarray(rng.integers(0, 65535, (9, 9), dtype=np.uint16)).save(tmp_path / "deep.png")
     Image.fromarray(rng.integers(0, 255, (12, 7), dtype=np.uint8)).save(tmp_path / "gray.jpg")
     d = load_images(DataConfig(path=str(tmp_path), image_size=8))
@@ -55,11 +58,13 @@ def test_twelve_bit_values_in_sixteen_bit_files_are_read_as_twelve_bit(tmp_path)
     Image.fromarray(np.full((8, 8), 4095, dtype=np.uint16)).save(tmp_path / "white12.png")
     Image.fromarray(np.full((8, 8), 2048, dtype=np.uint16)).save(tmp_path / "grey12.png")
     d = load_images(DataConfig(path=str(tmp_path), image_size=8))
-    assert sorted(int(v) for v in d.images.amax((1, 2, 3))) == [128, 255]  # files sort grey12, white12
+    # files sort grey12, white12
+    assert sorted(int(v) for v in d.images.amax((1, 2, 3))) == [128, 255]
     assert "12-bit values (largest 4095" in d.source
     forced = load_images(DataConfig(path=str(tmp_path), image_size=8, bit_depth=16))
     assert sorted(int(v) for v in forced.images.amax((1, 2, 3))) == [8, 16]  # 2048/257, 4095/257
-    with pytest.raises(UserError, match=r"values up to 4095 do not fit data.bit_depth=10 \(yours, .*\): use at least 12 bits"):
+    with pytest.raises(UserError, match=r"values up to 4095 do not fit data.bit_depth=10 "
+                                        r"\(yours, .*\): use at least 12 bits"):
         load_images(DataConfig(path=str(tmp_path), image_size=8, bit_depth=10))
 
 
@@ -77,25 +82,32 @@ def test_wide_integer_arrays_take_one_bit_depth_for_the_whole_file(tmp_path):
     d = load_images(DataConfig(path=str(tmp_path / "ten.npy"), image_size=8))
     assert [int(v) for v in d.images.amax((1, 2, 3))] == [255, 25, 0] and "10-bit" in d.source
     assert int(array_to_uint8_nchw(arr, "x", value_scale(arr, "x", bit_depth=16)).max()) == 4
-    eight_bit_values = np.full((2, 8, 8), 255, dtype=np.int32)  # 8-bit data in a wide type stays as it is
+    # 8-bit data in a wide type stays as it is
+    eight_bit_values = np.full((2, 8, 8), 255, dtype=np.int32)
     assert int(array_to_uint8_nchw(eight_bit_values, "x").min()) == 255
 
 
 def test_float_and_signed_image_files_beyond_the_usual_ranges_load_as_clipped_integers(tmp_path):
-    # a float TIFF of raw counts and a 32-bit TIFF with negative values (CT in Hounsfield units): read as
-    # integers clipped to 0..65535, at the depth of their largest value, and said so; arrays are refused
+    # a float TIFF of raw counts and a 32-bit TIFF with negative values (CT in Hounsfield units):
+    # read as integers clipped to 0..65535, at the depth of their largest value, and said so;
+    # arrays are refused
     Image.fromarray(np.full((8, 8), 3000.0, dtype=np.float32)).save(tmp_path / "counts.tif")
     d = load_images(DataConfig(path=str(tmp_path), image_size=8))
-    assert int(d.images.max()) == round(3000 * 255 / 4095) and "12-bit values" in d.source and d.bit_depth == 12
+    assert (int(d.images.max()) == round(3000 * 255 / 4095) and "12-bit values" in d.source
+            and d.bit_depth == 12)
     (tmp_path / "counts.tif").unlink()
-    Image.fromarray(np.array([[-1000] * 4 + [1000] * 4] * 8, dtype=np.int32)).save(tmp_path / "hu.tif")
+    Image.fromarray(np.array([[-1000] * 4 + [1000] * 4] * 8, dtype=np.int32)).save(
+        tmp_path / "hu.tif")
     d = load_images(DataConfig(path=str(tmp_path), image_size=8))
-    assert sorted(set(d.images.flatten().tolist())) == [0, round(1000 * 255 / 1023)]  # 10-bit: largest 1000
+    # 10-bit: largest 1000
+    assert sorted(set(d.images.flatten().tolist())) == [0, round(1000 * 255 / 1023)]
     assert "clipped from [-1000, 1000]" in d.source
     with pytest.raises(UserError, match="integer values in"):
         array_to_uint8_nchw(np.full((1, 8, 8), -5, dtype=np.int32), "x")
-    (tmp_path / "hu.tif").unlink()  # a float TIFF of [0, 1] data a little past 1 is refused, not read nearly black
-    Image.fromarray(np.linspace(0, 1.2, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "ratio.tif")
+    (tmp_path / "hu.tif").unlink()
+    # a float TIFF of [0, 1] data a little past 1 is refused, not read nearly black
+    Image.fromarray(np.linspace(0, 1.2, 64, dtype=np.float32).reshape(8, 8)).save(
+        tmp_path / "ratio.tif")
     with pytest.raises(UserError, match=r"float values in \[0, 1.2\] are past \[0,1\]"):
         load_images(DataConfig(path=str(tmp_path), image_size=8))
 
@@ -118,7 +130,8 @@ def test_mixed_wide_kinds_share_one_depth(tmp_path):
     Image.fromarray(np.full((8, 8), 40000.0, dtype=np.float32)).save(tmp_path / "mixed" / "a.tif")
     Image.fromarray(np.full((8, 8), 3000, dtype=np.uint16)).save(tmp_path / "mixed" / "b.png")
     d = load_images(DataConfig(path=str(tmp_path / "mixed"), image_size=8))
-    assert [int(v) for v in d.images.amax((1, 2, 3))] == [round(40000 / 257), round(3000 / 257)] and d.bit_depth == 16
+    assert ([int(v) for v in d.images.amax((1, 2, 3))] == [round(40000 / 257), round(3000 / 257)]
+            and d.bit_depth == 16)
 
 
 def test_unreadable_images_are_skipped_and_reported_or_fail(tmp_path):
@@ -128,17 +141,20 @@ def test_unreadable_images_are_skipped_and_reported_or_fail(tmp_path):
     (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "notes.txt").write_text("not an image")
     d = load_images(DataConfig(path=str(tmp_path), image_size=8))
-    assert len(d) == 3 and sorted(p.split("/")[-1] for p, _ in d.skipped) == ["empty.png", "truncated.png"]
+    assert (len(d) == 3
+            and sorted(p.split("/")[-1] for p, _ in d.skipped) == ["empty.png", "truncated.png"])
     with pytest.raises(UserError, match="cannot read image"):
         load_images(DataConfig(path=str(tmp_path), image_size=8, on_error="fail"))
 
 
 def test_csv_filters_by_label_with_or_without_extensions(tmp_path):
     write_images(tmp_path / "imgs", 6)
-    rows = ["image_name,target"] + [f"img_{i:03d}{'.png' if i % 2 else ''},{i % 3 == 0:d}" for i in range(6)]
+    rows = ["image_name,target"] + [f"img_{i:03d}{'.png' if i % 2 else ''},{i % 3 == 0:d}"
+                                    for i in range(6)]
     (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
-    cfg = DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "meta.csv"), image_column="image_name",
-                     label_column="target", filter_label="1", image_size=8)
+    cfg = DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "meta.csv"),
+                     image_column="image_name", label_column="target", filter_label="1",
+                     image_size=8)
     d = load_images(cfg)
     assert len(d) == 2 and d.labels == ["1", "1"]
 
@@ -154,19 +170,22 @@ def test_csv_filters_by_label_with_or_without_extensions(tmp_path):
 def test_bad_csvs_are_named(tmp_path, content, message):
     write_images(tmp_path / "imgs", 2)
     (tmp_path / "l.csv").write_text(content)
-    cfg = DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"), image_size=8, filter_label="1")
+    cfg = DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"), image_size=8,
+                     filter_label="1")
     with pytest.raises(UserError, match=message):
         load_images(cfg)
 
 
-@pytest.mark.parametrize("shape", [(5, 12, 12), (5, 12, 12, 1), (5, 1, 12, 12), (5, 12, 12, 3), (5, 3, 12, 12)])
+@pytest.mark.parametrize("shape", [(5, 12, 12), (5, 12, 12, 1), (5, 1, 12, 12), (5, 12, 12, 3),
+                                   (5, 3, 12, 12)])
 def test_array_layouts(tmp_path, shape):
     arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     np.save(tmp_path / "x.npy", arr)
     d = load_images(DataConfig(path=str(tmp_path / "x.npy"), image_size=12))
     c = 3 if 3 in shape[1:] else 1
     assert d.images.shape == (5, c, 12, 12)
-    expected = arr.reshape(5, 12, 12, -1).transpose(0, 3, 1, 2) if shape[-1] in (1, 3) else arr.reshape(5, c, 12, 12)
+    expected = (arr.reshape(5, 12, 12, -1).transpose(0, 3, 1, 2) if shape[-1] in (1, 3)
+                else arr.reshape(5, c, 12, 12))
     assert torch.equal(d.images, torch.from_numpy(np.ascontiguousarray(expected)))
 
 
@@ -182,7 +201,8 @@ def test_float_ranges_map_to_uint8(lo, hi):
     (np.zeros((4, 4)), "expected"),
     (np.zeros((2, 5, 5, 7)), "no channel axis"),
     (np.full((2, 4, 4), 300.0), "float values"),
-    (np.linspace(0, 1.5, 32).reshape(2, 4, 4), r"float values in \[0, 1.5\] are past \[0,1\] yet would be nearly black"),
+    (np.linspace(0, 1.5, 32).reshape(2, 4, 4),
+     r"float values in \[0, 1.5\] are past \[0,1\] yet would be nearly black"),
     (np.zeros((0, 4, 4), dtype=np.uint8), "no images"),
 ])
 def test_bad_arrays(arr, message):
@@ -193,10 +213,12 @@ def test_bad_arrays(arr, message):
 def test_npz_medmnist_style_with_split(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 255, (7, 28, 28), dtype=np.uint8),
-             train_labels=np.arange(7).reshape(7, 1), test_images=np.zeros((3, 28, 28), dtype=np.uint8))
+             train_labels=np.arange(7).reshape(7, 1),
+             test_images=np.zeros((3, 28, 28), dtype=np.uint8))
     d = load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28))
     assert d.images.shape == (7, 1, 28, 28) and d.labels == [str(i) for i in range(7)]
-    assert len(load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28, split="test"))) == 3
+    assert len(load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28,
+                                      split="test"))) == 3
     with pytest.raises(UserError, match="val_images"):
         load_images(DataConfig(path=str(tmp_path / "d.npz"), image_size=28, split="val"))
 
@@ -206,7 +228,8 @@ def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
 
     images = np.zeros((5, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "plain.npz", images=images)
-    assert len(load_images(DataConfig(path=str(tmp_path / "plain.npz"), image_size=8))) == 5  # the default split
+    # the default split
+    assert len(load_images(DataConfig(path=str(tmp_path / "plain.npz"), image_size=8))) == 5
     with pytest.raises(UserError, match="plain.npz has no 'test' split"):
         load_images(DataConfig(path=str(tmp_path / "plain.npz"), image_size=8, split="test"))
     _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
@@ -219,21 +242,28 @@ def test_a_named_split_is_never_stood_in_for_by_the_training_images(tmp_path):
     # a lone file names its own split: an .npy has none, an IDX file is the one its name says
     np.save(tmp_path / "one.npy", images)
     for stream in (False, True):
-        with pytest.raises(UserError, match="data.split=test: .*one.npy is one array with no splits"):
-            cfg = DataConfig(path=str(tmp_path / "one.npy"), image_size=8, split="test", stream=stream)
+        with pytest.raises(UserError,
+                           match="data.split=test: .*one.npy is one array with no splits"):
+            cfg = DataConfig(path=str(tmp_path / "one.npy"), image_size=8, split="test",
+                             stream=stream)
             open_stream(cfg) if stream else load_images(cfg)
-    with pytest.raises(UserError, match="data.split=test: .*train-images-idx3-ubyte.gz is one IDX file, not the test split"):
-        load_images(DataConfig(path=str(tmp_path / "train-images-idx3-ubyte.gz"), image_size=8, split="test"))
-    assert len(load_images(DataConfig(path=str(tmp_path / "t10k-images-idx3-ubyte.gz"), image_size=8, split="test"))) == 2
+    with pytest.raises(UserError, match="data.split=test: .*train-images-idx3-ubyte.gz is one "
+                                        "IDX file, not the test split"):
+        load_images(DataConfig(path=str(tmp_path / "train-images-idx3-ubyte.gz"), image_size=8,
+                               split="test"))
+    assert len(load_images(DataConfig(path=str(tmp_path / "t10k-images-idx3-ubyte.gz"),
+                                      image_size=8, split="test"))) == 2
     emnist = tmp_path / "emnist"  # EMNIST names its splits inside the name
     emnist.mkdir()
     _write_idx(emnist / "emnist-balanced-train-images-idx3-ubyte", images, gz=False)
     _write_idx(emnist / "emnist-balanced-test-images-idx3-ubyte", images[:3], gz=False)
-    assert [len(load_images(DataConfig(path=str(emnist), image_size=8, split=s))) for s in ("train", "test")] == [5, 3]
+    assert [len(load_images(DataConfig(path=str(emnist), image_size=8, split=s)))
+            for s in ("train", "test")] == [5, 3]
 
 
 def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path):
-    """chest_xray/{train,test}/{NORMAL,PNEUMONIA}/: the splits are not classes, and test images are not trained on."""
+    """chest_xray/{train,test}/{NORMAL,PNEUMONIA}/: the splits are not classes, and test images
+    are not trained on."""
     from ddpmkit.data import has_named_splits
     from ddpmkit.streaming import open_stream
 
@@ -249,9 +279,11 @@ def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path
     test = load_images(DataConfig(path=str(root), split="test", image_size=8))
     assert len(test) == 6 and sorted(set(test.labels)) == ["NORMAL", "PNEUMONIA"]
     assert len(open_stream(DataConfig(path=str(root), image_size=8, stream=True))) == 10
-    with pytest.raises(UserError, match=r"chest_xray is split into test, train and has no 'val' split: set data.split"):
+    with pytest.raises(UserError, match=r"chest_xray is split into test, train and has no 'val' "
+                                        r"split: set data.split"):
         load_images(DataConfig(path=str(root), split="val", image_size=8))
-    with pytest.raises(UserError, match=r"data.split=val: .*NORMAL has no splits \(no train/val/test folders\)"):
+    with pytest.raises(UserError, match=r"data.split=val: .*NORMAL has no splits "
+                                        r"\(no train/val/test folders\)"):
         load_images(DataConfig(path=str(root / "train" / "NORMAL"), split="val", image_size=8))
     assert has_named_splits(root) and not has_named_splits(root / "test")
 
@@ -277,17 +309,21 @@ def test_idx_files_gz_or_not_and_folders(tmp_path):
     assert torch.equal(d.images[:, 0], torch.from_numpy(imgs)) and d.labels == ["3", "1", "4", "1"]
     assert len(load_images(DataConfig(path=str(tmp_path / "raw-idx3-ubyte"), image_size=28))) == 4
     assert len(load_images(DataConfig(path=str(tmp_path), image_size=28))) == 4  # picks train-*
-    (tmp_path / "raw-idx3-ubyte").unlink()  # a checksum beside the images is not taken for a second IDX file
+    (tmp_path / "raw-idx3-ubyte").unlink()
+    # a checksum beside the images is not taken for a second IDX file
     (tmp_path / "train-images-idx3-ubyte.gz.md5").write_text("0123 train-images-idx3-ubyte.gz\n")
     assert len(load_images(DataConfig(path=str(tmp_path), image_size=28))) == 4
-    (tmp_path / "bad-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + struct.pack(">3I", 4, 28, 28) + b"\x00" * 10)
+    (tmp_path / "bad-idx3-ubyte").write_bytes(
+        b"\x00\x00\x08\x03" + struct.pack(">3I", 4, 28, 28) + b"\x00" * 10)
     with pytest.raises(UserError, match="truncated"):
         load_images(DataConfig(path=str(tmp_path / "bad-idx3-ubyte"), image_size=28))
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mnist-test").is_dir(), reason="../shared/data/mnist-test not present")
+@pytest.mark.skipif(not (SHARED_DATA / "mnist-test").is_dir(),
+                    reason="../shared/data/mnist-test not present")
 def test_real_mnist_idx():
-    d = load_images(DataConfig(path=str(SHARED_DATA / "mnist-test" / "t10k-images-idx3-ubyte.gz"), image_size=28))
+    d = load_images(DataConfig(path=str(SHARED_DATA / "mnist-test" / "t10k-images-idx3-ubyte.gz"),
+                               image_size=28))
     assert d.images.shape == (10000, 1, 28, 28) and len(d.labels) == 10000
 
 
@@ -307,7 +343,8 @@ def test_resize_center_crop_and_batch_scaling():
     assert scaled.flatten().tolist() == [-1.0, 1.0]
     flip = torch.arange(16) % 3 == 0
     flipped = batch_to_model(torch.arange(64, dtype=torch.uint8).view(16, 1, 2, 2), flip)
-    assert torch.equal(flipped[:, 0, 0, 0] > flipped[:, 0, 0, 1], flip)  # exactly the masked ones mirrored
+    # exactly the masked ones mirrored
+    assert torch.equal(flipped[:, 0, 0, 0] > flipped[:, 0, 0, 1], flip)
 
 
 def test_malformed_user_data_gets_one_clear_line(tmp_path):
@@ -322,16 +359,19 @@ def test_malformed_user_data_gets_one_clear_line(tmp_path):
     with pytest.raises(UserError, match="not UTF-8"):
         load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(csv_path)))
     csv_path.write_text("image,label\nimg_000.png,a\nimg_001.png,\n")
-    assert load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(csv_path))).labels == ["a", ""]
+    assert load_images(DataConfig(path=str(tmp_path / "imgs"),
+                                  labels=str(csv_path))).labels == ["a", ""]
     with pytest.raises(UserError, match=r"1 image\(s\) have an empty label \(img_001.png first\)"):
-        _class_ids(load_config(None, {"data.path": str(tmp_path / "imgs"), "data.labels": str(csv_path)}),
+        _class_ids(load_config(None, {"data.path": str(tmp_path / "imgs"),
+                                      "data.labels": str(csv_path)}),
                    load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(csv_path))))
 
     images = np.zeros((10, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "few.npz", train_images=images, train_labels=np.arange(7))
     with pytest.raises(UserError, match=r"few.npz\[train_labels\] holds 7 labels for 10 images"):
         load_images(DataConfig(path=str(tmp_path / "few.npz")))
-    np.savez(tmp_path / "onehot.npz", train_images=images, train_labels=np.eye(3)[np.arange(10) % 3])
+    np.savez(tmp_path / "onehot.npz", train_images=images,
+             train_labels=np.eye(3)[np.arange(10) % 3])
     with pytest.raises(UserError, match=r"shape \(10, 3\): one-hot"):
         load_images(DataConfig(path=str(tmp_path / "onehot.npz")))
     np.savez(tmp_path / "column.npz", train_images=images, train_labels=np.arange(10)[:, None])

@@ -1,4 +1,5 @@
-"""Training under torchrun (2 CPU processes, gloo) against one process: same weights, resumable, rank 0 writes."""
+"""Training under torchrun (2 CPU processes, gloo) against one process: same weights, resumable,
+rank 0 writes."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from safetensors.torch import load_file
 from conftest import TINY
 from processes import process_tree
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not built")
 
 # dropout 0: dropout masks are drawn per process, so only a dropout-free model is comparable bitwise
 ARGS = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in TINY.items()] + [
@@ -37,7 +39,8 @@ def _cmd(nproc: int, out: Path, *extra: str) -> list[str]:
 
 
 def _train(nproc: int, out: Path, *extra: str) -> None:
-    done = subprocess.run(_cmd(nproc, out, *extra), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cmd(nproc, out, *extra), env=_env(), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
 
@@ -73,10 +76,12 @@ def runs(tmp_path_factory):
 
 def test_two_processes_equal_one_with_the_same_global_batch(runs):
     one, two = _weights(runs / "one", 20), _weights(runs / "two", 20)
-    # Same images, timesteps and noise per step; only the order of float sums differs (the all-reduce).
+    # Same images, timesteps and noise per step; only the order of float sums differs
+    # (the all-reduce).
     _assert_same_to_fp32(one, two, "model/")
     _assert_same_to_fp32(one, two, "ema/")
-    assert _diff(one, _weights(runs / "one", 10), "model/")[1] > 1e-4  # not vacuous: the weights moved
+    # not vacuous: the weights moved
+    assert _diff(one, _weights(runs / "one", 10), "model/")[1] > 1e-4
 
 
 def test_gradient_accumulation_equals_one_big_batch(runs, tmp_path):
@@ -91,23 +96,29 @@ def _listing(run: Path) -> list[str]:
 def test_only_rank_zero_writes_and_logs_once(runs):
     assert _listing(runs / "one") == _listing(runs / "two")
     lines = [json.loads(x) for x in (runs / "two" / "stats.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [5, 10, 15, 20]  # one line per interval, not one per process
+    # one line per interval, not one per process
+    assert [r["step"] for r in lines] == [5, 10, 15, 20]
     meta = json.loads((runs / "two" / "meta.json").read_text())
     assert meta["processes"] == 2 and lines[-1]["images_seen"] == 20 * TINY["train.batch_size"]
 
 
 def test_two_nodes_of_one_process_each_equal_one_process(runs, tmp_path):
-    """Two torchrun launchers joined as two "nodes" (static rendezvous, --master-addr/--master-port, on this
-    machine; the run directory on a shared filesystem): each worker has LOCAL_RANK 0, so only code that uses the global rank for
-    "who writes" gets one writer and the one-process weights."""
+    """Two torchrun launchers joined as two "nodes" (static rendezvous, --master-addr/--master-port,
+    on this machine; the run directory on a shared filesystem): each worker has LOCAL_RANK 0, so
+    only code that uses the global rank for "who writes" gets one writer and the one-process
+    weights."""
     with socket.socket() as s:  # a free port for node 0's rendezvous
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     out = tmp_path / "nodes"
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port,
-                               "-m", "ddpmkit", "train", *ARGS, f"train.out_dir={out}", "train.max_steps=20", "--quiet"],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                               "--nproc-per-node", "1", "--node-rank", str(node),
+                               "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "ddpmkit", "train", *ARGS, f"train.out_dir={out}",
+                               "train.max_steps=20", "--quiet"],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for node in (0, 1)]
     try:
         logs = [p.communicate(timeout=300)[0] for p in nodes]
     finally:  # one node failing leaves the other waiting at the rendezvous
@@ -119,7 +130,8 @@ def test_two_nodes_of_one_process_each_equal_one_process(runs, tmp_path):
     _assert_same_to_fp32(_weights(runs / "one", 20), _weights(out, 20), "model/")
     assert _listing(out) == _listing(runs / "two")
     assert json.loads((out / "meta.json").read_text())["processes"] == 2
-    assert len((out / "stats.jsonl").read_text().splitlines()) == 4  # written once, by global rank 0
+    # written once, by global rank 0
+    assert len((out / "stats.jsonl").read_text().splitlines()) == 4
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes through /proc")
@@ -129,7 +141,8 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "state.json"
     deadline = time.time() + 240
-    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["checkpoints"]):
+    while (time.time() < deadline
+           and not (state.exists() and json.loads(state.read_text())["checkpoints"])):
         time.sleep(0.05)
     for pid in process_tree(proc.pid):  # the launcher and both workers, mid-step
         os.kill(pid, signal.SIGKILL)
@@ -143,10 +156,11 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_indivisible_global_batch_is_refused(tmp_path):
-    done = subprocess.run(_cmd(1, tmp_path / "bad", "train.max_steps=2", "train.grad_accum=3"), env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(_cmd(1, tmp_path / "bad", "train.max_steps=2", "train.grad_accum=3"),
+                          env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "train.batch_size=32 does not split into 1 process(es) x train.grad_accum=3" in done.stderr
+    assert ("train.batch_size=32 does not split into 1 process(es) x train.grad_accum=3"
+            in done.stderr)
 
 
 def test_batch_probe_search_finds_the_limit_with_a_simulated_out_of_memory():

@@ -12,11 +12,13 @@ from ddpmkit.cli import main
 from ddpmkit.downstream import _summarise, load_study_data
 from conftest import TINY
 
-TINY_ARGS = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]" for k, v in TINY.items()]
+TINY_ARGS = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+             for k, v in TINY.items()]
 
 
 def _digits01():
-    """The 360 digits 0 and 1 as uint8 images, and their labels: a binary study, as in the real case."""
+    """The 360 digits 0 and 1 as uint8 images, and their labels: a binary study, as in the real
+    case."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -25,38 +27,47 @@ def _digits01():
 
 
 def _npz(path, train_idx, test_idx, val_idx=()):
-    """Digits as an .npz with train, test and (optional) val splits chosen by index, labels as MedMNIST stores them."""
+    """Digits as an .npz with train, test and (optional) val splits chosen by index, labels as
+    MedMNIST stores them."""
     images, labels = _digits01()
     val_idx = np.asarray(val_idx, dtype=int)
     np.savez(path, train_images=images[train_idx], train_labels=labels[train_idx],
              test_images=images[test_idx], test_labels=labels[test_idx],
-             **({"val_images": images[val_idx], "val_labels": labels[val_idx]} if len(val_idx) else {}))
+             **({"val_images": images[val_idx], "val_labels": labels[val_idx]}
+                if len(val_idx) else {}))
     return path
 
 
 def _balanced(tmp_path, data, name, *sample_args):
     run, out = tmp_path / f"run_{name}", tmp_path / f"bal_{name}"
-    assert main(["train", f"--data={data}", "model.class_conditional=true", "train.max_steps=4", f"--out={run}",
-                 "--quiet", *TINY_ARGS]) == 0
-    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", *sample_args]) == 0
+    assert main(["train", f"--data={data}", "model.class_conditional=true", "train.max_steps=4",
+                 f"--out={run}", "--quiet", *TINY_ARGS]) == 0
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3",
+                 *sample_args]) == 0
     return out
 
 
 def test_the_study_runs_and_writes_its_report(tmp_path):
     rng = np.random.default_rng(0)
     order = rng.permutation(360)
-    data = _npz(tmp_path / "d.npz", np.concatenate([order[:40], order[60:200]]), order[200:])  # class 0 rarer
+    # class 0 rarer
+    data = _npz(tmp_path / "d.npz", np.concatenate([order[:40], order[60:200]]), order[200:])
     out = tmp_path / "study"
-    assert main(["downstream", "--real", str(data), "--synthetic", str(_balanced(tmp_path, data, "ok")),
-                 "--out", str(out), "--seeds", "2", "--steps", "15", "--synthetic-share", "0.5"]) == 0
+    assert main(["downstream", "--real", str(data), "--synthetic",
+                 str(_balanced(tmp_path, data, "ok")), "--out", str(out), "--seeds", "2",
+                 "--steps", "15", "--synthetic-share", "0.5"]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["synthetic_share"] == 0.5 and summary["augment"] is True
     assert set(summary["table"]) == {"real", "real+synthetic", "oversampled"}
-    assert {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "recall[0]", "recall[1]"} <= set(summary["table"]["real"])
-    assert summary["train_counts"]["real+synthetic"][0] > summary["train_counts"]["real"][0]  # topped up
+    assert ({"accuracy", "balanced_accuracy", "macro_f1", "auroc", "recall[0]", "recall[1]"}
+            <= set(summary["table"]["real"]))
+    # topped up
+    assert summary["train_counts"]["real+synthetic"][0] > summary["train_counts"]["real"][0]
     report = (out / "report.md").read_text()
-    assert "Verdict:" in report and "| real+synthetic |" in report and "checked: no test image" in report
-    assert "generated images are 0.5 of a topped-up class's draws" in report and "random shifts and flips" in report
+    assert ("Verdict:" in report and "| real+synthetic |" in report
+            and "checked: no test image" in report)
+    assert ("generated images are 0.5 of a topped-up class's draws" in report
+            and "random shifts and flips" in report)
     chart = (out / "balanced_accuracy.svg").read_text()
     assert chart.startswith("<svg") and chart.count("<rect") == 3  # one bar per arm
     assert f'>{summary["table"]["oversampled"]["balanced_accuracy"][0]:.3f}</text>' in chart
@@ -66,34 +77,45 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
     rng = np.random.default_rng(1)
     order = rng.permutation(360)
     train = np.concatenate([order[:40], order[60:200]])
-    val = np.concatenate([order[200:260], train[:5]])  # 5 val images are copies of train ones, as in PneumoniaMNIST
+    # 5 val images are copies of train ones, as in PneumoniaMNIST
+    val = np.concatenate([order[200:260], train[:5]])
     data = _npz(tmp_path / "d.npz", train, order[260:], val)
     out = tmp_path / "study"
-    assert main(["downstream", "--real", str(data), "--synthetic", str(_balanced(tmp_path, data, "cal")),
-                 "--calibration-split", "val", "--out", str(out), "--seeds", "2", "--steps", "15"]) == 0
+    assert main(["downstream", "--real", str(data), "--synthetic",
+                 str(_balanced(tmp_path, data, "cal")), "--calibration-split", "val",
+                 "--out", str(out), "--seeds", "2", "--steps", "15"]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["calibration_images"] == 60  # the 5 the generator saw were dropped
-    assert summary["leakage"].startswith("5 calibration images a classifier or the generator trained on were dropped; checked")
-    tuned = {arm: [r["balanced_accuracy@tuned"] for r in runs] for arm, runs in summary["per_seed"].items()}
-    assert summary["table"]["real"]["balanced_accuracy@tuned"][0] == pytest.approx(np.mean(tuned["real"]))
+    assert summary["leakage"].startswith("5 calibration images a classifier or the generator "
+                                         "trained on were dropped; checked")
+    tuned = {arm: [r["balanced_accuracy@tuned"] for r in runs]
+             for arm, runs in summary["per_seed"].items()}
+    assert (summary["table"]["real"]["balanced_accuracy@tuned"][0]
+            == pytest.approx(np.mean(tuned["real"])))
     gain = np.mean(tuned["real+synthetic"]) - np.mean(tuned["oversampled"])
-    assert summary["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"] == pytest.approx(gain)
+    assert (summary["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"]
+            == pytest.approx(gain))
     assert "tuned on the calibration split (60 images" in (out / "report.md").read_text()
     chart = (out / "balanced_accuracy.svg").read_text()
-    assert chart.count("<rect") == 6 and "lighter: at tuned thresholds" in chart  # default and tuned, per arm
-    assert f'>{summary["table"]["real+synthetic"]["balanced_accuracy@tuned"][0]:.3f}</text>' in chart
+    # default and tuned, per arm
+    assert chart.count("<rect") == 6 and "lighter: at tuned thresholds" in chart
+    assert (f'>{summary["table"]["real+synthetic"]["balanced_accuracy@tuned"][0]:.3f}</text>'
+            in chart)
 
 
 def test_a_calibration_split_that_is_not_separate_is_refused(tmp_path, capsys):
-    data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250), np.arange(240, 300))  # 10 val in test
+    # 10 val in test
+    data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250), np.arange(240, 300))
     synthetic = _balanced(tmp_path, data, "badcal")
-    argv = ["downstream", "--real", str(data), "--synthetic", str(synthetic), "--seeds", "2", "--steps", "2"]
+    argv = ["downstream", "--real", str(data), "--synthetic", str(synthetic), "--seeds", "2",
+            "--steps", "2"]
     assert main([*argv, "--calibration-split", "val", "--out", str(tmp_path / "a")]) == 2
-    assert f"calibration data {data} (val): 10 of its images are in the test split" in capsys.readouterr().err
+    assert (f"calibration data {data} (val): 10 of its images are in the test split"
+            in capsys.readouterr().err)
     # the training split itself: every image is dropped, nothing is left to tune on
     assert main([*argv, "--calibration-split", "train", "--out", str(tmp_path / "b")]) == 2
-    assert "150 images a classifier or the generator trained on, 0 images of fewer than 2 classes are left" \
-        in capsys.readouterr().err
+    assert ("150 images a classifier or the generator trained on, 0 images of fewer than 2 "
+            "classes are left" in capsys.readouterr().err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -108,12 +130,14 @@ def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path)
         Image.fromarray(images[i]).save(folder / str(labels[i, 0]) / f"{i}.png")
     synthetic = str(_balanced(tmp_path, data, "folder"))
     *_, calibration, leakage = load_study_data(str(data), synthetic, calibration=str(folder))
-    assert len(calibration.labels) == 40 and leakage.startswith("2 calibration images a classifier or the generator trained on")
+    assert len(calibration.labels) == 40 and leakage.startswith(
+        "2 calibration images a classifier or the generator trained on")
     assert sorted(np.bincount(calibration.labels)) == sorted(np.bincount(labels[250:290, 0]))
     # a split named for a source that has none is refused, not ignored
     from ddpmkit.errors import UserError
 
-    with pytest.raises(UserError, match=f"--calibration-split val: --calibration {folder} has no splits"):
+    with pytest.raises(UserError,
+                       match=f"--calibration-split val: --calibration {folder} has no splits"):
         load_study_data(str(data), synthetic, calibration=str(folder), calibration_split="val")
     with pytest.raises(UserError, match=f"--test-split val: --test {folder} has no splits"):
         load_study_data(str(data), synthetic, test=str(folder), test_split="val")
@@ -121,7 +145,8 @@ def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path)
 
 def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):
     """One folder of PNGs and a CSV per split, with their own column names (as ISIC ships them): the
-    generator trains on it with data.labels, and the study reads it with --real-labels and --test-labels."""
+    generator trains on it with data.labels, and the study reads it with --real-labels and
+    --test-labels."""
     from PIL import Image
 
     images, labels = _digits01()
@@ -136,24 +161,31 @@ def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):
     columns = ["data.image_column=file", "data.label_column=diagnosis"]
     run, synthetic = tmp_path / "run", tmp_path / "balanced"
     assert main(["train", f"--data={folder}", f"data.labels={tmp_path / 'train.csv'}", *columns,
-                 "model.class_conditional=true", "train.max_steps=4", f"--out={run}", "--quiet", *TINY_ARGS]) == 0
+                 "model.class_conditional=true", "train.max_steps=4", f"--out={run}", "--quiet",
+                 *TINY_ARGS]) == 0
     assert main(["balance", str(run), "--out", str(synthetic), "--quiet", "sample.steps=3"]) == 0
-    argv = ["downstream", "--real", str(folder), "--real-labels", str(tmp_path / "train.csv"), "--synthetic",
-            str(synthetic), "--seeds", "2", "--steps", "2", *columns]
+    argv = ["downstream", "--real", str(folder), "--real-labels", str(tmp_path / "train.csv"),
+            "--synthetic", str(synthetic), "--seeds", "2", "--steps", "2", *columns]
     out = tmp_path / "study"
-    assert main([*argv, "--test-labels", str(tmp_path / "test.csv"), "--out", str(out)]) == 0  # tests in --real's folder
+    # tests in --real's folder
+    assert main([*argv, "--test-labels", str(tmp_path / "test.csv"), "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())
-    count = {split: [sum(line.endswith(n) for line in csvs[split]) for n in names.values()] for split in csvs}
+    count = {split: [sum(line.endswith(n) for line in csvs[split]) for n in names.values()]
+             for split in csvs}
     assert summary["classes"] == ["benign", "malignant"] and summary["test_counts"] == count["test"]
-    assert summary["train_counts"]["real"] == count["train"] and summary["leakage"].startswith("checked: no test image")
-    # a CSV names one set of images, so there is no test split to fall back on; other data keys are the flags'
+    assert (summary["train_counts"]["real"] == count["train"]
+            and summary["leakage"].startswith("checked: no test image"))
+    # a CSV names one set of images, so there is no test split to fall back on; other data keys
+    # are the flags'
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "a")]) == 2
-    assert f"--real {folder} has no 'test' split to take the test images from: give them with --test (and " \
-           f"--test-labels if a CSV names them)" in capsys.readouterr().err
-    assert main([*argv, "--test-labels", str(tmp_path / "test.csv"), "data.split=val", "--out", str(tmp_path / "b")]) == 2
+    assert (f"--real {folder} has no 'test' split to take the test images from: give them with "
+            f"--test (and --test-labels if a CSV names them)" in capsys.readouterr().err)
+    assert main([*argv, "--test-labels", str(tmp_path / "test.csv"), "data.split=val",
+                 "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "downstream takes only data.image_column, data.label_column, data.on_error, data.bit_depth as overrides" in err
+    assert ("downstream takes only data.image_column, data.label_column, data.on_error, "
+            "data.bit_depth as overrides" in err)
     assert "got data.split" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -162,11 +194,13 @@ def test_a_tuned_threshold_finds_the_operating_point_the_default_misses():
     from ddpmkit.downstream import scores, tuned_threshold
 
     labels = np.array([0] * 50 + [1] * 50)
-    p1 = np.concatenate([np.linspace(0.55, 0.75, 50), np.linspace(0.85, 0.95, 50)])  # ranked perfectly, badly placed
+    # ranked perfectly, badly placed
+    p1 = np.concatenate([np.linspace(0.55, 0.75, 50), np.linspace(0.85, 0.95, 50)])
     threshold = tuned_threshold(p1, labels)
     assert 0.75 < threshold <= 0.85
     s = scores(np.stack([1 - p1, p1], 1), labels, ["0", "1"], threshold)
-    assert s["balanced_accuracy"] == 0.5 and s["balanced_accuracy@tuned"] == 1.0 and s["auroc"] == 1.0
+    assert (s["balanced_accuracy"] == 0.5 and s["balanced_accuracy@tuned"] == 1.0
+            and s["auroc"] == 1.0)
 
 
 def test_a_calibration_split_needs_a_binary_study(tmp_path):
@@ -182,12 +216,14 @@ def test_a_calibration_split_needs_a_binary_study(tmp_path):
 
 
 def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
-    data = _npz(tmp_path / "leaky.npz", np.arange(0, 200), np.arange(150, 250))  # 50 test images in train
+    # 50 test images in train
+    data = _npz(tmp_path / "leaky.npz", np.arange(0, 200), np.arange(150, 250))
     moved = tmp_path / "moved.npz"
     shutil.copy(data, moved)
     synthetic = _balanced(tmp_path, moved, "leaky")
     recorded = (tmp_path / "run_leaky" / "training_images.sha256").read_text().split()
-    assert len(recorded) == len(set(recorded)) == 200  # every training image, once (digits has no duplicates here)
+    # every training image, once (digits has no duplicates here)
+    assert len(recorded) == len(set(recorded)) == 200
     moved.unlink()  # the run's own record is what the guard reads: the data may have moved since
     code = main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
                  "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"])
@@ -195,43 +231,53 @@ def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
     # for choosing on a validation split, the seen images can be dropped instead (and are counted)
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
-    assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped; checked")
-    (tmp_path / "run_leaky").rename(tmp_path / "elsewhere")  # a generator moved away cannot vouch for its set
+    assert len(test.labels) == 50 and leakage.startswith(
+        "50 test images the generator saw were dropped; checked")
+    # a generator moved away cannot vouch for its set
+    (tmp_path / "run_leaky").rename(tmp_path / "elsewhere")
     assert main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
                  "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
-    assert "run_leaky, which is no longer there: the leakage check reads its training data" in capsys.readouterr().err
+    assert ("run_leaky, which is no longer there: the leakage check reads its training data"
+            in capsys.readouterr().err)
 
 
 def test_real_images_are_read_at_the_bit_depth_the_generator_recorded(tmp_path):
-    """12-bit-looking values in uint16 arrays, a generator told data.bit_depth=16: the study reads the real
-    images at 16 bits too (unset, it would choose 12), so the leakage guard still recognises them."""
+    """12-bit-looking values in uint16 arrays, a generator told data.bit_depth=16: the study reads
+    the real images at 16 bits too (unset, it would choose 12), so the leakage guard still
+    recognises them."""
     small = np.load(_npz(tmp_path / "small.npz", np.arange(0, 200), np.arange(150, 250)))
     data = tmp_path / "wide.npz"
-    np.savez(data, **{k: v.astype(np.uint16) * 16 if k.endswith("images") else v for k, v in small.items()})
+    np.savez(data, **{k: v.astype(np.uint16) * 16 if k.endswith("images") else v
+                      for k, v in small.items()})
     run, synthetic = tmp_path / "run_wide", tmp_path / "bal_wide"
-    assert main(["train", f"--data={data}", "data.bit_depth=16", "model.class_conditional=true", "train.max_steps=4",
-                 f"--out={run}", "--quiet", *TINY_ARGS]) == 0
+    assert main(["train", f"--data={data}", "data.bit_depth=16", "model.class_conditional=true",
+                 "train.max_steps=4", f"--out={run}", "--quiet", *TINY_ARGS]) == 0
     assert main(["balance", str(run), "--out", str(synthetic), "--quiet", "sample.steps=3"]) == 0
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
-    assert len(test.labels) == 50 and leakage.startswith("50 test images the generator saw were dropped")
+    assert len(test.labels) == 50 and leakage.startswith(
+        "50 test images the generator saw were dropped")
 
 
 def test_the_leakage_guard_holds_when_the_synthetic_images_were_upsampled(tmp_path, capsys):
-    """Images stored at 32x32; the generator trained at 8x8 on 50 test images, its samples written at 16x16, where
-    the study runs: training images resampled 32 -> 8 -> 16 match no test image resampled 32 -> 16."""
+    """Images stored at 32x32; the generator trained at 8x8 on 50 test images, its samples written
+    at 16x16, where the study runs: training images resampled 32 -> 8 -> 16 match no test image
+    resampled 32 -> 16."""
     small = np.load(_npz(tmp_path / "small.npz", np.arange(0, 200), np.arange(150, 250)))
     data = tmp_path / "leaky.npz"
-    np.savez(data, **{k: np.kron(v, np.ones((1, 4, 4), np.uint8)) if k.endswith("images") else v for k, v in small.items()})
+    np.savez(data, **{k: np.kron(v, np.ones((1, 4, 4), np.uint8)) if k.endswith("images") else v
+                      for k, v in small.items()})
     synthetic = _balanced(tmp_path, data, "up", "sample.size=16")
     code = main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
                  "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"])
     assert code == 2 and "was trained on 50 of the test images" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags,message", [(["--seeds", "1"], "--seeds 1: a verdict needs at least 2 seeds"),
-                                           (["--steps", "0"], "--steps 0: each classifier needs at least 1")])
+@pytest.mark.parametrize("flags,message",
+                         [(["--seeds", "1"], "--seeds 1: a verdict needs at least 2 seeds"),
+                          (["--steps", "0"], "--steps 0: each classifier needs at least 1")])
 def test_a_study_that_cannot_give_a_verdict_is_refused_first(tmp_path, capsys, flags, message):
-    code = main(["downstream", "--real", "nowhere.npz", "--synthetic", "nothing", "--out", str(tmp_path / "s"), *flags])
+    code = main(["downstream", "--real", "nowhere.npz", "--synthetic", "nothing",
+                 "--out", str(tmp_path / "s"), *flags])
     assert code == 2 and message in capsys.readouterr().err
 
 
@@ -244,7 +290,8 @@ def test_the_leakage_note_says_what_a_fine_tuned_generator_started_from(tmp_path
     (run / "meta.json").write_text(json.dumps({"init_from": "google/ddpm-cifar10-32"}))
     test = Pool(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), np.array([0, 1]))
     note = check_no_leakage(test, [run], set(), verified=True)
-    assert note.startswith("checked:") and "not among those of the pretrained weights it started from: google/" in note
+    assert (note.startswith("checked:")
+            and "not among those of the pretrained weights it started from: google/" in note)
 
 
 def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
@@ -254,41 +301,51 @@ def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
     flat = _summarise({"real": runs([0.80, 0.82, 0.78]), "real+synthetic": runs([0.81, 0.83, 0.79]),
                        "oversampled": runs([0.80, 0.81, 0.80])})
     assert flat["verdict"].startswith("no improvement")
-    clear = _summarise({"real": runs([0.70, 0.72, 0.69]), "real+synthetic": runs([0.85, 0.86, 0.86]),
+    clear = _summarise({"real": runs([0.70, 0.72, 0.69]),
+                        "real+synthetic": runs([0.85, 0.86, 0.86]),
                         "oversampled": runs([0.75, 0.74, 0.75])})
-    assert clear["verdict"].startswith("improvement") and clear["paired_tests"]["real+synthetic vs real"]["p_value"] < 0.01
+    assert (clear["verdict"].startswith("improvement")
+            and clear["paired_tests"]["real+synthetic vs real"]["p_value"] < 0.01)
     assert clear["table"]["real"]["balanced_accuracy"][0] == pytest.approx(0.7033, abs=1e-4)
 
 
 def test_the_verdict_says_whether_a_gain_survives_tuned_thresholds():
     def runs(default, tuned):
-        return [{"balanced_accuracy": d, "balanced_accuracy@tuned": t, "auroc": 0.98} for d, t in zip(default, tuned)]
+        return [{"balanced_accuracy": d, "balanced_accuracy@tuned": t, "auroc": 0.98}
+                for d, t in zip(default, tuned)]
 
     behind, ahead, level = [0.70, 0.72, 0.69], [0.85, 0.86, 0.86], [0.86, 0.87, 0.85]
 
     def verdict(synthetic_default, synthetic_tuned):
-        return _summarise({"real": runs(behind, level), "real+synthetic": runs(synthetic_default, synthetic_tuned),
+        return _summarise({"real": runs(behind, level),
+                           "real+synthetic": runs(synthetic_default, synthetic_tuned),
                            "oversampled": runs(behind, level)})
 
     only_default = verdict(ahead, level)
-    assert only_default["verdict"].startswith("improvement at the default threshold only (not shown once")
+    assert only_default["verdict"].startswith(
+        "improvement at the default threshold only (not shown once")
     assert "AUROC, which no threshold moves, changes by +0.0000" in only_default["verdict"]
-    assert verdict(ahead, [0.95, 0.96, 0.95])["verdict"].startswith("improvement, at the default and at tuned")
-    assert verdict(behind, [0.95, 0.96, 0.95])["verdict"].startswith("no improvement at the default threshold, but")
+    assert verdict(ahead, [0.95, 0.96, 0.95])["verdict"].startswith(
+        "improvement, at the default and at tuned")
+    assert verdict(behind, [0.95, 0.96, 0.95])["verdict"].startswith(
+        "no improvement at the default threshold, but")
     neither = verdict(behind, level)
     assert neither["verdict"].startswith("no improvement: ")
-    assert neither["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"] == pytest.approx(0.0)
+    assert (neither["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"]
+            == pytest.approx(0.0))
 
 
 def test_the_arms_share_one_recipe_and_differ_only_in_their_data():
     """With equal class counts oversampling changes nothing, so the real and oversampled arms (the
-    augmentation included) must train the very same classifier; turning augmentation off changes it."""
+    augmentation included) must train the very same classifier; turning augmentation off changes
+    it."""
     import torch
 
     from ddpmkit.downstream import Pool, train_classifier
 
     g = torch.Generator().manual_seed(0)
-    pool = Pool(torch.randint(0, 256, (40, 1, 8, 8), generator=g, dtype=torch.uint8), np.repeat([0, 1], 20))
+    pool = Pool(torch.randint(0, 256, (40, 1, 8, 8), generator=g, dtype=torch.uint8),
+                np.repeat([0, 1], 20))
 
     def weights(arm, augment=True):
         net = train_classifier(pool, 2, arm, seed=0, steps=3, batch=8, lr=1e-3, augment=augment)
@@ -304,13 +361,17 @@ def test_draw_weights_keep_class_mass_and_give_synthetic_its_share():
     from ddpmkit.downstream import Pool, combine, draw_weights
 
     real = Pool(torch.zeros(13, 1, 4, 4, dtype=torch.uint8), np.array([0] * 3 + [1] * 10))
-    synthetic = Pool(torch.zeros(7, 1, 4, 4, dtype=torch.uint8), np.array([0] * 7))  # class 0 topped up to 10
+    # class 0 topped up to 10
+    synthetic = Pool(torch.zeros(7, 1, 4, 4, dtype=torch.uint8), np.array([0] * 7))
     pool = combine(real, synthetic)
     for share in (0.0, 0.3, 0.5, 1.0):
         w = draw_weights(pool, "real+synthetic", 2, synthetic_share=share).numpy()
-        assert w[pool.labels == 0].sum() == pytest.approx(10) and w[pool.labels == 1].sum() == pytest.approx(10)
+        assert (w[pool.labels == 0].sum() == pytest.approx(10)
+                and w[pool.labels == 1].sum() == pytest.approx(10))
         assert w[pool.synthetic].sum() / w[pool.labels == 0].sum() == pytest.approx(share)
-        assert np.allclose(w[pool.labels == 1], 1.0)  # a class without generated images is drawn as before
-    assert torch.equal(draw_weights(pool, "real+synthetic", 2), torch.ones(20, dtype=torch.float64))  # uniform
+        # a class without generated images is drawn as before
+        assert np.allclose(w[pool.labels == 1], 1.0)
+    assert torch.equal(draw_weights(pool, "real+synthetic", 2),
+                       torch.ones(20, dtype=torch.float64))  # uniform
     over = draw_weights(real, "oversampled", 2).numpy()
     assert over[real.labels == 0].sum() == pytest.approx(over[real.labels == 1].sum())

@@ -33,7 +33,8 @@ def digits(n=None):
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:n, None], [str(t) for t in d.target[:n]]
+    return (torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:n, None],
+            [str(t) for t in d.target[:n]])
 
 
 def test_fid_inception_shapes_and_grayscale_handling():
@@ -59,9 +60,10 @@ def test_offline_without_weights_says_how_to_get_them():
 
 
 def test_matches_pytorch_fid_with_the_same_random_weights(monkeypatch):
-    pytest.importorskip("torchvision", reason="torchvision does not import beside this torch (needs torch 2.14.1 + "
-                        "torchvision 0.29.1, or a GPU machine)")
-    fid_inception = pytest.importorskip("pytorch_fid.inception", reason="pytorch-fid not installed")
+    pytest.importorskip("torchvision", reason="torchvision does not import beside this torch "
+                        "(needs torch 2.14.1 + torchvision 0.29.1, or a GPU machine)")
+    fid_inception = pytest.importorskip("pytorch_fid.inception",
+                                        reason="pytorch-fid not installed")
     from pytorch_fid.fid_score import calculate_frechet_distance
 
     from ddpmkit.metrics.stats import FeatureStats, frechet_distance
@@ -75,7 +77,8 @@ def test_matches_pytorch_fid_with_the_same_random_weights(monkeypatch):
                 m.running_var.uniform_(0.5, 1.5)
     # pytorch-fid's FID network, given our random weights instead of its download (loaded strictly:
     # every parameter name must match)
-    monkeypatch.setattr(fid_inception, "load_state_dict_from_url", lambda *a, **k: ours.state_dict())
+    monkeypatch.setattr(fid_inception, "load_state_dict_from_url",
+                        lambda *a, **k: ours.state_dict())
     theirs = fid_inception.InceptionV3([3]).eval()
     g = torch.Generator().manual_seed(1)
     sets = [torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -103,7 +106,8 @@ def test_features_do_not_depend_on_batch_size(monkeypatch):
 
 
 def test_eval_command_with_the_classifier_on_real_and_noisy_digits(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(fx.CLASSIFIER_RECIPE, "epochs", 6)  # the test needs a decent classifier, not the best
+    # the test needs a decent classifier, not the best
+    monkeypatch.setitem(fx.CLASSIFIER_RECIPE, "epochs", 6)
     images, _ = digits()
     real = write_pngs(tmp_path / "real", images[1200:1500])
     noise = write_pngs(tmp_path / "noise", torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8))
@@ -117,10 +121,13 @@ def test_eval_command_with_the_classifier_on_real_and_noisy_digits(tmp_path, cap
     assert "training the evaluation classifier" not in json.dumps(bad)  # cached
     assert good["metrics"]["fd"] * 10 < bad["metrics"]["fd"]
     # a CNN is often confidently wrong on noise, so confidence alone does not separate them; FD does
-    assert good["classifier"]["confident_share"] > 0.85 and good["classifier"]["class_entropy"] > 0.95
-    assert good["metrics"]["precision"] > 0.8 and bad["metrics"]["precision"] < 0.5 * good["metrics"]["precision"]
+    assert (good["classifier"]["confident_share"] > 0.85
+            and good["classifier"]["class_entropy"] > 0.95)
+    assert (good["metrics"]["precision"] > 0.8
+            and bad["metrics"]["precision"] < 0.5 * good["metrics"]["precision"])
     assert abs(good["metrics"]["kid"]) < 0.1 * bad["metrics"]["kid"]
-    assert good["num_gen"] == 300 and good["num_ref"] == 1797 and not good["comparable_with_published_fid"]
+    assert (good["num_gen"] == 300 and good["num_ref"] == 1797
+            and not good["comparable_with_published_fid"])
     assert set(good["classifier"]["class_shares"]) == {str(i) for i in range(10)}
 
 
@@ -132,12 +139,15 @@ def test_statistics_reference_and_its_limits(tmp_path):
 
     FeatureStats.from_features(feats).save(tmp_path / "stats.npz")
     said = []
-    result = evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "efficientnet", log=said.append)
+    result = evaluate(gen, [str(tmp_path / "stats.npz")], ("fid",), "efficientnet",
+                      log=said.append)
     assert result["metrics"]["fd"] > 0 and result["num_ref"] == 100
-    assert any("note: 100 generated images for 1280-dimensional features: their covariance is rank-deficient" in m
+    assert any("note: 100 generated images for 1280-dimensional features: their "
+               "covariance is rank-deficient" in m
                for m in said)  # a number not to compare with one made from more images
     one = write_pngs(tmp_path / "one", images[:1])
-    with pytest.raises(UserError, match="holds 1 image: the metrics compare distributions, so generate more"):
+    with pytest.raises(UserError,
+                       match="holds 1 image: the metrics compare distributions, so generate more"):
         evaluate(one, [str(tmp_path / "stats.npz")], ("fid",), "efficientnet")
     with pytest.raises(UserError, match="KID and precision/recall need reference features"):
         evaluate(gen, [str(tmp_path / "stats.npz")], ("fid", "kid"), "efficientnet")
@@ -156,7 +166,8 @@ def test_the_classifier_against_an_unlabelled_run_is_refused_in_one_line(tmp_pat
 
     write_images(tmp_path / "plain", n=8, size=(8, 8))  # no labels: no CSV, no class subfolders
     run = tmp_path / "run"
-    assert main(["train", *TINY_ARGS, "--data", str(tmp_path / "plain"), "--steps", "2", "--out", str(run), "--quiet"]) == 0
+    assert main(["train", *TINY_ARGS, "--data", str(tmp_path / "plain"), "--steps", "2",
+                 "--out", str(run), "--quiet"]) == 0
     gen = write_pngs(tmp_path / "gen", digits(8)[0])
     capsys.readouterr()
     assert main(["eval", str(gen), "--ref", str(run), "--features", "classifier"]) == 2
@@ -181,9 +192,12 @@ def test_references_are_read_at_the_generated_resolution(tmp_path):
     from ddpmkit.config import load_config
     from ddpmkit.metrics.evaluate import resolve_reference
 
-    write_images(tmp_path / "photos", n=3, size=(75, 75))  # no UNet could train at 75: none is asked to
-    assert resolve_reference([f"data.path={tmp_path / 'photos'}"], 75, 1).images.shape == (3, 1, 75, 75)
-    with pytest.raises(UserError, match="only data.* keys describe a dataset here, got model.base_channels"):
+    # no UNet could train at 75: none is asked to
+    write_images(tmp_path / "photos", n=3, size=(75, 75))
+    assert (resolve_reference([f"data.path={tmp_path / 'photos'}"], 75, 1).images.shape
+            == (3, 1, 75, 75))
+    with pytest.raises(UserError,
+                       match="only data.* keys describe a dataset here, got model.base_channels"):
         resolve_reference([f"data.path={tmp_path / 'photos'}", "model.base_channels=8"], 75, 1)
     run = tmp_path / "run"  # trained on the 8x8 digits; samples written at 32x32 (--size 32)
     RunDir(run).start(load_config(None, {}), {}, step=0)
@@ -197,31 +211,38 @@ def test_reading_a_balanced_set_or_a_restoration_takes_only_generated_outputs(tm
 
     real = write_pngs(tmp_path / "real", torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
     balanced = write_pngs(tmp_path / "balanced", torch.full((3, 1, 8, 8), 200, dtype=torch.uint8))
-    rows = [[str(real / "individual" / f"{i:06d}.png"), i, "", "", "", "", "0", "false"] for i in range(2)]
+    rows = [[str(real / "individual" / f"{i:06d}.png"), i, "", "", "", "", "0", "false"]
+            for i in range(2)]
     rows += [[f"individual/{i:06d}.png", i, 0, "ddim", 5, "x", "0", "true"] for i in range(3)]
     write_manifest(balanced / "manifest.csv", rows, MANIFEST_COLUMNS)
     images, files = read_generated(balanced)
-    assert len(files) == 3 and (images == 200).all()  # the real images the set lists are not "generated"
+    # the real images the set lists are not "generated"
+    assert len(files) == 3 and (images == 200).all()
     restored = write_pngs(tmp_path / "clean", torch.full((2, 1, 8, 8), 9, dtype=torch.uint8))
     write_manifest(restored / "manifest.csv",
-                   [[f"in/{i}.png", f"individual/{i:06d}.png", "denoise", 0, "0.1", "{}"] for i in range(2)], RESTORED_COLUMNS)
+                   [[f"in/{i}.png", f"individual/{i:06d}.png", "denoise", 0, "0.1", "{}"]
+                    for i in range(2)], RESTORED_COLUMNS)
     images, files = read_generated(restored)
     assert len(files) == 2 and (images == 9).all()
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mnist-test").is_dir(), reason="../shared/data/mnist-test not present")
+@pytest.mark.skipif(not (SHARED_DATA / "mnist-test").is_dir(),
+                    reason="../shared/data/mnist-test not present")
 def test_real_mnist_halves_are_closer_than_blur_or_noise(tmp_path):
     from ddpmkit.config import DataConfig
     from ddpmkit.data import load_images
 
-    d = load_images(DataConfig(path=str(SHARED_DATA / "mnist-test" / "t10k-images-idx3-ubyte.gz"), image_size=28))
+    d = load_images(DataConfig(path=str(SHARED_DATA / "mnist-test" / "t10k-images-idx3-ubyte.gz"),
+                               image_size=28))
     a, b = d.images[:400], d.images[5000:5400]
-    blurred = torch.nn.functional.avg_pool2d(b.float(), 3, stride=1, padding=1).round().to(torch.uint8)
+    blurred = (torch.nn.functional.avg_pool2d(b.float(), 3, stride=1, padding=1)
+               .round().to(torch.uint8))
     noise = torch.randint(0, 256, b.shape, dtype=torch.uint8)
     ext = fx.efficientnet(torch.device("cpu"))
     from ddpmkit.metrics.stats import FeatureStats, frechet_distance
 
-    stats = {k: FeatureStats.from_features(ext(v)[0]) for k, v in {"a": a, "b": b, "blur": blurred, "noise": noise}.items()}
+    stats = {k: FeatureStats.from_features(ext(v)[0])
+             for k, v in {"a": a, "b": b, "blur": blurred, "noise": noise}.items()}
 
     def fd(x, y):
         return frechet_distance(stats[x].mu, stats[x].sigma, stats[y].mu, stats[y].sigma)
@@ -236,12 +257,14 @@ def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tm
     np.save(tmp_path / "ref.npy", images[40:, 0].numpy())
     ref_file = tmp_path / "stats" / "digits.npz"
     args = ["eval", str(gen), "--features", "efficientnet", "--metrics", "fid,kid,pr", "--json"]
-    assert main([*args, "--ref", f"data.path={tmp_path / 'ref.npy'}", "--save-ref", str(ref_file)]) == 0
+    assert main([*args, "--ref", f"data.path={tmp_path / 'ref.npy'}", "--save-ref",
+                 str(ref_file)]) == 0
     direct = json.loads(capsys.readouterr().out)
     assert main([*args, "--ref", str(ref_file)]) == 0
     from_file = json.loads(capsys.readouterr().out)
     for key in ("fd", "kid", "precision", "recall"):
-        assert from_file["metrics"][key] == pytest.approx(direct["metrics"][key], rel=1e-9, abs=1e-12)
+        assert (from_file["metrics"][key]
+                == pytest.approx(direct["metrics"][key], rel=1e-9, abs=1e-12))
     with np.load(ref_file) as z:  # the same file as if made with other weights
         arrays = {k: z[k] for k in z.files}
     identity = json.loads(str(arrays["extractor"]))
@@ -259,23 +282,28 @@ def test_wide_generated_images_are_read_at_one_scale_for_the_set(tmp_path):
         a[0, 0] = top
         Image.fromarray(a).save(tmp_path / f"{i}.png")
     images, _ = read_generated(tmp_path)
-    assert images[0, 0, 4, 4] == images[1, 0, 4, 4] == round(900 * 255 / 4095)  # not per image: 56 and 224
+    # not per image: 56 and 224
+    assert images[0, 0, 4, 4] == images[1, 0, 4, 4] == round(900 * 255 / 4095)
 
 
 def test_reference_data_is_read_at_the_generators_bit_depth(tmp_path):
-    """Samples of a run trained on 12-bit data, compared with data.path=...: its wide pixels are read at
-    12 bits, as the generator's training images were, not at the 10 bits their own largest value needs."""
+    """Samples of a run trained on 12-bit data, compared with data.path=...: its wide pixels are
+    read at 12 bits, as the generator's training images were, not at the 10 bits their own
+    largest value needs."""
     from ddpmkit.config import load_config
 
     run = tmp_path / "run"
     RunDir(run).start(load_config(None, {"data.bit_depth": 12}), {}, step=0)
     images, _ = digits(20)
     gen = write_pngs(tmp_path / "g", images)
-    (gen / ".ddpmkit.json").write_text(json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
+    (gen / ".ddpmkit.json").write_text(
+        json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
     (tmp_path / "real").mkdir()
     for i, img in enumerate(images.numpy()):
-        Image.fromarray(img[0].astype(np.uint16) * 3).save(tmp_path / "real" / f"{i}.png")  # 16-bit, largest 765
+        # 16-bit, largest 765
+        Image.fromarray(img[0].astype(np.uint16) * 3).save(tmp_path / "real" / f"{i}.png")
     result = evaluate(gen, [f"data.path={tmp_path / 'real'}"], ("fid",), "efficientnet")
     assert "12-bit values (largest 765" in result["ref"]
-    result = evaluate(gen, [f"data.path={tmp_path / 'real'}", "data.bit_depth=null"], ("fid",), "efficientnet")
+    result = evaluate(gen, [f"data.path={tmp_path / 'real'}", "data.bit_depth=null"], ("fid",),
+                      "efficientnet")
     assert "10-bit values (largest 765" in result["ref"]  # the user's own choice wins

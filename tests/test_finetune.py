@@ -45,19 +45,22 @@ def test_init_from_a_run_loads_weights_and_restarts_the_step(source, tiny):
                 log=messages.append, progress=False)
     assert any("starting from" in m and "step 20" in m for m in messages)
     state = run.read_state()
-    assert sorted(e["step"] for e in state["checkpoints"]) == [10, 20]  # counted from zero, not from 20
+    # counted from zero, not from 20
+    assert sorted(e["step"] for e in state["checkpoints"]) == [10, 20]
     meta = json.loads(run.meta_path.read_text())
     assert str(source) in meta["init_from"]
     src, new = _group(_ckpt(source, 20), "model"), _group(_ckpt(run.path, 20), "model")
     moved = max((src[k] - new[k]).abs().max().item() for k in src)
     assert moved > 1e-4  # trained on
     fresh = UNet(load_config(None, {**TINY, "model.in_channels": 1}).model, 8).state_dict()
-    closer = sum((src[k] - new[k]).norm() for k in src) < sum((fresh[k] - new[k]).norm() for k in src)
+    closer = (sum((src[k] - new[k]).norm() for k in src)
+              < sum((fresh[k] - new[k]).norm() for k in src))
     assert closer  # it started from the source, not from a random init
 
 
 def test_with_zero_learning_rate_the_weights_and_ema_are_the_imported_ones(source, tiny, tmp_path):
-    exported = export_diffusers(source, tmp_path / "diffusers", log=quiet)  # a diffusers folder: model = EMA
+    # a diffusers folder: model = EMA
+    exported = export_diffusers(source, tmp_path / "diffusers", log=quiet)
     run = train(tiny(**{"train.init_from": str(exported), "train.max_steps": 10, "train.lr": 0.0}),
                 log=quiet, progress=False)
     imported = _group(_ckpt(source, 20), "ema")
@@ -69,18 +72,23 @@ def test_with_zero_learning_rate_the_weights_and_ema_are_the_imported_ones(sourc
 
 def test_architecture_comes_from_the_source_and_attention_follows_a_new_image_size(tmp_path):
     src = tmp_path / "att"
-    train(load_config(None, {**TINY, "train.out_dir": str(src), "train.max_steps": 2, "model.attention_resolutions": [4]}),
+    train(load_config(None, {**TINY, "train.out_dir": str(src), "train.max_steps": 2,
+                             "model.attention_resolutions": [4]}),
           log=quiet, progress=False)
     messages = []
     cfg = load_config(None, {**TINY, "train.out_dir": str(tmp_path / "big"), "train.max_steps": 2,
-                             "data.image_size": 16, "model.base_channels": 32, "train.init_from": str(src)})
+                             "data.image_size": 16, "model.base_channels": 32,
+                             "train.init_from": str(src)})
     run = train(cfg, log=messages.append, progress=False)
-    recorded = load_config(run.config_path)  # the caller's config is never changed: the run's is resolved
+    # the caller's config is never changed: the run's is resolved
+    recorded = load_config(run.config_path)
     assert recorded.model.base_channels == 16 and recorded.model.attention_resolutions == [8]
-    assert any("model.base_channels=16" in m and "model.attention_resolutions=[8]" in m for m in messages)
+    assert any("model.base_channels=16" in m and "model.attention_resolutions=[8]" in m
+               for m in messages)
     from ddpmkit.run import load_run
 
-    assert load_run(run.path).config.model.attention_resolutions == [8]  # recorded: sampling rebuilds it
+    # recorded: sampling rebuilds it
+    assert load_run(run.path).config.model.attention_resolutions == [8]
 
 
 def test_a_different_class_count_gets_a_new_class_embedding(source):
@@ -89,7 +97,8 @@ def test_a_different_class_count_gets_a_new_class_embedding(source):
     before = model.class_embedding.weight.clone()
     messages = []
     load_pretrained(model, ema, Source(str(source)), log=messages.append)
-    assert torch.equal(model.class_embedding.weight, before) and any("new class embedding" in m for m in messages)
+    assert (torch.equal(model.class_embedding.weight, before)
+            and any("new class embedding" in m for m in messages))
     assert torch.equal(model.conv_in.weight, _group(_ckpt(source, 20), "model")["conv_in.weight"])
 
 
@@ -98,7 +107,8 @@ def test_mismatched_channels_are_refused_in_one_line(source, tmp_path, capsys, t
     import numpy as np
 
     np.save(rgb, np.zeros((4, 8, 8, 3), dtype=np.uint8))
-    code = main(["train", f"data.path={rgb}", f"--init-from={source}", f"--out={tmp_path / 'x'}", "--quiet"]
+    code = main(["train", f"data.path={rgb}", f"--init-from={source}", f"--out={tmp_path / 'x'}",
+                 "--quiet"]
                 + [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in TINY.items()])
     err = capsys.readouterr().err
     assert code == 2 and "source has 1 channel(s) and the data 3: set data.channels=1" in err
@@ -107,23 +117,30 @@ def test_mismatched_channels_are_refused_in_one_line(source, tmp_path, capsys, t
 
 
 def test_export_and_import_commands_round_trip_a_run(source, tmp_path, capsys):
-    assert main(["export", str(source), "--format", "diffusers", "--out", str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "model_index.json").is_file() and (tmp_path / "hf" / "unet" / "config.json").is_file()
+    assert main(["export", str(source), "--format", "diffusers", "--out",
+                 str(tmp_path / "hf")]) == 0
+    assert ((tmp_path / "hf" / "model_index.json").is_file()
+            and (tmp_path / "hf" / "unet" / "config.json").is_file())
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
-    assert main(["sample", str(tmp_path / "back"), "-n", "4", "--steps", "5", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    assert main(["sample", str(tmp_path / "back"), "-n", "4", "--steps", "5",
+                 "--out", str(tmp_path / "s"), "--quiet"]) == 0
     assert len(list((tmp_path / "s" / "individual").glob("*.png"))) == 4
     back = _group(load_file(next((tmp_path / "back" / "checkpoints").glob("*.safetensors"))), "ema")
     original = _group(_ckpt(source, 20), "ema")
     assert all(torch.equal(back[k], original[k]) for k in original)
-    assert main(["export", str(source), "--out", str(tmp_path / "hf")]) == 2  # never over an existing export
+    # never over an existing export
+    assert main(["export", str(source), "--out", str(tmp_path / "hf")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
 
 
-def test_fine_tuning_an_unconditional_model_into_a_conditional_one_records_it(source, tiny, tmp_path):
-    run = train(tiny(**{"train.init_from": str(source), "train.max_steps": 4, "model.class_conditional": True}),
+def test_fine_tuning_an_unconditional_model_into_a_conditional_one_records_it(source, tiny,
+                                                                              tmp_path):
+    run = train(tiny(**{"train.init_from": str(source), "train.max_steps": 4,
+                        "model.class_conditional": True}),
                 log=quiet, progress=False)
     saved = load_config(run.config_path, {})
-    assert saved.model.class_conditional and saved.model.num_classes == 10  # not the source's "unconditional"
+    # not the source's "unconditional"
+    assert saved.model.class_conditional and saved.model.num_classes == 10
     assert main(["sample", str(run.path), "-n", "2", "--steps", "2", "--class", "3", "--quiet",
                  "--out", str(tmp_path / "threes")]) == 0
 
@@ -136,19 +153,21 @@ def test_a_class_conditional_model_round_trips_through_diffusers_with_its_class_
     for name in ("cat", "dog"):
         write_images(tmp_path / "pets" / name, n=4, size=(8, 8), seed=len(name))
     cond = tmp_path / "cond"
-    train(load_config(None, {**TINY, "data.path": str(tmp_path / "pets"), "model.class_conditional": True,
-                             "train.max_steps": 2, "train.out_dir": str(cond)}), log=quiet, progress=False)
+    train(load_config(None, {**TINY, "data.path": str(tmp_path / "pets"),
+                             "model.class_conditional": True, "train.max_steps": 2,
+                             "train.out_dir": str(cond)}), log=quiet, progress=False)
     assert main(["export", str(cond), "--out", str(tmp_path / "hf")]) == 0
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     back = load_config(tmp_path / "back" / "config.yaml", {})
     assert back.model.class_conditional and back.data.class_names == ["cat", "dog"]
-    assert main(["sample", str(tmp_path / "back"), "-n", "2", "--steps", "2", "--class", "dog", "--quiet",
-                 "--out", str(tmp_path / "sevens")]) == 0
+    assert main(["sample", str(tmp_path / "back"), "-n", "2", "--steps", "2", "--class", "dog",
+                 "--quiet", "--out", str(tmp_path / "sevens")]) == 0
     # an import has no training data of its own: nothing to balance, nothing to compare with
     assert main(["balance", str(tmp_path / "back"), "--out", str(tmp_path / "bal")]) == 2
     assert main(["eval", str(tmp_path / "sevens"), "--ref", str(tmp_path / "back")]) == 2
     assert not (tmp_path / "bal").exists()
-    # a diffusers model from elsewhere has no names: its classes are its indices, still sampled by class
+    # a diffusers model from elsewhere has no names: its classes are its indices, still sampled
+    # by class
     shutil.copytree(tmp_path / "hf" / "unet", tmp_path / "bare")
     assert main(["import", str(tmp_path / "bare"), "--out", str(tmp_path / "bare_run")]) == 0
     assert load_config(tmp_path / "bare_run" / "config.yaml", {}).data.class_names == ["0", "1"]
@@ -158,5 +177,6 @@ def test_training_an_imported_run_in_place_points_to_init_from(source, tmp_path)
     assert main(["export", str(source), "--out", str(tmp_path / "hf")]) == 0
     assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     cfg = load_config(tmp_path / "back" / "config.yaml", {"train.max_steps": 4})
-    with pytest.raises(UserError, match="imported weights without optimizer state, .* fine-tune from it with --init-from"):
+    with pytest.raises(UserError, match="imported weights without optimizer state, .* fine-tune "
+                                        "from it with --init-from"):
         train(cfg, log=quiet, progress=False)

@@ -21,7 +21,8 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "run"
-    assert cli("train", *TINY_ARGS, "--steps", 10, "train.sample_every=5", "--out", out, "--quiet") == 0
+    assert cli("train", *TINY_ARGS, "--steps", 10, "train.sample_every=5", "--out",
+               out, "--quiet") == 0
     return out
 
 
@@ -32,13 +33,15 @@ def rows(out):
 def test_killed_job_resumes_to_the_same_complete_set(run_dir, tmp_path):
     """kill -9 a 2,000-image job mid-way, rerun it: complete, nothing truncated, same bytes as one
     uninterrupted run."""
-    base = [sys.executable, "-m", "ddpmkit", "sample", str(run_dir), "--num", "2000", "--steps", "4",
-            "--batch-size", "50", "--sampler", "dpmpp-2m", "--quiet"]
+    base = [sys.executable, "-m", "ddpmkit", "sample", str(run_dir), "--num", "2000", "--steps",
+            "4", "--batch-size", "50", "--sampler", "dpmpp-2m", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(base + ["--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
+    subprocess.run(base + ["--out", str(tmp_path / "straight")], check=True, env=env,
+                   capture_output=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(base + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(base + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     partial = out / ".manifest-rank0.csv"
     deadline = time.time() + 120
     while time.time() < deadline and (not partial.exists() or partial.stat().st_size < 20_000):
@@ -56,12 +59,15 @@ def test_killed_job_resumes_to_the_same_complete_set(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--sampler", "dpmpp-2m", "--eta", "0.5"], "sample.eta=0.5 applies to the ddim sampler only, not dpmpp-2m"),
-    (["--sampler", "ddim", "sample.variance=large"], "sample.variance=large applies to the ddpm sampler only"),
+    (["--sampler", "dpmpp-2m", "--eta", "0.5"],
+     "sample.eta=0.5 applies to the ddim sampler only, not dpmpp-2m"),
+    (["--sampler", "ddim", "sample.variance=large"],
+     "sample.variance=large applies to the ddpm sampler only"),
     (["--guidance", "2"], "is not class-conditional, so there is nothing to guide"),
     (["--class", "3"], "--class 3: "),
 ])
-def test_options_the_job_would_ignore_are_refused_before_anything_is_written(run_dir, tmp_path, capsys, flags, message):
+def test_options_the_job_would_ignore_are_refused_before_anything_is_written(
+        run_dir, tmp_path, capsys, flags, message):
     out = tmp_path / "never"
     assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", out, *flags) == 2
     assert message in capsys.readouterr().err and not out.exists()
@@ -71,32 +77,41 @@ def test_the_python_api_refuses_what_its_sampler_would_ignore_as_the_cli_does(ru
     from ddpmkit import UserError, load_run, sample
 
     run = load_run(run_dir)
-    for options, message in [({"sampler": "dpmpp-2m", "eta": 0.5}, "sample.eta=0.5 applies to the ddim sampler only"),
+    for options, message in [({"sampler": "dpmpp-2m", "eta": 0.5},
+                              "sample.eta=0.5 applies to the ddim sampler only"),
                              ({"sampler": "ddim", "eta": 0.5, "variance": "large"},
                               "sample.variance=large applies to the ddpm sampler only"),
-                             ({"guidance": 2.0}, "is not class-conditional, so there is nothing to guide")]:
+                             ({"guidance": 2.0},
+                              "is not class-conditional, so there is nothing to guide")]:
         with pytest.raises(UserError, match=message):
             sample(run, num=1, steps=2, **options)
-    assert sample(run, num=1, steps=2, sampler="ddpm", variance="large").shape[0] == 1  # what applies is taken
+    # what applies is taken
+    assert sample(run, num=1, steps=2, sampler="ddpm", variance="large").shape[0] == 1
     assert sample(run, num=1, steps=2, sampler="ddim", eta=1.0).shape[0] == 1
 
 
 def test_options_from_the_runs_own_config_are_not_refused(tmp_path):
-    """An import of a fixed_large DDPM scheduler records sample.variance=large; other samplers just do not use it."""
+    """An import of a fixed_large DDPM scheduler records
+    sample.variance=large; other samplers just do not use it."""
     run = tmp_path / "run"
-    assert cli("train", *TINY_ARGS, "sample.variance=large", "--steps", 2, "--out", run, "--quiet") == 0
-    assert cli("sample", run, "-n", 2, "--steps", 2, "--sampler", "dpmpp-2m", "--out", tmp_path / "s", "--quiet") == 0
+    assert cli("train", *TINY_ARGS, "sample.variance=large", "--steps", 2, "--out",
+               run, "--quiet") == 0
+    assert cli("sample", run, "-n", 2, "--steps", 2, "--sampler", "dpmpp-2m", "--out",
+               tmp_path / "s", "--quiet") == 0
 
 
 def test_a_torn_partial_manifest_line_is_dropped_on_resume(run_dir, tmp_path):
     """kill -9 in the middle of appending a row: the rerun completes in one go, the row redone."""
     straight, out = tmp_path / "straight", tmp_path / "torn"
     for folder in (straight, out):
-        assert cli("sample", run_dir, "--num", 4, "--steps", 2, "--batch-size", 2, "--out", folder, "--quiet") == 0
+        assert cli("sample", run_dir, "--num", 4, "--steps", 2, "--batch-size", 2, "--out",
+                   folder, "--quiet") == 0
     lines = (out / "manifest.csv").read_text().splitlines(keepends=True)
     (out / "manifest.csv").unlink()
-    (out / ".manifest-rank0.csv").write_text("".join(lines[1:3]) + lines[3][:9])  # header dropped, as partials have none
-    assert cli("sample", run_dir, "--num", 4, "--steps", 2, "--batch-size", 2, "--out", out, "--quiet") == 0
+    # header dropped, as partials have none
+    (out / ".manifest-rank0.csv").write_text("".join(lines[1:3]) + lines[3][:9])
+    assert cli("sample", run_dir, "--num", 4, "--steps", 2, "--batch-size", 2, "--out",
+               out, "--quiet") == 0
     assert rows(out) == rows(straight)
 
 
@@ -105,14 +120,17 @@ def test_another_job_in_the_same_folder_is_refused(run_dir, tmp_path, capsys):
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--out", out) == 0
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--seed", 5, "--out", out) == 2
     assert "seed: 0 -> 5" in capsys.readouterr().err
-    assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--seed", 5, "--out", out, "--fresh") == 0
+    assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--seed", 5, "--out",
+               out, "--fresh") == 0
     assert [r["seed"] for r in rows(out)] == ["5"] * 3
 
 
 def test_fresh_replaces_only_a_sampling_job(run_dir, tmp_path, capsys):
     grids = sorted((run_dir / "grids").iterdir())
-    assert cli("sample", run_dir, "--num", 2, "--out", run_dir, "--fresh") == 2  # the run's own folder
-    assert f"--out {run_dir} is a training run: write the images into a folder of their own" in capsys.readouterr().err
+    # the run's own folder
+    assert cli("sample", run_dir, "--num", 2, "--out", run_dir, "--fresh") == 2
+    assert (f"--out {run_dir} is a training run: write the images into a folder of their own"
+            in capsys.readouterr().err)
     assert sorted((run_dir / "grids").iterdir()) == grids
     out = tmp_path / "photos"
     (out / "individual").mkdir(parents=True)
@@ -128,20 +146,23 @@ def test_a_larger_num_extends_the_job(run_dir, tmp_path, capsys):
     first = (out / "individual" / "000002.png").read_bytes()
     assert cli("sample", run_dir, "--num", 9, "--steps", 3, "--out", out) == 0
     said = capsys.readouterr().out
-    assert "4 of 9 images already" in said and f"wrote 5 images to {out}/individual (4 were there)" in said
+    assert ("4 of 9 images already" in said
+            and f"wrote 5 images to {out}/individual (4 were there)" in said)
     assert len(rows(out)) == 9 and (out / "individual" / "000002.png").read_bytes() == first
-    # a smaller --num after a larger one: nothing to make, and the summary says what the folder holds
+    # a smaller --num after a larger one: nothing to
+    # make, and the summary says what the folder holds
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--out", out) == 0
     said = capsys.readouterr().out
-    assert f"all 3 images were already in {out}/individual, which holds 9: an earlier run of this job made more" in said
+    assert (f"all 3 images were already in {out}/individual, which holds 9: an earlier run of this "
+            f"job made more" in said)
     assert len(rows(out)) == 9
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "euler", "heun"])
 def test_every_sampler_from_the_cli(run_dir, tmp_path, sampler):
     out = tmp_path / sampler
-    assert cli("sample", run_dir, "--num", 2, "--sampler", sampler, "--steps", 3, "--spacing", "karras", "--out", out,
-               "--gif") == 0
+    assert cli("sample", run_dir, "--num", 2, "--sampler", sampler, "--steps", 3, "--spacing",
+               "karras", "--out", out, "--gif") == 0
     assert len(rows(out)) == 2 and rows(out)[0]["sampler"] == sampler
     with Image.open(out / "trajectory.gif") as gif:
         assert gif.n_frames == 3
@@ -149,10 +170,11 @@ def test_every_sampler_from_the_cli(run_dir, tmp_path, sampler):
 
 def test_a_sampler_default_longer_than_the_schedule_is_capped_at_T(tmp_path):
     run = tmp_path / "run"
-    assert cli("train", *TINY_ARGS, "diffusion.num_timesteps=8", "sample.steps=null", "--steps", 2, "--out", run,
-               "--quiet") == 0
+    assert cli("train", *TINY_ARGS, "diffusion.num_timesteps=8", "sample.steps=null", "--steps", 2,
+               "--out", run, "--quiet") == 0
     out = tmp_path / "gen"
-    assert cli("sample", run, "--num", 2, "--out", out, "--quiet") == 0  # dpmpp-2m's default 20 steps > T = 8
+    # dpmpp-2m's default 20 steps > T = 8
+    assert cli("sample", run, "--num", 2, "--out", out, "--quiet") == 0
     assert {r["steps"] for r in rows(out)} == {"8"}
 
 
@@ -160,11 +182,12 @@ def test_torchrun_ranks_share_the_work_and_match_one_process(run_dir, tmp_path):
     # -n, not --num: torchrun's parser takes --num as an abbreviation of its own --numa-binding
     args = ["sample", str(run_dir), "-n", "10", "--steps", "3", "--batch-size", "3", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "ddpmkit", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "ddpmkit", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                          "-m", "ddpmkit", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29517", "-m", "ddpmkit", *args, "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr
     assert rows(tmp_path / "two") == rows(tmp_path / "one")
     for i in range(10):
@@ -181,27 +204,34 @@ def test_learning_gif_from_training_grids(run_dir, capsys):
 
 def test_gif_of_a_folder_that_is_not_a_training_run_says_so(run_dir, tmp_path, capsys):
     images = tmp_path / "images"
-    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", images, "--quiet") == 0  # a folder of images
+    # a folder of images
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", images, "--quiet") == 0
     capsys.readouterr()
-    for folder, says in ((images, f"{images} is not a ddpmkit training run"), (tmp_path / "nowhere", "not found")):
+    for folder, says in ((images, f"{images} is not a ddpmkit training run"),
+                         (tmp_path / "nowhere", "not found")):
         assert cli("gif", folder) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and "grids" not in err[0], err
     assert not (images / "learning.gif").exists()
-    for args, says in ((["--out", tmp_path], f"--out {tmp_path} is a folder: give the GIF's file name"),
+    for args, says in ((["--out", tmp_path],
+                        f"--out {tmp_path} is a folder: give the GIF's file name"),
                        (["--frame-ms", 0], "--frame-ms must be at least 1, got 0")):
         assert cli("gif", run_dir, *args) == 2 and says in capsys.readouterr().err
     assert cli("info", run_dir, "--batch-sizes", "8,0") == 2
-    assert "--batch-sizes takes comma-separated positive integers, got '8,0'" in capsys.readouterr().err
+    assert ("--batch-sizes takes comma-separated positive integers, got '8,0'"
+            in capsys.readouterr().err)
 
 
 def test_sampling_says_which_grids_it_wrote(run_dir, tmp_path, capsys):
-    """Grids need 16 images or more: --num 2 used to say it wrote grids to OUT/grids, which did not exist."""
-    assert cli("sample", run_dir, "--num", 2, "--steps", 2, "--out", tmp_path / "two", "--quiet") == 0
+    """Grids need 16 images or more: --num 2 used to say
+    it wrote grids to OUT/grids, which did not exist."""
+    assert cli("sample", run_dir, "--num", 2, "--steps", 2, "--out",
+               tmp_path / "two", "--quiet") == 0
     out = capsys.readouterr().out
     assert "no grid (one needs at least 16 images)" in out and "grids to" not in out
     assert not (tmp_path / "two" / "grids").exists()
-    assert cli("sample", run_dir, "--num", 16, "--steps", 2, "--out", tmp_path / "sixteen", "--quiet") == 0
+    assert cli("sample", run_dir, "--num", 16, "--steps", 2, "--out",
+               tmp_path / "sixteen", "--quiet") == 0
     assert f"grids grid_4x4.png to {tmp_path / 'sixteen'}/grids," in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "sixteen" / "grids").iterdir()] == ["grid_4x4.png"]
 
@@ -227,7 +257,9 @@ def test_bf16_weights_sample_as_autocast_does(run_dir):
     # bf16 rounding grows along 10 steps of a barely trained net: the two bf16 paths are equally
     # close to fp32 (mean 0.0021 and 0.0020 here; largest single values 0.066 and 0.058)
     fp32_gap, autocast_gap = (cast - reference).abs().mean(), (autocast - reference).abs().mean()
-    assert fp32_gap < 0.005 and fp32_gap < 1.5 * autocast_gap and (cast - autocast).abs().max() < 0.15
+    assert (fp32_gap < 0.005 and fp32_gap < 1.5 * autocast_gap
+            and (cast - autocast).abs().max() < 0.15)
     denoiser = Denoiser(bf16_run.net, bf16_run.schedule, "eps", amp_dtype=bf16)
-    assert denoiser.input_dtype == bf16  # no autocast around bf16 weights: the inputs are cast instead
+    # no autocast around bf16 weights: the inputs are cast instead
+    assert denoiser.input_dtype == bf16
     assert Denoiser(fp32_run.net, fp32_run.schedule, "eps", amp_dtype=bf16).input_dtype is None

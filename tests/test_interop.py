@@ -38,22 +38,28 @@ from ddpmkit.samplers import Denoiser, ddim, ddpm, dpmpp_2m, euler, make_timeste
 from ddpmkit.schedule import Schedule, cosine_betas
 from ddpmkit.unet import UNet, count_parameters
 
-# google/ddpm-cifar10-32's unet/config.json, as published (keys absent there take diffusers' defaults).
+# google/ddpm-cifar10-32's unet/config.json, as published
+# (keys absent there take diffusers' defaults).
 CIFAR = {"act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
-         "center_input_sample": False, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-         "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
-         "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
-         "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+         "center_input_sample": False,
+         "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+         "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+         "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06,
+         "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+         "time_embedding_type": "positional",
+         "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
 # Grayscale and small (1000 sampling steps take seconds), two heads of 16 at 16x16,
 # diffusers' own embedding order (flip_sin_to_cos, freq_shift 0).
-GRAY = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "layers_per_block": 1, "block_out_channels": [16, 32],
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-        "attention_head_dim": 16, "norm_num_groups": 8, "norm_eps": 1e-6, "downsample_padding": 0}
+GRAY = {"sample_size": 32, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+        "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 16,
+        "norm_num_groups": 8, "norm_eps": 1e-6, "downsample_padding": 0}
 # Class-conditional, three levels, attention at the top resolution only.
-COND = {"sample_size": 16, "in_channels": 3, "out_channels": 3, "layers_per_block": 1, "block_out_channels": [32, 64, 64],
+COND = {"sample_size": 16, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
+        "block_out_channels": [32, 64, 64],
         "down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D"], "attention_head_dim": 8, "norm_num_groups": 16,
-        "downsample_padding": 0, "num_class_embeds": 10}
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D"], "attention_head_dim": 8,
+        "norm_num_groups": 16, "downsample_padding": 0, "num_class_embeds": 10}
 ARCHS = {"cifar10": CIFAR, "gray": GRAY, "cond": COND}
 
 
@@ -71,7 +77,8 @@ def diffusers():
 
 
 def randomized(model):
-    """Random norms and biases too (they start at 1 and 0), so a swapped tensor changes the output."""
+    """Random norms and biases too (they start at 1
+    and 0), so a swapped tensor changes the output."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -83,7 +90,8 @@ _models = {}
 
 
 def diffusers_model(name):
-    """(UNet2DModel with random weights, the same network as ours, our Config); built once per name."""
+    """(UNet2DModel with random weights, the same network
+    as ours, our Config); built once per name."""
     if name not in _models:
         from diffusers import UNet2DModel
 
@@ -97,12 +105,14 @@ def diffusers_model(name):
 
 
 def plain(config) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if not k.startswith("_")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items()
+            if not k.startswith("_")}
 
 
 def test_defaults_are_diffusers_own(diffusers):
     """A key missing from a config.json means diffusers' default: ours must be the same table."""
-    for cls, table in ((diffusers.UNet2DModel, UNET_DEFAULTS), (diffusers.DDPMScheduler, SCHEDULER_DEFAULTS)):
+    for cls, table in ((diffusers.UNet2DModel, UNET_DEFAULTS),
+                       (diffusers.DDPMScheduler, SCHEDULER_DEFAULTS)):
         params = inspect.signature(cls.__init__).parameters
         defaults = {k: list(p.default) if isinstance(p.default, tuple) else p.default
                     for k, p in params.items() if k != "self"}
@@ -145,7 +155,8 @@ def test_ddpm_1000_steps_matches_diffusers_ddpm_scheduler(diffusers):
         for t in scheduler.timesteps:
             x = scheduler.step(theirs(x, t).sample, t, x, generator=g).prev_sample
 
-    g = torch.Generator().manual_seed(6)  # the same draws in the same order: one per step but the last
+    # the same draws in the same order: one per step but the last
+    g = torch.Generator().manual_seed(6)
     schedule = Schedule.from_config(cfg.diffusion)
     timesteps = make_timesteps(1000, schedule, "uniform")
     assert timesteps == scheduler.timesteps.tolist()
@@ -157,11 +168,13 @@ def test_ddpm_1000_steps_matches_diffusers_ddpm_scheduler(diffusers):
 def test_ddim_10_steps_cifar10_matches_diffusers_ddim_scheduler(diffusers):
     """DDIM agrees with diffusers' DDIMScheduler with timestep_spacing "trailing" (= our "trailing":
     999, 899, ..., 99), set_alpha_to_one=True (the step after the last goes to abar = 1, the clean
-    image, as ours does) and step(use_clipped_model_output=True) (eps recomputed from the clipped x0,
-    as our Denoiser does). "linspace" is not equivalent: diffusers steps from t to t - T // steps,
-    not to the next timestep in its list; "leading" has no counterpart among our spacings."""
+    image, as ours does) and step(use_clipped_model_output=True) (eps recomputed from the clipped
+    x0, as our Denoiser does). "linspace" is not equivalent: diffusers steps from t to
+    t - T // steps, not to the next timestep in its list; "leading" has no counterpart among our
+    spacings."""
     theirs, ours, cfg = diffusers_model("cifar10")
-    scheduler = diffusers.DDIMScheduler.from_config(ddpmkit_to_diffusers_config(cfg)[1], timestep_spacing="trailing",
+    scheduler = diffusers.DDIMScheduler.from_config(ddpmkit_to_diffusers_config(cfg)[1],
+                                                    timestep_spacing="trailing",
                                                     set_alpha_to_one=True)
     scheduler.set_timesteps(10)
     schedule = Schedule.from_config(cfg.diffusion)
@@ -171,28 +184,32 @@ def test_ddim_10_steps_cifar10_matches_diffusers_ddim_scheduler(diffusers):
     x = x_T.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(theirs(x, t).sample, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
-    y = ddim(Denoiser(ours, schedule, "eps", clip_x0=True), x_T.clone(), timesteps, lambda: None, eta=0.0)
+            x = scheduler.step(theirs(x, t).sample, t, x, eta=0.0,
+                               use_clipped_model_output=True).prev_sample
+    y = ddim(Denoiser(ours, schedule, "eps", clip_x0=True), x_T.clone(), timesteps, lambda: None,
+             eta=0.0)
     assert (to_uint8(x).int() - to_uint8(y).int()).abs().max() <= 1
 
 
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
-@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' set_timesteps, numpy 2
+# diffusers' set_timesteps, numpy 2
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_dpmpp_2m_10_steps_matches_diffusers_dpm_solver_multistep_scheduler(diffusers, prediction):
-    """DPM-Solver++(2M) agrees with diffusers' DPMSolverMultistepScheduler (algorithm_type "dpmsolver++",
-    solver_order 2, solver_type "midpoint", timestep_spacing "trailing" = our "trailing") to float32 rounding.
-    Clipping: that scheduler has no clip_sample, but thresholding=True with sample_max_value=1.0 clamps
-    its dynamic threshold s to exactly 1, i.e. clips x0 to [-1, 1] like our Denoiser's clip_x0 (DPM-Solver++
-    uses only x0, so our eps recomputed from the clipped x0 plays no part); it keeps the output in [-1, 1].
-    Order: both take a first-order first step and second-order steps after it; both take the last step into
-    sigma = 0 (abar = 1) as x = x0 (diffusers' first-order update there, forced by final_sigmas_type "zero",
-    is exactly x0). Ours also steps first-order into t=0 when the spacing reaches it; trailing stops at
-    T/steps - 1 = 99, so it never does. diffusers' lower_order_final (fewer than 15 steps) lowers the last
-    step, first-order already, and third order to second on the step before: with solver_order 2 True and
-    False run the same algorithm, checked below."""
+    """DPM-Solver++(2M) agrees with diffusers' DPMSolverMultistepScheduler (algorithm_type
+    "dpmsolver++", solver_order 2, solver_type "midpoint", timestep_spacing "trailing" = our
+    "trailing") to float32 rounding. Clipping: that scheduler has no clip_sample, but
+    thresholding=True with sample_max_value=1.0 clamps its dynamic threshold s to exactly 1, i.e.
+    clips x0 to [-1, 1] like our Denoiser's clip_x0 (DPM-Solver++ uses only x0, so our eps
+    recomputed from the clipped x0 plays no part); it keeps the output in [-1, 1]. Order: both take
+    a first-order first step and second-order steps after it; both take the last step into sigma = 0
+    (abar = 1) as x = x0 (diffusers' first-order update there, forced by final_sigmas_type "zero",
+    is exactly x0). Ours also steps first-order into t=0 when the spacing reaches it; trailing stops
+    at T/steps - 1 = 99, so it never does. diffusers' lower_order_final (fewer than 15 steps) lowers
+    the last step, first-order already, and third order to second on the step before: with
+    solver_order 2 True and False run the same algorithm, checked below."""
     theirs, ours, cfg = diffusers_model("gray")
     schedule = Schedule.from_config(cfg.diffusion)
     timesteps = make_timesteps(10, schedule, "trailing")
@@ -200,9 +217,11 @@ def test_dpmpp_2m_10_steps_matches_diffusers_dpm_solver_multistep_scheduler(diff
 
     def diffusers_sample(lower_order_final):
         scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
-            ddpmkit_to_diffusers_config(cfg)[1], algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-            timestep_spacing="trailing", lower_order_final=lower_order_final, final_sigmas_type="zero",
-            prediction_type=DIFFUSERS_PREDICTION[prediction], thresholding=True, sample_max_value=1.0)
+            ddpmkit_to_diffusers_config(cfg)[1], algorithm_type="dpmsolver++", solver_order=2,
+            solver_type="midpoint", timestep_spacing="trailing",
+            lower_order_final=lower_order_final, final_sigmas_type="zero",
+            prediction_type=DIFFUSERS_PREDICTION[prediction], thresholding=True,
+            sample_max_value=1.0)
         scheduler.set_timesteps(10)
         assert timesteps == scheduler.timesteps.tolist()
         x = x_T.clone()
@@ -213,29 +232,34 @@ def test_dpmpp_2m_10_steps_matches_diffusers_dpm_solver_multistep_scheduler(diff
 
     x = diffusers_sample(lower_order_final=True)
     assert torch.equal(x, diffusers_sample(lower_order_final=False))
-    y = dpmpp_2m(Denoiser(ours, schedule, prediction, clip_x0=True), x_T.clone(), timesteps, lambda: None)
+    y = dpmpp_2m(Denoiser(ours, schedule, prediction, clip_x0=True), x_T.clone(), timesteps,
+                 lambda: None)
     assert y.abs().max() <= 1
-    # Measured 1e-6 (v) to 4e-5 (eps, over seeds): float32 steps against our float64 coefficients, and
-    # diffusers' float32 sigma table; eps's x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) multiplies rounding
-    # by 1 / sqrt(abar) = 157 at t = 999. An update coefficient 1% off moves it by 2e-3 or more.
+    # Measured 1e-6 (v) to 4e-5 (eps, over seeds): float32 steps against our float64 coefficients,
+    # and diffusers' float32 sigma table; eps's x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)
+    # multiplies rounding by 1 / sqrt(abar) = 157 at t = 999. An update coefficient 1% off moves
+    # it by 2e-3 or more.
     assert (x - y).abs().max() <= 1e-4
 
 
-@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # diffusers' set_timesteps, numpy 2
+# diffusers' set_timesteps, numpy 2
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_euler_10_steps_matches_diffusers_euler_discrete_scheduler(diffusers, prediction):
-    """Euler agrees with diffusers' EulerDiscreteScheduler (timestep_spacing "trailing" = our "trailing",
-    sigmas to 0, no churn) to float32 rounding. Both step x_ve = x / sqrt(abar) along (x_ve - x0) / sigma, and
-    diffusers' scale_model_input (x_ve / sqrt(sigma^2 + 1)) hands the network the same x_t as our Denoiser.
-    Two conventions are matched by hand: (1) clipping: diffusers' Euler never clips x0, so ours runs with
-    clip_x0=False; (2) the start: ours maps x_T to x_ve exactly, x_T * sqrt(1 + sigma_max^2), while diffusers'
-    init_noise_sigma with trailing spacing is sigma_max (x_T * 157.4073 instead of * 157.4105 here), so
-    diffusers starts from our x_ve. From its own init_noise_sigma it ends 1.3e-5 to 2e-5 off, relative to
-    the output's size: above the bound below, which tells the two conventions apart."""
+    """Euler agrees with diffusers' EulerDiscreteScheduler (timestep_spacing "trailing" = our
+    "trailing", sigmas to 0, no churn) to float32 rounding. Both step x_ve = x / sqrt(abar) along
+    (x_ve - x0) / sigma, and diffusers' scale_model_input (x_ve / sqrt(sigma^2 + 1)) hands the
+    network the same x_t as our Denoiser. Two conventions are matched by hand: (1) clipping:
+    diffusers' Euler never clips x0, so ours runs with clip_x0=False; (2) the start: ours maps x_T
+    to x_ve exactly, x_T * sqrt(1 + sigma_max^2), while diffusers' init_noise_sigma with trailing
+    spacing is sigma_max (x_T * 157.4073 instead of * 157.4105 here), so diffusers starts from our
+    x_ve. From its own init_noise_sigma it ends 1.3e-5 to 2e-5 off, relative to the output's size:
+    above the bound below, which tells the two conventions apart."""
     theirs, ours, cfg = diffusers_model("gray")
     scheduler = diffusers.EulerDiscreteScheduler.from_config(
-        ddpmkit_to_diffusers_config(cfg)[1], timestep_spacing="trailing", interpolation_type="linear",
-        final_sigmas_type="zero", prediction_type=DIFFUSERS_PREDICTION[prediction])
+        ddpmkit_to_diffusers_config(cfg)[1], timestep_spacing="trailing",
+        interpolation_type="linear", final_sigmas_type="zero",
+        prediction_type=DIFFUSERS_PREDICTION[prediction])
     scheduler.set_timesteps(10)
     schedule = Schedule.from_config(cfg.diffusion)
     timesteps = make_timesteps(10, schedule, "trailing")
@@ -244,11 +268,14 @@ def test_euler_10_steps_matches_diffusers_euler_discrete_scheduler(diffusers, pr
     x = x_T * (scheduler.sigmas[0] ** 2 + 1) ** 0.5
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(theirs(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
-    y = euler(Denoiser(ours, schedule, prediction, clip_x0=False), x_T.clone(), timesteps, lambda: None)
-    # Unclipped, a random network's eps is no estimate of the noise in x_T and x0 = (x - sqrt(1 - abar) eps)
-    # / sqrt(abar) reaches hundreds (1 / sqrt(abar) = 157 at t = 999); v and x0 stay within a few units.
-    # So the bound is relative to the output's size: measured 3e-7 (eps) and 1e-6 (v), float32 rounding.
+            x = scheduler.step(theirs(scheduler.scale_model_input(x, t), t).sample,
+                               t, x).prev_sample
+    y = euler(Denoiser(ours, schedule, prediction, clip_x0=False), x_T.clone(), timesteps,
+              lambda: None)
+    # Unclipped, a random network's eps is no estimate of the noise in x_T and
+    # x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) reaches hundreds (1 / sqrt(abar) = 157 at
+    # t = 999); v and x0 stay within a few units. So the bound is relative to the output's size:
+    # measured 3e-7 (eps) and 1e-6 (v), float32 rounding.
     scale = max(1.0, x.abs().max().item())
     assert (x - y).abs().max() <= 4e-6 * scale
 
@@ -270,15 +297,21 @@ def test_trained_betas_are_kept_only_when_they_are_one_of_ours():
 
 
 def test_scheduler_options_map_to_ours():
-    cfg = diffusers_config_to_ddpmkit(GRAY, {"_class_name": "DDPMScheduler", "prediction_type": "v_prediction",
+    cfg = diffusers_config_to_ddpmkit(GRAY, {"_class_name": "DDPMScheduler",
+                                             "prediction_type": "v_prediction",
                                              "variance_type": "fixed_large", "clip_sample": False,
                                              "num_train_timesteps": 500, "beta_end": 0.03})
-    assert (cfg.diffusion.prediction, cfg.sample.variance, cfg.sample.clip_x0) == ("v", "large", False)
+    assert ((cfg.diffusion.prediction, cfg.sample.variance, cfg.sample.clip_x0)
+            == ("v", "large", False))
     assert (cfg.diffusion.num_timesteps, cfg.diffusion.beta_end) == (500, 0.03)
-    assert diffusers_config_to_ddpmkit(GRAY, {"prediction_type": "sample"}).diffusion.prediction == "x0"
-    assert diffusers_config_to_ddpmkit(GRAY, {"variance_type": "fixed_small_log"}).sample.variance == "small"
-    # diffusers sizes a "learned" time embedding with it and ignores it for "positional": harmless here
-    assert diffusers_config_to_ddpmkit({**GRAY, "num_train_timesteps": 1000}).model.base_channels == 16
+    assert (diffusers_config_to_ddpmkit(GRAY, {"prediction_type": "sample"}).diffusion.prediction
+            == "x0")
+    assert (diffusers_config_to_ddpmkit(GRAY, {"variance_type": "fixed_small_log"}).sample.variance
+            == "small")
+    # diffusers sizes a "learned" time embedding with
+    # it and ignores it for "positional": harmless here
+    assert (diffusers_config_to_ddpmkit({**GRAY, "num_train_timesteps": 1000}).model.base_channels
+            == 16)
 
 
 @pytest.mark.parametrize("change, key", [
@@ -329,7 +362,8 @@ def test_import_pipeline_and_bare_unet_folders_then_sample(diffusers, tmp_path):
     theirs, _, _ = diffusers_model("gray")
     scheduler = diffusers.DDPMScheduler(prediction_type="v_prediction", variance_type="fixed_large")
     diffusers.DDPMPipeline(unet=theirs, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
-    assert import_diffusers(tmp_path / "pipe", tmp_path / "run", log=lambda m: None) == tmp_path / "run"
+    assert (import_diffusers(tmp_path / "pipe", tmp_path / "run", log=lambda m: None)
+            == tmp_path / "run")
     run = load_run(tmp_path / "run")
     assert (run.config.diffusion.prediction, run.config.sample.variance) == ("v", "large")
     reference = theirs.state_dict()
@@ -342,7 +376,8 @@ def test_import_pipeline_and_bare_unet_folders_then_sample(diffusers, tmp_path):
     assert images.shape == (2, 1, 32, 32) and images.dtype == torch.uint8
 
     cfg, net, provenance = read_diffusers(tmp_path / "pipe", log=lambda m: None)  # in memory only
-    assert cfg.model == run.config.model and provenance["diffusers_unet_config"]["_class_name"] == "UNet2DModel"
+    assert (cfg.model == run.config.model
+            and provenance["diffusers_unet_config"]["_class_name"] == "UNet2DModel")
     assert all(torch.equal(v, run.net.state_dict()[k]) for k, v in net.state_dict().items())
 
     theirs.save_pretrained(tmp_path / "bare")  # no scheduler: DDPM defaults, with a note
@@ -358,28 +393,32 @@ def test_import_pipeline_and_bare_unet_folders_then_sample(diffusers, tmp_path):
 def test_import_old_attention_names_and_refuse_pickled_weights(diffusers, tmp_path):
     theirs, ours, _ = diffusers_model("cond")
     theirs.save_config(tmp_path / "old")
-    old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.",
+                 ".to_out.0.": ".proj_attn."}
     weights = {}
     for name, tensor in theirs.state_dict().items():
         for new, old in old_names.items():
             name = name.replace(new, old)
         weights[name] = tensor.half()  # stored in fp16: widened exactly on import
     assert any(".query." in k for k in weights)
-    torch.save(weights, tmp_path / "old" / "diffusion_pytorch_model.bin")  # a pickle: refused, never loaded
-    with pytest.raises(UserError, match="diffusion_pytorch_model.bin is a pickle, which ddpmkit never loads: if you trust "
-                                        "it, convert it with diffusers"):
+    # a pickle: refused, never loaded
+    torch.save(weights, tmp_path / "old" / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match="diffusion_pytorch_model.bin is a pickle, which ddpmkit "
+                                        "never loads: if you trust it, convert it with diffusers"):
         import_diffusers(tmp_path / "old", tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "run").exists()
     save_file(weights, str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
     import_diffusers(tmp_path / "old", tmp_path / "run", log=lambda m: None)
     net = load_run(tmp_path / "run").net
     assert net.state_dict().keys() == ours.state_dict().keys()
-    assert all(torch.equal(v, ours.state_dict()[k].half().float()) for k, v in net.state_dict().items())
+    assert all(torch.equal(v, ours.state_dict()[k].half().float())
+               for k, v in net.state_dict().items())
 
 
 def test_import_refuses_bad_sources_and_existing_output(tmp_path):
     (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "config.json").write_text(json.dumps({**GRAY, "time_embedding_type": "fourier"}))
+    (tmp_path / "unet" / "config.json").write_text(
+        json.dumps({**GRAY, "time_embedding_type": "fourier"}))
     with pytest.raises(UserError, match="time_embedding_type"):
         import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
@@ -394,7 +433,8 @@ def test_import_refuses_bad_sources_and_existing_output(tmp_path):
         import_diffusers(tmp_path, tmp_path / "full", log=lambda m: None)
 
     with pytest.raises(UserError, match="no such folder"):
-        import_diffusers(str(tmp_path / "missing" / "deeper" / "still"), tmp_path / "out", log=lambda m: None)
+        import_diffusers(str(tmp_path / "missing" / "deeper" / "still"), tmp_path / "out",
+                         log=lambda m: None)
 
 
 def test_hub_id_without_network_or_huggingface_hub_is_a_user_error(tmp_path, monkeypatch):
@@ -414,12 +454,16 @@ def test_hub_id_without_network_or_huggingface_hub_is_a_user_error(tmp_path, mon
 
 
 def make_run(path, num_classes):
-    """A ddpmkit run folder as training writes it, with random weights (EMA different from the model)."""
-    cfg = load_config(None, {"model.in_channels": 3, "data.image_size": 16, "model.base_channels": 16,
-                             "model.norm_groups": 8, "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
+    """A ddpmkit run folder as training writes it, with
+    random weights (EMA different from the model)."""
+    cfg = load_config(None, {"model.in_channels": 3, "data.image_size": 16,
+                             "model.base_channels": 16, "model.norm_groups": 8,
+                             "model.channel_mult": [1, 2], "model.num_res_blocks": 1,
                              "model.attention_resolutions": [8], "model.attention_head_dim": 8,
-                             "model.num_classes": num_classes, "model.class_conditional": num_classes > 0,
-                             "data.class_names": [str(i) for i in range(num_classes)] or None, "diffusion.num_timesteps": 100,
+                             "model.num_classes": num_classes,
+                             "model.class_conditional": num_classes > 0,
+                             "data.class_names": [str(i) for i in range(num_classes)] or None,
+                             "diffusion.num_timesteps": 100,
                              "diffusion.prediction": "v", "train.out_dir": str(path)})
     torch.manual_seed(3)
     model = randomized(UNet(cfg.model, 16))
@@ -441,7 +485,8 @@ class _Records(logging.Handler):
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
-def test_export_loads_in_diffusers_without_warnings_and_imports_back_exactly(diffusers, tmp_path, num_classes):
+def test_export_loads_in_diffusers_without_warnings_and_imports_back_exactly(
+        diffusers, tmp_path, num_classes):
     cfg, ema = make_run(tmp_path / "run", num_classes)
     notes = []
     out = export_diffusers(tmp_path / "run", tmp_path / "export", log=notes.append)
@@ -449,7 +494,8 @@ def test_export_loads_in_diffusers_without_warnings_and_imports_back_exactly(dif
     assert any("class labels" in n for n in notes) == bool(num_classes)
 
     records = _Records()
-    logger = logging.getLogger("diffusers")  # diffusers' own handler does not propagate: listen here
+    # diffusers' own handler does not propagate: listen here
+    logger = logging.getLogger("diffusers")
     logger.addHandler(records)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -460,7 +506,8 @@ def test_export_loads_in_diffusers_without_warnings_and_imports_back_exactly(dif
             unet = diffusers.UNet2DModel.from_pretrained(out / "unet", low_cpu_mem_usage=False)
     finally:
         logger.removeHandler(records)
-    assert [str(w.message) for w in caught] == [] and [r.getMessage() for r in records.records] == []
+    assert ([str(w.message) for w in caught] == []
+            and [r.getMessage() for r in records.records] == [])
     assert isinstance(pipe.scheduler, diffusers.DDPMScheduler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
@@ -478,7 +525,8 @@ def test_export_loads_in_diffusers_without_warnings_and_imports_back_exactly(dif
     import_diffusers(out, tmp_path / "back", log=lambda m: None)
     back = load_run(tmp_path / "back")
     # the same resolved model (the preset it was resolved from is not kept) and diffusion process
-    assert back.config.model == dataclasses.replace(cfg.model, preset=None) and back.config.diffusion == cfg.diffusion
+    assert (back.config.model == dataclasses.replace(cfg.model, preset=None)
+            and back.config.diffusion == cfg.diffusion)
     theirs = ema.state_dict()
     assert back.net.state_dict().keys() == theirs.keys()
     assert all(torch.equal(v, theirs[k]) for k, v in back.net.state_dict().items())
@@ -494,11 +542,14 @@ def test_export_refuses_what_diffusers_cannot_express():
 
     with pytest.raises(UserError, match="channel_mult"):
         ddpmkit_to_diffusers_config(config(channel_mult=[2, 2]))
-    # widths 32 (attention at 16) and 96 (mid): ours has 1 head of 32 and 2 heads of 48; diffusers cannot
+    # widths 32 (attention at 16) and 96 (mid): ours has
+    # 1 head of 32 and 2 heads of 48; diffusers cannot
     with pytest.raises(UserError, match="attention_head_dim"):
-        ddpmkit_to_diffusers_config(config(channel_mult=[1, 3], attention_resolutions=[16], attention_head_dim=48))
+        ddpmkit_to_diffusers_config(config(channel_mult=[1, 3], attention_resolutions=[16],
+                                           attention_head_dim=48))
     # one full-width head everywhere (96 // 64 = 1) is diffusers' attention_head_dim None
-    unet = ddpmkit_to_diffusers_config(config(channel_mult=[1, 3], attention_resolutions=[8], attention_head_dim=64))[0]
+    unet = ddpmkit_to_diffusers_config(config(channel_mult=[1, 3], attention_resolutions=[8],
+                                              attention_head_dim=64))[0]
     assert unet["attention_head_dim"] is None
 
 

@@ -15,7 +15,8 @@ def report(tmp_path_factory):
     from conftest import tiny_config
 
     tmp = tmp_path_factory.mktemp("report")
-    run = train(tiny_config(tmp, **{"train.max_steps": 20, "train.sample_every": 5, "train.log_every": 2}),
+    run = train(tiny_config(tmp, **{"train.max_steps": 20, "train.sample_every": 5,
+                                    "train.log_every": 2}),
                 log=lambda *_: None, progress=False)
     return run.path / "report.html"
 
@@ -23,7 +24,8 @@ def report(tmp_path_factory):
 def test_training_writes_a_self_contained_report(report, capsys):
     text = report.read_text()
     assert text.count("<svg") == 4 and text.count("<polyline") == 4  # loss x2, lr, throughput
-    assert len(re.findall(r"src='data:image/png;base64,", text)) == 5  # 4 grids + latest; the GIF is image/gif
+    # 4 grids + latest; the GIF is image/gif
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == 5
     assert "data:image/gif;base64," in text
     assert not re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", text)  # no network fetches
     assert "<td>20</td>" in text and "best" in text and "train:" in text  # checkpoints, config
@@ -36,7 +38,8 @@ def _browser():
     if not chromium or not driver:
         pytest.skip("no browser: Debian's chromium and chromium-driver are not installed "
                     "(apt-get install chromium chromium-driver; .ci/run does this on CI)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="selenium is not installed (pip install selenium)")
     return chromium, driver, webdriver
 
 
@@ -47,14 +50,16 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1800"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=1200,1800"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        browser.get_log("browser"), browser.get_log("performance")  # drain the browser's own start-up (new tab page)
+        # drain the browser's own start-up (new tab page)
+        browser.get_log("browser"), browser.get_log("performance")
         browser.get(report.as_uri())
         errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
@@ -63,7 +68,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         ours = [ev["params"] for ev in events if ev["method"] == "Network.requestWillBeSent"
                 and ev["params"].get("documentURL") == report.as_uri()]
         ids = {p["requestId"] for p in ours}
-        failed = [ev for ev in events if ev["method"] == "Network.loadingFailed" and ev["params"]["requestId"] in ids]
+        failed = [ev for ev in events if ev["method"] == "Network.loadingFailed"
+                  and ev["params"]["requestId"] in ids]
         assert not failed, failed
         urls = [p["request"]["url"] for p in ours]
         # identical images load once; nothing comes from outside
@@ -74,7 +80,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert len(images) == 6
         for img in images:
             browser.execute_script("arguments[0].scrollIntoView()", img)
-            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
+            assert browser.execute_script("return arguments[0].complete && "
+                                          "arguments[0].naturalWidth", img) > 0
             assert img.is_displayed()
         shot = tmp_path / "report.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
@@ -83,12 +90,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_tensorboard_logging(tmp_path):
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    pytest.importorskip("tensorboard",
+                        reason="tensorboard is not installed (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from conftest import tiny_config
 
-    cfg = tiny_config(tmp_path, **{"train.max_steps": 10, "train.sample_every": 5, "train.tensorboard": True})
+    cfg = tiny_config(tmp_path,
+                      **{"train.max_steps": 10, "train.sample_every": 5, "train.tensorboard": True})
     run = train(cfg, log=lambda *_: None, progress=False)
     events = EventAccumulator(str(run.path / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10]

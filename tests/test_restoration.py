@@ -59,15 +59,17 @@ class ExactGaussianNet(torch.nn.Module):
 
     def forward(self, x, t, labels=None):
         a = self.s.abar_at(float(t[0]))
-        x0 = self.mu + math.sqrt(a) * self.var / (a * self.var + 1 - a) * (x - math.sqrt(a) * self.mu)
+        x0 = (self.mu
+              + math.sqrt(a) * self.var / (a * self.var + 1 - a) * (x - math.sqrt(a) * self.mu))
         return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
 
 
 def _gaussian_run(mu, sd, size=8, schedule="linear"):
-    cfg = load_config(None, {"data.image_size": size, "model.in_channels": 1, "diffusion.schedule": schedule})
+    cfg = load_config(None, {"data.image_size": size, "model.in_channels": 1,
+                             "diffusion.schedule": schedule})
     s = Schedule.from_config(cfg.diffusion)
-    return Run(path=__import__("pathlib").Path("gauss"), config=cfg, net=ExactGaussianNet(s, mu, sd), schedule=s,
-               step=0, checkpoint="exact")
+    return Run(path=__import__("pathlib").Path("gauss"), config=cfg,
+               net=ExactGaussianNet(s, mu, sd), schedule=s, step=0, checkpoint="exact")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -77,8 +79,10 @@ def test_sigma_to_timestep_is_exact(schedule):
         sigma = math.sqrt((1 - s.alphas_cumprod[t]) / s.alphas_cumprod[t]) / 2
         t_back = sigma_to_timestep(s, sigma)
         assert t_back == t
-        assert math.sqrt((1 - s.abar_at(t_back)) / s.abar_at(t_back)) == pytest.approx(2 * sigma, rel=1e-12)
-    for t in np.linspace(0.3, 998.7, 57):  # fractional t: round trip through the log-sigma interpolation
+        assert (math.sqrt((1 - s.abar_at(t_back)) / s.abar_at(t_back))
+                == pytest.approx(2 * sigma, rel=1e-12))
+    # fractional t: round trip through the log-sigma interpolation
+    for t in np.linspace(0.3, 998.7, 57):
         t_back = sigma_to_timestep(s, s.sigma_at(t) / 2)
         assert t_back == pytest.approx(t, abs=1e-6)
         a = s.abar_at(t_back)
@@ -94,9 +98,12 @@ def test_timesteps_from():
     assert timesteps_from(5.5) == [5.5, 5, 4, 3, 2, 1, 0]
     assert timesteps_from(5.0) == [5.0, 4, 3, 2, 1, 0]
     assert timesteps_from(40.2, 1) == [40.2]
-    assert timesteps_from(40.2, 5) == [40.2, 32, 24, 16, 8]  # trailing: the last step from ~t/5 to clean
-    assert timesteps_from(499.5, 2) == [499.5, 250]  # not [499.5, 499]: a call spent on half a timestep
-    assert timesteps_from(10.6, 12) == [10.6] + list(range(10, -1, -1))  # more calls than integers: all
+    # trailing: the last step from ~t/5 to clean
+    assert timesteps_from(40.2, 5) == [40.2, 32, 24, 16, 8]
+    # not [499.5, 499]: a call spent on half a timestep
+    assert timesteps_from(499.5, 2) == [499.5, 250]
+    # more calls than integers: all
+    assert timesteps_from(10.6, 12) == [10.6] + list(range(10, -1, -1))
     for t, n in ((7.9, 5), (10.6, 8), (999.0, 50)):
         ts = timesteps_from(t, n)
         assert len(ts) == n and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] > 0
@@ -126,7 +133,8 @@ def test_denoising_by_sampling_refuses_deterministic_samplers():
     for sampler in ("ddim", "dpmpp-2m", "euler", "heun"):
         with pytest.raises(UserError, match=f"'{sampler}' is deterministic"):
             denoise_tensor(den, y, 0.2, method="sample", sampler=sampler)
-    assert denoise_tensor(den, y, 0.2, method="sample", sampler="dpmpp-2m-sde", steps=5).shape == y.shape
+    assert denoise_tensor(den, y, 0.2, method="sample",
+                          sampler="dpmpp-2m-sde", steps=5).shape == y.shape
 
 
 def test_denoise_mmse_is_the_gaussian_posterior_mean():
@@ -143,7 +151,8 @@ def test_denoise_mmse_is_the_gaussian_posterior_mean():
         expect = mu + sd**2 / (sd**2 + sm**2) * (y - mu)
         torch.testing.assert_close(denoise_tensor(den, y, sigma), expect, atol=1e-5, rtol=1e-5)
     # The uint8 API: the same answer computed from the quantised input, to within one level.
-    y8 = ((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8)
+    y8 = ((x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1) * 127.5
+          + 127.5).round().to(torch.uint8)
     yq = y8.float() / 127.5 - 1
     expect = mu + sd**2 / (sd**2 + 0.2**2) * (yq - mu)  # sigma 0.1 -> 0.2 on the model scale
     got = denoise(run, y8, 0.1, clip_x0=False).float()
@@ -158,7 +167,8 @@ def test_denoise_sampling_averages_to_the_posterior_mean():
     den = Denoiser(run.net, run.schedule, "eps", clip_x0=False)
     y = torch.full((3000, 1, 2, 2), 0.5)
     k = sd**2 / (sd**2 + (2 * sigma) ** 2)
-    draws = denoise_tensor(den, y, sigma, method="sample", sampler="ddpm")  # all integer steps below t
+    # all integer steps below t
+    draws = denoise_tensor(den, y, sigma, method="sample", sampler="ddpm")
     assert draws.mean().item() == pytest.approx(mu + k * (0.5 - mu), abs=0.01)
     assert draws.std().item() == pytest.approx(math.sqrt(k) * 2 * sigma, rel=0.05)
 
@@ -167,7 +177,8 @@ def test_estimate_sigma_within_10_percent():
     from sklearn.datasets import load_digits
 
     digits = torch.from_numpy(load_digits().images[:20] / 16.0).float()[:, None]
-    smooth = torch.nn.functional.interpolate(digits, size=(64, 64), mode="bicubic", align_corners=False)
+    smooth = torch.nn.functional.interpolate(digits, size=(64, 64), mode="bicubic",
+                                             align_corners=False)
     smooth = 0.25 + 0.5 * smooth.clamp(0, 1)  # [0, 1] scale, away from the ends
     g = torch.Generator().manual_seed(1)
     for sigma in (0.05, 0.1, 0.2):
@@ -180,17 +191,21 @@ def test_estimate_sigma_within_10_percent():
 
 
 def test_strength_zero_is_the_identity(tiny_run):
-    imgs = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    imgs = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
     assert torch.equal(img2img(tiny_run, imgs, strength=0.0), imgs)
     out = img2img(tiny_run, imgs, strength=0.5, seed=3, steps=5)
     assert out.shape == imgs.shape and out.dtype == torch.uint8 and not torch.equal(out, imgs)
 
 
 def test_results_do_not_depend_on_the_batch(tiny_run):
-    imgs = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    imgs = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
     whole = img2img(tiny_run, imgs, strength=0.6, seed=1, sampler="ddpm", steps=6)
-    parts = torch.cat([img2img(tiny_run, imgs[i:i + 1], 0.6, 1, "ddpm", 6, indices=[i]) for i in range(4)])
-    assert (whole.int() - parts.int()).abs().max() <= 1  # same noise; float batching differences only
+    parts = torch.cat([img2img(tiny_run, imgs[i:i + 1], 0.6, 1, "ddpm", 6, indices=[i])
+                       for i in range(4)])
+    # same noise; float batching differences only
+    assert (whole.int() - parts.int()).abs().max() <= 1
     a = denoise(tiny_run, imgs, 0.1, method="sample", samples=2, seed=5, steps=4)
     assert torch.equal(a, denoise(tiny_run, imgs, 0.1, method="sample", samples=2, seed=5, steps=4))
 
@@ -218,7 +233,8 @@ def test_repaint_schedule():
 
 
 def test_wrong_size_or_channels_refused(tiny_run):
-    with pytest.raises(UserError, match="6x7 pixels, but the model takes 1 channel.* at 8x8 or larger"):
+    with pytest.raises(UserError,
+                       match="6x7 pixels, but the model takes 1 channel.* at 8x8 or larger"):
         denoise(tiny_run, torch.zeros(1, 1, 7, 6, dtype=torch.uint8), 0.1)
     with pytest.raises(UserError, match="3 channel"):
         img2img(tiny_run, torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 0.5)
@@ -235,18 +251,22 @@ def _write_pngs(folder, arrays, names):
 def test_folder_runner_layout(tiny_run, tmp_path):
     rng = np.random.default_rng(0)
     names = ["b.png", "a.png", "c.png"]
-    _write_pngs(tmp_path / "in", [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in names], names)
-    out = restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "out", sigma="auto", log=lambda *a: None)
+    _write_pngs(tmp_path / "in", [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in names],
+                names)
+    out = restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "out", sigma="auto",
+                         log=lambda *a: None)
     assert sorted(p.name for p in (out / "individual").iterdir()) == ["a.png", "b.png", "c.png"]
     grid = read_image(out / "grid.png")
     assert grid.shape[0] == 1 and grid.shape[1] < grid.shape[2]  # two rows of three
     with open(out / "manifest.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["output"] for r in rows] == ["individual/a.png", "individual/b.png", "individual/c.png"]
+    assert [r["output"] for r in rows] == ["individual/a.png", "individual/b.png",
+                                           "individual/c.png"]
     assert all(r["kind"] == "denoise" and float(r["sigma"]) > 0 for r in rows)
     assert json.loads(rows[0]["parameters"])["method"] == "mmse"
     assert not list(out.rglob(".*.tmp"))
-    # rerun on other inputs: the earlier outputs go (the manifest listed only the new ones, beside stale files)
+    # rerun on other inputs: the earlier outputs go (the
+    # manifest listed only the new ones, beside stale files)
     _write_pngs(tmp_path / "in_b", [rng.integers(0, 256, (8, 8), dtype=np.uint8)], ["z.png"])
     (out / "individual" / "mine.txt").write_text("not an output")
     restore_folder(tiny_run, "denoise", tmp_path / "in_b", out, sigma=0.1, log=lambda *a: None)
@@ -254,9 +274,11 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     # nor does it write into a sampling job's folder, a training run, or a folder of someone's files
     foreign = tmp_path / "foreign"
     _write_pngs(foreign / "individual", [np.zeros((8, 8), np.uint8)], ["keep.png"])
-    for target, says in ((tiny_run.path, "training run"), (foreign, "no ddpmkit restoration wrote")):
+    for target, says in ((tiny_run.path, "training run"),
+                         (foreign, "no ddpmkit restoration wrote")):
         with pytest.raises(UserError, match=says):
-            restore_folder(tiny_run, "denoise", tmp_path / "in_b", target, sigma=0.1, log=lambda *a: None)
+            restore_folder(tiny_run, "denoise", tmp_path / "in_b", target, sigma=0.1,
+                           log=lambda *a: None)
     assert [p.name for p in (foreign / "individual").iterdir()] == ["keep.png"]
 
     # inpainting: masks by name; known pixels of the files unchanged
@@ -264,23 +286,28 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     for m in masks:
         m[3:5, :] = 255
     _write_pngs(tmp_path / "masks", masks, names)
-    out2 = restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "out2", masks_dir=tmp_path / "masks",
-                          steps=5, jump_length=2, resamplings=2, log=lambda *a: None)
+    out2 = restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "out2",
+                          masks_dir=tmp_path / "masks", steps=5, jump_length=2, resamplings=2,
+                          log=lambda *a: None)
     for n in names:
         before, after = read_image(tmp_path / "in" / n), read_image(out2 / "individual" / n)
         assert torch.equal(before[:, :3], after[:, :3]) and torch.equal(before[:, 5:], after[:, 5:])
-    with pytest.raises(UserError, match="steps must be at least 1, got 0"):  # not silently RePaint's 250
-        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o0", masks_dir=tmp_path / "masks", steps=0)
+    # not silently RePaint's 250
+    with pytest.raises(UserError, match="steps must be at least 1, got 0"):
+        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o0",
+                       masks_dir=tmp_path / "masks", steps=0)
     assert not (tmp_path / "o0").exists()
     with pytest.raises(UserError, match="--seed must not be negative, got -1"):
         restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "o0", seed=-1)
     # a missing or wrong-sized mask is named
     (tmp_path / "masks" / "c.png").unlink()
     with pytest.raises(UserError, match="c.png"):
-        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o3", masks_dir=tmp_path / "masks")
+        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o3",
+                       masks_dir=tmp_path / "masks")
     _write_pngs(tmp_path / "masks", [np.zeros((9, 8), np.uint8)], ["c.png"])
     with pytest.raises(UserError, match="mask .*c.png"):
-        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o3", masks_dir=tmp_path / "masks")
+        restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o3",
+                       masks_dir=tmp_path / "masks")
     # a too small input is named
     _write_pngs(tmp_path / "in", [np.zeros((6, 6), np.uint8)], ["d.png"])
     with pytest.raises(UserError, match="d.png"):
@@ -297,7 +324,8 @@ def test_missing_scikit_image_is_a_user_error(monkeypatch):
 
 def test_inpainting_with_the_exact_denoiser_fills_with_the_conditional_mean():
     """Independent Gaussian pixels: the known ones say nothing about the unknown ones, so the filled
-    pixels are draws from N(mu, sd^2); their mean and spread show RePaint's reverse steps are right."""
+    pixels are draws from N(mu, sd^2); their mean and spread show RePaint's reverse steps are
+    right."""
     mu, sd = 0.2, 0.3
     run = _gaussian_run(mu, sd, size=8)
     run.schedule = Schedule.from_config(DiffusionConfig(num_timesteps=1000))
@@ -305,7 +333,8 @@ def test_inpainting_with_the_exact_denoiser_fills_with_the_conditional_mean():
     imgs = torch.full((200, 1, 8, 8), 20, dtype=torch.uint8)
     fill = torch.zeros(200, 1, 8, 8, dtype=torch.bool)
     fill[:, :, :4] = True
-    out = inpaint(run, imgs, fill, steps=None, jump_length=10, resamplings=3, clip_x0=False)  # all T: exact steps
+    # all T: exact steps
+    out = inpaint(run, imgs, fill, steps=None, jump_length=10, resamplings=3, clip_x0=False)
     filled = out[fill].float() / 127.5 - 1
     assert torch.equal(out[~fill], imgs[~fill])
     assert filled.mean().item() == pytest.approx(mu, abs=0.02)
@@ -319,32 +348,35 @@ def test_restoration_commands_end_to_end(tmp_path, capsys):
     from conftest import TINY
 
     run = tmp_path / "run"
-    train(load_config(None, {**TINY, "train.out_dir": str(run), "train.max_steps": 10}), log=lambda *_: None,
-          progress=False)
+    train(load_config(None, {**TINY, "train.out_dir": str(run), "train.max_steps": 10}),
+          log=lambda *_: None, progress=False)
     rng = np.random.default_rng(0)
     (tmp_path / "in").mkdir()
     (tmp_path / "masks").mkdir()
     for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "in" / f"x{i}.png")
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+            tmp_path / "in" / f"x{i}.png")
         mask = np.zeros((8, 8), np.uint8)
         mask[2:5, 2:6] = 255
         Image.fromarray(mask).save(tmp_path / "masks" / f"x{i}.png")
     common = [str(run), str(tmp_path / "in"), "--steps", "4"]
     assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "d")]) == 0
     assert main(["img2img", *common, "--strength", "0.3", "--out", str(tmp_path / "v")]) == 0
-    assert main(["inpaint", *common, "--mask", str(tmp_path / "masks"), "--resamplings", "2", "--jump-length", "2",
-                 "--out", str(tmp_path / "f")]) == 0
+    assert main(["inpaint", *common, "--mask", str(tmp_path / "masks"), "--resamplings", "2",
+                 "--jump-length", "2", "--out", str(tmp_path / "f")]) == 0
     for out in ("d", "v", "f"):
-        assert sorted(p.name for p in (tmp_path / out / "individual").iterdir()) == ["x0.png", "x1.png", "x2.png"]
-        assert (tmp_path / out / "grid.png").is_file() and (tmp_path / out / "manifest.csv").is_file()
+        assert (sorted(p.name for p in (tmp_path / out / "individual").iterdir())
+                == ["x0.png", "x1.png", "x2.png"])
+        assert ((tmp_path / out / "grid.png").is_file()
+                and (tmp_path / out / "manifest.csv").is_file())
     Image.fromarray(np.zeros((6, 16), np.uint8)).save(tmp_path / "in" / "small.png")
     assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "e")]) == 2
     assert "small.png" in capsys.readouterr().err and not (tmp_path / "e" / "individual").exists()
 
 
 def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
-    """A run trained on 12-bit data reads a dark 16-bit input at 12 bits, as its training images were
-    read, not at the 10 bits this one image's largest value would need on its own."""
+    """A run trained on 12-bit data reads a dark 16-bit input at 12 bits, as its training images
+    were read, not at the 10 bits this one image's largest value would need on its own."""
     import copy
 
     run = copy.copy(tiny_run)
@@ -352,17 +384,22 @@ def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
     wide = np.arange(64, dtype=np.uint16).reshape(8, 8) * 14  # largest 882: fits 10 bits
     (tmp_path / "in").mkdir()
     Image.fromarray(wide).save(tmp_path / "in" / "x.png")  # a 16-bit grayscale PNG
-    restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out", strength=0.0, log=lambda *_: None)
+    restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out", strength=0.0,
+                   log=lambda *_: None)
     out = read_image(tmp_path / "out" / "individual" / "x.png")[0].numpy()
     assert np.array_equal(out, np.round(wide * (255 / 4095)).astype(np.uint8))
     assert out.max() == 55  # at 10 bits it would be 220
-    Image.fromarray(wide * 6).save(tmp_path / "in" / "x.png")  # values beyond the run's depth are refused
-    with pytest.raises(UserError, match=r"x\.png: values up to 5292 do not fit the 12-bit range of the images .* "
-                                        r"scale the image to 0\.\.4095 first"):
-        restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out2", strength=0.0, log=lambda *_: None)
+    # values beyond the run's depth are refused
+    Image.fromarray(wide * 6).save(tmp_path / "in" / "x.png")
+    with pytest.raises(UserError, match=r"x\.png: values up to 5292 do not fit the 12-bit range of "
+                                        r"the images .* scale the image to 0\.\.4095 first"):
+        restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out2", strength=0.0,
+                       log=lambda *_: None)
     assert not (tmp_path / "out2").exists()
-    run.config = updated(tiny_run.config, {"data.bit_depth": 8})  # 8-bit training images: a wide input at its own depth
-    restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out3", strength=0.0, log=lambda *_: None)
+    # 8-bit training images: a wide input at its own depth
+    run.config = updated(tiny_run.config, {"data.bit_depth": 8})
+    restore_folder(run, "img2img", tmp_path / "in", tmp_path / "out3", strength=0.0,
+                   log=lambda *_: None)
     out = read_image(tmp_path / "out3" / "individual" / "x.png")[0].numpy()
     assert np.array_equal(out, np.round(wide * 6 * (255 / 16383)).astype(np.uint8))
 
@@ -370,27 +407,32 @@ def test_wide_inputs_are_read_at_the_runs_bit_depth(tiny_run, tmp_path):
 def test_tiles_cover_every_pixel_and_blend_to_a_weighted_mean():
     from ddpmkit.tiling import TiledNet, tile_starts
 
-    assert tile_starts(8, 8, 2) == [0] and tile_starts(20, 8, 2) == [0, 6, 12] and tile_starts(9, 8, 2) == [0, 1]
-    assert tile_starts(50, 8, 2)[-1] == 42 and all(b - a <= 6 for a, b in zip(tile_starts(50, 8, 2), tile_starts(50, 8, 2)[1:]))
+    assert (tile_starts(8, 8, 2) == [0] and tile_starts(20, 8, 2) == [0, 6, 12]
+            and tile_starts(9, 8, 2) == [0, 1])
+    assert (tile_starts(50, 8, 2)[-1] == 42
+            and all(b - a <= 6 for a, b in zip(tile_starts(50, 8, 2), tile_starts(50, 8, 2)[1:])))
     calls = []
 
-    class Spy(torch.nn.Module):  # pixel by pixel x + t + 100 * label, recording the shapes it was given
+    # pixel by pixel x + t + 100 * label, recording the shapes it was given
+    class Spy(torch.nn.Module):
         def forward(self, x, t, labels=None):
             calls.append(tuple(x.shape))
             return x + (t + 100 * labels)[:, None, None, None]
 
     x = torch.randn(2, 3, 13, 21)
     out = TiledNet(Spy(), 8, chunk=5)(x, torch.tensor([10.0, 20.0]), torch.tensor([1, 2]))
-    # weights normalised and every tile given its own image's t and label: the pixelwise answer exactly
+    # weights normalised and every tile given its own
+    # image's t and label: the pixelwise answer exactly
     assert torch.allclose(out, x + torch.tensor([110.0, 220.0])[:, None, None, None], atol=1e-4)
     tiles = len(tile_starts(13, 8, 2)) * len(tile_starts(21, 8, 2))
-    assert all(shape[1:] == (3, 8, 8) and shape[0] <= 5 for shape in calls)  # only whole tiles, in chunks
+    # only whole tiles, in chunks
+    assert all(shape[1:] == (3, 8, 8) and shape[0] <= 5 for shape in calls)
     assert sum(shape[0] for shape in calls) == 2 * tiles
 
 
 def test_a_large_image_is_denoised_tile_by_tile_exactly_as_the_exact_denoiser_would():
-    """The exact Gaussian denoiser works pixel by pixel, so tiling must not change its answer: a 20x13
-    image through 8x8 tiles gives the posterior mean of every pixel."""
+    """The exact Gaussian denoiser works pixel by pixel, so tiling must not change its answer: a
+    20x13 image through 8x8 tiles gives the posterior mean of every pixel."""
     mu, sd, sigma = 0.1, 0.4, 0.1
     run = _gaussian_run(mu, sd, size=8)
     g = torch.Generator().manual_seed(0)
@@ -400,7 +442,8 @@ def test_a_large_image_is_denoised_tile_by_tile_exactly_as_the_exact_denoiser_wo
     out = denoise(run, noisy, sigma, clip_x0=False)
     y_model = noisy.float() / 127.5 - 1  # what the model sees: y rounded to uint8
     s2 = (2 * sigma) ** 2
-    expected = mu + sd**2 / (sd**2 + s2) * (y_model - mu)  # E[x | y] for x ~ N(mu, sd^2), y = x + 2 sigma n
+    # E[x | y] for x ~ N(mu, sd^2), y = x + 2 sigma n
+    expected = mu + sd**2 / (sd**2 + s2) * (y_model - mu)
     assert out.shape == noisy.shape
     assert (out.float() - ((expected + 1) * 127.5).round().clamp(0, 255)).abs().max() <= 1
 
@@ -411,8 +454,10 @@ def to_uint8_images(x):
 
 def test_a_folder_of_mixed_sizes_is_restored_at_each_image_size(tiny_run, tmp_path):
     rng = np.random.default_rng(3)
-    shapes = {"a.png": (8, 8), "b.png": (12, 20), "c.png": (8, 8), "d.png": (12, 20), "e.png": (9, 8)}
-    _write_pngs(tmp_path / "in", [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes.values()], list(shapes))
+    shapes = {"a.png": (8, 8), "b.png": (12, 20), "c.png": (8, 8), "d.png": (12, 20),
+              "e.png": (9, 8)}
+    _write_pngs(tmp_path / "in", [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes.values()],
+                list(shapes))
     import copy
 
     calls = []
@@ -432,11 +477,15 @@ def test_a_folder_of_mixed_sizes_is_restored_at_each_image_size(tiny_run, tmp_pa
                          log=lambda *a: None)
     for name, (h, w) in shapes.items():
         assert read_image(out / "individual" / name).shape == (1, h, w)
-    assert all(shape[0] <= 2 and shape[2:] == (8, 8) for shape in calls)  # --batch-size bounds the tiles per call too
-    assert sum(shape[0] for shape in calls) == 2 + 2 * 2 * 3 + 2  # a, c whole; b, d in 2 x 3 tiles; e in 2 x 1
+    # --batch-size bounds the tiles per call too
+    assert all(shape[0] <= 2 and shape[2:] == (8, 8) for shape in calls)
+    # a, c whole; b, d in 2 x 3 tiles; e in 2 x 1
+    assert sum(shape[0] for shape in calls) == 2 + 2 * 2 * 3 + 2
     assert read_image(out / "grid.png").shape[0] == 1
     # (mmse, no noise) an image's result does not depend on the images batched with it
     alone = tmp_path / "alone"
     _write_pngs(alone, [np.asarray(Image.open(tmp_path / "in" / "d.png"))], ["d.png"])
-    restore_folder(tiny_run, "denoise", alone, tmp_path / "out_alone", sigma=0.1, log=lambda *a: None)
-    assert torch.equal(read_image(tmp_path / "out_alone" / "individual" / "d.png"), read_image(out / "individual" / "d.png"))
+    restore_folder(tiny_run, "denoise", alone, tmp_path / "out_alone", sigma=0.1,
+                   log=lambda *a: None)
+    assert torch.equal(read_image(tmp_path / "out_alone" / "individual" / "d.png"),
+                       read_image(out / "individual" / "d.png"))

@@ -90,7 +90,8 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_nonzero(tmp_path, sig):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 60
-    while time.time() < deadline and (not (out / "stats.jsonl").exists() or (out / "stats.jsonl").stat().st_size < 2000):
+    while time.time() < deadline and (not (out / "stats.jsonl").exists()
+                                      or (out / "stats.jsonl").stat().st_size < 2000):
         time.sleep(0.05)
     proc.send_signal(sig)
     stdout, _ = proc.communicate(timeout=60)
@@ -100,37 +101,42 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_nonzero(tmp_path, sig):
 
 
 def test_a_signal_gets_its_checkpoint_before_any_grid_or_evaluation(tiny, monkeypatch):
-    """A scheduler's grace period (often 30 s) must not be spent sampling a grid or 500 evaluation images."""
+    """A scheduler's grace period (often 30 s) must not
+    be spent sampling a grid or 500 evaluation images."""
     from ddpmkit.metrics import features
 
     monkeypatch.setitem(features.CLASSIFIER_RECIPE, "epochs", 1)
     monkeypatch.setenv("DDPMKIT_CACHE", str(tiny().train.out_dir) + "_cache")
     real_loss, calls = ddpmkit.training.diffusion_loss, []
 
-    def signalled_at_step_7(*args):
+    def signalled_at_step_7(*args, **kwargs):
         calls.append(1)
         if len(calls) == 7:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(*args)
+        return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(ddpmkit.training, "diffusion_loss", signalled_at_step_7)
-    monkeypatch.setattr(ddpmkit.training, "_evaluate", lambda *a: pytest.fail("evaluated while stopping"))
+    monkeypatch.setattr(ddpmkit.training, "_evaluate",
+                        lambda *a: pytest.fail("evaluated while stopping"))
     cfg = tiny(**{"train.max_steps": 100, "train.eval_every": 10, "train.sample_every": 5})
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=quiet, progress=False)
     run = RunDir(Path(cfg.train.out_dir))
     assert run.verified_checkpoints()[0]["step"] == 7
-    assert sorted(p.name for p in run.grids.iterdir()) == ["step_000000005.png"]  # none sampled at the stop
+    # none sampled at the stop
+    assert sorted(p.name for p in run.grids.iterdir()) == ["step_000000005.png"]
 
 
 def test_evaluation_that_cannot_run_stops_the_run_before_it_trains(tmp_path, tiny):
     data = tmp_path / "unlabelled.npy"
     np.save(data, np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
     cfg = tiny(**{"data.path": str(data), "train.eval_every": 10})
-    with pytest.raises(UserError, match="train.eval_features=classifier, and .*unlabelled.npy has no labels: set "
+    with pytest.raises(UserError, match="train.eval_features=classifier, and .*unlabelled.npy has "
+                                        "no labels: set "
                                         "train.eval_features=efficientnet or inception"):
         train(cfg, log=quiet, progress=False)
-    assert not RunDir(Path(cfg.train.out_dir)).stats_path.exists() or not RunDir(Path(cfg.train.out_dir)).stats_path.read_text()
+    assert (not RunDir(Path(cfg.train.out_dir)).stats_path.exists()
+            or not RunDir(Path(cfg.train.out_dir)).stats_path.read_text())
 
 
 def test_a_restart_before_the_first_checkpoint_and_a_torn_log_line_leave_one_clean_log(tiny):
@@ -152,9 +158,9 @@ def test_a_restart_before_the_first_checkpoint_and_a_torn_log_line_leave_one_cle
 def test_one_nan_batch_is_skipped_and_counted(tiny, monkeypatch):
     real_loss, calls = ddpmkit.training.diffusion_loss, []
 
-    def sometimes_nan(*args):
+    def sometimes_nan(*args, **kwargs):
         calls.append(1)
-        loss = real_loss(*args)
+        loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 7 else loss
 
     monkeypatch.setattr(ddpmkit.training, "diffusion_loss", sometimes_nan)
@@ -167,7 +173,8 @@ def test_one_nan_batch_is_skipped_and_counted(tiny, monkeypatch):
 
 def test_divergence_stops_with_the_last_good_checkpoint_intact(tiny, monkeypatch):
     run = train(tiny(**{"train.max_steps": 10}), log=quiet, progress=False)
-    monkeypatch.setattr(ddpmkit.training, "diffusion_loss", lambda *a: torch.tensor(float("inf"), requires_grad=True))
+    monkeypatch.setattr(ddpmkit.training, "diffusion_loss",
+                        lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
     with pytest.raises(UserError, match="diverged: [4-5] non-finite losses in a row by step 15"):
         train(tiny(**{"train.max_steps": 40, "train.max_nonfinite": 4}), log=quiet, progress=False)
     assert [e["step"] for e in RunDir(run.path).verified_checkpoints()] == [10]
@@ -187,7 +194,8 @@ def test_a_malicious_pickle_planted_as_checkpoint_runs_no_code(tiny, tmp_path, c
     ckpt = run.checkpoint_file(10)
     ckpt.write_bytes(pickle.dumps({"model": _Payload(marker)}))
     state = run.read_state()
-    state["checkpoints"][0]["sha256"] = ddpmkit.checkpoint.file_sha256(ckpt)  # an attacker fixes the hash too
+    # an attacker fixes the hash too
+    state["checkpoints"][0]["sha256"] = ddpmkit.checkpoint.file_sha256(ckpt)
     run.write_state(state)
     assert main(["sample", str(run.path), "--num", "1", "--out", str(tmp_path / "s")]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
@@ -204,17 +212,24 @@ def test_train_output_path_that_is_a_file(tmp_path, capsys):
 SECTION_KEYS = {
     "data": {"image_size": st.integers(-4, 40), "channels": st.sampled_from([None, 1, 2, 3]),
              "hflip": st.booleans(), "on_error": st.sampled_from(["skip", "fail", "ignore"])},
-    "model": {"base_channels": st.integers(-8, 40), "channel_mult": st.lists(st.integers(-1, 3), max_size=4),
-              "num_res_blocks": st.integers(-1, 2), "attention_resolutions": st.lists(st.integers(1, 16), max_size=2),
-              "norm_groups": st.integers(0, 16), "dropout": st.floats(-1, 1), "preset": st.sampled_from([None, "small", "x"])},
-    "diffusion": {"num_timesteps": st.integers(-5, 50), "schedule": st.sampled_from(["linear", "cosine", "exp"]),
+    "model": {"base_channels": st.integers(-8, 40),
+              "channel_mult": st.lists(st.integers(-1, 3), max_size=4),
+              "num_res_blocks": st.integers(-1, 2),
+              "attention_resolutions": st.lists(st.integers(1, 16), max_size=2),
+              "norm_groups": st.integers(0, 16), "dropout": st.floats(-1, 1),
+              "preset": st.sampled_from([None, "small", "x"])},
+    "diffusion": {"num_timesteps": st.integers(-5, 50),
+                  "schedule": st.sampled_from(["linear", "cosine", "exp"]),
                   "beta_start": st.floats(-0.1, 0.5), "beta_end": st.floats(-0.1, 1.5),
                   "prediction": st.sampled_from(["eps", "x0", "v", "score"])},
-    "train": {"batch_size": st.integers(-2, 8), "lr": st.floats(-1, 1), "ema_decay": st.floats(-0.5, 1.5)},
+    "train": {"batch_size": st.integers(-2, 8), "lr": st.floats(-1, 1),
+              "ema_decay": st.floats(-0.5, 1.5)},
 }
-junk = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=5), st.lists(st.integers(), max_size=3))
+junk = st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.text(max_size=5),
+                 st.lists(st.integers(), max_size=3))
 config_dicts = st.fixed_dictionaries({}, optional={
-    name: st.fixed_dictionaries({}, optional={**{k: st.one_of(v, junk) for k, v in keys.items()}, "bogus": junk})
+    name: st.fixed_dictionaries({}, optional={**{k: st.one_of(v, junk) for k, v in keys.items()},
+                                              "bogus": junk})
     for name, keys in SECTION_KEYS.items()})
 
 
@@ -237,13 +252,16 @@ def test_any_config_is_accepted_and_works_or_refused_with_a_user_error(raw):
        st.sampled_from([np.uint8, np.uint16, np.int32, np.float32, np.float64, np.bool_]),
        st.sampled_from([0.0, 1.0, 255.0, -1.0, 300.0, float("nan"), float("inf")]))
 def test_any_array_is_accepted_or_refused_with_a_user_error(shape, dtype, fill):
-    arr = np.full(shape, fill if np.issubdtype(dtype, np.floating) else abs(np.nan_to_num(fill, posinf=7)), dtype=dtype) \
+    arr = np.full(shape,
+                  fill if np.issubdtype(dtype, np.floating) else abs(np.nan_to_num(fill, posinf=7)),
+                  dtype=dtype) \
         if np.issubdtype(dtype, np.floating) or np.isfinite(fill) else np.zeros(shape, dtype=dtype)
     try:
         out = array_to_uint8_nchw(arr, "x")
     except UserError:
         return
-    assert out.dtype == torch.uint8 and out.dim() == 4 and out.shape[1] in (1, 3) and out.shape[0] > 0
+    assert (out.dtype == torch.uint8 and out.dim() == 4 and out.shape[1] in (1, 3)
+            and out.shape[0] > 0)
 
 
 def test_a_second_training_into_the_same_run_is_refused(tiny):
@@ -266,7 +284,8 @@ def test_a_checkpoint_saved_before_any_logged_loss_is_never_best(tiny):
     net = UNet(load_run(run.path).config.model, 8)
     run.write_state({"checkpoints": [{"step": 1, "file": run.checkpoint_name(1), "sha256": "0" * 64,
                                       "loss": float("nan")}], "best": 1})
-    sha = save_checkpoint(run.checkpoint_file(2), net, UNet(net.cfg, 8), torch.optim.AdamW(net.parameters()), 2)
+    sha = save_checkpoint(run.checkpoint_file(2), net, UNet(net.cfg, 8),
+                          torch.optim.AdamW(net.parameters()), 2)
     run.add_checkpoint(sha, 2, 0.5, keep_last=5)
     assert run.read_state()["best"] == 2
 

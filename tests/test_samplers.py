@@ -20,13 +20,14 @@ class ExactGaussianNet(torch.nn.Module):
         return {"eps": eps, "x0": x0, "v": a.sqrt() * eps - (1 - a).sqrt() * x0}[self.prediction]
 
 
-def _gaussian_run(sampler, steps, prediction="eps", spacing="uniform", mu=0.3, sd=0.5, schedule="linear",
-                  exact_ode_error=False, **options):
-    """Samples from pure noise with the exact denoiser. exact_ode_error: instead, the RMS distance of
-    a deterministic sampler's images from the probability-flow ODE's exact endpoints, which for
+def _gaussian_run(sampler, steps, prediction="eps", spacing="uniform", mu=0.3, sd=0.5,
+                  schedule="linear", exact_ode_error=False, **options):
+    """Samples from pure noise with the exact denoiser. exact_ode_error: instead, the RMS distance
+    of a deterministic sampler's images from the probability-flow ODE's exact endpoints, which for
     Gaussian data map x_T = sqrt(abar) mu + sqrt(abar sd^2 + 1 - abar) z to mu + sd z."""
     schedule = Schedule.from_config(DiffusionConfig(schedule=schedule))
-    denoiser = Denoiser(ExactGaussianNet(schedule, mu, sd, prediction), schedule, prediction, clip_x0=False)
+    denoiser = Denoiser(ExactGaussianNet(schedule, mu, sd, prediction), schedule, prediction,
+                        clip_x0=False)
     torch.manual_seed(0)
     x = torch.randn(4000, 1, 2, 2)
     timesteps = make_timesteps(steps, schedule, spacing)
@@ -56,11 +57,13 @@ def test_exact_denoiser_reproduces_gaussian_data(sampler, steps, spacing, option
     assert out.std().item() == pytest.approx(0.5, rel=0.02)
 
 
-@pytest.mark.parametrize("sampler,spacing", [("ddim", "uniform"), ("ddim", "quadratic"), ("ddpm", "uniform")])
+@pytest.mark.parametrize("sampler,spacing",
+                         [("ddim", "uniform"), ("ddim", "quadratic"), ("ddpm", "uniform")])
 def test_respaced_sampling_converges_to_the_data_variance(sampler, spacing):
     """Fewer steps means discretisation error, shrinking as steps grow (measured: DDIM uniform std
     0.36 / 0.47 / 0.50 at 10 / 50 / 200 steps for data std 0.5)."""
-    errors = [abs(_gaussian_run(sampler, n, spacing=spacing).std().item() - 0.5) for n in (10, 50, 200)]
+    errors = [abs(_gaussian_run(sampler, n, spacing=spacing).std().item() - 0.5)
+              for n in (10, 50, 200)]
     assert errors[0] > errors[1] > errors[2] or errors[2] < 0.01
     assert errors[2] < 0.025
 
@@ -68,7 +71,8 @@ def test_respaced_sampling_converges_to_the_data_variance(sampler, spacing):
 def test_dpm_solver_beats_ddim_at_equal_steps():
     """Second order against first: at 20 steps DPM-Solver++(2M) is far closer to the true std than
     DDIM (measured 0.021 vs 0.068), and its error falls faster with steps."""
-    err = {(s, n): abs(_gaussian_run(s, n).std().item() - 0.5) for s in ("ddim", "dpmpp-2m") for n in (20, 40)}
+    err = {(s, n): abs(_gaussian_run(s, n).std().item() - 0.5) for s in ("ddim", "dpmpp-2m")
+           for n in (20, 40)}
     assert err["dpmpp-2m", 20] < 0.5 * err["ddim", 20]
     assert err["dpmpp-2m", 40] < 0.2 * err["ddim", 40]
 
@@ -77,22 +81,27 @@ def test_heun_on_the_cosine_schedule_follows_the_ode():
     """The cosine schedule's t=T-1 is sigma 20,291, the next uniform step sigma ~15: a Heun
     correction across that jump multiplied the x0 estimates' difference by ~700 (error 0.36 at 25
     steps). Its first step is Euler's, which is exact there up to the data's size against sigma."""
-    assert _gaussian_run("heun", 25, schedule="cosine", exact_ode_error=True) < 0.01  # 0.002; 0.36 before
+    # 0.002; 0.36 before
+    assert _gaussian_run("heun", 25, schedule="cosine", exact_ode_error=True) < 0.01
     assert _gaussian_run("heun", 25, exact_ode_error=True) < 0.01  # linear: 0.006, as before
 
 
 def test_dpm_solver_keeps_second_order_to_the_end_of_trailing_spacing():
     """The first-order final step guards a step into t=0; trailing spacing stops at T/n - 1, where
     dropping to first order only adds error."""
-    assert _gaussian_run("dpmpp-2m", 10, spacing="trailing", exact_ode_error=True) < 0.105  # 0.096 (0.120 before)
-    assert _gaussian_run("dpmpp-2m", 10, spacing="karras", exact_ode_error=True) < 0.02  # 0.013: ends at t=0, first order into it
+    # 0.096 (0.120 before)
+    assert _gaussian_run("dpmpp-2m", 10, spacing="trailing", exact_ode_error=True) < 0.105
+    # 0.013: ends at t=0, first order into it
+    assert _gaussian_run("dpmpp-2m", 10, spacing="karras", exact_ode_error=True) < 0.02
 
 
 def test_quadratic_spacing_starts_from_pure_noise_on_cosine():
-    """The DDIM code's quadratic spacing stopped at 0.8 T, where the cosine schedule keeps 31% of the
-    signal: started there from pure noise, the images' mean came out at two thirds of the data's."""
+    """The DDIM code's quadratic spacing stopped at 0.8 T, where the cosine schedule keeps 31% of
+    the signal: started there from pure noise, the images' mean came out at two thirds of the
+    data's."""
     out = _gaussian_run("ddim", 50, spacing="quadratic", schedule="cosine")
-    assert out.mean().item() == pytest.approx(0.3, abs=0.015) and out.std().item() == pytest.approx(0.5, rel=0.03)
+    assert (out.mean().item() == pytest.approx(0.3, abs=0.015)
+            and out.std().item() == pytest.approx(0.5, rel=0.03))
 
 
 def test_timesteps_spacings():
@@ -100,7 +109,8 @@ def test_timesteps_spacings():
     uni = make_timesteps(50, 1000)
     assert uni[0] == 999 and uni[-1] == 0 and len(uni) == 50 and uni == sorted(uni, reverse=True)
     quad = make_timesteps(50, 1000, "quadratic")
-    assert len(set(quad)) == 50 and quad[0] == 999 and quad[-1] == 0  # from pure noise, as the others
+    # from pure noise, as the others
+    assert len(set(quad)) == 50 and quad[0] == 999 and quad[-1] == 0
     gaps = [a - b for a, b in zip(quad, quad[1:])]
     assert gaps[0] > gaps[-1]  # denser near t=0
     trailing = make_timesteps(50, 1000, "trailing")
@@ -108,7 +118,8 @@ def test_timesteps_spacings():
     schedule = Schedule.from_config(DiffusionConfig())
     karras = make_timesteps(20, schedule, "karras")
     assert karras[0] == pytest.approx(999) and karras[-1] == pytest.approx(0, abs=1e-9)
-    assert all(a > b for a, b in zip(karras, karras[1:])) and not all(float(t).is_integer() for t in karras)
+    assert (all(a > b for a, b in zip(karras, karras[1:]))
+            and not all(float(t).is_integer() for t in karras))
     sig = [schedule.sigma_at(t) for t in karras]  # evenly spaced in sigma^(1/7)
     roots = [s ** (1 / 7) for s in sig]
     assert max(abs((a - b) - (roots[0] - roots[1])) for a, b in zip(roots, roots[1:])) < 1e-6
@@ -123,13 +134,16 @@ def test_every_step_count_gives_that_many_distinct_timesteps_in_range(T):
             ts = make_timesteps(steps, schedule, spacing)
             assert len(ts) == steps and 0 <= ts[-1] and ts[0] <= T - 1, (spacing, steps, ts[-3:])
             assert all(a > b for a, b in zip(ts, ts[1:])), (spacing, steps)
-        assert make_timesteps(1, schedule, spacing) == [pytest.approx(T - 1)]  # one step starts from pure noise
+        # one step starts from pure noise
+        assert make_timesteps(1, schedule, spacing) == [pytest.approx(T - 1)]
 
 
 def test_trailing_spacing_at_a_step_count_that_does_not_divide_T():
-    """61 steps into 1000: float arange used to add a 62nd timestep, -1, sending the last step back to noise."""
+    """61 steps into 1000: float arange used to add a 62nd
+    timestep, -1, sending the last step back to noise."""
     out = _gaussian_run("dpmpp-2m", 61, spacing="trailing")
-    assert out.mean().item() == pytest.approx(0.3, abs=0.03) and out.std().item() == pytest.approx(0.5, abs=0.03)
+    assert (out.mean().item() == pytest.approx(0.3, abs=0.03)
+            and out.std().item() == pytest.approx(0.5, abs=0.03))
 
 
 def test_fractional_timesteps_interpolate_the_schedule():
@@ -191,8 +205,9 @@ def test_ddim_one_step_from_noise_returns_the_x0_estimate():
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 def test_dpmpp_last_step_order_does_not_hang_on_rounding(schedule_name):
-    """Karras spacing reaches t=0 through exp and log; on the cosine schedule that used to be 9.5e-15,
-    not 0, which switched the last DPM-Solver++ step to second order and moved 10-step images by up to 2."""
+    """Karras spacing reaches t=0 through exp and log; on the cosine schedule that used to be
+    9.5e-15, not 0, which switched the last DPM-Solver++ step to second order and moved 10-step
+    images by up to 2."""
     schedule = Schedule.from_config(DiffusionConfig(schedule=schedule_name))
     ts = make_timesteps(10, schedule, "karras")
     assert ts[0] == 999.0 and ts[-1] == 0.0

@@ -52,10 +52,12 @@ def test_prediction_round_trips_are_exact(prediction):
     target = s.target(prediction, x0, eps, t)
     a = s.abar(t, xt)
     x0_hat, eps_hat = x0_eps_from_output(prediction, target, xt, a.sqrt(), (1 - a).sqrt())
-    tol = dict(atol=2e-3, rtol=1e-3) if prediction == "eps" else dict(atol=1e-4, rtol=1e-4)  # /sqrt(abar) near T
+    # /sqrt(abar) near T
+    tol = dict(atol=2e-3, rtol=1e-3) if prediction == "eps" else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x0_hat, x0, **tol)
     torch.testing.assert_close(eps_hat, eps, atol=1e-3, rtol=1e-3)
-    torch.testing.assert_close(x0_eps_from_output("x0", x0, xt, a.sqrt(), (1 - a).sqrt())[1], eps, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x0_eps_from_output("x0", x0, xt, a.sqrt(), (1 - a).sqrt())[1], eps,
+                               atol=1e-3, rtol=1e-3)
 
 
 def test_v_target_definition():
@@ -67,7 +69,8 @@ def test_v_target_definition():
 
 def test_linear_betas_scale_with_T_unless_given():
     """Ho et al.'s 1e-4..0.02 at T=1000 leave abar(T-1) = 4e-5; taken as given at T=100 they would
-    leave 0.36 (60% of the signal) where sampling starts from pure noise. Unset, they scale by 1000/T."""
+    leave 0.36 (60% of the signal) where sampling starts from pure noise. Unset, they scale by
+    1000/T."""
     from ddpmkit.config import load_config
 
     default = DiffusionConfig()
@@ -77,4 +80,5 @@ def test_linear_betas_scale_with_T_unless_given():
     given = DiffusionConfig(num_timesteps=100, beta_start=1e-4, beta_end=0.02)
     assert Schedule.from_config(given).abar_at(99) == pytest.approx(0.364, abs=0.001)
     cfg = load_config(None, {"diffusion.num_timesteps": 100})
-    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end) == pytest.approx((1e-3, 0.2))  # recorded as numbers
+    # recorded as numbers
+    assert (cfg.diffusion.beta_start, cfg.diffusion.beta_end) == pytest.approx((1e-3, 0.2))

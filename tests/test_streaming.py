@@ -21,14 +21,16 @@ def quiet(*_):
 def npy(tmp_path):
     path = tmp_path / "images.npy"
     rng = np.random.default_rng(0)
-    np.save(path, rng.integers(0, 256, (70, 12, 12), dtype=np.uint8))  # not the model size: resized per batch
+    # not the model size: resized per batch
+    np.save(path, rng.integers(0, 256, (70, 12, 12), dtype=np.uint8))
     return path
 
 
 def test_streamed_npy_trains_exactly_like_the_in_memory_array(npy, tiny, tmp_path):
     common = {"data.path": str(npy), "train.max_steps": 10, "data.hflip": True}
     a = train(tiny(**common, **{"train.out_dir": str(tmp_path / "mem")}), log=quiet, progress=False)
-    b = train(tiny(**common, **{"train.out_dir": str(tmp_path / "stream"), "data.stream": True, "data.workers": 2}),
+    b = train(tiny(**common, **{"train.out_dir": str(tmp_path / "stream"), "data.stream": True,
+                                "data.workers": 2}),
               log=quiet, progress=False)
     wa, wb = load_file(a.checkpoint_file(10)), load_file(b.checkpoint_file(10))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -36,9 +38,13 @@ def test_streamed_npy_trains_exactly_like_the_in_memory_array(npy, tiny, tmp_pat
 
 def test_stream_resumes_exactly(npy, tiny, tmp_path):
     common = {"data.path": str(npy), "data.stream": True, "data.workers": 0}
-    straight = train(tiny(**common, **{"train.max_steps": 20, "train.out_dir": str(tmp_path / "a")}), log=quiet, progress=False)
-    train(tiny(**common, **{"train.max_steps": 10, "train.out_dir": str(tmp_path / "b")}), log=quiet, progress=False)
-    resumed = train(tiny(**common, **{"train.max_steps": 20, "train.out_dir": str(tmp_path / "b")}), log=quiet, progress=False)
+    straight = train(tiny(**common,
+                          **{"train.max_steps": 20, "train.out_dir": str(tmp_path / "a")}),
+                     log=quiet, progress=False)
+    train(tiny(**common, **{"train.max_steps": 10, "train.out_dir": str(tmp_path / "b")}),
+          log=quiet, progress=False)
+    resumed = train(tiny(**common, **{"train.max_steps": 20, "train.out_dir": str(tmp_path / "b")}),
+                    log=quiet, progress=False)
     wa, wb = load_file(straight.checkpoint_file(20)), load_file(resumed.checkpoint_file(20))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -46,9 +52,11 @@ def test_stream_resumes_exactly(npy, tiny, tmp_path):
 def test_npy_is_memory_mapped_and_reads_only_what_is_asked(npy, tiny):
     cfg = tiny(**{"data.path": str(npy)}).data
     source = open_stream(cfg)
-    assert isinstance(source, NpyImages) and isinstance(source.array, np.memmap) and len(source) == 70
+    assert (isinstance(source, NpyImages) and isinstance(source.array, np.memmap)
+            and len(source) == 70)
     batch = source.read(np.array([5, 1, 5]))
-    assert batch.shape == (3, 1, 8, 8) and batch.dtype == torch.uint8 and torch.equal(batch[0], batch[2])
+    assert (batch.shape == (3, 1, 8, 8) and batch.dtype == torch.uint8
+            and torch.equal(batch[0], batch[2]))
 
 
 def test_folder_stream_matches_the_loaded_folder_and_skips_unreadable_files(tmp_path, tiny):
@@ -65,7 +73,8 @@ def test_folder_stream_matches_the_loaded_folder_and_skips_unreadable_files(tmp_
 
 def test_stream_refuses_what_it_cannot_stream(tmp_path, tiny):
     np.savez(tmp_path / "a.npz", images=np.zeros((2, 8, 8), np.uint8))
-    with pytest.raises(UserError, match=r"data.stream=true reads .npy files and image folders.*numpy.save"):
+    with pytest.raises(UserError,
+                       match=r"data.stream=true reads .npy files and image folders.*numpy.save"):
         open_stream(tiny(**{"data.path": str(tmp_path / "a.npz")}).data)
     with pytest.raises(UserError, match="needs data.path"):
         open_stream(tiny().data)
@@ -76,8 +85,9 @@ def test_evaluation_during_training_works_on_streamed_data(npy, tiny, monkeypatc
 
     monkeypatch.setitem(features.CLASSIFIER_RECIPE, "epochs", 1)
     monkeypatch.setenv("DDPMKIT_CACHE", str(npy.parent / "cache"))
-    run = train(tiny(**{"data.path": str(npy), "data.stream": True, "data.workers": 0, "train.max_steps": 10,
-                        "train.eval_every": 10, "train.eval_num": 16, "train.eval_features": "efficientnet"}),
+    run = train(tiny(**{"data.path": str(npy), "data.stream": True, "data.workers": 0,
+                        "train.max_steps": 10, "train.eval_every": 10, "train.eval_num": 16,
+                        "train.eval_features": "efficientnet"}),
                 log=quiet, progress=False)
     assert "fd" in run.read_state()["checkpoints"][-1]
 
@@ -99,7 +109,8 @@ def test_streamed_wide_data_shares_one_scale_across_batches(tmp_path, tiny):
         cfg = tiny(**{"data.path": str(path)}).data
         source, loaded = open_stream(cfg), load_images(cfg)
         dark = source.read(np.array([1, 2]))
-        assert torch.equal(dark, loaded.images[1:3]) and int(dark.max()) == 9  # round(150 * 255 / 4095)
+        # round(150 * 255 / 4095)
+        assert torch.equal(dark, loaded.images[1:3]) and int(dark.max()) == 9
         assert torch.equal(source.read(np.arange(4)), loaded.images) and "12-bit" in source.source
 
 
@@ -109,12 +120,14 @@ def test_an_unreadable_wide_image_is_skipped_when_streamed_as_in_memory(tmp_path
     from ddpmkit.data import load_images
 
     for i in range(3):
-        Image.fromarray(np.full((8, 8), 1000 * (i + 1), dtype=np.uint16)).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8), 1000 * (i + 1), dtype=np.uint16)).save(
+            tmp_path / f"{i}.png")
     whole = (tmp_path / "0.png").read_bytes()
     (tmp_path / "0.png").write_bytes(whole[: len(whole) // 2])  # truncated: its header still reads
     cfg = tiny(**{"data.path": str(tmp_path)}).data
     source, loaded = open_stream(cfg), load_images(cfg)
-    assert len(source) == len(loaded) == 2 and [p for p, _ in source.skipped] == [p for p, _ in loaded.skipped]
+    assert (len(source) == len(loaded) == 2
+            and [p for p, _ in source.skipped] == [p for p, _ in loaded.skipped])
     assert torch.equal(source.read(np.arange(2)), loaded.images)
     with pytest.raises(UserError, match="cannot read image"):
         open_stream(tiny(**{"data.path": str(tmp_path), "data.on_error": "fail"}).data)

@@ -27,7 +27,8 @@ def test_loss_goes_down_on_tiny_data(tiny):
     run = train(cfg, log=quiet, progress=False)
     losses = [r["loss"] for r in stats(run.path)]
     assert losses[-1] < 0.6 * losses[0] and losses[-1] < 0.5  # eps-MSE starts near 1
-    assert {"step", "images_seen", "loss", "lr", "images_per_sec", "memory_mb"} <= set(stats(run.path)[0])
+    assert ({"step", "images_seen", "loss", "lr", "images_per_sec", "memory_mb"}
+            <= set(stats(run.path)[0]))
 
 
 def test_run_directory_records_everything(tiny):
@@ -35,7 +36,8 @@ def test_run_directory_records_everything(tiny):
     meta = json.loads(run.meta_path.read_text())
     assert meta["environment"]["torch"] == torch.__version__ and "command" in meta["environment"]
     assert meta["num_images"] == 1797
-    assert sorted(p.name for p in run.grids.iterdir()) == ["step_000000005.png", "step_000000010.png"]
+    assert sorted(p.name for p in run.grids.iterdir()) == ["step_000000005.png",
+                                                           "step_000000010.png"]
     state = run.read_state()
     assert [e["step"] for e in state["checkpoints"]] == [10] and state["best"] == 10
     loaded = load_run(run.path)
@@ -61,12 +63,14 @@ def test_checkpoint_round_trip(tmp_path, tiny):
 
 
 def test_resume_equals_uninterrupted_bitwise(tmp_path, tiny):
-    straight = train(tiny(**{"train.max_steps": 30, "train.out_dir": str(tmp_path / "a")}), log=quiet, progress=False)
+    straight = train(tiny(**{"train.max_steps": 30, "train.out_dir": str(tmp_path / "a")}),
+                     log=quiet, progress=False)
     # the same run stopped at step 10, then resumed by the same command (only max_steps changed)
-    train(tiny(**{"train.max_steps": 10, "train.out_dir": str(tmp_path / "b")}), log=quiet, progress=False)
+    train(tiny(**{"train.max_steps": 10, "train.out_dir": str(tmp_path / "b")}), log=quiet,
+          progress=False)
     messages = []
-    resumed = train(tiny(**{"train.max_steps": 30, "train.out_dir": str(tmp_path / "b")}), log=messages.append,
-                    progress=False)
+    resumed = train(tiny(**{"train.max_steps": 30, "train.out_dir": str(tmp_path / "b")}),
+                    log=messages.append, progress=False)
     assert any("resuming" in m and "step 10" in m for m in messages)
     a = load_file(straight.checkpoint_file(30))
     b = load_file(resumed.checkpoint_file(30))
@@ -77,7 +81,8 @@ def test_changed_config_is_refused_unless_fresh(tiny):
     train(tiny(**{"train.max_steps": 10}), log=quiet, progress=False)
     with pytest.raises(UserError, match=r"train\.lr: 0\.002 -> 0\.1"):
         train(tiny(**{"train.max_steps": 20, "train.lr": 0.1}), log=quiet, progress=False)
-    run = train(tiny(**{"train.max_steps": 10, "train.lr": 0.1}), fresh=True, log=quiet, progress=False)
+    run = train(tiny(**{"train.max_steps": 10, "train.lr": 0.1}), fresh=True, log=quiet,
+                progress=False)
     assert run.read_state()["checkpoints"][-1]["step"] == 10
 
 
@@ -85,24 +90,31 @@ def test_fresh_deletes_only_a_ddpmkit_run(tiny, tmp_path):
     out = tmp_path / "run"  # tiny's train.out_dir: someone's project with its own config.yaml
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "model.ckpt").write_bytes(b"weights")
-    (out / "config.yaml").write_text("data:\n  path: ./images\ntrain:\n  batch_size: 32\n")  # parses as ours
+    # parses as ours
+    (out / "config.yaml").write_text("data:\n  path: ./images\ntrain:\n  batch_size: 32\n")
     for fresh in (False, True):
-        with pytest.raises(UserError, match="exists and is not a ddpmkit run: choose another --out"):
+        with pytest.raises(UserError,
+                           match="exists and is not a ddpmkit run: choose another --out"):
             train(tiny(**{"train.max_steps": 2}), fresh=fresh, log=quiet, progress=False)
     assert (out / "checkpoints" / "model.ckpt").read_bytes() == b"weights"
     run = tmp_path / "source"
     train(tiny(**{"train.max_steps": 2, "train.out_dir": str(run)}), log=quiet, progress=False)
-    with pytest.raises(UserError, match="--fresh would delete .*source's checkpoints, which train.init_from starts from"):
-        train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run), "train.init_from": str(run)}), fresh=True,
-              log=quiet, progress=False)
+    with pytest.raises(UserError, match="--fresh would delete .*source's checkpoints, which "
+                                        "train.init_from starts from"):
+        train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run),
+                      "train.init_from": str(run)}), fresh=True, log=quiet, progress=False)
     assert run.joinpath("state.json").is_file()
-    (run / "samples" / "individual").mkdir(parents=True)  # the user's samples inside the run, as `make demo` does
-    resumed = train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run)}), log=quiet, progress=False)
+    # the user's samples inside the run, as `make demo` does
+    (run / "samples" / "individual").mkdir(parents=True)
+    resumed = train(tiny(**{"train.max_steps": 4, "train.out_dir": str(run)}), log=quiet,
+                    progress=False)
     assert resumed.read_state()["checkpoints"][-1]["step"] == 4
-    train(tiny(**{"train.max_steps": 2, "train.out_dir": str(run), "train.lr": 0.5}), fresh=True, log=quiet, progress=False)
+    train(tiny(**{"train.max_steps": 2, "train.out_dir": str(run), "train.lr": 0.5}), fresh=True,
+          log=quiet, progress=False)
+    # --fresh replaced ddpmkit's files and kept the user's
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
-        "checkpoints", "config.yaml", "grids", "meta.json", "report.html", "samples", "state.json", "stats.jsonl",
-        "training_images.sha256"]  # --fresh replaced ddpmkit's files and kept the user's
+        "checkpoints", "config.yaml", "grids", "meta.json", "report.html", "samples", "state.json",
+        "stats.jsonl", "training_images.sha256"]
 
 
 def test_damaged_latest_checkpoint_falls_back_to_previous(tiny):
@@ -123,12 +135,13 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_best(tiny):
     state = RunDir(run.path).read_state()
     kept = sorted(e["step"] for e in state["checkpoints"])
     assert set(kept) >= {40, 50} and state["best"] in kept and len(kept) <= 3
-    assert sorted(p.name for p in run.checkpoints.iterdir()) == [f"step_{s:09d}.safetensors" for s in kept]
+    assert (sorted(p.name for p in run.checkpoints.iterdir())
+            == [f"step_{s:09d}.safetensors" for s in kept])
 
 
 def test_non_finite_losses_are_skipped_then_stop(tiny):
-    cfg = tiny(**{"train.max_steps": 30, "train.lr": 1e30, "train.warmup_steps": 1, "train.max_nonfinite": 3,
-                  "train.grad_clip": 0.0})
+    cfg = tiny(**{"train.max_steps": 30, "train.lr": 1e30, "train.warmup_steps": 1,
+                  "train.max_nonfinite": 3, "train.grad_clip": 0.0})
     with pytest.raises(UserError, match="diverged"):
         train(cfg, log=quiet, progress=False)
 
@@ -147,7 +160,8 @@ def test_evaluation_during_training_picks_the_best_checkpoint(tiny, monkeypatch)
 
     monkeypatch.setitem(features.CLASSIFIER_RECIPE, "epochs", 2)
     monkeypatch.setenv("DDPMKIT_CACHE", str(tiny().train.out_dir) + "_cache")
-    cfg = tiny(**{"train.max_steps": 30, "train.checkpoint_every": 10, "train.eval_every": 10, "train.eval_num": 24})
+    cfg = tiny(**{"train.max_steps": 30, "train.checkpoint_every": 10, "train.eval_every": 10,
+                  "train.eval_num": 24})
     run = train(cfg, log=quiet, progress=False)
     evals = [r for r in stats(run.path) if "eval" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
@@ -169,14 +183,16 @@ def test_a_refused_start_leaves_no_files(tiny, tmp_path):
     images = tmp_path / "images"
     write_images(images, n=8, size=(8, 8))
     with pytest.raises(UserError, match="needs labelled training images"):
-        train(tiny(**{"train.out_dir": str(blank), "data.path": str(images), "train.eval_every": 2}),
+        train(tiny(**{"train.out_dir": str(blank), "data.path": str(images),
+                      "train.eval_every": 2}),
               log=lambda *_: None, progress=False)
     assert not blank.exists()
 
 
 def test_streaming_idx_data_is_refused_in_one_clear_line(tiny, tmp_path):
-    """data.stream reads .npy files and image folders: an IDX folder was searched for image files ("no
-    images found") and an IDX file called "a suffix-less file"; both now say what they are and what to do."""
+    """data.stream reads .npy files and image folders: an IDX folder was searched for image files
+    ("no images found") and an IDX file called "a suffix-less file"; both now say what they are and
+    what to do."""
     import struct
 
     import numpy as np
@@ -191,11 +207,13 @@ def test_streaming_idx_data_is_refused_in_one_clear_line(tiny, tmp_path):
         cfg = tiny(**{"data.path": str(path), "data.stream": True, "train.out_dir": str(out)})
         with pytest.raises(UserError) as refused:
             train(cfg, log=quiet, progress=False)
-        assert str(refused.value) == (f"data.stream=true reads .npy files and image folders, and {path} is MNIST-style "
-                                      f"IDX data: set data.stream=false (IDX data is small enough to load: MNIST's "
-                                      f"60,000 images take 47 MB)")
+        assert str(refused.value) == (f"data.stream=true reads .npy files and image folders, and "
+                                      f"{path} is MNIST-style IDX data: set data.stream=false "
+                                      f"(IDX data is small enough to load: MNIST's 60,000 images "
+                                      f"take 47 MB)")
         assert not out.exists()
-    train(tiny(**{"data.path": str(folder), "train.max_steps": 1}), log=quiet, progress=False)  # loaded, it trains
+    # loaded, it trains
+    train(tiny(**{"data.path": str(folder), "train.max_steps": 1}), log=quiet, progress=False)
 
 
 def test_resuming_on_changed_data_records_the_new_images(tiny, tmp_path):
@@ -203,7 +221,8 @@ def test_resuming_on_changed_data_records_the_new_images(tiny, tmp_path):
     them (it kept the first start's list), and say that the data changed."""
     images = tmp_path / "images"
     write_images(images, n=8, size=(8, 8))
-    cfg = {"data.path": str(images), "train.out_dir": str(tmp_path / "run"), "train.checkpoint_every": 2}
+    cfg = {"data.path": str(images), "train.out_dir": str(tmp_path / "run"),
+           "train.checkpoint_every": 2}
     run = train(tiny(**cfg, **{"train.max_steps": 2}), log=lambda *_: None, progress=False)
     first = run.digests_path.read_text().split()
     assert len(first) == 8
@@ -213,10 +232,12 @@ def test_resuming_on_changed_data_records_the_new_images(tiny, tmp_path):
     said = []
     train(tiny(**cfg, **{"train.max_steps": 4}), log=said.append, progress=False)
     recorded = run.digests_path.read_text().split()
-    assert len(recorded) == 9 and set(first) < set(recorded)  # the removed image stays: it was trained on
+    # the removed image stays: it was trained on
+    assert len(recorded) == 9 and set(first) < set(recorded)
     assert any("the data changed" in line and "1 image(s)" in line for line in said)
     said.clear()
-    train(tiny(**cfg, **{"train.max_steps": 6}), log=said.append, progress=False)  # same data: quiet
+    # same data: quiet
+    train(tiny(**cfg, **{"train.max_steps": 6}), log=said.append, progress=False)
     assert not any("the data changed" in line for line in said), said
     assert run.digests_path.read_text().split() == recorded
 
@@ -228,13 +249,15 @@ def test_data_paths_are_recorded_absolute(tiny, tmp_path, monkeypatch):
 
     write_images(tmp_path / "images", n=8, size=(8, 8))
     monkeypatch.chdir(tmp_path)
-    cfg = {"data.path": "images", "train.out_dir": str(tmp_path / "run"), "train.checkpoint_every": 2}
+    cfg = {"data.path": "images", "train.out_dir": str(tmp_path / "run"),
+           "train.checkpoint_every": 2}
     run = train(tiny(**cfg, **{"train.max_steps": 2}), log=lambda *_: None, progress=False)
     assert read_yaml(run.config_path)["data"]["path"] == str(tmp_path / "images")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     cfg["data.path"] = str(tmp_path / "images")
-    assert train(tiny(**cfg, **{"train.max_steps": 4}), log=lambda *_: None, progress=False).read_state()["best"]
+    assert train(tiny(**cfg, **{"train.max_steps": 4}), log=lambda *_: None,
+                 progress=False).read_state()["best"]
 
 
 def test_a_run_records_the_bit_depth_it_chose(tiny, tmp_path):
@@ -247,13 +270,15 @@ def test_a_run_records_the_bit_depth_it_chose(tiny, tmp_path):
     logs = []
     cfg = tiny(**{"data.path": str(tmp_path / "x12"), "train.max_steps": 2})
     run = train(cfg, log=logs.append, progress=False)
-    assert yaml.safe_load(run.config_path.read_text())["data"]["bit_depth"] == 12 and "12-bit values" in "\n".join(logs)
+    assert (yaml.safe_load(run.config_path.read_text())["data"]["bit_depth"] == 12
+            and "12-bit values" in "\n".join(logs))
 
 
 def test_attention_at_no_level_is_refused(tiny, tmp_path):
     from ddpmkit.training import train
 
     quiet = dict(log=lambda *a: None, progress=False)
-    with pytest.raises(UserError, match=r"model.attention_resolutions=\[3\]: no level of this model is 3x3"):
+    with pytest.raises(UserError,
+                       match=r"model.attention_resolutions=\[3\]: no level of this model is 3x3"):
         train(tiny(**{"model.attention_resolutions": [3]}), **quiet)
     assert not (tmp_path / "run").exists()

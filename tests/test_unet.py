@@ -40,7 +40,8 @@ def test_small_preset_is_cpu_sized():
 
 
 def test_explicit_keys_override_the_preset():
-    cfg = load_config(None, {"model.preset": "ddpm-cifar10", "model.dropout": 0.0, "data.image_size": 32})
+    cfg = load_config(None,
+                      {"model.preset": "ddpm-cifar10", "model.dropout": 0.0, "data.image_size": 32})
     assert cfg.model.base_channels == 128 and cfg.model.dropout == 0.0
 
 
@@ -74,13 +75,17 @@ def test_group_norm_keeps_low_precision_under_autocast_and_is_nn_group_norm_othe
         y = ours(xb)
     # bf16 out, with bf16-rounded weights (as EDM's GroupNorm), within bf16 precision of fp32
     assert y.dtype == torch.bfloat16
-    assert torch.equal(y, F.group_norm(xb.detach(), 4, ours.weight.bfloat16(), ours.bias.bfloat16(), 1e-6))
+    assert torch.equal(y, F.group_norm(xb.detach(), 4, ours.weight.bfloat16(),
+                                       ours.bias.bfloat16(), 1e-6))
     assert (y.float() - ref(xb.detach().float())).abs().max() < 0.05
     y.float().square().sum().backward()  # gradients reach the fp32 parameters and the input
-    assert ours.weight.grad.dtype == torch.float32 and ours.weight.grad.abs().sum() > 0 and xb.grad is not None
+    assert (ours.weight.grad.dtype == torch.float32 and ours.weight.grad.abs().sum() > 0
+            and xb.grad is not None)
     # CUDA's autocast would run group_norm in fp32 (CPU's does not): it is called with autocast off
     seen, group_norm = [], F.group_norm
-    monkeypatch.setattr(F, "group_norm", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or group_norm(*a, **k))
+    monkeypatch.setattr(F, "group_norm",
+                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu"))
+                        or group_norm(*a, **k))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours(xb)
     assert seen == [False]

@@ -16,4 +16,5 @@ from .training import train
 
 __version__ = version()
 
-__all__ = ["Config", "UserError", "generate", "load_config", "load_run", "sample", "train", "__version__"]
+__all__ = ["Config", "UserError", "generate", "load_config", "load_run", "sample", "train",
+           "__version__"]

@@ -103,10 +103,11 @@ RECORD_NAME = ".ddpmkit.json"  # marks a folder of outputs as ddpmkit's (outputs
 
 
 class FolderLock:
-    """One ddpmkit job per folder: an advisory flock on FOLDER/.ddpmkit.lock, held while the job writes
-    and released by the OS however it ends (even kill -9). The file names the holder, so a second
-    job is refused with a line that says which job is there. A folder the lock created, or the lock
-    file in a folder the job was refused, is removed again on release if the job wrote nothing."""
+    """One ddpmkit job per folder: an advisory flock on FOLDER/.ddpmkit.lock, held while the job
+    writes and released by the OS however it ends (even kill -9). The file names the holder, so a
+    second job is refused with a line that says which job is there. A folder the lock created, or
+    the lock file in a folder the job was refused, is removed again on release if the job wrote
+    nothing."""
 
     NAME = ".ddpmkit.lock"
 
@@ -132,8 +133,8 @@ class FolderLock:
             self.file.seek(0)
             job, detail = _holder(self.file.read())
             self.file.close()
-            raise UserError(f"another ddpmkit {job} is writing to {self.folder}{detail}: wait for it, stop it, "
-                            f"or choose another --out") from None
+            raise UserError(f"another ddpmkit {job} is writing to {self.folder}{detail}: "
+                            f"wait for it, stop it, or choose another --out") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(json.dumps({"job": self.job, "pid": os.getpid(), "command": sys.argv,
@@ -142,7 +143,7 @@ class FolderLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        # unlinked while still held: a job that opens the file now is refused, a later one makes a new one
+        # unlinked while held: a job opening the file now is refused, a later one makes a new one
         (self.folder / self.NAME).unlink(missing_ok=True)
         self.file.close()
         if self.created and not any(self.folder.iterdir()):  # refused before it wrote anything
@@ -151,7 +152,8 @@ class FolderLock:
 
 
 def _holder(text: str) -> tuple[str, str]:
-    """('train', ' (pid 123, since ...)') from a lock file's contents, as far as they can be read."""
+    """('train', ' (pid 123, since ...)') from a lock file's contents, as far as they can be
+    read."""
     try:
         info = json.loads(text)
         return str(info["job"]), f" (pid {info['pid']}, since {info['since']})"

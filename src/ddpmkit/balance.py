@@ -26,7 +26,8 @@ from .config import SampleConfig
 from .data import load_images
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate
-from .outputs import RECORD, Kind, OutputFolder, read_record, sample_files, write_manifest
+from .outputs import (RECORD, Kind, OutputFolder, read_record, refuse_special, sample_files,
+                      write_manifest)
 from .run import Run, RunDir
 from .runtime import mix_seed
 
@@ -35,28 +36,32 @@ def plan(counts: dict[str, int], target: int | None = None, class_label: str | N
          proportions: dict[str, float] | None = None) -> dict[str, int]:
     """Images to generate per class (every class of `counts` listed, 0 where none)."""
     if proportions is not None and (target is not None or class_label is not None):
-        raise UserError("--proportions sets every class's share; --target and --class set one class's count: use one")
+        raise UserError("--proportions sets every class's share; "
+                        "--target and --class set one class's count: use one")
     if target is not None or class_label is not None:
         if target is None or class_label is None:
             raise UserError("--target and --class go together: the final count of that one class")
         if class_label not in counts:
             raise UserError(f"--class {class_label}: not a class of the data ({', '.join(counts)})")
         if target < counts[class_label]:
-            raise UserError(f"--target {target} is below the {counts[class_label]} real images of {class_label}; "
-                            f"balancing never removes images")
+            raise UserError(f"--target {target} is below the {counts[class_label]} real images "
+                            f"of {class_label}; balancing never removes images")
         return {c: (target - n if c == class_label else 0) for c, n in counts.items()}
     if proportions is not None:
         unknown = sorted(set(proportions) - set(counts))
         if unknown:
-            raise UserError(f"--proportions names {', '.join(unknown)}: not a class of the data ({', '.join(counts)})")
+            raise UserError(f"--proportions names {', '.join(unknown)}: "
+                            f"not a class of the data ({', '.join(counts)})")
         shares = {c: proportions.get(c, 0.0) for c in counts}
         if any(p < 0 for p in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-6:
-            raise UserError(f"--proportions must be non-negative and sum to 1, got {sum(shares.values()):g}")
+            raise UserError(f"--proportions must be non-negative and sum to 1, "
+                            f"got {sum(shares.values()):g}")
         stuck = [c for c, p in shares.items() if p == 0 and counts[c] > 0]
         if stuck:
-            raise UserError(f"--proportions gives {stuck[0]} no share but it has {counts[stuck[0]]} real images; "
-                            f"balancing never removes images")
-        total = max(counts[c] / p for c, p in shares.items() if p > 0)  # the smallest total keeping all images
+            raise UserError(f"--proportions gives {stuck[0]} no share but it has "
+                            f"{counts[stuck[0]]} real images; balancing never removes images")
+        # the smallest total keeping all images
+        total = max(counts[c] / p for c, p in shares.items() if p > 0)
         return {c: max(0, round(p * total) - counts[c]) for c, p in shares.items()}
     largest = max(counts.values())
     return {c: largest - n for c, n in counts.items()}
@@ -71,42 +76,51 @@ def parse_proportions(text: str) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise UserError(f"--proportions takes class=share pairs like benign=0.5,malignant=0.5, got {part!r}")
+            raise UserError(f"--proportions takes class=share pairs like benign=0.5,malignant=0.5, "
+                            f"got {part!r}")
     return out
 
 
 def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
             class_label: str | None = None, proportions: dict[str, float] | None = None,
-            by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None, fresh: bool = False,
-            force: bool = False, asked=()) -> dict[str, int]:
+            by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
+            fresh: bool = False, force: bool = False, asked=()) -> dict[str, int]:
     """Generate what `plan` asks for with the run's class-conditional model; returns the plan."""
+    reads = (Path(run.config.data.path),) if run.config.data.path else ()
+    refuse_special(Path(out), reads, BALANCE.what)  # before anything is read
     if not run.config.model.class_conditional:
-        raise UserError(f"{run.path} is not class-conditional: train with model.class_conditional=true to balance")
+        raise UserError(f"{run.path} is not class-conditional: "
+                        f"train with model.class_conditional=true to balance")
     if RunDir(run.path).imported_from():
-        raise UserError(f"{run.path} is an imported model with no training data of its own to balance: fine-tune it "
-                        f"on your labelled data first (--init-from {run.path})")
+        raise UserError(f"{run.path} is an imported model with no training data of its own "
+                        f"to balance: fine-tune it on your labelled data first "
+                        f"(--init-from {run.path})")
     if sample_cfg.guidance == 0:
-        raise UserError("balance with sample.guidance=0 would label unconditional samples as classes: use guidance 1 "
-                        "or more")
+        raise UserError("balance with sample.guidance=0 would label unconditional samples "
+                        "as classes: use guidance 1 or more")
     SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read or written
     data = load_images(run.config.data)
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_label, proportions)
     out = Path(out)
-    with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed}, fresh, force):
+    with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed},
+                      fresh, force, reads):
         log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
         rows = [[path, i, "", "", "", "", label, "false"]
                 for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
-        folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],  # (labels added since training)
+        # the run's classes, then any labels added since training
+        folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],
                                 _existing_class_folders(out))
         for position, (name, num) in enumerate(need.items()):
             if num:
                 folder = out / "classes" / folders[name]
-                cfg = dataclasses.replace(sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
-                                          seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
+                cfg = dataclasses.replace(
+                    sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
+                    seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
                 log(f"balance: generating {num} images of {name} into {folder}")
-                generate(run, cfg, fresh=fresh, log=log, progress=progress, amp_dtype=amp_dtype, asked=asked)
+                generate(run, cfg, fresh=fresh, log=log, progress=progress,
+                         amp_dtype=amp_dtype, asked=asked)
                 finished = finished_rows(folder)
                 rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]]
                          for k, r in sorted(finished.items()) if k < num]
@@ -123,20 +137,22 @@ def _balance_files(out: Path) -> list[Path]:
     files = []
     for record in sorted(out.glob(f"classes/*/{RECORD}")):
         files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
-    links = [p for p in out.glob("by_class/*/*") if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
+    links = [p for p in out.glob("by_class/*/*")
+             if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
     return [*files, *links, *(p for p in [out / "manifest.csv"] if p.exists())]
 
 
 def _seed_differs(old: dict, new: dict) -> str:
     if old.get("run") != new["run"]:
-        return (f"{{out}} holds a balanced set from another run ({old.get('run')}): use --fresh to replace it, or "
-                f"another --out")
-    return (f"{{out}} holds a balanced set generated with --seed {old.get('seed')}, not {new['seed']} (each class "
-            f"samples with a seed derived from it): use --fresh to replace its images, or another --out")
+        return (f"{{out}} holds a balanced set from another run ({old.get('run')}): "
+                f"use --fresh to replace it, or another --out")
+    return (f"{{out}} holds a balanced set generated with --seed {old.get('seed')}, "
+            f"not {new['seed']} (each class samples with a seed derived from it): "
+            f"use --fresh to replace its images, or another --out")
 
 
-BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance wrote there", _balance_files,
-               differs=_seed_differs)
+BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance wrote there",
+               _balance_files, differs=_seed_differs)
 
 
 def real_paths(data) -> list[str]:
@@ -153,10 +169,10 @@ def _safe(name: str) -> str:
 
 
 def class_folders(names: list[str], existing: dict[str, str] | None = None) -> dict[str, str]:
-    """A folder name per class, distinct even where two names clean to the same one ('x y' and 'x_y')
-    or differ only in case (one folder on macOS and Windows): the later class, in the run's class
-    order, gets its position appended. `existing` (class -> folder, from an earlier balance in the
-    same --out) is kept, so a rerun finds its folders."""
+    """A folder name per class, distinct even where two names clean to the same one ('x y' and
+    'x_y') or differ only in case (one folder on macOS and Windows): the later class, in the run's
+    class order, gets its position appended. `existing` (class -> folder, from an earlier balance in
+    the same --out) is kept, so a rerun finds its folders."""
     folders = {name: folder for name, folder in (existing or {}).items() if name in names}
     taken = {folder.lower() for folder in folders.values()}
     for position, name in enumerate(names):
@@ -171,7 +187,8 @@ def class_folders(names: list[str], existing: dict[str, str] | None = None) -> d
 
 
 def _existing_class_folders(out: Path) -> dict[str, str]:
-    """class -> folder of the class jobs an earlier balance left in OUT/classes (their records say)."""
+    """class -> folder of the class jobs an earlier balance left in OUT/classes
+    (their records say)."""
     found = {}
     for record in sorted((out / "classes").glob(f"*/{RECORD}")):
         label = (read_record(record.parent) or {"job": {}})["job"].get("class_label")
@@ -205,5 +222,6 @@ def _link_by_class(out: Path, rows: list[list], folders: dict[str, str]) -> None
         target = out / path if synthetic else Path(path)
         folder = root / folders[label]
         folder.mkdir(parents=True, exist_ok=True)
-        link = folder / (f"synthetic_{i:07d}{target.suffix}" if synthetic else f"real_{i:07d}{target.suffix}")
+        link = folder / (f"synthetic_{i:07d}{target.suffix}" if synthetic
+                         else f"real_{i:07d}{target.suffix}")
         os.symlink(os.path.relpath(target, folder), link)

@@ -16,12 +16,12 @@ from .loss import diffusion_loss
 from .resolve import architecture
 from .runtime import autocast, autocast_dtype, resolve_device
 from .schedule import Schedule
-from .unet import UNet
+from .unet import UNet, check_fits
 
 
 def largest_fitting(fits: Callable[[int], bool], start: int = 1, ceiling: int = 1 << 16) -> int:
-    """The largest b in [start, ceiling] with fits(b), assuming fits is monotone (true up to a limit).
-    Returns 0 when even `start` does not fit."""
+    """The largest b in [start, ceiling] with fits(b), assuming fits is monotone
+    (true up to a limit). Returns 0 when even `start` does not fit."""
     if not fits(start):
         return 0
     good, bad = start, None
@@ -41,13 +41,18 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 1, ceiling: int = 
 
 def probe(cfg: Config, log=print) -> dict:
     """Try full training steps (forward, backward, AdamW) of the configured model at growing batch
-    sizes on the GPU; report the largest that fits and a grad_accum that reaches train.batch_size."""
+    sizes on the GPU; report the largest that fits and a grad_accum that reaches
+    train.batch_size."""
     device = resolve_device(cfg.train.device)
     if device.type != "cuda":
-        raise UserError("--max-batch measures GPU memory: run it on a machine with a CUDA GPU (--device cuda)")
-    cfg, channels_from = architecture(cfg, log)  # as training will find them (`info` reads them the same way)
+        raise UserError("--max-batch measures GPU memory: "
+                        "run it on a machine with a CUDA GPU (--device cuda)")
+    # as training will find them (`info` reads them the same way)
+    cfg, channels_from = architecture(cfg, log)
     amp = autocast_dtype(cfg.train.precision, device)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format  # as training lays it out
+    # as training lays it out
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    check_fits(cfg.model, cfg.data.image_size, device, batch=1)
     model = UNet(cfg.model, cfg.data.image_size).to(device, memory_format=fmt)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=True)
@@ -59,12 +64,14 @@ def probe(cfg: Config, log=print) -> dict:
             x0 = torch.randn((b, *shape), device=device).contiguous(memory_format=fmt)
             t = torch.randint(0, schedule.num_timesteps, (b,), device=device)
             with autocast(device, amp):
-                loss = diffusion_loss(model, schedule, cfg.diffusion.prediction, x0, t, torch.randn_like(x0))
+                loss = diffusion_loss(model, schedule, cfg.diffusion.prediction,
+                                      x0, t, torch.randn_like(x0))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize(device)
-            log(f"  batch {b}: fits ({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak)")
+            log(f"  batch {b}: fits "
+                f"({torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak)")
             return True
         except torch.cuda.OutOfMemoryError:
             log(f"  batch {b}: out of memory")
@@ -76,11 +83,13 @@ def probe(cfg: Config, log=print) -> dict:
 
     best = largest_fitting(fits)
     if best == 0:
-        raise UserError("even a batch of 1 does not fit: set train.activation_checkpointing=true or use a smaller model")
+        raise UserError("even a batch of 1 does not fit: "
+                        "set train.activation_checkpointing=true or use a smaller model")
     accum = -(-cfg.train.batch_size // best)
     while cfg.train.batch_size % accum:
         accum += 1
     return {"device": torch.cuda.get_device_name(device), "max_micro_batch": best,
             "batch_size": cfg.train.batch_size, "suggested_grad_accum": accum,
             "channels": cfg.model.in_channels, "channels_from": channels_from,
-            "note": "per process; keep some headroom (sampling grids and evaluation also use memory)"}
+            "note": "per process; keep some headroom "
+                    "(sampling grids and evaluation also use memory)"}

@@ -45,7 +45,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer | None,
                     step: int, extra: dict | None = None) -> str:
     """Write atomically (fsynced); returns the file's SHA-256."""
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -61,14 +62,17 @@ def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module, optimizer: tor
     return file_sha256(path)
 
 
-def read_checkpoint(path: Path, prefixes: tuple[str, ...] = ("model", "ema", "optim")) -> tuple[dict, dict]:
-    """-> ({prefix: {name: tensor}}, metadata). Raises UserError if the file is not a ddpmkit checkpoint."""
+def read_checkpoint(path: Path,
+                    prefixes: tuple[str, ...] = ("model", "ema", "optim")) -> tuple[dict, dict]:
+    """-> ({prefix: {name: tensor}}, metadata). Raises UserError if the file is not a ddpmkit
+    checkpoint."""
     groups: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prefixes}
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise UserError(f"{path} is not a ddpmkit checkpoint (format {meta.get('format')!r})")
+                raise UserError(f"{path} is not a ddpmkit checkpoint "
+                                f"(format {meta.get('format')!r})")
             for name in f.keys():
                 prefix, _, rest = name.partition("/")
                 if prefix in groups:
@@ -83,13 +87,15 @@ def read_checkpoint(path: Path, prefixes: tuple[str, ...] = ("model", "ema", "op
 
 
 def load_into(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load with a one-line error naming the mismatch (a checkpoint of another architecture)."""
+    """Strict load with a one-line error naming the mismatch (a checkpoint of another
+    architecture)."""
     check_weights(module, weights, what)
     module.load_state_dict(weights)
 
 
 def check_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse weights that do not fit the module tensor for tensor (it may live on the meta device)."""
+    """Refuse weights that do not fit the module tensor for tensor (it may live on the meta
+    device)."""
     own = module.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
@@ -97,14 +103,16 @@ def check_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str
     if missing or unexpected or wrong:
         first = (missing or unexpected or wrong)[0]
         raise UserError(f"{what} does not fit this model's architecture ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors; first: {first})")
+                        f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors; "
+                        f"first: {first})")
 
 
 def restore(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     groups, meta = read_checkpoint(path)
     if meta.get("optimizer") is None:  # an imported model: weights, no training state
         run = path.parent.parent
-        raise UserError(f"{path} holds imported weights without optimizer state, so there is no training to resume: "
+        raise UserError(f"{path} holds imported weights without optimizer state, "
+                        f"so there is no training to resume: "
                         f"fine-tune from it with --init-from {run} and a new --out")
     load_into(model, groups["model"], f"checkpoint {path}")
     load_into(ema, groups["ema"], f"checkpoint {path}")

@@ -16,8 +16,9 @@ from .runtime import version
 
 TRAIN_FLAGS = {  # flag -> config key
     "data": "data.path", "out": "train.out_dir", "image_size": "data.image_size",
-    "batch_size": "train.batch_size", "steps": "train.max_steps", "max_minutes": "train.max_minutes",
-    "lr": "train.lr", "seed": "train.seed", "device": "train.device", "init_from": "train.init_from",
+    "batch_size": "train.batch_size", "steps": "train.max_steps",
+    "max_minutes": "train.max_minutes", "lr": "train.lr", "seed": "train.seed",
+    "device": "train.device", "init_from": "train.init_from",
 }
 # downstream: set for every real source (its flags name the paths, labels and splits)
 STUDY_DATA_KEYS = ("data.image_column", "data.label_column", "data.on_error", "data.bit_depth")
@@ -29,63 +30,65 @@ SAMPLE_FLAGS = {
 }
 
 TRAIN_EXAMPLES = """examples:
-  ddpmkit train                                     # bundled digits, defaults, runs/default
+  ddpmkit train                                  # bundled digits, defaults, runs/default
   ddpmkit train configs/mnist.yaml data.path=/data/mnist train.batch_size=64
   ddpmkit train --data ./my_images --image-size 64 --out runs/lesions
-  ddpmkit train configs/lesions.yaml train.grad_accum=4 train.activation_checkpointing=true model.compile=true
-  ddpmkit train configs/cifar10.yaml --max-batch             # largest micro-batch on this GPU, then exit
-  torchrun --nproc-per-node 8 -m ddpmkit train configs/cifar10.yaml   # train.batch_size stays the global batch
-  ddpmkit train configs/lesions.yaml --init-from runs/cifar10-pretrained train.lr=1e-5   # fine-tune
-rerunning the same command resumes from the latest checkpoint (under torchrun too, any number of processes)."""
+  ddpmkit train configs/lesions.yaml train.grad_accum=4 train.activation_checkpointing=true
+  ddpmkit train configs/cifar10.yaml --max-batch   # largest micro-batch on this GPU, then exit
+  torchrun --nproc-per-node 8 -m ddpmkit train configs/cifar10.yaml   # the same global batch
+  ddpmkit train configs/lesions.yaml --init-from runs/cifar10-pretrained train.lr=1e-5
+rerunning the same command resumes from the latest checkpoint (under torchrun too)."""
 
 SAMPLE_EXAMPLES = """examples:
   ddpmkit sample runs/default --num 64 --sampler ddim --steps 50 --seed 0 --out samples/
-  ddpmkit sample runs/lesions --num 5900 --sampler dpmpp-2m --steps 20 --batch-size 256 --out gen/
+  ddpmkit sample runs/lesions --num 5900 --sampler dpmpp-2m --steps 20 --out gen/
   ddpmkit sample runs/lesions --num 5900 --sampler ddpm --size 128 --out big/   # all T steps
-  torchrun --nproc-per-node 4 -m ddpmkit sample runs/lesions -n 50000 --sampler dpmpp-2m --out gen50k/
+  torchrun --nproc-per-node 4 -m ddpmkit sample runs/lesions -n 50000 --out gen50k/
 an interrupted job rerun with the same command skips the images it already wrote.
-under torchrun write -n or --num-images: torchrun's own parser takes --num for its --numa-binding."""
+under torchrun write -n or --num-images: torchrun's parser takes --num for its --numa-binding."""
 
 EVAL_EXAMPLES = """examples:
-  ddpmkit eval samples/ --ref data.path=/data/mnist             # GEN folder vs the real data
-  ddpmkit eval samples/ --ref runs/mnist                        # the run's own training data
+  ddpmkit eval samples/ --ref real_images/                  # a folder of real images
+  ddpmkit eval samples/ --ref runs/mnist                    # the run's own training data
   ddpmkit eval samples/ --ref data.path=/data/mnist --save-ref stats/mnist_inception.npz
   ddpmkit eval samples/ --ref stats/mnist_inception.npz --metrics fid,kid,pr
-  ddpmkit eval samples/ --ref runs/mnist --features classifier  # a classifier trained on the labels
-  ddpmkit eval samples/ --ref runs/mnist --features efficientnet   # offline; not comparable with FID
+  ddpmkit eval samples/ --ref runs/mnist --features classifier     # trained on the labels
+  ddpmkit eval samples/ --ref runs/mnist --features efficientnet   # offline; not FID
 FID needs the standard Inception weights: --inception-weights FILE, or the torch hub cache."""
 
 IMPORT_EXAMPLES = """examples:
-  ddpmkit import path/to/ddpm-cifar10-32 --out runs/cifar10-pretrained   # a diffusers folder (no diffusers needed)
-  ddpmkit import google/ddpm-cifar10-32 --out runs/cifar10-pretrained    # a hub id (needs huggingface_hub, network)
+  ddpmkit import path/to/ddpm-cifar10-32 --out runs/cifar10   # a diffusers folder
+  ddpmkit import google/ddpm-cifar10-32 --out runs/cifar10    # a hub id (huggingface_hub)
 only what ddpmkit's UNet computes exactly is imported; any other option is refused by name."""
 
 EXPORT_EXAMPLES = """examples:
-  ddpmkit export runs/lesions --format diffusers --out lesions-diffusers/   # DDPMPipeline.from_pretrained(...)"""
+  ddpmkit export runs/lesions --format diffusers --out lesions-diffusers/   # DDPMPipeline"""
 
 BALANCE_EXAMPLES = """examples:
-  ddpmkit balance runs/lesions --out balanced/                                  # every class up to the largest
-  ddpmkit balance runs/lesions --target 6274 --class malignant --out balanced/  # final count of that class
+  ddpmkit balance runs/lesions --out balanced/              # every class up to the largest
+  ddpmkit balance runs/lesions --target 6274 --class malignant --out balanced/
   ddpmkit balance runs/lesions --proportions benign=0.5,malignant=0.5 --out balanced/
 needs a class-conditional run (model.class_conditional=true); reads the run's own training data."""
 
 RESTORE_EXAMPLES = """examples:
-  ddpmkit denoise runs/mnist noisy/ --sigma auto --out clean/        # or --sigma 0.2 (on the [0,1] scale)
+  ddpmkit denoise runs/mnist noisy/ --sigma auto --out clean/   # or --sigma 0.2 on [0, 1]
   ddpmkit denoise runs/mnist noisy/ --sigma 0.2 --method sample --samples 4 --out clean/
-  ddpmkit img2img runs/lesions inputs/ --strength 0.5 --out variants/  # SDEdit
-  ddpmkit inpaint runs/mnist images/ --mask masks/ --out filled/       # RePaint; mask white = fill
+  ddpmkit img2img runs/lesions inputs/ --strength 0.5 --out variants/   # SDEdit
+  ddpmkit inpaint runs/mnist images/ --mask masks/ --out filled/  # RePaint; white = fill
 images must have the model's channels and at least its size; larger ones are restored tile by tile
 (never resized)."""
 
 DOWNSTREAM_EXAMPLES = """examples:
   ddpmkit downstream --real pneumonia.npz --synthetic balanced/ --out study/
-  ddpmkit downstream --real lesions/train --test lesions/test --calibration lesions/val --synthetic balanced/ --out study/
-  ddpmkit downstream --real pneumonia.npz --calibration-split val --synthetic balanced/ --out study/
-  ddpmkit downstream --real lesions/ --real-labels train.csv --test-labels test.csv --synthetic balanced/ \\
-      --out study/ data.image_column=isic_id   # a CSV per split"""
+  ddpmkit downstream --real lesions/train --test lesions/test --calibration lesions/val \\
+      --synthetic balanced/ --out study/
+  ddpmkit downstream --real pneumonia.npz --calibration-split val --synthetic balanced/ \\
+      --out study/
+  ddpmkit downstream --real lesions/ --real-labels train.csv --test-labels test.csv \\
+      --synthetic balanced/ --out study/ data.image_column=isic_id   # a CSV per split"""
 
 GIF_EXAMPLES = """examples:
-  ddpmkit gif runs/default                  # runs/default/learning.gif from runs/default/grids/"""
+  ddpmkit gif runs/default        # runs/default/learning.gif from runs/default/grids/"""
 
 
 # torchrun's own parser claims --num (a prefix of its --numa-binding), so under torchrun use these.
@@ -94,18 +97,21 @@ ALIASES = {"num": ["-n", "--num-images"], "class_label": ["--class"]}
 
 def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[str, type]) -> None:
     for name, key in flags.items():
-        p.add_argument(f"--{name.replace('_', '-')}", *ALIASES.get(name, []), dest=name, type=types.get(name, str),
+        p.add_argument(f"--{name.replace('_', '-')}", *ALIASES.get(name, []),
+                       dest=name, type=types.get(name, str),
                        default=None, metavar=name.upper(), help=f"sets {key}")
 
 
 def _command(sub, name: str, helptext: str, epilog: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=helptext, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(name, help=helptext, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
     p.add_argument("--fresh", action="store_true", help=fresh)
     p.add_argument("--force", action="store_true",
-                   help="write into a folder that holds files ddpmkit did not write (it never deletes them)")
+                   help="write into a folder that holds files ddpmkit did not write "
+                        "(it never deletes them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -113,145 +119,196 @@ def _train_parser(sub) -> None:
     t = _command(sub, "train", "train (or resume) a model", TRAIN_EXAMPLES)
     t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
                    help="an optional YAML config, then overrides")
-    _add_flags(t, TRAIN_FLAGS, {"image_size": int, "batch_size": int, "steps": int, "max_minutes": float,
-                                "lr": float, "seed": int})
-    t.add_argument("--fresh", action="store_true", help="discard an existing run in --out and start over")
+    _add_flags(t, TRAIN_FLAGS, {"image_size": int, "batch_size": int, "steps": int,
+                                "max_minutes": float, "lr": float, "seed": int})
+    t.add_argument("--fresh", action="store_true",
+                   help="discard an existing run in --out and start over")
     t.add_argument("--max-batch", action="store_true",
-                   help="only find the largest micro-batch that fits in GPU memory (and a grad_accum), then exit")
+                   help="only find the largest micro-batch that fits in GPU memory "
+                        "(and a grad_accum), then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--json", action="store_true", help="only a JSON summary at the end (implies --quiet)")
+    t.add_argument("--json", action="store_true",
+                   help="only a JSON summary at the end (implies --quiet)")
 
 
 def _sample_parser(sub) -> None:
     s = _command(sub, "sample", "generate images from a trained run", SAMPLE_EXAMPLES)
     s.add_argument("run", help="run directory (as written by ddpmkit train)")
-    s.add_argument("args", nargs="*", metavar="sample.key=value", help="overrides of the sample section")
-    _add_flags(s, SAMPLE_FLAGS, {"num": int, "steps": int, "eta": float, "seed": int, "batch_size": int, "size": int,
-                                 "guidance": float})
-    s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA (sets sample.ema=false)")
-    s.add_argument("--gif", action="store_true", help="also write OUT/trajectory.gif (sets sample.gif=true)")
+    s.add_argument("args", nargs="*", metavar="sample.key=value",
+                   help="overrides of the sample section")
+    _add_flags(s, SAMPLE_FLAGS, {"num": int, "steps": int, "eta": float, "seed": int,
+                                 "batch_size": int, "size": int, "guidance": float})
+    s.add_argument("--no-ema", action="store_true",
+                   help="use the raw weights instead of the EMA (sets sample.ema=false)")
+    s.add_argument("--gif", action="store_true",
+                   help="also write OUT/trajectory.gif (sets sample.gif=true)")
     _add_output_flags(s, "replace images of an earlier, different job in --out")
-    s.add_argument("--json", action="store_true", help="only a JSON summary at the end (implies --quiet)")
+    s.add_argument("--json", action="store_true",
+                   help="only a JSON summary at the end (implies --quiet)")
 
 
 def _eval_parser(sub) -> None:
-    e = _command(sub, "eval", "FID, KID, precision/recall of generated images against real ones", EVAL_EXAMPLES)
+    e = _command(sub, "eval", "FID, KID, precision/recall of generated images against real ones",
+                 EVAL_EXAMPLES)
     e.add_argument("gen", help="a sample output folder or any folder of images")
     e.add_argument("--ref", action="append", required=True, metavar="REF",
-                   help="a folder of images, a run directory, a statistics .npz, or data.key=value (repeatable)")
-    e.add_argument("--metrics", default="fid,kid,pr", help="comma-separated: fid, kid, pr, is (default fid,kid,pr)")
-    e.add_argument("--features", default="inception", choices=["inception", "efficientnet", "classifier"])
-    e.add_argument("--inception-weights", default=None, metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth")
+                   help="a folder of images, a run directory, a statistics .npz, "
+                        "or data.key=value (repeatable)")
+    e.add_argument("--metrics", default="fid,kid,pr",
+                   help="comma-separated: fid, kid, pr, is (default fid,kid,pr)")
+    e.add_argument("--features", default="inception",
+                   choices=["inception", "efficientnet", "classifier"])
+    e.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="pt_inception-2015-12-05-6726825d.pth")
     e.add_argument("--device", default="auto")
     e.add_argument("--out", default=None, help="JSON path (default GEN/eval_<features>.json)")
     e.add_argument("--save-ref", default=None, metavar="FILE.npz",
-                   help="also save the reference features (+ mu, sigma) for later --ref FILE, KID and P/R included")
-    e.add_argument("--json", action="store_true", help="print the JSON instead of a table (implies --quiet)")
+                   help="also save the reference features (+ mu, sigma) for later --ref FILE, "
+                        "KID and P/R included")
+    e.add_argument("--json", action="store_true",
+                   help="print the JSON instead of a table (implies --quiet)")
     e.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
 def _model_parsers(sub) -> None:
-    i = _command(sub, "info", "architecture, parameters, FLOPs and training memory of a run or config",
-                 "examples:\n  ddpmkit info runs/mnist\n  ddpmkit info configs/cifar10.yaml --batch-sizes 64,128")
-    i.add_argument("target", nargs="?", default=None, help="a run directory or a YAML config (default: the defaults)")
+    i = _command(sub, "info",
+                 "architecture, parameters, FLOPs and training memory of a run or config",
+                 "examples:\n  ddpmkit info runs/mnist\n"
+                 "  ddpmkit info configs/cifar10.yaml --batch-sizes 64,128")
+    i.add_argument("target", nargs="?", default=None,
+                   help="a run directory or a YAML config (default: the defaults)")
     i.add_argument("args", nargs="*", metavar="section.key=value", help="overrides")
-    i.add_argument("--batch-sizes", default="1,8,32,128", help="batch sizes for the memory estimate")
+    i.add_argument("--batch-sizes", default="1,8,32,128",
+                   help="batch sizes for the memory estimate")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     r = _command(sub, "report", "write RUN/report.html: curves, grids, checkpoints, config",
-                 "examples:\n  ddpmkit report runs/mnist      # prints the path of runs/mnist/report.html")
+                 "examples:\n"
+                 "  ddpmkit report runs/mnist      # prints the path of runs/mnist/report.html")
     r.add_argument("run", help="run directory")
-    g = _command(sub, "gif", "turn a run's periodic training grids into a 'learning' GIF", GIF_EXAMPLES)
+    g = _command(sub, "gif", "turn a run's periodic training grids into a 'learning' GIF",
+                 GIF_EXAMPLES)
     g.add_argument("run", help="run directory")
     g.add_argument("--out", default=None, help="GIF path (default RUN/learning.gif)")
     g.add_argument("--frame-ms", type=int, default=200, help="milliseconds per grid")
-    im = _command(sub, "import", "a diffusers UNet2DModel (+ scheduler) as a ddpmkit run", IMPORT_EXAMPLES)
+    im = _command(sub, "import", "a diffusers UNet2DModel (+ scheduler) as a ddpmkit run",
+                  IMPORT_EXAMPLES)
     im.add_argument("source", help="a diffusers pipeline or UNet folder, or a Hugging Face hub id")
-    im.add_argument("--out", required=True, help="the run folder to create (must not exist or be empty)")
-    ex = _command(sub, "export", "a run's weights as a diffusers DDPMPipeline folder", EXPORT_EXAMPLES)
+    im.add_argument("--out", required=True,
+                    help="the run folder to create (must not exist or be empty)")
+    ex = _command(sub, "export", "a run's weights as a diffusers DDPMPipeline folder",
+                  EXPORT_EXAMPLES)
     ex.add_argument("run", help="run directory")
-    ex.add_argument("--format", default="diffusers", choices=["diffusers"], help="only diffusers for now")
-    ex.add_argument("--out", required=True, help="the folder to create (must not exist or be empty)")
+    ex.add_argument("--format", default="diffusers", choices=["diffusers"],
+                    help="only diffusers for now")
+    ex.add_argument("--out", required=True,
+                    help="the folder to create (must not exist or be empty)")
     ex.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
-    ex.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    ex.add_argument("--no-ema", action="store_true",
+                    help="export the raw weights instead of the EMA")
 
 
 def _balance_parser(sub) -> None:
-    b = _command(sub, "balance", "top up a labelled dataset's classes with generated images", BALANCE_EXAMPLES)
+    b = _command(sub, "balance", "top up a labelled dataset's classes with generated images",
+                 BALANCE_EXAMPLES)
     b.add_argument("run", help="a class-conditional run directory")
-    b.add_argument("args", nargs="*", metavar="sample.key=value", help="sampling overrides (sampler, steps, guidance...)")
+    b.add_argument("args", nargs="*", metavar="sample.key=value",
+                   help="sampling overrides (sampler, steps, guidance...)")
     b.add_argument("--out", required=True)
-    b.add_argument("--target", type=int, default=None, help="with --class: that class's final count")
+    b.add_argument("--target", type=int, default=None,
+                   help="with --class: that class's final count")
     b.add_argument("--class", dest="class_label", default=None)
     b.add_argument("--proportions", default=None, help="class=share,... summing to 1")
-    b.add_argument("--by-class-folders", action="store_true", help="also OUT/by_class/<class>/ (symlinks)")
+    b.add_argument("--by-class-folders", action="store_true",
+                   help="also OUT/by_class/<class>/ (symlinks)")
     b.add_argument("--guidance", type=float, default=None, help="sets sample.guidance")
     b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
     _add_output_flags(b, "replace the images of an earlier, different balance in --out")
 
 
 def _downstream_parser(sub) -> None:
-    d = _command(sub, "downstream", "does a synthetic set help a classifier? (real vs real+synthetic vs oversampling)",
-                 DOWNSTREAM_EXAMPLES)
+    d = _command(sub, "downstream", "does a synthetic set help a classifier? "
+                 "(real vs real+synthetic vs oversampling)", DOWNSTREAM_EXAMPLES)
     d.add_argument("args", nargs="*", metavar="data.key=value",
                    help=f"for every labels CSV and real image read: {', '.join(STUDY_DATA_KEYS)}")
     d.add_argument("--synthetic", required=True, help="a ddpmkit balance output folder")
     d.add_argument("--out", required=True)
-    for name, what, default in (("real", "the labelled real training data (any data.path)", "train"),
-                                ("test", "the real test data (default: --real's test split)", "test"),
-                                ("calibration", "held-out labelled real images on which each classifier's threshold "
-                                                "is also tuned (binary studies; default: --real's split)", "val")):
-        d.add_argument(f"--{name}", required=name == "real", default=None, metavar="PATH", help=what)
+    for name, what, default in (
+            ("real", "the labelled real training data (any data.path)", "train"),
+            ("test", "the real test data (default: --real's test split)", "test"),
+            ("calibration", "held-out labelled real images on which each classifier's threshold "
+                            "is also tuned (binary studies; default: --real's split)", "val")):
+        d.add_argument(f"--{name}", required=name == "real", default=None, metavar="PATH",
+                       help=what)
         d.add_argument(f"--{name}-labels", default=None, metavar="CSV",
-                       help=f"a CSV naming the {name} images and their labels (as data.labels for train)")
-        d.add_argument(f"--{name}-split", default="train" if name == "real" else None, metavar="SPLIT",
-                       help=f"the split of the {name} data (default: {default}); only for data with splits")
+                       help=f"a CSV naming the {name} images and their labels "
+                            f"(as data.labels for train)")
+        d.add_argument(f"--{name}-split", default="train" if name == "real" else None,
+                       metavar="SPLIT", help=f"the split of the {name} data (default: {default}); "
+                                             f"only for data with splits")
     d.add_argument("--seeds", type=int, default=3)
-    d.add_argument("--steps", type=int, default=1500, help="optimizer steps per classifier (the same in every arm)")
-    d.add_argument("--no-augment", action="store_true", help="train every arm without random shifts and flips")
+    d.add_argument("--steps", type=int, default=1500,
+                   help="optimizer steps per classifier (the same in every arm)")
+    d.add_argument("--no-augment", action="store_true",
+                   help="train every arm without random shifts and flips")
     d.add_argument("--synthetic-share", type=float, default=None,
-                   help="in real+synthetic, the fraction of a topped-up class's draws that are generated images "
-                        "(default: every image equally often); choose it on a validation split")
-    d.add_argument("--unverified", action="store_true", help="run even if the generator cannot be checked for leakage")
+                   help="in real+synthetic, the fraction of a topped-up class's draws that are "
+                        "generated images (default: every image equally often); "
+                        "choose it on a validation split")
+    d.add_argument("--unverified", action="store_true",
+                   help="run even if the generator cannot be checked for leakage")
 
 
 def _restore_parsers(sub) -> None:
     for kind, helptext in (("denoise", "remove Gaussian noise from images with a trained model"),
-                           ("img2img", "variations of images (SDEdit): noise to --strength, then denoise"),
+                           ("img2img", "variations of images (SDEdit): noise to --strength, "
+                                       "then denoise"),
                            ("inpaint", "fill the white part of each mask (RePaint)")):
         rp = _command(sub, kind, helptext, RESTORE_EXAMPLES)
         rp.add_argument("run", help="run directory")
         rp.add_argument("inputs", help="a folder of images of the model's size or larger (tiled)")
-        rp.add_argument("--out", required=True, help="output folder: individual/, grid.png, manifest.csv")
+        rp.add_argument("--out", required=True,
+                        help="output folder: individual/, grid.png, manifest.csv")
         rp.add_argument("--seed", type=int, default=0)
-        rp.add_argument("--batch-size", type=int, default=64, help="images (or tiles of a larger image) per network call")
-        rp.add_argument("--steps", type=int, default=None, help="network evaluations (sampler default if unset)")
+        rp.add_argument("--batch-size", type=int, default=64,
+                        help="images (or tiles of a larger image) per network call")
+        rp.add_argument("--steps", type=int, default=None,
+                        help="network evaluations (sampler default if unset)")
         rp.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
-        rp.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+        rp.add_argument("--no-ema", action="store_true",
+                        help="use the raw weights instead of the EMA")
         rp.add_argument("--device", default="auto")
         rp.add_argument("--force", action="store_true",
-                        help="write into a folder that holds files ddpmkit did not write (it never deletes them)")
+                        help="write into a folder that holds files ddpmkit did not write "
+                             "(it never deletes them)")
         if kind == "denoise":
-            rp.add_argument("--sigma", default="auto", help="noise std on the [0,1] scale, or auto (wavelet estimate)")
+            rp.add_argument("--sigma", default="auto",
+                            help="noise std on the [0,1] scale, or auto (wavelet estimate)")
             rp.add_argument("--method", default="mmse", choices=["mmse", "sample"],
-                            help="mmse: posterior mean, one network call (best PSNR); sample: reverse process")
-            rp.add_argument("--samples", type=int, default=1, help="--method sample: draws averaged")
-            rp.add_argument("--sampler", default="ddpm", help="--method sample: a stochastic sampler, ddpm or dpmpp-2m-sde")
+                            help="mmse: posterior mean, one network call (best PSNR); "
+                                 "sample: reverse process")
+            rp.add_argument("--samples", type=int, default=1,
+                            help="--method sample: draws averaged")
+            rp.add_argument("--sampler", default="ddpm",
+                            help="--method sample: a stochastic sampler, ddpm or dpmpp-2m-sde")
         elif kind == "img2img":
-            rp.add_argument("--strength", type=float, default=0.5, help="0 returns the input, 1 ignores it")
+            rp.add_argument("--strength", type=float, default=0.5,
+                            help="0 returns the input, 1 ignores it")
             rp.add_argument("--sampler", default="ddim")
         else:
-            rp.add_argument("--mask", required=True, help="a folder of masks named like the images (white = fill)")
+            rp.add_argument("--mask", required=True,
+                            help="a folder of masks named like the images (white = fill)")
             rp.add_argument("--jump-length", type=int, default=10)
             rp.add_argument("--resamplings", type=int, default=10)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ddpmkit", description="Denoising diffusion models for images: train, sample, evaluate, balance, restore.")
+        prog="ddpmkit", description="Denoising diffusion models for images: "
+                                    "train, sample, evaluate, balance, restore.")
     parser.add_argument("--version", action="version", version=f"ddpmkit {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _sample_parser, _eval_parser, _model_parsers, _balance_parser, _downstream_parser,
-                _restore_parsers):
+    for add in (_train_parser, _sample_parser, _eval_parser, _model_parsers, _balance_parser,
+                _downstream_parser, _restore_parsers):
         add(sub)
     return parser
 
@@ -296,8 +353,9 @@ def cmd_train(ns: argparse.Namespace) -> None:
     if ns.json and world.is_main:
         state = run.read_state()
         latest = max(state["checkpoints"], key=lambda e: e["step"])
-        _print_json({"run": str(run.path), "step": latest["step"], "checkpoint": str(run.path / latest["file"]),
-                     "best_step": state["best"], "report": str(run.path / "report.html"), "stats": str(run.stats_path)})
+        _print_json({"run": str(run.path), "step": latest["step"],
+                     "checkpoint": str(run.path / latest["file"]), "best_step": state["best"],
+                     "report": str(run.path / "report.html"), "stats": str(run.stats_path)})
 
 
 def _loaded(run_path: str, overrides: dict, doing: str, world=None):
@@ -332,11 +390,13 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     try:
         run, sc, amp = _loaded(ns.run, overrides, "sampling", world)
         log = print if world.is_main and not ns.json else _silent
-        out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp, progress=not (ns.quiet or ns.json),
+        out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp,
+                       progress=not (ns.quiet or ns.json),
                        log=log, asked=set(overrides), force=ns.force)
         if ns.json and world.is_main:
             _print_json({"out": str(out), "num": sc.num, "images": str(out / "individual"),
-                         "manifest": str(out / "manifest.csv"), "checkpoint": run.checkpoint, "sampler": sc.sampler})
+                         "manifest": str(out / "manifest.csv"), "checkpoint": run.checkpoint,
+                         "sampler": sc.sampler})
     finally:
         distributed.shutdown()
 
@@ -348,8 +408,8 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     metrics = tuple(m.strip() for m in ns.metrics.split(",") if m.strip())
     quiet = ns.quiet or ns.json
     result = evaluate(ns.gen, ns.ref, metrics, ns.features, inception_weights=ns.inception_weights,
-                      device=str(resolve_device(ns.device)), log=_silent if quiet else print, progress=not quiet,
-                      save_ref=ns.save_ref)
+                      device=str(resolve_device(ns.device)), log=_silent if quiet else print,
+                      progress=not quiet, save_ref=ns.save_ref)
     path = write_result(result, ns.out)
     _print_json(result) if ns.json else print(f"{format_table(result)}\nwrote {path}")
 
@@ -362,7 +422,7 @@ def cmd_info(ns: argparse.Namespace) -> None:
     if target and "=" in target:  # only overrides were given
         tokens, target = [target, *tokens], None
     overrides = dict(parse_override(tok) for tok in tokens)
-    if target and Path(target).is_dir():  # a run's config.yaml already holds its source's architecture
+    if target and Path(target).is_dir():  # a run's config.yaml holds its source's architecture
         cfg = updated(RunDir(target).config(), {**overrides, "train.init_from": None})
     else:
         cfg = load_config(target, overrides)
@@ -371,7 +431,8 @@ def cmd_info(ns: argparse.Namespace) -> None:
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
-        raise UserError(f"--batch-sizes takes comma-separated positive integers, got {ns.batch_sizes!r}")
+        raise UserError(f"--batch-sizes takes comma-separated positive integers, "
+                        f"got {ns.batch_sizes!r}")
     info = model_info(cfg, sizes)
     _print_json(info) if ns.json else print(format_info(info))
 
@@ -387,14 +448,19 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     if ns.frame_ms < 1:
         raise UserError(f"--frame-ms must be at least 1, got {ns.frame_ms}")
     if ns.out and Path(ns.out).is_dir():
-        raise UserError(f"--out {ns.out} is a folder: give the GIF's file name, e.g. {Path(ns.out) / 'learning.gif'}")
-    if not run_dir.is_run():  # a data or samples folder: "no training grids" would read as a run that lost them
-        raise UserError(f"{run_dir.path} is not a ddpmkit training run: give the folder `ddpmkit train --out` wrote")
+        raise UserError(f"--out {ns.out} is a folder: give the GIF's file name, "
+                        f"e.g. {Path(ns.out) / 'learning.gif'}")
+    # a data or samples folder: "no training grids" would read as a run that lost them
+    if not run_dir.is_run():
+        raise UserError(f"{run_dir.path} is not a ddpmkit training run: "
+                        f"give the folder `ddpmkit train --out` wrote")
     gif = learning_gif(run_dir, ns.frame_ms)
     if gif is None and run_dir.imported_from():
-        raise UserError(f"{run_dir.path} is an imported model ({run_dir.imported_from()}): it has no training grids")
+        raise UserError(f"{run_dir.path} is an imported model ({run_dir.imported_from()}): "
+                        f"it has no training grids")
     if gif is None:
-        raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} (train.sample_every writes them)")
+        raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} "
+                        f"(train.sample_every writes them)")
     out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
     atomic.write_bytes(out, gif)
     frames = len(training_grids(run_dir))
@@ -417,17 +483,19 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     from .balance import balance, parse_proportions
 
     overrides = dict(parse_override(tok) for tok in ns.args)
-    decided = [k for k in overrides if k in ("sample.num", "sample.out_dir", "sample.class_label", "sample.gif")]
+    decided = [k for k in overrides
+               if k in ("sample.num", "sample.out_dir", "sample.class_label", "sample.gif")]
     if decided:
-        raise UserError(f"balance decides {decided[0]} for each class itself: use --target/--class, --proportions "
-                        f"and --out instead")
-    overrides.update({key: value for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed))
+        raise UserError(f"balance decides {decided[0]} for each class itself: "
+                        f"use --target/--class, --proportions and --out instead")
+    overrides.update({key: value
+                      for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed))
                       if value is not None})
     run, sc, amp = _loaded(ns.run, overrides, "balancing")
     balance(run, sc, ns.out, target=ns.target, class_label=ns.class_label,
             proportions=parse_proportions(ns.proportions) if ns.proportions else None,
-            by_class_folders=ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp, fresh=ns.fresh,
-            force=ns.force, asked=set(overrides))
+            by_class_folders=ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp,
+            fresh=ns.fresh, force=ns.force, asked=set(overrides))
 
 
 def _study_source(path: str | None, labels: str | None, real: str, overrides: dict):
@@ -444,18 +512,21 @@ def cmd_downstream(ns: argparse.Namespace) -> None:
     overrides = dict(parse_override(tok) for tok in ns.args)
     other = [k for k in overrides if k not in STUDY_DATA_KEYS]
     if other:  # paths, labels and splits have their flags; the study sets the size and channels
-        raise UserError(f"downstream takes only {', '.join(STUDY_DATA_KEYS)} as overrides, got {other[0]}: --real, "
-                        f"--test, --calibration and their -labels and -split flags name the data")
-    sources = {name: _study_source(getattr(ns, name), getattr(ns, f"{name}_labels"), ns.real, overrides)
+        raise UserError(f"downstream takes only {', '.join(STUDY_DATA_KEYS)} as overrides, "
+                        f"got {other[0]}: --real, --test, --calibration "
+                        f"and their -labels and -split flags name the data")
+    sources = {name: _study_source(getattr(ns, name), getattr(ns, f"{name}_labels"),
+                                   ns.real, overrides)
                for name in ("real", "test", "calibration")}
     run_study(sources["real"], ns.synthetic, ns.out, test=sources["test"], real_split=ns.real_split,
-              test_split=ns.test_split, unverified=ns.unverified, calibration=sources["calibration"],
-              calibration_split=ns.calibration_split, seeds=ns.seeds, steps=ns.steps, augment=not ns.no_augment,
+              test_split=ns.test_split, unverified=ns.unverified,
+              calibration=sources["calibration"], calibration_split=ns.calibration_split,
+              seeds=ns.seeds, steps=ns.steps, augment=not ns.no_augment,
               synthetic_share=ns.synthetic_share)
 
 
-RESTORE_OPTIONS = {"denoise": ("sigma", "method", "samples", "sampler"), "img2img": ("strength", "sampler"),
-                   "inpaint": ("jump_length", "resamplings")}
+RESTORE_OPTIONS = {"denoise": ("sigma", "method", "samples", "sampler"),
+                   "img2img": ("strength", "sampler"), "inpaint": ("jump_length", "resamplings")}
 
 
 def cmd_restore(ns: argparse.Namespace) -> None:
@@ -467,8 +538,8 @@ def cmd_restore(ns: argparse.Namespace) -> None:
     options = {name: getattr(ns, name) for name in RESTORE_OPTIONS[ns.command]}
     if ns.command == "inpaint":
         options["masks_dir"] = ns.mask
-    restore_folder(run, ns.command, ns.inputs, ns.out, seed=ns.seed, batch_size=ns.batch_size, steps=ns.steps,
-                   force=ns.force, **options)
+    restore_folder(run, ns.command, ns.inputs, ns.out, seed=ns.seed, batch_size=ns.batch_size,
+                   steps=ns.steps, force=ns.force, **options)
 
 
 def cmd_report(ns: argparse.Namespace) -> None:
@@ -477,8 +548,8 @@ def cmd_report(ns: argparse.Namespace) -> None:
     print(write_report(ns.run))
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info, "report": cmd_report,
-            "gif": cmd_gif, "import": cmd_import, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info,
+            "report": cmd_report, "gif": cmd_gif, "import": cmd_import, "export": cmd_export,
             "balance": cmd_balance, "downstream": cmd_downstream,
             "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore}
 

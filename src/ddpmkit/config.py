@@ -21,10 +21,11 @@ from .errors import UserError
 from .samplers import SAMPLERS, SPACINGS
 from .schedule import PREDICTIONS, SCHEDULES
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")  # torch.compile's
 EVAL_FEATURES = ("classifier", "efficientnet", "inception")
 MAX_YAML_BYTES = 1 << 20  # a config is a page of text; anything larger is not one
-MAX_YAML_ALIASES = 100  # YAML aliases expand: a few hundred bytes can name gigabytes (an "alias bomb")
+MAX_YAML_NODES = 100_000  # a config holds a few hundred values; aliases can expand to billions
 
 
 def _key(default: Any = None, rule: str | tuple | None = None, factory=None):
@@ -39,9 +40,9 @@ def _key(default: Any = None, rule: str | tuple | None = None, factory=None):
 class DataConfig:
     path: Optional[str] = None  # None: scikit-learn's bundled digits (1797 images, 8x8)
     image_size: int = _key(8, "positive")
-    channels: Optional[int] = _key(None, (None, 1, 3))  # None keeps the data's own (grayscale stays grayscale)
-    # integer pixels wider than 8 bits span 0..2**bit_depth-1; None: the smallest of 8, 10, 12, 14, 16
-    # bits that holds the data's largest value, recorded by a run when it starts
+    channels: Optional[int] = _key(None, (None, 1, 3))  # None: the data's own (gray stays gray)
+    # integer pixels wider than 8 bits span 0..2**bit_depth-1; None: the smallest of 8, 10, 12, 14,
+    # 16 bits that holds the data's largest value, recorded by a run when it starts
     bit_depth: Optional[int] = _key(None, (None, *range(8, 17)))
     hflip: bool = False
     labels: Optional[str] = None  # CSV with an image-name column and a label column
@@ -49,7 +50,7 @@ class DataConfig:
     label_column: str = "label"
     filter_label: Optional[str] = None  # keep only rows whose label equals this
     split: str = "train"  # .npz {split}_images, IDX train or test, or a train/val/test subfolder
-    class_names: Optional[list[str]] = None  # resolved from the labels for a class-conditional model
+    class_names: Optional[list[str]] = None  # from the labels, for a class-conditional model
     on_error: str = _key("skip", ("skip", "fail"))  # unreadable images: skip (and report) or fail
     stream: bool = False  # read batches from disk (.npy memory-mapped, folders decoded lazily)
     workers: int = _key(4, "non_negative")  # with stream: DataLoader processes decoding ahead
@@ -108,7 +109,7 @@ class TrainConfig:
     ema_decay: float = _key(0.995, "fraction")
     max_steps: int = _key(4000, "positive")
     max_minutes: float = _key(0.0, "non_negative")  # 0: no time budget
-    precision: str = _key("auto", ("auto", "fp32", "bf16", "fp16"))  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = _key("auto", ("auto", "fp32", "bf16", "fp16"))  # auto: CUDA bf16, CPU fp32
     channels_last: bool = True  # CUDA: channels_last tensors (false: NCHW)
     seed: int = _key(0, "non_negative")
     device: str = "auto"
@@ -119,11 +120,11 @@ class TrainConfig:
     checkpoint_every: int = _key(500, "positive")
     keep_last: int = _key(3, "positive")
     max_nonfinite: int = _key(20, "positive")  # stop after this many non-finite losses in a row
-    eval_every: int = _key(0, "non_negative")  # 0: off; else evaluate at checkpoints at multiples of this
-    eval_num: int = _key(500, "positive")  # samples per evaluation (dpmpp-2m, 20 steps, EMA weights)
+    eval_every: int = _key(0, "non_negative")  # 0: off; else eval checkpoints at multiples of this
+    eval_num: int = _key(500, "positive")  # samples per eval (dpmpp-2m, 20 steps, EMA weights)
     eval_features: str = _key("classifier", EVAL_FEATURES)  # classifier needs labels
     label_dropout: float = _key(0.1, "share")  # labels dropped: the unconditional model CFG needs
-    init_from: Optional[str] = None  # pretrained weights: a ddpmkit run, or a diffusers folder / hub id
+    init_from: Optional[str] = None  # pretrained: a ddpmkit run, or a diffusers folder / hub id
     tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard
 
 
@@ -135,7 +136,7 @@ class SampleConfig:
     steps: Optional[int] = _key(None, "positive")  # None: the sampler's default (all T for ddpm)
     eta: float = _key(0.0, "non_negative")
     spacing: str = _key("uniform", SPACINGS)
-    variance: str = _key("small", ("small", "large"))  # ddpm only: posterior (small) or beta (large)
+    variance: str = _key("small", ("small", "large"))  # ddpm: posterior (small) or beta (large)
     clip_x0: bool = True
     batch_size: int = _key(256, "positive")
     seed: int = _key(0, "non_negative")
@@ -180,7 +181,8 @@ MODEL_PRESETS = {
 
 
 def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true or false",
+            str: "a string"}.get(tp, str(tp))
 
 
 def _coerce(key: str, value: Any, tp) -> Any:
@@ -257,7 +259,8 @@ def data_config(overrides: dict[str, Any]) -> DataConfig:
 def _check_model(cfg: Config) -> None:
     m = cfg.model
     if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
-        raise UserError(f"config key model.channel_mult: needs positive entries, got {m.channel_mult}")
+        raise UserError(f"config key model.channel_mult: needs positive entries, "
+                        f"got {m.channel_mult}")
     if m.base_channels % m.norm_groups:
         raise UserError(f"config key model.base_channels: {m.base_channels} is not divisible by "
                         f"model.norm_groups={m.norm_groups}")
@@ -269,30 +272,34 @@ def _check_model(cfg: Config) -> None:
                         f"{m.channel_mult}); use a multiple of {factor}, at least {2 * factor}")
     if m.attention_head_dim is not None:
         levels = level_resolutions(cfg)  # attention levels, and the middle block at the last one
-        widths = sorted({m.base_channels * c for i, (c, level) in enumerate(zip(m.channel_mult, levels))
+        widths = sorted({m.base_channels * c
+                         for i, (c, level) in enumerate(zip(m.channel_mult, levels))
                          if level in m.attention_resolutions or i == len(levels) - 1})
-        # a layer of C channels has max(1, C // head_dim) heads (as in diffusers), which must split C
+        # a layer of C channels has max(1, C // head_dim) heads (like diffusers), which must split C
         bad = [w for w in widths if w % max(1, w // m.attention_head_dim)]
         if bad:
             raise UserError(f"config key model.attention_head_dim: {m.attention_head_dim} makes "
-                            f"{bad[0] // m.attention_head_dim} heads of the {bad[0]} channels of a level, "
-                            f"which do not split evenly; use a divisor of {bad[0]}")
+                            f"{bad[0] // m.attention_head_dim} heads of the {bad[0]} channels "
+                            f"of a level, which do not split evenly; use a divisor of {bad[0]}")
     levels = level_resolutions(cfg)
     unmatched = [r for r in m.attention_resolutions if r not in levels]
     if unmatched:
-        preset = m.preset and MODEL_PRESETS[m.preset]["attention_resolutions"] == m.attention_resolutions
-        raise UserError(f"config key model.attention_resolutions={m.attention_resolutions}"
-                        f"{f', from model.preset={m.preset}' if preset else ''}: no level of this model is "
-                        f"{unmatched[0]}x{unmatched[0]} (data.image_size={cfg.data.image_size}, "
-                        f"model.channel_mult={m.channel_mult}: levels {', '.join(map(str, levels))}), "
-                        f"so it would add no attention; set it to some of those")
+        preset = (m.preset
+                  and MODEL_PRESETS[m.preset]["attention_resolutions"] == m.attention_resolutions)
+        raise UserError(
+            f"config key model.attention_resolutions={m.attention_resolutions}"
+            f"{f', from model.preset={m.preset}' if preset else ''}: no level of this model is "
+            f"{unmatched[0]}x{unmatched[0]} (data.image_size={cfg.data.image_size}, "
+            f"model.channel_mult={m.channel_mult}: levels {', '.join(map(str, levels))}), "
+            f"so it would add no attention; set it to some of those")
 
 
 def _check_values(cfg: Config) -> None:
     _check_model(cfg)
     d = cfg.diffusion
     if d.schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
-        raise UserError("config keys diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
+        raise UserError("config keys diffusion.beta_start/beta_end: "
+                        "need 0 < beta_start < beta_end < 1")
     if cfg.sample.steps is not None and cfg.sample.steps > d.num_timesteps:
         raise UserError(f"config key sample.steps: {cfg.sample.steps} is more than "
                         f"diffusion.num_timesteps={d.num_timesteps}")
@@ -303,15 +310,22 @@ def level_resolutions(cfg: Config) -> list[int]:
     return [cfg.data.image_size // 2**i for i in range(len(cfg.model.channel_mult))]
 
 
-def from_dict(raw: dict) -> Config:
-    """Build and check a Config from nested dicts (YAML content merged with overrides)."""
+def _check_sections(raw) -> None:
+    """A config's top level: a mapping of known sections, each a mapping (or empty)."""
     if not isinstance(raw, dict):
-        raise UserError("config: expected a mapping of sections (data, model, diffusion, train, sample)")
+        raise UserError("config: expected a mapping of sections "
+                        "(data, model, diffusion, train, sample)")
     for name, values in raw.items():
         if name not in SECTIONS:
             raise UserError(f"unknown config section '{name}' (known: {', '.join(SECTIONS)})")
         if values is not None and not isinstance(values, dict):
-            raise UserError(f"config section '{name}': expected key: value pairs, got {values!r}")
+            raise UserError(f"config section '{name}': expected key: value pairs, got "
+                            f"{str(values)[:80]!r}")
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and check a Config from nested dicts (YAML content merged with overrides)."""
+    _check_sections(raw)
     sections = {}
     for name in SECTIONS:
         values = dict(raw.get(name) or {})
@@ -336,7 +350,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     """`train.lr=1e-4` -> ("train.lr", 1e-4); values are parsed as YAML scalars/lists."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
-        raise UserError(f"cannot read override {text!r}: write section.key=value, e.g. train.lr=1e-4")
+        raise UserError(f"cannot read override {text!r}: write section.key=value, "
+                        f"e.g. train.lr=1e-4")
     try:
         parsed = safe_yaml(value, f"override {key}") if value != "" else None
     except UserError:
@@ -345,6 +360,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def merge_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    _check_sections(raw)
     merged = {k: dict(v or {}) for k, v in raw.items()}
     for key, value in overrides.items():
         section, _, name = key.partition(".")
@@ -355,26 +371,22 @@ def merge_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return merged
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (plain data, no Python objects) that refuses more than a few aliases."""
-
-    aliases = 0
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > MAX_YAML_ALIASES:
-                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (&anchor/*alias): refused, "
-                                     f"since each can expand without bound")
-        return super().compose_node(parent, index)
-
-
 def safe_yaml(text: str, what: str) -> Any:
-    """YAML text -> plain data: no Python objects, a bounded number of aliases."""
+    """YAML text -> plain data (PyYAML's safe loader: no Python objects), refused when its aliases
+    expand it past MAX_YAML_NODES: a few hundred bytes of nested aliases can name billions."""
     try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise UserError(f"{what} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise UserError(f"{what} is not valid YAML: {str(exc).splitlines()[0][:200]}") from None
+    stack, seen = [data], 0
+    while stack:  # shared (aliased) nodes are walked again each time, as a reader would
+        node, seen = stack.pop(), seen + 1
+        if seen > MAX_YAML_NODES:
+            raise UserError(f"{what} expands to more than {MAX_YAML_NODES:,} values (YAML aliases "
+                            f"repeating each other): refused")
+        if isinstance(node, (dict, list)):
+            stack.extend(node.values() if isinstance(node, dict) else node)
+    return data
 
 
 def read_yaml(path: str | Path) -> dict:

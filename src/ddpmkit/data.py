@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import json
 import math
 import re
 import struct
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import RECORD_NAME
 from .config import DataConfig
 from .errors import UserError
 from .limits import check_memory
-from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, array_to_uint8_nchw, as_nchw, open_image, read_image_files,
-                     scales_note, value_scale)
+from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, array_to_uint8_nchw, as_nchw,
+                     open_image, read_image_files, scales_note, value_scale)
 
 
 @dataclass
@@ -34,10 +36,10 @@ class ImageData:
     images: torch.Tensor  # uint8, N x C x H x W
     source: str  # what was read, for logs and the run record
     labels: list[str] | None = None
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) for unreadable images
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) per unreadable image
     files: list[str] | None = None  # each image's file, for folders
     source_path: str = ""  # the file or folder read (arrays: with their key), for manifests
-    bit_depth: int | None = None  # the depth wide integer pixels were read at (None: there were none)
+    bit_depth: int | None = None  # the depth wide integer pixels were read at (None: none were)
 
     @property
     def channels(self) -> int:
@@ -47,7 +49,7 @@ class ImageData:
         return self.images.shape[0]
 
 
-def load_images(cfg: DataConfig) -> ImageData:
+def load_images(cfg: DataConfig, log=print) -> ImageData:
     if cfg.path is None:
         data = _load_digits()
     else:
@@ -58,7 +60,7 @@ def load_images(cfg: DataConfig) -> ImageData:
         if is_idx_data(path):
             data = _load_idx(path, cfg.split, cfg.bit_depth)
         elif path.is_dir():
-            data = _load_folder(split_folder(path, cfg), cfg)
+            data = _load_folder(split_folder(path, cfg), cfg, log)
         elif path.suffix.lower() in (".npy", ".npz"):
             data = _load_array_file(path, cfg.split, cfg.bit_depth)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
@@ -71,10 +73,12 @@ def load_images(cfg: DataConfig) -> ImageData:
 
 
 def refuse_labels_off_folder(path: Path, cfg: DataConfig) -> None:
-    """data.labels (a CSV) names images in a folder: for arrays and IDX files it would be ignored."""
+    """data.labels (a CSV) names images in a folder: for arrays and IDX files it would be
+    ignored."""
     if cfg.labels is not None and (not path.is_dir() or is_idx_data(path)):
-        raise UserError(f"data.labels={cfg.labels} names images in a folder, and {path} is not a folder of images: "
-                        f"drop data.labels (an .npz takes labels from its *_labels arrays, IDX from its labels file)")
+        raise UserError(f"data.labels={cfg.labels} names images in a folder, and {path} is not "
+                        f"a folder of images: drop data.labels (an .npz takes labels from its "
+                        f"*_labels arrays, IDX from its labels file)")
 
 
 def class_order(labels) -> list[str]:
@@ -92,7 +96,8 @@ def image_digests(images: torch.Tensor) -> list[str]:
 
 
 def batch_to_model(images_u8: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 N x C x H x W -> float in [-1, 1]; images where the bool mask `flip` is set are mirrored."""
+    """uint8 N x C x H x W -> float in [-1, 1]; images where the bool mask `flip` is set are
+    mirrored."""
     x = images_u8.float() / 127.5 - 1.0
     if flip is not None:
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
@@ -107,11 +112,13 @@ def in_chunks(fn, images: torch.Tensor) -> torch.Tensor:
     """fn over the images a chunk at a time: its float intermediates stay small (64 MB) whatever
     the dataset's size."""
     step = max(1, 2**24 // max(1, images[0].numel()))
-    return images if len(images) == 0 else torch.cat([fn(images[i:i + step]) for i in range(0, len(images), step)])
+    return (images if len(images) == 0
+            else torch.cat([fn(images[i:i + step]) for i in range(0, len(images), step)]))
 
 
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so the shorter side is `size` (antialiased bicubic), then center-crop to size x size."""
+    """Resize so the shorter side is `size` (antialiased bicubic), then center-crop to
+    size x size."""
     n, c, h, w = images.shape
     if (h, w) == (size, size):
         return images.contiguous()
@@ -120,7 +127,8 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     top, left = (nh - size) // 2, (nw - size) // 2
 
     def resize(part):
-        x = F.interpolate(part.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(part.float(), size=(nh, nw), mode="bicubic", antialias=True,
+                          align_corners=False)
         return x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
     return in_chunks(resize, images).contiguous()
@@ -133,8 +141,8 @@ def set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
     if channels == 3:
         return images.expand(-1, 3, -1, -1).contiguous()
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601 luma, as PIL's "L"
-    return in_chunks(lambda part: (part.float() * weights).sum(1, keepdim=True).round().clamp(0, 255)
-                     .to(torch.uint8), images)
+    return in_chunks(lambda part: (part.float() * weights).sum(1, keepdim=True).round()
+                     .clamp(0, 255).to(torch.uint8), images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +155,8 @@ def _load_digits() -> ImageData:
     digits = load_digits()
     arr = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values are 0..16
     return ImageData(torch.from_numpy(arr)[:, None], "scikit-learn digits (1797 images, 8x8)",
-                     labels=[str(int(v)) for v in digits.target], source_path="sklearn.datasets.load_digits")
+                     labels=[str(int(v)) for v in digits.target],
+                     source_path="sklearn.datasets.load_digits")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +169,8 @@ SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test", "dev")
 def _split_subfolders(root: Path) -> list[Path]:
     """The split folders of a folder whose every subfolder is named as a split and that has no image
     beside them (a README or LICENSE may be); [] for any other folder."""
-    entries = [p for p in root.iterdir() if not p.name.startswith((".", "__"))]  # .ipynb_checkpoints, __MACOSX
+    entries = [p for p in root.iterdir()
+               if not p.name.startswith((".", "__"))]  # .ipynb_checkpoints, __MACOSX
     subdirs = [p for p in entries if p.is_dir()]
     loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     is_split = not loose_images and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
@@ -173,7 +183,7 @@ def data_channels(data: DataConfig) -> int:
     .npz or IDX file is loaded: they hold arrays small enough for that."""
     path = Path(data.path).expanduser()
     if path.is_dir() and not is_idx_data(path):
-        files, _ = list_image_files(split_folder(path, data), data)
+        files, _ = list_image_files(split_folder(path, data), data, log=lambda *_: None)
         for file in files:
             try:
                 with open_image(file) as im:
@@ -201,26 +211,35 @@ def has_named_splits(path: str | Path) -> bool:
 
 
 def split_folder(root: Path, cfg: DataConfig) -> Path:
-    """A folder split into train/, val/, test/ (every subfolder a split's name, no image beside them;
-    the usual layout of published datasets) is read one split at a time: data.split picks it, so the
-    splits are never taken for classes. Any other folder is one split, the default one."""
+    """A folder split into train/, val/, test/ (every subfolder a split's name, no image beside
+    them; the usual layout of published datasets) is read one split at a time: data.split picks it,
+    so the splits are never taken for classes. Any other folder is one split, the default one."""
     subdirs = _split_subfolders(root) if cfg.labels is None else []
     if subdirs:
         chosen = [p for p in subdirs if p.name.lower() == cfg.split.lower()]
         if not chosen:
-            raise UserError(f"{root} is split into {', '.join(sorted(p.name for p in subdirs))} and has no "
-                            f"'{cfg.split}' split: set data.split to one of them")
+            raise UserError(f"{root} is split into {', '.join(sorted(p.name for p in subdirs))} "
+                            f"and has no '{cfg.split}' split: set data.split to one of them")
         return chosen[0]
     if cfg.split != "train":
-        why = "a CSV, data.labels, names its images" if cfg.labels is not None else "no train/val/test folders"
-        raise UserError(f"data.split={cfg.split}: {root} has no splits ({why}): point data.path at the "
-                        f"{cfg.split} images instead")
+        why = ("a CSV, data.labels, names its images" if cfg.labels is not None
+               else "no train/val/test folders")
+        raise UserError(f"data.split={cfg.split}: {root} has no splits ({why}): point data.path "
+                        f"at the {cfg.split} images instead")
     return root
 
 
-def list_image_files(root: Path, cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
-    """The folder's images (recursive, sorted), selected and labelled by the CSV if one is given."""
+def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path], list[str] | None]:
+    """The folder's images (recursive, sorted), selected and labelled by the CSV if one is given.
+    Folders ddpmkit wrote (generated images, a run's grids) are left out, and said so."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    ours = _generated_folders(root)
+    if ours:
+        kept = [f for f in files if not any(folder in f.parents for folder in ours)]
+        folders = ", ".join(map(str, sorted(ours)))
+        log(f"left out {len(files) - len(kept)} image(s) under {folders}: ddpmkit generated them "
+            f"(its {RECORD_NAME} or a run's meta.json is there)")
+        files = kept
     labels = None
     if cfg.labels is not None:
         files, labels = _select_by_csv(root, files, cfg)
@@ -229,6 +248,18 @@ def list_image_files(root: Path, cfg: DataConfig) -> tuple[list[Path], list[str]
     if labels is None:
         labels = _class_folder_labels(root, files)
     return files, labels
+
+
+def _generated_folders(root: Path) -> set[Path]:
+    """Folders under `root` that ddpmkit wrote: an output folder's record, a run's meta.json."""
+    ours = {p.parent for p in root.rglob(RECORD_NAME)}
+    for meta in root.rglob("meta.json"):
+        try:
+            if json.loads(meta.read_text()).get("format", "").startswith("ddpmkit-run/"):
+                ours.add(meta.parent)
+        except (OSError, ValueError, AttributeError):
+            continue  # someone's meta.json
+    return ours
 
 
 def _class_folder_labels(root: Path, files: list[Path]) -> list[str] | None:
@@ -241,20 +272,25 @@ def _class_folder_labels(root: Path, files: list[Path]) -> list[str] | None:
     return labels if len(set(labels)) > 1 else None
 
 
-def _load_folder(root: Path, cfg: DataConfig) -> ImageData:
-    files, labels = list_image_files(root, cfg)
-    read = read_image_files(files, f"the images under {root}", bit_depth=cfg.bit_depth, channels=cfg.channels,
-                            on_error=cfg.on_error, hint=" (set data.on_error=skip to skip such files)")
+def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
+    files, labels = list_image_files(root, cfg, log)
+    read = read_image_files(files, f"the images under {root}", bit_depth=cfg.bit_depth,
+                            channels=cfg.channels, on_error=cfg.on_error,
+                            hint=" (set data.on_error=skip to skip such files)")
     kept = set(read.files)
     if labels:
         labels = [label for path, label in zip(files, labels) if Path(path) in kept]
-    images = torch.cat([resize_center_crop(img[None], cfg.image_size) for img in read.images])  # mixed sizes
-    desc = f"{len(images)} images from {root}" + (f" ({len(read.skipped)} skipped)" if read.skipped else "")
+    images = torch.cat([resize_center_crop(img[None], cfg.image_size)
+                        for img in read.images])  # mixed sizes
+    desc = (f"{len(images)} images from {root}"
+            + (f" ({len(read.skipped)} skipped)" if read.skipped else ""))
     return ImageData(images, desc + read.note, labels=labels, skipped=read.skipped,
-                     files=[str(f) for f in read.files], source_path=str(root), bit_depth=read.bit_depth)
+                     files=[str(f) for f in read.files], source_path=str(root),
+                     bit_depth=read.bit_depth)
 
 
-def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
+def _select_by_csv(root: Path, files: list[Path],
+                   cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
     csv_path = Path(cfg.labels).expanduser()
     if not csv_path.is_file():
         raise UserError(f"labels CSV not found: {csv_path}")
@@ -268,8 +304,8 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list
     except csv.Error as exc:
         raise UserError(f"labels CSV {csv_path} cannot be read as CSV: {exc}") from None
     if cfg.image_column not in columns:
-        raise UserError(f"labels CSV {csv_path} has no column '{cfg.image_column}' (columns: {', '.join(columns)}); "
-                        f"set data.image_column")
+        raise UserError(f"labels CSV {csv_path} has no column '{cfg.image_column}' "
+                        f"(columns: {', '.join(columns)}); set data.image_column")
     has_labels = cfg.label_column in columns
     if cfg.filter_label is not None and not has_labels:
         raise UserError(f"labels CSV {csv_path} has no column '{cfg.label_column}' to filter on "
@@ -289,7 +325,8 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list
             continue
         pure = PurePosixPath(name.replace("\\", "/"))
         if pure.is_absolute() or ".." in pure.parts:
-            raise UserError(f"labels CSV {csv_path}: '{name}' points outside the data folder {root}")
+            raise UserError(f"labels CSV {csv_path}: "
+                            f"'{name}' points outside the data folder {root}")
         if name in seen:
             raise UserError(f"labels CSV {csv_path}: '{name}' is listed twice")
         seen.add(name)
@@ -300,8 +337,10 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig) -> tuple[list
         chosen.append(match)
         labels.append(label)
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UserError(f"labels CSV {csv_path} names {len(missing)} image(s) not found under {root}: {shown}")
+        shown = (", ".join(missing[:3])
+                 + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        raise UserError(f"labels CSV {csv_path} names {len(missing)} image(s) "
+                        f"not found under {root}: {shown}")
     if not chosen and cfg.filter_label is not None:
         present = sorted({(r.get(cfg.label_column) or "").strip() for r in rows})
         raise UserError(f"no rows of {csv_path} have {cfg.label_column} == '{cfg.filter_label}' "
@@ -335,7 +374,7 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
                     _check_npz_member(path, label_key)
                     labels = z[label_key]
     except ValueError as exc:
-        if "pickle" in str(exc):  # numpy falls back to unpickling what is not an array file: refused
+        if "pickle" in str(exc):  # numpy falls back to unpickling what isn't an array file: refused
             raise UserError(_PICKLED.format(path)) from None
         raise UserError(f"cannot read {path}: {exc}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -344,7 +383,8 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
     arr = as_nchw(arr, name)
     scale = value_scale(arr, name, bit_depth)
     images = array_to_uint8_nchw(arr, name, scale)
-    label_list = None if labels is None else _label_list(labels, len(images), f"{path}[{key.replace('images', 'labels')}]")
+    label_list = None if labels is None else _label_list(
+        labels, len(images), f"{path}[{key.replace('images', 'labels')}]")
     desc = f"{len(images)} images from {path}" + (f" [{key}]" if key else "") + scales_note(scale)
     return ImageData(images, desc, labels=label_list, source_path=name, bit_depth=scale.bit_depth)
 
@@ -352,15 +392,16 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
 def _label_list(labels: np.ndarray, count: int, where: str) -> list[str]:
     labels = np.asarray(labels)
     if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] != 1):
-        raise UserError(f"{where} has shape {labels.shape}: one-hot or multi-label labels; ddpmkit needs one "
-                        f"class per image (e.g. labels.argmax(1) for one-hot)")
+        raise UserError(f"{where} has shape {labels.shape}: one-hot or multi-label labels; "
+                        f"ddpmkit needs one class per image (e.g. labels.argmax(1) for one-hot)")
     if labels.size != count:
-        raise UserError(f"{where} holds {labels.size} labels for {count} images: give one per image")
+        raise UserError(f"{where} holds {labels.size} labels for {count} images: "
+                        f"give one per image")
     return [str(v) for v in labels.reshape(-1)]
 
 
-_PICKLED = ("cannot read {}: not a NumPy array file, or it holds Python objects, which ddpmkit never "
-            "unpickles: save plain numeric arrays")
+_PICKLED = ("cannot read {}: not a NumPy array file, or it holds Python objects, which ddpmkit "
+            "never unpickles: save plain numeric arrays")
 _NPY_HEADERS = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
 
 
@@ -372,7 +413,8 @@ def _check_npy_header(f, stored: int, name: str) -> None:
     except ValueError:
         raise UserError(_PICKLED.format(name)) from None
     if version[0] not in _NPY_HEADERS:
-        raise UserError(f"cannot read {name}: .npy format version {version} (ddpmkit reads 1.0 and 2.0)")
+        raise UserError(f"cannot read {name}: .npy format version {version} "
+                        f"(ddpmkit reads 1.0 and 2.0)")
     shape, _, dtype = _NPY_HEADERS[version[0]](f)
     if dtype.hasobject:
         raise UserError(_PICKLED.format(name))
@@ -380,8 +422,8 @@ def _check_npy_header(f, stored: int, name: str) -> None:
     if declared > stored - f.tell():
         raise UserError(f"{name} declares an array of shape {shape} ({declared:,} bytes) but holds "
                         f"{stored - f.tell():,}: the file is damaged or not what it says")
-    check_memory(2 * declared, f"{name} (shape {shape}, {dtype})", "use data.stream=true for an .npy, or a "
-                 "smaller file")
+    check_memory(2 * declared, f"{name} (shape {shape}, {dtype})",
+                 "use data.stream=true for an .npy, or a smaller file")
 
 
 def _check_npz_member(path: Path, key: str) -> None:
@@ -395,23 +437,26 @@ def _check_npz_member(path: Path, key: str) -> None:
 
 def refuse_split_of_npy(path: Path, split: str) -> None:
     if split != "train":
-        raise UserError(f"data.split={split}: {path} is one array with no splits: point data.path at the "
-                        f"{split} images instead (or an .npz with {split}_images)")
+        raise UserError(f"data.split={split}: {path} is one array with no splits: point data.path "
+                        f"at the {split} images instead (or an .npz with {split}_images)")
 
 
 def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:
-    """{split}_images; for the default split a lone or generically named array too. Any other split must
-    be there by name: falling back to the training images would mislabel them as test or val data."""
+    """{split}_images; for the default split a lone or generically named array too. Any other
+    split must be there by name: falling back to the training images would mislabel them as
+    test or val data."""
     if f"{split}_images" in keys:
         return f"{split}_images"
     if split != "train":
-        raise UserError(f"{path} has no '{split}' split (no '{split}_images' among {', '.join(keys)})")
+        raise UserError(f"{path} has no '{split}' split "
+                        f"(no '{split}_images' among {', '.join(keys)})")
     for key in ("images", "x", "arr_0"):
         if key in keys:
             return key
     if len(keys) == 1:
         return keys[0]
-    raise UserError(f"{path} holds {', '.join(keys)}: expected '{split}_images' (set data.split) or 'images'")
+    raise UserError(f"{path} holds {', '.join(keys)}: "
+                    f"expected '{split}_images' (set data.split) or 'images'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +466,8 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def _is_idx(path: Path) -> bool:
-    return "idx" in path.name and path.is_file() and path.suffix.lower() not in {".npy", ".npz", *IMAGE_SUFFIXES}
+    return ("idx" in path.name and path.is_file()
+            and path.suffix.lower() not in {".npy", ".npz", *IMAGE_SUFFIXES})
 
 
 def is_idx_data(path: Path) -> bool:
@@ -429,7 +475,8 @@ def is_idx_data(path: Path) -> bool:
     return _is_idx(path) or (path.is_dir() and bool(_idx_files(path)))
 
 
-_IDX_IMAGE_NAME = re.compile(r"idx3[-.]ubyte(\.gz)?$", re.IGNORECASE)  # train-images-idx3-ubyte(.gz), *.idx3-ubyte
+# train-images-idx3-ubyte(.gz), *.idx3-ubyte
+_IDX_IMAGE_NAME = re.compile(r"idx3[-.]ubyte(\.gz)?$", re.IGNORECASE)
 
 
 def _idx_files(folder: Path) -> list[Path]:
@@ -459,7 +506,8 @@ def read_idx(path: Path) -> np.ndarray:
         raise UserError(f"cannot read IDX file {path}: {exc}") from None
     if len(body) != expected or padded:
         shown = f"more than {expected}" if padded else len(body)
-        raise UserError(f"IDX file {path} is truncated or padded: {shown} bytes of data, expected {expected}")
+        raise UserError(f"IDX file {path} is truncated or padded: "
+                        f"{shown} bytes of data, expected {expected}")
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
@@ -467,13 +515,16 @@ _IDX_SPLIT_WORDS = {"train": ("train",), "test": ("t10k", "test"), "t10k": ("t10
 
 
 def _idx_file_of_split(name: str, split: str) -> bool:
-    """MNIST's train-/t10k- prefixes, EMNIST's -train-/-test- infixes (whole words: not 'latest')."""
-    return any(re.search(rf"(^|[-_.]){word}([-_.]|$)", name.lower()) for word in _IDX_SPLIT_WORDS[split])
+    """MNIST's train-/t10k- prefixes, EMNIST's -train-/-test- infixes (whole words: not
+    'latest')."""
+    return any(re.search(rf"(^|[-_.]){word}([-_.]|$)", name.lower())
+               for word in _IDX_SPLIT_WORDS[split])
 
 
 def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData:
     if split not in _IDX_SPLIT_WORDS:
-        raise UserError(f"data.split={split}: MNIST-style IDX files hold 'train' and 'test' (t10k) splits only")
+        raise UserError(f"data.split={split}: "
+                        f"MNIST-style IDX files hold 'train' and 'test' (t10k) splits only")
     if path.is_dir():
         candidates = _idx_files(path)
         preferred = [p for p in candidates if _idx_file_of_split(p.name, split)]
@@ -483,11 +534,11 @@ def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData
         if len(preferred) == 1 or len(candidates) == 1:
             path = (preferred or candidates)[0]
         else:
-            raise UserError(f"{path} holds several IDX image files ({', '.join(p.name for p in candidates)}): "
-                            f"point data.path at one")
+            raise UserError(f"{path} holds several IDX image files "
+                            f"({', '.join(p.name for p in candidates)}): point data.path at one")
     elif split != "train" and not _idx_file_of_split(path.name, split):
-        raise UserError(f"data.split={split}: {path} is one IDX file, not the {split} split: point data.path at "
-                        f"the {split} file or its folder")
+        raise UserError(f"data.split={split}: {path} is one IDX file, not the {split} split: "
+                        f"point data.path at the {split} file or its folder")
     arr = as_nchw(read_idx(path), str(path))
     scale = value_scale(arr, str(path), bit_depth)
     images = array_to_uint8_nchw(arr, str(path), scale)
@@ -496,7 +547,7 @@ def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData
     if label_path != path and label_path.is_file():
         labels = [str(int(v)) for v in read_idx(label_path).reshape(-1)]
         if len(labels) != len(images):
-            raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images of {path.name}: "
-                            f"use the labels file of the same split")
-    return ImageData(images, f"{len(images)} images from {path}" + scales_note(scale), labels=labels,
-                     source_path=str(path), bit_depth=scale.bit_depth)
+            raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images "
+                            f"of {path.name}: use the labels file of the same split")
+    return ImageData(images, f"{len(images)} images from {path}" + scales_note(scale),
+                     labels=labels, source_path=str(path), bit_depth=scale.bit_depth)

@@ -5,8 +5,8 @@ down/upsampling with downsample_padding=0, and an optional num_class_embeds clas
 diffusers model is imported only when our UNet computes the same function; every option it cannot
 reproduce is refused with a UserError naming it (never approximated).
 
-    unet/config.json + unet/diffusion_pytorch_model.safetensors  <->  config.yaml model.* + checkpoint
-    scheduler/scheduler_config.json                              <->  config.yaml diffusion.* (+ sample.*)
+    unet/config.json + unet/diffusion_pytorch_model.safetensors <-> config.yaml model.* + checkpoint
+    scheduler/scheduler_config.json <-> config.yaml diffusion.* (+ sample.*)
 
 Neither direction needs diffusers installed: configs are plain JSON, weights safetensors. A legacy
 pickled .bin is refused, never unpickled, with the command that converts it where it is trusted.
@@ -38,34 +38,38 @@ DIFFUSERS_VERSION = "0.42.1"
 # so a missing key means this value (e.g. downsample_padding 1, flip_sin_to_cos True).
 UNET_DEFAULTS = {
     "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+    "time_embedding_type": "positional", "time_embedding_dim": None,
+    "freq_shift": 0, "flip_sin_to_cos": True,
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
     "mid_block_type": "UNetMidBlock2D",
     "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu",
-    "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
-    "num_train_timesteps": None,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
+    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
+    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
 }
 
-# DDPMScheduler.__init__ defaults in diffusers 0.42 (DDIMScheduler shares those of the keys read here).
+# DDPMScheduler.__init__ defaults in diffusers 0.42 (DDIMScheduler's match for the keys read here).
 SCHEDULER_DEFAULTS = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
-    "thresholding": False, "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
-    "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False,
+    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True,
+    "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading",
+    "steps_offset": 0, "rescale_betas_zero_snr": False,
 }
 
 # UNet2DModel options that our UNet implements with exactly these values. act_fn "swish" is silu.
 _UNET_FIXED = {
-    "time_embedding_type": ("positional",), "center_input_sample": (False,), "mid_block_type": ("UNetMidBlock2D",),
-    "mid_block_scale_factor": (1,), "downsample_padding": (0,), "downsample_type": ("conv",),
-    "upsample_type": ("conv",), "act_fn": ("silu", "swish"), "resnet_time_scale_shift": ("default",),
-    "add_attention": (True,), "class_embed_type": (None,),
+    "time_embedding_type": ("positional",), "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2D",), "mid_block_scale_factor": (1,),
+    "downsample_padding": (0,), "downsample_type": ("conv",), "upsample_type": ("conv",),
+    "act_fn": ("silu", "swish"), "resnet_time_scale_shift": ("default",), "add_attention": (True,),
+    "class_embed_type": (None,),
 }
-_WHY = {"downsample_padding": "ddpmkit pads one row and column after the image before its stride-2 conv, which is "
-                              "downsample_padding=0; padding 1 on every side samples a shifted grid"}
+_WHY = {"downsample_padding": "ddpmkit pads one row and column after the image before its "
+                              "stride-2 conv, which is downsample_padding=0; padding 1 on every "
+                              "side samples a shifted grid"}
 _PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 _VARIANCES = {"fixed_small": "small", "fixed_large": "large"}
 # fixed_small_log draws with exp(0.5 * log(var)) = sqrt(var): "small" again (fixed_large_log is not
@@ -74,7 +78,8 @@ _VARIANCES_IN = {**_VARIANCES, "fixed_small_log": "small"}
 _DOWN, _UP = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "AttnUpBlock2D")
 WEIGHTS = "diffusion_pytorch_model"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CLASS_NAMES_FILE = "ddpmkit_classes.json"  # beside model_index.json: what class index i means (ddpmkit exports)
+# beside model_index.json: what class index i means (ddpmkit exports)
+CLASS_NAMES_FILE = "ddpmkit_classes.json"
 _HUB_FILES = ["model_index.json", "config.json", "scheduler_config.json", "unet/config.json",
               "scheduler/scheduler_config.json", CLASS_NAMES_FILE]
 
@@ -82,7 +87,8 @@ _HUB_FILES = ["model_index.json", "config.json", "scheduler_config.json", "unet/
 def _unsupported(key: str, value, allowed=None, owner: str = "UNet2DModel") -> UserError:
     shown = f" (ddpmkit supports {', '.join(json.dumps(a) for a in allowed)})" if allowed else ""
     why = f": {_WHY[key]}" if key in _WHY else ""
-    return UserError(f"cannot convert: {owner} option {key}={json.dumps(value)} is not supported{shown}{why}")
+    return UserError(f"cannot convert: {owner} option {key}={json.dumps(value)} "
+                     f"is not supported{shown}{why}")
 
 
 def _public(config: dict | None) -> dict:
@@ -132,45 +138,52 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
     # Our UNet puts attention on the same resolutions going down and up.
     attn = [t == "AttnDownBlock2D" for t in down]
     if attn != [t == "AttnUpBlock2D" for t in reversed(up)]:
-        raise UserError(f"cannot convert: attention in down_block_types {down} and up_block_types {up} is not "
-                        f"mirrored (ddpmkit uses the same attention resolutions on both paths)")
+        raise UserError(f"cannot convert: attention in down_block_types {down} and "
+                        f"up_block_types {up} is not mirrored (ddpmkit uses the same attention "
+                        f"resolutions on both paths)")
 
     groups = u["norm_num_groups"]
     if not isinstance(groups, int):
         raise _unsupported("norm_num_groups", groups, ["an integer"])
-    # Unset, the mid-block attention norm takes norm_num_groups (with resnet_time_scale_shift "default").
+    # Unset, mid-block attention norm takes norm_num_groups (with resnet_time_scale_shift "default")
     if u["attn_norm_num_groups"] not in (None, groups):
         raise _unsupported("attn_norm_num_groups", u["attn_norm_num_groups"], [None, groups])
-    # diffusers: heads = channels // attention_head_dim of width attention_head_dim, None = one head of
-    # full width; ours the same when the head dim divides every attention layer's width (mid block included).
+    # diffusers: heads = channels // attention_head_dim of width attention_head_dim, None = one head
+    # of full width; ours the same when the head dim divides every attention width (mid block too).
     head_dim = u["attention_head_dim"]
     attn_widths = [w for w, a in zip(widths, attn) if a] + [widths[-1]]
-    if head_dim is not None and (not isinstance(head_dim, int) or any(w % head_dim for w in attn_widths)):
-        raise _unsupported("attention_head_dim", head_dim, [None, f"a divisor of {sorted(set(attn_widths))}"])
+    if head_dim is not None and (not isinstance(head_dim, int)
+                                 or any(w % head_dim for w in attn_widths)):
+        raise _unsupported("attention_head_dim", head_dim,
+                           [None, f"a divisor of {sorted(set(attn_widths))}"])
     classes = u["num_class_embeds"]
     if classes is not None and (not isinstance(classes, int) or classes < 1):
         raise _unsupported("num_class_embeds", classes, [None, "a positive integer"])
-    # num_train_timesteps only sizes the embedding table of time_embedding_type "learned", refused above;
-    # with "positional" diffusers ignores it, so it changes nothing here.
+    # num_train_timesteps only sizes the embedding table of time_embedding_type "learned", refused
+    # above; with "positional" diffusers ignores it, so it changes nothing here.
 
     overrides = {
         "model.preset": None, "model.in_channels": u["in_channels"], "model.base_channels": base,
-        "model.channel_mult": [w // base for w in widths], "model.num_res_blocks": u["layers_per_block"],
+        "model.channel_mult": [w // base for w in widths],
+        "model.num_res_blocks": u["layers_per_block"],
         "model.attention_resolutions": [size // 2**i for i, a in enumerate(attn) if a],
-        "model.attention_head_dim": head_dim, "model.dropout": u["dropout"], "model.norm_groups": groups,
-        "model.norm_eps": u["norm_eps"], "model.time_flip_sin_to_cos": u["flip_sin_to_cos"],
-        "model.time_freq_shift": u["freq_shift"], "model.num_classes": classes or 0, "data.image_size": size,
-        **_scheduler_overrides(scheduler_config),
+        "model.attention_head_dim": head_dim, "model.dropout": u["dropout"],
+        "model.norm_groups": groups, "model.norm_eps": u["norm_eps"],
+        "model.time_flip_sin_to_cos": u["flip_sin_to_cos"],
+        "model.time_freq_shift": u["freq_shift"], "model.num_classes": classes or 0,
+        "data.image_size": size, **_scheduler_overrides(scheduler_config),
     }
-    if classes:  # diffusers' UNet always adds the class embedding: sample it with labels (named by index)
-        overrides.update({"model.class_conditional": True, "data.class_names": [str(i) for i in range(classes)]})
+    if classes:  # diffusers' UNet always has a class embedding: sample with labels (named by index)
+        overrides.update({"model.class_conditional": True,
+                          "data.class_names": [str(i) for i in range(classes)]})
     return load_config(None, overrides)
 
 
 def _scheduler_overrides(scheduler_config: dict | None) -> dict:
     owner = (scheduler_config or {}).get("_class_name", "DDPMScheduler")
     s = {**SCHEDULER_DEFAULTS, **_public(scheduler_config)}
-    for key in ("thresholding", "rescale_betas_zero_snr"):  # both change the process, not just the sampler
+    # both change the process, not just the sampler
+    for key in ("thresholding", "rescale_betas_zero_snr"):
         if s[key]:
             raise _unsupported(key, s[key], [False], owner)
     if s["prediction_type"] not in _PREDICTIONS:
@@ -182,23 +195,28 @@ def _scheduler_overrides(scheduler_config: dict | None) -> dict:
 
     T, start, end = s["num_train_timesteps"], s["beta_start"], s["beta_end"]
     if s["trained_betas"] is not None:
-        # Explicit betas are kept only if they are one of our schedules (to the float32 they are stored in).
+        # Explicit betas are kept only if one of our schedules (to the float32 they are stored in).
         betas = np.asarray(s["trained_betas"], dtype=np.float64)
         T = len(betas)
         candidates = {"linear": linear_betas(T, start, end), "cosine": cosine_betas(T)}
-        schedule = next((name for name, ref in candidates.items() if np.allclose(betas, ref, rtol=1e-6, atol=0)), None)
+        schedule = next((name for name, ref in candidates.items()
+                         if np.allclose(betas, ref, rtol=1e-6, atol=0)), None)
         if schedule is None:
-            raise UserError(f"cannot convert: {owner} option trained_betas is not supported unless it equals the "
-                            f"linear ({start}..{end}) or cosine schedule of {T} steps")
+            raise UserError(f"cannot convert: {owner} option trained_betas is not supported "
+                            f"unless it equals the linear ({start}..{end}) or cosine schedule "
+                            f"of {T} steps")
     else:
-        # squaredcos_cap_v2 is diffusers' name for Nichol & Dhariwal's cosine schedule: the same formula
-        # (s = 0.008, betas capped at 0.999) as schedule.cosine_betas; tests compare them numerically.
+        # squaredcos_cap_v2 is diffusers' name for Nichol & Dhariwal's cosine schedule: the same
+        # formula (s = 0.008, betas capped at 0.999) as schedule.cosine_betas; tests compare them.
         schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(s["beta_schedule"])
         if schedule is None:
-            raise _unsupported("beta_schedule", s["beta_schedule"], ["linear", "squaredcos_cap_v2"], owner)
-    return {"diffusion.num_timesteps": T, "diffusion.schedule": schedule, "diffusion.beta_start": start,
-            "diffusion.beta_end": end, "diffusion.prediction": _PREDICTIONS[s["prediction_type"]],
-            "sample.clip_x0": bool(s["clip_sample"]), "sample.variance": _VARIANCES_IN[s["variance_type"]]}
+            raise _unsupported("beta_schedule", s["beta_schedule"],
+                               ["linear", "squaredcos_cap_v2"], owner)
+    return {"diffusion.num_timesteps": T, "diffusion.schedule": schedule,
+            "diffusion.beta_start": start, "diffusion.beta_end": end,
+            "diffusion.prediction": _PREDICTIONS[s["prediction_type"]],
+            "sample.clip_x0": bool(s["clip_sample"]),
+            "sample.variance": _VARIANCES_IN[s["variance_type"]]}
 
 
 def ddpmkit_to_diffusers_config(cfg: Config) -> tuple[dict, dict]:
@@ -209,7 +227,8 @@ def ddpmkit_to_diffusers_config(cfg: Config) -> tuple[dict, dict]:
         raise UserError("cannot export: model.in_channels is not set")
     # diffusers' sinusoidal embedding is block_out_channels[0] wide, ours base_channels wide.
     if m.channel_mult[0] != 1:
-        raise UserError(f"cannot export model.channel_mult={m.channel_mult} to diffusers: it must start with 1 "
+        raise UserError(f"cannot export model.channel_mult={m.channel_mult} to diffusers: "
+                        f"it must start with 1 "
                         f"(UNet2DModel's time embedding is as wide as its first block)")
     widths = [m.base_channels * k for k in m.channel_mult]
     attn = [size // 2**i in m.attention_resolutions for i in range(len(widths))]
@@ -217,25 +236,28 @@ def ddpmkit_to_diffusers_config(cfg: Config) -> tuple[dict, dict]:
     head_dim = m.attention_head_dim
     if head_dim is not None and any(w % head_dim for w in attn_widths):
         if any(w // head_dim > 1 for w in attn_widths):
-            raise UserError(f"cannot export model.attention_head_dim={head_dim}: diffusers needs it to divide every "
-                            f"attention width {sorted(set(attn_widths))}")
+            raise UserError(f"cannot export model.attention_head_dim={head_dim}: diffusers needs "
+                            f"it to divide every attention width {sorted(set(attn_widths))}")
         head_dim = None  # ours has one full-width head everywhere: diffusers' None
     unet = {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **UNET_DEFAULTS,
         "sample_size": size, "in_channels": m.in_channels, "out_channels": m.in_channels,
-        "freq_shift": int(m.time_freq_shift) if float(m.time_freq_shift).is_integer() else m.time_freq_shift,
-        "flip_sin_to_cos": m.time_flip_sin_to_cos,
-        "down_block_types": [_DOWN[a] for a in attn], "up_block_types": [_UP[a] for a in reversed(attn)],
+        "freq_shift": (int(m.time_freq_shift) if float(m.time_freq_shift).is_integer()
+                       else m.time_freq_shift),
+        "flip_sin_to_cos": m.time_flip_sin_to_cos, "down_block_types": [_DOWN[a] for a in attn],
+        "up_block_types": [_UP[a] for a in reversed(attn)],
         "block_out_channels": widths, "layers_per_block": m.num_res_blocks, "downsample_padding": 0,
         "dropout": m.dropout, "attention_head_dim": head_dim, "norm_num_groups": m.norm_groups,
         "norm_eps": m.norm_eps, "num_class_embeds": m.num_classes or None,
     }
     scheduler = {
-        "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **SCHEDULER_DEFAULTS,
+        "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        **SCHEDULER_DEFAULTS,
         "num_train_timesteps": d.num_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
         "beta_schedule": {"linear": "linear", "cosine": "squaredcos_cap_v2"}[d.schedule],
         "prediction_type": {v: k for k, v in _PREDICTIONS.items()}[d.prediction],
-        "clip_sample": cfg.sample.clip_x0, "variance_type": {v: k for k, v in _VARIANCES.items()}[cfg.sample.variance],
+        "clip_sample": cfg.sample.clip_x0,
+        "variance_type": {v: k for k, v in _VARIANCES.items()}[cfg.sample.variance],
     }
     return unet, scheduler
 
@@ -250,8 +272,9 @@ def _module_pairs(net: UNet) -> dict[str, str]:
              "norm_out": "conv_norm_out", "conv_out": "conv_out"}
     if net.class_embedding is not None:
         pairs["class_embedding"] = "class_embedding"
-    for side, blocks, resample in (("down", "down_blocks", "downsamplers.0"), ("up", "up_blocks", "upsamplers.0")):
-        for i, level in enumerate(getattr(net, side)):  # our up levels run in diffusers' order, bottom first
+    for side, blocks, resample in (("down", "down_blocks", "downsamplers.0"),
+                                   ("up", "up_blocks", "upsamplers.0")):
+        for i, level in enumerate(getattr(net, side)):  # up levels: diffusers' order, bottom first
             for kind in ("resnets", "attentions"):
                 for j in range(len(getattr(level, kind))):
                     pairs[f"{side}.{i}.{kind}.{j}"] = f"{blocks}.{i}.{kind}.{j}"
@@ -274,7 +297,8 @@ def state_dict_names(cfg: Config) -> dict[str, str]:
     return names
 
 
-def _rename(weights: dict[str, torch.Tensor], names: dict[str, str], what: str) -> dict[str, torch.Tensor]:
+def _rename(weights: dict[str, torch.Tensor], names: dict[str, str],
+            what: str) -> dict[str, torch.Tensor]:
     missing = [k for k in names if k not in weights]
     unexpected = [k for k in weights if k not in names]
     if missing or unexpected:
@@ -284,19 +308,23 @@ def _rename(weights: dict[str, torch.Tensor], names: dict[str, str], what: str) 
     return {names[k]: v for k, v in weights.items()}
 
 
-# diffusers < 0.15 named the attention projections query/key/value/proj_attn; diffusers still loads them.
+# diffusers < 0.15 named the attention projections query/key/value/proj_attn; it still loads them.
 _LEGACY = re.compile(r"(attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def diffusers_to_ddpmkit_state_dict(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """UNet2DModel tensors -> ours, by name; every tensor must have its place (UserError otherwise)."""
-    weights = {_LEGACY.sub(lambda m: f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}", k): v for k, v in weights.items()}
+def diffusers_to_ddpmkit_state_dict(weights: dict[str, torch.Tensor],
+                                    cfg: Config) -> dict[str, torch.Tensor]:
+    """UNet2DModel tensors -> ours, by name; every tensor must have its place (UserError
+    otherwise)."""
+    weights = {_LEGACY.sub(lambda m: f"{m[1]}.{_LEGACY_NAMES[m[2]]}.{m[3]}", k): v
+               for k, v in weights.items()}
     inverse = {theirs: ours for ours, theirs in state_dict_names(cfg).items()}
     return _rename(weights, inverse, "the diffusers weights")
 
 
-def ddpmkit_to_diffusers_state_dict(weights: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+def ddpmkit_to_diffusers_state_dict(weights: dict[str, torch.Tensor],
+                                    cfg: Config) -> dict[str, torch.Tensor]:
     """Our UNet's tensors -> UNet2DModel's, by name; every tensor must have its place."""
     return _rename(weights, state_dict_names(cfg), "the ddpmkit weights")
 
@@ -324,8 +352,8 @@ def _locate(folder: Path) -> tuple[Path, Path | None]:
     elif (folder / "config.json").is_file():
         unet, scheduler = folder, folder / "scheduler_config.json"
     else:
-        raise UserError(f"{folder} is not a diffusers folder: expected unet/config.json (a pipeline) or "
-                        f"config.json (a UNet2DModel)")
+        raise UserError(f"{folder} is not a diffusers folder: expected unet/config.json "
+                        f"(a pipeline) or config.json (a UNet2DModel)")
     return unet, scheduler if scheduler.is_file() else None
 
 
@@ -333,17 +361,21 @@ def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     path = unet_dir / f"{WEIGHTS}.safetensors"
     if not path.is_file():
         if (unet_dir / f"{WEIGHTS}.bin").is_file():  # a pickle can run code when loaded: never here
-            raise UserError(f"{unet_dir / f'{WEIGHTS}.bin'} is a pickle, which ddpmkit never loads: if you trust it, "
-                            f"convert it with diffusers: python -c \"from diffusers import UNet2DModel as U; "
-                            f"U.from_pretrained('{unet_dir}').save_pretrained('{unet_dir}')\" (writes .safetensors)")
+            raise UserError(f"{unet_dir / f'{WEIGHTS}.bin'} is a pickle, "
+                            f"which ddpmkit never loads: if you trust it, convert it with "
+                            f"diffusers: python -c \"from diffusers import UNet2DModel as U; "
+                            f"U.from_pretrained('{unet_dir}').save_pretrained('{unet_dir}')\" "
+                            f"(writes .safetensors)")
         found = ", ".join(sorted(p.name for p in unet_dir.iterdir())) or "nothing"
-        raise UserError(f"no {WEIGHTS}.safetensors in {unet_dir} (found: {found}); "
-                        f"sharded, variant (fp16) and pickled (.bin) weight files are not supported")
+        raise UserError(f"no {WEIGHTS}.safetensors in {unet_dir} (found: {found}); sharded, "
+                        f"variant (fp16) and pickled (.bin) weight files are not supported")
     try:
         weights = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file: safetensors has several error types
-        raise UserError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}  # fp16 -> fp32 is exact
+    except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file: safetensors errors vary
+        raise UserError(f"cannot read {path}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # fp16 -> fp32 is exact
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
 def _fetch(source: str, log) -> tuple[Path, str]:
@@ -354,9 +386,10 @@ def _fetch(source: str, log) -> tuple[Path, str]:
             raise UserError(f"{path} is a file: pass the diffusers folder holding it")
         return path, str(path.resolve())
     if not _HUB_ID.match(source):
-        raise UserError(f"{source}: no such folder (pass a diffusers folder, or a hub id like google/ddpm-cifar10-32)")
-    hint = (f"download it on a machine with network (huggingface-cli download {source} --local-dir DIR) "
-            f"and pass the folder DIR instead")
+        raise UserError(f"{source}: no such folder "
+                        f"(pass a diffusers folder, or a hub id like google/ddpm-cifar10-32)")
+    hint = (f"download it on a machine with network (huggingface-cli download {source} "
+            f"--local-dir DIR) and pass the folder DIR instead")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -364,18 +397,19 @@ def _fetch(source: str, log) -> tuple[Path, str]:
                         f"pip install huggingface_hub, or {hint}") from None
     log(f"downloading {source} from the Hugging Face hub")
     try:
-        folder = Path(snapshot_download(source, allow_patterns=_HUB_FILES + [f"{WEIGHTS}.safetensors",
-                                                                            f"unet/{WEIGHTS}.safetensors"]))
-    except Exception as exc:  # noqa: BLE001 -- offline, unknown or gated repo: huggingface_hub has many error types
+        folder = Path(snapshot_download(source, allow_patterns=_HUB_FILES + [
+            f"{WEIGHTS}.safetensors", f"unet/{WEIGHTS}.safetensors"]))
+    except Exception as exc:  # noqa: BLE001 -- offline, unknown or gated repo: many error types
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"{source} is not a local folder, and downloading it from the Hugging Face hub failed "
-                        f"({type(exc).__name__}: {first}); {hint}") from None
+        raise UserError(f"{source} is not a local folder, and downloading it from the Hugging Face "
+                        f"hub failed ({type(exc).__name__}: {first}); {hint}") from None
     return folder, f"https://huggingface.co/{source}"
 
 
 def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
     """A diffusers pipeline folder, UNet2DModel folder or hub id -> (its Config, our UNet holding
-    its weights, provenance for meta.json). Writes nothing: also what training's --init-from needs."""
+    its weights, provenance for meta.json). Writes nothing: also what training's --init-from
+    needs."""
     folder, origin = _fetch(str(source), log)
     unet_dir, scheduler_path = _locate(folder)
     unet_config = _read_json(unet_dir / "config.json")
@@ -383,17 +417,22 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
     if scheduler_config is None:
         log(f"note: no scheduler config in {folder}; assuming DDPMScheduler defaults "
             f"(1000 steps, linear betas 0.0001..0.02, epsilon prediction)")
-    elif scheduler_config.get("_class_name", "DDPMScheduler") not in ("DDPMScheduler", "DDIMScheduler"):
-        log(f"note: {scheduler_config['_class_name']}: only its noise schedule and prediction type are imported")
+    elif (scheduler_config.get("_class_name", "DDPMScheduler")
+          not in ("DDPMScheduler", "DDIMScheduler")):
+        log(f"note: {scheduler_config['_class_name']}: "
+            f"only its noise schedule and prediction type are imported")
     unknown = sorted(set(_public(unet_config)) - set(UNET_DEFAULTS))
     if unknown:  # diffusers 0.42 ignores them too (with a warning): they change nothing it builds
-        log(f"note: ignoring UNet2DModel config keys unknown to diffusers {DIFFUSERS_VERSION}: {', '.join(unknown)}")
+        log(f"note: ignoring UNet2DModel config keys unknown to diffusers {DIFFUSERS_VERSION}: "
+            f"{', '.join(unknown)}")
     cfg = diffusers_config_to_ddpmkit(unet_config, scheduler_config)
-    names = _read_json(folder / CLASS_NAMES_FILE).get("class_names") if (folder / CLASS_NAMES_FILE).is_file() else None
-    if cfg.model.class_conditional and isinstance(names, list) and len(names) == cfg.model.num_classes:
-        cfg = updated(cfg, {"data.class_names": [str(n) for n in names]})  # a ddpmkit export's own names
+    names = (_read_json(folder / CLASS_NAMES_FILE).get("class_names")
+             if (folder / CLASS_NAMES_FILE).is_file() else None)
+    if (cfg.model.class_conditional and isinstance(names, list)
+            and len(names) == cfg.model.num_classes):
+        cfg = updated(cfg, {"data.class_names": [str(n) for n in names]})  # from a ddpmkit export
     weights = diffusers_to_ddpmkit_state_dict(_read_weights(unet_dir), cfg)
-    with torch.device("meta"):  # the config's network checked against the weights before it is built
+    with torch.device("meta"):  # the config's net checked against the weights before it is built
         check_weights(UNet(cfg.model, cfg.data.image_size), weights, f"the weights in {unet_dir}")
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, weights, f"the weights in {unet_dir}")

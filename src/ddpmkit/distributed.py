@@ -74,7 +74,7 @@ def on_main_then_shared(world: World, fn: Callable[[], T]) -> T:
             box[0] = ("ok", fn())
         except UserError as exc:
             box[0] = ("error", str(exc))
-    dist.broadcast_object_list(box, src=0)  # our own objects between our processes, never user files
+    dist.broadcast_object_list(box, src=0)  # our own objects between our processes, not user files
     kind, value = box[0]
     if kind == "error":
         raise UserError(value)
@@ -88,7 +88,8 @@ def agreed(world: World, flags: list[bool], at: bool) -> list[bool]:
         return [bool(f) for f in flags]
     if not at:
         return [False] * len(flags)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else "cpu")
     votes = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return [bool(v) for v in votes.tolist()]

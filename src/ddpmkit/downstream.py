@@ -55,14 +55,18 @@ class Pool:
 
 
 def combine(real: Pool, synthetic: Pool) -> Pool:
-    return Pool(torch.cat([real.images, synthetic.images]), np.concatenate([real.labels, synthetic.labels]),
-                np.concatenate([np.zeros(len(real.labels), bool), np.ones(len(synthetic.labels), bool)]))
+    return Pool(torch.cat([real.images, synthetic.images]),
+                np.concatenate([real.labels, synthetic.labels]),
+                np.concatenate([np.zeros(len(real.labels), bool),
+                                np.ones(len(synthetic.labels), bool)]))
 
 
-def draw_weights(pool: Pool, arm: str, classes: int, synthetic_share: float | None = None) -> torch.Tensor:
-    """How often each training image is drawn. oversampled: every class equally often. real+synthetic
-    with a synthetic_share: each class keeps its share of the pool, and within a class that has
-    generated images they make that fraction of its draws (the real ones the rest). Otherwise uniform."""
+def draw_weights(pool: Pool, arm: str, classes: int,
+                 synthetic_share: float | None = None) -> torch.Tensor:
+    """How often each training image is drawn. oversampled: every class equally often.
+    real+synthetic with a synthetic_share: each class keeps its share of the pool, and within a
+    class that has generated images they make that fraction of its draws (the real ones the rest).
+    Otherwise uniform."""
     counts = np.bincount(pool.labels, minlength=classes).astype(np.float64)
     if arm == "oversampled":
         return torch.from_numpy(1.0 / counts[pool.labels])
@@ -73,7 +77,7 @@ def draw_weights(pool: Pool, arm: str, classes: int, synthetic_share: float | No
     has_synth = (synth > 0)[pool.labels] & (real > 0)[pool.labels]
     share = np.where(pool.synthetic, synthetic_share / np.maximum(synth, 1)[pool.labels],
                      (1 - synthetic_share) / np.maximum(real, 1)[pool.labels])
-    weights = np.where(has_synth, share * counts[pool.labels], 1.0)  # class mass: its count, as uniform
+    weights = np.where(has_synth, share * counts[pool.labels], 1.0)  # class mass: count, as uniform
     return torch.from_numpy(weights)
 
 
@@ -85,23 +89,28 @@ def as_source(source: str | DataConfig | None) -> DataConfig | None:
 
 
 def _named(source: DataConfig, split: str) -> str:
-    return f"{source.path} ({split})" if source.labels is None else f"{source.path} (labelled by {source.labels})"
+    return (f"{source.path} ({split})" if source.labels is None
+            else f"{source.path} (labelled by {source.labels})")
 
 
-def load_real(source: str | DataConfig, split: str, size: int, channels: int | None, names: list[str]) -> Pool:
+def load_real(source: str | DataConfig, split: str, size: int, channels: int | None,
+              names: list[str]) -> Pool:
     source = as_source(source)
     data = load_images(replace(source, split=split, image_size=size, channels=channels))
     if not data.labels:
-        raise UserError(f"{_named(source, split)}: no labels; the study needs labelled real images (class "
-                        f"subfolders, an .npz with *_labels, or a CSV: --real-labels, --test-labels)")
+        raise UserError(f"{_named(source, split)}: no labels; "
+                        f"the study needs labelled real images (class subfolders, an .npz with "
+                        f"*_labels, or a CSV: --real-labels, --test-labels)")
     return Pool(data.images, _indices(data.labels, names, _named(source, split)))
 
 
 def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, list[Path]]:
-    """The synthetic rows of a balance (or sample) manifest -> images, labels, and the runs that made them."""
+    """The synthetic rows of a balance (or sample) manifest -> images, labels, and the runs that
+    made them."""
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
-        raise UserError(f"{folder} has no manifest.csv: pass a `ddpmkit balance` (or `sample`) output folder")
+        raise UserError(f"{folder} has no manifest.csv: "
+                        f"pass a `ddpmkit balance` (or `sample`) output folder")
     rows = manifest_images(folder, "file")
     if not rows:
         raise UserError(f"{manifest} lists no synthetic images")
@@ -113,7 +122,8 @@ def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, lis
 def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
     unknown = sorted(set(labels) - set(names))
     if unknown:
-        raise UserError(f"{what}: labels {', '.join(unknown[:5])} are not among the classes {', '.join(names)}")
+        raise UserError(f"{what}: labels {', '.join(unknown[:5])} are not among the classes "
+                        f"{', '.join(names)}")
     return np.array([names.index(label) for label in labels])
 
 
@@ -125,11 +135,13 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
     seen: set[str] = set()
     for run in runs:
         if not RunDir(run).config_path.is_file():
-            raise UserError(f"the synthetic images were made by {run}, which is no longer there: the leakage check "
-                            f"reads its training data, so put the run back (or regenerate the set)")
+            raise UserError(f"the synthetic images were made by {run}, which is no longer there: "
+                            f"the leakage check reads its training data, so put the run back "
+                            f"(or regenerate the set)")
         if RunDir(run).imported_from():
-            raise UserError(f"the synthetic images come from {run}, an imported model: the images it was trained on "
-                            f"are unknown, so leakage into the test split cannot be ruled out")
+            raise UserError(f"the synthetic images come from {run}, an imported model: "
+                            f"the images it was trained on are unknown, "
+                            f"so leakage into the test split cannot be ruled out")
         cfg = RunDir(run).config()
         recorded = RunDir(run).digests_path
         if recorded.is_file() and cfg.data.image_size == size and cfg.model.in_channels == channels:
@@ -146,20 +158,23 @@ def among(pool: Pool, digests: set[str]) -> np.ndarray:
 
 
 def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: bool) -> str:
-    """Refuse when a test image is among the training images of a run that made the synthetic set."""
+    """Refuse when a test image is among the training images of a run that made the synthetic
+    set."""
     if not runs:
         if verified:
-            raise UserError("the synthetic images do not say which run made them (no .ddpmkit-job.json), so "
-                            "leakage cannot be ruled out; pass --unverified to run the study anyway (reported)")
+            raise UserError("the synthetic images do not say which run made them "
+                            "(no .ddpmkit-job.json), so leakage cannot be ruled out; "
+                            "pass --unverified to run the study anyway (reported)")
         return "not checked (--unverified): the synthetic set does not name its generator"
     overlap = int(among(test, trained).sum())
     if overlap:
-        raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on {overlap} of the test images; "
-                        f"retrain it without the test split")
-    checked = f"checked: no test image is among the training images of {', '.join(str(r) for r in runs)}"
+        raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on "
+                        f"{overlap} of the test images; retrain it without the test split")
+    checked = (f"checked: no test image is among the training images of "
+               f"{', '.join(str(r) for r in runs)}")
     sources = [str(start) for start in (RunDir(r).meta().get("init_from") for r in runs) if start]
-    return checked + (f" (not among those of the pretrained weights it started from: {'; '.join(sources)})"
-                      if sources else "")
+    return checked + (f" (not among those of the pretrained weights it started from: "
+                      f"{'; '.join(sources)})" if sources else "")
 
 
 # --- training and metrics ----------------------------------------------------------------------
@@ -175,31 +190,38 @@ class Recipe:
     synthetic_share: float | None = None  # generated images' share of a topped-up class's draws
 
 
-def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, batch: int, *, lr: float,
-                     augment: bool = True, synthetic_share: float | None = None) -> nn.Module:
+def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, batch: int, *,
+                     lr: float, augment: bool = True,
+                     synthetic_share: float | None = None) -> nn.Module:
     weights = draw_weights(pool, arm, classes, synthetic_share)
-    return fit(pool.images, pool.labels, classes, steps=steps, batch=batch, lr=lr, seed=seed, weights=weights,
-               shifts=augment, flips=augment)
+    return fit(pool.images, pool.labels, classes, steps=steps, batch=batch, lr=lr, seed=seed,
+               weights=weights, shifts=augment, flips=augment)
 
 
-def scores(probs: np.ndarray, labels: np.ndarray, names: list[str], threshold: float | None = None) -> dict:
-    """The study's metrics at the default decision (argmax); with a threshold on P(class 1) (binary),
-    also balanced accuracy at that threshold."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score
+def scores(probs: np.ndarray, labels: np.ndarray, names: list[str],
+           threshold: float | None = None) -> dict:
+    """The study's metrics at the default decision (argmax); with a threshold on P(class 1)
+    (binary), also balanced accuracy at that threshold."""
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, recall_score,
+                                 roc_auc_score)
 
     pred = probs.argmax(1)
     recall = recall_score(labels, pred, average=None, labels=range(len(names)), zero_division=0)
-    auroc = roc_auc_score(labels, probs[:, 1]) if len(names) == 2 else roc_auc_score(labels, probs, multi_class="ovr")
+    auroc = (roc_auc_score(labels, probs[:, 1]) if len(names) == 2
+             else roc_auc_score(labels, probs, multi_class="ovr"))
     tuned = {} if threshold is None else {
-        TUNED: balanced_accuracy_score(labels, probs[:, 1] >= threshold), "tuned_threshold": threshold}
-    return {"accuracy": accuracy_score(labels, pred), "balanced_accuracy": balanced_accuracy_score(labels, pred),
+        TUNED: balanced_accuracy_score(labels, probs[:, 1] >= threshold),
+        "tuned_threshold": threshold}
+    return {"accuracy": accuracy_score(labels, pred),
+            "balanced_accuracy": balanced_accuracy_score(labels, pred),
             "macro_f1": f1_score(labels, pred, average="macro"), "auroc": auroc,
             **{f"recall[{n}]": float(r) for n, r in zip(names, recall)}, **tuned}
 
 
 def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold on P(class 1) that maximises balanced accuracy, (TPR + 1 - FPR) / 2, on a calibration
-    split: exactly, over every cut the ROC curve has (the highest on ties), not on a grid."""
+    """The threshold on P(class 1) that maximises balanced accuracy, (TPR + 1 - FPR) / 2, on a
+    calibration split: exactly, over every cut the ROC curve has (the highest on ties), not on
+    a grid."""
     from sklearn.metrics import roc_curve
 
     fpr, tpr, thresholds = roc_curve(labels, p_positive)
@@ -209,32 +231,35 @@ def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
 
 # --- the study ---------------------------------------------------------------------------------
 
-def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, *, leakage: str = "",
-          calibration: Pool | None = None, log=print, **recipe) -> dict:
+def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, *,
+          leakage: str = "", calibration: Pool | None = None, log=print, **recipe) -> dict:
     """The three arms, `Recipe(**recipe)` for each classifier. calibration: a labelled split (binary
     studies) on which each classifier's threshold is tuned."""
     r = Recipe(**recipe)
     if calibration is not None and len(names) != 2:
-        raise UserError(f"a calibration split tunes a binary decision threshold; this study has {len(names)} classes")
+        raise UserError(f"a calibration split tunes a binary decision threshold; "
+                        f"this study has {len(names)} classes")
     pools = {"real": real, "real+synthetic": combine(real, synthetic), "oversampled": real}
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in range(r.seeds):
         for arm in ARMS:
             t0 = time.time()
-            net = train_classifier(pools[arm], len(names), arm, seed, r.steps, r.batch, lr=r.lr, augment=r.augment,
-                                   synthetic_share=r.synthetic_share)
-            threshold = None if calibration is None else tuned_threshold(predict(net, calibration.images)[:, 1],
-                                                                         calibration.labels)
+            net = train_classifier(pools[arm], len(names), arm, seed, r.steps, r.batch, lr=r.lr,
+                                   augment=r.augment, synthetic_share=r.synthetic_share)
+            threshold = None if calibration is None else tuned_threshold(
+                predict(net, calibration.images)[:, 1], calibration.labels)
             results[arm].append(scores(predict(net, test.images), test.labels, names, threshold))
-            tuned = "" if threshold is None else f", {results[arm][-1][TUNED]:.4f} at the tuned threshold {threshold:.2f}"
-            log(f"seed {seed} {arm}: balanced accuracy {results[arm][-1]['balanced_accuracy']:.4f}{tuned} "
-                f"({time.time() - t0:.0f} s)")
+            tuned = "" if threshold is None else (f", {results[arm][-1][TUNED]:.4f} "
+                                                  f"at the tuned threshold {threshold:.2f}")
+            log(f"seed {seed} {arm}: balanced accuracy "
+                f"{results[arm][-1]['balanced_accuracy']:.4f}{tuned} ({time.time() - t0:.0f} s)")
     summary = _summarise(results)
     summary.update({"classes": names, **asdict(r),
                     "calibration_images": None if calibration is None else len(calibration.labels),
-                    "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist() for arm, p in pools.items()},
-                    "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(), "leakage": leakage,
-                    "per_seed": results})
+                    "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist()
+                                     for arm, p in pools.items()},
+                    "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(),
+                    "leakage": leakage, "per_seed": results})
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "results.json", atomic.json_text(summary))
     atomic.write_text(out / "balanced_accuracy.svg", _bar_chart(summary))
@@ -244,24 +269,27 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
 
 
 def _gains(tests: dict) -> str:
-    return ", ".join(f"{t['mean_gain']:+.4f} (p = {_p(t['p_value'], '.2g')})" for t in tests.values())
+    return ", ".join(f"{t['mean_gain']:+.4f} (p = {_p(t['p_value'], '.2g')})"
+                     for t in tests.values())
 
 
 def _p(value, fmt: str) -> str:
     """A p-value for the text; none exists when every seed gave the same difference."""
-    return format(value, fmt) if value is not None and math.isfinite(value) else "n/a (no spread across seeds)"
+    return (format(value, fmt) if value is not None and math.isfinite(value)
+            else "n/a (no spread across seeds)")
 
 
 def _paired_tests(results: dict[str, list[dict]], metric: str) -> tuple[dict, float, bool]:
-    """(real+synthetic against each baseline: mean gain and paired-t p-value; the largest seed-to-seed
-    std of the metric; whether both gains are positive and larger than that std)."""
+    """(real+synthetic against each baseline: mean gain and paired-t p-value; the largest
+    seed-to-seed std of the metric; whether both gains are positive and larger than that std)."""
     from scipy.stats import ttest_rel
 
     values = {arm: np.array([r[metric] for r in runs]) for arm, runs in results.items()}
     tests = {}
     for other in ("real", "oversampled"):
         diff = values["real+synthetic"] - values[other]
-        p = float(ttest_rel(values["real+synthetic"], values[other]).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
+        p = (float(ttest_rel(values["real+synthetic"], values[other]).pvalue)
+             if len(diff) > 1 and diff.std() > 0 else float("nan"))
         tests[f"real+synthetic vs {other}"] = {"mean_gain": float(diff.mean()), "p_value": p}
     spread = max(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values.values())
     least = min(t["mean_gain"] for t in tests.values())
@@ -269,24 +297,27 @@ def _paired_tests(results: dict[str, list[dict]], metric: str) -> tuple[dict, fl
 
 
 def _summarise(results: dict[str, list[dict]]) -> dict:
-    table = {arm: {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs], ddof=1))
-                       if len(runs) > 1 else 0.0) for k in runs[0]} for arm, runs in results.items()}
+    table = {arm: {k: (float(np.mean([r[k] for r in runs])),
+                       float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0)
+                   for k in runs[0]} for arm, runs in results.items()}
     tests, spread, improved = _paired_tests(results, "balanced_accuracy")
-    default = (f"real+synthetic's gains in balanced accuracy over real and oversampled are {_gains(tests)}, "
-               f"against a largest seed-to-seed std of {spread:.4f}")
+    default = (f"real+synthetic's gains in balanced accuracy over real and oversampled are "
+               f"{_gains(tests)}, against a largest seed-to-seed std of {spread:.4f}")
     summary = {"table": table, "paired_tests": tests}
     if TUNED not in next(iter(results.values()))[0]:
-        return summary | {"verdict": f"{'improvement' if improved else 'no improvement'}: {default}"}
+        return summary | {"verdict": f"{'improvement' if improved else 'no improvement'}: "
+                                     f"{default}"}
     tuned_tests, tuned_spread, tuned_improved = _paired_tests(results, TUNED)
     summary["paired_tests_tuned"] = tuned_tests
-    tuned = (f"at each classifier's threshold tuned on the calibration split they are {_gains(tuned_tests)} "
-             f"(std {tuned_spread:.4f}); AUROC, which no threshold moves, changes by "
-             f"{_gains(_paired_tests(results, 'auroc')[0])}")
+    tuned = (f"at each classifier's threshold tuned on the calibration split they are "
+             f"{_gains(tuned_tests)} (std {tuned_spread:.4f}); AUROC, which no threshold moves, "
+             f"changes by {_gains(_paired_tests(results, 'auroc')[0])}")
     if improved and tuned_improved:
         headline = "improvement, at the default and at tuned thresholds"
     elif improved:
-        headline = ("improvement at the default threshold only (not shown once thresholds are tuned: the synthetic "
-                    "images may move the operating point rather than teach the classifier more)")
+        headline = ("improvement at the default threshold only (not shown once thresholds are "
+                    "tuned: the synthetic images may move the operating point rather than teach "
+                    "the classifier more)")
     elif tuned_improved:
         headline = "no improvement at the default threshold, but an improvement at tuned thresholds"
     else:
@@ -299,15 +330,19 @@ def _report(s: dict) -> str:
     lines = ["# Does the synthetic data help? (`ddpmkit downstream`)", "",
              f"**Verdict: {s['verdict']}.**", "",
              f"Classes {', '.join(s['classes'])}; test images per class {s['test_counts']}; "
-             f"{s['seeds']} seeds per arm; each classifier (a small ResNet) trained for {s['steps']} steps of batch "
-             f"{s['batch']} (AdamW, one-cycle lr {s['lr']}), "
-             f"{'with random shifts and flips' if s['augment'] else 'without augmentation'}: the same recipe in every arm.", "",
-             "Training images per class: " + "; ".join(f"{arm} {c}" for arm, c in s["train_counts"].items())
+             f"{s['seeds']} seeds per arm; each classifier (a small ResNet) trained for "
+             f"{s['steps']} steps of batch {s['batch']} (AdamW, one-cycle lr {s['lr']}), "
+             f"{'with random shifts and flips' if s['augment'] else 'without augmentation'}: "
+             f"the same recipe in every arm.", "",
+             "Training images per class: " + "; ".join(f"{arm} {c}"
+                                                       for arm, c in s["train_counts"].items())
              + ("" if s["synthetic_share"] is None else
-                f"; in real+synthetic, generated images are {s['synthetic_share']:g} of a topped-up class's draws"), "",
+                f"; in real+synthetic, generated images are {s['synthetic_share']:g} of a "
+                f"topped-up class's draws"), "",
              "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for arm, row in s["table"].items():
-        lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values()) + " |")
+        lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values())
+                     + " |")
     lines += ["", "Paired t-tests of balanced accuracy over the same seeds:", ""]
     lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {_p(t['p_value'], '.3g')}"
               for name, t in s["paired_tests"].items()]
@@ -316,7 +351,8 @@ def _report(s: dict) -> str:
                       f"({s['calibration_images']} images; column {TUNED}):", ""]
         lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {_p(t['p_value'], '.3g')}"
                   for name, t in s["paired_tests_tuned"].items()]
-    lines += ["", f"Leakage: {s['leakage']}.", "", "![balanced accuracy per arm](balanced_accuracy.svg)", "",
+    lines += ["", f"Leakage: {s['leakage']}.", "",
+              "![balanced accuracy per arm](balanced_accuracy.svg)", "",
               "Synthetic images are for research, not for diagnosis."]
     return "\n".join(lines) + "\n"
 
@@ -333,26 +369,32 @@ def _bar_chart(s: dict) -> str:
     def y(v):
         return h - bottom - (v - lo) / (hi - lo) * (h - bottom - 20)
 
-    title = "balanced accuracy (mean ± std over seeds)" + ("; lighter: at tuned thresholds" if len(metrics) > 1 else "")
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
-             f'font-family="sans-serif" font-size="11">',
+    title = ("balanced accuracy (mean ± std over seeds)"
+             + ("; lighter: at tuned thresholds" if len(metrics) > 1 else ""))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" '
+             f'height="{h}" font-family="sans-serif" font-size="11">',
              f'<line x1="{left}" y1="{h - bottom}" x2="{w - 10}" y2="{h - bottom}" stroke="#333"/>',
              f'<text x="8" y="14">{title}</text>']
     for tick in np.linspace(lo, hi, 5):
-        parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.2f}</text>')
+        parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" '
+                     f'text-anchor="end">{tick:.2f}</text>')
     slot = (w - left - 20) / len(ARMS)
     width = slot * 0.6 / len(metrics)
     for k, (arm, metric, m, sd) in enumerate(bars):
         i, j = divmod(k, len(metrics))
         x = left + 10 + i * slot + j * width
-        parts.append(f'<rect x="{x:.1f}" y="{y(m):.1f}" width="{width:.1f}" height="{y(lo) - y(m):.1f}" '
-                     f'fill="{["#888", "#2a7", "#58c"][i]}" fill-opacity="{1.0 if j == 0 else 0.45}"/>')
+        parts.append(f'<rect x="{x:.1f}" y="{y(m):.1f}" width="{width:.1f}" '
+                     f'height="{y(lo) - y(m):.1f}" fill="{["#888", "#2a7", "#58c"][i]}" '
+                     f'fill-opacity="{1.0 if j == 0 else 0.45}"/>')
         cx = x + width / 2
-        parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(m - sd):.1f}" y2="{y(m + sd):.1f}" stroke="#000"/>')
-        parts.append(f'<text x="{cx:.1f}" y="{y(m + sd) - 4:.1f}" text-anchor="middle">{m:.3f}</text>')
+        parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(m - sd):.1f}" '
+                     f'y2="{y(m + sd):.1f}" stroke="#000"/>')
+        parts.append(f'<text x="{cx:.1f}" y="{y(m + sd) - 4:.1f}" '
+                     f'text-anchor="middle">{m:.3f}</text>')
         if j == 0:
             middle = left + 10 + i * slot + slot * 0.3
-            parts.append(f'<text x="{middle:.1f}" y="{h - bottom + 16}" text-anchor="middle">{arm}</text>')
+            parts.append(f'<text x="{middle:.1f}" y="{h - bottom + 16}" '
+                         f'text-anchor="middle">{arm}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -361,11 +403,12 @@ def _without(pool: Pool, drop: np.ndarray) -> Pool:
     return Pool(pool.images[torch.from_numpy(~drop)], pool.labels[~drop])
 
 
-def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool, generators_trained: set[str]) -> tuple[Pool, str]:
-    """Labelled real images (`pool`, read from `where`) to tune thresholds on, without those a classifier
-    or the generator trained on (tuning on them would flatter every arm); refused if it shares images
-    with the test split (a source without the named split falls back to another one, which must not
-    pass silently)."""
+def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool,
+                     generators_trained: set[str]) -> tuple[Pool, str]:
+    """Labelled real images (`pool`, read from `where`) to tune thresholds on, without those a
+    classifier or the generator trained on (tuning on them would flatter every arm); refused if it
+    shares images with the test split (a source without the named split falls back to another one,
+    which must not pass silently)."""
     in_test = int(among(pool, set(image_digests(test.images))).sum())
     if in_test:
         raise UserError(f"calibration data {where}: {in_test} of its images are in the test split; "
@@ -373,59 +416,67 @@ def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool, genera
     seen = among(pool, set(image_digests(real_pool.images)) | generators_trained)
     pool = _without(pool, seen)
     if len(np.unique(pool.labels)) < 2:
-        raise UserError(f"calibration data {where}: after dropping the {int(seen.sum())} images a classifier or "
-                        f"the generator trained on, {len(pool.labels)} images of fewer than 2 classes are left; "
-                        f"give held-out labelled images (--calibration PATH, or a separate split of --real)")
-    note = f"{int(seen.sum())} calibration images a classifier or the generator trained on were dropped; "
+        raise UserError(f"calibration data {where}: after dropping the {int(seen.sum())} images "
+                        f"a classifier or the generator trained on, {len(pool.labels)} images of "
+                        f"fewer than 2 classes are left; give held-out labelled images "
+                        f"(--calibration PATH, or a separate split of --real)")
+    note = (f"{int(seen.sum())} calibration images a classifier or the generator trained on "
+            f"were dropped; ")
     return pool, note if seen.any() else ""
 
 
 def _has_splits(source: DataConfig) -> bool:
-    """Whether data.split chooses among parts of the source; a labels CSV names one set of images."""
+    """Whether data.split chooses among parts of the source; a labels CSV names one set of
+    images."""
     return source.labels is None and has_named_splits(source.path)
 
 
 def _split_source(real: DataConfig, separate: DataConfig | None, split: str | None, default: str,
                   flag: str) -> tuple[DataConfig, str]:
-    """What to read for the test or calibration images, and its split: `split` (None: `default`) of a
-    separate source that has splits, a separate source without them (a plain or CSV-labelled folder,
-    an .npy) whole, and without a separate source, that split of --real. A split named for a source
-    without splits is refused rather than ignored."""
+    """What to read for the test or calibration images, and its split: `split` (None: `default`) of
+    a separate source that has splits, a separate source without them (a plain or CSV-labelled
+    folder, an .npy) whole, and without a separate source, that split of --real. A split named for a
+    source without splits is refused rather than ignored."""
     if separate is not None:
         if _has_splits(separate):
             return separate, split or default
         if split is not None:
-            raise UserError(f"{flag}-split {split}: {flag} {separate.path} has no splits "
-                            f"({'a CSV names its images' if separate.labels else 'it is one set of images'}): "
-                            f"drop {flag}-split, or point {flag} at the {split} images")
+            raise UserError(
+                f"{flag}-split {split}: {flag} {separate.path} has no splits "
+                f"({'a CSV names its images' if separate.labels else 'it is one set of images'}): "
+                f"drop {flag}-split, or point {flag} at the {split} images")
         return separate, DataConfig.split
     split = split or default
     if not _has_splits(real):
-        raise UserError(f"--real {real.path} has no '{split}' split to take the {flag[2:]} images from: give them "
-                        f"with {flag} (and {flag}-labels if a CSV names them)")
+        raise UserError(f"--real {real.path} has no '{split}' split to take the {flag[2:]} images "
+                        f"from: give them with {flag} (and {flag}-labels if a CSV names them)")
     return real, split
 
 
 def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConfig | None = None,
-                    real_split: str = "train", test_split: str | None = None, *, unverified: bool = False,
-                    drop_seen: bool = False, calibration: str | DataConfig | None = None,
-                    calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
-    """Class names, the real, synthetic, test and calibration pools at the generator's resolution, and
-    the leakage check. Each real source is a path or a data section (for a labels CSV). Calibration
-    images come from `calibration` (default: `real`), split `calibration_split` (default: val), when
-    either is given; otherwise the calibration pool is None. drop_seen removes the test images the
-    generator saw instead of refusing (for choosing on a validation split that shares images with
-    the training split; never for the final study).
+                    real_split: str = "train", test_split: str | None = None, *,
+                    unverified: bool = False, drop_seen: bool = False,
+                    calibration: str | DataConfig | None = None,
+                    calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool,
+                                                                   Pool | None, str]:
+    """Class names, the real, synthetic, test and calibration pools at the generator's resolution,
+    and the leakage check. Each real source is a path or a data section (for a labels CSV).
+    Calibration images come from `calibration` (default: `real`), split `calibration_split`
+    (default: val), when either is given; otherwise the calibration pool is None. drop_seen removes
+    the test images the generator saw instead of refusing (for choosing on a validation split that
+    shares images with the training split; never for the final study).
     """
     real, test, calibration = as_source(real), as_source(test), as_source(calibration)
-    _split_source(real, test, test_split, "test", "--test")  # a split flag that cannot apply: before any read
+    # a split flag that cannot apply: before any read
+    _split_source(real, test, test_split, "test", "--test")
     if calibration is not None or calibration_split is not None:
         _split_source(real, calibration, calibration_split, "val", "--calibration")
     synth_folder = Path(synthetic)
     probe = load_images(replace(real, split=real_split, image_size=8))  # labels and the native size
     if not probe.labels:
-        raise UserError(f"{real.path}: no labels; the study needs labelled real images (class subfolders, an .npz "
-                        f"with *_labels, or a CSV naming them: --real-labels)")
+        raise UserError(f"{real.path}: no labels; the study needs labelled real images "
+                        f"(class subfolders, an .npz with *_labels, "
+                        f"or a CSV naming them: --real-labels)")
     names = class_order(probe.labels)
     first = next(synth_folder.rglob("individual/*.png"), None)
     if first is None:
@@ -433,45 +484,52 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     size = read_image(first).shape[-1]  # the study runs at the generator's resolution
     synth, runs = load_synthetic(synth_folder, size, names)
     depth = recorded_bit_depth(runs)
-    real, test, calibration = (source if source is None or source.bit_depth is not None else replace(source, bit_depth=depth)
+    real, test, calibration = (source if source is None or source.bit_depth is not None
+                               else replace(source, bit_depth=depth)
                                for source in (real, test, calibration))
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
-    test_pool = load_real(*_split_source(real, test, test_split, "test", "--test"), size, synth.images.shape[1], names)
-    trained = generators_training_digests(runs, size, synth.images.shape[1])  # read once, for every check below
+    test_pool = load_real(*_split_source(real, test, test_split, "test", "--test"), size,
+                          synth.images.shape[1], names)
+    # read once, for every check below
+    trained = generators_training_digests(runs, size, synth.images.shape[1])
     dropped = ""
     if drop_seen and runs:
         seen = among(test_pool, trained)
         test_pool = _without(test_pool, seen)
-        dropped = f"{int(seen.sum())} {test_split or 'test'} images the generator saw were dropped; "
+        dropped = (f"{int(seen.sum())} {test_split or 'test'} images the generator saw "
+                   f"were dropped; ")
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
         source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
         pool = load_real(source, split, size, synth.images.shape[1], names)
-        calibration_pool, note = load_calibration(pool, _named(source, split), real_pool, test_pool, trained)
+        calibration_pool, note = load_calibration(pool, _named(source, split), real_pool,
+                                                  test_pool, trained)
         dropped += note
     leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)
     return names, real_pool, synth, test_pool, calibration_pool, leakage
 
 
-def run_study(real: str | DataConfig, synthetic: str, out: str, *, test: str | DataConfig | None = None,
-              real_split: str = "train", test_split: str | None = None, unverified: bool = False,
-              calibration: str | DataConfig | None = None, calibration_split: str | None = None, log=print,
-              **recipe) -> dict:
+def run_study(real: str | DataConfig, synthetic: str, out: str, *,
+              test: str | DataConfig | None = None, real_split: str = "train",
+              test_split: str | None = None, unverified: bool = False,
+              calibration: str | DataConfig | None = None, calibration_split: str | None = None,
+              log=print, **recipe) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split; each real
     source a path or a data section (a folder and the CSV that labels it). `recipe`: Recipe's."""
     r = Recipe(**recipe)
-    if r.seeds < 2:  # with one seed there is no seed-to-seed spread, and any lucky gain would read as one
-        raise UserError(f"--seeds {r.seeds}: a verdict needs at least 2 seeds per arm (3 or more is better)")
+    if r.seeds < 2:  # one seed has no seed-to-seed spread, and any lucky gain would read as one
+        raise UserError(f"--seeds {r.seeds}: a verdict needs at least 2 seeds per arm "
+                        f"(3 or more is better)")
     if r.steps < 1:
         raise UserError(f"--steps {r.steps}: each classifier needs at least 1 optimizer step")
     if r.synthetic_share is not None and not 0 <= r.synthetic_share <= 1:
         raise UserError(f"--synthetic-share {r.synthetic_share}: give a fraction from 0 to 1")
     names, real_pool, synth, test_pool, calibration_pool, leakage = load_study_data(
-        real, synthetic, test, real_split, test_split, unverified=unverified, calibration=calibration,
-        calibration_split=calibration_split)
+        real, synthetic, test, real_split, test_split, unverified=unverified,
+        calibration=calibration, calibration_split=calibration_split)
     size = synth.images.shape[-1]
     calibrated = "" if calibration_pool is None else f", {len(calibration_pool.labels)} calibration"
-    log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, {len(test_pool.labels)} test"
-        f"{calibrated} images at {size}x{size}; leakage {leakage}")
-    return study(real_pool, synth, test_pool, names, Path(out), leakage=leakage, calibration=calibration_pool,
-                 log=log, **asdict(r))
+    log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, "
+        f"{len(test_pool.labels)} test{calibrated} images at {size}x{size}; leakage {leakage}")
+    return study(real_pool, synth, test_pool, names, Path(out), leakage=leakage,
+                 calibration=calibration_pool, log=log, **asdict(r))

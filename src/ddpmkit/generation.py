@@ -71,33 +71,39 @@ class SamplingSpec:
             raise UserError(f"unknown sampler {self.sampler!r} (known: {', '.join(SAMPLERS)})")
         for key, unused in (("eta", 0.0), ("variance", "small")):
             value = getattr(self, key)
-            if f"sample.{key}" in asked and value != unused and SAMPLERS[self.sampler].option != key:
+            if (f"sample.{key}" in asked and value != unused
+                    and SAMPLERS[self.sampler].option != key):
                 owner = next(name for name, s in SAMPLERS.items() if s.option == key)
-                raise UserError(f"sample.{key}={value} applies to the {owner} sampler only, not {self.sampler}")
+                raise UserError(f"sample.{key}={value} applies to the {owner} sampler only, "
+                                f"not {self.sampler}")
         if not 0 <= self.eta <= 1:
-            raise UserError(f"sample.eta={self.eta}: DDIM's eta runs from 0 (deterministic) to 1 (DDPM's variance)")
+            raise UserError(f"sample.eta={self.eta}: DDIM's eta runs from 0 (deterministic) "
+                            f"to 1 (DDPM's variance)")
         if not 0 <= self.guidance <= MAX_GUIDANCE:
-            raise UserError(f"sample.guidance={self.guidance}: use 0 to {MAX_GUIDANCE:g} (1-5 are usual; more "
-                            f"saturates every pixel)")
-        if "sample.guidance" in asked and self.guidance != 1.0 and not run.config.model.class_conditional:
-            raise UserError(f"sample.guidance={self.guidance}: {run.path} is not class-conditional, so there is "
-                            f"nothing to guide")
+            raise UserError(f"sample.guidance={self.guidance}: use 0 to {MAX_GUIDANCE:g} "
+                            f"(1-5 are usual; more saturates every pixel)")
+        if ("sample.guidance" in asked and self.guidance != 1.0
+                and not run.config.model.class_conditional):
+            raise UserError(f"sample.guidance={self.guidance}: {run.path} is not "
+                            f"class-conditional, so there is nothing to guide")
         if self.guidance == 0 and self.class_label is not None:
-            raise UserError(f"--class {self.class_label} with sample.guidance=0: guidance 0 samples the unconditional "
-                            f"model, which ignores the class; drop --class, or use guidance 1 (the plain "
-                            f"conditional model)")
-        class_indices(run, [0], self.class_label)  # an unknown class, or a class for an unconditional run
+            raise UserError(f"--class {self.class_label} with sample.guidance=0: guidance 0 "
+                            f"samples the unconditional model, which ignores the class; drop "
+                            f"--class, or use guidance 1 (the plain conditional model)")
+        class_indices(run, [0], self.class_label)  # unknown class, or one for an unconditional run
         T = run.schedule.num_timesteps
         if self.steps is not None and not 1 <= self.steps <= T:
             raise UserError(f"sample.steps={self.steps}: the model has {T} timesteps; use 1 to {T}")
-        return dataclasses.replace(self, steps=self.steps or min(SAMPLERS[self.sampler].default_steps or T, T))
+        return dataclasses.replace(
+            self, steps=self.steps or min(SAMPLERS[self.sampler].default_steps or T, T))
 
     def options(self) -> dict:
         option = SAMPLERS[self.sampler].option
         return {option: getattr(self, option)} if option else {}
 
 
-def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec, amp_dtype: torch.dtype | None = None,
+def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec,
+                 amp_dtype: torch.dtype | None = None,
                  callback: Callback | None = None) -> torch.Tensor:
     """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)
     (and, for a class-conditional run, on its class: spec.class_label, or class k mod K)."""
@@ -105,10 +111,12 @@ def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec
     shape = (run.channels, run.image_size, run.image_size)
     noise = ImageNoise(seed, indices, shape, run.device)
     labels = class_indices(run, indices, spec.class_label)
-    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, spec.clip_x0, amp_dtype=amp_dtype,
-                        labels=None if labels is None else labels.to(run.device), guidance=spec.guidance)
+    denoiser = Denoiser(
+        run.net, run.schedule, run.config.diffusion.prediction, spec.clip_x0, amp_dtype=amp_dtype,
+        labels=None if labels is None else labels.to(run.device), guidance=spec.guidance)
     timesteps = make_timesteps(spec.steps or run.schedule.num_timesteps, run.schedule, spec.spacing)
-    return SAMPLERS[spec.sampler](denoiser, noise(), timesteps, noise, callback=callback, **spec.options())
+    return SAMPLERS[spec.sampler](denoiser, noise(), timesteps, noise, callback=callback,
+                                  **spec.options())
 
 
 def class_indices(run: Run, indices: list[int], class_label: str | None) -> torch.Tensor | None:
@@ -116,13 +124,14 @@ def class_indices(run: Run, indices: list[int], class_label: str | None) -> torc
     names = run.config.data.class_names
     if not run.config.model.class_conditional or not names:
         if class_label is not None:
-            raise UserError(f"--class {class_label}: {run.path} is not class-conditional (train with "
-                            f"model.class_conditional=true)")
+            raise UserError(f"--class {class_label}: {run.path} is not class-conditional "
+                            f"(train with model.class_conditional=true)")
         return None
     if class_label is None:
         return torch.tensor([k % len(names) for k in indices])
     if class_label not in names:
-        raise UserError(f"--class {class_label}: not a class of {run.path} (classes: {', '.join(names[:20])})")
+        raise UserError(f"--class {class_label}: not a class of {run.path} "
+                        f"(classes: {', '.join(names[:20])})")
     return torch.full((len(indices),), names.index(class_label))
 
 
@@ -150,8 +159,9 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
 
 def _job_identity(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> dict:
     """What determines the pixels of image k. `num` is not part of it: a job may be extended."""
-    return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "checkpoint_sha256": run.checkpoint_sha256,
-            "ema": cfg.ema, "seed": cfg.seed, "size": cfg.size, **dataclasses.asdict(spec)}
+    return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint,
+            "checkpoint_sha256": run.checkpoint_sha256, "ema": cfg.ema, "seed": cfg.seed,
+            "size": cfg.size, **dataclasses.asdict(spec)}
 
 
 def finished_rows(out: Path) -> dict[int, list[str]]:
@@ -160,8 +170,8 @@ def finished_rows(out: Path) -> dict[int, list[str]]:
     rows: dict[int, list[str]] = {}
     for path in [out / "manifest.csv", *sorted(out.glob(".manifest-rank*.csv"))]:
         for row in read_manifest(path, header=path.name == "manifest.csv"):
-            if len(row) == len(MANIFEST_COLUMNS) and row[1].isdigit() and row[0] == f"individual/{int(row[1]):06d}.png" \
-                    and (out / row[0]).is_file():
+            if len(row) == len(MANIFEST_COLUMNS) and row[1].isdigit() \
+                    and row[0] == f"individual/{int(row[1]):06d}.png" and (out / row[0]).is_file():
                 rows[int(row[1])] = row
     return rows
 
@@ -172,14 +182,15 @@ class _Writer:
 
     def __init__(self, out: Path, rank: int, threads: int):
         self.out, self.pool = out, ThreadPoolExecutor(max_workers=max(1, threads))
-        path = out / f".manifest-rank{rank}.csv"
-        _cut_torn_tail(path)  # a crash mid-append: the next row must start on a line of its own
-        self.manifest = open(path, "a", newline="")
+        # opened with the first row: a job that made no image leaves no file
+        self.path, self.manifest = out / f".manifest-rank{rank}.csv", None
+        _cut_torn_tail(self.path)  # a crash mid-append: the next row starts on a line of its own
         self.pending: list[tuple[list[Future], list[list]]] = []
         self.committed = 0
 
     def submit(self, images: torch.Tensor, rows: list[list], text: dict) -> None:
-        futures = [self.pool.submit(_write_png, self.out / row[0], img, text) for img, row in zip(images, rows)]
+        futures = [self.pool.submit(_write_png, self.out / row[0], img, text)
+                   for img, row in zip(images, rows)]
         self.pending.append((futures, rows))
         self._commit(block=len(self.pending) > MAX_PENDING_BATCHES)
 
@@ -189,13 +200,15 @@ class _Writer:
             for f in futures:
                 try:
                     f.result()
-                except OSError as exc:  # disk full: rows of unwritten images never reach the manifest
-                    raise UserError(f"cannot write images to {self.out}: {exc.strerror or exc}; "
-                                    f"{self.committed} finished images are kept, rerun to continue") from None
+                except OSError as exc:  # disk full: unwritten images' rows never reach the manifest
+                    raise UserError(
+                        f"cannot write images to {self.out}: {exc.strerror or exc}; "
+                        f"{self.committed} finished images are kept, rerun to continue") from None
             for row in rows:
                 atomic.fsync_file(self.out / row[0])
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows(rows)
+            self.manifest = self.manifest or open(self.path, "a", newline="")
             self.manifest.write(buf.getvalue())
             self.manifest.flush()
             os.fsync(self.manifest.fileno())
@@ -206,11 +219,13 @@ class _Writer:
         while self.pending:
             self._commit(block=True)
         self.pool.shutdown()
-        self.manifest.close()
+        if self.manifest:
+            self.manifest.close()
 
 
 def _cut_torn_tail(path: Path) -> None:
-    """Drop an unfinished last line (no newline) that a killed process left in an append-only file."""
+    """Drop an unfinished last line (no newline) that a killed process left in an append-only
+    file."""
     if path.is_file():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
@@ -223,7 +238,8 @@ def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
 
 
 def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, world: World = World(),
-             amp_dtype: torch.dtype | None = None, progress: bool = True, asked=(), force: bool = False) -> Path:
+             amp_dtype: torch.dtype | None = None, progress: bool = True, asked=(),
+             force: bool = False) -> Path:
     """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder. Under
     torchrun every rank calls this and generates its share of the unfinished indices. `asked`: the
     sample.* keys the user gave (options they name that the sampler ignores are refused)."""
@@ -231,27 +247,29 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     check_count(cfg.size or 0, MAX_SIDE, "sample.size")
     spec = SamplingSpec.from_config(cfg).checked(run, asked)
     side = cfg.size or run.image_size
-    check_memory(3 * min(cfg.batch_size, cfg.num) * run.channels * side * side * 4, f"a batch of {cfg.batch_size} "
-                 f"images of {side}x{side}", "lower --batch-size or --size")
+    check_memory(3 * min(cfg.batch_size, cfg.num) * run.channels * side * side * 4,
+                 f"a batch of {cfg.batch_size} images of {side}x{side}",
+                 "lower --batch-size or --size")
     out = Path(cfg.out_dir)
-    folder = OutputFolder(out, SAMPLE, _job_identity(run, cfg, spec), fresh, force) if world.is_main \
-        else contextlib.nullcontext()
+    folder = (OutputFolder(out, SAMPLE, _job_identity(run, cfg, spec), fresh, force)
+              if world.is_main else contextlib.nullcontext())
     with folder:
         barrier()
         finished = finished_rows(out)
         unfinished = [k for k in range(cfg.num) if k not in finished]
         if finished and world.is_main:
-            log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images already in {out}")
-        _sample_into(run, cfg, spec, unfinished[world.rank::world.size], amp_dtype=amp_dtype, rank=world.rank,
-                     progress=progress)
+            log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images "
+                f"already in {out}")
+        _sample_into(run, cfg, spec, unfinished[world.rank::world.size], amp_dtype=amp_dtype,
+                     rank=world.rank, progress=progress)
         barrier()
         if world.is_main:
             _finish(run, cfg, spec, len(unfinished), log)
     return out
 
 
-def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int], *, amp_dtype, rank: int,
-                 progress: bool) -> None:
+def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int], *, amp_dtype,
+                 rank: int, progress: bool) -> None:
     out = Path(cfg.out_dir)
     text = {"ddpmkit": "synthetic", "source": f"{run.path.name}/{run.checkpoint}",
             "sampler": f"{spec.sampler}-{spec.steps}"}
@@ -263,12 +281,13 @@ def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int
             indices = todo[start:start + cfg.batch_size]
             x = sample_batch(run, indices, cfg.seed, spec, amp_dtype)
             if not torch.isfinite(x).all():
-                raise UserError(f"sampling {run.path} ({run.checkpoint}) gave non-finite values: its weights or these "
-                                f"options ({spec.sampler}, guidance {spec.guidance}) do not make images; nothing of "
-                                f"this batch was written")
+                raise UserError(f"sampling {run.path} ({run.checkpoint}) gave non-finite values: "
+                                f"its weights or these options ({spec.sampler}, guidance "
+                                f"{spec.guidance}) do not make images; nothing of this batch was "
+                                f"written")
             images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
-            rows = [[f"individual/{k:06d}.png", k, cfg.seed, spec.sampler, spec.steps, run.checkpoint,
-                     class_name(run, k, spec), "true"] for k in indices]
+            rows = [[f"individual/{k:06d}.png", k, cfg.seed, spec.sampler, spec.steps,
+                     run.checkpoint, class_name(run, k, spec), "true"] for k in indices]
             writer.submit(images, rows, text)
             bar.update(len(indices))
     finally:
@@ -281,9 +300,9 @@ def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log) -> 
     rows = finished_rows(out)
     missing = [k for k in range(cfg.num) if k not in rows]
     if missing:
-        raise UserError(f"{len(missing)} images missing from {out} after sampling (first: {missing[0]}); rerun the "
-                        f"command")
-    # the grids show the job's first images: those of an earlier, larger --num too, as the manifest lists them
+        raise UserError(f"{len(missing)} images missing from {out} after sampling "
+                        f"(first: {missing[0]}); rerun the command")
+    # the grids show the job's first images (an earlier, larger --num's too), in manifest order
     first = [read_image(out / rows[k][0]) for k in sorted(rows)[:64]]
     grids = []
     for side in GRID_SIDES:
@@ -303,22 +322,26 @@ def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log) -> 
     if not made:
         done = f"all {cfg.num} images were already in {out}/individual"
     else:
-        done = f"wrote {made} images to {out}/individual" + (f" ({cfg.num - made} were there)" if made < cfg.num else "")
+        done = (f"wrote {made} images to {out}/individual"
+                + (f" ({cfg.num - made} were there)" if made < cfg.num else ""))
     if len(rows) > cfg.num:
         done += f", which holds {len(rows)}: an earlier run of this job made more"
-    log(f"{done}, {grid_note}, manifest {out}/manifest.csv" + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
+    log(f"{done}, {grid_note}, manifest {out}/manifest.csv"
+        + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
 
 
 def trajectory_gif(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> bytes:
     """The first images (same noise as in the job) from noise to image, as a GIF of grids."""
     n = min(cfg.num, GIF_IMAGES)
-    keep = set(np.round(np.linspace(0, spec.steps - 1, min(GIF_FRAMES, spec.steps))).astype(int).tolist())
+    keep = set(np.round(np.linspace(0, spec.steps - 1,
+                                    min(GIF_FRAMES, spec.steps))).astype(int).tolist())
     frames = []
 
     def record(i, x, x0):
         if i in keep:
             imgs = x.clamp(-1, 1)
-            frames.append(scale_for_viewing(make_grid(to_uint8(upsample(imgs, cfg.size) if cfg.size else imgs))))
+            frames.append(scale_for_viewing(make_grid(to_uint8(upsample(imgs, cfg.size)
+                                                               if cfg.size else imgs))))
 
     sample_batch(run, range(n), cfg.seed, spec, callback=record)
     return gif_bytes(frames)

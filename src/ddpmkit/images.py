@@ -22,13 +22,15 @@ def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bicubic resize of [-1, 1] floats (N x C x H x W) to size x size."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic",
+                         align_corners=False).clamp(-1, 1)
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
     """uint8 C x H x W -> PIL image, mode L for one channel, RGB for three."""
     arr = img.numpy()
-    return Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(np.moveaxis(arr, 0, -1), "RGB")
+    return (Image.fromarray(arr[0], "L") if arr.shape[0] == 1
+            else Image.fromarray(np.moveaxis(arr, 0, -1), "RGB"))
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -67,11 +69,13 @@ def gif_bytes(frames: list[torch.Tensor], frame_ms: int = 80, hold_last_ms: int 
     pils = [to_pil(f).convert("P") if f.shape[0] == 3 else to_pil(f) for f in frames]
     durations = [frame_ms] * (len(pils) - 1) + [hold_last_ms]
     buf = io.BytesIO()
-    pils[0].save(buf, format="GIF", save_all=True, append_images=pils[1:], duration=durations, loop=0)
+    pils[0].save(buf, format="GIF", save_all=True, append_images=pils[1:], duration=durations,
+                 loop=0)
     return buf.getvalue()
 
 
 def scale_for_viewing(img: torch.Tensor, min_side: int = 256) -> torch.Tensor:
-    """Nearest-neighbour enlarge small uint8 images (8x8 digits) so a viewer shows pixels, not a blur."""
+    """Nearest-neighbour enlarge small uint8 images (8x8 digits) so a viewer shows pixels, not a
+    blur."""
     factor = max(1, math.ceil(min_side / max(img.shape[-2:])))
     return img.repeat_interleave(factor, -2).repeat_interleave(factor, -1) if factor > 1 else img

@@ -33,13 +33,16 @@ def model_info(cfg: Config, batch_sizes: tuple[int, ...] = (1, 8, 32, 128)) -> d
 
     def block(name: str, module: torch.nn.Module, resolution: int, attention: bool) -> dict:
         out_channels = [m.out_channels for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
-        return {"block": name, "resolution": resolution, "channels": out_channels[-1] if out_channels else None,
+        return {"block": name, "resolution": resolution,
+                "channels": out_channels[-1] if out_channels else None,
                 "attention": attention, "parameters": sum(p.numel() for p in module.parameters()),
                 "gflops": block_flops(name)}
 
     rows = [block("conv_in", net.conv_in, size, False)]
-    time_params = sum(p.numel() for p in (*net.time_linear_1.parameters(), *net.time_linear_2.parameters()))
-    rows.append({"block": "time embedding", "resolution": None, "channels": net.time_linear_2.out_features,
+    time_params = sum(p.numel() for p in (*net.time_linear_1.parameters(),
+                                          *net.time_linear_2.parameters()))
+    rows.append({"block": "time embedding", "resolution": None,
+                 "channels": net.time_linear_2.out_features,
                  "attention": False, "parameters": time_params,
                  "gflops": block_flops("time_linear_1") + block_flops("time_linear_2")})
     for i, level in enumerate(net.down):
@@ -54,10 +57,11 @@ def model_info(cfg: Config, batch_sizes: tuple[int, ...] = (1, 8, 32, 128)) -> d
     rows.append(block("conv_out", net.conv_out, size, False))
 
     params = sum(p.numel() for p in net.parameters())
-    memory = {str(b): round((params * BYTES_PER_PARAMETER + b * saved) / 2**20, 1) for b in batch_sizes}
-    return {"image_size": size, "channels": channels, "channels_from": channels_from, "parameters": params,
-            "gflops_forward_per_image": flops.get("Global", 0) / 1e9,
-            "gflops_train_step_per_image": 3 * flops.get("Global", 0) / 1e9,  # backward ~ 2x forward
+    memory = {str(b): round((params * BYTES_PER_PARAMETER + b * saved) / 2**20, 1)
+              for b in batch_sizes}
+    return {"image_size": size, "channels": channels, "channels_from": channels_from,
+            "parameters": params, "gflops_forward_per_image": flops.get("Global", 0) / 1e9,
+            "gflops_train_step_per_image": 3 * flops.get("Global", 0) / 1e9,  # backward ~2x forward
             "activation_mib_per_image": round(saved / 2**20, 2),
             "training_memory_mib_by_batch": memory, "blocks": rows}
 
@@ -66,12 +70,15 @@ def format_info(info: dict) -> str:
     lines = [f"{'block':<16}{'res':>5}{'channels':>10}{'attn':>6}{'parameters':>14}{'GFLOPs':>10}"]
     for r in info["blocks"]:
         res = "" if r["resolution"] is None else r["resolution"]
-        lines.append(f"{r['block']:<16}{res!s:>5}{r['channels'] or '':>10}{'yes' if r['attention'] else '':>6}"
+        lines.append(f"{r['block']:<16}{res!s:>5}{r['channels'] or '':>10}"
+                     f"{'yes' if r['attention'] else '':>6}"
                      f"{r['parameters']:>14,}{r['gflops']:>10.3f}")
-    lines.append(f"total: {info['parameters']:,} parameters; {info['gflops_forward_per_image']:.3f} GFLOPs forward per "
+    lines.append(f"total: {info['parameters']:,} parameters; "
+                 f"{info['gflops_forward_per_image']:.3f} GFLOPs forward per "
                  f"{info['channels']}x{info['image_size']}x{info['image_size']} image "
                  f"(~{info['gflops_train_step_per_image']:.2f} per training step)")
-    mem = ", ".join(f"batch {b}: {m:,.0f} MiB" for b, m in info["training_memory_mib_by_batch"].items())
+    mem = ", ".join(f"batch {b}: {m:,.0f} MiB"
+                    for b, m in info["training_memory_mib_by_batch"].items())
     lines.append(f"estimated fp32 training memory: {mem}")
     if info["channels_from"].startswith("assumed"):
         lines.append(f"{info['channels']} channels {info['channels_from']}")

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 from . import atomic
 from .checkpoint import save_checkpoint
 from .config import updated
-from .diffusers_format import (CLASS_NAMES_FILE, DIFFUSERS_VERSION, WEIGHTS, ddpmkit_to_diffusers_config,
-                               ddpmkit_to_diffusers_state_dict, read_diffusers, write_json)
+from .diffusers_format import (CLASS_NAMES_FILE, DIFFUSERS_VERSION, WEIGHTS,
+                               ddpmkit_to_diffusers_config, ddpmkit_to_diffusers_state_dict,
+                               read_diffusers, write_json)
 from .outputs import staged
 from .run import RunDir, load_run
 from .runtime import environment
@@ -34,19 +35,21 @@ def import_diffusers(source: str | Path, out: str | Path, log=print) -> Path:
         origin = provenance["imported_from"]
         cfg = updated(cfg, {"train.out_dir": str(out)})
         run = RunDir(tmp)
-        meta = {**provenance, "data": f"imported from diffusers ({origin})", "parameters": count_parameters(net),
+        meta = {**provenance, "data": f"imported from diffusers ({origin})",
+                "parameters": count_parameters(net),
                 "environment": environment(torch.device("cpu"))}
         run.start(cfg, meta, step=0)
-        # model and EMA are the same weights, but safetensors refuses one tensor stored twice: a copy
-        sha = save_checkpoint(run.checkpoint_file(0), net, copy.deepcopy(net), None, 0, extra={"imported_from": origin})
+        # model and EMA are the same weights, but safetensors refuses a tensor stored twice: a copy
+        sha = save_checkpoint(run.checkpoint_file(0), net, copy.deepcopy(net), None, 0,
+                              extra={"imported_from": origin})
         run.add_checkpoint(sha, 0, math.nan, keep_last=1)  # no training loss exists
-    log(f"imported {origin} into {out}: {count_parameters(net):,} parameters, {cfg.data.image_size}x"
-        f"{cfg.data.image_size}, {cfg.model.in_channels} channel(s)")
+    log(f"imported {origin} into {out}: {count_parameters(net):,} parameters, "
+        f"{cfg.data.image_size}x{cfg.data.image_size}, {cfg.model.in_channels} channel(s)")
     return out
 
 
-def export_diffusers(run_path: str | Path, out: str | Path, checkpoint: str = "latest", ema: bool = True,
-                     log=print) -> Path:
+def export_diffusers(run_path: str | Path, out: str | Path, checkpoint: str = "latest",
+                     ema: bool = True, log=print) -> Path:
     """A ddpmkit run's checkpoint -> a DDPMPipeline folder `out` (model_index.json, unet/,
     scheduler/) that DDPMPipeline.from_pretrained and UNet2DModel.from_pretrained(out/"unet") load.
     Refuses a non-empty `out`. Returns `out`."""
@@ -67,7 +70,8 @@ def export_diffusers(run_path: str | Path, out: str | Path, checkpoint: str = "l
             write_json(tmp / CLASS_NAMES_FILE, {"class_names": run.config.data.class_names})
     log(f"exported {run.path} ({run.checkpoint}, {'EMA' if ema else 'raw'} weights) to {out}")
     if run.config.model.num_classes:
-        log(f"note: the model is class-conditional ({run.config.model.num_classes} classes); DDPMPipeline cannot "
-            f"pass class labels: call UNet2DModel.from_pretrained('{out / 'unet'}') with class_labels=... in your "
-            f"own scheduler loop")
+        log(f"note: the model is class-conditional ({run.config.model.num_classes} classes); "
+            f"DDPMPipeline cannot pass class labels: "
+            f"call UNet2DModel.from_pretrained('{out / 'unet'}') with class_labels=... "
+            f"in your own scheduler loop")
     return out

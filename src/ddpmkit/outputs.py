@@ -42,7 +42,7 @@ class Kind:
     what: str  # "images", "balanced set" ...: what the folder holds
     foreign: str  # the refusal of a folder of someone's files
     own_files: Callable[[Path], list[Path]]
-    differs: Callable[[dict, dict], str] | None = None  # how two identities differ, in the user's terms
+    differs: Callable[[dict, dict], str] | None = None  # how identities differ, in the user's terms
 
 
 def inside(folder: Path, relative: str) -> Path | None:
@@ -61,12 +61,15 @@ def inside(folder: Path, relative: str) -> Path | None:
 
 
 def manifest_files(folder: Path, manifest: Path, column: int, pattern: str) -> list[Path]:
-    """The files a manifest names in `column` that match `pattern` (relative to `folder`) and lie inside it."""
+    """The files a manifest names in `column` that match `pattern` (relative to `folder`) and lie
+    inside it."""
     names = [row[column] for row in read_manifest(manifest, header=False) if len(row) > column]
-    return [p for p in (inside(folder, n) for n in names if re.fullmatch(pattern, n)) if p is not None]
+    return [p for p in (inside(folder, n) for n in names if re.fullmatch(pattern, n))
+            if p is not None]
 
 
-_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these as a formula
+# a spreadsheet runs a cell starting with these as a formula
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
 def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
@@ -81,16 +84,18 @@ def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
 
 
 def read_manifest(path: Path, header: bool = True) -> list[list[str]]:
-    """The rows of a manifest `write_manifest` (or a job's partial manifest) wrote, without the header;
-    a torn last line (a crash mid-append) is left out."""
+    """The rows of a manifest `write_manifest` (or a job's partial manifest) wrote, without the
+    header; a torn last line (a crash mid-append) is left out."""
     if not path.is_file():
         return []
     text = path.read_text()
     rows = list(csv.reader(io.StringIO(text[: text.rfind("\n") + 1])))[1 if header else 0:]
-    return [[v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA) else v for v in row] for row in rows]
+    return [[v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA) else v for v in row]
+            for row in rows]
 
 
-def manifest_images(folder: Path, column: str, synthetic_only: bool = True) -> list[tuple[Path, dict]]:
+def manifest_images(folder: Path, column: str,
+                    synthetic_only: bool = True) -> list[tuple[Path, dict]]:
     """(file, row) for each image a manifest of `folder` names in `column` (the generated ones only,
     unless not synthetic_only); a path leading out of the folder is refused."""
     manifest = folder / "manifest.csv"
@@ -104,8 +109,8 @@ def manifest_images(folder: Path, column: str, synthetic_only: bool = True) -> l
             continue
         path = inside(folder, row.get(column) or "")
         if path is None:
-            raise UserError(f"{manifest} names {str(row.get(column))[:80]!r}, which is not a file inside {folder}: "
-                            f"it is not a manifest ddpmkit wrote")
+            raise UserError(f"{manifest} names {str(row.get(column))[:80]!r}, which is not a file "
+                            f"inside {folder}: it is not a manifest ddpmkit wrote")
         out.append((path, row))
     return out
 
@@ -120,8 +125,8 @@ def read_record(folder: Path) -> dict | None:
 
 
 def job_runs(folder: Path) -> list[Path]:
-    """The runs whose images are under `folder` (a sample output, or a balanced set with one sampling
-    job per class), as their records name them."""
+    """The runs whose images are under `folder` (a sample output, or a balanced set with one
+    sampling job per class), as their records name them."""
     runs = set()
     for path in sorted(Path(folder).rglob(RECORD)):
         record = read_record(path.parent) or {}
@@ -130,28 +135,34 @@ def job_runs(folder: Path) -> list[Path]:
     return sorted(runs)
 
 
-def refuse_special(out: Path, reads: tuple[Path, ...] = (), what: str = "outputs") -> None:
-    """Folders no job writes into: the root, the home folder, data the job reads, a training run."""
+def refuse_shared(out: Path, reads: tuple[Path, ...] = ()) -> None:
+    """Folders no job writes into: the root, the home folder, the data the job reads."""
     where = out.expanduser().resolve()
     if where == Path(where.anchor) or where == Path.home().resolve():
-        raise UserError(f"--out {out} is {'the root' if where == Path(where.anchor) else 'your home'} folder: "
-                        f"choose a folder of its own for the outputs")
+        raise UserError(
+            f"--out {out} is {'the root' if where == Path(where.anchor) else 'your home'} folder: "
+            f"choose a folder of its own for the outputs")
     for data in (Path(p).expanduser().resolve() for p in reads):
         if where == data or data in where.parents or where in data.parents:
-            raise UserError(f"--out {out} overlaps the data this job reads ({data}): write the outputs elsewhere, "
-                            f"or the next run would read them as inputs")
+            raise UserError(f"--out {out} overlaps the data this job reads ({data}): write the "
+                            f"outputs elsewhere, or the next run would read them as inputs")
+
+
+def refuse_special(out: Path, reads: tuple[Path, ...] = (), what: str = "outputs") -> None:
+    """Folders no job writes into: those of refuse_shared, and a training run."""
+    refuse_shared(out, reads)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file: choose a folder name with --out")
     if RunDir(out).is_run():
-        raise UserError(f"--out {out} is a training run: write the {what} into a folder of their own, "
-                        f"e.g. --out {out / what.split()[-1]}")
+        raise UserError(f"--out {out} is a training run: write the {what} into a folder "
+                        f"of their own, e.g. --out {out / what.split()[-1]}")
 
 
 class OutputFolder:
     """`with OutputFolder(out, kind, identity, ...)`: the folder locked and claimed for this job."""
 
-    def __init__(self, out: str | Path, kind: Kind, identity: dict, fresh: bool = False, force: bool = False,
-                 reads: tuple[Path, ...] = ()):
+    def __init__(self, out: str | Path, kind: Kind, identity: dict, fresh: bool = False,
+                 force: bool = False, reads: tuple[Path, ...] = ()):
         self.path, self.kind, self.identity = Path(out), kind, identity
         self.fresh, self.force, self.reads = fresh, force, reads
 
@@ -174,11 +185,13 @@ class OutputFolder:
         if record is None:
             foreign = [p.name for p in self.path.iterdir() if p.name != atomic.FolderLock.NAME]
             if foreign and not self.force:
-                raise UserError(f"{self.path} holds {self.kind.foreign} ({', '.join(sorted(foreign)[:3])}): choose "
-                                f"another --out, or add --force to write beside them (ddpmkit never deletes them)")
+                raise UserError(f"{self.path} holds {self.kind.foreign} "
+                                f"({', '.join(sorted(foreign)[:3])}): choose another --out, "
+                                f"or add --force to write beside them (ddpmkit never deletes them)")
         elif record.get("kind") != self.kind.name:
-            raise UserError(f"--out {self.path} holds {_KIND_WHAT.get(record.get('kind'), 'another job')}: choose "
-                            f"another --out for the {self.kind.what}")
+            raise UserError(
+                f"--out {self.path} holds {_KIND_WHAT.get(record.get('kind'), 'another job')}: "
+                f"choose another --out for the {self.kind.what}")
         elif record["job"] != self.identity:
             ours = self.kind.own_files(self.path)
             if ours and not self.fresh:
@@ -186,22 +199,24 @@ class OutputFolder:
             self.delete(ours)
         elif self.fresh:
             self.delete(self.kind.own_files(self.path))
-        # temporaries a killed job of ours left (the names atomic writes make), in its subfolders too
-        atomic.remove_stale_temps(self.path, *(p for p in self.path.rglob("*") if p.is_dir() and not p.is_symlink()))
+        # temporaries a killed job of ours left (names atomic writes make), in its subfolders too
+        atomic.remove_stale_temps(self.path, *(p for p in self.path.rglob("*")
+                                               if p.is_dir() and not p.is_symlink()))
         atomic.write_text(self.path / RECORD, json.dumps({"format": FORMAT, "kind": self.kind.name,
                                                           "job": self.identity}, indent=1))
 
     def _differs(self, old: dict) -> str:
         if self.kind.differs is not None:
             return self.kind.differs(old, self.identity).format(out=self.path)
-        diff = [k for k in sorted(set(old) | set(self.identity)) if old.get(k) != self.identity.get(k)]
+        diff = [k for k in sorted(set(old) | set(self.identity))
+                if old.get(k) != self.identity.get(k)]
         shown = "; ".join(f"{k}: {old.get(k)!r} -> {self.identity.get(k)!r}" for k in diff[:4])
-        return (f"{self.path} holds {self.kind.what} of another {self.kind.job} ({shown}): use --fresh to "
-                f"replace them, or another --out")
+        return (f"{self.path} holds {self.kind.what} of another {self.kind.job} ({shown}): "
+                f"use --fresh to replace them, or another --out")
 
     def delete(self, files: list[Path]) -> None:
-        """Delete these files of this folder's own jobs (each checked to lie inside it), then the folders
-        they leave empty."""
+        """Delete these files of this folder's own jobs (each checked to lie inside it), then the
+        folders they leave empty."""
         for path in files:
             rel = os.path.relpath(path, self.path)
             if inside(self.path, rel) is not None and (path.is_symlink() or path.is_file()):
@@ -221,8 +236,10 @@ def sample_files(folder: Path) -> list[Path]:
     return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists())]
 
 
-SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there", sample_files)
-_KIND_WHAT = {"sample": "a sampling job's images", "balance": "a balanced set", "restore": "restored images"}
+SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there",
+              sample_files)
+_KIND_WHAT = {"sample": "a sampling job's images", "balance": "a balanced set",
+              "restore": "restored images"}
 
 
 @contextlib.contextmanager
@@ -248,7 +265,7 @@ def staged(out: Path) -> Iterator[Path]:
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-        with contextlib.suppress(OSError):  # make the rename durable where directories can be fsynced
+        with contextlib.suppress(OSError):  # make the rename durable where folders can be fsynced
             atomic.fsync_file(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

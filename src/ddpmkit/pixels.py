@@ -9,6 +9,7 @@ the one asked for, else the smallest of 8, 10, 12, 14, 16 that holds the largest
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # one channel, values wider than 8 bits
 BIT_DEPTHS = (8, 10, 12, 14, 16)  # what an unset data.bit_depth chooses among
-MAX_PIXELS = 64_000_000  # per image: 8,000 x 8,000; larger declared sizes are refused before decoding
-UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+MAX_PIXELS = 64_000_000  # per image: 8000 x 8000; larger declared sizes are refused before decoding
+_PILLOW_LIMIT = threading.Lock()  # Image.MAX_IMAGE_PIXELS is global: one header read at a time
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+              Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class ValueScale:
 
 @dataclass
 class ImageFiles:
-    """Decoded image files: uint8 C x H x W tensors of one channel count, their files, and those skipped."""
+    """Decoded image files: uint8 C x H x W tensors of one channel count, their files, and those
+    skipped."""
     images: list[torch.Tensor]
     files: list[Path]
     skipped: list[tuple[str, str]]
@@ -62,14 +66,19 @@ class ImageFiles:
 
 def open_image(path: Path) -> Image.Image:
     """An image file opened (its header read, no pixel decoded), refused when it declares more
-    pixels than ddpmkit decodes."""
-    with warnings.catch_warnings():  # Pillow warns of large images as it opens them: checked here
+    pixels than ddpmkit decodes. Pillow's own check (a warning, or an error without the size) is
+    set aside while the header is read: this one names the size."""
+    with _PILLOW_LIMIT, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(path)
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
     if im.width * im.height > MAX_PIXELS:
         im.close()
-        raise ValueError(f"it declares {im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} ddpmkit "
-                         f"decodes per image")
+        raise ValueError(f"it declares {im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} "
+                         f"ddpmkit decodes per image")
     return im
 
 
@@ -95,8 +104,9 @@ def to_tensor(arr: np.ndarray, gray: bool) -> torch.Tensor:
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def read_image_files(files: list[Path], name: str, *, bit_depth: int | None = None, channels: int | None = None,
-                     on_error: str = "fail", depth_of: str = "", hint: str = "") -> ImageFiles:
+def read_image_files(files: list[Path], name: str, *, bit_depth: int | None = None,
+                     channels: int | None = None, on_error: str = "fail", depth_of: str = "",
+                     hint: str = "") -> ImageFiles:
     """Decode `files` into uint8 tensors with one value scale for all (`name` names the set in
     errors). Gray unless some image has colour (or `channels` says). on_error 'skip' leaves out
     unreadable files (listed in .skipped); 'fail' refuses the first, adding `hint`. `depth_of`:
@@ -115,7 +125,8 @@ def read_image_files(files: list[Path], name: str, *, bit_depth: int | None = No
         raise UserError(f"none of {name} could be read ({len(files)} tried{first})")
     scales = image_scales(decoded, name, bit_depth, depth_of=depth_of)
     gray = channels == 1 or (channels is None and all(a.ndim == 2 for a in decoded))
-    return ImageFiles([to_tensor(scaled_image(a, scales), gray) for a in decoded], kept, skipped, scales)
+    return ImageFiles([to_tensor(scaled_image(a, scales), gray) for a in decoded],
+                      kept, skipped, scales)
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -123,7 +134,8 @@ def read_image(path: str | Path) -> torch.Tensor:
     return read_image_files([Path(path)], str(path)).images[0]
 
 
-def image_scales(images, name: str, bit_depth: int | None = None, *, depth_of: str = "") -> dict[str, ValueScale]:
+def image_scales(images, name: str, bit_depth: int | None = None, *,
+                 depth_of: str = "") -> dict[str, ValueScale]:
     """One scale for all of a set's integer images wider than 8 bits ("i") and one for its float
     images ("f"), from one pass over `images` (decoded arrays, any iterable)."""
     ranges: dict[str, tuple[float, float]] = {}
@@ -132,7 +144,7 @@ def image_scales(images, name: str, bit_depth: int | None = None, *, depth_of: s
             continue
         kind = "f" if arr.dtype.kind == "f" else "i"
         lo, hi = arr.min().item(), arr.max().item()
-        if not (np.isfinite(lo) and np.isfinite(hi)):  # here: min() and max() below would drop a NaN
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # here: min(), max() below would drop a NaN
             raise UserError(f"{name}: an image contains NaN or infinite values")
         if kind in ranges:
             lo, hi = min(lo, ranges[kind][0]), max(hi, ranges[kind][1])
@@ -141,13 +153,15 @@ def image_scales(images, name: str, bit_depth: int | None = None, *, depth_of: s
     if floats and _float_range(*floats) is None and "i" in ranges:
         # floats beyond the usual ranges are read as integers: with the integer images, at one depth
         ranges["i"] = ranges["f"] = (min(floats[0], ranges["i"][0]), max(floats[1], ranges["i"][1]))
-    return {kind: range_scale(kind == "f", lo, hi, name, bit_depth, image_files=True, depth_of=depth_of)
+    return {kind: range_scale(kind == "f", lo, hi, name, bit_depth, image_files=True,
+                              depth_of=depth_of)
             for kind, (lo, hi) in ranges.items()}
 
 
 def scaled_image(arr: np.ndarray, scales: dict[str, ValueScale]) -> np.ndarray:
     """A decoded image in uint8, through its set's `image_scales`."""
-    return arr if arr.dtype == np.uint8 else scales["f" if arr.dtype.kind == "f" else "i"].apply(arr)
+    return (arr if arr.dtype == np.uint8
+            else scales["f" if arr.dtype.kind == "f" else "i"].apply(arr))
 
 
 def scales_note(*scales: ValueScale) -> str:
@@ -161,11 +175,12 @@ def resolved_depth(*scales: ValueScale) -> int | None:
 
 def _float_range(lo: float, hi: float) -> tuple[int, int] | None:
     """The usual range of float pixels that [lo, hi] lies in: [0,1], [-1,1] or [0,255]."""
-    return next(((low, high) for low, high in ((0, 1), (-1, 1), (0, 255)) if lo >= low and hi <= high), None)
+    return next(((low, high) for low, high in ((0, 1), (-1, 1), (0, 255))
+                 if lo >= low and hi <= high), None)
 
 
-def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, *, image_files: bool = False,
-                depth_of: str = "") -> ValueScale:
+def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, *,
+                image_files: bool = False, depth_of: str = "") -> ValueScale:
     """Floats in [0,1], [-1,1] or [0,255] map from that range. Integers are read at `bit_depth` or,
     unset, at the smallest of 8, 10, 12, 14 or 16 bits holding the largest value, so 12-bit X-rays
     stored in 16-bit files are not nearly black. Image files (32-bit and float TIFFs) may hold other
@@ -174,13 +189,15 @@ def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, *, ima
         raise UserError(f"{name}: contains NaN or infinite values")
     if is_float:
         usual = _float_range(lo, hi)
-        if usual == (0, 255) and hi <= 2:  # [0, 1] data a little past 1, not 0..255 data nearly black
-            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}] are past [0,1] yet would be nearly "
-                            f"black read as [0,255]: rescale them to [0,1] (e.g. divide by the largest value)")
+        if usual == (0, 255) and hi <= 2:  # [0, 1] data just past 1, not 0..255 data nearly black
+            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}] are past [0,1] yet "
+                            f"would be nearly black read as [0,255]: rescale them to [0,1] "
+                            f"(e.g. divide by the largest value)")
         if usual:
             return ValueScale(*usual)
         if not image_files:
-            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; expected [0,1], [-1,1] or [0,255]")
+            raise UserError(f"{name}: float values in [{lo:.3g}, {hi:.3g}]; "
+                            f"expected [0,1], [-1,1] or [0,255]")
     clipped, largest = "", hi
     if lo < 0 or hi > 65535:
         if not image_files:
@@ -188,12 +205,12 @@ def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, *, ima
         clipped, hi = f", clipped from [{lo:.6g}, {hi:.6g}] to 0..65535", min(hi, 65535)
     depth = bit_depth or next(d for d in BIT_DEPTHS if hi < 2 ** d)
     if hi >= 2 ** depth and depth_of:
-        raise UserError(f"{name}: values up to {largest:.6g} do not fit the {depth}-bit range of {depth_of}: "
-                        f"scale the image to 0..{2 ** depth - 1} first")
+        raise UserError(f"{name}: values up to {largest:.6g} do not fit the {depth}-bit range of "
+                        f"{depth_of}: scale the image to 0..{2 ** depth - 1} first")
     if hi >= 2 ** depth:
-        raise UserError(f"{name}: values up to {largest:.6g} do not fit data.bit_depth={depth} (yours, or the one "
-                        f"a run recorded): use at least {int(hi).bit_length()} bits, or for a run, start over "
-                        f"with --fresh")
+        raise UserError(f"{name}: values up to {largest:.6g} do not fit data.bit_depth={depth} "
+                        f"(yours, or the one a run recorded): use at least "
+                        f"{int(hi).bit_length()} bits, or for a run, start over with --fresh")
     note = f"{depth}-bit values (largest {hi:.6g}{clipped}; data.bit_depth sets the depth)"
     return ValueScale(0, 2 ** depth - 1, depth, note if depth != 8 or clipped else "")
 
@@ -228,7 +245,8 @@ def as_nchw(arr: np.ndarray, name: str) -> np.ndarray:
     return arr[:, :3] if arr.shape[1] == 4 else arr  # drop alpha
 
 
-def array_to_uint8_nchw(arr: np.ndarray, name: str, scale: ValueScale | None = None) -> torch.Tensor:
+def array_to_uint8_nchw(arr: np.ndarray, name: str,
+                        scale: ValueScale | None = None) -> torch.Tensor:
     """An image array in any layout `as_nchw` takes, uint8/uint16/bool/float -> uint8 N x C x H x W.
     `scale` (default: the array's own, `value_scale`) maps its values to 0..255: batches read from
     one file share their file's."""

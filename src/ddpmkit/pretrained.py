@@ -23,7 +23,8 @@ from .errors import UserError
 from .run import RunDir
 
 # Model keys the fine-tuning config decides; all others are the source's architecture.
-OWN_KEYS = ("preset", "dropout", "compile", "compile_mode", "class_conditional", "num_classes", "in_channels")
+OWN_KEYS = ("preset", "dropout", "compile", "compile_mode", "class_conditional", "num_classes",
+            "in_channels")
 
 
 class Source:
@@ -49,8 +50,10 @@ class Source:
             sd = self._net.state_dict()
             return sd, sd, f"diffusers model {self.name}"
         entry = RunDir(self.path).select_checkpoint("latest")
-        groups, meta = read_checkpoint(RunDir(self.path).checkpoint_file(entry["step"]), prefixes=("model", "ema"))
-        return groups["model"], groups["ema"], f"{self.path} step {meta['step']} ({entry['sha256'][:12]})"
+        groups, meta = read_checkpoint(RunDir(self.path).checkpoint_file(entry["step"]),
+                                       prefixes=("model", "ema"))
+        return (groups["model"], groups["ema"],
+                f"{self.path} step {meta['step']} ({entry['sha256'][:12]})")
 
 
 def adopt_architecture(cfg: Config, source: Config, log=print) -> Config:
@@ -60,19 +63,20 @@ def adopt_architecture(cfg: Config, source: Config, log=print) -> Config:
         value = getattr(source.model, f.name)
         if f.name == "attention_resolutions" and cfg.data.image_size != source.data.image_size:
             scale = cfg.data.image_size / source.data.image_size
-            value = [round(r * scale) for r in value]  # attention at the same levels as in the source
+            value = [round(r * scale) for r in value]  # attention at the same levels as the source
         if f.name not in OWN_KEYS and getattr(cfg.model, f.name) != value:
             values[f"model.{f.name}"] = value
     for f in dataclasses.fields(source.diffusion):
         if getattr(cfg.diffusion, f.name) != getattr(source.diffusion, f.name):
             values[f"diffusion.{f.name}"] = getattr(source.diffusion, f.name)
     if source.model.in_channels not in (None, cfg.model.in_channels):
-        raise UserError(f"train.init_from: the source has {source.model.in_channels} channel(s) and the data "
-                        f"{cfg.model.in_channels}: set data.channels={source.model.in_channels}")
+        raise UserError(f"train.init_from: the source has {source.model.in_channels} channel(s) "
+                        f"and the data {cfg.model.in_channels}: "
+                        f"set data.channels={source.model.in_channels}")
     size, halvings = cfg.data.image_size, len(source.model.channel_mult) - 1
     if size % 2 ** halvings:
-        raise UserError(f"train.init_from: data.image_size={size} does not halve {halvings} times as the source's "
-                        f"UNet does: use a multiple of {2 ** halvings}")
+        raise UserError(f"train.init_from: data.image_size={size} does not halve {halvings} times "
+                        f"as the source's UNet does: use a multiple of {2 ** halvings}")
     if values:
         log(f"init_from: architecture and schedule taken from the source: "
             f"{', '.join(f'{k}={v}' for k, v in values.items())}")
@@ -80,7 +84,8 @@ def adopt_architecture(cfg: Config, source: Config, log=print) -> Config:
 
 
 def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source, log=print) -> str:
-    """Copy the source's weights into model and EMA; a class embedding of another shape stays new."""
+    """Copy the source's weights into model and EMA; a class embedding of another shape
+    stays new."""
     weights, ema_weights, what = source.weights()
     own = model.state_dict()
     fresh = [k for k in own if k.startswith("class_embedding.")
@@ -94,8 +99,9 @@ def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source
     load_into(model, pick(weights), f"train.init_from {source.name}")
     load_into(ema, pick(ema_weights), f"train.init_from {source.name} (EMA)")
     if fresh:
+        theirs = weights.get("class_embedding.weight")
         log(f"init_from: new class embedding ({model.cfg.num_classes} classes); the source has "
-            f"{weights['class_embedding.weight'].shape[0] if 'class_embedding.weight' in weights else 'none'}")
+            f"{'none' if theirs is None else theirs.shape[0]}")
     if dropped:
         log("init_from: the source's class embedding is dropped (this model is unconditional)")
     return what

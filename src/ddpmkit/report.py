@@ -24,19 +24,23 @@ CSS = """
 :root { color-scheme: light dark; --fg: #1d1d1f; --bg: #ffffff; --muted: #6e6e73; --grid: #d2d2d7;
         --s0: #d9480f; --s1: #1971c2; --card: #f5f5f7; }
 @media (prefers-color-scheme: dark) {
-  :root { --fg: #f5f5f7; --bg: #161617; --muted: #a1a1a6; --grid: #3a3a3c; --s0: #ff922b; --s1: #4dabf7; --card: #232325; }
+  :root { --fg: #f5f5f7; --bg: #161617; --muted: #a1a1a6; --grid: #3a3a3c; --s0: #ff922b;
+          --s1: #4dabf7; --card: #232325; }
 }
-body { font: 15px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg); margin: 2rem auto; max-width: 1100px;
-       padding: 0 1rem; }
-h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid var(--grid); padding-bottom: 0.3rem; }
+body { font: 15px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg);
+       margin: 2rem auto; max-width: 1100px; padding: 0 1rem; }
+h1 { margin-bottom: 0.2rem; }
+h2 { margin-top: 2.2rem; border-bottom: 1px solid var(--grid); padding-bottom: 0.3rem; }
 .muted { color: var(--muted); } .plots { display: flex; flex-wrap: wrap; gap: 1rem; }
 figure { margin: 0; background: var(--card); border-radius: 8px; padding: 0.6rem; }
 figcaption { font-size: 13px; color: var(--muted); text-align: center; }
-svg text { fill: var(--fg); font-size: 11px; } svg .axis { stroke: var(--muted); } svg .gridline { stroke: var(--grid); }
-svg .s0 { stroke: var(--s0); } svg .s1 { stroke: var(--s1); }
-.strip { display: flex; gap: 0.5rem; overflow-x: auto; } .strip img { height: 150px; image-rendering: pixelated; }
+svg text { fill: var(--fg); font-size: 11px; } svg .axis { stroke: var(--muted); }
+svg .gridline { stroke: var(--grid); } svg .s0 { stroke: var(--s0); } svg .s1 { stroke: var(--s1); }
+.strip { display: flex; gap: 0.5rem; overflow-x: auto; }
+.strip img { height: 150px; image-rendering: pixelated; }
 img.big { max-width: 480px; width: 100%; image-rendering: pixelated; }
-table { border-collapse: collapse; } td, th { padding: 0.25rem 0.8rem; border-bottom: 1px solid var(--grid); text-align: right; }
+table { border-collapse: collapse; }
+td, th { padding: 0.25rem 0.8rem; border-bottom: 1px solid var(--grid); text-align: right; }
 pre { background: var(--card); padding: 0.8rem; border-radius: 8px; overflow-x: auto; }
 """
 
@@ -55,7 +59,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
     """Ticks at 1, 2 and 5 times powers of ten (in log10 units) within [lo, hi]."""
-    ticks = [math.log10(m * 10**k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
+    ticks = [math.log10(m * 10**k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1)
+             for m in (1, 2, 5)]
     inside = [t for t in ticks if lo <= t <= hi]
     return inside if len(inside) >= 2 else _ticks(lo, hi)
 
@@ -64,8 +69,8 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
-def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, logy: bool = False,
-             width: int = 520, height: int = 250) -> str:
+def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str,
+             logy: bool = False, width: int = 520, height: int = 250) -> str:
     """A line plot as inline SVG: series of (label, x, y). Colours come from the page's CSS."""
     def shown(x, y):
         return x is not None and y is not None and math.isfinite(y) and (y > 0 or not logy)
@@ -76,27 +81,31 @@ def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, yl
     f = (lambda v: math.log10(v)) if logy else (lambda v: v)  # noqa: E731
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(f(p[1]) for p in pts), max(f(p[1]) for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9)
+    # a flat series still needs a span (relative: 1e-9 vanishes next to 1e30)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + max(1e-9, abs(y0) * 1e-6))
     left, right, top, bottom = 58, 26, 12, 38
     sx = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda v: height - bottom - (f(v) - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
     out = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
            f'aria-label="{html.escape(ylabel)} against {html.escape(xlabel)}">']
     for t in _ticks(x0, x1):
-        out.append(f'<line class="gridline" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{height - bottom}"/>'
-                   f'<text x="{sx(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{_fmt(t)}</text>')
+        out.append(f'<line class="gridline" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" '
+                   f'y2="{height - bottom}"/><text x="{sx(t):.1f}" y="{height - bottom + 14}" '
+                   f'text-anchor="middle">{_fmt(t)}</text>')
     for t in _log_ticks(y0, y1) if logy else _ticks(y0, y1):
         label = _fmt(10**t if logy else t)
         y = height - bottom - (t - y0) / (y1 - y0) * (height - top - bottom)
-        out.append(f'<line class="gridline" x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                   f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
+        out.append(f'<line class="gridline" x1="{left}" x2="{width - right}" y1="{y:.1f}" '
+                   f'y2="{y:.1f}"/><text x="{left - 6}" y="{y + 4:.1f}" '
+                   f'text-anchor="end">{label}</text>')
     out.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}"/>'
-               f'<line class="axis" x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}"/>'
-               f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
+               f'<line class="axis" x1="{left}" x2="{width - right}" y1="{height - bottom}" '
+               f'y2="{height - bottom}"/><text x="{(left + width - right) / 2}" y="{height - 6}" '
+               f'text-anchor="middle">{html.escape(xlabel)}</text>')
     for i, (label, xs, ys) in enumerate(series):
         line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys) if shown(x, y))
-        out.append(f'<polyline class="s{i % 2}" fill="none" stroke-width="1.8" points="{line}"><title>{html.escape(label)}'
-                   f'</title></polyline>')
+        out.append(f'<polyline class="s{i % 2}" fill="none" stroke-width="1.8" points="{line}">'
+                   f'<title>{html.escape(label)}</title></polyline>')
     out.append("</svg>")
     return "".join(out)
 
@@ -140,12 +149,13 @@ def build_report(run: RunDir) -> str:
     last_step = logs[-1]["step"] if logs else 0
     parameters = _number(meta.get("parameters")) or 0
     return "".join([
-        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit report: {e(run.path.name)}"
-        f"</title><meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style></head>"
-        f"<body><h1>{e(run.path.name)}</h1><p class='muted'>{last_step:,} steps · {parameters:,.0f} parameters · "
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit report: "
+        f"{e(run.path.name)}</title><meta name='viewport' content='width=device-width, "
+        f"initial-scale=1'><style>{CSS}</style></head><body><h1>{e(run.path.name)}</h1>"
+        f"<p class='muted'>{last_step:,} steps · {parameters:,.0f} parameters · "
         f"{e(str(meta.get('data', '')))} · {e(str(env.get('device', '')))}</p>",
-        _curves(logs, [r for r in rows if isinstance(r.get("eval"), dict)]), _grids(run), _checkpoints(run),
-        _hardware(env, logs),
+        _curves(logs, [r for r in rows if isinstance(r.get("eval"), dict)]), _grids(run),
+        _checkpoints(run), _hardware(env, logs),
         f"<h2>Resolved config</h2><pre>{e(run.config_path.read_text())}</pre></body></html>"])
 
 
@@ -154,14 +164,17 @@ def _curves(logs: list[dict], evals: list[dict]) -> str:
     parts = ["<h2>Training curves</h2><div class='plots'>",
              _figure(svg_plot([("loss", steps, _series(logs, "loss"))], "step", "loss", logy=True),
                      "loss against steps (log scale)"),
-             _figure(svg_plot([("loss", _series(logs, "images_seen"), _series(logs, "loss"))], "images seen", "loss",
-                              logy=True), "loss against images seen"),
-             _figure(svg_plot([("lr", steps, _series(logs, "lr"))], "step", "learning rate"), "learning rate"),
-             _figure(svg_plot([("images/s", steps, _series(logs, "images_per_sec"))], "step", "images/s"),
+             _figure(svg_plot([("loss", _series(logs, "images_seen"), _series(logs, "loss"))],
+                              "images seen", "loss", logy=True), "loss against images seen"),
+             _figure(svg_plot([("lr", steps, _series(logs, "lr"))], "step", "learning rate"),
+                     "learning rate"),
+             _figure(svg_plot([("images/s", steps, _series(logs, "images_per_sec"))], "step",
+                              "images/s"),
                      "throughput (images per second)")]
     if evals:
         fd = [_number(r["eval"].get("fd")) for r in evals]
-        parts.append(_figure(svg_plot([("FD", [r["step"] for r in evals], fd)], "step", "Frechet distance"),
+        parts.append(_figure(svg_plot([("FD", [r["step"] for r in evals], fd)],
+                                      "step", "Frechet distance"),
                              f"evaluation: Frechet distance ({evals[-1]['eval'].get('features')})"))
     return "".join(parts) + "</div>"
 
@@ -169,17 +182,21 @@ def _curves(logs: list[dict], evals: list[dict]) -> str:
 def _grids(run: RunDir) -> str:
     grids = training_grids(run)
     if not grids:
-        return "<h2>Samples while learning</h2><p class='muted'>no sample grids yet (train.sample_every)</p>"
+        return ("<h2>Samples while learning</h2><p class='muted'>no sample grids yet "
+                "(train.sample_every)</p>")
     count = min(MAX_STRIP, len(grids))
-    shown = dict.fromkeys(grids[round(i * (len(grids) - 1) / max(1, count - 1))] for i in range(count))
-    strip = "".join(f"<figure><img alt='samples at step {step}' src='{_data_uri(p.read_bytes(), 'image/png')}'>"
+    shown = dict.fromkeys(grids[round(i * (len(grids) - 1) / max(1, count - 1))]
+                          for i in range(count))
+    strip = "".join(f"<figure><img alt='samples at step {step}' "
+                    f"src='{_data_uri(p.read_bytes(), 'image/png')}'>"
                     f"<figcaption>step {step:,}</figcaption></figure>" for step, p in shown)
     last_step, last = grids[-1]
-    return (f"<h2>Samples while learning</h2><div class='strip'>{strip}</div><div class='plots'><figure>"
-            f"<img class='big' alt='learning GIF' src='{_data_uri(learning_gif(run), 'image/gif')}'><figcaption>the "
-            f"same noise at every grid, step by step</figcaption></figure><figure><img class='big' alt='latest "
-            f"samples' src='{_data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest samples (step "
-            f"{last_step:,}, EMA weights)</figcaption></figure></div>")
+    return (f"<h2>Samples while learning</h2><div class='strip'>{strip}</div><div class='plots'>"
+            f"<figure><img class='big' alt='learning GIF' "
+            f"src='{_data_uri(learning_gif(run), 'image/gif')}'><figcaption>the same noise at "
+            f"every grid, step by step</figcaption></figure><figure><img class='big' alt='latest "
+            f"samples' src='{_data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest "
+            f"samples (step {last_step:,}, EMA weights)</figcaption></figure></div>")
 
 
 def _checkpoints(run: RunDir) -> str:
@@ -189,10 +206,10 @@ def _checkpoints(run: RunDir) -> str:
         fd = f"{c['fd']:.4f}" if c.get("fd") is not None else ""
         loss = f"{c['loss']:.5f}" if c.get("loss") is not None else ""
         rows.append(f"<tr><td>{c['step']:,}</td><td>{loss}</td><td>{fd}</td><td><code>"
-                    f"{html.escape(c['sha256'][:12])}</code></td><td>{'best' if c['step'] == state['best'] else ''}"
-                    f"</td></tr>")
-    return ("<h2>Checkpoints</h2><table><tr><th>step</th><th>mean loss</th><th>eval FD</th><th>SHA-256</th><th></th>"
-            "</tr>" + "".join(rows) + "</table>")
+                    f"{html.escape(c['sha256'][:12])}</code></td>"
+                    f"<td>{'best' if c['step'] == state['best'] else ''}</td></tr>")
+    return ("<h2>Checkpoints</h2><table><tr><th>step</th><th>mean loss</th><th>eval FD</th>"
+            "<th>SHA-256</th><th></th></tr>" + "".join(rows) + "</table>")
 
 
 def _hardware(env: dict, logs: list[dict]) -> str:
@@ -200,13 +217,16 @@ def _hardware(env: dict, logs: list[dict]) -> str:
     speeds = [v for v in _series(logs, "images_per_sec") if v is not None]
     memory = _number(logs[-1].get("memory_mb")) if logs else None
     command = env.get("command") if isinstance(env.get("command"), list) else []
-    hw = {"device": env.get("gpu") or env.get("device"), "torch": env.get("torch"), "ddpmkit": env.get("ddpmkit"),
-          "python": env.get("python"), "platform": env.get("platform"), "git": env.get("git"),
-          "command": " ".join(map(str, command)), "training time (this session)": f"{elapsed / 60:.1f} min",
+    hw = {"device": env.get("gpu") or env.get("device"), "torch": env.get("torch"),
+          "ddpmkit": env.get("ddpmkit"), "python": env.get("python"),
+          "platform": env.get("platform"), "git": env.get("git"),
+          "command": " ".join(map(str, command)),
+          "training time (this session)": f"{elapsed / 60:.1f} min",
           "mean images/s": f"{sum(speeds) / len(speeds):,.0f}" if speeds else "",
           "peak memory": f"{memory:,.0f} MiB" if memory is not None else ""}
     return "<h2>Hardware and timing</h2><table>" + "".join(
-        f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}"
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+        f"<td style='text-align:left'>{html.escape(str(v))}"
         f"</td></tr>" for k, v in hw.items() if v) + "</table>"
 
 

@@ -35,18 +35,20 @@ def absolute(path: str | None) -> str | None:
 
 
 def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
-    """Read the data the config names and resolve what it decides; refusals come before any write."""
+    """Read the data the config names and resolve what it decides; refusals come before any
+    write."""
     # recorded absolute: sampling, eval --ref RUN and balance find the data from any folder
     values = {"data.path": absolute(cfg.data.path), "data.labels": absolute(cfg.data.labels)}
     run = RunDir(cfg.train.out_dir)
     if cfg.data.bit_depth is None and not fresh and run.is_run() and run.config_path.is_file():
-        values["data.bit_depth"] = run.config().data.bit_depth  # a resumed run reads its data as it started
+        values["data.bit_depth"] = run.config().data.bit_depth  # a resumed run reads data as before
     cfg = updated(cfg, values)
-    data = open_stream(cfg.data) if cfg.data.stream else load_images(cfg.data)
+    data = open_stream(cfg.data, log) if cfg.data.stream else load_images(cfg.data, log)
     if data.skipped:
-        log(f"skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
+        log(f"skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0][0]}: "
+            f"{data.skipped[0][1]}")
     values = {"model.in_channels": _channels(cfg, data.channels)}
-    if cfg.data.bit_depth is None:  # recorded in config.yaml, so sampling, balance and eval read data alike
+    if cfg.data.bit_depth is None:  # in config.yaml: sampling, balance and eval read data alike
         values["data.bit_depth"] = data.bit_depth
     class_ids = None
     if cfg.model.class_conditional:
@@ -60,20 +62,20 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
 
 
 def architecture(cfg: Config, log=print) -> tuple[Config, str]:
-    """The config with the model's channel count and train.init_from's architecture, as training will
-    resolve them but without reading the dataset (image headers, an .npy's first image), and where
-    the channel count comes from. 3 is assumed only for a data.path that is not here."""
+    """The config with the model's channel count and train.init_from's architecture, as training
+    will resolve them but without reading the dataset (image headers, an .npy's first image), and
+    where the channel count comes from. 3 is assumed only for a data.path that is not here."""
     source = Source(cfg.train.init_from, log) if cfg.train.init_from else None
     if cfg.model.in_channels or cfg.data.channels:
-        channels, where = cfg.model.in_channels or cfg.data.channels, ("model.in_channels" if cfg.model.in_channels
-                                                                         else "data.channels")
+        channels, where = cfg.model.in_channels or cfg.data.channels, (
+            "model.in_channels" if cfg.model.in_channels else "data.channels")
     elif source is not None:
         channels, where = source.config.model.in_channels, f"train.init_from {cfg.train.init_from}"
     elif cfg.data.path is None:
         channels, where = 1, "the bundled digits"
     elif not Path(cfg.data.path).expanduser().exists():
-        channels, where = 3, (f"assumed: data.path {cfg.data.path} does not exist here (set data.channels=1 for "
-                              f"grayscale data)")
+        channels, where = 3, (f"assumed: data.path {cfg.data.path} does not exist here "
+                              f"(set data.channels=1 for grayscale data)")
     else:
         channels, where = data_channels(cfg.data), f"the data in {cfg.data.path}"
     cfg = updated(cfg, {"model.in_channels": channels})
@@ -82,29 +84,32 @@ def architecture(cfg: Config, log=print) -> tuple[Config, str]:
 
 def _channels(cfg: Config, found: int) -> int:
     if cfg.model.in_channels not in (None, found):
-        fix = f"set data.channels={cfg.model.in_channels} or drop" if cfg.model.in_channels in (1, 3) else "drop"
-        raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {found} channel(s): "
-                        f"{fix} model.in_channels")
+        fix = (f"set data.channels={cfg.model.in_channels} or drop"
+               if cfg.model.in_channels in (1, 3) else "drop")
+        raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {found} "
+                        f"channel(s): {fix} model.in_channels")
     return found
 
 
 def _class_ids(cfg: Config, data: ImageData) -> tuple[torch.Tensor, list[str]]:
     """Class index per image for a class-conditional model, and the class names in index order."""
     if not data.labels or any(label is None for label in data.labels):
-        raise UserError("model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
-                        "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
+        raise UserError(
+            "model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
+            "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
     empty = [i for i, label in enumerate(data.labels) if not label.strip()]
     if empty:  # an empty class name would read as "no class" (unconditional) in manifests
         first = Path(data.files[empty[0]]).name if data.files is not None else f"image {empty[0]}"
-        raise UserError(f"{len(empty)} image(s) have an empty label ({first} first): give each a class, or "
-                        f"leave them out of the labels CSV")
+        raise UserError(f"{len(empty)} image(s) have an empty label ({first} first): "
+                        f"give each a class, or leave them out of the labels CSV")
     present = set(data.labels)
     names = cfg.data.class_names or class_order(present)
     unknown = sorted(present - set(names))
     if unknown:
-        raise UserError(f"labels {', '.join(unknown[:5])} are not in data.class_names ({', '.join(names[:10])})")
+        raise UserError(f"labels {', '.join(unknown[:5])} are not in data.class_names "
+                        f"({', '.join(names[:10])})")
     if cfg.model.num_classes not in (0, len(names)):
-        raise UserError(f"model.num_classes={cfg.model.num_classes} but the labels name {len(names)} classes: "
-                        f"drop model.num_classes (it is set from the labels)")
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the labels name "
+                        f"{len(names)} classes: drop model.num_classes (it is set from the labels)")
     index = {name: i for i, name in enumerate(names)}
     return torch.tensor([index[label] for label in data.labels]), list(names)

@@ -3,10 +3,10 @@
 Scales. Images enter and leave as uint8 N x C x H x W; the model works on [-1, 1]. A user's noise
 level `sigma` is on the [0, 1] image scale, so on the model scale it is 2 * sigma.
 
-Denoising. A noisy image y = x + s * n (model scale, n ~ N(0, I)) has the same law as the diffusion's
-x_t / sqrt(abar_t) = x0 + sqrt((1 - abar_t) / abar_t) * eps at the (fractional) timestep t where
-sqrt((1 - abar_t) / abar_t) = s. So x_t = sqrt(abar_t) * y is an exact sample of the forward process
-at t, and
+Denoising. A noisy image y = x + s * n (model scale, n ~ N(0, I)) has the same law as the
+diffusion's x_t / sqrt(abar_t) = x0 + sqrt((1 - abar_t) / abar_t) * eps at the (fractional) timestep
+t where sqrt((1 - abar_t) / abar_t) = s. So x_t = sqrt(abar_t) * y is an exact sample of the forward
+process at t, and
   - method 'mmse':   one network evaluation gives E[x0 | x_t] (Tweedie), the posterior mean: the
                      estimate with the least mean squared error (if the network is exact);
   - method 'sample': the reverse process from t to 0 draws from p(x0 | y); averaging `samples`
@@ -98,8 +98,9 @@ def estimate_sigma(images) -> list[float]:
         import pywt  # noqa: F401  (scikit-image's wavelet code needs it but does not install it)
         from skimage.restoration import estimate_sigma as _wavelet_sigma
     except ImportError:
-        raise UserError("estimating the noise level (sigma auto) needs scikit-image and PyWavelets: "
-                        "pip install scikit-image PyWavelets, or give the noise level as a number") from None
+        raise UserError(
+            "estimating the noise level (sigma auto) needs scikit-image and PyWavelets: "
+            "pip install scikit-image PyWavelets, or give the noise level as a number") from None
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
     out = []
@@ -107,7 +108,8 @@ def estimate_sigma(images) -> list[float]:
         if img.shape[0] == 1:
             out.append(float(_wavelet_sigma(img[0])))
         else:  # one estimate per channel, averaged
-            out.append(float(_wavelet_sigma(np.moveaxis(img, 0, -1), channel_axis=-1, average_sigmas=True)))
+            out.append(float(_wavelet_sigma(np.moveaxis(img, 0, -1), channel_axis=-1,
+                                            average_sigmas=True)))
     return out
 
 
@@ -125,8 +127,8 @@ def timesteps_from(t_start: float, steps: int | None = None) -> list[float]:
         if steps < 1:
             raise UserError(f"steps must be at least 1, got {steps}")
         if steps - 1 < len(below):
-            # not from the integer below t_start down to 0: that spent a call on a sliver of a step at
-            # each end (errors 2.3x larger at 3 calls against the exact Gaussian ODE)
+            # not from the integer below t_start down to 0: that spent a call on a sliver of a step
+            # at each end (errors 2.3x larger at 3 calls against the exact Gaussian ODE)
             grid = np.round(np.linspace(t_start, 0, steps + 1)[1:-1])
             below = np.unique(np.minimum(grid, below[0]))[::-1]
     return [float(t_start)] + [float(t) for t in below]
@@ -139,15 +141,16 @@ def _sampler(name: str):
 
 
 def _sigma_list(sigma, n: int) -> list[float]:
-    s = [float(v) for v in sigma] if isinstance(sigma, (list, tuple, np.ndarray, torch.Tensor)) else [float(sigma)] * n
+    s = ([float(v) for v in sigma] if isinstance(sigma, (list, tuple, np.ndarray, torch.Tensor))
+         else [float(sigma)] * n)
     if len(s) != n:
         raise UserError(f"{len(s)} noise levels given for {n} images")
     return s
 
 
-def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mmse", samples: int = 1,
-                   seed: int = 0, *, indices: Sequence[int] | None = None, sampler: str = "ddpm",
-                   steps: int | None = None) -> torch.Tensor:
+def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mmse",
+                   samples: int = 1, seed: int = 0, *, indices: Sequence[int] | None = None,
+                   sampler: str = "ddpm", steps: int | None = None) -> torch.Tensor:
     """Denoise model-scale images y = x + 2*sigma*n ([-1, 1] floats, N x C x H x W); `sigma` on the
     [0, 1] scale, one number or one per image. Returns model-scale floats (not clipped).
     `indices`: the images' positions in the whole job, which seed their noise (default 0..N-1)."""
@@ -157,9 +160,10 @@ def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mm
         raise UserError(f"samples must be at least 1, got {samples}")
     stochastic = [name for name, info in SAMPLERS.items() if info.stochastic]
     if method == "sample" and not _sampler(sampler).stochastic:
-        raise UserError(f"denoising by sampling draws from p(x | y), which needs a stochastic sampler "
-                        f"({' or '.join(stochastic)}): {sampler!r} is deterministic, every draw would "
-                        f"be the same image and not a sample; for one best estimate use the mmse method")
+        raise UserError(
+            f"denoising by sampling draws from p(x | y), which needs a stochastic sampler "
+            f"({' or '.join(stochastic)}): {sampler!r} is deterministic, every draw would "
+            f"be the same image and not a sample; for one best estimate use the mmse method")
     indices = list(range(len(y))) if indices is None else list(indices)
     sigmas = _sigma_list(sigma, len(y))
     out = torch.empty_like(y, dtype=torch.float32)
@@ -173,14 +177,16 @@ def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mm
             continue
         acc = torch.zeros_like(x_t)
         for k in range(samples):  # draw k of image i uses the generator of (seed, k, i)
-            noise = ImageNoise(mix_seed(seed, k), [indices[i] for i in rows], tuple(x_t.shape[1:]), x_t.device)
+            noise = ImageNoise(mix_seed(seed, k), [indices[i] for i in rows], tuple(x_t.shape[1:]),
+                               x_t.device)
             acc += _sampler(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
         out[rows] = acc / samples
     return out
 
 
 def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: int = 0, *,
-                   indices: Sequence[int] | None = None, sampler: str = "ddim", steps: int | None = None) -> torch.Tensor:
+                   indices: Sequence[int] | None = None, sampler: str = "ddim",
+                   steps: int | None = None) -> torch.Tensor:
     """SDEdit on model-scale images: forward-noise to t = strength * (T - 1) (fractional t allowed:
     the schedule's log-sigma interpolation gives its abar), then sample back to t = 0 with `steps`
     network calls (None: every integer timestep below t). strength 0 returns x0 itself."""
@@ -201,7 +207,8 @@ def repaint_schedule(levels: int, jump_length: int, resamplings: int) -> list[in
     clean image), going back up `jump_length` levels after every `jump_length` levels down,
     `resamplings - 1` times at each such point. A step down is a reverse step, up a forward one."""
     if jump_length < 1 or resamplings < 1:
-        raise UserError(f"jump_length and resamplings must be at least 1, got {jump_length} and {resamplings}")
+        raise UserError(f"jump_length and resamplings must be at least 1, "
+                        f"got {jump_length} and {resamplings}")
     jumps = {j: resamplings - 1 for j in range(0, levels - jump_length, jump_length)}
     t, seq = levels, []
     while t >= 1:
@@ -217,16 +224,18 @@ def repaint_schedule(levels: int, jump_length: int, resamplings: int) -> list[in
 
 
 def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor, seed: int = 0, *,
-                   indices: Sequence[int] | None = None, steps: int | None = None, jump_length: int = 10,
-                   resamplings: int = 10) -> torch.Tensor:
+                   indices: Sequence[int] | None = None, steps: int | None = None,
+                   jump_length: int = 10, resamplings: int = 10) -> torch.Tensor:
     """RePaint on model-scale images. `fill`: bool N x 1 x H x W (or N x C x H x W), True where the
     pixel is unknown. Reverse steps are DDPM ancestral steps (posterior variance) on `steps` evenly
-    spaced integer timesteps (None, or more than T: all T); network calls are about steps * resamplings."""
+    spaced integer timesteps (None, or more than T: all T); network calls are about
+    steps * resamplings."""
     s = denoiser.schedule
     if steps is not None and steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     n_levels = s.num_timesteps if steps is None else min(steps, s.num_timesteps)
-    grid = np.unique(np.round(np.linspace(0, s.num_timesteps - 1, n_levels))).astype(int)  # level -> timestep
+    # level -> timestep
+    grid = np.unique(np.round(np.linspace(0, s.num_timesteps - 1, n_levels))).astype(int)
 
     def abar(level: int) -> float:
         return 1.0 if level < 0 else float(s.alphas_cumprod[grid[level]])
@@ -244,7 +253,7 @@ def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor
     seq = repaint_schedule(len(grid), jump_length, resamplings)
     for cur, nxt in zip(seq, seq[1:]):
         a_cur, a_nxt = abar(cur), abar(nxt)
-        if nxt < cur:  # reverse step cur -> nxt: ancestral for the unknown, forward process for the known
+        if nxt < cur:  # reverse step cur -> nxt: ancestral for the unknown, forward for the known
             x0_hat, _ = denoiser(x, float(grid[cur]))
             x = torch.where(fill, ancestral_step(x, x0_hat, a_cur, a_nxt, noise), known_at(nxt))
         else:  # forward jump cur -> nxt: q(x_nxt | x_cur)
@@ -256,7 +265,8 @@ def inpaint_tensor(denoiser: Denoiser, x_known: torch.Tensor, fill: torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # uint8 API on a trained run
 
-def _denoiser(run: Run, images: torch.Tensor, clip_x0: bool = True, tile_batch: int = 64) -> Denoiser:
+def _denoiser(run: Run, images: torch.Tensor, clip_x0: bool = True,
+              tile_batch: int = 64) -> Denoiser:
     """The run's denoiser for these images: tile by tile (tiling.py, `tile_batch` tiles per network
     call) when they are larger than the model's training size."""
     net = run.net if images.shape[-2:] == (run.image_size, run.image_size) else \
@@ -268,29 +278,30 @@ def check_images(run: Run, images_u8: torch.Tensor, names: Sequence[str] | None 
     """Refuse images the model cannot take: wrong dtype or channel count, or smaller than its size
     (larger ones are restored tile by tile)."""
     if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
-        raise UserError(f"expected uint8 images N x C x H x W, got {images_u8.dtype} of shape {tuple(images_u8.shape)}")
+        raise UserError(f"expected uint8 images N x C x H x W, got {images_u8.dtype} "
+                        f"of shape {tuple(images_u8.shape)}")
     c, h, w = images_u8.shape[1:]
     size = run.image_size
     if c != run.channels or min(h, w) < size:
         name = names[0] if names else "the images"
-        raise UserError(f"{name}: {c} channel(s), {w}x{h} pixels, but the model takes {run.channels} channel(s) at "
-                        f"{size}x{size} or larger (restored tile by tile): convert or upscale it first "
-                        f"(no silent resizing)")
+        raise UserError(f"{name}: {c} channel(s), {w}x{h} pixels, but the model takes "
+                        f"{run.channels} channel(s) at {size}x{size} or larger (restored tile by "
+                        f"tile): convert or upscale it first (no silent resizing)")
 
 
-def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1, seed: int = 0,
-            *, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
+def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse", samples: int = 1,
+            seed: int = 0, *, steps: int | None = None, sampler: str = "ddpm", clip_x0: bool = True,
             indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
-    """Denoise uint8 images (N x C x H x W, the model's size or larger) whose noise level is `sigma` on the
-    [0, 1] scale: a number, one per image, or 'auto' (estimate_sigma per image, raised to the
+    """Denoise uint8 images (N x C x H x W, the model's size or larger) whose noise level is `sigma`
+    on the [0, 1] scale: a number, one per image, or 'auto' (estimate_sigma per image, raised to the
     schedule's smallest level). method 'mmse': posterior mean, one network call; 'sample': reverse
     process from the matched t with `sampler` and `steps` (None: all integer steps below t),
     averaged over `samples` draws. Returns uint8."""
     check_images(run, images_u8)
     sig = resolve_sigma(run.schedule, images_u8, sigma)
     y = batch_to_model(images_u8).to(run.device)
-    x = denoise_tensor(_denoiser(run, y, clip_x0, tile_batch), y, sig, method, samples, seed, indices=indices,
-                       sampler=sampler, steps=steps)
+    x = denoise_tensor(_denoiser(run, y, clip_x0, tile_batch), y, sig, method, samples, seed,
+                       indices=indices, sampler=sampler, steps=steps)
     return to_uint8(x)
 
 
@@ -309,9 +320,9 @@ def resolve_sigma(schedule: Schedule, images_u8: torch.Tensor, sigma) -> list[fl
     return _sigma_list(sigma, len(images_u8))
 
 
-def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int = 0, sampler: str = "ddim",
-            steps: int | None = None, *, clip_x0: bool = True, indices: Sequence[int] | None = None,
-            tile_batch: int = 64) -> torch.Tensor:
+def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int = 0,
+            sampler: str = "ddim", steps: int | None = None, *, clip_x0: bool = True,
+            indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
     """SDEdit: t = strength * (T - 1), forward-noise, sample back with `sampler` in `steps` network
     calls (None: the sampler's default, capped at the integer steps below t). strength 0 is the
     identity (the input tensor's values, bit for bit). Returns uint8."""
@@ -319,14 +330,16 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     if strength == 0:
         return images_u8.clone()
     steps = steps if steps is not None else _sampler(sampler).default_steps
-    x = img2img_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device),
-                       strength, seed, indices=indices, sampler=sampler, steps=steps)
+    x = img2img_tensor(
+        _denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device),
+        strength, seed, indices=indices, sampler=sampler, steps=steps)
     return to_uint8(x)
 
 
 def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, *,
-            steps: int | None = INPAINT_STEPS, jump_length: int = 10, resamplings: int = 10, clip_x0: bool = True,
-            indices: Sequence[int] | None = None, tile_batch: int = 64) -> torch.Tensor:
+            steps: int | None = INPAINT_STEPS, jump_length: int = 10, resamplings: int = 10,
+            clip_x0: bool = True, indices: Sequence[int] | None = None,
+            tile_batch: int = 64) -> torch.Tensor:
     """RePaint. `masks`: bool (or 0/255 uint8) N x 1 x H x W, True/white where the pixel is unknown.
     steps: reverse steps on evenly spaced timesteps, capped at T (None: all T). The default 250 with
     jump_length = resamplings = 10 is the paper's setting (it used T = 250); network calls are about
@@ -334,11 +347,14 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
     Known pixels of the result are the input's uint8 values exactly. Returns uint8."""
     check_images(run, images_u8)
     fill = masks.bool() if masks.dtype != torch.uint8 else masks > 127
-    if fill.dim() != 4 or fill.shape[0] != images_u8.shape[0] or fill.shape[-2:] != images_u8.shape[-2:] \
+    if fill.dim() != 4 or fill.shape[0] != images_u8.shape[0] \
+            or fill.shape[-2:] != images_u8.shape[-2:] \
             or fill.shape[1] not in (1, images_u8.shape[1]):
-        raise UserError(f"masks of shape {tuple(fill.shape)} do not fit images of shape {tuple(images_u8.shape)}")
-    x = inpaint_tensor(_denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device), fill,
-                       seed, indices=indices, steps=steps, jump_length=jump_length, resamplings=resamplings)
+        raise UserError(f"masks of shape {tuple(fill.shape)} do not fit "
+                        f"images of shape {tuple(images_u8.shape)}")
+    x = inpaint_tensor(
+        _denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device),
+        fill, seed, indices=indices, steps=steps, jump_length=jump_length, resamplings=resamplings)
     # The known pixels are the input's exactly (not a float round trip of them).
     return torch.where(fill.expand_as(images_u8), to_uint8(x), images_u8)
 
@@ -348,7 +364,8 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
 
 @dataclass(frozen=True)
 class Restoration:
-    """One restoration job's settings (what `ddpmkit denoise|img2img|inpaint` take), checked once."""
+    """One restoration job's settings (what `ddpmkit denoise|img2img|inpaint` take), checked
+    once."""
     kind: str
     masks_dir: str | Path | None = None  # inpaint: masks named like the images, white = fill
     sigma: object = "auto"  # denoise: a number on the [0, 1] scale, one per image, or 'auto'
@@ -356,7 +373,8 @@ class Restoration:
     samples: int = 1  # denoise --method sample: draws averaged
     strength: float = 0.5  # img2img
     sampler: str | None = None  # None: ddpm for denoise, ddim for img2img
-    steps: int | None = None  # None: denoise 'sample' all steps below t, img2img its sampler's default, inpaint 250
+    # None: denoise 'sample' all steps below t, img2img its sampler's default, inpaint 250
+    steps: int | None = None
     jump_length: int = 10  # inpaint
     resamplings: int = 10  # inpaint
     seed: int = 0
@@ -367,8 +385,10 @@ class Restoration:
         if self.kind not in KINDS:
             raise UserError(f"unknown restoration {self.kind!r} (known: {', '.join(KINDS)})")
         if self.kind == "inpaint" and self.masks_dir is None:
-            raise UserError("inpainting needs a folder of masks (white = fill), matched to the images by file name")
-        for name, value in (("batch size", self.batch_size), ("steps", self.steps), ("samples", self.samples)):
+            raise UserError("inpainting needs a folder of masks (white = fill), "
+                            "matched to the images by file name")
+        for name, value in (("batch size", self.batch_size), ("steps", self.steps),
+                            ("samples", self.samples)):
             if value is not None and value < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if self.seed < 0:
@@ -382,21 +402,25 @@ class Restoration:
     def parameters(self) -> dict:
         """What the manifest records of the job."""
         if self.kind == "denoise":
-            p = {"method": self.method, **({"samples": self.samples, "sampler": self.sampler, "steps": self.steps}
-                                           if self.method == "sample" else {})}
+            p = {"method": self.method,
+                 **({"samples": self.samples, "sampler": self.sampler, "steps": self.steps}
+                    if self.method == "sample" else {})}
         elif self.kind == "img2img":
             p = {"strength": self.strength, "sampler": self.sampler,
-                 "steps": self.steps if self.steps is not None else _sampler(self.sampler).default_steps}
+                 "steps": (self.steps if self.steps is not None
+                           else _sampler(self.sampler).default_steps)}
         else:
-            p = {"steps": self.steps, "jump_length": self.jump_length, "resamplings": self.resamplings}
+            p = {"steps": self.steps, "jump_length": self.jump_length,
+                 "resamplings": self.resamplings}
         return {**p, "clip_x0": self.clip_x0}
 
-    def run_on(self, run: Run, batch: torch.Tensor, masks: torch.Tensor | None, idx: list[int]) -> torch.Tensor:
+    def run_on(self, run: Run, batch: torch.Tensor, masks: torch.Tensor | None,
+               idx: list[int]) -> torch.Tensor:
         """This job on one batch of uint8 images (positions `idx` in the folder)."""
         common = dict(indices=idx, tile_batch=self.batch_size, clip_x0=self.clip_x0)
         if self.kind == "denoise":
-            return denoise(run, batch, self.sigma, self.method, self.samples, self.seed, steps=self.steps,
-                           sampler=self.sampler, **common)
+            return denoise(run, batch, self.sigma, self.method, self.samples, self.seed,
+                           steps=self.steps, sampler=self.sampler, **common)
         if self.kind == "img2img":
             return img2img(run, batch, self.strength, self.seed, self.sampler, self.steps, **common)
         return inpaint(run, batch, masks, self.seed, steps=self.steps, jump_length=self.jump_length,
@@ -407,23 +431,27 @@ def _input_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"input folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {folder}")
     stems = [p.stem for p in files]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
-        raise UserError(f"{folder} holds several images named {dup[0]}.* (outputs are PNGs named by the stem): rename one")
+        raise UserError(f"{folder} holds several images named {dup[0]}.* "
+                        f"(outputs are PNGs named by the stem): rename one")
     return files
 
 
 def read_inputs(run: Run, folder: Path) -> tuple[list[Path], list[torch.Tensor]]:
-    """The folder's images, read as the run's training images were: wide (16-bit) values at the run's
-    recorded bit depth when those were wide, else at the depth the folder's largest value needs."""
+    """The folder's images, read as the run's training images were: wide (16-bit) values at the
+    run's recorded bit depth when those were wide, else at the depth the folder's largest value
+    needs."""
     files = _input_files(folder)
     depth = run.config.data.bit_depth if (run.config.data.bit_depth or 0) > 8 else None
-    read = read_image_files(files, str(folder) if len(files) > 1 else str(files[0]), bit_depth=depth,
-                            channels=run.channels, depth_of=f"the images {run.path} was trained on")
+    read = read_image_files(files, str(folder) if len(files) > 1 else str(files[0]),
+                            bit_depth=depth, channels=run.channels,
+                            depth_of=f"the images {run.path} was trained on")
     for path, img in zip(files, read.images):
         check_images(run, img[None], [str(path)])
     return files, read.images
@@ -434,32 +462,37 @@ def _batches_of_one_size(images: list[torch.Tensor], batch_size: int) -> list[li
     by_shape: dict[tuple, list[int]] = {}
     for i, img in enumerate(images):
         by_shape.setdefault(tuple(img.shape), []).append(i)
-    return [idx[k:k + batch_size] for idx in by_shape.values() for k in range(0, len(idx), batch_size)]
+    return [idx[k:k + batch_size] for idx in by_shape.values()
+            for k in range(0, len(idx), batch_size)]
 
 
-def load_masks(masks_dir: Path, files: list[Path], images: list[torch.Tensor]) -> list[torch.Tensor]:
+def load_masks(masks_dir: Path, files: list[Path],
+               images: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mask of each image (named like it, white = fill) as bool 1 x H x W."""
     masks = []
     for image, img in zip(files, images):
         found = [masks_dir / (image.stem + s) for s in [image.suffix, *sorted(IMAGE_SUFFIXES)]]
         path = next((p for p in found if p.is_file()), None)
         if path is None:
-            raise UserError(f"no mask for {image.name} in {masks_dir} (expected {image.stem}.png or the same name)")
+            raise UserError(f"no mask for {image.name} in {masks_dir} "
+                            f"(expected {image.stem}.png or the same name)")
         mask = read_image(path).float().mean(0, keepdim=True) > 127
         if mask.shape[-2:] != img.shape[-2:]:
-            raise UserError(f"mask {path} is {mask.shape[2]}x{mask.shape[1]} pixels but its image is "
-                            f"{img.shape[2]}x{img.shape[1]}")
+            raise UserError(f"mask {path} is {mask.shape[2]}x{mask.shape[1]} pixels but its image "
+                            f"is {img.shape[2]}x{img.shape[1]}")
         masks.append(mask)
     return masks
 
 
 def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[str], None] = print,
                    force: bool = False, **options) -> Path:
-    """Restore every image of `inputs_dir` into `out_dir` (`options`: Restoration's), in the layout of `sample`:
+    """Restore every image of `inputs_dir` into `out_dir` (`options`: Restoration's), in the layout
+    of `sample`:
         OUT/individual/<input stem>.png   one output per input
         OUT/grid.png                      inputs (top row) above outputs (bottom row), first 16
         OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)
-    Every file is written atomically; each image's noise depends only on (seed, its sorted position)."""
+    Every file is written atomically; each image's noise depends only on (seed, its sorted
+    position)."""
     job = Restoration(kind, **options).checked()
     files, images = read_inputs(run, Path(inputs_dir))
     masks = load_masks(Path(job.masks_dir), files, images) if kind == "inpaint" else None
@@ -477,7 +510,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
                     sigmas[i] = s
             masks_of = None if masks is None else torch.stack([masks[i] for i in idx])
             for i, img in zip(idx, part.run_on(run, batch, masks_of, idx)):
-                atomic.write_bytes(out / "individual" / f"{files[i].stem}.png", png_bytes(img, text), fsync=False)
+                atomic.write_bytes(out / "individual" / f"{files[i].stem}.png",
+                                   png_bytes(img, text), fsync=False)
                 outputs[i] = img
         _write_summary(out, files, images, outputs, sigmas, job)
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
@@ -485,11 +519,13 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
     return out
 
 
-def _write_summary(out: Path, files: list[Path], images: list, outputs: list, sigmas: list, job: Restoration) -> None:
+def _write_summary(out: Path, files: list[Path], images: list, outputs: list, sigmas: list,
+                   job: Restoration) -> None:
     """The before/after grid (inputs above outputs) and the manifest."""
     n = min(len(files), GRID_MAX_COLUMNS)
-    shown = min(min(img.shape[-2:]) for img in images[:n])  # other sizes and shapes: centre squares of this side
-    grid = make_grid(torch.cat([resize_center_crop(img[None], shown) for img in [*images[:n], *outputs[:n]]]), ncol=n)
+    shown = min(min(img.shape[-2:]) for img in images[:n])  # others: centre squares of this side
+    grid = make_grid(torch.cat([resize_center_crop(img[None], shown)
+                                for img in [*images[:n], *outputs[:n]]]), ncol=n)
     atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
     rows = [[str(p), f"individual/{p.stem}.png", job.kind, job.seed, f"{s:.6g}" if s != "" else "",
              json.dumps(job.parameters())] for p, s in zip(files, sigmas)]
@@ -502,5 +538,6 @@ def _restored_files(out: Path) -> list[Path]:
     return [*listed, *(p for p in (out / "grid.png", out / "manifest.csv") if p.exists())]
 
 
-RESTORE = Kind("restore", "restoration", "restored images", "files no ddpmkit restoration wrote there", _restored_files)
+RESTORE = Kind("restore", "restoration", "restored images",
+               "files no ddpmkit restoration wrote there", _restored_files)
 

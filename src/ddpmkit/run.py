@@ -1,4 +1,5 @@
-"""A run directory: everything one training run produced, owned by `RunDir`, and how to load it back.
+"""A run directory: everything one training run produced, owned by `RunDir`, and how to load it
+back.
 
     RUN/meta.json         the format version, versions, git hash, command line, device, the data
     RUN/config.yaml       the resolved config (what `ddpmkit sample RUN` rebuilds the model from)
@@ -29,19 +30,21 @@ from .checkpoint import file_sha256, load_into, read_checkpoint
 from .config import Config, flatten, from_dict, read_yaml, to_yaml
 from .errors import UserError
 from .schedule import Schedule
-from .unet import UNet
+from .unet import UNet, check_fits
 
 FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
-RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html", "learning.gif")
+RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html",
+             "learning.gif")
 RUN_FOLDERS = ("checkpoints", "grids", "tensorboard")  # with RUN_FILES: what --fresh deletes
 # Keys a resume may change. The first never change what is computed; the second change it by float
 # rounding only (another summation order, kernels or device): accepted, and recorded in meta.json.
 SAME_COMPUTATION = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
-                    "train.checkpoint_every", "train.keep_last", "train.out_dir", "train.max_nonfinite",
-                    "train.eval_every", "train.eval_num", "train.eval_features", "train.tensorboard",
-                    "train.dist_timeout_minutes", "data.stream", "data.workers", "sample.")
-ROUNDING_ONLY = ("train.grad_accum", "train.activation_checkpointing", "train.channels_last", "train.device",
-                 "model.compile", "model.compile_mode")
+                    "train.checkpoint_every", "train.keep_last", "train.out_dir",
+                    "train.max_nonfinite", "train.eval_every", "train.eval_num",
+                    "train.eval_features", "train.tensorboard", "train.dist_timeout_minutes",
+                    "data.stream", "data.workers", "sample.")
+ROUNDING_ONLY = ("train.grad_accum", "train.activation_checkpointing", "train.channels_last",
+                 "train.device", "model.compile", "model.compile_mode")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -55,7 +58,7 @@ class RunDir:
         self.digests_path = self.path / "training_images.sha256"
         self.checkpoints = self.path / "checkpoints"
         self.grids = self.path / "grids"
-        self.changes: list[dict] = []  # set by prepare: config changes a resume makes that round differently
+        self.changes: list[dict] = []  # set by prepare: a resume's changes that round differently
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -70,25 +73,29 @@ class RunDir:
     def is_run(self) -> bool:
         """Whether ddpmkit made this folder a run (of any version): its meta.json says so."""
         meta = self.meta()
-        return str(meta.get("format", "")).startswith("ddpmkit-run/") or "ddpmkit" in (meta.get("environment") or {})
+        return (str(meta.get("format", "")).startswith("ddpmkit-run/")
+                or "ddpmkit" in (meta.get("environment") or {}))
 
     def config(self) -> Config:
         """The run's resolved config; a folder that is not a run of this format is refused."""
         if not self.path.is_dir():
             raise UserError(f"{self.path} is not a ddpmkit run: no such folder")
         if not self.is_run() or not self.config_path.is_file():
-            raise UserError(f"{self.path} is not a ddpmkit run (no meta.json and config.yaml of one)")
+            raise UserError(f"{self.path} is not a ddpmkit run "
+                            f"(no meta.json and config.yaml of one)")
         found = self.meta().get("format", "ddpmkit-run/1")
         if found != FORMAT:
-            raise UserError(f"{self.path} was written by another version of ddpmkit ({found}; this one reads {FORMAT}): "
-                            f"use that version, or train the run again")
+            raise UserError(f"{self.path} was written by another version of ddpmkit ({found}; this "
+                            f"one reads {FORMAT}): use that version, or train the run again")
         raw = read_yaml(self.config_path)
         if not isinstance(raw, dict):
-            raise UserError(f"{self.config_path} is not a ddpmkit config (expected a mapping of sections)")
+            raise UserError(f"{self.config_path} is not a ddpmkit config "
+                            f"(expected a mapping of sections)")
         return from_dict(raw)
 
     def imported_from(self) -> str | None:
-        """Where an imported model came from (such a run has no training data of its own), else None."""
+        """Where an imported model came from (such a run has no training data of its own), else
+        None."""
         return self.meta().get("imported_from")
 
     def read_state(self) -> dict:
@@ -105,8 +112,8 @@ class RunDir:
         if bad is None and state.get("best") is not None and not _is_int(state["best"]):
             bad = f"best is {state['best']!r}"
         if bad:
-            raise UserError(f"{self.state_path} is not a state file ddpmkit wrote ({bad}): restore it, or rerun "
-                            f"with --fresh to start the run over")
+            raise UserError(f"{self.state_path} is not a state file ddpmkit wrote ({bad}): "
+                            f"restore it, or rerun with --fresh to start the run over")
         return {"checkpoints": entries, "best": state.get("best")}
 
     def _entry_problem(self, e) -> str | None:
@@ -117,7 +124,8 @@ class RunDir:
         if not isinstance(e.get("sha256"), str) or not _SHA256.fullmatch(e["sha256"]):
             return f"checkpoint of step {e['step']} without a SHA-256"
         numbers = [e.get("loss"), e.get("fd")]
-        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in numbers):
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+               for v in numbers):
             return f"checkpoint of step {e['step']} with a loss or FD that is not a number"
         return None
 
@@ -157,43 +165,47 @@ class RunDir:
         """'latest', 'best' or a step number -> the checkpoint entry (verified)."""
         entries = self.verified_checkpoints()
         if not entries:
-            raise UserError(f"{self.path} has no usable checkpoint: train it first (ddpmkit train --out {self.path})")
+            raise UserError(f"{self.path} has no usable checkpoint: train it first "
+                            f"(ddpmkit train --out {self.path})")
         if which == "latest":
             return entries[0]
         if which == "best":
             best = self.read_state().get("best")
             match = [e for e in entries if e["step"] == best]
             if not match:
-                raise UserError(f"{self.path}: the best checkpoint (step {best}) is not available; use --checkpoint "
-                                f"latest")
+                raise UserError(f"{self.path}: the best checkpoint (step {best}) is not available; "
+                                f"use --checkpoint latest")
             return match[0]
         try:
             step = int(which)
         except ValueError:
-            raise UserError(f"--checkpoint must be latest, best or a step number, got {which!r}") from None
+            raise UserError(f"--checkpoint must be latest, best or a step number, "
+                            f"got {which!r}") from None
         match = [e for e in entries if e["step"] == step]
         if not match:
             raise UserError(f"{self.path} has no checkpoint at step {step} (have: "
                             f"{', '.join(str(e['step']) for e in entries)})")
         return match[0]
 
-    # --- writing (training) ------------------------------------------------------------------------
+    # --- writing (training) ----------------------------------------------------------------------
 
     def prepare(self, cfg: Config, fresh: bool, log) -> Path | None:
         """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
         if self.path.is_dir() and not self.is_run() and any(
-                p.name != atomic.FolderLock.NAME and not atomic.is_temporary(p) for p in self.path.iterdir()):
+                p.name != atomic.FolderLock.NAME and not atomic.is_temporary(p)
+                for p in self.path.iterdir()):
             raise UserError(f"{self.path} exists and is not a ddpmkit run: choose another --out")
         if fresh:
-            if cfg.train.init_from and Path(cfg.train.init_from).expanduser().resolve() == self.path.resolve():
-                raise UserError(f"--fresh would delete {self.path}'s checkpoints, which train.init_from starts "
-                                f"from: choose another --out")
+            if (cfg.train.init_from
+                    and Path(cfg.train.init_from).expanduser().resolve() == self.path.resolve()):
+                raise UserError(f"--fresh would delete {self.path}'s checkpoints, which "
+                                f"train.init_from starts from: choose another --out")
             for name in RUN_FOLDERS:
                 shutil.rmtree(self.path / name, ignore_errors=True)
             for name in RUN_FILES:  # meta.json stays, the run's mark, until training replaces it
                 (self.path / name).unlink(missing_ok=True)
             return None
-        atomic.remove_stale_temps(self.path, self.checkpoints, self.grids)  # from a run killed mid-write
+        atomic.remove_stale_temps(self.path, self.checkpoints, self.grids)  # a run killed mid-write
         if not self.config_path.exists():
             return None
         self._check_resumable(cfg, log)
@@ -201,22 +213,26 @@ class RunDir:
             return None  # stopped before its first checkpoint: nothing to resume
         good = self.verified_checkpoints(warn=lambda m: log(f"warning: {m}"))
         if not good:
-            raise UserError(f"{self.path}: no intact checkpoint to resume from; rerun with --fresh to start over")
+            raise UserError(f"{self.path}: no intact checkpoint to resume from; "
+                            f"rerun with --fresh to start over")
         return self.checkpoint_file(good[0]["step"])
 
     def _check_resumable(self, cfg: Config, log) -> None:
-        """Refuse a resume whose config changes what is computed; record the changes that only round."""
+        """Refuse a resume whose config changes what is computed; record the changes that only
+        round."""
         old, new = flatten(self.config().to_dict()), flatten(cfg.to_dict())
         diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         refused = refused_changes(old, new)
         if refused:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused[:5])
-            raise UserError(f"{self.path} was trained with a different config ({shown}): rerun with --fresh to "
-                            f"start over there, or choose another --out")
-        self.changes = [{"key": k, "from": old.get(k), "to": new.get(k)} for k in diff if k.startswith(ROUNDING_ONLY)]
+            raise UserError(f"{self.path} was trained with a different config ({shown}): "
+                            f"rerun with --fresh to start over there, or choose another --out")
+        self.changes = [{"key": k, "from": old.get(k), "to": new.get(k)} for k in diff
+                        if k.startswith(ROUNDING_ONLY)]
         for c in self.changes:
-            log(f"note: {c['key']} changes from {c['from']!r} to {c['to']!r}: from here the run equals an "
-                f"uninterrupted one to float rounding, not bit for bit (recorded in {self.meta_path.name})")
+            log(f"note: {c['key']} changes from {c['from']!r} to {c['to']!r}: from here the run "
+                f"equals an uninterrupted one to float rounding, not bit for bit "
+                f"(recorded in {self.meta_path.name})")
 
     def start(self, cfg: Config, meta: dict, step: int) -> None:
         """Write the run's record: meta.json (the run's mark) and config.yaml at a fresh start; at a
@@ -227,7 +243,8 @@ class RunDir:
             self.digests_path.unlink(missing_ok=True)
         elif self.changes:
             record = self.meta()
-            record["changes"] = record.get("changes", []) + [{"step": step, **c} for c in self.changes]
+            record["changes"] = (record.get("changes", [])
+                                 + [{"step": step, **c} for c in self.changes])
             atomic.write_text(self.meta_path, atomic.json_text(record))
         atomic.write_text(self.config_path, to_yaml(cfg))
 
@@ -243,7 +260,8 @@ class RunDir:
         the crash), and a torn last line."""
         if self.stats_path.exists():
             kept = [row for row in self.read_stats() if row["step"] <= step]
-            atomic.write_text(self.stats_path, "".join(atomic.json_text(row, indent=None) + "\n" for row in kept))
+            atomic.write_text(self.stats_path, "".join(atomic.json_text(row, indent=None) + "\n"
+                                                       for row in kept))
 
     def record_training_images(self, digests: list[str], log) -> None:
         """Keep training_images.sha256 a record of every image the run has trained on: a resume on
@@ -253,18 +271,22 @@ class RunDir:
         if now <= before:
             return
         if before:
-            log(f"warning: the data changed since {self.path} started ({len(now - before)} image(s) it had not "
-                f"seen): training goes on with it, and {self.digests_path.name} now records those too")
+            log(f"warning: the data changed since {self.path} started "
+                f"({len(now - before)} image(s) it had not seen): training goes on with it, and "
+                f"{self.digests_path.name} now records those too")
         atomic.write_text(self.digests_path, "\n".join(sorted(before | now)) + "\n")
 
     def add_checkpoint(self, sha256: str, step: int, mean_loss: float, keep_last: int) -> None:
-        """Record the checkpoint of `step` (already written to checkpoint_file(step)), then prune."""
+        """Record the checkpoint of `step` (already written to checkpoint_file(step)), then
+        prune."""
         entries = [e for e in self.read_state()["checkpoints"] if e["step"] != step]
-        entries.append({"step": step, "file": self.checkpoint_name(step), "sha256": sha256, "loss": mean_loss})
+        entries.append({"step": step, "file": self.checkpoint_name(step), "sha256": sha256,
+                        "loss": mean_loss})
         self._commit(entries, keep_last)
 
     def record_evaluation(self, step: int, metrics: dict, keep_last: int) -> None:
-        """The evaluation of a saved checkpoint: logged, and it may make the checkpoint the best one."""
+        """The evaluation of a saved checkpoint: logged, and it may make the checkpoint the best
+        one."""
         self.append_stats({"step": step, "eval": metrics})
         entries = self.read_state()["checkpoints"]
         for e in entries:
@@ -275,25 +297,27 @@ class RunDir:
     def _commit(self, entries: list[dict], keep_last: int) -> None:
         """Name the kept checkpoints and the best one in state.json, then delete the others: files
         of checkpoints/ that hold what ddpmkit recorded there, nothing else."""
-        scored = [e for e in entries if "fd" in e]  # best: lowest evaluation FD, else lowest mean loss
+        scored = [e for e in entries if "fd" in e]  # best: lowest eval FD, else lowest mean loss
         by_loss = [e for e in entries if e["loss"] is not None and math.isfinite(e["loss"])]
         if scored:
             best = min(scored, key=lambda e: e["fd"])["step"]
         else:  # a checkpoint saved before any loss was logged has none: the latest, if none has one
-            best = min(by_loss, key=lambda e: e["loss"])["step"] if by_loss else max(e["step"] for e in entries)
+            best = (min(by_loss, key=lambda e: e["loss"])["step"] if by_loss
+                    else max(e["step"] for e in entries))
         keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
         self.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
         for e in entries:  # only after state.json no longer names them
             path = self.checkpoint_file(e["step"])
-            if e["step"] not in keep and path.is_file() and not path.is_symlink() and file_sha256(path) == e["sha256"]:
+            if (e["step"] not in keep and path.is_file() and not path.is_symlink()
+                    and file_sha256(path) == e["sha256"]):
                 path.unlink()
 
 
 def refused_changes(old: dict, new: dict) -> list[str]:
     """The keys of two configs (nested or flat dicts) that differ in a way a resume refuses."""
     a, b = flatten(old), flatten(new)
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(SAME_COMPUTATION +
-                                                                                            ROUNDING_ONLY)]
+    return [k for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(SAME_COMPUTATION + ROUNDING_ONLY)]
 
 
 def _is_int(value) -> bool:
@@ -326,9 +350,10 @@ class Run:
 
 
 def recorded_bit_depth(runs: list[Path]) -> int | None:
-    """The depth these runs read wide pixels at (their config.yaml records it), so real images compared
-    with their samples are read as their training images were. None if they differ or record none;
-    runs no longer here, or not readable, are left out (what needs more of them says what is wrong)."""
+    """The depth these runs read wide pixels at (their config.yaml records it), so real images
+    compared with their samples are read as their training images were. None if they differ or
+    record none; runs no longer here, or not readable, are left out (what needs more of them says
+    what is wrong)."""
     depths = set()
     for run in runs:
         try:
@@ -338,8 +363,8 @@ def recorded_bit_depth(runs: list[Path]) -> int | None:
     return depths.pop() if len(depths) == 1 else None
 
 
-def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, device: str | torch.device = "cpu",
-             dtype: torch.dtype | None = None) -> Run:
+def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True,
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Run:
     """The run's network on `device`, in eval mode. `dtype` (bf16, for sampling on a GPU) casts the
     weights once; the samplers then feed the network that dtype instead of autocasting fp32 weights
     on every call."""
@@ -348,10 +373,11 @@ def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True, dev
     entry = run_dir.select_checkpoint(checkpoint)
     ckpt_path = run_dir.checkpoint_file(entry["step"])
     prefix = "ema" if ema else "model"
+    check_fits(cfg.model, cfg.data.image_size, torch.device(device))
     groups, meta = read_checkpoint(ckpt_path, prefixes=(prefix,))
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, groups[prefix], f"checkpoint {ckpt_path}")
     # Plain NCHW, not channels_last: eager GroupNorm is slow on channels_last tensors (RESULTS.md).
     net.to(device, dtype).eval().requires_grad_(False)
-    return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"], ckpt_path.name,
-               entry["sha256"])
+    return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"],
+               ckpt_path.name, entry["sha256"])

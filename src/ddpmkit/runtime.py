@@ -27,7 +27,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name} asked for, but this PyTorch sees no CUDA GPU: use --device cpu")
+        raise UserError(f"device {name} asked for, but this PyTorch sees no CUDA GPU: "
+                        f"use --device cpu")
     return device
 
 
@@ -60,7 +61,8 @@ class _FreshOutputs(torch.nn.Module):
         return self.compiled(*args).clone()
 
 
-def compile_network(net: torch.nn.Module, mode: str = "default", for_sampling: bool = False) -> torch.nn.Module:
+def compile_network(net: torch.nn.Module, mode: str = "default",
+                    for_sampling: bool = False) -> torch.nn.Module:
     """torch.compile with one of its modes; "reduce-overhead" and "max-autotune" also capture CUDA
     graphs on GPUs (on CPU they compile as "default" does)."""
     compiled = torch.compile(net, mode=None if mode == "default" else mode)
@@ -70,10 +72,11 @@ def compile_network(net: torch.nn.Module, mode: str = "default", for_sampling: b
 
 
 def version() -> str:
-    """ddpmkit's version, from the installed package's metadata (pyproject.toml is its one source)."""
+    """ddpmkit's version, from the installed package's metadata (pyproject.toml is its one
+    source)."""
     try:
         return importlib.metadata.version("ddpmkit")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree never installed
         return "0+unknown"
 
 
@@ -85,8 +88,9 @@ def environment(device: torch.device) -> dict:
     else:
         info["cpu_threads"] = torch.get_num_threads()
     try:
-        info["git"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                     cwd=__file__.rsplit("/", 1)[0]).stdout.strip() or None
+        info["git"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=__file__.rsplit("/", 1)[0]).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git"] = None
     return info

@@ -1,4 +1,5 @@
-"""Samplers: plain functions with one signature over one denoiser interface (k-diffusion's factoring).
+"""Samplers: plain functions with one signature over one denoiser interface (k-diffusion's
+factoring).
 
     sampler(denoiser, x, timesteps, noise, callback=None, **options) -> x0
 
@@ -49,11 +50,12 @@ class Denoiser:
     model, 1 the plain conditional one, and larger values push harder towards the class. The
     output is linear in eps, x0 and v alike, so guiding the raw output is guiding all three."""
 
-    def __init__(self, net: torch.nn.Module, schedule: Schedule, prediction: str, clip_x0: bool = True, *,
-                 amp_dtype: torch.dtype | None = None, labels: torch.Tensor | None = None, guidance: float = 1.0):
+    def __init__(self, net: torch.nn.Module, schedule: Schedule, prediction: str,
+                 clip_x0: bool = True, *, amp_dtype: torch.dtype | None = None,
+                 labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.net, self.schedule, self.prediction, self.clip_x0 = net, schedule, prediction, clip_x0
         self.amp_dtype, self.labels, self.guidance = amp_dtype, labels, guidance
-        # Weights already in a low precision (load_run's dtype) take their inputs in it; fp32 ones autocast.
+        # Weights in a low precision (load_run's dtype) take their inputs in it; fp32 ones autocast.
         weights = next(net.parameters(), torch.empty(0)).dtype
         self.input_dtype = weights if weights != torch.float32 else None
 
@@ -65,7 +67,8 @@ class Denoiser:
         none = torch.full_like(self.labels, -1)
         if self.guidance == 0.0:
             return self.net(x, tt, none).float()
-        both = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.labels, none])).float()
+        both = self.net(torch.cat([x, x]), torch.cat([tt, tt]),
+                        torch.cat([self.labels, none])).float()
         cond, uncond = both.chunk(2)
         return uncond + self.guidance * (cond - uncond)
 
@@ -91,7 +94,8 @@ class ImageNoise:
     """One generator per image, seeded from (seed, image index): noise for image k is the same
     whatever the batch size or position, and any image can be regenerated alone."""
 
-    def __init__(self, seed: int, indices: list[int], shape: tuple[int, ...], device: torch.device | str):
+    def __init__(self, seed: int, indices: list[int], shape: tuple[int, ...],
+                 device: torch.device | str):
         self.shape, self.device = shape, device
         self.generators = [torch.Generator().manual_seed(mix_seed(seed, k)) for k in indices]
 
@@ -103,12 +107,14 @@ class ImageNoise:
 SPACINGS = ("uniform", "quadratic", "trailing", "karras")
 
 
-def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "uniform") -> list[float]:
+def make_timesteps(steps: int, schedule_or_T: Schedule | int,
+                   spacing: str = "uniform") -> list[float]:
     """Descending timesteps.
     uniform:   evenly spaced over [0, T-1], both ends included (starts from pure noise);
     quadratic: denser near t=0 (DDIM paper, section 5), from T-1;
     trailing:  T-1, T-1-T/n, ... (Lin et al. 2024): evenly spaced, starting at T-1, not reaching 0;
-    karras:    noise levels sigma evenly spaced in sigma^(1/7) (Karras et al. 2022), fractional t."""
+    karras:    noise levels sigma evenly spaced in sigma^(1/7) (Karras et al. 2022),
+               fractional t."""
     T = schedule_or_T if isinstance(schedule_or_T, int) else schedule_or_T.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
@@ -120,7 +126,7 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "un
         # The DDIM code stops at 0.8 T, fine for linear betas (abar there 0.0015) but not for cosine
         # (0.093) when sampling starts from pure noise: this runs to T-1 instead.
         ts = np.round(np.linspace(0, math.sqrt(T - 1), steps) ** 2)
-        for i in range(1, len(ts)):  # rounding can repeat small values: keep them strictly increasing
+        for i in range(1, len(ts)):  # rounding can repeat small values: keep them strictly rising
             ts[i] = max(ts[i], ts[i - 1] + 1)
     elif spacing == "trailing":
         # by index, not np.arange over floats, which can return steps + 1 values (the last one -1)
@@ -133,7 +139,7 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int, spacing: str = "un
         ramp = np.linspace(0, 1, steps)
         sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
         ts = [s.t_at_sigma(sig) for sig in sigmas]
-        ts[-1], ts[0] = 0.0, float(T - 1)  # the ends exactly, not through exp and log (one step: T-1)
+        ts[-1], ts[0] = 0.0, float(T - 1)  # the ends exactly, not via exp and log (one step: T-1)
         return ts
     else:
         raise ValueError(f"unknown spacing {spacing!r} (known: {', '.join(SPACINGS)})")
@@ -146,21 +152,24 @@ def _alphas(schedule: Schedule, timesteps: list[float], i: int) -> tuple[float, 
     return schedule.abar_at(timesteps[i]), nxt
 
 
-def ancestral_step(x: torch.Tensor, x0: torch.Tensor, a_t: float, a_prev: float, noise: Callable[[], torch.Tensor],
-                   variance: str = "small") -> torch.Tensor:
-    """One reverse step x_t -> x_prev of Ho et al. 2020 (eq. 6-7): the posterior mean of q(x_prev | x_t, x0)
-    plus noise of variance beta~ ('small') or beta ('large'), none into the clean image (a_prev = 1).
-    Any two levels of the schedule: beta = 1 - abar_t / abar_prev respaces it (improved DDPM)."""
+def ancestral_step(x: torch.Tensor, x0: torch.Tensor, a_t: float, a_prev: float,
+                   noise: Callable[[], torch.Tensor], variance: str = "small") -> torch.Tensor:
+    """One reverse step x_t -> x_prev of Ho et al. 2020 (eq. 6-7): the posterior mean of
+    q(x_prev | x_t, x0) plus noise of variance beta~ ('small') or beta ('large'), none into the
+    clean image (a_prev = 1). Any two levels of the schedule: beta = 1 - abar_t / abar_prev
+    respaces it (improved DDPM)."""
     beta = 1.0 - a_t / a_prev
-    mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+    mean = ((math.sqrt(a_prev) * beta / (1 - a_t)) * x0
+            + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x)
     if a_prev == 1.0:
         return mean
     var = beta * (1 - a_prev) / (1 - a_t) if variance == "small" else beta
     return mean + math.sqrt(var) * noise()
 
 
-def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
-         callback: Callback | None = None, variance: str = "small") -> torch.Tensor:
+def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float],
+         noise: Callable[[], torch.Tensor], callback: Callback | None = None,
+         variance: str = "small") -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020) on any subsequence of timesteps. variance: 'small' is the
     posterior variance beta~, 'large' is beta."""
     for i, t in enumerate(timesteps):
@@ -172,8 +181,9 @@ def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Cal
     return x
 
 
-def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
-         callback: Callback | None = None, eta: float = 0.0) -> torch.Tensor:
+def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float],
+         noise: Callable[[], torch.Tensor], callback: Callback | None = None,
+         eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021). eta=0 is deterministic; eta=1 matches DDPM's posterior variance."""
     for i, t in enumerate(timesteps):
         a_t, a_prev = _alphas(denoiser.schedule, timesteps, i)
@@ -202,11 +212,11 @@ def _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde: bool):
         else:
             h = _lam(a_t) - _lam(a_s)
             alpha_t, sigma_t, sigma_s = math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(1 - a_s)
-            # second order from the previous x0 (multistep), except on the first step and on a step into
-            # t=0: there uniform-in-t steps are tiny in lambda next to the one before, and the
-            # extrapolation weight 1/(2r) would blow up (diffusers' final-step rule). Trailing spacing
-            # stops short of t=0 and keeps second order to the end. "t=0" up to rounding: Karras
-            # spacing reaches it through exp and log.
+            # second order from the previous x0 (multistep), except on the first step and on a step
+            # into t=0: there uniform-in-t steps are tiny in lambda next to the one before, and the
+            # extrapolation weight 1/(2r) would blow up (diffusers' final-step rule). Trailing
+            # spacing stops short of t=0 and keeps second order to the end. "t=0" up to rounding:
+            # Karras spacing reaches it through exp and log.
             lower = old_x0 is None or (i == len(timesteps) - 2 and round(timesteps[-1]) == 0)
             d = x0 if lower else x0 + (h / h_last) / 2 * (x0 - old_x0)  # 1/(2r), r = h_last/h
             if sde:
@@ -220,13 +230,14 @@ def _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde: bool):
     return x
 
 
-def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
-             callback: Callback | None = None) -> torch.Tensor:
+def dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float],
+             noise: Callable[[], torch.Tensor], callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): deterministic, second-order multistep in x0 space."""
     return _dpmpp_2m(denoiser, x, timesteps, noise, callback, sde=False)
 
 
-def dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
+def dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float],
+                 noise: Callable[[], torch.Tensor],
                  callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (midpoint variant): the same multistep x0 estimate with fresh noise
     each step, which corrects earlier errors at the cost of needing more steps."""
@@ -248,7 +259,7 @@ def _karras_ode(denoiser, x, timesteps, callback, heun: bool):
         d, x0 = d_at(x_ve, i, t)
         dt = sig[i + 1] - sig[i]
         # Heun corrects every step but the first and the last. The first starts from pure noise,
-        # where x0 is the data mean and the path is straight in sigma; its sigma can also be huge (the
+        # where x0 is the data mean and the path is straight in sigma; its sigma can be huge (the
         # cosine schedule's t=T-1 is sigma 20,291, against 15 one step later), and the trapezoid's
         # second slope would multiply the two x0 estimates' difference by sigma_0 / (2 sigma_1).
         if heun and i > 0 and sig[i + 1] > 0:
@@ -262,14 +273,15 @@ def _karras_ode(denoiser, x, timesteps, callback, heun: bool):
     return x_ve
 
 
-def euler(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
-          callback: Callback | None = None) -> torch.Tensor:
-    """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the 2nd order)."""
+def euler(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float],
+          noise: Callable[[], torch.Tensor], callback: Callback | None = None) -> torch.Tensor:
+    """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the 2nd
+    order)."""
     return _karras_ode(denoiser, x, timesteps, callback, heun=False)
 
 
-def heun(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float], noise: Callable[[], torch.Tensor],
-         callback: Callback | None = None) -> torch.Tensor:
+def heun(denoiser: Denoiser, x: torch.Tensor, timesteps: list[float],
+         noise: Callable[[], torch.Tensor], callback: Callback | None = None) -> torch.Tensor:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)."""
     return _karras_ode(denoiser, x, timesteps, callback, heun=True)
 
@@ -279,7 +291,7 @@ class Sampler:
     """A sampler function and what the rest of ddpmkit needs to know about it."""
     fn: Callable[..., torch.Tensor]
     default_steps: int | None  # None: all T
-    stochastic: bool  # draws from p(x0 | x_t) (fresh noise each step), or solves the probability-flow ODE
+    stochastic: bool  # draws p(x0 | x_t) (fresh noise each step) or solves the probability-flow ODE
     option: str | None = None  # its one keyword option, if any
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Noise schedules and the forward process.
 
 Notation (Ho et al. 2020): x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps, t = 0..T-1, where
-abar_t = prod_{s<=t} (1 - beta_s). The network predicts eps, x0 or v = sqrt(abar) eps - sqrt(1-abar) x0
-(Salimans & Ho 2022); every conversion between them is exact given x_t and t.
+abar_t = prod_{s<=t} (1 - beta_s). The network predicts eps, x0 or
+v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans & Ho 2022); every conversion between them is
+exact given x_t and t.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Schedule:
         self.betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(self.betas)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
-        self.log_sigmas = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # increasing
+        self.log_sigmas = 0.5 * np.log((1.0 - self.alphas_cumprod)
+                                       / self.alphas_cumprod)  # increasing
         self._abar = torch.from_numpy(self.alphas_cumprod).float()
         self._abar_on: dict[torch.device, torch.Tensor] = {}  # per-device copies: no host syncs
 
@@ -87,7 +89,8 @@ class Schedule:
         a = self.abar(t, like)
         return a.sqrt(), (1 - a).sqrt()
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | float,
+                 noise: torch.Tensor) -> torch.Tensor:
         """x_t of the forward process: t an integer timestep per image (training), or one possibly
         fractional timestep for the whole batch (restoration)."""
         if isinstance(t, torch.Tensor):

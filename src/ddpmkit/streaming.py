@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import (is_idx_data, list_image_files, refuse_labels_off_folder, refuse_split_of_npy, resize_center_crop,
-                   set_channels, split_folder)
+from .data import (is_idx_data, list_image_files, refuse_labels_off_folder, refuse_split_of_npy,
+                   resize_center_crop, set_channels, split_folder)
 from .errors import UserError
-from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, WIDE_MODES, ValueScale, array_to_uint8_nchw, as_nchw,
-                     image_scales, open_image, range_scale, read_pixels, resolved_depth, scaled_image, scales_note, to_tensor,
-                     value_scale)
+from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, WIDE_MODES, ValueScale,
+                     array_to_uint8_nchw, as_nchw, image_scales, open_image, range_scale,
+                     read_pixels, resolved_depth, scaled_image, scales_note, to_tensor, value_scale)
 
 
 class NpyImages:
@@ -31,12 +31,14 @@ class NpyImages:
         except (ValueError, OSError) as exc:
             raise UserError(f"cannot memory-map {path}: {exc}") from None
         if self.array.ndim not in (3, 4) or len(self.array) == 0:
-            raise UserError(f"{path}: shape {self.array.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
+            raise UserError(f"{path}: shape {self.array.shape}; "
+                            f"expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
         self.path, self.cfg = path, cfg
         self.scale = _array_scale(self.array, str(path), cfg.bit_depth)  # one for every batch
-        first = array_to_uint8_nchw(self.array[:1], str(path), self.scale)  # checks layout and dtype once
+        first = array_to_uint8_nchw(self.array[:1], str(path), self.scale)  # checks layout & dtype
         self.channels = cfg.channels or first.shape[1]
-        self.source = f"{len(self.array)} images streamed from {path} (memory-mapped)" + scales_note(self.scale)
+        self.source = (f"{len(self.array)} images streamed from {path} (memory-mapped)"
+                       + scales_note(self.scale))
         self.labels, self.skipped, self.bit_depth = None, [], self.scale.bit_depth
 
     def __len__(self) -> int:
@@ -53,8 +55,8 @@ class FolderImages:
     """A folder of image files, each decoded when a batch draws it. Headers are checked up front
     (cheap: no pixel is decoded), so unreadable files are skipped or refused before training."""
 
-    def __init__(self, root: Path, cfg: DataConfig):
-        files, labels = list_image_files(root, cfg)
+    def __init__(self, root: Path, cfg: DataConfig, log=print):
+        files, labels = list_image_files(root, cfg, log)
         self.cfg, self.skipped = cfg, []
         modes = [self._checked(path, _mode) for path in files]  # headers only: no pixel is decoded
         # wide (16-bit, float) images share one scale: one pass over them before training finds it,
@@ -75,19 +77,23 @@ class FolderImages:
             raise UserError(f"none of the {len(files)} images under {root} could be read")
         self.files = [files[i] for i in readable]
         self.labels = [labels[i] for i in readable] if labels else None
-        self.gray = cfg.channels == 1 or (cfg.channels is None and {modes[i] for i in readable} <= GRAY_MODES)
+        self.gray = cfg.channels == 1 or (cfg.channels is None
+                                          and {modes[i] for i in readable} <= GRAY_MODES)
         self.channels = 1 if self.gray else 3
         self.bit_depth = resolved_depth(*self.scales.values())
         self.source = (f"{len(self.files)} images streamed from {root}"
-                       + (f" ({len(self.skipped)} skipped)" if self.skipped else "") + scales_note(*self.scales.values()))
+                       + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
+                       + scales_note(*self.scales.values()))
 
     def _checked(self, path: Path, read):
-        """read(path), or None for an unreadable file, skipped (and reported) or refused by data.on_error."""
+        """read(path), or None for an unreadable file, skipped (and reported) or refused by
+        data.on_error."""
         try:
             return read(path)
         except UNREADABLE as exc:
             if self.cfg.on_error == "fail":
-                raise UserError(f"cannot read image {path}: {exc} (set data.on_error=skip to skip such files)") from None
+                raise UserError(f"cannot read image {path}: {exc} "
+                                f"(set data.on_error=skip to skip such files)") from None
             self.skipped.append((str(path), str(exc) or type(exc).__name__))
             return None
 
@@ -98,11 +104,12 @@ class FolderImages:
         try:
             return read_pixels(self.files[i])
         except UNREADABLE as exc:
-            raise UserError(f"cannot decode image {self.files[i]}: {exc}; remove it or fix it, then rerun "
-                            f"(a run resumes)") from None
+            raise UserError(f"cannot decode image {self.files[i]}: {exc}; remove it or fix it, "
+                            f"then rerun (a run resumes)") from None
 
     def read(self, indices: np.ndarray) -> torch.Tensor:
-        return torch.cat([resize_center_crop(to_tensor(scaled_image(self._pixels(i), self.scales), self.gray)[None],
+        return torch.cat([resize_center_crop(to_tensor(scaled_image(self._pixels(i), self.scales),
+                                                       self.gray)[None],
                                              self.cfg.image_size) for i in indices])
 
 
@@ -124,23 +131,26 @@ def _array_scale(array: np.ndarray, name: str, bit_depth: int | None) -> ValueSc
         lows.append(part.min().item())
         highs.append(part.max().item())
     # numpy's min and max keep a NaN, which range_scale refuses (Python's would drop it)
-    return range_scale(array.dtype.kind == "f", np.min(lows).item(), np.max(highs).item(), name, bit_depth)
+    return range_scale(array.dtype.kind == "f", np.min(lows).item(), np.max(highs).item(),
+                       name, bit_depth)
 
 
-def open_stream(cfg: DataConfig):
+def open_stream(cfg: DataConfig, log=print):
     path = Path(cfg.path).expanduser() if cfg.path else None
     if path is None or not path.exists():
         raise UserError("data.stream=true needs data.path: a .npy file or a folder of images")
     refuse_labels_off_folder(path, cfg)
     if is_idx_data(path):
-        raise UserError(f"data.stream=true reads .npy files and image folders, and {path} is MNIST-style IDX data: "
-                        f"set data.stream=false (IDX data is small enough to load: MNIST's 60,000 images take 47 MB)")
+        raise UserError(f"data.stream=true reads .npy files and image folders, and {path} is "
+                        f"MNIST-style IDX data: set data.stream=false (IDX data is small enough "
+                        f"to load: MNIST's 60,000 images take 47 MB)")
     if path.is_dir():
-        return FolderImages(split_folder(path, cfg), cfg)
+        return FolderImages(split_folder(path, cfg), cfg, log)
     if path.suffix.lower() == ".npy":
         refuse_split_of_npy(path, cfg.split)
         return NpyImages(path, cfg)
-    kind = "a single image" if path.suffix.lower() in IMAGE_SUFFIXES else f"a {path.suffix or 'suffix-less'} file"
+    kind = ("a single image" if path.suffix.lower() in IMAGE_SUFFIXES
+            else f"a {path.suffix or 'suffix-less'} file")
     raise UserError(f"data.stream=true reads .npy files and image folders, and {path} is {kind}: "
                     f"convert it (numpy.save) or set data.stream=false")
 
@@ -161,7 +171,8 @@ class StepBatches(torch.utils.data.Dataset):
         return self.source.read(self.order.indices(self.first + i)[self.rows].numpy())
 
 
-def batch_loader(source, order, rows: slice, first_step: int, last_step: int, *, workers: int, pin: bool):
+def batch_loader(source, order, rows: slice, first_step: int, last_step: int, *,
+                 workers: int, pin: bool):
     dataset = StepBatches(source, order, rows, first_step, last_step)
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin, prefetch_factor=4 if workers else None,

@@ -38,27 +38,30 @@ class TiledNet(torch.nn.Module):
     """`chunk`: the most tiles one network call takes (a large image has many). Tiled outputs are
     float32 (the Denoiser works in float32)."""
 
-    def __init__(self, net: torch.nn.Module, size: int, overlap: int | None = None, chunk: int = 64):
+    def __init__(self, net: torch.nn.Module, size: int, overlap: int | None = None,
+                 chunk: int = 64):
         super().__init__()
         self.net, self.size, self.chunk = net, size, chunk
         self.overlap = size // OVERLAP_FRACTION if overlap is None else overlap
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
         if (h, w) == (self.size, self.size):
             return self.net(x, t) if labels is None else self.net(x, t, labels)
         s = self.size
         if min(h, w) < s:
             raise ValueError(f"tiles of {s}x{s} do not fit a {w}x{h} input")
-        corners = [(top, left) for top in tile_starts(h, s, self.overlap) for left in tile_starts(w, s, self.overlap)]
+        corners = [(top, left) for top in tile_starts(h, s, self.overlap)
+                   for left in tile_starts(w, s, self.overlap)]
         window = tent_window(s).to(x.device)
         weight = torch.zeros(h, w, device=x.device)
         for top, left in corners:
             weight[top:top + s, left:left + s] += window
-        # (image, tile) pairs, `chunk` to a network call, each blended in as it comes: memory holds one
-        # chunk of tiles, however large the images
+        # (image, tile) pairs, `chunk` to a network call, each blended in as it comes: memory holds
+        # one chunk of tiles, however large the images
         pairs = [(i, top, left) for top, left in corners for i in range(n)]
-        total = torch.zeros(x.shape, device=x.device)  # the output is shaped like the input (eps, x0 or v)
+        total = torch.zeros(x.shape, device=x.device)  # shaped like the input (eps, x0 or v)
         for k in range(0, len(pairs), self.chunk):
             part = pairs[k:k + self.chunk]
             rows = torch.tensor([i for i, _, _ in part], device=x.device)

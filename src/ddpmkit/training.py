@@ -18,6 +18,7 @@ import resource
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,14 +32,16 @@ from .errors import UserError
 from .generation import SamplingSpec, sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
+from .outputs import refuse_shared
 from .pretrained import load_pretrained
 from .report import write_report
 from .resolve import Prepared, prepare_training
 from .run import Run, RunDir
-from .runtime import autocast, autocast_dtype, compile_network, environment, mix_seed, resolve_device
+from .runtime import (autocast, autocast_dtype, compile_network, environment, mix_seed,
+                      resolve_device)
 from .schedule import Schedule
 from .streaming import batch_loader
-from .unet import UNet, count_parameters
+from .unet import UNet, check_fits, count_parameters
 
 
 class EpochOrder:
@@ -91,11 +94,12 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     schedule: Schedule
     step: int = 0
-    net: torch.nn.Module | None = None  # what the loop calls: the model, wrapped in DDP and/or compiled
+    net: torch.nn.Module | None = None  # what the loop calls: the model, in DDP and/or compiled
     ddp: torch.nn.Module | None = None
 
 
-def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, world: World = World()) -> RunDir:
+def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
+          world: World = World()) -> RunDir:
     """Train (or resume) the run in cfg.train.out_dir; returns its RunDir. Under torchrun pass the
     process's `World`: every process trains its share of each batch, rank 0 alone writes files."""
     if not world.is_main:
@@ -104,43 +108,49 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True, wo
     tc = cfg.train
     share = tc.batch_size // (world.size * tc.grad_accum)
     if share * world.size * tc.grad_accum != tc.batch_size:
-        raise UserError(f"train.batch_size={tc.batch_size} does not split into {world.size} process(es) x "
-                        f"train.grad_accum={tc.grad_accum} equal micro-batches: make it a multiple of "
-                        f"{world.size * tc.grad_accum}")
+        raise UserError(f"train.batch_size={tc.batch_size} does not split into {world.size} "
+                        f"process(es) x train.grad_accum={tc.grad_accum} equal micro-batches: make "
+                        f"it a multiple of {world.size * tc.grad_accum}")
     amp_dtype = autocast_dtype(tc.precision, device)
+    refuse_shared(Path(tc.out_dir), (Path(cfg.data.path),) if cfg.data.path else ())
     prep = prepare_training(cfg, fresh, log)
     # before anything is written: a refusal here leaves no half-made run behind
+    check_fits(prep.cfg.model, prep.cfg.data.image_size, device,
+               batch=0 if tc.activation_checkpointing else share)
     evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
     board = _tensorboard_writer() if tc.tensorboard and world.is_main else None
     job = Job(prep, RunDir(tc.out_dir), world, device, amp_dtype, share, evaluator, log)
     with atomic.FolderLock(job.run.path, "train") if world.is_main else contextlib.nullcontext():
-        # rank 0 decides between a fresh start and a resume; the others learn the outcome (or its error)
+        # rank 0 chooses a fresh start or a resume; the others learn the outcome (or its error)
         resume_from = on_main_then_shared(world, lambda: job.run.prepare(job.cfg, fresh, log))
         state = _build_state(job)
         if not _start(job, state, resume_from):
             return job.run
         stopped = _fit(job, state, progress, board and board(job.run))
     if stopped:  # saved; now leave non-zero, so a scheduler does not take the run as finished
-        log(f"stopped at step {state.step} on {stopped}; checkpoint saved; rerun the same command to resume")
+        log(f"stopped at step {state.step} on {stopped}; checkpoint saved; "
+            f"rerun the same command to resume")
         raise KeyboardInterrupt
     if prep.data.skipped:
-        log(f"{len(prep.data.skipped)} unreadable image(s) were skipped; they are listed in {job.run.meta_path}")
+        log(f"{len(prep.data.skipped)} unreadable image(s) were skipped; "
+            f"they are listed in {job.run.meta_path}")
     if world.is_main:
         report = write_report(job.run.path)
-        log(f"trained {job.run.path} to step {state.step}: checkpoints in {job.run.checkpoints}, grids in "
-            f"{job.run.grids}, log {job.run.stats_path}, report {report}")
+        log(f"trained {job.run.path} to step {state.step}: checkpoints in {job.run.checkpoints}, "
+            f"grids in {job.run.grids}, log {job.run.stats_path}, report {report}")
     return job.run
 
 
 def _fit(job: Job, state: TrainState, progress: bool, board) -> str | None:
-    """The loop, from state.step to train.max_steps; returns the signal that stopped it, if one did."""
+    """The loop, from state.step to train.max_steps; returns the signal that stopped it, if one
+    did."""
     tc = job.cfg.train
     next_batch = _batches(job, state)
     meter = Meter(job.device, state.step, _progress_bar(progress, state.step, tc.max_steps), board)
     stopping = False
     with StopSignal() as signal_:
         while state.step < tc.max_steps:
-            # Draw the step's images, timesteps, noise, flips and labels: all seeded by (seed, step).
+            # Draw the step's images, timesteps, noise, flips and labels: seeded by (seed, step).
             batch = _draw(job, state.schedule, state.step, next_batch)
             # Accumulate gradients over the micro-batches.
             loss = _accumulate_gradients(job, state, batch)
@@ -162,7 +172,8 @@ def _fit(job: Job, state: TrainState, progress: bool, board) -> str | None:
             # Sample the grid and evaluate, unless a signal is waiting.
             if (state.step % tc.sample_every == 0 or done) and not stopping:
                 _grid(job, state, board)
-            if saved and tc.eval_every and (state.step % tc.eval_every == 0 or done) and not stopping:
+            if (saved and tc.eval_every and (state.step % tc.eval_every == 0 or done)
+                    and not stopping):
                 _evaluate(job, state, board)
             if done:
                 break
@@ -180,7 +191,8 @@ def _build_state(job: Job) -> TrainState:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == "cuda" and tc.channels_last:
-        model, ema = model.to(memory_format=torch.channels_last), ema.to(memory_format=torch.channels_last)
+        model, ema = (model.to(memory_format=torch.channels_last),
+                      ema.to(memory_format=torch.channels_last))
     # Fused AdamW (CPU and CUDA) takes a found_inf flag: a non-finite step is skipped on the device,
     # so the step never waits for the host to read the loss.
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
@@ -189,8 +201,8 @@ def _build_state(job: Job) -> TrainState:
 
 
 def _start(job: Job, state: TrainState, resume_from) -> bool:
-    """Restore a checkpoint, or start (from pretrained weights, if any) and record the run; then wrap
-    the network for the loop. False when there is nothing left to train."""
+    """Restore a checkpoint, or start (from pretrained weights, if any) and record the run; then
+    wrap the network for the loop. False when there is nothing left to train."""
     run, data, log = job.run, job.prep.data, job.log
     if resume_from is not None:
         state.step = restore(resume_from, state.model, state.ema, state.opt)["step"]
@@ -200,15 +212,17 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         pretrained = load_pretrained(state.model, state.ema, job.prep.source, log)
         log(f"starting from {pretrained}; optimizer and step start from zero")
     if job.world.is_main:
-        meta = {"environment": environment(job.device), "data": data.source, "num_images": len(data),
-                "skipped_images": [f for f, _ in data.skipped], "parameters": count_parameters(state.model),
-                "processes": job.world.size, "init_from": pretrained}
+        meta = {"environment": environment(job.device), "data": data.source,
+                "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
+                "parameters": count_parameters(state.model), "processes": job.world.size,
+                "init_from": pretrained}
         run.start(job.cfg, meta, state.step)
         run.truncate_stats(state.step)
         if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
             run.record_training_images(image_digests(data.images), log)
     tc = job.cfg.train
-    log(f"training {run.path}: {count_parameters(state.model):,} parameters, {data.source}, on {job.device}"
+    log(f"training {run.path}: {count_parameters(state.model):,} parameters, {data.source}, "
+        f"on {job.device}"
         + (f" x {job.world.size} processes" if job.world.size > 1 else "")
         + (f", {tc.grad_accum} micro-batches of {job.share} per step" if tc.grad_accum > 1 else ""))
     if state.step >= tc.max_steps:
@@ -233,17 +247,19 @@ def _batches(job: Job, state: TrainState):
     data, tc, device = job.prep.data, job.cfg.train, job.device
     class_ids = None if job.prep.class_ids is None else job.prep.class_ids.to(device)
     order = EpochOrder(len(data), tc.batch_size, tc.seed, device)
-    if job.cfg.data.stream:  # worker processes read the images; the order is drawn again there, on the CPU
-        loader = iter(batch_loader(data, EpochOrder(len(data), tc.batch_size, tc.seed), job.rows, state.step,
-                                   tc.max_steps, workers=job.cfg.data.workers, pin=device.type == "cuda"))
+    if job.cfg.data.stream:  # workers read the images; the order is drawn again there, on the CPU
+        loader = iter(batch_loader(data, EpochOrder(len(data), tc.batch_size, tc.seed), job.rows,
+                                   state.step, tc.max_steps, workers=job.cfg.data.workers,
+                                   pin=device.type == "cuda"))
         images = lambda step: next(loader).to(device, non_blocking=True)  # noqa: E731
     else:
         on_device = data.images.to(device)
         images = lambda step: on_device[order.indices(step)[job.rows]]  # noqa: E731
-    return lambda step: (images(step), None if class_ids is None else class_ids[order.indices(step)])
+    return lambda step: (images(step),
+                         None if class_ids is None else class_ids[order.indices(step)])
 
 
-# --- one step --------------------------------------------------------------------------------------
+# --- one step ------------------------------------------------------------------------------------
 
 @dataclass
 class Batch:
@@ -278,7 +294,7 @@ def _accumulate_gradients(job: Job, state: TrainState, batch: Batch) -> torch.Te
     state.opt.zero_grad(set_to_none=True)
     for k in range(tc.grad_accum):
         mine = slice(k * share, (k + 1) * share)  # of this process's rows
-        rows = slice(job.rows.start + k * share, job.rows.start + (k + 1) * share)  # of the global batch
+        rows = slice(job.rows.start + k * share, job.rows.start + (k + 1) * share)  # global batch
         x0 = batch_to_model(batch.images[mine], None if batch.flips is None else batch.flips[rows])
         if job.device.type == "cuda" and tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -287,8 +303,9 @@ def _accumulate_gradients(job: Job, state: TrainState, batch: Batch) -> torch.Te
         with contextlib.nullcontext() if last else state.ddp.no_sync():
             with autocast(job.device, job.amp_dtype):
                 labels = None if batch.labels is None else batch.labels[mine]
-                micro = diffusion_loss(state.net, state.schedule, job.cfg.diffusion.prediction, x0, batch.t[rows],
-                                       batch.noise[rows], labels=labels) / tc.grad_accum
+                micro = diffusion_loss(
+                    state.net, state.schedule, job.cfg.diffusion.prediction, x0, batch.t[rows],
+                    batch.noise[rows], labels=labels) / tc.grad_accum
             (state.scaler.scale(micro) if state.scaler else micro).backward()
         loss = loss + micro.detach()
     return loss
@@ -324,14 +341,15 @@ def _update_ema(state: TrainState, ema_decay: float, finite: torch.Tensor) -> No
     torch._foreach_add_(ema_params, delta)
 
 
-# --- bookkeeping -----------------------------------------------------------------------------------
+# --- bookkeeping ---------------------------------------------------------------------------------
 
 class Meter:
     """Loss and non-finite-step counters, kept on the device and read at log intervals only."""
 
     def __init__(self, device: torch.device, step: int, bar, board):
         zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        self.loss_sum, self.skipped_sum, self.nonfinite_run, self.worst_run = zero(), zero(), zero(), zero()
+        self.loss_sum, self.skipped_sum, self.nonfinite_run, self.worst_run = (
+            zero(), zero(), zero(), zero())
         self.bar, self.board, self.device = bar, board, device
         self.ckpt_loss_sum, self.ckpt_loss_n, self.skipped_total = 0.0, 0, 0
         self.t_start = self.t_log = time.time()
@@ -357,17 +375,19 @@ class Meter:
         self.skipped_total += skipped
         if worst >= tc.max_nonfinite:
             self.bar.close()
-            raise UserError(f"training diverged: {worst} non-finite losses in a row by step {state.step}; last "
-                            f"good checkpoint kept in {job.run.checkpoints}; lower train.lr")
+            raise UserError(
+                f"training diverged: {worst} non-finite losses in a row by step {state.step}; last "
+                f"good checkpoint kept in {job.run.checkpoints}; lower train.lr")
         mean_loss = total_loss / (n - skipped) if n > skipped else float("nan")
         if math.isfinite(mean_loss):
-            self.ckpt_loss_sum, self.ckpt_loss_n = self.ckpt_loss_sum + mean_loss * n, self.ckpt_loss_n + n
+            self.ckpt_loss_sum, self.ckpt_loss_n = (self.ckpt_loss_sum + mean_loss * n,
+                                                    self.ckpt_loss_n + n)
         now = time.time()
         ips = n * tc.batch_size / max(now - self.t_log, 1e-9)
         record = {"step": state.step, "images_seen": state.step * tc.batch_size, "loss": mean_loss,
-                  "lr": state.opt.param_groups[0]["lr"], "images_per_sec": ips, "sec_per_kimg": 1000 / ips,
-                  "memory_mb": _memory_mb(self.device), "elapsed_sec": now - self.t_start,
-                  "skipped_nonfinite": self.skipped_total}
+                  "lr": state.opt.param_groups[0]["lr"], "images_per_sec": ips,
+                  "sec_per_kimg": 1000 / ips, "memory_mb": _memory_mb(self.device),
+                  "elapsed_sec": now - self.t_start, "skipped_nonfinite": self.skipped_total}
         if job.world.is_main:
             job.run.append_stats(record)
         if self.board:
@@ -407,16 +427,17 @@ def _checkpoint(job: Job, state: TrainState, mean_loss: float) -> None:
         weights = [*state.model.named_parameters(), *state.ema.named_parameters()]
         bad = [name for name, p in weights if not torch.isfinite(p).all()]
         if bad:
-            raise UserError(f"training diverged: the weights became non-finite by step {state.step} ({bad[0]}); "
-                            f"last good checkpoint kept in {job.run.checkpoints}; lower train.lr")
+            raise UserError(
+                f"training diverged: the weights became non-finite by step {state.step} "
+                f"({bad[0]}); last good checkpoint kept in {job.run.checkpoints}; lower train.lr")
         path = job.run.checkpoint_file(state.step)
         try:
             sha = save_checkpoint(path, state.model, state.ema, state.opt, state.step)
-        except OSError as exc:  # disk full, quota, permissions: the temporary file is already removed
+        except OSError as exc:  # disk full, quota, permissions: the temp file is already removed
             steps = [e["step"] for e in job.run.read_state()["checkpoints"]]
             kept = f"checkpoint of step {max(steps)} kept" if steps else "no earlier checkpoint"
-            raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}, nothing half-written") \
-                from None
+            raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}; {kept}, "
+                            f"nothing half-written") from None
         job.run.add_checkpoint(sha, state.step, mean_loss, job.cfg.train.keep_last)
     barrier()
 
@@ -431,9 +452,10 @@ def _grid(job: Job, state: TrainState, board) -> None:
     if job.world.is_main:
         tc = job.cfg.train
         spec = SamplingSpec("ddim", steps=min(tc.grid_steps, state.schedule.num_timesteps))
-        grid = scale_for_viewing(make_grid(to_uint8(sample_batch(_view(job, state), range(tc.grid_images), tc.seed,
-                                                                 spec))))
-        atomic.write_bytes(job.run.grids / f"step_{state.step:09d}.png", png_bytes(grid), fsync=False)
+        grid = scale_for_viewing(make_grid(to_uint8(
+            sample_batch(_view(job, state), range(tc.grid_images), tc.seed, spec))))
+        atomic.write_bytes(job.run.grids / f"step_{state.step:09d}.png", png_bytes(grid),
+                           fsync=False)
         if board:
             board.add_image("samples", grid.numpy(), state.step)
     barrier()
@@ -488,7 +510,8 @@ def _memory_mb(device: torch.device) -> float:
 def _progress_bar(enabled: bool, step: int, total: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not enabled)
+    return tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                disable=not enabled)
 
 
 def _tensorboard_writer():
@@ -496,7 +519,8 @@ def _tensorboard_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        raise UserError("train.tensorboard=true needs the tensorboard package: "
+                        "pip install tensorboard") from None
     return lambda run: SummaryWriter(str(run.path / "tensorboard"))
 
 
@@ -505,12 +529,12 @@ def _evaluator(prep: Prepared, device: torch.device, log):
 
     data, cfg = prep.data, prep.cfg
     if cfg.train.eval_features == "classifier" and not data.labels:
-        raise UserError(f"train.eval_every needs labelled training images for train.eval_features=classifier, and "
-                        f"{cfg.data.path or 'the data'} has no labels: set train.eval_features=efficientnet or "
-                        f"inception")
+        raise UserError(f"train.eval_every needs labelled training images for "
+                        f"train.eval_features=classifier, and {cfg.data.path or 'the data'} has no "
+                        f"labels: set train.eval_features=efficientnet or inception")
     if isinstance(data, ImageData):
         return TrainingEvaluator(cfg.train.eval_features, data.images, data.labels, device, log)
-    n = min(len(data), 10_000)  # streamed data: the reference is the first (up to) 10,000 images, read once
+    n = min(len(data), 10_000)  # streamed: the reference is the first (up to) 10k images, read once
     labels = data.labels[:n] if data.labels else None
     return TrainingEvaluator(cfg.train.eval_features, data.read(np.arange(n)), labels, device, log)
 

@@ -44,12 +44,14 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm that keeps a bf16/fp16 input's precision under autocast, as NVlabs EDM's does.
     Autocast runs group_norm in fp32, so every normalised activation (and the SiLU after it) makes
     an fp32 round trip through memory; the kernel accumulates its statistics in fp32 either way.
-    Outside autocast, and for fp32 inputs, it is nn.GroupNorm: CPU training is unchanged bit for bit."""
+    Outside autocast, and for fp32 inputs, it is nn.GroupNorm: CPU training is unchanged bit for
+    bit."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype),
+                                    self.bias.to(x.dtype), self.eps)
         return super().forward(x)
 
 
@@ -118,7 +120,8 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution of the down or up path."""
 
-    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module], resample: nn.Module | None):
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module],
+                 resample: nn.Module | None):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions)
@@ -144,9 +147,10 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_linear_1 = nn.Linear(cfg.base_channels, temb_dim)
         self.time_linear_2 = nn.Linear(temb_dim, temb_dim)
-        # Class conditioning as in diffusers' num_class_embeds: one learned vector per class added to
-        # the time embedding. Label -1 adds nothing: the unconditional model of classifier-free guidance.
-        self.class_embedding = nn.Embedding(cfg.num_classes, temb_dim) if cfg.num_classes > 0 else None
+        # Class conditioning like diffusers' num_class_embeds: one learned vector per class added to
+        # the time embedding. Label -1 adds nothing (unconditional, for classifier-free guidance).
+        self.class_embedding = (nn.Embedding(cfg.num_classes, temb_dim) if cfg.num_classes > 0
+                                else None)
 
         n_levels = len(ch)
         use_attn = [image_size // 2**i in cfg.attention_resolutions for i in range(n_levels)]
@@ -181,10 +185,11 @@ class UNet(nn.Module):
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)  # the RNG state is replayed: same dropout
+            return checkpoint(block, *args, use_reentrant=False)  # RNG replayed: same dropout
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) or scalar timesteps, may be fractional; labels: (B,) class
         indices, -1 for none (ignored by an unconditional model, None means all -1)."""
         if t.dim() == 0:
@@ -230,9 +235,9 @@ BYTES_PER_PARAMETER = 4 * 5  # training in fp32: weights, gradients, AdamW's two
 
 
 def measure(cfg: ModelConfig, image_size: int, flops: bool = False) -> tuple[UNet, int, dict]:
-    """Build the UNet on the meta device (nothing is allocated, whatever its widths) and run one image
-    through it: (the meta network, bytes autograd saves for its backward pass, FLOPs per module if
-    asked, counted by torch.utils.flop_counter)."""
+    """Build the UNet on the meta device (nothing is allocated, whatever its widths) and run one
+    image through it: (the meta network, bytes autograd saves for its backward pass, FLOPs per
+    module if asked, counted by torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -247,7 +252,8 @@ def measure(cfg: ModelConfig, image_size: int, flops: bool = False) -> tuple[UNe
     counter = FlopCounterMode(display=False) if flops else contextlib.nullcontext()
     with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         net(x, torch.zeros(1, device="meta"))
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()} if flops else {}
+    counts = ({name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+              if flops else {})
     return net, saved[0], counts
 
 
@@ -258,9 +264,10 @@ def check_fits(cfg: ModelConfig, image_size: int, device: torch.device, batch: i
     params = count_parameters(net)
     weights = params * (BYTES_PER_PARAMETER if batch else 4)
     need = weights + batch * per_image
-    what = f"the UNet ({params:,} parameters" + (f", activations of {batch} images)" if batch else ")")
-    fix = "use a smaller model (model.base_channels, model.channel_mult)" + (", or a smaller train.batch_size or "
-                                                                                "train.grad_accum > 1" if batch else "")
+    what = (f"the UNet ({params:,} parameters"
+            + (f", activations of {batch} images)" if batch else ")"))
+    fix = "use a smaller model (model.base_channels, model.channel_mult)" + (
+        ", or a smaller train.batch_size or train.grad_accum > 1" if batch else "")
     if device.type == "cuda":  # activations there are autocast's and --max-batch's business
         need = weights
         free = torch.cuda.mem_get_info(device)[0]

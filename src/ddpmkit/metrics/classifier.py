@@ -23,8 +23,10 @@ class SmallResNet(nn.Module):
 
     def __init__(self, channels: int, classes: int):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.blocks = nn.ModuleList([_Block(32, 32, 1), _Block(32, 32, 1), _Block(32, 64, 2), _Block(64, 64, 1)])
+        self.stem = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.ModuleList([_Block(32, 32, 1), _Block(32, 32, 1),
+                                     _Block(32, 64, 2), _Block(64, 64, 1)])
         self.head = nn.Linear(64, classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,8 +70,9 @@ def augment(x: torch.Tensor, g: torch.Generator, flips: bool = True) -> torch.Te
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
-def fit(images_u8: torch.Tensor, labels: np.ndarray, classes: int, *, steps: int, batch: int, lr: float, seed: int,
-        weights: torch.Tensor | None = None, shifts: bool = True, flips: bool = True) -> SmallResNet:
+def fit(images_u8: torch.Tensor, labels: np.ndarray, classes: int, *, steps: int, batch: int,
+        lr: float, seed: int, weights: torch.Tensor | None = None, shifts: bool = True,
+        flips: bool = True) -> SmallResNet:
     """Train a SmallResNet for `steps` batches drawn with replacement, image i with probability
     proportional to weights[i] (uniform if None); shifts (and flips) augment every batch."""
     torch.manual_seed(mix_seed(seed, 11))
@@ -94,4 +97,5 @@ def fit(images_u8: torch.Tensor, labels: np.ndarray, classes: int, *, steps: int
 @torch.no_grad()
 def predict(net: nn.Module, images_u8: torch.Tensor) -> np.ndarray:
     """Class probabilities, N x classes."""
-    return torch.cat([net(to_input(images_u8[i:i + 512])).softmax(1) for i in range(0, len(images_u8), 512)]).numpy()
+    return torch.cat([net(to_input(images_u8[i:i + 512])).softmax(1)
+                      for i in range(0, len(images_u8), 512)]).numpy()

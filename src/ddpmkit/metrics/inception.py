@@ -26,9 +26,11 @@ from ..checkpoint import file_sha256
 from ..errors import UserError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
+WEIGHTS_URL = (f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               f"{WEIGHTS_NAME}")
 WEIGHTS_SHA256_PREFIX = "6726825d"
-RESIZE = "bilinear to 299x299 (torch F.interpolate, align_corners=False, no antialias), as pytorch-fid"
+RESIZE = ("bilinear to 299x299 (torch F.interpolate, align_corners=False, no antialias), "
+          "as pytorch-fid")
 
 
 class BasicConv2d(nn.Module):
@@ -97,8 +99,8 @@ class InceptionC(nn.Module):
 
     def forward(self, x):
         dbl = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                      self.branch7x7dbl_5):
+        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                      self.branch7x7dbl_4, self.branch7x7dbl_5):
             dbl = layer(dbl)
         return torch.cat([
             self.branch1x1(x),
@@ -120,7 +122,8 @@ class InceptionD(nn.Module):
 
     def forward(self, x):
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
+                          F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):
@@ -150,7 +153,8 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """Parameter names match pytorch-fid's / torchvision's, so their state dicts load as they are."""
+    """Parameter names match pytorch-fid's / torchvision's, so their state dicts
+    load as they are."""
 
     def __init__(self):
         super().__init__()
@@ -181,8 +185,9 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d,
+                      self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
+                      self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)
         feats = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return feats, F.linear(feats, self.fc.weight)
@@ -193,9 +198,11 @@ def default_weights_path() -> Path:
     return hub / "hub" / "checkpoints" / WEIGHTS_NAME
 
 
-def load_fid_inception(weights: str | Path | None = None, download: bool = True) -> tuple[FIDInceptionV3, str]:
+def load_fid_inception(weights: str | Path | None = None,
+                       download: bool = True) -> tuple[FIDInceptionV3, str]:
     """The FID network with the standard weights, and the weights file's SHA-256: from `weights`,
-    else PyTorch hub's cache (where pytorch-fid also keeps them), downloading them there when online."""
+    else PyTorch hub's cache (where pytorch-fid also keeps them), downloading them
+    there when online."""
     path = Path(weights) if weights else default_weights_path()
     if not path.is_file():
         if weights:
@@ -203,13 +210,15 @@ def load_fid_inception(weights: str | Path | None = None, download: bool = True)
         if not download:
             raise UserError(_how_to_get_weights(path))
         try:
-            torch.hub.download_url_to_file(WEIGHTS_URL, str(path), hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
+            torch.hub.download_url_to_file(WEIGHTS_URL, str(path),
+                                           hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
         except Exception:  # offline: urllib raises several types
             raise UserError(_how_to_get_weights(path)) from None
     digest = file_sha256(path)
     if not digest.startswith(WEIGHTS_SHA256_PREFIX):
-        raise UserError(f"{path} is not the FID Inception weights file (SHA-256 {digest[:8]}..., expected "
-                        f"{WEIGHTS_SHA256_PREFIX}...): FID from other weights would not be comparable")
+        raise UserError(f"{path} is not the FID Inception weights file (SHA-256 {digest[:8]}..., "
+                        f"expected {WEIGHTS_SHA256_PREFIX}...): FID from other weights "
+                        f"would not be comparable")
     net = FIDInceptionV3()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -221,5 +230,5 @@ def load_fid_inception(weights: str | Path | None = None, download: bool = True)
 
 def _how_to_get_weights(path: Path) -> str:
     return (f"FID needs the Inception weights and this machine is offline: download {WEIGHTS_URL} "
-            f"and pass --inception-weights FILE (or put it at {path}); or use --features efficientnet "
-            f"(offline, not comparable with published FID) or --features classifier")
+            f"and pass --inception-weights FILE (or put it at {path}); or use --features "
+            f"efficientnet (offline, not comparable with published FID) or --features classifier")

@@ -1,4 +1,5 @@
-"""Statistics over image features: FID's Frechet distance, KID, precision/recall and Inception Score.
+"""Statistics over image features: FID's Frechet distance, KID, precision/recall and
+Inception Score.
 
 Everything here works on float64 numpy arrays of features, shape (N, D), or class probabilities,
 shape (N, C); which network produced them is the feature extractors' business.
@@ -18,7 +19,8 @@ from ..atomic import atomic_path
 from ..errors import UserError
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
+                     mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2}).
 
@@ -28,7 +30,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     returns complex or inaccurate results and pytorch-fid has to add an epsilon to the diagonal.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
+                      np.atleast_2d(np.asarray(sigma2, np.float64)))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
@@ -57,11 +60,13 @@ class FeatureStats:
         feats = _features(feats, "features")
         if len(feats) < 2:
             raise UserError(f"need at least 2 feature vectors for a covariance, got {len(feats)}")
-        return cls(feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], -1), len(feats))
+        return cls(feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], -1),
+                   len(feats))
 
     def save(self, path: str | Path) -> None:
         """Writes an .npz (mu, sigma and n if known) atomically, readable by pytorch-fid too."""
-        arrays = {"mu": np.asarray(self.mu, np.float64), "sigma": np.asarray(self.sigma, np.float64)}
+        arrays = {"mu": np.asarray(self.mu, np.float64),
+                  "sigma": np.asarray(self.sigma, np.float64)}
         if self.n is not None:
             arrays["n"] = np.asarray(self.n, np.int64)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -70,7 +75,8 @@ class FeatureStats:
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
         """Reads a file written by `save` or by pytorch-fid (`--save-stats`: keys mu and sigma)."""
-        bad = f"{path} is not a feature statistics file (expected an .npz with arrays 'mu' and 'sigma')"
+        bad = (f"{path} is not a feature statistics file "
+               f"(expected an .npz with arrays 'mu' and 'sigma')")
         try:
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):  # a plain .npy loads as one array
@@ -96,13 +102,16 @@ def kid(feats_real: np.ndarray, feats_gen: np.ndarray, subsets: int = 100, subse
     Each subset draws min(subset_size, len(real), len(gen)) rows of each set without replacement
     from numpy's default_rng(seed). The within-set kernel sums leave out the diagonal k(x, x), as
     torch-fidelity and the paper do, so the mean can be slightly negative for equal distributions.
+    When both sets are no larger than a subset, every subset is the whole of both: the std is NaN
+    (reported as null), not a precise-looking 0.
     """
     real, gen = _features(feats_real, "real features"), _features(feats_gen, "generated features")
     if real.shape[1] != gen.shape[1]:
         raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {gen.shape[1]}")
     m = min(subset_size, len(real), len(gen))
     if m < 2:
-        raise UserError(f"KID needs at least 2 samples in each set, got {len(real)} real and {len(gen)} generated")
+        raise UserError(f"KID needs at least 2 samples in each set, "
+                        f"got {len(real)} real and {len(gen)} generated")
     dim = real.shape[1]
     rng = np.random.default_rng(seed)
     mmds = np.empty(subsets)
@@ -112,7 +121,8 @@ def kid(feats_real: np.ndarray, feats_gen: np.ndarray, subsets: int = 100, subse
         k_xx, k_yy, k_xy = ((a @ b.T / dim + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
         within = k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)
         mmds[i] = within / (m * (m - 1)) - 2.0 * k_xy.sum() / (m * m)
-    return float(mmds.mean()), float(mmds.std())
+    whole = m == len(real) and m == len(gen)
+    return float(mmds.mean()), float("nan") if whole else float(mmds.std())
 
 
 def precision_recall(feats_real: np.ndarray, feats_gen: np.ndarray, k: int = 3,
@@ -146,12 +156,13 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """
     p = _features(probs, "class probabilities")
     if len(p) < splits:
-        raise UserError(f"Inception Score with {splits} splits needs at least {splits} samples, got {len(p)}")
+        raise UserError(f"Inception Score with {splits} splits needs at least {splits} samples, "
+                        f"got {len(p)}")
     scores = []
     for i in range(splits):
         part = p[i * len(p) // splits:(i + 1) * len(p) // splits]
         q = part.mean(axis=0, keepdims=True)
-        # xlogy makes 0 * log 0 = 0, so exact one-hot predictions work (a class q gives 0 has p = 0).
+        # xlogy makes 0 * log 0 = 0, so exact one-hot predictions work (a class q gives 0 has p = 0)
         kl = (xlogy(part, part) - xlogy(part, q)).sum(axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
@@ -165,7 +176,7 @@ def _features(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def _dist2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # Squared distances through one matmul; float64 keeps the cancellation error far below any radius.
+    # Squared distances through one matmul; float64 keeps cancellation error far below any radius.
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T).clamp_(min=0.0)
 
 
@@ -179,7 +190,8 @@ def _knn_radii2(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     return out
 
 
-def _inside(query: torch.Tensor, ref: torch.Tensor, ref_r2: torch.Tensor, chunk: int) -> torch.Tensor:
+def _inside(query: torch.Tensor, ref: torch.Tensor, ref_r2: torch.Tensor,
+            chunk: int) -> torch.Tensor:
     """Whether each query row lies within the radius of at least one ref row."""
     out = torch.empty(len(query), dtype=torch.bool)
     for s in range(0, len(query), chunk):

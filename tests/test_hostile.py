@@ -1,0 +1,363 @@
+"""Hostile and careless inputs, each made here: nothing deleted that ddpmkit did not write, nothing
+run from a file, memory checked before it is taken, and one line for every refusal."""
+
+import csv
+import gzip
+import json
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY
+from ddpmkit.cli import main
+from ddpmkit.config import DataConfig, load_config
+from ddpmkit.data import load_images
+from ddpmkit.errors import UserError
+from ddpmkit.run import RunDir
+from ddpmkit.training import train
+from test_cli import TINY_ARGS
+
+
+def cli(*args):
+    return main([str(a) for a in args])
+
+
+def one_line(capsys, *args, says: str) -> str:
+    assert cli(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddpmkit: error:") and says in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    assert cli("train", *TINY_ARGS, "--steps", 4, "train.checkpoint_every=2", "train.keep_last=1",
+               "--out", out, "--quiet") == 0
+    return out
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, to)
+    return to
+
+
+# --- nothing deleted outside what ddpmkit wrote ---------------------------------------------------
+
+@pytest.mark.parametrize("planted", ["absolute", "relative"])
+def test_checkpoints_a_state_file_names_outside_the_run_are_never_deleted(
+        run_dir, tmp_path, capsys, planted):
+    run = copy_run(run_dir, tmp_path / "sent")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not ddpmkit's")
+    state = json.loads((run / "state.json").read_text())
+    name = str(victim) if planted == "absolute" else "../victim.txt"
+    state["checkpoints"].insert(0, {"step": 1, "file": name, "sha256": "0" * 64, "loss": 0.5})
+    (run / "state.json").write_text(json.dumps(state))
+    one_line(capsys, "train", *TINY_ARGS, "--steps", 8, "train.checkpoint_every=2",
+             "train.keep_last=1", "--out", run, "--quiet",
+             says="state.json is not a state file ddpmkit wrote")
+    assert victim.read_text() == "not ddpmkit's"
+
+
+def test_a_checkpoint_is_deleted_only_when_it_holds_what_ddpmkit_recorded(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path / "run")
+    swapped = RunDir(run).checkpoint_file(2)
+    swapped.write_bytes(b"someone's file, in the checkpoint's place")
+    state = json.loads((run / "state.json").read_text())
+    state["checkpoints"].insert(0, {"step": 2, "file": "checkpoints/step_000000002.safetensors",
+                                    "sha256": "1" * 64, "loss": 0.9})
+    (run / "state.json").write_text(json.dumps(state))
+    assert cli("train", *TINY_ARGS, "--steps", 6, "train.checkpoint_every=2", "train.keep_last=1",
+               "--out", run, "--quiet") == 0
+    # not the digest it recorded
+    assert swapped.read_bytes() == b"someone's file, in the checkpoint's place"
+
+
+@pytest.mark.parametrize("state",
+                         ["{}", "[]", '{"checkpoints": [{"step": "ten"}]}', '{"checkpoints": [{}]}',
+                          '{"checkpoints": [], "best": "x"}', "not json"])
+def test_a_damaged_state_file_is_one_line(run_dir, tmp_path, capsys, state):
+    run = copy_run(run_dir, tmp_path / "run")
+    (run / "state.json").write_text(state)
+    one_line(capsys, "sample", run, "-n", 1, "--steps", 2, "--out", tmp_path / "s",
+             says="state.json")
+    assert not (tmp_path / "s").exists()
+
+
+def test_sample_never_writes_into_someones_folder_and_fresh_deletes_only_its_own(
+        run_dir, tmp_path, capsys):
+    mine = tmp_path / "figures"
+    (mine / "grids").mkdir(parents=True)
+    (mine / "grids" / "grid_4x4.png").write_bytes(b"my figure")
+    (mine / "grids" / "figure1.csv").write_text("x,y\n")
+    for extra in ([], ["--fresh"]):
+        one_line(capsys, "sample", run_dir, "-n", 16, "--steps", 2, "--out", mine, *extra,
+                 says="--force")
+    assert (mine / "grids" / "grid_4x4.png").read_bytes() == b"my figure"
+    # beside them
+    assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--out", mine, "--force", "--quiet") == 0
+    assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--seed", 1, "--out", mine,
+               "--fresh", "--quiet") == 0
+    # --fresh deleted the job's files alone
+    assert (mine / "grids" / "figure1.csv").read_text() == "x,y\n"
+
+
+@pytest.mark.parametrize("command", ["sample", "balance", "denoise"])
+def test_the_root_and_home_folders_are_never_outputs(run_dir, tmp_path, capsys, command):
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    for out in ("/", str(Path.home())):
+        args = {"sample": ["sample", run_dir, "-n", 1], "balance": ["balance", run_dir],
+                "denoise": ["denoise", run_dir, tmp_path]}[command]
+        one_line(capsys, *args, "--out", out, says="folder: choose a folder of its own")
+
+
+def test_outputs_never_overlap_the_data_a_job_reads(run_dir, tmp_path, capsys):
+    (tmp_path / "noisy").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "noisy" / "a.png")
+    one_line(capsys, "denoise", run_dir, tmp_path / "noisy", "--sigma", 0.1, "--out",
+             tmp_path / "noisy", says="overlaps the data this job reads")
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data / "train" / f"{i}.png")
+    with pytest.raises(UserError, match="overlaps the data"):
+        train(load_config(None, {**TINY, "data.path": str(data / "train"),
+                                 "train.out_dir": str(data / "train" / "r")}),
+              log=lambda *_: None, progress=False)
+
+
+def test_training_leaves_out_folders_ddpmkit_generated(run_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "real").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data / "real" / f"{i}.png")
+    assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--out",
+               data / "generated", "--quiet") == 0
+    said = []
+    d = load_images(DataConfig(path=str(data), image_size=8), log=said.append)
+    assert len(d) == 6 and any("generated" in m and "left out" in m for m in said)
+
+
+def test_two_jobs_in_one_folder_at_once_the_second_is_refused_naming_the_first(run_dir, tmp_path):
+    out = tmp_path / "o"
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "ddpmkit", "sample", str(run_dir), "-n", "3000",
+                              "--steps", "3", "--batch-size", "8", "--out", str(out), "--quiet"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if (out / ".manifest-rank0.csv").exists():
+                break
+            __import__("time").sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "ddpmkit", "sample", str(run_dir), "-n",
+                                 "10", "--seed", "1", "--out", str(out), "--quiet"], env=env,
+                                capture_output=True, text=True)
+    finally:
+        first.kill()
+        first.wait()
+    err = second.stderr.strip().splitlines()
+    assert (second.returncode == 2 and len(err) == 1
+            and "another ddpmkit sample is writing to" in err[0]), err
+    assert f"pid {first.pid}" in err[0]
+
+
+# --- nothing run from a file ----------------------------------------------------------------------
+
+def test_the_report_escapes_everything_a_run_folder_holds(run_dir, tmp_path):
+    from ddpmkit.report import build_report
+
+    run = copy_run(run_dir, tmp_path / "run")
+    meta = json.loads((run / "meta.json").read_text())
+    meta.update(data="<script>window.pwned=1</script>", parameters="<img src=x onerror=alert(1)>")
+    meta["environment"].update(device="<script>x</script>", command=["<script>y</script>"])
+    (run / "meta.json").write_text(json.dumps(meta))
+    with open(run / "stats.jsonl", "a") as f:
+        f.write(json.dumps({"step": 99, "loss": "<script>z</script>",
+                            "images_seen": "<b>", "lr": None}) + "\n")
+        f.write(json.dumps({"step": 100,
+                            "eval": {"fd": "<script>", "features": "<script>w</script>"}}) + "\n")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text()
+                                     + "# </pre><script>v</script>\n")
+    (run / "grids" / "step_000000002 (copy).png").write_bytes(
+        (run / "grids").glob("*.png").__next__().read_bytes())
+    html = build_report(RunDir(run))
+    assert "<script" not in html.lower() and "<img src=x" not in html
+    assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in html
+
+
+# --- memory checked before it is taken ------------------------------------------------------------
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
+        for p, c in zip("abcdefgh", "bcdefghi")]
+    (tmp_path / "bomb.yaml").write_text("\n".join(bomb) + "\n")
+    line = one_line(capsys, "train", tmp_path / "bomb.yaml", "--out", tmp_path / "r",
+                    says="aliases")
+    assert len(line) < 400 and not (tmp_path / "r").exists()
+
+
+def test_array_files_that_declare_more_than_they_hold_or_than_memory_are_refused_at_once(tmp_path):
+    # 785 GB over a few bytes
+    header = {"descr": "|u1", "fortran_order": False, "shape": (10**9, 28, 28)}
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 128)
+    with pytest.raises(UserError, match=r"declares an array of shape \(1000000000, 28, 28\)"):
+        load_images(DataConfig(path=str(tmp_path / "huge.npy")))
+    # an .npz member whose header declares 64 GiB: refused before numpy inflates a byte
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("train_images.npy", "w") as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
+                                                          "shape": (2**26, 32, 32)})
+            member.write(bytes(2**20))
+    with pytest.raises(UserError, match=r"bomb.npz\[train_images\] declares an array of shape"):
+        load_images(DataConfig(path=str(tmp_path / "bomb.npz")))
+
+
+def test_idx_files_are_checked_before_they_are_inflated(tmp_path):
+    # 64 GiB declared, 1 MB written
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">BBBB3I", 0, 0, 0x08, 3, 2**26, 32, 32) + bytes(2**20))
+    with pytest.raises(UserError, match="needs .* GiB of memory"):
+        load_images(DataConfig(path=str(tmp_path / "train-images-idx3-ubyte.gz")))
+    (tmp_path / "wrap-images-idx3-ubyte").write_bytes(struct.pack(">BBBB4I", 0, 0, 0x08, 4, 2**16,
+                                                                  2**16, 2**16, 2**16))
+    # the product of the dims wrapped to 0 in int64
+    with pytest.raises(UserError, match="truncated|needs"):
+        load_images(DataConfig(path=str(tmp_path / "wrap-images-idx3-ubyte")))
+
+
+def test_an_image_declaring_a_huge_size_is_named_not_decoded(tmp_path):
+    png = tmp_path / "big"
+    png.mkdir()
+    Image.new("L", (8, 8)).save(png / "ok.png")
+    raw = bytearray((png / "ok.png").read_bytes())
+    raw[16:24] = struct.pack(">II", 30000, 30000)  # the IHDR's width and height: 9x10^8 pixels
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))  # and its checksum
+    (png / "huge.png").write_bytes(bytes(raw))
+    d = load_images(DataConfig(path=str(png), image_size=8))
+    assert len(d) == 1 and "huge.png" in d.skipped[0][0] and "30000x30000" in d.skipped[0][1]
+    with pytest.raises(UserError, match=r"huge.png: .*30000x30000 pixels"):
+        load_images(DataConfig(path=str(png), image_size=8, on_error="fail"))
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--num", 10**12], "sample.num=1,000,000,000,000 is more than"),
+    (["--size", 100000], "sample.size=100,000 is more than"),
+    (["--eta", 1e308, "--sampler", "ddim"], "sample.eta=1e+308: DDIM's eta runs from 0"),
+    (["sample.guidance=1e308"], "sample.guidance=1e+308: use 0 to 100"),
+])
+def test_sampling_requests_beyond_reason_are_one_line(run_dir, tmp_path, capsys, args, says):
+    one_line(capsys, "sample", run_dir, *args, "--out", tmp_path / "o", says=says)
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_widths_beyond_the_machine_are_refused_before_anything_is_built(tmp_path, capsys):
+    one_line(capsys, "train", *TINY_ARGS, "model.base_channels=65536", "model.norm_groups=1",
+             "--out", tmp_path / "r", says="of memory and")
+    assert not (tmp_path / "r").exists()
+    # a diffusers config asking for a 1 TiB network beside a small weights file
+    folder = tmp_path / "hf"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text(json.dumps({
+        "sample_size": 32, "in_channels": 3, "out_channels": 3,
+        "block_out_channels": [262144, 262144], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"], "layers_per_block": 1,
+        "downsample_padding": 0, "attention_head_dim": None, "norm_num_groups": 32}))
+    from safetensors.torch import save_file
+
+    save_file({"conv_in.weight": torch.zeros(8, 3, 3, 3)},
+              str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    one_line(capsys, "import", folder, "--out", tmp_path / "imp", says="do not fit")
+    assert not (tmp_path / "imp").exists()
+
+
+# --- honest results -------------------------------------------------------------------------------
+
+def test_non_finite_weights_are_never_saved(tmp_path, capsys):
+    out = tmp_path / "r"
+    one_line(capsys, "train", *TINY_ARGS, "train.lr=1e308", "train.grad_clip=0",
+             "train.max_nonfinite=1000", "--steps", 6, "train.checkpoint_every=2",
+             "train.warmup_steps=0", "--out", out, "--quiet", says="diverged")
+    for entry in RunDir(out).read_state()["checkpoints"]:
+        from ddpmkit.run import load_run
+
+        net = load_run(out, str(entry["step"])).net
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_a_class_name_that_is_a_formula_is_written_so_spreadsheets_do_not_run_it(tmp_path):
+    from ddpmkit.outputs import read_manifest, write_manifest
+
+    write_manifest(tmp_path / "m.csv",
+                   [["a.png", "=cmd|'/C calc'!A0"], ["b.png", "+1"], ["c.png", "dog"]],
+                   ["file", "label"])
+    cells = [row[1] for row in csv.reader(open(tmp_path / "m.csv"))][1:]
+    assert cells == ["'=cmd|'/C calc'!A0", "'+1", "dog"]
+    assert ([row[1] for row in read_manifest(tmp_path / "m.csv")]
+            == ["=cmd|'/C calc'!A0", "+1", "dog"])
+
+
+def test_kid_has_no_spread_when_every_subset_is_the_whole_set():
+    from ddpmkit.metrics.stats import kid
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 8)), rng.normal(size=(50, 8))
+    mean, std = kid(a, b, subset_size=1000)
+    assert np.isfinite(mean) and np.isnan(std)
+    assert np.isfinite(kid(a, b, subset_size=20)[1])
+
+
+# --- no litter ------------------------------------------------------------------------------------
+
+def test_export_removes_what_a_killed_export_left(run_dir, tmp_path):
+    out = tmp_path / "hf"
+    orphan = tmp_path / ".hf.deadbeef.partial"
+    orphan.mkdir()
+    (orphan / ".ddpmkit-staging").write_text("123")
+    (orphan / "weights").write_bytes(bytes(1000))
+    foreign = tmp_path / ".hf.mine.partial"  # no staging mark: not ddpmkit's
+    foreign.mkdir()
+    assert cli("export", run_dir, "--out", out) == 0
+    assert not orphan.exists() and foreign.exists() and (out / "model_index.json").is_file()
+
+
+def test_a_sampling_job_that_makes_non_finite_images_fails_and_does_not_block_the_next(
+        run_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from ddpmkit.checkpoint import file_sha256, save_checkpoint
+    from ddpmkit.unet import UNet
+
+    broken = copy_run(run_dir, tmp_path / "broken")
+    run = RunDir(broken)
+    entry = run.read_state()["checkpoints"][-1]
+    path = run.checkpoint_file(entry["step"])
+    tensors = load_file(str(path))
+    net, ema = UNet(run.config().model, 8), UNet(run.config().model, 8)
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    ema.load_state_dict({k[4:]: v.fill_(float("nan")) for k, v in tensors.items()
+                         if k.startswith("ema/")})
+    save_checkpoint(path, net, ema, None, entry["step"])
+    state = run.read_state()
+    state["checkpoints"][-1]["sha256"] = file_sha256(path)  # as someone who edited it would
+    run.write_state(state)
+    out = tmp_path / "o"
+    one_line(capsys, "sample", broken, "-n", 4, "--steps", 2, "--out", out, "--quiet",
+             says="non-finite values")
+    assert not list((out / "individual").glob("*.png"))  # no black images
+    # not blocked by the failed job's record
+    assert cli("sample", run_dir, "-n", 4, "--steps", 2, "--out", out, "--quiet") == 0
+    assert len(list((out / "individual").glob("*.png"))) == 4
