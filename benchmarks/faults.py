@@ -473,6 +473,8 @@ def hostile_cases(work: Path) -> list[tuple[str, list, str, object]]:
     (d / "wrap").mkdir()
     (d / "wrap" / "train-images-idx3-ubyte").write_bytes(
         struct.pack(">BBBB4I", 0, 0, 0x08, 4, 2**16, 2**16, 2**16, 2**16))
+    (d / "noisy").mkdir()
+    Image.new("L", (8, 8)).save(d / "noisy" / "a.png")
     for name, (w, h) in (("px900m", (30000, 30000)), ("px140m", (11833, 11833))):
         (d / name).mkdir()
         (d / name / "big.png").write_bytes(_png_of(w, h))
@@ -497,8 +499,8 @@ def hostile_cases(work: Path) -> list[tuple[str, list, str, object]]:
         ("sample --fresh into someone's folder", [*s, "--out", figures, "--fresh"], "error",
          lambda _: "" if (figures / "grids" / "grid_4x4.png").exists() else "deleted"),
         ("sample --out /", [*s, "--out", "/"], "error", None),
-        ("denoise --out its own input folder", ["denoise", run, figures / "grids", "--sigma", 0.1,
-                                                "--out", figures / "grids"], "error", None),
+        ("denoise --out its own input folder",
+         ["denoise", run, d / "noisy", "--sigma", 0.1, "--out", d / "noisy"], "error", None),
         ("YAML alias bomb", ["train", d / "bomb.yaml", "--out", d / "o4"], "error", None),
         (".npy header declaring 10^9 images", [*t, "--data", d / "huge.npy", "--out", d / "o5"],
          "error", None),

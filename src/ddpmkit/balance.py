@@ -25,7 +25,7 @@ from .atomic import FolderLock
 from .config import SampleConfig
 from .data import load_images
 from .errors import UserError
-from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate
+from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, manifest_columns
 from .outputs import (RECORD, Kind, OutputFolder, read_record, refuse_special, sample_files,
                       write_manifest)
 from .run import Run, RunDir
@@ -84,7 +84,7 @@ def parse_proportions(text: str) -> dict[str, float]:
 def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
             class_label: str | None = None, proportions: dict[str, float] | None = None,
             by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
-            fresh: bool = False, force: bool = False, asked=()) -> dict[str, int]:
+            fresh: bool = False, force: bool = False, asked=(), copies=None) -> dict[str, int]:
     """Generate what `plan` asks for with the run's class-conditional model; returns the plan."""
     reads = (Path(run.config.data.path),) if run.config.data.path else ()
     refuse_special(Path(out), reads, BALANCE.what)  # before anything is read
@@ -107,7 +107,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed},
                       fresh, force, reads):
         log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
-        rows = [[path, i, "", "", "", "", label, "false"]
+        rows = [[path, i, "", "", "", "", label, "false", *([""] if copies else [])]
                 for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
         # the run's classes, then any labels added since training
         folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],
@@ -120,11 +120,11 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                     seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
                 log(f"balance: generating {num} images of {name} into {folder}")
                 generate(run, cfg, fresh=fresh, log=log, progress=progress,
-                         amp_dtype=amp_dtype, asked=asked)
+                         amp_dtype=amp_dtype, asked=asked, copies=copies)
                 finished = finished_rows(folder)
                 rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]]
                          for k, r in sorted(finished.items()) if k < num]
-        write_manifest(out / "manifest.csv", rows, MANIFEST_COLUMNS)
+        write_manifest(out / "manifest.csv", rows, manifest_columns(rows))
         _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
         if by_class_folders:
             _link_by_class(out, rows, folders)

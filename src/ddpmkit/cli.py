@@ -87,6 +87,13 @@ DOWNSTREAM_EXAMPLES = """examples:
   ddpmkit downstream --real lesions/ --real-labels train.csv --test-labels test.csv \\
       --synthetic balanced/ --out study/ data.image_column=isic_id   # a CSV per split"""
 
+AUDIT_EXAMPLES = """examples:
+  ddpmkit audit gen/ --ref runs/lesions                          # calibrated leave-one-out
+  ddpmkit audit gen/ --ref runs/lesions --holdout lesions/val    # calibrated on held-out images
+  ddpmkit audit balanced/ --ref runs/pneumonia --holdout data.split=val --json
+a generated image is a near-copy when it is closer to a training image than 99% of real images
+the generator never saw are (--share 0.01); writes GEN/audit.json and GEN/audit.html."""
+
 GIF_EXAMPLES = """examples:
   ddpmkit gif runs/default        # runs/default/learning.gif from runs/default/grids/"""
 
@@ -108,6 +115,12 @@ def _command(sub, name: str, helptext: str, epilog: str) -> argparse.ArgumentPar
 
 
 def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
+    p.add_argument("--drop-copies", action="store_true",
+                   help="draw again (new noise) every image that nearly copies a training image")
+    p.add_argument("--holdout", default=None, metavar="DATA",
+                   help="with --drop-copies: real images the generator never saw, to calibrate the "
+                        "copy threshold on (default: the training set, leave-one-out)")
+    p.add_argument("--max-redraws", type=int, default=10, help="with --drop-copies (default 10)")
     p.add_argument("--fresh", action="store_true", help=fresh)
     p.add_argument("--force", action="store_true",
                    help="write into a folder that holds files ddpmkit did not write "
@@ -225,6 +238,19 @@ def _balance_parser(sub) -> None:
     _add_output_flags(b, "replace the images of an earlier, different balance in --out")
 
 
+def _audit_parser(sub) -> None:
+    a = _command(sub, "audit", "are generated images copies of training images? (memorization)",
+                 AUDIT_EXAMPLES)
+    a.add_argument("gen", help="a sample or balance output folder, or any folder of images")
+    a.add_argument("--ref", required=True, help="the run that generated them")
+    a.add_argument("--holdout", default=None, metavar="DATA",
+                   help="real images the generator never saw: a folder or file, or data.key=value "
+                        "changing the run's own data (data.split=val)")
+    a.add_argument("--share", type=float, default=0.01,
+                   help="the share of held-out images that would be flagged (default 0.01)")
+    a.add_argument("--json", action="store_true", help="print the JSON instead of a summary")
+
+
 def _downstream_parser(sub) -> None:
     d = _command(sub, "downstream", "does a synthetic set help a classifier? "
                  "(real vs real+synthetic vs oversampling)", DOWNSTREAM_EXAMPLES)
@@ -308,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ddpmkit {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_train_parser, _sample_parser, _eval_parser, _model_parsers, _balance_parser,
-                _downstream_parser, _restore_parsers):
+                _downstream_parser, _restore_parsers, _audit_parser):
         add(sub)
     return parser
 
@@ -377,6 +403,23 @@ def _loaded(run_path: str, overrides: dict, doing: str, world=None):
     return run, sc, amp
 
 
+def _copy_filter(ns: argparse.Namespace, log):
+    """--drop-copies' filter: the run's training images and a threshold calibrated for them."""
+    from .metrics.memorization import CopyFilter
+    from .run import RunDir
+
+    if not ns.drop_copies:
+        if ns.holdout:
+            raise UserError("--holdout calibrates --drop-copies: add --drop-copies, or drop "
+                            "--holdout")
+        return None
+    if ns.max_redraws < 1:
+        raise UserError(f"--max-redraws must be at least 1, got {ns.max_redraws}")
+    run = RunDir(ns.run)
+    held = run.holdout_images(ns.holdout) if ns.holdout else None
+    return CopyFilter.calibrated(run.training_images(log), held, redraws=ns.max_redraws)
+
+
 def cmd_sample(ns: argparse.Namespace) -> None:
     from . import distributed
     from .generation import generate
@@ -391,8 +434,8 @@ def cmd_sample(ns: argparse.Namespace) -> None:
         run, sc, amp = _loaded(ns.run, overrides, "sampling", world)
         log = print if world.is_main and not ns.json else _silent
         out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp,
-                       progress=not (ns.quiet or ns.json),
-                       log=log, asked=set(overrides), force=ns.force)
+                       progress=not (ns.quiet or ns.json), log=log, asked=set(overrides),
+                       force=ns.force, copies=_copy_filter(ns, log))
         if ns.json and world.is_main:
             _print_json({"out": str(out), "num": sc.num, "images": str(out / "individual"),
                          "manifest": str(out / "manifest.csv"), "checkpoint": run.checkpoint,
@@ -495,7 +538,7 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     balance(run, sc, ns.out, target=ns.target, class_label=ns.class_label,
             proportions=parse_proportions(ns.proportions) if ns.proportions else None,
             by_class_folders=ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp,
-            fresh=ns.fresh, force=ns.force, asked=set(overrides))
+            fresh=ns.fresh, force=ns.force, asked=set(overrides), copies=_copy_filter(ns, print))
 
 
 def _study_source(path: str | None, labels: str | None, real: str, overrides: dict):
@@ -542,6 +585,14 @@ def cmd_restore(ns: argparse.Namespace) -> None:
                    steps=ns.steps, force=ns.force, **options)
 
 
+def cmd_audit(ns: argparse.Namespace) -> None:
+    from .audit import run_audit
+
+    summary = run_audit(ns.gen, ns.ref, ns.holdout, ns.share, log=_silent if ns.json else print)
+    if ns.json:
+        _print_json(summary)
+
+
 def cmd_report(ns: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -551,7 +602,8 @@ def cmd_report(ns: argparse.Namespace) -> None:
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info,
             "report": cmd_report, "gif": cmd_gif, "import": cmd_import, "export": cmd_export,
             "balance": cmd_balance, "downstream": cmd_downstream,
-            "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore}
+            "denoise": cmd_restore, "img2img": cmd_restore, "inpaint": cmd_restore,
+            "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .augmentation import OPERATIONS
 from .errors import UserError
 from .samplers import SAMPLERS, SPACINGS
 from .schedule import PREDICTIONS, SCHEDULES
@@ -74,6 +75,7 @@ class ModelConfig:
     compile_mode: str = _key("default", COMPILE_MODES)
     class_conditional: bool = False  # learn p(x | class) from the data's labels
     num_classes: int = _key(0, "non_negative")  # the class embedding's size; set from the labels
+    augment_dim: int = _key(0, "non_negative")  # augmentation label size; set from train.augment
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,12 @@ class TrainConfig:
     eval_features: str = _key("classifier", EVAL_FEATURES)  # classifier needs labels
     label_dropout: float = _key(0.1, "share")  # labels dropped: the unconditional model CFG needs
     init_from: Optional[str] = None  # pretrained: a ddpmkit run, or a diffusers folder / hub id
+    # non-leaky augmentation (augmentation.py): operations of hflip, vflip, rot90, translate,
+    # each applied with probability augment_p; the network is told, and sampling asks for none
+    augment: list[str] = _key(factory=list)
+    augment_p: float = _key(0.0, "share")
+    audit_every: int = _key(0, "non_negative")  # 0: off; else audit memorization at these steps
+    audit_num: int = _key(256, "positive")  # samples per audit (fixed seed, dpmpp-2m 20 steps)
     tensorboard: bool = False  # also log scalars and sample grids to RUN/tensorboard
 
 
@@ -303,6 +311,14 @@ def _check_values(cfg: Config) -> None:
     if cfg.sample.steps is not None and cfg.sample.steps > d.num_timesteps:
         raise UserError(f"config key sample.steps: {cfg.sample.steps} is more than "
                         f"diffusion.num_timesteps={d.num_timesteps}")
+    t = cfg.train
+    unknown = [op for op in t.augment if op not in OPERATIONS]
+    if unknown or len(set(t.augment)) != len(t.augment):
+        raise UserError(f"config key train.augment: {t.augment} is not a list of distinct "
+                        f"operations from: {', '.join(OPERATIONS)}")
+    if bool(t.augment) != (t.augment_p > 0):
+        raise UserError(f"config keys train.augment={t.augment} and train.augment_p={t.augment_p}: "
+                        f"set both (operations and a probability above 0) or neither")
 
 
 def level_resolutions(cfg: Config) -> list[int]:

@@ -264,6 +264,10 @@ def ddpmkit_to_diffusers_config(cfg: Config) -> tuple[dict, dict]:
 
 # --- weights -----------------------------------------------------------------------------------
 
+# Training only (non-leaky augmentation): sampling never uses it, so it is not exported.
+TRAINING_ONLY = "augment_embedding."
+
+
 def _module_pairs(net: UNet) -> dict[str, str]:
     """Our module path -> diffusers' module path, walking the levels and their blocks."""
     pairs = {"conv_in": "conv_in", "time_linear_1": "time_embedding.linear_1",
@@ -293,7 +297,8 @@ def state_dict_names(cfg: Config) -> dict[str, str]:
             # diffusers' attention output is a ModuleList (linear, dropout): to_out.0
             names[f"{ours}.{param}"] = f"{theirs}.{param.replace('to_out.', 'to_out.0.')}"
     # a module added to UNet but not to _module_pairs must fail loudly, not be dropped
-    assert names.keys() == net.state_dict().keys(), sorted(set(net.state_dict()) ^ set(names))[:5]
+    ours = {k for k in net.state_dict() if not k.startswith(TRAINING_ONLY)}
+    assert names.keys() == ours, sorted(ours ^ set(names))[:5]
     return names
 
 
@@ -325,7 +330,9 @@ def diffusers_to_ddpmkit_state_dict(weights: dict[str, torch.Tensor],
 
 def ddpmkit_to_diffusers_state_dict(weights: dict[str, torch.Tensor],
                                     cfg: Config) -> dict[str, torch.Tensor]:
-    """Our UNet's tensors -> UNet2DModel's, by name; every tensor must have its place."""
+    """Our UNet's tensors -> UNet2DModel's, by name; every tensor but the training-only ones must
+    have its place."""
+    weights = {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY)}
     return _rename(weights, state_dict_names(cfg), "the ddpmkit weights")
 
 

@@ -39,6 +39,7 @@ from .config import DataConfig
 from .data import class_order, has_named_splits, image_digests, load_images, resize_center_crop
 from .errors import UserError
 from .metrics.classifier import fit, predict
+from .metrics.memorization import audit
 from .outputs import job_runs, manifest_images
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
@@ -232,7 +233,8 @@ def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
 # --- the study ---------------------------------------------------------------------------------
 
 def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, *,
-          leakage: str = "", calibration: Pool | None = None, log=print, **recipe) -> dict:
+          leakage: str = "", calibration: Pool | None = None, log=print,
+          copies: str = "not measured", **recipe) -> dict:
     """The three arms, `Recipe(**recipe)` for each classifier. calibration: a labelled split (binary
     studies) on which each classifier's threshold is tuned."""
     r = Recipe(**recipe)
@@ -259,7 +261,7 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
                     "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist()
                                      for arm, p in pools.items()},
                     "test_counts": np.bincount(test.labels, minlength=len(names)).tolist(),
-                    "leakage": leakage, "per_seed": results})
+                    "leakage": leakage, "synthetic_copies": copies, "per_seed": results})
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "results.json", atomic.json_text(summary))
     atomic.write_text(out / "balanced_accuracy.svg", _bar_chart(summary))
@@ -352,6 +354,8 @@ def _report(s: dict) -> str:
         lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {_p(t['p_value'], '.3g')}"
                   for name, t in s["paired_tests_tuned"].items()]
     lines += ["", f"Leakage: {s['leakage']}.", "",
+              f"Near-copies of the generator's training images among the synthetic ones: "
+              f"{s['synthetic_copies']}.", "",
               "![balanced accuracy per arm](balanced_accuracy.svg)", "",
               "Synthetic images are for research, not for diagnosis."]
     return "\n".join(lines) + "\n"
@@ -531,5 +535,23 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
     calibrated = "" if calibration_pool is None else f", {len(calibration_pool.labels)} calibration"
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, "
         f"{len(test_pool.labels)} test{calibrated} images at {size}x{size}; leakage {leakage}")
+    copies = copy_rate(synth, job_runs(Path(synthetic)))
+    log(f"near-copies of the generator's training images: {copies}")
     return study(real_pool, synth, test_pool, names, Path(out), leakage=leakage,
-                 calibration=calibration_pool, log=log, **asdict(r))
+                 calibration=calibration_pool, log=log, copies=copies, **asdict(r))
+
+
+def copy_rate(synthetic: Pool, runs: list[Path]) -> str:
+    """The share of the synthetic images that are near-copies of the generator's training images
+    (metrics/memorization.py, calibrated leave-one-out), as a sentence."""
+    if len(runs) != 1:
+        return "not measured (the synthetic set does not name one generator)"
+    try:
+        train = RunDir(runs[0]).training_images(log=lambda *_: None)
+    except UserError as exc:
+        return f"not measured ({exc})"
+    if train.shape[1:] != synthetic.images.shape[1:]:
+        return "not measured (the synthetic images are not at the generator's size)"
+    found = audit(synthetic.images, train)
+    return (f"{found.copy_rate:.1%} ({int(found.copies.sum())} of {len(found.copies)}; threshold "
+            f"{found.threshold:.4f}, calibrated {found.calibrated_on})")

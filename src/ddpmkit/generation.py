@@ -35,9 +35,11 @@ from .distributed import World, barrier
 from .errors import UserError
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
+from .metrics.memorization import CopyFilter, is_copy
 from .outputs import SAMPLE, OutputFolder, read_manifest, write_manifest
 from .pixels import read_image
 from .run import Run
+from .runtime import mix_seed
 from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
@@ -170,7 +172,7 @@ def finished_rows(out: Path) -> dict[int, list[str]]:
     rows: dict[int, list[str]] = {}
     for path in [out / "manifest.csv", *sorted(out.glob(".manifest-rank*.csv"))]:
         for row in read_manifest(path, header=path.name == "manifest.csv"):
-            if len(row) == len(MANIFEST_COLUMNS) and row[1].isdigit() \
+            if len(row) in (len(MANIFEST_COLUMNS), len(MANIFEST_COLUMNS) + 1) and row[1].isdigit() \
                     and row[0] == f"individual/{int(row[1]):06d}.png" and (out / row[0]).is_file():
                 rows[int(row[1])] = row
     return rows
@@ -239,10 +241,11 @@ def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
 
 def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, world: World = World(),
              amp_dtype: torch.dtype | None = None, progress: bool = True, asked=(),
-             force: bool = False) -> Path:
+             force: bool = False, copies: CopyFilter | None = None) -> Path:
     """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder. Under
     torchrun every rank calls this and generates its share of the unfinished indices. `asked`: the
-    sample.* keys the user gave (options they name that the sampler ignores are refused)."""
+    sample.* keys the user gave (options they name that the sampler ignores are refused).
+    `copies`: near-copies of training images are drawn again (--drop-copies)."""
     check_count(cfg.num, MAX_IMAGES_PER_JOB, "sample.num")
     check_count(cfg.size or 0, MAX_SIDE, "sample.size")
     spec = SamplingSpec.from_config(cfg).checked(run, asked)
@@ -251,8 +254,11 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
                  f"a batch of {cfg.batch_size} images of {side}x{side}",
                  "lower --batch-size or --size")
     out = Path(cfg.out_dir)
-    folder = (OutputFolder(out, SAMPLE, _job_identity(run, cfg, spec), fresh, force)
-              if world.is_main else contextlib.nullcontext())
+    identity = _job_identity(run, cfg, spec)
+    if copies:
+        identity["drop_copies"] = {"threshold": copies.threshold, "redraws": copies.redraws}
+    folder = (OutputFolder(out, SAMPLE, identity, fresh, force) if world.is_main
+              else contextlib.nullcontext())
     with folder:
         barrier()
         finished = finished_rows(out)
@@ -261,15 +267,50 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
             log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images "
                 f"already in {out}")
         _sample_into(run, cfg, spec, unfinished[world.rank::world.size], amp_dtype=amp_dtype,
-                     rank=world.rank, progress=progress)
+                     rank=world.rank, progress=progress, copies=copies)
         barrier()
         if world.is_main:
             _finish(run, cfg, spec, len(unfinished), log)
+    if copies and world.is_main:
+        left = [r for r in finished_rows(out).values() if r[-1] and is_copy(
+            np.array([float(r[-1])]), copies.threshold)[0]]
+        log(f"near-copies: {len(left)} image(s) still closer than {copies.threshold:.4f} to a "
+            f"training image after {copies.redraws} redraws (the manifest's nearest column)"
+            if left else f"near-copies: none left (threshold {copies.threshold:.4f}, calibrated "
+                         f"{copies.calibrated_on})")
     return out
 
 
+def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype,
+          copies: CopyFilter | None) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Images `indices` as [-1, 1] floats; with `copies`, a near-copy of a training image is drawn
+    again with the seed mix_seed(seed, attempt). Returns the images, the seed each was made with,
+    and each one's distance to its nearest training image ('' unless checked)."""
+    x = sample_batch(run, indices, seed, spec, amp_dtype)
+    if not torch.isfinite(x).all():
+        raise UserError(f"sampling {run.path} ({run.checkpoint}) gave non-finite values: its "
+                        f"weights or these options ({spec.sampler}, guidance {spec.guidance}) do "
+                        f"not make images; nothing of this batch was written")
+    seeds = [seed] * len(indices)
+    if copies is None:
+        return x, seeds, [""] * len(indices)
+    d1 = copies.distances(to_uint8(x))
+    for attempt in range(1, copies.redraws + 1):
+        again = np.flatnonzero(is_copy(d1, copies.threshold))
+        if not len(again):
+            break
+        redrawn = sample_batch(run, [indices[i] for i in again], mix_seed(seed, attempt), spec,
+                               amp_dtype)
+        x = x.clone()  # the samplers return inference tensors, which cannot be updated in place
+        x[torch.from_numpy(again)] = redrawn
+        d1[again] = copies.distances(to_uint8(redrawn))
+        for i in again:
+            seeds[i] = mix_seed(seed, attempt)
+    return x, seeds, [f"{d:.6f}" for d in d1]
+
+
 def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int], *, amp_dtype,
-                 rank: int, progress: bool) -> None:
+                 rank: int, progress: bool, copies: CopyFilter | None) -> None:
     out = Path(cfg.out_dir)
     text = {"ddpmkit": "synthetic", "source": f"{run.path.name}/{run.checkpoint}",
             "sampler": f"{spec.sampler}-{spec.steps}"}
@@ -279,15 +320,11 @@ def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int
     try:
         for start in range(0, len(todo), cfg.batch_size):
             indices = todo[start:start + cfg.batch_size]
-            x = sample_batch(run, indices, cfg.seed, spec, amp_dtype)
-            if not torch.isfinite(x).all():
-                raise UserError(f"sampling {run.path} ({run.checkpoint}) gave non-finite values: "
-                                f"its weights or these options ({spec.sampler}, guidance "
-                                f"{spec.guidance}) do not make images; nothing of this batch was "
-                                f"written")
+            x, seeds, nearest = _draw(run, indices, cfg.seed, spec, amp_dtype, copies)
             images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
-            rows = [[f"individual/{k:06d}.png", k, cfg.seed, spec.sampler, spec.steps,
-                     run.checkpoint, class_name(run, k, spec), "true"] for k in indices]
+            rows = [[f"individual/{k:06d}.png", k, s, spec.sampler, spec.steps, run.checkpoint,
+                     class_name(run, k, spec), "true", *([d] if copies else [])]
+                    for k, s, d in zip(indices, seeds, nearest)]
             writer.submit(images, rows, text)
             bar.update(len(indices))
     finally:
@@ -313,7 +350,8 @@ def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log) -> 
     if cfg.gif:
         atomic.write_bytes(out / "trajectory.gif", trajectory_gif(run, cfg, spec), fsync=False)
     # rows beyond --num stay listed if an earlier run of this job made more
-    write_manifest(out / "manifest.csv", [rows[k] for k in sorted(rows)], MANIFEST_COLUMNS)
+    listed = [rows[k] for k in sorted(rows)]
+    write_manifest(out / "manifest.csv", listed, manifest_columns(listed))
     for p in out.glob(".manifest-rank*.csv"):
         p.unlink()
     # the smallest grid needs 16 images: say so rather than name a folder that was not written
@@ -328,6 +366,12 @@ def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log) -> 
         done += f", which holds {len(rows)}: an earlier run of this job made more"
     log(f"{done}, {grid_note}, manifest {out}/manifest.csv"
         + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
+
+
+def manifest_columns(rows: list[list]) -> list[str]:
+    """The manifest's columns: `nearest` too where the job checked its images for copies."""
+    checked = rows and len(rows[0]) > len(MANIFEST_COLUMNS)
+    return MANIFEST_COLUMNS + (["nearest"] if checked else [])
 
 
 def trajectory_gif(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> bytes:

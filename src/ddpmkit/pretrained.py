@@ -24,7 +24,9 @@ from .run import RunDir
 
 # Model keys the fine-tuning config decides; all others are the source's architecture.
 OWN_KEYS = ("preset", "dropout", "compile", "compile_mode", "class_conditional", "num_classes",
-            "in_channels")
+            "in_channels", "augment_dim")
+# The fine-tuning config's own conditioning: kept new where the source's is absent or shaped apart.
+OWN_EMBEDDINGS = ("class_embedding.", "augment_embedding.")
 
 
 class Source:
@@ -84,13 +86,13 @@ def adopt_architecture(cfg: Config, source: Config, log=print) -> Config:
 
 
 def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source, log=print) -> str:
-    """Copy the source's weights into model and EMA; a class embedding of another shape
-    stays new."""
+    """Copy the source's weights into model and EMA; a class or augmentation embedding the source
+    lacks, or has in another shape, stays new."""
     weights, ema_weights, what = source.weights()
     own = model.state_dict()
-    fresh = [k for k in own if k.startswith("class_embedding.")
+    fresh = [k for k in own if k.startswith(OWN_EMBEDDINGS)
              and (k not in weights or weights[k].shape != own[k].shape)]
-    dropped = [k for k in weights if k.startswith("class_embedding.") and k not in own]
+    dropped = [k for k in weights if k.startswith(OWN_EMBEDDINGS) and k not in own]
     keep = {k: v for k, v in own.items() if k in fresh}
 
     def pick(w):
@@ -98,10 +100,12 @@ def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source
 
     load_into(model, pick(weights), f"train.init_from {source.name}")
     load_into(ema, pick(ema_weights), f"train.init_from {source.name} (EMA)")
-    if fresh:
+    if "class_embedding.weight" in fresh:
         theirs = weights.get("class_embedding.weight")
         log(f"init_from: new class embedding ({model.cfg.num_classes} classes); the source has "
             f"{'none' if theirs is None else theirs.shape[0]}")
-    if dropped:
+    if "class_embedding.weight" in dropped:
         log("init_from: the source's class embedding is dropped (this model is unconditional)")
+    if "augment_embedding.weight" in fresh + dropped:
+        log(f"init_from: augmentation embedding {'new' if fresh else 'dropped'} (train.augment)")
     return what

@@ -154,12 +154,13 @@ def build_report(run: RunDir) -> str:
         f"initial-scale=1'><style>{CSS}</style></head><body><h1>{e(run.path.name)}</h1>"
         f"<p class='muted'>{last_step:,} steps · {parameters:,.0f} parameters · "
         f"{e(str(meta.get('data', '')))} · {e(str(env.get('device', '')))}</p>",
-        _curves(logs, [r for r in rows if isinstance(r.get("eval"), dict)]), _grids(run),
+        _curves(logs, [r for r in rows if isinstance(r.get("eval"), dict)],
+                [r for r in rows if isinstance(r.get("audit"), dict)]), _grids(run),
         _checkpoints(run), _hardware(env, logs),
         f"<h2>Resolved config</h2><pre>{e(run.config_path.read_text())}</pre></body></html>"])
 
 
-def _curves(logs: list[dict], evals: list[dict]) -> str:
+def _curves(logs: list[dict], evals: list[dict], audits: list[dict]) -> str:
     steps = [r["step"] for r in logs]
     parts = ["<h2>Training curves</h2><div class='plots'>",
              _figure(svg_plot([("loss", steps, _series(logs, "loss"))], "step", "loss", logy=True),
@@ -176,6 +177,11 @@ def _curves(logs: list[dict], evals: list[dict]) -> str:
         parts.append(_figure(svg_plot([("FD", [r["step"] for r in evals], fd)],
                                       "step", "Frechet distance"),
                              f"evaluation: Frechet distance ({evals[-1]['eval'].get('features')})"))
+    if audits:
+        rate = [_number(r["audit"].get("copy_rate")) for r in audits]
+        parts.append(_figure(svg_plot([("copies", [r["step"] for r in audits], rate)], "step",
+                                      "share of samples"),
+                             "memorization: samples that are near-copies of training images"))
     return "".join(parts) + "</div>"
 
 

@@ -3,7 +3,8 @@
 config.py resolves defaults, the model preset, the YAML file and the overrides. What only the data
 or a fine-tuning source can say is resolved here, into a new Config that nothing changes after:
 absolute data paths, the bit depth wide pixels are read at (a resumed run's own), the channel
-count, the class names and count of a class-conditional model, and train.init_from's architecture.
+count, the class names and count of a class-conditional model, the augmentation label's size, and
+train.init_from's architecture.
 `ddpmkit info` and `train --max-batch` resolve the same fields without reading the whole dataset.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .augmentation import label_dim
 from .config import Config, updated
 from .data import ImageData, class_order, data_channels, load_images
 from .errors import UserError
@@ -47,7 +49,8 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     if data.skipped:
         log(f"skipped {len(data.skipped)} unreadable image(s), e.g. {data.skipped[0][0]}: "
             f"{data.skipped[0][1]}")
-    values = {"model.in_channels": _channels(cfg, data.channels)}
+    values = {"model.in_channels": _channels(cfg, data.channels),
+              "model.augment_dim": label_dim(cfg.train.augment)}
     if cfg.data.bit_depth is None:  # in config.yaml: sampling, balance and eval read data alike
         values["data.bit_depth"] = data.bit_depth
     class_ids = None
@@ -78,7 +81,8 @@ def architecture(cfg: Config, log=print) -> tuple[Config, str]:
                               f"(set data.channels=1 for grayscale data)")
     else:
         channels, where = data_channels(cfg.data), f"the data in {cfg.data.path}"
-    cfg = updated(cfg, {"model.in_channels": channels})
+    cfg = updated(cfg, {"model.in_channels": channels,
+                        "model.augment_dim": label_dim(cfg.train.augment)})
     return (adopt_architecture(cfg, source.config, log) if source else cfg), where
 
 

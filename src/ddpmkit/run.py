@@ -27,7 +27,8 @@ import torch
 
 from . import atomic
 from .checkpoint import file_sha256, load_into, read_checkpoint
-from .config import Config, flatten, from_dict, read_yaml, to_yaml
+from .config import Config, data_config, flatten, from_dict, parse_override, read_yaml, to_yaml
+from .data import image_digests, load_images
 from .errors import UserError
 from .schedule import Schedule
 from .unet import UNet, check_fits
@@ -42,6 +43,7 @@ SAME_COMPUTATION = ("train.max_steps", "train.max_minutes", "train.log_every", "
                     "train.checkpoint_every", "train.keep_last", "train.out_dir",
                     "train.max_nonfinite", "train.eval_every", "train.eval_num",
                     "train.eval_features", "train.tensorboard", "train.dist_timeout_minutes",
+                    "train.audit_every", "train.audit_num", "train.grid_images", "train.grid_steps",
                     "data.stream", "data.workers", "sample.")
 ROUNDING_ONLY = ("train.grad_accum", "train.activation_checkpointing", "train.channels_last",
                  "train.device", "model.compile", "model.compile_mode")
@@ -128,6 +130,46 @@ class RunDir:
                for v in numbers):
             return f"checkpoint of step {e['step']} with a loss or FD that is not a number"
         return None
+
+    def training_images(self, log=print) -> torch.Tensor:
+        """The images the run trained on, read again as it read them; refused when it recorded
+        none (an imported or streamed run), or when its data is no longer what it recorded."""
+        if self.imported_from():
+            raise UserError(f"{self.path} is an imported model: the images it was trained on are "
+                            f"unknown")
+        if not self.digests_path.is_file():
+            raise UserError(f"{self.path} recorded no training images ({self.digests_path.name}; "
+                            f"streamed runs do not)")
+        images = load_images(self.config().data, log).images
+        recorded = set(self.digests_path.read_text().split())
+        unseen = sum(d not in recorded for d in image_digests(images))
+        if unseen:
+            raise UserError(f"{self.path}'s data has changed since it trained ({unseen} image(s) "
+                            f"it never saw): the images it trained on are needed")
+        return images
+
+    def holdout_images(self, where: str) -> torch.Tensor:
+        """Held-out real images, read as the training images were (size, channels, bit depth): a
+        folder or file, or data.key=value changing the run's own data (data.split=val). None may
+        be a training image: the run's record proves it."""
+        cfg = self.config()
+        values = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "class_names"}
+        values |= {"data.channels": cfg.model.in_channels}
+        if "=" in where:
+            values.update([parse_override(where)])
+        else:
+            values |= {"data.path": where, "data.labels": None, "data.split": "train"}
+        images = load_images(data_config(values), log=lambda *_: None).images
+        recorded = self.digests_path.read_text() if self.digests_path.is_file() else ""
+        trained = set(recorded.split())
+        shared = sum(d in trained for d in image_digests(images))
+        if shared:
+            raise UserError(f"--holdout {where}: {shared} of its images are training images of "
+                            f"{self.path}; a holdout must be images the generator never saw")
+        if len(images) < 20:
+            raise UserError(f"--holdout {where} holds {len(images)} images: calibrating a "
+                            f"threshold needs at least 20 (hundreds are better)")
+        return images
 
     def read_stats(self) -> list[dict]:
         """The rows of stats.jsonl; a torn last line (a crash mid-append) is left out."""

@@ -1,8 +1,9 @@
 """The training loop.
 
-Every random draw of step s (batch order, timesteps, noise, flips, dropout) comes from seeds
-derived from (train.seed, s), so a run resumed from a checkpoint at step s continues exactly as if
-it had never stopped: the checkpoint needs only weights, EMA, optimizer state and the step.
+Every random draw of step s (batch order, timesteps, noise, flips, augmentation, dropout) comes
+from seeds derived from (train.seed, s), so a run resumed from a checkpoint at step s continues
+exactly as if it had never stopped: the checkpoint needs only weights, EMA, optimizer state and
+the step.
 
 `train` resolves the config (resolve.py), checks what can fail, then `_fit` runs the loop: one
 screen of phases over one `TrainState`, each phase a small function below it. The run directory's
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic
+from . import atomic, augmentation
 from .checkpoint import restore, save_checkpoint
 from .config import Config
 from .data import ImageData, batch_to_model, image_digests
@@ -32,6 +33,7 @@ from .errors import UserError
 from .generation import SamplingSpec, sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
+from .metrics.memorization import CopyFilter, is_copy
 from .outputs import refuse_shared
 from .pretrained import load_pretrained
 from .report import write_report
@@ -73,6 +75,7 @@ class Job:
     amp_dtype: torch.dtype | None
     share: int  # images per process per micro-batch
     evaluator: object | None
+    copies: object | None  # train.audit_every: the training images and their copy threshold
     log: object = print
 
     @property
@@ -118,8 +121,9 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
     check_fits(prep.cfg.model, prep.cfg.data.image_size, device,
                batch=0 if tc.activation_checkpointing else share)
     evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
+    copies = _copy_filter(prep, log) if tc.audit_every and world.is_main else None
     board = _tensorboard_writer() if tc.tensorboard and world.is_main else None
-    job = Job(prep, RunDir(tc.out_dir), world, device, amp_dtype, share, evaluator, log)
+    job = Job(prep, RunDir(tc.out_dir), world, device, amp_dtype, share, evaluator, copies, log)
     with atomic.FolderLock(job.run.path, "train") if world.is_main else contextlib.nullcontext():
         # rank 0 chooses a fresh start or a resume; the others learn the outcome (or its error)
         resume_from = on_main_then_shared(world, lambda: job.run.prepare(job.cfg, fresh, log))
@@ -175,6 +179,9 @@ def _fit(job: Job, state: TrainState, progress: bool, board) -> str | None:
             if (saved and tc.eval_every and (state.step % tc.eval_every == 0 or done)
                     and not stopping):
                 _evaluate(job, state, board)
+            if (saved and tc.audit_every and (state.step % tc.audit_every == 0 or done)
+                    and not stopping):
+                _audit(job, state)
             if done:
                 break
     meter.close()
@@ -268,6 +275,7 @@ class Batch:
     noise: torch.Tensor
     flips: torch.Tensor | None
     labels: torch.Tensor | None  # this process's; -1 where dropped
+    augment: augmentation.Augmentation | None  # of the whole global batch
 
 
 def _draw(job: Job, schedule: Schedule, step: int, next_batch) -> Batch:
@@ -283,7 +291,10 @@ def _draw(job: Job, schedule: Schedule, step: int, next_batch) -> Batch:
     if class_ids is not None:  # dropped labels (-1) train the unconditional model guidance needs
         dropped = torch.rand(n, device=device, generator=g) < tc.label_dropout
         labels = torch.where(dropped, -1, class_ids)[job.rows]
-    return Batch(images, t, noise, flips, labels)
+    augment = None
+    if tc.augment:  # drawn last: a run without it draws exactly as before
+        augment = augmentation.draw(tuple(tc.augment), tc.augment_p, n, shape[-1], g, device)
+    return Batch(images, t, noise, flips, labels, augment)
 
 
 def _accumulate_gradients(job: Job, state: TrainState, batch: Batch) -> torch.Tensor:
@@ -296,6 +307,10 @@ def _accumulate_gradients(job: Job, state: TrainState, batch: Batch) -> torch.Te
         mine = slice(k * share, (k + 1) * share)  # of this process's rows
         rows = slice(job.rows.start + k * share, job.rows.start + (k + 1) * share)  # global batch
         x0 = batch_to_model(batch.images[mine], None if batch.flips is None else batch.flips[rows])
+        augment = None
+        if batch.augment is not None:
+            x0 = augmentation.apply(x0, batch.augment[rows])
+            augment = batch.augment[rows].labels(x0.shape[-1])
         if job.device.type == "cuda" and tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         # DDP all-reduces gradients on the last micro-batch only
@@ -305,7 +320,7 @@ def _accumulate_gradients(job: Job, state: TrainState, batch: Batch) -> torch.Te
                 labels = None if batch.labels is None else batch.labels[mine]
                 micro = diffusion_loss(
                     state.net, state.schedule, job.cfg.diffusion.prediction, x0, batch.t[rows],
-                    batch.noise[rows], labels=labels) / tc.grad_accum
+                    batch.noise[rows], labels=labels, augment=augment) / tc.grad_accum
             (state.scaler.scale(micro) if state.scaler else micro).backward()
         loss = loss + micro.detach()
     return loss
@@ -474,6 +489,21 @@ def _evaluate(job: Job, state: TrainState, board) -> None:
     barrier()
 
 
+def _audit(job: Job, state: TrainState) -> None:
+    """Sample train.audit_num images with the EMA weights (fixed seed) and log how many are
+    near-copies of training images (metrics/memorization.py)."""
+    if job.world.is_main:
+        tc, copies = job.cfg.train, job.copies
+        images = sample(_view(job, state), num=tc.audit_num, seed=tc.seed, sampler="dpmpp-2m",
+                        steps=min(20, state.schedule.num_timesteps))
+        d1 = copies.distances(images)
+        flagged = is_copy(d1, copies.threshold)
+        job.run.append_stats({"step": state.step, "audit": {
+            "generated": len(d1), "copy_rate": float(flagged.mean()),
+            "median_distance": float(np.median(d1)), "threshold": copies.threshold}})
+    barrier()
+
+
 class StopSignal:
     """SIGTERM or Ctrl-C set a flag; the loop finishes its step, saves a checkpoint and stops, so
     the saved state is never half an optimizer update. A second Ctrl-C aborts at once."""
@@ -522,6 +552,17 @@ def _tensorboard_writer():
         raise UserError("train.tensorboard=true needs the tensorboard package: "
                         "pip install tensorboard") from None
     return lambda run: SummaryWriter(str(run.path / "tensorboard"))
+
+
+def _copy_filter(prep: Prepared, log) -> CopyFilter:
+    if not isinstance(prep.data, ImageData):
+        raise UserError("train.audit_every compares samples with every training image, which a "
+                        "streamed dataset does not hold: set train.audit_every=0 and audit "
+                        "samples afterwards (ddpmkit audit)")
+    copies = CopyFilter.calibrated(prep.data.images)
+    log(f"train.audit_every: near-copy threshold {copies.threshold:.4f} (leave-one-out distances "
+        f"of the training images)")
+    return copies
 
 
 def _evaluator(prep: Prepared, device: torch.device, log):

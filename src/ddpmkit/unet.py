@@ -181,6 +181,13 @@ class UNet(nn.Module):
 
         self.norm_out = GroupNorm(g, cur, eps=eps)
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
+        # non-leaky augmentation (augmentation.py): what was done to the image, added to the time
+        # embedding; no bias, so no label (sampling) is "not transformed"; zero at first, so a
+        # fine-tuned model starts as its source
+        self.augment_embedding = None
+        if cfg.augment_dim:
+            self.augment_embedding = nn.Linear(cfg.augment_dim, temb_dim, bias=False)
+            nn.init.zeros_(self.augment_embedding.weight)
         self.activation_checkpointing = False  # training only: recompute each block in backward
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
@@ -188,10 +195,11 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)  # RNG replayed: same dropout
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
+                augment: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); t: (B,) or scalar timesteps, may be fractional; labels: (B,) class
-        indices, -1 for none (ignored by an unconditional model, None means all -1)."""
+        indices, -1 for none (ignored by an unconditional model, None means all -1); augment:
+        (B, augment_dim) augmentation labels in training, None (not transformed) otherwise."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = timestep_embedding(t, self.cfg.base_channels, self.cfg.time_flip_sin_to_cos,
@@ -200,6 +208,8 @@ class UNet(nn.Module):
         if self.class_embedding is not None and labels is not None:
             keep = (labels >= 0).unsqueeze(1)
             temb = temb + self.class_embedding(labels.clamp(min=0)).to(temb.dtype) * keep
+        if self.augment_embedding is not None and augment is not None:
+            temb = temb + self.augment_embedding(augment.to(temb.dtype))
 
         h = self.conv_in(x)
         skips = [h]

@@ -49,9 +49,9 @@ class Reference:
     extractor: dict | None = None  # the identity of the extractor those features came from
 
 
-def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+def read_generated(folder: str | Path, one_size: bool = False) -> tuple[torch.Tensor, list[str]]:
     """uint8 images of a sample output (manifest order) or of any image folder, at one size (the
-    first image's; others are resized)."""
+    first image's; others are resized, or with `one_size` refused)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"generated-images folder not found: {folder}")
@@ -67,6 +67,10 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
         raise UserError(f"no images in {folder} "
                         f"(expected a ddpmkit sample folder or a folder of images)")
     images = read_image_files(files, f"the images in {folder}").images
+    sizes = sorted({tuple(img.shape[-2:]) for img in images})
+    if one_size and len(sizes) > 1:
+        raise UserError(f"{folder} holds images of {len(sizes)} sizes ({sizes[0]}, {sizes[1]}...): "
+                        f"give one sampling job's images")
     size = images[0].shape[-2]
     return (torch.cat([resize_center_crop(img[None], size) for img in images]),
             [str(p) for p in files])

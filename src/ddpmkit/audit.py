@@ -1,0 +1,121 @@
+"""`ddpmkit audit GEN --ref RUN [--holdout DATA]`: are the generated images copies of the images
+the run was trained on? The method is metrics/memorization.py's; this reads the sets, checks
+them, and writes the answer: GEN/audit.json and GEN/audit.html (the closest pairs side by side).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import atomic
+from .data import resize_center_crop
+from .errors import UserError
+from .images import make_grid, png_bytes, scale_for_viewing
+from .metrics.evaluate import read_generated
+from .metrics.memorization import Audit, audit
+from .outputs import manifest_images
+from .report import CSS, svg_plot
+from .run import RunDir
+
+PAIRS_SHOWN = 24  # closest pairs on the page
+
+
+def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str]]:
+    """The generated images at the run's size (a --size output is resized down), and each one's
+    class from its manifest ('' where none)."""
+    images, files = read_generated(gen, one_size=True)
+    labels = {str(path): row.get("label", "") for path, row in manifest_images(gen, "file")}
+    return resize_center_crop(images, size), [labels.get(f, "") for f in files]
+
+
+def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, share: float = 0.01,
+              log=print) -> dict:
+    """Audit GEN against RUN's training images; returns the summary (also written into GEN)."""
+    gen, run = Path(gen), RunDir(ref)
+    if not 0 < share < 0.5:
+        raise UserError(f"--share {share}: the share of held-out images that may be flagged, "
+                        f"e.g. 0.01")
+    if not gen.is_dir():
+        raise UserError(f"generated-images folder not found: {gen}")
+    train = run.training_images(log)
+    gen_images, labels = generated_images(gen, run.config().data.image_size)
+    held = run.holdout_images(holdout) if holdout else None
+    result = audit(gen_images, train, held, share)
+    summary = {"gen": str(gen), "run": str(run.path), "holdout": holdout, "share": share,
+               **summarise(result, labels, len(train))}
+    atomic.write_text(gen / "audit.json", atomic.json_text(summary))
+    atomic.write_text(gen / "audit.html", page(summary, result, gen_images, train))
+    log(f"{summary['copies']} of {summary['generated']} generated images "
+        f"({summary['copy_rate']:.1%}) are near-copies of training images (threshold "
+        f"{result.threshold:.4f}, calibrated on {result.calibrated_on} images); wrote "
+        f"{gen}/audit.json and {gen}/audit.html")
+    return summary
+
+
+def summarise(result: Audit, labels: list[str], train_count: int) -> dict:
+    """The numbers: copy rate overall and per class, the training images copied and how often,
+    the distance histograms, and each generated image's nearest neighbour."""
+    n = result.neighbours
+    copied = Counter(n.index[result.copies].tolist())
+    per_class = {}
+    for label in sorted(set(labels)):
+        rows = np.array([lab == label for lab in labels])
+        per_class[label or "(none)"] = {"generated": int(rows.sum()),
+                                        "copy_rate": float(result.copies[rows].mean())}
+    top = max(float(n.d1.max()), float(result.reference_d1.max()), 1e-6)
+    bins = np.linspace(0, top, 31)
+    nearest = [{"generated": i, "training_image": int(j), "distance": float(d), "ratio": float(r),
+                "copy": bool(c)} for i, (j, d, r, c) in enumerate(zip(n.index, n.d1, n.ratio,
+                                                                      result.copies))]
+    return {"generated": len(labels), "copies": int(result.copies.sum()),
+            "copy_rate": result.copy_rate, "threshold": result.threshold,
+            "calibrated_on": result.calibrated_on, "per_class": per_class,
+            "training_images_copied": len(copied),
+            "training_share_copied": len(copied) / train_count,
+            "most_copied": [{"training_image": i, "times": k} for i, k in copied.most_common(10)],
+            "distances": {"bins": bins.tolist(), "generated": np.histogram(n.d1, bins)[0].tolist(),
+                          "reference": np.histogram(result.reference_d1, bins)[0].tolist()},
+            "nearest": nearest}
+
+
+def page(summary: dict, result: Audit, gen: torch.Tensor, train: torch.Tensor) -> str:
+    """The audit as one self-contained page: numbers, the two distance histograms, closest pairs."""
+    e, n = html.escape, result.neighbours
+    pairs = "".join(
+        f"<figure><img alt='pair {i}' src='{_uri(torch.stack([gen[i], train[n.index[i]]]))}'>"
+        f"<figcaption>generated {i} · training {int(n.index[i])} · d {n.d1[i]:.4f}"
+        f"{' · copy' if result.copies[i] else ''}</figcaption></figure>"
+        for i in np.argsort(n.d1)[:PAIRS_SHOWN])
+    bins, hist = summary["distances"]["bins"], summary["distances"]
+    centres = [(a + b) / 2 for a, b in zip(bins, bins[1:])]
+    shares = {k: (np.array(hist[k], float) / max(1, sum(hist[k]))).tolist()
+              for k in ("generated", "reference")}
+    plot = svg_plot([("generated", centres, shares["generated"]),
+                     (summary["calibrated_on"], centres, shares["reference"])],
+                    "distance to the nearest training image", "share of images")
+    classes = "".join(f"<tr><td>{e(name)}</td><td>{c['generated']}</td>"
+                      f"<td>{c['copy_rate']:.1%}</td></tr>"
+                      for name, c in summary["per_class"].items())
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit audit"
+            f"</title><style>{CSS}</style></head><body><h1>Memorization audit</h1>"
+            f"<p>{summary['copies']} of {summary['generated']} generated images "
+            f"({summary['copy_rate']:.1%}) are closer to a training image than "
+            f"{summary['share']:.0%} of {e(summary['calibrated_on'])} real images are (threshold "
+            f"{summary['threshold']:.4f}); {summary['training_images_copied']} training images "
+            f"were copied.</p><p class='muted'>{e(summary['gen'])} against "
+            f"{e(summary['run'])}</p><h2>Distances</h2><figure>{plot}<figcaption>orange: "
+            f"generated; blue: {e(summary['calibrated_on'])} real images</figcaption></figure>"
+            f"<h2>Per class</h2><table><tr><th>class</th><th>generated</th><th>copies</th></tr>"
+            f"{classes}</table><h2>Closest pairs (generated, training)</h2>"
+            f"<div class='strip'>{pairs}</div></body></html>")
+
+
+def _uri(images: torch.Tensor) -> str:
+    data = png_bytes(scale_for_viewing(make_grid(images, ncol=2), min_side=128))
+    return f"data:image/png;base64,{base64.b64encode(data).decode()}"

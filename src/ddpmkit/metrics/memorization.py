@@ -1,0 +1,151 @@
+"""Are generated images copies of training images? Nearest neighbours, and a threshold calibrated on
+real images the generator never saw.
+
+Distance: 1 - the normalised correlation of two images (pixels centred and scaled per image), the
+best over translations of up to `shift` pixels, each compared on the window both images show, so
+a copy moved by a pixel is still a copy. For
+each generated image: its nearest training image, that distance d1, and d1 / dk, the ratio to the
+k-th nearest (Carlini et al. 2023: a copy is much closer to one training image than to the rest).
+
+A generated image is a near-copy when d1 is below the threshold: the `share` quantile of the same
+distance for held-out real images (a split the generator never saw), so that at most `share` of
+real, new images would be flagged. Without held-out images, the training images' own leave-one-out
+distances stand in for them (each image against all the others).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# query and reference images per matrix product: memory stays bounded whatever the set sizes
+CHUNK, REF_CHUNK = 256, 1024
+REFERENCE_MAX = 2000  # reference images a threshold is calibrated on
+
+
+def _normalised(images_u8: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W uint8 -> N x D float32, each row centred and of unit length."""
+    x = images_u8.reshape(len(images_u8), -1).float()
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def _overlaps(h: int, w: int, shift: int) -> list[tuple[tuple[slice, slice], tuple[slice, slice]]]:
+    """For each translation by up to `shift` pixels, the windows of the query and of the
+    reference that overlap: a moved copy is compared on what both images show."""
+    def window(d: int, n: int) -> tuple[slice, slice]:
+        return slice(max(0, d), n + min(0, d)), slice(max(0, -d), n + min(0, -d))
+
+    pairs = []
+    for dy in range(-shift, shift + 1):
+        for dx in range(-shift, shift + 1):
+            (qy, ry), (qx, rx) = window(dy, h), window(dx, w)
+            pairs.append(((qy, qx), (ry, rx)))
+    return pairs
+
+
+def _similarities(query_u8: torch.Tensor, ref_u8: torch.Tensor, windows: list) -> torch.Tensor:
+    """Q x R: each pair's best normalised correlation over the translations."""
+    best = None
+    for (qy, qx), (ry, rx) in windows:
+        sims = _normalised(query_u8[..., qy, qx]) @ _normalised(ref_u8[..., ry, rx]).T
+        best = sims if best is None else torch.maximum(best, sims)
+    return best
+
+
+@dataclass
+class Neighbours:
+    index: np.ndarray  # nearest reference image of each query
+    d1: np.ndarray  # its distance
+    ratio: np.ndarray  # d1 / distance to the k-th nearest
+
+
+def nearest(query_u8: torch.Tensor, ref_u8: torch.Tensor, k: int = 5, shift: int = 1,
+            exclude: torch.Tensor | None = None) -> Neighbours:
+    """Nearest reference image of each query image; `exclude[i]`: a reference image left out for
+    query i (itself, for leave-one-out distances within one set)."""
+    k = min(k, len(ref_u8) - (exclude is not None))
+    windows = _overlaps(*ref_u8.shape[-2:], shift)
+    index, d1, dk = [], [], []
+    for start in range(0, len(query_u8), CHUNK):
+        part = query_u8[start:start + CHUNK]
+        sims = torch.cat([_similarities(part, ref_u8[r:r + REF_CHUNK], windows)
+                          for r in range(0, len(ref_u8), REF_CHUNK)], dim=1)
+        if exclude is not None:
+            sims[torch.arange(len(part)), exclude[start:start + CHUNK]] = -np.inf
+        top = sims.topk(k, dim=1)
+        index.append(top.indices[:, 0])
+        d1.append(1 - top.values[:, 0])
+        dk.append(1 - top.values[:, -1])
+    d1, dk = torch.cat(d1).clamp_min(0).numpy(), torch.cat(dk).clamp_min(0).numpy()
+    return Neighbours(torch.cat(index).numpy(), d1, d1 / np.maximum(dk, 1e-12))
+
+
+def threshold(reference_d1: np.ndarray, share: float) -> float:
+    """The distance below which `share` of the reference (held-out real) images fall: the
+    `share` quantile (lower interpolation, so no more than that share is under it)."""
+    return float(np.quantile(reference_d1, share, method="lower"))
+
+
+def calibrate(train_u8: torch.Tensor, holdout_u8: torch.Tensor | None, share: float = 0.01,
+              shift: int = 1) -> tuple[float, str, np.ndarray]:
+    """(threshold, what it was calibrated on, the reference distances): held-out images against
+    the training set, or the training set's leave-one-out distances; at most REFERENCE_MAX
+    reference images (a fixed random subset), plenty for a 1% quantile."""
+    reference, exclude = (holdout_u8, False) if holdout_u8 is not None else (train_u8, True)
+    rows = torch.arange(len(reference))
+    if len(reference) > REFERENCE_MAX:
+        rows = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
+        rows = rows[:REFERENCE_MAX].sort().values
+    # leave-one-out: each reference image against every training image but itself
+    found = nearest(reference[rows], train_u8, shift=shift, exclude=rows if exclude else None)
+    return threshold(found.d1, share), "held-out" if not exclude else "leave-one-out", found.d1
+
+
+@dataclass
+class Audit:
+    neighbours: Neighbours  # of each generated image among the training images
+    threshold: float
+    copies: np.ndarray  # bool per generated image: closer than the threshold
+    calibrated_on: str  # "held-out" or "leave-one-out"
+    reference_d1: np.ndarray  # the distances the threshold was calibrated on
+
+    @property
+    def copy_rate(self) -> float:
+        return float(self.copies.mean()) if len(self.copies) else 0.0
+
+
+def audit(gen_u8: torch.Tensor, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
+          share: float = 0.01, shift: int = 1) -> Audit:
+    """Each generated image against the training set, with the threshold calibrated on held-out
+    real images (or, without them, on the training set's leave-one-out distances)."""
+    limit, calibrated_on, reference = calibrate(train_u8, holdout_u8, share, shift)
+    found = nearest(gen_u8, train_u8, shift=shift)
+    return Audit(found, limit, is_copy(found.d1, limit), calibrated_on, reference)
+
+
+def is_copy(d1: np.ndarray, limit: float) -> np.ndarray:
+    """Strictly closer than the threshold; where it is 0 (the training set holds exact duplicates),
+    only exact copies: ties at 0 do not make every real image a copy."""
+    return d1 < limit if limit > 0 else d1 <= 1e-6
+
+
+@dataclass
+class CopyFilter:
+    """What `--drop-copies` needs: the training images and a calibrated threshold. A generated
+    image closer than it is drawn again with new noise, at most `redraws` times."""
+    train: torch.Tensor
+    threshold: float
+    calibrated_on: str
+    redraws: int = 10
+
+    @classmethod
+    def calibrated(cls, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
+                   share: float = 0.01, redraws: int = 10) -> CopyFilter:
+        limit, calibrated_on, _ = calibrate(train_u8, holdout_u8, share)
+        return cls(train_u8, limit, calibrated_on, redraws)
+
+    def distances(self, images_u8: torch.Tensor) -> np.ndarray:
+        return nearest(images_u8, self.train, k=1).d1

@@ -1,0 +1,204 @@
+"""The memorization audit: known answers on real digits, and the command with its bad inputs."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import TINY
+from ddpmkit.cli import main
+from ddpmkit.config import DataConfig, load_config
+from ddpmkit.data import load_images
+from ddpmkit.metrics.memorization import audit, nearest
+from ddpmkit.training import train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """16x16 digits split into 1,000 training images and 797 held out, in a fixed random order."""
+    images = load_images(DataConfig(image_size=16), log=lambda *_: None).images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return images[order[:1000]], images[order[1000:]]
+
+
+def _jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img[0].numpy()).save(buf, format="JPEG", quality=quality)
+        out.append(torch.from_numpy(np.array(Image.open(buf)))[None])
+    return torch.stack(out)
+
+
+def _perturbed(kind: str, images: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if kind == "noise":  # 8/255 Gaussian noise
+        return (images.float() + 8 * torch.randn(images.shape, generator=g)).round().clamp(0, 255) \
+            .to(torch.uint8)
+    if kind == "shift":  # one pixel right, the edge filled with black
+        return F.pad(images, (1, 0, 0, 0))[..., :, :-1]
+    return _jpeg(images)
+
+
+@pytest.mark.parametrize("kind", ["noise", "shift", "jpeg"])
+def test_training_images_slightly_perturbed_are_flagged(digits, kind):
+    train, held = digits
+    result = audit(_perturbed(kind, train[:300]), train, held[:400], share=0.01)
+    assert result.copy_rate >= 0.95 and result.calibrated_on == "held-out"
+    assert (result.neighbours.index[result.copies] == np.arange(300)[result.copies]).mean() > 0.95
+
+
+def test_held_out_images_are_flagged_at_no_more_than_the_share(digits):
+    train, held = digits
+    share, n = 0.01, 397
+    result = audit(held[400:], train, held[:400], share=share)  # new images; calibrated on others
+    assert result.copy_rate <= share + 3 * (share * (1 - share) / n) ** 0.5
+    loo = audit(held[400:], train, None, share=share)  # calibrated on the training set itself
+    assert loo.calibrated_on == "leave-one-out" and loo.copy_rate <= share + 3 * (share / n) ** 0.5
+
+
+@pytest.mark.parametrize("k", [0, 1, 7])
+def test_the_copy_count_of_a_set_with_k_planted_copies_is_k(digits, k):
+    train, held = digits
+    g = torch.Generator().manual_seed(2)
+    novel = torch.randint(0, 256, (60, 1, 16, 16), generator=g, dtype=torch.uint8)  # like nothing
+    planted = torch.cat([novel, train[100:100 + k]])
+    assert int(audit(planted, train, held[:400]).copies.sum()) == k
+
+
+def test_nearest_leaves_itself_out_and_tolerates_a_shift(digits):
+    train, _ = digits
+    found = nearest(train[:50], train[:200], exclude=torch.arange(50))
+    assert not (found.index == np.arange(50)).any()
+    moved = F.pad(train[:20], (0, 0, 1, 0))[..., :-1, :]
+    tolerant, strict = nearest(moved, train[:200], shift=1), nearest(moved, train[:200], shift=0)
+    assert (tolerant.index == np.arange(20)).all() and tolerant.d1.max() < strict.d1.mean()
+
+
+# --- the command -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit")
+    cfg = load_config(None, {**TINY, "train.max_steps": 4, "train.out_dir": str(tmp / "run")})
+    return train(cfg, log=lambda *_: None, progress=False).path
+
+
+def _pngs(folder, images):
+    (folder / "individual").mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img[0].numpy()).save(folder / "individual" / f"{i:06d}.png")
+    return folder
+
+
+def test_the_audit_command_reports_planted_copies(run, tmp_path, capsys):
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images  # the run's data
+    g = torch.Generator().manual_seed(3)
+    gen = _pngs(tmp_path / "gen", torch.cat([digits8[:5], torch.randint(0, 256, (45, 1, 8, 8),
+                                                                        generator=g,
+                                                                        dtype=torch.uint8)]))
+    assert main(["audit", str(gen), "--ref", str(run), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((gen / "audit.json").read_text())
+    assert printed == saved and saved["copies"] == 5 and saved["calibrated_on"] == "leave-one-out"
+    assert [r["copy"] for r in saved["nearest"][:5]] == [True] * 5
+    assert saved["training_images_copied"] == 5 and "most_copied" in saved
+    page = (gen / "audit.html").read_text()
+    assert page.count("data:image/png;base64,") == 24 and "<script" not in page
+
+
+def test_the_audit_page_renders_in_headless_chromium(run, tmp_path):
+    from test_report import _browser
+
+    _browser()  # skips, saying why, where there is no browser
+    from ddpmkit.audit import run_audit
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    gen = _pngs(tmp_path / "gen", digits8[:30])
+    run_audit(gen, run, log=lambda *_: None)
+    from test_report import render
+
+    shown = render(gen / "audit.html", tmp_path)
+    assert shown["images"] == 24 and len(shown["plots"]) == 1
+
+
+@pytest.mark.parametrize("case", ["streamed", "empty", "overlap", "mixed"])
+def test_bad_inputs_get_one_clear_line(run, tmp_path, capsys, case):
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    gen, args = _pngs(tmp_path / "gen", digits8[:30]), []
+    ref = run
+    if case == "streamed":
+        np.save(tmp_path / "d.npy", digits8.numpy())
+        ref = train(load_config(None, {**TINY, "train.max_steps": 2, "data.stream": True,
+                                       "data.workers": 0, "data.path": str(tmp_path / "d.npy"),
+                                       "train.out_dir": str(tmp_path / "streamed")}),
+                    log=lambda *_: None, progress=False).path
+        says = "recorded no training images"
+    elif case == "empty":
+        gen = tmp_path / "nothing"
+        gen.mkdir()
+        says = "no images in"
+    elif case == "overlap":
+        (tmp_path / "held").mkdir()
+        for i, img in enumerate(digits8[:40]):
+            Image.fromarray(img[0].numpy()).save(tmp_path / "held" / f"{i}.png")
+        args, says = ["--holdout", str(tmp_path / "held")], "40 of its images are training images"
+    else:
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(gen / "individual" / "big.png")
+        says = "holds images of 2 sizes"
+    assert main(["audit", str(gen), "--ref", str(ref), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+
+
+def test_drop_copies_draws_flagged_images_again_with_seeds_the_manifest_records(run, tmp_path):
+    import csv
+
+    from ddpmkit.config import SampleConfig
+    from ddpmkit.generation import generate
+    from ddpmkit.metrics.memorization import CopyFilter
+    from ddpmkit.run import RunDir, load_run
+
+    loaded, train_images = load_run(run), RunDir(run).training_images(log=lambda *_: None)
+    first = tmp_path / "plain"
+    generate(loaded, SampleConfig(out_dir=str(first), num=40, steps=3), log=lambda *_: None,
+             progress=False)
+    files = [first / "individual" / f"{i:06d}.png" for i in range(40)]
+    plain = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files])[:, None]
+    d1 = CopyFilter(train_images, 1.0, "test").distances(plain)
+    limit = float(np.median(d1))  # half the images count as "copies" under this threshold
+    said = []
+    out = tmp_path / "dropped"
+    generate(loaded, SampleConfig(out_dir=str(out), num=40, steps=3), log=said.append,
+             progress=False, copies=CopyFilter(train_images, limit, "test", redraws=10))
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert list(rows[0])[-1] == "nearest" and len(rows) == 40
+    redrawn = [r for r in rows if r["seed"] != "0"]
+    assert 15 <= len(redrawn) <= 25  # the flagged half, drawn again with a seed of their own
+    assert sum(float(r["nearest"]) < limit for r in rows) <= 2  # 0.5^10 chance each to stay
+    kept = [r for r in rows if r["seed"] == "0"]
+    assert all(float(r["nearest"]) >= limit for r in kept)
+    assert any("near-copies" in m for m in said)
+    # an image is its (seed, index): the recorded seed regenerates it
+    from ddpmkit.generation import SamplingSpec, sample_batch
+    from ddpmkit.images import to_uint8
+
+    r = redrawn[0]
+    again = to_uint8(sample_batch(loaded, [int(r["index"])], int(r["seed"]),
+                                  SamplingSpec(steps=3).checked(loaded)))[0]
+    assert torch.equal(again, torch.from_numpy(np.array(Image.open(out / r["file"])))[None])
+
+
+def test_sample_drop_copies_from_the_command_line(run, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sample", str(run), "-n", "8", "--steps", "2", "--out", str(out), "--drop-copies",
+                 "--quiet"]) == 0
+    header = (out / "manifest.csv").read_text().splitlines()[0]
+    assert header.endswith(",nearest") and "near-copies" in capsys.readouterr().out
+    assert main(["sample", str(run), "-n", "8", "--out", str(tmp_path / "t"), "--holdout",
+                 str(tmp_path)]) == 2
+    assert "--holdout calibrates --drop-copies" in capsys.readouterr().err
