@@ -17,19 +17,28 @@ Output (`balance`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from . import atomic
 from .atomic import FolderLock
 from .config import SampleConfig
-from .data import load_images
+from .data import load_images, resize_center_crop
 from .errors import UserError
-from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, manifest_columns
+from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
+from .images import to_uint8
 from .outputs import (RECORD, Kind, OutputFolder, read_record, refuse_special, sample_files,
                       write_manifest)
+from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
+from .selection import SelectOptions, Selector, auto_scale, build_selector, next_count
+
+AUTO_SCALES, PROBE = (1.0, 1.5, 2.0, 3.0, 4.0), 128  # --class-guidance auto
 
 
 def plan(counts: dict[str, int], target: int | None = None, class_label: str | None = None,
@@ -68,6 +77,14 @@ def plan(counts: dict[str, int], target: int | None = None, class_label: str | N
 
 
 def parse_proportions(text: str) -> dict[str, float]:
+    return _class_values(text, "--proportions", "class=share", "benign=0.5,malignant=0.5")
+
+
+def parse_class_guidance(text: str) -> dict[str, float]:
+    return _class_values(text, "--class-guidance", "class=scale", "benign=1,malignant=3")
+
+
+def _class_values(text: str, flag: str, what: str, example: str) -> dict[str, float]:
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
@@ -76,16 +93,34 @@ def parse_proportions(text: str) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise UserError(f"--proportions takes class=share pairs like benign=0.5,malignant=0.5, "
-                            f"got {part!r}")
+            raise UserError(f"{flag} takes {what} pairs like {example}, got {part!r}")
     return out
+
+
+def class_guidance(scales: dict[str, float], classes: list[str],
+                   default: float) -> dict[str, float]:
+    """The guidance scale of each class: --class-guidance's, else sample.guidance."""
+    unknown = sorted(set(scales) - set(classes))
+    if unknown:
+        raise UserError(f"--class-guidance names {', '.join(unknown)}: not a class of the run "
+                        f"({', '.join(classes)})")
+    bad = [c for c, s in scales.items() if not s > 0]
+    if bad:
+        raise UserError(f"--class-guidance {bad[0]}={scales[bad[0]]}: guidance 0 would label "
+                        f"unconditional samples as the class; use 1 or more")
+    return {c: scales.get(c, default) for c in classes}
 
 
 def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
             class_label: str | None = None, proportions: dict[str, float] | None = None,
             by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
-            fresh: bool = False, force: bool = False, asked=(), copies=None) -> dict[str, int]:
-    """Generate what `plan` asks for with the run's class-conditional model; returns the plan."""
+            fresh: bool = False, force: bool = False, asked=(), copies=None,
+            guidance: dict[str, float] | str | None = None,
+            select: SelectOptions | None = None) -> dict[str, int]:
+    """Generate what `plan` asks for with the run's class-conditional model; returns the plan.
+    `guidance`: a scale per class (--class-guidance), or "auto" (chosen with the selector);
+    `select`: keep only candidates the selector recognises (selection.py), generating more up to a
+    limit."""
     reads = (Path(run.config.data.path),) if run.config.data.path else ()
     refuse_special(Path(out), reads, BALANCE.what)  # before anything is read
     if not run.config.model.class_conditional:
@@ -95,6 +130,9 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
         raise UserError(f"{run.path} is an imported model with no training data of its own "
                         f"to balance: fine-tune it on your labelled data first "
                         f"(--init-from {run.path})")
+    if guidance == "auto" and select is None:
+        raise UserError("--class-guidance auto chooses each class's scale with the selector: "
+                        "add --select")
     if sample_cfg.guidance == 0:
         raise UserError("balance with sample.guidance=0 would label unconditional samples "
                         "as classes: use guidance 1 or more")
@@ -103,33 +141,139 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_label, proportions)
+    scales = (None if guidance == "auto"
+              else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
+    selector = None if select is None else build_selector(
+        run.config.data, data.images, data.labels, list(counts), select.check(), log)
+    columns = (MANIFEST_COLUMNS + (["nearest"] if copies else [])
+               + (["score", "kept"] if selector else []))
     out = Path(out)
     with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed},
                       fresh, force, reads):
         log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
-        rows = [[path, i, "", "", "", "", label, "false", *([""] if copies else [])]
+        rows = [[path, i, "", "", "", "", label, "false"] + [""] * (len(columns) - 8)
                 for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
         # the run's classes, then any labels added since training
         folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],
                                 _existing_class_folders(out))
+        topping = TopUp(run, out, log, selector, select, fresh, progress=progress,
+                        amp_dtype=amp_dtype, asked=asked, copies=copies)
         for position, (name, num) in enumerate(need.items()):
             if num:
-                folder = out / "classes" / folders[name]
                 cfg = dataclasses.replace(
-                    sample_cfg, out_dir=str(folder), num=num, class_label=name, gif=False,
+                    sample_cfg, out_dir=str(out / "classes" / folders[name]), num=num,
+                    class_label=name, gif=False,
                     seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
-                log(f"balance: generating {num} images of {name} into {folder}")
-                generate(run, cfg, fresh=fresh, log=log, progress=progress,
-                         amp_dtype=amp_dtype, asked=asked, copies=copies)
-                finished = finished_rows(folder)
-                rows += [[(folder / r[0]).relative_to(out).as_posix(), *r[1:]]
-                         for k, r in sorted(finished.items()) if k < num]
-        write_manifest(out / "manifest.csv", rows, manifest_columns(rows))
+                scale = scales[name] if scales else topping.choose_guidance(cfg)
+                rows += topping.add(dataclasses.replace(cfg, guidance=scale))
+        topping.write_records()
+        write_manifest(out / "manifest.csv", rows, columns)
         _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
         if by_class_folders:
             _link_by_class(out, rows, folders)
-    log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, {sum(need.values())} generated)")
+    log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, "
+        f"{len(rows) - len(data.labels)} generated)")
     return need
+
+
+class TopUp:
+    """Each class's images: one sampling job per class; with a selector, candidates scored and
+    the job extended until enough pass or the limit is reached."""
+
+    def __init__(self, run: Run, out: Path, log, selector: Selector | None,
+                 options: SelectOptions | None, fresh: bool, **generating):
+        self.run, self.out, self.log, self.fresh, self.generating = run, out, log, fresh, generating
+        self.selector, self.options = selector, options
+        self.candidates: list[list] = []  # OUT/selection.csv
+        self.summary: dict[str, dict] = {}  # OUT/selection.json
+        self.probes: dict[str, dict] = {}  # --class-guidance auto: pass rate per scale
+
+    def choose_guidance(self, cfg: SampleConfig) -> float:
+        """--class-guidance auto: probe each scale of AUTO_SCALES with PROBE images (their own
+        seed) and take selection.auto_scale's choice."""
+        spec, name = SamplingSpec.from_config(cfg), cfg.class_label
+        rates = {}
+        for scale in AUTO_SCALES:
+            x = sample_batch(self.run, range(PROBE), mix_seed(cfg.seed, PROBE),
+                             dataclasses.replace(spec, guidance=scale))
+            scores = self.selector.scores(to_uint8(x), name)
+            rates[scale] = float((scores >= self.selector.thresholds[name]).mean())
+        chosen = auto_scale(rates, self.selector.real_pass[name])
+        self.probes[name] = {"pass_rates": rates, "real_pass": self.selector.real_pass[name],
+                             "chosen": chosen}
+        self.log(f"select: {name}: guidance {chosen:g} (probe pass rates "
+                 + ", ".join(f"{s:g}: {r:.0%}" for s, r in rates.items())
+                 + f"; real images {self.selector.real_pass[name]:.0%})")
+        return chosen
+
+    def _generate(self, cfg: SampleConfig, first: bool) -> dict[int, list[str]]:
+        self.log(f"balance: generating {cfg.num} images of {cfg.class_label} into {cfg.out_dir}")
+        # a job extended for more candidates keeps its images: --fresh applies to its first call
+        generate(self.run, cfg, log=self.log, **self.generating,
+                 fresh=self.fresh and first)
+        return finished_rows(Path(cfg.out_dir))
+
+    def _row(self, folder: str, row: list[str]) -> list:
+        """A class job's manifest row, its file relative to OUT."""
+        return [(Path(folder) / row[0]).relative_to(self.out).as_posix(), *row[1:]]
+
+    def add(self, cfg: SampleConfig) -> list[list]:
+        """The manifest rows of the class's kept images."""
+        need = cfg.num
+        if self.selector is None:
+            finished = self._generate(cfg, first=True)
+            return [self._row(cfg.out_dir, r) for k, r in sorted(finished.items()) if k < need]
+        name, limit = cfg.class_label, max(need, math.ceil(need * self.options.max_candidates))
+        threshold, made, scores = self.selector.thresholds[name], need, {}
+        while True:
+            finished = self._generate(dataclasses.replace(cfg, num=made), first=not scores)
+            new = [k for k in range(made) if k not in scores]
+            images = torch.stack([read_image(Path(cfg.out_dir) / finished[k][0]) for k in new])
+            size = self.run.config.data.image_size
+            scores.update(zip(new, self.selector.scores(resize_center_crop(images, size), name)))
+            passed = [k for k in range(made) if scores[k] >= threshold]
+            if len(passed) >= need or made >= limit:
+                break
+            made = next_count(made, len(passed), need, limit)
+        return self._keep(cfg, threshold, scores, passed, finished)
+
+    def _keep(self, cfg: SampleConfig, threshold: float, scores: dict[int, float],
+              passed: list[int], finished: dict[int, list[str]]) -> list[list]:
+        name, need, made = cfg.class_label, cfg.num, len(scores)
+        if not passed:
+            raise UserError(
+                f"--select: none of {made} candidates of {name} scored {threshold:.3f} or more "
+                f"(best {max(scores.values()):.3f}): lower --select-threshold or "
+                f"--select-quantile, raise --max-candidates, or train the generator longer "
+                f"(train.class_balance helps a rare class)")
+        kept = set(passed[:need])
+        for k in range(made):
+            reason = (f"score {scores[k]:.3f} >= {threshold:.3f}" if k in kept else
+                      "beyond the number needed" if k in passed else "below the threshold")
+            self.candidates.append([name, *self._row(cfg.out_dir, finished[k])[:3],
+                                    f"{scores[k]:.4f}", str(k in kept).lower(), reason])
+        self.summary[name] = {"needed": need, "candidates": made, "passed": len(passed),
+                              "kept": len(kept), "acceptance_rate": len(passed) / made,
+                              "threshold": threshold}
+        self.log(f"select: {name}: {len(passed)} of {made} candidates passed "
+                 f"({len(passed) / made:.0%}); kept {len(kept)} of the {need} needed"
+                 + ("" if len(kept) == need else
+                    f": {need - len(kept)} short at the limit (--max-candidates)"))
+        return [self._row(cfg.out_dir, finished[k])
+                + [f"{scores[k]:.4f}", f"score {scores[k]:.3f} >= {threshold:.3f}"]
+                for k in sorted(kept)]
+
+    def write_records(self) -> None:
+        """OUT/selection.csv (every candidate: score, kept, why) and OUT/selection.json (per
+        class: candidates, acceptance rate, threshold)."""
+        if self.selector is None:
+            return
+        write_manifest(self.out / "selection.csv", self.candidates,
+                       ["class", "file", "index", "seed", "score", "kept", "reason"])
+        classes = {c: {**s, **({"auto_guidance": self.probes[c]} if c in self.probes else {})}
+                   for c, s in self.summary.items()}
+        atomic.write_text(self.out / "selection.json", atomic.json_text(
+            {"calibrated_on": self.selector.calibrated_on, "classes": classes}))
 
 
 def _balance_files(out: Path) -> list[Path]:
@@ -139,7 +283,8 @@ def _balance_files(out: Path) -> list[Path]:
         files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
     links = [p for p in out.glob("by_class/*/*")
              if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
-    return [*files, *links, *(p for p in [out / "manifest.csv"] if p.exists())]
+    own = [out / "manifest.csv", out / "selection.csv", out / "selection.json"]
+    return [*files, *links, *(p for p in own if p.exists())]
 
 
 def _seed_differs(old: dict, new: dict) -> str:

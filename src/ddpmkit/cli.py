@@ -68,6 +68,7 @@ BALANCE_EXAMPLES = """examples:
   ddpmkit balance runs/lesions --out balanced/              # every class up to the largest
   ddpmkit balance runs/lesions --target 6274 --class malignant --out balanced/
   ddpmkit balance runs/lesions --proportions benign=0.5,malignant=0.5 --out balanced/
+  ddpmkit balance runs/lesions --select --class-guidance malignant=2 --out balanced/
 needs a class-conditional run (model.class_conditional=true); reads the run's own training data."""
 
 RESTORE_EXAMPLES = """examples:
@@ -234,7 +235,20 @@ def _balance_parser(sub) -> None:
     b.add_argument("--by-class-folders", action="store_true",
                    help="also OUT/by_class/<class>/ (symlinks)")
     b.add_argument("--guidance", type=float, default=None, help="sets sample.guidance")
+    b.add_argument("--class-guidance", default=None, metavar="CLASS=SCALE,...",
+                   help="a guidance scale for some classes (the others: --guidance), or auto: "
+                        "with --select, each class's smallest scale whose candidates pass")
     b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
+    b.add_argument("--select", action="store_true",
+                   help="keep only candidates a classifier of the real images recognises as "
+                        "their class, generating more up to --max-candidates")
+    b.add_argument("--select-quantile", type=float, default=None,
+                   help="with --select: a class's threshold is this quantile of its real "
+                        "validation images' scores (default 0.05)")
+    b.add_argument("--select-threshold", type=float, default=None,
+                   help="with --select: one threshold for every class instead")
+    b.add_argument("--max-candidates", type=float, default=None,
+                   help="with --select: at most this many times a class's need (default 4)")
     _add_output_flags(b, "replace the images of an earlier, different balance in --out")
 
 
@@ -523,7 +537,8 @@ def cmd_export(ns: argparse.Namespace) -> None:
 
 
 def cmd_balance(ns: argparse.Namespace) -> None:
-    from .balance import balance, parse_proportions
+    from .balance import balance, parse_class_guidance, parse_proportions
+    from .selection import SelectOptions
 
     overrides = dict(parse_override(tok) for tok in ns.args)
     decided = [k for k in overrides
@@ -534,11 +549,22 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     overrides.update({key: value
                       for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed))
                       if value is not None})
+    given = [(flag, key, value) for flag, key, value in (
+        ("--select-quantile", "quantile", ns.select_quantile),
+        ("--select-threshold", "threshold", ns.select_threshold),
+        ("--max-candidates", "max_candidates", ns.max_candidates)) if value is not None]
+    if given and not ns.select:
+        raise UserError(f"{given[0][0]} sets how --select keeps images: add --select")
+    select = (SelectOptions(**{key: value for _, key, value in given}).check() if ns.select
+              else None)
     run, sc, amp = _loaded(ns.run, overrides, "balancing")
     balance(run, sc, ns.out, target=ns.target, class_label=ns.class_label,
             proportions=parse_proportions(ns.proportions) if ns.proportions else None,
             by_class_folders=ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp,
-            fresh=ns.fresh, force=ns.force, asked=set(overrides), copies=_copy_filter(ns, print))
+            fresh=ns.fresh, force=ns.force, asked=set(overrides), copies=_copy_filter(ns, print),
+            guidance=(ns.class_guidance if ns.class_guidance in (None, "auto")
+                      else parse_class_guidance(ns.class_guidance)),
+            select=select)
 
 
 def _study_source(path: str | None, labels: str | None, real: str, overrides: dict):

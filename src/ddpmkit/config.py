@@ -126,6 +126,9 @@ class TrainConfig:
     eval_num: int = _key(500, "positive")  # samples per eval (dpmpp-2m, 20 steps, EMA weights)
     eval_features: str = _key("classifier", EVAL_FEATURES)  # classifier needs labels
     label_dropout: float = _key(0.1, "share")  # labels dropped: the unconditional model CFG needs
+    # how often each class is drawn: image weight count(class)^-power; 0 the data's frequencies,
+    # 1 every class equally often (class-conditional runs)
+    class_balance: float = _key(0.0, "share")
     init_from: Optional[str] = None  # pretrained: a ddpmkit run, or a diffusers folder / hub id
     # non-leaky augmentation (augmentation.py): operations of hflip, vflip, rot90, translate,
     # each applied with probability augment_p; the network is told, and sampling asks for none
@@ -312,6 +315,9 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key sample.steps: {cfg.sample.steps} is more than "
                         f"diffusion.num_timesteps={d.num_timesteps}")
     t = cfg.train
+    if t.class_balance and not cfg.model.class_conditional:
+        raise UserError(f"config key train.class_balance={t.class_balance} draws classes by their "
+                        f"labels: set model.class_conditional=true, or drop it")
     unknown = [op for op in t.augment if op not in OPERATIONS]
     if unknown or len(set(t.augment)) != len(t.augment):
         raise UserError(f"config key train.augment: {t.augment} is not a list of distinct "

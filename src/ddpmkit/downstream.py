@@ -44,7 +44,6 @@ from .outputs import job_runs, manifest_images
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
 
-ARMS = ("real", "real+synthetic", "oversampled")
 TUNED = "balanced_accuracy@tuned"  # at the threshold tuned on the calibration split
 
 
@@ -118,6 +117,23 @@ def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, lis
     images = torch.stack([read_image(path) for path, _ in rows])
     labels = _indices([row["label"] for _, row in rows], names, str(manifest))
     return Pool(resize_center_crop(images, size), labels), job_runs(folder)
+
+
+def load_unselected(folder: Path, size: int, names: list[str], kept: Pool) -> Pool | None:
+    """For a `balance --select` output (its selection.csv), as many candidates of each class as
+    were kept, the first in index order (what balance without --select makes); else None."""
+    rows = manifest_images(folder, "file", name="selection.csv")
+    if not rows:
+        return None
+    if any(not row.get("index", "").isdigit() or row.get("class") not in names for _, row in rows):
+        raise UserError(f"{folder / 'selection.csv'} is not a selection record ddpmkit wrote: "
+                        f"every row needs a class of the study and an index")
+    counts, chosen = np.bincount(kept.labels, minlength=len(names)), []
+    for i, name in enumerate(names):
+        mine = sorted((int(row["index"]), path) for path, row in rows if row["class"] == name)
+        chosen += [(path, i) for _, path in mine[:counts[i]]]
+    images = torch.stack([read_image(path) for path, _ in chosen])
+    return Pool(resize_center_crop(images, size), np.array([i for _, i in chosen]))
 
 
 def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
@@ -212,7 +228,9 @@ def scores(probs: np.ndarray, labels: np.ndarray, names: list[str],
              else roc_auc_score(labels, probs, multi_class="ovr"))
     tuned = {} if threshold is None else {
         TUNED: balanced_accuracy_score(labels, probs[:, 1] >= threshold),
-        "tuned_threshold": threshold}
+        "tuned_threshold": threshold,
+        **{f"recall@tuned[{n}]": float(r) for n, r in zip(names, recall_score(
+            labels, probs[:, 1] >= threshold, average=None, labels=[0, 1], zero_division=0))}}
     return {"accuracy": accuracy_score(labels, pred),
             "balanced_accuracy": balanced_accuracy_score(labels, pred),
             "macro_f1": f1_score(labels, pred, average="macro"), "auroc": auroc,
@@ -232,31 +250,53 @@ def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
 
 # --- the study ---------------------------------------------------------------------------------
 
+def class_fidelity(net: nn.Module, sets: dict[str, Pool], names: list[str]) -> dict:
+    """Per synthetic set and class: the share of its images a classifier trained on the real
+    images assigns to the class they were generated as (its recall on real test images is the
+    real images' own)."""
+    out = {}
+    for arm, pool in sets.items():
+        pred = predict(net, pool.images).argmax(1)
+        out[arm] = {n: float((pred[pool.labels == i] == i).mean())
+                    for i, n in enumerate(names) if (pool.labels == i).any()}
+    return out
+
+
 def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, *,
           leakage: str = "", calibration: Pool | None = None, log=print,
-          copies: str = "not measured", **recipe) -> dict:
-    """The three arms, `Recipe(**recipe)` for each classifier. calibration: a labelled split (binary
-    studies) on which each classifier's threshold is tuned."""
+          copies: str = "not measured", selected: Pool | None = None, **recipe) -> dict:
+    """The arms, `Recipe(**recipe)` for each classifier: real, real+synthetic, oversampled, and
+    real+selected when `selected` (balance --select's kept images; `synthetic` is then as many
+    candidates of each class, unselected). calibration: a labelled split (binary studies) on which
+    each classifier's threshold is tuned."""
     r = Recipe(**recipe)
     if calibration is not None and len(names) != 2:
         raise UserError(f"a calibration split tunes a binary decision threshold; "
                         f"this study has {len(names)} classes")
-    pools = {"real": real, "real+synthetic": combine(real, synthetic), "oversampled": real}
-    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    sets = {"real+synthetic": synthetic, "real+selected": selected}
+    sets = {arm: pool for arm, pool in sets.items() if pool is not None}
+    pools = {"real": real, **{arm: combine(real, pool) for arm, pool in sets.items()},
+             "oversampled": real}
+    results: dict[str, list[dict]] = {arm: [] for arm in pools}
+    fidelity = []
     for seed in range(r.seeds):
-        for arm in ARMS:
+        for arm, pool in pools.items():
             t0 = time.time()
-            net = train_classifier(pools[arm], len(names), arm, seed, r.steps, r.batch, lr=r.lr,
+            net = train_classifier(pool, len(names), arm, seed, r.steps, r.batch, lr=r.lr,
                                    augment=r.augment, synthetic_share=r.synthetic_share)
             threshold = None if calibration is None else tuned_threshold(
                 predict(net, calibration.images)[:, 1], calibration.labels)
             results[arm].append(scores(predict(net, test.images), test.labels, names, threshold))
+            if arm == "real":
+                fidelity.append(class_fidelity(net, sets, names))
             tuned = "" if threshold is None else (f", {results[arm][-1][TUNED]:.4f} "
                                                   f"at the tuned threshold {threshold:.2f}")
             log(f"seed {seed} {arm}: balanced accuracy "
                 f"{results[arm][-1]['balanced_accuracy']:.4f}{tuned} ({time.time() - t0:.0f} s)")
     summary = _summarise(results)
     summary.update({"classes": names, **asdict(r),
+                    "class_fidelity": {arm: {c: float(np.mean([f[arm][c] for f in fidelity]))
+                                             for c in fidelity[0][arm]} for arm in sets},
                     "calibration_images": None if calibration is None else len(calibration.labels),
                     "train_counts": {arm: np.bincount(p.labels, minlength=len(names)).tolist()
                                      for arm, p in pools.items()},
@@ -281,18 +321,23 @@ def _p(value, fmt: str) -> str:
             else "n/a (no spread across seeds)")
 
 
+def primary_arm(arms) -> str:
+    """The arm the verdict is about: the selected images where there are some."""
+    return "real+selected" if "real+selected" in arms else "real+synthetic"
+
+
 def _paired_tests(results: dict[str, list[dict]], metric: str) -> tuple[dict, float, bool]:
-    """(real+synthetic against each baseline: mean gain and paired-t p-value; the largest
+    """(the primary arm against each baseline: mean gain and paired-t p-value; the largest
     seed-to-seed std of the metric; whether both gains are positive and larger than that std)."""
     from scipy.stats import ttest_rel
 
     values = {arm: np.array([r[metric] for r in runs]) for arm, runs in results.items()}
-    tests = {}
+    tests, primary = {}, primary_arm(results)
     for other in ("real", "oversampled"):
-        diff = values["real+synthetic"] - values[other]
-        p = (float(ttest_rel(values["real+synthetic"], values[other]).pvalue)
+        diff = values[primary] - values[other]
+        p = (float(ttest_rel(values[primary], values[other]).pvalue)
              if len(diff) > 1 and diff.std() > 0 else float("nan"))
-        tests[f"real+synthetic vs {other}"] = {"mean_gain": float(diff.mean()), "p_value": p}
+        tests[f"{primary} vs {other}"] = {"mean_gain": float(diff.mean()), "p_value": p}
     spread = max(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values.values())
     least = min(t["mean_gain"] for t in tests.values())
     return tests, spread, least > spread and least > 0
@@ -303,8 +348,8 @@ def _summarise(results: dict[str, list[dict]]) -> dict:
                        float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0)
                    for k in runs[0]} for arm, runs in results.items()}
     tests, spread, improved = _paired_tests(results, "balanced_accuracy")
-    default = (f"real+synthetic's gains in balanced accuracy over real and oversampled are "
-               f"{_gains(tests)}, against a largest seed-to-seed std of {spread:.4f}")
+    default = (f"{primary_arm(results)}'s gains in balanced accuracy over real and oversampled "
+               f"are {_gains(tests)}, against a largest seed-to-seed std of {spread:.4f}")
     summary = {"table": table, "paired_tests": tests}
     if TUNED not in next(iter(results.values()))[0]:
         return summary | {"verdict": f"{'improvement' if improved else 'no improvement'}: "
@@ -353,6 +398,13 @@ def _report(s: dict) -> str:
                       f"({s['calibration_images']} images; column {TUNED}):", ""]
         lines += [f"- {name}: mean gain {t['mean_gain']:+.4f}, p = {_p(t['p_value'], '.3g')}"
                   for name, t in s["paired_tests_tuned"].items()]
+    if s.get("class_fidelity"):
+        lines += ["", "Class fidelity: the share of each class's images that the real-data "
+                      "classifier (arm real, mean over seeds) assigns to that class:", ""]
+        lines.append("- real test images: " + ", ".join(
+            f"{c} {s['table']['real'][f'recall[{c}]'][0]:.3f}" for c in s["classes"]))
+        lines += [f"- {arm[5:]} images: " + ", ".join(f"{c} {v:.3f}" for c, v in shares.items())
+                  for arm, shares in s["class_fidelity"].items()]
     lines += ["", f"Leakage: {s['leakage']}.", "",
               f"Near-copies of the generator's training images among the synthetic ones: "
               f"{s['synthetic_copies']}.", "",
@@ -361,11 +413,15 @@ def _report(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLOURS = {"real": "#888", "real+synthetic": "#2a7", "real+selected": "#c72", "oversampled": "#58c"}
+
+
 def _bar_chart(s: dict) -> str:
     """Balanced accuracy per arm (mean and std over seeds); beside each bar, when the study was
     calibrated, the same at tuned thresholds (lighter)."""
     metrics = [m for m in ("balanced_accuracy", TUNED) if m in s["table"]["real"]]
-    bars = [(arm, metric, *s["table"][arm][metric]) for arm in ARMS for metric in metrics]
+    arms = list(s["table"])
+    bars = [(arm, metric, *s["table"][arm][metric]) for arm in arms for metric in metrics]
     lo = max(0.0, min(m - sd for *_, m, sd in bars) - 0.05)
     hi = min(1.0, max(m + sd for *_, m, sd in bars) + 0.02)
     w, h, left, bottom = 480, 240, 50, 40
@@ -382,13 +438,13 @@ def _bar_chart(s: dict) -> str:
     for tick in np.linspace(lo, hi, 5):
         parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" '
                      f'text-anchor="end">{tick:.2f}</text>')
-    slot = (w - left - 20) / len(ARMS)
+    slot = (w - left - 20) / len(arms)
     width = slot * 0.6 / len(metrics)
     for k, (arm, metric, m, sd) in enumerate(bars):
         i, j = divmod(k, len(metrics))
         x = left + 10 + i * slot + j * width
         parts.append(f'<rect x="{x:.1f}" y="{y(m):.1f}" width="{width:.1f}" '
-                     f'height="{y(lo) - y(m):.1f}" fill="{["#888", "#2a7", "#58c"][i]}" '
+                     f'height="{y(lo) - y(m):.1f}" fill="{COLOURS[arm]}" '
                      f'fill-opacity="{1.0 if j == 0 else 0.45}"/>')
         cx = x + width / 2
         parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(m - sd):.1f}" '
@@ -537,8 +593,14 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
         f"{len(test_pool.labels)} test{calibrated} images at {size}x{size}; leakage {leakage}")
     copies = copy_rate(synth, job_runs(Path(synthetic)))
     log(f"near-copies of the generator's training images: {copies}")
+    unselected = load_unselected(Path(synthetic), size, names, synth)
+    if unselected is not None:
+        log(f"study: balance --select output: arm real+selected takes its {len(synth.labels)} kept "
+            f"images, real+synthetic as many unselected candidates")
+    synth, selected = (synth, None) if unselected is None else (unselected, synth)
     return study(real_pool, synth, test_pool, names, Path(out), leakage=leakage,
-                 calibration=calibration_pool, log=log, copies=copies, **asdict(r))
+                 calibration=calibration_pool, log=log, copies=copies, selected=selected,
+                 **asdict(r))
 
 
 def copy_rate(synthetic: Pool, runs: list[Path]) -> str:

@@ -94,11 +94,11 @@ def read_manifest(path: Path, header: bool = True) -> list[list[str]]:
             for row in rows]
 
 
-def manifest_images(folder: Path, column: str,
-                    synthetic_only: bool = True) -> list[tuple[Path, dict]]:
+def manifest_images(folder: Path, column: str, synthetic_only: bool = True,
+                    name: str = "manifest.csv") -> list[tuple[Path, dict]]:
     """(file, row) for each image a manifest of `folder` names in `column` (the generated ones only,
     unless not synthetic_only); a path leading out of the folder is refused."""
-    manifest = folder / "manifest.csv"
+    manifest = folder / name
     rows = read_manifest(manifest, header=False)
     if not rows or column not in rows[0]:
         return []

@@ -65,6 +65,31 @@ class EpochOrder:
         return self._perm[i * self.batch:(i + 1) * self.batch]
 
 
+class BalancedOrder:
+    """Batch indices for step s drawn with replacement, image i with probability proportional to
+    count(class of i) ** -power: each class is drawn in proportion to count ** (1 - power), so 0
+    keeps the data's frequencies and 1 draws every class equally often. Seeded by (seed, step)."""
+
+    def __init__(self, class_ids: torch.Tensor, power: float, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu"):
+        counts = torch.bincount(class_ids).double()
+        self.weights = counts[class_ids] ** -power
+        self.batch, self.seed, self.device = batch_size, seed, device
+
+    def indices(self, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, step, 4))
+        drawn = torch.multinomial(self.weights, self.batch, replacement=True, generator=g)
+        return drawn.to(self.device)
+
+
+def batch_order(prep: Prepared, device: torch.device | str = "cpu") -> EpochOrder | BalancedOrder:
+    """Which images make each step's batch: every image once an epoch, or by train.class_balance."""
+    tc = prep.cfg.train
+    if tc.class_balance:
+        return BalancedOrder(prep.class_ids, tc.class_balance, tc.batch_size, tc.seed, device)
+    return EpochOrder(len(prep.data), tc.batch_size, tc.seed, device)
+
+
 @dataclass
 class Job:
     """What a training run is, once resolved: read, never changed."""
@@ -253,9 +278,9 @@ def _batches(job: Job, state: TrainState):
     global batch, or None for an unconditional model)."""
     data, tc, device = job.prep.data, job.cfg.train, job.device
     class_ids = None if job.prep.class_ids is None else job.prep.class_ids.to(device)
-    order = EpochOrder(len(data), tc.batch_size, tc.seed, device)
+    order = batch_order(job.prep, device)
     if job.cfg.data.stream:  # workers read the images; the order is drawn again there, on the CPU
-        loader = iter(batch_loader(data, EpochOrder(len(data), tc.batch_size, tc.seed), job.rows,
+        loader = iter(batch_loader(data, batch_order(job.prep), job.rows,
                                    state.step, tc.max_steps, workers=job.cfg.data.workers,
                                    pin=device.type == "cuda"))
         images = lambda step: next(loader).to(device, non_blocking=True)  # noqa: E731

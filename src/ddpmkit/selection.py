@@ -1,0 +1,126 @@
+"""Which generated images `balance --select` keeps: those a classifier of the real data recognises
+as the class they were asked to be.
+
+The selector is metrics/classifier.py's network, trained on the run's real training images with
+every class drawn equally often (so a rare class is not scored down for being rare). A candidate's
+score is its probability of the class it was generated for. A class's threshold is, with a
+validation split of the run's data, the `quantile` (0.05) of the same score over that split's real
+images of the class: a kept candidate looks at least as much like its class as 95% of real ones do.
+Without a split it is 0.5 (the selector's vote), and `threshold` sets one for every class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .data import has_named_splits, load_images
+from .errors import UserError
+from .metrics.classifier import fit, predict
+
+RECIPE = {"steps": 1500, "batch": 64, "lr": 2e-3, "seed": 0}
+NO_SPLIT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """What `balance --select` was asked: the thresholds' rule and the candidates' limit."""
+    quantile: float = 0.05
+    threshold: float | None = None  # one threshold for every class instead of the quantile rule
+    max_candidates: float = 4.0  # candidates a class may take, times the images it needs
+
+    def check(self) -> SelectOptions:
+        if not 0 <= self.quantile < 1:
+            raise UserError(f"--select-quantile {self.quantile}: the share of a class's real "
+                            f"validation images a kept candidate may score below, in [0, 1), "
+                            f"e.g. 0.05")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise UserError(f"--select-threshold {self.threshold}: a probability in (0, 1), "
+                            f"e.g. 0.5")
+        if not self.max_candidates >= 1:
+            raise UserError(f"--max-candidates {self.max_candidates}: at least 1 (the images a "
+                            f"class needs, times this, is what it may generate)")
+        return self
+
+
+@dataclass
+class Selector:
+    net: torch.nn.Module
+    names: list[str]
+    thresholds: dict[str, float]
+    calibrated_on: str
+    real_pass: dict[str, float]  # share of each class's real images (val, else training) passing
+
+    def scores(self, images_u8: torch.Tensor, class_name: str) -> np.ndarray:
+        """Each image's probability of `class_name`."""
+        return predict(self.net, images_u8)[:, self.names.index(class_name)]
+
+    def describe(self) -> str:
+        return ", ".join(f"{c} {t:.3f}" for c, t in self.thresholds.items())
+
+
+def train_selector(images_u8: torch.Tensor, labels: list[str], names: list[str],
+                   log=print) -> torch.nn.Module:
+    y = np.array([names.index(label) for label in labels])
+    counts = np.bincount(y, minlength=len(names)).astype(np.float64)
+    log(f"select: training the selector on {len(y)} real images ({len(names)} classes, each drawn "
+        f"equally often, {RECIPE['steps']} steps)")
+    return fit(images_u8, y, len(names), weights=torch.from_numpy(1.0 / counts[y]), shifts=True,
+               flips=False, **RECIPE)
+
+
+def thresholds(net: torch.nn.Module, names: list[str], val: tuple[torch.Tensor, list[str]] | None,
+               quantile: float, fixed: float | None) -> tuple[dict[str, float], str]:
+    """Each class's threshold and what it was chosen on."""
+    if fixed is not None:
+        return {c: fixed for c in names}, f"--select-threshold {fixed}"
+    if val is None:
+        return ({c: NO_SPLIT_THRESHOLD for c in names},
+                f"no validation split: {NO_SPLIT_THRESHOLD} for every class")
+    images, labels = val
+    probs = predict(net, images)
+    out = {}
+    for i, c in enumerate(names):
+        own = probs[[label == c for label in labels], i]
+        out[c] = float(np.quantile(own, quantile)) if len(own) else NO_SPLIT_THRESHOLD
+    return out, f"the {quantile:g} quantile of the validation split's own images ({len(labels)})"
+
+
+def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[str],
+                   names: list[str], options: SelectOptions, log=print) -> Selector:
+    """The selector for a run: trained on its training images, thresholds from its data's
+    validation split where the data has one."""
+    net = train_selector(images_u8, labels, names, log)
+    val = None  # (images, labels) of the validation split
+    if options.threshold is None and data_cfg.path and has_named_splits(data_cfg.path):
+        try:
+            data = load_images(replace(data_cfg, split="val"), log=lambda *_: None)
+            val = (data.images, data.labels) if data.labels else None
+        except UserError as exc:  # the source has splits, but no val split
+            log(f"select: no validation split ({exc})")
+    limits, how = thresholds(net, names, val, options.quantile, options.threshold)
+    real_images, real_labels = val or (images_u8, labels)
+    probs = predict(net, real_images)
+    real_pass = {c: float((probs[[label == c for label in real_labels], i] >= limits[c]).mean())
+                 if c in real_labels else 1.0 for i, c in enumerate(names)}
+    selector = Selector(net, names, limits, how, real_pass)
+    log(f"select: thresholds {selector.describe()} ({how})")
+    return selector
+
+
+def auto_scale(pass_rates: dict[float, float], real_pass: float) -> float:
+    """--class-guidance auto: the smallest scale whose probe candidates pass the selector at least
+    nine tenths as often as the class's real images do (more guidance costs diversity); where none
+    does, the scale that passes most."""
+    enough = [scale for scale, rate in sorted(pass_rates.items()) if rate >= 0.9 * real_pass]
+    return enough[0] if enough else max(pass_rates, key=lambda s: (pass_rates[s], -s))
+
+
+def next_count(made: int, kept: int, need: int, limit: int) -> int:
+    """How many candidates to have next: enough, at the acceptance rate so far (and a tenth more),
+    to reach `need` kept ones; never more than `limit`."""
+    rate = max(kept, 1) / made
+    return min(limit, made + max(1, int(np.ceil(1.1 * (need - kept) / rate))))

@@ -1,0 +1,199 @@
+"""The rare class: a training sampler that draws classes in stated proportions, per-class guidance,
+and balance --select, which keeps only candidates a classifier of the real images recognises."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from ddpmkit import selection
+from ddpmkit.cli import main
+from ddpmkit.errors import UserError
+from ddpmkit.pixels import read_image
+from ddpmkit.resolve import prepare_training
+from ddpmkit.training import BalancedOrder, batch_order
+from test_downstream import TINY_ARGS, _digits01, _npz
+
+QUIET = lambda *_: None  # noqa: E731
+
+
+def _rare_npz(path, rare: int = 20):
+    """Digits 0 (rare: `rare` training images) and 1 (120), with val (30 + 30) and test splits."""
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    return _npz(path, np.concatenate([zeros[:rare], ones[:120]]),
+                np.concatenate([zeros[rare + 30:], ones[150:]]),
+                np.concatenate([zeros[rare:rare + 30], ones[120:150]]))
+
+
+@pytest.fixture(autouse=True)
+def _quick_selector(monkeypatch):
+    monkeypatch.setitem(selection.RECIPE, "steps", 150)
+
+
+@pytest.mark.parametrize("power, expected", [
+    (0.0, [0.9, 0.09, 0.01]),  # the data's frequencies
+    (0.5, np.sqrt([900, 90, 10]) / np.sqrt([900, 90, 10]).sum()),
+    (1.0, [1 / 3, 1 / 3, 1 / 3]),  # every class equally often
+])
+def test_the_class_balanced_sampler_draws_classes_in_the_stated_proportions(power, expected):
+    class_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([900, 90, 10]))
+    order = BalancedOrder(class_ids, power, batch_size=256, seed=0)
+    drawn = torch.cat([order.indices(step) for step in range(400)])
+    shares = torch.bincount(class_ids[drawn], minlength=3).double() / len(drawn)
+    assert shares.numpy() == pytest.approx(np.asarray(expected), abs=0.006)
+    assert torch.equal(order.indices(7), BalancedOrder(class_ids, power, 256, 0).indices(7))
+
+
+def test_train_class_balance_reaches_the_training_batches(tmp_path):
+    data = _rare_npz(tmp_path / "d.npz")
+    cfg = tiny_config(tmp_path, **{"data.path": str(data), "model.class_conditional": True,
+                                   "train.class_balance": 1.0})
+    prep = prepare_training(cfg, fresh=True, log=QUIET)
+    drawn = torch.cat([batch_order(prep).indices(step) for step in range(100)])
+    rare = (prep.class_ids[drawn] == 0).double().mean()
+    assert abs(rare - 0.5) < 0.03 and (prep.class_ids == 0).sum() == 20  # of 140
+    with pytest.raises(UserError, match="model.class_conditional=true"):
+        tiny_config(tmp_path, **{"train.class_balance": 0.5})
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
+    """A class-conditional run on digits 0 and 1 (0 rare) whose data has a val split."""
+    tmp = tmp_path_factory.mktemp("gen")
+    data, run = _rare_npz(tmp / "d.npz", rare=30), tmp / "run"
+    assert main(["train", f"--data={data}", "model.class_conditional=true", "train.max_steps=60",
+                 "train.class_balance=1", f"--out={run}", "--quiet", *TINY_ARGS]) == 0
+    return data, run
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_path):
+    data, run = generator
+    out = tmp_path / "bal"
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--select",
+                 "--select-threshold", "0.6", "--max-candidates", "3"]) == 0
+    candidates = _rows(out / "selection.csv")
+    assert candidates and {r["class"] for r in candidates} == {"0"}
+    for r in candidates:
+        assert (r["kept"] == "true") == (r["reason"].startswith("score")), r
+        if float(r["score"]) < 0.6:
+            assert r["kept"] == "false" and r["reason"] == "below the threshold"
+    synthetic = [r for r in _rows(out / "manifest.csv") if r["synthetic"] == "true"]
+    kept = [r for r in candidates if r["kept"] == "true"]
+    assert [r["file"] for r in synthetic] == [r["file"] for r in kept]
+    assert all(float(r["score"]) >= 0.6 and r["kept"].startswith("score") for r in synthetic)
+    summary = json.loads((out / "selection.json").read_text())["classes"]["0"]
+    assert summary["needed"] == 120 - 30 and summary["kept"] == len(kept) <= 90
+    assert summary["candidates"] == len(candidates) <= 3 * 90
+    assert summary["acceptance_rate"] == pytest.approx(summary["passed"] / summary["candidates"])
+    # the recorded score is the selector's: scoring a kept image again gives it back
+    selector = selection.build_selector(*_selector_inputs(run), selection.SelectOptions(
+        threshold=0.6), log=QUIET)
+    image = read_image(out / synthetic[0]["file"])[None]
+    assert selector.scores(image, "0")[0] == pytest.approx(float(synthetic[0]["score"]), abs=1e-4)
+
+
+def _selector_inputs(run):
+    from ddpmkit.data import load_images
+    from ddpmkit.run import RunDir
+
+    cfg = RunDir(run).config()
+    data = load_images(cfg.data, log=QUIET)
+    return cfg.data, data.images, data.labels, cfg.data.class_names
+
+
+def test_thresholds_come_from_the_val_split_when_the_data_has_one(generator):
+    data_cfg, images, labels, names = _selector_inputs(generator[1])
+    selector = selection.build_selector(data_cfg, images, labels, names,
+                                        selection.SelectOptions(quantile=0.1), log=QUIET)
+    assert "0.1 quantile of the validation split's own images (60)" in selector.calibrated_on
+    val = np.load(generator[0])
+    val_images = torch.from_numpy(val["val_images"])[:, None]
+    for i, name in enumerate(names):
+        own = selector.scores(val_images[val["val_labels"].ravel() == i], name)
+        assert (own >= selector.thresholds[name]).mean() >= 0.9  # 90% of real images pass
+
+
+def test_a_threshold_no_candidate_reaches_is_one_clear_line(generator, tmp_path, capsys):
+    _, run = generator
+    code = main(["balance", str(run), "--out", str(tmp_path / "bal"), "--quiet",
+                 "sample.steps=3", "--select", "--select-threshold", "0.9999999",
+                 "--max-candidates", "1.2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "none of" in err and "candidates of 0 scored 1.000 or more" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--class-guidance", "2=3"], "--class-guidance names 2: not a class of the run"),
+    (["--class-guidance", "0=0"], "guidance 0 would label"),
+    (["--class-guidance", "0:3"], "class=scale pairs"),
+    (["--select-threshold", "0.5"], "--select-threshold sets how --select keeps images"),
+    (["--class-guidance", "auto"], "--class-guidance auto chooses each class's scale with the "
+                                   "selector: add --select"),
+    (["--select", "--select-quantile", "1.5"], "--select-quantile 1.5"),
+    (["--select", "--max-candidates", "0.5"], "--max-candidates 0.5"),
+    (["--class", "7", "--target", "500"], "--class 7: not a class of the data"),
+])
+def test_bad_balance_options_get_one_clear_line(generator, tmp_path, capsys, argv, says):
+    code = main(["balance", str(generator[1]), "--out", str(tmp_path / "bal"), "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and says in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bal").exists()
+
+
+def test_class_guidance_sets_each_class_job_its_scale(generator, tmp_path):
+    out = tmp_path / "bal"
+    assert main(["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
+                 "--class-guidance", "0=2.5"]) == 0
+    record = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())
+    assert record["job"]["guidance"] == 2.5
+
+
+def test_downstream_adds_the_selected_arm_and_the_class_fidelity(generator, tmp_path):
+    data, run = generator
+    bal, study = tmp_path / "bal", tmp_path / "study"
+    assert main(["balance", str(run), "--out", str(bal), "--quiet", "sample.steps=3", "--select",
+                 "--select-threshold", "0.5", "--max-candidates", "3"]) == 0
+    assert main(["downstream", "--real", str(data), "--synthetic", str(bal), "--out", str(study),
+                 "--seeds", "2", "--steps", "15", "--calibration-split", "val"]) == 0
+    summary = json.loads((study / "results.json").read_text())
+    assert list(summary["table"]) == ["real", "real+synthetic", "real+selected", "oversampled"]
+    kept = sum(r["synthetic"] == "true" for r in _rows(bal / "manifest.csv"))
+    assert summary["train_counts"]["real+selected"] == summary["train_counts"]["real+synthetic"]
+    assert summary["train_counts"]["real+selected"][0] == 30 + kept
+    assert set(summary["paired_tests_tuned"]) == {"real+selected vs real",
+                                                  "real+selected vs oversampled"}
+    fidelity = summary["class_fidelity"]
+    assert set(fidelity) == {"real+synthetic", "real+selected"}
+    assert all(0 <= v <= 1 for shares in fidelity.values() for v in shares.values())
+    assert "recall@tuned[0]" in summary["table"]["real"]
+    report = (study / "report.md").read_text()
+    assert "Class fidelity" in report and "| real+selected |" in report
+
+
+def test_auto_scale_takes_the_smallest_scale_close_to_the_real_pass_rate():
+    rates = {1.0: 0.5, 1.5: 0.7, 2.0: 0.88, 3.0: 0.95, 4.0: 0.97}
+    assert selection.auto_scale(rates, real_pass=0.95) == 2.0  # 0.88 >= 0.9 * 0.95
+    assert selection.auto_scale(rates, real_pass=1.0) == 3.0
+    assert selection.auto_scale({1.0: 0.2, 2.0: 0.4, 3.0: 0.4}, real_pass=1.0) == 2.0  # best
+
+
+def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_path):
+    out = tmp_path / "bal"
+    assert main(["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
+                 "--select", "--select-threshold", "0.5", "--class-guidance", "auto"]) == 0
+    probe = json.loads((out / "selection.json").read_text())["classes"]["0"]["auto_guidance"]
+    assert [float(s) for s in probe["pass_rates"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
+    rates = {float(s): r for s, r in probe["pass_rates"].items()}
+    assert probe["chosen"] == selection.auto_scale(rates, probe["real_pass"])
+    record = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())
+    assert record["job"]["guidance"] == probe["chosen"]
