@@ -13,7 +13,7 @@ from conftest import TINY
 from ddpmkit.cli import main
 from ddpmkit.config import DataConfig, load_config
 from ddpmkit.data import load_images
-from ddpmkit.metrics.memorization import audit, nearest
+from ddpmkit.metrics.memorization import audit, nearest, nearest_features
 from ddpmkit.training import train
 
 
@@ -79,6 +79,36 @@ def test_nearest_leaves_itself_out_and_tolerates_a_shift(digits):
     assert (tolerant.index == np.arange(20)).all() and tolerant.d1.max() < strict.d1.mean()
 
 
+def test_feature_space_search_is_cosine_and_finds_scaled_copies():
+    g = torch.Generator().manual_seed(4)
+    ref = torch.randn(300, 64, generator=g).relu()
+    query = torch.cat([3 * ref[:10], torch.randn(5, 64, generator=g).relu()])
+    found = nearest_features(query, ref)
+    assert (found.index[:10] == np.arange(10)).all() and found.d1[:10].max() < 1e-5
+    assert found.d1[10:].min() > 0.05 and (found.ratio[:10] < 1e-3).all()
+    alone = nearest_features(ref[:20], ref, exclude=torch.arange(20))
+    assert not (alone.index == np.arange(20)).any()
+
+
+def test_efficientnet_features_flag_shifted_copies_and_spare_new_images(digits):
+    from ddpmkit.audit import add_feature_view
+    from ddpmkit.metrics import features as fx
+
+    train, held = digits[0][:120], digits[1]
+    # shifted: ImageNet features of an upsampled 16x16 image move a long way under pixel noise,
+    # so noisy copies are the pixel view's to catch
+    gen = torch.cat([_perturbed("shift", train[:10]), held[100:110]])  # 10 copies, 10 new
+    pixels = audit(gen, train, held[:80])
+    summary = {"share": 0.01, "nearest": [{} for _ in gen]}
+    add_feature_view(summary, fx.efficientnet(torch.device("cpu")), (gen, train, held[:80]),
+                     pixels, log=lambda *_: None)
+    f = summary["features"]
+    assert f["extractor"] == "efficientnet" and f["calibrated_on"] == "held-out"
+    flagged = [row["feature_distance"] < f["threshold"] for row in summary["nearest"]]
+    assert sum(flagged[:10]) >= 9 and sum(flagged[10:]) <= 1
+    assert [row["feature_training_image"] for row in summary["nearest"][:10]] == list(range(10))
+
+
 # --- the command -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -101,10 +131,14 @@ def test_the_audit_command_reports_planted_copies(run, tmp_path, capsys):
     gen = _pngs(tmp_path / "gen", torch.cat([digits8[:5], torch.randint(0, 256, (45, 1, 8, 8),
                                                                         generator=g,
                                                                         dtype=torch.uint8)]))
-    assert main(["audit", str(gen), "--ref", str(run), "--json"]) == 0
+    assert main(["audit", str(gen), "--ref", str(run), "--json", "--features", "classifier"]) == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((gen / "audit.json").read_text())
     assert printed == saved and saved["copies"] == 5 and saved["calibrated_on"] == "leave-one-out"
+    features = saved["features"]
+    assert features["extractor"] == "classifier" and features["calibrated_on"] == "leave-one-out"
+    assert features["copies_in_both"] <= min(features["copies"], 5)
+    assert [r["feature_training_image"] for r in saved["nearest"][:5]] == list(range(5))
     assert [r["copy"] for r in saved["nearest"][:5]] == [True] * 5
     assert saved["training_images_copied"] == 5 and "most_copied" in saved
     page = (gen / "audit.html").read_text()
@@ -119,7 +153,7 @@ def test_the_audit_page_renders_in_headless_chromium(run, tmp_path):
 
     digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
     gen = _pngs(tmp_path / "gen", digits8[:30])
-    run_audit(gen, run, log=lambda *_: None)
+    run_audit(gen, run, features="none", log=lambda *_: None)
     from test_report import render
 
     shown = render(gen / "audit.html", tmp_path)

@@ -1,6 +1,10 @@
 """`ddpmkit audit GEN --ref RUN [--holdout DATA]`: are the generated images copies of the images
 the run was trained on? The method is metrics/memorization.py's; this reads the sets, checks
 them, and writes the answer: GEN/audit.json and GEN/audit.html (the closest pairs side by side).
+
+Near-copies are decided in pixels; the same search in a feature space (EfficientNet where installed,
+else a classifier trained on the run's labelled images) is reported beside it, with its own
+calibrated threshold, so a user sees what each view flags.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from . import atomic
 from .data import resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing
-from .metrics.evaluate import read_generated
-from .metrics.memorization import Audit, audit
+from .data import ImageData
+from .metrics import features as fx
+from .metrics.evaluate import cache_dir, cached_features, read_generated
+from .metrics.memorization import Audit, audit, nearest_features
 from .outputs import manifest_images
 from .report import CSS, svg_plot
 from .run import RunDir
+from .runtime import resolve_device
 
 PAIRS_SHOWN = 24  # closest pairs on the page
 
@@ -35,7 +42,7 @@ def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, share: float = 0.01,
-              log=print) -> dict:
+              features: str = "auto", log=print) -> dict:
     """Audit GEN against RUN's training images; returns the summary (also written into GEN)."""
     gen, run = Path(gen), RunDir(ref)
     if not 0 < share < 0.5:
@@ -43,19 +50,71 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
                         f"e.g. 0.01")
     if not gen.is_dir():
         raise UserError(f"generated-images folder not found: {gen}")
-    train = run.training_images(log)
+    if features not in FEATURES:
+        raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")
+    data = run.training_set(log)
+    train = data.images
     gen_images, labels = generated_images(gen, run.config().data.image_size)
     held = run.holdout_images(holdout) if holdout else None
     result = audit(gen_images, train, held, share)
     summary = {"gen": str(gen), "run": str(run.path), "holdout": holdout, "share": share,
                **summarise(result, labels, len(train))}
+    extractor = feature_extractor(features, data, log)
+    if extractor is not None:
+        add_feature_view(summary, extractor, (gen_images, train, held), result, log)
     atomic.write_text(gen / "audit.json", atomic.json_text(summary))
     atomic.write_text(gen / "audit.html", page(summary, result, gen_images, train))
     log(f"{summary['copies']} of {summary['generated']} generated images "
         f"({summary['copy_rate']:.1%}) are near-copies of training images (threshold "
-        f"{result.threshold:.4f}, calibrated on {result.calibrated_on} images); wrote "
-        f"{gen}/audit.json and {gen}/audit.html")
+        f"{result.threshold:.4f}, calibrated on {result.calibrated_on} images)"
+        f"{_in_features(summary)}; wrote {gen}/audit.json and {gen}/audit.html")
     return summary
+
+
+FEATURES = ("auto", "efficientnet", "classifier", "none")
+
+
+def feature_extractor(choice: str, data: ImageData, log) -> fx.Extractor | None:
+    """auto: EfficientNet where installed, else a classifier of the run's labelled images, else
+    none (pixels only)."""
+    if choice in ("auto", "efficientnet"):
+        try:
+            return fx.efficientnet(resolve_device("auto"))
+        except UserError:
+            if choice == "efficientnet":
+                raise
+    labelled = data.labels is not None and len(set(data.labels)) >= 2
+    if choice == "classifier" and not labelled:
+        raise UserError("--features classifier trains on the run's labels, and its images have "
+                        "fewer than two classes: use --features efficientnet or none")
+    if choice == "none" or not labelled:
+        return None
+    return fx.classifier(data.images, data.labels, cache_dir(), log)
+
+
+def _real_features(extractor: fx.Extractor, images: torch.Tensor, log) -> torch.Tensor:
+    return torch.from_numpy(cached_features(extractor, images, log)[0])
+
+
+def add_feature_view(summary: dict, extractor: fx.Extractor, sets: tuple, in_pixels: Audit,
+                     log=print) -> None:
+    """The same audit on (generated, training, held-out or None) images' features, into the
+    summary: its own numbers, and each generated image's nearest training image in features.
+    The real images' features are cached: auditing again against the same run is quicker."""
+    gen, train, held = sets
+    found = audit(torch.from_numpy(extractor(gen)[0]), _real_features(extractor, train, log),
+                  None if held is None else _real_features(extractor, held, log),
+                  summary["share"], search=nearest_features)
+    summary["features"] = {"extractor": extractor.name, "threshold": found.threshold,
+                           "calibrated_on": found.calibrated_on,
+                           "copies": int(found.copies.sum()), "copy_rate": found.copy_rate,
+                           "copies_in_both": int((found.copies & in_pixels.copies).sum()),
+                           "same_nearest_image": float((found.neighbours.index
+                                                        == in_pixels.neighbours.index).mean())}
+    n = found.neighbours
+    for row, j, d, r in zip(summary["nearest"], n.index, n.d1, n.ratio):
+        row |= {"feature_training_image": int(j), "feature_distance": float(d),
+                "feature_ratio": float(r)}
 
 
 def summarise(result: Audit, labels: list[str], train_count: int) -> dict:
@@ -109,11 +168,20 @@ def page(summary: dict, result: Audit, gen: torch.Tensor, train: torch.Tensor) -
             f"{summary['share']:.0%} of {e(summary['calibrated_on'])} real images are (threshold "
             f"{summary['threshold']:.4f}); {summary['training_images_copied']} training images "
             f"were copied.</p><p class='muted'>{e(summary['gen'])} against "
-            f"{e(summary['run'])}</p><h2>Distances</h2><figure>{plot}<figcaption>orange: "
+            f"{e(summary['run'])}</p><p>{e(_in_features(summary).lstrip('; ').capitalize())}.</p>"
+            f"<h2>Distances</h2><figure>{plot}<figcaption>orange: "
             f"generated; blue: {e(summary['calibrated_on'])} real images</figcaption></figure>"
             f"<h2>Per class</h2><table><tr><th>class</th><th>generated</th><th>copies</th></tr>"
             f"{classes}</table><h2>Closest pairs (generated, training)</h2>"
             f"<div class='strip'>{pairs}</div></body></html>")
+
+
+def _in_features(summary: dict) -> str:
+    f = summary.get("features")
+    if f is None:
+        return "; no feature-space view (--features none, or no extractor for these images)"
+    return (f"; in {f['extractor']} features {f['copies']} ({f['copy_rate']:.1%}), "
+            f"{f['copies_in_both']} of them flagged in both")
 
 
 def _uri(images: torch.Tensor) -> str:

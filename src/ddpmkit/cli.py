@@ -262,6 +262,10 @@ def _audit_parser(sub) -> None:
                         "changing the run's own data (data.split=val)")
     a.add_argument("--share", type=float, default=0.01,
                    help="the share of held-out images that would be flagged (default 0.01)")
+    a.add_argument("--features", default="auto",
+                   choices=("auto", "efficientnet", "classifier", "none"),
+                   help="the feature space searched beside pixels: auto is efficientnet where "
+                        "installed, else a classifier of the run's labelled images")
     a.add_argument("--json", action="store_true", help="print the JSON instead of a summary")
 
 
@@ -614,7 +618,8 @@ def cmd_restore(ns: argparse.Namespace) -> None:
 def cmd_audit(ns: argparse.Namespace) -> None:
     from .audit import run_audit
 
-    summary = run_audit(ns.gen, ns.ref, ns.holdout, ns.share, log=_silent if ns.json else print)
+    summary = run_audit(ns.gen, ns.ref, ns.holdout, ns.share, ns.features,
+                        log=_silent if ns.json else print)
     if ns.json:
         _print_json(summary)
 

@@ -28,7 +28,7 @@ import torch
 from . import atomic
 from .checkpoint import file_sha256, load_into, read_checkpoint
 from .config import Config, data_config, flatten, from_dict, parse_override, read_yaml, to_yaml
-from .data import image_digests, load_images
+from .data import ImageData, image_digests, load_images
 from .errors import UserError
 from .schedule import Schedule
 from .unet import UNet, check_fits
@@ -132,21 +132,25 @@ class RunDir:
         return None
 
     def training_images(self, log=print) -> torch.Tensor:
-        """The images the run trained on, read again as it read them; refused when it recorded
-        none (an imported or streamed run), or when its data is no longer what it recorded."""
+        return self.training_set(log).images
+
+    def training_set(self, log=print) -> ImageData:
+        """The images (and labels) the run trained on, read again as it read them; refused when it
+        recorded none (an imported or streamed run), or when its data is no longer what it
+        recorded."""
         if self.imported_from():
             raise UserError(f"{self.path} is an imported model: the images it was trained on are "
                             f"unknown")
         if not self.digests_path.is_file():
             raise UserError(f"{self.path} recorded no training images ({self.digests_path.name}; "
                             f"streamed runs do not)")
-        images = load_images(self.config().data, log).images
+        data = load_images(self.config().data, log)
         recorded = set(self.digests_path.read_text().split())
-        unseen = sum(d not in recorded for d in image_digests(images))
+        unseen = sum(d not in recorded for d in image_digests(data.images))
         if unseen:
             raise UserError(f"{self.path}'s data has changed since it trained ({unseen} image(s) "
                             f"it never saw): the images it trained on are needed")
-        return images
+        return data
 
     def holdout_images(self, where: str) -> torch.Tensor:
         """Held-out real images, read as the training images were (size, channels, bit depth): a

@@ -131,7 +131,7 @@ def _extract(extractor: fx.Extractor, images: torch.Tensor, what: str, progress:
         return extractor(images, progress=bar.update)
 
 
-def _cached_features(extractor: fx.Extractor, images: torch.Tensor, log,
+def cached_features(extractor: fx.Extractor, images: torch.Tensor, log,
                      progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     key = hashlib.sha256(images.numpy().tobytes()
                          + json.dumps(extractor.identity(), sort_keys=True).encode())
@@ -204,7 +204,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
                         f"other weights or preprocessing than --features {extractor.name} "
                         f"uses here: recompute it with --save-ref")
     if ref.images is not None:
-        ref_feats, _ = _cached_features(extractor, ref.images, log, progress)
+        ref_feats, _ = cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)
         if save_ref:
             _save_reference(save_ref, ref_feats, extractor)
@@ -300,7 +300,7 @@ class TrainingEvaluator:
                  device: torch.device, log=print):
         ref = Reference("training data", images=images, labels=labels)
         self.extractor = build_extractor(features, ref, None, device, log)
-        self.ref = FeatureStats.from_features(_cached_features(self.extractor, images, log)[0])
+        self.ref = FeatureStats.from_features(cached_features(self.extractor, images, log)[0])
 
     def __call__(self, gen_u8: torch.Tensor) -> dict:
         feats, logits = self.extractor(gen_u8)

@@ -7,6 +7,11 @@ a copy moved by a pixel is still a copy. For
 each generated image: its nearest training image, that distance d1, and d1 / dk, the ratio to the
 k-th nearest (Carlini et al. 2023: a copy is much closer to one training image than to the rest).
 
+The same search runs in a feature space too (`nearest_features`: cosine distance between feature
+vectors, EfficientNet's or a classifier's), which sees copies that pixels miss (a copy with its
+contrast changed) and is blind to others (a mirrored copy of a symmetric feature); the audit
+reports both.
+
 A generated image is a near-copy when d1 is below the threshold: the `share` quantile of the same
 distance for held-out real images (a split the generator never saw), so that at most `share` of
 real, new images would be flagged. Without held-out images, the training images' own leave-one-out
@@ -16,6 +21,7 @@ distances stand in for them (each image against all the others).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,17 +68,35 @@ class Neighbours:
     ratio: np.ndarray  # d1 / distance to the k-th nearest
 
 
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # Q queries, R refs -> Q x R
+
+
 def nearest(query_u8: torch.Tensor, ref_u8: torch.Tensor, k: int = 5, shift: int = 1,
             exclude: torch.Tensor | None = None) -> Neighbours:
-    """Nearest reference image of each query image; `exclude[i]`: a reference image left out for
-    query i (itself, for leave-one-out distances within one set)."""
-    k = min(k, len(ref_u8) - (exclude is not None))
+    """Nearest reference image of each query image in pixels; `exclude[i]`: a reference image
+    left out for query i (itself, for leave-one-out distances within one set)."""
     windows = _overlaps(*ref_u8.shape[-2:], shift)
+    return _search(query_u8, ref_u8, lambda q, r: _similarities(q, r, windows), k, exclude)
+
+
+def nearest_features(query: torch.Tensor, ref: torch.Tensor, k: int = 5,
+                     exclude: torch.Tensor | None = None) -> Neighbours:
+    """Nearest reference of each query by cosine distance between feature vectors (N x D)."""
+    def unit(x):
+        return x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return _search(query, ref, lambda q, r: unit(q) @ unit(r).T, k, exclude)
+
+
+def _search(query: torch.Tensor, ref: torch.Tensor, similarity: Similarity, k: int,
+            exclude: torch.Tensor | None) -> Neighbours:
+    """Distance 1 - similarity to the nearest and the k-th nearest reference, chunked over both
+    sets so memory stays bounded."""
+    k = min(k, len(ref) - (exclude is not None))
     index, d1, dk = [], [], []
-    for start in range(0, len(query_u8), CHUNK):
-        part = query_u8[start:start + CHUNK]
-        sims = torch.cat([_similarities(part, ref_u8[r:r + REF_CHUNK], windows)
-                          for r in range(0, len(ref_u8), REF_CHUNK)], dim=1)
+    for start in range(0, len(query), CHUNK):
+        part = query[start:start + CHUNK]
+        sims = torch.cat([similarity(part, ref[r:r + REF_CHUNK])
+                          for r in range(0, len(ref), REF_CHUNK)], dim=1)
         if exclude is not None:
             sims[torch.arange(len(part)), exclude[start:start + CHUNK]] = -np.inf
         top = sims.topk(k, dim=1)
@@ -89,18 +113,21 @@ def threshold(reference_d1: np.ndarray, share: float) -> float:
     return float(np.quantile(reference_d1, share, method="lower"))
 
 
-def calibrate(train_u8: torch.Tensor, holdout_u8: torch.Tensor | None, share: float = 0.01,
-              shift: int = 1) -> tuple[float, str, np.ndarray]:
+Search = Callable[..., Neighbours]  # nearest or nearest_features
+
+
+def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 0.01,
+              search: Search = nearest) -> tuple[float, str, np.ndarray]:
     """(threshold, what it was calibrated on, the reference distances): held-out images against
     the training set, or the training set's leave-one-out distances; at most REFERENCE_MAX
     reference images (a fixed random subset), plenty for a 1% quantile."""
-    reference, exclude = (holdout_u8, False) if holdout_u8 is not None else (train_u8, True)
+    reference, exclude = (holdout, False) if holdout is not None else (train, True)
     rows = torch.arange(len(reference))
     if len(reference) > REFERENCE_MAX:
         rows = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
         rows = rows[:REFERENCE_MAX].sort().values
     # leave-one-out: each reference image against every training image but itself
-    found = nearest(reference[rows], train_u8, shift=shift, exclude=rows if exclude else None)
+    found = search(reference[rows], train, exclude=rows if exclude else None)
     return threshold(found.d1, share), "held-out" if not exclude else "leave-one-out", found.d1
 
 
@@ -117,12 +144,13 @@ class Audit:
         return float(self.copies.mean()) if len(self.copies) else 0.0
 
 
-def audit(gen_u8: torch.Tensor, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
-          share: float = 0.01, shift: int = 1) -> Audit:
+def audit(gen: torch.Tensor, train: torch.Tensor, holdout: torch.Tensor | None = None,
+          share: float = 0.01, search: Search = nearest) -> Audit:
     """Each generated image against the training set, with the threshold calibrated on held-out
-    real images (or, without them, on the training set's leave-one-out distances)."""
-    limit, calibrated_on, reference = calibrate(train_u8, holdout_u8, share, shift)
-    found = nearest(gen_u8, train_u8, shift=shift)
+    real images (or, without them, on the training set's leave-one-out distances). Images are
+    uint8 pixels for `nearest`, feature vectors for `nearest_features`."""
+    limit, calibrated_on, reference = calibrate(train, holdout, share, search)
+    found = search(gen, train)
     return Audit(found, limit, is_copy(found.d1, limit), calibrated_on, reference)
 
 
