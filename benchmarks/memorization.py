@@ -5,14 +5,14 @@ Prints JSON; with --plot, an SVG of copy rate against training step.
     python benchmarks/memorization.py --work /tmp/mem --sets digits50 --steps 1000 --every 250
 
 Sets: the bundled digits cut to 50, 200 and all 1,797 images (8x8), and PneumoniaMNIST's 388 normal
-chest X-rays (16x16, from ../shared/data). Arms: `plain`, and `augmented` (train.augment=[hflip,
-translate], train.augment_p=0.5). Each (set, arm) trains one unconditional run; at every --every
-steps its checkpoint samples --num images (DPM-Solver++ 20 steps, seed 0), which are audited
-against the run's training images (metrics/memorization.py: near-copy threshold at the 1% quantile
-of held-out real images, the digits outside the subset or PneumoniaMNIST's val normals; all 1,797
-digits leave none out, so that set is calibrated leave-one-out) and scored by a classifier-feature
-Frechet distance to real images (all digits; PneumoniaMNIST's val and test normals), one extractor
-per set for every arm and step.
+chest X-rays (16x16, from ../shared/data). Arms: `plain`, `augmented` (train.augment=[hflip,
+translate], train.augment_p=0.5) and `light` (the same at p=0.2). Each (set, arm) trains one
+unconditional run; at every --every steps its checkpoint samples --num images (DPM-Solver++ 20
+steps, seed 0), which are audited against the run's training images (metrics/memorization.py:
+near-copy threshold at the 1% quantile of held-out real images, the digits outside the subset or
+PneumoniaMNIST's val normals; all 1,797 digits leave none out, so that set is calibrated
+leave-one-out) and scored by a classifier-feature Frechet distance to real images (all digits;
+PneumoniaMNIST's val and test normals), one extractor per set for every arm and step.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from ddpmkit.training import train  # noqa: E402
 
 PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / \
     "pneumoniamnist_imbalanced.npz"
-ARMS = {"plain": {}, "augmented": {"train.augment": ["hflip", "translate"],
-                                   "train.augment_p": 0.5}}
+ARMS = {"plain": {}, "augmented": {"train.augment": ["hflip", "translate"], "train.augment_p": 0.5},
+        "light": {"train.augment": ["hflip", "translate"], "train.augment_p": 0.2}}
 QUIET = lambda *_: None  # noqa: E731
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="where runs and subsets go")
     ap.add_argument("--sets", default=",".join(SETS))
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default="plain,augmented")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--batch", type=int, default=64)
