@@ -1,5 +1,6 @@
 """Memorization against training-set size, training length and non-leaky augmentation.
-Prints JSON; with --plot, an SVG of copy rate against training step.
+Prints JSON; with --plot, an SVG of copy rate against training step (--plot-from: of JSON that
+earlier runs printed, without training).
 
     python benchmarks/memorization.py --work /tmp/mem          # all of it (hours on a CPU)
     python benchmarks/memorization.py --work /tmp/mem --sets digits50 --steps 1000 --every 250
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -97,6 +99,26 @@ def measure(path: Path, step: int, train_u8, held, extractor, population_stats, 
             "threshold": result.threshold, "calibrated_on": result.calibrated_on}
 
 
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#17becf")
+
+
+def standalone_plot(rows: list[dict]) -> str:
+    """The report's plot of copy rate against step, with its colours and a legend inline, so
+    the SVG reads on its own."""
+    series = [(f"{r['set']} {r['arm']}", [c["step"] for c in r["curve"]],
+               [c["copy_rate"] for c in r["curve"]]) for r in rows]
+    svg = svg_plot(series, "training step", "near-copy rate", width=640, height=300)
+    for i in range(len(series)):
+        svg = re.sub(r'class="s[01]" fill="none"', f'stroke="{PALETTE[i % len(PALETTE)]}" '
+                     f'fill="none"', svg, count=1)
+    legend = "".join(f'<text x="70" y="{24 + 14 * i}" fill="{PALETTE[i % len(PALETTE)]}">'
+                     f'{label}</text>' for i, (label, _, _) in enumerate(series))
+    style = ("<style>text{font:11px sans-serif}.gridline{stroke:#e5e5e5}.axis{stroke:#333}"
+             "</style>")
+    head, tail = svg.split(">", 1)
+    return f'{head} xmlns="http://www.w3.org/2000/svg">{style}{tail[:-6]}{legend}</svg>'
+
+
 def _moments(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     stats = FeatureStats.from_features(feats)
     return stats.mu, stats.sigma
@@ -112,7 +134,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--num", type=int, default=256)
     ap.add_argument("--plot", type=Path, help="write an SVG of copy rate against step here")
+    ap.add_argument("--plot-from", type=Path, nargs="+", metavar="JSON",
+                    help="with --plot: plot what earlier runs printed, training nothing")
     args = ap.parse_args()
+    if args.plot_from:
+        rows = [r for f in args.plot_from for r in json.loads(f.read_text())["results"]]
+        args.plot.write_text(standalone_plot(rows))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
     rows = []
@@ -135,10 +163,7 @@ def main() -> None:
                       "steps": args.steps, "batch": args.batch, "num": args.num,
                       "results": rows}, indent=1))
     if args.plot:
-        series = [(f"{r['set']} {r['arm']}", [c["step"] for c in r["curve"]],
-                   [c["copy_rate"] for c in r["curve"]]) for r in rows]
-        args.plot.write_text(svg_plot(series, "training step", "near-copy rate"))
-
+        args.plot.write_text(standalone_plot(rows))
 
 if __name__ == "__main__":
     main()
