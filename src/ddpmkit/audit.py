@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import resize_center_crop
+from .data import ImageData, resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing
-from .data import ImageData
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
 from .metrics.memorization import Audit, audit, nearest_features
