@@ -6,7 +6,8 @@ Prints JSON.
     python benchmarks/rare_class.py ../shared/data/pneumoniamnist/pneumoniamnist_imbalanced.npz \\
         --work /tmp/rare/pneumonia
 
-The .npz has train, val and test splits, labels 0 (the rare class) and 1. Steps:
+The .npz has train, val and test splits and two or more classes; the rare class is the one with
+the fewest training images. Steps:
 1. one class-conditional generator per --class-balance power (16x16, the small preset);
 2. levers, measured on the val split: for each generator and guidance scale, the class fidelity of
    --probe rare-class samples (the share the selector, a classifier of the real training images,
@@ -19,15 +20,18 @@ The .npz has train, val and test splits, labels 0 (the rare class) and 1. Steps:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.cli import main as ddpmkit  # noqa: E402
+from ddpmkit.config import DataConfig  # noqa: E402
 from ddpmkit.data import load_images  # noqa: E402
 from ddpmkit.generation import sample  # noqa: E402
 from ddpmkit.run import RunDir, load_run  # noqa: E402
@@ -38,13 +42,14 @@ SCALES = (1.0, 2.0, 3.0)
 
 
 def run_cli(argv: list[str]) -> None:
-    code = ddpmkit(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
+        code = ddpmkit(argv)
     if code:
         raise SystemExit(f"ddpmkit {' '.join(argv[:2])} failed ({code})")
 
 
 def train_generator(data: Path, out: Path, power: float, args) -> Path:
-    if not (out / "state.json").is_file():
+    if not (out / "state.json").is_file():  # rerunning the study reuses its generators
         run_cli(["train", f"--data={data}", "--out", str(out), "--quiet",
                  "model.class_conditional=true", "data.image_size=16",
                  f"train.class_balance={power}", f"train.max_steps={args.steps}",
@@ -53,14 +58,19 @@ def train_generator(data: Path, out: Path, power: float, args) -> Path:
     return out
 
 
-def levers(run_path: Path, probe: int) -> dict:
+def rarest_class(data_path: Path) -> str:
+    labels = load_images(DataConfig(path=str(data_path)), log=QUIET).labels
+    return min(Counter(labels).items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+def levers(run_path: Path, rare: str, probe: int) -> dict:
     """Class fidelity and selector pass rate of rare-class samples per guidance scale, and the real
     val images' own."""
     cfg = RunDir(run_path).config()
     data = load_images(cfg.data, log=QUIET)
     selector = build_selector(cfg.data, data.images, data.labels, cfg.data.class_names,
                               SelectOptions(), log=QUIET)
-    run, rare = load_run(run_path), "0"
+    run = load_run(run_path)
     rows = {}
     for scale in SCALES:
         images = sample(run, num=probe, seed=1, class_label=rare, guidance=scale)
@@ -71,11 +81,12 @@ def levers(run_path: Path, probe: int) -> dict:
             "threshold": selector.thresholds[rare], "calibrated_on": selector.calibrated_on}
 
 
-def verdict_figures(summary: dict) -> dict:
+def verdict_figures(summary: dict, rare: str) -> dict:
     """The judged numbers: each synthetic arm against oversampling, at default and tuned
     thresholds, with the largest seed-to-seed std."""
     table, out = summary["table"], {}
-    for metric in ("balanced_accuracy", "balanced_accuracy@tuned", "recall[0]", "recall@tuned[0]"):
+    for metric in ("balanced_accuracy", "balanced_accuracy@tuned", f"recall[{rare}]",
+                   f"recall@tuned[{rare}]"):
         if metric not in table["real"]:
             continue
         base = table["oversampled"][metric][0]
@@ -88,7 +99,7 @@ def verdict_figures(summary: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data", type=Path, help="an .npz with train/val/test splits, labels 0 and 1")
+    ap.add_argument("data", type=Path, help="an .npz with train/val/test splits")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--class-balance", default="0,1", help="one generator per power")
     ap.add_argument("--steps", type=int, default=6000)
@@ -99,11 +110,13 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
-    result, t0 = {"data": str(args.data), "steps": args.steps, "batch": args.batch}, time.time()
+    rare = rarest_class(args.data)
+    result, t0 = {"data": str(args.data), "rare_class": rare, "steps": args.steps,
+                  "batch": args.batch}, time.time()
     runs = {}
     for power in [float(p) for p in args.class_balance.split(",")]:
         runs[power] = train_generator(args.data, args.work / f"gen_balance{power:g}", power, args)
-        result[f"levers_balance{power:g}"] = levers(runs[power], args.probe)
+        result[f"levers_balance{power:g}"] = levers(runs[power], rare, args.probe)
         print(json.dumps(result[f"levers_balance{power:g}"]), file=sys.stderr)
     balanced = args.work / "balanced"
     run_cli(["balance", str(runs[max(runs)]), "--out", str(balanced), "--quiet", "--select",
@@ -113,7 +126,7 @@ def main() -> None:
              str(args.work / "study"), "--seeds", str(args.seeds), "--steps",
              str(args.classifier_steps), "--calibration-split", "val"])
     summary = json.loads((args.work / "study" / "results.json").read_text())
-    result.update({"verdict": summary["verdict"], "figures": verdict_figures(summary),
+    result.update({"verdict": summary["verdict"], "figures": verdict_figures(summary, rare),
                    "class_fidelity": summary["class_fidelity"],
                    "synthetic_copies": summary["synthetic_copies"],
                    "minutes": round((time.time() - t0) / 60, 1)})
