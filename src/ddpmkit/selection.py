@@ -72,16 +72,16 @@ def train_selector(images_u8: torch.Tensor, labels: list[str], names: list[str],
                flips=False, **RECIPE)
 
 
-def thresholds(net: torch.nn.Module, names: list[str], val: tuple[torch.Tensor, list[str]] | None,
-               quantile: float, fixed: float | None) -> tuple[dict[str, float], str]:
-    """Each class's threshold and what it was chosen on."""
+def thresholds(names: list[str], val: tuple[np.ndarray, list[str]] | None, quantile: float,
+               fixed: float | None) -> tuple[dict[str, float], str]:
+    """Each class's threshold from the selector's probabilities of the validation images (with
+    their labels), and what it was chosen on."""
     if fixed is not None:
         return {c: fixed for c in names}, f"--select-threshold {fixed}"
     if val is None:
         return ({c: NO_SPLIT_THRESHOLD for c in names},
                 f"no validation split: {NO_SPLIT_THRESHOLD} for every class")
-    images, labels = val
-    probs = predict(net, images)
+    probs, labels = val
     out = {}
     for i, c in enumerate(names):
         own = probs[[label == c for label in labels], i]
@@ -101,9 +101,10 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
             val = (data.images, data.labels) if data.labels else None
         except UserError as exc:  # the source has splits, but no val split
             log(f"select: no validation split ({exc})")
-    limits, how = thresholds(net, names, val, options.quantile, options.threshold)
     real_images, real_labels = val or (images_u8, labels)
     probs = predict(net, real_images)
+    limits, how = thresholds(names, (probs, real_labels) if val else None, options.quantile,
+                             options.threshold)
     real_pass = {c: float((probs[[label == c for label in real_labels], i] >= limits[c]).mean())
                  if c in real_labels else 1.0 for i, c in enumerate(names)}
     selector = Selector(net, names, limits, how, real_pass)
