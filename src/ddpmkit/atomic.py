@@ -34,8 +34,9 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             fsync_file(tmp)
         os.replace(tmp, path)
-        if fsync:
-            _fsync_dir(path.parent)
+        if fsync:  # make the rename durable where folders can be fsynced
+            with contextlib.suppress(OSError):
+                fsync_file(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -74,15 +75,6 @@ def write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
 
 def write_text(path: str | Path, text: str, fsync: bool = True) -> None:
     write_bytes(path, text.encode("utf-8"), fsync)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def json_text(obj, indent: int | None = 1) -> str:

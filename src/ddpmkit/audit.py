@@ -9,7 +9,6 @@ calibrated threshold, so a user sees what each view flags.
 
 from __future__ import annotations
 
-import base64
 import html
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,7 @@ from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
 from .metrics.memorization import Audit, audit, nearest_features
 from .outputs import manifest_images
-from .report import CSS, svg_plot
+from .report import CSS, data_uri, svg_plot
 from .run import RunDir
 from .runtime import resolve_device
 
@@ -185,4 +184,4 @@ def _in_features(summary: dict) -> str:
 
 def _uri(images: torch.Tensor) -> str:
     data = png_bytes(scale_for_viewing(make_grid(images, ncol=2), min_side=128))
-    return f"data:image/png;base64,{base64.b64encode(data).decode()}"
+    return data_uri(data, "image/png")

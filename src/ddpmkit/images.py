@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
-
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -33,14 +31,6 @@ def to_pil(img: torch.Tensor) -> Image.Image:
             else Image.fromarray(np.moveaxis(arr, 0, -1), "RGB"))
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """An 8-bit L or RGB image file -> uint8 C x H x W."""
-    with Image.open(path) as im:
-        arr = np.array(im)
-    t = torch.from_numpy(arr)
-    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
-
-
 def png_bytes(img: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():
@@ -48,7 +38,6 @@ def png_bytes(img: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     to_pil(img).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
-
 
 
 def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> torch.Tensor:

@@ -10,7 +10,6 @@ from .errors import UserError
 
 MAX_IMAGES_PER_JOB = 10_000_000  # --num: far beyond any dataset, far below what a typo asks
 MAX_SIDE = 4096  # data.image_size and --size: the largest image side ddpmkit makes or trains at
-MAX_PARAMETERS = 2_000_000_000  # a UNet beyond this does not fit one accelerator with its optimizer
 
 
 def available_memory() -> int:

@@ -45,7 +45,7 @@ pre { background: var(--card); padding: 0.8rem; border-radius: 8px; overflow-x: 
 """
 
 
-def _data_uri(data: bytes, mime: str) -> str:
+def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
@@ -194,14 +194,14 @@ def _grids(run: RunDir) -> str:
     shown = dict.fromkeys(grids[round(i * (len(grids) - 1) / max(1, count - 1))]
                           for i in range(count))
     strip = "".join(f"<figure><img alt='samples at step {step}' "
-                    f"src='{_data_uri(p.read_bytes(), 'image/png')}'>"
+                    f"src='{data_uri(p.read_bytes(), 'image/png')}'>"
                     f"<figcaption>step {step:,}</figcaption></figure>" for step, p in shown)
     last_step, last = grids[-1]
     return (f"<h2>Samples while learning</h2><div class='strip'>{strip}</div><div class='plots'>"
             f"<figure><img class='big' alt='learning GIF' "
-            f"src='{_data_uri(learning_gif(run), 'image/gif')}'><figcaption>the same noise at "
+            f"src='{data_uri(learning_gif(run), 'image/gif')}'><figcaption>the same noise at "
             f"every grid, step by step</figcaption></figure><figure><img class='big' alt='latest "
-            f"samples' src='{_data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest "
+            f"samples' src='{data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest "
             f"samples (step {last_step:,}, EMA weights)</figcaption></figure></div>")
 
 

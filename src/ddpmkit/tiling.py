@@ -38,11 +38,10 @@ class TiledNet(torch.nn.Module):
     """`chunk`: the most tiles one network call takes (a large image has many). Tiled outputs are
     float32 (the Denoiser works in float32)."""
 
-    def __init__(self, net: torch.nn.Module, size: int, overlap: int | None = None,
-                 chunk: int = 64):
+    def __init__(self, net: torch.nn.Module, size: int, chunk: int = 64):
         super().__init__()
         self.net, self.size, self.chunk = net, size, chunk
-        self.overlap = size // OVERLAP_FRACTION if overlap is None else overlap
+        self.overlap = size // OVERLAP_FRACTION
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

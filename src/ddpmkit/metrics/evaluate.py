@@ -195,8 +195,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
                         f"so generate more (thousands for a stable FID)")
     ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], gen)
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
-        ref.images = ref.images.expand(-1, 3, -1, -1) if ref.images.shape[1] == 1 else ref.images
-        gen_images = gen_images.expand(-1, 3, -1, -1) if gen_images.shape[1] == 1 else gen_images
+        ref.images, gen_images = fx.to_rgb(ref.images), fx.to_rgb(gen_images)
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
     gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
     if ref.extractor is not None and ref.extractor != extractor.identity():
@@ -206,8 +205,9 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     if ref.images is not None:
         ref_feats, _ = cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)
-        if save_ref:
-            _save_reference(save_ref, ref_feats, extractor)
+        if save_ref:  # `--ref FILE` then takes it for every metric
+            ref_stats.save(save_ref, feats=ref_feats.astype(np.float32), extractor=np.asarray(
+                json.dumps(extractor.identity(), sort_keys=True)))
             log(f"wrote reference features {save_ref}")
     elif save_ref:
         raise UserError("--save-ref needs reference images (a folder, data.path=... or a run), "
@@ -251,16 +251,6 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["ddpmkit"], result["date"] = version(), time.strftime("%Y-%m-%d %H:%M:%S")
     return result
-
-
-def _save_reference(path: str | Path, feats: np.ndarray, extractor: fx.Extractor) -> None:
-    """The reference's features, mu and sigma and the extractor's identity, as an .npz that `--ref
-    FILE` takes for every metric (and pytorch-fid reads for FID: it has mu and sigma)."""
-    stats = FeatureStats.from_features(feats)
-    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=np.asarray(stats.n),
-                 feats=feats.astype(np.float32),
-                 extractor=np.asarray(json.dumps(extractor.identity(), sort_keys=True)))
 
 
 def _class_report(logits: np.ndarray, names: list[str]) -> dict:

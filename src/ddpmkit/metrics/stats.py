@@ -63,9 +63,10 @@ class FeatureStats:
         return cls(feats.mean(axis=0), np.cov(feats, rowvar=False).reshape(feats.shape[1], -1),
                    len(feats))
 
-    def save(self, path: str | Path) -> None:
-        """Writes an .npz (mu, sigma and n if known) atomically, readable by pytorch-fid too."""
-        arrays = {"mu": np.asarray(self.mu, np.float64),
+    def save(self, path: str | Path, **extra: np.ndarray) -> None:
+        """Writes an .npz (mu, sigma, n if known, and `extra` arrays) atomically, readable by
+        pytorch-fid too."""
+        arrays = {**extra, "mu": np.asarray(self.mu, np.float64),
                   "sigma": np.asarray(self.sigma, np.float64)}
         if self.n is not None:
             arrays["n"] = np.asarray(self.n, np.int64)
