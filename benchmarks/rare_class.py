@@ -6,15 +6,16 @@ Prints JSON.
     python benchmarks/rare_class.py ../shared/data/pneumoniamnist/pneumoniamnist_imbalanced.npz \\
         --work /tmp/rare/pneumonia
 
-The .npz has train, val and test splits and two or more classes; the rare class is the one with
-the fewest training images. Steps:
+The .npz has train and test splits (and val, for thresholds) and two or more classes; the rare class
+is the one with the fewest training images. Steps:
 1. one class-conditional generator per --class-balance power (16x16, the small preset);
-2. levers, measured on the val split: for each generator and guidance scale, the class fidelity of
-   --probe rare-class samples (the share the selector, a classifier of the real training images,
-   assigns to the rare class) and the share passing its threshold, beside the real val images' own;
+2. levers: for each generator and guidance scale, the class fidelity of --probe rare-class
+   samples (the share the selector, a classifier of the real training images, assigns to the rare
+   class) and the share passing its threshold (set on the val split where there is one), beside
+   the real images' own;
 3. `balance --select --class-guidance auto` with the generator of the largest power;
-4. `downstream --calibration-split val` on the test split: real, real+synthetic (unselected),
-   real+selected and oversampled, --seeds seeds each.
+4. `downstream` on the test split (`--calibration-split val` for two classes with a val split):
+   real, real+synthetic (unselected), real+selected and oversampled, --seeds seeds each.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.cli import main as ddpmkit  # noqa: E402
 from ddpmkit.config import DataConfig  # noqa: E402
 from ddpmkit.data import load_images  # noqa: E402
+from ddpmkit.errors import UserError  # noqa: E402
 from ddpmkit.generation import sample  # noqa: E402
 from ddpmkit.run import RunDir, load_run  # noqa: E402
 from ddpmkit.selection import SelectOptions, build_selector  # noqa: E402
@@ -58,9 +60,18 @@ def train_generator(data: Path, out: Path, power: float, args) -> Path:
     return out
 
 
-def rarest_class(data_path: Path) -> str:
-    labels = load_images(DataConfig(path=str(data_path)), log=QUIET).labels
-    return min(Counter(labels).items(), key=lambda kv: (kv[1], kv[0]))[0]
+def rarest_class(data_path: Path) -> tuple[str, int]:
+    """The class with the fewest training images, and how many classes there are."""
+    counts = Counter(load_images(DataConfig(path=str(data_path)), log=QUIET).labels)
+    return min(counts.items(), key=lambda kv: (kv[1], kv[0]))[0], len(counts)
+
+
+def has_val_split(data_path: Path) -> bool:
+    try:
+        load_images(DataConfig(path=str(data_path), split="val"), log=QUIET)
+    except UserError:
+        return False
+    return True
 
 
 def levers(run_path: Path, rare: str, probe: int) -> dict:
@@ -99,7 +110,7 @@ def verdict_figures(summary: dict, rare: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("data", type=Path, help="an .npz with train/val/test splits")
+    ap.add_argument("data", type=Path, help="an .npz with train and test splits (val optional)")
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--class-balance", default="0,1", help="one generator per power")
     ap.add_argument("--steps", type=int, default=6000)
@@ -110,7 +121,10 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
-    rare = rarest_class(args.data)
+    rare, classes = rarest_class(args.data)
+    # a tuned threshold is a binary decision's; without a val split the study reports defaults only
+    calibration = (["--calibration-split", "val"] if classes == 2 and has_val_split(args.data)
+                   else [])
     result, t0 = {"data": str(args.data), "rare_class": rare, "steps": args.steps,
                   "batch": args.batch}, time.time()
     runs = {}
@@ -124,7 +138,7 @@ def main() -> None:
     result["selection"] = json.loads((balanced / "selection.json").read_text())
     run_cli(["downstream", "--real", str(args.data), "--synthetic", str(balanced), "--out",
              str(args.work / "study"), "--seeds", str(args.seeds), "--steps",
-             str(args.classifier_steps), "--calibration-split", "val"])
+             str(args.classifier_steps), *calibration])
     summary = json.loads((args.work / "study" / "results.json").read_text())
     result.update({"verdict": summary["verdict"], "figures": verdict_figures(summary, rare),
                    "class_fidelity": summary["class_fidelity"],
