@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -99,24 +98,11 @@ def measure(path: Path, step: int, train_u8, held, extractor, population_stats, 
             "threshold": result.threshold, "calibrated_on": result.calibrated_on}
 
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#17becf")
-
-
 def standalone_plot(rows: list[dict]) -> str:
-    """The report's plot of copy rate against step, with its colours and a legend inline, so
-    the SVG reads on its own."""
     series = [(f"{r['set']} {r['arm']}", [c["step"] for c in r["curve"]],
                [c["copy_rate"] for c in r["curve"]]) for r in rows]
-    svg = svg_plot(series, "training step", "near-copy rate", width=640, height=300)
-    for i in range(len(series)):
-        svg = re.sub(r'class="s[01]" fill="none"', f'stroke="{PALETTE[i % len(PALETTE)]}" '
-                     f'fill="none"', svg, count=1)
-    legend = "".join(f'<text x="70" y="{24 + 14 * i}" fill="{PALETTE[i % len(PALETTE)]}">'
-                     f'{label}</text>' for i, (label, _, _) in enumerate(series))
-    style = ("<style>text{font:11px sans-serif}.gridline{stroke:#e5e5e5}.axis{stroke:#333}"
-             "</style>")
-    head, tail = svg.split(">", 1)
-    return f'{head} xmlns="http://www.w3.org/2000/svg">{style}{tail[:-6]}{legend}</svg>'
+    return svg_plot(series, "training step", "near-copy rate", width=640, height=300,
+                    standalone=True)
 
 
 def _moments(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

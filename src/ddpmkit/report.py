@@ -45,6 +45,9 @@ pre { background: var(--card); padding: 0.8rem; border-radius: 8px; overflow-x: 
 """
 
 
+PALETTE = ("#d9480f", "#1971c2", "#2f9e44", "#ae3ec9", "#f08c00", "#0c8599", "#e03131")
+
+
 def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -70,8 +73,10 @@ def _fmt(v: float) -> str:
 
 
 def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str,
-             logy: bool = False, width: int = 520, height: int = 250) -> str:
-    """A line plot as inline SVG: series of (label, x, y). Colours come from the page's CSS."""
+             logy: bool = False, width: int = 520, height: int = 250,
+             standalone: bool = False) -> str:
+    """A line plot as inline SVG: series of (label, x, y). Colours come from the page's CSS;
+    `standalone` writes them in, with a legend, for an SVG file read on its own."""
     def shown(x, y):
         return x is not None and y is not None and math.isfinite(y) and (y > 0 or not logy)
 
@@ -86,8 +91,14 @@ def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, yl
     left, right, top, bottom = 58, 26, 12, 38
     sx = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda v: height - bottom - (f(v) - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
-    out = [f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+           f'width="{width}" height="{height}" role="img" '
            f'aria-label="{html.escape(ylabel)} against {html.escape(xlabel)}">']
+    if standalone:
+        out.append("<style>text{font:11px sans-serif}.gridline{stroke:#e5e5e5}.axis{stroke:#333}"
+                   + "".join(f".s{i}{{stroke:{c}}}text.s{i}{{fill:{c};stroke:none}}"
+                           for i, c in enumerate(PALETTE))
+                   + "</style>")
     for t in _ticks(x0, x1):
         out.append(f'<line class="gridline" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" '
                    f'y2="{height - bottom}"/><text x="{sx(t):.1f}" y="{height - bottom + 14}" '
@@ -104,8 +115,12 @@ def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, yl
                f'text-anchor="middle">{html.escape(xlabel)}</text>')
     for i, (label, xs, ys) in enumerate(series):
         line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in zip(xs, ys) if shown(x, y))
-        out.append(f'<polyline class="s{i % 2}" fill="none" stroke-width="1.8" points="{line}">'
+        colour = f"s{i % len(PALETTE)}" if standalone else f"s{i % 2}"
+        out.append(f'<polyline class="{colour}" fill="none" stroke-width="1.8" points="{line}">'
                    f'<title>{html.escape(label)}</title></polyline>')
+        if standalone:  # the legend: a page's figure caption names its series instead
+            out.append(f'<text class="{colour}" x="{left + 10}" '
+                       f'y="{top + 12 + 14 * i}">{html.escape(label)}</text>')
     out.append("</svg>")
     return "".join(out)
 
