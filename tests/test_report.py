@@ -113,3 +113,17 @@ def test_tensorboard_logging(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10]
     assert {"train/lr", "train/images_per_sec", "train/memory_mb"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Images("samples")] == [5, 10]
+
+
+def test_a_standalone_plot_carries_its_colours_and_legend():
+    from ddpmkit.report import PALETTE, svg_plot
+
+    series = [(f"run {i}", [0, 1, 2], [0.0, 0.5 * i, 1.0]) for i in range(3)]
+    inline, alone = (svg_plot(series, "step", "rate", standalone=s) for s in (False, True))
+    assert "<style>" not in inline and "run 0</text>" not in inline  # the page styles it
+    style = re.search(r"<style>(.*?)</style>", alone)[1]
+    for i in range(3):
+        assert f".s{i}{{stroke:{PALETTE[i]}}}" in style
+        assert f'<text class="s{i}" x="68" y="{24 + 14 * i}">run {i}</text>' in alone
+        assert f'<polyline class="s{i}" fill="none"' in alone
+    assert alone.startswith('<svg xmlns="http://www.w3.org/2000/svg"')
