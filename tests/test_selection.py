@@ -122,6 +122,24 @@ def test_thresholds_come_from_the_val_split_when_the_data_has_one(generator):
         assert (own >= selector.thresholds[name]).mean() >= 0.9  # 90% of real images pass
 
 
+def test_a_class_the_selector_barely_recognises_is_warned_of(generator, monkeypatch):
+    """Real images of the class scored near 0 give a quantile threshold that keeps anything."""
+    data_cfg, images, labels, names = _selector_inputs(generator[1])
+    rare_scores_low = lambda net, x: np.tile([1e-4, 1 - 1e-4], (len(x), 1))  # noqa: E731
+    monkeypatch.setattr(selection, "predict", rare_scores_low)
+    said = []
+    selector = selection.build_selector(data_cfg, images, labels, names,
+                                        selection.SelectOptions(), log=said.append)
+    assert selector.thresholds["0"] == pytest.approx(1e-4)
+    warned = [line for line in said if "warning" in line]
+    assert len(warned) == 1 and "real 0 images" in warned[0]
+    assert "--select-threshold 0.5" in warned[0]
+    said.clear()  # a fixed threshold is the user's choice: no warning
+    selection.build_selector(data_cfg, images, labels, names,
+                             selection.SelectOptions(threshold=0.5), log=said.append)
+    assert not [line for line in said if "warning" in line]
+
+
 def test_a_threshold_no_candidate_reaches_is_one_clear_line(generator, tmp_path, capsys):
     _, run = generator
     code = main(["balance", str(run), "--out", str(tmp_path / "bal"), "--quiet",

@@ -23,6 +23,7 @@ from .metrics.classifier import fit, predict
 
 RECIPE = {"steps": 1500, "batch": 64, "lr": 2e-3, "seed": 0}
 NO_SPLIT_THRESHOLD = 0.5
+WEAK_THRESHOLD = 0.05  # below this, a quantile threshold keeps nearly any candidate
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
                  if c in real_labels else 1.0 for i, c in enumerate(names)}
     selector = Selector(net, names, limits, how, real_pass)
     log(f"select: thresholds {selector.describe()} ({how})")
+    quantile_rule = val is not None and options.threshold is None
+    for c in [c for c in names if quantile_rule and limits[c] < WEAK_THRESHOLD]:
+        log(f"select: warning: the selector gives some real {c} images almost no chance of being "
+            f"{c}, so a threshold of {limits[c]:.2g} keeps nearly every candidate; "
+            f"--select-threshold 0.5 keeps only those it calls {c}")
     return selector
 
 
