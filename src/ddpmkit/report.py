@@ -72,7 +72,7 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
 
-def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str,
+def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, *,
              logy: bool = False, width: int = 520, height: int = 250,
              standalone: bool = False) -> str:
     """A line plot as inline SVG: series of (label, x, y). Colours come from the page's CSS;
