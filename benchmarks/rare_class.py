@@ -85,10 +85,10 @@ def levers(run_path: Path, rare: str, probe: int) -> dict:
     rows = {}
     for scale in SCALES:
         images = sample(run, num=probe, seed=1, class_label=rare, guidance=scale)
-        scores = selector.scores(images, rare)
-        rows[scale] = {"fidelity": float((scores > 0.5).mean()),
-                       "passes_threshold": float((scores >= selector.thresholds[rare]).mean())}
-    return {"by_guidance": rows, "real_val_passes": selector.real_pass[rare],
+        fidelity, passing = selector.fidelity(images, rare)
+        rows[scale] = {"fidelity": fidelity, "passes_threshold": passing}
+    return {"by_guidance": rows, "real_val_fidelity": selector.real_fidelity[rare],
+            "real_val_passes": selector.real_pass[rare],
             "threshold": selector.thresholds[rare], "calibrated_on": selector.calibrated_on}
 
 

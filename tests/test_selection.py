@@ -198,11 +198,11 @@ def test_downstream_adds_the_selected_arm_and_the_class_fidelity(generator, tmp_
     assert "Class fidelity" in report and "| real+selected |" in report
 
 
-def test_auto_scale_takes_the_smallest_scale_close_to_the_real_pass_rate():
+def test_auto_scale_takes_the_smallest_scale_close_to_the_real_fidelity():
     rates = {1.0: 0.5, 1.5: 0.7, 2.0: 0.88, 3.0: 0.95, 4.0: 0.97}
-    assert selection.auto_scale(rates, real_pass=0.95) == 2.0  # 0.88 >= 0.9 * 0.95
-    assert selection.auto_scale(rates, real_pass=1.0) == 3.0
-    assert selection.auto_scale({1.0: 0.2, 2.0: 0.4, 3.0: 0.4}, real_pass=1.0) == 2.0  # best
+    assert selection.auto_scale(rates, real_fidelity=0.95) == 2.0  # 0.88 >= 0.9 * 0.95
+    assert selection.auto_scale(rates, real_fidelity=1.0) == 3.0
+    assert selection.auto_scale({1.0: 0.2, 2.0: 0.4, 3.0: 0.4}, real_fidelity=1.0) == 2.0
 
 
 def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_path):
@@ -210,8 +210,10 @@ def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_p
     assert main(["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
                  "--select", "--select-threshold", "0.5", "--class-guidance", "auto"]) == 0
     probe = json.loads((out / "selection.json").read_text())["classes"]["0"]["auto_guidance"]
-    assert [float(s) for s in probe["pass_rates"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
-    rates = {float(s): r for s, r in probe["pass_rates"].items()}
-    assert probe["chosen"] == selection.auto_scale(rates, probe["real_pass"])
+    assert [float(s) for s in probe["fidelity"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
+    # two classes and a 0.5 threshold: a candidate assigned to its class passes
+    assert all(r >= f for f, r in zip(probe["fidelity"].values(), probe["pass_rates"].values()))
+    rates = {float(s): r for s, r in probe["fidelity"].items()}
+    assert probe["chosen"] == selection.auto_scale(rates, probe["real_fidelity"])
     record = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())
     assert record["job"]["guidance"] == probe["chosen"]

@@ -186,24 +186,24 @@ class TopUp:
         self.selector, self.options = selector, options
         self.candidates: list[list] = []  # OUT/selection.csv
         self.summary: dict[str, dict] = {}  # OUT/selection.json
-        self.probes: dict[str, dict] = {}  # --class-guidance auto: pass rate per scale
+        self.probes: dict[str, dict] = {}  # --class-guidance auto: fidelity per scale
 
     def choose_guidance(self, cfg: SampleConfig) -> float:
         """--class-guidance auto: probe each scale of AUTO_SCALES with PROBE images (their own
         seed) and take selection.auto_scale's choice."""
         spec, name = SamplingSpec.from_config(cfg), cfg.class_label
-        rates = {}
+        fidelity, passing = {}, {}
         for scale in AUTO_SCALES:
             x = sample_batch(self.run, range(PROBE), mix_seed(cfg.seed, PROBE),
                              dataclasses.replace(spec, guidance=scale))
-            scores = self.selector.scores(to_uint8(x), name)
-            rates[scale] = float((scores >= self.selector.thresholds[name]).mean())
-        chosen = auto_scale(rates, self.selector.real_pass[name])
-        self.probes[name] = {"pass_rates": rates, "real_pass": self.selector.real_pass[name],
-                             "chosen": chosen}
-        self.log(f"select: {name}: guidance {chosen:g} (probe pass rates "
-                 + ", ".join(f"{s:g}: {r:.0%}" for s, r in rates.items())
-                 + f"; real images {self.selector.real_pass[name]:.0%})")
+            fidelity[scale], passing[scale] = self.selector.fidelity(to_uint8(x), name)
+        real = self.selector.real_fidelity[name]
+        chosen = auto_scale(fidelity, real)
+        self.probes[name] = {"fidelity": fidelity, "pass_rates": passing, "real_fidelity": real,
+                             "real_pass": self.selector.real_pass[name], "chosen": chosen}
+        self.log(f"select: {name}: guidance {chosen:g} (probe class fidelity "
+                 + ", ".join(f"{s:g}: {r:.0%}" for s, r in fidelity.items())
+                 + f"; real images {real:.0%})")
         return chosen
 
     def _generate(self, cfg: SampleConfig, first: bool) -> dict[int, list[str]]:

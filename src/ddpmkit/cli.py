@@ -237,7 +237,8 @@ def _balance_parser(sub) -> None:
     b.add_argument("--guidance", type=float, default=None, help="sets sample.guidance")
     b.add_argument("--class-guidance", default=None, metavar="CLASS=SCALE,...",
                    help="a guidance scale for some classes (the others: --guidance), or auto: "
-                        "with --select, each class's smallest scale whose candidates pass")
+                        "with --select, each class's smallest scale whose candidates the selector "
+                        "recognises nearly as often as real ones")
     b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
     b.add_argument("--select", action="store_true",
                    help="keep only candidates a classifier of the real images recognises as "

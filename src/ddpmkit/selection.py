@@ -54,10 +54,18 @@ class Selector:
     thresholds: dict[str, float]
     calibrated_on: str
     real_pass: dict[str, float]  # share of each class's real images (val, else training) passing
+    real_fidelity: dict[str, float]  # share of them the selector assigns to their class
 
     def scores(self, images_u8: torch.Tensor, class_name: str) -> np.ndarray:
         """Each image's probability of `class_name`."""
         return predict(self.net, images_u8)[:, self.names.index(class_name)]
+
+    def fidelity(self, images_u8: torch.Tensor, class_name: str) -> tuple[float, float]:
+        """The share of the images the selector assigns to `class_name` (its class fidelity), and
+        the share passing the class's threshold."""
+        probs, i = predict(self.net, images_u8), self.names.index(class_name)
+        return (float((probs.argmax(1) == i).mean()),
+                float((probs[:, i] >= self.thresholds[class_name]).mean()))
 
     def describe(self) -> str:
         return ", ".join(f"{c} {t:.3f}" for c, t in self.thresholds.items())
@@ -106,9 +114,12 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     probs = predict(net, real_images)
     limits, how = thresholds(names, (probs, real_labels) if val else None, options.quantile,
                              options.threshold)
-    real_pass = {c: float((probs[[label == c for label in real_labels], i] >= limits[c]).mean())
-                 if c in real_labels else 1.0 for i, c in enumerate(names)}
-    selector = Selector(net, names, limits, how, real_pass)
+    own = {c: probs[[label == c for label in real_labels]] for c in names if c in real_labels}
+    real_pass = {c: float((own[c][:, i] >= limits[c]).mean()) if c in own else 1.0
+                 for i, c in enumerate(names)}
+    real_fidelity = {c: float((own[c].argmax(1) == i).mean()) if c in own else 1.0
+                     for i, c in enumerate(names)}
+    selector = Selector(net, names, limits, how, real_pass, real_fidelity)
     log(f"select: thresholds {selector.describe()} ({how})")
     quantile_rule = val is not None and options.threshold is None
     for c in [c for c in names if quantile_rule and limits[c] < WEAK_THRESHOLD]:
@@ -118,12 +129,13 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     return selector
 
 
-def auto_scale(pass_rates: dict[float, float], real_pass: float) -> float:
-    """--class-guidance auto: the smallest scale whose probe candidates pass the selector at least
-    nine tenths as often as the class's real images do (more guidance costs diversity); where none
-    does, the scale that passes most."""
-    enough = [scale for scale, rate in sorted(pass_rates.items()) if rate >= 0.9 * real_pass]
-    return enough[0] if enough else max(pass_rates, key=lambda s: (pass_rates[s], -s))
+def auto_scale(fidelity: dict[float, float], real_fidelity: float) -> float:
+    """--class-guidance auto: the smallest scale whose probe candidates the selector assigns to
+    their class at least nine tenths as often as it does the class's real images (more guidance
+    costs diversity); where none does, the scale with the highest fidelity. Fidelity, not the pass
+    rate: a class the selector barely recognises has a threshold near 0 that every scale passes."""
+    enough = [scale for scale, rate in sorted(fidelity.items()) if rate >= 0.9 * real_fidelity]
+    return enough[0] if enough else max(fidelity, key=lambda s: (fidelity[s], -s))
 
 
 def next_count(made: int, kept: int, need: int, limit: int) -> int:
