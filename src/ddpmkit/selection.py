@@ -63,12 +63,17 @@ class Selector:
     def fidelity(self, images_u8: torch.Tensor, class_name: str) -> tuple[float, float]:
         """The share of the images the selector assigns to `class_name` (its class fidelity), and
         the share passing the class's threshold."""
-        probs, i = predict(self.net, images_u8), self.names.index(class_name)
-        return (float((probs.argmax(1) == i).mean()),
-                float((probs[:, i] >= self.thresholds[class_name]).mean()))
+        return _shares(predict(self.net, images_u8), self.names.index(class_name),
+                       self.thresholds[class_name])
 
     def describe(self) -> str:
         return ", ".join(f"{c} {t:.3f}" for c, t in self.thresholds.items())
+
+
+def _shares(probs: np.ndarray, i: int, threshold: float) -> tuple[float, float]:
+    """Of images with these class probabilities: the share assigned to class i, and the share
+    whose probability of it reaches the threshold."""
+    return float((probs.argmax(1) == i).mean()), float((probs[:, i] >= threshold).mean())
 
 
 def train_selector(images_u8: torch.Tensor, labels: list[str], names: list[str],
@@ -114,12 +119,10 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     probs = predict(net, real_images)
     limits, how = thresholds(names, (probs, real_labels) if val else None, options.quantile,
                              options.threshold)
-    own = {c: probs[[label == c for label in real_labels]] for c in names if c in real_labels}
-    real_pass = {c: float((own[c][:, i] >= limits[c]).mean()) if c in own else 1.0
-                 for i, c in enumerate(names)}
-    real_fidelity = {c: float((own[c].argmax(1) == i).mean()) if c in own else 1.0
-                     for i, c in enumerate(names)}
-    selector = Selector(net, names, limits, how, real_pass, real_fidelity)
+    real = {c: _shares(probs[[label == c for label in real_labels]], i, limits[c])
+            if c in real_labels else (1.0, 1.0) for i, c in enumerate(names)}
+    selector = Selector(net, names, limits, how, {c: p for c, (_, p) in real.items()},
+                        {c: f for c, (f, _) in real.items()})
     log(f"select: thresholds {selector.describe()} ({how})")
     quantile_rule = val is not None and options.threshold is None
     for c in [c for c in names if quantile_rule and limits[c] < WEAK_THRESHOLD]:
