@@ -2,16 +2,17 @@
 
     ddpmkit balance run --out bal_g1 sample.guidance=1
     ddpmkit balance run --out bal_g2 sample.guidance=2
-    python benchmarks/synthetic_selection.py --real data.npz bal_g1 bal_g2
-        # scores on data.npz's val split
+    python benchmarks/synthetic_selection.py --real data.npz bal_g1 bal_g2 --synthetic-share none,.5
+        # scores on data.npz's val split, each set at each share
     ddpmkit downstream --real data.npz --synthetic bal_<chosen> --out study/
         # then, once, on the test split
 
 Every arm uses `ddpmkit downstream`'s classifier and recipe (same seeds, steps, augmentation): the
 two baselines (real, oversampled) once, then real + each synthetic set. Validation images that the
 generator saw (PneumoniaMNIST's val split repeats 8 of its train images) are dropped, and counted.
-Prints JSON: balanced accuracy and per-class recall (mean and std over seeds) per arm, and the set
-with the best mean balanced accuracy. Choosing on the test split instead would make the study's
+Prints JSON: balanced accuracy, AUROC and per-class recall (mean and std over seeds) per arm, and
+the arm with the best mean of --choose-by (AUROC, which no threshold moves, stands in for the
+study's tuned-threshold figure). Choosing on the test split instead would make the study's
 verdict optimistic.
 """
 
@@ -38,21 +39,26 @@ def main() -> None:
     ap.add_argument("--val-split", default="val")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--synthetic-share", type=float, default=None,
-                    help="as `ddpmkit downstream --synthetic-share`")
+    ap.add_argument("--synthetic-share", default="none",
+                    help="comma-separated shares, as `ddpmkit downstream --synthetic-share`; "
+                         "none: every image equally often")
+    ap.add_argument("--choose-by", default="balanced_accuracy",
+                    choices=["balanced_accuracy", "auroc"])
     ap.add_argument("--no-baselines", action="store_true",
                     help="skip the real and oversampled arms (already measured)")
     args = ap.parse_args()
 
-    def evaluate(pool: Pool, arm: str, val: Pool, names: list[str]) -> dict:
+    shares = [None if s == "none" else float(s) for s in args.synthetic_share.split(",")]
+
+    def evaluate(pool: Pool, arm: str, val: Pool, names: list[str], share=None) -> dict:
         t0, rows = time.time(), []
         for seed in range(args.seeds):
             net = train_classifier(pool, len(names), arm, seed, args.steps, batch=64, lr=2e-3,
-                                   synthetic_share=args.synthetic_share)
+                                   synthetic_share=share)
             rows.append(scores(predict(net, val.images), val.labels, names))
         out = {k: [round(float(np.mean([r[k] for r in rows])), 4),
                    round(float(np.std([r[k] for r in rows], ddof=1)), 4)]
-               for k in rows[0] if k == "balanced_accuracy" or k.startswith("recall")}
+               for k in rows[0] if k in ("balanced_accuracy", "auroc") or k.startswith("recall")}
         print(f"{arm}: {out} ({time.time() - t0:.0f} s)", file=sys.stderr)
         return out
 
@@ -64,15 +70,15 @@ def main() -> None:
         if i == 0 and not args.no_baselines:
             results["real"] = evaluate(real, "real", val, names)
             results["oversampled"] = evaluate(real, "oversampled", val, names)
-        arm = f"real+{folder}"
-        results[arm] = {**evaluate(combine(real, synth), "real+synthetic", val, names),
-                        "synthetic_per_class": np.bincount(synth.labels,
-                                                           minlength=len(names)).tolist()}
-        if best is None or (results[arm]["balanced_accuracy"][0]
-                            > results[best]["balanced_accuracy"][0]):
-            best = arm
+        for share in shares:
+            arm = f"real+{folder}" + ("" if share is None else f"@share{share:g}")
+            results[arm] = {**evaluate(combine(real, synth), "real+synthetic", val, names, share),
+                            "synthetic_per_class": np.bincount(synth.labels,
+                                                               minlength=len(names)).tolist()}
+            if best is None or results[arm][args.choose_by][0] > results[best][args.choose_by][0]:
+                best = arm
     print(json.dumps({"split": args.val_split, "seeds": args.seeds, "steps": args.steps,
-                      "synthetic_share": args.synthetic_share, "arms": results,
+                      "choose_by": args.choose_by, "arms": results,
                       "best_synthetic": best, "leakage": leakage}, indent=1))
 
 
