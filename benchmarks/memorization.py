@@ -7,14 +7,14 @@ earlier runs printed, without training).
 
 Sets: the bundled digits cut to 50, 200 and all 1,797 images (8x8), and PneumoniaMNIST's 388 normal
 chest X-rays (16x16, from ../shared/data). Arms: `plain`, `augmented` (train.augment=[hflip,
-translate], train.augment_p=0.5), `light` (the same at p=0.2) and `dropout` (model.dropout=0.3,
-as improved-diffusion and EDM regularise small sets). Each (set, arm) trains one
-unconditional run; at every --every steps its checkpoint samples --num images (DPM-Solver++ 20
-steps, seed 0), which are audited against the run's training images (metrics/memorization.py:
-near-copy threshold at the 1% quantile of held-out real images, the digits outside the subset or
-PneumoniaMNIST's val normals; all 1,797 digits leave none out, so that set is calibrated
-leave-one-out) and scored by a classifier-feature Frechet distance to real images (all digits;
-PneumoniaMNIST's val and test normals), one extractor per set for every arm and step.
+translate], train.augment_p=0.5), `light` (the same at p=0.2), `dropout` (model.dropout=0.3, as
+improved-diffusion and EDM regularise small sets) and `both` (augmented and dropout). Each (set,
+arm) trains one unconditional run; at every --every steps its checkpoint samples --num images
+(DPM-Solver++ 20 steps, seed 0), which are audited against the run's training images
+(metrics/memorization.py: near-copy threshold at the 1% quantile of held-out real images, the digits
+outside the subset or PneumoniaMNIST's val normals; all 1,797 digits leave none out, so that set is
+calibrated leave-one-out) and scored by a classifier-feature Frechet distance to real images (all
+digits; PneumoniaMNIST's val and test normals), one extractor per set for every arm and step.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumonia
 ARMS = {"plain": {}, "augmented": {"train.augment": ["hflip", "translate"], "train.augment_p": 0.5},
         "light": {"train.augment": ["hflip", "translate"], "train.augment_p": 0.2},
         "dropout": {"model.dropout": 0.3}}
+ARMS["both"] = {**ARMS["augmented"], **ARMS["dropout"]}
 QUIET = lambda *_: None  # noqa: E731
 
 
