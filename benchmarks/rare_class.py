@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=500)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--classifier-steps", type=int, default=1500)
+    ap.add_argument("--synthetic-share", type=float, default=None,
+                    help="as `ddpmkit downstream --synthetic-share` (choose it on the val split: "
+                         "benchmarks/synthetic_selection.py)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
@@ -126,7 +129,7 @@ def main() -> None:
     calibration = (["--calibration-split", "val"] if classes == 2 and has_val_split(args.data)
                    else [])
     result, t0 = {"data": str(args.data), "rare_class": rare, "steps": args.steps,
-                  "batch": args.batch}, time.time()
+                  "batch": args.batch, "synthetic_share": args.synthetic_share}, time.time()
     runs = {}
     for power in [float(p) for p in args.class_balance.split(",")]:
         runs[power] = train_generator(args.data, args.work / f"gen_balance{power:g}", power, args)
@@ -138,7 +141,9 @@ def main() -> None:
     result["selection"] = json.loads((balanced / "selection.json").read_text())
     run_cli(["downstream", "--real", str(args.data), "--synthetic", str(balanced), "--out",
              str(args.work / "study"), "--seeds", str(args.seeds), "--steps",
-             str(args.classifier_steps), *calibration])
+             str(args.classifier_steps), *calibration,
+             *([] if args.synthetic_share is None else
+               ["--synthetic-share", str(args.synthetic_share)])])
     summary = json.loads((args.work / "study" / "results.json").read_text())
     result.update({"verdict": summary["verdict"], "figures": verdict_figures(summary, rare),
                    "class_fidelity": summary["class_fidelity"],
