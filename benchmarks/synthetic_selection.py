@@ -70,11 +70,11 @@ def main() -> None:
         if i == 0 and not args.no_baselines:
             results["real"] = evaluate(real, "real", val, names)
             results["oversampled"] = evaluate(real, "oversampled", val, names)
+        pool, per_class = combine(real, synth), np.bincount(synth.labels, minlength=len(names))
         for share in shares:
             arm = f"real+{folder}" + ("" if share is None else f"@share{share:g}")
-            results[arm] = {**evaluate(combine(real, synth), "real+synthetic", val, names, share),
-                            "synthetic_per_class": np.bincount(synth.labels,
-                                                               minlength=len(names)).tolist()}
+            results[arm] = {**evaluate(pool, "real+synthetic", val, names, share),
+                            "synthetic_per_class": per_class.tolist()}
             if best is None or results[arm][args.choose_by][0] > results[best][args.choose_by][0]:
                 best = arm
     print(json.dumps({"split": args.val_split, "seeds": args.seeds, "steps": args.steps,
