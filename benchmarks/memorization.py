@@ -20,6 +20,7 @@ digits; PneumoniaMNIST's val and test normals), one extractor per set for every 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -77,14 +78,15 @@ SETS = {"digits50": lambda: digits(50), "digits200": lambda: digits(200),
         "digits1797": lambda: digits(None), "pneumonia388": pneumonia_normals}
 
 
-def train_run(work: Path, name: str, arm: str, images: torch.Tensor, args) -> Path:
-    path = work / f"{name}_{arm}"
+def train_run(work: Path, name: str, arm: str, images: torch.Tensor, args, seed: int) -> Path:
+    path = work / (f"{name}_{arm}" if seed == 0 else f"{name}_{arm}_seed{seed}")
     np.save(work / f"{name}.npy", images.numpy().transpose(0, 2, 3, 1).squeeze(-1))
     cfg = load_config(None, {
         "data.path": str(work / f"{name}.npy"), "data.image_size": images.shape[-1],
         "train.out_dir": str(path), "train.max_steps": args.steps,
         "train.checkpoint_every": args.every, "train.keep_last": 1000,
-        "train.sample_every": args.steps, "train.batch_size": args.batch, **ARMS[arm]})
+        "train.sample_every": args.steps, "train.batch_size": args.batch, "train.seed": seed,
+        **ARMS[arm]})
     train(cfg, log=QUIET, progress=False)
     return path
 
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--num", type=int, default=256)
+    ap.add_argument("--seeds", default="0", help="training seeds (train.seed), one run each")
     ap.add_argument("--plot", type=Path, help="write an SVG of copy rate against step here")
     ap.add_argument("--plot-from", type=Path, nargs="+", metavar="JSON",
                     help="with --plot: plot what earlier runs printed, training nothing")
@@ -140,13 +143,13 @@ def main() -> None:
         train_u8, held, reference, judged, labels = SETS[name]()
         extractor = fx.classifier(judged, labels, cache_dir(), log=QUIET)
         population_stats = _moments(extractor(reference)[0])
-        for arm in args.arms.split(","):
+        for arm, seed in itertools.product(args.arms.split(","), map(int, args.seeds.split(","))):
             t0 = time.time()
-            path = train_run(args.work, name, arm, train_u8, args)
+            path = train_run(args.work, name, arm, train_u8, args, seed)
             curve = [measure(path, step, train_u8, held, extractor, population_stats, args.num)
                      for step in range(args.every, args.steps + 1, args.every)]
-            rows.append({"set": name, "images": len(train_u8), "arm": arm, "curve": curve,
-                         "minutes": round((time.time() - t0) / 60, 1)})
+            rows.append({"set": name, "images": len(train_u8), "arm": arm, "seed": seed,
+                         "curve": curve, "minutes": round((time.time() - t0) / 60, 1)})
             print(json.dumps(rows[-1]), file=sys.stderr)
     print(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                       "steps": args.steps, "batch": args.batch, "num": args.num,
