@@ -66,7 +66,7 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     report = (out / "report.md").read_text()
     assert ("Verdict:" in report and "| real+synthetic |" in report
             and "checked: no test image" in report)
-    assert ("generated images are 0.5 of a topped-up class's draws" in report
+    assert ("with generated images, they are 0.5 of a topped-up class's draws" in report
             and "random shifts and flips" in report)
     chart = (out / "balanced_accuracy.svg").read_text()
     assert chart.startswith("<svg") and chart.count("<rect") == 3  # one bar per arm

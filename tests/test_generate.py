@@ -120,9 +120,13 @@ def test_another_job_in_the_same_folder_is_refused(run_dir, tmp_path, capsys):
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--out", out) == 0
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--seed", 5, "--out", out) == 2
     assert "seed: 0 -> 5" in capsys.readouterr().err
+    for name in ("audit.json", "eval_inception.json"):  # as audit and eval write them
+        (out / name).write_text("{}")
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--seed", 5, "--out",
                out, "--fresh") == 0
     assert [r["seed"] for r in rows(out)] == ["5"] * 3
+    # what described the replaced images went with them
+    assert not (out / "audit.json").exists() and not (out / "eval_inception.json").exists()
 
 
 def test_fresh_replaces_only_a_sampling_job(run_dir, tmp_path, capsys):

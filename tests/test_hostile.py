@@ -113,12 +113,32 @@ def test_sample_never_writes_into_someones_folder_and_fresh_deletes_only_its_own
     assert (mine / "grids" / "figure1.csv").read_text() == "x,y\n"
 
 
-@pytest.mark.parametrize("command", ["sample", "balance", "denoise"])
+def test_a_link_to_a_folder_inside_an_output_folder_is_refused_not_written_through(
+        run_dir, tmp_path, capsys):
+    out, elsewhere = tmp_path / "gen", tmp_path / "elsewhere"
+    assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--out", out, "--quiet") == 0
+    elsewhere.mkdir()
+    (elsewhere / "000000.png").write_bytes(b"not ddpmkit's")
+    for linked in (out / "individual", out / "grids"):
+        kept = tmp_path / f"kept_{linked.name}"
+        linked.rename(kept)
+        linked.symlink_to(elsewhere, target_is_directory=True)
+        for extra in ([], ["--fresh"], ["--seed", 1, "--fresh"]):
+            one_line(capsys, "sample", run_dir, "-n", 16, "--steps", 2, "--out", out, *extra,
+                     says="is a link to a folder")
+        linked.unlink()
+        kept.rename(linked)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["000000.png"]
+    assert (elsewhere / "000000.png").read_bytes() == b"not ddpmkit's"
+
+
+@pytest.mark.parametrize("command", ["sample", "balance", "denoise", "downstream"])
 def test_the_root_and_home_folders_are_never_outputs(run_dir, tmp_path, capsys, command):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     for out in ("/", str(Path.home())):
         args = {"sample": ["sample", run_dir, "-n", 1], "balance": ["balance", run_dir],
-                "denoise": ["denoise", run_dir, tmp_path]}[command]
+                "denoise": ["denoise", run_dir, tmp_path],
+                "downstream": ["downstream", "--real", tmp_path, "--synthetic", tmp_path]}[command]
         one_line(capsys, *args, "--out", out, says="folder: choose a folder of its own")
 
 
@@ -127,6 +147,11 @@ def test_outputs_never_overlap_the_data_a_job_reads(run_dir, tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "noisy" / "a.png")
     one_line(capsys, "denoise", run_dir, tmp_path / "noisy", "--sigma", 0.1, "--out",
              tmp_path / "noisy", says="overlaps the data this job reads")
+    for out in (tmp_path / "noisy", tmp_path / "gen"):  # the synthetic set, the real data
+        one_line(capsys, "downstream", "--real", tmp_path / "noisy", "--synthetic",
+                 tmp_path / "gen", "--out", out, says="overlaps the data this job reads")
+    one_line(capsys, "downstream", "--real", tmp_path / "noisy", "--synthetic", tmp_path / "gen",
+             "--out", run_dir, says="is a training run")
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
     for i in range(4):

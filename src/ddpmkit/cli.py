@@ -296,11 +296,14 @@ def _downstream_parser(sub) -> None:
     d.add_argument("--no-augment", action="store_true",
                    help="train every arm without random shifts and flips")
     d.add_argument("--synthetic-share", type=float, default=None,
-                   help="in real+synthetic, the fraction of a topped-up class's draws that are "
-                        "generated images (default: every image equally often); "
-                        "choose it on a validation split")
+                   help="in the arms with generated images, the fraction of a topped-up "
+                        "class's draws that are generated (default: every image equally "
+                        "often); choose it on a validation split")
     d.add_argument("--unverified", action="store_true",
                    help="run even if the generator cannot be checked for leakage")
+    d.add_argument("--force", action="store_true",
+                   help="write into a folder that holds files ddpmkit did not write "
+                        "(it never deletes them)")
 
 
 def _restore_parsers(sub) -> None:
@@ -596,7 +599,7 @@ def cmd_downstream(ns: argparse.Namespace) -> None:
               test_split=ns.test_split, unverified=ns.unverified,
               calibration=sources["calibration"], calibration_split=ns.calibration_split,
               seeds=ns.seeds, steps=ns.steps, augment=not ns.no_augment,
-              synthetic_share=ns.synthetic_share)
+              synthetic_share=ns.synthetic_share, force=ns.force)
 
 
 RESTORE_OPTIONS = {"denoise": ("sigma", "method", "samples", "sampler"),

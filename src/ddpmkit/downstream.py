@@ -40,7 +40,7 @@ from .data import class_order, has_named_splits, image_digests, load_images, res
 from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import audit
-from .outputs import job_runs, manifest_images
+from .outputs import Kind, OutputFolder, job_runs, manifest_images, refuse_special
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
 
@@ -63,10 +63,10 @@ def combine(real: Pool, synthetic: Pool) -> Pool:
 
 def draw_weights(pool: Pool, arm: str, classes: int,
                  synthetic_share: float | None = None) -> torch.Tensor:
-    """How often each training image is drawn. oversampled: every class equally often.
-    real+synthetic with a synthetic_share: each class keeps its share of the pool, and within a
-    class that has generated images they make that fraction of its draws (the real ones the rest).
-    Otherwise uniform."""
+    """How often each training image is drawn. oversampled: every class equally often. An arm
+    with generated images and a synthetic_share: each class keeps its share of the pool, and within
+    a class that has generated images they make that fraction of its draws (the real ones the
+    rest). Otherwise uniform."""
     counts = np.bincount(pool.labels, minlength=classes).astype(np.float64)
     if arm == "oversampled":
         return torch.from_numpy(1.0 / counts[pool.labels])
@@ -384,8 +384,8 @@ def _report(s: dict) -> str:
              "Training images per class: " + "; ".join(f"{arm} {c}"
                                                        for arm, c in s["train_counts"].items())
              + ("" if s["synthetic_share"] is None else
-                f"; in real+synthetic, generated images are {s['synthetic_share']:g} of a "
-                f"topped-up class's draws"), "",
+                f"; in the arms with generated images, they are {s['synthetic_share']:g} of "
+                f"a topped-up class's draws"), "",
              "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for arm, row in s["table"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values())
@@ -573,7 +573,7 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
               test: str | DataConfig | None = None, real_split: str = "train",
               test_split: str | None = None, unverified: bool = False,
               calibration: str | DataConfig | None = None, calibration_split: str | None = None,
-              log=print, **recipe) -> dict:
+              force: bool = False, log=print, **recipe) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split; each real
     source a path or a data section (a folder and the CSV that labels it). `recipe`: Recipe's."""
     r = Recipe(**recipe)
@@ -584,6 +584,20 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
         raise UserError(f"--steps {r.steps}: each classifier needs at least 1 optimizer step")
     if r.synthetic_share is not None and not 0 <= r.synthetic_share <= 1:
         raise UserError(f"--synthetic-share {r.synthetic_share}: give a fraction from 0 to 1")
+    reads = tuple(Path(s.path if isinstance(s, DataConfig) else s)
+                  for s in (real, test, calibration, synthetic) if s is not None)
+    refuse_special(Path(out), reads, STUDY.what)  # before anything is read
+    return _run_study(real, synthetic, OutputFolder(out, STUDY, {}, force=force, reads=reads),
+                      test, real_split, test_split, unverified=unverified,
+                      calibration=calibration, calibration_split=calibration_split, log=log,
+                      recipe=r)
+
+
+def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
+               test_split: str | None, *, unverified: bool, calibration,
+               calibration_split: str | None, log, recipe: Recipe) -> dict:
+    """The data read and checked, then the study, in `out` claimed (its files are replaced at the
+    end)."""
     names, real_pool, synth, test_pool, calibration_pool, leakage = load_study_data(
         real, synthetic, test, real_split, test_split, unverified=unverified,
         calibration=calibration, calibration_split=calibration_split)
@@ -598,9 +612,15 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
         log(f"study: balance --select output: arm real+selected takes its {len(synth.labels)} kept "
             f"images, real+synthetic as many unselected candidates")
     synth, selected = (synth, None) if unselected is None else (unselected, synth)
-    return study(real_pool, synth, test_pool, names, Path(out), leakage=leakage,
-                 calibration=calibration_pool, log=log, copies=copies, selected=selected,
-                 **asdict(r))
+    with out:
+        return study(real_pool, synth, test_pool, names, out.path, leakage=leakage,
+                     calibration=calibration_pool, log=log, copies=copies, selected=selected,
+                     **asdict(recipe))
+
+
+STUDY_FILES = ("report.md", "results.json", "balanced_accuracy.svg")
+STUDY = Kind("study", "downstream study", "study results", "files no ddpmkit study wrote there",
+             lambda out: [out / name for name in STUDY_FILES if (out / name).exists()])
 
 
 def copy_rate(synthetic: Pool, runs: list[Path]) -> str:

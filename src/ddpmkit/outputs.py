@@ -158,6 +158,17 @@ def refuse_special(out: Path, reads: tuple[Path, ...] = (), what: str = "outputs
                         f"of their own, e.g. --out {out / what.split()[-1]}")
 
 
+def refuse_linked_folders(out: Path) -> None:
+    """A link to a folder inside an output folder would take a job's writes, and its deletions of
+    its own files, outside it."""
+    for top, folders, _ in os.walk(out):
+        for name in folders:
+            if (Path(top) / name).is_symlink():
+                raise UserError(f"{Path(top) / name} is a link to a folder "
+                                f"({os.path.realpath(Path(top) / name)}): ddpmkit writes only "
+                                f"into folders inside --out {out}; remove the link")
+
+
 class OutputFolder:
     """`with OutputFolder(out, kind, identity, ...)`: the folder locked and claimed for this job."""
 
@@ -181,6 +192,7 @@ class OutputFolder:
         self.lock.__exit__(*exc)
 
     def _claim(self) -> None:
+        refuse_linked_folders(self.path)
         record = read_record(self.path)
         if record is None:
             foreign = [p.name for p in self.path.iterdir() if p.name != atomic.FolderLock.NAME]
@@ -228,18 +240,29 @@ class OutputFolder:
                 folder = folder.parent
 
 
+# what `audit` and `eval` write beside a job's images: stale once the images are replaced
+ABOUT_IMAGES = ("audit.json", "audit.html", "eval_inception.json", "eval_efficientnet.json",
+                "eval_classifier.json")
+
+
+def about_images(folder: Path) -> list[Path]:
+    return [folder / name for name in ABOUT_IMAGES if (folder / name).exists()]
+
+
 def sample_files(folder: Path) -> list[Path]:
-    """A sampling job's files: the images its manifests list, its grids, GIF and manifests."""
+    """A sampling job's files: the images its manifests list, its grids, GIF and manifests, and
+    what audit and eval wrote about them."""
     manifests = [folder / "manifest.csv", *sorted(folder.glob(".manifest-rank*.csv"))]
     images = [p for m in manifests for p in manifest_files(folder, m, 0, r"individual/\d+\.png")]
     grids = sorted(folder.glob("grids/grid_*x*.png"))
-    return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists())]
+    return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists()),
+            *about_images(folder)]
 
 
 SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there",
               sample_files)
 _KIND_WHAT = {"sample": "a sampling job's images", "balance": "a balanced set",
-              "restore": "restored images"}
+              "restore": "restored images", "study": "a downstream study's results"}
 
 
 @contextlib.contextmanager
