@@ -41,6 +41,8 @@ def test_plan_proportions_keep_every_real_image():
     assert parse_proportions("benign=0.5, malignant=0.5") == {"benign": 0.5, "malignant": 0.5}
     with pytest.raises(UserError, match="class=share"):
         parse_proportions("benign:0.5")
+    with pytest.raises(UserError, match="names benign twice"):
+        parse_proportions("benign=0.5,malignant=0.5,benign=0.5")
 
 
 def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, capsys):
@@ -103,6 +105,11 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
         assert says in capsys.readouterr().err and not (target / "classes").exists()
     assert ((job / "manifest.csv").read_text() == before
             and (foreign / "manifest.csv").read_text() == "file,label\n")
+    # a class the generator never learned, added to the data since: refused, not passed through
+    write_images(tmp_path / "pets" / "owl", n=2, size=(8, 8), seed=9)
+    capsys.readouterr()
+    assert main(["balance", str(run), "--out", str(tmp_path / "b2"), "--quiet"]) == 2
+    assert "now has class(es) owl that" in capsys.readouterr().err
 
 
 def test_balance_refuses_an_unconditional_run(tmp_path, capsys):

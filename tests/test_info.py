@@ -19,6 +19,14 @@ def test_cifar10_preset_summary_adds_up():
     assert abs((m2 - weights) - 2 * (m1 - weights)) < 0.2  # activations scale with the batch
 
 
+def test_every_parameter_is_in_a_block_with_classes_and_augmentation():
+    cfg = load_config(None, {"model.class_conditional": True, "model.num_classes": 2,
+                             "train.augment": ["hflip"], "train.augment_p": 0.5})
+    info = model_info(cfg, batch_sizes=(1,))
+    assert info["blocks"][1]["block"] == "embeddings"
+    assert info["parameters"] == sum(b["parameters"] for b in info["blocks"])
+
+
 def test_info_command_on_a_run_and_on_overrides(tmp_path, capsys):
     from test_cli import TINY_ARGS
 

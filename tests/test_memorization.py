@@ -160,7 +160,7 @@ def test_the_audit_page_renders_in_headless_chromium(run, tmp_path):
     assert shown["images"] == 24 and len(shown["plots"]) == 1
 
 
-@pytest.mark.parametrize("case", ["streamed", "empty", "overlap", "mixed"])
+@pytest.mark.parametrize("case", ["streamed", "empty", "overlap", "mixed", "channels"])
 def test_bad_inputs_get_one_clear_line(run, tmp_path, capsys, case):
     digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
     gen, args = _pngs(tmp_path / "gen", digits8[:30]), []
@@ -181,9 +181,15 @@ def test_bad_inputs_get_one_clear_line(run, tmp_path, capsys, case):
         for i, img in enumerate(digits8[:40]):
             Image.fromarray(img[0].numpy()).save(tmp_path / "held" / f"{i}.png")
         args, says = ["--holdout", str(tmp_path / "held")], "40 of its images are training images"
-    else:
+    elif case == "mixed":
         Image.fromarray(np.zeros((16, 16), np.uint8)).save(gen / "individual" / "big.png")
         says = "holds images of 2 sizes"
+    else:
+        gen = tmp_path / "rgb"
+        gen.mkdir()
+        for i in range(3):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(gen / f"{i}.png")
+        says = "holds 3-channel images and"
     assert main(["audit", str(gen), "--ref", str(ref), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err

@@ -89,7 +89,7 @@ def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_
     synthetic = [r for r in _rows(out / "manifest.csv") if r["synthetic"] == "true"]
     kept = [r for r in candidates if r["kept"] == "true"]
     assert [r["file"] for r in synthetic] == [r["file"] for r in kept]
-    assert all(float(r["score"]) >= 0.6 and r["kept"].startswith("score") for r in synthetic)
+    assert all(float(r["score"]) >= 0.6 and r["reason"].startswith("score") for r in synthetic)
     summary = json.loads((out / "selection.json").read_text())["classes"]["0"]
     assert summary["needed"] == 120 - 30 and summary["kept"] == len(kept) <= 90
     assert summary["candidates"] == len(candidates) <= 3 * 90
@@ -147,7 +147,7 @@ def test_a_threshold_no_candidate_reaches_is_one_clear_line(generator, tmp_path,
                  "--max-candidates", "1.2"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "none of" in err and "candidates of 0 scored 1.000 or more" in err
+    assert "none of" in err and "candidates of 0 scored 0.9999999 or more" in err
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -217,3 +217,18 @@ def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_p
     assert probe["chosen"] == selection.auto_scale(rates, probe["real_fidelity"])
     record = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())
     assert record["job"]["guidance"] == probe["chosen"]
+
+
+def test_auto_guidance_probes_with_the_steps_the_candidates_use(generator, tmp_path, monkeypatch):
+    from ddpmkit import generation
+
+    steps, real = [], generation.make_timesteps
+    monkeypatch.setattr(generation, "make_timesteps",
+                        lambda n, *a, **kw: steps.append(n) or real(n, *a, **kw))
+    out = tmp_path / "bal"
+    assert main(["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=null",
+                 "sample.sampler=ddim", "--select", "--select-threshold", "0.5",
+                 "--class-guidance", "auto"]) == 0
+    job = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())["job"]
+    assert job["sampler"] == "ddim" and job["steps"] == 50  # ddim's default on a 100-step model
+    assert len(steps) > 5 and set(steps) == {50}  # the 5 probes, then the candidates

@@ -53,6 +53,9 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
     data = run.training_set(log)
     train = data.images
     gen_images, labels = generated_images(gen, run.config().data.image_size)
+    if gen_images.shape[1] != train.shape[1]:
+        raise UserError(f"{gen} holds {gen_images.shape[1]}-channel images and {run.path} was "
+                        f"trained on {train.shape[1]}-channel ones: audit that run's own images")
     held = run.holdout_images(holdout) if holdout else None
     result = audit(gen_images, train, held, share)
     summary = {"gen": str(gen), "run": str(run.path), "holdout": holdout, "share": share,

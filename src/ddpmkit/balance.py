@@ -31,8 +31,8 @@ from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
 from .images import to_uint8
-from .outputs import (RECORD, Kind, OutputFolder, read_record, refuse_special, sample_files,
-                      write_manifest)
+from .outputs import (RECORD, Kind, OutputFolder, about_images, read_record, refuse_special,
+                      sample_files, write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
@@ -88,6 +88,8 @@ def _class_values(text: str, flag: str, what: str, example: str) -> dict[str, fl
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
+        if name.strip() in out:
+            raise UserError(f"{flag} names {name.strip()} twice: give each class once")
         try:
             out[name.strip()] = float(value)
         except ValueError:
@@ -138,6 +140,11 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                         "as classes: use guidance 1 or more")
     SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read or written
     data = load_images(run.config.data)
+    added = sorted(set(data.labels) - set(run.config.data.class_names))
+    if added:
+        raise UserError(f"{run.config.data.path} now has class(es) {', '.join(added[:3])} that "
+                        f"{run.path} was not trained on: balance tops up the classes its generator "
+                        f"learned; train again on the data as it is now")
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_label, proportions)
@@ -146,16 +153,14 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     selector = None if select is None else build_selector(
         run.config.data, data.images, data.labels, list(counts), select.check(), log)
     columns = (MANIFEST_COLUMNS + (["nearest"] if copies else [])
-               + (["score", "kept"] if selector else []))
+               + (["score", "reason"] if selector else []))
     out = Path(out)
     with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed},
                       fresh, force, reads):
         log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
         rows = [[path, i, "", "", "", "", label, "false"] + [""] * (len(columns) - 8)
                 for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
-        # the run's classes, then any labels added since training
-        folders = class_folders([*counts, *sorted(set(data.labels) - set(counts))],
-                                _existing_class_folders(out))
+        folders = class_folders(list(counts), _existing_class_folders(out))
         topping = TopUp(run, out, log, selector, select, fresh, progress=progress,
                         amp_dtype=amp_dtype, asked=asked, copies=copies)
         for position, (name, num) in enumerate(need.items()):
@@ -242,13 +247,13 @@ class TopUp:
         name, need, made = cfg.class_label, cfg.num, len(scores)
         if not passed:
             raise UserError(
-                f"--select: none of {made} candidates of {name} scored {threshold:.3f} or more "
-                f"(best {max(scores.values()):.3f}): lower --select-threshold or "
+                f"--select: none of {made} candidates of {name} scored {threshold:.10g} or more "
+                f"(best {max(scores.values()):.4g}): lower --select-threshold or "
                 f"--select-quantile, raise --max-candidates, or train the generator longer "
                 f"(train.class_balance helps a rare class)")
         kept = set(passed[:need])
         for k in range(made):
-            reason = (f"score {scores[k]:.3f} >= {threshold:.3f}" if k in kept else
+            reason = (f"score {scores[k]:.4g} >= {threshold:.10g}" if k in kept else
                       "beyond the number needed" if k in passed else "below the threshold")
             self.candidates.append([name, *self._row(cfg.out_dir, finished[k])[:3],
                                     f"{scores[k]:.4f}", str(k in kept).lower(), reason])
@@ -260,7 +265,7 @@ class TopUp:
                  + ("" if len(kept) == need else
                     f": {need - len(kept)} short at the limit (--max-candidates)"))
         return [self._row(cfg.out_dir, finished[k])
-                + [f"{scores[k]:.4f}", f"score {scores[k]:.3f} >= {threshold:.3f}"]
+                + [f"{scores[k]:.4f}", f"score {scores[k]:.4g} >= {threshold:.10g}"]
                 for k in sorted(kept)]
 
     def write_records(self) -> None:
@@ -277,14 +282,15 @@ class TopUp:
 
 
 def _balance_files(out: Path) -> list[Path]:
-    """A balanced set's own files: each class's sampling job, its links and its manifest."""
+    """A balanced set's own files: each class's sampling job, its links and its manifest, and what
+    audit and eval wrote about them."""
     files = []
     for record in sorted(out.glob(f"classes/*/{RECORD}")):
         files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
     links = [p for p in out.glob("by_class/*/*")
              if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
     own = [out / "manifest.csv", out / "selection.csv", out / "selection.json"]
-    return [*files, *links, *(p for p in own if p.exists())]
+    return [*files, *links, *(p for p in own if p.exists()), *about_images(out)]
 
 
 def _seed_differs(old: dict, new: dict) -> str:

@@ -96,8 +96,12 @@ class SamplingSpec:
         T = run.schedule.num_timesteps
         if self.steps is not None and not 1 <= self.steps <= T:
             raise UserError(f"sample.steps={self.steps}: the model has {T} timesteps; use 1 to {T}")
-        return dataclasses.replace(
-            self, steps=self.steps or min(SAMPLERS[self.sampler].default_steps or T, T))
+        return dataclasses.replace(self, steps=self.steps_for(T))
+
+    def steps_for(self, num_timesteps: int) -> int:
+        """The steps asked for, else the sampler's default (at most T)."""
+        T = num_timesteps
+        return self.steps or min(SAMPLERS[self.sampler].default_steps or T, T)
 
     def options(self) -> dict:
         option = SAMPLERS[self.sampler].option
@@ -116,7 +120,8 @@ def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec
     denoiser = Denoiser(
         run.net, run.schedule, run.config.diffusion.prediction, spec.clip_x0, amp_dtype=amp_dtype,
         labels=None if labels is None else labels.to(run.device), guidance=spec.guidance)
-    timesteps = make_timesteps(spec.steps or run.schedule.num_timesteps, run.schedule, spec.spacing)
+    timesteps = make_timesteps(spec.steps_for(run.schedule.num_timesteps), run.schedule,
+                               spec.spacing)
     return SAMPLERS[spec.sampler](denoiser, noise(), timesteps, noise, callback=callback,
                                   **spec.options())
 

@@ -39,12 +39,13 @@ def model_info(cfg: Config, batch_sizes: tuple[int, ...] = (1, 8, 32, 128)) -> d
                 "gflops": block_flops(name)}
 
     rows = [block("conv_in", net.conv_in, size, False)]
-    time_params = sum(p.numel() for p in (*net.time_linear_1.parameters(),
-                                          *net.time_linear_2.parameters()))
-    rows.append({"block": "time embedding", "resolution": None,
-                 "channels": net.time_linear_2.out_features,
-                 "attention": False, "parameters": time_params,
-                 "gflops": block_flops("time_linear_1") + block_flops("time_linear_2")})
+    # what the time embedding adds up: the timestep's, the class's and the augmentation's
+    embeddings = ("time_linear_1", "time_linear_2", "class_embedding", "augment_embedding")
+    modules = [m for m in (getattr(net, name) for name in embeddings) if m is not None]
+    rows.append({"block": "embeddings", "resolution": None,
+                 "channels": net.time_linear_2.out_features, "attention": False,
+                 "parameters": sum(p.numel() for m in modules for p in m.parameters()),
+                 "gflops": sum(block_flops(name) for name in embeddings)})
     for i, level in enumerate(net.down):
         rows.append(block(f"down.{i}", level, size // 2**i, bool(level.attentions)))
     bottom = size // 2 ** (len(net.down) - 1)

@@ -67,7 +67,7 @@ class Selector:
                        self.thresholds[class_name])
 
     def describe(self) -> str:
-        return ", ".join(f"{c} {t:.3f}" for c, t in self.thresholds.items())
+        return ", ".join(f"{c} {t:.10g}" for c, t in self.thresholds.items())
 
 
 def _shares(probs: np.ndarray, i: int, threshold: float) -> tuple[float, float]:

@@ -259,7 +259,7 @@ def _class_report(logits: np.ndarray, names: list[str]) -> dict:
     shares = np.bincount(pred, minlength=len(names)) / len(pred)
     nz = shares[shares > 0]
     return {"confident_share": float((probs.max(1) > CONFIDENCE).mean()),
-            "class_entropy": float(-(nz * np.log(nz)).sum() / np.log(len(names))),
+            "class_entropy": abs(float(-(nz * np.log(nz)).sum() / np.log(len(names)))),
             "class_shares": {name: round(float(s), 4) for name, s in zip(names, shares)}}
 
 
