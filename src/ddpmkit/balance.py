@@ -31,8 +31,8 @@ from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
 from .images import to_uint8
-from .outputs import (RECORD, Kind, OutputFolder, about_images, read_record, refuse_special,
-                      sample_files, write_manifest)
+from .outputs import (ABOUT_IMAGES, RECORD, Kind, OutputFolder, existing, read_record,
+                      refuse_special, sample_files, write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
@@ -289,8 +289,8 @@ def _balance_files(out: Path) -> list[Path]:
         files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
     links = [p for p in out.glob("by_class/*/*")
              if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
-    own = [out / "manifest.csv", out / "selection.csv", out / "selection.json"]
-    return [*files, *links, *(p for p in own if p.exists()), *about_images(out)]
+    own = existing(out, ("manifest.csv", "selection.csv", "selection.json", *ABOUT_IMAGES))
+    return [*files, *links, *own]
 
 
 def _seed_differs(old: dict, new: dict) -> str:

@@ -40,7 +40,7 @@ from .data import class_order, has_named_splits, image_digests, load_images, res
 from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import audit
-from .outputs import Kind, OutputFolder, job_runs, manifest_images, refuse_special
+from .outputs import Kind, OutputFolder, existing, job_runs, manifest_images, refuse_special
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
 
@@ -620,7 +620,7 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
 
 STUDY_FILES = ("report.md", "results.json", "balanced_accuracy.svg")
 STUDY = Kind("study", "downstream study", "study results", "files no ddpmkit study wrote there",
-             lambda out: [out / name for name in STUDY_FILES if (out / name).exists()])
+             lambda out: existing(out, STUDY_FILES))
 
 
 def copy_rate(synthetic: Pool, runs: list[Path]) -> str:

@@ -245,8 +245,9 @@ ABOUT_IMAGES = ("audit.json", "audit.html", "eval_inception.json", "eval_efficie
                 "eval_classifier.json")
 
 
-def about_images(folder: Path) -> list[Path]:
-    return [folder / name for name in ABOUT_IMAGES if (folder / name).exists()]
+def existing(folder: Path, names) -> list[Path]:
+    """The files of `names` that `folder` holds."""
+    return [folder / name for name in names if (folder / name).exists()]
 
 
 def sample_files(folder: Path) -> list[Path]:
@@ -256,7 +257,7 @@ def sample_files(folder: Path) -> list[Path]:
     images = [p for m in manifests for p in manifest_files(folder, m, 0, r"individual/\d+\.png")]
     grids = sorted(folder.glob("grids/grid_*x*.png"))
     return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists()),
-            *about_images(folder)]
+            *existing(folder, ABOUT_IMAGES)]
 
 
 SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there",

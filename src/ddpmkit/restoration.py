@@ -46,7 +46,7 @@ from . import atomic
 from .data import batch_to_model, resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
-from .outputs import Kind, OutputFolder, manifest_files, write_manifest
+from .outputs import Kind, OutputFolder, existing, manifest_files, write_manifest
 from .pixels import IMAGE_SUFFIXES, read_image, read_image_files
 from .run import Run
 from .runtime import mix_seed
@@ -535,7 +535,7 @@ def _write_summary(out: Path, files: list[Path], images: list, outputs: list, si
 def _restored_files(out: Path) -> list[Path]:
     """An earlier restoration's own files: the outputs its manifest lists, its grid and manifest."""
     listed = manifest_files(out, out / "manifest.csv", 1, r"individual/[^/]+\.png")
-    return [*listed, *(p for p in (out / "grid.png", out / "manifest.csv") if p.exists())]
+    return [*listed, *existing(out, ("grid.png", "manifest.csv"))]
 
 
 RESTORE = Kind("restore", "restoration", "restored images",
