@@ -46,6 +46,15 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache(tmp_path_factory):
+    """The classifier and feature caches of the whole session in a folder of its own, never the
+    user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DDPMKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def write_images(folder: Path, n: int = 12, size=(10, 12), mode: str = "L",
                  seed: int = 0) -> list[Path]:
     """n random images of `mode` into folder; returns their paths."""

@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_config
 from ddpmkit import selection
+from ddpmkit.metrics import classifier
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from ddpmkit.pixels import read_image
@@ -120,6 +121,32 @@ def test_thresholds_come_from_the_val_split_when_the_data_has_one(generator):
     for i, name in enumerate(names):
         own = selector.scores(val_images[val["val_labels"].ravel() == i], name)
         assert (own >= selector.thresholds[name]).mean() >= 0.9  # 90% of real images pass
+
+
+def test_the_selector_is_trained_once_then_loaded_from_the_cache(generator, monkeypatch,
+                                                                 tmp_path):
+    monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
+    inputs = _selector_inputs(generator[1])
+    said = []
+    first = selection.build_selector(*inputs, selection.SelectOptions(), log=said.append)
+    assert any("training the selector" in line for line in said)
+    assert len(list(tmp_path.glob("eval/classifier_*.safetensors"))) == 1
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the cached selector was trained again")
+
+    monkeypatch.setattr(classifier, "fit", refit)
+    said.clear()
+    again = selection.build_selector(*inputs, selection.SelectOptions(), log=said.append)
+    assert not any("training" in line for line in said)
+    assert again.thresholds == first.thresholds
+    images = inputs[1][:16]
+    assert np.array_equal(again.scores(images, "0"), first.scores(images, "0"))
+    # other training images are another selector
+    data_cfg, images, labels, names = inputs
+    with pytest.raises(AssertionError, match="trained again"):
+        selection.build_selector(data_cfg, images[1:], labels[1:], names,
+                                 selection.SelectOptions(), log=QUIET)
 
 
 def test_a_class_the_selector_barely_recognises_is_warned_of(generator, monkeypatch):

@@ -277,13 +277,22 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
         if world.is_main:
             _finish(run, cfg, spec, len(unfinished), log)
     if copies and world.is_main:
-        left = [r for r in finished_rows(out).values() if r[-1] and is_copy(
-            np.array([float(r[-1])]), copies.threshold)[0]]
-        log(f"near-copies: {len(left)} image(s) still closer than {copies.threshold:.4f} to a "
-            f"training image after {copies.redraws} redraws (the manifest's nearest column)"
-            if left else f"near-copies: none left (threshold {copies.threshold:.4f}, calibrated "
-                         f"{copies.calibrated_on})")
+        _report_copies(finished_rows(out).values(), cfg.seed, copies, log)
     return out
+
+
+def _report_copies(rows, seed: int, copies: CopyFilter, log) -> None:
+    """How many images --drop-copies drew again (their seed is not the job's) and how many are
+    still near-copies."""
+    rows = list(rows)
+    redrawn = sum(r[2] != str(seed) for r in rows)
+    left = sum(bool(r[-1]) and is_copy(np.array([float(r[-1])]), copies.threshold)[0]
+               for r in rows)
+    log(f"near-copies: {redrawn} of {len(rows)} image(s) drawn again (the manifest's seed "
+        f"column); " + (f"{left} still closer than {copies.threshold:.4f} to a training image "
+                        f"after {copies.redraws} redraws (its nearest column)" if left else
+                        f"none left (threshold {copies.threshold:.4f}, calibrated "
+                        f"{copies.calibrated_on})"))
 
 
 def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype,

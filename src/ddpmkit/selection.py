@@ -19,7 +19,8 @@ import torch
 from .config import DataConfig
 from .data import has_named_splits, load_images
 from .errors import UserError
-from .metrics.classifier import fit, predict
+from .metrics.classifier import cached_fit, predict
+from .metrics.evaluate import cache_dir
 
 RECIPE = {"steps": 1500, "batch": 64, "lr": 2e-3, "seed": 0}
 NO_SPLIT_THRESHOLD = 0.5
@@ -78,12 +79,15 @@ def _shares(probs: np.ndarray, i: int, threshold: float) -> tuple[float, float]:
 
 def train_selector(images_u8: torch.Tensor, labels: list[str], names: list[str],
                    log=print) -> torch.nn.Module:
+    """The selector of these images, trained once and then loaded from the cache of classifiers."""
     y = np.array([names.index(label) for label in labels])
     counts = np.bincount(y, minlength=len(names)).astype(np.float64)
-    log(f"select: training the selector on {len(y)} real images ({len(names)} classes, each drawn "
-        f"equally often, {RECIPE['steps']} steps)")
-    return fit(images_u8, y, len(names), weights=torch.from_numpy(1.0 / counts[y]), shifts=True,
-               flips=False, **RECIPE)
+    return cached_fit(cache_dir(), images_u8, y, len(names),
+                      weights=torch.from_numpy(1.0 / counts[y]), shifts=True, flips=False,
+                      **RECIPE, log=log,
+                      announce=f"select: training the selector on {len(y)} real images "
+                               f"({len(names)} classes, each drawn equally often, "
+                               f"{RECIPE['steps']} steps; cached for next time)")
 
 
 def thresholds(names: list[str], val: tuple[np.ndarray, list[str]] | None, quantile: float,

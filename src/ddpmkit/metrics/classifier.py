@@ -9,11 +9,16 @@ and one class order (data.class_order: 2 before 10). Images enter as uint8 and a
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import atomic
 from ..runtime import mix_seed
 
 
@@ -92,6 +97,30 @@ def fit(images_u8: torch.Tensor, labels: np.ndarray, classes: int, *, steps: int
         opt.step()
         sched.step()
     return net.eval()
+
+
+def cached_fit(cache_dir: Path, images_u8: torch.Tensor, labels: np.ndarray, classes: int, *,
+               announce: str, log=print, **options) -> SmallResNet:
+    """fit(), loaded from `cache_dir` when the same images, labels and options were fitted before
+    (the fit is seeded, so the file holds what fitting again would give); `announce` is logged
+    when it fits."""
+    from safetensors.torch import load_file, save_file
+
+    weights = options.get("weights")
+    recipe = {k: v for k, v in options.items() if k != "weights"}
+    key = hashlib.sha256(images_u8.cpu().numpy().tobytes() + np.asarray(labels).tobytes()
+                         + (b"" if weights is None else weights.numpy().tobytes())
+                         + json.dumps([classes, recipe], sort_keys=True).encode())
+    path = cache_dir / f"classifier_{key.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        net = SmallResNet(images_u8.shape[1], classes)
+        net.load_state_dict(load_file(path))
+        return net.eval()
+    log(announce)
+    net = fit(images_u8, labels, classes, **options)
+    with atomic.atomic_path(path) as tmp:
+        save_file(net.state_dict(), str(tmp))
+    return net
 
 
 @torch.no_grad()

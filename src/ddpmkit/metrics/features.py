@@ -13,7 +13,6 @@ in fixed-size batches in eval mode, so features do not depend on how the images 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,11 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import atomic
 from ..checkpoint import file_sha256
 from ..data import class_order, resize_center_crop
 from ..errors import UserError
-from .classifier import SmallResNet, fit, to_input
+from .classifier import cached_fit, to_input
 
 BATCH = 64
 
@@ -103,7 +101,7 @@ def efficientnet(device: torch.device) -> Extractor:
 # ---------------------------------------------------------------------------------------------
 # a classifier trained on the labelled real images (classifier.py)
 
-CLASSIFIER_RECIPE = {"epochs": 30, "batch": 64, "lr": 2e-3, "seed": 0, "v": 3}
+CLASSIFIER_RECIPE = {"epochs": 30, "batch": 64, "lr": 2e-3, "seed": 0}
 
 
 def classifier_view(size: int) -> int:
@@ -115,34 +113,22 @@ def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path
     """Train (or load from cache) the classifier on real labelled images at its view; its features
     are divided by their RMS over these images, so they have unit scale (KID's cubic kernel
     (x.y/D + 1)^3 means nothing on raw ReLU magnitudes). Returns (net, class names, view, scale)."""
-    from safetensors.torch import load_file, save_file
-
     names = class_order(labels)
     if len(names) < 2:
         raise UserError("--features classifier needs labelled reference data "
                         "with at least two classes")
     view = classifier_view(images_u8.shape[-1])
     x = resize_center_crop(images_u8.cpu(), view)
-    key = hashlib.sha256(x.numpy().tobytes()
-                         + json.dumps([labels, CLASSIFIER_RECIPE]).encode()).hexdigest()[:16]
-    path = cache_dir / f"classifier_{key}.safetensors"
-    if path.exists():
-        state = load_file(path)
-        net = SmallResNet(images_u8.shape[1], len(names))
-        net.load_state_dict({k: v for k, v in state.items() if k != "feature_scale"})
-        return net.eval(), names, view, state["feature_scale"]
-    log(f"training the evaluation classifier on {len(labels)} labelled real images "
-        f"({len(names)} classes)")
+    y = np.array([names.index(label) for label in labels])
     r = CLASSIFIER_RECIPE
     steps = r["epochs"] * -(-len(labels) // r["batch"])
-    y = np.array([names.index(label) for label in labels])
-    net = fit(x, y, len(names), steps=steps, batch=r["batch"], lr=r["lr"], seed=r["seed"],
-              flips=False)
+    net = cached_fit(cache_dir, x, y, len(names), steps=steps, batch=r["batch"], lr=r["lr"],
+                     seed=r["seed"], flips=False, log=log,
+                     announce=f"training the evaluation classifier on {len(labels)} labelled "
+                              f"real images ({len(names)} classes)")
     with torch.no_grad():
         feats = torch.cat([net.features(to_input(x[i:i + 512])) for i in range(0, len(x), 512)])
     scale = feats.pow(2).mean().sqrt().clamp_min(1e-8)
-    with atomic.atomic_path(path) as tmp:
-        save_file({**net.state_dict(), "feature_scale": scale}, str(tmp))
     return net, names, view, scale
 
 
