@@ -195,6 +195,23 @@ def test_bad_inputs_get_one_clear_line(run, tmp_path, capsys, case):
     assert len(err) == 1 and says in err[0], err
 
 
+def test_drop_overlap_leaves_training_images_out_of_the_holdout(run, tmp_path, capsys):
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    gen, held = _pngs(tmp_path / "gen", digits8[:30]), tmp_path / "held"
+    held.mkdir()
+    # 40 training images and 30 the generator never saw (mirrored digits)
+    for i, img in enumerate(torch.cat([digits8[:40], digits8[40:70].flip(-1)])):
+        Image.fromarray(img[0].numpy()).save(held / f"{i}.png")
+    assert main(["audit", str(gen), "--ref", str(run), "--holdout", str(held), "--drop-overlap",
+                 "--features", "none"]) == 0
+    assert "holdout: left out 40 of 70 images that are training images" in capsys.readouterr().out
+    saved = json.loads((gen / "audit.json").read_text())
+    assert saved["calibrated_on"] == "held-out" and sum(saved["distances"]["reference"]) == 30
+    assert saved["copies"] == 30  # every generated image is a training image
+    assert main(["audit", str(gen), "--ref", str(run), "--drop-overlap"]) == 2
+    assert "add --holdout DATA" in capsys.readouterr().err
+
+
 def test_drop_copies_draws_flagged_images_again_with_seeds_the_manifest_records(run, tmp_path):
     import csv
 
@@ -247,4 +264,4 @@ def test_sample_drop_copies_from_the_command_line(run, tmp_path, capsys):
     assert header.endswith(",nearest") and "near-copies" in capsys.readouterr().out
     assert main(["sample", str(run), "-n", "8", "--out", str(tmp_path / "t"), "--holdout",
                  str(tmp_path)]) == 2
-    assert "--holdout calibrates --drop-copies" in capsys.readouterr().err
+    assert "--holdout and --drop-overlap calibrate --drop-copies" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, share: float = 0.01,
-              features: str = "auto", log=print) -> dict:
+              features: str = "auto", *, drop_overlap: bool = False, log=print) -> dict:
     """Audit GEN against RUN's training images; returns the summary (also written into GEN)."""
     gen, run = Path(gen), RunDir(ref)
     if not 0 < share < 0.5:
@@ -56,7 +56,7 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
     if gen_images.shape[1] != train.shape[1]:
         raise UserError(f"{gen} holds {gen_images.shape[1]}-channel images and {run.path} was "
                         f"trained on {train.shape[1]}-channel ones: audit that run's own images")
-    held = run.holdout_images(holdout) if holdout else None
+    held = run.holdout_images(holdout, drop_overlap, log)
     result = audit(gen_images, train, held, share)
     summary = {"gen": str(gen), "run": str(run.path), "holdout": holdout, "share": share,
                **summarise(result, labels, len(train))}

@@ -121,6 +121,7 @@ def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
     p.add_argument("--holdout", default=None, metavar="DATA",
                    help="with --drop-copies: real images the generator never saw, to calibrate the "
                         "copy threshold on (default: the training set, leave-one-out)")
+    _add_drop_overlap(p)
     p.add_argument("--max-redraws", type=int, default=10, help="with --drop-copies (default 10)")
     p.add_argument("--fresh", action="store_true", help=fresh)
     p.add_argument("--force", action="store_true",
@@ -253,6 +254,12 @@ def _balance_parser(sub) -> None:
     _add_output_flags(b, "replace the images of an earlier, different balance in --out")
 
 
+def _add_drop_overlap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drop-overlap", action="store_true",
+                   help="with --holdout: leave out its images that are training images of the run "
+                        "(else they are refused)")
+
+
 def _audit_parser(sub) -> None:
     a = _command(sub, "audit", "are generated images copies of training images? (memorization)",
                  AUDIT_EXAMPLES)
@@ -261,6 +268,7 @@ def _audit_parser(sub) -> None:
     a.add_argument("--holdout", default=None, metavar="DATA",
                    help="real images the generator never saw: a folder or file, or data.key=value "
                         "changing the run's own data (data.split=val)")
+    _add_drop_overlap(a)
     a.add_argument("--share", type=float, default=0.01,
                    help="the share of held-out images that would be flagged (default 0.01)")
     a.add_argument("--features", default="auto",
@@ -431,14 +439,14 @@ def _copy_filter(ns: argparse.Namespace, log):
     from .run import RunDir
 
     if not ns.drop_copies:
-        if ns.holdout:
-            raise UserError("--holdout calibrates --drop-copies: add --drop-copies, or drop "
-                            "--holdout")
+        if ns.holdout or ns.drop_overlap:
+            raise UserError("--holdout and --drop-overlap calibrate --drop-copies: add "
+                            "--drop-copies, or leave them out")
         return None
     if ns.max_redraws < 1:
         raise UserError(f"--max-redraws must be at least 1, got {ns.max_redraws}")
     run = RunDir(ns.run)
-    held = run.holdout_images(ns.holdout) if ns.holdout else None
+    held = run.holdout_images(ns.holdout, ns.drop_overlap, log)
     return CopyFilter.calibrated(run.training_images(log), held, redraws=ns.max_redraws)
 
 
@@ -623,7 +631,7 @@ def cmd_audit(ns: argparse.Namespace) -> None:
     from .audit import run_audit
 
     summary = run_audit(ns.gen, ns.ref, ns.holdout, ns.share, ns.features,
-                        log=_silent if ns.json else print)
+                        drop_overlap=ns.drop_overlap, log=_silent if ns.json else print)
     if ns.json:
         _print_json(summary)
 

@@ -152,10 +152,17 @@ class RunDir:
                             f"it never saw): the images it trained on are needed")
         return data
 
-    def holdout_images(self, where: str) -> torch.Tensor:
-        """Held-out real images, read as the training images were (size, channels, bit depth): a
-        folder or file, or data.key=value changing the run's own data (data.split=val). None may
-        be a training image: the run's record proves it."""
+    def holdout_images(self, where: str | None, drop_overlap: bool = False,
+                       log=print) -> torch.Tensor | None:
+        """Held-out real images (None without `where`), read as the training images were (size,
+        channels, bit depth): a folder or file, or data.key=value changing the run's own data
+        (data.split=val). None may be a training image: the run's record proves it. Those that
+        are are refused, or with `drop_overlap` left out."""
+        if where is None:
+            if drop_overlap:
+                raise UserError("--drop-overlap leaves training images out of --holdout: add "
+                                "--holdout DATA, or leave --drop-overlap out")
+            return None
         cfg = self.config()
         values = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "class_names"}
         values |= {"data.channels": cfg.model.in_channels}
@@ -166,13 +173,18 @@ class RunDir:
         images = load_images(data_config(values), log=lambda *_: None).images
         recorded = self.digests_path.read_text() if self.digests_path.is_file() else ""
         trained = set(recorded.split())
-        shared = sum(d in trained for d in image_digests(images))
-        if shared:
+        unseen = torch.tensor([d not in trained for d in image_digests(images)], dtype=torch.bool)
+        shared = len(images) - int(unseen.sum())
+        if shared and not drop_overlap:
             raise UserError(f"--holdout {where}: {shared} of its images are training images of "
-                            f"{self.path}; a holdout must be images the generator never saw")
+                            f"{self.path}; a holdout must be images the generator never saw "
+                            f"(--drop-overlap leaves them out)")
+        if shared:
+            log(f"holdout: left out {shared} of {len(images)} images that are training images")
+            images = images[unseen]
         if len(images) < 20:
-            raise UserError(f"--holdout {where} holds {len(images)} images: calibrating a "
-                            f"threshold needs at least 20 (hundreds are better)")
+            raise UserError(f"--holdout {where} holds {len(images)} images the generator never "
+                            f"saw: calibrating a threshold needs at least 20 (hundreds are better)")
         return images
 
     def read_stats(self) -> list[dict]:
