@@ -265,11 +265,22 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     assert all(r["kind"] == "denoise" and float(r["sigma"]) > 0 for r in rows)
     assert json.loads(rows[0]["parameters"])["method"] == "mmse"
     assert not list(out.rglob(".*.tmp"))
-    # rerun on other inputs: the earlier outputs go (the
-    # manifest listed only the new ones, beside stale files)
+    # the same job again is a rerun; another job (other inputs, level, seed or kind) is refused,
+    # and with fresh the earlier outputs go (the manifest listed only the new ones, beside stale
+    # files) while files ddpmkit did not write stay
+    restore_folder(tiny_run, "denoise", tmp_path / "in", out, sigma="auto", log=lambda *a: None)
     _write_pngs(tmp_path / "in_b", [rng.integers(0, 256, (8, 8), dtype=np.uint8)], ["z.png"])
     (out / "individual" / "mine.txt").write_text("not an output")
-    restore_folder(tiny_run, "denoise", tmp_path / "in_b", out, sigma=0.1, log=lambda *a: None)
+    for inputs, options in ((tmp_path / "in_b", {"sigma": "auto"}),
+                            (tmp_path / "in", {"sigma": 0.1}), (tmp_path / "in", {"seed": 1}),
+                            (tmp_path / "in", {"kind": "img2img"})):
+        kind = options.pop("kind", "denoise")
+        with pytest.raises(UserError, match="--fresh"):
+            restore_folder(tiny_run, kind, inputs, out, log=lambda *a: None, **options)
+    assert sorted(p.name for p in (out / "individual").iterdir()) == [
+        "a.png", "b.png", "c.png", "mine.txt"]
+    restore_folder(tiny_run, "denoise", tmp_path / "in_b", out, sigma=0.1, fresh=True,
+                   log=lambda *a: None)
     assert sorted(p.name for p in (out / "individual").iterdir()) == ["mine.txt", "z.png"]
     # nor does it write into a sampling job's folder, a training run, or a folder of someone's files
     foreign = tmp_path / "foreign"
@@ -299,6 +310,11 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     assert not (tmp_path / "o0").exists()
     with pytest.raises(UserError, match="--seed must not be negative, got -1"):
         restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "o0", seed=-1)
+    with pytest.raises(UserError, match="--strength must be in"):
+        restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "o0", strength=1.5)
+    with pytest.raises(UserError, match="sigma=9999 is outside"):
+        restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "o0", sigma="9999")
+    assert not (tmp_path / "o0").exists()  # refused before the folder was claimed
     # a missing or wrong-sized mask is named
     (tmp_path / "masks" / "c.png").unlink()
     with pytest.raises(UserError, match="c.png"):

@@ -333,6 +333,8 @@ def _restore_parsers(sub) -> None:
         rp.add_argument("--no-ema", action="store_true",
                         help="use the raw weights instead of the EMA")
         rp.add_argument("--device", default="auto")
+        rp.add_argument("--fresh", action="store_true",
+                        help="replace the outputs of an earlier, different restoration in --out")
         rp.add_argument("--force", action="store_true",
                         help="write into a folder that holds files ddpmkit did not write "
                              "(it never deletes them)")
@@ -624,7 +626,7 @@ def cmd_restore(ns: argparse.Namespace) -> None:
     if ns.command == "inpaint":
         options["masks_dir"] = ns.mask
     restore_folder(run, ns.command, ns.inputs, ns.out, seed=ns.seed, batch_size=ns.batch_size,
-                   steps=ns.steps, force=ns.force, **options)
+                   steps=ns.steps, fresh=ns.fresh, force=ns.force, **options)
 
 
 def cmd_audit(ns: argparse.Namespace) -> None:

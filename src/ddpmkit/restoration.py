@@ -393,11 +393,29 @@ class Restoration:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if self.seed < 0:
             raise UserError(f"--seed must not be negative, got {self.seed}")
+        if self.kind == "img2img" and not 0 <= self.strength <= 1:
+            raise UserError(f"--strength must be in [0, 1] (0 returns the input, 1 ignores it), "
+                            f"got {self.strength}")
         sampler = self.sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(self.kind)
         if sampler is not None:
             _sampler(sampler)
         steps = INPAINT_STEPS if self.kind == "inpaint" and self.steps is None else self.steps
         return replace(self, sampler=sampler, steps=steps)
+
+    def check_levels(self, schedule: Schedule, count: int) -> None:
+        """Given noise levels against what the run's schedule covers, before a folder is claimed."""
+        if self.kind == "denoise" and not (isinstance(self.sigma, str) and self.sigma == "auto"):
+            for sigma in set(_sigma_list(self.sigma, count)):
+                sigma_to_timestep(schedule, sigma)
+
+    def identity(self, run: Run, inputs: Path) -> dict:
+        """What determines the job's files: its output folder's record."""
+        sigma = (self.sigma if isinstance(self.sigma, str)
+                 else np.asarray(self.sigma, dtype=float).tolist())
+        return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "kind": self.kind,
+                "inputs": str(inputs.resolve()), "seed": self.seed, "parameters": self.parameters(),
+                **({"sigma": sigma} if self.kind == "denoise" else {}),
+                **({"masks": str(Path(self.masks_dir).resolve())} if self.masks_dir else {})}
 
     def parameters(self) -> dict:
         """What the manifest records of the job."""
@@ -485,21 +503,21 @@ def load_masks(masks_dir: Path, files: list[Path],
 
 
 def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[str], None] = print,
-                   force: bool = False, **options) -> Path:
+                   fresh: bool = False, force: bool = False, **options) -> Path:
     """Restore every image of `inputs_dir` into `out_dir` (`options`: Restoration's), in the layout
     of `sample`:
         OUT/individual/<input stem>.png   one output per input
         OUT/grid.png                      inputs (top row) above outputs (bottom row), first 16
         OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)
     Every file is written atomically; each image's noise depends only on (seed, its sorted
-    position)."""
+    position). A folder holding another restoration's outputs is refused unless `fresh`."""
     job = Restoration(kind, **options).checked()
     files, images = read_inputs(run, Path(inputs_dir))
+    job.check_levels(run.schedule, len(files))
     masks = load_masks(Path(job.masks_dir), files, images) if kind == "inpaint" else None
     out, text = Path(out_dir), {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
     reads = (Path(inputs_dir),) + ((Path(job.masks_dir),) if masks else ())
-    identity = {"run": str(run.path.resolve()), "kind": kind, "parameters": job.parameters()}
-    with OutputFolder(out, RESTORE, identity, fresh=True, force=force, reads=reads):
+    with OutputFolder(out, RESTORE, job.identity(run, Path(inputs_dir)), fresh, force, reads):
         outputs, sigmas = [None] * len(files), [""] * len(files)
         for idx in _batches_of_one_size(images, job.batch_size):
             batch = torch.stack([images[i] for i in idx])
