@@ -161,3 +161,13 @@ def test_json_output_for_scripts(trained, tmp_path, capsys):
     assert cli("train", *TINY_ARGS, "--steps", 20, "--out", trained, "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 20 and out["report"].endswith("report.html")
+
+
+def test_eval_ref_takes_several_words_as_the_readme_writes_them():
+    from ddpmkit.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["eval", "gen", "--ref", "data.path=/d", "data.split=test"]).ref == [
+        "data.path=/d", "data.split=test"]
+    assert parse(["eval", "gen", "--ref", "data.path=/d", "--ref", "data.split=test"]).ref == [
+        "data.path=/d", "data.split=test"]

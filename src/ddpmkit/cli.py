@@ -166,9 +166,9 @@ def _eval_parser(sub) -> None:
     e = _command(sub, "eval", "FID, KID, precision/recall of generated images against real ones",
                  EVAL_EXAMPLES)
     e.add_argument("gen", help="a sample output folder or any folder of images")
-    e.add_argument("--ref", action="append", required=True, metavar="REF",
+    e.add_argument("--ref", action="extend", nargs="+", required=True, metavar="REF",
                    help="a folder of images, a run directory, a statistics .npz, "
-                        "or data.key=value (repeatable)")
+                        "or data.key=value ... (several)")
     e.add_argument("--metrics", default="fid,kid,pr",
                    help="comma-separated: fid, kid, pr, is (default fid,kid,pr)")
     e.add_argument("--features", default="inception",
