@@ -133,6 +133,22 @@ def test_export_and_import_commands_round_trip_a_run(source, tmp_path, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
 
 
+def test_a_fine_tuning_run_resumes_without_its_source(source, tiny, tmp_path):
+    import shutil
+
+    copy = tmp_path / "source_copy"
+    shutil.copytree(source, copy)
+    run = train(tiny(**{"train.init_from": str(copy), "train.max_steps": 10, "train.lr": 1e-3}),
+                log=quiet, progress=False)
+    shutil.rmtree(copy)  # moved, deleted, or a hub id while offline
+    said = []
+    train(tiny(**{"train.init_from": str(copy), "train.max_steps": 20, "train.lr": 1e-3}),
+          log=said.append, progress=False)
+    assert any("resuming" in line and "from step 10" in line for line in said), said
+    assert run.read_state()["checkpoints"][-1]["step"] == 20
+    assert str(copy) in run.meta()["init_from"]  # the record still names where it started
+
+
 def test_fine_tuning_an_unconditional_model_into_a_conditional_one_records_it(source, tiny,
                                                                               tmp_path):
     run = train(tiny(**{"train.init_from": str(source), "train.max_steps": 4,

@@ -58,6 +58,12 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
         class_ids, names = _class_ids(cfg, data)
         values.update({"data.class_names": names, "model.num_classes": len(names)})
     cfg = updated(cfg, values)
+    if cfg.train.init_from and not fresh and run.is_run() and run.config_path.is_file() \
+            and run.read_state()["checkpoints"]:
+        # a resume: the weights come from the run's checkpoint, so the source (perhaps moved, or a
+        # hub id offline) is not read; its architecture is the one the run recorded
+        return Prepared(adopt_architecture(cfg, run.config(), log=lambda *_: None), data,
+                        class_ids, None)
     source = Source(cfg.train.init_from, log) if cfg.train.init_from else None
     if source:
         cfg = adopt_architecture(cfg, source.config, log)
