@@ -265,6 +265,13 @@ def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tm
     for key in ("fd", "kid", "precision", "recall"):
         assert (from_file["metrics"][key]
                 == pytest.approx(direct["metrics"][key], rel=1e-9, abs=1e-12))
+    # without --features, the file's extractor is named (not Inception's missing weights)
+    assert main(["eval", str(gen), "--ref", str(ref_file), "--metrics", "fid"]) == 2
+    assert "holds efficientnet features: add --features efficientnet" in capsys.readouterr().err
+    # a one-image reference is one line, whichever metric
+    write_pngs(tmp_path / "one", images[:1])
+    assert main(["eval", str(gen), "--ref", str(tmp_path / "one"), "--metrics", "kid"]) == 2
+    assert "holds 1 image: the metrics compare distributions" in capsys.readouterr().err
     with np.load(ref_file) as z:  # the same file as if made with other weights
         arrays = {k: z[k] for k in z.files}
     identity = json.loads(str(arrays["extractor"]))

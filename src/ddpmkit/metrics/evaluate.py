@@ -194,6 +194,12 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, "
                         f"so generate more (thousands for a stable FID)")
     ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], gen)
+    if ref.images is not None and len(ref.images) < 2:
+        raise UserError(f"{ref.description} holds {len(ref.images)} image: the metrics compare "
+                        f"distributions, so give a reference of many images")
+    if ref.extractor is not None and ref.extractor["features"] != features:
+        raise UserError(f"{ref.description} holds {ref.extractor['features']} features: add "
+                        f"--features {ref.extractor['features']}, or recompute it with --save-ref")
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
         ref.images, gen_images = fx.to_rgb(ref.images), fx.to_rgb(gen_images)
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
