@@ -131,6 +131,9 @@ def test_export_and_import_commands_round_trip_a_run(source, tmp_path, capsys):
     # never over an existing export
     assert main(["export", str(source), "--out", str(tmp_path / "hf")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "hf"), "--out", str(source)]) == 2  # nor over a run
+    assert capsys.readouterr().err.strip() == (f"ddpmkit: error: {source} already exists and is "
+                                               f"not empty: choose another output folder")
 
 
 def test_a_fine_tuning_run_resumes_without_its_source(source, tiny, tmp_path):

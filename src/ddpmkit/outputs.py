@@ -271,9 +271,9 @@ def staged(out: Path) -> Iterator[Path]:
     """Build a folder under a hidden name beside `out`, then rename it into place: `out` never holds
     half an import or export, whatever interrupts it. Staging folders an earlier, killed job left
     beside `out` (they hold a mark naming them ddpmkit's) are removed first."""
-    refuse_special(out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):  # a run included: an import or export is a new folder
         raise UserError(f"{out} already exists and is not empty: choose another output folder")
+    refuse_special(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for orphan in out.parent.glob(f".{out.name}.*.partial"):
         if (orphan / _STAGING_MARK).is_file():
