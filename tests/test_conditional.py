@@ -114,6 +114,10 @@ def test_labels_from_class_subfolders_csv_and_npz(tmp_path, tiny):
         np.save(tmp_path / "x.npy", np.zeros((4, 8, 8), np.uint8))
         train(tiny(**{"data.path": str(tmp_path / "x.npy"), "model.class_conditional": True,
                       "train.out_dir": str(tmp_path / "nolabels")}), log=quiet, progress=False)
+    write_images(tmp_path / "pets", n=1, size=(8, 8))  # one image beside the class folders
+    with pytest.raises(UserError, match=r"pets/img_000\.png is not in a class subfolder"):
+        train(tiny(**{"data.path": str(tmp_path / "pets"), "model.class_conditional": True,
+                      "train.out_dir": str(tmp_path / "stray")}), log=quiet, progress=False)
 
 
 def test_sample_command_class_and_manifest(conditional_run, tmp_path, capsys):

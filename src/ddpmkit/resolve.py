@@ -104,9 +104,13 @@ def _channels(cfg: Config, found: int) -> int:
 def _class_ids(cfg: Config, data: ImageData) -> tuple[torch.Tensor, list[str]]:
     """Class index per image for a class-conditional model, and the class names in index order."""
     if not data.labels or any(label is None for label in data.labels):
+        files = [Path(f) for f in data.files or []]
+        loose = [f for f in files if str(f.parent) == data.source_path]
+        why = (f"; {loose[0]} is not in a class subfolder, so the folders do not name classes"
+               if loose and len(loose) < len(files) else "")
         raise UserError(
             "model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
-            "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
+            "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits" + why)
     empty = [i for i, label in enumerate(data.labels) if not label.strip()]
     if empty:  # an empty class name would read as "no class" (unconditional) in manifests
         first = Path(data.files[empty[0]]).name if data.files is not None else f"image {empty[0]}"
