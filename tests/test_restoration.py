@@ -303,6 +303,16 @@ def test_folder_runner_layout(tiny_run, tmp_path):
     for n in names:
         before, after = read_image(tmp_path / "in" / n), read_image(out2 / "individual" / n)
         assert torch.equal(before[:, :3], after[:, :3]) and torch.equal(before[:, 5:], after[:, 5:])
+    # a mask with nothing to fill is said, and its image comes back as it was
+    _write_pngs(tmp_path / "masks", [np.zeros((8, 8), np.uint8)], ["c.png"])
+    said = []
+    restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "out2b",
+                   masks_dir=tmp_path / "masks", steps=2, jump_length=1, resamplings=1,
+                   log=said.append)
+    assert said[0] == "note: 1 mask(s) have no white (fill) pixel, c.png's first: those images " \
+                      "come back unchanged"
+    assert torch.equal(read_image(tmp_path / "in" / "c.png"),
+                       read_image(tmp_path / "out2b" / "individual" / "c.png"))
     # not silently RePaint's 250
     with pytest.raises(UserError, match="steps must be at least 1, got 0"):
         restore_folder(tiny_run, "inpaint", tmp_path / "in", tmp_path / "o0",

@@ -76,8 +76,8 @@ RESTORE_EXAMPLES = """examples:
   ddpmkit denoise runs/mnist noisy/ --sigma 0.2 --method sample --samples 4 --out clean/
   ddpmkit img2img runs/lesions inputs/ --strength 0.5 --out variants/   # SDEdit
   ddpmkit inpaint runs/mnist images/ --mask masks/ --out filled/  # RePaint; white = fill
-images must have the model's channels and at least its size; larger ones are restored tile by tile
-(never resized)."""
+images are read with the model's channels (colour made gray or gray colour, as training reads data)
+and must have at least its size; larger ones are restored tile by tile (never resized)."""
 
 DOWNSTREAM_EXAMPLES = """examples:
   ddpmkit downstream --real pneumonia.npz --synthetic balanced/ --out study/

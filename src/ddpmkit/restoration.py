@@ -515,6 +515,10 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
     files, images = read_inputs(run, Path(inputs_dir))
     job.check_levels(run.schedule, len(files))
     masks = load_masks(Path(job.masks_dir), files, images) if kind == "inpaint" else None
+    unfilled = [f.name for f, m in zip(files, masks or []) if not m.any()]
+    if unfilled:
+        log(f"note: {len(unfilled)} mask(s) have no white (fill) pixel, {unfilled[0]}'s first: "
+            f"those images come back unchanged")
     out, text = Path(out_dir), {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
     reads = (Path(inputs_dir),) + ((Path(job.masks_dir),) if masks else ())
     with OutputFolder(out, RESTORE, job.identity(run, Path(inputs_dir)), fresh, force, reads):
