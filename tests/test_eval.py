@@ -116,6 +116,14 @@ def test_eval_command_with_the_classifier_on_real_and_noisy_digits(tmp_path, cap
     out = capsys.readouterr().out
     assert "training the evaluation classifier" in out and "wrote" in out
     good = json.loads((real / "eval_classifier.json").read_text())
+    # one metric again, of the same images, reference and extractor: the others stay in the file
+    assert main(["eval", str(real), "--ref", "data.path=null", "--features", "classifier",
+                 "--metrics", "kid", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again == json.loads((real / "eval_classifier.json").read_text())
+    assert set(again["metrics"]) == set(good["metrics"]) == {"fd", "kid", "kid_std", "precision",
+                                                             "recall"}
+    assert again["metrics"]["fd"] == good["metrics"]["fd"]
     assert main(["eval", str(noise), *ref, "--json"]) == 0
     bad = json.loads(capsys.readouterr().out)
     assert "training the evaluation classifier" not in json.dumps(bad)  # cached

@@ -485,7 +485,7 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     result = evaluate(ns.gen, ns.ref, metrics, ns.features, inception_weights=ns.inception_weights,
                       device=str(resolve_device(ns.device)), log=_silent if quiet else print,
                       progress=not quiet, save_ref=ns.save_ref)
-    path = write_result(result, ns.out)
+    path, result = write_result(result, ns.out)
     _print_json(result) if ns.json else print(f"{format_table(result)}\nwrote {path}")
 
 

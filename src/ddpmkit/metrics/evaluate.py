@@ -269,10 +269,23 @@ def _class_report(logits: np.ndarray, names: list[str]) -> dict:
             "class_shares": {name: round(float(s), 4) for name, s in zip(names, shares)}}
 
 
-def write_result(result: dict, out: str | Path | None) -> Path:
+SAME_EVALUATION = ("gen_sha256", "ref", "num_ref", "features", "preprocessing", "weights_sha256")
+
+
+def write_result(result: dict, out: str | Path | None) -> tuple[Path, dict]:
+    """Write the result's JSON; an earlier result there of the same images, reference and extractor
+    keeps the metrics this one did not compute (eval --metrics is after fid,kid,pr adds to them).
+    Returns the path and what it holds."""
     path = Path(out) if out else Path(result["gen"]) / f"eval_{result['features']}.json"
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and isinstance(earlier.get("metrics"), dict) and all(
+            earlier.get(k) == result[k] for k in SAME_EVALUATION):
+        result = {**result, "metrics": {**earlier["metrics"], **result["metrics"]}}
     atomic.write_text(path, atomic.json_text(result))
-    return path
+    return path, result
 
 
 def format_table(result: dict) -> str:
