@@ -175,31 +175,14 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
              features: str = "inception", *, inception_weights: str | None = None,
              device: str = "cpu", log=print, progress: bool = False,
              save_ref: str | Path | None = None) -> dict:
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics:
-        raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})"
-                        if unknown else
-                        f"--metrics names no metric: give some of {', '.join(METRICS)}")
-    if "is" in metrics and features == "classifier":
-        raise UserError("--metrics is: the Inception Score needs ImageNet classes "
-                        "(--features inception or efficientnet); with --features classifier the "
-                        "result reports the confident share and class entropy instead")
-    if save_ref and features == "classifier":
-        raise UserError("--save-ref with --features classifier: that classifier is trained on "
-                        "the reference images, which a features file cannot give back; "
-                        "pass the reference itself (--ref) each time")
+    _check_options(metrics, features, save_ref)
     t0 = time.perf_counter()
     gen_images, gen_files = read_generated(gen)
     if len(gen_images) < 2:
         raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, "
                         f"so generate more (thousands for a stable FID)")
-    ref = resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1], gen)
-    if ref.images is not None and len(ref.images) < 2:
-        raise UserError(f"{ref.description} holds {len(ref.images)} image: the metrics compare "
-                        f"distributions, so give a reference of many images")
-    if ref.extractor is not None and ref.extractor["features"] != features:
-        raise UserError(f"{ref.description} holds {ref.extractor['features']} features: add "
-                        f"--features {ref.extractor['features']}, or recompute it with --save-ref")
+    ref = _checked_reference(resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1],
+                                               gen), features)
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
         ref.images, gen_images = fx.to_rgb(ref.images), fx.to_rgb(gen_images)
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
@@ -257,6 +240,32 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["ddpmkit"], result["date"] = version(), time.strftime("%Y-%m-%d %H:%M:%S")
     return result
+
+
+def _check_options(metrics: tuple[str, ...], features: str, save_ref) -> None:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise UserError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})"
+                        if unknown else
+                        f"--metrics names no metric: give some of {', '.join(METRICS)}")
+    if "is" in metrics and features == "classifier":
+        raise UserError("--metrics is: the Inception Score needs ImageNet classes "
+                        "(--features inception or efficientnet); with --features classifier the "
+                        "result reports the confident share and class entropy instead")
+    if save_ref and features == "classifier":
+        raise UserError("--save-ref with --features classifier: that classifier is trained on "
+                        "the reference images, which a features file cannot give back; "
+                        "pass the reference itself (--ref) each time")
+
+
+def _checked_reference(ref: Reference, features: str) -> Reference:
+    if ref.images is not None and len(ref.images) < 2:
+        raise UserError(f"{ref.description} holds {len(ref.images)} image: the metrics compare "
+                        f"distributions, so give a reference of many images")
+    if ref.extractor is not None and ref.extractor["features"] != features:
+        raise UserError(f"{ref.description} holds {ref.extractor['features']} features: add "
+                        f"--features {ref.extractor['features']}, or recompute it with --save-ref")
+    return ref
 
 
 def _class_report(logits: np.ndarray, names: list[str]) -> dict:
