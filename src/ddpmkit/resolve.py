@@ -42,7 +42,8 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     # recorded absolute: sampling, eval --ref RUN and balance find the data from any folder
     values = {"data.path": absolute(cfg.data.path), "data.labels": absolute(cfg.data.labels)}
     run = RunDir(cfg.train.out_dir)
-    if cfg.data.bit_depth is None and not fresh and run.is_run() and run.config_path.is_file():
+    recorded = not fresh and run.is_run() and run.config_path.is_file()  # a run to resume
+    if cfg.data.bit_depth is None and recorded:
         values["data.bit_depth"] = run.config().data.bit_depth  # a resumed run reads data as before
     cfg = updated(cfg, values)
     data = open_stream(cfg.data, log) if cfg.data.stream else load_images(cfg.data, log)
@@ -58,8 +59,7 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
         class_ids, names = _class_ids(cfg, data)
         values.update({"data.class_names": names, "model.num_classes": len(names)})
     cfg = updated(cfg, values)
-    if cfg.train.init_from and not fresh and run.is_run() and run.config_path.is_file() \
-            and run.read_state()["checkpoints"]:
+    if cfg.train.init_from and recorded and run.read_state()["checkpoints"]:
         # a resume: the weights come from the run's checkpoint, so the source (perhaps moved, or a
         # hub id offline) is not read; its architecture is the one the run recorded
         return Prepared(adopt_architecture(cfg, run.config(), log=lambda *_: None), data,
