@@ -286,8 +286,7 @@ def _report_copies(rows, seed: int, copies: CopyFilter, log) -> None:
     still near-copies."""
     rows = list(rows)
     redrawn = sum(r[2] != str(seed) for r in rows)
-    left = sum(bool(r[-1]) and is_copy(np.array([float(r[-1])]), copies.threshold)[0]
-               for r in rows)
+    left = int(is_copy(np.array([float(r[-1]) for r in rows if r[-1]]), copies.threshold).sum())
     log(f"near-copies: {redrawn} of {len(rows)} image(s) drawn again (the manifest's seed "
         f"column); " + (f"{left} still closer than {copies.threshold:.4f} to a training image "
                         f"after {copies.redraws} redraws (its nearest column)" if left else
