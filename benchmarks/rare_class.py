@@ -14,7 +14,7 @@ is the one with the fewest training images. Steps:
    class) and the share passing its threshold (set on the val split where there is one), beside
    the real images' own;
 3. `balance --select --class-guidance auto` with the generator of the largest power;
-4. `downstream` on the test split (`--calibration-split val` for two classes with a val split):
+4. `downstream` on the test split (`--calibration-split val` where there is a val split):
    real, real+synthetic (unselected), real+selected and oversampled, --seeds seeds each.
 """
 
@@ -60,10 +60,10 @@ def train_generator(data: Path, out: Path, power: float, args) -> Path:
     return out
 
 
-def rarest_class(data_path: Path) -> tuple[str, int]:
-    """The class with the fewest training images, and how many classes there are."""
+def rarest_class(data_path: Path) -> str:
+    """The class with the fewest training images."""
     counts = Counter(load_images(DataConfig(path=str(data_path)), log=QUIET).labels)
-    return min(counts.items(), key=lambda kv: (kv[1], kv[0]))[0], len(counts)
+    return min(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
 
 def has_val_split(data_path: Path) -> bool:
@@ -124,10 +124,9 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads())
-    rare, classes = rarest_class(args.data)
-    # a tuned threshold is a binary decision's; without a val split the study reports defaults only
-    calibration = (["--calibration-split", "val"] if classes == 2 and has_val_split(args.data)
-                   else [])
+    rare = rarest_class(args.data)
+    # without a val split the study reports the default decision only
+    calibration = ["--calibration-split", "val"] if has_val_split(args.data) else []
     result, t0 = {"data": str(args.data), "rare_class": rare, "steps": args.steps,
                   "batch": args.batch, "synthetic_share": args.synthetic_share}, time.time()
     runs = {}

@@ -191,28 +191,46 @@ def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):
 
 
 def test_a_tuned_threshold_finds_the_operating_point_the_default_misses():
-    from ddpmkit.downstream import scores, tuned_threshold
+    from ddpmkit.downstream import scores, tuned_offsets
 
     labels = np.array([0] * 50 + [1] * 50)
     # ranked perfectly, badly placed
     p1 = np.concatenate([np.linspace(0.55, 0.75, 50), np.linspace(0.85, 0.95, 50)])
-    threshold = tuned_threshold(p1, labels)
-    assert 0.75 < threshold <= 0.85
-    s = scores(np.stack([1 - p1, p1], 1), labels, ["0", "1"], threshold)
+    probs = np.stack([1 - p1, p1], 1)
+    s = scores(probs, labels, ["0", "1"], tuned_offsets(probs, labels))
+    assert 0.75 < s["tuned_threshold"] <= 0.85
     assert (s["balanced_accuracy"] == 0.5 and s["balanced_accuracy@tuned"] == 1.0
             and s["auroc"] == 1.0)
 
 
-def test_a_calibration_split_needs_a_binary_study(tmp_path):
-    import torch
+def test_two_class_offsets_reach_the_best_threshold_the_roc_curve_has():
+    from sklearn.metrics import roc_curve
 
-    from ddpmkit.downstream import Pool, study
-    from ddpmkit.errors import UserError
+    from ddpmkit.downstream import scores, tuned_offsets
 
-    pool = Pool(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), np.array([0, 1, 2] * 2))
-    with pytest.raises(UserError, match="binary decision threshold; this study has 3 classes"):
-        study(pool, pool, pool, ["a", "b", "c"], tmp_path / "s", seeds=1, steps=1, calibration=pool)
-    assert not (tmp_path / "s").exists()
+    rng = np.random.default_rng(0)
+    labels = (rng.random(400) < 0.2).astype(int)
+    p1 = 1 / (1 + np.exp(-(rng.normal(size=400) + 1.2 * labels - 1.5)))
+    fpr, tpr, _ = roc_curve(labels, p1)
+    probs = np.stack([1 - p1, p1], 1)
+    s = scores(probs, labels, ["0", "1"], tuned_offsets(probs, labels))
+    assert s["balanced_accuracy@tuned"] == pytest.approx((1 + (tpr - fpr).max()) / 2)
+    assert s["balanced_accuracy@tuned"] > s["balanced_accuracy"] + 0.1
+
+
+def test_per_class_thresholds_find_the_decision_three_classes_need():
+    """Three classes, each ranked first by its own score yet pulled toward class 0 by a prior
+    the classifier learnt: the argmax misses the rare classes, the tuned offsets do not."""
+    from ddpmkit.downstream import scores, tuned_offsets
+
+    labels = np.repeat([0, 1, 2], [200, 20, 20])
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 0.3, (240, 3)) + np.eye(3)[labels] * 2.0 + np.array([3.0, 0.0, 0.0])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    s = scores(probs, labels, ["a", "b", "c"], tuned_offsets(probs, labels))
+    assert s["balanced_accuracy"] < 0.5 and s["recall[b]"] < 0.2
+    assert s["balanced_accuracy@tuned"] > 0.98 and s["recall@tuned[b]"] > 0.95
+    assert "tuned_threshold" not in s  # one threshold names a two-class decision only
 
 
 def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
@@ -375,3 +393,22 @@ def test_draw_weights_keep_class_mass_and_give_synthetic_its_share():
                        torch.ones(20, dtype=torch.float64))  # uniform
     over = draw_weights(real, "oversampled", 2).numpy()
     assert over[real.labels == 0].sum() == pytest.approx(over[real.labels == 1].sum())
+
+
+def test_a_study_of_three_classes_is_also_scored_at_tuned_thresholds(tmp_path):
+    import torch
+
+    from ddpmkit.downstream import Pool, study
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [30, 6, 6])
+    noise = rng.integers(0, 30, (42, 1, 8, 8))
+    images = torch.from_numpy((labels[:, None, None, None] * 100 + noise).astype(np.uint8))
+    pool = Pool(images, labels)
+    summary = study(pool, Pool(images[30:], labels[30:]), pool, ["a", "b", "c"], tmp_path / "s",
+                    seeds=2, steps=3, batch=8, calibration=pool, log=lambda *_: None)
+    assert set(summary["paired_tests_tuned"]) == {"real+synthetic vs real",
+                                                  "real+synthetic vs oversampled"}
+    assert all("recall@tuned[c]" in run and "tuned_threshold" not in run
+               for runs in summary["per_seed"].values() for run in runs)
+    assert "tuned on the calibration split (42 images" in (tmp_path / "s" / "report.md").read_text()

@@ -288,8 +288,9 @@ def _downstream_parser(sub) -> None:
     for name, what, default in (
             ("real", "the labelled real training data (any data.path)", "train"),
             ("test", "the real test data (default: --real's test split)", "test"),
-            ("calibration", "held-out labelled real images on which each classifier's threshold "
-                            "is also tuned (binary studies; default: --real's split)", "val")):
+            ("calibration", "held-out labelled real images on which each classifier's "
+                            "per-class thresholds are also tuned (default: --real's split)",
+             "val")):
         d.add_argument(f"--{name}", required=name == "real", default=None, metavar="PATH",
                        help=what)
         d.add_argument(f"--{name}-labels", default=None, metavar="CSV",

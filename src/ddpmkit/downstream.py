@@ -15,8 +15,9 @@ verdict that says "no improvement" unless (b) beats both by more than the seed-t
 
 Balanced accuracy at the default threshold rewards a classifier for where its threshold lands as
 much as for what it has learnt: training on a balanced mix moves the operating point. With a
-calibration split (binary studies), each classifier is also scored at the threshold that maximises
-its balanced accuracy there, and the verdict says whether the gain survives that tuning.
+calibration split, each classifier is also scored at the per-class thresholds (offsets added to its
+log-probabilities; with two classes, one threshold on P(class 1)) that maximise its balanced
+accuracy there, and the verdict says whether the gain survives that tuning.
 
 Leakage guard: the synthetic set names the run that generated it (its sampling jobs record the
 run); the study reads that run's record of its training images (or loads its training data again)
@@ -216,36 +217,79 @@ def train_classifier(pool: Pool, classes: int, arm: str, seed: int, steps: int, 
 
 
 def scores(probs: np.ndarray, labels: np.ndarray, names: list[str],
-           threshold: float | None = None) -> dict:
-    """The study's metrics at the default decision (argmax); with a threshold on P(class 1)
-    (binary), also balanced accuracy at that threshold."""
+           offsets: np.ndarray | None = None) -> dict:
+    """The study's metrics at the default decision (argmax); with per-class `offsets` (from
+    `tuned_offsets`), also balanced accuracy and recall at the decision they tune."""
     from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, recall_score,
                                  roc_auc_score)
 
+    def recalls(pred):
+        return recall_score(labels, pred, average=None, labels=range(len(names)), zero_division=0)
+
     pred = probs.argmax(1)
-    recall = recall_score(labels, pred, average=None, labels=range(len(names)), zero_division=0)
     auroc = (roc_auc_score(labels, probs[:, 1]) if len(names) == 2
              else roc_auc_score(labels, probs, multi_class="ovr"))
-    tuned = {} if threshold is None else {
-        TUNED: balanced_accuracy_score(labels, probs[:, 1] >= threshold),
-        "tuned_threshold": threshold,
-        **{f"recall@tuned[{n}]": float(r) for n, r in zip(names, recall_score(
-            labels, probs[:, 1] >= threshold, average=None, labels=[0, 1], zero_division=0))}}
+    tuned = {}
+    if offsets is not None:
+        tuned_pred = (_log(probs) + offsets).argmax(1)
+        tuned = {TUNED: balanced_accuracy_score(labels, tuned_pred),
+                 **({"tuned_threshold": binary_threshold(offsets)} if len(names) == 2 else {}),
+                 **{f"recall@tuned[{n}]": float(r) for n, r in zip(names, recalls(tuned_pred))}}
     return {"accuracy": accuracy_score(labels, pred),
             "balanced_accuracy": balanced_accuracy_score(labels, pred),
             "macro_f1": f1_score(labels, pred, average="macro"), "auroc": auroc,
-            **{f"recall[{n}]": float(r) for n, r in zip(names, recall)}, **tuned}
+            **{f"recall[{n}]": float(r) for n, r in zip(names, recalls(pred))}, **tuned}
 
 
-def tuned_threshold(p_positive: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold on P(class 1) that maximises balanced accuracy, (TPR + 1 - FPR) / 2, on a
-    calibration split: exactly, over every cut the ROC curve has (the highest on ties), not on
-    a grid."""
-    from sklearn.metrics import roc_curve
+def _log(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probs, 1e-30, None))
 
-    fpr, tpr, thresholds = roc_curve(labels, p_positive)
-    usable = np.isfinite(thresholds)  # the first cut, +inf, calls nothing positive
-    return float(thresholds[usable][np.argmax((tpr - fpr)[usable])])
+
+def binary_threshold(offsets: np.ndarray) -> float:
+    """The P(class 1) above which two-class offsets decide for class 1."""
+    return float(1 / (1 + np.exp(offsets[1] - offsets[0])))
+
+
+def tuned_offsets(probs: np.ndarray, labels: np.ndarray, rounds: int = 20) -> np.ndarray:
+    """Per-class offsets added to the log-probabilities before the argmax that maximise balanced
+    accuracy on a calibration split. One class at a time, the offset is searched exactly (every
+    point where a decision changes, cut at midpoints, not a grid), until a round changes nothing;
+    with two classes the first search is already the best threshold on P(class 1)."""
+    log_probs, classes = _log(probs), probs.shape[1]
+    counts = np.bincount(labels, minlength=classes).astype(float)
+    weight = np.divide(1.0, counts, out=np.zeros(classes), where=counts > 0) / (counts > 0).sum()
+    offsets = np.zeros(classes)
+    for _ in range(rounds):
+        moved = False
+        for k in range(classes):
+            delta = _best_shift(log_probs + offsets, labels, k, weight)
+            offsets[k] += delta
+            moved |= delta != 0
+        if not moved:
+            break
+    return offsets
+
+
+def _best_shift(scores_: np.ndarray, labels: np.ndarray, k: int, weight: np.ndarray) -> float:
+    """The change to class k's offset that most raises balanced accuracy (0 when none does). As
+    the offset grows past c_i, image i's decision turns from its best other class to k."""
+    others = scores_.copy()
+    others[:, k] = -np.inf
+    other_class = others.argmax(1)
+    cuts = others.max(1) - scores_[:, k]
+    order = np.argsort(cuts, kind="stable")
+    cuts, flipped, was = cuts[order], labels[order], other_class[order]
+    # balanced accuracy with no image decided as k, then after each flip, in order
+    base = weight[labels][labels == other_class].sum()
+    gain = np.where(flipped == k, weight[k], 0.0) - np.where(flipped == was, weight[was], 0.0)
+    accuracy = base + np.concatenate([[0.0], np.cumsum(gain)])
+    edges = np.concatenate([[cuts[0] - 1], cuts, [cuts[-1] + 1]])
+    distinct = np.concatenate([[True], edges[1:-1][1:] > edges[1:-1][:-1], [True]])
+    best = int(np.flatnonzero(distinct)[np.argmax(accuracy[distinct])])
+    now = int(np.searchsorted(cuts, 0.0, side="left"))  # images with c_i < 0 are k's today
+    if accuracy[best] <= accuracy[now] + 1e-12:
+        return 0.0
+    return float((edges[best] + edges[best + 1]) / 2)
 
 
 # --- the study ---------------------------------------------------------------------------------
@@ -267,12 +311,9 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
           copies: str = "not measured", selected: Pool | None = None, **recipe) -> dict:
     """The arms, `Recipe(**recipe)` for each classifier: real, real+synthetic, oversampled, and
     real+selected when `selected` (balance --select's kept images; `synthetic` is then as many
-    candidates of each class, unselected). calibration: a labelled split (binary studies) on which
-    each classifier's threshold is tuned."""
+    candidates of each class, unselected). calibration: a labelled split on which each
+    classifier's per-class thresholds are tuned."""
     r = Recipe(**recipe)
-    if calibration is not None and len(names) != 2:
-        raise UserError(f"a calibration split tunes a binary decision threshold; "
-                        f"this study has {len(names)} classes")
     sets = {"real+synthetic": synthetic, "real+selected": selected}
     sets = {arm: pool for arm, pool in sets.items() if pool is not None}
     pools = {"real": real, **{arm: combine(real, pool) for arm, pool in sets.items()},
@@ -284,13 +325,14 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
             t0 = time.time()
             net = train_classifier(pool, len(names), arm, seed, r.steps, r.batch, lr=r.lr,
                                    augment=r.augment, synthetic_share=r.synthetic_share)
-            threshold = None if calibration is None else tuned_threshold(
-                predict(net, calibration.images)[:, 1], calibration.labels)
-            results[arm].append(scores(predict(net, test.images), test.labels, names, threshold))
+            offsets = None if calibration is None else tuned_offsets(
+                predict(net, calibration.images), calibration.labels)
+            results[arm].append(scores(predict(net, test.images), test.labels, names, offsets))
             if arm == "real":
                 fidelity.append(class_fidelity(net, sets, names))
-            tuned = "" if threshold is None else (f", {results[arm][-1][TUNED]:.4f} "
-                                                  f"at the tuned threshold {threshold:.2f}")
+            tuned = "" if offsets is None else (
+                f", {results[arm][-1][TUNED]:.4f} at the tuned threshold"
+                + (f" {binary_threshold(offsets):.2f}" if len(names) == 2 else "s"))
             log(f"seed {seed} {arm}: balanced accuracy "
                 f"{results[arm][-1]['balanced_accuracy']:.4f}{tuned} ({time.time() - t0:.0f} s)")
     summary = _summarise(results)
