@@ -270,13 +270,13 @@ def tuned_offsets(probs: np.ndarray, labels: np.ndarray, rounds: int = 20) -> np
     return offsets
 
 
-def _best_shift(scores_: np.ndarray, labels: np.ndarray, k: int, weight: np.ndarray) -> float:
+def _best_shift(logits: np.ndarray, labels: np.ndarray, k: int, weight: np.ndarray) -> float:
     """The change to class k's offset that most raises balanced accuracy (0 when none does). As
     the offset grows past c_i, image i's decision turns from its best other class to k."""
-    others = scores_.copy()
+    others = logits.copy()
     others[:, k] = -np.inf
     other_class = others.argmax(1)
-    cuts = others.max(1) - scores_[:, k]
+    cuts = others.max(1) - logits[:, k]
     order = np.argsort(cuts, kind="stable")
     cuts, flipped, was = cuts[order], labels[order], other_class[order]
     # balanced accuracy with no image decided as k, then after each flip, in order
@@ -284,7 +284,7 @@ def _best_shift(scores_: np.ndarray, labels: np.ndarray, k: int, weight: np.ndar
     gain = np.where(flipped == k, weight[k], 0.0) - np.where(flipped == was, weight[was], 0.0)
     accuracy = base + np.concatenate([[0.0], np.cumsum(gain)])
     edges = np.concatenate([[cuts[0] - 1], cuts, [cuts[-1] + 1]])
-    distinct = np.concatenate([[True], edges[1:-1][1:] > edges[1:-1][:-1], [True]])
+    distinct = np.concatenate([[True], cuts[1:] > cuts[:-1], [True]])  # a cut between flips
     best = int(np.flatnonzero(distinct)[np.argmax(accuracy[distinct])])
     now = int(np.searchsorted(cuts, 0.0, side="left"))  # images with c_i < 0 are k's today
     if accuracy[best] <= accuracy[now] + 1e-12:
