@@ -118,6 +118,12 @@ def test_labels_from_class_subfolders_csv_and_npz(tmp_path, tiny):
     with pytest.raises(UserError, match=r"pets/img_000\.png is not in a class subfolder"):
         train(tiny(**{"data.path": str(tmp_path / "pets"), "model.class_conditional": True,
                       "train.out_dir": str(tmp_path / "stray")}), log=quiet, progress=False)
+    csv = tmp_path / "files.csv"  # selects images, but its class column has another name
+    csv.write_text("image,diagnosis\nimg_000.png,cat\n")
+    with pytest.raises(UserError, match=r"files\.csv has no column 'label': set data\.label_col"):
+        train(tiny(**{"data.path": str(tmp_path / "pets"), "data.labels": str(csv),
+                      "model.class_conditional": True, "train.out_dir": str(tmp_path / "csv")}),
+              log=quiet, progress=False)
 
 
 def test_sample_command_class_and_manifest(conditional_run, tmp_path, capsys):

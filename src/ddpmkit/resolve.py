@@ -108,6 +108,9 @@ def _class_ids(cfg: Config, data: ImageData) -> tuple[torch.Tensor, list[str]]:
         loose = [f for f in files if str(f.parent) == data.source_path]
         why = (f"; {loose[0]} is not in a class subfolder, so the folders do not name classes"
                if loose and len(loose) < len(files) else "")
+        if cfg.data.labels:  # a CSV without the label column still selects images
+            why = (f"; {cfg.data.labels} has no column '{cfg.data.label_column}': "
+                   f"set data.label_column to its class column")
         raise UserError(
             "model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
             "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits" + why)
