@@ -14,6 +14,7 @@ from ddpmkit.metrics import classifier
 from ddpmkit.cli import main
 from ddpmkit.errors import UserError
 from ddpmkit.pixels import read_image
+from ddpmkit.run import RunDir
 from ddpmkit.resolve import prepare_training
 from ddpmkit.training import BalancedOrder, batch_order
 from test_downstream import TINY_ARGS, _digits01, _npz
@@ -123,6 +124,36 @@ def test_thresholds_come_from_the_val_split_when_the_data_has_one(generator):
         assert (own >= selector.thresholds[name]).mean() >= 0.9  # 90% of real images pass
 
 
+def test_select_val_sets_the_thresholds_on_the_labelled_images_it_names(generator, tmp_path):
+    """The data's own val split written to another file gives the same thresholds; training
+    images in it are left out, and images without labels or of no class of the run are refused."""
+    data, run = generator
+    inputs = _selector_inputs(run)
+    own = selection.build_selector(*inputs, selection.SelectOptions(), log=QUIET)
+    split = np.load(data)
+    elsewhere = tmp_path / "val.npz"  # the val images, and ten training images among them
+    np.savez(elsewhere,
+             train_images=np.concatenate([split["val_images"], split["train_images"][:10]]),
+             train_labels=np.concatenate([split["val_labels"], split["train_labels"][:10]]))
+    said = []
+    val = selection.validation_images(RunDir(run), str(elsewhere), inputs[3], log=said.append)
+    assert len(val[0]) == 60 and "60 of 70 (10 training images, 0 of other classes" in said[0]
+    given = selection.build_selector(*inputs, selection.SelectOptions(), log=QUIET, val=val)
+    assert given.thresholds == pytest.approx(own.thresholds)
+    np.save(tmp_path / "plain.npy", split["val_images"])
+    with pytest.raises(UserError, match="its images have no labels"):
+        selection.validation_images(RunDir(run), str(tmp_path / "plain.npy"), inputs[3])
+    np.savez(tmp_path / "other.npz", train_images=split["val_images"],
+             train_labels=split["val_labels"] + 5)
+    with pytest.raises(UserError, match=r"none of its images is both a class of the run \(0, 1\)"):
+        selection.validation_images(RunDir(run), str(tmp_path / "other.npz"), inputs[3])
+    out = tmp_path / "bal"  # the command takes it as data.key=value too
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--select",
+                 "--select-val", "data.split=val", "--max-candidates", "1"]) == 0
+    threshold = json.loads((out / "selection.json").read_text())["classes"]["0"]["threshold"]
+    assert threshold == pytest.approx(own.thresholds["0"])
+
+
 def test_the_selector_is_trained_once_then_loaded_from_the_cache(generator, monkeypatch,
                                                                  tmp_path):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path))
@@ -186,6 +217,7 @@ def test_a_threshold_no_candidate_reaches_is_one_clear_line(generator, tmp_path,
                                    "selector: add --select"),
     (["--select", "--select-quantile", "1.5"], "--select-quantile 1.5"),
     (["--select", "--max-candidates", "0.5"], "--max-candidates 0.5"),
+    (["--select-val", "data.split=val"], "--select-val sets how --select keeps images"),
     (["--class", "7", "--target", "500"], "--class 7: not a class of the data"),
 ])
 def test_bad_balance_options_get_one_clear_line(generator, tmp_path, capsys, argv, says):

@@ -36,7 +36,8 @@ from .outputs import (ABOUT_IMAGES, RECORD, Kind, OutputFolder, existing, read_r
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
-from .selection import SelectOptions, Selector, auto_scale, build_selector, next_count
+from .selection import (SelectOptions, Selector, auto_scale, build_selector, next_count,
+                        validation_images)
 
 AUTO_SCALES, PROBE = (1.0, 1.5, 2.0, 3.0, 4.0), 128  # --class-guidance auto
 
@@ -151,7 +152,9 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     scales = (None if guidance == "auto"
               else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
     selector = None if select is None else build_selector(
-        run.config.data, data.images, data.labels, list(counts), select.check(), log)
+        run.config.data, data.images, data.labels, list(counts), select.check(), log,
+        val=select.validation and validation_images(RunDir(run.path), select.validation,
+                                                    list(counts), log))
     columns = (MANIFEST_COLUMNS + (["nearest"] if copies else [])
                + (["score", "reason"] if selector else []))
     out = Path(out)

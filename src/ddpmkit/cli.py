@@ -69,6 +69,7 @@ BALANCE_EXAMPLES = """examples:
   ddpmkit balance runs/lesions --target 6274 --class malignant --out balanced/
   ddpmkit balance runs/lesions --proportions benign=0.5,malignant=0.5 --out balanced/
   ddpmkit balance runs/lesions --select --class-guidance malignant=2 --out balanced/
+  ddpmkit balance runs/lesions --select --select-val data.labels=val.csv --out balanced/
 needs a class-conditional run (model.class_conditional=true); reads the run's own training data."""
 
 RESTORE_EXAMPLES = """examples:
@@ -249,6 +250,9 @@ def _balance_parser(sub) -> None:
                         "validation images' scores (default 0.05)")
     b.add_argument("--select-threshold", type=float, default=None,
                    help="with --select: one threshold for every class instead")
+    b.add_argument("--select-val", default=None, metavar="DATA",
+                   help="with --select: the labelled validation images (a folder or file, or "
+                        "data.key=value, e.g. data.labels=val.csv; default: the data's val split)")
     b.add_argument("--max-candidates", type=float, default=None,
                    help="with --select: at most this many times a class's need (default 4)")
     _add_output_flags(b, "replace the images of an earlier, different balance in --out")
@@ -571,7 +575,8 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     given = [(flag, key, value) for flag, key, value in (
         ("--select-quantile", "quantile", ns.select_quantile),
         ("--select-threshold", "threshold", ns.select_threshold),
-        ("--max-candidates", "max_candidates", ns.max_candidates)) if value is not None]
+        ("--max-candidates", "max_candidates", ns.max_candidates),
+        ("--select-val", "validation", ns.select_val)) if value is not None]
     if given and not ns.select:
         raise UserError(f"{given[0][0]} sets how --select keeps images: add --select")
     select = (SelectOptions(**{key: value for _, key, value in given}).check() if ns.select

@@ -152,17 +152,9 @@ class RunDir:
                             f"it never saw): the images it trained on are needed")
         return data
 
-    def holdout_images(self, where: str | None, drop_overlap: bool = False,
-                       log=print) -> torch.Tensor | None:
-        """Held-out real images (None without `where`), read as the training images were (size,
-        channels, bit depth): a folder or file, or data.key=value changing the run's own data
-        (data.split=val). None may be a training image: the run's record proves it. Those that
-        are are refused, or with `drop_overlap` left out."""
-        if where is None:
-            if drop_overlap:
-                raise UserError("--drop-overlap leaves training images out of --holdout: add "
-                                "--holdout DATA, or leave --drop-overlap out")
-            return None
+    def other_data(self, where: str) -> ImageData:
+        """Real images besides the training ones, read as those were (size, channels, bit depth):
+        a folder or file, or data.key=value changing the run's own data (data.split=val)."""
         cfg = self.config()
         values = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "class_names"}
         values |= {"data.channels": cfg.model.in_channels}
@@ -170,10 +162,26 @@ class RunDir:
             values.update([parse_override(where)])
         else:
             values |= {"data.path": where, "data.labels": None, "data.split": "train"}
-        images = load_images(data_config(values), log=lambda *_: None).images
+        return load_images(data_config(values), log=lambda *_: None)
+
+    def unseen(self, images: torch.Tensor) -> torch.Tensor:
+        """Per image (uint8): True unless it is one of the run's recorded training images."""
         recorded = self.digests_path.read_text() if self.digests_path.is_file() else ""
         trained = set(recorded.split())
-        unseen = torch.tensor([d not in trained for d in image_digests(images)], dtype=torch.bool)
+        return torch.tensor([d not in trained for d in image_digests(images)], dtype=torch.bool)
+
+    def holdout_images(self, where: str | None, drop_overlap: bool = False,
+                       log=print) -> torch.Tensor | None:
+        """Held-out real images (`other_data`; None without `where`). None may be a training
+        image: the run's record proves it. Those that are are refused, or with `drop_overlap`
+        left out."""
+        if where is None:
+            if drop_overlap:
+                raise UserError("--drop-overlap leaves training images out of --holdout: add "
+                                "--holdout DATA, or leave --drop-overlap out")
+            return None
+        images = self.other_data(where).images
+        unseen = self.unseen(images)
         shared = len(images) - int(unseen.sum())
         if shared and not drop_overlap:
             raise UserError(f"--holdout {where}: {shared} of its images are training images of "

@@ -21,6 +21,7 @@ from .data import has_named_splits, load_images
 from .errors import UserError
 from .metrics.classifier import cached_fit, predict
 from .metrics.evaluate import cache_dir
+from .run import RunDir
 
 RECIPE = {"steps": 1500, "batch": 64, "lr": 2e-3, "seed": 0}
 NO_SPLIT_THRESHOLD = 0.5
@@ -33,6 +34,7 @@ class SelectOptions:
     quantile: float = 0.05
     threshold: float | None = None  # one threshold for every class instead of the quantile rule
     max_candidates: float = 4.0  # candidates a class may take, times the images it needs
+    validation: str | None = None  # labelled real images for the thresholds (RunDir.other_data)
 
     def check(self) -> SelectOptions:
         if not 0 <= self.quantile < 1:
@@ -98,7 +100,8 @@ def thresholds(names: list[str], val: tuple[np.ndarray, list[str]] | None, quant
         return {c: fixed for c in names}, f"--select-threshold {fixed}"
     if val is None:
         return ({c: NO_SPLIT_THRESHOLD for c in names},
-                f"no validation split: {NO_SPLIT_THRESHOLD} for every class")
+                f"no validation split: {NO_SPLIT_THRESHOLD} for every class; --select-val DATA "
+                f"sets them on labelled images the generator never saw")
     probs, labels = val
     out = {}
     for i, c in enumerate(names):
@@ -108,17 +111,13 @@ def thresholds(names: list[str], val: tuple[np.ndarray, list[str]] | None, quant
 
 
 def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[str],
-                   names: list[str], options: SelectOptions, log=print) -> Selector:
-    """The selector for a run: trained on its training images, thresholds from its data's
-    validation split where the data has one."""
+                   names: list[str], options: SelectOptions, log=print,
+                   val: tuple[torch.Tensor, list[str]] | None = None) -> Selector:
+    """The selector for a run: trained on its training images, thresholds from `val` (labelled
+    real images: `validation_images`), else from its data's validation split where it has one."""
     net = train_selector(images_u8, labels, names, log)
-    val = None  # (images, labels) of the validation split
-    if options.threshold is None and data_cfg.path and has_named_splits(data_cfg.path):
-        try:
-            data = load_images(replace(data_cfg, split="val"), log=lambda *_: None)
-            val = (data.images, data.labels) if data.labels else None
-        except UserError as exc:  # the source has splits, but no val split
-            log(f"select: no validation split ({exc})")
+    if val is None and options.threshold is None:
+        val = _validation_split(data_cfg, log)
     real_images, real_labels = val or (images_u8, labels)
     probs = predict(net, real_images)
     limits, how = thresholds(names, (probs, real_labels) if val else None, options.quantile,
@@ -134,6 +133,39 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
             f"{c}, so a threshold of {limits[c]:.2g} keeps nearly every candidate; "
             f"--select-threshold 0.5 keeps only those it calls {c}")
     return selector
+
+
+def _validation_split(data_cfg: DataConfig, log) -> tuple[torch.Tensor, list[str]] | None:
+    if not (data_cfg.path and has_named_splits(data_cfg.path)):
+        return None
+    try:
+        data = load_images(replace(data_cfg, split="val"), log=lambda *_: None)
+    except UserError as exc:  # the source has splits, but no val split
+        log(f"select: no validation split ({exc})")
+        return None
+    return (data.images, data.labels) if data.labels else None
+
+
+def validation_images(run: RunDir, where: str, names: list[str],
+                      log=print) -> tuple[torch.Tensor, list[str]]:
+    """--select-val: labelled real images for the thresholds (`RunDir.other_data`). Training
+    images among them are left out: the selector has learnt those, so they would set the
+    thresholds too high."""
+    data = run.other_data(where)
+    if not data.labels or any(label is None for label in data.labels):
+        raise UserError(f"--select-val {where}: its images have no labels, and each class has its "
+                        f"own threshold: give labelled images (data.labels=CSV, class subfolders, "
+                        f"or an .npz with *_labels)")
+    known = torch.tensor([label in names for label in data.labels], dtype=torch.bool)
+    keep = known & run.unseen(data.images)
+    if not keep.any():
+        found = ", ".join(sorted(set(data.labels))[:3])
+        raise UserError(f"--select-val {where}: none of its images is both a class of the run "
+                        f"({', '.join(names)}) and not a training image (its labels: {found})")
+    log(f"select: validation images from {where}: {int(keep.sum())} of {len(keep)} "
+        f"({int((known & ~keep).sum())} training images, {int((~known).sum())} of other classes "
+        f"left out)")
+    return data.images[keep], [label for label, k in zip(data.labels, keep.tolist()) if k]
 
 
 def auto_scale(fidelity: dict[float, float], real_fidelity: float) -> float:
