@@ -111,7 +111,7 @@ def thresholds(names: list[str], val: tuple[np.ndarray, list[str]] | None, quant
 
 
 def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[str],
-                   names: list[str], options: SelectOptions, log=print,
+                   names: list[str], options: SelectOptions, log=print, *,
                    val: tuple[torch.Tensor, list[str]] | None = None) -> Selector:
     """The selector for a run: trained on its training images, thresholds from `val` (labelled
     real images: `validation_images`), else from its data's validation split where it has one."""
