@@ -8,8 +8,9 @@ earlier runs printed, without training).
 Sets: the bundled digits cut to 50, 200 and all 1,797 images (8x8), and PneumoniaMNIST's 388 normal
 chest X-rays (16x16, from ../shared/data). Arms: `plain`, `augmented` (train.augment=[hflip,
 translate], train.augment_p=0.5), `light` (the same at p=0.2), `dropout` (model.dropout=0.3, as
-improved-diffusion and EDM regularise small sets), `both` (augmented and dropout) and `dihedral`
-(every operation: flips, 90-degree rotations and shifts, each at p=0.5). Each (set,
+improved-diffusion and EDM regularise small sets), `both` (augmented and dropout), `dihedral`
+(every operation: flips, 90-degree rotations and shifts, each at p=0.5) and `shift` (integer shifts
+alone at p=0.5: digits are not mirror-symmetric, so a mirrored digit is never asked for). Each (set,
 arm) trains one unconditional run; at every --every steps its checkpoint samples --num images
 (DPM-Solver++ 20 steps, seed 0), which are audited against the run's training images
 (metrics/memorization.py: near-copy threshold at the 1% quantile of held-out real images, the digits
@@ -48,6 +49,7 @@ ARMS = {"plain": {}, "augmented": {"train.augment": ["hflip", "translate"], "tra
         "light": {"train.augment": ["hflip", "translate"], "train.augment_p": 0.2},
         "dropout": {"model.dropout": 0.3}}
 ARMS["both"] = {**ARMS["augmented"], **ARMS["dropout"]}
+ARMS["shift"] = {"train.augment": ["translate"], "train.augment_p": 0.5}
 ARMS["dihedral"] = {"train.augment": ["hflip", "vflip", "rot90", "translate"],
                     "train.augment_p": 0.5}
 QUIET = lambda *_: None  # noqa: E731
