@@ -7,9 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from ddpmkit.cli import main
-from ddpmkit.downstream import _summarise, load_study_data
+from ddpmkit.downstream import Pool, _summarise, load_calibration, load_study_data
+from ddpmkit.errors import UserError
 from conftest import TINY
 
 TINY_ARGS = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
@@ -117,6 +119,47 @@ def test_a_calibration_split_that_is_not_separate_is_refused(tmp_path, capsys):
     assert ("150 images a classifier or the generator trained on, 0 images of fewer than 2 "
             "classes are left" in capsys.readouterr().err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_test_or_calibration_images_without_a_class_of_the_study_are_one_clear_line(tmp_path,
+                                                                                    capsys):
+    """Every class is scored: a test (or calibration) folder that lacks one is refused before any
+    classifier trains, and the folder is named without a split it does not have."""
+    from PIL import Image
+
+    images, labels = _digits01()
+    data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250))
+    synthetic = str(_balanced(tmp_path, data, "lacking"))
+    ones, csv = tmp_path / "ones", tmp_path / "ones.csv"  # 20 held-out ones, labelled by a CSV
+    ones.mkdir()
+    picked = np.flatnonzero(labels[250:, 0] == 1)[:20] + 250
+    for i in picked:
+        Image.fromarray(images[i]).save(ones / f"{i}.png")
+    csv.write_text("image,label\n" + "".join(f"{i}.png,1\n" for i in picked))
+    argv = ["downstream", "--real", str(data), "--synthetic", synthetic, "--seeds", "2",
+            "--steps", "2"]
+    assert main([*argv, "--test", str(ones), "--test-labels", str(csv),
+                 "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{ones} (labelled by {csv}): no images of class 0; the study scores "
+                        f"every class of the real data (0, 1): give labelled images of each")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "a").exists()
+    assert main([*argv, "--calibration", str(ones), "--calibration-labels", str(csv),
+                 "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()  # two classes: fewer than 2 are left
+    assert f"calibration data {ones} (labelled by {csv}): " in err and len(err.splitlines()) == 1
+    three = Pool(torch.zeros(4, 1, 8, 8, dtype=torch.uint8) + torch.arange(4)[:, None, None, None],
+                 np.array([0, 0, 1, 1]))  # three classes, none of c
+    with pytest.raises(UserError, match="calibration data v: no images of class c; the study"):
+        load_calibration(three, "v", Pool(three.images[:0], three.labels[:0]),
+                         Pool(three.images[:0] + 9, three.labels[:0]), set(), ["a", "b", "c"])
+    sevens = tmp_path / "classes"  # class subfolders, one of a class the study does not have
+    for label, i in (("1", picked[0]), ("7", picked[1])):
+        (sevens / label).mkdir(parents=True)
+        Image.fromarray(images[i]).save(sevens / label / f"{i}.png")
+    assert main([*argv, "--test", str(sevens), "--out", str(tmp_path / "c")]) == 2
+    assert (f"error: {sevens}: labels 7 are not among the classes 0, 1"
+            in capsys.readouterr().err)
 
 
 def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path):

@@ -162,6 +162,21 @@ def test_a_larger_num_extends_the_job(run_dir, tmp_path, capsys):
     assert len(rows(out)) == 9
 
 
+def test_results_about_a_jobs_images_go_when_its_manifest_changes(run_dir, tmp_path):
+    """audit.json and eval_*.json describe the images a manifest listed: a rerun that lists the
+    same keeps them, one that lists others removes them (stale), and nothing else goes."""
+    out = tmp_path / "o"
+    assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
+    for name in ("audit.json", "audit.html", "eval_classifier.json", "notes.txt"):
+        (out / name).write_text("{}")
+    assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0  # the same job
+    assert (out / "audit.json").is_file() and (out / "eval_classifier.json").is_file()
+    assert cli("sample", run_dir, "--num", 6, "--steps", 3, "--out", out, "--force") == 0
+    assert not [p for p in ("audit.json", "audit.html", "eval_classifier.json")
+                if (out / p).exists()]
+    assert (out / "notes.txt").read_text() == "{}" and len(rows(out)) == 6
+
+
 @pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "euler", "heun"])
 def test_every_sampler_from_the_cli(run_dir, tmp_path, sampler):
     out = tmp_path / sampler

@@ -90,8 +90,18 @@ def as_source(source: str | DataConfig | None) -> DataConfig | None:
 
 
 def _named(source: DataConfig, split: str) -> str:
-    return (f"{source.path} ({split})" if source.labels is None
-            else f"{source.path} (labelled by {source.labels})")
+    if source.labels is not None:
+        return f"{source.path} (labelled by {source.labels})"
+    return f"{source.path} ({split})" if _has_splits(source) else str(source.path)
+
+
+def _every_class(pool: Pool, names: list[str], what: str) -> None:
+    """Refused if a class has no images in `pool`: each class is scored (and tuned) alike."""
+    missing = [n for i, n in enumerate(names) if not (pool.labels == i).any()]
+    if missing:
+        raise UserError(f"{what}: no images of class {', '.join(missing[:3])}; the study "
+                        f"scores every class of the real data ({', '.join(names)}): give labelled "
+                        f"images of each")
 
 
 def load_real(source: str | DataConfig, split: str, size: int, channels: int | None,
@@ -506,7 +516,7 @@ def _without(pool: Pool, drop: np.ndarray) -> Pool:
 
 
 def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool,
-                     generators_trained: set[str]) -> tuple[Pool, str]:
+                     generators_trained: set[str], names: list[str]) -> tuple[Pool, str]:
     """Labelled real images (`pool`, read from `where`) to tune thresholds on, without those a
     classifier or the generator trained on (tuning on them would flatter every arm); refused if it
     shares images with the test split (a source without the named split falls back to another one,
@@ -522,6 +532,7 @@ def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool,
                         f"a classifier or the generator trained on, {len(pool.labels)} images of "
                         f"fewer than 2 classes are left; give held-out labelled images "
                         f"(--calibration PATH, or a separate split of --real)")
+    _every_class(pool, names, f"calibration data {where}")
     note = (f"{int(seen.sum())} calibration images a classifier or the generator trained on "
             f"were dropped; ")
     return pool, note if seen.any() else ""
@@ -590,8 +601,8 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
                                else replace(source, bit_depth=depth)
                                for source in (real, test, calibration))
     real_pool = load_real(real, real_split, size, synth.images.shape[1], names)
-    test_pool = load_real(*_split_source(real, test, test_split, "test", "--test"), size,
-                          synth.images.shape[1], names)
+    test_source = _split_source(real, test, test_split, "test", "--test")
+    test_pool = load_real(*test_source, size, synth.images.shape[1], names)
     # read once, for every check below
     trained = generators_training_digests(runs, size, synth.images.shape[1])
     dropped = ""
@@ -605,8 +616,9 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
         source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
         pool = load_real(source, split, size, synth.images.shape[1], names)
         calibration_pool, note = load_calibration(pool, _named(source, split), real_pool,
-                                                  test_pool, trained)
+                                                  test_pool, trained, names)
         dropped += note
+    _every_class(test_pool, names, _named(*test_source))
     leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)
     return names, real_pool, synth, test_pool, calibration_pool, leakage
 

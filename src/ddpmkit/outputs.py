@@ -74,12 +74,16 @@ _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
     """A manifest CSV, written atomically. A text cell that a spreadsheet would run as a formula is
-    written behind a quote (OWASP's rule); `read_manifest` takes the quote off again."""
+    written behind a quote (OWASP's rule); `read_manifest` takes the quote off again. A job's
+    manifest.csv that changes takes the audit and eval results about its old images with it."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows([[f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA) else v for v in row]
                       for row in rows])
+    if path.name == "manifest.csv" and path.is_file() and path.read_text() != buf.getvalue():
+        for stale in existing(path.parent, ABOUT_IMAGES):  # about the images it listed before
+            stale.unlink()
     atomic.write_text(path, buf.getvalue(), fsync=True)
 
 
