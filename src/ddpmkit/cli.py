@@ -116,13 +116,15 @@ def _command(sub, name: str, helptext: str, epilog: str) -> argparse.ArgumentPar
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print only a JSON summary: no table, messages or progress bar")
+
+
 def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
     p.add_argument("--drop-copies", action="store_true",
                    help="draw again (new noise) every image that nearly copies a training image")
-    p.add_argument("--holdout", default=None, metavar="DATA",
-                   help="with --drop-copies: real images the generator never saw, to calibrate the "
-                        "copy threshold on (default: the training set, leave-one-out)")
-    _add_drop_overlap(p)
+    _add_holdout_flags(p, ", with --drop-copies")
     p.add_argument("--max-redraws", type=int, default=10, help="with --drop-copies (default 10)")
     p.add_argument("--fresh", action="store_true", help=fresh)
     p.add_argument("--force", action="store_true",
@@ -143,8 +145,7 @@ def _train_parser(sub) -> None:
                    help="only find the largest micro-batch that fits in GPU memory "
                         "(and a grad_accum), then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--json", action="store_true",
-                   help="only a JSON summary at the end (implies --quiet)")
+    _add_json_flag(t)
 
 
 def _sample_parser(sub) -> None:
@@ -159,8 +160,7 @@ def _sample_parser(sub) -> None:
     s.add_argument("--gif", action="store_true",
                    help="also write OUT/trajectory.gif (sets sample.gif=true)")
     _add_output_flags(s, "replace images of an earlier, different job in --out")
-    s.add_argument("--json", action="store_true",
-                   help="only a JSON summary at the end (implies --quiet)")
+    _add_json_flag(s)
 
 
 def _eval_parser(sub) -> None:
@@ -181,8 +181,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("--save-ref", default=None, metavar="FILE.npz",
                    help="also save the reference features (+ mu, sigma) for later --ref FILE, "
                         "KID and P/R included")
-    e.add_argument("--json", action="store_true",
-                   help="print the JSON instead of a table (implies --quiet)")
+    _add_json_flag(e)
     e.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
@@ -196,7 +195,7 @@ def _model_parsers(sub) -> None:
     i.add_argument("args", nargs="*", metavar="section.key=value", help="overrides")
     i.add_argument("--batch-sizes", default="1,8,32,128",
                    help="batch sizes for the memory estimate")
-    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_json_flag(i)
     r = _command(sub, "report", "write RUN/report.html: curves, grids, checkpoints, config",
                  "examples:\n"
                  "  ddpmkit report runs/mnist      # prints the path of runs/mnist/report.html")
@@ -258,7 +257,11 @@ def _balance_parser(sub) -> None:
     _add_output_flags(b, "replace the images of an earlier, different balance in --out")
 
 
-def _add_drop_overlap(p: argparse.ArgumentParser) -> None:
+def _add_holdout_flags(p: argparse.ArgumentParser, use: str) -> None:
+    p.add_argument("--holdout", default=None, metavar="DATA",
+                   help="real images the generator never saw: a folder or file, or data.key=value "
+                        f"changing the run's own data (data.split=val){use}; without it, the "
+                        "training set's leave-one-out distances set the copy threshold")
     p.add_argument("--drop-overlap", action="store_true",
                    help="with --holdout: leave out its images that are training images of the run "
                         "(else they are refused)")
@@ -269,17 +272,14 @@ def _audit_parser(sub) -> None:
                  AUDIT_EXAMPLES)
     a.add_argument("gen", help="a sample or balance output folder, or any folder of images")
     a.add_argument("--ref", required=True, help="the run that generated them")
-    a.add_argument("--holdout", default=None, metavar="DATA",
-                   help="real images the generator never saw: a folder or file, or data.key=value "
-                        "changing the run's own data (data.split=val)")
-    _add_drop_overlap(a)
+    _add_holdout_flags(a, "")
     a.add_argument("--share", type=float, default=0.01,
                    help="the share of held-out images that would be flagged (default 0.01)")
     a.add_argument("--features", default="auto",
                    choices=("auto", "efficientnet", "classifier", "none"),
                    help="the feature space searched beside pixels: auto is efficientnet where "
                         "installed, else a classifier of the run's labelled images")
-    a.add_argument("--json", action="store_true", help="print the JSON instead of a summary")
+    _add_json_flag(a)
 
 
 def _downstream_parser(sub) -> None:
