@@ -81,7 +81,7 @@ def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_
     data, run = generator
     out = tmp_path / "bal"
     assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--select",
-                 "--select-threshold", "0.6", "--max-candidates", "3"]) == 0
+                 "--select-threshold", "0.6", "--max-candidates", "3", "--by-class-folders"]) == 0
     candidates = _rows(out / "selection.csv")
     assert candidates and {r["class"] for r in candidates} == {"0"}
     for r in candidates:
@@ -91,6 +91,10 @@ def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_
     synthetic = [r for r in _rows(out / "manifest.csv") if r["synthetic"] == "true"]
     kept = [r for r in candidates if r["kept"] == "true"]
     assert [r["file"] for r in synthetic] == [r["file"] for r in kept]
+    # the manifest's score columns follow `synthetic`: the class folder still links each kept image
+    links = sorted((out / "by_class" / "0").iterdir())
+    assert ([link.resolve() for link in links] == [(out / r["file"]).resolve() for r in synthetic]
+            and all(link.name.startswith("synthetic_") for link in links))
     assert all(float(r["score"]) >= 0.6 and r["reason"].startswith("score") for r in synthetic)
     summary = json.loads((out / "selection.json").read_text())["classes"]["0"]
     assert summary["needed"] == 120 - 30 and summary["kept"] == len(kept) <= 90

@@ -370,7 +370,8 @@ def _unlink_by_class(out: Path) -> None:
 def _link_by_class(out: Path, rows: list[list], folders: dict[str, str]) -> None:
     root = out / "by_class"
     for i, row in enumerate(rows):
-        path, label, synthetic = row[0], row[MANIFEST_COLUMNS.index("label")], row[-1] == "true"
+        path, label = row[0], row[MANIFEST_COLUMNS.index("label")]
+        synthetic = row[MANIFEST_COLUMNS.index("synthetic")] == "true"  # columns may follow it
         if "#" in path:
             continue  # an array element has no file to link
         target = out / path if synthetic else Path(path)
