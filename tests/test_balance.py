@@ -19,12 +19,17 @@ def test_plan_tops_every_class_up_to_the_largest():
 
 
 def test_plan_target_sets_one_class_final_count():
-    assert (plan({"benign": 5900, "malignant": 374}, target=6274, class_label="malignant")
+    assert (plan({"benign": 5900, "malignant": 374}, target=6274, class_labels=["malignant"])
             == {"benign": 0, "malignant": 5900})
     with pytest.raises(UserError, match="below the 374 real images"):
-        plan({"benign": 5900, "malignant": 374}, target=100, class_label="malignant")
+        plan({"benign": 5900, "malignant": 374}, target=100, class_labels=["malignant"])
     with pytest.raises(UserError, match="go together"):
         plan({"a": 1}, target=10)
+    # several rare classes, each up to the same count
+    assert (plan({"a": 500, "b": 40, "c": 120}, target=300, class_labels=["b", "c"])
+            == {"a": 0, "b": 260, "c": 180})
+    with pytest.raises(UserError, match="below the 500 real images of a"):
+        plan({"a": 500, "b": 40}, target=300, class_labels=["b", "a"])
 
 
 def test_plan_proportions_keep_every_real_image():
@@ -75,6 +80,11 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     assert main(["balance", str(run), "--out", str(out), "--target", "3", "--class", "dog",
                  "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
     assert len(list((out / "by_class" / "dog").iterdir())) == 3
+    # --class repeated: each named class up to --target
+    assert main(["balance", str(run), "--out", str(out), "--target", "7", "--class", "dog",
+                 "--class", "cat", "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
+    assert (len(list((out / "by_class" / "dog").iterdir())) == 7
+            and len(list((out / "by_class" / "cat").iterdir())) == 7)
     # another seed is another set of images: refused, naming the --seed the user set (not the
     # per-class seeds derived from it, which the classes' sampling jobs record), then replaced
     # with --fresh

@@ -2,7 +2,7 @@
 
 How many each class needs (`plan`):
   - default: every class up to the largest one;
-  - `target` with one class: that class's final count;
+  - `target` with one or more classes: each named class's final count;
   - `proportions`: the smallest balanced dataset with those class shares that keeps every real
     image (nothing is ever removed), rounded to whole images.
 
@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -42,21 +43,23 @@ from .selection import (SelectOptions, Selector, auto_scale, build_selector, nex
 AUTO_SCALES, PROBE = (1.0, 1.5, 2.0, 3.0, 4.0), 128  # --class-guidance auto
 
 
-def plan(counts: dict[str, int], target: int | None = None, class_label: str | None = None,
+def plan(counts: dict[str, int], target: int | None = None, class_labels: Sequence[str] = (),
          proportions: dict[str, float] | None = None) -> dict[str, int]:
     """Images to generate per class (every class of `counts` listed, 0 where none)."""
-    if proportions is not None and (target is not None or class_label is not None):
+    if proportions is not None and (target is not None or class_labels):
         raise UserError("--proportions sets every class's share; "
-                        "--target and --class set one class's count: use one")
-    if target is not None or class_label is not None:
-        if target is None or class_label is None:
-            raise UserError("--target and --class go together: the final count of that one class")
-        if class_label not in counts:
-            raise UserError(f"--class {class_label}: not a class of the data ({', '.join(counts)})")
-        if target < counts[class_label]:
-            raise UserError(f"--target {target} is below the {counts[class_label]} real images "
-                            f"of {class_label}; balancing never removes images")
-        return {c: (target - n if c == class_label else 0) for c, n in counts.items()}
+                        "--target and --class set the named classes' counts: use one")
+    if target is not None or class_labels:
+        if target is None or not class_labels:
+            raise UserError("--target and --class go together: the final count of each class "
+                            "named (--class A --class B ...)")
+        for name in class_labels:
+            if name not in counts:
+                raise UserError(f"--class {name}: not a class of the data ({', '.join(counts)})")
+            if target < counts[name]:
+                raise UserError(f"--target {target} is below the {counts[name]} real images "
+                                f"of {name}; balancing never removes images")
+        return {c: (target - n if c in class_labels else 0) for c, n in counts.items()}
     if proportions is not None:
         unknown = sorted(set(proportions) - set(counts))
         if unknown:
@@ -115,7 +118,7 @@ def class_guidance(scales: dict[str, float], classes: list[str],
 
 
 def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
-            class_label: str | None = None, proportions: dict[str, float] | None = None,
+            class_labels: Sequence[str] = (), proportions: dict[str, float] | None = None,
             by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
             fresh: bool = False, force: bool = False, asked=(), copies=None,
             guidance: dict[str, float] | str | None = None,
@@ -148,7 +151,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                         f"learned; train again on the data as it is now")
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
-    need = plan(counts, target, class_label, proportions)
+    need = plan(counts, target, class_labels, proportions)
     scales = (None if guidance == "auto"
               else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
     selector = None if select is None else build_selector(

@@ -67,6 +67,7 @@ EXPORT_EXAMPLES = """examples:
 BALANCE_EXAMPLES = """examples:
   ddpmkit balance runs/lesions --out balanced/              # every class up to the largest
   ddpmkit balance runs/lesions --target 6274 --class malignant --out balanced/
+  ddpmkit balance runs/derm --target 300 --class df --class vasc --out balanced/
   ddpmkit balance runs/lesions --proportions benign=0.5,malignant=0.5 --out balanced/
   ddpmkit balance runs/lesions --select --class-guidance malignant=2 --out balanced/
   ddpmkit balance runs/lesions --select --select-val data.labels=val.csv --out balanced/
@@ -230,8 +231,9 @@ def _balance_parser(sub) -> None:
                    help="sampling overrides (sampler, steps, guidance...)")
     b.add_argument("--out", required=True)
     b.add_argument("--target", type=int, default=None,
-                   help="with --class: that class's final count")
-    b.add_argument("--class", dest="class_label", default=None)
+                   help="with --class: the final count of each class named")
+    b.add_argument("--class", dest="class_labels", action="append", default=[],
+                   help="a class to top up to --target (repeat for several)")
     b.add_argument("--proportions", default=None, help="class=share,... summing to 1")
     b.add_argument("--by-class-folders", action="store_true",
                    help="also OUT/by_class/<class>/ (symlinks)")
@@ -582,7 +584,7 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     select = (SelectOptions(**{key: value for _, key, value in given}).check() if ns.select
               else None)
     run, sc, amp = _loaded(ns.run, overrides, "balancing")
-    balance(run, sc, ns.out, target=ns.target, class_label=ns.class_label,
+    balance(run, sc, ns.out, target=ns.target, class_labels=ns.class_labels,
             proportions=parse_proportions(ns.proportions) if ns.proportions else None,
             by_class_folders=ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp,
             fresh=ns.fresh, force=ns.force, asked=set(overrides), copies=_copy_filter(ns, print),
