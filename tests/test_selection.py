@@ -98,6 +98,7 @@ def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_
     assert all(float(r["score"]) >= 0.6 and r["reason"].startswith("score") for r in synthetic)
     summary = json.loads((out / "selection.json").read_text())["classes"]["0"]
     assert summary["needed"] == 120 - 30 and summary["kept"] == len(kept) <= 90
+    assert sum(float(r["score"]) >= 0.6 for r in candidates) == summary["passed"]
     assert summary["candidates"] == len(candidates) <= 3 * 90
     assert summary["acceptance_rate"] == pytest.approx(summary["passed"] / summary["candidates"])
     # the recorded score is the selector's: scoring a kept image again gives it back
@@ -151,6 +152,8 @@ def test_select_val_sets_the_thresholds_on_the_labelled_images_it_names(generato
              train_labels=split["val_labels"] + 5)
     with pytest.raises(UserError, match=r"none of its images is both a class of the run \(0, 1\)"):
         selection.validation_images(RunDir(run), str(tmp_path / "other.npz"), inputs[3])
+    with pytest.raises(UserError, match=r"all \d+ of its images of the run's classes are training"):
+        selection.validation_images(RunDir(run), "data.split=train", inputs[3])
     out = tmp_path / "bal"  # the command takes it as data.key=value too
     assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--select",
                  "--select-val", "data.split=val", "--max-candidates", "1"]) == 0
@@ -268,7 +271,7 @@ def test_auto_scale_takes_the_smallest_scale_close_to_the_real_fidelity():
     assert selection.auto_scale({1.0: 0.2, 2.0: 0.4, 3.0: 0.4}, real_fidelity=1.0) == 2.0
 
 
-def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_path):
+def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_path, capsys):
     out = tmp_path / "bal"
     assert main(["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
                  "--select", "--select-threshold", "0.5", "--class-guidance", "auto"]) == 0
@@ -278,6 +281,9 @@ def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_p
     assert all(r >= f for f, r in zip(probe["fidelity"].values(), probe["pass_rates"].values()))
     rates = {float(s): r for s, r in probe["fidelity"].items()}
     assert probe["chosen"] == selection.auto_scale(rates, probe["real_fidelity"])
+    # a class the generator has not learnt at any scale is said so
+    weak = rates[probe["chosen"]] < 0.9 * probe["real_fidelity"]
+    assert ("the generator has not learnt this class" in capsys.readouterr().out) == weak
     record = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())
     assert record["job"]["guidance"] == probe["chosen"]
 

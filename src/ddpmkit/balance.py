@@ -215,6 +215,11 @@ class TopUp:
         self.log(f"select: {name}: guidance {chosen:g} (probe class fidelity "
                  + ", ".join(f"{s:g}: {r:.0%}" for s, r in fidelity.items())
                  + f"; real images {real:.0%})")
+        if fidelity[chosen] < 0.9 * real:
+            self.log(f"select: warning: at every scale fewer generated {name} images look like "
+                     f"{name} to the selector ({fidelity[chosen]:.0%} at best) than real ones "
+                     f"({real:.0%}): the generator has not learnt this class; train it longer "
+                     f"(train.class_balance helps a rare class) before relying on these images")
         return chosen
 
     def _generate(self, cfg: SampleConfig, first: bool) -> dict[int, list[str]]:
@@ -259,10 +264,10 @@ class TopUp:
                 f"(train.class_balance helps a rare class)")
         kept = set(passed[:need])
         for k in range(made):
-            reason = (f"score {scores[k]:.4g} >= {threshold:.10g}" if k in kept else
+            reason = (f"score {scores[k]:.6g} >= {threshold:.10g}" if k in kept else
                       "beyond the number needed" if k in passed else "below the threshold")
             self.candidates.append([name, *self._row(cfg.out_dir, finished[k])[:3],
-                                    f"{scores[k]:.4f}", str(k in kept).lower(), reason])
+                                    f"{scores[k]:.6g}", str(k in kept).lower(), reason])
         self.summary[name] = {"needed": need, "candidates": made, "passed": len(passed),
                               "kept": len(kept), "acceptance_rate": len(passed) / made,
                               "threshold": threshold}
@@ -271,7 +276,7 @@ class TopUp:
                  + ("" if len(kept) == need else
                     f": {need - len(kept)} short at the limit (--max-candidates)"))
         return [self._row(cfg.out_dir, finished[k])
-                + [f"{scores[k]:.4f}", f"score {scores[k]:.4g} >= {threshold:.10g}"]
+                + [f"{scores[k]:.6g}", f"score {scores[k]:.6g} >= {threshold:.10g}"]
                 for k in sorted(kept)]
 
     def write_records(self) -> None:

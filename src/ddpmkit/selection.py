@@ -130,8 +130,8 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     quantile_rule = val is not None and options.threshold is None
     for c in [c for c in names if quantile_rule and limits[c] < WEAK_THRESHOLD]:
         log(f"select: warning: the selector gives some real {c} images almost no chance of being "
-            f"{c}, so a threshold of {limits[c]:.2g} keeps nearly every candidate; "
-            f"--select-threshold 0.5 keeps only those it calls {c}")
+            f"{c}, so a threshold of {limits[c]:.2g} also passes candidates it does not see as "
+            f"{c}; --select-threshold 0.5 keeps only those it calls {c}")
     return selector
 
 
@@ -158,6 +158,10 @@ def validation_images(run: RunDir, where: str, names: list[str],
                         f"or an .npz with *_labels)")
     known = torch.tensor([label in names for label in data.labels], dtype=torch.bool)
     keep = known & run.unseen(data.images)
+    if known.any() and not keep.any():
+        raise UserError(f"--select-val {where}: all {int(known.sum())} of its images of the run's "
+                        f"classes are training images of the run; give images it never saw "
+                        f"(a val split: data.split=val)")
     if not keep.any():
         found = ", ".join(sorted(set(data.labels))[:3])
         raise UserError(f"--select-val {where}: none of its images is both a class of the run "
