@@ -85,6 +85,13 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
                  "--class", "cat", "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
     assert (len(list((out / "by_class" / "dog").iterdir())) == 7
             and len(list((out / "by_class" / "cat").iterdir())) == 7)
+    # another plan that leaves the generated cat out says so; its image stays on disk
+    capsys.readouterr()
+    assert main(["balance", str(run), "--out", str(out), "--target", "7", "--class", "dog",
+                 "--by-class-folders", "--quiet", "sample.steps=3"]) == 0
+    assert "holds 1 generated cat images of an earlier plan" in capsys.readouterr().out
+    assert (len(list((out / "by_class" / "cat").iterdir())) == 6
+            and len(list((out / "classes" / "cat" / "individual").iterdir())) == 1)
     # another seed is another set of images: refused, naming the --seed the user set (not the
     # per-class seeds derived from it, which the classes' sampling jobs record), then replaced
     # with --fresh

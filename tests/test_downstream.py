@@ -184,6 +184,16 @@ def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path)
         load_study_data(str(data), synthetic, calibration=str(folder), calibration_split="val")
     with pytest.raises(UserError, match=f"--test-split val: --test {folder} has no splits"):
         load_study_data(str(data), synthetic, test=str(folder), test_split="val")
+    # an .npz of images and labels (no split names) is one set too, and labels stored as
+    # floats name the same classes
+    plain = tmp_path / "calibration.npz"
+    np.savez(plain, images=images[250:290], labels=labels[250:290].astype(np.float32))
+    *_, from_npz, _ = load_study_data(str(data), synthetic, calibration=str(plain))
+    assert sorted(from_npz.labels.tolist()) == sorted(calibration.labels.tolist())
+    # --real has splits, but not this one: the line says where else the images can come from
+    with pytest.raises(UserError, match=r"has no 'val' split to take the calibration images "
+                                        r"from: give them with --calibration"):
+        load_study_data(str(data), synthetic, calibration_split="val")
 
 
 def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):

@@ -16,6 +16,7 @@ Output (`balance`):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import os
@@ -167,6 +168,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
         rows = [[path, i, "", "", "", "", label, "false"] + [""] * (len(columns) - 8)
                 for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
         folders = class_folders(list(counts), _existing_class_folders(out))
+        _say_left_out(out, folders, need, log)
         topping = TopUp(run, out, log, selector, select, fresh, progress=progress,
                         amp_dtype=amp_dtype, asked=asked, copies=copies)
         for position, (name, num) in enumerate(need.items()):
@@ -357,6 +359,18 @@ def _existing_class_folders(out: Path) -> dict[str, str]:
         if isinstance(label, str):
             found.setdefault(label, record.parent.name)
     return found
+
+
+def _say_left_out(out: Path, folders: dict[str, str], need: dict[str, int], log) -> None:
+    """A rerun with another plan writes the manifest of that plan: say which images of an earlier
+    plan it leaves out (kept on disk, so a later plan that asks for them again resumes)."""
+    for name, folder in folders.items():
+        manifest = out / "classes" / folder / "manifest.csv"
+        if not need[name] and manifest.is_file():
+            held = sum(1 for _ in csv.reader(manifest.open(newline=""))) - 1
+            log(f"balance: {manifest.parent} holds {held} generated {name} images of an earlier "
+                f"plan that this one does not ask for: left out of the manifest, kept on disk "
+                f"(--fresh removes them)")
 
 
 def _unlink_by_class(out: Path) -> None:

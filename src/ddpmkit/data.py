@@ -207,7 +207,20 @@ def has_named_splits(path: str | Path) -> bool:
     path = Path(path).expanduser()
     if path.is_dir():
         return is_idx_data(path) or bool(_split_subfolders(path))
-    return path.suffix.lower() == ".npz"
+    if path.suffix.lower() != ".npz":
+        return False
+    splits = npz_splits(path)
+    return splits is None or bool(splits)  # an unreadable file: the loader says what is wrong
+
+
+def npz_splits(path: Path) -> set[str] | None:
+    """The splits an .npz holds ({split}_images), or None where it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return {n.removesuffix("_images.npy") for n in names if n.endswith("_images.npy")}
 
 
 def split_folder(root: Path, cfg: DataConfig) -> Path:
@@ -397,7 +410,10 @@ def _label_list(labels: np.ndarray, count: int, where: str) -> list[str]:
     if labels.size != count:
         raise UserError(f"{where} holds {labels.size} labels for {count} images: "
                         f"give one per image")
-    return [str(v) for v in labels.reshape(-1)]
+    labels = labels.reshape(-1)
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels % 1 == 0).all():
+        labels = labels.astype(np.int64)  # 3.0 names the same class as 3
+    return [str(v) for v in labels]
 
 
 _PICKLED = ("cannot read {}: not a NumPy array file, or it holds Python objects, which ddpmkit "

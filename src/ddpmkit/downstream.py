@@ -37,7 +37,8 @@ from torch import nn
 
 from . import atomic
 from .config import DataConfig
-from .data import class_order, has_named_splits, image_digests, load_images, resize_center_crop
+from .data import (class_order, has_named_splits, image_digests, load_images, npz_splits,
+                   resize_center_crop)
 from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import audit
@@ -560,7 +561,8 @@ def _split_source(real: DataConfig, separate: DataConfig | None, split: str | No
                 f"drop {flag}-split, or point {flag} at the {split} images")
         return separate, DataConfig.split
     split = split or default
-    if not _has_splits(real):
+    held = npz_splits(Path(real.path).expanduser()) if real.path.lower().endswith(".npz") else None
+    if not _has_splits(real) or (held is not None and split not in held):
         raise UserError(f"--real {real.path} has no '{split}' split to take the {flag[2:]} images "
                         f"from: give them with {flag} (and {flag}-labels if a CSV names them)")
     return real, split
