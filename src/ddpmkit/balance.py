@@ -225,7 +225,8 @@ class TopUp:
         return chosen
 
     def _generate(self, cfg: SampleConfig, first: bool) -> dict[int, list[str]]:
-        self.log(f"balance: generating {cfg.num} images of {cfg.class_label} into {cfg.out_dir}")
+        self.log(f"balance: generating {cfg.num} image{'s' * (cfg.num != 1)} of {cfg.class_label} "
+                 f"into {cfg.out_dir}")
         # a job extended for more candidates keeps its images: --fresh applies to its first call
         generate(self.run, cfg, log=self.log, **self.generating,
                  fresh=self.fresh and first)

@@ -277,7 +277,8 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
         if world.is_main:
             _finish(run, cfg, spec, len(unfinished), log)
     if copies and world.is_main:
-        _report_copies(finished_rows(out).values(), cfg.seed, copies, log)
+        _report_copies([row for k, row in finished_rows(out).items() if k < cfg.num], cfg.seed,
+                       copies, log)
     return out
 
 
