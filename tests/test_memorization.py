@@ -141,7 +141,12 @@ def test_the_audit_command_reports_planted_copies(run, tmp_path, capsys):
     assert [r["feature_training_image"] for r in saved["nearest"][:5]] == list(range(5))
     assert [r["copy"] for r in saved["nearest"][:5]] == [True] * 5
     assert saved["training_images_copied"] == 5 and "most_copied" in saved
+    # each pair names its files, so a flagged image can be found
+    assert [(r["file"], r["training_file"]) for r in saved["nearest"][:2]] == [
+        ("individual/000000.png", "sklearn.datasets.load_digits#0"),
+        ("individual/000001.png", "sklearn.datasets.load_digits#1")]
     page = (gen / "audit.html").read_text()
+    assert "individual/000003.png · training sklearn.datasets.load_digits#3" in page
     assert page.count("data:image/png;base64,") == 24 and "<script" not in page
 
 

@@ -10,6 +10,7 @@ calibrated threshold, so a user sees what each view flags.
 from __future__ import annotations
 
 import html
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -31,12 +32,12 @@ from .runtime import resolve_device
 PAIRS_SHOWN = 24  # closest pairs on the page
 
 
-def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str]]:
-    """The generated images at the run's size (a --size output is resized down), and each one's
-    class from its manifest ('' where none)."""
+def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The generated images at the run's size (a --size output is resized down), each one's
+    class from its manifest ('' where none), and its file."""
     images, files = read_generated(gen, one_size=True)
     labels = {str(path): row.get("label", "") for path, row in manifest_images(gen, "file")}
-    return resize_center_crop(images, size), [labels.get(f, "") for f in files]
+    return resize_center_crop(images, size), [labels.get(f, "") for f in files], files
 
 
 def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, share: float = 0.01,
@@ -52,7 +53,7 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
         raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")
     data = run.training_set(log)
     train = data.images
-    gen_images, labels = generated_images(gen, run.config().data.image_size)
+    gen_images, labels, files = generated_images(gen, run.config().data.image_size)
     if gen_images.shape[1] != train.shape[1]:
         raise UserError(f"{gen} holds {gen_images.shape[1]}-channel images and {run.path} was "
                         f"trained on {train.shape[1]}-channel ones: audit that run's own images")
@@ -60,6 +61,7 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
     result = audit(gen_images, train, held, share)
     summary = {"gen": str(gen), "run": str(run.path), "holdout": holdout, "share": share,
                **summarise(result, labels, len(train))}
+    _name_images(summary, [os.path.relpath(f, gen) for f in files], data.origins())
     extractor = feature_extractor(features, data, log)
     if extractor is not None:
         add_feature_view(summary, extractor, (gen_images, train, held), result, log)
@@ -144,12 +146,23 @@ def summarise(result: Audit, labels: list[str], train_count: int) -> dict:
             "nearest": nearest}
 
 
+def _name_images(summary: dict, generated: list[str], training: list[str]) -> None:
+    """Each nearest pair's files (generated: relative to GEN; training: its file or array#index),
+    so a flagged image can be found."""
+    for row in summary["nearest"]:
+        row |= {"file": generated[row["generated"]],
+                "training_file": training[row["training_image"]]}
+    for row in summary["most_copied"]:
+        row["training_file"] = training[row["training_image"]]
+
+
 def page(summary: dict, result: Audit, gen: torch.Tensor, train: torch.Tensor) -> str:
     """The audit as one self-contained page: numbers, the two distance histograms, closest pairs."""
     e, n = html.escape, result.neighbours
     pairs = "".join(
         f"<figure><img alt='pair {i}' src='{_uri(torch.stack([gen[i], train[n.index[i]]]))}'>"
-        f"<figcaption>generated {i} · training {int(n.index[i])} · d {n.d1[i]:.4f}"
+        f"<figcaption>{e(summary['nearest'][i]['file'])} · training "
+        f"{e(Path(summary['nearest'][i]['training_file']).name)} · d {n.d1[i]:.4f}"
         f"{' · copy' if result.copies[i] else ''}</figcaption></figure>"
         for i in np.argsort(n.d1)[:PAIRS_SHOWN])
     bins, hist = summary["distances"]["bins"], summary["distances"]

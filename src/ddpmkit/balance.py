@@ -166,7 +166,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                       fresh, force, reads):
         log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
         rows = [[path, i, "", "", "", "", label, "false"] + [""] * (len(columns) - 8)
-                for i, (path, label) in enumerate(zip(real_paths(data), data.labels))]
+                for i, (path, label) in enumerate(zip(data.origins(), data.labels))]
         folders = class_folders(list(counts), _existing_class_folders(out))
         _say_left_out(out, folders, need, log)
         topping = TopUp(run, out, log, selector, select, fresh, progress=progress,
@@ -318,13 +318,6 @@ def _seed_differs(old: dict, new: dict) -> str:
 
 BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance wrote there",
                _balance_files, differs=_seed_differs)
-
-
-def real_paths(data) -> list[str]:
-    """Where each real image came from: its file, or `array#index` for arrays and the digits."""
-    if data.files is not None:
-        return [str(Path(f).resolve()) for f in data.files]
-    return [f"{data.source_path}#{i}" for i in range(len(data))]
 
 
 def _safe(name: str) -> str:

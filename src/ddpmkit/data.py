@@ -48,6 +48,12 @@ class ImageData:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def origins(self) -> list[str]:
+        """Where each image came from: its file, or `array#index` for arrays and the digits."""
+        if self.files is not None:
+            return [str(Path(f).resolve()) for f in self.files]
+        return [f"{self.source_path}#{i}" for i in range(len(self))]
+
 
 def load_images(cfg: DataConfig, log=print) -> ImageData:
     if cfg.path is None:
