@@ -65,6 +65,9 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
             <= set(summary["table"]["real"]))
     # topped up
     assert summary["train_counts"]["real+synthetic"][0] > summary["train_counts"]["real"][0]
+    # the record says what was read
+    assert summary["data"] == {"real": f"{data} (train)", "synthetic": str(tmp_path / "bal_ok"),
+                               "test": f"{data} (test)"}
     report = (out / "report.md").read_text()
     assert ("Verdict:" in report and "| real+synthetic |" in report
             and "checked: no test image" in report)
@@ -98,6 +101,7 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
     assert (summary["paired_tests_tuned"]["real+synthetic vs oversampled"]["mean_gain"]
             == pytest.approx(gain))
     assert "tuned on the calibration split (60 images" in (out / "report.md").read_text()
+    assert f"calibration {data} (val)" in (out / "report.md").read_text()
     chart = (out / "balanced_accuracy.svg").read_text()
     # default and tuned, per arm
     assert chart.count("<rect") == 6 and "lighter: at tuned thresholds" in chart

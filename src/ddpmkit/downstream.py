@@ -54,6 +54,7 @@ class Pool:
     images: torch.Tensor  # uint8 N x C x H x W
     labels: np.ndarray  # class index per image
     synthetic: np.ndarray | None = None  # per image: generated? (None: all real)
+    source: str = ""  # what was read, for the study's record
 
 
 def combine(real: Pool, synthetic: Pool) -> Pool:
@@ -113,7 +114,8 @@ def load_real(source: str | DataConfig, split: str, size: int, channels: int | N
         raise UserError(f"{_named(source, split)}: no labels; "
                         f"the study needs labelled real images (class subfolders, an .npz with "
                         f"*_labels, or a CSV: --real-labels, --test-labels)")
-    return Pool(data.images, _indices(data.labels, names, _named(source, split)))
+    return Pool(data.images, _indices(data.labels, names, _named(source, split)),
+                source=_named(source, split))
 
 
 def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, list[Path]]:
@@ -128,7 +130,7 @@ def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, lis
         raise UserError(f"{manifest} lists no synthetic images")
     images = torch.stack([read_image(path) for path, _ in rows])
     labels = _indices([row["label"] for _, row in rows], names, str(manifest))
-    return Pool(resize_center_crop(images, size), labels), job_runs(folder)
+    return Pool(resize_center_crop(images, size), labels, source=str(folder)), job_runs(folder)
 
 
 def load_unselected(folder: Path, size: int, names: list[str], kept: Pool) -> Pool | None:
@@ -347,7 +349,10 @@ def study(real: Pool, synthetic: Pool, test: Pool, names: list[str], out: Path, 
             log(f"seed {seed} {arm}: balanced accuracy "
                 f"{results[arm][-1]['balanced_accuracy']:.4f}{tuned} ({time.time() - t0:.0f} s)")
     summary = _summarise(results)
-    summary.update({"classes": names, **asdict(r),
+    read = {"real": real, "synthetic": selected or synthetic, "test": test,
+            "calibration": calibration}
+    summary.update({"data": {k: p.source for k, p in read.items() if p is not None},
+                    "classes": names, **asdict(r),
                     "class_fidelity": {arm: {c: float(np.mean([f[arm][c] for f in fidelity]))
                                              for c in fidelity[0][arm]} for arm in sets},
                     "calibration_images": None if calibration is None else len(calibration.labels),
@@ -429,6 +434,7 @@ def _report(s: dict) -> str:
     keys = list(next(iter(s["table"].values())))
     lines = ["# Does the synthetic data help? (`ddpmkit downstream`)", "",
              f"**Verdict: {s['verdict']}.**", "",
+             "Data: " + "; ".join(f"{k} {v}" for k, v in s["data"].items()), "",
              f"Classes {', '.join(s['classes'])}; test images per class {s['test_counts']}; "
              f"{s['seeds']} seeds per arm; each classifier (a small ResNet) trained for "
              f"{s['steps']} steps of batch {s['batch']} (AdamW, one-cycle lr {s['lr']}), "
@@ -513,7 +519,7 @@ def _bar_chart(s: dict) -> str:
 
 
 def _without(pool: Pool, drop: np.ndarray) -> Pool:
-    return Pool(pool.images[torch.from_numpy(~drop)], pool.labels[~drop])
+    return Pool(pool.images[torch.from_numpy(~drop)], pool.labels[~drop], source=pool.source)
 
 
 def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool,
