@@ -361,7 +361,8 @@ def _say_left_out(out: Path, folders: dict[str, str], need: dict[str, int], log)
     for name, folder in folders.items():
         manifest = out / "classes" / folder / "manifest.csv"
         if not need[name] and manifest.is_file():
-            held = sum(1 for _ in csv.reader(manifest.open(newline=""))) - 1
+            with manifest.open(newline="") as f:
+                held = sum(1 for _ in csv.reader(f)) - 1
             log(f"balance: {manifest.parent} holds {held} generated {name} images of an earlier "
                 f"plan that this one does not ask for: left out of the manifest, kept on disk "
                 f"(--fresh removes them)")
