@@ -322,3 +322,23 @@ def test_reference_data_is_read_at_the_generators_bit_depth(tmp_path):
     result = evaluate(gen, [f"data.path={tmp_path / 'real'}", "data.bit_depth=null"], ("fid",),
                       "efficientnet")
     assert "10-bit values (largest 765" in result["ref"]  # the user's own choice wins
+
+
+def test_a_data_override_without_a_path_changes_the_data_of_the_run_that_made_gen(tmp_path):
+    """--ref data.split=test means the generator's own test split, as --holdout data.split=val
+    does in sample and audit; never the bundled digits a missing data.path would read."""
+    from ddpmkit.config import load_config
+    from ddpmkit.metrics.evaluate import resolve_reference
+
+    images, _ = digits(30)
+    data = tmp_path / "d.npz"
+    np.savez(data, train_images=images[:20, 0].numpy(), test_images=images[20:, 0].numpy())
+    run = tmp_path / "run"
+    RunDir(run).start(load_config(None, {"data.path": str(data)}), {}, step=0)
+    gen = write_pngs(tmp_path / "g", images[:4])
+    plain = write_pngs(tmp_path / "plain", images[:4])
+    (gen / ".ddpmkit.json").write_text(
+        json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
+    assert resolve_reference(["data.split=test"], 8, 1, gen).images.shape == (10, 1, 8, 8)
+    with pytest.raises(UserError, match="no data.path, and .* was not made by one run"):
+        resolve_reference(["data.split=test"], 8, 1, plain)

@@ -152,12 +152,16 @@ class RunDir:
                             f"it never saw): the images it trained on are needed")
         return data
 
+    def data_values(self) -> dict:
+        """The run's data section as data.key=value pairs, to change a key of."""
+        cfg = self.config()
+        values = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "class_names"}
+        return values | {"data.channels": cfg.model.in_channels}
+
     def other_data(self, where: str) -> ImageData:
         """Real images besides the training ones, read as those were (size, channels, bit depth):
         a folder or file, or data.key=value changing the run's own data (data.split=val)."""
-        cfg = self.config()
-        values = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "class_names"}
-        values |= {"data.channels": cfg.model.in_channels}
+        values = self.data_values()
         if "=" in where:
             values.update([parse_override(where)])
         else:

@@ -100,13 +100,25 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
     if paths and not Path(paths[0]).exists():
         raise UserError(f"--ref {paths[0]}: not found (give a folder of images, a run directory, "
                         f"a statistics .npz, or data.path=...)")
-    values = dict(parse_override(r) for r in overrides) if overrides else {"data.path": paths[0]}
-    values.setdefault("data.image_size", gen_size)  # compare at the generated resolution
-    values.setdefault("data.channels", gen_channels)
-    depth = recorded_bit_depth(job_runs(Path(gen))) if gen is not None else None
+    given = dict(parse_override(r) for r in overrides) if overrides else {"data.path": paths[0]}
+    runs = job_runs(Path(gen)) if gen is not None else []
+    base = {} if "data.path" in given else _run_data(runs, overrides, gen)
+    # compared at the generated resolution
+    values = base | {"data.image_size": gen_size, "data.channels": gen_channels} | given
+    depth = recorded_bit_depth(runs) if gen is not None else None
     if depth is not None:
         values.setdefault("data.bit_depth", depth)
     return _from_data(data_config(values))
+
+
+def _run_data(runs: list[Path], overrides: list[str], gen) -> dict:
+    """data.key=value without data.path changes the data of the run that made GEN
+    (data.split=test: its test split), as --holdout does elsewhere."""
+    if len(runs) != 1:
+        raise UserError(f"--ref {' '.join(overrides)}: no data.path, and {gen} was not made by "
+                        f"one run whose data this could change: add data.path=... "
+                        f"(data.path=null is the bundled digits)")
+    return RunDir(runs[0]).data_values()
 
 
 def _statistics(path: Path) -> Reference:
