@@ -181,3 +181,30 @@ def test_balance_keeps_classes_apart_whose_names_make_one_folder_name(tmp_path):
     assert {r["file"].split("/")[1] for r in fake} == {"x_y", "x_y-2"}  # 'x y' first in class order
     assert (len(list((out / "by_class" / "x_y").iterdir())) == 6
             and len(list((out / "by_class" / "x_y-2").iterdir())) == 6)
+
+
+def test_files_of_the_user_in_a_class_folder_are_refused_before_anything_is_deleted(tmp_path,
+                                                                                   capsys):
+    for name, n in (("cat", 6), ("dog", 2)):
+        write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=len(name) + n)
+    run, out = tmp_path / "run", tmp_path / "balanced"
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true",
+                 "train.max_steps=4", f"--out={run}", "--quiet", *args]) == 0
+    balance = ["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3"]
+    assert main(balance) == 0
+    mine = out / "classes" / "dog" / "individual" / "mine.png"
+    mine.write_bytes(b"the user's")
+    before = (out / "manifest.csv").read_text()
+    capsys.readouterr()
+    # --fresh would remove the class's record, then its job would refuse the file halfway
+    assert main([*balance, "--seed", "1", "--fresh"]) == 2
+    assert f"{mine} is not a file ddpmkit wrote" in capsys.readouterr().err
+    assert (out / "manifest.csv").read_text() == before
+    # --force reaches the class jobs: written beside the file, which stays
+    assert main([*balance, "--seed", "1", "--fresh", "--force"]) == 0
+    assert mine.read_bytes() == b"the user's"
+    # folders holding nothing but folders (what removing the user's files leaves) are nobody's
+    (tmp_path / "emptied" / "classes" / "dog" / "individual").mkdir(parents=True)
+    assert main([*balance[:3], str(tmp_path / "emptied"), *balance[4:]]) == 0

@@ -162,6 +162,8 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     columns = (MANIFEST_COLUMNS + (["nearest"] if copies else [])
                + (["score", "reason"] if selector else []))
     out = Path(out)
+    if not force:  # before anything is deleted: a class job would refuse them halfway through
+        _refuse_foreign_class_files(out, fresh)
     with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed},
                       fresh, force, reads):
         log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
@@ -170,7 +172,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
         folders = class_folders(list(counts), _existing_class_folders(out))
         _say_left_out(out, folders, need, log)
         topping = TopUp(run, out, log, selector, select, fresh, progress=progress,
-                        amp_dtype=amp_dtype, asked=asked, copies=copies)
+                        amp_dtype=amp_dtype, asked=asked, copies=copies, force=force)
         for position, (name, num) in enumerate(need.items()):
             if num:
                 cfg = dataclasses.replace(
@@ -305,6 +307,23 @@ def _balance_files(out: Path) -> list[Path]:
              if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
     own = existing(out, ("manifest.csv", "selection.csv", "selection.json", *ABOUT_IMAGES))
     return [*files, *links, *own]
+
+
+def _refuse_foreign_class_files(out: Path, fresh: bool) -> None:
+    """Files in OUT/classes/<class>/ no sampling job of this set made, where that class's job
+    will refuse them: in a folder without a job record, or in any once --fresh has removed the
+    records."""
+    own = set(_balance_files(out))
+    for folder in sorted(p for p in out.glob("classes/*") if p.is_dir() and not p.is_symlink()):
+        if (folder / RECORD).is_file() and not fresh:
+            continue
+        foreign = [p for p in sorted(folder.rglob("*"))
+                   if (p.is_symlink() or p.is_file()) and p not in own
+                   and not atomic.is_temporary(p) and p.name != FolderLock.NAME]
+        if foreign:
+            raise UserError(f"{foreign[0]} is not a file ddpmkit wrote: move it out of "
+                            f"{folder}, or add --force to write beside it (ddpmkit never deletes "
+                            f"it)")
 
 
 def _seed_differs(old: dict, new: dict) -> str:

@@ -173,6 +173,12 @@ def refuse_linked_folders(out: Path) -> None:
                                 f"into folders inside --out {out}; remove the link")
 
 
+def _empty_folder(path: Path) -> bool:
+    """A folder holding only folders: what a job whose files were deleted leaves."""
+    return (path.is_dir() and not path.is_symlink()
+            and all(p.is_dir() and not p.is_symlink() for p in path.rglob("*")))
+
+
 class OutputFolder:
     """`with OutputFolder(out, kind, identity, ...)`: the folder locked and claimed for this job."""
 
@@ -199,7 +205,8 @@ class OutputFolder:
         refuse_linked_folders(self.path)
         record = read_record(self.path)
         if record is None:
-            foreign = [p.name for p in self.path.iterdir() if p.name != atomic.FolderLock.NAME]
+            foreign = [p.name for p in self.path.iterdir()
+                       if p.name != atomic.FolderLock.NAME and not _empty_folder(p)]
             if foreign and not self.force:
                 raise UserError(f"{self.path} holds {self.kind.foreign} "
                                 f"({', '.join(sorted(foreign)[:3])}): choose another --out, "
