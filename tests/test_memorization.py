@@ -147,6 +147,7 @@ def test_the_audit_command_reports_planted_copies(run, tmp_path, capsys):
         ("individual/000001.png", "sklearn.datasets.load_digits#1")]
     page = (gen / "audit.html").read_text()
     assert "individual/000003.png · training sklearn.datasets.load_digits#3" in page
+    assert "closer to a training image than 99% of leave-one-out real images are" in page
     assert page.count("data:image/png;base64,") == 24 and "<script" not in page
 
 

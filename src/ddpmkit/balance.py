@@ -265,7 +265,8 @@ class TopUp:
             raise UserError(
                 f"--select: none of {made} candidates of {name} scored {threshold:.10g} or more "
                 f"(best {max(scores.values()):.4g}): lower --select-threshold or "
-                f"--select-quantile, raise --max-candidates, or train the generator longer "
+                f"--select-quantile (which needs validation images: --select-val), raise "
+                f"--max-candidates, or train the generator longer "
                 f"(train.class_balance helps a rare class)")
         kept = set(passed[:need])
         for k in range(made):
