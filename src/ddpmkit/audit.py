@@ -59,7 +59,8 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
                         f"trained on {train.shape[1]}-channel ones: audit that run's own images")
     held = run.holdout_images(holdout, drop_overlap, log)
     result = audit(gen_images, train, held, share)
-    summary = {"gen": str(gen), "run": str(run.path), "holdout": holdout, "share": share,
+    summary = {"gen": str(gen.resolve()), "run": str(run.path.resolve()), "holdout": holdout,
+               "share": share,
                **summarise(result, labels, len(train))}
     _name_images(summary, [os.path.relpath(f, gen) for f in files], data.origins())
     extractor = feature_extractor(features, data, log)

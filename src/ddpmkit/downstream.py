@@ -114,8 +114,9 @@ def load_real(source: str | DataConfig, split: str, size: int, channels: int | N
         raise UserError(f"{_named(source, split)}: no labels; "
                         f"the study needs labelled real images (class subfolders, an .npz with "
                         f"*_labels, or a CSV: --real-labels, --test-labels)")
+    where = replace(source, path=str(Path(source.path).expanduser().resolve()))
     return Pool(data.images, _indices(data.labels, names, _named(source, split)),
-                source=_named(source, split))
+                source=_named(where, split))
 
 
 def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, list[Path]]:
@@ -130,7 +131,8 @@ def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, lis
         raise UserError(f"{manifest} lists no synthetic images")
     images = torch.stack([read_image(path) for path, _ in rows])
     labels = _indices([row["label"] for _, row in rows], names, str(manifest))
-    return Pool(resize_center_crop(images, size), labels, source=str(folder)), job_runs(folder)
+    return (Pool(resize_center_crop(images, size), labels, source=str(folder.resolve())),
+            job_runs(folder))
 
 
 def load_unselected(folder: Path, size: int, names: list[str], kept: Pool) -> Pool | None:
