@@ -1,5 +1,6 @@
 """The memorization audit: known answers on real digits, and the command with its bad inputs."""
 
+import csv
 import io
 import json
 
@@ -271,3 +272,25 @@ def test_sample_drop_copies_from_the_command_line(run, tmp_path, capsys):
     assert main(["sample", str(run), "-n", "8", "--out", str(tmp_path / "t"), "--holdout",
                  str(tmp_path)]) == 2
     assert "--holdout and --drop-overlap calibrate --drop-copies" in capsys.readouterr().err
+
+
+def test_downstream_counts_copies_at_the_threshold_drop_copies_used(run, tmp_path):
+    """The study's copy rate of a set --drop-copies made agrees with that filter (its threshold may
+    have been calibrated on --holdout images the study does not know of)."""
+    from ddpmkit.downstream import Pool, copy_rate, recorded_copy_threshold
+    from ddpmkit.pixels import read_image
+
+    out = tmp_path / "s"
+    assert main(["sample", str(run), "-n", "8", "--steps", "2", "--out", str(out), "--drop-copies",
+                 "--quiet"]) == 0
+    threshold = recorded_copy_threshold(out)
+    record = json.loads((out / ".ddpmkit.json").read_text())
+    assert threshold == record["job"]["drop_copies"]["threshold"]
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    left = sum(float(r["nearest"]) < threshold for r in rows)
+    images = torch.stack([read_image(out / r["file"]) for r in rows])
+    pool = Pool(images, np.zeros(len(rows), dtype=int))
+    assert copy_rate(pool, [run], threshold).startswith(f"{left / 8:.1%} ({left} of 8; threshold "
+                                                        f"{threshold:.4f}, the one --drop-copies")
+    assert "calibrated leave-one-out" in copy_rate(pool, [run])
+    assert recorded_copy_threshold(tmp_path / "nothing") is None

@@ -41,8 +41,9 @@ from .data import (class_order, has_named_splits, image_digests, load_images, np
                    resize_center_crop)
 from .errors import UserError
 from .metrics.classifier import fit, predict
-from .metrics.memorization import audit
-from .outputs import Kind, OutputFolder, existing, job_runs, manifest_images, refuse_special
+from .metrics.memorization import audit, is_copy, nearest
+from .outputs import (RECORD, Kind, OutputFolder, existing, job_runs, manifest_images, read_record,
+                      refuse_special)
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
 
@@ -669,7 +670,7 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
     calibrated = "" if calibration_pool is None else f", {len(calibration_pool.labels)} calibration"
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, "
         f"{len(test_pool.labels)} test{calibrated} images at {size}x{size}; leakage {leakage}")
-    copies = copy_rate(synth, job_runs(Path(synthetic)))
+    copies = copy_rate(synth, job_runs(Path(synthetic)), recorded_copy_threshold(Path(synthetic)))
     log(f"near-copies of the generator's training images: {copies}")
     unselected = load_unselected(Path(synthetic), size, names, synth)
     if unselected is not None:
@@ -687,9 +688,17 @@ STUDY = Kind("study", "downstream study", "study results", "files no ddpmkit stu
              lambda out: existing(out, STUDY_FILES))
 
 
-def copy_rate(synthetic: Pool, runs: list[Path]) -> str:
+def recorded_copy_threshold(folder: Path) -> float | None:
+    """The threshold `--drop-copies` used for the jobs under `folder` (one for all), if it ran."""
+    jobs = [(read_record(p.parent) or {}).get("job") or {} for p in folder.rglob(RECORD)]
+    found = {job.get("drop_copies", {}).get("threshold") for job in jobs} - {None}
+    return found.pop() if len(found) == 1 else None
+
+
+def copy_rate(synthetic: Pool, runs: list[Path], threshold: float | None = None) -> str:
     """The share of the synthetic images that are near-copies of the generator's training images
-    (metrics/memorization.py, calibrated leave-one-out), as a sentence."""
+    (metrics/memorization.py), as a sentence: at the threshold --drop-copies used where it ran
+    (calibrated as the user chose), else calibrated leave-one-out."""
     if len(runs) != 1:
         return "not measured (the synthetic set does not name one generator)"
     try:
@@ -698,6 +707,10 @@ def copy_rate(synthetic: Pool, runs: list[Path]) -> str:
         return f"not measured ({exc})"
     if train.shape[1:] != synthetic.images.shape[1:]:
         return "not measured (the synthetic images are not at the generator's size)"
+    if threshold is not None:
+        copies = is_copy(nearest(synthetic.images, train).d1, threshold)
+        return (f"{copies.mean():.1%} ({int(copies.sum())} of {len(copies)}; threshold "
+                f"{threshold:.4f}, the one --drop-copies used)")
     found = audit(synthetic.images, train)
     return (f"{found.copy_rate:.1%} ({int(found.copies.sum())} of {len(found.copies)}; threshold "
             f"{found.threshold:.4f}, calibrated {found.calibrated_on})")
