@@ -16,7 +16,6 @@ Output (`balance`):
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -33,8 +32,8 @@ from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
 from .images import to_uint8
-from .outputs import (ABOUT_IMAGES, RECORD, Kind, OutputFolder, existing, read_record,
-                      refuse_special, sample_files, write_manifest)
+from .outputs import (ABOUT_IMAGES, RECORD, Kind, OutputFolder, existing, read_manifest,
+                      read_record, refuse_special, sample_files, write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
@@ -269,11 +268,12 @@ class TopUp:
                 f"--max-candidates, or train the generator longer "
                 f"(train.class_balance helps a rare class)")
         kept = set(passed[:need])
+        reasons = {k: (f"score {scores[k]:.6g} >= {threshold:.10g}" if k in kept else
+                       "beyond the number needed" if k in passed else "below the threshold")
+                   for k in range(made)}
         for k in range(made):
-            reason = (f"score {scores[k]:.6g} >= {threshold:.10g}" if k in kept else
-                      "beyond the number needed" if k in passed else "below the threshold")
             self.candidates.append([name, *self._row(cfg.out_dir, finished[k])[:3],
-                                    f"{scores[k]:.6g}", str(k in kept).lower(), reason])
+                                    f"{scores[k]:.6g}", str(k in kept).lower(), reasons[k]])
         self.summary[name] = {"needed": need, "candidates": made, "passed": len(passed),
                               "kept": len(kept), "acceptance_rate": len(passed) / made,
                               "threshold": threshold}
@@ -282,7 +282,7 @@ class TopUp:
                  + ("" if len(kept) == need else
                     f": {need - len(kept)} short at the limit (--max-candidates)"))
         return [self._row(cfg.out_dir, finished[k])
-                + [f"{scores[k]:.6g}", f"score {scores[k]:.6g} >= {threshold:.10g}"]
+                + [f"{scores[k]:.6g}", reasons[k]]
                 for k in sorted(kept)]
 
     def write_records(self) -> None:
@@ -381,11 +381,9 @@ def _say_left_out(out: Path, folders: dict[str, str], need: dict[str, int], log)
     for name, folder in folders.items():
         manifest = out / "classes" / folder / "manifest.csv"
         if not need[name] and manifest.is_file():
-            with manifest.open(newline="") as f:
-                held = sum(1 for _ in csv.reader(f)) - 1
-            log(f"balance: {manifest.parent} holds {held} generated {name} images of an earlier "
-                f"plan that this one does not ask for: left out of the manifest, kept on disk "
-                f"(--fresh removes them)")
+            log(f"balance: {manifest.parent} holds {len(read_manifest(manifest))} generated "
+                f"{name} images of an earlier plan that this one does not ask for: left out of "
+                f"the manifest, kept on disk (--fresh removes them)")
 
 
 def _unlink_by_class(out: Path) -> None:

@@ -42,7 +42,7 @@ from .data import (class_order, has_named_splits, image_digests, load_images, np
 from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import audit, is_copy, nearest
-from .outputs import (RECORD, Kind, OutputFolder, existing, job_runs, manifest_images, read_record,
+from .outputs import (Kind, OutputFolder, existing, job_identities, job_runs, manifest_images,
                       refuse_special)
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
@@ -690,8 +690,7 @@ STUDY = Kind("study", "downstream study", "study results", "files no ddpmkit stu
 
 def recorded_copy_threshold(folder: Path) -> float | None:
     """The threshold `--drop-copies` used for the jobs under `folder` (one for all), if it ran."""
-    jobs = [(read_record(p.parent) or {}).get("job") or {} for p in folder.rglob(RECORD)]
-    found = {job.get("drop_copies", {}).get("threshold") for job in jobs} - {None}
+    found = {job.get("drop_copies", {}).get("threshold") for job in job_identities(folder)} - {None}
     return found.pop() if len(found) == 1 else None
 
 

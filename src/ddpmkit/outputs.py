@@ -128,15 +128,17 @@ def read_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("job"), dict) else None
 
 
+def job_identities(folder: Path) -> list[dict]:
+    """What the records of the jobs under `folder` (a sample output, or a balanced set with one
+    sampling job per class) say each job is."""
+    records = [read_record(path.parent) for path in sorted(Path(folder).rglob(RECORD))]
+    return [record["job"] for record in records if record and isinstance(record["job"], dict)]
+
+
 def job_runs(folder: Path) -> list[Path]:
-    """The runs whose images are under `folder` (a sample output, or a balanced set with one
-    sampling job per class), as their records name them."""
-    runs = set()
-    for path in sorted(Path(folder).rglob(RECORD)):
-        record = read_record(path.parent) or {}
-        if isinstance(record["job"].get("run") if record else None, str):
-            runs.add(Path(record["job"]["run"]))
-    return sorted(runs)
+    """The runs whose images are under `folder`, as their records name them."""
+    return sorted({Path(job["run"]) for job in job_identities(folder)
+                   if isinstance(job.get("run"), str)})
 
 
 def refuse_shared(out: Path, reads: tuple[Path, ...] = ()) -> None:
