@@ -271,10 +271,16 @@ def test_auto_scale_takes_the_smallest_scale_close_to_the_real_fidelity():
     assert selection.auto_scale({1.0: 0.2, 2.0: 0.4, 3.0: 0.4}, real_fidelity=1.0) == 2.0
 
 
-def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_path, capsys):
+def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_path, capsys,
+                                                                monkeypatch):
+    from ddpmkit import balance
+
+    probes, real = [], balance.sample_batch
+    monkeypatch.setattr(balance, "sample_batch", lambda *a: probes.append(a) or real(*a))
     out = tmp_path / "bal"
-    assert main(["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
-                 "--select", "--select-threshold", "0.5", "--class-guidance", "auto"]) == 0
+    args = ["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
+            "--select", "--select-threshold", "0.5", "--class-guidance", "auto"]
+    assert main(args) == 0 and len(probes) == 5  # one class to top up, five scales
     probe = json.loads((out / "selection.json").read_text())["classes"]["0"]["auto_guidance"]
     assert [float(s) for s in probe["fidelity"]] == [1.0, 1.5, 2.0, 3.0, 4.0]
     # two classes and a 0.5 threshold: a candidate assigned to its class passes
@@ -286,6 +292,13 @@ def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_p
     assert ("the generator has not learnt this class" in capsys.readouterr().out) == weak
     record = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())
     assert record["job"]["guidance"] == probe["chosen"]
+    # an identical rerun takes the recorded choice; another selector threshold probes again
+    assert main(args) == 0 and len(probes) == 5
+    assert "guidance %g (the earlier run's probe" % probe["chosen"] in capsys.readouterr().out
+    again = json.loads((out / "selection.json").read_text())["classes"]["0"]["auto_guidance"]
+    assert again == probe
+    args[args.index("0.5")] = "0.4"
+    assert main(args) == 0 and len(probes) == 10
 
 
 def test_auto_guidance_probes_with_the_steps_the_candidates_use(generator, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ Output (`balance`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections import Counter
@@ -204,8 +205,17 @@ class TopUp:
 
     def choose_guidance(self, cfg: SampleConfig) -> float:
         """--class-guidance auto: probe each scale of AUTO_SCALES with PROBE images (their own
-        seed) and take selection.auto_scale's choice."""
+        seed) and take selection.auto_scale's choice; an earlier run of this job that probed with
+        the same generator, sampling settings and selector is not probed again."""
         spec, name = SamplingSpec.from_config(cfg), cfg.class_label
+        probed_with = {**dataclasses.asdict(dataclasses.replace(spec, guidance=0.0)),
+                       "checkpoint_sha256": self.run.checkpoint_sha256, "ema": cfg.ema,
+                       "seed": cfg.seed, "selector": self.selector.digest(name)}
+        earlier = _earlier_probe(self.out, name)
+        if earlier.get("probed_with") == probed_with:
+            self.probes[name] = earlier
+            fidelity = {float(s): r for s, r in earlier["fidelity"].items()}
+            return self._say_choice(name, fidelity, earlier["chosen"], "the earlier run's ")
         fidelity, passing = {}, {}
         for scale in AUTO_SCALES:
             x = sample_batch(self.run, range(PROBE), mix_seed(cfg.seed, PROBE),
@@ -214,8 +224,14 @@ class TopUp:
         real = self.selector.real_fidelity[name]
         chosen = auto_scale(fidelity, real)
         self.probes[name] = {"fidelity": fidelity, "pass_rates": passing, "real_fidelity": real,
-                             "real_pass": self.selector.real_pass[name], "chosen": chosen}
-        self.log(f"select: {name}: guidance {chosen:g} (probe class fidelity "
+                             "real_pass": self.selector.real_pass[name], "chosen": chosen,
+                             "probed_with": probed_with}
+        return self._say_choice(name, fidelity, chosen, "")
+
+    def _say_choice(self, name: str, fidelity: dict[float, float], chosen: float,
+                    whose: str) -> float:
+        real = self.selector.real_fidelity[name]
+        self.log(f"select: {name}: guidance {chosen:g} ({whose}probe class fidelity "
                  + ", ".join(f"{s:g}: {r:.0%}" for s, r in fidelity.items())
                  + f"; real images {real:.0%})")
         if fidelity[chosen] < 0.9 * real:
@@ -296,6 +312,16 @@ class TopUp:
                    for c, s in self.summary.items()}
         atomic.write_text(self.out / "selection.json", atomic.json_text(
             {"calibrated_on": self.selector.calibrated_on, "classes": classes}))
+
+
+def _earlier_probe(out: Path, name: str) -> dict:
+    """The --class-guidance auto probe of class `name` that OUT/selection.json records, or {}."""
+    try:
+        probe = json.loads((out / "selection.json").read_text())["classes"][name]["auto_guidance"]
+        fidelity = {float(s): float(r) for s, r in probe["fidelity"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    return probe if set(fidelity) == set(AUTO_SCALES) and probe.get("chosen") in AUTO_SCALES else {}
 
 
 def _balance_files(out: Path) -> list[Path]:

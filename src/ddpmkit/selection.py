@@ -11,6 +11,7 @@ Without a split it is 0.5 (the selector's vote), and `threshold` sets one for ev
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,6 +69,13 @@ class Selector:
         the share passing the class's threshold."""
         return _shares(predict(self.net, images_u8), self.names.index(class_name),
                        self.thresholds[class_name])
+
+    def digest(self, class_name: str) -> str:
+        """Equal digests score every image of `class_name` alike and pass the same ones."""
+        h = hashlib.sha256(f"{class_name} {self.thresholds[class_name]!r}".encode())
+        for tensor in self.net.state_dict().values():
+            h.update(tensor.detach().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     def describe(self) -> str:
         return ", ".join(f"{c} {t:.10g}" for c, t in self.thresholds.items())
