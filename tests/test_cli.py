@@ -161,6 +161,11 @@ def test_json_output_for_scripts(trained, tmp_path, capsys):
     assert cli("train", *TINY_ARGS, "--steps", 20, "--out", trained, "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 20 and out["report"].endswith("report.html")
+    # fewer steps than it has: still a no-op, and its record is not rewritten
+    recorded = (trained / "config.yaml").read_text()
+    assert cli("train", *TINY_ARGS, "--steps", 5, "--out", trained, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 20
+    assert (trained / "config.yaml").read_text() == recorded
 
 
 def test_eval_ref_takes_several_words_as_the_readme_writes_them():

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import SHARED_DATA, write_images
-from ddpmkit.config import DataConfig
+from ddpmkit.config import DataConfig, load_config
 from ddpmkit.data import batch_to_model, load_images, resize_center_crop
 from ddpmkit.pixels import array_to_uint8_nchw, value_scale
 from ddpmkit.errors import UserError
@@ -390,3 +390,27 @@ def test_malformed_user_data_gets_one_clear_line(tmp_path):
     (tmp_path / "short-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03")
     with pytest.raises(UserError, match="header ends early"):
         load_images(DataConfig(path=str(tmp_path / "short-idx3-ubyte")))
+
+
+def test_a_careless_dataset_is_one_clear_line(tmp_path):
+    images = np.zeros((4, 8, 8), dtype=np.uint8)
+    test_only = tmp_path / "mnist-test"  # MNIST's test file alone is not a training split
+    test_only.mkdir()
+    _write_idx(test_only / "t10k-images-idx3-ubyte.gz", images)
+    with pytest.raises(UserError, match="has no 'train' split, only t10k-images-idx3-ubyte.gz"):
+        load_images(DataConfig(path=str(test_only), image_size=8))
+    assert len(load_images(DataConfig(path=str(test_only), image_size=8, split="test"))) == 4
+    np.savez(tmp_path / "scores.npz", train_images=images, train_labels=np.array([0.5, 1, 2, 3]))
+    with pytest.raises(UserError, match=r"holds fractional values \(e.g. 0.5\): labels name"):
+        load_images(DataConfig(path=str(tmp_path / "scores.npz"), image_size=8))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.fromarray(images[0]).save(folder / "a.png")
+    (tmp_path / "header.csv").write_text("image,label\n")
+    with pytest.raises(UserError, match="header.csv lists none of the 1 images under"):
+        load_images(DataConfig(path=str(folder), labels=str(tmp_path / "header.csv"),
+                               image_size=8))
+    with pytest.raises(UserError, match="is a folder, not a config file: .* --data"):
+        load_config(str(folder))
+    with pytest.raises(UserError, match="the bundled digits .* have no splits"):
+        load_images(DataConfig(image_size=8, split="test"))

@@ -210,6 +210,11 @@ def test_references_are_read_at_the_generated_resolution(tmp_path):
     run = tmp_path / "run"  # trained on the 8x8 digits; samples written at 32x32 (--size 32)
     RunDir(run).start(load_config(None, {}), {}, step=0)
     assert resolve_reference([str(run)], 32, 1).images.shape == (1797, 1, 32, 32)
+    # an .npz of images is data, as data.path takes it; one of mu and sigma is statistics
+    np.savez(tmp_path / "imgs.npz", train_images=np.zeros((5, 8, 8), np.uint8))
+    assert resolve_reference([str(tmp_path / "imgs.npz")], 8, 1).images.shape == (5, 1, 8, 8)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    assert resolve_reference([str(tmp_path / "stats.npz")], 8, 1).images is None
 
 
 def test_reading_a_balanced_set_or_a_restoration_takes_only_generated_outputs(tmp_path):

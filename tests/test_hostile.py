@@ -105,12 +105,105 @@ def test_sample_never_writes_into_someones_folder_and_fresh_deletes_only_its_own
         one_line(capsys, "sample", run_dir, "-n", 16, "--steps", 2, "--out", mine, *extra,
                  says="--force")
     assert (mine / "grids" / "grid_4x4.png").read_bytes() == b"my figure"
-    # beside them
+    # --force writes beside them, never over one where the job writes
+    one_line(capsys, "sample", run_dir, "-n", 16, "--steps", 2, "--out", mine, "--force",
+             says="grid_4x4.png is not a file ddpmkit wrote, and this sampling job would write")
+    assert (mine / "grids" / "grid_4x4.png").read_bytes() == b"my figure"
+    (mine / "grids" / "grid_4x4.png").rename(mine / "grids" / "my_grid.png")
     assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--out", mine, "--force", "--quiet") == 0
     assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--seed", 1, "--out", mine,
                "--fresh", "--quiet") == 0
     # --fresh deleted the job's files alone
     assert (mine / "grids" / "figure1.csv").read_text() == "x,y\n"
+    assert (mine / "grids" / "my_grid.png").read_bytes() == b"my figure"
+
+
+def _noisy(folder: Path, n: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8), 30 * (i + 1), np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_force_writes_beside_a_users_files_never_over_them(run_dir, tmp_path, capsys):
+    noisy, mine = _noisy(tmp_path / "noisy"), tmp_path / "mine"
+    (mine / "individual").mkdir(parents=True)
+    users = {mine / "manifest.csv": "my notes", mine / "individual" / "img0.png": "my picture",
+             mine / "notes.txt": "mine"}
+    for path, text in users.items():
+        path.write_text(text)
+    one_line(capsys, "denoise", run_dir, noisy, "--sigma", 0.2, "--out", mine, "--force",
+             says="img0.png is not a file ddpmkit wrote, and this restoration would write over it")
+    (mine / "individual" / "img0.png").rename(mine / "individual" / "kept.png")
+    one_line(capsys, "denoise", run_dir, noisy, "--sigma", 0.2, "--out", mine, "--force",
+             says="manifest.csv is not a file ddpmkit wrote")
+    (mine / "manifest.csv").rename(mine / "manifest.csv.mine")
+    assert cli("denoise", run_dir, noisy, "--sigma", 0.2, "--out", mine, "--force") == 0
+    assert [(mine / n).read_text() for n in ("manifest.csv.mine", "individual/kept.png",
+                                             "notes.txt")] == ["my notes", "my picture", "mine"]
+
+
+def test_a_restoration_writes_over_no_file_its_record_does_not_name(run_dir, tmp_path, capsys):
+    noisy, out = _noisy(tmp_path / "noisy", 1), tmp_path / "out"
+    assert cli("denoise", run_dir, noisy, "--sigma", 0.2, "--out", out) == 0
+    one_line(capsys, "denoise", run_dir, noisy, "--sigma", 0.2, "--out", out, "--no-ema",
+             says="holds restored images of another restoration (ema: True -> False)")
+    (out / "individual" / "img1.png").write_text("my picture")
+    _noisy(noisy, 2)  # the inputs gain an img1.png
+    one_line(capsys, "denoise", run_dir, noisy, "--sigma", 0.2, "--out", out,
+             says="of another restoration (files:")
+    one_line(capsys, "denoise", run_dir, noisy, "--sigma", 0.2, "--out", out, "--fresh",
+             says="img1.png is not a file ddpmkit wrote")
+    assert (out / "individual" / "img1.png").read_text() == "my picture"
+    assert (out / "individual" / "img0.png").is_file()  # refused before anything was deleted
+    (out / "individual" / "img1.png").unlink()
+    assert cli("audit", out, "--ref", run_dir, "--features", "none") == 0
+    assert cli("denoise", run_dir, noisy, "--sigma", 0.2, "--out", out, "--fresh") == 0
+    assert not (out / "audit.json").exists()  # it was about the images --fresh replaced
+
+
+def test_audit_replaces_only_its_own_results_about_the_run_that_made_the_images(
+        run_dir, tmp_path, capsys):
+    gen, other = tmp_path / "gen", tmp_path / "other"
+    assert cli("sample", run_dir, "-n", 4, "--steps", 2, "--out", gen, "--quiet") == 0
+    (gen / "audit.html").write_text("my report")
+    one_line(capsys, "audit", gen, "--ref", run_dir, "--features", "none",
+             says="audit.html is not a file ddpmkit wrote, and ddpmkit audit would replace it")
+    assert (gen / "audit.html").read_text() == "my report"
+    (gen / "audit.html").unlink()
+    for _ in range(2):
+        assert cli("audit", gen, "--ref", run_dir, "--features", "none") == 0
+    assert cli("train", *TINY_ARGS, "--steps", 2, "--out", other, "--quiet") == 0
+    one_line(capsys, "audit", gen, "--ref", other, "--features", "none",
+             says="audit it against the run that made it")
+    one_line(capsys, "audit", gen, "--ref", gen, says="is not a ddpmkit training run")
+    one_line(capsys, "audit", gen, "--ref", run_dir, "--holdout", "data.split=val",
+             says="the bundled digits (no data.path) have no splits")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--sigma", "abc"], "--sigma abc: give the noise's standard deviation"),
+    (["--sigma", 0.2, "--steps", 5], "--method mmse is one network call"),
+    (["--mask", "{tmp}/nowhere"], "mask folder not found"),
+    (["--mask", "{tmp}/noisy", "--jump-length", 0], "--jump-length and --resamplings must be"),
+])
+def test_restoration_options_a_user_gets_wrong_are_one_line(run_dir, tmp_path, capsys, args,
+                                                            says):
+    noisy = _noisy(tmp_path / "noisy")
+    command = "inpaint" if "--mask" in args else "denoise"
+    args = [str(a).format(tmp=tmp_path) for a in args]
+    one_line(capsys, command, run_dir, noisy, *args, "--out", tmp_path / "o", says=says)
+    if args[0] == "--sigma" and args[1] != "abc":  # the same options, right, on a file
+        one_line(capsys, command, run_dir, noisy / "img0.png", "--out", tmp_path / "o",
+                 says="is a file: give the folder that holds the images")
+    assert not (tmp_path / "o").exists()
+
+
+def test_import_and_export_refuse_a_link_as_their_new_folder(run_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    one_line(capsys, "export", run_dir, "--out", tmp_path / "link", says="is a link")
+    assert not any((tmp_path / "empty").iterdir())
 
 
 def test_a_link_to_a_folder_inside_an_output_folder_is_refused_not_written_through(
@@ -390,6 +483,33 @@ def test_a_sampling_job_that_makes_non_finite_images_fails_and_does_not_block_th
     one_line(capsys, "sample", broken, "-n", 4, "--steps", 2, "--out", out, "--quiet",
              says="non-finite values")
     assert not list((out / "individual").glob("*.png"))  # no black images
+    noisy, restored = _noisy(tmp_path / "noisy"), tmp_path / "d"
+    one_line(capsys, "denoise", broken, noisy, "--sigma", 0.2, "--out", restored,
+             says="non-finite values")
+    assert not list(restored.glob("individual/*.png"))
     # not blocked by the failed job's record
     assert cli("sample", run_dir, "-n", 4, "--steps", 2, "--out", out, "--quiet") == 0
     assert len(list((out / "individual").glob("*.png"))) == 4
+
+
+def test_sample_never_writes_into_the_runs_data_and_gif_replaces_only_a_gif(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data / f"{i}.png")
+    run = tmp_path / "run"
+    assert cli("train", *TINY_ARGS, "--data", data, "--steps", 2, "train.sample_every=2",
+               "--out", run, "--quiet") == 0
+    for out in (data, tmp_path):
+        one_line(capsys, "sample", run, "-n", 2, "--steps", 2, "--out", out, "--force",
+                 says="training data: write the images into a folder of their own")
+    assert not (data / ".ddpmkit.json").exists()
+    assert cli("sample", run, "-n", 2, "--steps", 2, "--out", data / "generated", "--quiet") == 0
+    photo = data / "0.png"
+    before = photo.read_bytes()
+    one_line(capsys, "gif", run, "--out", photo, says="a GIF's name ends in .gif")
+    (tmp_path / "photo.gif").write_bytes(before)  # a PNG under a GIF's name
+    one_line(capsys, "gif", run, "--out", tmp_path / "photo.gif", says="is not a GIF")
+    assert photo.read_bytes() == before == (tmp_path / "photo.gif").read_bytes()
+    for _ in range(2):  # its own GIF it replaces
+        assert cli("gif", run, "--out", tmp_path / "learning.gif") == 0

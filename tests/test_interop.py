@@ -24,6 +24,7 @@ from ddpmkit.errors import UserError
 from ddpmkit.generation import sample
 from ddpmkit.images import to_uint8
 from ddpmkit.diffusers_format import (
+    CLASS_NAMES_FILE,
     SCHEDULER_DEFAULTS,
     UNET_DEFAULTS,
     ddpmkit_to_diffusers_config,
@@ -560,3 +561,15 @@ def test_export_and_import_work_without_diffusers(tmp_path, monkeypatch):
     import_diffusers(tmp_path / "export", tmp_path / "back", log=lambda m: None)
     net = load_run(tmp_path / "back").net
     assert all(torch.equal(v, ema.state_dict()[k]) for k, v in net.state_dict().items())
+
+
+def test_class_names_that_do_not_fit_the_model_are_refused_on_import(tmp_path):
+    make_run(tmp_path / "run", 3)
+    export_diffusers(tmp_path / "run", tmp_path / "export", log=lambda m: None)
+    names = tmp_path / "export" / CLASS_NAMES_FILE
+    assert json.loads(names.read_text()) == {"class_names": ["0", "1", "2"]}
+    for wrong in (["a", "b"], ["a", "a", "b"], "abc"):
+        names.write_text(json.dumps({"class_names": wrong}))
+        with pytest.raises(UserError, match="class_names must be 3 distinct names"):
+            import_diffusers(tmp_path / "export", tmp_path / "back", log=lambda m: None)
+        assert not (tmp_path / "back").exists()

@@ -386,7 +386,7 @@ def test_restoration_commands_end_to_end(tmp_path, capsys):
         mask[2:5, 2:6] = 255
         Image.fromarray(mask).save(tmp_path / "masks" / f"x{i}.png")
     common = [str(run), str(tmp_path / "in"), "--steps", "4"]
-    assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "d")]) == 0
+    assert main(["denoise", *common[:2], "--sigma", "0.1", "--out", str(tmp_path / "d")]) == 0
     assert main(["img2img", *common, "--strength", "0.3", "--out", str(tmp_path / "v")]) == 0
     assert main(["inpaint", *common, "--mask", str(tmp_path / "masks"), "--resamplings", "2",
                  "--jump-length", "2", "--out", str(tmp_path / "f")]) == 0
@@ -396,7 +396,7 @@ def test_restoration_commands_end_to_end(tmp_path, capsys):
         assert ((tmp_path / out / "grid.png").is_file()
                 and (tmp_path / out / "manifest.csv").is_file())
     Image.fromarray(np.zeros((6, 16), np.uint8)).save(tmp_path / "in" / "small.png")
-    assert main(["denoise", *common, "--sigma", "0.1", "--out", str(tmp_path / "e")]) == 2
+    assert main(["denoise", *common[:2], "--sigma", "0.1", "--out", str(tmp_path / "e")]) == 2
     assert "small.png" in capsys.readouterr().err and not (tmp_path / "e" / "individual").exists()
 
 
@@ -515,3 +515,29 @@ def test_a_folder_of_mixed_sizes_is_restored_at_each_image_size(tiny_run, tmp_pa
                    log=lambda *a: None)
     assert torch.equal(read_image(tmp_path / "out_alone" / "individual" / "d.png"),
                        read_image(out / "individual" / "d.png"))
+
+
+def test_a_mask_is_white_above_mid_gray_and_transparency_is_laid_on_black(tmp_path):
+    from ddpmkit.pixels import read_mask
+
+    square = np.zeros((8, 8), bool)
+    square[2:6, 2:6] = True
+    stroke = np.full((8, 8, 4), 255, np.uint8)  # white everywhere, the shape in the alpha alone
+    stroke[..., 3] = square * 255
+    Image.fromarray(stroke, "RGBA").save(tmp_path / "stroke.png")
+    Image.fromarray(np.where(square, 200, 100).astype(np.uint8)).save(tmp_path / "gray.png")
+    for name in ("stroke.png", "gray.png"):
+        assert torch.equal(read_mask(tmp_path / name)[0], torch.from_numpy(square))
+
+
+def test_restoration_keeps_the_runs_clipping_choice(tiny_run, tmp_path):
+    import dataclasses
+
+    _write_pngs(tmp_path / "in", [np.full((8, 8), 90, np.uint8)], ["a.png"])
+    unclipped = dataclasses.replace(tiny_run,
+                                    config=updated(tiny_run.config, {"sample.clip_x0": False}))
+    for run, clipped in ((tiny_run, True), (unclipped, False)):
+        out = restore_folder(run, "img2img", tmp_path / "in", tmp_path / f"out{clipped}",
+                             steps=3, log=lambda *a: None)
+        with open(out / "manifest.csv") as f:
+            assert json.loads(next(csv.DictReader(f))["parameters"])["clip_x0"] is clipped

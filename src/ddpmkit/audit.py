@@ -24,7 +24,7 @@ from .images import make_grid, png_bytes, scale_for_viewing
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
 from .metrics.memorization import Audit, audit, nearest_features
-from .outputs import manifest_images
+from .outputs import RECORD, job_identities, manifest_images, write_about_images
 from .report import CSS, data_uri, svg_plot
 from .run import RunDir
 from .runtime import resolve_device
@@ -40,6 +40,17 @@ def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], lis
     return resize_center_crop(images, size), [labels.get(f, "") for f in files], files
 
 
+def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:
+    """GEN's job records name the run (and checkpoint) that made it: an audit against another
+    run's training images would measure nothing."""
+    jobs = [job for job in job_identities(gen) if isinstance(job.get("run"), str)]
+    ours = {e["sha256"] for e in run.read_state()["checkpoints"]}
+    if jobs and not any(job["run"] == str(run.path.resolve())
+                        or job.get("checkpoint_sha256") in ours for job in jobs):
+        raise UserError(f"{gen} was made by {jobs[0]['run']} (its {RECORD} says), not by "
+                        f"{run.path}: audit it against the run that made it")
+
+
 def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, share: float = 0.01,
               features: str = "auto", *, drop_overlap: bool = False, log=print) -> dict:
     """Audit GEN against RUN's training images; returns the summary (also written into GEN)."""
@@ -47,11 +58,14 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
     if not 0 < share < 0.5:
         raise UserError(f"--share {share}: the share of held-out images that may be flagged, "
                         f"e.g. 0.01")
+    if gen.is_file():
+        raise UserError(f"{gen} is a file: give the folder of generated images that holds it")
     if not gen.is_dir():
         raise UserError(f"generated-images folder not found: {gen}")
     if features not in FEATURES:
         raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")
     data = run.training_set(log)
+    _refuse_another_runs_images(gen, run)
     train = data.images
     gen_images, labels, files = generated_images(gen, run.config().data.image_size)
     if gen_images.shape[1] != train.shape[1]:
@@ -59,15 +73,17 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
                         f"trained on {train.shape[1]}-channel ones: audit that run's own images")
     held = run.holdout_images(holdout, drop_overlap, log)
     result = audit(gen_images, train, held, share)
-    summary = {"gen": str(gen.resolve()), "run": str(run.path.resolve()), "holdout": holdout,
+    summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
+               "run": str(run.path.resolve()), "holdout": holdout,
                "share": share,
                **summarise(result, labels, len(train))}
     _name_images(summary, [os.path.relpath(f, gen) for f in files], data.origins())
     extractor = feature_extractor(features, data, log)
     if extractor is not None:
         add_feature_view(summary, extractor, (gen_images, train, held), result, log)
-    atomic.write_text(gen / "audit.json", atomic.json_text(summary))
-    atomic.write_text(gen / "audit.html", page(summary, result, gen_images, train))
+    write_about_images(gen / "audit.json", atomic.json_text(summary), "ddpmkit audit")
+    write_about_images(gen / "audit.html", page(summary, result, gen_images, train),
+                       "ddpmkit audit")
     log(f"{summary['copies']} of {summary['generated']} generated images "
         f"({summary['copy_rate']:.1%}) are near-copies of training images (threshold "
         f"{result.threshold:.4f}, calibrated on {result.calibrated_on} images)"

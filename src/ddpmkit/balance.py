@@ -33,7 +33,7 @@ from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
 from .images import to_uint8
-from .outputs import (ABOUT_IMAGES, RECORD, Kind, OutputFolder, existing, read_manifest,
+from .outputs import (ABOUT_IMAGES, RECORD, Kind, OutputFolder, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
@@ -363,7 +363,9 @@ def _seed_differs(old: dict, new: dict) -> str:
 
 
 BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance wrote there",
-               _balance_files, differs=_seed_differs)
+               _balance_files,
+               matching(r"manifest\.csv|selection\.(csv|json)|by_class/[^/]+/[^/]+"),
+               differs=_seed_differs)
 
 
 def _safe(name: str) -> str:

@@ -529,9 +529,14 @@ def cmd_gif(ns: argparse.Namespace) -> None:
         raise UserError(f"run directory not found: {run_dir.path}")
     if ns.frame_ms < 1:
         raise UserError(f"--frame-ms must be at least 1, got {ns.frame_ms}")
-    if ns.out and Path(ns.out).is_dir():
+    out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
+    if ns.out and out.is_dir():
         raise UserError(f"--out {ns.out} is a folder: give the GIF's file name, "
-                        f"e.g. {Path(ns.out) / 'learning.gif'}")
+                        f"e.g. {out / 'learning.gif'}")
+    if out.suffix.lower() != ".gif":
+        raise UserError(f"--out {out}: a GIF's name ends in .gif")
+    if out.is_symlink() or (out.is_file() and out.read_bytes()[:4] != b"GIF8"):
+        raise UserError(f"{out} is not a GIF: choose another --out (ddpmkit never replaces it)")
     # a data or samples folder: "no training grids" would read as a run that lost them
     if not run_dir.is_run():
         raise UserError(f"{run_dir.path} is not a ddpmkit training run: "
@@ -543,7 +548,6 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     if gif is None:
         raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} "
                         f"(train.sample_every writes them)")
-    out = Path(ns.out) if ns.out else run_dir.path / "learning.gif"
     atomic.write_bytes(out, gif)
     frames = len(training_grids(run_dir))
     print(f"wrote {out} ({frames} training grid{'' if frames == 1 else 's'})")

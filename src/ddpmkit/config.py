@@ -413,6 +413,9 @@ def safe_yaml(text: str, what: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a config file: to train on its images, "
+                        f"write --data {path}")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     if path.stat().st_size > MAX_YAML_BYTES:

@@ -57,6 +57,9 @@ class ImageData:
 
 def load_images(cfg: DataConfig, log=print) -> ImageData:
     if cfg.path is None:
+        if cfg.split != "train":
+            raise UserError(f"data.split={cfg.split}: the bundled digits (no data.path) have no "
+                            f"splits: set data.path to data with a {cfg.split} split")
         data = _load_digits()
     else:
         path = Path(cfg.path).expanduser()
@@ -364,6 +367,9 @@ def _select_by_csv(root: Path, files: list[Path],
         present = sorted({(r.get(cfg.label_column) or "").strip() for r in rows})
         raise UserError(f"no rows of {csv_path} have {cfg.label_column} == '{cfg.filter_label}' "
                         f"(labels present: {', '.join(present[:10])})")
+    if not chosen and files:
+        raise UserError(f"labels CSV {csv_path} lists none of the {len(files)} images under "
+                        f"{root}: give a row per image ({cfg.image_column}, {cfg.label_column})")
     return chosen, (labels if has_labels else None)
 
 
@@ -417,7 +423,10 @@ def _label_list(labels: np.ndarray, count: int, where: str) -> list[str]:
         raise UserError(f"{where} holds {labels.size} labels for {count} images: "
                         f"give one per image")
     labels = labels.reshape(-1)
-    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels % 1 == 0).all():
+    if labels.dtype.kind == "f":
+        if not (np.isfinite(labels).all() and (labels % 1 == 0).all()):
+            raise UserError(f"{where} holds fractional values (e.g. {labels[labels % 1 != 0][0]:g})"
+                            f": labels name classes; give integers or names")
         labels = labels.astype(np.int64)  # 3.0 names the same class as 3
     return [str(v) for v in labels]
 
@@ -553,6 +562,9 @@ def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData
         if split != "train" and not preferred:
             raise UserError(f"{path} has no '{split}' split: no {split}/t10k IDX image file among "
                             f"{', '.join(p.name for p in candidates)}")
+        if not preferred and any(_idx_file_of_split(p.name, "test") for p in candidates):
+            raise UserError(f"{path} has no 'train' split, only {candidates[0].name} (the test "
+                            f"split): set data.split=test, or point data.path at that file")
         if len(preferred) == 1 or len(candidates) == 1:
             path = (preferred or candidates)[0]
         else:

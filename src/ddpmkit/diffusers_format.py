@@ -435,9 +435,13 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
     cfg = diffusers_config_to_ddpmkit(unet_config, scheduler_config)
     names = (_read_json(folder / CLASS_NAMES_FILE).get("class_names")
              if (folder / CLASS_NAMES_FILE).is_file() else None)
-    if (cfg.model.class_conditional and isinstance(names, list)
-            and len(names) == cfg.model.num_classes):
-        cfg = updated(cfg, {"data.class_names": [str(n) for n in names]})  # from a ddpmkit export
+    if names is not None and cfg.model.class_conditional:  # from a ddpmkit export
+        if not (isinstance(names, list) and len(names) == cfg.model.num_classes
+                and len(set(map(str, names))) == len(names)):
+            raise UserError(f"{folder / CLASS_NAMES_FILE}: class_names must be "
+                            f"{cfg.model.num_classes} distinct names, one per class of the model; "
+                            f"fix or remove the file")
+        cfg = updated(cfg, {"data.class_names": [str(n) for n in names]})
     weights = diffusers_to_ddpmkit_state_dict(_read_weights(unet_dir), cfg)
     with torch.device("meta"):  # the config's net checked against the weights before it is built
         check_weights(UNet(cfg.model, cfg.data.image_size), weights, f"the weights in {unet_dir}")

@@ -685,7 +685,7 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
 
 STUDY_FILES = ("report.md", "results.json", "balanced_accuracy.svg")
 STUDY = Kind("study", "downstream study", "study results", "files no ddpmkit study wrote there",
-             lambda out: existing(out, STUDY_FILES))
+             lambda out: existing(out, STUDY_FILES), lambda _job: set(STUDY_FILES).__contains__)
 
 
 def recorded_copy_threshold(folder: Path) -> float | None:

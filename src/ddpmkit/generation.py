@@ -259,6 +259,7 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
                  f"a batch of {cfg.batch_size} images of {side}x{side}",
                  "lower --batch-size or --size")
     out = Path(cfg.out_dir)
+    _refuse_the_runs_data(run, out)
     identity = _job_identity(run, cfg, spec)
     if copies:
         identity["drop_copies"] = {"threshold": copies.threshold, "redraws": copies.redraws}
@@ -280,6 +281,17 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
         _report_copies([row for k, row in finished_rows(out).items() if k < cfg.num], cfg.seed,
                        copies, log)
     return out
+
+
+def _refuse_the_runs_data(run: Run, out: Path) -> None:
+    """The folder of the run's training data (or one above it) would have its images left out of
+    the next training as generated; a folder inside it is fine."""
+    if run.config.data.path:
+        data, where = Path(run.config.data.path).expanduser().resolve(), out.expanduser().resolve()
+        if where == data or where in data.parents:
+            raise UserError(f"--out {out} holds {run.path}'s training data: write the images into "
+                            f"a folder of their own (one inside it is fine: training leaves out "
+                            f"the folders ddpmkit generated)")
 
 
 def _report_copies(rows, seed: int, copies: CopyFilter, log) -> None:

@@ -42,6 +42,8 @@ class Kind:
     what: str  # "images", "balanced set" ...: what the folder holds
     foreign: str  # the refusal of a folder of someone's files
     own_files: Callable[[Path], list[Path]]
+    # the paths (relative, '/'-separated) a job of this identity writes, as a test of a path
+    writes: Callable[[dict], Callable[[str], object]]
     differs: Callable[[dict, dict], str] | None = None  # how identities differ, in the user's terms
 
 
@@ -217,12 +219,12 @@ class OutputFolder:
             raise UserError(
                 f"--out {self.path} holds {_KIND_WHAT.get(record.get('kind'), 'another job')}: "
                 f"choose another --out for the {self.kind.what}")
-        elif record["job"] != self.identity:
-            ours = self.kind.own_files(self.path)
-            if ours and not self.fresh:
-                raise UserError(self._differs(record["job"]))
-            self.delete(ours)
-        elif self.fresh:
+        elif record["job"] != self.identity and self.kind.own_files(self.path) and not self.fresh:
+            raise UserError(self._differs(record["job"]))
+        resuming = record is not None and record["job"] == self.identity and not self.fresh
+        if not resuming:
+            self._refuse_writing_over(self.kind.own_files(self.path) if record else [])
+        if record is not None and not resuming:
             self.delete(self.kind.own_files(self.path))
         # temporaries a killed job of ours left (names atomic writes make), in its subfolders too
         atomic.remove_stale_temps(self.path, *(p for p in self.path.rglob("*")
@@ -230,12 +232,25 @@ class OutputFolder:
         atomic.write_text(self.path / RECORD, json.dumps({"format": FORMAT, "kind": self.kind.name,
                                                           "job": self.identity}, indent=1))
 
+    def _refuse_writing_over(self, own: list[Path]) -> None:
+        """Before anything is deleted: a file where this job writes that is not the folder's own
+        job's (a user's, beside which --force writes) is refused, never replaced."""
+        own_names, writes = {p.relative_to(self.path).as_posix() for p in own}, self.kind.writes(
+            self.identity)
+        for path in sorted(self.path.rglob("*")):
+            name = path.relative_to(self.path).as_posix()
+            if (path.is_file() or path.is_symlink()) and name not in own_names and writes(name):
+                raise UserError(f"{path} is not a file ddpmkit wrote, and this {self.kind.job} "
+                                f"would write over it: move it out of {self.path}, or choose "
+                                f"another --out")
+
     def _differs(self, old: dict) -> str:
         if self.kind.differs is not None:
             return self.kind.differs(old, self.identity).format(out=self.path)
         diff = [k for k in sorted(set(old) | set(self.identity))
                 if old.get(k) != self.identity.get(k)]
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {self.identity.get(k)!r}" for k in diff[:4])
+        shown = "; ".join(f"{k}: {_shown(old.get(k))} -> {_shown(self.identity.get(k))}"
+                          for k in diff[:4])
         return (f"{self.path} holds {self.kind.what} of another {self.kind.job} ({shown}): "
                 f"use --fresh to replace them, or another --out")
 
@@ -253,9 +268,29 @@ class OutputFolder:
                 folder = folder.parent
 
 
+def matching(regex: str) -> Callable[[dict], Callable[[str], object]]:
+    """Kind.writes for a kind whose jobs write the same paths whatever their identity."""
+    return lambda _job: re.compile(regex).fullmatch
+
+
+def _shown(value) -> str:
+    return f"{len(value)} names" if isinstance(value, list) and len(value) > 4 else repr(value)
+
+
 # what `audit` and `eval` write beside a job's images: stale once the images are replaced
 ABOUT_IMAGES = ("audit.json", "audit.html", "eval_inception.json", "eval_efficientnet.json",
                 "eval_classifier.json")
+
+
+def write_about_images(path: Path, text: str, mark: str) -> None:
+    """Write what audit or eval found (its first 200 characters hold `mark`, e.g. "ddpmkit audit")
+    beside the images it is about; a file there that ddpmkit did not write is refused, never
+    replaced."""
+    if path.is_symlink() or path.is_dir() or (
+            path.exists() and mark not in path.read_bytes()[:200].decode(errors="replace")):
+        raise UserError(f"{path} is not a file ddpmkit wrote, and {mark} would replace it: move it "
+                        f"out of {path.parent}")
+    atomic.write_text(path, text)
 
 
 def existing(folder: Path, names) -> list[Path]:
@@ -264,17 +299,20 @@ def existing(folder: Path, names) -> list[Path]:
 
 
 def sample_files(folder: Path) -> list[Path]:
-    """A sampling job's files: the images its manifests list, its grids, GIF and manifests, and
-    what audit and eval wrote about them."""
+    """A sampling job's files: its images (named by their index in individual/; one written just
+    before a crash is in no manifest yet), its grids, GIF and manifests, and what audit and eval
+    wrote about them."""
     manifests = [folder / "manifest.csv", *sorted(folder.glob(".manifest-rank*.csv"))]
-    images = [p for m in manifests for p in manifest_files(folder, m, 0, r"individual/\d+\.png")]
+    images = [p for p in sorted(folder.glob("individual/*.png"))
+              if re.fullmatch(r"\d+", p.stem) and (p.is_file() or p.is_symlink())]
     grids = sorted(folder.glob("grids/grid_*x*.png"))
     return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists()),
             *existing(folder, ABOUT_IMAGES)]
 
 
 SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there",
-              sample_files)
+              sample_files, matching(r"individual/\d+\.png|grids/grid_\d+x\d+\.png|manifest\.csv"
+                                     r"|trajectory\.gif|\.manifest-rank\d+\.csv"))
 _KIND_WHAT = {"sample": "a sampling job's images", "balance": "a balanced set",
               "restore": "restored images", "study": "a downstream study's results"}
 
@@ -284,6 +322,8 @@ def staged(out: Path) -> Iterator[Path]:
     """Build a folder under a hidden name beside `out`, then rename it into place: `out` never holds
     half an import or export, whatever interrupts it. Staging folders an earlier, killed job left
     beside `out` (they hold a mark naming them ddpmkit's) are removed first."""
+    if out.is_symlink():
+        raise UserError(f"{out} is a link: give a new folder's name, not a link, as the output")
     if out.is_dir() and any(out.iterdir()):  # a run included: an import or export is a new folder
         raise UserError(f"{out} already exists and is not empty: choose another output folder")
     refuse_special(out)

@@ -134,6 +134,19 @@ def read_image(path: str | Path) -> torch.Tensor:
     return read_image_files([Path(path)], str(path)).images[0]
 
 
+def read_mask(path: Path) -> torch.Tensor:
+    """A mask file as bool 1 x H x W, True where it is white (above mid-gray). Transparency is laid
+    on black first: painting tools often keep a stroke's shape only in its alpha."""
+    try:
+        with open_image(path) as im:
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+                return torch.from_numpy(rgba[..., :3].mean(-1) * rgba[..., 3] / 255 > 127)[None]
+    except UNREADABLE as exc:
+        raise UserError(f"cannot read mask {path}: {exc}") from None
+    return read_image(path).float().mean(0, keepdim=True) > 127
+
+
 def image_scales(images, name: str, bit_depth: int | None = None, *,
                  depth_of: str = "") -> dict[str, ValueScale]:
     """One scale for all of a set's integer images wider than 8 bits ("i") and one for its float

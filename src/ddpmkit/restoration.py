@@ -46,8 +46,8 @@ from . import atomic
 from .data import batch_to_model, resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
-from .outputs import Kind, OutputFolder, existing, manifest_files, write_manifest
-from .pixels import IMAGE_SUFFIXES, read_image, read_image_files
+from .outputs import ABOUT_IMAGES, Kind, OutputFolder, existing, inside, read_record, write_manifest
+from .pixels import IMAGE_SUFFIXES, read_image_files, read_mask
 from .run import Run
 from .runtime import mix_seed
 from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step
@@ -140,9 +140,21 @@ def _sampler(name: str):
     return SAMPLERS[name]
 
 
+def _to_images(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """uint8 images; non-finite values (broken weights) are refused, never written as black."""
+    if not torch.isfinite(x).all():
+        raise UserError(f"{run.path} ({run.checkpoint}) gave non-finite values: its weights do "
+                        f"not make images; nothing was written")
+    return to_uint8(x)
+
+
 def _sigma_list(sigma, n: int) -> list[float]:
-    s = ([float(v) for v in sigma] if isinstance(sigma, (list, tuple, np.ndarray, torch.Tensor))
-         else [float(sigma)] * n)
+    try:
+        s = ([float(v) for v in sigma]
+             if isinstance(sigma, (list, tuple, np.ndarray, torch.Tensor)) else [float(sigma)] * n)
+    except ValueError:
+        raise UserError(f"--sigma {sigma}: give the noise's standard deviation on the [0, 1] "
+                        f"scale (e.g. 0.1), or auto") from None
     if len(s) != n:
         raise UserError(f"{len(s)} noise levels given for {n} images")
     return s
@@ -202,13 +214,17 @@ def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: 
     return _sampler(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
 
 
+def _check_jumps(jump_length: int, resamplings: int) -> None:
+    if jump_length < 1 or resamplings < 1:
+        raise UserError(f"--jump-length and --resamplings must be at least 1, "
+                        f"got {jump_length} and {resamplings}")
+
+
 def repaint_schedule(levels: int, jump_length: int, resamplings: int) -> list[int]:
     """The sequence of levels RePaint visits (its get_schedule_jump): levels-1 down to -1 (the
     clean image), going back up `jump_length` levels after every `jump_length` levels down,
     `resamplings - 1` times at each such point. A step down is a reverse step, up a forward one."""
-    if jump_length < 1 or resamplings < 1:
-        raise UserError(f"jump_length and resamplings must be at least 1, "
-                        f"got {jump_length} and {resamplings}")
+    _check_jumps(jump_length, resamplings)
     jumps = {j: resamplings - 1 for j in range(0, levels - jump_length, jump_length)}
     t, seq = levels, []
     while t >= 1:
@@ -302,7 +318,7 @@ def denoise(run: Run, images_u8: torch.Tensor, sigma="auto", method: str = "mmse
     y = batch_to_model(images_u8).to(run.device)
     x = denoise_tensor(_denoiser(run, y, clip_x0, tile_batch), y, sig, method, samples, seed,
                        indices=indices, sampler=sampler, steps=steps)
-    return to_uint8(x)
+    return _to_images(run, x)
 
 
 def resolve_sigma(schedule: Schedule, images_u8: torch.Tensor, sigma) -> list[float]:
@@ -333,7 +349,7 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     x = img2img_tensor(
         _denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device),
         strength, seed, indices=indices, sampler=sampler, steps=steps)
-    return to_uint8(x)
+    return _to_images(run, x)
 
 
 def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 0, *,
@@ -356,7 +372,7 @@ def inpaint(run: Run, images_u8: torch.Tensor, masks: torch.Tensor, seed: int = 
         _denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device),
         fill, seed, indices=indices, steps=steps, jump_length=jump_length, resamplings=resamplings)
     # The known pixels are the input's exactly (not a float round trip of them).
-    return torch.where(fill.expand_as(images_u8), to_uint8(x), images_u8)
+    return torch.where(fill.expand_as(images_u8), _to_images(run, x), images_u8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +409,12 @@ class Restoration:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if self.seed < 0:
             raise UserError(f"--seed must not be negative, got {self.seed}")
+        if self.kind == "inpaint":
+            _check_jumps(self.jump_length, self.resamplings)
+        if self.kind == "denoise" and self.method == "mmse" and (
+                self.steps is not None or self.samples != 1 or self.sampler not in (None, "ddpm")):
+            raise UserError("--method mmse is one network call: --steps, --samples and --sampler "
+                            "are for --method sample")
         if self.kind == "img2img" and not 0 <= self.strength <= 1:
             raise UserError(f"--strength must be in [0, 1] (0 returns the input, 1 ignores it), "
                             f"got {self.strength}")
@@ -408,12 +430,14 @@ class Restoration:
             for sigma in set(_sigma_list(self.sigma, count)):
                 sigma_to_timestep(schedule, sigma)
 
-    def identity(self, run: Run, inputs: Path) -> dict:
+    def identity(self, run: Run, inputs: Path, files: list[Path]) -> dict:
         """What determines the job's files: its output folder's record."""
         sigma = (self.sigma if isinstance(self.sigma, str)
                  else np.asarray(self.sigma, dtype=float).tolist())
-        return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "kind": self.kind,
-                "inputs": str(inputs.resolve()), "seed": self.seed, "parameters": self.parameters(),
+        return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "ema": run.ema,
+                "kind": self.kind, "inputs": str(inputs.resolve()),
+                "files": [p.name for p in files], "seed": self.seed,
+                "parameters": self.parameters(),
                 **({"sigma": sigma} if self.kind == "denoise" else {}),
                 **({"masks": str(Path(self.masks_dir).resolve())} if self.masks_dir else {})}
 
@@ -447,12 +471,15 @@ class Restoration:
 
 def _input_files(folder: Path) -> list[Path]:
     folder = Path(folder)
+    if folder.is_file():
+        raise UserError(f"{folder} is a file: give the folder that holds the images")
     if not folder.is_dir():
         raise UserError(f"input folder not found: {folder}")
     files = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {folder}")
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {folder} "
+                        f"(its subfolders are not searched)")
     stems = [p.stem for p in files]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
@@ -487,14 +514,17 @@ def _batches_of_one_size(images: list[torch.Tensor], batch_size: int) -> list[li
 def load_masks(masks_dir: Path, files: list[Path],
                images: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mask of each image (named like it, white = fill) as bool 1 x H x W."""
+    if not masks_dir.is_dir():
+        raise UserError(f"mask folder not found: {masks_dir} (--mask: a folder of masks named "
+                        f"like the images)")
     masks = []
     for image, img in zip(files, images):
         found = [masks_dir / (image.stem + s) for s in [image.suffix, *sorted(IMAGE_SUFFIXES)]]
         path = next((p for p in found if p.is_file()), None)
         if path is None:
             raise UserError(f"no mask for {image.name} in {masks_dir} "
-                            f"(expected {image.stem}.png or the same name)")
-        mask = read_image(path).float().mean(0, keepdim=True) > 127
+                            f"(expected {image.name} or {image.stem}.png)")
+        mask = read_mask(path)
         if mask.shape[-2:] != img.shape[-2:]:
             raise UserError(f"mask {path} is {mask.shape[2]}x{mask.shape[1]} pixels but its image "
                             f"is {img.shape[2]}x{img.shape[1]}")
@@ -511,7 +541,7 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
         OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)
     Every file is written atomically; each image's noise depends only on (seed, its sorted
     position). A folder holding another restoration's outputs is refused unless `fresh`."""
-    job = Restoration(kind, **options).checked()
+    job = Restoration(kind, **{"clip_x0": run.config.sample.clip_x0, **options}).checked()
     files, images = read_inputs(run, Path(inputs_dir))
     job.check_levels(run.schedule, len(files))
     masks = load_masks(Path(job.masks_dir), files, images) if kind == "inpaint" else None
@@ -521,7 +551,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
             f"those images come back unchanged")
     out, text = Path(out_dir), {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
     reads = (Path(inputs_dir),) + ((Path(job.masks_dir),) if masks else ())
-    with OutputFolder(out, RESTORE, job.identity(run, Path(inputs_dir)), fresh, force, reads):
+    with OutputFolder(out, RESTORE, job.identity(run, Path(inputs_dir), files), fresh, force,
+                      reads):
         outputs, sigmas = [None] * len(files), [""] * len(files)
         for idx in _batches_of_one_size(images, job.batch_size):
             batch = torch.stack([images[i] for i in idx])
@@ -555,11 +586,18 @@ def _write_summary(out: Path, files: list[Path], images: list, outputs: list, si
 
 
 def _restored_files(out: Path) -> list[Path]:
-    """An earlier restoration's own files: the outputs its manifest lists, its grid and manifest."""
-    listed = manifest_files(out, out / "manifest.csv", 1, r"individual/[^/]+\.png")
-    return [*listed, *existing(out, ("grid.png", "manifest.csv"))]
+    """An earlier restoration's own files: the outputs its record names (one written before a
+    crash is in no manifest yet), its grid and manifest, and what audit and eval wrote about
+    them."""
+    names = (read_record(out) or {"job": {}})["job"].get("files")
+    outputs = [inside(out, f"individual/{Path(name).stem}.png")
+               for name in (names if isinstance(names, list) else []) if isinstance(name, str)]
+    return [p for p in outputs if p is not None and (p.is_file() or p.is_symlink())] + existing(
+        out, ("grid.png", "manifest.csv", *ABOUT_IMAGES))
 
 
 RESTORE = Kind("restore", "restoration", "restored images",
-               "files no ddpmkit restoration wrote there", _restored_files)
+               "files no ddpmkit restoration wrote there", _restored_files,
+               lambda job: {"grid.png", "manifest.csv", *(f"individual/{Path(name).stem}.png"
+                                                          for name in job["files"])}.__contains__)
 

@@ -138,6 +138,9 @@ class RunDir:
         """The images (and labels) the run trained on, read again as it read them; refused when it
         recorded none (an imported or streamed run), or when its data is no longer what it
         recorded."""
+        if not self.is_run():
+            raise UserError(f"{self.path} is not a ddpmkit training run: give the folder "
+                            f"`ddpmkit train --out` wrote")
         if self.imported_from():
             raise UserError(f"{self.path} is an imported model: the images it was trained on are "
                             f"unknown")
@@ -405,6 +408,7 @@ class Run:
     step: int
     checkpoint: str  # file name, for manifests
     checkpoint_sha256: str = ""
+    ema: bool = True  # the EMA weights, else the raw ones
 
     @property
     def image_size(self) -> int:
@@ -450,4 +454,4 @@ def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True,
     # Plain NCHW, not channels_last: eager GroupNorm is slow on channels_last tensors (RESULTS.md).
     net.to(device, dtype).eval().requires_grad_(False)
     return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"],
-               ckpt_path.name, entry["sha256"])
+               ckpt_path.name, entry["sha256"], ema)

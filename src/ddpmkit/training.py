@@ -243,6 +243,10 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
     if resume_from is None and job.prep.source:
         pretrained = load_pretrained(state.model, state.ema, job.prep.source, log)
         log(f"starting from {pretrained}; optimizer and step start from zero")
+    tc = job.cfg.train
+    if state.step >= tc.max_steps:  # nothing to train: the run's record stays as it is
+        log(f"{run.path} is already trained to step {state.step} (train.max_steps={tc.max_steps})")
+        return False
     if job.world.is_main:
         meta = {"environment": environment(job.device), "data": data.source,
                 "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
@@ -252,14 +256,10 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         run.truncate_stats(state.step)
         if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
             run.record_training_images(image_digests(data.images), log)
-    tc = job.cfg.train
     log(f"training {run.path}: {count_parameters(state.model):,} parameters, {data.source}, "
         f"on {job.device}"
         + (f" x {job.world.size} processes" if job.world.size > 1 else "")
         + (f", {tc.grad_accum} micro-batches of {job.share} per step" if tc.grad_accum > 1 else ""))
-    if state.step >= tc.max_steps:
-        log(f"{run.path} is already trained to step {state.step} (train.max_steps={tc.max_steps})")
-        return False
     state.model.train()
     state.model.activation_checkpointing = tc.activation_checkpointing
     state.net = state.model

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .. import atomic
 from ..config import DataConfig, data_config, parse_override
 from ..data import load_images, resize_center_crop
 from ..errors import UserError
-from ..outputs import job_runs, manifest_images
+from ..outputs import job_runs, manifest_images, write_about_images
 from ..pixels import IMAGE_SUFFIXES, read_image_files
 from ..run import RunDir, recorded_bit_depth
 from ..runtime import version
@@ -87,7 +88,7 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
     if overrides and paths or len(paths) > 1 or not refs:
         raise UserError("--ref takes data.key=value overrides, or one folder of images, "
                         "run directory or statistics .npz")
-    if paths and Path(paths[0]).suffix == ".npz" and Path(paths[0]).is_file():
+    if paths and Path(paths[0]).suffix == ".npz" and _holds_statistics(Path(paths[0])):
         return _statistics(Path(paths[0]))
     if paths and RunDir(paths[0]).is_run():
         path = Path(paths[0])
@@ -119,6 +120,18 @@ def _run_data(runs: list[Path], overrides: list[str], gen) -> dict:
                         f"one run whose data this could change: add data.path=... "
                         f"(data.path=null is the bundled digits)")
     return RunDir(runs[0]).data_values()
+
+
+def _holds_statistics(path: Path) -> bool:
+    """An .npz of feature statistics (mu, sigma), not of images; one that cannot be read is taken
+    for statistics, whose reader says what is wrong with it."""
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"mu", "sigma"} <= set(z.files)
+    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile):
+        return True
 
 
 def _statistics(path: Path) -> Reference:
@@ -243,7 +256,8 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         probs = torch.from_numpy(gen_logits).softmax(-1).numpy()
         values["inception_score"], values["inception_score_std"] = inception_score(
             probs, splits=min(10, len(probs)))
-    result = {"gen": str(gen), "num_gen": len(gen_images), "ref": ref.description,
+    result = {"written_by": "ddpmkit eval", "gen": str(gen), "num_gen": len(gen_images),
+              "ref": ref.description,
               "num_ref": len(ref.images) if ref.images is not None else ref.stats.n,
               **extractor.identity(), "metrics": values}
     if extractor.name == "classifier" and gen_logits is not None:
@@ -305,7 +319,7 @@ def write_result(result: dict, out: str | Path | None) -> tuple[Path, dict]:
     if isinstance(earlier, dict) and isinstance(earlier.get("metrics"), dict) and all(
             earlier.get(k) == result[k] for k in SAME_EVALUATION):
         result = {**result, "metrics": {**earlier["metrics"], **result["metrics"]}}
-    atomic.write_text(path, atomic.json_text(result))
+    write_about_images(path, atomic.json_text(result), "ddpmkit eval")
     return path, result
 
 
