@@ -7,7 +7,7 @@
 A job writes into a folder that is new, empty, or holds a record of its kind. A record of another
 job of that kind is replaced only with --fresh (or freely, when that job wrote nothing), which
 deletes the files the kind names inside the folder and nothing else. A folder holding files no
-ddpmkit job wrote is refused unless --force, which writes beside them and never deletes them. A
+ddpmkit job wrote is refused unless --force, which writes beside them, never over or deletes them. A
 training run, `/`, the home folder and the data a job reads are never output folders.
 `staged` builds whole folders (import, export) under a hidden name and renames them into place.
 """
@@ -60,14 +60,6 @@ def inside(folder: Path, relative: str) -> Path | None:
     except ValueError:
         return None
     return path
-
-
-def manifest_files(folder: Path, manifest: Path, column: int, pattern: str) -> list[Path]:
-    """The files a manifest names in `column` that match `pattern` (relative to `folder`) and lie
-    inside it."""
-    names = [row[column] for row in read_manifest(manifest, header=False) if len(row) > column]
-    return [p for p in (inside(folder, n) for n in names if re.fullmatch(pattern, n))
-            if p is not None]
 
 
 # a spreadsheet runs a cell starting with these as a formula
@@ -219,13 +211,12 @@ class OutputFolder:
             raise UserError(
                 f"--out {self.path} holds {_KIND_WHAT.get(record.get('kind'), 'another job')}: "
                 f"choose another --out for the {self.kind.what}")
-        elif record["job"] != self.identity and self.kind.own_files(self.path) and not self.fresh:
+        ours = self.kind.own_files(self.path) if record else []
+        if record and record["job"] != self.identity and ours and not self.fresh:
             raise UserError(self._differs(record["job"]))
-        resuming = record is not None and record["job"] == self.identity and not self.fresh
-        if not resuming:
-            self._refuse_writing_over(self.kind.own_files(self.path) if record else [])
-        if record is not None and not resuming:
-            self.delete(self.kind.own_files(self.path))
+        if not record or record["job"] != self.identity or self.fresh:  # not a resume
+            self._refuse_writing_over(ours)
+            self.delete(ours)
         # temporaries a killed job of ours left (names atomic writes make), in its subfolders too
         atomic.remove_stale_temps(self.path, *(p for p in self.path.rglob("*")
                                                if p.is_dir() and not p.is_symlink()))
