@@ -203,6 +203,8 @@ def test_import_and_export_refuse_a_link_as_their_new_folder(run_dir, tmp_path, 
     (tmp_path / "empty").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
     one_line(capsys, "export", run_dir, "--out", tmp_path / "link", says="is a link")
+    assert cli("export", run_dir, "--out", tmp_path / "hf") == 0
+    one_line(capsys, "import", tmp_path / "hf", "--out", tmp_path / "link", says="is a link")
     assert not any((tmp_path / "empty").iterdir())
 
 
