@@ -51,6 +51,12 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def head(path: Path, size: int) -> bytes:
+    """A file's first `size` bytes (what says who wrote it), without reading the rest."""
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
 def is_temporary(path: Path) -> bool:
     """A name `atomic_path` makes."""
     return path.name.startswith(".") and path.name.endswith(".tmp")

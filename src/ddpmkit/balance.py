@@ -209,7 +209,7 @@ class TopUp:
         the same generator, sampling settings and selector is not probed again."""
         spec, name = SamplingSpec.from_config(cfg), cfg.class_label
         probed_with = {**dataclasses.asdict(dataclasses.replace(spec, guidance=0.0)),
-                       "checkpoint_sha256": self.run.checkpoint_sha256, "ema": cfg.ema,
+                       "checkpoint_sha256": self.run.checkpoint_sha256, "ema": self.run.ema,
                        "seed": cfg.seed, "selector": self.selector.digest(name)}
         earlier = _earlier_probe(self.out, name)
         if earlier.get("probed_with") == probed_with:

@@ -535,7 +535,7 @@ def cmd_gif(ns: argparse.Namespace) -> None:
                         f"e.g. {out / 'learning.gif'}")
     if out.suffix.lower() != ".gif":
         raise UserError(f"--out {out}: a GIF's name ends in .gif")
-    if out.is_symlink() or (out.is_file() and out.read_bytes()[:4] != b"GIF8"):
+    if out.is_symlink() or (out.is_file() and atomic.head(out, 4) != b"GIF8"):
         raise UserError(f"{out} is not a GIF: choose another --out (ddpmkit never replaces it)")
     # a data or samples folder: "no training grids" would read as a run that lost them
     if not run_dir.is_run():

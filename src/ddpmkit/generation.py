@@ -167,7 +167,7 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
 def _job_identity(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> dict:
     """What determines the pixels of image k. `num` is not part of it: a job may be extended."""
     return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint,
-            "checkpoint_sha256": run.checkpoint_sha256, "ema": cfg.ema, "seed": cfg.seed,
+            "checkpoint_sha256": run.checkpoint_sha256, "ema": run.ema, "seed": cfg.seed,
             "size": cfg.size, **dataclasses.asdict(spec)}
 
 

@@ -278,7 +278,7 @@ def write_about_images(path: Path, text: str, mark: str) -> None:
     beside the images it is about; a file there that ddpmkit did not write is refused, never
     replaced."""
     if path.is_symlink() or path.is_dir() or (
-            path.exists() and mark not in path.read_bytes()[:200].decode(errors="replace")):
+            path.exists() and mark not in atomic.head(path, 200).decode(errors="replace")):
         raise UserError(f"{path} is not a file ddpmkit wrote, and {mark} would replace it: move it "
                         f"out of {path.parent}")
     atomic.write_text(path, text)
