@@ -247,6 +247,9 @@ def test_outputs_never_overlap_the_data_a_job_reads(run_dir, tmp_path, capsys):
                  tmp_path / "gen", "--out", out, says="overlaps the data this job reads")
     one_line(capsys, "downstream", "--real", tmp_path / "noisy", "--synthetic", tmp_path / "gen",
              "--out", run_dir, says="is a training run")
+    for out in (run_dir / "checkpoints", run_dir / "grids" / "mine"):  # what training keeps
+        one_line(capsys, "sample", run_dir, "--num", 2, "--steps", 2, "--out", out, "--force",
+                 says="that training keeps in run")
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
     for i in range(4):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import atomic
 from .errors import UserError
-from .run import RunDir
+from .run import RUN_FOLDERS, RunDir
 
 FORMAT = "ddpmkit-output/1"
 RECORD = atomic.RECORD_NAME
@@ -156,6 +156,12 @@ def refuse_special(out: Path, reads: tuple[Path, ...] = (), what: str = "outputs
     if RunDir(out).is_run():
         raise UserError(f"--out {out} is a training run: write the {what} into a folder "
                         f"of their own, e.g. --out {out / what.split()[-1]}")
+    where = out.expanduser().resolve()
+    for run in where.parents:
+        if RunDir(run).is_run() and where.relative_to(run).parts[0] in RUN_FOLDERS:
+            raise UserError(f"--out {out} is inside the {where.relative_to(run).parts[0]}/ folder "
+                            f"that training keeps in run {run}: write the {what} elsewhere, e.g. "
+                            f"--out {run / what.split()[-1]}")
 
 
 def refuse_linked_folders(out: Path) -> None:
