@@ -437,6 +437,18 @@ def test_import_refuses_bad_sources_and_existing_output(tmp_path):
         import_diffusers(str(tmp_path / "missing" / "deeper" / "still"), tmp_path / "out",
                          log=lambda m: None)
 
+    # a latent pipeline's UNet would import and sample noise; an unreadable index is not skipped
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"],
+        "vqvae": ["diffusers", "VQModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+    with pytest.raises(UserError, match="model_index.json describes LDMPipeline with a vqvae: "
+                                        "ddpmkit imports pixel-space DDPM pipelines"):
+        import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
+    (tmp_path / "model_index.json").write_text("{broken")
+    with pytest.raises(UserError, match="cannot read .*model_index.json"):
+        import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
 
 def test_hub_id_without_network_or_huggingface_hub_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # "google/ddpm-cifar10-32" must not exist as a local folder

@@ -364,6 +364,21 @@ def _locate(folder: Path) -> tuple[Path, Path | None]:
     return unet, scheduler if scheduler.is_file() else None
 
 
+def _check_pipeline(folder: Path) -> None:
+    """A pipeline whose UNet works on something other than pixels (a latent pipeline's VAE or
+    VQ-VAE space) would import without error and sample noise: refused by its model_index.json."""
+    if not (folder / "model_index.json").is_file():
+        return
+    index = _read_json(folder / "model_index.json")
+    latent = sorted(k for k in ("vae", "vqvae", "text_encoder") if k in index)
+    unet = index.get("unet")
+    if latent or (isinstance(unet, list) and unet[-1:] != ["UNet2DModel"]):
+        what = f"a {', '.join(latent)}" if latent else f"a {unet[-1]}"
+        raise UserError(f"{folder / 'model_index.json'} describes "
+                        f"{index.get('_class_name', 'a pipeline')} with {what}: ddpmkit imports "
+                        f"pixel-space DDPM pipelines (a UNet2DModel and a scheduler) only")
+
+
 def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     path = unet_dir / f"{WEIGHTS}.safetensors"
     if not path.is_file():
@@ -418,6 +433,7 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
     its weights, provenance for meta.json). Writes nothing: also what training's --init-from
     needs."""
     folder, origin = _fetch(str(source), log)
+    _check_pipeline(folder)
     unet_dir, scheduler_path = _locate(folder)
     unet_config = _read_json(unet_dir / "config.json")
     scheduler_config = _read_json(scheduler_path) if scheduler_path else None
