@@ -166,6 +166,9 @@ def test_csv_filters_by_label_with_or_without_extensions(tmp_path):
     ("image,label\n../../etc/passwd,1\n", "outside the data folder"),
     ("image,label\n/etc/passwd,1\n", "outside the data folder"),
     ("image,label\nimg_000.png,0\n", "no rows"),
+    ("image,label\nimg_000.png,1,benign\n",
+     "data row 1 has 3 values where the header names 2 columns: quote"),
+    ("image,label\nimg_001.png,1\nimg_000.png\n", "data row 2 has 1 values where"),
 ])
 def test_bad_csvs_are_named(tmp_path, content, message):
     write_images(tmp_path / "imgs", 2)

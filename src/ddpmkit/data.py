@@ -340,7 +340,12 @@ def _select_by_csv(root: Path, files: list[Path],
         by_stem.setdefault(p.stem, []).append(p)
 
     chosen, labels, missing, seen = [], [], [], set()
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        extra, short = row.get(None) or [], list(row.values()).count(None)
+        if extra or short:  # a value with an unquoted comma, or a value missing: never guessed
+            raise UserError(f"labels CSV {csv_path}: data row {number} has "
+                            f"{len(columns) + len(extra) - short} values where the header names "
+                            f"{len(columns)} columns: quote a value that holds a comma")
         name = (row.get(cfg.image_column) or "").strip()
         label = (row.get(cfg.label_column) or "").strip() if has_labels else None
         if cfg.filter_label is not None and label != cfg.filter_label:
