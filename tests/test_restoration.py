@@ -264,6 +264,7 @@ def test_folder_runner_layout(tiny_run, tmp_path):
                                            "individual/c.png"]
     assert all(r["kind"] == "denoise" and float(r["sigma"]) > 0 for r in rows)
     assert json.loads(rows[0]["parameters"])["method"] == "mmse"
+    assert all(r["seed"] == "" for r in rows)  # the posterior mean draws no noise
     assert not list(out.rglob(".*.tmp"))
     # the same job again is a rerun; another job (other inputs, level, seed or kind) is refused,
     # and with fresh the earlier outputs go (the manifest listed only the new ones, beside stale
@@ -515,6 +516,22 @@ def test_a_folder_of_mixed_sizes_is_restored_at_each_image_size(tiny_run, tmp_pa
                    log=lambda *a: None)
     assert torch.equal(read_image(tmp_path / "out_alone" / "individual" / "d.png"),
                        read_image(out / "individual" / "d.png"))
+
+
+def test_an_images_noise_follows_its_name_not_its_neighbours(tiny_run, tmp_path):
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(3)]
+    _write_pngs(tmp_path / "all", images, ["a.png", "b.png", "c.png"])
+    _write_pngs(tmp_path / "one", images[2:], ["c.png"])
+    outputs = {}
+    for folder in ("all", "one"):
+        restore_folder(tiny_run, "img2img", tmp_path / folder, tmp_path / f"out_{folder}",
+                       strength=0.6, sampler="ddpm", steps=5, seed=2, batch_size=1,
+                       log=lambda *a: None)
+        outputs[folder] = {p.name: read_image(p)
+                           for p in (tmp_path / f"out_{folder}" / "individual").iterdir()}
+    assert torch.equal(outputs["all"]["c.png"], outputs["one"]["c.png"])
+    assert not torch.equal(outputs["all"]["a.png"], outputs["all"]["b.png"])
 
 
 def test_a_mask_is_white_above_mid_gray_and_transparency_is_laid_on_black(tmp_path):

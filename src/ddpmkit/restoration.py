@@ -25,6 +25,8 @@ the input's own uint8 values.
 
 Randomness: image k of an input list draws its noise from its own generator seeded by (seed, k)
 (samplers.ImageNoise), so results do not depend on the batch size or on which batch an image was in.
+A folder's images are keyed by their file names instead: an image restored alone, or beside other
+files, comes out the same.
 
 Sizes: an image must have the model's channel count and at least its size on both sides; a larger
 one (any shape) is restored tile by tile at every network call (tiling.py), never resized. Smaller
@@ -33,6 +35,7 @@ images and other channel counts are refused with a UserError.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -458,7 +461,7 @@ class Restoration:
 
     def run_on(self, run: Run, batch: torch.Tensor, masks: torch.Tensor | None,
                idx: list[int]) -> torch.Tensor:
-        """This job on one batch of uint8 images (positions `idx` in the folder)."""
+        """This job on one batch of uint8 images (`idx`: the indices that seed their noise)."""
         common = dict(indices=idx, tile_batch=self.batch_size, clip_x0=self.clip_x0)
         if self.kind == "denoise":
             return denoise(run, batch, self.sigma, self.method, self.samples, self.seed,
@@ -539,8 +542,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
         OUT/individual/<input stem>.png   one output per input
         OUT/grid.png                      inputs (top row) above outputs (bottom row), first 16
         OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)
-    Every file is written atomically; each image's noise depends only on (seed, its sorted
-    position). A folder holding another restoration's outputs is refused unless `fresh`."""
+    Every file is written atomically; each image's noise depends only on (seed, its file name).
+    A folder holding another restoration's outputs is refused unless `fresh`."""
     job = Restoration(kind, **{"clip_x0": run.config.sample.clip_x0, **options}).checked()
     files, images = read_inputs(run, Path(inputs_dir))
     job.check_levels(run.schedule, len(files))
@@ -562,7 +565,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
                 for i, s in zip(idx, part.sigma):
                     sigmas[i] = s
             masks_of = None if masks is None else torch.stack([masks[i] for i in idx])
-            for i, img in zip(idx, part.run_on(run, batch, masks_of, idx)):
+            keys = [_noise_key(files[i].name) for i in idx]
+            for i, img in zip(idx, part.run_on(run, batch, masks_of, keys)):
                 atomic.write_bytes(out / "individual" / f"{files[i].stem}.png",
                                    png_bytes(img, text), fsync=False)
                 outputs[i] = img
@@ -570,6 +574,11 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
         f"manifest {out}/manifest.csv")
     return out
+
+
+def _noise_key(name: str) -> int:
+    """The index that seeds an input image's noise, from its file name alone."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
 
 
 def _write_summary(out: Path, files: list[Path], images: list, outputs: list, sigmas: list,
@@ -580,7 +589,8 @@ def _write_summary(out: Path, files: list[Path], images: list, outputs: list, si
     grid = make_grid(torch.cat([resize_center_crop(img[None], shown)
                                 for img in [*images[:n], *outputs[:n]]]), ncol=n)
     atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
-    rows = [[str(p), f"individual/{p.stem}.png", job.kind, job.seed, f"{s:.6g}" if s != "" else "",
+    seed = "" if job.kind == "denoise" and job.method == "mmse" else job.seed  # draws no noise
+    rows = [[str(p), f"individual/{p.stem}.png", job.kind, seed, f"{s:.6g}" if s != "" else "",
              json.dumps(job.parameters())] for p, s in zip(files, sigmas)]
     write_manifest(out / "manifest.csv", rows, MANIFEST_COLUMNS)
 
