@@ -152,6 +152,19 @@ def test_the_audit_command_reports_planted_copies(run, tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 24 and "<script" not in page
 
 
+def test_copies_in_a_larger_sample_folder_are_found_as_exactly_as_at_the_runs_size(run, tmp_path):
+    from ddpmkit.audit import run_audit
+    from ddpmkit.images import to_uint8, upsample
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    new = torch.randint(0, 256, (24, 1, 8, 8), generator=torch.Generator().manual_seed(5),
+                        dtype=torch.uint8)
+    # what `sample --size 32` writes of a sample that is a training image, and of new images
+    big = to_uint8(upsample(torch.cat([digits8[:8], new]).float() / 127.5 - 1, 32))
+    found = run_audit(_pngs(tmp_path / "gen", big), run, features="none", log=lambda *_: None)
+    assert found["copies"] == 8 and all(row["distance"] < 1e-3 for row in found["nearest"][:8])
+
+
 def test_the_audit_page_renders_in_headless_chromium(run, tmp_path):
     from test_report import _browser
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import ImageData, resize_center_crop
+from .data import ImageData, in_chunks, resize_center_crop
 from .errors import UserError
-from .images import make_grid, png_bytes, scale_for_viewing
+from .images import make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
 from .metrics.memorization import Audit, audit, nearest_features
@@ -32,12 +32,23 @@ from .runtime import resolve_device
 PAIRS_SHOWN = 24  # closest pairs on the page
 
 
-def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], list[str]]:
+def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], list[str], int]:
     """The generated images at the run's size (a --size output is resized down), each one's
-    class from its manifest ('' where none), and its file."""
+    class from its manifest ('' where none), its file, and the size they were written at."""
     images, files = read_generated(gen, one_size=True)
     labels = {str(path): row.get("label", "") for path, row in manifest_images(gen, "file")}
-    return resize_center_crop(images, size), [labels.get(f, "") for f in files], files
+    return (resize_center_crop(images, size), [labels.get(f, "") for f in files], files,
+            min(images.shape[-2:]))
+
+
+def as_sampled(images: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """Real images taken up to `size` as `sample --size` takes a sample (bicubic), then down again
+    as the audit takes the generated ones: an upsampled copy of a training image then matches it
+    exactly, where the two resizes alone would blur it past the threshold."""
+    if images is None or images.shape[-1] >= size:
+        return images
+    return in_chunks(lambda part: resize_center_crop(
+        to_uint8(upsample(part.float() / 127.5 - 1, size)), part.shape[-1]), images)
 
 
 def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:
@@ -66,12 +77,12 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
         raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")
     data = run.training_set(log)
     _refuse_another_runs_images(gen, run)
-    train = data.images
-    gen_images, labels, files = generated_images(gen, run.config().data.image_size)
+    gen_images, labels, files, gen_size = generated_images(gen, run.config().data.image_size)
+    train = as_sampled(data.images, gen_size)
     if gen_images.shape[1] != train.shape[1]:
         raise UserError(f"{gen} holds {gen_images.shape[1]}-channel images and {run.path} was "
                         f"trained on {train.shape[1]}-channel ones: audit that run's own images")
-    held = run.holdout_images(holdout, drop_overlap, log)
+    held = as_sampled(run.holdout_images(holdout, drop_overlap, log), gen_size)
     result = audit(gen_images, train, held, share)
     summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
                "run": str(run.path.resolve()), "holdout": holdout,
