@@ -153,6 +153,7 @@ def test_statistics_reference_and_its_limits(tmp_path):
     assert any("note: 100 generated images for 1280-dimensional features: their "
                "covariance is rank-deficient" in m
                for m in said)  # a number not to compare with one made from more images
+    assert any(m.startswith("note: 100 reference images for 1280-dimensional") for m in said)
     one = write_pngs(tmp_path / "one", images[:1])
     with pytest.raises(UserError,
                        match="holds 1 image: the metrics compare distributions, so generate more"):

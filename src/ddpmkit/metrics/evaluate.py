@@ -233,11 +233,12 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
                             "not mu/sigma statistics")
         ref_feats, ref_stats = ref.feats, ref.stats
     gen_stats = FeatureStats.from_features(gen_feats)
-    if len(gen_feats) < gen_feats.shape[1] and "fid" in metrics:
-        log(f"note: {len(gen_feats)} generated images for {gen_feats.shape[1]}-dimensional "
-            f"features: their covariance is rank-deficient, so the Frechet distance is biased "
-            f"upward and noisy; compare only numbers made with the same count, and use at least "
-            f"{gen_feats.shape[1]} for a stable one")
+    for what, count in (("generated", len(gen_feats)), ("reference", ref_stats.n)):
+        if "fid" in metrics and count is not None and count < gen_feats.shape[1]:
+            log(f"note: {count} {what} images for {gen_feats.shape[1]}-dimensional features: "
+                f"their covariance is rank-deficient, so the Frechet distance is biased upward "
+                f"and noisy; compare only numbers made with the same counts, and use at least "
+                f"{gen_feats.shape[1]} for a stable one")
     if gen_stats.mu.shape != ref_stats.mu.shape:
         raise UserError(f"reference statistics have {ref_stats.mu.shape[0]} dimensions, "
                         f"{extractor.name} features {gen_stats.mu.shape[0]}: "
