@@ -158,9 +158,10 @@ def refuse_special(out: Path, reads: tuple[Path, ...] = (), what: str = "outputs
                         f"of their own, e.g. --out {out / what.split()[-1]}")
     where = out.expanduser().resolve()
     for run in where.parents:
-        if RunDir(run).is_run() and where.relative_to(run).parts[0] in RUN_FOLDERS:
-            raise UserError(f"--out {out} is inside the {where.relative_to(run).parts[0]}/ folder "
-                            f"that training keeps in run {run}: write the {what} elsewhere, e.g. "
+        top = where.relative_to(run).parts[0]
+        if top in RUN_FOLDERS and RunDir(run).is_run():
+            raise UserError(f"--out {out} is inside the {top}/ folder that training keeps in "
+                            f"run {run}: write the {what} elsewhere, e.g. "
                             f"--out {run / what.split()[-1]}")
 
 
