@@ -208,3 +208,10 @@ def test_files_of_the_user_in_a_class_folder_are_refused_before_anything_is_dele
     # folders holding nothing but folders (what removing the user's files leaves) are nobody's
     (tmp_path / "emptied" / "classes" / "dog" / "individual").mkdir(parents=True)
     assert main([*balance[:3], str(tmp_path / "emptied"), *balance[4:]]) == 0
+
+
+def test_class_names_typed_decomposed_name_the_composed_class():
+    decomposed, composed = "n\u0303andu\u0301", "\u00f1and\u00fa"
+    counts = {"cat": 10, composed: 2}
+    assert plan(counts, target=10, class_labels=[decomposed]) == {"cat": 0, composed: 8}
+    assert parse_proportions(f"cat=0.5,{decomposed}=0.5") == {"cat": 0.5, composed: 0.5}

@@ -100,3 +100,14 @@ def test_default_yaml_is_what_no_config_means():
     from pathlib import Path
 
     assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == load_config(None)
+
+
+def test_class_names_take_one_unicode_form_and_are_written_as_letters():
+    decomposed, composed = "n\u0303andu\u0301", "\u00f1and\u00fa"  # as macOS writes them
+    cfg = load_config(None, {"sample.class_label": decomposed, "data.filter_label": decomposed,
+                             "data.class_names": ["cat", decomposed],
+                             "data.path": f"/data/{decomposed}"})
+    assert (cfg.sample.class_label, cfg.data.filter_label, cfg.data.class_names) == (
+        composed, composed, ["cat", composed])
+    assert cfg.data.path == f"/data/{decomposed}"  # a file name is the file system's, not ours
+    assert f"class_names: [cat, {composed}]" in to_yaml(cfg)

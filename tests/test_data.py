@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import SHARED_DATA, write_images
-from ddpmkit.config import DataConfig, load_config
+from ddpmkit.config import DataConfig, data_config, load_config
 from ddpmkit.data import batch_to_model, load_images, resize_center_crop
 from ddpmkit.pixels import array_to_uint8_nchw, value_scale
 from ddpmkit.errors import UserError
@@ -157,6 +157,17 @@ def test_csv_filters_by_label_with_or_without_extensions(tmp_path):
                      image_size=8)
     d = load_images(cfg)
     assert len(d) == 2 and d.labels == ["1", "1"]
+    assert d.source == f"2 images from {tmp_path / 'imgs'} (labelled by {tmp_path / 'meta.csv'})"
+
+
+def test_labels_read_decomposed_are_one_class_with_their_composed_spelling(tmp_path):
+    write_images(tmp_path / "imgs", 3)
+    (tmp_path / "l.csv").write_text("image,label\nimg_000,n\u0303andu\u0301\n"
+                                    "img_001,\u00f1and\u00fa\nimg_002,cat\n", encoding="utf-8")
+    d = load_images(data_config({"data.path": str(tmp_path / "imgs"), "data.image_size": 8,
+                                 "data.labels": str(tmp_path / "l.csv"),
+                                 "data.filter_label": "n\u0303andu\u0301"}))  # as --data reads it
+    assert d.labels == ["\u00f1and\u00fa"] * 2
 
 
 @pytest.mark.parametrize("content,message", [

@@ -28,7 +28,7 @@ import torch
 
 from . import atomic
 from .atomic import FolderLock
-from .config import SampleConfig
+from .config import SampleConfig, class_name
 from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
@@ -50,6 +50,7 @@ def plan(counts: dict[str, int], target: int | None = None, class_labels: Sequen
     if proportions is not None and (target is not None or class_labels):
         raise UserError("--proportions sets every class's share; "
                         "--target and --class set the named classes' counts: use one")
+    class_labels = [class_name(name) for name in class_labels]
     if target is not None or class_labels:
         if target is None or not class_labels:
             raise UserError("--target and --class go together: the final count of each class "
@@ -93,6 +94,7 @@ def _class_values(text: str, flag: str, what: str, example: str) -> dict[str, fl
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
+        name = class_name(name)
         if name.strip() in out:
             raise UserError(f"{flag} names {name.strip()} twice: give each class once")
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -245,6 +246,16 @@ def _check_rule(key: str, value: Any, rule) -> None:
         raise UserError(f"config key {key}: a share of labels, in [0, 1], got {value}")
 
 
+# keys that name classes: compared with the labels read from data, in one Unicode form
+_CLASS_NAME_KEYS = ("data.filter_label", "data.class_names", "sample.class_label")
+
+
+def class_name(text: str) -> str:
+    """A class name in one Unicode form (NFC): a name typed or saved decomposed (as macOS writes
+    accents) is the same class as its composed spelling."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _section_from_dict(name: str, values: dict) -> Any:
     cls = _SECTION_CLASSES[name]
     hints = typing.get_type_hints(cls)
@@ -255,6 +266,9 @@ def _section_from_dict(name: str, values: dict) -> Any:
             raise UserError(f"unknown config key {name}.{key} (known keys in '{name}': "
                             f"{', '.join(sorted(fields))})")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        if f"{name}.{key}" in _CLASS_NAME_KEYS and kwargs[key] is not None:
+            kwargs[key] = (class_name(kwargs[key]) if isinstance(kwargs[key], str)
+                           else [class_name(v) for v in kwargs[key]])
         _check_rule(f"{name}.{key}", kwargs[key], fields[key].metadata.get("rule"))
     return cls(**kwargs)
 
@@ -430,7 +444,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None,
+                          allow_unicode=True)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import RECORD_NAME
-from .config import DataConfig
+from .config import DataConfig, class_name
 from .errors import UserError
 from .limits import check_memory
 from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, array_to_uint8_nchw, as_nchw,
@@ -210,6 +210,21 @@ def data_channels(data: DataConfig) -> int:
     return load_images(data).channels
 
 
+def data_class_count(data: DataConfig) -> int:
+    """How many classes training will find, without decoding a folder's images: a CSV's or the
+    class subfolders' labels, an .npz's or IDX file's labels (loaded), the digits' ten (0: none)."""
+    if data.class_names:
+        return len(data.class_names)
+    path = Path(data.path).expanduser() if data.path is not None else None
+    if path is not None and path.is_dir() and not is_idx_data(path):
+        labels = list_image_files(split_folder(path, data), data, log=lambda *_: None)[1]
+    elif path is not None and path.suffix.lower() == ".npy":  # holds no labels
+        return 0
+    else:
+        labels = load_images(data, log=lambda *_: None).labels
+    return len(set(labels or []))
+
+
 def has_named_splits(path: str | Path) -> bool:
     """Whether data.split chooses among parts of `path` (an .npz, an IDX folder, a train/val/test
     folder) rather than `path` being one split itself (a plain folder, an .npy, one IDX file)."""
@@ -290,7 +305,7 @@ def _class_folder_labels(root: Path, files: list[Path]) -> list[str] | None:
     parts = [f.relative_to(root).parts for f in files]
     if any(len(p) < 2 for p in parts):
         return None
-    labels = [p[0] for p in parts]
+    labels = [class_name(p[0]) for p in parts]
     return labels if len(set(labels)) > 1 else None
 
 
@@ -305,6 +320,7 @@ def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
     images = torch.cat([resize_center_crop(img[None], cfg.image_size)
                         for img in read.images])  # mixed sizes
     desc = (f"{len(images)} images from {root}"
+            + (f" (labelled by {cfg.labels})" if cfg.labels else "")
             + (f" ({len(read.skipped)} skipped)" if read.skipped else ""))
     return ImageData(images, desc + read.note, labels=labels, skipped=read.skipped,
                      files=[str(f) for f in read.files], source_path=str(root),
@@ -347,7 +363,7 @@ def _select_by_csv(root: Path, files: list[Path],
                             f"{len(columns) + len(extra) - short} values where the header names "
                             f"{len(columns)} columns: quote a value that holds a comma")
         name = (row.get(cfg.image_column) or "").strip()
-        label = (row.get(cfg.label_column) or "").strip() if has_labels else None
+        label = class_name((row.get(cfg.label_column) or "").strip()) if has_labels else None
         if cfg.filter_label is not None and label != cfg.filter_label:
             continue
         pure = PurePosixPath(name.replace("\\", "/"))
@@ -433,7 +449,7 @@ def _label_list(labels: np.ndarray, count: int, where: str) -> list[str]:
             raise UserError(f"{where} holds fractional values (e.g. {labels[labels % 1 != 0][0]:g})"
                             f": labels name classes; give integers or names")
         labels = labels.astype(np.int64)  # 3.0 names the same class as 3
-    return [str(v) for v in labels]
+    return [class_name(str(v)) for v in labels]
 
 
 _PICKLED = ("cannot read {}: not a NumPy array file, or it holds Python objects, which ddpmkit "
