@@ -92,3 +92,18 @@ def test_info_sizes_the_model_for_the_channels_of_the_data_it_names(tmp_path, ca
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"3 channels assumed: data.path {tmp_path / 'later'} does not exist here " \
                    f"(set data.channels=1 for grayscale data)"
+
+
+def test_info_counts_the_classes_a_class_conditional_model_will_embed(tmp_path):
+    from conftest import write_images
+
+    write_images(tmp_path / "imgs", 3, mode="L")
+    (tmp_path / "labels.csv").write_text("image,label\nimg_000,a\nimg_001,b\nimg_002,b\n")
+    csv_data = {"data.path": str(tmp_path / "imgs"), "data.labels": str(tmp_path / "labels.csv"),
+                "model.class_conditional": True}
+    for data, classes in ((csv_data, 2), ({"model.class_conditional": True}, 10)):  # the digits
+        found = model_info(load_config(None, data), batch_sizes=(1,))["parameters"]
+        told = model_info(load_config(None, {**data, "model.num_classes": classes}),
+                          batch_sizes=(1,))["parameters"]
+        assert found == told > model_info(load_config(None, {**data, "model.num_classes": 1}),
+                                          batch_sizes=(1,))["parameters"]

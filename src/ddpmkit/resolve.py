@@ -17,7 +17,7 @@ import torch
 
 from .augmentation import label_dim
 from .config import Config, updated
-from .data import ImageData, class_order, data_channels, load_images
+from .data import ImageData, class_order, data_channels, data_class_count, load_images
 from .errors import UserError
 from .pretrained import Source, adopt_architecture
 from .run import RunDir
@@ -71,9 +71,10 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
 
 
 def architecture(cfg: Config, log=print) -> tuple[Config, str]:
-    """The config with the model's channel count and train.init_from's architecture, as training
-    will resolve them but without reading the dataset (image headers, an .npy's first image), and
-    where the channel count comes from. 3 is assumed only for a data.path that is not here."""
+    """The config with the model's channel and class counts and train.init_from's architecture,
+    as training will resolve them but without decoding the dataset (image headers, an .npy's first
+    image, the labels), and where the channel count comes from. 3 is assumed only for a data.path
+    that is not here."""
     source = Source(cfg.train.init_from, log) if cfg.train.init_from else None
     if cfg.model.in_channels or cfg.data.channels:
         channels, where = cfg.model.in_channels or cfg.data.channels, (
@@ -87,8 +88,11 @@ def architecture(cfg: Config, log=print) -> tuple[Config, str]:
                               f"(set data.channels=1 for grayscale data)")
     else:
         channels, where = data_channels(cfg.data), f"the data in {cfg.data.path}"
-    cfg = updated(cfg, {"model.in_channels": channels,
-                        "model.augment_dim": label_dim(cfg.train.augment)})
+    values = {"model.in_channels": channels, "model.augment_dim": label_dim(cfg.train.augment)}
+    if cfg.model.class_conditional and not cfg.model.num_classes and (
+            cfg.data.path is None or Path(cfg.data.path).expanduser().exists()):
+        values["model.num_classes"] = data_class_count(cfg.data)  # as training sets it
+    cfg = updated(cfg, values)
     return (adopt_architecture(cfg, source.config, log) if source else cfg), where
 
 
