@@ -87,6 +87,18 @@ def test_conditional_samples_show_the_requested_class(conditional_run):
     assert unguided < 0.35  # guidance 0 ignores the class: about one in ten
 
 
+def test_a_run_that_never_dropped_labels_is_sampled_without_guidance_only(tiny):
+    run = train(tiny(**{"model.class_conditional": True, "train.label_dropout": 0.0,
+                        "train.max_steps": 2}), log=quiet, progress=False)
+    run = load_run(run.path)
+    with pytest.raises(UserError, match="trained with train.label_dropout=0, so it never learnt"):
+        sample(run, num=2, steps=2, guidance=2.0)
+    assert sample(run, num=2, steps=2).shape[0] == 2
+    with pytest.raises(UserError, match=r"sample.class_label \(--class\) banana: not a class"):
+        train(tiny(**{"model.class_conditional": True, "sample.class_label": "banana"}),
+              log=quiet, progress=False)
+
+
 def test_label_dropout_one_leaves_the_class_embedding_untrained(tiny):
     run = train(tiny(**{"model.class_conditional": True, "train.label_dropout": 1.0,
                         "train.max_steps": 10, "train.checkpoint_every": 5}),

@@ -50,6 +50,11 @@ def test_parse_override_reads_yaml_values():
     ({"model.attention_head_dim": 0}, "model.attention_head_dim: must be positive"),
     ({"model.attention_head_dim": 20},
      "model.attention_head_dim: 20 makes 3 heads of the 64 channels of a level"),
+    # each would train: to NaN, from a "noise" end that is 90% signal, towards a broken sampler
+    ({"model.time_freq_shift": 16}, "model.time_freq_shift: 16 must be below half of"),
+    ({"diffusion.num_timesteps": 1}, "diffusion.num_timesteps: 1 is too few; use at least 2"),
+    ({"sample.class_label": "3"},
+     "sample.class_label (--class) 3: the model is not class-conditional"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):

@@ -154,6 +154,11 @@ def test_statistics_reference_and_its_limits(tmp_path):
                "covariance is rank-deficient" in m
                for m in said)  # a number not to compare with one made from more images
     assert any(m.startswith("note: 100 reference images for 1280-dimensional") for m in said)
+    ten, said = write_pngs(tmp_path / "ten", images[:10]), []
+    scored = evaluate(ten, [str(tmp_path / "stats.npz")], ("is",), "efficientnet",
+                      log=said.append)["metrics"]
+    assert scored["inception_score"] > 1.05  # not the 1.0 that splits of one image give
+    assert any("an Inception Score from 10 images (5 splits) is lower" in m for m in said)
     one = write_pngs(tmp_path / "one", images[:1])
     with pytest.raises(UserError,
                        match="holds 1 image: the metrics compare distributions, so generate more"):

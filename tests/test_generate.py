@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,9 +83,16 @@ def test_the_python_api_refuses_what_its_sampler_would_ignore_as_the_cli_does(ru
                              ({"sampler": "ddim", "eta": 0.5, "variance": "large"},
                               "sample.variance=large applies to the ddpm sampler only"),
                              ({"guidance": 2.0},
-                              "is not class-conditional, so there is nothing to guide")]:
-        with pytest.raises(UserError, match=message):
-            sample(run, num=1, steps=2, **options)
+                              "is not class-conditional, so there is nothing to guide"),
+                             # checked as the command line checks them, never read loosely
+                             ({"sampler": "ddpm", "variance": "Small"}, "sample.variance: 'Small'"),
+                             ({"clip_x0": "false"}, "sample.clip_x0: expected true or false"),
+                             ({"spacing": "bogus"}, "sample.spacing: 'bogus'"),
+                             ({"num": 0}, "sample.num: must be positive"),
+                             ({"size": 4}, "sample.size (--size) 4 is below the model's 8x8"),
+                             ({"steps": 2.5}, "sample.steps: expected an integer")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            sample(run, **{"num": 1, "steps": 2, **options})
     # what applies is taken
     assert sample(run, num=1, steps=2, sampler="ddpm", variance="large").shape[0] == 1
     assert sample(run, num=1, steps=2, sampler="ddim", eta=1.0).shape[0] == 1
@@ -234,7 +242,9 @@ def test_gif_of_a_folder_that_is_not_a_training_run_says_so(run_dir, tmp_path, c
     assert not (images / "learning.gif").exists()
     for args, says in ((["--out", tmp_path],
                         f"--out {tmp_path} is a folder: give the GIF's file name"),
-                       (["--frame-ms", 0], "--frame-ms must be at least 1, got 0")):
+                       (["--frame-ms", 0], "--frame-ms must be at least 1, got 0"),
+                       (["--frame-ms", 5], "--frame-ms 5: a GIF frame lasts 10 to 655350 ms"),
+                       (["--frame-ms", 10**8], "a GIF frame lasts 10 to 655350 ms")):
         assert cli("gif", run_dir, *args) == 2 and says in capsys.readouterr().err
     assert cli("info", run_dir, "--batch-sizes", "8,0") == 2
     assert ("--batch-sizes takes comma-separated positive integers, got '8,0'"

@@ -180,6 +180,13 @@ def test_divergence_stops_with_the_last_good_checkpoint_intact(tiny, monkeypatch
     assert [e["step"] for e in RunDir(run.path).verified_checkpoints()] == [10]
 
 
+def test_divergence_before_any_checkpoint_claims_none(tiny, monkeypatch):
+    monkeypatch.setattr(ddpmkit.training, "diffusion_loss",
+                        lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(UserError, match="by step [4-5]; no checkpoint was written before it; "):
+        train(tiny(**{"train.max_steps": 40, "train.max_nonfinite": 4}), log=quiet, progress=False)
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

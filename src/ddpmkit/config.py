@@ -281,11 +281,21 @@ def data_config(overrides: dict[str, Any]) -> DataConfig:
     return _section_from_dict("data", {k.removeprefix("data."): v for k, v in overrides.items()})
 
 
+def sample_config(values: dict[str, Any]) -> SampleConfig:
+    """A sample section on its own (the notebook API's keywords), checked key by key as the
+    command line's are."""
+    return _section_from_dict("sample", values)
+
+
 def _check_model(cfg: Config) -> None:
     m = cfg.model
     if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
         raise UserError(f"config key model.channel_mult: needs positive entries, "
                         f"got {m.channel_mult}")
+    if not m.time_freq_shift < m.base_channels // 2:  # the embedding divides by their difference
+        raise UserError(f"config key model.time_freq_shift: {m.time_freq_shift:g} must be below "
+                        f"half of model.base_channels ({m.base_channels // 2}); 1 is DDPM's, 0 "
+                        f"diffusers' default")
     if m.base_channels % m.norm_groups:
         raise UserError(f"config key model.base_channels: {m.base_channels} is not divisible by "
                         f"model.norm_groups={m.norm_groups}")
@@ -325,6 +335,13 @@ def _check_values(cfg: Config) -> None:
     if d.schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
         raise UserError("config keys diffusion.beta_start/beta_end: "
                         "need 0 < beta_start < beta_end < 1")
+    if d.num_timesteps < 2:  # one step cannot go from noise to data: its beta is beta_start
+        raise UserError(f"config key diffusion.num_timesteps: {d.num_timesteps} is too few; "
+                        f"use at least 2 (1000 is DDPM's)")
+    if cfg.sample.class_label is not None and not cfg.model.class_conditional:
+        raise UserError(f"config key sample.class_label (--class) {cfg.sample.class_label}: the "
+                        f"model is not class-conditional, so it has no classes; drop it, or "
+                        f"train with model.class_conditional=true")
     if cfg.sample.steps is not None and cfg.sample.steps > d.num_timesteps:
         raise UserError(f"config key sample.steps: {cfg.sample.steps} is more than "
                         f"diffusion.num_timesteps={d.num_timesteps}")

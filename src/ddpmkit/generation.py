@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import atomic
-from .config import SampleConfig
+from .config import SampleConfig, sample_config
 from .distributed import World, barrier
 from .errors import UserError
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
@@ -88,6 +88,11 @@ class SamplingSpec:
                 and not run.config.model.class_conditional):
             raise UserError(f"sample.guidance={self.guidance}: {run.path} is not "
                             f"class-conditional, so there is nothing to guide")
+        if (self.guidance != 1.0 and run.config.model.class_conditional
+                and run.config.train.label_dropout == 0):
+            raise UserError(f"sample.guidance={self.guidance}: {run.path} was trained with "
+                            f"train.label_dropout=0, so it never learnt the unconditional model "
+                            f"that guidance other than 1 uses; sample with guidance 1")
         if self.guidance == 0 and self.class_label is not None:
             raise UserError(f"--class {self.class_label} with sample.guidance=0: guidance 0 "
                             f"samples the unconditional model, which ignores the class; drop "
@@ -156,12 +161,24 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
     """Notebook API: `num` images as uint8 N x C x H x W; `options` are SamplingSpec's (sampler,
     steps, spacing, eta, variance, clip_x0, guidance, class_label), with SampleConfig's defaults.
     An option the sampler would ignore is refused, as the CLI refuses it."""
-    spec = SamplingSpec(**options).checked(run, asked={f"sample.{k}" for k in options})
+    cfg = sample_config({"num": num, "seed": seed, "batch_size": batch_size, "size": size,
+                         **options})
+    spec = _checked(run, cfg, asked={f"sample.{k}" for k in options})
     out = []
     for start in range(0, num, batch_size):
         x = sample_batch(run, range(start, min(num, start + batch_size)), seed, spec)
         out.append(to_uint8(upsample(x, size) if size else x))
     return torch.cat(out)
+
+
+def _checked(run: Run, cfg: SampleConfig, asked) -> SamplingSpec:
+    """The job's sampling spec, checked with its counts and output size."""
+    check_count(cfg.num, MAX_IMAGES_PER_JOB, "sample.num")
+    check_count(cfg.size or 0, MAX_SIDE, "sample.size")
+    if cfg.size is not None and cfg.size < run.image_size:
+        raise UserError(f"sample.size (--size) {cfg.size} is below the model's "
+                        f"{run.image_size}x{run.image_size}: --size upsamples its output")
+    return SamplingSpec.from_config(cfg).checked(run, asked)
 
 
 def _job_identity(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> dict:
@@ -251,9 +268,7 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     torchrun every rank calls this and generates its share of the unfinished indices. `asked`: the
     sample.* keys the user gave (options they name that the sampler ignores are refused).
     `copies`: near-copies of training images are drawn again (--drop-copies)."""
-    check_count(cfg.num, MAX_IMAGES_PER_JOB, "sample.num")
-    check_count(cfg.size or 0, MAX_SIDE, "sample.size")
-    spec = SamplingSpec.from_config(cfg).checked(run, asked)
+    spec = _checked(run, cfg, asked)
     side = cfg.size or run.image_size
     check_memory(3 * min(cfg.batch_size, cfg.num) * run.channels * side * side * 4,
                  f"a batch of {cfg.batch_size} images of {side}x{side}",

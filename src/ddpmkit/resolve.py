@@ -57,6 +57,9 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     class_ids = None
     if cfg.model.class_conditional:
         class_ids, names = _class_ids(cfg, data)
+        if cfg.sample.class_label not in (None, *names):  # every later `sample` would refuse it
+            raise UserError(f"config key sample.class_label (--class) {cfg.sample.class_label}: "
+                            f"not a class of the data ({', '.join(names[:20])})")
         values.update({"data.class_names": names, "model.num_classes": len(names)})
     cfg = updated(cfg, values)
     if cfg.train.init_from and recorded and run.read_state()["checkpoints"]:

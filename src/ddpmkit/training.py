@@ -415,9 +415,8 @@ class Meter:
         self.skipped_total += skipped
         if worst >= tc.max_nonfinite:
             self.bar.close()
-            raise UserError(
-                f"training diverged: {worst} non-finite losses in a row by step {state.step}; last "
-                f"good checkpoint kept in {job.run.checkpoints}; lower train.lr")
+            raise UserError(f"training diverged: {worst} non-finite losses in a row by step "
+                            f"{state.step}; {_kept(job.run)}; lower train.lr")
         mean_loss = total_loss / (n - skipped) if n > skipped else float("nan")
         if math.isfinite(mean_loss):
             self.ckpt_loss_sum, self.ckpt_loss_n = (self.ckpt_loss_sum + mean_loss * n,
@@ -467,9 +466,8 @@ def _checkpoint(job: Job, state: TrainState, mean_loss: float) -> None:
         weights = [*state.model.named_parameters(), *state.ema.named_parameters()]
         bad = [name for name, p in weights if not torch.isfinite(p).all()]
         if bad:
-            raise UserError(
-                f"training diverged: the weights became non-finite by step {state.step} "
-                f"({bad[0]}); last good checkpoint kept in {job.run.checkpoints}; lower train.lr")
+            raise UserError(f"training diverged: the weights became non-finite by step "
+                            f"{state.step} ({bad[0]}); {_kept(job.run)}; lower train.lr")
         path = job.run.checkpoint_file(state.step)
         try:
             sha = save_checkpoint(path, state.model, state.ema, state.opt, state.step)
@@ -604,3 +602,8 @@ def _evaluator(prep: Prepared, device: torch.device, log):
     labels = data.labels[:n] if data.labels else None
     return TrainingEvaluator(cfg.train.eval_features, data.read(np.arange(n)), labels, device, log)
 
+
+def _kept(run: RunDir) -> str:
+    """What a diverged run leaves to go back to."""
+    return (f"last good checkpoint kept in {run.checkpoints}" if run.read_state()["checkpoints"]
+            else "no checkpoint was written before it")
