@@ -94,7 +94,8 @@ def test_a_run_that_never_dropped_labels_is_sampled_without_guidance_only(tiny):
     with pytest.raises(UserError, match="trained with train.label_dropout=0, so it never learnt"):
         sample(run, num=2, steps=2, guidance=2.0)
     assert sample(run, num=2, steps=2).shape[0] == 2
-    with pytest.raises(UserError, match=r"sample.class_label \(--class\) banana: not a class"):
+    with pytest.raises(UserError, match=r"--class banana: not a class of the data \(0, 1, .*; "
+                                        r"config key sample.class_label"):
         train(tiny(**{"model.class_conditional": True, "sample.class_label": "banana"}),
               log=quiet, progress=False)
 

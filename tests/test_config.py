@@ -54,7 +54,8 @@ def test_parse_override_reads_yaml_values():
     ({"model.time_freq_shift": 16}, "model.time_freq_shift: 16 must be below half of"),
     ({"diffusion.num_timesteps": 1}, "diffusion.num_timesteps: 1 is too few; use at least 2"),
     ({"sample.class_label": "3"},
-     "sample.class_label (--class) 3: the model is not class-conditional"),
+     "--class 3: the model is not class-conditional, so it has no classes (config key "
+     "sample.class_label)"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -111,6 +112,7 @@ def test_class_names_take_one_unicode_form_and_are_written_as_letters():
     decomposed, composed = "n\u0303andu\u0301", "\u00f1and\u00fa"  # as macOS writes them
     cfg = load_config(None, {"sample.class_label": decomposed, "data.filter_label": decomposed,
                              "data.class_names": ["cat", decomposed],
+                             "model.class_conditional": True,
                              "data.path": f"/data/{decomposed}"})
     assert (cfg.sample.class_label, cfg.data.filter_label, cfg.data.class_names) == (
         composed, composed, ["cat", composed])

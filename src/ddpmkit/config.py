@@ -339,8 +339,8 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key diffusion.num_timesteps: {d.num_timesteps} is too few; "
                         f"use at least 2 (1000 is DDPM's)")
     if cfg.sample.class_label is not None and not cfg.model.class_conditional:
-        raise UserError(f"config key sample.class_label (--class) {cfg.sample.class_label}: the "
-                        f"model is not class-conditional, so it has no classes; drop it, or "
+        raise UserError(f"--class {cfg.sample.class_label}: the model is not class-conditional, "
+                        f"so it has no classes (config key sample.class_label); drop it, or "
                         f"train with model.class_conditional=true")
     if cfg.sample.steps is not None and cfg.sample.steps > d.num_timesteps:
         raise UserError(f"config key sample.steps: {cfg.sample.steps} is more than "

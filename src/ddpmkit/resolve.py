@@ -58,8 +58,8 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     if cfg.model.class_conditional:
         class_ids, names = _class_ids(cfg, data)
         if cfg.sample.class_label not in (None, *names):  # every later `sample` would refuse it
-            raise UserError(f"config key sample.class_label (--class) {cfg.sample.class_label}: "
-                            f"not a class of the data ({', '.join(names[:20])})")
+            raise UserError(f"--class {cfg.sample.class_label}: not a class of the data "
+                            f"({', '.join(names[:20])}; config key sample.class_label)")
         values.update({"data.class_names": names, "model.num_classes": len(names)})
     cfg = updated(cfg, values)
     if cfg.train.init_from and recorded and run.read_state()["checkpoints"]:
