@@ -567,13 +567,18 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
             masks_of = None if masks is None else torch.stack([masks[i] for i in idx])
             keys = [_noise_key(files[i].name) for i in idx]
             for i, img in zip(idx, part.run_on(run, batch, masks_of, keys)):
-                atomic.write_bytes(out / "individual" / f"{files[i].stem}.png",
+                atomic.write_bytes(out / _output_of(files[i].name),
                                    png_bytes(img, text), fsync=False)
                 outputs[i] = img
         _write_summary(out, files, images, outputs, sigmas, job)
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
         f"manifest {out}/manifest.csv")
     return out
+
+
+def _output_of(name: str) -> str:
+    """Where an input file's restored image goes, relative to the output folder."""
+    return f"individual/{Path(name).stem}.png"
 
 
 def _noise_key(name: str) -> int:
@@ -590,7 +595,7 @@ def _write_summary(out: Path, files: list[Path], images: list, outputs: list, si
                                 for img in [*images[:n], *outputs[:n]]]), ncol=n)
     atomic.write_bytes(out / "grid.png", png_bytes(scale_for_viewing(grid)), fsync=False)
     seed = "" if job.kind == "denoise" and job.method == "mmse" else job.seed  # draws no noise
-    rows = [[str(p), f"individual/{p.stem}.png", job.kind, seed, f"{s:.6g}" if s != "" else "",
+    rows = [[str(p), _output_of(p.name), job.kind, seed, f"{s:.6g}" if s != "" else "",
              json.dumps(job.parameters())] for p, s in zip(files, sigmas)]
     write_manifest(out / "manifest.csv", rows, MANIFEST_COLUMNS)
 
@@ -600,7 +605,7 @@ def _restored_files(out: Path) -> list[Path]:
     crash is in no manifest yet), its grid and manifest, and what audit and eval wrote about
     them."""
     names = (read_record(out) or {"job": {}})["job"].get("files")
-    outputs = [inside(out, f"individual/{Path(name).stem}.png")
+    outputs = [inside(out, _output_of(name))
                for name in (names if isinstance(names, list) else []) if isinstance(name, str)]
     return [p for p in outputs if p is not None and (p.is_file() or p.is_symlink())] + existing(
         out, ("grid.png", "manifest.csv", *ABOUT_IMAGES))
@@ -608,6 +613,6 @@ def _restored_files(out: Path) -> list[Path]:
 
 RESTORE = Kind("restore", "restoration", "restored images",
                "files no ddpmkit restoration wrote there", _restored_files,
-               lambda job: {"grid.png", "manifest.csv", *(f"individual/{Path(name).stem}.png"
-                                                          for name in job["files"])}.__contains__)
+               lambda job: {"grid.png", "manifest.csv",
+                            *map(_output_of, job["files"])}.__contains__)
 
