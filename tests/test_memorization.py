@@ -165,6 +165,20 @@ def test_copies_in_a_larger_sample_folder_are_found_as_exactly_as_at_the_runs_si
     assert found["copies"] == 8 and all(row["distance"] < 1e-3 for row in found["nearest"][:8])
 
 
+def test_copies_in_a_smaller_folder_are_found_at_its_size(run, tmp_path):
+    from ddpmkit.audit import run_audit
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    new = torch.randint(0, 256, (24, 1, 8, 8), generator=torch.Generator().manual_seed(5),
+                        dtype=torch.uint8)
+    small = torch.stack([torch.from_numpy(np.array(  # as a user's image editor shrinks them
+        Image.fromarray(img[0].numpy()).resize((6, 6), Image.BICUBIC)))[None]
+        for img in torch.cat([digits8[:8], new])])
+    found = run_audit(_pngs(tmp_path / "gen", small), run, features="none", log=lambda *_: None)
+    assert found["copies"] == 8, [row["distance"] for row in found["nearest"][:8]]
+    assert [row["training_image"] for row in found["nearest"][:8]] == list(range(8))
+
+
 def test_the_audit_page_renders_in_headless_chromium(run, tmp_path):
     from test_report import _browser
 

@@ -33,20 +33,26 @@ PAIRS_SHOWN = 24  # closest pairs on the page
 
 
 def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], list[str], int]:
-    """The generated images at the run's size (a --size output is resized down), each one's
-    class from its manifest ('' where none), its file, and the size they were written at."""
+    """The generated images at the size the audit compares (the run's, or theirs where smaller:
+    a --size output is resized down, a smaller one kept), each one's class from its manifest
+    ('' where none), its file, and the size they were written at."""
     images, files = read_generated(gen, one_size=True)
     labels = {str(path): row.get("label", "") for path, row in manifest_images(gen, "file")}
-    return (resize_center_crop(images, size), [labels.get(f, "") for f in files], files,
-            min(images.shape[-2:]))
+    written = min(images.shape[-2:])
+    return (resize_center_crop(images, min(size, written)), [labels.get(f, "") for f in files],
+            files, written)
 
 
 def as_sampled(images: torch.Tensor | None, size: int) -> torch.Tensor | None:
-    """Real images taken up to `size` as `sample --size` takes a sample (bicubic), then down again
-    as the audit takes the generated ones: an upsampled copy of a training image then matches it
-    exactly, where the two resizes alone would blur it past the threshold."""
-    if images is None or images.shape[-1] >= size:
+    """Real images as the generated ones of `size` are compared. Larger: taken up to `size` as
+    `sample --size` takes a sample (bicubic), then down again as the audit takes the generated ones,
+    so an upsampled copy of a training image matches it exactly, where the two resizes alone would
+    blur it past the threshold. Smaller: taken down to `size`, rather than blurring the generated
+    images up to the run's."""
+    if images is None or images.shape[-1] == size:
         return images
+    if images.shape[-1] > size:
+        return resize_center_crop(images, size)
     return in_chunks(lambda part: resize_center_crop(
         to_uint8(upsample(part.float() / 127.5 - 1, size)), part.shape[-1]), images)
 
@@ -92,8 +98,8 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
     extractor = feature_extractor(features, data, log)
     if extractor is not None:
         add_feature_view(summary, extractor, (gen_images, train, held), result, log)
-    write_about_images(gen / "audit.json", atomic.json_text(summary), "ddpmkit audit")
-    write_about_images(gen / "audit.html", page(summary, result, gen_images, train),
+    write_about_images({gen / "audit.json": atomic.json_text(summary),
+                        gen / "audit.html": page(summary, result, gen_images, train)},
                        "ddpmkit audit")
     log(f"{summary['copies']} of {summary['generated']} generated images "
         f"({summary['copy_rate']:.1%}) are near-copies of training images (threshold "
