@@ -181,6 +181,26 @@ def test_audit_replaces_only_its_own_results_about_the_run_that_made_the_images(
              says="the bundled digits (no data.path) have no splits")
 
 
+def test_a_users_file_named_as_an_audit_result_is_neither_replaced_nor_deleted(
+        run_dir, tmp_path, capsys):
+    gen = tmp_path / "gen"
+    assert cli("sample", run_dir, "-n", 4, "--steps", 2, "--out", gen, "--quiet") == 0
+    note = '{"note": "my summary of last week\'s ddpmkit audit: keep"}'
+    (gen / "audit.json").write_text(note)  # names the tool near its start, but is not its output
+    one_line(capsys, "audit", gen, "--ref", run_dir, "--features", "none",
+             says="audit.json is not a file ddpmkit wrote")
+    (gen / "audit.json").rename(gen / "eval_inception.json")
+    (gen / "audit.html").write_text("<html>my own page</html>")
+    one_line(capsys, "audit", gen, "--ref", run_dir, "--features", "none",
+             says="audit.html is not a file ddpmkit wrote")
+    assert not (gen / "audit.json").exists()  # refused before either file was written
+    (gen / "audit.html").unlink()
+    assert cli("audit", gen, "--ref", run_dir, "--features", "none") == 0
+    assert cli("sample", run_dir, "-n", 4, "--steps", 3, "--out", gen, "--fresh", "--quiet") == 0
+    assert not (gen / "audit.json").exists()  # ddpmkit's, about the images --fresh replaced
+    assert (gen / "eval_inception.json").read_text() == note  # the user's
+
+
 @pytest.mark.parametrize("args, says", [
     (["--sigma", "abc"], "--sigma abc: give the noise's standard deviation"),
     (["--sigma", 0.2, "--steps", 5], "--method mmse is one network call"),

@@ -33,7 +33,7 @@ from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
 from .images import to_uint8
-from .outputs import (ABOUT_IMAGES, RECORD, Kind, OutputFolder, existing, matching, read_manifest,
+from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
@@ -334,7 +334,7 @@ def _balance_files(out: Path) -> list[Path]:
         files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
     links = [p for p in out.glob("by_class/*/*")
              if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
-    own = existing(out, ("manifest.csv", "selection.csv", "selection.json", *ABOUT_IMAGES))
+    own = existing(out, ("manifest.csv", "selection.csv", "selection.json")) + about_images(out)
     return [*files, *links, *own]
 
 

@@ -76,7 +76,7 @@ def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
     writer.writerows([[f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA) else v for v in row]
                       for row in rows])
     if path.name == "manifest.csv" and path.is_file() and path.read_text() != buf.getvalue():
-        for stale in existing(path.parent, ABOUT_IMAGES):  # about the images it listed before
+        for stale in about_images(path.parent):  # about the images it listed before
             stale.unlink()
     atomic.write_text(path, buf.getvalue(), fsync=True)
 
@@ -280,15 +280,31 @@ ABOUT_IMAGES = ("audit.json", "audit.html", "eval_inception.json", "eval_efficie
                 "eval_classifier.json")
 
 
-def write_about_images(path: Path, text: str, mark: str) -> None:
-    """Write what audit or eval found (its first 200 characters hold `mark`, e.g. "ddpmkit audit")
-    beside the images it is about; a file there that ddpmkit did not write is refused, never
-    replaced."""
-    if path.is_symlink() or path.is_dir() or (
-            path.exists() and mark not in atomic.head(path, 200).decode(errors="replace")):
-        raise UserError(f"{path} is not a file ddpmkit wrote, and {mark} would replace it: move it "
-                        f"out of {path.parent}")
-    atomic.write_text(path, text)
+# how their files open: the JSON with its "written_by", the audit page with its title
+_ABOUT_HEADS = (b'{\n "written_by": "ddpmkit ',
+                b"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit ")
+
+
+def _about_images_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and atomic.head(path, 100).startswith(
+        _ABOUT_HEADS)
+
+
+def about_images(folder: Path) -> list[Path]:
+    """The audit and eval results in `folder` that ddpmkit wrote; a user's file of the same name
+    is neither replaced nor deleted."""
+    return [path for path in existing(folder, ABOUT_IMAGES) if _about_images_file(path)]
+
+
+def write_about_images(files: dict[Path, str], mark: str) -> None:
+    """Write what audit or eval (`mark`, e.g. "ddpmkit audit") found beside the images it is about.
+    A file there that ddpmkit did not write is refused, before anything is written."""
+    for path in files:
+        if path.is_symlink() or path.is_dir() or (path.exists() and not _about_images_file(path)):
+            raise UserError(f"{path} is not a file ddpmkit wrote, and {mark} would replace it: "
+                            f"move it out of {path.parent}")
+    for path, text in files.items():
+        atomic.write_text(path, text)
 
 
 def existing(folder: Path, names) -> list[Path]:
@@ -305,7 +321,7 @@ def sample_files(folder: Path) -> list[Path]:
               if re.fullmatch(r"\d+", p.stem) and (p.is_file() or p.is_symlink())]
     grids = sorted(folder.glob("grids/grid_*x*.png"))
     return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists()),
-            *existing(folder, ABOUT_IMAGES)]
+            *about_images(folder)]
 
 
 SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there",

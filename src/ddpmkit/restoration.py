@@ -49,7 +49,8 @@ from . import atomic
 from .data import batch_to_model, resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
-from .outputs import ABOUT_IMAGES, Kind, OutputFolder, existing, inside, read_record, write_manifest
+from .outputs import (Kind, OutputFolder, about_images, existing, inside, read_record,
+                      write_manifest)
 from .pixels import IMAGE_SUFFIXES, read_image_files, read_mask
 from .run import Run
 from .runtime import mix_seed
@@ -608,7 +609,7 @@ def _restored_files(out: Path) -> list[Path]:
     outputs = [inside(out, _output_of(name))
                for name in (names if isinstance(names, list) else []) if isinstance(name, str)]
     return [p for p in outputs if p is not None and (p.is_file() or p.is_symlink())] + existing(
-        out, ("grid.png", "manifest.csv", *ABOUT_IMAGES))
+        out, ("grid.png", "manifest.csv")) + about_images(out)
 
 
 RESTORE = Kind("restore", "restoration", "restored images",

@@ -202,7 +202,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
              save_ref: str | Path | None = None) -> dict:
     _check_options(metrics, features, save_ref)
     t0 = time.perf_counter()
-    gen_images, gen_files = read_generated(gen)
+    gen_images, _ = read_generated(gen)
     if len(gen_images) < 2:
         raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, "
                         f"so generate more (thousands for a stable FID)")
@@ -324,7 +324,7 @@ def write_result(result: dict, out: str | Path | None) -> tuple[Path, dict]:
     if isinstance(earlier, dict) and isinstance(earlier.get("metrics"), dict) and all(
             earlier.get(k) == result[k] for k in SAME_EVALUATION):
         result = {**result, "metrics": {**earlier["metrics"], **result["metrics"]}}
-    write_about_images(path, atomic.json_text(result), "ddpmkit eval")
+    write_about_images({path: atomic.json_text(result)}, "ddpmkit eval")
     return path, result
 
 
