@@ -95,6 +95,27 @@ def test_a_damaged_state_file_is_one_line(run_dir, tmp_path, capsys, state):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("lost", ["config.yaml", "state.json"])
+def test_a_run_that_lost_its_config_or_state_is_neither_restarted_nor_mixed(
+        run_dir, tmp_path, capsys, lost):
+    run = copy_run(run_dir, tmp_path / "run")
+    (run / lost).unlink()
+    saved = RunDir(run).checkpoint_file(4).read_bytes()
+    one_line(capsys, "train", *TINY_ARGS, "--steps", 2, "--out", run, "--quiet",
+             says=f"holds a run's checkpoints but its {lost} is missing")
+    assert RunDir(run).checkpoint_file(4).read_bytes() == saved
+    assert cli("train", *TINY_ARGS, "--steps", 2, "--out", run, "--fresh", "--quiet") == 0
+    assert [e["step"] for e in RunDir(run).read_state()["checkpoints"]] == [2]
+
+
+def test_a_run_whose_checkpoints_are_all_gone_says_how_to_train_it_again(
+        run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path / "run")
+    RunDir(run).checkpoint_file(4).unlink()
+    one_line(capsys, "sample", run, "-n", 1, "--out", tmp_path / "s",
+             says=f"train it again (ddpmkit train --out {run} --fresh)")
+
+
 def test_sample_never_writes_into_someones_folder_and_fresh_deletes_only_its_own(
         run_dir, tmp_path, capsys):
     mine = tmp_path / "figures"

@@ -237,6 +237,9 @@ class RunDir:
     def select_checkpoint(self, which: str) -> dict:
         """'latest', 'best' or a step number -> the checkpoint entry (verified)."""
         entries = self.verified_checkpoints()
+        if not entries and self.read_state()["checkpoints"]:
+            raise UserError(f"{self.path}: every checkpoint it recorded is missing or damaged: "
+                            f"train it again (ddpmkit train --out {self.path} --fresh)")
         if not entries:
             raise UserError(f"{self.path} has no usable checkpoint: train it first "
                             f"(ddpmkit train --out {self.path})")
@@ -279,6 +282,7 @@ class RunDir:
                 (self.path / name).unlink(missing_ok=True)
             return None
         atomic.remove_stale_temps(self.path, self.checkpoints, self.grids)  # a run killed mid-write
+        self._refuse_a_partial_record()
         if not self.config_path.exists():
             return None
         self._check_resumable(cfg, log)
@@ -289,6 +293,17 @@ class RunDir:
             raise UserError(f"{self.path}: no intact checkpoint to resume from; "
                             f"rerun with --fresh to start over")
         return self.checkpoint_file(good[0]["step"])
+
+    def _refuse_a_partial_record(self) -> None:
+        """Checkpoints whose config.yaml or state.json is gone would be mixed with a new start's, or
+        written over by it."""
+        saved = self.checkpoints.is_dir() and any(self.checkpoints.glob("step_*.safetensors"))
+        lost = (self.config_path if not self.config_path.exists()
+                and (saved or self.state_path.exists())
+                else self.state_path if not self.state_path.exists() and saved else None)
+        if lost is not None:
+            raise UserError(f"{self.path} holds a run's checkpoints but its {lost.name} is "
+                            f"missing: restore it to resume, or rerun with --fresh to start over")
 
     def _check_resumable(self, cfg: Config, log) -> None:
         """Refuse a resume whose config changes what is computed; record the changes that only
