@@ -33,6 +33,17 @@ def test_training_writes_a_self_contained_report(report, capsys):
     assert capsys.readouterr().out.strip() == str(report.parent / "report.html")
 
 
+def test_a_damaged_grid_is_left_out_of_the_gif_not_the_end_of_training(report, tmp_path, capsys):
+    run = shutil.copytree(report.parent, tmp_path / "run")
+    grids = sorted((run / "grids").glob("step_*.png"))
+    grids[0].write_bytes(grids[0].read_bytes()[:50])  # truncated
+    assert main(["report", str(run)]) == 0
+    assert "data:image/gif;base64," in (run / "report.html").read_text()
+    assert main(["gif", str(run)]) == 0
+    assert f"left out the damaged grid {grids[0]}" in capsys.readouterr().err
+    assert (run / "learning.gif").read_bytes()[:4] == b"GIF8"
+
+
 def _browser():
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:

@@ -544,7 +544,8 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     if not run_dir.is_run():
         raise UserError(f"{run_dir.path} is not a ddpmkit training run: "
                         f"give the folder `ddpmkit train --out` wrote")
-    gif = learning_gif(run_dir, ns.frame_ms)
+    gif = learning_gif(run_dir, ns.frame_ms, warn=lambda m: print(f"warning: {m}",
+                                                                  file=sys.stderr))
     if gif is None and run_dir.imported_from():
         raise UserError(f"{run_dir.path} is an imported model ({run_dir.imported_from()}): "
                         f"it has no training grids")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import atomic
 from .images import gif_bytes
-from .pixels import read_image
+from .errors import UserError
+from .pixels import read_image_files
 from .run import RunDir
 
 MAX_STRIP = 10  # grids shown in the "learning" strip, evenly spaced over the run
@@ -140,10 +141,19 @@ def training_grids(run: RunDir) -> list[tuple[int, Path]]:
     return sorted(grids)
 
 
-def learning_gif(run: RunDir, frame_ms: int = 200) -> bytes | None:
-    """The periodic training grids as one animated GIF, or None if there are none."""
-    grids = training_grids(run)
-    return gif_bytes([read_image(p) for _, p in grids], frame_ms=frame_ms) if grids else None
+def learning_gif(run: RunDir, frame_ms: int = 200, warn=lambda message: None) -> bytes | None:
+    """The periodic training grids as one animated GIF, or None if none can be read; a damaged grid
+    is left out with a warning, as it cannot change what training did."""
+    files = [path for _, path in training_grids(run)]
+    try:
+        grids = read_image_files(files, f"the training grids in {run.grids}", on_error="skip")
+    except UserError as exc:  # none readable, or none at all
+        if files:
+            warn(str(exc))
+        return None
+    for path, why in grids.skipped:
+        warn(f"left out the damaged grid {path} ({why})")
+    return gif_bytes(grids.images, frame_ms=frame_ms)
 
 
 def _number(value) -> float | None:
@@ -212,10 +222,12 @@ def _grids(run: RunDir) -> str:
                     f"src='{data_uri(p.read_bytes(), 'image/png')}'>"
                     f"<figcaption>step {step:,}</figcaption></figure>" for step, p in shown)
     last_step, last = grids[-1]
+    gif = learning_gif(run)
+    animation = "" if gif is None else (
+        f"<figure><img class='big' alt='learning GIF' src='{data_uri(gif, 'image/gif')}'>"
+        f"<figcaption>the same noise at every grid, step by step</figcaption></figure>")
     return (f"<h2>Samples while learning</h2><div class='strip'>{strip}</div><div class='plots'>"
-            f"<figure><img class='big' alt='learning GIF' "
-            f"src='{data_uri(learning_gif(run), 'image/gif')}'><figcaption>the same noise at "
-            f"every grid, step by step</figcaption></figure><figure><img class='big' alt='latest "
+            f"{animation}<figure><img class='big' alt='latest "
             f"samples' src='{data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest "
             f"samples (step {last_step:,}, EMA weights)</figcaption></figure></div>")
 
