@@ -1,10 +1,11 @@
 import gzip
 import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import SHARED_DATA, write_images
 from ddpmkit.config import DataConfig, data_config, load_config
@@ -45,6 +46,31 @@ def test_mixed_modes_become_one_format(tmp_path):
     Image.fromarray(rng.integers(0, 255, (12, 7), dtype=np.uint8)).save(tmp_path / "gray.jpg")
     d = load_images(DataConfig(path=str(tmp_path), image_size=8))
     assert d.images.shape == (5, 3, 8, 8)
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    stored = np.zeros((16, 16), np.uint8)
+    stored[:, :8] = 255  # left half white as stored; orientation 6 shows it rotated a quarter turn
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg")))
+    d = load_images(DataConfig(path=str(tmp_path), image_size=16))
+    assert np.array_equal(d.images[0, 0].numpy(), shown) and shown[0].mean() > 250
+
+
+def test_sixteen_bit_colour_files_are_refused_not_read_to_their_top_byte(tmp_path):
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    rows = b"".join(b"\0" + np.full((4, 3), 4095, ">u2").tobytes() for _ in range(4))
+    (tmp_path / "rgb16.png").write_bytes(  # Pillow cannot write one: 12-bit white, RGB, 16 bits
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    with pytest.raises(UserError, match="rgb16.png is a 16-bit colour image, which the image "
+                                        "library reads only to 8 bits: save the set as a uint16"):
+        load_images(DataConfig(path=str(tmp_path), image_size=4))
 
 
 def test_sixteen_bit_images_scale_to_eight(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
@@ -79,6 +79,12 @@ def open_image(path: Path) -> Image.Image:
         im.close()
         raise ValueError(f"it declares {im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} "
                          f"ddpmkit decodes per image")
+    if (im.format in ("PNG", "TIFF") and im.mode not in WIDE_MODES
+            and any(";16" in str(tile[3]) for tile in im.tile)):
+        im.close()  # Pillow keeps only the top 8 bits of 16-bit colour: 12-bit data reads black
+        raise UserError(f"{path} is a 16-bit colour image, which the image library reads only to "
+                        f"8 bits: save the set as a uint16 .npy array (N x H x W x 3), which "
+                        f"ddpmkit reads at its bit depth")
     return im
 
 
@@ -87,6 +93,7 @@ def read_pixels(path: Path) -> np.ndarray:
     values (H x W) of a 16-bit, 32-bit or float image, for `image_scales` to map to 0..255."""
     with open_image(path) as im:
         im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # upright, as every viewer shows a photo
         if im.mode in WIDE_MODES:
             return np.array(im)
         if im.mode in GRAY_MODES:

@@ -53,12 +53,15 @@ class NpyImages:
 
 class FolderImages:
     """A folder of image files, each decoded when a batch draws it. Headers are checked up front
-    (cheap: no pixel is decoded), so unreadable files are skipped or refused before training."""
+    (cheap: no pixel is decoded), so unreadable files are refused before training; with
+    data.on_error=skip every file is decoded once instead, so a truncated one is skipped as the
+    in-memory reader skips it, not met in the middle of training."""
 
     def __init__(self, root: Path, cfg: DataConfig, log=print):
         files, labels = list_image_files(root, cfg, log)
         self.cfg, self.skipped = cfg, []
-        modes = [self._checked(path, _mode) for path in files]  # headers only: no pixel is decoded
+        decode = cfg.on_error == "skip"
+        modes = [self._checked(path, lambda p: _mode(p, decode)) for path in files]
         # wide (16-bit, float) images share one scale: one pass over them before training finds it,
         # decoding one image at a time (memory stays flat) and skipping those that do not decode
         undecodable: set[int] = set()
@@ -113,8 +116,10 @@ class FolderImages:
                                              self.cfg.image_size) for i in indices])
 
 
-def _mode(path: Path) -> str:
+def _mode(path: Path, decode: bool = False) -> str:
     with open_image(path) as im:
+        if decode:
+            im.load()
         return im.mode
 
 
