@@ -309,6 +309,10 @@ def test_scheduler_options_map_to_ours():
             == "x0")
     assert (diffusers_config_to_ddpmkit(GRAY, {"variance_type": "fixed_small_log"}).sample.variance
             == "small")
+    # DPMSolverMultistepScheduler's default: no learned variance
+    dpm = diffusers_config_to_ddpmkit(GRAY, {"_class_name": "DPMSolverMultistepScheduler",
+                                             "variance_type": None, "beta_end": 0.03})
+    assert (dpm.sample.variance, dpm.diffusion.beta_end) == ("small", 0.03)
     # diffusers sizes a "learned" time embedding with
     # it and ignores it for "positional": harmless here
     assert (diffusers_config_to_ddpmkit({**GRAY, "num_train_timesteps": 1000}).model.base_channels

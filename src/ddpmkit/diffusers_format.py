@@ -181,7 +181,9 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
 
 def _scheduler_overrides(scheduler_config: dict | None) -> dict:
     owner = (scheduler_config or {}).get("_class_name", "DDPMScheduler")
-    s = {**SCHEDULER_DEFAULTS, **_public(scheduler_config)}
+    # variance_type None: a model that predicts no variance (DPMSolverMultistepScheduler's default)
+    s = {**SCHEDULER_DEFAULTS, **{k: v for k, v in _public(scheduler_config).items()
+                                  if (k, v) != ("variance_type", None)}}
     # both change the process, not just the sampler
     for key in ("thresholding", "rescale_betas_zero_snr"):
         if s[key]:
