@@ -579,11 +579,26 @@ def test_export_and_import_work_without_diffusers(tmp_path, monkeypatch):
     assert all(torch.equal(v, ema.state_dict()[k]) for k, v in net.state_dict().items())
 
 
+def test_an_imported_model_refuses_guidance_unless_it_is_known_to_have_dropped_labels(tmp_path):
+    make_run(tmp_path / "run", 3)
+    export_diffusers(tmp_path / "run", tmp_path / "export", log=lambda m: None)
+    import_diffusers(tmp_path / "export", tmp_path / "ours", log=lambda m: None)
+    assert RunDir(tmp_path / "ours").config().train.label_dropout == 0.1  # as the export recorded
+    (tmp_path / "export" / CLASS_NAMES_FILE).unlink()  # as diffusers' own models come
+    notes = []
+    import_diffusers(tmp_path / "export", tmp_path / "theirs", log=notes.append)
+    assert RunDir(tmp_path / "theirs").config().train.label_dropout == 0
+    assert any("sampling refuses guidance other than 1" in n for n in notes)
+    with pytest.raises(UserError, match="never learnt the unconditional model"):
+        sample(load_run(tmp_path / "theirs"), num=1, steps=2, guidance=2.0)
+    assert sample(load_run(tmp_path / "ours"), num=1, steps=2, guidance=2.0).shape[0] == 1
+
+
 def test_class_names_that_do_not_fit_the_model_are_refused_on_import(tmp_path):
     make_run(tmp_path / "run", 3)
     export_diffusers(tmp_path / "run", tmp_path / "export", log=lambda m: None)
     names = tmp_path / "export" / CLASS_NAMES_FILE
-    assert json.loads(names.read_text()) == {"class_names": ["0", "1", "2"]}
+    assert json.loads(names.read_text()) == {"class_names": ["0", "1", "2"], "label_dropout": 0.1}
     for wrong in (["a", "b"], ["a", "a", "b"], "abc"):
         names.write_text(json.dumps({"class_names": wrong}))
         with pytest.raises(UserError, match="class_names must be 3 distinct names"):

@@ -451,8 +451,11 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
         log(f"note: ignoring UNet2DModel config keys unknown to diffusers {DIFFUSERS_VERSION}: "
             f"{', '.join(unknown)}")
     cfg = diffusers_config_to_ddpmkit(unet_config, scheduler_config)
-    names = (_read_json(folder / CLASS_NAMES_FILE).get("class_names")
-             if (folder / CLASS_NAMES_FILE).is_file() else None)
+    ours = _read_json(folder / CLASS_NAMES_FILE) if (folder / CLASS_NAMES_FILE).is_file() else {}
+    names, dropout = ours.get("class_names"), ours.get("label_dropout")
+    known = isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1
+    if cfg.model.class_conditional:  # unknown counts as none: guidance needs the unconditional one
+        cfg = updated(cfg, {"train.label_dropout": float(dropout) if known else 0.0})
     if names is not None and cfg.model.class_conditional:  # from a ddpmkit export
         if not (isinstance(names, list) and len(names) == cfg.model.num_classes
                 and len(set(map(str, names))) == len(names)):
@@ -466,7 +469,8 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, weights, f"the weights in {unet_dir}")
     provenance = {"imported_from": origin, "diffusers_unet_config": unet_config,
-                  "diffusers_scheduler_config": scheduler_config}
+                  "diffusers_scheduler_config": scheduler_config,
+                  "label_dropout_known": known or not cfg.model.class_conditional}
     return cfg, net.eval(), provenance
 
 

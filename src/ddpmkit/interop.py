@@ -45,6 +45,10 @@ def import_diffusers(source: str | Path, out: str | Path, log=print) -> Path:
         run.add_checkpoint(sha, 0, math.nan, keep_last=1)  # no training loss exists
     log(f"imported {origin} into {out}: {count_parameters(net):,} parameters, "
         f"{cfg.data.image_size}x{cfg.data.image_size}, {cfg.model.in_channels} channel(s)")
+    if not provenance["label_dropout_known"]:
+        log(f"note: {origin} does not say whether the model was trained with labels dropped, so "
+            f"sampling refuses guidance other than 1; if it was, set train.label_dropout in "
+            f"{out / 'config.yaml'}")
     return out
 
 
@@ -66,8 +70,9 @@ def export_diffusers(run_path: str | Path, out: str | Path, checkpoint: str = "l
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path),
                       metadata={"format": "pt"})
         write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
-        if run.config.data.class_names:
-            write_json(tmp / CLASS_NAMES_FILE, {"class_names": run.config.data.class_names})
+        if run.config.data.class_names:  # and whether guidance other than 1 has a model to use
+            write_json(tmp / CLASS_NAMES_FILE, {"class_names": run.config.data.class_names,
+                                                "label_dropout": run.config.train.label_dropout})
     log(f"exported {run.path} ({run.checkpoint}, {'EMA' if ema else 'raw'} weights) to {out}")
     if run.config.model.num_classes:
         log(f"note: the model is class-conditional ({run.config.model.num_classes} classes); "
