@@ -116,6 +116,15 @@ def test_mismatched_channels_are_refused_in_one_line(source, tmp_path, capsys, t
         Source(str(tmp_path))
 
 
+def test_a_checkpoint_file_or_a_missing_source_is_named(source):
+    checkpoint = sorted((source / "checkpoints").glob("step_*.safetensors"))[-1]
+    with pytest.raises(UserError, match=f"is a file of run {source}: give the run's folder"):
+        Source(str(checkpoint))
+    with pytest.raises(UserError, match="train.init_from nowhere: no such folder .give a ddpmkit "
+                                        "run, a diffusers folder or a hub id"):
+        Source("nowhere")
+
+
 def test_export_and_import_commands_round_trip_a_run(source, tmp_path, capsys):
     assert main(["export", str(source), "--format", "diffusers", "--out",
                  str(tmp_path / "hf")]) == 0

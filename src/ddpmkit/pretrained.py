@@ -35,6 +35,12 @@ class Source:
     def __init__(self, name: str, log=print):
         self.name, self.log = name, log
         path = Path(name).expanduser()
+        if path.is_file() and RunDir(path.parent.parent).is_run():
+            raise UserError(f"train.init_from {name} is a file of run {path.parent.parent}: give "
+                            f"the run's folder (fine-tuning starts from its latest checkpoint)")
+        if not path.exists() and name.count("/") != 1:  # not a hub id either
+            raise UserError(f"train.init_from {name}: no such folder (give a ddpmkit run, a "
+                            f"diffusers folder or a hub id like google/ddpm-cifar10-32)")
         self.is_run = RunDir(path).is_run()
         if self.is_run:
             self.path = path
