@@ -1,7 +1,10 @@
 import json
 
+import pytest
+
 from ddpmkit.cli import main
 from ddpmkit.config import load_config
+from ddpmkit.errors import UserError
 from ddpmkit.info import BYTES_PER_PARAMETER, model_info
 
 
@@ -107,3 +110,6 @@ def test_info_counts_the_classes_a_class_conditional_model_will_embed(tmp_path):
                           batch_sizes=(1,))["parameters"]
         assert found == told > model_info(load_config(None, {**data, "model.num_classes": 1}),
                                           batch_sizes=(1,))["parameters"]
+    with pytest.raises(UserError, match="model.class_conditional=true needs labels"):
+        model_info(load_config(None, {"data.path": str(tmp_path / "imgs"),
+                                      "model.class_conditional": True}), batch_sizes=(1,))

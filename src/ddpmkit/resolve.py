@@ -73,6 +73,10 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     return Prepared(cfg, data, class_ids, source)
 
 
+NEEDS_LABELS = ("model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
+                "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
+
+
 def architecture(cfg: Config, log=print) -> tuple[Config, str]:
     """The config with the model's channel and class counts and train.init_from's architecture,
     as training will resolve them but without decoding the dataset (image headers, an .npy's first
@@ -95,6 +99,8 @@ def architecture(cfg: Config, log=print) -> tuple[Config, str]:
     if cfg.model.class_conditional and not cfg.model.num_classes and (
             cfg.data.path is None or Path(cfg.data.path).expanduser().exists()):
         values["model.num_classes"] = data_class_count(cfg.data)  # as training sets it
+        if not values["model.num_classes"]:
+            raise UserError(NEEDS_LABELS)
     cfg = updated(cfg, values)
     return (adopt_architecture(cfg, source.config, log) if source else cfg), where
 
@@ -118,9 +124,7 @@ def _class_ids(cfg: Config, data: ImageData) -> tuple[torch.Tensor, list[str]]:
         if cfg.data.labels:  # a CSV without the label column still selects images
             why = (f"; {cfg.data.labels} has no column '{cfg.data.label_column}': "
                    f"set data.label_column to its class column")
-        raise UserError(
-            "model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
-            "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits" + why)
+        raise UserError(NEEDS_LABELS + why)
     empty = [i for i, label in enumerate(data.labels) if not label.strip()]
     if empty:  # an empty class name would read as "no class" (unconditional) in manifests
         first = Path(data.files[empty[0]]).name if data.files is not None else f"image {empty[0]}"
