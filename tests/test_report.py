@@ -40,7 +40,9 @@ def test_a_damaged_grid_is_left_out_of_the_gif_not_the_end_of_training(report, t
     assert main(["report", str(run)]) == 0
     assert "data:image/gif;base64," in (run / "report.html").read_text()
     assert main(["gif", str(run)]) == 0
-    assert f"left out the damaged grid {grids[0]}" in capsys.readouterr().err
+    told = capsys.readouterr()
+    assert f"left out the damaged grid {grids[0]}" in told.err
+    assert f"({len(grids) - 1} training grids)" in told.out
     assert (run / "learning.gif").read_bytes()[:4] == b"GIF8"
 
 

@@ -544,8 +544,10 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     if not run_dir.is_run():
         raise UserError(f"{run_dir.path} is not a ddpmkit training run: "
                         f"give the folder `ddpmkit train --out` wrote")
-    gif = learning_gif(run_dir, ns.frame_ms, warn=lambda m: print(f"warning: {m}",
-                                                                  file=sys.stderr))
+    damaged: list[str] = []
+    gif = learning_gif(run_dir, ns.frame_ms, warn=damaged.append)
+    if gif is None and damaged:
+        raise UserError(damaged[0])  # no grid could be read
     if gif is None and run_dir.imported_from():
         raise UserError(f"{run_dir.path} is an imported model ({run_dir.imported_from()}): "
                         f"it has no training grids")
@@ -553,7 +555,9 @@ def cmd_gif(ns: argparse.Namespace) -> None:
         raise UserError(f"{run_dir.path} has no training grids in {run_dir.grids} "
                         f"(train.sample_every writes them)")
     atomic.write_bytes(out, gif)
-    frames = len(training_grids(run_dir))
+    for message in damaged:
+        print(f"warning: {message}", file=sys.stderr)
+    frames = len(training_grids(run_dir)) - len(damaged)
     print(f"wrote {out} ({frames} training grid{'' if frames == 1 else 's'})")
 
 
