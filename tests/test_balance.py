@@ -76,6 +76,13 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
                  "sample.steps=3"]) == 0
     assert (out / "manifest.csv").read_text() == before
+    mine = out / "by_class" / "mine" / "real_favourite.png"  # a link of the user's: kept
+    mine.parent.mkdir()
+    mine.symlink_to(real[0]["file"])
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
+                 "sample.steps=3"]) == 0
+    assert mine.is_symlink()
+    mine.unlink()
     # a smaller target: the class folders follow the new manifest, no stale link is left
     assert main(["balance", str(run), "--out", str(out), "--target", "3", "--class", "dog",
                  "--by-class-folders", "--quiet", "sample.steps=3"]) == 0

@@ -77,6 +77,15 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     assert chart.startswith("<svg") and chart.count("<rect") == 3  # one bar per arm
     assert f'>{summary["table"]["oversampled"]["balanced_accuracy"][0]:.3f}</text>' in chart
 
+    # a class name is the user's: text in the report, never HTML a Markdown viewer runs
+    from ddpmkit.downstream import _report
+
+    name = "<img src=x onerror=alert(1)>|x"
+    hostile = json.loads((out / "results.json").read_text().replace("recall[0]", f"recall[{name}]"))
+    hostile["classes"][0] = name
+    text = _report(hostile)
+    assert "<img" not in text and "recall[&lt;img src=x onerror=alert(1)&gt;\\|x]" in text
+
 
 def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tmp_path):
     rng = np.random.default_rng(1)

@@ -128,8 +128,8 @@ def test_another_job_in_the_same_folder_is_refused(run_dir, tmp_path, capsys):
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--out", out) == 0
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--seed", 5, "--out", out) == 2
     assert "seed: 0 -> 5" in capsys.readouterr().err
-    for name in ("audit.json", "eval_inception.json"):  # as audit and eval write them
-        (out / name).write_text("{}")
+    for name, tool in (("audit.json", "audit"), ("eval_inception.json", "eval")):
+        (out / name).write_text(f'{{\n "written_by": "ddpmkit {tool}"}}')  # as they write them
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--seed", 5, "--out",
                out, "--fresh") == 0
     assert [r["seed"] for r in rows(out)] == ["5"] * 3
@@ -175,8 +175,13 @@ def test_results_about_a_jobs_images_go_when_its_manifest_changes(run_dir, tmp_p
     same keeps them, one that lists others removes them (stale), and nothing else goes."""
     out = tmp_path / "o"
     assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
-    for name in ("audit.json", "audit.html", "eval_classifier.json", "notes.txt"):
-        (out / name).write_text("{}")
+    from ddpmkit.outputs import PAGE_HEAD
+
+    for name, text in (("audit.json", '{\n "written_by": "ddpmkit audit"}'),  # as they write them
+                       ("audit.html", f"{PAGE_HEAD}audit</title>"),
+                       ("eval_classifier.json", '{\n "written_by": "ddpmkit eval"}'),
+                       ("notes.txt", "{}")):
+        (out / name).write_text(text)
     assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0  # the same job
     assert (out / "audit.json").is_file() and (out / "eval_classifier.json").is_file()
     assert cli("sample", run_dir, "--num", 6, "--steps", 3, "--out", out, "--force") == 0

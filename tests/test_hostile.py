@@ -1,9 +1,11 @@
 """Hostile and careless inputs, each made here: nothing deleted that ddpmkit did not write, nothing
 run from a file, memory checked before it is taken, and one line for every refusal."""
 
+import base64
 import csv
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -247,6 +249,72 @@ def test_import_and_export_refuse_a_link_as_their_new_folder(run_dir, tmp_path, 
     assert cli("export", run_dir, "--out", tmp_path / "hf") == 0
     one_line(capsys, "import", tmp_path / "hf", "--out", tmp_path / "link", says="is a link")
     assert not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.parametrize("planted", [".ddpmkit.lock", ".manifest-rank0.csv"])
+def test_a_link_in_place_of_a_file_a_job_changes_in_place_is_refused(
+        run_dir, tmp_path, capsys, planted):
+    victim, out = tmp_path / "victim.txt", tmp_path / "out"
+    victim.write_text("keep\npartial")
+    if planted == ".manifest-rank0.csv":  # met when the same job resumes
+        assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", out, "--quiet") == 0
+    out.mkdir(exist_ok=True)
+    (out / planted).symlink_to(victim)
+    one_line(capsys, "sample", run_dir, "-n", 4, "--steps", 2, "--out", out, "--quiet",
+             says=f"{out / planted} is a link or not a regular file")
+    assert victim.read_text() == "keep\npartial"
+
+
+def test_a_users_files_survive_fresh_force_and_staging_clean_ups(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path / "run")
+    for name in ("grids/my_notes.txt", "checkpoints/README_mine.txt", "tensorboard/old/ev"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("mine")
+    assert cli("train", *TINY_ARGS, "--steps", 2, "--out", run, "--fresh", "--quiet") == 0
+    assert all((run / name).read_text() == "mine" for name in (
+        "grids/my_notes.txt", "checkpoints/README_mine.txt", "tensorboard/old/ev"))
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000000002.safetensors"]
+    forced = tmp_path / "forced"
+    (forced / "notes").mkdir(parents=True)
+    (forced / ".thesis.tmp").write_text("draft")  # named like a temporary, but not one of ours
+    (forced / "notes" / ".vimrc.tmp").write_text("draft")
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", forced, "--force",
+               "--quiet") == 0
+    assert (forced / ".thesis.tmp").exists() and (forced / "notes" / ".vimrc.tmp").exists()
+    staging = tmp_path / ".hf.0123abcd.partial"  # named as export stages, but with an empty mark
+    staging.mkdir()
+    (staging / ".ddpmkit-staging").write_text("")
+    (staging / "thesis.txt").write_text("mine")
+    assert cli("export", run_dir, "--out", tmp_path / "hf") == 0
+    assert (staging / "thesis.txt").read_text() == "mine"
+
+
+def test_the_report_embeds_no_file_a_link_in_the_grids_points_to(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path / "run")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"SECRET")
+    (run / "grids" / "step_000000999.png").symlink_to(secret)
+    assert cli("report", run) == 0
+    assert base64.b64encode(b"SECRET").decode() not in (run / "report.html").read_text()
+
+
+def test_a_record_with_fields_of_the_wrong_type_or_a_pipe_is_one_line(run_dir, tmp_path, capsys):
+    gen = tmp_path / "gen"
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", gen, "--quiet") == 0
+    record = json.loads((gen / ".ddpmkit.json").read_text())
+    record["job"] |= {"run": "/elsewhere", "checkpoint_sha256": ["x"],
+                      "drop_copies": "not a mapping"}
+    (gen / ".ddpmkit.json").write_text(json.dumps(record))
+    one_line(capsys, "audit", gen, "--ref", run_dir, "--features", "none",
+             says="audit it against the run that made it")
+    from ddpmkit.downstream import recorded_copy_threshold
+
+    assert recorded_copy_threshold(gen) is None
+    piped = tmp_path / "piped"
+    piped.mkdir()
+    os.mkfifo(piped / ".ddpmkit.json")  # read, it would never end
+    one_line(capsys, "sample", run_dir, "-n", 2, "--steps", 2, "--out", piped, "--quiet",
+             says="holds images no ddpmkit sampling job made there")
 
 
 def test_a_link_to_a_folder_inside_an_output_folder_is_refused_not_written_through(

@@ -7,12 +7,17 @@ one. `fsync=True` (checkpoints, state, manifests) also makes the rename durable 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import UserError
 
 # mkstemp creates files as 0600; finished files get the usual 0666 & ~umask instead. The umask can
 # only be read by setting it, which is not thread-safe, so it is read once, here.
@@ -57,9 +62,34 @@ def head(path: Path, size: int) -> bytes:
         return f.read(size)
 
 
+# mkstemp's names: "." + the target's name + "." + 8 random letters, digits or _ + ".tmp"
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 def is_temporary(path: Path) -> bool:
-    """A name `atomic_path` makes."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
+    """A name `atomic_path` makes (a user's ".notes.tmp" is not one)."""
+    return bool(_TEMPORARY.fullmatch(path.name))
+
+
+_IN_PLACE = {"a": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "r+": os.O_RDWR | os.O_CREAT,
+             "rb+": os.O_RDWR}
+
+
+def open_in_place(path: Path, mode: str):
+    """Open one of ddpmkit's own files to change it in place (an append, a truncation, the lock),
+    never through a link or into a pipe planted under its name: those are refused by name."""
+    try:
+        fd = os.open(path, _IN_PLACE[mode] | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise UserError(f"{path} is a link or not a regular file: ddpmkit changes its own files in "
+                        f"place, never through one; remove it")
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""}))
 
 
 def remove_stale_temps(*folders: Path) -> int:
@@ -117,14 +147,11 @@ class FolderLock:
         import sys
         import time
 
-        from .errors import UserError
-
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"output path {self.folder} is a file: choose a folder with --out")
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / self.NAME
-        self.file = open(path, "a+")
+        self.file = open_in_place(self.folder / self.NAME, "r+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -24,7 +24,7 @@ from .images import make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
 from .metrics.memorization import Audit, audit, nearest_features
-from .outputs import RECORD, job_identities, manifest_images, write_about_images
+from .outputs import PAGE_HEAD, RECORD, job_identities, manifest_images, write_about_images
 from .report import CSS, data_uri, svg_plot
 from .run import RunDir
 from .runtime import resolve_device
@@ -63,7 +63,7 @@ def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:
     jobs = [job for job in job_identities(gen) if isinstance(job.get("run"), str)]
     ours = {e["sha256"] for e in run.read_state()["checkpoints"]}
     if jobs and not any(job["run"] == str(run.path.resolve())
-                        or job.get("checkpoint_sha256") in ours for job in jobs):
+                        or str(job.get("checkpoint_sha256")) in ours for job in jobs):
         raise UserError(f"{gen} was made by {jobs[0]['run']} (its {RECORD} says), not by "
                         f"{run.path}: audit it against the run that made it")
 
@@ -209,8 +209,7 @@ def page(summary: dict, result: Audit, gen: torch.Tensor, train: torch.Tensor) -
     classes = "".join(f"<tr><td>{e(name)}</td><td>{c['generated']}</td>"
                       f"<td>{c['copy_rate']:.1%}</td></tr>"
                       for name, c in summary["per_class"].items())
-    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit audit"
-            f"</title><style>{CSS}</style></head><body><h1>Memorization audit</h1>"
+    return (f"{PAGE_HEAD}audit</title><style>{CSS}</style></head><body><h1>Memorization audit</h1>"
             f"<p>{summary['copies']} of {summary['generated']} generated images "
             f"({summary['copy_rate']:.1%}) are closer to a training image than "
             f"{(1 - summary['share']) * 100:g}% of {e(summary['calibrated_on'])} real images are "

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -326,14 +327,16 @@ def _earlier_probe(out: Path, name: str) -> dict:
     return probe if set(fidelity) == set(AUTO_SCALES) and probe.get("chosen") in AUTO_SCALES else {}
 
 
+_LINK = re.compile(r"(real|synthetic)_\d{7,}\.\w+")  # what _link_by_class names its links
+
+
 def _balance_files(out: Path) -> list[Path]:
     """A balanced set's own files: each class's sampling job, its links and its manifest, and what
     audit and eval wrote about them."""
     files = []
     for record in sorted(out.glob(f"classes/*/{RECORD}")):
         files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
-    links = [p for p in out.glob("by_class/*/*")
-             if p.is_symlink() and p.name.startswith(("real_", "synthetic_"))]
+    links = [p for p in out.glob("by_class/*/*") if p.is_symlink() and _LINK.fullmatch(p.name)]
     own = existing(out, ("manifest.csv", "selection.csv", "selection.json")) + about_images(out)
     return [*files, *links, *own]
 
@@ -366,7 +369,7 @@ def _seed_differs(old: dict, new: dict) -> str:
 
 BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance wrote there",
                _balance_files,
-               matching(r"manifest\.csv|selection\.(csv|json)|by_class/[^/]+/[^/]+"),
+               matching(rf"manifest\.csv|selection\.(csv|json)|by_class/[^/]+/{_LINK.pattern}"),
                differs=_seed_differs)
 
 
@@ -424,7 +427,7 @@ def _unlink_by_class(out: Path) -> None:
     for folder in root.iterdir():
         if folder.is_dir() and not folder.is_symlink():
             for link in folder.iterdir():
-                if link.is_symlink() and link.name.startswith(("real_", "synthetic_")):
+                if link.is_symlink() and _LINK.fullmatch(link.name):
                     link.unlink()
             if not any(folder.iterdir()):
                 folder.rmdir()

@@ -26,6 +26,7 @@ and refuses to go on if any test image is among them.
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -448,7 +449,7 @@ def _report(s: dict) -> str:
              + ("" if s["synthetic_share"] is None else
                 f"; in the arms with generated images, they are {s['synthetic_share']:g} of "
                 f"a topped-up class's draws"), "",
-             "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+             "| arm | " + " | ".join(_cell(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for arm, row in s["table"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values())
                      + " |")
@@ -472,7 +473,13 @@ def _report(s: dict) -> str:
               f"{s['synthetic_copies']}.", "",
               "![balanced accuracy per arm](balanced_accuracy.svg)", "",
               "Synthetic images are for research, not for diagnosis."]
-    return "\n".join(lines) + "\n"
+    # class names and paths are the user's: as text, never as HTML a Markdown viewer would run
+    return html.escape("\n".join(lines) + "\n", quote=False)
+
+
+def _cell(text: str) -> str:
+    """A table cell that holds a class name: its bars and line breaks kept from ending the cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 COLOURS = {"real": "#888", "real+synthetic": "#2a7", "real+selected": "#c72", "oversampled": "#58c"}
@@ -690,7 +697,13 @@ STUDY = Kind("study", "downstream study", "study results", "files no ddpmkit stu
 
 def recorded_copy_threshold(folder: Path) -> float | None:
     """The threshold `--drop-copies` used for the jobs under `folder` (one for all), if it ran."""
-    found = {job.get("drop_copies", {}).get("threshold") for job in job_identities(folder)} - {None}
+    found = set()
+    for job in job_identities(folder):
+        drop = job.get("drop_copies")
+        threshold = drop.get("threshold") if isinstance(drop, dict) else None
+        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and (
+                0 <= threshold <= 2):  # a distance 1 - correlation; anything else is not ours
+            found.add(float(threshold))
     return found.pop() if len(found) == 1 else None
 
 

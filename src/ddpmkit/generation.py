@@ -232,7 +232,7 @@ class _Writer:
                 atomic.fsync_file(self.out / row[0])
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows(rows)
-            self.manifest = self.manifest or open(self.path, "a", newline="")
+            self.manifest = self.manifest or atomic.open_in_place(self.path, "a")
             self.manifest.write(buf.getvalue())
             self.manifest.flush()
             os.fsync(self.manifest.fileno())
@@ -250,10 +250,10 @@ class _Writer:
 def _cut_torn_tail(path: Path) -> None:
     """Drop an unfinished last line (no newline) that a killed process left in an append-only
     file."""
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
+    if path.exists() or path.is_symlink():
+        with atomic.open_in_place(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
                 f.truncate(data.rfind(b"\n") + 1)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
@@ -113,10 +114,17 @@ def manifest_images(folder: Path, column: str, synthetic_only: bool = True,
     return out
 
 
+MAX_RECORD_BYTES = 64 << 20  # a restoration's record lists its inputs: a million names fit
+
+
 def read_record(folder: Path) -> dict | None:
-    """The folder's record, or None when it has none (or one ddpmkit cannot read)."""
+    """The folder's record, or None when it has none (or one ddpmkit cannot read: a pipe, a
+    file far larger than a record)."""
+    path = folder / RECORD
     try:
-        record = json.loads((folder / RECORD).read_text())
+        if not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("job"), dict) else None
@@ -280,9 +288,9 @@ ABOUT_IMAGES = ("audit.json", "audit.html", "eval_inception.json", "eval_efficie
                 "eval_classifier.json")
 
 
-# how their files open: the JSON with its "written_by", the audit page with its title
-_ABOUT_HEADS = (b'{\n "written_by": "ddpmkit ',
-                b"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit ")
+# how their files open: the JSON with its "written_by" (atomic.json_text), a page with its title
+PAGE_HEAD = "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit "
+_ABOUT_HEADS = (b'{\n "written_by": "ddpmkit ', PAGE_HEAD.encode())
 
 
 def _about_images_file(path: Path) -> bool:
@@ -335,15 +343,17 @@ _KIND_WHAT = {"sample": "a sampling job's images", "balance": "a balanced set",
 def staged(out: Path) -> Iterator[Path]:
     """Build a folder under a hidden name beside `out`, then rename it into place: `out` never holds
     half an import or export, whatever interrupts it. Staging folders an earlier, killed job left
-    beside `out` (they hold a mark naming them ddpmkit's) are removed first."""
+    beside `out` are removed first: named as this names them, holding a mark whose process is
+    gone."""
     if out.is_symlink():
         raise UserError(f"{out} is a link: give a new folder's name, not a link, as the output")
     if out.is_dir() and any(out.iterdir()):  # a run included: an import or export is a new folder
         raise UserError(f"{out} already exists and is not empty: choose another output folder")
     refuse_special(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for orphan in out.parent.glob(f".{out.name}.*.partial"):
-        if (orphan / _STAGING_MARK).is_file():
+    for orphan in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        if re.fullmatch(r"\.[0-9a-f]{8}\.partial", orphan.name[len(out.name) + 1:]) and (
+                _abandoned(orphan)):
             shutil.rmtree(orphan, ignore_errors=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
     tmp.mkdir()
@@ -364,3 +374,21 @@ def staged(out: Path) -> Iterator[Path]:
 
 
 _STAGING_MARK = ".ddpmkit-staging"
+
+
+def _abandoned(staging: Path) -> bool:
+    """A staging folder whose job is gone: its mark names a process that no longer runs (an empty
+    or unreadable mark, or a live process, is not ddpmkit's to remove)."""
+    mark = staging / _STAGING_MARK
+    if staging.is_symlink() or mark.is_symlink() or not mark.is_file():
+        return False
+    try:
+        pid = int(mark.read_text())
+        if pid <= 0:
+            return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return False  # it still runs

@@ -20,6 +20,7 @@ from .pixels import read_image_files
 from .run import RunDir
 
 MAX_STRIP = 10  # grids shown in the "learning" strip, evenly spaced over the run
+MAX_GRID_BYTES = 64 << 20  # a grid of 256 images of 256x256 pixels is about 50 MB
 
 CSS = """
 :root { color-scheme: light dark; --fg: #1d1d1f; --bg: #ffffff; --muted: #6e6e73; --grid: #d2d2d7;
@@ -132,11 +133,11 @@ def _figure(svg: str, caption: str) -> str:
 
 def training_grids(run: RunDir) -> list[tuple[int, Path]]:
     """(step, file) of the grids training wrote, in step order; other files there (a copy a file
-    manager made) are not ddpmkit's and are left out."""
+    manager made, a link, anything larger than a grid) are not ddpmkit's and are left out."""
     grids = []
     for p in run.grids.iterdir() if run.grids.is_dir() else []:
         match = re.fullmatch(r"step_(\d{9})\.png", p.name)
-        if match and p.is_file():
+        if match and p.is_file() and not p.is_symlink() and p.stat().st_size <= MAX_GRID_BYTES:
             grids.append((int(match[1]), p))
     return sorted(grids)
 

@@ -16,10 +16,10 @@ checkpoints/ named by its step, and it is deleted only when its digest is the on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,9 @@ from .unet import UNet, check_fits
 FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
 RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html",
              "learning.gif")
-RUN_FOLDERS = ("checkpoints", "grids", "tensorboard")  # with RUN_FILES: what --fresh deletes
+# with RUN_FILES, what --fresh deletes: these folders' files that ddpmkit names so (a user's stay)
+RUN_FOLDERS = {"checkpoints": r"step_\d{9}\.safetensors", "grids": r"step_\d{9}\.png",
+               "tensorboard": r"events\.out\.tfevents\..+"}
 # Keys a resume may change. The first never change what is computed; the second change it by float
 # rounding only (another summation order, kernels or device): accepted, and recorded in meta.json.
 SAME_COMPUTATION = ("train.max_steps", "train.max_minutes", "train.log_every", "train.sample_every",
@@ -276,8 +278,7 @@ class RunDir:
                     and Path(cfg.train.init_from).expanduser().resolve() == self.path.resolve()):
                 raise UserError(f"--fresh would delete {self.path}'s checkpoints, which "
                                 f"train.init_from starts from: choose another --out")
-            for name in RUN_FOLDERS:
-                shutil.rmtree(self.path / name, ignore_errors=True)
+            self._delete_run_folders()
             for name in RUN_FILES:  # meta.json stays, the run's mark, until training replaces it
                 (self.path / name).unlink(missing_ok=True)
             return None
@@ -293,6 +294,17 @@ class RunDir:
             raise UserError(f"{self.path}: no intact checkpoint to resume from; "
                             f"rerun with --fresh to start over")
         return self.checkpoint_file(good[0]["step"])
+
+    def _delete_run_folders(self) -> None:
+        atomic.remove_stale_temps(self.checkpoints, self.grids)
+        for name, ours in RUN_FOLDERS.items():
+            folder = self.path / name
+            if folder.is_dir() and not folder.is_symlink():
+                for path in folder.iterdir():
+                    if re.fullmatch(ours, path.name) and (path.is_file() or path.is_symlink()):
+                        path.unlink()
+                with contextlib.suppress(OSError):  # it holds the user's files
+                    folder.rmdir()
 
     def _refuse_a_partial_record(self) -> None:
         """Checkpoints whose config.yaml or state.json is gone would be mixed with a new start's, or
@@ -340,7 +352,7 @@ class RunDir:
         atomic.write_text(self.state_path, atomic.json_text(state))
 
     def append_stats(self, record: dict) -> None:
-        with open(self.stats_path, "a") as f:
+        with atomic.open_in_place(self.stats_path, "a") as f:
             f.write(atomic.json_text(record, indent=None) + "\n")
 
     def truncate_stats(self, step: int) -> None:
