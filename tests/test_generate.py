@@ -297,3 +297,40 @@ def test_bf16_weights_sample_as_autocast_does(run_dir):
     # no autocast around bf16 weights: the inputs are cast instead
     assert denoiser.input_dtype == bf16
     assert Denoiser(fp32_run.net, fp32_run.schedule, "eps", amp_dtype=bf16).input_dtype is None
+
+
+def test_the_python_api_refuses_what_it_would_ignore_as_the_command_line_does(run_dir, tmp_path):
+    import torch
+
+    from ddpmkit import generate, load_run, sample
+    from ddpmkit.config import updated
+    from ddpmkit.errors import UserError
+    from ddpmkit.run import RunDir
+
+    run = load_run(run_dir)
+    for option in ({"ema": False}, {"checkpoint": "5"}, {"device": "cpu"}):
+        with pytest.raises(UserError, match=f"sample.. option {next(iter(option))}: not a "
+                                            f"sampling option .* load_run's to choose"):
+            sample(run, num=1, steps=2, **option)
+    asked = updated(RunDir(run_dir).config(), {"sample.num": 1, "sample.steps": 2,
+                                               "sample.out_dir": str(tmp_path / "o")}).sample
+    for key, value, says in (("checkpoint", "5", "was loaded with checkpoint='latest'"),
+                             ("ema", False, "was loaded with ema=True"),
+                             ("guidance", 2.0, "is not class-conditional")):
+        with pytest.raises(UserError, match=says):
+            generate(run, updated_sample(asked, key, value), progress=False, log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+    raw = load_run(run_dir, checkpoint=10, ema=False)
+    out = generate(raw, updated_sample(updated_sample(asked, "checkpoint", "10"), "ema", False),
+                   progress=False, log=lambda m: None)
+    assert rows(out)[0]["checkpoint"] == "step_000000010.safetensors"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device cuda asked for, but this PyTorch sees no CUDA"):
+            load_run(run_dir, device="cuda")
+
+
+def updated_sample(section, key, value):
+    import dataclasses
+
+    return dataclasses.replace(section, **{key: value})
+

@@ -299,6 +299,9 @@ def test_sample_drop_copies_from_the_command_line(run, tmp_path, capsys):
     assert main(["sample", str(run), "-n", "8", "--out", str(tmp_path / "t"), "--holdout",
                  str(tmp_path)]) == 2
     assert "--holdout and --drop-overlap calibrate --drop-copies" in capsys.readouterr().err
+    assert main(["sample", str(run), "-n", "8", "--out", str(tmp_path / "t"), "--max-redraws",
+                 "-5"]) == 2
+    assert "--max-redraws limits --drop-copies: add --drop-copies" in capsys.readouterr().err
 
 
 def test_downstream_counts_copies_at_the_threshold_drop_copies_used(run, tmp_path):

@@ -32,7 +32,8 @@ from .atomic import FolderLock
 from .config import SampleConfig, class_name
 from .data import load_images, resize_center_crop
 from .errors import UserError
-from .generation import MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, sample_batch
+from .generation import (MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, keys_asked,
+                         sample_batch)
 from .images import to_uint8
 from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
@@ -124,7 +125,7 @@ def class_guidance(scales: dict[str, float], classes: list[str],
 def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
             class_labels: Sequence[str] = (), proportions: dict[str, float] | None = None,
             by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
-            fresh: bool = False, force: bool = False, asked=(), copies=None,
+            fresh: bool = False, force: bool = False, asked: set[str] | None = None, copies=None,
             guidance: dict[str, float] | str | None = None,
             select: SelectOptions | None = None) -> dict[str, int]:
     """Generate what `plan` asks for with the run's class-conditional model; returns the plan.
@@ -146,6 +147,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     if sample_cfg.guidance == 0:
         raise UserError("balance with sample.guidance=0 would label unconditional samples "
                         "as classes: use guidance 1 or more")
+    asked = keys_asked(run, sample_cfg, asked)
     SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read or written
     data = load_images(run.config.data)
     added = sorted(set(data.labels) - set(run.config.data.class_names))

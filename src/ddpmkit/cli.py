@@ -126,7 +126,7 @@ def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
     p.add_argument("--drop-copies", action="store_true",
                    help="draw again (new noise) every image that nearly copies a training image")
     _add_holdout_flags(p, ", with --drop-copies")
-    p.add_argument("--max-redraws", type=int, default=10, help="with --drop-copies (default 10)")
+    p.add_argument("--max-redraws", type=int, default=None, help="with --drop-copies (default 10)")
     p.add_argument("--fresh", action="store_true", help=fresh)
     p.add_argument("--force", action="store_true",
                    help="write into a folder that holds files ddpmkit did not write "
@@ -451,12 +451,16 @@ def _copy_filter(ns: argparse.Namespace, log):
         if ns.holdout or ns.drop_overlap:
             raise UserError("--holdout and --drop-overlap calibrate --drop-copies: add "
                             "--drop-copies, or leave them out")
+        if ns.max_redraws is not None:
+            raise UserError("--max-redraws limits --drop-copies: add --drop-copies, or leave it "
+                            "out")
         return None
-    if ns.max_redraws < 1:
-        raise UserError(f"--max-redraws must be at least 1, got {ns.max_redraws}")
+    redraws = 10 if ns.max_redraws is None else ns.max_redraws
+    if redraws < 1:
+        raise UserError(f"--max-redraws must be at least 1, got {redraws}")
     run = RunDir(ns.run)
     held = run.holdout_images(ns.holdout, ns.drop_overlap, log)
-    return CopyFilter.calibrated(run.training_images(log), held, redraws=ns.max_redraws)
+    return CopyFilter.calibrated(run.training_images(log), held, redraws=redraws)
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:

@@ -161,6 +161,11 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
     """Notebook API: `num` images as uint8 N x C x H x W; `options` are SamplingSpec's (sampler,
     steps, spacing, eta, variance, clip_x0, guidance, class_label), with SampleConfig's defaults.
     An option the sampler would ignore is refused, as the CLI refuses it."""
+    loaded = sorted(set(options) - {f.name for f in dataclasses.fields(SamplingSpec)})
+    if loaded:  # checkpoint, ema, device...: chosen when the run was loaded, or not sample()'s
+        raise UserError(f"sample() option {loaded[0]}: not a sampling option (those are "
+                        f"{', '.join(f.name for f in dataclasses.fields(SamplingSpec))}); the "
+                        f"checkpoint, EMA weights and device are load_run's to choose")
     cfg = sample_config({"num": num, "seed": seed, "batch_size": batch_size, "size": size,
                          **options})
     spec = _checked(run, cfg, asked={f"sample.{k}" for k in options})
@@ -171,14 +176,35 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
     return torch.cat(out)
 
 
-def _checked(run: Run, cfg: SampleConfig, asked) -> SamplingSpec:
+def keys_asked(run: Run, cfg: SampleConfig, asked: set[str] | None) -> set[str]:
+    """The sample.* keys a caller set: those the command line was given, else (the Python API)
+    those where `cfg` differs from the run's own sample section."""
+    if asked is not None:
+        return set(asked)
+    return {f"sample.{f.name}" for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(run.config.sample, f.name)}
+
+
+def _checked(run: Run, cfg: SampleConfig, asked: set[str] | None) -> SamplingSpec:
     """The job's sampling spec, checked with its counts and output size."""
+    asked = keys_asked(run, cfg, asked)
     check_count(cfg.num, MAX_IMAGES_PER_JOB, "sample.num")
     check_count(cfg.size or 0, MAX_SIDE, "sample.size")
     if cfg.size is not None and cfg.size < run.image_size:
         raise UserError(f"sample.size (--size) {cfg.size} is below the model's "
                         f"{run.image_size}x{run.image_size}: --size upsamples its output")
     return SamplingSpec.from_config(cfg).checked(run, asked)
+
+
+def _refuse_other_weights(run: Run, cfg: SampleConfig) -> None:
+    """sample.checkpoint and sample.ema choose the weights a run is loaded with: asked of a run
+    loaded with others, they would be ignored."""
+    for key, wanted, loaded in (("checkpoint", str(cfg.checkpoint), str(run.loaded_as)),
+                                ("ema", cfg.ema, run.ema)):
+        if wanted != loaded:
+            raise UserError(f"sample.{key}={wanted!r}, but {run.path} was loaded with "
+                            f"{key}={loaded!r}: load it as asked (load_run(path, "
+                            f"checkpoint=..., ema=...)) or leave sample.{key} as loaded")
 
 
 def _job_identity(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> dict:
@@ -262,12 +288,15 @@ def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
 
 
 def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, world: World = World(),
-             amp_dtype: torch.dtype | None = None, progress: bool = True, asked=(),
-             force: bool = False, copies: CopyFilter | None = None) -> Path:
+             amp_dtype: torch.dtype | None = None, progress: bool = True,
+             asked: set[str] | None = None, force: bool = False,
+             copies: CopyFilter | None = None) -> Path:
     """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder. Under
     torchrun every rank calls this and generates its share of the unfinished indices. `asked`: the
-    sample.* keys the user gave (options they name that the sampler ignores are refused).
-    `copies`: near-copies of training images are drawn again (--drop-copies)."""
+    sample.* keys the user gave (options they name that the sampler ignores are refused; default:
+    those that differ from the run's own). `copies`: near-copies of training images are drawn
+    again (--drop-copies)."""
+    _refuse_other_weights(run, cfg)
     spec = _checked(run, cfg, asked)
     side = cfg.size or run.image_size
     check_memory(3 * min(cfg.batch_size, cfg.num) * run.channels * side * side * 4,

@@ -164,6 +164,15 @@ def _sigma_list(sigma, n: int) -> list[float]:
     return s
 
 
+def _require_stochastic(sampler: str) -> None:
+    if not _sampler(sampler).stochastic:
+        stochastic = [name for name, info in SAMPLERS.items() if info.stochastic]
+        raise UserError(
+            f"denoising by sampling draws from p(x | y), which needs a stochastic sampler "
+            f"({' or '.join(stochastic)}): {sampler!r} is deterministic, every draw would "
+            f"be the same image and not a sample; for one best estimate use the mmse method")
+
+
 def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mmse",
                    samples: int = 1, seed: int = 0, *, indices: Sequence[int] | None = None,
                    sampler: str = "ddpm", steps: int | None = None) -> torch.Tensor:
@@ -174,12 +183,8 @@ def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mm
         raise UserError(f"unknown denoising method {method!r} (known: {', '.join(METHODS)})")
     if samples < 1:
         raise UserError(f"samples must be at least 1, got {samples}")
-    stochastic = [name for name, info in SAMPLERS.items() if info.stochastic]
-    if method == "sample" and not _sampler(sampler).stochastic:
-        raise UserError(
-            f"denoising by sampling draws from p(x | y), which needs a stochastic sampler "
-            f"({' or '.join(stochastic)}): {sampler!r} is deterministic, every draw would "
-            f"be the same image and not a sample; for one best estimate use the mmse method")
+    if method == "sample":
+        _require_stochastic(sampler)
     indices = list(range(len(y))) if indices is None else list(indices)
     sigmas = _sigma_list(sigma, len(y))
     out = torch.empty_like(y, dtype=torch.float32)
@@ -425,6 +430,8 @@ class Restoration:
         sampler = self.sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(self.kind)
         if sampler is not None:
             _sampler(sampler)
+        if self.kind == "denoise" and self.method == "sample":  # before a folder is claimed
+            _require_stochastic(sampler)
         steps = INPAINT_STEPS if self.kind == "inpaint" and self.steps is None else self.steps
         return replace(self, sampler=sampler, steps=steps)
 

@@ -30,6 +30,7 @@ from .checkpoint import file_sha256, load_into, read_checkpoint
 from .config import Config, data_config, flatten, from_dict, parse_override, read_yaml, to_yaml
 from .data import ImageData, image_digests, load_images
 from .errors import UserError
+from .runtime import resolve_device
 from .schedule import Schedule
 from .unet import UNet, check_fits
 
@@ -436,6 +437,7 @@ class Run:
     checkpoint: str  # file name, for manifests
     checkpoint_sha256: str = ""
     ema: bool = True  # the EMA weights, else the raw ones
+    loaded_as: str = "latest"  # the checkpoint asked for: latest, best or a step
 
     @property
     def image_size(self) -> int:
@@ -469,16 +471,17 @@ def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True,
     """The run's network on `device`, in eval mode. `dtype` (bf16, for sampling on a GPU) casts the
     weights once; the samplers then feed the network that dtype instead of autocasting fp32 weights
     on every call."""
+    device = resolve_device(str(device))  # "auto", or a CUDA one this machine lacks: one line
     run_dir = RunDir(path)
     cfg = run_dir.config()
     entry = run_dir.select_checkpoint(checkpoint)
     ckpt_path = run_dir.checkpoint_file(entry["step"])
     prefix = "ema" if ema else "model"
-    check_fits(cfg.model, cfg.data.image_size, torch.device(device))
+    check_fits(cfg.model, cfg.data.image_size, device)
     groups, meta = read_checkpoint(ckpt_path, prefixes=(prefix,))
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, groups[prefix], f"checkpoint {ckpt_path}")
     # Plain NCHW, not channels_last: eager GroupNorm is slow on channels_last tensors (RESULTS.md).
     net.to(device, dtype).eval().requires_grad_(False)
     return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"],
-               ckpt_path.name, entry["sha256"], ema)
+               ckpt_path.name, entry["sha256"], ema, str(checkpoint))

@@ -230,5 +230,6 @@ def load_fid_inception(weights: str | Path | None = None,
 
 def _how_to_get_weights(path: Path) -> str:
     return (f"FID needs the Inception weights and this machine is offline: download {WEIGHTS_URL} "
-            f"and pass --inception-weights FILE (or put it at {path}); or use --features "
-            f"efficientnet (offline, not comparable with published FID) or --features classifier")
+            f"and put it at {path} (or pass eval --inception-weights FILE); or use the "
+            f"efficientnet features (offline, not comparable with published FID) or the "
+            f"classifier's: eval --features, or train.eval_features for training")
