@@ -89,6 +89,18 @@ def test_gradient_accumulation_equals_one_big_batch(runs, tmp_path):
     _assert_same_to_fp32(_weights(runs / "one", 10), _weights(tmp_path / "accum", 10), "model/")
 
 
+def test_a_resume_on_another_number_of_processes_is_noted_and_recorded(runs, tmp_path):
+    import shutil
+
+    run = shutil.copytree(runs / "one", tmp_path / "grown")
+    done = subprocess.run(_cmd(2, run, "train.max_steps=25"), env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "note: processes changes from 1 to 2" in done.stdout
+    changes = json.loads((run / "meta.json").read_text())["changes"]
+    assert changes == [{"step": 20, "key": "processes", "from": 1, "to": 2}]
+
+
 def _listing(run: Path) -> list[str]:
     return sorted(str(f.relative_to(run)) for f in run.rglob("*") if f.is_file())
 
@@ -186,3 +198,14 @@ def test_batch_probe_needs_a_gpu(tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     assert main(["train", "--max-batch", "--device", "cpu"]) == 2
     assert "--max-batch measures GPU memory" in capsys.readouterr().err
+
+
+def test_a_command_that_runs_as_one_process_refuses_torchrun(monkeypatch, tmp_path, capsys):
+    from ddpmkit.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each of its processes
+    assert main(["denoise", str(tmp_path), str(tmp_path), "--sigma", "0.1", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert ("ddpmkit denoise runs as one process (only train and sample share work under "
+            "torchrun): run it without torchrun") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ Every config key can be set as `section.key=value`; the everyday flags set exact
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -675,6 +676,9 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": 
             "audit": cmd_audit}
 
 
+DISTRIBUTED = ("train", "sample")  # the commands that split their work among torchrun's processes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after flags: argparse leaves the later ones unparsed.
@@ -686,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
     if takes_overrides:
         ns.args = list(ns.args) + rest
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ns.command not in DISTRIBUTED:
+            raise UserError(f"ddpmkit {ns.command} runs as one process (only "
+                            f"{' and '.join(DISTRIBUTED)} share work under torchrun): run it "
+                            f"without torchrun")
         COMMANDS[ns.command](ns)
     except UserError as exc:
         print(f"ddpmkit: error: {exc}", file=sys.stderr)

@@ -328,12 +328,18 @@ class RunDir:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused[:5])
             raise UserError(f"{self.path} was trained with a different config ({shown}): "
                             f"rerun with --fresh to start over there, or choose another --out")
-        self.changes = [{"key": k, "from": old.get(k), "to": new.get(k)} for k in diff
-                        if k.startswith(ROUNDING_ONLY)]
-        for c in self.changes:
-            log(f"note: {c['key']} changes from {c['from']!r} to {c['to']!r}: from here the run "
-                f"equals an uninterrupted one to float rounding, not bit for bit "
-                f"(recorded in {self.meta_path.name})")
+        self.changes = []
+        for key in diff:
+            if key.startswith(ROUNDING_ONLY):
+                self.add_change(key, old.get(key), new.get(key), log)
+
+    def add_change(self, key: str, old, new, log) -> None:
+        """A resume's change that rounds differently: said, and recorded in meta.json with its
+        step."""
+        self.changes.append({"key": key, "from": old, "to": new})
+        log(f"note: {key} changes from {old!r} to {new!r}: from here the run equals an "
+            f"uninterrupted one to float rounding, not bit for bit (recorded in "
+            f"{self.meta_path.name})")
 
     def start(self, cfg: Config, meta: dict, step: int) -> None:
         """Write the run's record: meta.json (the run's mark) and config.yaml at a fresh start; at a

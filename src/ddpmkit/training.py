@@ -248,6 +248,9 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         log(f"{run.path} is already trained to step {state.step} (train.max_steps={tc.max_steps})")
         return False
     if job.world.is_main:
+        processes = run.meta().get("processes", 1)
+        if resume_from is not None and processes != job.world.size:  # the shards sum otherwise
+            run.add_change("processes", processes, job.world.size, log)
         meta = {"environment": environment(job.device), "data": data.source,
                 "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
                 "parameters": count_parameters(state.model), "processes": job.world.size,
