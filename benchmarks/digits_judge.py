@@ -12,7 +12,7 @@ same function for both). Reported:
   frechet_distance  Frechet distance between the judge's 128-d penultimate features of the images
                     and of all 1,797 real digits (not comparable with Inception FID)
 The judge trains on 80% of the real digits (seed 0), so `--real` scores the other 20%. Its weights
-are cached in benchmarks/.cache/ keyed by the recipe.
+are cached in ~/.cache/ddpmkit/judge (DDPMKIT_CACHE) keyed by the recipe.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ VIEW = 16
 CONFIDENCE = 0.9
 RECIPE = {"view": VIEW, "epochs": 40, "batch": 64, "lr": 1e-3, "seed": 0, "train_share": 0.8,
           "shift": 2, "v": 1}
-CACHE = Path(__file__).resolve().parent / ".cache"
+CACHE = Path(os.environ.get("DDPMKIT_CACHE", Path.home() / ".cache" / "ddpmkit")) / "judge"
 
 
 class JudgeCNN(nn.Module):

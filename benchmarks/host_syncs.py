@@ -5,6 +5,7 @@
 60 steps with logging, grids and checkpoints only at the last step: any line listed more than once
 would be a sync inside the step.
 """
+import argparse
 import collections
 import sys
 import traceback
@@ -17,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.config import load_config  # noqa: E402
 from ddpmkit.training import train  # noqa: E402
 
+argparse.ArgumentParser(description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 seen = collections.Counter()
 def record(message, category, filename, lineno, file=None, line=None):
     frames = [f for f in traceback.extract_stack() if "ddpmkit" in f.filename]

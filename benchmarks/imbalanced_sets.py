@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import sys
 import tarfile
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def _idx(path: Path) -> np.ndarray:
 
 def fashion() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """split -> (images, class ids), Fashion-MNIST's own."""
+    if not FASHION.is_dir():
+        sys.exit(f"Fashion-MNIST is not in {FASHION}: apt-get install dataset-fashion-mnist")
     return {split: (_idx(FASHION / f"{prefix}-images-idx3-ubyte.gz"),
                     _idx(FASHION / f"{prefix}-labels-idx1-ubyte.gz"))
             for split, prefix in (("train", "train"), ("test", "t10k"))}
