@@ -53,9 +53,9 @@ class NpyImages:
 
 class FolderImages:
     """A folder of image files, each decoded when a batch draws it. Headers are checked up front
-    (cheap: no pixel is decoded), so unreadable files are refused before training; with
-    data.on_error=skip every file is decoded once instead, so a truncated one is skipped as the
-    in-memory reader skips it, not met in the middle of training."""
+    (cheap: no pixel is decoded), so a file whose header does not read is refused before training;
+    with data.on_error=skip every file is decoded once instead, so a truncated one is skipped as
+    the in-memory reader skips it, not met in the middle of training."""
 
     def __init__(self, root: Path, cfg: DataConfig, log=print):
         files, labels = list_image_files(root, cfg, log)
