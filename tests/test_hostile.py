@@ -2,10 +2,12 @@
 run from a file, memory checked before it is taken, and one line for every refusal."""
 
 import base64
+import contextlib
 import csv
 import gzip
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -95,6 +97,35 @@ def test_a_damaged_state_file_is_one_line(run_dir, tmp_path, capsys, state):
     one_line(capsys, "sample", run, "-n", 1, "--steps", 2, "--out", tmp_path / "s",
              says="state.json")
     assert not (tmp_path / "s").exists()
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 20):
+    def stop(*_):  # not an OSError, which the code under test may catch
+        raise AssertionError("hung reading a pipe")
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+
+
+def test_a_pipe_in_place_of_a_runs_record_is_one_line_not_a_hang(run_dir, tmp_path, capsys):
+    for name, says in [("state.json", "state.json"), ("meta.json", "is not a ddpmkit run")]:
+        run = copy_run(run_dir, tmp_path / name)
+        (run / name).unlink()
+        os.mkfifo(run / name)
+        with no_hang():
+            one_line(capsys, "sample", run, "-n", 1, "--steps", 2, "--out", tmp_path / "s",
+                     says=says)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data / f"{i}.png")
+    os.mkfifo(data / "meta.json")  # the data loader looks for runs to leave out
+    with no_hang():
+        assert len(load_images(DataConfig(path=str(data), image_size=8))) == 4
 
 
 @pytest.mark.parametrize("lost", ["config.yaml", "state.json"])

@@ -92,6 +92,20 @@ def open_in_place(path: Path, mode: str):
     return os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""}))
 
 
+MAX_RECORD_BYTES = 64 << 20  # a restoration's record lists its inputs: a million names fit
+
+
+def read_small_text(path: Path, limit: int = MAX_RECORD_BYTES) -> str:
+    """The text of a record ddpmkit reads back (meta.json, state.json, an output's record). A pipe
+    or device planted under its name, or a file over `limit` bytes, raises OSError instead of
+    hanging the job or filling its memory."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise OSError(f"{path} is not a regular file of at most {limit} bytes")
+        return f.read(limit).decode()
+
+
 def remove_stale_temps(*folders: Path) -> int:
     """Delete temporaries that a killed process (SIGKILL, power loss) left behind in `folders`;
     returns how many. Only names `atomic_path` makes are touched."""

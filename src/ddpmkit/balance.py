@@ -322,7 +322,8 @@ class TopUp:
 def _earlier_probe(out: Path, name: str) -> dict:
     """The --class-guidance auto probe of class `name` that OUT/selection.json records, or {}."""
     try:
-        probe = json.loads((out / "selection.json").read_text())["classes"][name]["auto_guidance"]
+        summary = json.loads(atomic.read_small_text(out / "selection.json"))
+        probe = summary["classes"][name]["auto_guidance"]
         fidelity = {float(s): float(r) for s, r in probe["fidelity"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}

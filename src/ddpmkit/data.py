@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import RECORD_NAME
+from .atomic import RECORD_NAME, read_small_text
 from .config import DataConfig, class_name
 from .errors import UserError
 from .limits import check_memory
@@ -292,7 +292,7 @@ def _generated_folders(root: Path) -> set[Path]:
     ours = {p.parent for p in root.rglob(RECORD_NAME)}
     for meta in root.rglob("meta.json"):
         try:
-            if json.loads(meta.read_text()).get("format", "").startswith("ddpmkit-run/"):
+            if json.loads(read_small_text(meta)).get("format", "").startswith("ddpmkit-run/"):
                 ours.add(meta.parent)
         except (OSError, ValueError, AttributeError):
             continue  # someone's meta.json

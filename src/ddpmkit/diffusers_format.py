@@ -340,8 +340,8 @@ def ddpmkit_to_diffusers_state_dict(weights: dict[str, torch.Tensor],
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(atomic.read_small_text(path))
+    except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object")

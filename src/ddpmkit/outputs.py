@@ -114,17 +114,11 @@ def manifest_images(folder: Path, column: str, synthetic_only: bool = True,
     return out
 
 
-MAX_RECORD_BYTES = 64 << 20  # a restoration's record lists its inputs: a million names fit
-
-
 def read_record(folder: Path) -> dict | None:
     """The folder's record, or None when it has none (or one ddpmkit cannot read: a pipe, a
     file far larger than a record)."""
-    path = folder / RECORD
     try:
-        if not path.is_file() or path.stat().st_size > MAX_RECORD_BYTES:
-            return None
-        record = json.loads(path.read_text())
+        record = json.loads(atomic.read_small_text(folder / RECORD))
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("job"), dict) else None

@@ -70,7 +70,7 @@ class RunDir:
     def meta(self) -> dict:
         """meta.json, or {} when it is missing or not ddpmkit's."""
         try:
-            meta = json.loads(self.meta_path.read_text())
+            meta = json.loads(atomic.read_small_text(self.meta_path))
         except (OSError, ValueError):
             return {}
         return meta if isinstance(meta, dict) else {}
@@ -108,7 +108,7 @@ class RunDir:
         if not self.state_path.exists():
             return {"checkpoints": [], "best": None}
         try:
-            state = json.loads(self.state_path.read_text())
+            state = json.loads(atomic.read_small_text(self.state_path))
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read {self.state_path}: {exc}") from None
         entries = state.get("checkpoints") if isinstance(state, dict) else None
