@@ -243,7 +243,9 @@ def _check_rule(key: str, value: Any, rule) -> None:
     elif rule == "fraction" and not 0 <= value < 1:
         raise UserError(f"config key {key}: must be in [0, 1), got {value}")
     elif rule == "share" and not 0 <= value <= 1:
-        raise UserError(f"config key {key}: a share of labels, in [0, 1], got {value}")
+        what = {"train.label_dropout": "a share of labels", "train.augment_p": "a probability",
+                "train.class_balance": "a power"}.get(key, "a share")
+        raise UserError(f"config key {key}: {what}, in [0, 1], got {value}")
 
 
 # keys that name classes: compared with the labels read from data, in one Unicode form
@@ -349,6 +351,10 @@ def _check_values(cfg: Config) -> None:
     if t.class_balance and not cfg.model.class_conditional:
         raise UserError(f"config key train.class_balance={t.class_balance} draws classes by their "
                         f"labels: set model.class_conditional=true, or drop it")
+    for key in ("eval_every", "audit_every"):  # both score a saved checkpoint
+        if getattr(t, key) % t.checkpoint_every:
+            raise UserError(f"config key train.{key}={getattr(t, key)}: it scores checkpoints, so "
+                            f"it must be a multiple of train.checkpoint_every={t.checkpoint_every}")
     unknown = [op for op in t.augment if op not in OPERATIONS]
     if unknown or len(set(t.augment)) != len(t.augment):
         raise UserError(f"config key train.augment: {t.augment} is not a list of distinct "
