@@ -186,6 +186,24 @@ def test_csv_filters_by_label_with_or_without_extensions(tmp_path):
     assert d.source == f"2 images from {tmp_path / 'imgs'} (labelled by {tmp_path / 'meta.csv'})"
 
 
+def test_filter_label_keeps_one_class_of_arrays_and_class_folders_and_names_where_each_was(
+        tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", train_images=rng.integers(0, 255, (9, 8, 8), dtype=np.uint8),
+             train_labels=np.arange(9) % 3)
+    d = load_images(DataConfig(path=str(tmp_path / "s.npz"), image_size=8, filter_label="1"))
+    assert d.labels == ["1"] * 3 and [o.split("#")[1] for o in d.origins()] == ["1", "4", "7"]
+    write_images(tmp_path / "folders" / "cat", 2)
+    write_images(tmp_path / "folders" / "dog", 3)
+    d = load_images(DataConfig(path=str(tmp_path / "folders"), image_size=8, filter_label="dog"))
+    assert len(d) == 3 and all("/dog/" in f for f in d.files)
+    with pytest.raises(UserError, match="no image in .* has it .labels present: 0, 1, 2."):
+        load_images(DataConfig(path=str(tmp_path / "s.npz"), image_size=8, filter_label="7"))
+    np.save(tmp_path / "u.npy", rng.integers(0, 255, (4, 8, 8), dtype=np.uint8))
+    with pytest.raises(UserError, match="u.npy has no labels to choose from"):
+        load_images(DataConfig(path=str(tmp_path / "u.npy"), image_size=8, filter_label="1"))
+
+
 def test_labels_read_decomposed_are_one_class_with_their_composed_spelling(tmp_path):
     write_images(tmp_path / "imgs", 3)
     (tmp_path / "l.csv").write_text("image,label\nimg_000,n\u0303andu\u0301\n"

@@ -16,7 +16,7 @@ import math
 import re
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -40,6 +40,7 @@ class ImageData:
     files: list[str] | None = None  # each image's file, for folders
     source_path: str = ""  # the file or folder read (arrays: with their key), for manifests
     bit_depth: int | None = None  # the depth wide integer pixels were read at (None: none were)
+    index: list[int] | None = None  # each image's place in its array, once data.filter_label chose
 
     @property
     def channels(self) -> int:
@@ -52,7 +53,7 @@ class ImageData:
         """Where each image came from: its file, or `array#index` for arrays and the digits."""
         if self.files is not None:
             return [str(Path(f).resolve()) for f in self.files]
-        return [f"{self.source_path}#{i}" for i in range(len(self))]
+        return [f"{self.source_path}#{i}" for i in self.index or range(len(self))]
 
 
 def load_images(cfg: DataConfig, log=print) -> ImageData:
@@ -76,9 +77,27 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
             raise UserError(f"data path {path} is a single image: point data.path at its folder")
         else:
             raise UserError(f"data path {path}: not a folder, .npy/.npz or IDX file")
+    if cfg.filter_label is not None:
+        data = keep_label(data, cfg.filter_label)
     images = set_channels(data.images, cfg.channels)
     data.images = resize_center_crop(images, cfg.image_size)
     return data
+
+
+def keep_label(data: ImageData, label: str) -> ImageData:
+    """data.filter_label: only one class's images, each still named by where it came from (a
+    labels CSV is filtered as it is read; arrays, IDX files and class folders here)."""
+    if data.labels is None:
+        raise UserError(f"data.filter_label={label}: {data.source_path} has no labels to choose "
+                        f"from")
+    keep = [i for i, name in enumerate(data.labels) if name == label]
+    if not keep:
+        raise UserError(f"data.filter_label={label}: no image in {data.source_path} has it "
+                        f"(labels present: {', '.join(class_order(data.labels)[:10])})")
+    index = data.index or range(len(data))
+    return replace(data, images=data.images[keep], labels=[data.labels[i] for i in keep],
+                   files=None if data.files is None else [data.files[i] for i in keep],
+                   index=[index[i] for i in keep])
 
 
 def refuse_labels_off_folder(path: Path, cfg: DataConfig) -> None:
