@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -60,6 +61,28 @@ def test_held_out_images_are_flagged_at_no_more_than_the_share(digits):
     assert result.copy_rate <= share + 3 * (share * (1 - share) / n) ** 0.5
     loo = audit(held[400:], train, None, share=share)  # calibrated on the training set itself
     assert loo.calibrated_on == "leave-one-out" and loo.copy_rate <= share + 3 * (share / n) ** 0.5
+
+
+@pytest.mark.parametrize("view, made", [("hflip", lambda x: x.flip(-1)),
+                                         ("rot90", lambda x: x.rot90(3, (-2, -1)))])
+def test_copies_in_a_view_the_run_trained_on_are_flagged_and_new_images_are_not(digits, view, made):
+    train, held = digits
+    planted = made(train[:300])
+    assert audit(planted, train, held[:400]).copy_rate < 0.05  # unseen views: far apart
+    seen = partial(nearest, views=(view,))
+    found = audit(planted, train, held[:400], search=seen)
+    assert found.copy_rate == 1 and (found.neighbours.index == np.arange(300)).all()
+    share, n = 0.01, 397  # calibrated in the same views, new images stay within the share
+    assert audit(held[400:], train, held[:400], search=seen).copy_rate <= share + 3 * (
+        share * (1 - share) / n) ** 0.5
+
+
+def test_the_views_searched_are_those_the_run_trained_on():
+    from ddpmkit.metrics.memorization import seen_views
+
+    cfg = load_config(None, {"data.hflip": True, "train.augment": ["rot90", "translate"],
+                             "train.augment_p": 0.5})
+    assert seen_views(cfg) == ("hflip", "rot90") and seen_views(load_config(None, {})) == ()
 
 
 @pytest.mark.parametrize("k", [0, 1, 7])
@@ -324,3 +347,63 @@ def test_downstream_counts_copies_at_the_threshold_drop_copies_used(run, tmp_pat
                                                         f"{threshold:.4f}, the one --drop-copies")
     assert "calibrated leave-one-out" in copy_rate(pool, [run])
     assert recorded_copy_threshold(tmp_path / "nothing") is None
+
+
+def _tiny_run(out, **overrides):
+    cfg = load_config(None, {**TINY, "train.max_steps": 2, "train.out_dir": str(out), **overrides})
+    return train(cfg, fresh=True, log=lambda *_: None, progress=False).path
+
+
+def test_images_made_before_the_run_trained_again_on_other_images_are_refused(tmp_path, capsys):
+    run = _tiny_run(tmp_path / "run")
+    gen = tmp_path / "gen"
+    assert main(["sample", str(run), "-n", "4", "--steps", "2", "--out", str(gen), "--quiet"]) == 0
+    assert main(["audit", str(gen), "--ref", str(run), "--features", "none"]) == 0
+    np.save(tmp_path / "other.npy", np.random.default_rng(0).integers(0, 255, (64, 8, 8),
+                                                                       dtype=np.uint8))
+    _tiny_run(tmp_path / "run", **{"data.path": str(tmp_path / "other.npy")})
+    capsys.readouterr()
+    assert main(["audit", str(gen), "--ref", str(run), "--features", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "before it was trained again on other images" in err[0], err
+
+
+def test_a_run_trained_on_mirrored_images_is_audited_for_mirrored_copies(tmp_path, capsys):
+    run = _tiny_run(tmp_path / "run", **{"data.hflip": True})
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    new = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(6),
+                        dtype=torch.uint8)
+    gen = _pngs(tmp_path / "gen", torch.cat([digits8[:10].flip(-1), new]))
+    assert main(["audit", str(gen), "--ref", str(run), "--features", "none", "--json"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["training_views"] == ["as trained", "hflip"] and saved["copies"] == 10
+    assert [r["training_image"] for r in saved["nearest"][:10]] == list(range(10))
+
+
+def test_a_holdout_is_read_at_the_runs_size_and_the_data_folder_is_no_generated_folder(
+        tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    for i, img in enumerate(digits8[:40]):
+        Image.fromarray(img[0].numpy()).save(data / f"{i}.png")
+    run = _tiny_run(tmp_path / "run", **{"data.path": str(data)})
+    gen = _pngs(tmp_path / "gen", digits8[40:60])
+    for command in (["audit", str(gen), "--ref", str(run)],
+                    ["sample", str(run), "-n", "2", "--out", str(tmp_path / "s"), "--drop-copies"]):
+        for key in ("data.image_size=4", "data.channels=3"):
+            assert main([*command, "--holdout", key]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "compared with the run's at its" in err[0], err
+    assert main(["audit", str(data), "--ref", str(run)]) == 2
+    assert "holds " in capsys.readouterr().err and not (data / "audit.json").exists()
+
+
+def test_sample_drop_copies_json_says_what_was_drawn_again(run, tmp_path, capsys):
+    assert main(["sample", str(run), "-n", "6", "--steps", "2", "--out", str(tmp_path / "s"),
+                 "--drop-copies", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)["drop_copies"]
+    rows = list(csv.DictReader(open(tmp_path / "s" / "manifest.csv")))
+    assert said["images"] == 6 and said["redrawn"] == sum(r["seed"] != "0" for r in rows)
+    assert said["copies_left"] == sum(float(r["nearest"]) < said["threshold"] for r in rows)
+    assert said["calibrated_on"] == "leave-one-out" and said["max_redraws"] == 10

@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import os
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
-from .metrics.memorization import Audit, audit, nearest_features
-from .outputs import PAGE_HEAD, RECORD, job_identities, manifest_images, write_about_images
+from .metrics.memorization import Audit, audit, nearest, nearest_features, seen_views
+from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, manifest_images,
+                      write_about_images)
 from .report import CSS, data_uri, svg_plot
 from .run import RunDir
 from .runtime import resolve_device
@@ -58,14 +60,20 @@ def as_sampled(images: torch.Tensor | None, size: int) -> torch.Tensor | None:
 
 
 def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:
-    """GEN's job records name the run (and checkpoint) that made it: an audit against another
-    run's training images would measure nothing."""
+    """GEN's job records name the run, checkpoint and training images that made it: an audit
+    against other training images would measure nothing."""
     jobs = [job for job in job_identities(gen) if isinstance(job.get("run"), str)]
     ours = {e["sha256"] for e in run.read_state()["checkpoints"]}
-    if jobs and not any(job["run"] == str(run.path.resolve())
-                        or str(job.get("checkpoint_sha256")) in ours for job in jobs):
+    if not jobs or any(str(job.get("checkpoint_sha256")) in ours for job in jobs):
+        return
+    if not any(job["run"] == str(run.path.resolve()) for job in jobs):
         raise UserError(f"{gen} was made by {jobs[0]['run']} (its {RECORD} says), not by "
                         f"{run.path}: audit it against the run that made it")
+    now = run.training_images_sha256()  # restoration records do not name it
+    if not any(job.get("training_images_sha256", now) == now for job in jobs):
+        raise UserError(f"{gen} was made by {run.path} before it was trained again on other "
+                        f"images (its {RECORD} says): audit it against a run of the images it "
+                        f"trained on then")
 
 
 def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, share: float = 0.01,
@@ -82,6 +90,9 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
     if features not in FEATURES:
         raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")
     data = run.training_set(log)
+    if holds_data(gen, run.config().data.path):
+        raise UserError(f"{gen} holds {run.path}'s training data: audit a folder of generated "
+                        f"images (one inside the data folder is fine)")
     _refuse_another_runs_images(gen, run)
     gen_images, labels, files, gen_size = generated_images(gen, run.config().data.image_size)
     train = as_sampled(data.images, gen_size)
@@ -89,10 +100,12 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
         raise UserError(f"{gen} holds {gen_images.shape[1]}-channel images and {run.path} was "
                         f"trained on {train.shape[1]}-channel ones: audit that run's own images")
     held = as_sampled(run.holdout_images(holdout, drop_overlap, log), gen_size)
-    result = audit(gen_images, train, held, share)
+    views = seen_views(run.config())
+    result = audit(gen_images, train, held, share, partial(nearest, views=views))
     summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
                "run": str(run.path.resolve()), "holdout": holdout,
-               "share": share,
+               "holdout_images": 0 if held is None else len(held), "share": share,
+               "training_views": ["as trained", *views],
                **summarise(result, labels, len(train))}
     _name_images(summary, [os.path.relpath(f, gen) for f in files], data.origins())
     extractor = feature_extractor(features, data, log)
@@ -103,7 +116,8 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
                        "ddpmkit audit")
     log(f"{summary['copies']} of {summary['generated']} generated images "
         f"({summary['copy_rate']:.1%}) are near-copies of training images (threshold "
-        f"{result.threshold:.4f}, calibrated on {result.calibrated_on} images)"
+        f"{result.threshold:.4f}, calibrated on {result.calibrated_on} images"
+        f"{'; training images also searched ' + '/'.join(views) if views else ''})"
         f"{_in_features(summary)}; wrote {gen}/audit.json and {gen}/audit.html")
     return summary
 

@@ -445,7 +445,7 @@ def _loaded(run_path: str, overrides: dict, doing: str, world=None):
 
 def _copy_filter(ns: argparse.Namespace, log):
     """--drop-copies' filter: the run's training images and a threshold calibrated for them."""
-    from .metrics.memorization import CopyFilter
+    from .metrics.memorization import CopyFilter, seen_views
     from .run import RunDir
 
     if not ns.drop_copies:
@@ -461,12 +461,13 @@ def _copy_filter(ns: argparse.Namespace, log):
         raise UserError(f"--max-redraws must be at least 1, got {redraws}")
     run = RunDir(ns.run)
     held = run.holdout_images(ns.holdout, ns.drop_overlap, log)
-    return CopyFilter.calibrated(run.training_images(log), held, redraws=redraws)
+    return CopyFilter.calibrated(run.training_images(log), held, redraws=redraws,
+                                 views=seen_views(run.config()))
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:
     from . import distributed
-    from .generation import generate
+    from .generation import copy_summary, generate
 
     overrides = _overrides(ns.args, SAMPLE_FLAGS, ns)
     if ns.no_ema:
@@ -477,13 +478,16 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     try:
         run, sc, amp = _loaded(ns.run, overrides, "sampling", world)
         log = print if world.is_main and not ns.json else _silent
+        copies = _copy_filter(ns, log)
         out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp,
                        progress=not (ns.quiet or ns.json), log=log, asked=set(overrides),
-                       force=ns.force, copies=_copy_filter(ns, log))
+                       force=ns.force, copies=copies)
         if ns.json and world.is_main:
             _print_json({"out": str(out), "num": sc.num, "images": str(out / "individual"),
                          "manifest": str(out / "manifest.csv"), "checkpoint": run.checkpoint,
-                         "sampler": sc.sampler})
+                         "sampler": sc.sampler,
+                         **({"drop_copies": copy_summary(out, sc.num, sc.seed, copies)}
+                            if copies else {})})
     finally:
         distributed.shutdown()
 

@@ -36,9 +36,9 @@ from .errors import UserError
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
 from .metrics.memorization import CopyFilter, is_copy
-from .outputs import SAMPLE, OutputFolder, read_manifest, write_manifest
+from .outputs import SAMPLE, OutputFolder, holds_data, read_manifest, write_manifest
 from .pixels import read_image
-from .run import Run
+from .run import Run, RunDir
 from .runtime import mix_seed
 from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
 
@@ -211,7 +211,8 @@ def _job_identity(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> dict:
     """What determines the pixels of image k. `num` is not part of it: a job may be extended."""
     return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint,
             "checkpoint_sha256": run.checkpoint_sha256, "ema": run.ema, "seed": cfg.seed,
-            "size": cfg.size, **dataclasses.asdict(spec)}
+            "size": cfg.size, "training_images_sha256": RunDir(run.path).training_images_sha256(),
+            **dataclasses.asdict(spec)}
 
 
 def finished_rows(out: Path) -> dict[int, list[str]]:
@@ -322,33 +323,36 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
         if world.is_main:
             _finish(run, cfg, spec, len(unfinished), log)
     if copies and world.is_main:
-        _report_copies([row for k, row in finished_rows(out).items() if k < cfg.num], cfg.seed,
-                       copies, log)
+        _report_copies(copy_summary(out, cfg.num, cfg.seed, copies), log)
     return out
 
 
 def _refuse_the_runs_data(run: Run, out: Path) -> None:
     """The folder of the run's training data (or one above it) would have its images left out of
     the next training as generated; a folder inside it is fine."""
-    if run.config.data.path:
-        data, where = Path(run.config.data.path).expanduser().resolve(), out.expanduser().resolve()
-        if where == data or where in data.parents:
-            raise UserError(f"--out {out} holds {run.path}'s training data: write the images into "
-                            f"a folder of their own (one inside it is fine: training leaves out "
-                            f"the folders ddpmkit generated)")
+    if holds_data(out, run.config.data.path):
+        raise UserError(f"--out {out} holds {run.path}'s training data: write the images into "
+                        f"a folder of their own (one inside it is fine: training leaves out "
+                        f"the folders ddpmkit generated)")
 
 
-def _report_copies(rows, seed: int, copies: CopyFilter, log) -> None:
-    """How many images --drop-copies drew again (their seed is not the job's) and how many are
-    still near-copies."""
-    rows = list(rows)
-    redrawn = sum(r[2] != str(seed) for r in rows)
+def copy_summary(out: Path, num: int, seed: int, copies: CopyFilter) -> dict:
+    """What --drop-copies did to a job's `num` images: how many were drawn again (their seed is
+    not the job's) and how many are still near-copies."""
+    rows = [row for k, row in finished_rows(out).items() if k < num]
     left = int(is_copy(np.array([float(r[-1]) for r in rows if r[-1]]), copies.threshold).sum())
-    log(f"near-copies: {redrawn} of {len(rows)} image(s) drawn again (the manifest's seed "
-        f"column); " + (f"{left} still closer than {copies.threshold:.4f} to a training image "
-                        f"after {copies.redraws} redraws (its nearest column)" if left else
-                        f"none left (threshold {copies.threshold:.4f}, calibrated "
-                        f"{copies.calibrated_on})"))
+    return {"images": len(rows), "redrawn": sum(r[2] != str(seed) for r in rows),
+            "copies_left": left, "threshold": copies.threshold,
+            "calibrated_on": copies.calibrated_on, "max_redraws": copies.redraws}
+
+
+def _report_copies(summary: dict, log) -> None:
+    left, threshold = summary["copies_left"], summary["threshold"]
+    log(f"near-copies: {summary['redrawn']} of {summary['images']} image(s) drawn again (the "
+        f"manifest's seed column); " + (
+            f"{left} still closer than {threshold:.4f} to a training image after "
+            f"{summary['max_redraws']} redraws (its nearest column)" if left else
+            f"none left (threshold {threshold:.4f}, calibrated {summary['calibrated_on']})"))
 
 
 def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype,

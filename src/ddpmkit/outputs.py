@@ -114,6 +114,14 @@ def manifest_images(folder: Path, column: str, synthetic_only: bool = True,
     return out
 
 
+def holds_data(folder: Path, data_path: str | None) -> bool:
+    """Whether `folder` is the data folder `data_path` or one above it (one inside it is not)."""
+    if not data_path:
+        return False
+    data, where = Path(data_path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return where == data or where in data.parents
+
+
 def read_record(folder: Path) -> dict | None:
     """The folder's record, or None when it has none (or one ddpmkit cannot read: a pipe, a
     file far larger than a record)."""

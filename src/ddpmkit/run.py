@@ -35,6 +35,7 @@ from .schedule import Schedule
 from .unet import UNet, check_fits
 
 FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
+READ_AS_TRAINED = ("data.image_size", "data.channels", "data.bit_depth")
 RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html",
              "learning.gif")
 # with RUN_FILES, what --fresh deletes: these folders' files that ddpmkit names so (a user's stay)
@@ -158,6 +159,11 @@ class RunDir:
                             f"it never saw): the images it trained on are needed")
         return data
 
+    def training_images_sha256(self) -> str:
+        """A digest of training_images.sha256 ("" without one): a run trained again on other images
+        has another."""
+        return file_sha256(self.digests_path) if self.digests_path.is_file() else ""
+
     def data_values(self) -> dict:
         """The run's data section as data.key=value pairs, to change a key of."""
         cfg = self.config()
@@ -169,7 +175,12 @@ class RunDir:
         a folder or file, or data.key=value changing the run's own data (data.split=val)."""
         values = self.data_values()
         if "=" in where:
-            values.update([parse_override(where)])
+            key, value = parse_override(where)
+            if key in READ_AS_TRAINED and value != values[key]:
+                raise UserError(f"{where}: real images are compared with the run's at its "
+                                f"{key}={values[key]}; give other images with data.path=... or "
+                                f"data.split=...")
+            values[key] = value
         else:
             values |= {"data.path": where, "data.labels": None, "data.split": "train"}
         return load_images(data_config(values), log=lambda *_: None)

@@ -33,7 +33,7 @@ from .errors import UserError
 from .generation import SamplingSpec, sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
-from .metrics.memorization import CopyFilter, is_copy
+from .metrics.memorization import CopyFilter, is_copy, seen_views
 from .outputs import refuse_shared
 from .pretrained import load_pretrained
 from .report import write_report
@@ -585,7 +585,7 @@ def _copy_filter(prep: Prepared, log) -> CopyFilter:
         raise UserError("train.audit_every compares samples with every training image, which a "
                         "streamed dataset does not hold: set train.audit_every=0 and audit "
                         "samples afterwards (ddpmkit audit)")
-    copies = CopyFilter.calibrated(prep.data.images)
+    copies = CopyFilter.calibrated(prep.data.images, views=seen_views(prep.cfg))
     log(f"train.audit_every: near-copy threshold {copies.threshold:.4f} (leave-one-out distances "
         f"of the training images)")
     return copies

@@ -3,9 +3,11 @@ real images the generator never saw.
 
 Distance: 1 - the normalised correlation of two images (pixels centred and scaled per image), the
 best over translations of up to `shift` pixels, each compared on the window both images show, so
-a copy moved by a pixel is still a copy. For
-each generated image: its nearest training image, that distance d1, and d1 / dk, the ratio to the
-k-th nearest (Carlini et al. 2023: a copy is much closer to one training image than to the rest).
+a copy moved by a pixel is still a copy. A run that trained on mirrored or rotated images
+(data.hflip, train.augment) may copy them so: the training images are then searched in those views
+too (`seen_views`). For each generated image: its nearest training image, that distance d1, and
+d1 / dk, the ratio to the k-th nearest (Carlini et al. 2023: a copy is much closer to one training
+image than to the rest).
 
 The same search runs in a feature space too (`nearest_features`: cosine distance between feature
 vectors, EfficientNet's or a classifier's), which sees copies that pixels miss (a copy with its
@@ -21,10 +23,13 @@ distances stand in for them (each image against all the others).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
+
+from ..config import Config
 
 # query and reference images per matrix product: memory stays bounded whatever the set sizes
 CHUNK, REF_CHUNK = 256, 1024
@@ -52,12 +57,45 @@ def _overlaps(h: int, w: int, shift: int) -> list[tuple[tuple[slice, slice], tup
     return pairs
 
 
-def _similarities(query_u8: torch.Tensor, ref_u8: torch.Tensor, windows: list) -> torch.Tensor:
-    """Q x R: each pair's best normalised correlation over the translations."""
+View = Callable[[torch.Tensor], torch.Tensor]  # a transform of N x C x H x W images
+FLIPS: dict[str, View] = {"hflip": lambda x: x.flip(-1), "vflip": lambda x: x.flip(-2),
+                          "rot90": lambda x: x.rot90(1, (-2, -1))}
+
+
+def seen_views(cfg: Config) -> tuple[str, ...]:
+    """The flips and rotations a run's training images were shown in (translations the search
+    covers anyway)."""
+    ops = [op for op in cfg.train.augment if op in FLIPS]
+    return tuple(sorted({*ops, *(["hflip"] if cfg.data.hflip else [])}))
+
+
+def _group(ops: tuple[str, ...]) -> list[View]:
+    """Every distinct transform that compositions of `ops` make, the identity first."""
+    probe = torch.arange(9).reshape(1, 1, 3, 3)  # no symmetry: distinct transforms move it apart
+    found: dict[bytes, View] = {probe.numpy().tobytes(): lambda x: x}
+    todo = list(found.values())
+    while todo:
+        view = todo.pop()
+        for op in ops:
+            def composed(x, view=view, op=op):
+                return FLIPS[op](view(x))
+            key = composed(probe).numpy().tobytes()
+            if key not in found:
+                found[key] = composed
+                todo.append(composed)
+    return list(found.values())
+
+
+def _similarities(query_u8: torch.Tensor, ref_u8: torch.Tensor, windows: list,
+                  views: list[View]) -> torch.Tensor:
+    """Q x R: each pair's best normalised correlation over the translations and the reference's
+    views."""
     best = None
-    for (qy, qx), (ry, rx) in windows:
-        sims = _normalised(query_u8[..., qy, qx]) @ _normalised(ref_u8[..., ry, rx]).T
-        best = sims if best is None else torch.maximum(best, sims)
+    for view in views:
+        ref = view(ref_u8)
+        for (qy, qx), (ry, rx) in windows:
+            sims = _normalised(query_u8[..., qy, qx]) @ _normalised(ref[..., ry, rx]).T
+            best = sims if best is None else torch.maximum(best, sims)
     return best
 
 
@@ -72,11 +110,12 @@ Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # Q queries, 
 
 
 def nearest(query_u8: torch.Tensor, ref_u8: torch.Tensor, k: int = 5, shift: int = 1,
-            exclude: torch.Tensor | None = None) -> Neighbours:
-    """Nearest reference image of each query image in pixels; `exclude[i]`: a reference image
-    left out for query i (itself, for leave-one-out distances within one set)."""
-    windows = _overlaps(*ref_u8.shape[-2:], shift)
-    return _search(query_u8, ref_u8, lambda q, r: _similarities(q, r, windows), k, exclude)
+            exclude: torch.Tensor | None = None, views: tuple[str, ...] = ()) -> Neighbours:
+    """Nearest reference image of each query image in pixels, the references also seen in
+    `views` (FLIPS); `exclude[i]`: a reference image left out for query i (itself, for
+    leave-one-out distances within one set)."""
+    windows, group = _overlaps(*ref_u8.shape[-2:], shift), _group(views)
+    return _search(query_u8, ref_u8, lambda q, r: _similarities(q, r, windows, group), k, exclude)
 
 
 def nearest_features(query: torch.Tensor, ref: torch.Tensor, k: int = 5,
@@ -168,12 +207,15 @@ class CopyFilter:
     threshold: float
     calibrated_on: str
     redraws: int = 10
+    views: tuple[str, ...] = ()  # seen_views of the run
 
     @classmethod
     def calibrated(cls, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
-                   share: float = 0.01, redraws: int = 10) -> CopyFilter:
-        limit, calibrated_on, _ = calibrate(train_u8, holdout_u8, share)
-        return cls(train_u8, limit, calibrated_on, redraws)
+                   share: float = 0.01, redraws: int = 10,
+                   views: tuple[str, ...] = ()) -> CopyFilter:
+        limit, calibrated_on, _ = calibrate(train_u8, holdout_u8, share,
+                                            partial(nearest, views=views))
+        return cls(train_u8, limit, calibrated_on, redraws, views)
 
     def distances(self, images_u8: torch.Tensor) -> np.ndarray:
-        return nearest(images_u8, self.train, k=1).d1
+        return nearest(images_u8, self.train, k=1, views=self.views).d1
