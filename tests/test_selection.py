@@ -314,3 +314,35 @@ def test_auto_guidance_probes_with_the_steps_the_candidates_use(generator, tmp_p
     job = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())["job"]
     assert job["sampler"] == "ddim" and job["steps"] == 50  # ddim's default on a 100-step model
     assert len(steps) > 5 and set(steps) == {50}  # the 5 probes, then the candidates
+
+
+def test_training_images_in_the_val_split_are_left_out_and_a_class_without_val_images_is_named(
+        tmp_path):
+    from ddpmkit.config import DataConfig
+    from ddpmkit.data import load_images
+
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    # val holds 20 of the training zeros (so no zero the selector has not learnt) and 30 new ones
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:20], ones[:120]]), ones[150:],
+                np.concatenate([zeros[:20], ones[120:150]]))
+    cfg = DataConfig(path=str(data), image_size=8)
+    train = load_images(cfg, log=QUIET)
+    said = []
+    selector = selection.build_selector(cfg, train.images, train.labels, ["0", "1"],
+                                        selection.SelectOptions(), log=said.append)
+    assert "select: the validation split holds 20 training image(s): left out" in said
+    assert selector.calibrated_on == ("the 0.05 quantile of the validation split's own images "
+                                      "(30); 0.5 for 0, which it has none of")
+    assert selector.thresholds["0"] == 0.5 and selector.thresholds["1"] < 0.5 + 0.5
+
+
+def test_auto_guidance_is_refused_for_a_run_without_an_unconditional_model(tmp_path, capsys):
+    data, run = _rare_npz(tmp_path / "d.npz"), tmp_path / "run"
+    assert main(["train", f"--data={data}", "model.class_conditional=true", "train.max_steps=2",
+                 "train.label_dropout=0", f"--out={run}", "--quiet", *TINY_ARGS]) == 0
+    assert main(["balance", str(run), "--out", str(tmp_path / "b"), "--select",
+                 "--class-guidance", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.label_dropout=0" in err[0] and "--class-guidance auto" in err[0]
+    assert not (tmp_path / "b").exists()

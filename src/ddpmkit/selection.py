@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import has_named_splits, load_images
+from .data import has_named_splits, image_digests, load_images
 from .errors import UserError
 from .metrics.classifier import cached_fit, predict
 from .metrics.evaluate import cache_dir
@@ -115,7 +115,10 @@ def thresholds(names: list[str], val: tuple[np.ndarray, list[str]] | None, quant
     for i, c in enumerate(names):
         own = probs[[label == c for label in labels], i]
         out[c] = float(np.quantile(own, quantile)) if len(own) else NO_SPLIT_THRESHOLD
-    return out, f"the {quantile:g} quantile of the validation split's own images ({len(labels)})"
+    missing = [c for c in names if c not in labels]
+    return out, (f"the {quantile:g} quantile of the validation split's own images ({len(labels)})"
+                 + (f"; {NO_SPLIT_THRESHOLD} for {', '.join(missing)}, which it has none of"
+                    if missing else ""))
 
 
 def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[str],
@@ -125,13 +128,18 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     real images: `validation_images`), else from its data's validation split where it has one."""
     net = train_selector(images_u8, labels, names, log)
     if val is None and options.threshold is None:
-        val = _validation_split(data_cfg, log)
+        val = _validation_split(data_cfg, images_u8, log)
     real_images, real_labels = val or (images_u8, labels)
     probs = predict(net, real_images)
     limits, how = thresholds(names, (probs, real_labels) if val else None, options.quantile,
                              options.threshold)
-    real = {c: _shares(probs[[label == c for label in real_labels]], i, limits[c])
-            if c in real_labels else (1.0, 1.0) for i, c in enumerate(names)}
+    # a class without validation images: its real shares are measured on its training images
+    trained = predict(net, images_u8) if any(c not in real_labels for c in names) else None
+    real = {}
+    for i, c in enumerate(names):
+        own = (probs[[label == c for label in real_labels]] if c in real_labels
+               else trained[[label == c for label in labels]])
+        real[c] = _shares(own, i, limits[c]) if len(own) else (1.0, 1.0)
     selector = Selector(net, names, limits, how, {c: p for c, (_, p) in real.items()},
                         {c: f for c, (f, _) in real.items()})
     log(f"select: thresholds {selector.describe()} ({how})")
@@ -143,7 +151,10 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     return selector
 
 
-def _validation_split(data_cfg: DataConfig, log) -> tuple[torch.Tensor, list[str]] | None:
+def _validation_split(data_cfg: DataConfig, train_u8: torch.Tensor,
+                      log) -> tuple[torch.Tensor, list[str]] | None:
+    """The data's val split, less any training images in it: the selector has learnt those, so
+    they would set the thresholds too high."""
     if not (data_cfg.path and has_named_splits(data_cfg.path)):
         return None
     try:
@@ -151,7 +162,13 @@ def _validation_split(data_cfg: DataConfig, log) -> tuple[torch.Tensor, list[str
     except UserError as exc:  # the source has splits, but no val split
         log(f"select: no validation split ({exc})")
         return None
-    return (data.images, data.labels) if data.labels else None
+    trained = set(image_digests(train_u8))
+    keep = [d not in trained for d in image_digests(data.images)]
+    if not all(keep):
+        log(f"select: the validation split holds {keep.count(False)} training image(s): left out")
+    if not data.labels or not any(keep):
+        return None
+    return data.images[torch.tensor(keep)], [c for c, k in zip(data.labels, keep) if k]
 
 
 def validation_images(run: RunDir, where: str, names: list[str],
