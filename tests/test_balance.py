@@ -222,3 +222,18 @@ def test_class_names_typed_decomposed_name_the_composed_class():
     counts = {"cat": 10, composed: 2}
     assert plan(counts, target=10, class_labels=[decomposed]) == {"cat": 0, composed: 8}
     assert parse_proportions(f"cat=0.5,{decomposed}=0.5") == {"cat": 0.5, composed: 0.5}
+
+
+def test_real_images_whose_path_holds_a_hash_are_linked_by_class(tmp_path):
+    for name, n in (("plain", 6), ("type #1", 2)):
+        write_images(tmp_path / "data" / name, n=n, size=(8, 8), seed=n)
+    run, out = tmp_path / "run", tmp_path / "balanced"
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'data'}", "model.class_conditional=true",
+                 "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
+                 "sample.steps=2"]) == 0
+    rare = [f for f in (out / "by_class").iterdir() if f.name != "plain"]
+    assert len(rare) == 1 and sorted(p.name[:4] for p in rare[0].iterdir()) == (
+        ["real"] * 2 + ["synt"] * 4)

@@ -478,3 +478,21 @@ def test_a_study_of_three_classes_is_also_scored_at_tuned_thresholds(tmp_path):
     assert all("recall@tuned[c]" in run and "tuned_threshold" not in run
                for runs in summary["per_seed"].values() for run in runs)
     assert "tuned on the calibration split (42 images" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_gains_equal_but_for_rounding_have_no_p_value_and_a_share_of_zero_is_refused(tmp_path,
+                                                                                     capsys):
+    from ddpmkit.downstream import _paired_tests
+
+    def runs(values):
+        return [{"m": v} for v in values]
+
+    tests, _, _ = _paired_tests({"real": runs([0.83, 0.89]),
+                                 "real+selected": runs([1.0, 0.9444444444444445]),
+                                 "oversampled": runs([0.9444444444444445, 0.8888888888888888])},
+                                "m")
+    assert np.isnan(tests["real+selected vs oversampled"]["p_value"])
+    data = _npz(tmp_path / "d.npz", np.arange(40), np.arange(40, 60))
+    assert main(["downstream", "--real", str(data), "--synthetic", str(tmp_path),
+                 "--synthetic-share", "0", "--out", str(tmp_path / "s")]) == 2
+    assert "at 0 the arms would draw no generated image" in capsys.readouterr().err

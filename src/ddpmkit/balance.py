@@ -144,6 +144,10 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     if guidance == "auto" and select is None:
         raise UserError("--class-guidance auto chooses each class's scale with the selector: "
                         "add --select")
+    if guidance == "auto" and run.config.train.label_dropout == 0:
+        raise UserError(f"--class-guidance auto: {run.path} was trained with "
+                        f"train.label_dropout=0, so it never learnt the unconditional model that "
+                        f"guidance other than 1 uses; leave --class-guidance out")
     if sample_cfg.guidance == 0:
         raise UserError("balance with sample.guidance=0 would label unconditional samples "
                         "as classes: use guidance 1 or more")
@@ -189,8 +193,9 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
         topping.write_records()
         write_manifest(out / "manifest.csv", rows, columns)
         _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
-        if by_class_folders:
-            _link_by_class(out, rows, folders)
+        if by_class_folders and _link_by_class(out, rows, folders):
+            log("balance: by_class/ links the generated images only: the real ones are elements "
+                "of an array, with no file of their own (manifest.csv names them)")
     log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, "
         f"{len(rows) - len(data.labels)} generated)")
     return need
@@ -438,16 +443,19 @@ def _unlink_by_class(out: Path) -> None:
         root.rmdir()
 
 
-def _link_by_class(out: Path, rows: list[list], folders: dict[str, str]) -> None:
-    root = out / "by_class"
+def _link_by_class(out: Path, rows: list[list], folders: dict[str, str]) -> int:
+    """Link every image into by_class/CLASS/; returns how many real ones had no file to link."""
+    root, unlinked = out / "by_class", 0
     for i, row in enumerate(rows):
         path, label = row[0], row[MANIFEST_COLUMNS.index("label")]
         synthetic = row[MANIFEST_COLUMNS.index("synthetic")] == "true"  # columns may follow it
-        if "#" in path:
-            continue  # an array element has no file to link
+        if not synthetic and not Path(path).is_file():  # an array element: array.npz#12
+            unlinked += 1
+            continue
         target = out / path if synthetic else Path(path)
         folder = root / folders[label]
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / (f"synthetic_{i:07d}{target.suffix}" if synthetic
                          else f"real_{i:07d}{target.suffix}")
         os.symlink(os.path.relpath(target, folder), link)
+    return unlinked

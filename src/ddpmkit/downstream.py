@@ -397,8 +397,10 @@ def _paired_tests(results: dict[str, list[dict]], metric: str) -> tuple[dict, fl
     tests, primary = {}, primary_arm(results)
     for other in ("real", "oversampled"):
         diff = values[primary] - values[other]
+        # differences equal but for float rounding have no spread either: t would be huge
+        spread_of_diff = diff.std() > 1e-9 * max(1.0, float(np.abs(diff).max()))
         p = (float(ttest_rel(values[primary], values[other]).pvalue)
-             if len(diff) > 1 and diff.std() > 0 else float("nan"))
+             if len(diff) > 1 and spread_of_diff else float("nan"))
         tests[f"{primary} vs {other}"] = {"mean_gain": float(diff.mean()), "p_value": p}
     spread = max(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values.values())
     least = min(t["mean_gain"] for t in tests.values())
@@ -654,8 +656,9 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
                         f"(3 or more is better)")
     if r.steps < 1:
         raise UserError(f"--steps {r.steps}: each classifier needs at least 1 optimizer step")
-    if r.synthetic_share is not None and not 0 <= r.synthetic_share <= 1:
-        raise UserError(f"--synthetic-share {r.synthetic_share}: give a fraction from 0 to 1")
+    if r.synthetic_share is not None and not 0 < r.synthetic_share <= 1:
+        raise UserError(f"--synthetic-share {r.synthetic_share}: give a fraction above 0 and at "
+                        f"most 1 (at 0 the arms would draw no generated image)")
     reads = tuple(Path(s.path if isinstance(s, DataConfig) else s)
                   for s in (real, test, calibration, synthetic) if s is not None)
     refuse_special(Path(out), reads, STUDY.what)  # before anything is read
