@@ -237,3 +237,34 @@ def test_real_images_whose_path_holds_a_hash_are_linked_by_class(tmp_path):
     rare = [f for f in (out / "by_class").iterdir() if f.name != "plain"]
     assert len(rare) == 1 and sorted(p.name[:4] for p in rare[0].iterdir()) == (
         ["real"] * 2 + ["synt"] * 4)
+
+
+def test_a_class_no_training_image_has_is_warned_of_in_training_and_balance(tmp_path, capsys):
+    for name, n in (("cat", 4), ("dog", 2)):
+        write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=n)
+    run = tmp_path / "run"
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true",
+                 "data.class_names=[cat,dog,fox]", "train.max_steps=2", f"--out={run}",
+                 *args]) == 0
+    assert ("warning: data.class_names names fox, which no training image has"
+            in capsys.readouterr().out)
+    assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 0
+    assert "trained on no image of fox" in capsys.readouterr().out
+
+
+def test_balance_counts_the_images_the_run_trained_on_not_new_ones(tmp_path, capsys):
+    for name, n in (("cat", 4), ("dog", 2)):
+        write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=n)
+    run = tmp_path / "run"
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true",
+                 "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
+    write_images(tmp_path / "more", n=3, size=(8, 8), seed=9)
+    for f in (tmp_path / "more").iterdir():
+        f.rename(tmp_path / "pets" / "dog" / f"new_{f.name}")
+    assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data has changed since it trained (3 image(s)" in err[0], err

@@ -496,3 +496,18 @@ def test_gains_equal_but_for_rounding_have_no_p_value_and_a_share_of_zero_is_ref
     assert main(["downstream", "--real", str(data), "--synthetic", str(tmp_path),
                  "--synthetic-share", "0", "--out", str(tmp_path / "s")]) == 2
     assert "at 0 the arms would draw no generated image" in capsys.readouterr().err
+
+
+def test_a_calibration_class_emptied_by_dropping_training_images_says_so():
+    import torch
+
+    from ddpmkit.downstream import load_calibration
+
+    pool = Pool(torch.arange(6, dtype=torch.uint8)[:, None, None, None].expand(6, 1, 8, 8).clone(),
+                np.array([0, 0, 1, 1, 2, 2]))
+    trained = Pool(pool.images[4:], pool.labels[4:])  # class c's calibration images, trained on
+    with pytest.raises(UserError, match=r"calibration data v \(after dropping 2 images a "
+                                        r"classifier or the generator trained on\): no images of "
+                                        r"class c"):
+        load_calibration(pool, "v", trained, Pool(pool.images[:0] + 9, pool.labels[:0]), set(),
+                         ["a", "b", "c"])

@@ -153,7 +153,9 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                         "as classes: use guidance 1 or more")
     asked = keys_asked(run, sample_cfg, asked)
     SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read or written
-    data = load_images(run.config.data)
+    recorded = RunDir(run.path)  # its data must still hold only images it trained on
+    data = (recorded.training_set() if recorded.digests_path.is_file()
+            else load_images(run.config.data))
     added = sorted(set(data.labels) - set(run.config.data.class_names))
     if added:
         raise UserError(f"{run.config.data.path} now has class(es) {', '.join(added[:3])} that "
@@ -162,6 +164,9 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_labels, proportions)
+    for c in [c for c in counts if not counts[c] and need[c]]:
+        log(f"balance: warning: {run.path} trained on no image of {c}: its generated {c} images "
+            f"show only what the model learnt of it elsewhere (--init-from), if anything")
     scales = (None if guidance == "auto"
               else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
     selector = None if select is None else build_selector(

@@ -551,7 +551,9 @@ def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool,
                         f"a classifier or the generator trained on, {len(pool.labels)} images of "
                         f"fewer than 2 classes are left; give held-out labelled images "
                         f"(--calibration PATH, or a separate split of --real)")
-    _every_class(pool, names, f"calibration data {where}")
+    _every_class(pool, names, f"calibration data {where}"
+                 + (f" (after dropping {int(seen.sum())} images a classifier or the generator "
+                    f"trained on)" if seen.any() else ""))
     note = (f"{int(seen.sum())} calibration images a classifier or the generator trained on "
             f"were dropped; ")
     return pool, note if seen.any() else ""

@@ -60,6 +60,10 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
         if cfg.sample.class_label not in (None, *names):  # every later `sample` would refuse it
             raise UserError(f"--class {cfg.sample.class_label}: not a class of the data "
                             f"({', '.join(names[:20])}; config key sample.class_label)")
+        absent = [c for c in names if c not in set(data.labels)]
+        if absent:
+            log(f"warning: data.class_names names {', '.join(absent[:5])}, which no training "
+                f"image has: the model learns nothing of it here")
         values.update({"data.class_names": names, "model.num_classes": len(names)})
     cfg = updated(cfg, values)
     if cfg.train.init_from and recorded and run.read_state()["checkpoints"]:
