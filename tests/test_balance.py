@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 
 import pytest
@@ -224,14 +225,19 @@ def test_class_names_typed_decomposed_name_the_composed_class():
     assert parse_proportions(f"cat=0.5,{decomposed}=0.5") == {"cat": 0.5, composed: 0.5}
 
 
-def test_real_images_whose_path_holds_a_hash_are_linked_by_class(tmp_path):
-    for name, n in (("plain", 6), ("type #1", 2)):
+def _class_run(tmp_path, counts: dict, *train_args) -> Path:
+    """A 2-step class-conditional run on class folders of `counts` images each."""
+    for name, n in counts.items():
         write_images(tmp_path / "data" / name, n=n, size=(8, 8), seed=n)
-    run, out = tmp_path / "run", tmp_path / "balanced"
     args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
             for k, v in TINY.items()]
     assert main(["train", f"--data={tmp_path / 'data'}", "model.class_conditional=true",
-                 "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
+                 "train.max_steps=2", f"--out={tmp_path / 'run'}", *args, *train_args]) == 0
+    return tmp_path / "run"
+
+
+def test_real_images_whose_path_holds_a_hash_are_linked_by_class(tmp_path):
+    run, out = _class_run(tmp_path, {"plain": 6, "type #1": 2}, "--quiet"), tmp_path / "balanced"
     assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
                  "sample.steps=2"]) == 0
     rare = [f for f in (out / "by_class").iterdir() if f.name != "plain"]
@@ -240,14 +246,7 @@ def test_real_images_whose_path_holds_a_hash_are_linked_by_class(tmp_path):
 
 
 def test_a_class_no_training_image_has_is_warned_of_in_training_and_balance(tmp_path, capsys):
-    for name, n in (("cat", 4), ("dog", 2)):
-        write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=n)
-    run = tmp_path / "run"
-    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
-            for k, v in TINY.items()]
-    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true",
-                 "data.class_names=[cat,dog,fox]", "train.max_steps=2", f"--out={run}",
-                 *args]) == 0
+    run = _class_run(tmp_path, {"cat": 4, "dog": 2}, "data.class_names=[cat,dog,fox]")
     assert ("warning: data.class_names names fox, which no training image has"
             in capsys.readouterr().out)
     assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 0
@@ -255,16 +254,10 @@ def test_a_class_no_training_image_has_is_warned_of_in_training_and_balance(tmp_
 
 
 def test_balance_counts_the_images_the_run_trained_on_not_new_ones(tmp_path, capsys):
-    for name, n in (("cat", 4), ("dog", 2)):
-        write_images(tmp_path / "pets" / name, n=n, size=(8, 8), seed=n)
-    run = tmp_path / "run"
-    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
-            for k, v in TINY.items()]
-    assert main(["train", f"--data={tmp_path / 'pets'}", "model.class_conditional=true",
-                 "train.max_steps=2", f"--out={run}", "--quiet", *args]) == 0
+    run = _class_run(tmp_path, {"cat": 4, "dog": 2}, "--quiet")
     write_images(tmp_path / "more", n=3, size=(8, 8), seed=9)
     for f in (tmp_path / "more").iterdir():
-        f.rename(tmp_path / "pets" / "dog" / f"new_{f.name}")
+        f.rename(tmp_path / "data" / "dog" / f"new_{f.name}")
     assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data has changed since it trained (3 image(s)" in err[0], err
