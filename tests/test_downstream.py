@@ -86,6 +86,13 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     text = _report(hostile)
     assert "<img" not in text and "recall[&lt;img src=x onerror=alert(1)&gt;\\|x]" in text
 
+    # a study of other settings does not silently replace this one; --fresh does
+    argv = ["downstream", "--real", str(data), "--synthetic", str(tmp_path / "bal_ok"), "--out",
+            str(out), "--seeds", "2", "--steps", "16", "--synthetic-share", "0.5"]
+    assert main(argv) == 2 and json.loads((out / "results.json").read_text())["steps"] == 15
+    assert main([*argv, "--fresh"]) == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 16
+
 
 def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tmp_path):
     rng = np.random.default_rng(1)

@@ -346,3 +346,33 @@ def test_auto_guidance_is_refused_for_a_run_without_an_unconditional_model(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.label_dropout=0" in err[0] and "--class-guidance auto" in err[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_scores_near_one_are_written_so_each_rows_comparison_reads_true(tmp_path):
+    from ddpmkit.balance import TopUp
+    from ddpmkit.config import SampleConfig
+
+    top = TopUp(None, tmp_path, QUIET, None, None, fresh=False)
+    folder = tmp_path / "classes" / "a"
+    rows = {k: [f"individual/{k:06d}.png", str(k), "0", "", "", "", "a", "true"] for k in range(2)}
+    threshold, scores = 0.9999632835, {0: 0.99996330, 1: 0.99996320}  # both print 0.999963 at 6
+    kept = top._keep(SampleConfig(out_dir=str(folder), num=1, class_label="a"), threshold,
+                     scores, [0], rows)
+    assert float(kept[0][-2]) >= threshold and kept[0][-1].startswith("score 0.9999633")
+    written = {row[2]: float(row[4]) for row in top.candidates}
+    assert written["0"] >= threshold > written["1"]
+    with pytest.raises(UserError, match=r"\(best 0.9999632\d*\)"):
+        top._keep(SampleConfig(out_dir=str(folder), num=1, class_label="a"), threshold,
+                  {0: 0.99996320}, [], rows)
+
+
+def test_auto_guidance_says_its_choice_is_no_measurement_when_the_selector_misses_the_class():
+    from types import SimpleNamespace
+
+    from ddpmkit.balance import TopUp
+
+    said = []
+    top = TopUp(None, None, said.append, SimpleNamespace(real_fidelity={"a": 0.0}), None, False)
+    assert top._say_choice("a", {1.0: 0.02, 2.0: 0.03}, 1.0, "") == 1.0
+    assert any("assigns only 0% of real a images to a" in m and "not a measurement" in m
+               for m in said), said

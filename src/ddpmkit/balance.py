@@ -249,7 +249,12 @@ class TopUp:
         self.log(f"select: {name}: guidance {chosen:g} ({whose}probe class fidelity "
                  + ", ".join(f"{s:g}: {r:.0%}" for s, r in fidelity.items())
                  + f"; real images {real:.0%})")
-        if fidelity[chosen] < 0.9 * real:
+        if real < 0.5:
+            self.log(f"select: warning: the selector assigns only {real:.0%} of real {name} "
+                     f"images to {name}, so it cannot judge which scale makes better {name} "
+                     f"images: guidance {chosen:g} is a default, not a measurement; give the class "
+                     f"a scale (--class-guidance {name}=SCALE) or more real images")
+        elif fidelity[chosen] < 0.9 * real:
             self.log(f"select: warning: at every scale fewer generated {name} images look like "
                      f"{name} to the selector ({fidelity[chosen]:.0%} at best) than real ones "
                      f"({real:.0%}): the generator has not learnt this class; train it longer "
@@ -294,17 +299,18 @@ class TopUp:
         if not passed:
             raise UserError(
                 f"--select: none of {made} candidates of {name} scored {threshold:.10g} or more "
-                f"(best {max(scores.values()):.4g}): lower --select-threshold or "
+                f"(best {max(scores.values()):.10g}): lower --select-threshold or "
                 f"--select-quantile (which needs validation images: --select-val), raise "
                 f"--max-candidates, or train the generator longer "
                 f"(train.class_balance helps a rare class)")
         kept = set(passed[:need])
-        reasons = {k: (f"score {scores[k]:.6g} >= {threshold:.10g}" if k in kept else
+        # scores written as precisely as the threshold, so each row's comparison reads true
+        reasons = {k: (f"score {scores[k]:.10g} >= {threshold:.10g}" if k in kept else
                        "beyond the number needed" if k in passed else "below the threshold")
                    for k in range(made)}
         for k in range(made):
             self.candidates.append([name, *self._row(cfg.out_dir, finished[k])[:3],
-                                    f"{scores[k]:.6g}", str(k in kept).lower(), reasons[k]])
+                                    f"{scores[k]:.10g}", str(k in kept).lower(), reasons[k]])
         self.summary[name] = {"needed": need, "candidates": made, "passed": len(passed),
                               "kept": len(kept), "acceptance_rate": len(passed) / made,
                               "threshold": threshold}
@@ -313,7 +319,7 @@ class TopUp:
                  + ("" if len(kept) == need else
                     f": {need - len(kept)} short at the limit (--max-candidates)"))
         return [self._row(cfg.out_dir, finished[k])
-                + [f"{scores[k]:.6g}", reasons[k]]
+                + [f"{scores[k]:.10g}", reasons[k]]
                 for k in sorted(kept)]
 
     def write_records(self) -> None:

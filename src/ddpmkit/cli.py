@@ -317,6 +317,8 @@ def _downstream_parser(sub) -> None:
                         "often); choose it on a validation split")
     d.add_argument("--unverified", action="store_true",
                    help="run even if the generator cannot be checked for leakage")
+    d.add_argument("--fresh", action="store_true",
+                   help="replace the study of other settings in --out (only its own results)")
     d.add_argument("--force", action="store_true",
                    help="write into a folder that holds files ddpmkit did not write "
                         "(it never deletes them)")
@@ -638,7 +640,7 @@ def cmd_downstream(ns: argparse.Namespace) -> None:
               test_split=ns.test_split, unverified=ns.unverified,
               calibration=sources["calibration"], calibration_split=ns.calibration_split,
               seeds=ns.seeds, steps=ns.steps, augment=not ns.no_augment,
-              synthetic_share=ns.synthetic_share, force=ns.force)
+              synthetic_share=ns.synthetic_share, fresh=ns.fresh, force=ns.force)
 
 
 RESTORE_OPTIONS = {"denoise": ("sigma", "method", "samples", "sampler"),

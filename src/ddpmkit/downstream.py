@@ -649,7 +649,7 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
               test: str | DataConfig | None = None, real_split: str = "train",
               test_split: str | None = None, unverified: bool = False,
               calibration: str | DataConfig | None = None, calibration_split: str | None = None,
-              force: bool = False, log=print, **recipe) -> dict:
+              fresh: bool = False, force: bool = False, log=print, **recipe) -> dict:
     """The CLI's entry: real data (its train split), the synthetic folder, the test split; each real
     source a path or a data section (a folder and the CSV that labels it). `recipe`: Recipe's."""
     r = Recipe(**recipe)
@@ -664,10 +664,23 @@ def run_study(real: str | DataConfig, synthetic: str, out: str, *,
     reads = tuple(Path(s.path if isinstance(s, DataConfig) else s)
                   for s in (real, test, calibration, synthetic) if s is not None)
     refuse_special(Path(out), reads, STUDY.what)  # before anything is read
-    return _run_study(real, synthetic, OutputFolder(out, STUDY, {}, force=force, reads=reads),
+    identity = {"real": _source(real), "test": _source(test), "calibration": _source(calibration),
+                "synthetic": _source(synthetic), "real_split": real_split,
+                "test_split": test_split, "calibration_split": calibration_split,
+                "unverified": unverified, **asdict(r)}
+    folder = OutputFolder(out, STUDY, identity, fresh=fresh, force=force, reads=reads)
+    return _run_study(real, synthetic, folder,
                       test, real_split, test_split, unverified=unverified,
                       calibration=calibration, calibration_split=calibration_split, log=log,
                       recipe=r)
+
+
+def _source(source: str | DataConfig | None):
+    """A study source as its record names it: the data it reads, wherever it was run from."""
+    if isinstance(source, DataConfig):
+        return {k: str(Path(v).resolve()) if k in ("path", "labels") and v else v
+                for k, v in asdict(source).items()}
+    return None if source is None else str(Path(source).resolve())
 
 
 def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
