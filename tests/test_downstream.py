@@ -518,3 +518,14 @@ def test_a_calibration_class_emptied_by_dropping_training_images_says_so():
                                         r"class c"):
         load_calibration(pool, "v", trained, Pool(pool.images[:0] + 9, pool.labels[:0]), set(),
                          ["a", "b", "c"])
+
+
+def test_a_balanced_sets_class_job_is_refused_as_the_synthetic_set(tmp_path, capsys):
+    order = np.random.default_rng(2).permutation(360)
+    data = _npz(tmp_path / "d.npz", np.concatenate([order[:40], order[60:200]]), order[200:])
+    balanced = _balanced(tmp_path, data, "cls")
+    job = next((balanced / "classes").iterdir())
+    assert main(["downstream", "--real", str(data), "--synthetic", str(job), "--out",
+                 str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds one class's candidates of the balanced set" in err[0], err

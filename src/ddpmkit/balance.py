@@ -118,7 +118,8 @@ def class_guidance(scales: dict[str, float], classes: list[str],
     bad = [c for c, s in scales.items() if not s > 0]
     if bad:
         raise UserError(f"--class-guidance {bad[0]}={scales[bad[0]]}: guidance 0 would label "
-                        f"unconditional samples as the class; use 1 or more")
+                        f"unconditional samples as the class; use a scale above 0 (1: the "
+                        f"conditional model alone)")
     return {c: scales.get(c, default) for c in classes}
 
 

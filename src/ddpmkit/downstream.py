@@ -44,7 +44,7 @@ from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import audit, is_copy, nearest
 from .outputs import (Kind, OutputFolder, existing, job_identities, job_runs, manifest_images,
-                      refuse_special)
+                      read_record, refuse_special)
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
 
@@ -124,7 +124,11 @@ def load_real(source: str | DataConfig, split: str, size: int, channels: int | N
 def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, list[Path]]:
     """The synthetic rows of a balance (or sample) manifest -> images, labels, and the runs that
     made them."""
-    manifest = folder / "manifest.csv"
+    manifest, balanced = folder / "manifest.csv", folder.resolve().parent.parent
+    if (folder.resolve().parent.name == "classes"
+            and (read_record(balanced) or {}).get("kind") == "balance"):
+        raise UserError(f"{folder} holds one class's candidates of the balanced set {balanced}: "
+                        f"give {balanced}, whose manifest.csv lists the images it kept")
     if not manifest.is_file():
         raise UserError(f"{folder} has no manifest.csv: "
                         f"pass a `ddpmkit balance` (or `sample`) output folder")
