@@ -153,3 +153,12 @@ def test_fine_tuning_a_run_without_augmentation_adds_a_new_embedding(tmp_path):
     assert any("augmentation embedding new" in m for m in said)
     groups, _ = read_checkpoint(tuned.checkpoint_file(10), prefixes=("model",))
     assert groups["model"]["augment_embedding.weight"].shape[1] == 1
+
+
+def test_audits_and_evaluations_between_checkpoints_are_made_at_their_own_steps(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 12, "train.audit_every": 4,
+                                   "train.audit_num": 8, "train.checkpoint_every": 10})
+    run = train(cfg, **QUIET)
+    audits = [r["step"] for r in map(json.loads, run.stats_path.read_text().splitlines())
+              if "audit" in r]
+    assert audits == [4, 8, 12]  # checkpoints saved at 4 and 8 for them, besides 10 and 12

@@ -3,11 +3,13 @@ records, a failed start that writes nothing, a refused --save-ref, and the Makef
 choice."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ddpmkit.cli import main
@@ -82,3 +84,42 @@ def test_the_makefile_takes_pytorchs_cpu_index_as_an_option():
     assert 'pip install -q torch==2.13.0' in default and "download.pytorch.org" not in default
     cpu = dry_run("TORCH=torch --index-url https://download.pytorch.org/whl/cpu")
     assert "pip install -q torch --index-url https://download.pytorch.org/whl/cpu" in cpu
+
+
+def test_a_kill_between_the_first_checkpoint_and_its_record_leaves_a_run_that_resumes(
+        tiny, monkeypatch):
+    from ddpmkit.run import RunDir
+
+    cfg = tiny(**{"train.max_steps": 4, "train.checkpoint_every": 2})
+    with monkeypatch.context() as m:  # killed once the checkpoint file is in place
+        m.setattr(RunDir, "add_checkpoint", lambda *_: (_ for _ in ()).throw(SystemExit(137)))
+        with pytest.raises(SystemExit):
+            train(cfg, log=quiet, progress=False)
+    run = RunDir(cfg.train.out_dir)
+    assert run.checkpoint_file(2).is_file() and run.read_state()["checkpoints"] == []
+    said = []
+    train(cfg, log=said.append, progress=False)  # the same command: no refusal
+    straight = train(tiny(**{"train.max_steps": 4, "train.checkpoint_every": 2,
+                             "train.out_dir": cfg.train.out_dir + "_straight"}), log=quiet,
+                     progress=False)
+    from ddpmkit.run import load_run
+
+    resumed, whole = load_run(run.path).net.state_dict(), load_run(straight.path).net.state_dict()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)  # restarted: bitwise the same
+    # rerun once more with a rounding-only change: the run is finished, so nothing is recorded
+    said.clear()
+    train(tiny(**{"train.max_steps": 4, "train.checkpoint_every": 2, "train.grad_accum": 2}),
+          log=said.append, progress=False)
+    assert "nothing was recorded, the changes noted above included" in said[-1]
+    assert "changes" not in json.loads(run.meta_path.read_text())
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda d: __import__("ddpmkit").sample(str(d), num=2), "sample() takes a run loaded by"),
+    (lambda d: __import__("ddpmkit").train({"train": {}}), "train() takes a Config"),
+    (lambda d: __import__("ddpmkit").load_config(None, ["train.lr=1"]),
+     "load_config()'s overrides are a dict"),
+])
+def test_the_python_api_names_an_argument_of_the_wrong_kind(tmp_path, call, says):
+    with pytest.raises(UserError, match=re.escape(says)):
+        call(tmp_path)

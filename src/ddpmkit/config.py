@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from .augmentation import OPERATIONS
-from .errors import UserError
+from .errors import UserError, expect
 from .samplers import SAMPLERS, SPACINGS
 from .schedule import PREDICTIONS, SCHEDULES
 
@@ -351,10 +351,6 @@ def _check_values(cfg: Config) -> None:
     if t.class_balance and not cfg.model.class_conditional:
         raise UserError(f"config key train.class_balance={t.class_balance} draws classes by their "
                         f"labels: set model.class_conditional=true, or drop it")
-    for key in ("eval_every", "audit_every"):  # both score a saved checkpoint
-        if getattr(t, key) % t.checkpoint_every:
-            raise UserError(f"config key train.{key}={getattr(t, key)}: it scores checkpoints, so "
-                            f"it must be a multiple of train.checkpoint_every={t.checkpoint_every}")
     unknown = [op for op in t.augment if op not in OPERATIONS]
     if unknown or len(set(t.augment)) != len(t.augment):
         raise UserError(f"config key train.augment: {t.augment} is not a list of distinct "
@@ -462,6 +458,7 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    expect(overrides or {}, dict, "load_config()'s overrides are a dict of 'section.key': value")
     raw = read_yaml(path) if path is not None else {}
     return from_dict(merge_overrides(raw, overrides or {}))
 

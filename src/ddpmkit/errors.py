@@ -7,3 +7,9 @@ its traceback.
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line naming the bad thing and the fix."""
+
+
+def expect(value, kind: type, what: str) -> None:
+    """The Python API given the wrong kind of argument: one line, not a traceback deep inside."""
+    if not isinstance(value, kind):
+        raise UserError(f"{what}, got {type(value).__name__}")

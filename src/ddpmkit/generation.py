@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import atomic
 from .config import SampleConfig, sample_config
 from .distributed import World, barrier
-from .errors import UserError
+from .errors import UserError, expect
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
 from .metrics.memorization import CopyFilter, is_copy
@@ -161,6 +161,7 @@ def sample(run: Run, num: int = 16, seed: int = 0, batch_size: int = 256, size: 
     """Notebook API: `num` images as uint8 N x C x H x W; `options` are SamplingSpec's (sampler,
     steps, spacing, eta, variance, clip_x0, guidance, class_label), with SampleConfig's defaults.
     An option the sampler would ignore is refused, as the CLI refuses it."""
+    expect(run, Run, "sample() takes a run loaded by ddpmkit.load_run(path)")
     loaded = sorted(set(options) - {f.name for f in dataclasses.fields(SamplingSpec)})
     if loaded:  # checkpoint, ema, device...: chosen when the run was loaded, or not sample()'s
         raise UserError(f"sample() option {loaded[0]}: not a sampling option (those are "
@@ -297,6 +298,8 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     sample.* keys the user gave (options they name that the sampler ignores are refused; default:
     those that differ from the run's own). `copies`: near-copies of training images are drawn
     again (--drop-copies)."""
+    expect(run, Run, "generate() takes a run loaded by ddpmkit.load_run(path)")
+    expect(cfg, SampleConfig, "generate()'s cfg is a SampleConfig (load_config(...).sample)")
     _refuse_other_weights(run, cfg)
     spec = _checked(run, cfg, asked)
     side = cfg.size or run.image_size

@@ -365,6 +365,8 @@ class RunDir:
                                  + [{"step": step, **c} for c in self.changes])
             atomic.write_text(self.meta_path, atomic.json_text(record))
         atomic.write_text(self.config_path, to_yaml(cfg))
+        if step == 0:  # so no checkpoint is ever on disk without the record that would name it
+            self.write_state({"checkpoints": [], "best": None})
 
     def write_state(self, state: dict) -> None:
         atomic.write_text(self.state_path, atomic.json_text(state))

@@ -29,7 +29,7 @@ from .checkpoint import restore, save_checkpoint
 from .config import Config
 from .data import ImageData, batch_to_model, image_digests
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
-from .errors import UserError
+from .errors import UserError, expect
 from .generation import SamplingSpec, sample, sample_batch
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
@@ -130,6 +130,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
           world: World = World()) -> RunDir:
     """Train (or resume) the run in cfg.train.out_dir; returns its RunDir. Under torchrun pass the
     process's `World`: every process trains its share of each batch, rank 0 alone writes files."""
+    expect(cfg, Config, "train() takes a Config (ddpmkit.load_config(path, overrides))")
     if not world.is_main:
         log, progress = (lambda *_: None), False
     device = resolve_device(device_for(world, cfg.train.device))
@@ -195,7 +196,9 @@ def _fit(job: Job, state: TrainState, progress: bool, board) -> str | None:
             # Decide whether to stop: all processes together, under torchrun.
             done, stopping = _stopping(job, state, meter, signal_)
             # Checkpoint first: a signal's grace period (often 30 s) is for it, not for samples.
-            saved = state.step % tc.checkpoint_every == 0 or done
+            # evaluations and audits score a saved checkpoint: their steps are saved too
+            saved = done or any(every and state.step % every == 0
+                                for every in (tc.checkpoint_every, tc.eval_every, tc.audit_every))
             if saved:
                 _checkpoint(job, state, meter.checkpoint_loss())
             # Sample the grid and evaluate, unless a signal is waiting.
@@ -245,7 +248,8 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         log(f"starting from {pretrained}; optimizer and step start from zero")
     tc = job.cfg.train
     if state.step >= tc.max_steps:  # nothing to train: the run's record stays as it is
-        log(f"{run.path} is already trained to step {state.step} (train.max_steps={tc.max_steps})")
+        log(f"{run.path} is already trained to step {state.step} (train.max_steps={tc.max_steps})"
+            + ("; nothing was recorded, the changes noted above included" if run.changes else ""))
         return False
     if job.world.is_main:
         processes = run.meta().get("processes", 1)
