@@ -298,6 +298,13 @@ def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tm
     np.savez(ref_file, **arrays)
     assert main([*args, "--ref", str(ref_file)]) == 2
     assert "other weights or preprocessing" in capsys.readouterr().err
+    # features of references read at 8x8 are no reference for 16x16 images
+    arrays["extractor"] = np.asarray(json.dumps(identity))
+    np.savez(ref_file, **arrays)
+    big = write_pngs(tmp_path / "big", images[:40].repeat_interleave(2, -1)
+                     .repeat_interleave(2, -2))
+    assert main(["eval", str(big), *args[2:], "--ref", str(ref_file)]) == 2
+    assert "read at 8x8, and" in capsys.readouterr().err
 
 
 def test_wide_generated_images_are_read_at_one_scale_for_the_set(tmp_path):

@@ -123,18 +123,8 @@ def class_guidance(scales: dict[str, float], classes: list[str],
     return {c: scales.get(c, default) for c in classes}
 
 
-def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
-            class_labels: Sequence[str] = (), proportions: dict[str, float] | None = None,
-            by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
-            fresh: bool = False, force: bool = False, asked: set[str] | None = None, copies=None,
-            guidance: dict[str, float] | str | None = None,
-            select: SelectOptions | None = None) -> dict[str, int]:
-    """Generate what `plan` asks for with the run's class-conditional model; returns the plan.
-    `guidance`: a scale per class (--class-guidance), or "auto" (chosen with the selector);
-    `select`: keep only candidates the selector recognises (selection.py), generating more up to a
-    limit."""
-    reads = (Path(run.config.data.path),) if run.config.data.path else ()
-    refuse_special(Path(out), reads, BALANCE.what)  # before anything is read
+def _refuse_unbalanceable(run: Run, sample_cfg: SampleConfig, guidance, select) -> None:
+    """A run or options balance cannot use: refused before anything is read or written."""
     if not run.config.model.class_conditional:
         raise UserError(f"{run.path} is not class-conditional: "
                         f"train with model.class_conditional=true to balance")
@@ -152,6 +142,21 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     if sample_cfg.guidance == 0:
         raise UserError("balance with sample.guidance=0 would label unconditional samples "
                         "as classes: use guidance 1 or more")
+
+
+def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int | None = None,
+            class_labels: Sequence[str] = (), proportions: dict[str, float] | None = None,
+            by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
+            fresh: bool = False, force: bool = False, asked: set[str] | None = None, copies=None,
+            guidance: dict[str, float] | str | None = None,
+            select: SelectOptions | None = None) -> dict[str, int]:
+    """Generate what `plan` asks for with the run's class-conditional model; returns the plan.
+    `guidance`: a scale per class (--class-guidance), or "auto" (chosen with the selector);
+    `select`: keep only candidates the selector recognises (selection.py), generating more up to a
+    limit."""
+    reads = (Path(run.config.data.path),) if run.config.data.path else ()
+    refuse_special(Path(out), reads, BALANCE.what)  # before anything is read
+    _refuse_unbalanceable(run, sample_cfg, guidance, select)
     asked = keys_asked(run, sample_cfg, asked)
     SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read or written
     recorded = RunDir(run.path)  # its data must still hold only images it trained on

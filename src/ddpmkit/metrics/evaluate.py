@@ -48,6 +48,7 @@ class Reference:
     stats: FeatureStats | None = None
     feats: np.ndarray | None = None  # from a file written by --save-ref: KID and P/R work too
     extractor: dict | None = None  # the identity of the extractor those features came from
+    read_at: int | None = None  # the side its images were read at, for features from --save-ref
 
 
 def read_generated(folder: str | Path, one_size: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -139,7 +140,8 @@ def _statistics(path: Path) -> Reference:
     with np.load(path, allow_pickle=False) as z:
         if "feats" in z.files and "extractor" in z.files:
             return Reference(f"features {path}", stats=stats, feats=z["feats"].astype(np.float64),
-                             extractor=json.loads(str(z["extractor"])))
+                             extractor=json.loads(str(z["extractor"])),
+                             read_at=int(z["read_at"]) if "read_at" in z.files else None)
     return Reference(f"statistics {path}", stats=stats)
 
 
@@ -196,6 +198,19 @@ def build_extractor(name: str, ref: Reference, inception_weights: str | None, de
     return fx.classifier(ref.images, ref.labels, cache_dir(), log)
 
 
+def _refuse_other_features(ref: Reference, extractor: fx.Extractor, side: int, gen) -> None:
+    """Saved reference features (--save-ref) serve only the extractor and the size they were
+    made with: references are read at the generated images' size."""
+    if ref.extractor is not None and ref.extractor != extractor.identity():
+        raise UserError(f"{ref.description} holds {ref.extractor['features']} features made with "
+                        f"other weights or preprocessing than --features {extractor.name} "
+                        f"uses here: recompute it with --save-ref")
+    if ref.read_at not in (None, side):
+        raise UserError(f"{ref.description} holds features of images read at {ref.read_at}x"
+                        f"{ref.read_at}, and {gen} holds {side}x{side} images: recompute it with "
+                        f"--save-ref from this size")
+
+
 def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid", "kid", "pr"),
              features: str = "inception", *, inception_weights: str | None = None,
              device: str = "cpu", log=print, progress: bool = False,
@@ -212,16 +227,14 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
         ref.images, gen_images = fx.to_rgb(ref.images), fx.to_rgb(gen_images)
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
     gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
-    if ref.extractor is not None and ref.extractor != extractor.identity():
-        raise UserError(f"{ref.description} holds {ref.extractor['features']} features made with "
-                        f"other weights or preprocessing than --features {extractor.name} "
-                        f"uses here: recompute it with --save-ref")
+    side = gen_images.shape[-1]
+    _refuse_other_features(ref, extractor, side, gen)
     if ref.images is not None:
         ref_feats, _ = cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)
         if save_ref:  # `--ref FILE` then takes it for every metric
             ref_stats.save(save_ref, feats=ref_feats.astype(np.float32), extractor=np.asarray(
-                json.dumps(extractor.identity(), sort_keys=True)))
+                json.dumps(extractor.identity(), sort_keys=True)), read_at=np.asarray(side))
             log(f"wrote reference features {save_ref}")
     elif save_ref:
         raise UserError("--save-ref needs reference images (a folder, data.path=... or a run), "
