@@ -123,3 +123,31 @@ def test_a_kill_between_the_first_checkpoint_and_its_record_leaves_a_run_that_re
 def test_the_python_api_names_an_argument_of_the_wrong_kind(tmp_path, call, says):
     with pytest.raises(UserError, match=re.escape(says)):
         call(tmp_path)
+
+
+def test_a_run_stopped_between_log_steps_records_the_losses_an_uninterrupted_one_does(
+        tiny, tmp_path, monkeypatch):
+    """The losses of the steps before the stop are in the checkpoint, so the resumed run's log
+    lines and checkpoint losses (which choose `best`) are the uninterrupted run's."""
+    import ddpmkit.training as training
+
+    steps = {"train.max_steps": 20, "train.log_every": 5, "train.checkpoint_every": 10}
+    straight = train(tiny(**steps, **{"train.out_dir": str(tmp_path / "straight")}), log=quiet,
+                     progress=False)
+    stopping = training._stopping
+    with monkeypatch.context() as m:  # a signal at step 7, between two log lines
+        m.setattr(training, "_stopping", lambda job, state, *rest: (
+            (True, True) if state.step == 7 else stopping(job, state, *rest)))
+        with pytest.raises(KeyboardInterrupt):  # as a signal ends training
+            train(tiny(**steps), log=quiet, progress=False)
+    from ddpmkit.run import RunDir
+
+    assert [e["step"] for e in RunDir(tmp_path / "run").read_state()["checkpoints"]] == [7]
+    resumed = train(tiny(**steps), log=quiet, progress=False)
+
+    def losses(run):
+        return ([(r["step"], r["loss"]) for r in run.read_stats()],
+                [(e["step"], e["loss"]) for e in run.read_state()["checkpoints"]])
+
+    assert losses(resumed)[0] == losses(straight)[0]
+    assert [c for c in losses(resumed)[1] if c[0] != 7] == losses(straight)[1]

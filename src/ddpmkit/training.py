@@ -124,6 +124,7 @@ class TrainState:
     step: int = 0
     net: torch.nn.Module | None = None  # what the loop calls: the model, in DDP and/or compiled
     ddp: torch.nn.Module | None = None
+    meter: dict | None = None  # the loss windows the checkpoint resumed from recorded
 
 
 def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
@@ -177,6 +178,7 @@ def _fit(job: Job, state: TrainState, progress: bool, board) -> str | None:
     tc = job.cfg.train
     next_batch = _batches(job, state)
     meter = Meter(job.device, state.step, _progress_bar(progress, state.step, tc.max_steps), board)
+    meter.resume(state.meter or {})
     stopping = False
     with StopSignal() as signal_:
         while state.step < tc.max_steps:
@@ -200,7 +202,7 @@ def _fit(job: Job, state: TrainState, progress: bool, board) -> str | None:
             saved = done or any(every and state.step % every == 0
                                 for every in (tc.checkpoint_every, tc.eval_every, tc.audit_every))
             if saved:
-                _checkpoint(job, state, meter.checkpoint_loss())
+                _checkpoint(job, state, meter)
             # Sample the grid and evaluate, unless a signal is waiting.
             if (state.step % tc.sample_every == 0 or done) and not stopping:
                 _grid(job, state, board)
@@ -240,7 +242,8 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
     wrap the network for the loop. False when there is nothing left to train."""
     run, data, log = job.run, job.prep.data, job.log
     if resume_from is not None:
-        state.step = restore(resume_from, state.model, state.ema, state.opt)["step"]
+        meta = restore(resume_from, state.model, state.ema, state.opt)
+        state.step, state.meter = meta["step"], meta["extra"].get("meter")
         log(f"resuming {run.path} from step {state.step} ({resume_from.name})")
     pretrained = None
     if resume_from is None and job.prep.source:
@@ -390,6 +393,9 @@ def _update_ema(state: TrainState, ema_decay: float, finite: torch.Tensor) -> No
 
 # --- bookkeeping ---------------------------------------------------------------------------------
 
+_COUNTERS = ("loss_sum", "skipped_sum", "nonfinite_run", "worst_run")  # Meter's, on the device
+
+
 class Meter:
     """Loss and non-finite-step counters, kept on the device and read at log intervals only."""
 
@@ -400,7 +406,7 @@ class Meter:
         self.bar, self.board, self.device = bar, board, device
         self.ckpt_loss_sum, self.ckpt_loss_n, self.skipped_total = 0.0, 0, 0
         self.t_start = self.t_log = time.time()
-        self.step_at_log = step
+        self.step_at_log = self.step_at_clock = step  # the log window's start; the timed one's
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
@@ -429,7 +435,8 @@ class Meter:
             self.ckpt_loss_sum, self.ckpt_loss_n = (self.ckpt_loss_sum + mean_loss * n,
                                                     self.ckpt_loss_n + n)
         now = time.time()
-        ips = n * tc.batch_size / max(now - self.t_log, 1e-9)
+        timed = state.step - self.step_at_clock  # a resumed window began before this process
+        ips = timed * tc.batch_size / max(now - self.t_log, 1e-9)
         record = {"step": state.step, "images_seen": state.step * tc.batch_size, "loss": mean_loss,
                   "lr": state.opt.param_groups[0]["lr"], "images_per_sec": ips,
                   "sec_per_kimg": 1000 / ips, "memory_mb": _memory_mb(self.device),
@@ -440,13 +447,39 @@ class Meter:
             for key in ("loss", "lr", "images_per_sec", "memory_mb"):
                 self.board.add_scalar(f"train/{key}", record[key], state.step)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-        self.t_log, self.step_at_log = now, state.step
-        self.bar.update(n)
+        self.t_log, self.step_at_log, self.step_at_clock = now, state.step, state.step
+        self.bar.update(timed)
 
-    def checkpoint_loss(self) -> float:
-        """The mean loss since the last checkpoint (NaN if none was logged), then start over."""
+    def windows(self, world: World) -> dict:
+        """The counts since the last log line and checkpoint, as a checkpoint records them: a run
+        resumed from it logs and records the losses an uninterrupted run would."""
+        counters = torch.stack([self.loss_sum, self.skipped_sum, self.nonfinite_run,
+                                self.worst_run])
+        if world.size > 1:  # each process restores the mean, which the next log sums back
+            torch.distributed.all_reduce(counters)
+            counters /= world.size
+        return {**dict(zip(_COUNTERS, counters.tolist())), "step_at_log": self.step_at_log,
+                "ckpt_loss_sum": self.ckpt_loss_sum, "ckpt_loss_n": self.ckpt_loss_n,
+                "skipped_total": self.skipped_total}
+
+    def resume(self, windows: dict) -> None:
+        """Go on with the windows a checkpoint recorded (none, or not numbers: start them anew)."""
+        names = (*_COUNTERS, "step_at_log", "ckpt_loss_sum", "ckpt_loss_n", "skipped_total")
+        if not all(isinstance(windows.get(k), (int, float)) for k in names):
+            return
+        for name in _COUNTERS:
+            getattr(self, name).fill_(windows[name])
+        self.step_at_log, self.ckpt_loss_sum, self.ckpt_loss_n, self.skipped_total = (
+            int(windows["step_at_log"]), windows["ckpt_loss_sum"], int(windows["ckpt_loss_n"]),
+            int(windows["skipped_total"]))
+
+    def checkpoint_loss(self, start_over: bool) -> float:
+        """The mean loss since the last train.checkpoint_every checkpoint (NaN if none was
+        logged); at such a checkpoint, the window starts over. A checkpoint between them (a stop,
+        an evaluation) leaves it running: where a run stopped never changes a checkpoint's loss."""
         mean = self.ckpt_loss_sum / self.ckpt_loss_n if self.ckpt_loss_n else float("nan")
-        self.ckpt_loss_sum, self.ckpt_loss_n = 0.0, 0
+        if start_over:
+            self.ckpt_loss_sum, self.ckpt_loss_n = 0.0, 0
         return mean
 
     def close(self) -> None:
@@ -467,8 +500,11 @@ def _stopping(job: Job, state: TrainState, meter: Meter, signal_: StopSignal) ->
     return state.step == tc.max_steps or out_of_time or stopping, stopping
 
 
-def _checkpoint(job: Job, state: TrainState, mean_loss: float) -> None:
-    """Save model, EMA and optimizer (rank 0) and record it; non-finite weights are never saved."""
+def _checkpoint(job: Job, state: TrainState, meter: Meter) -> None:
+    """Save model, EMA, optimizer and the loss windows (rank 0) and record it; non-finite weights
+    are never saved."""
+    mean_loss = meter.checkpoint_loss(state.step % job.cfg.train.checkpoint_every == 0)
+    windows = meter.windows(job.world)
     if job.world.is_main:
         weights = [*state.model.named_parameters(), *state.ema.named_parameters()]
         bad = [name for name, p in weights if not torch.isfinite(p).all()]
@@ -477,7 +513,8 @@ def _checkpoint(job: Job, state: TrainState, mean_loss: float) -> None:
                             f"{state.step} ({bad[0]}); {_kept(job.run)}; lower train.lr")
         path = job.run.checkpoint_file(state.step)
         try:
-            sha = save_checkpoint(path, state.model, state.ema, state.opt, state.step)
+            sha = save_checkpoint(path, state.model, state.ema, state.opt, state.step,
+                                  extra={"meter": windows})
         except OSError as exc:  # disk full, quota, permissions: the temp file is already removed
             steps = [e["step"] for e in job.run.read_state()["checkpoints"]]
             kept = f"checkpoint of step {max(steps)} kept" if steps else "no earlier checkpoint"
