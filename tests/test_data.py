@@ -472,3 +472,15 @@ def test_a_careless_dataset_is_one_clear_line(tmp_path):
         load_config(str(folder))
     with pytest.raises(UserError, match="the bundled digits .* have no splits"):
         load_images(DataConfig(image_size=8, split="test"))
+
+
+def test_a_class_whose_every_image_is_unreadable_is_named_when_skipped(tmp_path):
+    write_images(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "l.csv").write_text("image,label\nimg_000,a\nimg_001,a\nimg_002,b\n"
+                                    "broken.png,rare thing\n")
+    said = []
+    d = load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"),
+                               image_size=8, on_error="skip"), log=said.append)
+    assert sorted(set(d.labels)) == ["a", "b"]
+    assert any("every image of class rare thing was unreadable" in m for m in said), said

@@ -335,7 +335,12 @@ def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
                             hint=" (set data.on_error=skip to skip such files)")
     kept = set(read.files)
     if labels:
+        classes = set(labels)
         labels = [label for path, label in zip(files, labels) if Path(path) in kept]
+        lost = sorted(classes - set(labels))
+        if lost:
+            log(f"warning: every image of class {', '.join(lost[:5])} was unreadable and skipped: "
+                f"the data has no such class now")
     images = torch.cat([resize_center_crop(img[None], cfg.image_size)
                         for img in read.images])  # mixed sizes
     desc = (f"{len(images)} images from {root}"
