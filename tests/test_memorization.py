@@ -407,3 +407,15 @@ def test_sample_drop_copies_json_says_what_was_drawn_again(run, tmp_path, capsys
     assert said["images"] == 6 and said["redrawn"] == sum(r["seed"] != "0" for r in rows)
     assert said["copies_left"] == sum(float(r["nearest"]) < said["threshold"] for r in rows)
     assert said["calibrated_on"] == "leave-one-out" and said["max_redraws"] == 10
+
+
+def test_a_holdout_smaller_than_the_runs_images_is_warned_of(run, tmp_path):
+    from ddpmkit.audit import run_audit
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    small = F.avg_pool2d(digits8[100:160].float(), 2).round().to(torch.uint8)  # 4x4
+    np.save(tmp_path / "small.npy", small[:, 0].numpy())
+    said = []
+    run_audit(_pngs(tmp_path / "gen", digits8[:20]), run, holdout=str(tmp_path / "small.npy"),
+              features="none", log=said.append)
+    assert any("60 of its 60 images are smaller than the run's 8x8" in m for m in said), said

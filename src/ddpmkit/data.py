@@ -41,6 +41,7 @@ class ImageData:
     source_path: str = ""  # the file or folder read (arrays: with their key), for manifests
     bit_depth: int | None = None  # the depth wide integer pixels were read at (None: none were)
     index: list[int] | None = None  # each image's place in its array, once data.filter_label chose
+    upsampled: int = 0  # images smaller than data.image_size, enlarged to it
 
     @property
     def channels(self) -> int:
@@ -79,6 +80,8 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
             raise UserError(f"data path {path}: not a folder, .npy/.npz or IDX file")
     if cfg.filter_label is not None:
         data = keep_label(data, cfg.filter_label)
+    if min(data.images.shape[-2:]) < cfg.image_size:  # arrays: one size (folders count their own)
+        data.upsampled = len(data)
     images = set_channels(data.images, cfg.channels)
     data.images = resize_center_crop(images, cfg.image_size)
     return data
@@ -97,7 +100,7 @@ def keep_label(data: ImageData, label: str) -> ImageData:
     index = data.index or range(len(data))
     return replace(data, images=data.images[keep], labels=[data.labels[i] for i in keep],
                    files=None if data.files is None else [data.files[i] for i in keep],
-                   index=[index[i] for i in keep])
+                   index=[index[i] for i in keep], upsampled=min(data.upsampled, len(keep)))
 
 
 def refuse_labels_off_folder(path: Path, cfg: DataConfig) -> None:
@@ -343,12 +346,13 @@ def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
                 f"the data has no such class now")
     images = torch.cat([resize_center_crop(img[None], cfg.image_size)
                         for img in read.images])  # mixed sizes
+    upsampled = sum(min(img.shape[-2:]) < cfg.image_size for img in read.images)
     desc = (f"{len(images)} images from {root}"
             + (f" (labelled by {cfg.labels})" if cfg.labels else "")
             + (f" ({len(read.skipped)} skipped)" if read.skipped else ""))
     return ImageData(images, desc + read.note, labels=labels, skipped=read.skipped,
                      files=[str(f) for f in read.files], source_path=str(root),
-                     bit_depth=read.bit_depth)
+                     bit_depth=read.bit_depth, upsampled=upsampled)
 
 
 def _select_by_csv(root: Path, files: list[Path],

@@ -201,7 +201,14 @@ class RunDir:
                 raise UserError("--drop-overlap leaves training images out of --holdout: add "
                                 "--holdout DATA, or leave --drop-overlap out")
             return None
-        images = self.other_data(where).images
+        data = self.other_data(where)
+        if data.upsampled:
+            side = self.config().data.image_size
+            log(f"holdout: warning: {data.upsampled} of its {len(data)} images are smaller than "
+                f"the run's {side}x{side} and were enlarged to it; blurred, they sit farther from "
+                f"the training images and raise the copy threshold: hold out images of at least "
+                f"that size")
+        images = data.images
         unseen = self.unseen(images)
         shared = len(images) - int(unseen.sum())
         if shared and not drop_overlap:
