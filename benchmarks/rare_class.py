@@ -139,7 +139,7 @@ def main() -> None:
              "--class-guidance", "auto", "sample.steps=20"])
     result["selection"] = json.loads((balanced / "selection.json").read_text())
     run_cli(["downstream", "--real", str(args.data), "--synthetic", str(balanced), "--out",
-             str(args.work / "study"), "--seeds", str(args.seeds), "--steps",
+             str(args.work / "study"), "--fresh", "--seeds", str(args.seeds), "--steps",
              str(args.classifier_steps), *calibration,
              *([] if args.synthetic_share is None else
                ["--synthetic-share", str(args.synthetic_share)])])
