@@ -89,18 +89,18 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
         raise UserError(f"generated-images folder not found: {gen}")
     if features not in FEATURES:
         raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")
-    data = run.training_set(log)
-    if holds_data(gen, run.config().data.path):
+    data, cfg = run.training_set(log), run.config()
+    if holds_data(gen, cfg.data.path):
         raise UserError(f"{gen} holds {run.path}'s training data: audit a folder of generated "
                         f"images (one inside the data folder is fine)")
     _refuse_another_runs_images(gen, run)
-    gen_images, labels, files, gen_size = generated_images(gen, run.config().data.image_size)
+    gen_images, labels, files, gen_size = generated_images(gen, cfg.data.image_size)
     train = as_sampled(data.images, gen_size)
     if gen_images.shape[1] != train.shape[1]:
         raise UserError(f"{gen} holds {gen_images.shape[1]}-channel images and {run.path} was "
                         f"trained on {train.shape[1]}-channel ones: audit that run's own images")
     held = as_sampled(run.holdout_images(holdout, drop_overlap, log), gen_size)
-    views = seen_views(run.config())
+    views = seen_views(cfg)
     result = audit(gen_images, train, held, share, partial(nearest, views=views))
     summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
                "run": str(run.path.resolve()), "holdout": holdout,

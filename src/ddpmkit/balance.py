@@ -177,7 +177,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
               else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
     selector = None if select is None else build_selector(
         run.config.data, data.images, data.labels, list(counts), select.check(), log,
-        val=validation_images(RunDir(run.path), select.validation, list(counts), log)
+        val=validation_images(recorded, select.validation, list(counts), log)
         if select.validation else None)
     columns = (MANIFEST_COLUMNS + (["nearest"] if copies else [])
                + (["score", "reason"] if selector else []))
