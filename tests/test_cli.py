@@ -108,6 +108,10 @@ def test_user_errors_are_one_line(capsys, tmp_path, trained):
     user_error(capsys, "sample", trained, "--checkpoint", 12345, "--out", tmp_path / "x",
                match="no checkpoint at step")
     user_error(capsys, "sample", trained, "train.lr=1", match="only sample.* keys")
+    for device in ("foo", "meta"):  # meta holds no values: no traceback at the first .item()
+        user_error(capsys, "sample", trained, "--device", device, "--out", tmp_path / "x",
+                   match=f"device '{device}'")
+    assert not (tmp_path / "x").exists()
 
 
 def test_checkpoint_from_another_architecture_is_refused(capsys, trained, tmp_path):

@@ -281,6 +281,18 @@ def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tm
     direct = json.loads(capsys.readouterr().out)
     assert main([*args, "--ref", str(ref_file)]) == 0
     from_file = json.loads(capsys.readouterr().out)
+    # --save-ref replaces only a features file it wrote: never the data, nor a folder
+    for target, says in ((tmp_path / "ref.npy", "a file ddpmkit did not write"),
+                         (tmp_path / "stats", "a folder")):
+        before = sorted(p.stat().st_mtime_ns for p in target.parent.rglob("*"))
+        assert main([*args, "--ref", f"data.path={tmp_path / 'ref.npy'}", "--save-ref",
+                     str(target)]) == 2
+        assert f"--save-ref {target}: is {says}, which it would replace" in \
+            capsys.readouterr().err
+        assert sorted(p.stat().st_mtime_ns for p in target.parent.rglob("*")) == before
+    assert main([*args, "--ref", f"data.path={tmp_path / 'ref.npy'}", "--save-ref",
+                 str(ref_file)]) == 0  # its own file again
+    capsys.readouterr()
     for key in ("fd", "kid", "precision", "recall"):
         assert (from_file["metrics"][key]
                 == pytest.approx(direct["metrics"][key], rel=1e-9, abs=1e-12))
@@ -360,3 +372,13 @@ def test_a_data_override_without_a_path_changes_the_data_of_the_run_that_made_ge
     assert resolve_reference(["data.split=test"], 8, 1, gen).images.shape == (10, 1, 8, 8)
     with pytest.raises(UserError, match="no data.path, and .* was not made by one run"):
         resolve_reference(["data.split=test"], 8, 1, plain)
+    # an imported model has no data of its own: not the bundled digits a missing data.path reads
+    imported = tmp_path / "imported"
+    RunDir(imported).start(load_config(None, {}), {"imported_from": "hub"}, step=0)
+    (gen / ".ddpmkit.json").write_text(
+        json.dumps({"kind": "sample", "job": {"run": str(imported.resolve())}}))
+    with pytest.raises(UserError, match="is an imported model, which has no training data"):
+        resolve_reference(["data.split=train"], 8, 1, gen)
+    # a folder whose name holds '=' is a folder, not an override
+    odd = write_pngs(tmp_path / "lr=1e-4", images[:5]) / "individual"
+    assert resolve_reference([str(odd)], 8, 1, plain).images.shape == (5, 1, 8, 8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -558,3 +559,78 @@ def test_restoration_keeps_the_runs_clipping_choice(tiny_run, tmp_path):
                              steps=3, log=lambda *a: None)
         with open(out / "manifest.csv") as f:
             assert json.loads(next(csv.DictReader(f))["parameters"])["clip_x0"] is clipped
+
+
+def test_a_flat_image_reads_as_clean_and_gets_the_smallest_level(tiny_run, tmp_path):
+    black = np.zeros((1, 1, 8, 8), np.uint8)
+    red = np.zeros((1, 3, 16, 16), np.uint8)
+    red[:, 0] = 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Mean of empty slice" either
+        assert estimate_sigma(black) == [0.0]
+        assert estimate_sigma(red) == [pytest.approx(0.0, abs=1e-12)]
+    _write_pngs(tmp_path / "in", [np.zeros((8, 8), np.uint8)], ["black.png"])
+    out = restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "out", sigma="auto",
+                         log=lambda *a: None)
+    with open(out / "manifest.csv") as f:
+        assert float(next(csv.DictReader(f))["sigma"]) == pytest.approx(
+            sigma_range(tiny_run.schedule)[0], rel=1e-5)
+
+
+def test_a_rerun_restores_only_what_an_interrupted_run_left(tiny_run, tmp_path, monkeypatch):
+    import ddpmkit.restoration as restoration
+
+    rng = np.random.default_rng(5)
+    names = ["a.png", "b.png", "c.png"]
+    _write_pngs(tmp_path / "in", [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in names],
+                names)
+    whole = restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "whole", steps=3,
+                           batch_size=1, log=lambda *a: None)
+    real_png, written = restoration.png_bytes, []
+
+    def dies_after_two(img, text=None):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(1)
+        return real_png(img, text)
+
+    monkeypatch.setattr(restoration, "png_bytes", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "out", steps=3,
+                       batch_size=1, log=lambda *a: None)
+    monkeypatch.setattr(restoration, "png_bytes", real_png)
+    restored, real_run_on = [], restoration.Restoration.run_on
+    monkeypatch.setattr(restoration.Restoration, "run_on", lambda self, run, batch, *a:
+                        restored.append(len(batch)) or real_run_on(self, run, batch, *a))
+    restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "out", steps=3, batch_size=1,
+                   log=lambda *a: None)
+    assert restored == [1]  # the one image the interrupted run had not written
+    for name in ["grid.png", "manifest.csv", *(f"individual/{n}" for n in names)]:
+        assert (tmp_path / "out" / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_anything_is_written(tiny_run, tmp_path):
+    import os
+
+    folder = tmp_path / "in"
+    _write_pngs(folder, [np.full((8, 8), 90, np.uint8)], ["x.png"])
+    (folder / "x.png").rename(folder / os.fsdecode(b"bad\xff.png"))
+    with pytest.raises(UserError, match="its name is not valid UTF-8: rename it"):
+        restore_folder(tiny_run, "img2img", folder, tmp_path / "out", steps=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_transparent_mask_is_turned_upright_as_an_opaque_one_is(tmp_path):
+    from ddpmkit.pixels import read_mask
+
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180 degrees
+    gray = np.zeros((8, 8), np.uint8)
+    gray[:2, :4] = 255
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:2, :4] = 255
+    Image.fromarray(gray).save(tmp_path / "gray.png", exif=exif)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png", exif=exif)
+    upright = torch.from_numpy(np.rot90(gray, 2) > 127)
+    for name in ("gray.png", "rgba.png"):
+        assert torch.equal(read_mask(tmp_path / name)[0], upright), name

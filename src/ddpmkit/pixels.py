@@ -147,7 +147,7 @@ def read_mask(path: Path) -> torch.Tensor:
     try:
         with open_image(path) as im:
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-                rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+                rgba = np.asarray(ImageOps.exif_transpose(im.convert("RGBA")), dtype=np.float32)
                 return torch.from_numpy(rgba[..., :3].mean(-1) * rgba[..., 3] / 255 > 127)[None]
     except UNREADABLE as exc:
         raise UserError(f"cannot read mask {path}: {exc}") from None

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,7 +52,7 @@ from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .outputs import (Kind, OutputFolder, about_images, existing, inside, read_record,
                       write_manifest)
-from .pixels import IMAGE_SUFFIXES, read_image_files, read_mask
+from .pixels import IMAGE_SUFFIXES, read_image, read_image_files, read_mask
 from .run import Run
 from .runtime import mix_seed
 from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step
@@ -107,14 +108,10 @@ def estimate_sigma(images) -> list[float]:
             "pip install scikit-image PyWavelets, or give the noise level as a number") from None
     arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     arr = arr.astype(np.float64) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float64)
-    out = []
-    for img in arr:
-        if img.shape[0] == 1:
-            out.append(float(_wavelet_sigma(img[0])))
-        else:  # one estimate per channel, averaged
-            out.append(float(_wavelet_sigma(np.moveaxis(img, 0, -1), channel_axis=-1,
-                                            average_sigmas=True)))
-    return out
+    with warnings.catch_warnings():  # a flat channel has no wavelet detail: its estimate is NaN,
+        warnings.simplefilter("ignore", RuntimeWarning)  # read as no measurable noise
+        return [float(np.mean([np.nan_to_num(_wavelet_sigma(channel)) for channel in img]))
+                for img in arr]  # one estimate per channel, averaged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +488,11 @@ def _input_files(folder: Path) -> list[Path]:
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {folder} "
                         f"(its subfolders are not searched)")
+    for p in files:
+        try:
+            p.name.encode()
+        except UnicodeEncodeError:  # the manifest, in UTF-8, could not name it
+            raise UserError(f"{p}: its name is not valid UTF-8: rename it") from None
     stems = [p.stem for p in files]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
@@ -513,11 +515,14 @@ def read_inputs(run: Run, folder: Path) -> tuple[list[Path], list[torch.Tensor]]
     return files, read.images
 
 
-def _batches_of_one_size(images: list[torch.Tensor], batch_size: int) -> list[list[int]]:
-    """Indices of the images in batches of at most batch_size images of one shape each."""
+def _batches_of_one_size(images: list[torch.Tensor], batch_size: int,
+                         skip: Sequence = ()) -> list[list[int]]:
+    """Indices of the images in batches of at most batch_size images of one shape each, leaving out
+    those whose entry in `skip` is not None."""
     by_shape: dict[tuple, list[int]] = {}
     for i, img in enumerate(images):
-        by_shape.setdefault(tuple(img.shape), []).append(i)
+        if i >= len(skip) or skip[i] is None:
+            by_shape.setdefault(tuple(img.shape), []).append(i)
     return [idx[k:k + batch_size] for idx in by_shape.values()
             for k in range(0, len(idx), batch_size)]
 
@@ -564,8 +569,10 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
     reads = (Path(inputs_dir),) + ((Path(job.masks_dir),) if masks else ())
     with OutputFolder(out, RESTORE, job.identity(run, Path(inputs_dir), files), fresh, force,
                       reads):
-        outputs, sigmas = [None] * len(files), [""] * len(files)
-        for idx in _batches_of_one_size(images, job.batch_size):
+        outputs, sigmas = _finished(out, files), [""] * len(files)  # a rerun of this job resumes
+        for i in (i for i, done in enumerate(outputs) if done is not None and kind == "denoise"):
+            sigmas[i] = resolve_sigma(run.schedule, images[i][None], job.sigma)[0]
+        for idx in _batches_of_one_size(images, job.batch_size, skip=outputs):
             batch = torch.stack([images[i] for i in idx])
             part = job
             if kind == "denoise":  # resolved here, so the manifest records each image's level
@@ -582,6 +589,13 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
         f"manifest {out}/manifest.csv")
     return out
+
+
+def _finished(out: Path, files: list[Path]) -> list[torch.Tensor | None]:
+    """Per input, the output an interrupted run of this same job wrote (each written whole and
+    depending only on the job and the file's name), else None."""
+    return [read_image(out / _output_of(f.name)) if (out / _output_of(f.name)).is_file() else None
+            for f in files]
 
 
 def _output_of(name: str) -> str:

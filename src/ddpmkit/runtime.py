@@ -26,6 +26,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):  # e.g. meta holds no values to compute with
+        raise UserError(f"device {name!r} cannot run ddpmkit: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} asked for, but this PyTorch sees no CUDA GPU: "
                         f"use --device cpu")

@@ -84,8 +84,8 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
     .npz. Data is read at the generated resolution and, unless data.bit_depth is given, at the depth
     the runs that generated `gen` recorded (their records name them), as their training
     images were."""
-    overrides = [r for r in refs if "=" in r]
-    paths = [r for r in refs if "=" not in r]
+    paths = [r for r in refs if "=" not in r or Path(r).exists()]  # a folder may be named a=b
+    overrides = [r for r in refs if r not in paths]
     if overrides and paths or len(paths) > 1 or not refs:
         raise UserError("--ref takes data.key=value overrides, or one folder of images, "
                         "run directory or statistics .npz")
@@ -93,10 +93,7 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
         return _statistics(Path(paths[0]))
     if paths and RunDir(paths[0]).is_run():
         path = Path(paths[0])
-        if RunDir(path).imported_from():
-            raise UserError(f"--ref {path}: an imported model has no training data of its own "
-                            f"to compare with: give the reference images as --ref FOLDER "
-                            f"or --ref data.path=...")
+        _refuse_imported(path, paths[0])
         return _from_data(replace(RunDir(path).config().data, image_size=gen_size),
                           f" (training data of {path})")
     if paths and not Path(paths[0]).exists():
@@ -120,7 +117,15 @@ def _run_data(runs: list[Path], overrides: list[str], gen) -> dict:
         raise UserError(f"--ref {' '.join(overrides)}: no data.path, and {gen} was not made by "
                         f"one run whose data this could change: add data.path=... "
                         f"(data.path=null is the bundled digits)")
+    _refuse_imported(runs[0], " ".join(overrides))
     return RunDir(runs[0]).data_values()
+
+
+def _refuse_imported(run: Path, ref: str) -> None:
+    if RunDir(run).imported_from():
+        raise UserError(f"--ref {ref}: {run} is an imported model, which has no training data of "
+                        f"its own to compare with: give the reference images as --ref FOLDER "
+                        f"or --ref data.path=...")
 
 
 def _holds_statistics(path: Path) -> bool:
@@ -300,6 +305,22 @@ def _check_options(metrics: tuple[str, ...], features: str, save_ref) -> None:
         raise UserError("--save-ref with --features classifier: that classifier is trained on "
                         "the reference images, which a features file cannot give back; "
                         "pass the reference itself (--ref) each time")
+    target = Path(save_ref) if save_ref else None
+    if target and (target.is_dir() or target.exists() and not _saved_features(target)):
+        what = "a folder" if target.is_dir() else "a file ddpmkit did not write"
+        raise UserError(f"--save-ref {save_ref}: is {what}, which it would replace: give a new "
+                        f"file's name")
+
+
+def _saved_features(path: Path) -> bool:
+    """A features file an earlier --save-ref wrote (one to replace)."""
+    if path.is_symlink() or not path.is_file() or atomic.head(path, 4) != b"PK\x03\x04":
+        return False  # not an .npz (a zip)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {"feats", "extractor", "read_at", "mu", "sigma"} <= set(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def _checked_reference(ref: Reference, features: str) -> Reference:
