@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/ddpmkit train --out runs/demo --max-minutes 9.5
-	$(BIN)/ddpmkit sample runs/demo --num 64 --sampler dpmpp-2m --steps 20 --size 32 --gif --out runs/demo/samples
+	$(BIN)/ddpmkit sample runs/demo --num 64 --sampler dpmpp-2m --steps 20 --size 32 --gif --out runs/demo/samples --fresh
 
 test: install
 	$(BIN)/python -m ruff check -q src tests benchmarks

@@ -199,6 +199,10 @@ def test_reading_generated_images_never_takes_the_grids(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         read_generated(tmp_path / "empty")
+    # images of two sizes are not cropped to one: eval refuses them as audit does
+    Image.new("L", (8, 16)).save(folder / "individual" / "wide.png")
+    with pytest.raises(UserError, match="holds images of 2 sizes"):
+        read_generated(folder)
 
 
 def test_references_are_read_at_the_generated_resolution(tmp_path):

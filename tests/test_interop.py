@@ -589,7 +589,9 @@ def test_an_imported_model_refuses_guidance_unless_it_is_known_to_have_dropped_l
     import_diffusers(tmp_path / "export", tmp_path / "theirs", log=notes.append)
     assert RunDir(tmp_path / "theirs").config().train.label_dropout == 0
     assert any("sampling refuses guidance other than 1" in n for n in notes)
-    with pytest.raises(UserError, match="never learnt the unconditional model"):
+    # what is unknown is said as unknown, with the way to say it was so
+    with pytest.raises(UserError, match="do not say whether labels were dropped in training "
+                       r"\(if they were, set train.label_dropout in its config.yaml\)"):
         sample(load_run(tmp_path / "theirs"), num=1, steps=2, guidance=2.0)
     assert sample(load_run(tmp_path / "ours"), num=1, steps=2, guidance=2.0).shape[0] == 1
 

@@ -283,6 +283,8 @@ def test_folder_runner_layout(tiny_run, tmp_path):
         "a.png", "b.png", "c.png", "mine.txt"]
     restore_folder(tiny_run, "denoise", tmp_path / "in_b", out, sigma=0.1, fresh=True,
                    log=lambda *a: None)
+    restore_folder(tiny_run, "denoise", tmp_path / "in_b", out, sigma="0.10",  # the same job
+                   log=lambda *a: None)
     assert sorted(p.name for p in (out / "individual").iterdir()) == ["mine.txt", "z.png"]
     # nor does it write into a sampling job's folder, a training run, or a folder of someone's files
     foreign = tmp_path / "foreign"
@@ -389,7 +391,10 @@ def test_restoration_commands_end_to_end(tmp_path, capsys):
         Image.fromarray(mask).save(tmp_path / "masks" / f"x{i}.png")
     common = [str(run), str(tmp_path / "in"), "--steps", "4"]
     assert main(["denoise", *common[:2], "--sigma", "0.1", "--out", str(tmp_path / "d")]) == 0
-    assert main(["img2img", *common, "--strength", "0.3", "--out", str(tmp_path / "v")]) == 0
+    capsys.readouterr()
+    assert main(["img2img", *common, "--strength", "0.3", "--out", str(tmp_path / "v"),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
     assert main(["inpaint", *common, "--mask", str(tmp_path / "masks"), "--resamplings", "2",
                  "--jump-length", "2", "--out", str(tmp_path / "f")]) == 0
     for out in ("d", "v", "f"):

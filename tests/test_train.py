@@ -129,6 +129,34 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tiny):
     assert load_run(run.path).step == 20  # retrained and re-saved
 
 
+
+def test_a_run_stopped_before_its_first_log_line_has_its_log_file(tiny):
+    said = []
+    run = train(tiny(**{"train.max_minutes": 1e-6, "train.max_steps": 50, "train.log_every": 40}),
+                log=said.append, progress=False)
+    assert any("train.max_minutes=1e-06 reached" in m for m in said)
+    assert run.stats_path.read_text() == "" and f"log {run.stats_path}" in said[-1]
+
+
+def test_a_damaged_checkpoint_leaves_the_record_and_never_an_intact_one(tiny):
+    """keep_last=2 with 10 and a damaged 20 on record: resumed from 10 to 30, the run keeps 10
+    and 30, not the damaged 20, and no command warns of it again."""
+    settings = {"train.checkpoint_every": 1000, "train.keep_last": 2}
+    for steps in (10, 20):
+        run = train(tiny(**settings, **{"train.max_steps": steps}), log=quiet, progress=False)
+    damaged = run.checkpoint_file(20)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    messages = []
+    train(tiny(**settings, **{"train.max_steps": 30}), log=messages.append, progress=False)
+    assert any("damaged" in m for m in messages) and any("from step 10" in m for m in messages)
+    state = RunDir(run.path).read_state()
+    assert sorted(e["step"] for e in state["checkpoints"]) == [10, 30]
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [
+        "step_000000010.safetensors", "step_000000030.safetensors"]
+    warned = []
+    assert RunDir(run.path).verified_checkpoints(warn=warned.append) and not warned
+
+
 def test_keep_last_prunes_old_checkpoints_but_keeps_best(tiny):
     run = train(tiny(**{"train.max_steps": 50, "train.checkpoint_every": 10, "train.keep_last": 2}),
                 log=quiet, progress=False)

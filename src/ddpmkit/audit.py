@@ -38,7 +38,7 @@ def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], lis
     """The generated images at the size the audit compares (the run's, or theirs where smaller:
     a --size output is resized down, a smaller one kept), each one's class from its manifest
     ('' where none), its file, and the size they were written at."""
-    images, files = read_generated(gen, one_size=True)
+    images, files = read_generated(gen)
     labels = {str(path): row.get("label", "") for path, row in manifest_images(gen, "file")}
     written = min(images.shape[-2:])
     return (resize_center_crop(images, min(size, written)), [labels.get(f, "") for f in files],

@@ -33,7 +33,7 @@ from .config import SampleConfig, class_name
 from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import (MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, keys_asked,
-                         sample_batch)
+                         no_unconditional_model, sample_batch)
 from .images import to_uint8
 from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
@@ -136,9 +136,8 @@ def _refuse_unbalanceable(run: Run, sample_cfg: SampleConfig, guidance, select) 
         raise UserError("--class-guidance auto chooses each class's scale with the selector: "
                         "add --select")
     if guidance == "auto" and run.config.train.label_dropout == 0:
-        raise UserError(f"--class-guidance auto: {run.path} was trained with "
-                        f"train.label_dropout=0, so it never learnt the unconditional model that "
-                        f"guidance other than 1 uses; leave --class-guidance out")
+        raise UserError(f"--class-guidance auto: {no_unconditional_model(run)}; leave "
+                        f"--class-guidance out")
     if sample_cfg.guidance == 0:
         raise UserError("balance with sample.guidance=0 would label unconditional samples "
                         "as classes: use guidance 1 or more")

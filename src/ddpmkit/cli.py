@@ -348,6 +348,7 @@ def _restore_parsers(sub) -> None:
         rp.add_argument("--force", action="store_true",
                         help="write into a folder that holds files ddpmkit did not write "
                              "(it never deletes them)")
+        rp.add_argument("--quiet", action="store_true", help="no messages")
         if kind == "denoise":
             rp.add_argument("--sigma", default="auto",
                             help="noise std on the [0,1] scale, or auto (wavelet estimate)")
@@ -657,7 +658,8 @@ def cmd_restore(ns: argparse.Namespace) -> None:
     if ns.command == "inpaint":
         options["masks_dir"] = ns.mask
     restore_folder(run, ns.command, ns.inputs, ns.out, seed=ns.seed, batch_size=ns.batch_size,
-                   steps=ns.steps, fresh=ns.fresh, force=ns.force, **options)
+                   steps=ns.steps, fresh=ns.fresh, force=ns.force,
+                   log=_silent if ns.quiet else print, **options)
 
 
 def cmd_audit(ns: argparse.Namespace) -> None:

@@ -49,6 +49,17 @@ MAX_PENDING_BATCHES = 4  # images waiting for the writer before sampling pauses 
 MAX_GUIDANCE = 100.0  # beyond this the guided output is all saturation (and overflows float32)
 
 
+def no_unconditional_model(run: Run) -> str:
+    """Why a run with train.label_dropout=0 cannot be guided."""
+    if RunDir(run.path).meta().get("label_dropout_known") is False:
+        return (f"{run.path} was imported from weights that do not say whether labels were "
+                f"dropped in training (if they were, set train.label_dropout in its config.yaml), "
+                f"so it may not have learnt the unconditional model that guidance other than 1 "
+                f"uses")
+    return (f"{run.path} was trained with train.label_dropout=0, so it never learnt the "
+            f"unconditional model that guidance other than 1 uses")
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to sample, checked once: the sampler, its steps and spacing, its one option (eta for
@@ -90,9 +101,8 @@ class SamplingSpec:
                             f"class-conditional, so there is nothing to guide")
         if (self.guidance != 1.0 and run.config.model.class_conditional
                 and run.config.train.label_dropout == 0):
-            raise UserError(f"sample.guidance={self.guidance}: {run.path} was trained with "
-                            f"train.label_dropout=0, so it never learnt the unconditional model "
-                            f"that guidance other than 1 uses; sample with guidance 1")
+            raise UserError(f"sample.guidance={self.guidance}: {no_unconditional_model(run)}; "
+                            f"sample with guidance 1")
         if self.guidance == 0 and self.class_label is not None:
             raise UserError(f"--class {self.class_label} with sample.guidance=0: guidance 0 "
                             f"samples the unconditional model, which ignores the class; drop "

@@ -430,7 +430,10 @@ class Restoration:
         if self.kind == "denoise" and self.method == "sample":  # before a folder is claimed
             _require_stochastic(sampler)
         steps = INPAINT_STEPS if self.kind == "inpaint" and self.steps is None else self.steps
-        return replace(self, sampler=sampler, steps=steps)
+        sigma = self.sigma  # "0.1" and "0.10" are one job
+        if isinstance(sigma, str) and sigma != "auto" and self.kind == "denoise":
+            sigma = _sigma_list(sigma, 1)[0]
+        return replace(self, sampler=sampler, steps=steps, sigma=sigma)
 
     def check_levels(self, schedule: Schedule, count: int) -> None:
         """Given noise levels against what the run's schedule covers, before a folder is claimed."""

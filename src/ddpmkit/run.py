@@ -312,7 +312,19 @@ class RunDir:
         if not good:
             raise UserError(f"{self.path}: no intact checkpoint to resume from; "
                             f"rerun with --fresh to start over")
+        self._forget_unusable(good, cfg.train.keep_last)
         return self.checkpoint_file(good[0]["step"])
+
+    def _forget_unusable(self, good: list[dict], keep_last: int) -> None:
+        """Missing or damaged checkpoints leave the record and damaged files go: kept, they would
+        be warned of by every command and counted in keep_last instead of intact ones."""
+        bad = [e for e in self.read_state()["checkpoints"] if e not in good]
+        if bad:
+            self._commit(good, keep_last)
+            for e in bad:
+                path = self.checkpoint_file(e["step"])
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
 
     def _delete_run_folders(self) -> None:
         atomic.remove_stale_temps(self.checkpoints, self.grids)
@@ -365,6 +377,7 @@ class RunDir:
         if step == 0:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.meta_path, atomic.json_text({"format": FORMAT, **meta}))
+            atomic.write_text(self.stats_path, "")  # there from the start, as the layout says
             self.digests_path.unlink(missing_ok=True)
         elif self.changes:
             record = self.meta()

@@ -23,7 +23,7 @@ import torch
 
 from .. import atomic
 from ..config import DataConfig, data_config, parse_override
-from ..data import load_images, resize_center_crop
+from ..data import load_images
 from ..errors import UserError
 from ..outputs import job_runs, manifest_images, write_about_images
 from ..pixels import IMAGE_SUFFIXES, read_image_files
@@ -51,9 +51,9 @@ class Reference:
     read_at: int | None = None  # the side its images were read at, for features from --save-ref
 
 
-def read_generated(folder: str | Path, one_size: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """uint8 images of a sample output (manifest order) or of any image folder, at one size (the
-    first image's; others are resized, or with `one_size` refused)."""
+def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """uint8 images of a sample output (manifest order) or of any image folder, all of one size
+    (images of several are refused: resized, they would be judged at a size they do not have)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"generated-images folder not found: {folder}")
@@ -70,12 +70,10 @@ def read_generated(folder: str | Path, one_size: bool = False) -> tuple[torch.Te
                         f"(expected a ddpmkit sample folder or a folder of images)")
     images = read_image_files(files, f"the images in {folder}").images
     sizes = sorted({tuple(img.shape[-2:]) for img in images})
-    if one_size and len(sizes) > 1:
+    if len(sizes) > 1:
         raise UserError(f"{folder} holds images of {len(sizes)} sizes ({sizes[0]}, {sizes[1]}...): "
-                        f"give one sampling job's images")
-    size = images[0].shape[-2]
-    return (torch.cat([resize_center_crop(img[None], size) for img in images]),
-            [str(p) for p in files])
+                        f"give one sampling job's images, or images of one size")
+    return torch.stack(images), [str(p) for p in files]
 
 
 def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
