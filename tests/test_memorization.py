@@ -419,3 +419,18 @@ def test_a_holdout_smaller_than_the_runs_images_is_warned_of(run, tmp_path):
     run_audit(_pngs(tmp_path / "gen", digits8[:20]), run, holdout=str(tmp_path / "small.npy"),
               features="none", log=said.append)
     assert any("60 of its 60 images are smaller than the run's 8x8" in m for m in said), said
+
+
+def test_downstream_counts_mirrored_copies_of_a_run_that_trained_on_mirrored_images(tmp_path):
+    """The study searches the views the run trained in, as --drop-copies and audit do: a mirrored
+    training image is a copy of what such a run saw."""
+    from ddpmkit.downstream import Pool, copy_rate
+    from ddpmkit.run import RunDir
+
+    cfg = load_config(None, {**TINY, "train.max_steps": 2, "data.hflip": True,
+                             "train.out_dir": str(tmp_path / "run")})
+    run = train(cfg, log=lambda *_: None, progress=False).path
+    mirrored = RunDir(run).training_images(log=lambda *_: None)[:8].flip(-1)
+    pool = Pool(mirrored, np.zeros(8, dtype=int))
+    assert copy_rate(pool, [run], 0.01).startswith("100.0% (8 of 8; threshold 0.0100")
+    assert copy_rate(pool, [run]).startswith("100.0% (8 of 8;")

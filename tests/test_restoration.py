@@ -108,6 +108,24 @@ def test_timesteps_from():
     for t, n in ((7.9, 5), (10.6, 8), (999.0, 50)):
         ts = timesteps_from(t, n)
         assert len(ts) == n and all(a > b for a, b in zip(ts, ts[1:])) and ts[-1] > 0
+    # no first step of a sliver: 0.07 * 600 is one rounding above 42
+    assert timesteps_from(0.07 * 600)[:2] == [0.07 * 600, 41.0]
+    assert timesteps_from(7.2)[:2] == [7.2, 6.0] and timesteps_from(7.6)[:2] == [7.6, 7.0]
+    assert timesteps_from(0.3) == [0.3]
+
+
+def test_img2img_at_a_start_just_above_an_integer_works_with_every_sampler():
+    """t = 0.07 * 600 = 42.00000000000001: a first step from it to 42 made DDIM, DDPM and the SDE
+    solver take the root of a negative variance and DPM-Solver++ divide by a step of 1e-14."""
+    mu, sd = 0.0, 0.5
+    cfg = load_config(None, {"data.image_size": 8, "model.in_channels": 1,
+                             "diffusion.num_timesteps": 601})
+    s = Schedule.from_config(cfg.diffusion)
+    den = Denoiser(ExactGaussianNet(s, mu, sd), s, "eps", clip_x0=False)
+    x0 = mu + sd * torch.randn(500, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for sampler in ("ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"):
+        out = img2img_tensor(den, x0, strength=0.07, sampler=sampler, steps=50)
+        assert torch.isfinite(out).all() and 0.4 < out.std().item() < 0.6, sampler
 
 
 def test_img2img_with_few_calls_follows_the_ode():

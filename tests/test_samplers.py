@@ -95,6 +95,16 @@ def test_dpm_solver_keeps_second_order_to_the_end_of_trailing_spacing():
     assert _gaussian_run("dpmpp-2m", 10, spacing="karras", exact_ode_error=True) < 0.02
 
 
+def test_karras_spacing_on_cosine_spends_its_steps_below_edms_sigma_max():
+    """The cosine schedule's last sigma is 20,291 (its betas are clipped at 0.999): a ramp from it
+    spent most steps on pure noise. From sigma 80 after the first step the ODE errors are those of
+    the linear schedule (old: heun-10 1.04, dpmpp-2m-10 0.216, euler-20 0.155)."""
+    errors = {(s, n): _gaussian_run(s, n, spacing="karras", schedule="cosine", exact_ode_error=True)
+              for s, n in (("heun", 10), ("dpmpp-2m", 10), ("euler", 20))}
+    assert errors[("heun", 10)] < 0.15 and errors[("dpmpp-2m", 10)] < 0.02
+    assert errors[("euler", 20)] < 0.08
+
+
 def test_quadratic_spacing_starts_from_pure_noise_on_cosine():
     """The DDIM code's quadratic spacing stopped at 0.8 T, where the cosine schedule keeps 31% of
     the signal: started there from pure noise, the images' mean came out at two thirds of the
@@ -120,7 +130,10 @@ def test_timesteps_spacings():
     assert karras[0] == pytest.approx(999) and karras[-1] == pytest.approx(0, abs=1e-9)
     assert (all(a > b for a, b in zip(karras, karras[1:]))
             and not all(float(t).is_integer() for t in karras))
-    sig = [schedule.sigma_at(t) for t in karras]  # evenly spaced in sigma^(1/7)
+    # pure noise, then from EDM's sigma_max 80 (this schedule's last sigma is 157) evenly spaced
+    # in sigma^(1/7)
+    sig = [schedule.sigma_at(t) for t in karras[1:]]
+    assert schedule.sigma_at(999) > 150 and sig[0] == pytest.approx(80, rel=1e-9)
     roots = [s ** (1 / 7) for s in sig]
     assert max(abs((a - b) - (roots[0] - roots[1])) for a, b in zip(roots, roots[1:])) < 1e-6
     assert nfe("heun", 10) == 18 and nfe("heun", 1) == 1 and nfe("dpmpp-2m", 10) == 10

@@ -30,6 +30,7 @@ import html
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from .data import (class_order, has_named_splits, image_digests, load_images, np
                    resize_center_crop)
 from .errors import UserError
 from .metrics.classifier import fit, predict
-from .metrics.memorization import audit, is_copy, nearest
+from .metrics.memorization import audit, is_copy, nearest, seen_views
 from .outputs import (Kind, OutputFolder, existing, job_identities, job_runs, manifest_images,
                       read_record, refuse_special)
 from .pixels import read_image
@@ -741,10 +742,11 @@ def copy_rate(synthetic: Pool, runs: list[Path], threshold: float | None = None)
         return f"not measured ({exc})"
     if train.shape[1:] != synthetic.images.shape[1:]:
         return "not measured (the synthetic images are not at the generator's size)"
+    search = partial(nearest, views=seen_views(RunDir(runs[0]).config()))  # as the run trained
     if threshold is not None:
-        copies = is_copy(nearest(synthetic.images, train).d1, threshold)
+        copies = is_copy(search(synthetic.images, train).d1, threshold)
         return (f"{copies.mean():.1%} ({int(copies.sum())} of {len(copies)}; threshold "
                 f"{threshold:.4f}, the one --drop-copies used)")
-    found = audit(synthetic.images, train)
+    found = audit(synthetic.images, train, search=search)
     return (f"{found.copy_rate:.1%} ({int(found.copies.sum())} of {len(found.copies)}; threshold "
             f"{found.threshold:.4f}, calibrated {found.calibrated_on})")

@@ -122,8 +122,12 @@ def timesteps_from(t_start: float, steps: int | None = None) -> list[float]:
     timesteps below it: all of them down to 0 (steps None), or `steps - 1` of them evenly spaced
     as in trailing spacing, t_start * (1 - k / steps) rounded, the last step going from about
     t_start / steps to the clean image. Each sampler steps to the clean image after the last
-    timestep, so `steps` is the number of network calls."""
+    timestep, so `steps` is the number of network calls. An integer less than half a step below
+    t_start is skipped: solvers divide by the first step's width (DPM-Solver++'s ratio of steps)
+    or take a root of its noise level's difference, which rounding can make negative."""
     below = np.arange(math.ceil(t_start) - 1, -1, -1, dtype=np.float64)  # integers < t_start
+    if len(below) and t_start - below[0] < 0.5:
+        below = below[1:]
     if steps is not None:
         if steps < 1:
             raise UserError(f"steps must be at least 1, got {steps}")

@@ -105,6 +105,7 @@ class ImageNoise:
 
 
 SPACINGS = ("uniform", "quadratic", "trailing", "karras")
+KARRAS_SIGMA_MAX = 80.0  # EDM's for VP models: the cosine schedule's last sigma is 20,291
 
 
 def make_timesteps(steps: int, schedule_or_T: Schedule | int,
@@ -113,8 +114,9 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int,
     uniform:   evenly spaced over [0, T-1], both ends included (starts from pure noise);
     quadratic: denser near t=0 (DDIM paper, section 5), from T-1;
     trailing:  T-1, T-1-T/n, ... (Lin et al. 2024): evenly spaced, starting at T-1, not reaching 0;
-    karras:    noise levels sigma evenly spaced in sigma^(1/7) (Karras et al. 2022),
-               fractional t."""
+    karras:    noise levels sigma evenly spaced in sigma^(1/7) (Karras et al. 2022), fractional
+               t; from T-1, then from sigma 80 where the schedule ends above it (EDM's sigma_max:
+               the steps above it are all noise)."""
     T = schedule_or_T if isinstance(schedule_or_T, int) else schedule_or_T.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
@@ -135,10 +137,11 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int,
         if isinstance(schedule_or_T, int):
             raise ValueError("karras spacing needs the schedule, not just T")
         s = schedule_or_T
-        lo, hi = math.exp(s.log_sigmas[0]), math.exp(s.log_sigmas[-1])
-        ramp = np.linspace(0, 1, steps)
+        lo, hi = math.exp(s.log_sigmas[0]), min(math.exp(s.log_sigmas[-1]), KARRAS_SIGMA_MAX)
+        capped = hi < math.exp(s.log_sigmas[-1]) and steps > 1
+        ramp = np.linspace(0, 1, steps - capped)
         sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
-        ts = [s.t_at_sigma(sig) for sig in sigmas]
+        ts = [float(T - 1)] * capped + [s.t_at_sigma(sig) for sig in sigmas]
         ts[-1], ts[0] = 0.0, float(T - 1)  # the ends exactly, not via exp and log (one step: T-1)
         return ts
     else:
