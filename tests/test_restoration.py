@@ -571,6 +571,18 @@ def test_a_mask_is_white_above_mid_gray_and_transparency_is_laid_on_black(tmp_pa
         assert torch.equal(read_mask(tmp_path / name)[0], torch.from_numpy(square))
 
 
+def test_img2img_records_the_steps_it_ran(tiny_run, tmp_path):
+    """At strength 0.1 of 100 timesteps, t = 9.9 and the 10 integers below it are all there is:
+    asking for 5,000 steps runs those 11, and the manifest says so; asking for 40 is one job."""
+    _write_pngs(tmp_path / "in", [np.full((8, 8), 90, np.uint8)], ["a.png"])
+    out = restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "out", strength=0.1,
+                         steps=5000, log=lambda *a: None)
+    with open(out / "manifest.csv") as f:
+        assert json.loads(next(csv.DictReader(f))["parameters"])["steps"] == 11
+    restore_folder(tiny_run, "img2img", tmp_path / "in", out, strength=0.1, steps=40,
+                   log=lambda *a: None)  # not refused as another job
+
+
 def test_restoration_keeps_the_runs_clipping_choice(tiny_run, tmp_path):
     import dataclasses
 

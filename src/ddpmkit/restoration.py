@@ -439,6 +439,15 @@ class Restoration:
             sigma = _sigma_list(sigma, 1)[0]
         return replace(self, sampler=sampler, steps=steps, sigma=sigma)
 
+    def on_schedule(self, schedule: Schedule) -> Restoration:
+        """img2img's steps as the timesteps it runs: at most the integers below its t, whatever
+        --steps asked (so the manifest says what ran, and 50 and 5,000 calls there are one job)."""
+        if self.kind != "img2img" or self.strength == 0:
+            return self
+        t = self.strength * (schedule.num_timesteps - 1)
+        return replace(self, steps=len(timesteps_from(
+            t, self.steps if self.steps is not None else _sampler(self.sampler).default_steps)))
+
     def check_levels(self, schedule: Schedule, count: int) -> None:
         """Given noise levels against what the run's schedule covers, before a folder is claimed."""
         if self.kind == "denoise" and not (isinstance(self.sigma, str) and self.sigma == "auto"):
@@ -564,7 +573,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
         OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)
     Every file is written atomically; each image's noise depends only on (seed, its file name).
     A folder holding another restoration's outputs is refused unless `fresh`."""
-    job = Restoration(kind, **{"clip_x0": run.config.sample.clip_x0, **options}).checked()
+    job = Restoration(kind, **{"clip_x0": run.config.sample.clip_x0, **options}).checked(
+    ).on_schedule(run.schedule)
     files, images = read_inputs(run, Path(inputs_dir))
     job.check_levels(run.schedule, len(files))
     masks = load_masks(Path(job.masks_dir), files, images) if kind == "inpaint" else None
