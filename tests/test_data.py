@@ -218,6 +218,9 @@ def test_labels_read_decomposed_are_one_class_with_their_composed_spelling(tmp_p
     ("name,label\nimg_000.png,1\n", "no column 'image'"),
     ("image,label\nimg_000.png,1\nimg_999.png,1\n", "not found under"),
     ("image,label\nimg_000.png,1\nimg_000.png,1\n", "listed twice"),
+    ("image,label\nimg_000.png,1\nimg_000,1\n",  # one file, spelt two ways
+     "'img_000' is img_000.png, which an earlier row lists too"),
+    ("image,label\nimg_000.png,1\n./img_000.png,1\n", "which an earlier row lists too"),
     ("image,label\n../../etc/passwd,1\n", "outside the data folder"),
     ("image,label\n/etc/passwd,1\n", "outside the data folder"),
     ("image,label\nimg_000.png,0\n", "no rows"),
@@ -484,3 +487,17 @@ def test_a_class_whose_every_image_is_unreadable_is_named_when_skipped(tmp_path)
                                image_size=8, on_error="skip"), log=said.append)
     assert sorted(set(d.labels)) == ["a", "b"]
     assert any("every image of class rare thing was unreadable" in m for m in said), said
+
+
+def test_a_labels_csv_header_with_spaces_and_a_chosen_class_are_read_as_written(tmp_path):
+    """A hand-written header 'image, label' names the columns image and label; data.filter_label
+    on class folders says how many images it kept, not the folder's count."""
+    write_images(tmp_path / "imgs", 3)
+    (tmp_path / "l.csv").write_text("image, label\nimg_000.png, a\nimg_001.png, b\n")
+    d = load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"),
+                               image_size=8))
+    assert d.labels == ["a", "b"]
+    for name in ("a", "b"):
+        write_images(tmp_path / "classes" / name, 2 if name == "a" else 3)
+    d = load_images(DataConfig(path=str(tmp_path / "classes"), image_size=8, filter_label="a"))
+    assert len(d) == 2 and d.source.startswith("2 images labelled a of 5 images from ")

@@ -208,3 +208,23 @@ def test_training_an_imported_run_in_place_points_to_init_from(source, tmp_path)
     with pytest.raises(UserError, match="imported weights without optimizer state, .* fine-tune "
                                         "from it with --init-from"):
         train(cfg, log=quiet, progress=False)
+
+
+def test_classes_of_other_names_at_the_same_places_are_said(tmp_path):
+    """The class embedding is kept by position: a source whose classes are named otherwise gets a
+    note naming the pairs, not silence."""
+    from ddpmkit.config import updated
+    from ddpmkit.pretrained import adopt_architecture
+
+    base = load_config(None, {**TINY, "model.class_conditional": True, "model.num_classes": 3,
+                              "model.in_channels": 1})
+    ours = updated(base, {"data.class_names": ["automobile", "bird", "cat"]})
+    theirs = updated(base, {"data.class_names": ["Katze", "bird", "voiture"]})
+    said = []
+    adopt_architecture(ours, theirs, log=said.append)
+    assert said == ["init_from: note: each class starts from the source's class at its place, and "
+                    "2 of their names differ (Katze -> automobile, voiture -> cat): if they are "
+                    "other classes, fine-tuning must first unlearn the source's"]
+    said.clear()
+    adopt_architecture(ours, ours, log=said.append)
+    assert said == []

@@ -669,3 +669,14 @@ def test_a_transparent_mask_is_turned_upright_as_an_opaque_one_is(tmp_path):
     upright = torch.from_numpy(np.rot90(gray, 2) > 127)
     for name in ("gray.png", "rgba.png"):
         assert torch.equal(read_mask(tmp_path / name)[0], upright), name
+
+
+def test_a_missing_mask_names_each_expected_file_once(tmp_path):
+    from ddpmkit.restoration import load_masks
+
+    (tmp_path / "m").mkdir()
+    image = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    for name, expected in (("b.png", "b.png"), ("a.jpg", "a.jpg or a.png")):
+        with pytest.raises(UserError) as caught:
+            load_masks(tmp_path / "m", [tmp_path / name], [image])
+        assert str(caught.value).endswith(f"(expected {expected})")

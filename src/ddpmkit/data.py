@@ -99,6 +99,8 @@ def keep_label(data: ImageData, label: str) -> ImageData:
                         f"(labels present: {', '.join(class_order(data.labels)[:10])})")
     index = data.index or range(len(data))
     return replace(data, images=data.images[keep], labels=[data.labels[i] for i in keep],
+                   source=data.source if len(keep) == len(data) else  # a CSV chose them already
+                   f"{len(keep)} images labelled {label} of {data.source}",
                    files=None if data.files is None else [data.files[i] for i in keep],
                    index=[index[i] for i in keep], upsampled=min(data.upsampled, len(keep)))
 
@@ -355,6 +357,12 @@ def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
                      bit_depth=read.bit_depth, upsampled=upsampled)
 
 
+def csv_columns(path: str | Path) -> list[str]:
+    """A labels CSV's column names, as the reader matches them (stripped)."""
+    with open(Path(path).expanduser(), newline="", encoding="utf-8-sig") as f:
+        return [c.strip() for c in next(csv.reader(f), [])]
+
+
 def _select_by_csv(root: Path, files: list[Path],
                    cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
     csv_path = Path(cfg.labels).expanduser()
@@ -363,7 +371,8 @@ def _select_by_csv(root: Path, files: list[Path],
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
+            reader.fieldnames = [c.strip() for c in reader.fieldnames or []]  # "file, label"
+            columns = reader.fieldnames
             rows = list(reader)
     except UnicodeDecodeError:
         raise UserError(f"labels CSV {csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
@@ -405,6 +414,9 @@ def _select_by_csv(root: Path, files: list[Path],
         if match is None:
             missing.append(name)
             continue
+        if match in chosen:  # the same file spelt another way (no suffix, ./)
+            raise UserError(f"labels CSV {csv_path}: '{name}' is {match.relative_to(root)}, "
+                            f"which an earlier row lists too")
         chosen.append(match)
         labels.append(label)
     if missing:

@@ -85,6 +85,12 @@ def adopt_architecture(cfg: Config, source: Config, log=print) -> Config:
     if size % 2 ** halvings:
         raise UserError(f"train.init_from: data.image_size={size} does not halve {halvings} times "
                         f"as the source's UNet does: use a multiple of {2 ** halvings}")
+    theirs, ours = source.data.class_names or [], cfg.data.class_names or []
+    renamed = [f"{a} -> {b}" for a, b in zip(theirs, ours) if a != b]
+    if len(theirs) == len(ours) and renamed:  # the embedding is kept by position
+        log(f"init_from: note: each class starts from the source's class at its place, and "
+            f"{len(renamed)} of their names differ ({', '.join(renamed[:3])}): if they are other "
+            f"classes, fine-tuning must first unlearn the source's")
     if values:
         log(f"init_from: architecture and schedule taken from the source: "
             f"{', '.join(f'{k}={v}' for k, v in values.items())}")

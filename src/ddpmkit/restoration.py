@@ -554,8 +554,8 @@ def load_masks(masks_dir: Path, files: list[Path],
         found = [masks_dir / (image.stem + s) for s in [image.suffix, *sorted(IMAGE_SUFFIXES)]]
         path = next((p for p in found if p.is_file()), None)
         if path is None:
-            raise UserError(f"no mask for {image.name} in {masks_dir} "
-                            f"(expected {image.name} or {image.stem}.png)")
+            expected = " or ".join(dict.fromkeys([image.name, f"{image.stem}.png"]))
+            raise UserError(f"no mask for {image.name} in {masks_dir} (expected {expected})")
         mask = read_mask(path)
         if mask.shape[-2:] != img.shape[-2:]:
             raise UserError(f"mask {path} is {mask.shape[2]}x{mask.shape[1]} pixels but its image "
