@@ -335,6 +335,7 @@ def _restore_parsers(sub) -> None:
         rp.add_argument("--out", required=True,
                         help="output folder: individual/, grid.png, manifest.csv")
         rp.add_argument("--seed", type=int, default=0)
+        rp.add_argument("--quiet", action="store_true", help="no messages")
         rp.add_argument("--batch-size", type=int, default=64,
                         help="images (or tiles of a larger image) per network call")
         rp.add_argument("--steps", type=int, default=None,
@@ -348,7 +349,6 @@ def _restore_parsers(sub) -> None:
         rp.add_argument("--force", action="store_true",
                         help="write into a folder that holds files ddpmkit did not write "
                              "(it never deletes them)")
-        rp.add_argument("--quiet", action="store_true", help="no messages")
         if kind == "denoise":
             rp.add_argument("--sigma", default="auto",
                             help="noise std on the [0,1] scale, or auto (wavelet estimate)")
