@@ -316,15 +316,11 @@ class RunDir:
         return self.checkpoint_file(good[0]["step"])
 
     def _forget_unusable(self, good: list[dict], keep_last: int) -> None:
-        """Missing or damaged checkpoints leave the record and damaged files go: kept, they would
-        be warned of by every command and counted in keep_last instead of intact ones."""
-        bad = [e for e in self.read_state()["checkpoints"] if e not in good]
-        if bad:
+        """Missing or damaged checkpoints leave the record: kept, they would be warned of by every
+        command and counted in keep_last instead of intact ones. A damaged file stays: it no longer
+        holds what ddpmkit wrote, so it is not ddpmkit's to delete."""
+        if len(good) < len(self.read_state()["checkpoints"]):
             self._commit(good, keep_last)
-            for e in bad:
-                path = self.checkpoint_file(e["step"])
-                if path.is_file() and not path.is_symlink():
-                    path.unlink()
 
     def _delete_run_folders(self) -> None:
         atomic.remove_stale_temps(self.checkpoints, self.grids)
