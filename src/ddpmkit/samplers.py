@@ -105,7 +105,7 @@ class ImageNoise:
 
 
 SPACINGS = ("uniform", "quadratic", "trailing", "karras")
-KARRAS_SIGMA_MAX = 80.0  # EDM's for VP models: the cosine schedule's last sigma is 20,291
+KARRAS_SIGMA_MAX = 80.0  # EDM's for VP models: the cosine schedule's clipped betas go far above
 
 
 def make_timesteps(steps: int, schedule_or_T: Schedule | int,
