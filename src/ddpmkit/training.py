@@ -394,6 +394,7 @@ def _update_ema(state: TrainState, ema_decay: float, finite: torch.Tensor) -> No
 # --- bookkeeping ---------------------------------------------------------------------------------
 
 _COUNTERS = ("loss_sum", "skipped_sum", "nonfinite_run", "worst_run")  # Meter's, on the device
+_WINDOWS = (*_COUNTERS, "step_at_log", "ckpt_loss_sum", "ckpt_loss_n", "skipped_total")
 
 
 class Meter:
@@ -453,8 +454,7 @@ class Meter:
     def windows(self, world: World) -> dict:
         """The counts since the last log line and checkpoint, as a checkpoint records them: a run
         resumed from it logs and records the losses an uninterrupted run would."""
-        counters = torch.stack([self.loss_sum, self.skipped_sum, self.nonfinite_run,
-                                self.worst_run])
+        counters = torch.stack([getattr(self, name) for name in _COUNTERS])
         if world.size > 1:  # each process restores the mean, which the next log sums back
             torch.distributed.all_reduce(counters)
             counters /= world.size
@@ -464,8 +464,7 @@ class Meter:
 
     def resume(self, windows: dict) -> None:
         """Go on with the windows a checkpoint recorded (none, or not numbers: start them anew)."""
-        names = (*_COUNTERS, "step_at_log", "ckpt_loss_sum", "ckpt_loss_n", "skipped_total")
-        if not all(isinstance(windows.get(k), (int, float)) for k in names):
+        if not all(isinstance(windows.get(k), (int, float)) for k in _WINDOWS):
             return
         for name in _COUNTERS:
             getattr(self, name).fill_(windows[name])

@@ -126,16 +126,22 @@ def _refuse_imported(run: Path, ref: str) -> None:
                         f"or --ref data.path=...")
 
 
+def _npz_arrays(path: Path) -> set[str] | None:
+    """The array names of an .npz file (None: not one that reads as a zip of arrays)."""
+    if path.is_symlink() or not path.is_file() or atomic.head(path, 4) != b"PK\x03\x04":
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return set(z.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 def _holds_statistics(path: Path) -> bool:
     """An .npz of feature statistics (mu, sigma), not of images; one that cannot be read is taken
     for statistics, whose reader says what is wrong with it."""
-    if not path.is_file():
-        return False
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {"mu", "sigma"} <= set(z.files)
-    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile):
-        return True
+    arrays = _npz_arrays(path) if path.is_file() else set()
+    return arrays is None or {"mu", "sigma"} <= arrays
 
 
 def _statistics(path: Path) -> Reference:
@@ -312,13 +318,7 @@ def _check_options(metrics: tuple[str, ...], features: str, save_ref) -> None:
 
 def _saved_features(path: Path) -> bool:
     """A features file an earlier --save-ref wrote (one to replace)."""
-    if path.is_symlink() or not path.is_file() or atomic.head(path, 4) != b"PK\x03\x04":
-        return False  # not an .npz (a zip)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {"feats", "extractor", "read_at", "mu", "sigma"} <= set(z.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return False
+    return {"feats", "extractor", "read_at", "mu", "sigma"} <= (_npz_arrays(path) or set())
 
 
 def _checked_reference(ref: Reference, features: str) -> Reference:
