@@ -212,19 +212,19 @@ def test_references_are_read_at_the_generated_resolution(tmp_path):
 
     # no UNet could train at 75: none is asked to
     write_images(tmp_path / "photos", n=3, size=(75, 75))
-    assert (resolve_reference([f"data.path={tmp_path / 'photos'}"], 75, 1).images.shape
+    assert (resolve_reference([f"data.path={tmp_path / 'photos'}"], 75).images.shape
             == (3, 1, 75, 75))
     with pytest.raises(UserError,
                        match="only data.* keys describe a dataset here, got model.base_channels"):
-        resolve_reference([f"data.path={tmp_path / 'photos'}", "model.base_channels=8"], 75, 1)
+        resolve_reference([f"data.path={tmp_path / 'photos'}", "model.base_channels=8"], 75)
     run = tmp_path / "run"  # trained on the 8x8 digits; samples written at 32x32 (--size 32)
     RunDir(run).start(load_config(None, {}), {}, step=0)
-    assert resolve_reference([str(run)], 32, 1).images.shape == (1797, 1, 32, 32)
+    assert resolve_reference([str(run)], 32).images.shape == (1797, 1, 32, 32)
     # an .npz of images is data, as data.path takes it; one of mu and sigma is statistics
     np.savez(tmp_path / "imgs.npz", train_images=np.zeros((5, 8, 8), np.uint8))
-    assert resolve_reference([str(tmp_path / "imgs.npz")], 8, 1).images.shape == (5, 1, 8, 8)
+    assert resolve_reference([str(tmp_path / "imgs.npz")], 8).images.shape == (5, 1, 8, 8)
     np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
-    assert resolve_reference([str(tmp_path / "stats.npz")], 8, 1).images is None
+    assert resolve_reference([str(tmp_path / "stats.npz")], 8).images is None
 
 
 def test_reading_a_balanced_set_or_a_restoration_takes_only_generated_outputs(tmp_path):
@@ -358,6 +358,24 @@ def test_reference_data_is_read_at_the_generators_bit_depth(tmp_path):
     assert "10-bit values (largest 765" in result["ref"]  # the user's own choice wins
 
 
+def test_gray_samples_against_colour_references_are_compared_in_colour_unless_asked(tmp_path):
+    """A gray generator's images against a colour folder: the references are not grayed behind
+    the user's back (that hid the colour the model cannot make), as pytorch-fid and clean-fid do
+    not; data.channels=1 compares in gray."""
+    images, _ = digits(20)
+    gen = write_pngs(tmp_path / "g", images)
+    (tmp_path / "real").mkdir()
+    for i, img in enumerate(images.numpy()):  # the same digits, tinted orange
+        g = img[0].astype(np.uint8)
+        Image.fromarray(np.stack([g, g // 2, g // 8], -1)).save(tmp_path / "real" / f"{i}.png")
+    said = []
+    colour = evaluate(gen, [str(tmp_path / "real")], ("fid",), "efficientnet", log=said.append)
+    assert any("gray images compared with colour references, both as RGB" in s for s in said)
+    gray = evaluate(gen, [f"data.path={tmp_path / 'real'}", "data.channels=1"], ("fid",),
+                    "efficientnet")
+    assert gray["metrics"]["fd"] < colour["metrics"]["fd"] / 2
+
+
 def test_a_data_override_without_a_path_changes_the_data_of_the_run_that_made_gen(tmp_path):
     """--ref data.split=test means the generator's own test split, as --holdout data.split=val
     does in sample and audit; never the bundled digits a missing data.path would read."""
@@ -373,16 +391,16 @@ def test_a_data_override_without_a_path_changes_the_data_of_the_run_that_made_ge
     plain = write_pngs(tmp_path / "plain", images[:4])
     (gen / ".ddpmkit.json").write_text(
         json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
-    assert resolve_reference(["data.split=test"], 8, 1, gen).images.shape == (10, 1, 8, 8)
+    assert resolve_reference(["data.split=test"], 8, gen).images.shape == (10, 1, 8, 8)
     with pytest.raises(UserError, match="no data.path, and .* was not made by one run"):
-        resolve_reference(["data.split=test"], 8, 1, plain)
+        resolve_reference(["data.split=test"], 8, plain)
     # an imported model has no data of its own: not the bundled digits a missing data.path reads
     imported = tmp_path / "imported"
     RunDir(imported).start(load_config(None, {}), {"imported_from": "hub"}, step=0)
     (gen / ".ddpmkit.json").write_text(
         json.dumps({"kind": "sample", "job": {"run": str(imported.resolve())}}))
     with pytest.raises(UserError, match="is an imported model, which has no training data"):
-        resolve_reference(["data.split=train"], 8, 1, gen)
+        resolve_reference(["data.split=train"], 8, gen)
     # a folder whose name holds '=' is a folder, not an override
     odd = write_pngs(tmp_path / "lr=1e-4", images[:5]) / "individual"
-    assert resolve_reference([str(odd)], 8, 1, plain).images.shape == (5, 1, 8, 8)
+    assert resolve_reference([str(odd)], 8, plain).images.shape == (5, 1, 8, 8)

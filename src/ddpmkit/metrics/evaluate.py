@@ -76,12 +76,12 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(images), [str(p) for p in files]
 
 
-def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
+def resolve_reference(refs: list[str], gen_size: int,
                       gen: str | Path | None = None) -> Reference:
     """The reference: data.key=value overrides, or one folder of images, run directory or statistics
-    .npz. Data is read at the generated resolution and, unless data.bit_depth is given, at the depth
-    the runs that generated `gen` recorded (their records name them), as their training
-    images were."""
+    .npz. Data is read at the generated resolution, in its own channels (as a run trained on it, or
+    data.channels=..., says), and unless data.bit_depth is given, at the depth the runs that
+    generated `gen` recorded (their records name them), as their training images were."""
     paths = [r for r in refs if "=" not in r or Path(r).exists()]  # a folder may be named a=b
     overrides = [r for r in refs if r not in paths]
     if overrides and paths or len(paths) > 1 or not refs:
@@ -101,7 +101,7 @@ def resolve_reference(refs: list[str], gen_size: int, gen_channels: int,
     runs = job_runs(Path(gen)) if gen is not None else []
     base = {} if "data.path" in given else _run_data(runs, overrides, gen)
     # compared at the generated resolution
-    values = base | {"data.image_size": gen_size, "data.channels": gen_channels} | given
+    values = base | {"data.image_size": gen_size} | given
     depth = recorded_bit_depth(runs) if gen is not None else None
     if depth is not None:
         values.setdefault("data.bit_depth", depth)
@@ -230,9 +230,11 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     if len(gen_images) < 2:
         raise UserError(f"{gen} holds {len(gen_images)} image: the metrics compare distributions, "
                         f"so generate more (thousands for a stable FID)")
-    ref = _checked_reference(resolve_reference(refs, gen_images.shape[-1], gen_images.shape[1],
-                                               gen), features)
+    ref = _checked_reference(resolve_reference(refs, gen_images.shape[-1], gen), features)
     if ref.images is not None and ref.images.shape[1] != gen_images.shape[1]:
+        log(f"note: {'gray' if gen_images.shape[1] == 1 else 'colour'} images compared with "
+            f"{'gray' if ref.images.shape[1] == 1 else 'colour'} references, both as RGB, so "
+            f"colour alone sets them apart (compare in gray: --ref data.path=... data.channels=1)")
         ref.images, gen_images = fx.to_rgb(ref.images), fx.to_rgb(gen_images)
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
     gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
