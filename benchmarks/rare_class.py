@@ -51,12 +51,12 @@ def run_cli(argv: list[str]) -> None:
 
 
 def train_generator(data: Path, out: Path, power: float, args) -> Path:
-    if not (out / "state.json").is_file():  # rerunning the study reuses its generators
-        run_cli(["train", f"--data={data}", "--out", str(out), "--quiet",
-                 "model.class_conditional=true", "data.image_size=16",
-                 f"train.class_balance={power}", f"train.max_steps={args.steps}",
-                 f"train.batch_size={args.batch}", f"train.checkpoint_every={args.steps}",
-                 f"train.sample_every={args.steps}"])
+    # rerunning the study resumes a killed generator and reuses a finished one
+    run_cli(["train", f"--data={data}", "--out", str(out), "--quiet",
+             "model.class_conditional=true", "data.image_size=16",
+             f"train.class_balance={power}", f"train.max_steps={args.steps}",
+             f"train.batch_size={args.batch}", f"train.checkpoint_every={args.steps}",
+             f"train.sample_every={args.steps}"])
     return out
 
 
