@@ -111,6 +111,9 @@ def test_user_errors_are_one_line(capsys, tmp_path, trained):
     for device in ("foo", "meta"):  # meta holds no values: no traceback at the first .item()
         user_error(capsys, "sample", trained, "--device", device, "--out", tmp_path / "x",
                    match=f"device '{device}'")
+    if not torch.backends.mps.is_available():  # every machine but a Mac's
+        user_error(capsys, "sample", trained, "--device", "mps", "--out", tmp_path / "x",
+                   match="device mps asked for, but this PyTorch or machine has no Apple GPU")
     assert not (tmp_path / "x").exists()
 
 

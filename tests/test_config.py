@@ -119,3 +119,65 @@ def test_class_names_take_one_unicode_form_and_are_written_as_letters():
         composed, composed, ["cat", composed])
     assert cfg.data.path == f"/data/{decomposed}"  # a file name is the file system's, not ours
     assert f"class_names: [cat, {composed}]" in to_yaml(cfg)
+
+
+def test_a_text_key_takes_the_text_as_typed():
+    """YAML would read 0010 as the number 8, 2024_01 as 202401 and cut `#3` as a comment: a key
+    whose value is text (a checkpoint step, a class, a path) keeps what was typed."""
+    assert parse_override("sample.checkpoint=0010") == ("sample.checkpoint", "0010")
+    assert parse_override("data.filter_label=010") == ("data.filter_label", "010")
+    assert parse_override("train.out_dir=runs/exp #3") == ("train.out_dir", "runs/exp #3")
+    assert parse_override("train.out_dir=2024_01") == ("train.out_dir", "2024_01")
+    assert parse_override("data.class_names=[01, 02]") == ("data.class_names", ["01", "02"])
+    assert parse_override("sample.class_label='a b'") == ("sample.class_label", "a b")
+    assert parse_override("model.preset=null") == ("model.preset", None)
+    assert parse_override("train.augment=[hflip]") == ("train.augment", ["hflip"])
+    cfg = load_config(None, dict([parse_override("sample.checkpoint=0010")]))
+    assert cfg.sample.checkpoint == "0010"
+    with pytest.raises(UserError, match="config key data.path: empty"):
+        load_config(None, dict([parse_override("data.path=''")]))  # not the current folder
+
+
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 5.0e-4\ntrain:\n  max_steps: 2\n")
+    with pytest.raises(UserError, match="not valid YAML: key 'train' is given twice"):
+        load_config(tmp_path / "c.yaml")
+    from ddpmkit.config import safe_yaml
+
+    merged = safe_yaml("a: &a {b: 1, c: 2}\nd:\n  <<: *a\n  b: 3\n", "x")
+    assert merged["d"] == {"b": 3, "c": 2}  # a merge key's values may still be overridden
+
+
+def test_a_preset_named_by_an_override_beats_the_files_architecture(tmp_path):
+    (tmp_path / "c.yaml").write_text(to_yaml(load_config(None, {"data.image_size": 32})))
+    cfg = load_config(tmp_path / "c.yaml", {"model.preset": "ddpm-cifar10"})
+    assert (cfg.model.preset, cfg.model.base_channels, cfg.model.channel_mult) == (
+        "ddpm-cifar10", 128, [1, 2, 2, 2])
+    cfg = load_config(tmp_path / "c.yaml", {"model.preset": "ddpm-cifar10",
+                                            "model.base_channels": 64})
+    assert cfg.model.base_channels == 64  # a key named beside it still wins
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"diffusion.schedule": "cosine", "diffusion.beta_start": 0.3},
+     "diffusion.beta_start/beta_end shape the linear schedule; the cosine schedule has none"),
+    ({"diffusion.num_timesteps": 10**10}, "diffusion.num_timesteps: 10,000,000,000 is too many"),
+    ({"train.seed": 2**64}, "train.seed: a seed in [0, 2**63)"),
+    ({"sample.seed": -1}, "sample.seed: a seed in [0, 2**63)"),
+    ({"train.eval_num": 1}, "train.eval_num: must be at least 2"),
+])
+def test_values_that_failed_later_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, overrides)
+    assert load_config(None, {"diffusion.schedule": "cosine"}).diffusion.beta_start is None
+
+
+def test_config_files_that_are_not_one_are_named(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"train:\n  out_dir: caf\xe9\n")
+    with pytest.raises(UserError, match="latin1.yaml is not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    with pytest.raises(UserError, match=r"run is a run, not a config file: give .*config.yaml "
+                                        r"to train another like it, or --out .*run to resume"):
+        load_config(tmp_path / "run")

@@ -99,6 +99,8 @@ def test_a_resume_on_another_number_of_processes_is_noted_and_recorded(runs, tmp
     assert "note: processes changes from 1 to 2" in done.stdout
     changes = json.loads((run / "meta.json").read_text())["changes"]
     assert changes == [{"step": 20, "key": "processes", "from": 1, "to": 2}]
+    # the record says 2 from here, so a later resume on 2 notes nothing again
+    assert json.loads((run / "meta.json").read_text())["processes"] == 2
 
 
 def _listing(run: Path) -> list[str]:

@@ -145,6 +145,22 @@ def test_export_and_import_commands_round_trip_a_run(source, tmp_path, capsys):
                                                f"not empty: choose another output folder")
 
 
+def test_a_local_source_is_recorded_absolute_and_its_augmentation_change_named(
+        source, tiny, tmp_path, monkeypatch):
+    """As data.path is: the same command from another folder resumes instead of being refused as a
+    different config. A source trained with augmentation, fine-tuned without: its augmentation
+    embedding is dropped, and said so."""
+    augmented = train(tiny(**{"train.out_dir": str(tmp_path / "aug"), "train.max_steps": 2,
+                              "train.augment": ["hflip"], "train.augment_p": 0.5}),
+                      log=quiet, progress=False)
+    monkeypatch.chdir(tmp_path)
+    said = []
+    run = train(tiny(**{"train.init_from": "aug", "train.max_steps": 2}), log=said.append,
+                progress=False)
+    assert load_config(run.config_path).train.init_from == str(augmented.path.resolve())
+    assert "init_from: augmentation embedding dropped (train.augment)" in said
+
+
 def test_a_fine_tuning_run_resumes_without_its_source(source, tiny, tmp_path):
     import shutil
 

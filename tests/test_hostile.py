@@ -539,6 +539,11 @@ def test_model_widths_beyond_the_machine_are_refused_before_anything_is_built(tm
     one_line(capsys, "train", *TINY_ARGS, "model.base_channels=65536", "model.norm_groups=1",
              "--out", tmp_path / "r", says="of memory and")
     assert not (tmp_path / "r").exists()
+    # micro-batches of one image, but each step draws the global batch's noise whole
+    one_line(capsys, "train", *TINY_ARGS, "train.batch_size=100000000",
+             "train.grad_accum=100000000", "--out", tmp_path / "r",
+             says="a step's noise and images of train.batch_size=100000000 needs")
+    assert not (tmp_path / "r").exists()
     # a diffusers config asking for a 1 TiB network beside a small weights file
     folder = tmp_path / "hf"
     (folder / "unet").mkdir(parents=True)

@@ -265,6 +265,9 @@ def test_resuming_on_changed_data_records_the_new_images(tiny, tmp_path):
     # the removed image stays: it was trained on
     assert len(recorded) == 9 and set(first) < set(recorded)
     assert any("the data changed" in line and "1 image(s)" in line for line in said)
+    assert any("1 image(s) " + str(run.path) + " trained on are no longer in its data" in line
+               for line in said)  # a removed image is said too
+    assert run.meta()["num_images"] == 8  # what the run trains on from here
     said.clear()
     # same data: quiet
     train(tiny(**cfg, **{"train.max_steps": 6}), log=said.append, progress=False)

@@ -28,11 +28,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune",
 EVAL_FEATURES = ("classifier", "efficientnet", "inception")
 MAX_YAML_BYTES = 1 << 20  # a config is a page of text; anything larger is not one
 MAX_YAML_NODES = 100_000  # a config holds a few hundred values; aliases can expand to billions
+MAX_TIMESTEPS = 100_000  # far past any published schedule; its float64 tables stay small
 
 
 def _key(default: Any = None, rule: str | tuple | None = None, factory=None):
-    """A config field with its rule: "positive", "non_negative", "fraction" ([0, 1)), "share"
-    ([0, 1]), or a tuple of allowed values."""
+    """A config field with its rule: "positive", "non_negative", "at_least_2", "fraction" ([0, 1)),
+    "share" ([0, 1]), "seed" ([0, 2**63)), or a tuple of allowed values."""
     if factory is not None:
         return field(default_factory=factory, metadata={"rule": rule})
     return field(default=default, metadata={"rule": rule})
@@ -83,15 +84,15 @@ class ModelConfig:
 class DiffusionConfig:
     num_timesteps: int = _key(1000, "positive")
     schedule: str = _key("linear", SCHEDULES)
-    # linear schedule; None: Ho et al.'s 1e-4 and 0.02 scaled by 1000/T (Nichol & Dhariwal's rule,
-    # the same at T=1000), so any T ends near pure noise; explicit values are taken as given
+    # linear schedule only; None: Ho et al.'s 1e-4 and 0.02 scaled by 1000/T (Nichol & Dhariwal's
+    # rule, the same at T=1000), so any T ends near pure noise; explicit values are taken as given
     beta_start: Optional[float] = None
     beta_end: Optional[float] = None
     prediction: str = _key("eps", PREDICTIONS)
 
     def __post_init__(self):
         T = self.num_timesteps
-        if isinstance(T, int) and not isinstance(T, bool) and T > 0:  # else refused by the checks
+        if self.schedule == "linear" and isinstance(T, int) and not isinstance(T, bool) and T > 0:
             if self.beta_start is None:
                 object.__setattr__(self, "beta_start", 1e-4 * 1000 / T)
             if self.beta_end is None:  # capped below 1, as the cosine schedule is
@@ -114,7 +115,7 @@ class TrainConfig:
     max_minutes: float = _key(0.0, "non_negative")  # 0: no time budget
     precision: str = _key("auto", ("auto", "fp32", "bf16", "fp16"))  # auto: CUDA bf16, CPU fp32
     channels_last: bool = True  # CUDA: channels_last tensors (false: NCHW)
-    seed: int = _key(0, "non_negative")
+    seed: int = _key(0, "seed")
     device: str = "auto"
     log_every: int = _key(50, "positive")
     sample_every: int = _key(500, "positive")
@@ -124,7 +125,7 @@ class TrainConfig:
     keep_last: int = _key(3, "positive")
     max_nonfinite: int = _key(20, "positive")  # stop after this many non-finite losses in a row
     eval_every: int = _key(0, "non_negative")  # 0: off; else eval checkpoints at multiples of this
-    eval_num: int = _key(500, "positive")  # samples per eval (dpmpp-2m, 20 steps, EMA weights)
+    eval_num: int = _key(500, "at_least_2")  # samples per eval (dpmpp-2m, 20 steps, EMA weights)
     eval_features: str = _key("classifier", EVAL_FEATURES)  # classifier needs labels
     label_dropout: float = _key(0.1, "share")  # labels dropped: the unconditional model CFG needs
     # how often each class is drawn: image weight count(class)^-power; 0 the data's frequencies,
@@ -151,7 +152,7 @@ class SampleConfig:
     variance: str = _key("small", ("small", "large"))  # ddpm: posterior (small) or beta (large)
     clip_x0: bool = True
     batch_size: int = _key(256, "positive")
-    seed: int = _key(0, "non_negative")
+    seed: int = _key(0, "seed")
     checkpoint: str = "latest"  # latest | best | a step number
     ema: bool = True
     size: Optional[int] = _key(None, "positive")  # bicubic upsampling of the output
@@ -215,6 +216,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
         return value
     if tp is int and number and float(value).is_integer():
         return int(value)
+    if tp is str and isinstance(value, str) and not value.strip():
+        raise UserError(f"config key {key}: empty; give a value, or null where the key has none")
     if tp is str and (number or isinstance(value, str)):
         return str(value)
     if tp is float and (number or isinstance(value, str)):  # YAML 1.1 reads "1e-4" as a string
@@ -238,10 +241,14 @@ def _check_rule(key: str, value: Any, rule) -> None:
             raise UserError(f"config key {key}: {value!r} is not one of: {shown}")
     elif rule == "positive" and value <= 0:
         raise UserError(f"config key {key}: must be positive, got {value}")
+    elif rule == "at_least_2" and value < 2:  # a covariance needs two feature vectors
+        raise UserError(f"config key {key}: must be at least 2, got {value}")
     elif rule == "non_negative" and value < 0:
         raise UserError(f"config key {key}: must not be negative, got {value}")
     elif rule == "fraction" and not 0 <= value < 1:
         raise UserError(f"config key {key}: must be in [0, 1), got {value}")
+    elif rule == "seed" and not 0 <= value < 2**63:
+        raise UserError(f"config key {key}: a seed in [0, 2**63), got {value}")
     elif rule == "share" and not 0 <= value <= 1:
         what = {"train.label_dropout": "a share of labels", "train.augment_p": "a probability",
                 "train.class_balance": "a power"}.get(key, "a share")
@@ -337,9 +344,15 @@ def _check_values(cfg: Config) -> None:
     if d.schedule == "linear" and not 0 < d.beta_start < d.beta_end < 1:
         raise UserError("config keys diffusion.beta_start/beta_end: "
                         "need 0 < beta_start < beta_end < 1")
+    if d.schedule != "linear" and (d.beta_start, d.beta_end) != (None, None):
+        raise UserError(f"config keys diffusion.beta_start/beta_end shape the linear schedule; "
+                        f"the {d.schedule} schedule has none: drop them")
     if d.num_timesteps < 2:  # one step cannot go from noise to data: its beta is beta_start
         raise UserError(f"config key diffusion.num_timesteps: {d.num_timesteps} is too few; "
                         f"use at least 2 (1000 is DDPM's)")
+    if d.num_timesteps > MAX_TIMESTEPS:
+        raise UserError(f"config key diffusion.num_timesteps: {d.num_timesteps:,} is too many; "
+                        f"use at most {MAX_TIMESTEPS:,} (1000 is DDPM's)")
     if cfg.sample.class_label is not None and not cfg.model.class_conditional:
         raise UserError(f"--class {cfg.sample.class_label}: the model is not class-conditional, "
                         f"so it has no classes (config key sample.class_label); drop it, or "
@@ -402,16 +415,35 @@ def updated(cfg: Config, values: dict[str, Any]) -> Config:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=1e-4` -> ("train.lr", 1e-4); values are parsed as YAML scalars/lists."""
+    """`train.lr=1e-4` -> ("train.lr", 1e-4); values are parsed as YAML scalars/lists, except that
+    a text key takes the text as typed (sample.checkpoint=0010, train.out_dir=runs/exp #3) and a
+    list of text keeps each item's text; null, ~ or nothing is None."""
     key, sep, value = text.partition("=")
+    key = key.strip()
     if not sep or "." not in key:
         raise UserError(f"cannot read override {text!r}: write section.key=value, "
                         f"e.g. train.lr=1e-4")
+    kind = _text_kind(key)
+    if value in ("", "null", "~") and kind is not None:
+        return key, None
+    if kind == "text" and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
+        return key, value
     try:
-        parsed = safe_yaml(value, f"override {key}") if value != "" else None
+        return key, safe_yaml(value, f"override {key}", _TextLoader if kind else _UniqueKeyLoader)
     except UserError:
-        parsed = value
-    return key.strip(), parsed
+        return key, value
+
+
+def _text_kind(key: str) -> str | None:
+    """'text' for a key whose value is text, 'texts' for a list of text, else None."""
+    section, _, name = key.partition(".")
+    tp = typing.get_type_hints(_SECTION_CLASSES[section]).get(name) if (
+        section in _SECTION_CLASSES) else None
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is str:
+        return "text"
+    return "texts" if typing.get_origin(tp) is list and typing.get_args(tp)[0] is str else None
 
 
 def merge_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
@@ -423,14 +455,40 @@ def merge_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
             raise UserError(f"unknown config key {key} (write section.key with a section from: "
                             f"{', '.join(SECTIONS)})")
         merged.setdefault(section, {})[name] = value
+    preset = overrides.get("model.preset")
+    if isinstance(preset, str) and preset in MODEL_PRESETS:  # a preset named here beats the file's
+        merged["model"] |= {k: v for k, v in MODEL_PRESETS[preset].items()
+                            if f"model.{k}" not in overrides}
     return merged
 
 
-def safe_yaml(text: str, what: str) -> Any:
-    """YAML text -> plain data (PyYAML's safe loader: no Python objects), refused when its aliases
-    expand it past MAX_YAML_NODES: a few hundred bytes of nested aliases can name billions."""
+class _RefuseRepeatedKeys:
+    """A key given twice in one mapping is refused: YAML would keep the last silently, so half of
+    a duplicated section was never used (a merge key's keys may still be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [k.value for k, _ in node.value
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"]
+        repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if repeated is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {repeated!r} is given twice "
+                                                    f"in one mapping", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+class _UniqueKeyLoader(_RefuseRepeatedKeys, yaml.SafeLoader):
+    """PyYAML's safe loader: plain data, no Python objects."""
+
+
+class _TextLoader(_RefuseRepeatedKeys, yaml.BaseLoader):
+    """Every scalar read as the text typed ([01, 02] are '01' and '02', not 1 and 2)."""
+
+
+def safe_yaml(text: str, what: str, loader: type = _UniqueKeyLoader) -> Any:
+    """YAML text -> plain data, refused when its aliases expand it past MAX_YAML_NODES: a few
+    hundred bytes of nested aliases can name billions."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)
     except (yaml.YAMLError, RecursionError) as exc:
         raise UserError(f"{what} is not valid YAML: {str(exc).splitlines()[0][:200]}") from None
     stack, seen = [data], 0
@@ -446,6 +504,9 @@ def safe_yaml(text: str, what: str) -> Any:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        raise UserError(f"{path} is a run, not a config file: give {path / 'config.yaml'} to "
+                        f"train another like it, or --out {path} to resume it")
     if path.is_dir():
         raise UserError(f"{path} is a folder, not a config file: to train on its images, "
                         f"write --data {path}")
@@ -454,7 +515,11 @@ def read_yaml(path: str | Path) -> dict:
     if path.stat().st_size > MAX_YAML_BYTES:
         raise UserError(f"config file {path} is {path.stat().st_size:,} bytes: a config is at most "
                         f"{MAX_YAML_BYTES:,}")
-    return safe_yaml(path.read_text(), f"config file {path}") or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
+    return safe_yaml(text, f"config file {path}") or {}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

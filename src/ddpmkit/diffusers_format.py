@@ -214,8 +214,9 @@ def _scheduler_overrides(scheduler_config: dict | None) -> dict:
         if schedule is None:
             raise _unsupported("beta_schedule", s["beta_schedule"],
                                ["linear", "squaredcos_cap_v2"], owner)
-    return {"diffusion.num_timesteps": T, "diffusion.schedule": schedule,
-            "diffusion.beta_start": start, "diffusion.beta_end": end,
+    betas = {"diffusion.beta_start": start, "diffusion.beta_end": end} if (
+        schedule == "linear") else {}
+    return {"diffusion.num_timesteps": T, "diffusion.schedule": schedule, **betas,
             "diffusion.prediction": _PREDICTIONS[s["prediction_type"]],
             "sample.clip_x0": bool(s["clip_sample"]),
             "sample.variance": _VARIANCES_IN[s["variance_type"]]}
@@ -255,7 +256,8 @@ def ddpmkit_to_diffusers_config(cfg: Config) -> tuple[dict, dict]:
     scheduler = {
         "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
         **SCHEDULER_DEFAULTS,
-        "num_train_timesteps": d.num_timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
+        "num_train_timesteps": d.num_timesteps,
+        **({"beta_start": d.beta_start, "beta_end": d.beta_end} if d.schedule == "linear" else {}),
         "beta_schedule": {"linear": "linear", "cosine": "squaredcos_cap_v2"}[d.schedule],
         "prediction_type": {v: k for k, v in _PREDICTIONS.items()}[d.prediction],
         "clip_sample": cfg.sample.clip_x0,

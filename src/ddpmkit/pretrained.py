@@ -119,5 +119,6 @@ def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source
     if "class_embedding.weight" in dropped:
         log("init_from: the source's class embedding is dropped (this model is unconditional)")
     if "augment_embedding.weight" in fresh + dropped:
-        log(f"init_from: augmentation embedding {'new' if fresh else 'dropped'} (train.augment)")
+        change = "new" if "augment_embedding.weight" in fresh else "dropped"
+        log(f"init_from: augmentation embedding {change} (train.augment)")
     return what

@@ -42,6 +42,8 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     write."""
     # recorded absolute: sampling, eval --ref RUN and balance find the data from any folder
     values = {"data.path": absolute(cfg.data.path), "data.labels": absolute(cfg.data.labels)}
+    if cfg.train.init_from and Path(cfg.train.init_from).expanduser().exists():  # not a hub id
+        values["train.init_from"] = absolute(cfg.train.init_from)
     run = RunDir(cfg.train.out_dir)
     recorded = not fresh and run.is_run() and run.config_path.is_file()  # a run to resume
     if cfg.data.bit_depth is None and recorded:

@@ -35,6 +35,8 @@ from .schedule import Schedule
 from .unet import UNet, check_fits
 
 FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
+# meta.json's fields a resume brings up to date: what the run trains on from then on
+RESUMED_META = ("data", "num_images", "skipped_images", "processes")
 READ_AS_TRAINED = ("data.image_size", "data.channels", "data.bit_depth")
 RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html",
              "learning.gif")
@@ -375,10 +377,11 @@ class RunDir:
             atomic.write_text(self.meta_path, atomic.json_text({"format": FORMAT, **meta}))
             atomic.write_text(self.stats_path, "")  # there from the start, as the layout says
             self.digests_path.unlink(missing_ok=True)
-        elif self.changes:
-            record = self.meta()
-            record["changes"] = (record.get("changes", [])
-                                 + [{"step": step, **c} for c in self.changes])
+        else:  # what the run trains on now; the environment and source it started from stay
+            record = self.meta() | {k: meta[k] for k in RESUMED_META if k in meta}
+            if self.changes:
+                record["changes"] = (record.get("changes", [])
+                                     + [{"step": step, **c} for c in self.changes])
             atomic.write_text(self.meta_path, atomic.json_text(record))
         atomic.write_text(self.config_path, to_yaml(cfg))
         if step == 0:  # so no checkpoint is ever on disk without the record that would name it
@@ -404,6 +407,10 @@ class RunDir:
         changed data adds the new images, with a warning."""
         now = set(digests)
         before = set(self.digests_path.read_text().split()) if self.digests_path.exists() else set()
+        if before - now:
+            log(f"warning: {len(before - now)} image(s) {self.path} trained on are no longer in "
+                f"its data: training goes on without them ({self.digests_path.name} still "
+                f"records them)")
         if now <= before:
             return
         if before:

@@ -31,6 +31,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name} asked for, but this PyTorch sees no CUDA GPU: "
                         f"use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name} asked for, but this PyTorch or machine has no Apple GPU "
+                        f"(MPS): use --device cpu")
     return device
 
 

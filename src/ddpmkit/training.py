@@ -31,6 +31,7 @@ from .data import ImageData, batch_to_model, image_digests
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError, expect
 from .generation import SamplingSpec, sample, sample_batch
+from .limits import check_memory
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
 from .metrics.memorization import CopyFilter, is_copy, seen_views
@@ -147,6 +148,11 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
     # before anything is written: a refusal here leaves no half-made run behind
     check_fits(prep.cfg.model, prep.cfg.data.image_size, device,
                batch=0 if tc.activation_checkpointing else share)
+    if device.type == "cpu":  # each step draws the global batch's noise and images whole
+        pixels = prep.cfg.model.in_channels * prep.cfg.data.image_size**2
+        check_memory(3 * 4 * tc.batch_size * pixels,
+                     f"a step's noise and images of train.batch_size={tc.batch_size}",
+                     "use a smaller train.batch_size (train.grad_accum splits activations only)")
     evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
     copies = _copy_filter(prep, log) if tc.audit_every and world.is_main else None
     board = _tensorboard_writer() if tc.tensorboard and world.is_main else None
