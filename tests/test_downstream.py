@@ -214,6 +214,13 @@ def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path)
     with pytest.raises(UserError, match=r"has no 'val' split to take the calibration images "
                                         r"from: give them with --calibration"):
         load_study_data(str(data), synthetic, calibration_split="val")
+    split = tmp_path / "split"  # train/ and test/ folders: the same line, not data.split's
+    for part, i in (("train", 0), ("test", 1)):
+        (split / part / "0").mkdir(parents=True)
+        Image.fromarray(images[i]).save(split / part / "0" / f"{i}.png")
+    with pytest.raises(UserError, match=f"--real {split} has no 'val' split to take the "
+                                        f"calibration images from: give them with --calibration"):
+        load_study_data(str(split), synthetic, calibration_split="val")
 
 
 def test_a_csv_labelled_folder_is_real_and_test_data(tmp_path, capsys):

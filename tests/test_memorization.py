@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import shutil
 from functools import partial
 
 import numpy as np
@@ -217,17 +218,34 @@ def test_the_audit_page_renders_in_headless_chromium(run, tmp_path):
     assert shown["images"] == 24 and len(shown["plots"]) == 1
 
 
-@pytest.mark.parametrize("case", ["streamed", "empty", "overlap", "mixed", "channels"])
+def test_a_streamed_run_is_audited_against_its_data_as_it_is_now(tmp_path):
+    """A streamed run never holds its data whole, so it records no digests: its data, read again,
+    stands in, and the audit says so."""
+    from ddpmkit.audit import run_audit
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    np.save(tmp_path / "d.npy", digits8[:200].numpy())
+    ref = train(load_config(None, {**TINY, "train.max_steps": 2, "data.stream": True,
+                                   "data.workers": 0, "data.path": str(tmp_path / "d.npy"),
+                                   "train.out_dir": str(tmp_path / "streamed")}),
+                log=lambda *_: None, progress=False).path
+    new = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(5),
+                        dtype=torch.uint8)
+    said = []
+    found = run_audit(_pngs(tmp_path / "gen", torch.cat([digits8[:6], new])), ref,
+                      features="none", log=said.append)
+    assert found["copies"] == 6
+    assert any("streamed its data, so it recorded no training images" in m for m in said)
+
+
+@pytest.mark.parametrize("case", ["unrecorded", "empty", "overlap", "mixed", "channels"])
 def test_bad_inputs_get_one_clear_line(run, tmp_path, capsys, case):
     digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
     gen, args = _pngs(tmp_path / "gen", digits8[:30]), []
     ref = run
-    if case == "streamed":
-        np.save(tmp_path / "d.npy", digits8.numpy())
-        ref = train(load_config(None, {**TINY, "train.max_steps": 2, "data.stream": True,
-                                       "data.workers": 0, "data.path": str(tmp_path / "d.npy"),
-                                       "train.out_dir": str(tmp_path / "streamed")}),
-                    log=lambda *_: None, progress=False).path
+    if case == "unrecorded":  # its record deleted
+        ref = shutil.copytree(run, tmp_path / "unrecorded")
+        (ref / "training_images.sha256").unlink()
         says = "recorded no training images"
     elif case == "empty":
         gen = tmp_path / "nothing"

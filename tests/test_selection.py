@@ -337,6 +337,25 @@ def test_training_images_in_the_val_split_are_left_out_and_a_class_without_val_i
     assert selector.thresholds["0"] == 0.5 and selector.thresholds["1"] < 0.5 + 0.5
 
 
+def test_a_split_folder_without_val_has_no_validation_split_and_no_advice_to_change_split(
+        tmp_path):
+    """The thresholds then say there was none and that --select-val sets them; the loader's
+    'set data.split to one of them' would send the user to the train or test split."""
+    from PIL import Image
+    from ddpmkit.config import DataConfig
+
+    images = _digits01()[0]
+    for part in ("train", "test"):
+        for c in ("0", "1"):
+            (tmp_path / part / c).mkdir(parents=True)
+            Image.fromarray(images[0]).save(tmp_path / part / c / "a.png")
+    said = []
+    cfg = DataConfig(path=str(tmp_path), image_size=8)
+    assert selection._validation_split(cfg, torch.zeros(1, 1, 8, 8, dtype=torch.uint8),
+                                       said.append) is None
+    assert said == []
+
+
 def test_auto_guidance_is_refused_for_a_run_without_an_unconditional_model(tmp_path, capsys):
     data, run = _rare_npz(tmp_path / "d.npz"), tmp_path / "run"
     assert main(["train", f"--data={data}", "model.class_conditional=true", "train.max_steps=2",

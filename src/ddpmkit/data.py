@@ -253,12 +253,23 @@ def has_named_splits(path: str | Path) -> bool:
     """Whether data.split chooses among parts of `path` (an .npz, an IDX folder, a train/val/test
     folder) rather than `path` being one split itself (a plain folder, an .npy, one IDX file)."""
     path = Path(path).expanduser()
+    if path.suffix.lower() == ".npz" and not path.is_dir():
+        splits = npz_splits(path)
+        return splits is None or bool(splits)  # an unreadable file: the loader says what is wrong
+    return bool(named_splits(path))
+
+
+def named_splits(path: str | Path) -> set[str] | None:
+    """The splits data.split chooses among in `path`, or None where it is one split itself or
+    cannot be read. Folder names are lower case, as data.split matches them."""
+    path = Path(path).expanduser()
+    if path.is_dir() and is_idx_data(path):
+        names = [p.name for p in _idx_files(path)]
+        held = {s for s in _IDX_SPLIT_WORDS if any(_idx_file_of_split(n, s) for n in names)}
+        return held or {"train"}  # one unnamed file is the train split
     if path.is_dir():
-        return is_idx_data(path) or bool(_split_subfolders(path))
-    if path.suffix.lower() != ".npz":
-        return False
-    splits = npz_splits(path)
-    return splits is None or bool(splits)  # an unreadable file: the loader says what is wrong
+        return {p.name.lower() for p in _split_subfolders(path)} or None
+    return npz_splits(path) if path.suffix.lower() == ".npz" else None
 
 
 def npz_splits(path: Path) -> set[str] | None:

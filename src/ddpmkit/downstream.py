@@ -39,7 +39,7 @@ from torch import nn
 
 from . import atomic
 from .config import DataConfig
-from .data import (class_order, has_named_splits, image_digests, load_images, npz_splits,
+from .data import (class_order, has_named_splits, image_digests, load_images, named_splits,
                    resize_center_crop)
 from .errors import UserError
 from .metrics.classifier import fit, predict
@@ -586,8 +586,9 @@ def _split_source(real: DataConfig, separate: DataConfig | None, split: str | No
                 f"drop {flag}-split, or point {flag} at the {split} images")
         return separate, DataConfig.split
     split = split or default
-    held = npz_splits(Path(real.path).expanduser()) if real.path.lower().endswith(".npz") else None
-    if not _has_splits(real) or (held is not None and split not in held):
+    held = named_splits(real.path)
+    if not _has_splits(real) or (held is not None and split not in held
+                                 and split.lower() not in held):
         raise UserError(f"--real {real.path} has no '{split}' split to take the {flag[2:]} images "
                         f"from: give them with {flag} (and {flag}-labels if a CSV names them)")
     return real, split

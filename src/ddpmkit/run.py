@@ -142,18 +142,24 @@ class RunDir:
 
     def training_set(self, log=print) -> ImageData:
         """The images (and labels) the run trained on, read again as it read them; refused when it
-        recorded none (an imported or streamed run), or when its data is no longer what it
-        recorded."""
+        recorded none (an imported run), or when its data is no longer what it recorded. A
+        streamed run records none (it never holds its data whole): its data as it is now stands
+        in."""
         if not self.is_run():
             raise UserError(f"{self.path} is not a ddpmkit training run: give the folder "
                             f"`ddpmkit train --out` wrote")
         if self.imported_from():
             raise UserError(f"{self.path} is an imported model: the images it was trained on are "
                             f"unknown")
-        if not self.digests_path.is_file():
-            raise UserError(f"{self.path} recorded no training images ({self.digests_path.name}; "
-                            f"streamed runs do not)")
+        streamed = not self.digests_path.is_file() and self.config().data.stream
+        if not self.digests_path.is_file() and not streamed:
+            raise UserError(f"{self.path} recorded no training images ({self.digests_path.name}): "
+                            f"train it again to record them")
         data = load_images(self.config().data, log)
+        if streamed:
+            log(f"note: {self.path} streamed its data, so it recorded no training images: its "
+                f"data as it is now stands in for them")
+            return data
         recorded = set(self.digests_path.read_text().split())
         unseen = sum(d not in recorded for d in image_digests(data.images))
         if unseen:
@@ -189,8 +195,11 @@ class RunDir:
 
     def unseen(self, images: torch.Tensor) -> torch.Tensor:
         """Per image (uint8): True unless it is one of the run's recorded training images."""
-        recorded = self.digests_path.read_text() if self.digests_path.is_file() else ""
-        trained = set(recorded.split())
+        if self.digests_path.is_file():
+            trained = set(self.digests_path.read_text().split())
+        else:  # a streamed run's data as it is now; an imported run's are unknown
+            trained = set(image_digests(self.training_set().images)) if (
+                self.config().data.stream and not self.imported_from()) else set()
         return torch.tensor([d not in trained for d in image_digests(images)], dtype=torch.bool)
 
     def holdout_images(self, where: str | None, drop_overlap: bool = False,

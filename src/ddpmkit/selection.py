@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import has_named_splits, image_digests, load_images
+from .data import image_digests, load_images, named_splits
 from .errors import UserError
 from .metrics.classifier import cached_fit, predict
 from .metrics.evaluate import cache_dir
@@ -155,8 +155,8 @@ def _validation_split(data_cfg: DataConfig, train_u8: torch.Tensor,
                       log) -> tuple[torch.Tensor, list[str]] | None:
     """The data's val split, less any training images in it: the selector has learnt those, so
     they would set the thresholds too high."""
-    if not (data_cfg.path and has_named_splits(data_cfg.path)):
-        return None
+    if not (data_cfg.path and "val" in (named_splits(data_cfg.path) or ())):
+        return None  # the thresholds then say there was none, and what sets them instead
     try:
         data = load_images(replace(data_cfg, split="val"), log=lambda *_: None)
     except UserError as exc:  # the source has splits, but no val split
