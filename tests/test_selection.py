@@ -337,6 +337,19 @@ def test_training_images_in_the_val_split_are_left_out_and_a_class_without_val_i
     assert selector.thresholds["0"] == 0.5 and selector.thresholds["1"] < 0.5 + 0.5
 
 
+def test_a_quantile_threshold_passes_its_share_of_real_images_however_few():
+    """Six real images at the 0.05 quantile: all six reach the threshold (interpolating between
+    the two lowest scores let only five through, 83% where 95% was promised)."""
+    scores = np.array([0.30, 0.50, 0.60, 0.70, 0.80, 0.90])
+    probs = np.stack([scores, 1 - scores], 1)
+    limits, _ = selection.thresholds(["a", "b"], (probs, ["a"] * 6), 0.05, None)
+    assert limits["a"] == 0.30 and (scores >= limits["a"]).all()
+    many = np.linspace(0.01, 1, 100)
+    limits, _ = selection.thresholds(["a", "b"], (np.stack([many, 1 - many], 1), ["a"] * 100),
+                                     0.05, None)
+    assert (many >= limits["a"]).mean() == 0.96  # at least 95%, never fewer
+
+
 def test_a_split_folder_without_val_has_no_validation_split_and_no_advice_to_change_split(
         tmp_path):
     """The thresholds then say there was none and that --select-val sets them; the loader's

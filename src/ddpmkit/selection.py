@@ -114,7 +114,10 @@ def thresholds(names: list[str], val: tuple[np.ndarray, list[str]] | None, quant
     out = {}
     for i, c in enumerate(names):
         own = probs[[label == c for label in labels], i]
-        out[c] = float(np.quantile(own, quantile)) if len(own) else NO_SPLIT_THRESHOLD
+        # the lower order statistic: at least 1 - quantile of the class's real images reach it
+        # however few there are (interpolation puts it above the smallest of a handful)
+        out[c] = (float(np.quantile(own, quantile, method="lower")) if len(own)
+                  else NO_SPLIT_THRESHOLD)
     missing = [c for c in names if c not in labels]
     return out, (f"the {quantile:g} quantile of the validation split's own images ({len(labels)})"
                  + (f"; {NO_SPLIT_THRESHOLD} for {', '.join(missing)}, which it has none of"
