@@ -95,6 +95,12 @@ def test_stream_refuses_what_it_cannot_stream(tmp_path, tiny):
         open_stream(tiny(**{"data.path": str(tmp_path / "a.npz")}).data)
     with pytest.raises(UserError, match="needs data.path"):
         open_stream(tiny().data)
+    # an .npy names no classes: a conditional model is refused as in memory, not a traceback
+    np.save(tmp_path / "a.npy", np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(UserError, match="model.class_conditional=true needs labels"):
+        train(tiny(**{"data.path": str(tmp_path / "a.npy"), "data.stream": True,
+                      "data.workers": 0, "model.class_conditional": True}),
+              log=lambda *_: None, progress=False)
 
 
 def test_evaluation_during_training_works_on_streamed_data(npy, tiny, monkeypatch):

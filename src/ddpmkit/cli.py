@@ -1,7 +1,7 @@
 """`ddpmkit <command>`: parses arguments, builds the config, calls the library. Nothing else.
 
 Every config key can be set as `section.key=value`; the everyday flags set exactly one key each
-(listed in FLAG_KEYS, so `--help` and the README stay true).
+(listed in TRAIN_FLAGS and SAMPLE_FLAGS, so `--help` and the README stay true).
 """
 
 from __future__ import annotations
@@ -339,7 +339,8 @@ def _restore_parsers(sub) -> None:
         rp.add_argument("--batch-size", type=int, default=64,
                         help="images (or tiles of a larger image) per network call")
         rp.add_argument("--steps", type=int, default=None,
-                        help="network evaluations (sampler default if unset)")
+                        help="sampling steps (default: denoise every step below t, img2img "
+                             "the sampler's default, inpaint 250)")
         rp.add_argument("--checkpoint", default="latest", help="latest, best or a step number")
         rp.add_argument("--no-ema", action="store_true",
                         help="use the raw weights instead of the EMA")

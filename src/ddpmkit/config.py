@@ -1,6 +1,7 @@
 """Configuration: five frozen dataclass sections, YAML in and out, dotted overrides, strict checks.
 
-Resolution: dataclass defaults <- model preset <- YAML file <- `section.key=value` overrides. A
+Resolution: dataclass defaults <- model preset <- YAML file <- `section.key=value` overrides (a
+preset named by an override brings its architecture over the file's). A
 Config is never changed once built: `updated(cfg, {"model.in_channels": 3})` returns a new one,
 checked like the first. Each field states its rule (`positive`, a set of choices...) where it is
 declared; unknown keys and wrong types are `UserError`s that name the key.
@@ -178,9 +179,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-                    "train": TrainConfig, "sample": SampleConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
+            "train": TrainConfig, "sample": SampleConfig}  # Config's fields, in its order
 
 MODEL_PRESETS = {
     # the default: 0.9M parameters, minutes on a CPU for 8x8 to 32x32 data
@@ -266,7 +266,7 @@ def class_name(text: str) -> str:
 
 
 def _section_from_dict(name: str, values: dict) -> Any:
-    cls = _SECTION_CLASSES[name]
+    cls = SECTIONS[name]
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -314,8 +314,8 @@ def _check_model(cfg: Config) -> None:
         raise UserError(f"config key data.image_size: {cfg.data.image_size} cannot pass through "
                         f"{len(m.channel_mult) - 1} halvings to at least 2x2 (model.channel_mult="
                         f"{m.channel_mult}); use a multiple of {factor}, at least {2 * factor}")
-    if m.attention_head_dim is not None:
-        levels = level_resolutions(cfg)  # attention levels, and the middle block at the last one
+    levels = level_resolutions(cfg)
+    if m.attention_head_dim is not None:  # attention levels, and the middle block at the last one
         widths = sorted({m.base_channels * c
                          for i, (c, level) in enumerate(zip(m.channel_mult, levels))
                          if level in m.attention_resolutions or i == len(levels) - 1})
@@ -325,7 +325,6 @@ def _check_model(cfg: Config) -> None:
             raise UserError(f"config key model.attention_head_dim: {m.attention_head_dim} makes "
                             f"{bad[0] // m.attention_head_dim} heads of the {bad[0]} channels "
                             f"of a level, which do not split evenly; use a divisor of {bad[0]}")
-    levels = level_resolutions(cfg)
     unmatched = [r for r in m.attention_resolutions if r not in levels]
     if unmatched:
         preset = (m.preset
@@ -437,8 +436,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _text_kind(key: str) -> str | None:
     """'text' for a key whose value is text, 'texts' for a list of text, else None."""
     section, _, name = key.partition(".")
-    tp = typing.get_type_hints(_SECTION_CLASSES[section]).get(name) if (
-        section in _SECTION_CLASSES) else None
+    tp = typing.get_type_hints(SECTIONS[section]).get(name) if section in SECTIONS else None
     if typing.get_origin(tp) is typing.Union:  # Optional[X]
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     if tp is str:

@@ -1,6 +1,6 @@
 """Sampling from a trained run: in memory (`sample`) or into the output layout (`generate`).
 
-Output layout, shared by every command that writes images:
+A sampling job's output layout (`sample`, and each class job of `balance`):
 
     OUT/individual/000000.png ...   one PNG per image, named by its index
     OUT/grids/grid_4x4.png ...      4x4, 6x6, 8x8 grids of the first images (those that fit)
@@ -40,7 +40,7 @@ from .outputs import SAMPLE, OutputFolder, holds_data, read_manifest, write_mani
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
-from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps
+from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps, sampler_named
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
 GRID_SIDES = (4, 6, 8)
@@ -80,8 +80,7 @@ class SamplingSpec:
     def checked(self, run: Run, asked=()) -> SamplingSpec:
         """This spec with its steps resolved for `run`; refused where an option asked for (`asked`:
         the sample.* keys given) would be ignored, or where values would overflow."""
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r} (known: {', '.join(SAMPLERS)})")
+        sampler_named(self.sampler)
         for key, unused in (("eta", 0.0), ("variance", "small")):
             value = getattr(self, key)
             if (f"sample.{key}" in asked and value != unused

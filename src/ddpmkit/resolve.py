@@ -28,7 +28,9 @@ from .streaming import open_stream
 @dataclass
 class Prepared:
     cfg: Config  # resolved: read it, never change it
-    data: object  # ImageData, or a streamed source (streaming.py) with the same fields
+    # ImageData, or a streamed source (streaming.py): both have len(), labels, files, source_path,
+    # skipped, channels, bit_depth and source; only ImageData holds its images
+    data: object
     class_ids: torch.Tensor | None  # class index per image, for a class-conditional model
     source: Source | None  # train.init_from
 

@@ -55,7 +55,7 @@ from .outputs import (Kind, OutputFolder, about_images, existing, inside, read_r
 from .pixels import IMAGE_SUFFIXES, read_image, read_image_files, read_mask
 from .run import Run
 from .runtime import mix_seed
-from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step
+from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step, sampler_named
 from .schedule import Schedule
 from .tiling import TiledNet
 
@@ -132,17 +132,10 @@ def timesteps_from(t_start: float, steps: int | None = None) -> list[float]:
         if steps < 1:
             raise UserError(f"steps must be at least 1, got {steps}")
         if steps - 1 < len(below):
-            # not from the integer below t_start down to 0: that spent a call on a sliver of a step
-            # at each end (errors 2.3x larger at 3 calls against the exact Gaussian ODE)
+            # evenly spaced from t_start: no call is spent on a sliver of a step at either end
             grid = np.round(np.linspace(t_start, 0, steps + 1)[1:-1])
             below = np.unique(np.minimum(grid, below[0]))[::-1]
     return [float(t_start)] + [float(t) for t in below]
-
-
-def _sampler(name: str):
-    if name not in SAMPLERS:
-        raise UserError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
-    return SAMPLERS[name]
 
 
 def _to_images(run: Run, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +159,7 @@ def _sigma_list(sigma, n: int) -> list[float]:
 
 
 def _require_stochastic(sampler: str) -> None:
-    if not _sampler(sampler).stochastic:
+    if not sampler_named(sampler).stochastic:
         stochastic = [name for name, info in SAMPLERS.items() if info.stochastic]
         raise UserError(
             f"denoising by sampling draws from p(x | y), which needs a stochastic sampler "
@@ -201,7 +194,7 @@ def denoise_tensor(denoiser: Denoiser, y: torch.Tensor, sigma, method: str = "mm
         for k in range(samples):  # draw k of image i uses the generator of (seed, k, i)
             noise = ImageNoise(mix_seed(seed, k), [indices[i] for i in rows], tuple(x_t.shape[1:]),
                                x_t.device)
-            acc += _sampler(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
+            acc += sampler_named(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
         out[rows] = acc / samples
     return out
 
@@ -221,7 +214,7 @@ def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: 
     indices = list(range(len(x0))) if indices is None else list(indices)
     noise = ImageNoise(seed, indices, tuple(x0.shape[1:]), x0.device)
     x_t = s.q_sample(x0, t, noise())
-    return _sampler(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
+    return sampler_named(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
 
 
 def _check_jumps(jump_length: int, resamplings: int) -> None:
@@ -355,7 +348,7 @@ def img2img(run: Run, images_u8: torch.Tensor, strength: float = 0.5, seed: int 
     check_images(run, images_u8)
     if strength == 0:
         return images_u8.clone()
-    steps = steps if steps is not None else _sampler(sampler).default_steps
+    steps = steps if steps is not None else sampler_named(sampler).default_steps
     x = img2img_tensor(
         _denoiser(run, images_u8, clip_x0, tile_batch), batch_to_model(images_u8).to(run.device),
         strength, seed, indices=indices, sampler=sampler, steps=steps)
@@ -430,10 +423,14 @@ class Restoration:
                             f"got {self.strength}")
         sampler = self.sampler or {"denoise": "ddpm", "img2img": "ddim"}.get(self.kind)
         if sampler is not None:
-            _sampler(sampler)
+            sampler_named(sampler)
         if self.kind == "denoise" and self.method == "sample":  # before a folder is claimed
             _require_stochastic(sampler)
-        steps = INPAINT_STEPS if self.kind == "inpaint" and self.steps is None else self.steps
+        steps = self.steps
+        if steps is None and self.kind == "inpaint":
+            steps = INPAINT_STEPS
+        elif steps is None and self.kind == "img2img":
+            steps = sampler_named(sampler).default_steps
         sigma = self.sigma  # "0.1" and "0.10" are one job
         if isinstance(sigma, str) and sigma != "auto" and self.kind == "denoise":
             sigma = _sigma_list(sigma, 1)[0]
@@ -445,8 +442,7 @@ class Restoration:
         if self.kind != "img2img" or self.strength == 0:
             return self
         t = self.strength * (schedule.num_timesteps - 1)
-        return replace(self, steps=len(timesteps_from(
-            t, self.steps if self.steps is not None else _sampler(self.sampler).default_steps)))
+        return replace(self, steps=len(timesteps_from(t, self.steps)))
 
     def check_levels(self, schedule: Schedule, count: int) -> None:
         """Given noise levels against what the run's schedule covers, before a folder is claimed."""
@@ -472,9 +468,7 @@ class Restoration:
                  **({"samples": self.samples, "sampler": self.sampler, "steps": self.steps}
                     if self.method == "sample" else {})}
         elif self.kind == "img2img":
-            p = {"strength": self.strength, "sampler": self.sampler,
-                 "steps": (self.steps if self.steps is not None
-                           else _sampler(self.sampler).default_steps)}
+            p = {"strength": self.strength, "sampler": self.sampler, "steps": self.steps}
         else:
             p = {"steps": self.steps, "jump_length": self.jump_length,
                  "resamplings": self.resamplings}
@@ -566,8 +560,7 @@ def load_masks(masks_dir: Path, files: list[Path],
 
 def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[str], None] = print,
                    fresh: bool = False, force: bool = False, **options) -> Path:
-    """Restore every image of `inputs_dir` into `out_dir` (`options`: Restoration's), in the layout
-    of `sample`:
+    """Restore every image of `inputs_dir` into `out_dir` (`options`: Restoration's):
         OUT/individual/<input stem>.png   one output per input
         OUT/grid.png                      inputs (top row) above outputs (bottom row), first 16
         OUT/manifest.csv                  input, output, kind, seed, sigma, parameters (JSON)

@@ -4,7 +4,7 @@ back.
     RUN/meta.json         the format version, versions, git hash, command line, device, the data
     RUN/config.yaml       the resolved config (what `ddpmkit sample RUN` rebuilds the model from)
     RUN/state.json        checkpoints with step, SHA-256, mean loss (and evaluation); the best one
-    RUN/stats.jsonl       one JSON line per log interval, and one per evaluation
+    RUN/stats.jsonl       one JSON line per log interval, and one per evaluation and audit
     RUN/training_images.sha256   one digest per training image (downstream's leakage guard)
     RUN/checkpoints/      step_000001000.safetensors ...
     RUN/grids/            step_000001000.png ... (same noise every time, so grids compare)
@@ -532,7 +532,7 @@ def load_run(path: str | Path, checkpoint: str = "latest", ema: bool = True,
     groups, meta = read_checkpoint(ckpt_path, prefixes=(prefix,))
     net = UNet(cfg.model, cfg.data.image_size)
     load_into(net, groups[prefix], f"checkpoint {ckpt_path}")
-    # Plain NCHW, not channels_last: eager GroupNorm is slow on channels_last tensors (RESULTS.md).
+    # Plain NCHW, not channels_last: eager GroupNorm is slow on channels_last tensors.
     net.to(device, dtype).eval().requires_grad_(False)
     return Run(run_dir.path, cfg, net, Schedule.from_config(cfg.diffusion), meta["step"],
                ckpt_path.name, entry["sha256"], ema, str(checkpoint))

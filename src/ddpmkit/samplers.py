@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import UserError
 from .runtime import autocast, mix_seed
 from .schedule import Schedule, x0_eps_from_output
 
@@ -309,6 +310,12 @@ SAMPLERS = {
     "euler": Sampler(euler, 50, stochastic=False),
     "heun": Sampler(heun, 25, stochastic=False),
 }
+
+
+def sampler_named(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]
 
 
 def nfe(sampler: str, steps: int) -> int:

@@ -40,6 +40,7 @@ class NpyImages:
         self.source = (f"{len(self.array)} images streamed from {path} (memory-mapped)"
                        + scales_note(self.scale))
         self.labels, self.skipped, self.bit_depth = None, [], self.scale.bit_depth
+        self.files, self.source_path = None, str(path)  # as ImageData names them
 
     def __len__(self) -> int:
         return len(self.array)
@@ -78,7 +79,7 @@ class FolderImages:
         readable = [i for i, mode in enumerate(modes) if mode is not None and i not in undecodable]
         if not readable:
             raise UserError(f"none of the {len(files)} images under {root} could be read")
-        self.files = [files[i] for i in readable]
+        self.files, self.source_path = [files[i] for i in readable], str(root)
         self.labels = [labels[i] for i in readable] if labels else None
         self.gray = cfg.channels == 1 or (cfg.channels is None
                                           and {modes[i] for i in readable} <= GRAY_MODES)

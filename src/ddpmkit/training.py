@@ -312,7 +312,7 @@ def _batches(job: Job, state: TrainState):
 @dataclass
 class Batch:
     images: torch.Tensor  # this process's uint8 images
-    t: torch.Tensor  # timesteps, noise, flips and labels of the whole global batch
+    t: torch.Tensor  # timesteps, noise and flips of the whole global batch
     noise: torch.Tensor
     flips: torch.Tensor | None
     labels: torch.Tensor | None  # this process's; -1 where dropped
@@ -333,7 +333,7 @@ def _draw(job: Job, schedule: Schedule, step: int, next_batch) -> Batch:
         dropped = torch.rand(n, device=device, generator=g) < tc.label_dropout
         labels = torch.where(dropped, -1, class_ids)[job.rows]
     augment = None
-    if tc.augment:  # drawn last: a run without it draws exactly as before
+    if tc.augment:  # drawn last, so a step's other draws do not depend on train.augment
         augment = augmentation.draw(tuple(tc.augment), tc.augment_p, n, shape[-1], g, device)
     return Batch(images, t, noise, flips, labels, augment)
 
@@ -548,13 +548,17 @@ def _grid(job: Job, state: TrainState, board) -> None:
     barrier()
 
 
+def _fixed_samples(job: Job, state: TrainState, num: int) -> torch.Tensor:
+    """`num` images of the EMA weights from train.seed's noise (DPM-Solver++ at its default steps),
+    the same noise at every evaluation and audit, so their numbers compare along the run."""
+    return sample(_view(job, state), num=num, seed=job.cfg.train.seed, sampler="dpmpp-2m")
+
+
 def _evaluate(job: Job, state: TrainState, board) -> None:
     """Sample train.eval_num images with the EMA weights (fixed seed) and score them."""
     if job.world.is_main:
         tc = job.cfg.train
-        images = sample(_view(job, state), num=tc.eval_num, seed=tc.seed, sampler="dpmpp-2m",
-                        steps=min(20, state.schedule.num_timesteps))
-        metrics = job.evaluator(images)
+        metrics = job.evaluator(_fixed_samples(job, state, tc.eval_num))
         job.run.record_evaluation(state.step, metrics, tc.keep_last)
         if board:
             board.add_scalar(f"eval/fd_{metrics['features']}", metrics["fd"], state.step)
@@ -565,10 +569,8 @@ def _audit(job: Job, state: TrainState) -> None:
     """Sample train.audit_num images with the EMA weights (fixed seed) and log how many are
     near-copies of training images (metrics/memorization.py)."""
     if job.world.is_main:
-        tc, copies = job.cfg.train, job.copies
-        images = sample(_view(job, state), num=tc.audit_num, seed=tc.seed, sampler="dpmpp-2m",
-                        steps=min(20, state.schedule.num_timesteps))
-        d1 = copies.distances(images)
+        copies = job.copies
+        d1 = copies.distances(_fixed_samples(job, state, job.cfg.train.audit_num))
         flagged = is_copy(d1, copies.threshold)
         job.run.append_stats({"step": state.step, "audit": {
             "generated": len(d1), "copy_rate": float(flagged.mean()),
