@@ -501,3 +501,107 @@ def test_a_labels_csv_header_with_spaces_and_a_chosen_class_are_read_as_written(
         write_images(tmp_path / "classes" / name, 2 if name == "a" else 3)
     d = load_images(DataConfig(path=str(tmp_path / "classes"), image_size=8, filter_label="a"))
     assert len(d) == 2 and d.source.startswith("2 images labelled a of 5 images from ")
+
+
+def _gray(path, value=0, size=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
+
+
+def test_hidden_folders_are_no_class_and_linked_class_folders_are_followed(tmp_path):
+    """A notebook's .ipynb_checkpoints copy is neither a class nor a second training image, a
+    macOS ._ file is not an image, and a class folder that is a link is read (once, even when a
+    link loops back)."""
+    import os
+
+    data = tmp_path / "data"
+    for name in ("cat/1.png", "cat/.ipynb_checkpoints/1-checkpoint.png",
+                 ".ipynb_checkpoints/2.png"):
+        _gray(data / name)
+    (data / "cat" / "._1.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble
+    _gray(tmp_path / "elsewhere" / "dog" / "3.png")
+    os.symlink(tmp_path / "elsewhere" / "dog", data / "dog")
+    os.symlink(data, data / "dog" / "loop")  # a link back up: read once, no endless walk
+    loaded = load_images(DataConfig(path=str(data), on_error="fail"), log=lambda *_: None)
+    assert loaded.labels == ["cat", "dog"]
+    assert [f.split("data/")[1] for f in loaded.files] == ["cat/1.png", "dog/3.png"]
+
+
+def test_a_streamed_folder_takes_filter_label_as_memory_does(tmp_path):
+    from ddpmkit.streaming import open_stream
+
+    for name in ("cat/1.png", "cat/2.png", "dog/3.png"):
+        _gray(tmp_path / "d" / name)
+    cfg = DataConfig(path=str(tmp_path / "d"), filter_label="cat", stream=True)
+    assert len(open_stream(cfg, log=lambda *_: None)) == 2 == len(load_images(cfg, lambda *_: 0))
+    with pytest.raises(UserError, match="data.filter_label=zebra: no image in .* has it"):
+        open_stream(DataConfig(path=str(tmp_path / "d"), filter_label="zebra", stream=True))
+    np.save(tmp_path / "a.npy", np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(UserError, match="data.filter_label=cat: .*a.npy has no labels"):
+        open_stream(DataConfig(path=str(tmp_path / "a.npy"), filter_label="cat", stream=True))
+
+
+def test_labels_in_other_spellings_name_their_classes(tmp_path):
+    """Kaggle's train-images.idx3-ubyte finds train-labels.idx1-ubyte; byte-string labels in an
+    .npz name cat, not b'cat'; an .npz's labels are stripped as a CSV's are."""
+    (tmp_path / "kaggle").mkdir()
+    _write_idx(tmp_path / "kaggle" / "train-images.idx3-ubyte", np.zeros((3, 8, 8)), gz=False)
+    _write_idx(tmp_path / "kaggle" / "train-labels.idx1-ubyte", np.array([1, 2, 3]), gz=False)
+    assert load_images(DataConfig(path=str(tmp_path / "kaggle"))).labels == ["1", "2", "3"]
+    np.savez(tmp_path / "b.npz", train_images=np.zeros((3, 8, 8), np.uint8),
+             train_labels=np.array([b"cat", b"dog ", b"cat"]))
+    assert load_images(DataConfig(path=str(tmp_path / "b.npz"))).labels == ["cat", "dog", "cat"]
+
+
+def test_array_layouts_that_read_two_ways(tmp_path):
+    from ddpmkit.data import data_channels
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    np.save(tmp_path / "tiny.npy", rgb)  # 4x4 colour images: H == W, so channels come last
+    loaded = load_images(DataConfig(path=str(tmp_path / "tiny.npy"), image_size=4)).images
+    assert torch.equal(loaded, torch.from_numpy(rgb).permute(0, 3, 1, 2))
+    np.save(tmp_path / "one.npy", rgb[0].repeat(8, 0).repeat(8, 1))  # one 32x32 colour image
+    with pytest.raises(UserError, match=r"shape \(32, 32, 3\) reads as 32 gray images 3 pixels "
+                                        r"wide, or is one colour image"):
+        load_images(DataConfig(path=str(tmp_path / "one.npy")))
+    dark_first = np.random.default_rng(0).uniform(0, 255, (4, 8, 8, 3)).astype(np.float32)
+    dark_first[0] /= 200  # the first image alone reads as [0, 1.3]: no scale from it
+    np.save(tmp_path / "f.npy", dark_first)
+    assert data_channels(DataConfig(path=str(tmp_path / "f.npy"))) == 3
+
+
+def test_csv_names_match_by_file_name_in_subfolders_and_ambiguity_is_named(tmp_path):
+    root = tmp_path / "img"
+    for name in ("part1/y.png", "part1/x.png", "part2/x.jpg"):
+        _gray(root / name)
+    csv_path = tmp_path / "l.csv"
+
+    def read(*names):
+        csv_path.write_text("image,label\n" + "".join(f"{n},a\n" for n in names))
+        return load_images(DataConfig(path=str(root), labels=str(csv_path)), lambda *_: 0)
+
+    assert read("y.png").files == [str(root / "part1" / "y.png")]
+    assert read(str(root / "part1" / "y.png")).files == [str(root / "part1" / "y.png")]
+    with pytest.raises(UserError, match=r"'x' could be any of part1/x.png, part2/x.jpg: name "
+                                        r"it by its path"):
+        read("x")
+    with pytest.raises(UserError, match="points outside the data folder"):
+        read(str(tmp_path / "l.csv"))
+
+
+def test_transparent_pixels_are_laid_on_black_and_a_nan_image_is_named(tmp_path):
+    """Two images alike in any viewer (a red square on full transparency) are one image to
+    training, whatever colour is stored under alpha 0."""
+    for name, hidden in (("a.png", 0), ("b.png", 255)):
+        px = np.zeros((8, 8, 4), np.uint8)
+        px[..., :3] = hidden
+        px[2:6, 2:6] = (255, 0, 0, 255)
+        (tmp_path / "rgba").mkdir(exist_ok=True)
+        Image.fromarray(px, "RGBA").save(tmp_path / "rgba" / name)
+    images = load_images(DataConfig(path=str(tmp_path / "rgba"))).images
+    assert torch.equal(images[0], images[1]) and images[0, :, 0, 0].tolist() == [0, 0, 0]
+    _gray(tmp_path / "f" / "good.png")
+    nan = np.array([[np.nan, 1.0], [0.0, 0.5]], np.float32)
+    Image.fromarray(nan).save(tmp_path / "f" / "bad.tif")
+    with pytest.raises(UserError, match=r"cannot read image .*bad.tif: it holds NaN or infinite"):
+        load_images(DataConfig(path=str(tmp_path / "f"), on_error="fail"))

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 import zipfile
@@ -90,19 +91,24 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
 def keep_label(data: ImageData, label: str) -> ImageData:
     """data.filter_label: only one class's images, each still named by where it came from (a
     labels CSV is filtered as it is read; arrays, IDX files and class folders here)."""
-    if data.labels is None:
-        raise UserError(f"data.filter_label={label}: {data.source_path} has no labels to choose "
-                        f"from")
-    keep = [i for i, name in enumerate(data.labels) if name == label]
-    if not keep:
-        raise UserError(f"data.filter_label={label}: no image in {data.source_path} has it "
-                        f"(labels present: {', '.join(class_order(data.labels)[:10])})")
+    keep = labelled(data.labels, label, data.source_path)
     index = data.index or range(len(data))
     return replace(data, images=data.images[keep], labels=[data.labels[i] for i in keep],
                    source=data.source if len(keep) == len(data) else  # a CSV chose them already
                    f"{len(keep)} images labelled {label} of {data.source}",
                    files=None if data.files is None else [data.files[i] for i in keep],
                    index=[index[i] for i in keep], upsampled=min(data.upsampled, len(keep)))
+
+
+def labelled(labels: list[str] | None, label: str, where: str) -> list[int]:
+    """The positions of data.filter_label's images among `labels` (those of `where`)."""
+    if labels is None:
+        raise UserError(f"data.filter_label={label}: {where} has no labels to choose from")
+    keep = [i for i, name in enumerate(labels) if name == label]
+    if not keep:
+        raise UserError(f"data.filter_label={label}: no image in {where} has it "
+                        f"(labels present: {', '.join(class_order(labels)[:10])})")
+    return keep
 
 
 def refuse_labels_off_folder(path: Path, cfg: DataConfig) -> None:
@@ -197,13 +203,14 @@ def _load_digits() -> ImageData:
 
 
 SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test", "dev")
+# names of what an editor, a notebook or an archive left beside the data: never images or classes
+HIDDEN = (".", "__")  # .ipynb_checkpoints, macOS's ._x.png, __MACOSX
 
 
 def _split_subfolders(root: Path) -> list[Path]:
     """The split folders of a folder whose every subfolder is named as a split and that has no image
     beside them (a README or LICENSE may be); [] for any other folder."""
-    entries = [p for p in root.iterdir()
-               if not p.name.startswith((".", "__"))]  # .ipynb_checkpoints, __MACOSX
+    entries = [p for p in root.iterdir() if not p.name.startswith(HIDDEN)]
     subdirs = [p for p in entries if p.is_dir()]
     loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     is_split = not loose_images and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
@@ -230,7 +237,7 @@ def data_channels(data: DataConfig) -> int:
             first = np.load(path, mmap_mode="r", allow_pickle=False)[:1]
         except (ValueError, OSError, IndexError):  # not an array file, or a 0-d array
             return load_images(data).channels  # which names what is wrong with it
-        return array_to_uint8_nchw(first, str(path)).shape[1]
+        return as_nchw(first, str(path)).shape[1]  # its layout alone: one image sets no scale
     return load_images(data).channels
 
 
@@ -304,8 +311,11 @@ def split_folder(root: Path, cfg: DataConfig) -> Path:
 def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path], list[str] | None]:
     """The folder's images (recursive, sorted), selected and labelled by the CSV if one is given.
     Folders ddpmkit wrote (generated images, a run's grids) are left out, and said so."""
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    ours = _generated_folders(root)
+    listing = list(_walk(root))
+    files = sorted(folder / n for folder, names in listing for n in names
+                   if not n.startswith(HIDDEN) and Path(n).suffix.lower() in IMAGE_SUFFIXES
+                   and (folder / n).is_file())
+    ours = _generated_folders(listing)
     if ours:
         kept = [f for f in files if not any(folder in f.parents for folder in ours)]
         folders = ", ".join(map(str, sorted(ours)))
@@ -322,10 +332,22 @@ def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path]
     return files, labels
 
 
-def _generated_folders(root: Path) -> set[Path]:
-    """Folders under `root` that ddpmkit wrote: an output folder's record, a run's meta.json."""
-    ours = {p.parent for p in root.rglob(RECORD_NAME)}
-    for meta in root.rglob("meta.json"):
+def _walk(root: Path):
+    """(folder, its file names) for `root` and every folder under it but hidden ones, following
+    linked folders (a class folder may be a link), each real folder once, so a link loop ends."""
+    seen = set()
+    for top, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        folders[:] = [] if real in seen else sorted(f for f in folders if not f.startswith(HIDDEN))
+        if real not in seen:
+            seen.add(real)
+            yield Path(top), names
+
+
+def _generated_folders(listing: list[tuple[Path, list[str]]]) -> set[Path]:
+    """Folders of a `_walk` that ddpmkit wrote: an output folder's record, a run's meta.json."""
+    ours = {folder for folder, names in listing if RECORD_NAME in names}
+    for meta in (folder / "meta.json" for folder, names in listing if "meta.json" in names):
         try:
             if json.loads(read_small_text(meta)).get("format", "").startswith("ddpmkit-run/"):
                 ours.add(meta.parent)
@@ -374,9 +396,8 @@ def csv_columns(path: str | Path) -> list[str]:
         return [c.strip() for c in next(csv.reader(f), [])]
 
 
-def _select_by_csv(root: Path, files: list[Path],
-                   cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
-    csv_path = Path(cfg.labels).expanduser()
+def _read_labels_csv(csv_path: Path, cfg: DataConfig) -> tuple[list[str], list[dict]]:
+    """A labels CSV's column names (stripped) and rows, with the image column checked."""
     if not csv_path.is_file():
         raise UserError(f"labels CSV not found: {csv_path}")
     try:
@@ -392,17 +413,48 @@ def _select_by_csv(root: Path, files: list[Path],
     if cfg.image_column not in columns:
         raise UserError(f"labels CSV {csv_path} has no column '{cfg.image_column}' "
                         f"(columns: {', '.join(columns)}); set data.image_column")
-    has_labels = cfg.label_column in columns
-    if cfg.filter_label is not None and not has_labels:
+    if cfg.filter_label is not None and cfg.label_column not in columns:
         raise UserError(f"labels CSV {csv_path} has no column '{cfg.label_column}' to filter on "
                         f"(columns: {', '.join(columns)}); set data.label_column")
+    return columns, rows
 
-    by_rel = {p.relative_to(root).as_posix(): p for p in files}
-    by_stem: dict[str, list[Path]] = {}
-    for rel, p in by_rel.items():
-        by_stem.setdefault(str(PurePosixPath(rel).with_suffix("")), []).append(p)
-        by_stem.setdefault(p.stem, []).append(p)
 
+class _FileNames:
+    """A CSV's image names against the folder's files: a path under the folder (absolute too, if it
+    is inside), with or without its suffix, or a bare file name that one file has."""
+
+    def __init__(self, root: Path, files: list[Path], csv_path: Path):
+        self.root, self.csv_path = root, csv_path
+        self.by_rel = {p.relative_to(root).as_posix(): p for p in files}
+        self.others: dict[str, list[Path]] = {}
+        for rel, p in self.by_rel.items():
+            for key in {str(PurePosixPath(rel).with_suffix("")), p.stem, p.name}:
+                self.others.setdefault(key, []).append(p)
+
+    def match(self, name: str) -> Path | None:
+        pure = PurePosixPath(name.replace("\\", "/"))
+        if pure.is_absolute() and ".." not in pure.parts:
+            for base in {self.root, self.root.resolve()}:
+                if pure.is_relative_to(base.as_posix()):
+                    pure = pure.relative_to(base.as_posix())
+        if pure.is_absolute() or ".." in pure.parts:
+            raise UserError(f"labels CSV {self.csv_path}: "
+                            f"'{name}' points outside the data folder {self.root}")
+        found = self.by_rel.get(pure.as_posix())
+        candidates = sorted(set(self.others.get(pure.as_posix(), [])))
+        if found is None and len(candidates) > 1:
+            shown = ", ".join(str(p.relative_to(self.root)) for p in candidates[:3])
+            raise UserError(f"labels CSV {self.csv_path}: '{name}' could be any of {shown}: "
+                            f"name it by its path under {self.root}")
+        return found or (candidates[0] if candidates else None)
+
+
+def _select_by_csv(root: Path, files: list[Path],
+                   cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
+    csv_path = Path(cfg.labels).expanduser()
+    columns, rows = _read_labels_csv(csv_path, cfg)
+    has_labels = cfg.label_column in columns
+    names = _FileNames(root, files, csv_path)
     chosen, labels, missing, seen = [], [], [], set()
     for number, row in enumerate(rows, start=1):
         extra, short = row.get(None) or [], list(row.values()).count(None)
@@ -414,14 +466,10 @@ def _select_by_csv(root: Path, files: list[Path],
         label = class_name((row.get(cfg.label_column) or "").strip()) if has_labels else None
         if cfg.filter_label is not None and label != cfg.filter_label:
             continue
-        pure = PurePosixPath(name.replace("\\", "/"))
-        if pure.is_absolute() or ".." in pure.parts:
-            raise UserError(f"labels CSV {csv_path}: "
-                            f"'{name}' points outside the data folder {root}")
+        match = names.match(name)
         if name in seen:
             raise UserError(f"labels CSV {csv_path}: '{name}' is listed twice")
         seen.add(name)
-        match = by_rel.get(pure.as_posix()) or _unique(by_stem.get(pure.as_posix(), []))
         if match is None:
             missing.append(name)
             continue
@@ -443,10 +491,6 @@ def _select_by_csv(root: Path, files: list[Path],
         raise UserError(f"labels CSV {csv_path} lists none of the {len(files)} images under "
                         f"{root}: give a row per image ({cfg.image_column}, {cfg.label_column})")
     return chosen, (labels if has_labels else None)
-
-
-def _unique(paths: list[Path]) -> Path | None:
-    return paths[0] if len(set(paths)) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +544,9 @@ def _label_list(labels: np.ndarray, count: int, where: str) -> list[str]:
             raise UserError(f"{where} holds fractional values (e.g. {labels[labels % 1 != 0][0]:g})"
                             f": labels name classes; give integers or names")
         labels = labels.astype(np.int64)  # 3.0 names the same class as 3
-    return [class_name(str(v)) for v in labels]
+    if labels.dtype.kind == "S":  # byte strings: b"cat" names the class cat, not "b'cat'"
+        labels = np.char.decode(labels, "utf-8", "replace")
+    return [class_name(str(v).strip()) for v in labels]  # stripped, as a CSV's are
 
 
 _PICKLED = ("cannot read {}: not a NumPy array file, or it holds Python objects, which ddpmkit "
@@ -624,6 +670,15 @@ def _idx_file_of_split(name: str, split: str) -> bool:
                for word in _IDX_SPLIT_WORDS[split])
 
 
+def _idx_labels_file(images: Path) -> Path | None:
+    """The labels beside an IDX image file: train-images-idx3-ubyte -> train-labels-idx1-ubyte,
+    in the same spelling (Kaggle's train-images.idx3-ubyte too), gzipped or not."""
+    name = re.sub(r"images([-.])idx3", r"labels\1idx1", images.name).removesuffix(".gz")
+    found = [p for p in (images.with_name(name), images.with_name(name + ".gz"))
+             if p != images and p.is_file()]
+    return found[0] if found else None
+
+
 def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData:
     if split not in _IDX_SPLIT_WORDS:
         raise UserError(f"data.split={split}: "
@@ -648,9 +703,9 @@ def _load_idx(path: Path, split: str, bit_depth: int | None = None) -> ImageData
     arr = as_nchw(read_idx(path), str(path))
     scale = value_scale(arr, str(path), bit_depth)
     images = array_to_uint8_nchw(arr, str(path), scale)
-    label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+    label_path = _idx_labels_file(path)
     labels = None
-    if label_path != path and label_path.is_file():
+    if label_path is not None:
         labels = [str(int(v)) for v in read_idx(label_path).reshape(-1)]
         if len(labels) != len(images):
             raise UserError(f"{label_path} holds {len(labels)} labels for the {len(images)} images "

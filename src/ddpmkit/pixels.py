@@ -95,10 +95,16 @@ def read_pixels(path: Path) -> np.ndarray:
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # upright, as every viewer shows a photo
         if im.mode in WIDE_MODES:
-            return np.array(im)
-        if im.mode in GRAY_MODES:
-            return np.asarray(im.convert("L"))
-        return np.asarray(im.convert("RGB"))
+            pixels = np.array(im)
+            if not np.isfinite(pixels).all():  # named here, with its file, as unreadable
+                raise ValueError("it holds NaN or infinite values")
+            return pixels
+        gray = im.mode in GRAY_MODES
+        if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+            # laid on black, as masks are: what hides under alpha 0 is no part of the image
+            black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            im = Image.alpha_composite(black, im.convert("RGBA"))
+        return np.asarray(im.convert("L" if gray else "RGB"))
 
 
 def to_tensor(arr: np.ndarray, gray: bool) -> torch.Tensor:
@@ -249,10 +255,16 @@ def value_scale(arr: np.ndarray, name: str, bit_depth: int | None = None) -> Val
 def as_nchw(arr: np.ndarray, name: str) -> np.ndarray:
     """(N,H,W), (N,H,W,C) or (N,C,H,W) -> N x C x H x W with C 1 or 3 (alpha dropped); checked."""
     arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[1] > 4:
+        raise UserError(f"{name}: shape {arr.shape} reads as {arr.shape[0]} gray images "
+                        f"{arr.shape[2]} pixels wide, or is one colour image: save a stack of "
+                        f"images, (N,H,W) or (N,H,W,C) (one image: array[None])")
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4:
-        if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+        channels_last = arr.shape[-1] in (1, 3, 4) and (  # tiny square images: H == W
+            arr.shape[1] not in (1, 3, 4) or arr.shape[1] == arr.shape[2])
+        if channels_last:
             arr = arr.transpose(0, 3, 1, 2)
         elif arr.shape[1] not in (1, 3, 4):
             raise UserError(f"{name}: shape {arr.shape} has no channel axis of size 1, 3 or 4")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import (is_idx_data, list_image_files, refuse_labels_off_folder, refuse_split_of_npy,
-                   resize_center_crop, set_channels, split_folder)
+from .data import (is_idx_data, labelled, list_image_files, refuse_labels_off_folder,
+                   refuse_split_of_npy, resize_center_crop, set_channels, split_folder)
 from .errors import UserError
 from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, WIDE_MODES, ValueScale,
                      array_to_uint8_nchw, as_nchw, image_scales, open_image, range_scale,
@@ -33,6 +33,8 @@ class NpyImages:
         if self.array.ndim not in (3, 4) or len(self.array) == 0:
             raise UserError(f"{path}: shape {self.array.shape}; "
                             f"expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
+        if cfg.filter_label is not None:
+            labelled(None, cfg.filter_label, str(path))  # an .npy names no classes
         self.path, self.cfg = path, cfg
         self.scale = _array_scale(self.array, str(path), cfg.bit_depth)  # one for every batch
         first = array_to_uint8_nchw(self.array[:1], str(path), self.scale)  # checks layout & dtype
@@ -60,6 +62,9 @@ class FolderImages:
 
     def __init__(self, root: Path, cfg: DataConfig, log=print):
         files, labels = list_image_files(root, cfg, log)
+        if cfg.filter_label is not None:  # as in memory (a labels CSV has chosen them already)
+            keep = labelled(labels, cfg.filter_label, str(root))
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         self.cfg, self.skipped = cfg, []
         decode = cfg.on_error == "skip"
         modes = [self._checked(path, lambda p: _mode(p, decode)) for path in files]
