@@ -605,3 +605,14 @@ def test_transparent_pixels_are_laid_on_black_and_a_nan_image_is_named(tmp_path)
     Image.fromarray(nan).save(tmp_path / "f" / "bad.tif")
     with pytest.raises(UserError, match=r"cannot read image .*bad.tif: it holds NaN or infinite"):
         load_images(DataConfig(path=str(tmp_path / "f"), on_error="fail"))
+
+
+def test_class_counts_and_orders_of_odd_labels(tmp_path):
+    """A folder's class count under data.filter_label is training's (1, not every folder's), and
+    labels int() refuses sort as names."""
+    from ddpmkit.data import class_order, data_class_count
+
+    for name in ("a/1.png", "b/2.png"):
+        _gray(tmp_path / name)
+    assert data_class_count(DataConfig(path=str(tmp_path), filter_label="a")) == 1
+    assert class_order(["10", "2", "--5", "²", "-3"]) == ["-3", "2", "10", "--5", "²"]

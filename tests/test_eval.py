@@ -59,6 +59,22 @@ def test_offline_without_weights_says_how_to_get_them():
         load_fid_inception(None, download=False)
 
 
+def test_a_download_onto_a_fresh_machine_is_checked_not_called_offline(tmp_path, monkeypatch):
+    """The hub cache folder does not exist yet on a fresh machine (the download needs it), and a
+    file that is not the weights is named as such, not as being offline."""
+    from ddpmkit.metrics import inception
+
+    (tmp_path / "page.html").write_text("<html>a proxy's login page</html>")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "fresh"))
+    monkeypatch.setattr(inception, "WEIGHTS_URL", (tmp_path / "page.html").as_uri())
+    with pytest.raises(UserError, match="is not the Inception weights .* --inception-weights"):
+        load_fid_inception(None)
+    assert (tmp_path / "fresh" / "hub" / "checkpoints").is_dir()
+    monkeypatch.setattr(inception, "WEIGHTS_URL", (tmp_path / "nowhere.pth").as_uri())
+    with pytest.raises(UserError, match="this machine is offline"):
+        load_fid_inception(None)
+
+
 def test_matches_pytorch_fid_with_the_same_random_weights(monkeypatch):
     pytest.importorskip("torchvision", reason="torchvision does not import beside this torch "
                         "(needs torch 2.14.1 + torchvision 0.29.1, or a GPU machine)")

@@ -448,6 +448,9 @@ def test_import_refuses_bad_sources_and_existing_output(tmp_path):
     with pytest.raises(UserError, match="model_index.json describes LDMPipeline with a vqvae: "
                                         "ddpmkit imports pixel-space DDPM pipelines"):
         import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
+    (tmp_path / "model_index.json").write_text(json.dumps({"unet": []}))  # not an IndexError
+    with pytest.raises(UserError, match="describes a pipeline with a nameless unet"):
+        import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
     (tmp_path / "model_index.json").write_text("{broken")
     with pytest.raises(UserError, match="cannot read .*model_index.json"):
         import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)

@@ -226,6 +226,11 @@ def test_a_threshold_no_candidate_reaches_is_one_clear_line(generator, tmp_path,
     (["--select", "--max-candidates", "0.5"], "--max-candidates 0.5"),
     (["--select-val", "data.split=val"], "--select-val sets how --select keeps images"),
     (["--class", "7", "--target", "500"], "--class 7: not a class of the data"),
+    # refused before any class is made, not at that class's turn or as a traceback
+    (["--class-guidance", "0=1e9"], "--class-guidance 0=1e+09: use a scale above 0"),
+    (["--class-guidance", "0=nan"], "class=scale pairs"),
+    (["--proportions", "0=nan,1=0.5"], "--proportions takes class=share pairs"),
+    (["--select", "--max-candidates", "inf"], "--max-candidates inf"),
 ])
 def test_bad_balance_options_get_one_clear_line(generator, tmp_path, capsys, argv, says):
     code = main(["balance", str(generator[1]), "--out", str(tmp_path / "bal"), "--quiet", *argv])

@@ -32,8 +32,8 @@ from .atomic import FolderLock
 from .config import SampleConfig, class_name
 from .data import load_images, resize_center_crop
 from .errors import UserError
-from .generation import (MANIFEST_COLUMNS, SamplingSpec, finished_rows, generate, keys_asked,
-                         no_unconditional_model, sample_batch)
+from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, SamplingSpec, finished_rows, generate,
+                         keys_asked, no_unconditional_model, sample_batch)
 from .images import to_uint8
 from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
@@ -103,7 +103,7 @@ def _class_values(text: str, flag: str, what: str, example: str) -> dict[str, fl
             out[name.strip()] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not name.strip():
+        if not sep or not name.strip() or not math.isfinite(out.get(name.strip(), 0.0)):
             raise UserError(f"{flag} takes {what} pairs like {example}, got {part!r}")
     return out
 
@@ -115,11 +115,11 @@ def class_guidance(scales: dict[str, float], classes: list[str],
     if unknown:
         raise UserError(f"--class-guidance names {', '.join(unknown)}: not a class of the run "
                         f"({', '.join(classes)})")
-    bad = [c for c, s in scales.items() if not s > 0]
-    if bad:
-        raise UserError(f"--class-guidance {bad[0]}={scales[bad[0]]}: guidance 0 would label "
-                        f"unconditional samples as the class; use a scale above 0 (1: the "
-                        f"conditional model alone)")
+    bad = [c for c, s in scales.items() if not 0 < s <= MAX_GUIDANCE]
+    if bad:  # before any class's images are made: not when its turn comes
+        raise UserError(f"--class-guidance {bad[0]}={scales[bad[0]]:g}: use a scale above 0 "
+                        f"(guidance 0 would label unconditional samples as the class; 1 is the "
+                        f"conditional model alone) and at most {MAX_GUIDANCE:g}")
     return {c: scales.get(c, default) for c in classes}
 
 

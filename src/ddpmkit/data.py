@@ -123,7 +123,7 @@ def refuse_labels_off_folder(path: Path, cfg: DataConfig) -> None:
 def class_order(labels) -> list[str]:
     """The distinct labels in a stable order: integers numerically (2 before 10), then names."""
     def key(c: str):
-        numeric = c.lstrip("-").isdigit()
+        numeric = re.fullmatch(r"-?[0-9]+", c) is not None  # not "--5" or "²", which int() refuses
         return (not numeric, int(c) if numeric else 0, c)
 
     return sorted(set(labels), key=key)
@@ -249,6 +249,8 @@ def data_class_count(data: DataConfig) -> int:
     path = Path(data.path).expanduser() if data.path is not None else None
     if path is not None and path.is_dir() and not is_idx_data(path):
         labels = list_image_files(split_folder(path, data), data, log=lambda *_: None)[1]
+        if data.filter_label is not None:  # one class left, as training will find
+            return len({labels[i] for i in labelled(labels, data.filter_label, str(path))})
     elif path is not None and path.suffix.lower() == ".npy":  # holds no labels
         return 0
     else:

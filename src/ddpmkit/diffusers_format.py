@@ -377,7 +377,7 @@ def _check_pipeline(folder: Path) -> None:
     latent = sorted(k for k in ("vae", "vqvae", "text_encoder") if k in index)
     unet = index.get("unet")
     if latent or (isinstance(unet, list) and unet[-1:] != ["UNet2DModel"]):
-        what = f"a {', '.join(latent)}" if latent else f"a {unet[-1]}"
+        what = f"a {', '.join(latent)}" if latent else f"a {unet[-1] if unet else 'nameless unet'}"
         raise UserError(f"{folder / 'model_index.json'} describes "
                         f"{index.get('_class_name', 'a pipeline')} with {what}: ddpmkit imports "
                         f"pixel-space DDPM pipelines (a UNet2DModel and a scheduler) only")

@@ -1,17 +1,20 @@
 """`ddpmkit downstream`: do the synthetic images help a classifier? The study, measured honestly.
 
 On a real test split that no generator saw, the same small ResNet is trained with the same recipe
-(optimizer steps, batch size, augmentation) on three training sets, for several seeds each:
+(optimizer steps, batch size, augmentation) on three training sets (four with a `balance
+--select` output), for several seeds each:
   (a) real:         the real training images, drawn uniformly;
   (b) real+synth:   the real images plus a `ddpmkit balance` output's synthetic ones, uniformly
                     or with a chosen synthetic share of the topped-up classes' draws;
   (c) oversampled:  the real images drawn class-balanced (oversampling the rare classes): the
-                    classic baseline any reviewer asks for.
+                    classic baseline any reviewer asks for;
+  (d) real+selected: as (b), with only the candidates `--select` kept; the verdict is then its.
 Augmentation (random shifts and flips, on by default) is part of the recipe, so it is the same in
 every arm: the arms differ only in their data, and a gain can be credited to the synthetic images.
 Reported per arm: accuracy, balanced accuracy, per-class recall, macro-F1 and AUROC as mean and
 std over seeds, a paired t-test of balanced accuracy (same seeds) of (b) against (a) and (c), and a
-verdict that says "no improvement" unless (b) beats both by more than the seed-to-seed spread.
+verdict that says "no improvement" unless (b), or (d), beats both by more than the seed-to-seed
+spread.
 
 Balanced accuracy at the default threshold rewards a classifier for where its threshold lands as
 much as for what it has learnt: training on a balanced mix moves the operating point. With a
@@ -613,7 +616,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     if calibration is not None or calibration_split is not None:
         _split_source(real, calibration, calibration_split, "val", "--calibration")
     synth_folder = Path(synthetic)
-    probe = load_images(replace(real, split=real_split, image_size=8))  # labels and the native size
+    probe = load_images(replace(real, split=real_split, image_size=8))  # its labels only
     if not probe.labels:
         raise UserError(f"{real.path}: no labels; the study needs labelled real images "
                         f"(class subfolders, an .npz with *_labels, "

@@ -12,6 +12,7 @@ Without a split it is 0.5 (the selector's vote), and `threshold` sets one for ev
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -45,7 +46,7 @@ class SelectOptions:
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise UserError(f"--select-threshold {self.threshold}: a probability in (0, 1), "
                             f"e.g. 0.5")
-        if not self.max_candidates >= 1:
+        if not 1 <= self.max_candidates < math.inf:
             raise UserError(f"--max-candidates {self.max_candidates}: at least 1 (the images a "
                             f"class needs, times this, is what it may generate)")
         return self

@@ -1,5 +1,6 @@
 """The one small classifier of ddpmkit, trained on labelled real images: the `classifier` features
-of `eval` and of evaluation during training, and every classifier of the `downstream` study.
+of `eval` and of evaluation during training, every classifier of the `downstream` study,
+`balance --select`'s selector and the classifier view of `audit`.
 
 One network (a small ResNet), one training loop (AdamW with a one-cycle learning rate, batches
 drawn with replacement by per-image weights), one augmentation (random shifts, optionally flips)
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import atomic
+from ..data import batch_to_model
 from ..runtime import mix_seed
 
 
@@ -59,10 +61,6 @@ class _Block(nn.Module):
         return F.relu(h + (x if self.skip is None else self.skip(x)))
 
 
-def to_input(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.float() / 127.5 - 1
-
-
 def augment(x: torch.Tensor, g: torch.Generator, flips: bool = True) -> torch.Tensor:
     """Random shifts of up to 2 pixels (reflect padding) and, with `flips`, horizontal flips."""
     n, _, h, w = x.shape
@@ -90,7 +88,7 @@ def fit(images_u8: torch.Tensor, labels: np.ndarray, classes: int, *, steps: int
     net.train()
     for _ in range(steps):
         idx = torch.multinomial(weights, batch, replacement=True, generator=g)
-        x = to_input(images_u8[idx])
+        x = batch_to_model(images_u8[idx])
         loss = F.cross_entropy(net(augment(x, g, flips) if shifts else x), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,5 +124,5 @@ def cached_fit(cache_dir: Path, images_u8: torch.Tensor, labels: np.ndarray, cla
 @torch.no_grad()
 def predict(net: nn.Module, images_u8: torch.Tensor) -> np.ndarray:
     """Class probabilities, N x classes."""
-    return torch.cat([net(to_input(images_u8[i:i + 512])).softmax(1)
+    return torch.cat([net(batch_to_model(images_u8[i:i + 512])).softmax(1)
                       for i in range(0, len(images_u8), 512)]).numpy()

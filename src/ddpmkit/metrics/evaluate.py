@@ -237,9 +237,9 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
             f"colour alone sets them apart (compare in gray: --ref data.path=... data.channels=1)")
         ref.images, gen_images = fx.to_rgb(ref.images), fx.to_rgb(gen_images)
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
-    gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
     side = gen_images.shape[-1]
-    _refuse_other_features(ref, extractor, side, gen)
+    _refuse_other_features(ref, extractor, side, gen)  # before minutes of extraction
+    gen_feats, gen_logits = _extract(extractor, gen_images, "generated", progress)
     if ref.images is not None:
         ref_feats, _ = cached_features(extractor, ref.images, log, progress)
         ref_stats = FeatureStats.from_features(ref_feats)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import file_sha256
-from ..data import class_order, resize_center_crop
+from ..data import batch_to_model, class_order, resize_center_crop
 from ..errors import UserError
-from .classifier import cached_fit, to_input
+from .classifier import cached_fit
 
 BATCH = 64
 
@@ -127,7 +127,8 @@ def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path
                      announce=f"training the evaluation classifier on {len(labels)} labelled "
                               f"real images ({len(names)} classes)")
     with torch.no_grad():
-        feats = torch.cat([net.features(to_input(x[i:i + 512])) for i in range(0, len(x), 512)])
+        feats = torch.cat([net.features(batch_to_model(x[i:i + 512]))
+                           for i in range(0, len(x), 512)])
     scale = feats.pow(2).mean().sqrt().clamp_min(1e-8)
     return net, names, view, scale
 
@@ -138,7 +139,7 @@ def classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path, log=
                                   for v in net.state_dict().values())).hexdigest()
 
     def run(x):
-        feats = net.features(to_input(resize_center_crop(x.cpu(), view)))
+        feats = net.features(batch_to_model(resize_center_crop(x.cpu(), view)))
         return feats / scale, net.head(feats)
 
     return Extractor("classifier", f"antialiased bicubic resize to {view}x{view}; "

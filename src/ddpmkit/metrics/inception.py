@@ -15,7 +15,9 @@ checked against the SHA-256 prefix in its name (PyTorch hub's convention).
 
 from __future__ import annotations
 
+import http.client
 import os
+import urllib.error
 from pathlib import Path
 
 import torch
@@ -209,11 +211,19 @@ def load_fid_inception(weights: str | Path | None = None,
             raise UserError(f"Inception weights not found: {path}")
         if not download:
             raise UserError(_how_to_get_weights(path))
+        path.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine has no hub cache yet
         try:
             torch.hub.download_url_to_file(WEIGHTS_URL, str(path),
                                            hash_prefix=WEIGHTS_SHA256_PREFIX, progress=True)
-        except Exception:  # offline: urllib raises several types
-            raise UserError(_how_to_get_weights(path)) from None
+        except RuntimeError as exc:  # the hash check: a proxy's page or a cut-off download
+            raise UserError(f"the file downloaded from {WEIGHTS_URL} is not the Inception weights "
+                            f"({exc}): try again, or download it yourself and pass eval "
+                            f"--inception-weights FILE") from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError):
+            raise UserError(_how_to_get_weights(path)) from None  # offline
+        except OSError as exc:
+            raise UserError(f"cannot write the Inception weights to {path}: "
+                            f"{exc.strerror or exc}; pass eval --inception-weights FILE") from None
     digest = file_sha256(path)
     if not digest.startswith(WEIGHTS_SHA256_PREFIX):
         raise UserError(f"{path} is not the FID Inception weights file (SHA-256 {digest[:8]}..., "
