@@ -616,3 +616,16 @@ def test_class_counts_and_orders_of_odd_labels(tmp_path):
         _gray(tmp_path / name)
     assert data_class_count(DataConfig(path=str(tmp_path), filter_label="a")) == 1
     assert class_order(["10", "2", "--5", "²", "-3"]) == ["-3", "2", "10", "--5", "²"]
+
+
+def test_upsampling_runs_in_chunks_sized_by_its_output(monkeypatch):
+    """Digits of 28x28 up to 1024: chunks sized by the input would hold all 40 at once (640 MB
+    of floats), not 64 MB."""
+    import ddpmkit.data as data
+
+    sizes = []
+    real = data.in_chunks
+    monkeypatch.setattr(data, "in_chunks", lambda fn, images, out=0: real(
+        lambda part: sizes.append(len(part)) or fn(part), images, out))
+    out = resize_center_crop(torch.zeros(40, 1, 28, 28, dtype=torch.uint8), 1024)
+    assert out.shape == (40, 1, 1024, 1024) and max(sizes) * 1024 * 1024 <= 2**24

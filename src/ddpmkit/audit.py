@@ -56,7 +56,8 @@ def as_sampled(images: torch.Tensor | None, size: int) -> torch.Tensor | None:
     if images.shape[-1] > size:
         return resize_center_crop(images, size)
     return in_chunks(lambda part: resize_center_crop(
-        to_uint8(upsample(part.float() / 127.5 - 1, size)), part.shape[-1]), images)
+        to_uint8(upsample(part.float() / 127.5 - 1, size)), part.shape[-1]), images,
+        images.shape[1] * size * size)
 
 
 def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:

@@ -147,10 +147,11 @@ def batch_to_model(images_u8: torch.Tensor, flip: torch.Tensor | None = None) ->
 # geometry and channels
 
 
-def in_chunks(fn, images: torch.Tensor) -> torch.Tensor:
+def in_chunks(fn, images: torch.Tensor, out_numel: int = 0) -> torch.Tensor:
     """fn over the images a chunk at a time: its float intermediates stay small (64 MB) whatever
-    the dataset's size."""
-    step = max(1, 2**24 // max(1, images[0].numel()))
+    the dataset's size, sized by the larger of an input image and an output one (`out_numel`
+    values: an upsampling makes more than it takes)."""
+    step = max(1, 2**24 // max(1, images[0].numel(), out_numel))
     return (images if len(images) == 0
             else torch.cat([fn(images[i:i + step]) for i in range(0, len(images), step)]))
 
@@ -170,7 +171,7 @@ def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
                           align_corners=False)
         return x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
-    return in_chunks(resize, images).contiguous()
+    return in_chunks(resize, images, c * nh * nw).contiguous()
 
 
 def set_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
