@@ -175,6 +175,20 @@ def test_json_output_for_scripts(trained, tmp_path, capsys):
     assert (trained / "config.yaml").read_text() == recorded
 
 
+def test_a_damaged_checkpoints_warning_leaves_json_output_json(trained, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(trained, tmp_path / "run")
+    latest = sorted((run / "checkpoints").glob("step_*.safetensors"))[-1]
+    with open(latest, "r+b") as f:  # damaged inside: its SHA-256 no longer matches
+        f.seek(1000)
+        f.write(b"XXXX")
+    assert cli("sample", run, "--num", 2, "--steps", 2, "--out", tmp_path / "j", "--json") == 0
+    told = capsys.readouterr()
+    assert json.loads(told.out)["num"] == 2
+    assert f"warning: checkpoint {latest} is damaged" in told.err
+
+
 def test_eval_ref_takes_several_words_as_the_readme_writes_them():
     from ddpmkit.cli import build_parser
 

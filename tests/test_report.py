@@ -46,6 +46,45 @@ def test_a_damaged_grid_is_left_out_of_the_gif_not_the_end_of_training(report, t
     assert (run / "learning.gif").read_bytes()[:4] == b"GIF8"
 
 
+def test_a_damaged_grid_is_left_out_of_the_report_too(report, tmp_path, capsys):
+    """Not embedded as a broken image (as the latest samples, even): left out, with a warning."""
+    run = shutil.copytree(report.parent, tmp_path / "run")
+    grids = sorted((run / "grids").glob("step_*.png"))
+    grids[-1].write_bytes(b"junk\n")
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.html").read_text()
+    assert "anVuawo=" not in text  # "junk\n", base64
+    assert len(re.findall(r"src='data:image/png;base64,", text)) == 4  # 3 grids + the latest
+    assert f"warning: left out the damaged grid {grids[-1]}" in capsys.readouterr().err
+
+
+def test_damaged_numbers_and_bytes_in_the_log_are_left_out_of_the_report(report, tmp_path):
+    run = shutil.copytree(report.parent, tmp_path / "run")
+    with open(run / "stats.jsonl", "ab") as f:
+        f.write(b"\xff\xfe garbage\n")
+        f.write(b'{"step": 21, "images_seen": Infinity, "loss": 0.5, "images_per_sec": 1}\n')
+        f.write(b'{"step": 22, "images_seen": NaN, "loss": 0.5, "images_per_sec": 1}\n')
+        f.write(b'{"step": 1' + b"0" * 400 + b', "images_seen": 5, "loss": 0.5}\n')
+    assert main(["report", str(run)]) == 0
+    assert not re.findall(r"points=\"[^\"]*(nan|inf)", (run / "report.html").read_text())
+
+
+def test_frames_of_other_sizes_make_one_clean_gif():
+    """A resume may change train.grid_images: a smaller frame is padded, not laid over the last."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from ddpmkit.images import gif_bytes
+
+    frames = [torch.zeros(1, 12, 12, dtype=torch.uint8), torch.zeros(1, 8, 8, dtype=torch.uint8)]
+    gif = Image.open(io.BytesIO(gif_bytes(frames)))
+    gif.seek(1)
+    last = gif.convert("L")
+    assert last.size == (12, 12) and last.getpixel((10, 10)) == 255 and last.getpixel((2, 2)) == 0
+
+
 def _browser():
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:

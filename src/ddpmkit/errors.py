@@ -4,9 +4,17 @@ The CLI prints its message as a single line and exits non-zero; anything else is
 its traceback.
 """
 
+import sys
+
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line naming the bad thing and the fix."""
+
+
+def warn(message: str) -> None:
+    """A warning of a library call given no log: on stderr, so stdout stays a command's result
+    (`--json`)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def expect(value, kind: type, what: str) -> None:

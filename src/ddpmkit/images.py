@@ -55,6 +55,10 @@ def make_grid(images: torch.Tensor, ncol: int | None = None, pad: int = 2) -> to
 
 def gif_bytes(frames: list[torch.Tensor], frame_ms: int = 80, hold_last_ms: int = 1500) -> bytes:
     """uint8 C x H x W frames -> an animated GIF that loops and lingers on the last frame."""
+    h, w = max(f.shape[-2] for f in frames), max(f.shape[-1] for f in frames)
+    # frames of one size (a resume may change train.grid_images): a smaller one would leave the
+    # previous frame showing around it
+    frames = [F.pad(f, (0, w - f.shape[-1], 0, h - f.shape[-2]), value=255) for f in frames]
     pils = [to_pil(f).convert("P") if f.shape[0] == 3 else to_pil(f) for f in frames]
     durations = [frame_ms] * (len(pils) - 1) + [hold_last_ms]
     buf = io.BytesIO()

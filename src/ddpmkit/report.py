@@ -15,8 +15,8 @@ from pathlib import Path
 
 from . import atomic
 from .images import gif_bytes
-from .errors import UserError
-from .pixels import read_image_files
+from .errors import UserError, warn
+from .pixels import ImageFiles, read_image_files
 from .run import RunDir
 
 MAX_STRIP = 10  # grids shown in the "learning" strip, evenly spaced over the run
@@ -80,7 +80,8 @@ def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, yl
     """A line plot as inline SVG: series of (label, x, y). Colours come from the page's CSS;
     `standalone` writes them in, with a legend, for an SVG file read on its own."""
     def shown(x, y):
-        return x is not None and y is not None and math.isfinite(y) and (y > 0 or not logy)
+        return (x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+                and (y > 0 or not logy))
 
     pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if shown(x, y)]
     if not pts:
@@ -142,9 +143,9 @@ def training_grids(run: RunDir) -> list[tuple[int, Path]]:
     return sorted(grids)
 
 
-def learning_gif(run: RunDir, frame_ms: int = 200, warn=lambda message: None) -> bytes | None:
-    """The periodic training grids as one animated GIF, or None if none can be read; a damaged grid
-    is left out with a warning, as it cannot change what training did."""
+def readable_grids(run: RunDir, warn) -> ImageFiles | None:
+    """The training grids that decode, or None if none can be read; a damaged grid is left out
+    with a warning, as it cannot change what training did."""
     files = [path for _, path in training_grids(run)]
     try:
         grids = read_image_files(files, f"the training grids in {run.grids}", on_error="skip")
@@ -154,20 +155,32 @@ def learning_gif(run: RunDir, frame_ms: int = 200, warn=lambda message: None) ->
         return None
     for path, why in grids.skipped:
         warn(f"left out the damaged grid {path} ({why})")
-    return gif_bytes(grids.images, frame_ms=frame_ms)
+    return grids
+
+
+def learning_gif(run: RunDir, frame_ms: int = 200, warn=lambda message: None) -> bytes | None:
+    """The periodic training grids as one animated GIF, or None if none can be read."""
+    grids = readable_grids(run, warn)
+    return None if grids is None else gif_bytes(grids.images, frame_ms=frame_ms)
 
 
 def _number(value) -> float | None:
     """A number read from the run's files, or None: a value of another type (a damaged or crafted
     file) is left out of plots and tables, never passed on."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past any float
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _series(rows: list[dict], key: str) -> list[float | None]:
     return [_number(r.get(key)) for r in rows]
 
 
-def build_report(run: RunDir) -> str:
+def build_report(run: RunDir, warn=warn) -> str:
     run.config()  # a run of this format, or one clear line
     meta, rows, e = run.meta(), run.read_stats(), html.escape
     logs = [r for r in rows if _number(r.get("loss")) is not None]
@@ -181,7 +194,7 @@ def build_report(run: RunDir) -> str:
         f"<p class='muted'>{last_step:,} steps · {parameters:,.0f} parameters · "
         f"{e(str(meta.get('data', '')))} · {e(str(env.get('device', '')))}</p>",
         _curves(logs, [r for r in rows if isinstance(r.get("eval"), dict)],
-                [r for r in rows if isinstance(r.get("audit"), dict)]), _grids(run),
+                [r for r in rows if isinstance(r.get("audit"), dict)]), _grids(run, warn),
         _checkpoints(run), _hardware(env, logs),
         f"<h2>Resolved config</h2><pre>{e(run.config_path.read_text())}</pre></body></html>"])
 
@@ -211,11 +224,12 @@ def _curves(logs: list[dict], evals: list[dict], audits: list[dict]) -> str:
     return "".join(parts) + "</div>"
 
 
-def _grids(run: RunDir) -> str:
-    grids = training_grids(run)
-    if not grids:
+def _grids(run: RunDir, warn) -> str:
+    readable = readable_grids(run, warn)
+    if readable is None:
         return ("<h2>Samples while learning</h2><p class='muted'>no sample grids yet "
                 "(train.sample_every)</p>")
+    grids = [(step, p) for step, p in training_grids(run) if p in readable.files]
     count = min(MAX_STRIP, len(grids))
     shown = dict.fromkeys(grids[round(i * (len(grids) - 1) / max(1, count - 1))]
                           for i in range(count))
@@ -223,7 +237,7 @@ def _grids(run: RunDir) -> str:
                     f"src='{data_uri(p.read_bytes(), 'image/png')}'>"
                     f"<figcaption>step {step:,}</figcaption></figure>" for step, p in shown)
     last_step, last = grids[-1]
-    gif = learning_gif(run)
+    gif = gif_bytes(readable.images, frame_ms=200)
     animation = "" if gif is None else (
         f"<figure><img class='big' alt='learning GIF' src='{data_uri(gif, 'image/gif')}'>"
         f"<figcaption>the same noise at every grid, step by step</figcaption></figure>")
@@ -264,8 +278,8 @@ def _hardware(env: dict, logs: list[dict]) -> str:
         f"</td></tr>" for k, v in hw.items() if v) + "</table>"
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, warn=warn) -> Path:
     run = RunDir(run_dir)
     path = run.path / "report.html"
-    atomic.write_text(path, build_report(run))
+    atomic.write_text(path, build_report(run, warn))
     return path

@@ -29,7 +29,7 @@ from . import atomic
 from .checkpoint import file_sha256, load_into, read_checkpoint
 from .config import Config, data_config, flatten, from_dict, parse_override, read_yaml, to_yaml
 from .data import ImageData, image_digests, load_images
-from .errors import UserError
+from .errors import UserError, warn
 from .runtime import resolve_device
 from .schedule import Schedule
 from .unet import UNet, check_fits
@@ -237,12 +237,13 @@ class RunDir:
     def read_stats(self) -> list[dict]:
         """The rows of stats.jsonl; a torn last line (a crash mid-append) is left out."""
         rows = []
-        for line in self.stats_path.read_text().splitlines() if self.stats_path.is_file() else []:
+        text = self.stats_path.read_text(errors="replace") if self.stats_path.is_file() else ""
+        for line in text.splitlines():  # a line of damaged bytes is no JSON, and left out too
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and _is_int(row.get("step")):
+            if isinstance(row, dict) and _is_int(row.get("step")) and 0 <= row["step"] < 2**63:
                 rows.append(row)
         return rows
 
@@ -253,7 +254,7 @@ class RunDir:
     def checkpoint_file(self, step: int) -> Path:
         return self.path / self.checkpoint_name(step)
 
-    def verified_checkpoints(self, warn=print) -> list[dict]:
+    def verified_checkpoints(self, warn=warn) -> list[dict]:
         """Recorded checkpoints, newest first, that exist and match their recorded SHA-256."""
         good = []
         for entry in sorted(self.read_state()["checkpoints"], key=lambda e: -e["step"]):

@@ -172,7 +172,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
         log(f"{len(prep.data.skipped)} unreadable image(s) were skipped; "
             f"they are listed in {job.run.meta_path}")
     if world.is_main:
-        report = write_report(job.run.path)
+        report = write_report(job.run.path, warn=lambda m: log(f"warning: {m}"))
         log(f"trained {job.run.path} to step {state.step}: checkpoints in {job.run.checkpoints}, "
             f"grids in {job.run.grids}, log {job.run.stats_path}, report {report}")
     return job.run
