@@ -268,8 +268,15 @@ class RunDir:
         return good
 
     def select_checkpoint(self, which: str) -> dict:
-        """'latest', 'best' or a step number -> the checkpoint entry (verified)."""
-        entries = self.verified_checkpoints()
+        """'latest', 'best' or a step number -> the checkpoint entry (verified). Checkpoints found
+        missing or damaged are warned of when another is used; a refusal is its one line."""
+        said = []
+        entry = self._choose_checkpoint(which, self.verified_checkpoints(warn=said.append))
+        for message in said:
+            warn(message)
+        return entry
+
+    def _choose_checkpoint(self, which: str, entries: list[dict]) -> dict:
         if not entries and self.read_state()["checkpoints"]:
             raise UserError(f"{self.path}: every checkpoint it recorded is missing or damaged: "
                             f"train it again (ddpmkit train --out {self.path} --fresh)")
