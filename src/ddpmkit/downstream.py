@@ -186,9 +186,9 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
                             f"the images it was trained on are unknown, "
                             f"so leakage into the test split cannot be ruled out")
         cfg = RunDir(run).config()
-        recorded = RunDir(run).digests_path
-        if recorded.is_file() and cfg.data.image_size == size and cfg.model.in_channels == channels:
-            seen |= set(recorded.read_text().split())
+        recorded = RunDir(run).recorded_digests()
+        if recorded and cfg.data.image_size == size and cfg.model.in_channels == channels:
+            seen |= recorded
         else:
             as_study = replace(cfg.data, image_size=size, channels=channels)
             seen |= set(image_digests(load_images(as_study).images))

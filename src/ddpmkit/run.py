@@ -160,12 +160,16 @@ class RunDir:
             log(f"note: {self.path} streamed its data, so it recorded no training images: its "
                 f"data as it is now stands in for them")
             return data
-        recorded = set(self.digests_path.read_text().split())
+        recorded = self.recorded_digests()
         unseen = sum(d not in recorded for d in image_digests(data.images))
         if unseen:
             raise UserError(f"{self.path}'s data has changed since it trained ({unseen} image(s) "
                             f"it never saw): the images it trained on are needed")
         return data
+
+    def recorded_digests(self) -> set[str]:
+        """training_images.sha256's digests (none without one)."""
+        return set(self.digests_path.read_text().split()) if self.digests_path.is_file() else set()
 
     def training_images_sha256(self) -> str:
         """A digest of training_images.sha256 ("" without one): a run trained again on other images
@@ -196,7 +200,7 @@ class RunDir:
     def unseen(self, images: torch.Tensor) -> torch.Tensor:
         """Per image (uint8): True unless it is one of the run's recorded training images."""
         if self.digests_path.is_file():
-            trained = set(self.digests_path.read_text().split())
+            trained = self.recorded_digests()
         else:  # a streamed run's data as it is now; an imported run's are unknown
             trained = set(image_digests(self.training_set().images)) if (
                 self.config().data.stream and not self.imported_from()) else set()
@@ -423,7 +427,7 @@ class RunDir:
         """Keep training_images.sha256 a record of every image the run has trained on: a resume on
         changed data adds the new images, with a warning."""
         now = set(digests)
-        before = set(self.digests_path.read_text().split()) if self.digests_path.exists() else set()
+        before = self.recorded_digests()
         if before - now:
             log(f"warning: {len(before - now)} image(s) {self.path} trained on are no longer in "
                 f"its data: training goes on without them ({self.digests_path.name} still "
