@@ -105,6 +105,20 @@ def test_a_run_trained_on_mirrored_images_samples_unmirrored_ones(tmp_path):
     x = sample(load_run(run.path), num=64, seed=1, steps=20).float()
     left, right = x[..., :4].mean((1, 2, 3)), x[..., 4:].mean((1, 2, 3))
     assert (left > right).float().mean() >= 0.9
+    # asked for mirrored images, it makes them: the flips were applied with their labels (a run
+    # that never flipped would make bright-left images whatever the label said)
+    class Mirrored(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, *rest):
+            return self.net(x, t, *rest, augment=torch.ones(len(x), 1))
+
+    mirrored = load_run(run.path)
+    mirrored.net = Mirrored(mirrored.net)
+    x = sample(mirrored, num=64, seed=1, steps=20).float()
+    assert (x[..., 4:].mean((1, 2, 3)) > x[..., :4].mean((1, 2, 3))).float().mean() >= 0.9
     groups, _ = read_checkpoint(run.checkpoint_file(1000), prefixes=("ema",))
     assert groups["ema"]["augment_embedding.weight"].abs().sum() > 0  # it learned from the label
     # the exported network is the sampling one: the training-only embedding is left out

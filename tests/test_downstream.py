@@ -94,7 +94,15 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     assert json.loads((out / "results.json").read_text())["steps"] == 16
 
 
-def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tmp_path):
+def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tmp_path,
+                                                                            monkeypatch):
+    import ddpmkit.downstream as downstream
+
+    tuned_on = []  # the thresholds are tuned on the calibration images, never on the test split
+    real_tuning = downstream.tuned_offsets
+    monkeypatch.setattr(downstream, "tuned_offsets",
+                        lambda probs, labels, **kw: tuned_on.append(len(labels))
+                        or real_tuning(probs, labels, **kw))
     rng = np.random.default_rng(1)
     order = rng.permutation(360)
     train = np.concatenate([order[:40], order[60:200]])
@@ -107,6 +115,7 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
                  "--out", str(out), "--seeds", "2", "--steps", "15"]) == 0
     summary = json.loads((out / "results.json").read_text())
     assert summary["calibration_images"] == 60  # the 5 the generator saw were dropped
+    assert tuned_on == [60] * 6  # 3 arms x 2 seeds; the test split holds 100
     assert summary["leakage"].startswith("5 calibration images a classifier or the generator "
                                          "trained on were dropped; checked")
     tuned = {arm: [r["balanced_accuracy@tuned"] for r in runs]
@@ -405,6 +414,15 @@ def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
     assert (clear["verdict"].startswith("improvement")
             and clear["paired_tests"]["real+synthetic vs real"]["p_value"] < 0.01)
     assert clear["table"]["real"]["balanced_accuracy"][0] == pytest.approx(0.7033, abs=1e-4)
+    from scipy.stats import ttest_rel
+
+    assert clear["paired_tests"]["real+synthetic vs real"]["p_value"] == pytest.approx(
+        ttest_rel([0.85, 0.86, 0.86], [0.70, 0.72, 0.69]).pvalue)
+    # far above real-only, level with oversampling: both baselines must be beaten
+    level = _summarise({"real": runs([0.70, 0.72, 0.69]),
+                        "real+synthetic": runs([0.85, 0.86, 0.86]),
+                        "oversampled": runs([0.85, 0.87, 0.86])})
+    assert level["verdict"].startswith("no improvement")
 
 
 def test_the_verdict_says_whether_a_gain_survives_tuned_thresholds():

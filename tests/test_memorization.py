@@ -218,6 +218,17 @@ def test_the_audit_page_renders_in_headless_chromium(run, tmp_path):
     assert shown["images"] == 24 and len(shown["plots"]) == 1
 
 
+def test_the_threshold_flags_at_most_its_share_of_reference_images_and_ties_at_zero_only_copies():
+    from ddpmkit.metrics.memorization import is_copy, threshold
+
+    d = np.random.default_rng(0).random(397)
+    for share in (0.01, 0.05, 0.2):
+        assert is_copy(d, threshold(d, share)).sum() <= share * len(d)
+        assert is_copy(d, threshold(d, share)).sum() >= share * len(d) - 1  # not far fewer
+    # a training set with exact duplicates has leave-one-out distance 0: only exact copies then
+    assert is_copy(np.array([0.0, 1e-7, 0.001, 0.01]), 0.0).tolist() == [True, True, False, False]
+
+
 def test_a_streamed_run_is_audited_against_its_data_as_it_is_now(tmp_path):
     """A streamed run never holds its data whole, so it records no digests: its data, read again,
     stands in, and the audit says so."""

@@ -165,6 +165,8 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_best(tiny):
     state = RunDir(run.path).read_state()
     kept = sorted(e["step"] for e in state["checkpoints"])
     assert set(kept) >= {40, 50} and state["best"] in kept and len(kept) <= 3
+    losses = {e["step"]: e["loss"] for e in state["checkpoints"]}
+    assert losses[state["best"]] == min(losses.values())  # best: the lowest mean loss
     assert (sorted(p.name for p in run.checkpoints.iterdir())
             == [f"step_{s:09d}.safetensors" for s in kept])
 
