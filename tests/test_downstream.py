@@ -50,10 +50,11 @@ def _balanced(tmp_path, data, name, *sample_args):
 
 
 def test_the_study_runs_and_writes_its_report(tmp_path):
-    rng = np.random.default_rng(0)
-    order = rng.permutation(360)
-    # class 0 rarer
-    data = _npz(tmp_path / "d.npz", np.concatenate([order[:40], order[60:200]]), order[200:])
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    # class 0 rare: 30 zeros against 120 ones
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:30], ones[:120]]),
+                np.concatenate([zeros[100:], ones[150:]]))
     out = tmp_path / "study"
     assert main(["downstream", "--real", str(data), "--synthetic",
                  str(_balanced(tmp_path, data, "ok")), "--out", str(out), "--seeds", "2",
@@ -63,8 +64,9 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
     assert set(summary["table"]) == {"real", "real+synthetic", "oversampled"}
     assert ({"accuracy", "balanced_accuracy", "macro_f1", "auroc", "recall[0]", "recall[1]"}
             <= set(summary["table"]["real"]))
-    # topped up
-    assert summary["train_counts"]["real+synthetic"][0] > summary["train_counts"]["real"][0]
+    # topped up to the largest class, exactly
+    assert summary["train_counts"]["real"] == [30, 120]
+    assert summary["train_counts"]["real+synthetic"] == [120, 120]
     # the record says what was read
     assert summary["data"] == {"real": f"{data} (train)", "synthetic": str(tmp_path / "bal_ok"),
                                "test": f"{data} (test)"}
