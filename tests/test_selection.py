@@ -97,7 +97,12 @@ def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_
             and all(link.name.startswith("synthetic_") for link in links))
     assert all(float(r["score"]) >= 0.6 and r["reason"].startswith("score") for r in synthetic)
     summary = json.loads((out / "selection.json").read_text())["classes"]["0"]
-    assert summary["needed"] == 120 - 30 and summary["kept"] == len(kept) <= 90
+    assert summary["needed"] == 120 - 30 and summary["kept"] == len(kept) == min(90,
+                                                                                  summary["passed"])
+    # it stops drawing once 90 passed, or at the limit of 3 x 90 candidates
+    assert summary["kept"] == 90 or summary["candidates"] == 3 * 90
+    assert all(r["reason"] == "beyond the number needed" for r in candidates
+               if float(r["score"]) >= 0.6 and r["kept"] == "false")
     assert sum(float(r["score"]) >= 0.6 for r in candidates) == summary["passed"]
     assert summary["candidates"] == len(candidates) <= 3 * 90
     assert summary["acceptance_rate"] == pytest.approx(summary["passed"] / summary["candidates"])
@@ -127,6 +132,8 @@ def test_thresholds_come_from_the_val_split_when_the_data_has_one(generator):
     for i, name in enumerate(names):
         own = selector.scores(val_images[val["val_labels"].ravel() == i], name)
         assert (own >= selector.thresholds[name]).mean() >= 0.9  # 90% of real images pass
+        assert selector.thresholds[name] == pytest.approx(
+            float(np.quantile(own, 0.1, method="lower")), abs=1e-6)  # exactly their quantile
 
 
 def test_select_val_sets_the_thresholds_on_the_labelled_images_it_names(generator, tmp_path):
