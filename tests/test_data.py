@@ -551,6 +551,18 @@ def test_labels_in_other_spellings_name_their_classes(tmp_path):
     np.savez(tmp_path / "b.npz", train_images=np.zeros((3, 8, 8), np.uint8),
              train_labels=np.array([b"cat", b"dog ", b"cat"]))
     assert load_images(DataConfig(path=str(tmp_path / "b.npz"))).labels == ["cat", "dog", "cat"]
+    np.savez(tmp_path / "keras.npz", x=np.zeros((2, 8, 8), np.uint8), y=np.array([3, 4]))
+    assert load_images(DataConfig(path=str(tmp_path / "keras.npz"))).labels == ["3", "4"]
+
+
+def test_a_multi_page_tiff_is_refused_not_read_as_its_first_page(tmp_path):
+    pages = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (0, 100, 200)]
+    (tmp_path / "s").mkdir()
+    pages[0].save(tmp_path / "s" / "stack.tif", save_all=True, append_images=pages[1:])
+    _gray(tmp_path / "s" / "one.png")
+    with pytest.raises(UserError, match=r"stack.tif: it holds 3 pages: save one image per file"):
+        load_images(DataConfig(path=str(tmp_path / "s"), on_error="fail"))
+    assert len(load_images(DataConfig(path=str(tmp_path / "s")), log=lambda *_: None)) == 1
 
 
 def test_array_layouts_that_read_two_ways(tmp_path):

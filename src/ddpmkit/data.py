@@ -513,7 +513,7 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
                 key = _pick_npz_key(path, list(z.keys()), split)
                 _check_npz_member(path, key)
                 arr = z[key]
-                label_key = key.replace("images", "labels")
+                label_key = _labels_key(key)
                 if label_key != key and label_key in z:
                     _check_npz_member(path, label_key)
                     labels = z[label_key]
@@ -528,7 +528,7 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
     scale = value_scale(arr, name, bit_depth)
     images = array_to_uint8_nchw(arr, name, scale)
     label_list = None if labels is None else _label_list(
-        labels, len(images), f"{path}[{key.replace('images', 'labels')}]")
+        labels, len(images), f"{path}[{_labels_key(key)}]")
     desc = f"{len(images)} images from {path}" + (f" [{key}]" if key else "") + scales_note(scale)
     return ImageData(images, desc, labels=label_list, source_path=name, bit_depth=scale.bit_depth)
 
@@ -591,6 +591,11 @@ def refuse_split_of_npy(path: Path, split: str) -> None:
     if split != "train":
         raise UserError(f"data.split={split}: {path} is one array with no splits: point data.path "
                         f"at the {split} images instead (or an .npz with {split}_images)")
+
+
+def _labels_key(images_key: str) -> str:
+    """The labels beside an .npz's images: train_images -> train_labels, Keras' x -> y."""
+    return "y" if images_key == "x" else images_key.replace("images", "labels")
 
 
 def _pick_npz_key(path: Path, keys: list[str], split: str) -> str:

@@ -92,6 +92,8 @@ def read_pixels(path: Path) -> np.ndarray:
     """Decode fully (so truncation is caught here): uint8 H x W (gray) or H x W x 3, or the stored
     values (H x W) of a 16-bit, 32-bit or float image, for `image_scales` to map to 0..255."""
     with open_image(path) as im:
+        if getattr(im, "n_frames", 1) > 1:  # a stack (multi-page TIFF): which page is the image?
+            raise ValueError(f"it holds {im.n_frames} pages: save one image per file")
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # upright, as every viewer shows a photo
         if im.mode in WIDE_MODES:
