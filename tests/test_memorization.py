@@ -16,6 +16,7 @@ from conftest import TINY
 from ddpmkit.cli import main
 from ddpmkit.config import DataConfig, load_config
 from ddpmkit.data import load_images
+from ddpmkit.errors import UserError
 from ddpmkit.metrics.memorization import audit, nearest, nearest_features
 from ddpmkit.training import train
 
@@ -463,3 +464,18 @@ def test_downstream_counts_mirrored_copies_of_a_run_that_trained_on_mirrored_ima
     pool = Pool(mirrored, np.zeros(8, dtype=int))
     assert copy_rate(pool, [run], 0.01).startswith("100.0% (8 of 8; threshold 0.0100")
     assert copy_rate(pool, [run]).startswith("100.0% (8 of 8;")
+
+
+def test_exact_copies_are_copies_whatever_the_rounding_and_few_images_are_refused():
+    """A duplicated training image puts the leave-one-out threshold at float rounding above 0:
+    an exact copy is still one. A leave-one-out threshold of fewer than 20 images is refused."""
+    from ddpmkit.metrics.memorization import audit
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    train = digits8[:40].clone()
+    train[39] = train[27]
+    found = audit(train, train)
+    assert found.copies.all(), found.neighbours.d1[~found.copies]
+    with pytest.raises(UserError, match="2 training image.s. are too few to calibrate a copy "
+                                        "threshold .* \\(--holdout\\)"):
+        audit(digits8[:5], digits8[:2])

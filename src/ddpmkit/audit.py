@@ -83,7 +83,7 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
     gen, run = Path(gen), RunDir(ref)
     if not 0 < share < 0.5:
         raise UserError(f"--share {share}: the share of held-out images that may be flagged, "
-                        f"e.g. 0.01")
+                        f"above 0 and below 0.5, e.g. 0.01")
     if gen.is_file():
         raise UserError(f"{gen} is a file: give the folder of generated images that holds it")
     if not gen.is_dir():

@@ -30,10 +30,13 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..errors import UserError
 
 # query and reference images per matrix product: memory stays bounded whatever the set sizes
 CHUNK, REF_CHUNK = 256, 1024
 REFERENCE_MAX = 2000  # reference images a threshold is calibrated on
+REFERENCE_MIN = 20  # fewer give a quantile that is one image's distance, not a false-alarm rate
+EXACT = 1e-6  # a distance this small is a copy whatever the threshold: float rounding, not a change
 
 
 def _normalised(images_u8: torch.Tensor) -> torch.Tensor:
@@ -63,8 +66,8 @@ FLIPS: dict[str, View] = {"hflip": lambda x: x.flip(-1), "vflip": lambda x: x.fl
 
 
 def seen_views(cfg: Config) -> tuple[str, ...]:
-    """The flips and rotations a run's training images were shown in (translations the search
-    covers anyway)."""
+    """The flips and rotations a run's training images were shown in (the search covers
+    translations of a pixel, not train.augment's wider ones)."""
     ops = [op for op in cfg.train.augment if op in FLIPS]
     return tuple(sorted({*ops, *(["hflip"] if cfg.data.hflip else [])}))
 
@@ -161,6 +164,10 @@ def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 
     the training set, or the training set's leave-one-out distances; at most REFERENCE_MAX
     reference images (a fixed random subset), plenty for a 1% quantile."""
     reference, exclude = (holdout, False) if holdout is not None else (train, True)
+    if exclude and len(train) < REFERENCE_MIN:
+        raise UserError(f"{len(train)} training image(s) are too few to calibrate a copy "
+                        f"threshold on their leave-one-out distances (at least {REFERENCE_MIN}): "
+                        f"give at least {REFERENCE_MIN} held-out real images (--holdout)")
     rows = torch.arange(len(reference))
     if len(reference) > REFERENCE_MAX:
         rows = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
@@ -194,9 +201,10 @@ def audit(gen: torch.Tensor, train: torch.Tensor, holdout: torch.Tensor | None =
 
 
 def is_copy(d1: np.ndarray, limit: float) -> np.ndarray:
-    """Strictly closer than the threshold; where it is 0 (the training set holds exact duplicates),
-    only exact copies: ties at 0 do not make every real image a copy."""
-    return d1 < limit if limit > 0 else d1 <= 1e-6
+    """Strictly closer than the threshold, and exact copies (the threshold is 0, or float rounding
+    above it, where the training set holds exact duplicates): ties at 0 do not make every real
+    image a copy, and an exact copy is one whatever its rounding."""
+    return (d1 < limit) | (d1 <= EXACT)
 
 
 @dataclass
