@@ -141,6 +141,20 @@ def test_a_run_that_lost_its_config_or_state_is_neither_restarted_nor_mixed(
     assert [e["step"] for e in RunDir(run).read_state()["checkpoints"]] == [2]
 
 
+@pytest.mark.parametrize("written", [{"format": "ddpmkit-run/1"}, {}])
+def test_a_run_of_another_format_is_refused_in_one_line_and_left_as_it_is(
+        run_dir, tmp_path, capsys, written):
+    run = copy_run(run_dir, tmp_path / "run")
+    meta = {k: v for k, v in json.loads((run / "meta.json").read_text()).items() if k != "format"}
+    (run / "meta.json").write_text(json.dumps({**meta, **written}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    says = "written by another version of ddpmkit (ddpmkit-run/1; this one reads ddpmkit-run/2)"
+    one_line(capsys, "sample", run, "-n", 1, "--out", tmp_path / "s", says=says)
+    one_line(capsys, "train", *TINY_ARGS, "--steps", 8, "--out", run, says=says)  # no resume
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_run_whose_checkpoints_are_all_gone_says_how_to_train_it_again(
         run_dir, tmp_path, capsys):
     run = copy_run(run_dir, tmp_path / "run")

@@ -479,3 +479,20 @@ def test_exact_copies_are_copies_whatever_the_rounding_and_few_images_are_refuse
     with pytest.raises(UserError, match="2 training image.s. are too few to calibrate a copy "
                                         "threshold .* \\(--holdout\\)"):
         audit(digits8[:5], digits8[:2])
+
+
+def test_the_summary_counts_copies_per_class_and_the_most_copied_training_images():
+    from ddpmkit.audit import summarise
+    from ddpmkit.metrics.memorization import Audit, Neighbours
+
+    index = np.array([4, 4, 7, 1, 2, 3])  # generated images 0-2 copy training images 4, 4 and 7
+    d1 = np.array([0.0, 0.001, 0.002, 0.5, 0.6, 0.7])
+    result = Audit(Neighbours(index, d1, np.ones(6)), 0.01, d1 < 0.01, "held-out", np.ones(10))
+    summary = summarise(result, ["a", "a", "b", "b", "b", ""], train_count=10)
+    assert summary["per_class"] == {"(none)": {"generated": 1, "copy_rate": 0.0},
+                                    "a": {"generated": 2, "copy_rate": 1.0},
+                                    "b": {"generated": 3, "copy_rate": pytest.approx(1 / 3)}}
+    assert summary["most_copied"] == [{"training_image": 4, "times": 2},
+                                      {"training_image": 7, "times": 1}]
+    assert summary["training_images_copied"] == 2 and summary["training_share_copied"] == 0.2
+    assert sum(summary["distances"]["generated"]) == 6
