@@ -238,9 +238,8 @@ def _grids(run: RunDir, warn) -> str:
                     f"<figcaption>step {step:,}</figcaption></figure>" for step, p in shown)
     last_step, last = grids[-1]
     gif = gif_bytes(readable.images, frame_ms=200)
-    animation = "" if gif is None else (
-        f"<figure><img class='big' alt='learning GIF' src='{data_uri(gif, 'image/gif')}'>"
-        f"<figcaption>the same noise at every grid, step by step</figcaption></figure>")
+    animation = (f"<figure><img class='big' alt='learning GIF' src='{data_uri(gif, 'image/gif')}'>"
+                 f"<figcaption>the same noise at every grid, step by step</figcaption></figure>")
     return (f"<h2>Samples while learning</h2><div class='strip'>{strip}</div><div class='plots'>"
             f"{animation}<figure><img class='big' alt='latest "
             f"samples' src='{data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest "

@@ -202,7 +202,7 @@ class RunDir:
         if self.digests_path.is_file():
             trained = self.recorded_digests()
         else:  # a streamed run's data as it is now; an imported run's are unknown
-            trained = set(image_digests(self.training_set().images)) if (
+            trained = set(image_digests(self.training_set(log=lambda *_: None).images)) if (
                 self.config().data.stream and not self.imported_from()) else set()
         return torch.tensor([d not in trained for d in image_digests(images)], dtype=torch.bool)
 
