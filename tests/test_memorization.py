@@ -496,3 +496,17 @@ def test_the_summary_counts_copies_per_class_and_the_most_copied_training_images
                                       {"training_image": 7, "times": 1}]
     assert summary["training_images_copied"] == 2 and summary["training_share_copied"] == 0.2
     assert sum(summary["distances"]["generated"]) == 6
+
+
+def test_a_blank_copy_of_a_blank_training_image_is_a_copy():
+    """A constant image's normalised correlation is undefined (it was distance 1 to everything,
+    with an arbitrary nearest image): it copies a constant training image of its own value."""
+    from ddpmkit.metrics.memorization import nearest
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    train = digits8[:40].clone()
+    train[38], train[39] = 0, 200
+    gen = torch.stack([train[38], train[39], torch.full_like(train[0], 100), digits8[100]])
+    found = nearest(gen, train)
+    assert found.index[:2].tolist() == [38, 39] and found.d1[:2].tolist() == [0.0, 0.0]
+    assert found.d1[2] > 0.5  # blank, but of no training image's value

@@ -97,9 +97,20 @@ def _similarities(query_u8: torch.Tensor, ref_u8: torch.Tensor, windows: list,
     for view in views:
         ref = view(ref_u8)
         for (qy, qx), (ry, rx) in windows:
-            sims = _normalised(query_u8[..., qy, qx]) @ _normalised(ref[..., ry, rx]).T
+            q, r = query_u8[..., qy, qx], ref[..., ry, rx]
+            sims = torch.where(_same_constant(q, r), 1.0, _normalised(q) @ _normalised(r).T)
             best = sims if best is None else torch.maximum(best, sims)
     return best
+
+
+def _same_constant(query_u8: torch.Tensor, ref_u8: torch.Tensor) -> torch.Tensor:
+    """Q x R: both images one value throughout, the same one. A blank image has no correlation
+    with anything, yet it copies a blank training image of its value."""
+    def flat_value(x):  # each image's value where it is constant, else -1
+        x = x.reshape(len(x), -1).int()
+        return torch.where(x.amax(1) == x.amin(1), x[:, 0], -1)
+    q, r = flat_value(query_u8), flat_value(ref_u8)
+    return (q[:, None] == r[None, :]) & (q[:, None] >= 0)
 
 
 @dataclass
