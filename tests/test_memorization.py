@@ -84,7 +84,8 @@ def test_the_views_searched_are_those_the_run_trained_on():
 
     cfg = load_config(None, {"data.hflip": True, "train.augment": ["rot90", "translate"],
                              "train.augment_p": 0.5})
-    assert seen_views(cfg) == ("hflip", "rot90") and seen_views(load_config(None, {})) == ()
+    assert (seen_views(cfg) == ("hflip", "rot90", "translate")  # translations reach farther
+            and seen_views(load_config(None, {})) == ())
 
 
 @pytest.mark.parametrize("k", [0, 1, 7])
@@ -510,3 +511,19 @@ def test_a_blank_copy_of_a_blank_training_image_is_a_copy():
     found = nearest(gen, train)
     assert found.index[:2].tolist() == [38, 39] and found.d1[:2].tolist() == [0.0, 0.0]
     assert found.d1[2] > 0.5  # blank, but of no training image's value
+
+
+def test_a_run_trained_with_translations_has_its_copies_searched_as_far_as_they_reach():
+    """train.augment=[translate] shifts by up to 1/8 of the side: a copy moved 2 pixels on 16x16
+    images is found for such a run (the search otherwise covers one pixel)."""
+    from ddpmkit.config import load_config
+    from ddpmkit.data import resize_center_crop
+    from ddpmkit.metrics.memorization import nearest, seen_views
+
+    train = resize_center_crop(load_images(DataConfig(image_size=8), lambda *_: 0).images[:40], 16)
+    moved = torch.roll(train[5:10], 2, dims=-1)
+    views = seen_views(load_config(None, {"train.augment": ["translate"], "train.augment_p": 0.5}))
+    assert views == ("translate",)
+    assert nearest(moved, train).d1.min() > 0.05  # one pixel is not enough
+    found = nearest(moved, train, views=views)
+    assert found.index.tolist() == [5, 6, 7, 8, 9] and found.d1.max() < 1e-6

@@ -66,9 +66,9 @@ FLIPS: dict[str, View] = {"hflip": lambda x: x.flip(-1), "vflip": lambda x: x.fl
 
 
 def seen_views(cfg: Config) -> tuple[str, ...]:
-    """The flips and rotations a run's training images were shown in (the search covers
-    translations of a pixel, not train.augment's wider ones)."""
-    ops = [op for op in cfg.train.augment if op in FLIPS]
+    """The flips, rotations and translations (train.augment's, up to 1/8 of the side, where the
+    search otherwise covers a pixel) a run's training images were shown in."""
+    ops = [op for op in cfg.train.augment if op in FLIPS or op == "translate"]
     return tuple(sorted({*ops, *(["hflip"] if cfg.data.hflip else [])}))
 
 
@@ -128,7 +128,10 @@ def nearest(query_u8: torch.Tensor, ref_u8: torch.Tensor, k: int = 5, shift: int
     """Nearest reference image of each query image in pixels, the references also seen in
     `views` (FLIPS); `exclude[i]`: a reference image left out for query i (itself, for
     leave-one-out distances within one set)."""
-    windows, group = _overlaps(*ref_u8.shape[-2:], shift), _group(views)
+    if "translate" in views:  # as far as train.augment's translations reach (augmentation.py)
+        shift = max(shift, ref_u8.shape[-1] // 8)
+    windows = _overlaps(*ref_u8.shape[-2:], shift)
+    group = _group(tuple(v for v in views if v in FLIPS))
     return _search(query_u8, ref_u8, lambda q, r: _similarities(q, r, windows, group), k, exclude)
 
 
