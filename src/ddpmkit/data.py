@@ -250,8 +250,9 @@ def data_class_count(data: DataConfig) -> int:
     path = Path(data.path).expanduser() if data.path is not None else None
     if path is not None and path.is_dir() and not is_idx_data(path):
         labels = list_image_files(split_folder(path, data), data, log=lambda *_: None)[1]
-        if data.filter_label is not None:  # one class left, as training will find
-            return len({labels[i] for i in labelled(labels, data.filter_label, str(path))})
+        if data.filter_label is not None:  # one class left (or the refusal training would give)
+            labelled(labels, data.filter_label, str(path))
+            return 1
     elif path is not None and path.suffix.lower() == ".npy":  # holds no labels
         return 0
     else:
