@@ -71,6 +71,25 @@ def test_sixteen_bit_colour_files_are_refused_not_read_to_their_top_byte(tmp_pat
     with pytest.raises(UserError, match="rgb16.png is a 16-bit colour image, which the image "
                                         "library reads only to 8 bits: save the set as a uint16"):
         load_images(DataConfig(path=str(tmp_path), image_size=4))
+    (tmp_path / "rgb16.png").unlink()
+    rows = b"".join(b"\0" + np.full((4, 2), 4095, ">u2").tobytes() for _ in range(4))
+    (tmp_path / "la16.png").write_bytes(  # gray and alpha, 16 bits: Pillow opens it as RGBA
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 4, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    with pytest.raises(UserError, match="la16.png is a 16-bit gray image with transparency"):
+        load_images(DataConfig(path=str(tmp_path), image_size=4))
+
+
+def test_a_gray_image_saved_with_a_palette_reads_as_gray(tmp_path):
+    im = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).convert("P")
+    im.putpalette([v for i in range(256) for v in (i, i, i)])
+    im.save(tmp_path / "gray_palette.png")
+    d = load_images(DataConfig(path=str(tmp_path), image_size=8))
+    assert d.images.shape == (1, 1, 8, 8)
+    assert d.images[0, 0].flatten().tolist() == list(range(0, 256, 4))
+    im.putpalette([v for i in range(256) for v in (i, 0, 0)])  # a red palette stays colour
+    im.save(tmp_path / "gray_palette.png")
+    assert load_images(DataConfig(path=str(tmp_path), image_size=8)).images.shape == (1, 3, 8, 8)
 
 
 def test_sixteen_bit_images_scale_to_eight(tmp_path):

@@ -79,10 +79,11 @@ def open_image(path: Path) -> Image.Image:
         im.close()
         raise ValueError(f"it declares {im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} "
                          f"ddpmkit decodes per image")
-    if (im.format in ("PNG", "TIFF") and im.mode not in WIDE_MODES
-            and any(";16" in str(tile[3]) for tile in im.tile)):
+    wide = [str(tile[3]) for tile in im.tile if ";16" in str(tile[3])]
+    if im.format in ("PNG", "TIFF") and im.mode not in WIDE_MODES and wide:
         im.close()  # Pillow keeps only the top 8 bits of 16-bit colour: 12-bit data reads black
-        raise UserError(f"{path} is a 16-bit colour image, which the image library reads only to "
+        kind = "gray image with transparency" if wide[0].startswith("LA") else "colour image"
+        raise UserError(f"{path} is a 16-bit {kind}, which the image library reads only to "
                         f"8 bits: save the set as a uint16 .npy array (N x H x W x 3), which "
                         f"ddpmkit reads at its bit depth")
     return im
@@ -101,12 +102,18 @@ def read_pixels(path: Path) -> np.ndarray:
             if not np.isfinite(pixels).all():  # named here, with its file, as unreadable
                 raise ValueError("it holds NaN or infinite values")
             return pixels
-        gray = im.mode in GRAY_MODES
+        gray = im.mode in GRAY_MODES or (im.mode in ("P", "PA") and _gray_palette(im))
         if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
             # laid on black, as masks are: what hides under alpha 0 is no part of the image
             black = Image.new("RGBA", im.size, (0, 0, 0, 255))
             im = Image.alpha_composite(black, im.convert("RGBA"))
         return np.asarray(im.convert("L" if gray else "RGB"))
+
+
+def _gray_palette(im: Image.Image) -> bool:
+    """Whether a palette image's colours are all grays (a gray PNG saved with a palette)."""
+    rgb = np.array(im.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+    return bool((rgb == rgb[:, :1]).all())
 
 
 def to_tensor(arr: np.ndarray, gray: bool) -> torch.Tensor:
