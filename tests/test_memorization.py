@@ -527,3 +527,20 @@ def test_a_run_trained_with_translations_has_its_copies_searched_as_far_as_they_
     assert nearest(moved, train).d1.min() > 0.05  # one pixel is not enough
     found = nearest(moved, train, views=views)
     assert found.index.tolist() == [5, 6, 7, 8, 9] and found.d1.max() < 1e-6
+
+
+def test_a_holdout_of_classes_the_run_never_saw_is_refused(tmp_path, capsys):
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    for folder, classes in (("data", ("a", "b")), ("held", ("a", "c"))):
+        for k, name in enumerate(classes):
+            (tmp_path / folder / name).mkdir(parents=True)
+            for i, img in enumerate(digits8[k * 40 + 200 * (folder == "held"):][:25]):
+                Image.fromarray(img[0].numpy()).save(tmp_path / folder / name / f"{i}.png")
+    run = _tiny_run(tmp_path / "run", **{"data.path": str(tmp_path / "data"),
+                                         "model.class_conditional": True})
+    gen = _pngs(tmp_path / "gen", digits8[400:420])
+    assert main(["audit", str(gen), "--ref", str(run), "--features", "none",
+                 "--holdout", str(tmp_path / "held")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds classes" in err[0] and "(c)" in err[0] and "(a, b)" in err[0]
+    assert not (gen / "audit.json").exists()

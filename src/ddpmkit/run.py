@@ -223,6 +223,12 @@ class RunDir:
                 f"the run's {side}x{side} and were enlarged to it; blurred, they sit farther from "
                 f"the training images and raise the copy threshold: hold out images of at least "
                 f"that size")
+        trained = self.config().data.class_names
+        foreign = sorted(set(data.labels or []) - set(trained or data.labels or []))
+        if foreign:  # nearer to nothing the run saw, they would raise the copy threshold
+            raise UserError(f"--holdout {where} holds classes {self.path} was not trained on "
+                            f"({', '.join(foreign[:5])}): hold out images of its classes "
+                            f"({', '.join(trained[:5])}), e.g. with data.filter_label=...")
         images = data.images
         unseen = self.unseen(images)
         shared = len(images) - int(unseen.sum())
