@@ -123,15 +123,19 @@ def _add_json_flag(p: argparse.ArgumentParser) -> None:
                    help="print only a JSON summary: no table, messages or progress bar")
 
 
+def _add_fresh_force(p: argparse.ArgumentParser, fresh: str) -> None:
+    p.add_argument("--fresh", action="store_true", help=fresh)
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that holds files ddpmkit did not write "
+                        "(it never deletes them)")
+
+
 def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
     p.add_argument("--drop-copies", action="store_true",
                    help="draw again (new noise) every image that nearly copies a training image")
     _add_holdout_flags(p, ", with --drop-copies")
     p.add_argument("--max-redraws", type=int, default=None, help="with --drop-copies (default 10)")
-    p.add_argument("--fresh", action="store_true", help=fresh)
-    p.add_argument("--force", action="store_true",
-                   help="write into a folder that holds files ddpmkit did not write "
-                        "(it never deletes them)")
+    _add_fresh_force(p, fresh)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -317,11 +321,7 @@ def _downstream_parser(sub) -> None:
                         "often); choose it on a validation split")
     d.add_argument("--unverified", action="store_true",
                    help="run even if the generator cannot be checked for leakage")
-    d.add_argument("--fresh", action="store_true",
-                   help="replace the study of other settings in --out (only its own results)")
-    d.add_argument("--force", action="store_true",
-                   help="write into a folder that holds files ddpmkit did not write "
-                        "(it never deletes them)")
+    _add_fresh_force(d, "replace the study of other settings in --out (only its own results)")
 
 
 def _restore_parsers(sub) -> None:
@@ -345,11 +345,7 @@ def _restore_parsers(sub) -> None:
         rp.add_argument("--no-ema", action="store_true",
                         help="use the raw weights instead of the EMA")
         rp.add_argument("--device", default="auto")
-        rp.add_argument("--fresh", action="store_true",
-                        help="replace the outputs of an earlier, different restoration in --out")
-        rp.add_argument("--force", action="store_true",
-                        help="write into a folder that holds files ddpmkit did not write "
-                             "(it never deletes them)")
+        _add_fresh_force(rp, "replace the outputs of an earlier, different restoration in --out")
         if kind == "denoise":
             rp.add_argument("--sigma", default="auto",
                             help="noise std on the [0,1] scale, or auto (wavelet estimate)")

@@ -394,13 +394,7 @@ def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
                      bit_depth=read.bit_depth, upsampled=upsampled)
 
 
-def csv_columns(path: str | Path) -> list[str]:
-    """A labels CSV's column names, as the reader matches them (stripped)."""
-    with open(Path(path).expanduser(), newline="", encoding="utf-8-sig") as f:
-        return [c.strip() for c in next(csv.reader(f), [])]
-
-
-def _read_labels_csv(csv_path: Path, cfg: DataConfig) -> tuple[list[str], list[dict]]:
+def read_labels_csv(csv_path: Path, cfg: DataConfig) -> tuple[list[str], list[dict]]:
     """A labels CSV's column names (stripped) and rows, with the image column checked."""
     if not csv_path.is_file():
         raise UserError(f"labels CSV not found: {csv_path}")
@@ -456,7 +450,7 @@ class _FileNames:
 def _select_by_csv(root: Path, files: list[Path],
                    cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
     csv_path = Path(cfg.labels).expanduser()
-    columns, rows = _read_labels_csv(csv_path, cfg)
+    columns, rows = read_labels_csv(csv_path, cfg)
     has_labels = cfg.label_column in columns
     names = _FileNames(root, files, csv_path)
     chosen, labels, missing, seen = [], [], [], set()

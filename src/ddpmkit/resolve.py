@@ -17,8 +17,8 @@ import torch
 
 from .augmentation import label_dim
 from .config import Config, updated
-from .data import (ImageData, class_order, csv_columns, data_channels, data_class_count,
-                   load_images)
+from .data import (ImageData, class_order, data_channels, data_class_count, load_images,
+                   read_labels_csv)
 from .errors import UserError
 from .pretrained import Source, adopt_architecture
 from .run import RunDir
@@ -131,9 +131,9 @@ def _class_ids(cfg: Config, data: ImageData) -> tuple[torch.Tensor, list[str]]:
         why = (f"; {loose[0]} is not in a class subfolder, so the folders do not name classes"
                if loose and len(loose) < len(files) else "")
         if cfg.data.labels:  # a CSV without the label column still selects images
+            columns = read_labels_csv(Path(cfg.data.labels).expanduser(), cfg.data)[0]
             why = (f"; {cfg.data.labels} has no column '{cfg.data.label_column}': set "
-                   f"data.label_column to its class column (columns: "
-                   f"{', '.join(csv_columns(cfg.data.labels))})")
+                   f"data.label_column to its class column (columns: {', '.join(columns)})")
         raise UserError(NEEDS_LABELS + why)
     empty = [i for i, label in enumerate(data.labels) if not label.strip()]
     if empty:  # an empty class name would read as "no class" (unconditional) in manifests
