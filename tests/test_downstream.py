@@ -350,6 +350,22 @@ def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
             in capsys.readouterr().err)
 
 
+def test_test_images_the_classifiers_train_on_are_refused(tmp_path, capsys):
+    """The generator trained on other images, so its guard passes; the real training split shares
+    30 images with the test split, which every arm's classifier would be scored on."""
+    synthetic = _balanced(tmp_path, _npz(tmp_path / "gen.npz", np.arange(0, 150),
+                                         np.arange(150, 200)), "other")
+    data = _npz(tmp_path / "overlap.npz", np.arange(200, 300), np.arange(270, 350))
+    assert main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
+                 "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "30 of its images are among the real training images" in err[0]
+    assert not (tmp_path / "s").exists()
+    *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
+    assert len(test.labels) == 50 and leakage.startswith(
+        "0 test images the generator saw were dropped; 30 more that the classifiers train on")
+
+
 def test_real_images_are_read_at_the_bit_depth_the_generator_recorded(tmp_path):
     """12-bit-looking values in uint16 arrays, a generator told data.bit_depth=16: the study reads
     the real images at 16 bits too (unset, it would choose 12), so the leakage guard still

@@ -607,8 +607,8 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     and the leakage check. Each real source is a path or a data section (for a labels CSV).
     Calibration images come from `calibration` (default: `real`), split `calibration_split`
     (default: val), when either is given; otherwise the calibration pool is None. drop_seen removes
-    the test images the generator saw instead of refusing (for choosing on a validation split that
-    shares images with the training split; never for the final study).
+    the test images the generator or the classifiers saw instead of refusing (for choosing on a
+    validation split that shares images with the training split; never for the final study).
     """
     real, test, calibration = as_source(real), as_source(test), as_source(calibration)
     # a split flag that cannot apply: before any read
@@ -636,12 +636,14 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     test_pool = load_real(*test_source, size, synth.images.shape[1], names)
     # read once, for every check below
     trained = generators_training_digests(runs, size, synth.images.shape[1])
-    dropped = ""
-    if drop_seen and runs:
-        seen = among(test_pool, trained)
-        test_pool = _without(test_pool, seen)
+    dropped, real_digests = "", set(image_digests(real_pool.images))
+    if drop_seen:
+        seen, in_real = among(test_pool, trained), among(test_pool, real_digests)
+        test_pool = _without(test_pool, seen | in_real)
         dropped = (f"{int(seen.sum())} {test_split or 'test'} images the generator saw "
-                   f"were dropped; ")
+                   f"were dropped; ") + (f"{int((in_real & ~seen).sum())} more that the "
+                                         f"classifiers train on; " if (in_real & ~seen).any()
+                                         else "")
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
         source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
@@ -651,6 +653,11 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
         dropped += note
     _every_class(test_pool, names, _named(*test_source))
     leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)
+    in_real = int(among(test_pool, real_digests).sum())
+    if in_real:  # every arm's classifier trains on them: each score would be flattered
+        raise UserError(f"{_named(*test_source)}: {in_real} of its images are among the real "
+                        f"training images ({_named(real, real_split)}); test on images no "
+                        f"classifier trains on")
     return names, real_pool, synth, test_pool, calibration_pool, leakage
 
 
