@@ -274,6 +274,8 @@ def test_downstream_adds_the_selected_arm_and_the_class_fidelity(generator, tmp_
     assert "recall@tuned[0]" in summary["table"]["real"]
     report = (study / "report.md").read_text()
     assert "Class fidelity" in report and "| real+selected |" in report
+    assert f" of {kept}; " in summary["synthetic_copies"]  # measured on the kept images, as said
+    assert summary["synthetic_copies"].endswith(", among the selected images")
 
 
 def test_auto_scale_takes_the_smallest_scale_close_to_the_real_fidelity():

@@ -712,8 +712,9 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, "
         f"{len(test_pool.labels)} test{calibrated} images at {size}x{size}; leakage {leakage}")
     copies = copy_rate(synth, job_runs(Path(synthetic)), recorded_copy_threshold(Path(synthetic)))
-    log(f"near-copies of the generator's training images: {copies}")
     unselected = load_unselected(Path(synthetic), size, names, synth)
+    copies += "" if unselected is None else ", among the selected images"
+    log(f"near-copies of the generator's training images: {copies}")
     if unselected is not None:
         log(f"study: balance --select output: arm real+selected takes its {len(synth.labels)} kept "
             f"images, real+synthetic as many unselected candidates")
