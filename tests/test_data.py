@@ -1,5 +1,6 @@
 import gzip
 import struct
+import unicodedata
 import zlib
 
 import numpy as np
@@ -618,6 +619,11 @@ def test_csv_names_match_by_file_name_in_subfolders_and_ambiguity_is_named(tmp_p
         read("x")
     with pytest.raises(UserError, match="points outside the data folder"):
         read(str(tmp_path / "l.csv"))
+    # a file saved with its accent decomposed (as macOS writes names), named composed in the CSV
+    decomposed = unicodedata.normalize("NFD", "caf\u00e9 1.png")
+    _gray(root / "part3" / decomposed)
+    for name in ("caf\u00e9 1", "part3/caf\u00e9 1.png"):
+        assert read(name).files == [str(root / "part3" / decomposed)]
 
 
 def test_transparent_pixels_are_laid_on_black_and_a_nan_image_is_named(tmp_path):

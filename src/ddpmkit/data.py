@@ -419,22 +419,25 @@ def read_labels_csv(csv_path: Path, cfg: DataConfig) -> tuple[list[str], list[di
 
 class _FileNames:
     """A CSV's image names against the folder's files: a path under the folder (absolute too, if it
-    is inside), with or without its suffix, or a bare file name that one file has."""
+    is inside), with or without its suffix, or a bare file name that one file has. Names compare in
+    one Unicode form, as class names do: a sheet typed on one system names files copied from
+    another."""
 
     def __init__(self, root: Path, files: list[Path], csv_path: Path):
         self.root, self.csv_path = root, csv_path
-        self.by_rel = {p.relative_to(root).as_posix(): p for p in files}
+        self.by_rel = {class_name(p.relative_to(root).as_posix()): p for p in files}
         self.others: dict[str, list[Path]] = {}
         for rel, p in self.by_rel.items():
-            for key in {str(PurePosixPath(rel).with_suffix("")), p.stem, p.name}:
+            for key in {str(PurePosixPath(rel).with_suffix("")), class_name(p.stem),
+                        class_name(p.name)}:
                 self.others.setdefault(key, []).append(p)
 
     def match(self, name: str) -> Path | None:
-        pure = PurePosixPath(name.replace("\\", "/"))
+        pure = PurePosixPath(class_name(name.replace("\\", "/")))
         if pure.is_absolute() and ".." not in pure.parts:
-            for base in {self.root, self.root.resolve()}:
-                if pure.is_relative_to(base.as_posix()):
-                    pure = pure.relative_to(base.as_posix())
+            for base in {class_name(root.as_posix()) for root in (self.root, self.root.resolve())}:
+                if pure.is_relative_to(base):
+                    pure = pure.relative_to(base)
         if pure.is_absolute() or ".." in pure.parts:
             raise UserError(f"labels CSV {self.csv_path}: "
                             f"'{name}' points outside the data folder {self.root}")
