@@ -652,6 +652,8 @@ def test_class_counts_and_orders_of_odd_labels(tmp_path):
     for name in ("a/1.png", "b/2.png"):
         _gray(tmp_path / name)
     assert data_class_count(DataConfig(path=str(tmp_path), filter_label="a")) == 1
+    (tmp_path / "l.csv").write_text("image,label\na/1.png,a\nb/2.png,\n")  # one label left empty
+    assert data_class_count(DataConfig(path=str(tmp_path), labels=str(tmp_path / "l.csv"))) == 1
     assert class_order(["10", "2", "--5", "²", "-3"]) == ["-3", "2", "10", "--5", "²"]
 
 

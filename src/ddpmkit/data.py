@@ -257,7 +257,7 @@ def data_class_count(data: DataConfig) -> int:
         return 0
     else:
         labels = load_images(data, log=lambda *_: None).labels
-    return len(set(labels or []))
+    return len({label for label in labels or [] if label.strip()})  # training refuses an empty one
 
 
 def has_named_splits(path: str | Path) -> bool:
