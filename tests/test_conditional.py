@@ -168,3 +168,14 @@ def test_sample_command_class_and_manifest(conditional_run, tmp_path, capsys):
     assert ("balance with sample.guidance=0 would label unconditional samples"
             in capsys.readouterr().err)
     assert not (tmp_path / "x").exists() and not (tmp_path / "b").exists()
+
+
+def test_training_names_each_class_with_its_count_and_warns_of_names_alike_but_for_case(
+        tiny, tmp_path):
+    for name, n in (("Melanoma", 3), ("melanoma", 2), ("nevus", 5)):
+        write_images(tmp_path / "skin" / name, n=n, size=(8, 8), seed=n)
+    said = []
+    train(tiny(**{"data.path": str(tmp_path / "skin"), "model.class_conditional": True,
+                  "train.max_steps": 1}), log=said.append, progress=False)
+    assert "classes: Melanoma 3, melanoma 2, nevus 5" in said
+    assert any(m.startswith("warning: labels Melanoma, melanoma differ only in case") for m in said)

@@ -10,6 +10,7 @@ train.init_from's architecture.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +66,7 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
         if cfg.sample.class_label not in (None, *names):  # every later `sample` would refuse it
             raise UserError(f"--class {cfg.sample.class_label}: not a class of the data "
                             f"({', '.join(names[:20])}; config key sample.class_label)")
-        absent = [c for c in names if c not in set(data.labels)]
-        if absent:
-            log(f"warning: data.class_names names {', '.join(absent[:5])}, which no training "
-                f"image has: the model learns nothing of it here")
+        _describe_classes(names, data.labels, log)
         values.update({"data.class_names": names, "model.num_classes": len(names)})
     cfg = updated(cfg, values)
     if cfg.train.init_from and recorded and run.read_state()["checkpoints"]:
@@ -121,6 +119,22 @@ def _channels(cfg: Config, found: int) -> int:
         raise UserError(f"model.in_channels={cfg.model.in_channels} but the data has {found} "
                         f"channel(s): {fix} model.in_channels")
     return found
+
+
+def _describe_classes(names: list[str], labels: list[str], log) -> None:
+    """Each class's image count, and what a user would want to know before training on them."""
+    counts = Counter(labels)
+    log("classes: " + ", ".join(f"{name} {counts[name]:,}" for name in names[:20])
+        + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
+    absent = [c for c in names if not counts[c]]
+    if absent:
+        log(f"warning: data.class_names names {', '.join(absent[:5])}, which no training "
+            f"image has: the model learns nothing of it here")
+    folded = Counter(name.strip().casefold() for name in names)
+    alike = [name for name in names if folded[name.strip().casefold()] > 1]
+    if alike:  # "Melanoma" and "melanoma" would each be a class of half the images
+        log(f"warning: labels {', '.join(alike[:6])} differ only in case or spaces, and each is a "
+            f"class of its own: spell each class one way in the labels")
 
 
 def _class_ids(cfg: Config, data: ImageData) -> tuple[torch.Tensor, list[str]]:
