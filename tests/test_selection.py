@@ -157,6 +157,13 @@ def test_select_val_sets_the_thresholds_on_the_labelled_images_it_names(generato
         selection.validation_images(RunDir(run), str(tmp_path / "plain.npy"), inputs[3])
     np.savez(tmp_path / "other.npz", train_images=split["val_images"],
              train_labels=split["val_labels"] + 5)
+    labels = split["val_labels"][:40].copy()
+    labels[30:] += 7  # ten images of classes the run does not have
+    np.savez(tmp_path / "mixed.npz", train_images=split["val_images"][:40], train_labels=labels)
+    selection.validation_images(RunDir(run), str(tmp_path / "mixed.npz"), inputs[3],
+                                log=said.append)
+    foreign = sorted({str(int(v)) for v in split["val_labels"][30:40].ravel() + 7})
+    assert said[-1].endswith(f"10 of other classes left out: {', '.join(foreign)})"), said[-1]
     with pytest.raises(UserError, match=r"none of its images is both a class of the run \(0, 1\)"):
         selection.validation_images(RunDir(run), str(tmp_path / "other.npz"), inputs[3])
     with pytest.raises(UserError, match=r"all \d+ of its images of the run's classes are training"):

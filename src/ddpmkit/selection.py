@@ -195,9 +195,10 @@ def validation_images(run: RunDir, where: str, names: list[str],
         found = ", ".join(sorted(set(data.labels))[:3])
         raise UserError(f"--select-val {where}: none of its images is both a class of the run "
                         f"({', '.join(names)}) and not a training image (its labels: {found})")
+    others = sorted({label for label, k in zip(data.labels, known.tolist()) if not k})
     log(f"select: validation images from {where}: {int(keep.sum())} of {len(keep)} "
         f"({int((known & ~keep).sum())} training images, {int((~known).sum())} of other classes "
-        f"left out)")
+        f"left out{': ' + ', '.join(others[:5]) if others else ''})")
     return data.images[keep], [label for label, k in zip(data.labels, keep.tolist()) if k]
 
 
