@@ -420,3 +420,29 @@ def test_a_data_override_without_a_path_changes_the_data_of_the_run_that_made_ge
     # a folder whose name holds '=' is a folder, not an override
     odd = write_pngs(tmp_path / "lr=1e-4", images[:5]) / "individual"
     assert resolve_reference([str(odd)], 8, plain).images.shape == (5, 1, 8, 8)
+
+
+def test_one_class_of_samples_against_every_class_is_noted_and_the_class_can_be_chosen(tmp_path):
+    """`sample --class 3` against the run's data of ten digits: the distance would count the gap
+    between threes and the other digits; the note says so and names the reference that fits."""
+    from ddpmkit.config import load_config
+
+    images, labels = digits(200)
+    data = tmp_path / "d.npz"
+    np.savez(data, train_images=images[:, 0].numpy(), train_labels=np.array(labels, dtype=int))
+    run = tmp_path / "run"
+    RunDir(run).start(load_config(None, {"data.path": str(data)}), {}, step=0)
+    threes = images[[i for i, c in enumerate(labels) if c == "3"]]
+    gen = write_pngs(tmp_path / "g", threes)
+    (gen / "manifest.csv").write_text("file,label\n" + "".join(
+        f"individual/{i:06d}.png,3\n" for i in range(len(threes))))
+    (gen / ".ddpmkit.json").write_text(
+        json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
+    said = []
+    every = evaluate(gen, [str(run)], ("fid",), "efficientnet", log=said.append)
+    assert any("every generated image is of class 3, and the reference holds 10 classes" in s
+               and "--ref data.filter_label=3" in s for s in said), said
+    said.clear()
+    own = evaluate(gen, ["data.filter_label=3"], ("fid",), "efficientnet", log=said.append)
+    assert not any("every generated image" in s for s in said)
+    assert own["metrics"]["fd"] < every["metrics"]["fd"] / 2

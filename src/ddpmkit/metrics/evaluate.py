@@ -236,6 +236,7 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
             f"{'gray' if ref.images.shape[1] == 1 else 'colour'} references, both as RGB, so "
             f"colour alone sets them apart (compare in gray: --ref data.path=... data.channels=1)")
         ref.images, gen_images = fx.to_rgb(ref.images), fx.to_rgb(gen_images)
+    _note_one_class(Path(gen), ref, log)
     extractor = build_extractor(features, ref, inception_weights, torch.device(device), log)
     side = gen_images.shape[-1]
     _refuse_other_features(ref, extractor, side, gen)  # before minutes of extraction
@@ -295,6 +296,18 @@ def evaluate(gen: str | Path, refs: list[str], metrics: tuple[str, ...] = ("fid"
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["ddpmkit"], result["date"] = version(), time.strftime("%Y-%m-%d %H:%M:%S")
     return result
+
+
+def _note_one_class(gen: Path, ref: Reference, log) -> None:
+    """One class's samples against every class's images: the distance measures the gap between
+    the class and the rest too."""
+    made = {row.get("label", "") for _, row in manifest_images(gen, "file")}
+    classes = set(ref.labels or [])
+    if len(made) == 1 and "" not in made and len(classes) > 1:
+        label = made.pop()
+        log(f"note: every generated image is of class {label}, and the reference holds "
+            f"{len(classes)} classes: the distance counts that difference too (against that "
+            f"class's images: --ref data.filter_label={label})")
 
 
 def _check_options(metrics: tuple[str, ...], features: str, save_ref) -> None:
