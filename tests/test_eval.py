@@ -337,6 +337,10 @@ def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tm
                      .repeat_interleave(2, -2))
     assert main(["eval", str(big), *args[2:], "--ref", str(ref_file)]) == 2
     assert "read at 8x8, and" in capsys.readouterr().err
+    np.savez(ref_file, **arrays | {"feats": arrays["feats"][:, :5]})  # damaged or forged
+    assert main([*args, "--ref", str(ref_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "do not fit its mu" in err[0], err
 
 
 def test_wide_generated_images_are_read_at_one_scale_for_the_set(tmp_path):

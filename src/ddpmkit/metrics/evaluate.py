@@ -148,6 +148,9 @@ def _statistics(path: Path) -> Reference:
     stats = FeatureStats.load(path)
     with np.load(path, allow_pickle=False) as z:
         if "feats" in z.files and "extractor" in z.files:
+            if z["feats"].ndim != 2 or z["feats"].shape[1] != len(stats.mu):
+                raise UserError(f"{path}: its feats {z['feats'].shape} do not fit its mu "
+                                f"{stats.mu.shape}: write it again with --save-ref")
             return Reference(f"features {path}", stats=stats, feats=z["feats"].astype(np.float64),
                              extractor=json.loads(str(z["extractor"])),
                              read_at=int(z["read_at"]) if "read_at" in z.files else None)
