@@ -58,6 +58,25 @@ def copy_run(run_dir: Path, to: Path) -> Path:
 
 # --- nothing deleted outside what ddpmkit wrote ---------------------------------------------------
 
+def test_a_runs_linked_checkpoints_or_grids_folder_is_refused_not_written_through(
+        run_dir, tmp_path, capsys):
+    """Training would write its checkpoints through the link over another run's, then prune them
+    (their digests now its own)."""
+    import shutil
+
+    victim = copy_run(run_dir, tmp_path / "victim")
+    before = {p.name: p.read_bytes() for p in (victim / "checkpoints").iterdir()}
+    for folder in ("checkpoints", "grids"):
+        received = copy_run(run_dir, tmp_path / f"received_{folder}")
+        shutil.rmtree(received / folder)
+        (received / folder).symlink_to(victim / folder)
+        for extra in ([], ["--fresh"]):
+            one_line(capsys, "train", *TINY_ARGS, "--steps", 6, "train.checkpoint_every=2",
+                     "train.keep_last=1", "--out", received, "--quiet", *extra,
+                     says=f"{received / folder} is a link: a run writes and deletes files")
+    assert {p.name: p.read_bytes() for p in (victim / "checkpoints").iterdir()} == before
+
+
 @pytest.mark.parametrize("planted", ["absolute", "relative"])
 def test_checkpoints_a_state_file_names_outside_the_run_are_never_deleted(
         run_dir, tmp_path, capsys, planted):
@@ -179,11 +198,15 @@ def test_sample_never_writes_into_someones_folder_and_fresh_deletes_only_its_own
     assert (mine / "grids" / "grid_4x4.png").read_bytes() == b"my figure"
     (mine / "grids" / "grid_4x4.png").rename(mine / "grids" / "my_grid.png")
     assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--out", mine, "--force", "--quiet") == 0
+    for name in ("grid_4x4_annotated.png", "grid_explained_by_me.png"):  # named like the job's
+        (mine / "grids" / name).write_bytes(b"my note")
     assert cli("sample", run_dir, "-n", 16, "--steps", 2, "--seed", 1, "--out", mine,
                "--fresh", "--quiet") == 0
     # --fresh deleted the job's files alone
     assert (mine / "grids" / "figure1.csv").read_text() == "x,y\n"
     assert (mine / "grids" / "my_grid.png").read_bytes() == b"my figure"
+    for name in ("grid_4x4_annotated.png", "grid_explained_by_me.png"):
+        assert (mine / "grids" / name).read_bytes() == b"my note"
 
 
 def _noisy(folder: Path, n: int = 2) -> Path:

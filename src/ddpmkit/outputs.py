@@ -329,7 +329,8 @@ def sample_files(folder: Path) -> list[Path]:
     manifests = [folder / "manifest.csv", *sorted(folder.glob(".manifest-rank*.csv"))]
     images = [p for p in sorted(folder.glob("individual/*.png"))
               if re.fullmatch(r"\d+", p.stem) and (p.is_file() or p.is_symlink())]
-    grids = sorted(folder.glob("grids/grid_*x*.png"))
+    grids = [p for p in sorted(folder.glob("grids/grid_*x*.png"))
+             if re.fullmatch(r"grid_\d+x\d+", p.stem)]  # "grid_4x4_annotated.png" is a user's
     return [*images, *grids, *(p for p in [folder / "trajectory.gif", *manifests] if p.exists()),
             *about_images(folder)]
 

@@ -321,6 +321,10 @@ class RunDir:
                 p.name != atomic.FolderLock.NAME and not atomic.is_temporary(p)
                 for p in self.path.iterdir()):
             raise UserError(f"{self.path} exists and is not a ddpmkit run: choose another --out")
+        linked = [name for name in RUN_FOLDERS if (self.path / name).is_symlink()]
+        if linked:  # training would write, then prune, files wherever it points
+            raise UserError(f"{self.path / linked[0]} is a link: a run writes and deletes files "
+                            f"in a {linked[0]}/ folder of its own; replace the link with a folder")
         if fresh:
             if (cfg.train.init_from
                     and Path(cfg.train.init_from).expanduser().resolve() == self.path.resolve()):
