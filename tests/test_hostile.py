@@ -145,6 +145,14 @@ def test_a_pipe_in_place_of_a_runs_record_is_one_line_not_a_hang(run_dir, tmp_pa
     os.mkfifo(data / "meta.json")  # the data loader looks for runs to leave out
     with no_hang():
         assert len(load_images(DataConfig(path=str(data), image_size=8))) == 4
+    gen = tmp_path / "gen"  # a pipe in place of a generated image: eval and audit read them all
+    assert cli("sample", run_dir, "-n", 3, "--steps", 2, "--out", gen, "--quiet") == 0
+    (gen / "individual" / "000001.png").unlink()
+    os.mkfifo(gen / "individual" / "000001.png")
+    for command in (["eval", gen, "--ref", run_dir, "--features", "classifier"],
+                    ["audit", gen, "--ref", run_dir, "--features", "none"]):
+        with no_hang():
+            one_line(capsys, *command, says="000001.png: it is not a regular file")
 
 
 @pytest.mark.parametrize("lost", ["config.yaml", "state.json"])
