@@ -394,6 +394,31 @@ def test_a_record_with_fields_of_the_wrong_type_or_a_pipe_is_one_line(run_dir, t
              says="holds images no ddpmkit sampling job made there")
 
 
+def test_records_nested_past_the_parser_and_damaged_manifests_are_one_line(
+        run_dir, tmp_path, capsys):
+    deep = "[" * 200_000 + "]" * 200_000  # json.loads raises RecursionError, not ValueError
+    run = copy_run(run_dir, tmp_path / "run")
+    (run / "state.json").write_text(deep)
+    one_line(capsys, "sample", run, "-n", 1, "--steps", 2, "--out", tmp_path / "s",
+             says="nests too deep")
+    with open(run / "stats.jsonl", "a") as f:  # a bad stats line is dropped, as any other
+        f.write('{"step": 1, "loss": ' + deep + "}\n")
+    assert RunDir(run).read_stats() == RunDir(run_dir).read_stats()
+    gen = tmp_path / "gen"
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", gen, "--quiet") == 0
+    (gen / ".ddpmkit.json").write_text(deep)
+    one_line(capsys, "sample", run_dir, "-n", 2, "--steps", 2, "--out", gen,
+             says="holds images no ddpmkit sampling job made there")
+    gen = tmp_path / "gen2"
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", gen, "--quiet") == 0
+    manifest = gen / "manifest.csv"
+    for damaged in ("file,x\n" + "a" * 200_000 + ",1\n", b"file,label\n\xff\xfe,1\n"):
+        (manifest.write_text if isinstance(damaged, str) else manifest.write_bytes)(damaged)
+        for command in (["sample", run_dir, "-n", 2, "--steps", 2, "--out", gen],
+                        ["eval", gen, "--ref", run_dir, "--features", "classifier"]):
+            one_line(capsys, *command, says="it is not a manifest ddpmkit wrote")
+
+
 def test_a_link_to_a_folder_inside_an_output_folder_is_refused_not_written_through(
         run_dir, tmp_path, capsys):
     out, elsewhere = tmp_path / "gen", tmp_path / "elsewhere"

@@ -106,6 +106,15 @@ def read_small_text(path: Path, limit: int = MAX_RECORD_BYTES) -> str:
         return f.read(limit).decode()
 
 
+def read_json(path: Path, limit: int = MAX_RECORD_BYTES):
+    """A JSON record ddpmkit reads back (read_small_text's checks); ValueError for text that is no
+    JSON, or that nests deeper than the parser goes (a crafted file)."""
+    try:
+        return json.loads(read_small_text(path, limit))
+    except RecursionError:
+        raise ValueError(f"{path} nests too deep for a ddpmkit record") from None
+
+
 def remove_stale_temps(*folders: Path) -> int:
     """Delete temporaries that a killed process (SIGKILL, power loss) left behind in `folders`;
     returns how many. Only names `atomic_path` makes are touched."""

@@ -17,7 +17,6 @@ Output (`balance`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -343,7 +342,7 @@ class TopUp:
 def _earlier_probe(out: Path, name: str) -> dict:
     """The --class-guidance auto probe of class `name` that OUT/selection.json records, or {}."""
     try:
-        summary = json.loads(atomic.read_small_text(out / "selection.json"))
+        summary = atomic.read_json(out / "selection.json")
         probe = summary["classes"][name]["auto_guidance"]
         fidelity = {float(s): float(r) for s, r in probe["fidelity"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

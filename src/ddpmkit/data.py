@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import RECORD_NAME, read_small_text
+from .atomic import RECORD_NAME, read_json
 from .config import DataConfig, class_name
 from .errors import UserError
 from .limits import check_memory
@@ -353,7 +352,7 @@ def _generated_folders(listing: list[tuple[Path, list[str]]]) -> set[Path]:
     ours = {folder for folder, names in listing if RECORD_NAME in names}
     for meta in (folder / "meta.json" for folder, names in listing if "meta.json" in names):
         try:
-            if json.loads(read_small_text(meta)).get("format", "").startswith("ddpmkit-run/"):
+            if read_json(meta).get("format", "").startswith("ddpmkit-run/"):
                 ours.add(meta.parent)
         except (OSError, ValueError, AttributeError):
             continue  # someone's meta.json

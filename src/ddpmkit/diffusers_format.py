@@ -342,7 +342,7 @@ def ddpmkit_to_diffusers_state_dict(weights: dict[str, torch.Tensor],
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(atomic.read_small_text(path))
+        data = atomic.read_json(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):

@@ -87,8 +87,12 @@ def read_manifest(path: Path, header: bool = True) -> list[list[str]]:
     header; a torn last line (a crash mid-append) is left out."""
     if not path.is_file():
         return []
-    text = path.read_text()
-    rows = list(csv.reader(io.StringIO(text[: text.rfind("\n") + 1])))[1 if header else 0:]
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text[: text.rfind("\n") + 1])))[1 if header else 0:]
+    except (UnicodeDecodeError, csv.Error) as exc:  # damaged, or no manifest of ddpmkit's
+        raise UserError(f"cannot read {path} ({str(exc)[:100]}): it is not a manifest ddpmkit "
+                        f"wrote; move it out of the folder") from None
     return [[v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA) else v for v in row]
             for row in rows]
 
@@ -126,7 +130,7 @@ def read_record(folder: Path) -> dict | None:
     """The folder's record, or None when it has none (or one ddpmkit cannot read: a pipe, a
     file far larger than a record)."""
     try:
-        record = json.loads(atomic.read_small_text(folder / RECORD))
+        record = atomic.read_json(folder / RECORD)
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("job"), dict) else None

@@ -73,7 +73,7 @@ class RunDir:
     def meta(self) -> dict:
         """meta.json, or {} when it is missing or not ddpmkit's."""
         try:
-            meta = json.loads(atomic.read_small_text(self.meta_path))
+            meta = atomic.read_json(self.meta_path)
         except (OSError, ValueError):
             return {}
         return meta if isinstance(meta, dict) else {}
@@ -111,7 +111,7 @@ class RunDir:
         if not self.state_path.exists():
             return {"checkpoints": [], "best": None}
         try:
-            state = json.loads(atomic.read_small_text(self.state_path))
+            state = atomic.read_json(self.state_path)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read {self.state_path}: {exc}") from None
         entries = state.get("checkpoints") if isinstance(state, dict) else None
@@ -251,7 +251,7 @@ class RunDir:
         for line in text.splitlines():  # a line of damaged bytes is no JSON, and left out too
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             if isinstance(row, dict) and _is_int(row.get("step")) and 0 <= row["step"] < 2**63:
                 rows.append(row)
