@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -448,8 +449,9 @@ def _report(s: dict) -> str:
     keys = list(next(iter(s["table"].values())))
     lines = ["# Does the synthetic data help? (`ddpmkit downstream`)", "",
              f"**Verdict: {s['verdict']}.**", "",
-             "Data: " + "; ".join(f"{k} {v}" for k, v in s["data"].items()), "",
-             f"Classes {', '.join(s['classes'])}; test images per class {s['test_counts']}; "
+             "Data: " + "; ".join(f"{k} {_text(v)}" for k, v in s["data"].items()), "",
+             f"Classes {', '.join(map(_text, s['classes']))}; test images per class "
+             f"{s['test_counts']}; "
              f"{s['seeds']} seeds per arm; each classifier (a small ResNet) trained for "
              f"{s['steps']} steps of batch {s['batch']} (AdamW, one-cycle lr {s['lr']}), "
              f"{'with random shifts and flips' if s['augment'] else 'without augmentation'}: "
@@ -459,7 +461,7 @@ def _report(s: dict) -> str:
              + ("" if s["synthetic_share"] is None else
                 f"; in the arms with generated images, they are {s['synthetic_share']:g} of "
                 f"a topped-up class's draws"), "",
-             "| arm | " + " | ".join(_cell(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
+             "| arm | " + " | ".join(_text(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for arm, row in s["table"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in row.values())
                      + " |")
@@ -475,21 +477,23 @@ def _report(s: dict) -> str:
         lines += ["", "Class fidelity: the share of each class's images that the real-data "
                       "classifier (arm real, mean over seeds) assigns to that class:", ""]
         lines.append("- real test images: " + ", ".join(
-            f"{c} {s['table']['real'][f'recall[{c}]'][0]:.3f}" for c in s["classes"]))
-        lines += [f"- {arm[5:]} images: " + ", ".join(f"{c} {v:.3f}" for c, v in shares.items())
+            f"{_text(c)} {s['table']['real'][f'recall[{c}]'][0]:.3f}" for c in s["classes"]))
+        lines += [f"- {arm[5:]} images: " + ", ".join(f"{_text(c)} {v:.3f}"
+                                                      for c, v in shares.items())
                   for arm, shares in s["class_fidelity"].items()]
-    lines += ["", f"Leakage: {s['leakage']}.", "",
+    lines += ["", f"Leakage: {_text(s['leakage'])}.", "",
               f"Near-copies of the generator's training images among the synthetic ones: "
-              f"{s['synthetic_copies']}.", "",
+              f"{_text(s['synthetic_copies'])}.", "",
               "![balanced accuracy per arm](balanced_accuracy.svg)", "",
               "Synthetic images are for research, not for diagnosis."]
     # class names and paths are the user's: as text, never as HTML a Markdown viewer would run
     return html.escape("\n".join(lines) + "\n", quote=False)
 
 
-def _cell(text: str) -> str:
-    """A table cell that holds a class name: its bars and line breaks kept from ending the cell."""
-    return text.replace("|", "\\|").replace("\n", " ")
+def _text(value) -> str:
+    """A user's class name or path as literal Markdown: no link, image, emphasis or code it could
+    make, no bar or line break ending a table cell (html.escape then takes '<' and '&')."""
+    return re.sub(r"([\\`*_\[\]()!|#])", r"\\\1", str(value)).replace("\n", " ")
 
 
 COLOURS = {"real": "#888", "real+synthetic": "#2a7", "real+selected": "#c72", "oversampled": "#58c"}
