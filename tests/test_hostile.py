@@ -567,6 +567,23 @@ def test_array_files_that_declare_more_than_they_hold_or_than_memory_are_refused
         load_images(DataConfig(path=str(tmp_path / "bomb.npz")))
 
 
+def test_a_statistics_file_is_checked_before_it_is_inflated(tmp_path, monkeypatch, capsys):
+    """eval --ref STATS.npz: a sigma of zeros compresses to almost nothing; its header is read,
+    against the memory there is, before numpy inflates it."""
+    import ddpmkit.limits
+
+    stats = tmp_path / "stats.npz"
+    np.savez_compressed(stats, mu=np.zeros(2000), sigma=np.zeros((2000, 2000)))  # 32 MB, inflated
+    assert stats.stat().st_size < 100_000
+    (tmp_path / "gen" / "individual").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 9 * i, np.uint8)).save(tmp_path / "gen" / "individual"
+                                                              / f"{i}.png")
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 50_000_000)
+    one_line(capsys, "eval", tmp_path / "gen", "--ref", stats, "--metrics", "fid",
+             says="stats.npz[sigma] (shape (2000, 2000), float64) needs")
+
+
 def test_idx_files_are_checked_before_they_are_inflated(tmp_path):
     # 64 GiB declared, 1 MB written
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:

@@ -508,11 +508,11 @@ def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> Im
         else:
             with np.load(path, allow_pickle=False) as z:
                 key = _pick_npz_key(path, list(z.keys()), split)
-                _check_npz_member(path, key)
+                check_npz_member(path, key)
                 arr = z[key]
                 label_key = _labels_key(key)
                 if label_key != key and label_key in z:
-                    _check_npz_member(path, label_key)
+                    check_npz_member(path, label_key)
                     labels = z[label_key]
     except ValueError as exc:
         if "pickle" in str(exc):  # numpy falls back to unpickling what isn't an array file: refused
@@ -554,7 +554,10 @@ _PICKLED = ("cannot read {}: not a NumPy array file, or it holds Python objects,
 _NPY_HEADERS = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
 
 
-def _check_npy_header(f, stored: int, name: str) -> None:
+_SMALLER = "use data.stream=true for an .npy, or a smaller file"
+
+
+def _check_npy_header(f, stored: int, name: str, fix: str = _SMALLER) -> None:
     """An .npy's declared shape against the bytes it holds (`stored`, after its header) and the
     memory it would take, read from its header before any data."""
     try:
@@ -571,17 +574,16 @@ def _check_npy_header(f, stored: int, name: str) -> None:
     if declared > stored - f.tell():
         raise UserError(f"{name} declares an array of shape {shape} ({declared:,} bytes) but holds "
                         f"{stored - f.tell():,}: the file is damaged or not what it says")
-    check_memory(2 * declared, f"{name} (shape {shape}, {dtype})",
-                 "use data.stream=true for an .npy, or a smaller file")
+    check_memory(2 * declared, f"{name} (shape {shape}, {dtype})", fix)
 
 
-def _check_npz_member(path: Path, key: str) -> None:
+def check_npz_member(path: Path, key: str, fix: str = _SMALLER) -> None:
     """An .npz member's declared shape against its stored (uncompressed) size and the memory it
     takes, before numpy inflates it: a few compressed megabytes can inflate to gigabytes."""
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(f"{key}.npy")
         with z.open(info) as f:
-            _check_npy_header(f, info.file_size, f"{path}[{key}]")
+            _check_npy_header(f, info.file_size, f"{path}[{key}]", fix)
 
 
 def refuse_split_of_npy(path: Path, split: str) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from .. import atomic
 from ..config import DataConfig, data_config, parse_override
-from ..data import load_images
+from ..data import check_npz_member, load_images
 from ..errors import UserError
 from ..outputs import job_runs, manifest_images, write_about_images
 from ..pixels import IMAGE_SUFFIXES, read_image_files
@@ -145,6 +145,8 @@ def _holds_statistics(path: Path) -> bool:
 
 
 def _statistics(path: Path) -> Reference:
+    for key in _npz_arrays(path) or ():  # shapes from the headers, before a member is inflated
+        check_npz_member(path, key, "give the reference images instead")
     stats = FeatureStats.load(path)
     with np.load(path, allow_pickle=False) as z:
         if "feats" in z.files and "extractor" in z.files:
