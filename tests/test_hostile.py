@@ -358,6 +358,17 @@ def test_a_users_files_survive_fresh_force_and_staging_clean_ups(run_dir, tmp_pa
     assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", forced, "--force",
                "--quiet") == 0
     assert (forced / ".thesis.tmp").exists() and (forced / "notes" / ".vimrc.tmp").exists()
+    # a temporary of a job writing below the folder now, and a sync tool's file named like one
+    live = tmp_path / "project" / "gen_live"
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", live, "--quiet") == 0
+    (live / ".ddpmkit.lock").write_text("")
+    kept = [live / "individual" / ".000004.png.ddpmkit-k3j9x_2a.tmp",
+            tmp_path / "project" / ".syncthing.document.tmp"]
+    for path in kept:
+        path.write_text("in flight")
+    assert cli("sample", run_dir, "-n", 2, "--steps", 2, "--out", tmp_path / "project",
+               "--force", "--quiet") == 0
+    assert all(path.read_text() == "in flight" for path in kept)
     staging = tmp_path / ".hf.0123abcd.partial"  # named as export stages, but with an empty mark
     staging.mkdir()
     (staging / ".ddpmkit-staging").write_text("")

@@ -30,7 +30,7 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     """Yields a temporary path to write; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.ddpmkit-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -62,12 +62,13 @@ def head(path: Path, size: int) -> bytes:
         return f.read(size)
 
 
-# mkstemp's names: "." + the target's name + "." + 8 random letters, digits or _ + ".tmp"
-_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+# atomic_path's names: "." + the target's name + ".ddpmkit-" + mkstemp's 8 random letters, digits
+# or _ + ".tmp"
+_TEMPORARY = re.compile(r"\..+\.ddpmkit-[a-z0-9_]{8}\.tmp")
 
 
 def is_temporary(path: Path) -> bool:
-    """A name `atomic_path` makes (a user's ".notes.tmp" is not one)."""
+    """A name `atomic_path` makes (a user's ".notes.tmp" or ".sync.document.tmp" is not one)."""
     return bool(_TEMPORARY.fullmatch(path.name))
 
 

@@ -239,8 +239,7 @@ class OutputFolder:
             self._refuse_writing_over(ours)
             self.delete(ours)
         # temporaries a killed job of ours left (names atomic writes make), in its subfolders too
-        atomic.remove_stale_temps(self.path, *(p for p in self.path.rglob("*")
-                                               if p.is_dir() and not p.is_symlink()))
+        atomic.remove_stale_temps(*_own_folders(self.path))
         atomic.write_text(self.path / RECORD, json.dumps({"format": FORMAT, "kind": self.kind.name,
                                                           "job": self.identity}, indent=1))
 
@@ -319,6 +318,18 @@ def write_about_images(files: dict[Path, str], mark: str) -> None:
                             f"move it out of {path.parent}")
     for path, text in files.items():
         atomic.write_text(path, text)
+
+
+def _own_folders(top: Path) -> list[Path]:
+    """`top` and the folders below it, less links and other jobs' folders (a record or a lock: a
+    job beside which --force wrote may be writing its temporaries now)."""
+    found = [top]
+    for folder, subfolders, _ in os.walk(top):
+        subfolders[:] = [name for name in subfolders if not (
+            Path(folder, name).is_symlink() or (Path(folder, name) / RECORD).exists()
+            or (Path(folder, name) / atomic.FolderLock.NAME).exists())]
+        found += [Path(folder, name) for name in subfolders]
+    return found
 
 
 def existing(folder: Path, names) -> list[Path]:
