@@ -762,3 +762,18 @@ def test_sample_never_writes_into_the_runs_data_and_gif_replaces_only_a_gif(tmp_
     assert photo.read_bytes() == before == (tmp_path / "photo.gif").read_bytes()
     for _ in range(2):  # its own GIF it replaces
         assert cli("gif", run, "--out", tmp_path / "learning.gif") == 0
+
+
+def test_a_huge_stats_file_is_read_in_bounded_memory_and_thinned_for_the_report(
+        run_dir, tmp_path):
+    """A run's stats.jsonl of 100,000 rows (or a crafted one of any length): the report plots at
+    most 20,000 evenly spaced rows, and a line longer than any row ddpmkit writes is left out."""
+    run = copy_run(run_dir, tmp_path / "run")
+    rows = "".join(f'{{"step": {i}, "loss": {1 / (i + 1)}}}\n' for i in range(1, 100_001))
+    (run / "stats.jsonl").write_text('{"step": 0, "loss": "' + "x" * 3_000_000 + '"}\n' + rows)
+    kept = RunDir(run).read_stats()
+    steps = [r["step"] for r in kept]
+    assert len(kept) == 12_500 and steps == list(range(1, 100_001, 8))  # thinned by 8, evenly
+    assert cli("report", run) == 0 and (run / "report.html").stat().st_size < 5_000_000
+    RunDir(run).truncate_stats(50)
+    assert [r["step"] for r in RunDir(run).read_stats()] == list(range(1, 51))

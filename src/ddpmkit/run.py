@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .runtime import resolve_device
 from .schedule import Schedule
 from .unet import UNet, check_fits
 
+MAX_STATS_LINE = 1 << 20  # a row ddpmkit writes is a few hundred bytes
 FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
 # meta.json's fields a resume brings up to date: what the run trains on from then on
 RESUMED_META = ("data", "num_images", "skipped_images", "processes")
@@ -244,17 +246,29 @@ class RunDir:
                             f"saw: calibrating a threshold needs at least 20 (hundreds are better)")
         return images
 
-    def read_stats(self) -> list[dict]:
-        """The rows of stats.jsonl; a torn last line (a crash mid-append) is left out."""
-        rows = []
-        text = self.stats_path.read_text(errors="replace") if self.stats_path.is_file() else ""
-        for line in text.splitlines():  # a line of damaged bytes is no JSON, and left out too
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                continue
-            if isinstance(row, dict) and _is_int(row.get("step")) and 0 <= row["step"] < 2**63:
+    def stats_rows(self) -> Iterator[dict]:
+        """The rows of stats.jsonl, a line at a time; a torn last line (a crash mid-append), a line
+        of damaged bytes and one longer than any row ddpmkit writes are left out."""
+        if not self.stats_path.is_file():
+            return
+        with open(self.stats_path, errors="replace") as f:
+            while line := f.readline(MAX_STATS_LINE):
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    continue
+                if isinstance(row, dict) and _is_int(row.get("step")) and 0 <= row["step"] < 2**63:
+                    yield row
+
+    def read_stats(self, most: int = 20_000) -> list[dict]:
+        """stats.jsonl's rows, thinned evenly to at most `most` (what a report plots), in bounded
+        memory however long the file."""
+        rows, stride = [], 1
+        for i, row in enumerate(self.stats_rows()):
+            if i % stride == 0:
                 rows.append(row)
+                if len(rows) > most:
+                    rows, stride = rows[::2], stride * 2
         return rows
 
     @staticmethod
@@ -429,9 +443,10 @@ class RunDir:
         """Drop log lines past the step training restarts from (written after its checkpoint, before
         the crash), and a torn last line."""
         if self.stats_path.exists():
-            kept = [row for row in self.read_stats() if row["step"] <= step]
-            atomic.write_text(self.stats_path, "".join(atomic.json_text(row, indent=None) + "\n"
-                                                       for row in kept))
+            with atomic.atomic_path(self.stats_path) as tmp, open(tmp, "w") as out:
+                for row in self.stats_rows():
+                    if row["step"] <= step:
+                        out.write(atomic.json_text(row, indent=None) + "\n")
 
     def record_training_images(self, digests: list[str], log) -> None:
         """Keep training_images.sha256 a record of every image the run has trained on: a resume on
