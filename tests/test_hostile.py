@@ -622,6 +622,24 @@ def test_an_image_declaring_a_huge_size_is_named_not_decoded(tmp_path):
         load_images(DataConfig(path=str(png), image_size=8, on_error="fail"))
 
 
+def test_a_sampling_batch_is_checked_with_the_networks_activations(run_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    """The images alone of 20,000 8x8 samples take 15 MB; the network's activations for them
+    hundreds of MB more, which the check counts (from the network measured on the meta device)."""
+    import ddpmkit.limits
+    from ddpmkit.run import RunDir
+    from ddpmkit.unet import sampling_bytes
+
+    model = RunDir(run_dir).config().model
+    per_image = sampling_bytes(model, 8)
+    assert sampling_bytes(model, 16) > 3 * per_image  # activations grow with the pixels
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 20_000 * per_image // 2)
+    one_line(capsys, "sample", run_dir, "--num", 20_000, "--batch-size", 20_000, "--out",
+             tmp_path / "s", says="a batch of 20000 images of 8x8 through the network needs")
+    assert cli("sample", run_dir, "--num", 4, "--batch-size", 4, "--steps", 2, "--out",
+               tmp_path / "s", "--quiet") == 0
+
+
 @pytest.mark.parametrize("args,says", [
     (["--num", 10**12], "sample.num=1,000,000,000,000 is more than"),
     (["--size", 100000], "sample.size=100,000 is more than"),

@@ -35,6 +35,7 @@ from .distributed import World, barrier
 from .errors import UserError, expect
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
+from .unet import sampling_bytes
 from .metrics.memorization import CopyFilter, is_copy
 from .outputs import SAMPLE, OutputFolder, holds_data, read_manifest, write_manifest
 from .pixels import read_image
@@ -312,8 +313,10 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     _refuse_other_weights(run, cfg)
     spec = _checked(run, cfg, asked)
     side = cfg.size or run.image_size
-    check_memory(3 * min(cfg.batch_size, cfg.num) * run.channels * side * side * 4,
-                 f"a batch of {cfg.batch_size} images of {side}x{side}",
+    batch = min(cfg.batch_size, cfg.num)
+    network = sampling_bytes(run.config.model, run.image_size) * (2 if spec.guidance != 1 else 1)
+    check_memory(batch * (3 * run.channels * side * side * 4 + network),
+                 f"a batch of {batch} images of {side}x{side} through the network",
                  "lower --batch-size or --size")
     out = Path(cfg.out_dir)
     _refuse_the_runs_data(run, out)

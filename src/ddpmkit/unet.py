@@ -267,6 +267,30 @@ def measure(cfg: ModelConfig, image_size: int, flops: bool = False) -> tuple[UNe
     return net, saved[0], counts
 
 
+def sampling_bytes(cfg: ModelConfig, image_size: int) -> int:
+    """Memory one image takes in a network call without autograd, measured on the meta device: the
+    skip connections the up path waits for, plus six of the largest activation (a block's input,
+    its norms, convolutions and the concatenated skip)."""
+    with torch.device("meta"):
+        net = UNet(cfg, image_size)
+    outputs, skips = [], []
+
+    def record(into: list):
+        return lambda _module, _inputs, out: into.append(out.numel() * out.element_size())
+
+    kept = [net.conv_in, *(m for level in net.down for m in (*level.resnets, level.resample)
+                           if m is not None)]  # what forward() appends to its skips
+    leaves = [m for m in net.modules() if not any(m.children())]
+    hooks = [m.register_forward_hook(record(outputs)) for m in leaves]
+    hooks += [m.register_forward_hook(record(skips)) for m in kept]
+    with torch.no_grad():
+        net(torch.empty(1, cfg.in_channels, image_size, image_size, device="meta"),
+            torch.zeros(1, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    return sum(skips) + 6 * max(outputs)
+
+
 def check_fits(cfg: ModelConfig, image_size: int, device: torch.device, batch: int = 0) -> None:
     """Refuse a network (and, training, `batch` images of activations) that `device` cannot hold,
     before anything is built: a config's widths can ask for terabytes."""
