@@ -795,3 +795,27 @@ def test_a_huge_stats_file_is_read_in_bounded_memory_and_thinned_for_the_report(
     assert cli("report", run) == 0 and (run / "report.html").stat().st_size < 5_000_000
     RunDir(run).truncate_stats(50)
     assert [r["step"] for r in RunDir(run).read_stats()] == list(range(1, 51))
+
+
+def test_large_photos_are_resized_as_they_are_read_and_full_size_reads_are_checked(
+        tmp_path, monkeypatch, capsys):
+    """A folder of 3000x3000 photos (27 MB each decoded) trained at 8x8: each is resized before
+    the next is decoded, so the set is never held at full size; a command that keeps them at full
+    size (eval) checks the size their headers declare against memory first."""
+    import ddpmkit.data
+    import ddpmkit.limits
+    import ddpmkit.pixels
+
+    (tmp_path / "photos" / "individual").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (3000, 3000), (40 * i, 0, 0)).save(
+            tmp_path / "photos" / "individual" / f"{i}.png")
+    events, read, resize = [], ddpmkit.pixels.read_pixels, ddpmkit.data.resize_center_crop
+    monkeypatch.setattr(ddpmkit.pixels, "read_pixels", lambda p: events.append("read") or read(p))
+    monkeypatch.setattr(ddpmkit.data, "resize_center_crop",
+                        lambda x, s: events.append("fit") or resize(x, s))
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 100_000_000)
+    data = load_images(DataConfig(path=str(tmp_path / "photos"), image_size=8))
+    assert data.images.shape == (6, 3, 8, 8) and events[:12] == ["read", "fit"] * 6
+    one_line(capsys, "eval", tmp_path / "photos", "--ref", tmp_path / "photos",
+             "--features", "classifier", says="decoding the images in")

@@ -371,9 +371,15 @@ def _class_folder_labels(root: Path, files: list[Path]) -> list[str] | None:
 
 def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
     files, labels = list_image_files(root, cfg, log)
+    smaller = []  # images below data.image_size, enlarged to it
+
+    def fit(image: torch.Tensor) -> torch.Tensor:
+        smaller.append(min(image.shape[-2:]) < cfg.image_size)
+        return resize_center_crop(image[None], cfg.image_size)[0]
+
     read = read_image_files(files, f"the images under {root}", bit_depth=cfg.bit_depth,
                             channels=cfg.channels, on_error=cfg.on_error,
-                            hint=" (set data.on_error=skip to skip such files)")
+                            hint=" (set data.on_error=skip to skip such files)", fit=fit)
     kept = set(read.files)
     if labels:
         classes = set(labels)
@@ -382,15 +388,13 @@ def _load_folder(root: Path, cfg: DataConfig, log) -> ImageData:
         if lost:
             log(f"warning: every image of class {', '.join(lost[:5])} was unreadable and skipped: "
                 f"the data has no such class now")
-    images = torch.cat([resize_center_crop(img[None], cfg.image_size)
-                        for img in read.images])  # mixed sizes
-    upsampled = sum(min(img.shape[-2:]) < cfg.image_size for img in read.images)
+    images = torch.stack(read.images)
     desc = (f"{len(images)} images from {root}"
             + (f" (labelled by {cfg.labels})" if cfg.labels else "")
             + (f" ({len(read.skipped)} skipped)" if read.skipped else ""))
     return ImageData(images, desc + read.note, labels=labels, skipped=read.skipped,
                      files=[str(f) for f in read.files], source_path=str(root),
-                     bit_depth=read.bit_depth, upsampled=upsampled)
+                     bit_depth=read.bit_depth, upsampled=sum(smaller))
 
 
 def read_labels_csv(csv_path: Path, cfg: DataConfig) -> tuple[list[str], list[dict]]:

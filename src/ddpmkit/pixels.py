@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .limits import check_memory
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -130,27 +131,55 @@ def to_tensor(arr: np.ndarray, gray: bool) -> torch.Tensor:
 
 def read_image_files(files: list[Path], name: str, *, bit_depth: int | None = None,
                      channels: int | None = None, on_error: str = "fail", depth_of: str = "",
-                     hint: str = "") -> ImageFiles:
+                     hint: str = "", fit=None) -> ImageFiles:
     """Decode `files` into uint8 tensors with one value scale for all (`name` names the set in
     errors). Gray unless some image has colour (or `channels` says). on_error 'skip' leaves out
     unreadable files (listed in .skipped); 'fail' refuses the first, adding `hint`. `depth_of`:
-    whose bit depth `bit_depth` is, for the message when values do not fit it."""
-    decoded, kept, skipped = [], [], []
-    for path in files:
-        try:
-            decoded.append(read_pixels(path))
+    whose bit depth `bit_depth` is, for the message when values do not fit it. `fit` (a resize)
+    takes each image as soon as it is read, so a set of large photos is never held whole at full
+    size; images wider than 8 bits are decoded twice for that (once for the set's value range).
+    Without `fit`, the decoded size the headers declare is checked against memory first."""
+    if fit is None:
+        check_memory(2 * sum(map(_declared_bytes, files)), f"decoding {name} at full size",
+                     "give fewer or smaller images")
+    fit = fit or (lambda image: image)
+    images, kept, skipped, wide = [], [], [], []  # wide: (place in images, file), scaled later
+
+    def decoded():
+        for path in files:
+            try:
+                pixels = read_pixels(path)
+            except UNREADABLE as exc:
+                if on_error == "fail":
+                    raise UserError(f"cannot read image {path}: {exc}{hint}") from None
+                skipped.append((str(path), str(exc) or type(exc).__name__))
+                continue
             kept.append(Path(path))
-        except UNREADABLE as exc:
-            if on_error == "fail":
-                raise UserError(f"cannot read image {path}: {exc}{hint}") from None
-            skipped.append((str(path), str(exc) or type(exc).__name__))
-    if not decoded:
+            if pixels.dtype == np.uint8:
+                images.append(fit(to_tensor(pixels, gray=channels == 1 or pixels.ndim == 2)))
+            else:
+                wide.append((len(images), path))
+                images.append(None)
+            yield pixels
+
+    scales = image_scales(decoded(), name, bit_depth, depth_of=depth_of)
+    if not kept:
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise UserError(f"none of {name} could be read ({len(files)} tried{first})")
-    scales = image_scales(decoded, name, bit_depth, depth_of=depth_of)
-    gray = channels == 1 or (channels is None and all(a.ndim == 2 for a in decoded))
-    return ImageFiles([to_tensor(scaled_image(a, scales), gray) for a in decoded],
-                      kept, skipped, scales)
+    for place, path in wide:
+        images[place] = fit(to_tensor(scaled_image(read_pixels(path), scales), gray=True))
+    if channels == 3 or (channels is None and any(image.shape[0] == 3 for image in images)):
+        images = [image.expand(3, -1, -1).contiguous() for image in images]
+    return ImageFiles(images, kept, skipped, scales)
+
+
+def _declared_bytes(path: Path) -> int:
+    """The bytes an image file's header says its pixels take decoded (0 if it cannot be read)."""
+    try:
+        with open_image(path) as im:
+            return im.width * im.height * (4 if im.mode in WIDE_MODES else len(im.getbands()))
+    except (*UNREADABLE, UserError):
+        return 0
 
 
 def read_image(path: str | Path) -> torch.Tensor:
