@@ -311,3 +311,23 @@ def test_json_files_are_standard_json(tiny):
     write_report(run.path)
     for line in (run.path / "stats.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_a_lock_taken_on_a_file_its_last_holder_unlinked_is_taken_again(tmp_path, monkeypatch):
+    """Job B opens the lock file, job A (its holder) unlinks it and ends, B locks the unlinked file
+    while job C makes a new one: both would write. B sees its file is no longer the named one and
+    takes the lock again, on the file C would lock."""
+    import ddpmkit.atomic as atomic
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    stale = open(folder / atomic.FolderLock.NAME, "w+")
+    (folder / atomic.FolderLock.NAME).unlink()
+    opened, real = [], atomic.open_in_place
+    monkeypatch.setattr(atomic, "open_in_place", lambda path, mode: opened.append(path) or (
+        stale if len(opened) == 1 else real(path, mode)))
+    with atomic.FolderLock(folder, "sample"):
+        assert len(opened) == 2 and (folder / atomic.FolderLock.NAME).exists()
+        with pytest.raises(UserError, match="another ddpmkit sample is writing"):
+            with atomic.FolderLock(folder, "sample"):
+                pass

@@ -175,21 +175,31 @@ class FolderLock:
             raise UserError(f"output path {self.folder} is a file: choose a folder with --out")
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.file = open_in_place(self.folder / self.NAME, "r+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            job, detail = _holder(self.file.read())
+        while True:  # a lock taken on a file its last holder unlinked meanwhile is taken again
+            self.file = open_in_place(self.folder / self.NAME, "r+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.seek(0)
+                job, detail = _holder(self.file.read())
+                self.file.close()
+                raise UserError(f"another ddpmkit {job} is writing to {self.folder}{detail}: "
+                                f"wait for it, stop it, or choose another --out") from None
+            if self._still_named():
+                break
             self.file.close()
-            raise UserError(f"another ddpmkit {job} is writing to {self.folder}{detail}: "
-                            f"wait for it, stop it, or choose another --out") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(json.dumps({"job": self.job, "pid": os.getpid(), "command": sys.argv,
                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
         self.file.flush()
         return self
+
+    def _still_named(self) -> bool:
+        try:
+            return os.stat(self.folder / self.NAME).st_ino == os.fstat(self.file.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def __exit__(self, *exc) -> None:
         # unlinked while held: a job opening the file now is refused, a later one makes a new one
