@@ -819,3 +819,22 @@ def test_large_photos_are_resized_as_they_are_read_and_full_size_reads_are_check
     assert data.images.shape == (6, 3, 8, 8) and events[:12] == ["read", "fit"] * 6
     one_line(capsys, "eval", tmp_path / "photos", "--ref", tmp_path / "photos",
              "--features", "classifier", says="decoding the images in")
+
+
+@pytest.mark.parametrize("files", [{"memory.max": "500000000\n", "memory.current": "300000000\n"},
+                                   {"memory/memory.limit_in_bytes": "500000000\n",
+                                    "memory/memory.usage_in_bytes": "300000000\n"}])
+def test_a_containers_memory_limit_bounds_what_is_available(tmp_path, monkeypatch, files):
+    """In a container (a memory cgroup, v2 or v1) of 500 MB with 300 MB used, 200 MB is left,
+    whatever the host has: every memory check counts against that."""
+    import ddpmkit.limits
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(ddpmkit.limits, "CGROUP", tmp_path)
+    assert ddpmkit.limits.available_memory() == 200_000_000
+    with pytest.raises(UserError, match="needs 0.2 GiB of memory and 0.2 GiB is available"):
+        ddpmkit.limits.check_memory(200_000_001, "x", "y")
+    (tmp_path / "memory.max").write_text("max\n")  # v2 without a limit: the host's memory
+    assert ddpmkit.limits.available_memory() == ddpmkit.limits._system_memory()
