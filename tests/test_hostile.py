@@ -694,12 +694,13 @@ def test_a_class_name_that_is_a_formula_is_written_so_spreadsheets_do_not_run_it
     from ddpmkit.outputs import read_manifest, write_manifest
 
     write_manifest(tmp_path / "m.csv",
-                   [["a.png", "=cmd|'/C calc'!A0"], ["b.png", "+1"], ["c.png", "dog"]],
+                   [["a.png", "=cmd|'/C calc'!A0"], ["b.png", "+1"], ["c.png", "dog"],
+                    ["d.png", "'=quoted"]],
                    ["file", "label"])
     cells = [row[1] for row in csv.reader(open(tmp_path / "m.csv"))][1:]
-    assert cells == ["'=cmd|'/C calc'!A0", "'+1", "dog"]
+    assert cells == ["'=cmd|'/C calc'!A0", "'+1", "dog", "''=quoted"]
     assert ([row[1] for row in read_manifest(tmp_path / "m.csv")]
-            == ["=cmd|'/C calc'!A0", "+1", "dog"])
+            == ["=cmd|'/C calc'!A0", "+1", "dog", "'=quoted"])  # each name as it was
 
 
 def test_kid_has_no_spread_when_every_subset_is_the_whole_set():

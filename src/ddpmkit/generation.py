@@ -37,7 +37,8 @@ from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
 from .unet import sampling_bytes
 from .metrics.memorization import CopyFilter, is_copy
-from .outputs import SAMPLE, OutputFolder, holds_data, read_manifest, write_manifest
+from .outputs import (SAMPLE, OutputFolder, escaped, holds_data, read_manifest,
+                      write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
@@ -269,7 +270,7 @@ class _Writer:
             for row in rows:
                 atomic.fsync_file(self.out / row[0])
             buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows(rows)
+            csv.writer(buf, lineterminator="\n").writerows(map(escaped, rows))
             self.manifest = self.manifest or atomic.open_in_place(self.path, "a")
             self.manifest.write(buf.getvalue())
             self.manifest.flush()

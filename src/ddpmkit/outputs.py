@@ -67,6 +67,13 @@ def inside(folder: Path, relative: str) -> Path | None:
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 
+def escaped(row: list) -> list:
+    """A manifest row with each text cell a spreadsheet would run as a formula behind a quote (and
+    one that starts so behind a quote already, which `read_manifest` would otherwise take off)."""
+    return [f"'{v}" if isinstance(v, str) and v.lstrip("'").startswith(_FORMULA) else v
+            for v in row]
+
+
 def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
     """A manifest CSV, written atomically. A text cell that a spreadsheet would run as a formula is
     written behind a quote (OWASP's rule); `read_manifest` takes the quote off again. A job's
@@ -74,8 +81,7 @@ def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows([[f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA) else v for v in row]
-                      for row in rows])
+    writer.writerows(map(escaped, rows))
     if path.name == "manifest.csv" and path.is_file() and path.read_text() != buf.getvalue():
         for stale in about_images(path.parent):  # about the images it listed before
             stale.unlink()
@@ -93,7 +99,7 @@ def read_manifest(path: Path, header: bool = True) -> list[list[str]]:
     except (UnicodeDecodeError, csv.Error) as exc:  # damaged, or no manifest of ddpmkit's
         raise UserError(f"cannot read {path} ({str(exc)[:100]}): it is not a manifest ddpmkit "
                         f"wrote; move it out of the folder") from None
-    return [[v[1:] if v.startswith("'") and v[1:].startswith(_FORMULA) else v for v in row]
+    return [[v[1:] if v.startswith("'") and v.lstrip("'").startswith(_FORMULA) else v for v in row]
             for row in rows]
 
 
