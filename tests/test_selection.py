@@ -322,6 +322,29 @@ def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_p
     assert main(args) == 0 and len(probes) == 10
 
 
+def test_auto_guidance_scores_probes_as_candidates_are_written_at_size(generator, tmp_path,
+                                                                       monkeypatch):
+    """With sample.size the candidates are written upsampled (to_uint8(upsample(x)), a lossless
+    PNG) and scored read back at the run's size: the probes are scored on those pixels too, not
+    on the native samples."""
+    from ddpmkit import balance
+    from ddpmkit.data import resize_center_crop
+    from ddpmkit.images import to_uint8, upsample
+
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scored, real = [], selection.Selector.fidelity
+    monkeypatch.setattr(selection.Selector, "fidelity",
+                        lambda self, images, name: scored.append(images) or real(self, images,
+                                                                                 name))
+    monkeypatch.setattr(balance, "sample_batch", lambda *_: x)
+    assert main(["balance", str(generator[1]), "--out", str(tmp_path / "bal"), "--quiet",
+                 "sample.steps=3", "sample.size=16", "--select", "--select-threshold", "0.5",
+                 "--class-guidance", "auto"]) == 0
+    as_written = resize_center_crop(to_uint8(upsample(x, 16)), 8)
+    assert len(scored) == 5 and all(torch.equal(images, as_written) for images in scored)
+    assert not torch.equal(as_written, to_uint8(x))  # the two differ: the test can tell
+
+
 def test_auto_guidance_probes_with_the_steps_the_candidates_use(generator, tmp_path, monkeypatch):
     from ddpmkit import generation
 

@@ -33,7 +33,7 @@ from .data import load_images, resize_center_crop
 from .errors import UserError
 from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, SamplingSpec, finished_rows, generate,
                          keys_asked, no_unconditional_model, sample_batch)
-from .images import to_uint8
+from .images import to_uint8, upsample
 from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
 from .pixels import read_image
@@ -239,13 +239,19 @@ class TopUp:
         for scale in AUTO_SCALES:
             x = sample_batch(self.run, range(PROBE), mix_seed(cfg.seed, PROBE),
                              dataclasses.replace(spec, guidance=scale))
-            fidelity[scale], passing[scale] = self.selector.fidelity(to_uint8(x), name)
+            fidelity[scale], passing[scale] = self.selector.fidelity(self._as_scored(x, cfg), name)
         real = self.selector.real_fidelity[name]
         chosen = auto_scale(fidelity, real)
         self.probes[name] = {"fidelity": fidelity, "pass_rates": passing, "real_fidelity": real,
                              "real_pass": self.selector.real_pass[name], "chosen": chosen,
                              "probed_with": probed_with}
         return self._say_choice(name, fidelity, chosen, "")
+
+    def _as_scored(self, x: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+        """Probe images as candidates are scored: written at --size, read back at the run's."""
+        if not cfg.size:
+            return to_uint8(x)
+        return resize_center_crop(to_uint8(upsample(x, cfg.size)), self.run.config.data.image_size)
 
     def _say_choice(self, name: str, fidelity: dict[float, float], chosen: float,
                     whose: str) -> float:
