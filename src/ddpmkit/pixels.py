@@ -167,7 +167,12 @@ def read_image_files(files: list[Path], name: str, *, bit_depth: int | None = No
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise UserError(f"none of {name} could be read ({len(files)} tried{first})")
     for place, path in wide:
-        images[place] = fit(to_tensor(scaled_image(read_pixels(path), scales), gray=True))
+        try:
+            pixels = read_pixels(path)
+        except UNREADABLE as exc:  # it was read a moment ago
+            raise UserError(f"cannot read image {path} again: {exc}: it changed while ddpmkit "
+                            f"read the set") from None
+        images[place] = fit(to_tensor(scaled_image(pixels, scales), gray=True))
     if channels == 3 or (channels is None and any(image.shape[0] == 3 for image in images)):
         images = [image.expand(3, -1, -1).contiguous() for image in images]
     return ImageFiles(images, kept, skipped, scales)
