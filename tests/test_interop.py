@@ -340,6 +340,13 @@ def test_scheduler_options_map_to_ours():
     ({"up_block_types": ["UpBlock2D", "UpBlock2D"]}, "mirrored"),
     ({"block_out_channels": [32, 48]}, "block_out_channels"),
     ({"attention_head_dim": 24}, "attention_head_dim"),
+    # crafted: values of the wrong type or beyond any model, each one line, never a traceback
+    ({"block_out_channels": 32}, "block_out_channels"),
+    ({"attention_head_dim": 0}, "attention_head_dim"),
+    ({"num_class_embeds": 10**12}, "num_class_embeds"),
+    ({"down_block_types": [["x"], "DownBlock2D"]}, "down_block_types"),
+    ({"layers_per_block": 10**9}, "model.num_res_blocks: 1,000,000,000 is more than"),
+    ({"sample_size": 10**12}, "data.image_size: 1,000,000,000,000 is more than"),
 ])
 def test_unsupported_unet_options_are_refused(change, key):
     config = {**GRAY, **change}
@@ -357,6 +364,10 @@ def test_unsupported_unet_options_are_refused(change, key):
     ({"clip_sample_range": 2.0}, "clip_sample_range"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ({"prediction_type": "flow"}, "prediction_type"),
+    ({"prediction_type": ["v_prediction"]}, "prediction_type"),
+    ({"beta_schedule": {"linear": 1}}, "beta_schedule"),
+    ({"trained_betas": "abc"}, "trained_betas"),
+    ({"trained_betas": [[0.1, 0.2]]}, "trained_betas"),
 ])
 def test_unsupported_scheduler_options_are_refused(change, key):
     with pytest.raises(UserError, match=key):

@@ -21,6 +21,7 @@ import yaml
 
 from .augmentation import OPERATIONS
 from .errors import UserError, expect
+from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE
 from .samplers import SAMPLERS, SPACINGS
 from .schedule import PREDICTIONS, SCHEDULES
 
@@ -30,6 +31,13 @@ EVAL_FEATURES = ("classifier", "efficientnet", "inception")
 MAX_YAML_BYTES = 1 << 20  # a config is a page of text; anything larger is not one
 MAX_YAML_NODES = 100_000  # a config holds a few hundred values; aliases can expand to billions
 MAX_TIMESTEPS = 100_000  # far past any published schedule; its float64 tables stay small
+# upper bounds far past any network or job that fits a machine, far below what a typo asks: a
+# network is measured (built on the meta device) before its memory is checked, and that costs
+# time and memory per block and per class
+UPPER = {"data.image_size": MAX_SIDE, "model.base_channels": 1 << 16, "model.num_res_blocks": 64,
+         "model.attention_head_dim": 1 << 16, "model.norm_groups": 1 << 16,
+         "model.num_classes": 1_000_000, "train.grid_images": 4096,
+         "train.eval_num": MAX_IMAGES_PER_JOB, "train.audit_num": MAX_IMAGES_PER_JOB}
 
 
 def _key(default: Any = None, rule: str | tuple | None = None, factory=None):
@@ -233,6 +241,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
 
 
 def _check_rule(key: str, value: Any, rule) -> None:
+    if isinstance(value, (int, float)) and value > UPPER.get(key, math.inf):
+        raise UserError(f"config key {key}: {value:,} is more than ddpmkit's limit of "
+                        f"{UPPER[key]:,}")
     if rule is None or value is None and not isinstance(rule, tuple):
         return
     if isinstance(rule, tuple):
@@ -301,6 +312,10 @@ def _check_model(cfg: Config) -> None:
     if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
         raise UserError(f"config key model.channel_mult: needs positive entries, "
                         f"got {m.channel_mult}")
+    widest = UPPER["model.base_channels"]
+    if len(m.channel_mult) > 12 or m.base_channels * max(m.channel_mult) > widest:
+        raise UserError(f"config key model.channel_mult: {m.channel_mult} makes more levels or "
+                        f"wider ones than ddpmkit's limit (12 levels, {widest:,} channels)")
     if not m.time_freq_shift < m.base_channels // 2:  # the embedding divides by their difference
         raise UserError(f"config key model.time_freq_shift: {m.time_freq_shift:g} must be below "
                         f"half of model.base_channels ({m.base_channels // 2}); 1 is DDPM's, 0 "

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from . import atomic
 from .checkpoint import check_weights, load_into
-from .config import Config, load_config, updated
+from .config import UPPER, Config, load_config, updated
 from .errors import UserError
 from .schedule import cosine_betas, linear_betas
 from .unet import UNet
@@ -117,8 +117,9 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
     if not isinstance(size, int):
         raise _unsupported("sample_size", u["sample_size"], ["a square size"])
 
-    widths = list(u["block_out_channels"])
-    if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
+    widths = u["block_out_channels"]
+    if not isinstance(widths, (list, tuple)) or not widths or not all(
+            isinstance(w, int) and w > 0 for w in widths):
         raise _unsupported("block_out_channels", widths, ["positive integers"])
     base = widths[0]
     if any(w % base for w in widths):
@@ -152,12 +153,13 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
     # of full width; ours the same when the head dim divides every attention width (mid block too).
     head_dim = u["attention_head_dim"]
     attn_widths = [w for w, a in zip(widths, attn) if a] + [widths[-1]]
-    if head_dim is not None and (not isinstance(head_dim, int)
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1
                                  or any(w % head_dim for w in attn_widths)):
         raise _unsupported("attention_head_dim", head_dim,
                            [None, f"a divisor of {sorted(set(attn_widths))}"])
     classes = u["num_class_embeds"]
-    if classes is not None and (not isinstance(classes, int) or classes < 1):
+    if classes is not None and (not isinstance(classes, int)
+                                or not 1 <= classes <= UPPER["model.num_classes"]):
         raise _unsupported("num_class_embeds", classes, [None, "a positive integer"])
     # num_train_timesteps only sizes the embedding table of time_embedding_type "learned", refused
     # above; with "positional" diffusers ignores it, so it changes nothing here.
@@ -188,6 +190,9 @@ def _scheduler_overrides(scheduler_config: dict | None) -> dict:
     for key in ("thresholding", "rescale_betas_zero_snr"):
         if s[key]:
             raise _unsupported(key, s[key], [False], owner)
+    for key in ("prediction_type", "variance_type", "beta_schedule"):
+        if not isinstance(s[key], str):  # a list or a mapping would not even compare
+            raise _unsupported(key, s[key], ["a name"], owner)
     if s["prediction_type"] not in _PREDICTIONS:
         raise _unsupported("prediction_type", s["prediction_type"], list(_PREDICTIONS), owner)
     if s["variance_type"] not in _VARIANCES_IN:
@@ -198,7 +203,12 @@ def _scheduler_overrides(scheduler_config: dict | None) -> dict:
     T, start, end = s["num_train_timesteps"], s["beta_start"], s["beta_end"]
     if s["trained_betas"] is not None:
         # Explicit betas are kept only if one of our schedules (to the float32 they are stored in).
-        betas = np.asarray(s["trained_betas"], dtype=np.float64)
+        try:
+            betas = np.asarray(s["trained_betas"], dtype=np.float64)
+        except (TypeError, ValueError):
+            betas = None
+        if betas is None or betas.ndim != 1:
+            raise _unsupported("trained_betas", s["trained_betas"], ["a list of numbers"], owner)
         T = len(betas)
         candidates = {"linear": linear_betas(T, start, end), "cosine": cosine_betas(T)}
         schedule = next((name for name, ref in candidates.items()
