@@ -839,3 +839,32 @@ def test_a_containers_memory_limit_bounds_what_is_available(tmp_path, monkeypatc
         ddpmkit.limits.check_memory(200_000_001, "x", "y")
     (tmp_path / "memory.max").write_text("max\n")  # v2 without a limit: the host's memory
     assert ddpmkit.limits.available_memory() == ddpmkit.limits._system_memory()
+
+
+@pytest.mark.parametrize("metadata, command", [
+    ({"step": "abc"}, "sample"), ({"extra": "[1, 2"}, "sample"), ({"step": "-5"}, "export"),
+    ({"optimizer": '{"param_groups": [], "scalars": {"x/y/z": 1}}'}, "train"),
+])
+def test_a_checkpoint_with_crafted_metadata_is_one_line(run_dir, tmp_path, capsys, metadata,
+                                                        command):
+    """A received run whose checkpoint's metadata was changed and whose state.json was re-signed
+    to match: sample, export and a resume each say which file, in one line."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ddpmkit.checkpoint import file_sha256
+
+    run = copy_run(run_dir, tmp_path / "run")
+    path = next((run / "checkpoints").glob("step_*.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(path), metadata=meta | metadata)
+    state = json.loads((run / "state.json").read_text())
+    for entry in state["checkpoints"]:
+        entry["sha256"] = file_sha256(run / entry["file"])
+    (run / "state.json").write_text(json.dumps(state))
+    args = {"sample": ["sample", run, "-n", 1, "--steps", 2, "--out", tmp_path / "s"],
+            "export": ["export", run, "--out", tmp_path / "e"],
+            "train": ["train", *TINY_ARGS, "--steps", 6, "train.checkpoint_every=2",
+                      "train.keep_last=1", "--out", run]}[command]
+    one_line(capsys, *args, says=f"{path.name}")

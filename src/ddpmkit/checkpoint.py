@@ -74,12 +74,16 @@ def read_checkpoint(path: Path,
                 prefix, _, rest = name.partition("/")
                 if prefix in groups:
                     groups[prefix][rest] = f.get_tensor(name)
+            meta = {"step": int(meta["step"]),
+                    "optimizer": json.loads(meta.get("optimizer", "null")),
+                    "extra": json.loads(meta.get("extra", "{}"))}
+            if meta["step"] < 0 or not isinstance(meta["extra"], dict) or not isinstance(
+                    meta["optimizer"], (dict, type(None))):
+                raise ValueError("its metadata is not what ddpmkit writes")
     except UserError:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise UserError(f"cannot read checkpoint {path}: {exc}") from None
-    meta = {"step": int(meta["step"]), "optimizer": json.loads(meta.get("optimizer", "null")),
-            "extra": json.loads(meta.get("extra", "{}"))}
     return groups, meta
 
 
@@ -113,7 +117,11 @@ def restore(path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim
                         f"fine-tune from it with --init-from {run} and a new --out")
     load_into(model, groups["model"], f"checkpoint {path}")
     load_into(ema, groups["ema"], f"checkpoint {path}")
-    optimizer.load_state_dict(_unflatten_optimizer(groups["optim"], meta["optimizer"]))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(groups["optim"], meta["optimizer"]))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"cannot resume from {path}: its optimizer state is not what ddpmkit "
+                        f"writes ({type(exc).__name__}: {str(exc)[:80]})") from None
     return meta
 
 
