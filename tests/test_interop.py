@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import os
 import logging
 import sys
 import warnings
@@ -464,6 +465,18 @@ def test_import_refuses_bad_sources_and_existing_output(tmp_path):
         import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
     (tmp_path / "model_index.json").write_text("{broken")
     with pytest.raises(UserError, match="cannot read .*model_index.json"):
+        import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+    # a config that is there but cannot be read (a dangling link of a half-downloaded cache, a
+    # pipe) is refused, never taken for none (and the defaults: linear betas, eps)
+    (tmp_path / "model_index.json").unlink()
+    (tmp_path / "model_index.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(UserError, match="cannot read .*model_index.json"):
+        import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
+    (tmp_path / "model_index.json").unlink()
+    (tmp_path / "scheduler").mkdir()
+    os.mkfifo(tmp_path / "scheduler" / "scheduler_config.json")
+    with pytest.raises(UserError, match="cannot read .*scheduler_config.json"):
         import_diffusers(tmp_path, tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "out").exists()
 

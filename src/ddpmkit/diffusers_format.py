@@ -368,20 +368,26 @@ def _locate(folder: Path) -> tuple[Path, Path | None]:
     """-> (the folder holding the UNet's config.json and weights, the scheduler config or None).
     A pipeline folder has unet/ and scheduler/; a bare UNet folder (save_pretrained of the model, or
     an old hub repo's flat layout) has config.json, perhaps with scheduler_config.json beside it."""
-    if (folder / "unet" / "config.json").is_file():
+    if _present(folder / "unet" / "config.json"):
         unet, scheduler = folder / "unet", folder / "scheduler" / "scheduler_config.json"
-    elif (folder / "config.json").is_file():
+    elif _present(folder / "config.json"):
         unet, scheduler = folder, folder / "scheduler_config.json"
     else:
         raise UserError(f"{folder} is not a diffusers folder: expected unet/config.json "
                         f"(a pipeline) or config.json (a UNet2DModel)")
-    return unet, scheduler if scheduler.is_file() else None
+    return unet, scheduler if _present(scheduler) else None
+
+
+def _present(path: Path) -> bool:
+    """There, readable or not: a dangling link or a pipe where a config belongs is refused when it
+    is read, never taken for no config (and its defaults)."""
+    return path.exists() or path.is_symlink()
 
 
 def _check_pipeline(folder: Path) -> None:
     """A pipeline whose UNet works on something other than pixels (a latent pipeline's VAE or
     VQ-VAE space) would import without error and sample noise: refused by its model_index.json."""
-    if not (folder / "model_index.json").is_file():
+    if not _present(folder / "model_index.json"):
         return
     index = _read_json(folder / "model_index.json")
     latent = sorted(k for k in ("vae", "vqvae", "text_encoder") if k in index)
@@ -463,7 +469,7 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
         log(f"note: ignoring UNet2DModel config keys unknown to diffusers {DIFFUSERS_VERSION}: "
             f"{', '.join(unknown)}")
     cfg = diffusers_config_to_ddpmkit(unet_config, scheduler_config)
-    ours = _read_json(folder / CLASS_NAMES_FILE) if (folder / CLASS_NAMES_FILE).is_file() else {}
+    ours = _read_json(folder / CLASS_NAMES_FILE) if _present(folder / CLASS_NAMES_FILE) else {}
     names, dropout = ours.get("class_names"), ours.get("label_dropout")
     known = isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1
     if cfg.model.class_conditional:  # unknown counts as none: guidance needs the unconditional one
