@@ -432,7 +432,7 @@ def test_import_old_attention_names_and_refuse_pickled_weights(diffusers, tmp_pa
                for k, v in net.state_dict().items())
 
 
-def test_import_refuses_bad_sources_and_existing_output(tmp_path):
+def test_import_refuses_bad_sources_and_existing_output(tmp_path, monkeypatch):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(
         json.dumps({**GRAY, "time_embedding_type": "fourier"}))
@@ -452,6 +452,14 @@ def test_import_refuses_bad_sources_and_existing_output(tmp_path):
     with pytest.raises(UserError, match="no such folder"):
         import_diffusers(str(tmp_path / "missing" / "deeper" / "still"), tmp_path / "out",
                          log=lambda m: None)
+    # runs/typo looks like a hub id, but runs/ is a folder here: a mistyped path, never downloaded
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(UserError, match="runs/typo: no such folder"):
+        import_diffusers("runs/typo", tmp_path / "out", log=lambda m: None)
 
     # a latent pipeline's UNet would import and sample noise; an unreadable index is not skipped
     (tmp_path / "model_index.json").write_text(json.dumps({

@@ -427,7 +427,7 @@ def _fetch(source: str, log) -> tuple[Path, str]:
         if not path.is_dir():
             raise UserError(f"{path} is a file: pass the diffusers folder holding it")
         return path, str(path.resolve())
-    if not _HUB_ID.match(source):
+    if not _HUB_ID.match(source) or path.parent.is_dir():  # runs/typo: a path, not a repo
         raise UserError(f"{source}: no such folder "
                         f"(pass a diffusers folder, or a hub id like google/ddpm-cifar10-32)")
     hint = (f"download it on a machine with network (huggingface-cli download {source} "
