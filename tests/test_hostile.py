@@ -868,3 +868,18 @@ def test_a_checkpoint_with_crafted_metadata_is_one_line(run_dir, tmp_path, capsy
             "train": ["train", *TINY_ARGS, "--steps", 6, "train.checkpoint_every=2",
                       "train.keep_last=1", "--out", run]}[command]
     one_line(capsys, *args, says=f"{path.name}")
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE='abc' is no number"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "environment variable LOCAL_RANK='x' is no number"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but MASTER_ADDR is not: start the job with"),
+])
+def test_torchrun_variables_left_in_the_environment_are_one_line(run_dir, tmp_path, capsys,
+                                                                 monkeypatch, env, says):
+    for name in ("MASTER_ADDR", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    one_line(capsys, "sample", run_dir, "-n", 1, "--steps", 2, "--out", tmp_path / "s",
+             says=says)

@@ -7,7 +7,6 @@ Every config key can be set as `section.key=value`; the everyday flags set exact
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -695,7 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     if takes_overrides:
         ns.args = list(ns.args) + rest
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and ns.command not in DISTRIBUTED:
+        from .distributed import world_size
+
+        if world_size() > 1 and ns.command not in DISTRIBUTED:
             raise UserError(f"ddpmkit {ns.command} runs as one process (only "
                             f"{' and '.join(DISTRIBUTED)} share work under torchrun): run it "
                             f"without torchrun")

@@ -11,6 +11,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -28,10 +30,13 @@ def init_from_env(device_name: str = "auto", timeout_minutes: float = 60.0) -> W
     Rendezvous (--nnodes, --rdzv-endpoint ...) is torchrun's: it arrives here as MASTER_ADDR/PORT,
     RANK and WORLD_SIZE. `timeout_minutes` bounds every wait on another process, stated rather
     than left to the backend's default."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = world_size()
     if size <= 1:
         return World()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank, _ = _env_int("LOCAL_RANK", "0"), _env_int("RANK", "0")
+    if not os.environ.get("MASTER_ADDR"):
+        raise UserError(f"WORLD_SIZE={size} is set but MASTER_ADDR is not: start the job with "
+                        f"torchrun (which sets both), or unset WORLD_SIZE")
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -39,6 +44,20 @@ def init_from_env(device_name: str = "auto", timeout_minutes: float = 60.0) -> W
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def world_size() -> int:
+    """The processes torchrun started (WORLD_SIZE; 1 without torchrun)."""
+    return _env_int("WORLD_SIZE", "1")
+
+
+def _env_int(name: str, default: str) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"environment variable {name}={text!r} is no number: torchrun sets it; "
+                        f"unset it to run as one process") from None
 
 
 def device_for(world: World, device_name: str) -> str:
