@@ -305,6 +305,7 @@ def test_a_users_file_named_as_an_audit_result_is_neither_replaced_nor_deleted(
     (["--sigma", 0.2, "--steps", 5], "--method mmse is one network call"),
     (["--mask", "{tmp}/nowhere"], "mask folder not found"),
     (["--mask", "{tmp}/noisy", "--jump-length", 0], "--jump-length and --resamplings must be"),
+    (["--mask", "{tmp}/noisy", "--resamplings", 10**9], "--resamplings 1,000,000,000: at most"),
     (["--method", "sample", "--sampler", "ddim", "--sigma", 0.2], "'ddim' is deterministic"),
 ])
 def test_restoration_options_a_user_gets_wrong_are_one_line(run_dir, tmp_path, capsys, args,

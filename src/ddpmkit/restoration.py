@@ -217,10 +217,16 @@ def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: 
     return sampler_named(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
 
 
+MAX_RESAMPLINGS = 1000
+
+
 def _check_jumps(jump_length: int, resamplings: int) -> None:
     if jump_length < 1 or resamplings < 1:
         raise UserError(f"--jump-length and --resamplings must be at least 1, "
                         f"got {jump_length} and {resamplings}")
+    if resamplings > MAX_RESAMPLINGS:  # each one repeats every jump: the schedule grows with it
+        raise UserError(f"--resamplings {resamplings:,}: at most {MAX_RESAMPLINGS:,} (RePaint uses "
+                        f"10)")
 
 
 def repaint_schedule(levels: int, jump_length: int, resamplings: int) -> list[int]:
