@@ -181,3 +181,8 @@ def test_config_files_that_are_not_one_are_named(tmp_path):
     with pytest.raises(UserError, match=r"run is a run, not a config file: give .*config.yaml "
                                         r"to train another like it, or --out .*run to resume"):
         load_config(tmp_path / "run")
+
+
+def test_a_class_named_twice_is_refused_in_any_unicode_form():
+    with pytest.raises(UserError, match="config key data.class_names: 'caf\u00e9' is named twice"):
+        load_config(None, {"data.class_names": ["caf\u00e9", "a", "cafe\u0301"]})

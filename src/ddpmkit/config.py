@@ -289,6 +289,11 @@ def _section_from_dict(name: str, values: dict) -> Any:
         if f"{name}.{key}" in _CLASS_NAME_KEYS and kwargs[key] is not None:
             kwargs[key] = (class_name(kwargs[key]) if isinstance(kwargs[key], str)
                            else [class_name(v) for v in kwargs[key]])
+            twice = [v for v in set(kwargs[key]) if kwargs[key].count(v) > 1] if isinstance(
+                kwargs[key], list) else []
+            if twice:  # --class NAME would choose one of them
+                raise UserError(f"config key {name}.{key}: {twice[0]!r} is named twice; name each "
+                                f"class once")
         _check_rule(f"{name}.{key}", kwargs[key], fields[key].metadata.get("rule"))
     return cls(**kwargs)
 
