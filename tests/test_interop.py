@@ -430,6 +430,13 @@ def test_import_old_attention_names_and_refuse_pickled_weights(diffusers, tmp_pa
     assert net.state_dict().keys() == ours.state_dict().keys()
     assert all(torch.equal(v, ours.state_dict()[k].half().float())
                for k, v in net.state_dict().items())
+    # weights that are not finite floats: refused, not imported to sample NaN
+    size = weights["conv_in.bias"].shape
+    for bad in (torch.full(size, float("nan")), torch.zeros(size, dtype=torch.int32)):
+        save_file({**weights, "conv_in.bias": bad},
+                  str(tmp_path / "old" / "diffusion_pytorch_model.safetensors"))
+        with pytest.raises(UserError, match="tensor conv_in.bias is not finite floating-point"):
+            import_diffusers(tmp_path / "old", tmp_path / "run2", log=lambda m: None)
 
 
 def test_import_refuses_bad_sources_and_existing_output(tmp_path, monkeypatch):

@@ -416,8 +416,12 @@ def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 -- a damaged or foreign file: safetensors errors vary
         raise UserError(f"cannot read {path}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    # fp16 -> fp32 is exact
-    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    bad = next((k for k, v in weights.items()
+                if not v.is_floating_point() or not torch.isfinite(v).all()), None)
+    if bad is not None:  # a network of them samples NaN, or was not trained as a network
+        raise UserError(f"{path}: tensor {bad} is not finite floating-point weights "
+                        f"({weights[bad].dtype}): the file is damaged or not a trained model")
+    return {k: v.float() for k, v in weights.items()}  # fp16 -> fp32 is exact
 
 
 def _fetch(source: str, log) -> tuple[Path, str]:
