@@ -128,21 +128,7 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
     if u["time_embedding_dim"] not in (None, 4 * base):
         raise _unsupported("time_embedding_dim", u["time_embedding_dim"], [None, 4 * base])
 
-    down, up = list(u["down_block_types"]), list(u["up_block_types"])
-    if len(down) != len(widths) or len(up) != len(widths):
-        raise UserError(f"cannot convert: UNet2DModel has {len(widths)} block_out_channels but "
-                        f"{len(down)} down_block_types and {len(up)} up_block_types")
-    for key, types, allowed in (("down_block_types", down, _DOWN), ("up_block_types", up, _UP)):
-        for t in types:
-            if t not in allowed:
-                raise _unsupported(key, t, allowed)
-    # Our UNet puts attention on the same resolutions going down and up.
-    attn = [t == "AttnDownBlock2D" for t in down]
-    if attn != [t == "AttnUpBlock2D" for t in reversed(up)]:
-        raise UserError(f"cannot convert: attention in down_block_types {down} and "
-                        f"up_block_types {up} is not mirrored (ddpmkit uses the same attention "
-                        f"resolutions on both paths)")
-
+    attn = _attention_levels(u, len(widths))
     groups = u["norm_num_groups"]
     if not isinstance(groups, int):
         raise _unsupported("norm_num_groups", groups, ["an integer"])
@@ -179,6 +165,25 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
         overrides.update({"model.class_conditional": True,
                           "data.class_names": [str(i) for i in range(classes)]})
     return load_config(None, overrides)
+
+
+def _attention_levels(u: dict, levels: int) -> list[bool]:
+    """Which of the `levels` down blocks have attention; refused unless the up path mirrors them
+    (ddpmkit's UNet puts attention on the same resolutions going down and up)."""
+    down, up = list(u["down_block_types"]), list(u["up_block_types"])
+    if len(down) != levels or len(up) != levels:
+        raise UserError(f"cannot convert: UNet2DModel has {levels} block_out_channels but "
+                        f"{len(down)} down_block_types and {len(up)} up_block_types")
+    for key, types, allowed in (("down_block_types", down, _DOWN), ("up_block_types", up, _UP)):
+        for t in types:
+            if t not in allowed:
+                raise _unsupported(key, t, allowed)
+    attn = [t == "AttnDownBlock2D" for t in down]
+    if attn != [t == "AttnUpBlock2D" for t in reversed(up)]:
+        raise UserError(f"cannot convert: attention in down_block_types {down} and "
+                        f"up_block_types {up} is not mirrored (ddpmkit uses the same attention "
+                        f"resolutions on both paths)")
+    return attn
 
 
 def _scheduler_overrides(scheduler_config: dict | None) -> dict:
