@@ -34,8 +34,8 @@ MAX_TIMESTEPS = 100_000  # far past any published schedule; its float64 tables s
 # upper bounds far past any network or job that fits a machine, far below what a typo asks: a
 # network is measured (built on the meta device) before its memory is checked, and that costs
 # time and memory per block and per class
-UPPER = {"data.image_size": MAX_SIDE, "model.base_channels": 1 << 16, "model.num_res_blocks": 64,
-         "model.attention_head_dim": 1 << 16, "model.norm_groups": 1 << 16,
+UPPER = {"data.image_size": MAX_SIDE, "model.base_channels": 1 << 20, "model.num_res_blocks": 64,
+         "model.attention_head_dim": 1 << 20, "model.norm_groups": 1 << 20,
          "model.num_classes": 1_000_000, "train.grid_images": 4096,
          "train.eval_num": MAX_IMAGES_PER_JOB, "train.audit_num": MAX_IMAGES_PER_JOB}
 

@@ -491,9 +491,9 @@ def _report(s: dict) -> str:
 
 
 def _text(value) -> str:
-    """A user's class name or path as literal Markdown: no link, image, emphasis or code it could
-    make, no bar or line break ending a table cell (html.escape then takes '<' and '&')."""
-    return re.sub(r"([\\`*_\[\]()!|#])", r"\\\1", str(value)).replace("\n", " ")
+    """A user's class name or path as literal Markdown: no link or image (their brackets), code
+    span or table cell it could end (html.escape then takes '<' and '&')."""
+    return re.sub(r"([\\`\[\]|])", r"\\\1", str(value)).replace("\n", " ")
 
 
 COLOURS = {"real": "#888", "real+synthetic": "#2a7", "real+selected": "#c72", "oversampled": "#58c"}
