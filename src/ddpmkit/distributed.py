@@ -33,7 +33,8 @@ def init_from_env(device_name: str = "auto", timeout_minutes: float = 60.0) -> W
     size = world_size()
     if size <= 1:
         return World()
-    local_rank, _ = _env_int("LOCAL_RANK", "0"), _env_int("RANK", "0")
+    local_rank = _env_int("LOCAL_RANK", "0")
+    _env_int("RANK", "0")  # read by init_process_group, which would raise a bare ValueError
     if not os.environ.get("MASTER_ADDR"):
         raise UserError(f"WORLD_SIZE={size} is set but MASTER_ADDR is not: start the job with "
                         f"torchrun (which sets both), or unset WORLD_SIZE")
