@@ -35,13 +35,12 @@ from .distributed import World, barrier
 from .errors import UserError, expect
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
-from .unet import sampling_bytes
 from .metrics.memorization import CopyFilter, is_copy
-from .outputs import (SAMPLE, OutputFolder, escaped, holds_data, read_manifest,
-                      write_manifest)
+from .outputs import SAMPLE, OutputFolder, escaped, holds_data, read_manifest, write_manifest
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
+from .unet import sampling_bytes
 from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps, sampler_named
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
