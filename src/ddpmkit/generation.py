@@ -40,8 +40,8 @@ from .outputs import SAMPLE, OutputFolder, escaped, holds_data, read_manifest, w
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
-from .unet import sampling_bytes
 from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps, sampler_named
+from .unet import sampling_bytes
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
 GRID_SIDES = (4, 6, 8)
