@@ -5,6 +5,7 @@ import io
 import json
 import shutil
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,6 +379,19 @@ def test_downstream_counts_copies_at_the_threshold_drop_copies_used(run, tmp_pat
                                                         f"{threshold:.4f}, the one --drop-copies")
     assert "calibrated leave-one-out" in copy_rate(pool, [run])
     assert recorded_copy_threshold(tmp_path / "nothing") is None
+
+
+def test_audit_without_ref_audits_against_the_run_the_folder_names(run, tmp_path, capsys):
+    gen = tmp_path / "s"
+    assert main(["sample", str(run), "-n", "4", "--steps", "2", "--out", str(gen), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["audit", str(gen), "--features", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"] == str(Path(run).resolve())
+    plain = _pngs(tmp_path / "plain", torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+    assert main(["audit", str(plain), "--features", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "names no run that made it: give the run" in err[0], err
+    assert not (plain / "audit.json").exists()
 
 
 def _tiny_run(out, **overrides):

@@ -25,7 +25,7 @@ from .images import make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
 from .metrics.memorization import Audit, audit, nearest, nearest_features, seen_views
-from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, manifest_images,
+from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
                       write_about_images)
 from .report import CSS, data_uri, svg_plot
 from .run import RunDir
@@ -77,10 +77,21 @@ def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:
                         f"trained on then")
 
 
-def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, share: float = 0.01,
-              features: str = "auto", *, drop_overlap: bool = False, log=print) -> dict:
-    """Audit GEN against RUN's training images; returns the summary (also written into GEN)."""
-    gen, run = Path(gen), RunDir(ref)
+def _maker(gen: Path) -> Path:
+    """The one run GEN's job records name, for an audit given no --ref."""
+    runs = job_runs(gen)
+    if len(runs) != 1:
+        made_by = f"was made by {len(runs)} runs" if runs else "names no run that made it"
+        raise UserError(f"{gen} {made_by}: give the run that generated it with --ref RUN")
+    return runs[0]
+
+
+def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = None,
+              share: float = 0.01, features: str = "auto", *, drop_overlap: bool = False,
+              log=print) -> dict:
+    """Audit GEN against the training images of RUN (`ref`; None: the run GEN's records name);
+    returns the summary (also written into GEN)."""
+    gen = Path(gen)
     if not 0 < share < 0.5:
         raise UserError(f"--share {share}: the share of held-out images that may be flagged, "
                         f"above 0 and below 0.5, e.g. 0.01")
@@ -88,6 +99,7 @@ def run_audit(gen: str | Path, ref: str | Path, holdout: str | None = None, shar
         raise UserError(f"{gen} is a file: give the folder of generated images that holds it")
     if not gen.is_dir():
         raise UserError(f"generated-images folder not found: {gen}")
+    run = RunDir(_maker(gen) if ref is None else ref)
     if features not in FEATURES:
         raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")
     data, cfg = run.training_set(log), run.config()

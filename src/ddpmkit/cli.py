@@ -93,7 +93,7 @@ DOWNSTREAM_EXAMPLES = """examples:
 AUDIT_EXAMPLES = """examples:
   ddpmkit audit gen/ --ref runs/lesions                          # calibrated leave-one-out
   ddpmkit audit gen/ --ref runs/lesions --holdout lesions/val    # calibrated on held-out images
-  ddpmkit audit balanced/ --ref runs/pneumonia --holdout data.split=val --json
+  ddpmkit audit balanced/ --holdout data.split=val --json       # the run balanced/ names
 a generated image is a near-copy when it is closer to a training image than 99% of real images
 the generator never saw are (--share 0.01); writes GEN/audit.json and GEN/audit.html."""
 
@@ -277,7 +277,8 @@ def _audit_parser(sub) -> None:
     a = _command(sub, "audit", "are generated images copies of training images? (memorization)",
                  AUDIT_EXAMPLES)
     a.add_argument("gen", help="a sample or balance output folder, or any folder of images")
-    a.add_argument("--ref", required=True, help="the run that generated them")
+    a.add_argument("--ref", help="the run that generated them (default: the run GEN's records "
+                                 "name, for a sample or balance output)")
     _add_holdout_flags(a, "")
     a.add_argument("--share", type=float, default=0.01,
                    help="the share of held-out images that would be flagged (default 0.01)")
