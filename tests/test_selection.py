@@ -168,6 +168,9 @@ def test_select_val_sets_the_thresholds_on_the_labelled_images_it_names(generato
         selection.validation_images(RunDir(run), str(tmp_path / "other.npz"), inputs[3])
     with pytest.raises(UserError, match=r"all \d+ of its images of the run's classes are training"):
         selection.validation_images(RunDir(run), "data.split=train", inputs[3])
+    selection.validation_images(RunDir(run), "data.split=test", inputs[3], log=said.append)
+    assert [m for m in said if "warning" in m] == [said[-2]]  # the test split's, alone
+    assert "tunes the selection on the test split" in said[-2]
     out = tmp_path / "bal"  # the command takes it as data.key=value too
     assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3", "--select",
                  "--select-val", "data.split=val", "--max-candidates", "1"]) == 0

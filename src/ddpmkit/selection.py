@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, parse_override
 from .data import image_digests, load_images, named_splits
 from .errors import UserError
 from .metrics.classifier import cached_fit, predict
@@ -196,6 +196,9 @@ def validation_images(run: RunDir, where: str, names: list[str],
         raise UserError(f"--select-val {where}: none of its images is both a class of the run "
                         f"({', '.join(names)}) and not a training image (its labels: {found})")
     others = sorted({label for label, k in zip(data.labels, known.tolist()) if not k})
+    if "=" in where and parse_override(where) == ("data.split", "test"):
+        log(f"select: warning: --select-val {where} tunes the selection on the test split; a "
+            f"downstream study testing on it would then report a tuned figure: use data.split=val")
     log(f"select: validation images from {where}: {int(keep.sum())} of {len(keep)} "
         f"({int((known & ~keep).sum())} training images, {int((~known).sum())} of other classes "
         f"left out{': ' + ', '.join(others[:5]) if others else ''})")
