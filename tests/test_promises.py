@@ -53,6 +53,12 @@ def test_a_resume_that_would_compute_something_else_is_refused(tiny):
     with pytest.raises(UserError,
                        match=r"trained with a different config \(train.lr: 0.002 -> 0.5\)"):
         train(tiny(**{"train.max_steps": 4, "train.lr": 0.5}), log=quiet, progress=False)
+    said = []  # refused before the audit's threshold and the evaluation classifier are computed
+    with pytest.raises(UserError, match="trained with a different config"):
+        train(tiny(**{"train.max_steps": 4, "train.lr": 0.5, "train.audit_every": 2,
+                      "train.eval_every": 2, "train.eval_features": "classifier"}),
+              log=said.append, progress=False)
+    assert not any("near-copy threshold" in m or "evaluation classifier" in m for m in said), said
 
 
 def test_a_failed_start_writes_nothing(tiny, tmp_path, monkeypatch):

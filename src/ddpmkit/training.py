@@ -153,13 +153,16 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
         check_memory(3 * 4 * tc.batch_size * pixels,
                      f"a step's noise and images of train.batch_size={tc.batch_size}",
                      "use a smaller train.batch_size (train.grad_accum splits activations only)")
-    evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
-    copies = _copy_filter(prep, log) if tc.audit_every and world.is_main else None
+    _check_monitors(prep)
     board = _tensorboard_writer() if tc.tensorboard and world.is_main else None
-    job = Job(prep, RunDir(tc.out_dir), world, device, amp_dtype, share, evaluator, copies, log)
-    with atomic.FolderLock(job.run.path, "train") if world.is_main else contextlib.nullcontext():
+    run = RunDir(tc.out_dir)
+    with atomic.FolderLock(run.path, "train") if world.is_main else contextlib.nullcontext():
         # rank 0 chooses a fresh start or a resume; the others learn the outcome (or its error)
-        resume_from = on_main_then_shared(world, lambda: job.run.prepare(job.cfg, fresh, log))
+        resume_from = on_main_then_shared(world, lambda: run.prepare(prep.cfg, fresh, log))
+        # built once the run is accepted: a refused resume should not wait for them
+        evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
+        copies = _copy_filter(prep, log) if tc.audit_every and world.is_main else None
+        job = Job(prep, run, world, device, amp_dtype, share, evaluator, copies, log)
         state = _build_state(job)
         if not _start(job, state, resume_from):
             return job.run
@@ -628,11 +631,20 @@ def _tensorboard_writer():
     return lambda run: SummaryWriter(str(run.path / "tensorboard"))
 
 
-def _copy_filter(prep: Prepared, log) -> CopyFilter:
-    if not isinstance(prep.data, ImageData):
+def _check_monitors(prep: Prepared) -> None:
+    """train.audit_every and train.eval_every's refusals, before anything is written."""
+    tc, data = prep.cfg.train, prep.data
+    if tc.audit_every and not isinstance(data, ImageData):
         raise UserError("train.audit_every compares samples with every training image, which a "
                         "streamed dataset does not hold: set train.audit_every=0 and audit "
                         "samples afterwards (ddpmkit audit)")
+    if tc.eval_every and tc.eval_features == "classifier" and not data.labels:
+        raise UserError(f"train.eval_every needs labelled training images for "
+                        f"train.eval_features=classifier, and {prep.cfg.data.path or 'the data'} "
+                        f"has no labels: set train.eval_features=efficientnet or inception")
+
+
+def _copy_filter(prep: Prepared, log) -> CopyFilter:
     copies = CopyFilter.calibrated(prep.data.images, views=seen_views(prep.cfg))
     log(f"train.audit_every: near-copy threshold {copies.threshold:.4f} (leave-one-out distances "
         f"of the training images)")
@@ -643,10 +655,6 @@ def _evaluator(prep: Prepared, device: torch.device, log):
     from .metrics.evaluate import TrainingEvaluator
 
     data, cfg = prep.data, prep.cfg
-    if cfg.train.eval_features == "classifier" and not data.labels:
-        raise UserError(f"train.eval_every needs labelled training images for "
-                        f"train.eval_features=classifier, and {cfg.data.path or 'the data'} has no "
-                        f"labels: set train.eval_features=efficientnet or inception")
     if isinstance(data, ImageData):
         return TrainingEvaluator(cfg.train.eval_features, data.images, data.labels, device, log)
     n = min(len(data), 10_000)  # streamed: the reference is the first (up to) 10k images, read once

@@ -125,7 +125,8 @@ def train_classifier(images_u8: torch.Tensor, labels: list[str], cache_dir: Path
     net = cached_fit(cache_dir, x, y, len(names), steps=steps, batch=r["batch"], lr=r["lr"],
                      seed=r["seed"], flips=False, log=log,
                      announce=f"training the evaluation classifier on {len(labels)} labelled "
-                              f"real images ({len(names)} classes)")
+                              f"real images ({len(names)} classes, {steps} steps; cached for "
+                              f"next time)")
     with torch.no_grad():
         feats = torch.cat([net.features(batch_to_model(x[i:i + 512]))
                            for i in range(0, len(x), 512)])
