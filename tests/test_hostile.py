@@ -884,3 +884,13 @@ def test_torchrun_variables_left_in_the_environment_are_one_line(run_dir, tmp_pa
         monkeypatch.setenv(name, value)
     one_line(capsys, "sample", run_dir, "-n", 1, "--steps", 2, "--out", tmp_path / "s",
              says=says)
+
+
+def test_control_characters_in_a_named_path_cannot_reach_the_terminal(tmp_path, capsys):
+    """A crafted folder name could recolour the terminal, move its cursor or split the one-line
+    error; errors show such characters as escapes."""
+    crafted = tmp_path / "runs\x1b[2J\x1b]0;pwned\x07\nnext\u202e"
+    assert main(["sample", str(crafted), "-n", "1", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\u202e" not in err, err
+    assert "runs\\x1b[2J\\x1b]0;pwned\\x07\\x0anext\\u202e" in err

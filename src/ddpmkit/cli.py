@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import data_config, load_config, parse_override, updated
-from .errors import UserError
+from .errors import UserError, one_line
 from .runtime import version
 
 TRAIN_FLAGS = {  # flag -> config key
@@ -703,11 +703,11 @@ def main(argv: list[str] | None = None) -> int:
                             f"without torchrun")
         COMMANDS[ns.command](ns)
     except UserError as exc:
-        print(f"ddpmkit: error: {exc}", file=sys.stderr)
+        print(f"ddpmkit: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path the user named cannot be read or written
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ddpmkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"ddpmkit: error: {one_line(where)}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddpmkit: interrupted", file=sys.stderr)

@@ -11,10 +11,22 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line naming the bad thing and the fix."""
 
 
+# C0/C1 controls and bidirectional overrides: a file or class name holding them could move the
+# cursor, recolour the terminal or break the one-line message
+_CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+             for c in (*range(0x20), *range(0x7f, 0xa0), *range(0x202a, 0x202f),
+                       *range(0x2066, 0x206a))}
+
+
+def one_line(text: object) -> str:
+    """`text` with its control characters written as escapes, for the terminal."""
+    return str(text).translate(_CONTROLS)
+
+
 def warn(message: str) -> None:
     """A warning of a library call given no log: on stderr, so stdout stays a command's result
     (`--json`)."""
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
 def expect(value, kind: type, what: str) -> None:
