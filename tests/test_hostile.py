@@ -894,3 +894,23 @@ def test_control_characters_in_a_named_path_cannot_reach_the_terminal(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and "\u202e" not in err, err
     assert "runs\\x1b[2J\\x1b]0;pwned\\x07\\x0anext\\u202e" in err
+
+
+def test_torchrun_variables_naming_no_peer_say_so_and_fail_in_one_line(tmp_path, capsys,
+                                                                       monkeypatch):
+    """WORLD_SIZE and MASTER_ADDR left from another job: the wait is announced, bounded by
+    train.dist_timeout_minutes, and ends in one line rather than a traceback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    assert cli("train", *TINY_ARGS, "--steps", 2, "--out", tmp_path / "run",
+               "train.dist_timeout_minutes=0.02") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith(f"ddpmkit: joining 2 processes at 127.0.0.1:{port}")
+    assert err[1].startswith("ddpmkit: error: the 2 processes did not all join"), err
+    assert not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -34,7 +35,7 @@ def init_from_env(device_name: str = "auto", timeout_minutes: float = 60.0) -> W
     if size <= 1:
         return World()
     local_rank = _env_int("LOCAL_RANK", "0")
-    _env_int("RANK", "0")  # read by init_process_group, which would raise a bare ValueError
+    rank = _env_int("RANK", "0")  # read by init_process_group, which would raise a bare ValueError
     if not os.environ.get("MASTER_ADDR"):
         raise UserError(f"WORLD_SIZE={size} is set but MASTER_ADDR is not: start the job with "
                         f"torchrun (which sets both), or unset WORLD_SIZE")
@@ -42,8 +43,17 @@ def init_from_env(device_name: str = "auto", timeout_minutes: float = 60.0) -> W
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '')}"
+        if rank == 0:  # variables left from another job would wait here, silent, for no one
+            print(f"ddpmkit: joining {size} processes at {where} (waits up to "
+                  f"{timeout_minutes:g} minutes for the others; unset WORLD_SIZE to run as one "
+                  f"process)", file=sys.stderr)
+        try:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        except dist.DistError as exc:
+            raise UserError(f"the {size} processes did not all join at {where} ({exc}): start "
+                            f"the job with torchrun, or unset WORLD_SIZE") from None
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
