@@ -190,6 +190,27 @@ def test_results_about_a_jobs_images_go_when_its_manifest_changes(run_dir, tmp_p
     assert (out / "notes.txt").read_text() == "{}" and len(rows(out)) == 6
 
 
+def test_results_about_a_job_still_writing_are_refused_or_removed(run_dir, tmp_path, capsys):
+    """Audit or eval of a folder a job is writing would describe half its images: refused while
+    the job holds the folder, and results left from an interrupted job's images go when it ends."""
+    from ddpmkit import atomic
+
+    out = tmp_path / "o"
+    assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
+    (out / "manifest.csv").unlink()  # as an interrupted job leaves it: no manifest.csv yet
+    (out / "audit.json").write_text('{\n "written_by": "ddpmkit audit"}')
+    with atomic.FolderLock(out, "sample"):
+        for command in (("audit", out, "--ref", run_dir, "--features", "none"),
+                        ("eval", out, "--ref", run_dir, "--features", "classifier")):
+            capsys.readouterr()
+            assert cli(*command) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and f"a ddpmkit sample (pid {os.getpid()}" in err[0], err
+            assert "is writing to" in err[0] and "wait for it to finish" in err[0]
+    assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
+    assert not (out / "audit.json").exists() and len(rows(out)) == 4
+
+
 @pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "euler", "heun"])
 def test_every_sampler_from_the_cli(run_dir, tmp_path, sampler):
     out = tmp_path / sampler

@@ -73,7 +73,7 @@ def is_temporary(path: Path) -> bool:
 
 
 _IN_PLACE = {"a": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "r+": os.O_RDWR | os.O_CREAT,
-             "rb+": os.O_RDWR}
+             "rb+": os.O_RDWR, "rb": os.O_RDONLY}
 
 
 def open_in_place(path: Path, mode: str):
@@ -208,6 +208,23 @@ class FolderLock:
         if self.created and not any(self.folder.iterdir()):  # refused before it wrote anything
             with contextlib.suppress(OSError):
                 self.folder.rmdir()
+
+
+def writing_job(folder: Path) -> str | None:
+    """The job holding FOLDER's lock now ("sample (pid 1, since ...)"), or None. Looked at without
+    taking the lock, so a folder one may only read can be read."""
+    import fcntl
+
+    try:
+        with open_in_place(Path(folder) / FolderLock.NAME, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                job, detail = _holder(f.read(4096).decode("utf-8", "replace"))
+                return job + detail
+    except (OSError, UserError):  # no lock file (no job), or one ddpmkit would not take either
+        return None
+    return None
 
 
 def _holder(text: str) -> tuple[str, str]:

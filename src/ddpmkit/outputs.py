@@ -77,13 +77,14 @@ def escaped(row: list) -> list:
 def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
     """A manifest CSV, written atomically. A text cell that a spreadsheet would run as a formula is
     written behind a quote (OWASP's rule); `read_manifest` takes the quote off again. A job's
-    manifest.csv that changes takes the audit and eval results about its old images with it."""
+    manifest.csv that changes, or is written first, takes the audit and eval results about its
+    earlier images (listed, or left by an interrupted job) with it."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows(map(escaped, rows))
-    if path.name == "manifest.csv" and path.is_file() and path.read_text() != buf.getvalue():
-        for stale in about_images(path.parent):  # about the images it listed before
+    if path.name == "manifest.csv" and not (path.is_file() and path.read_text() == buf.getvalue()):
+        for stale in about_images(path.parent):
             stale.unlink()
     atomic.write_text(path, buf.getvalue(), fsync=True)
 
@@ -317,13 +318,24 @@ def about_images(folder: Path) -> list[Path]:
 
 def write_about_images(files: dict[Path, str], mark: str) -> None:
     """Write what audit or eval (`mark`, e.g. "ddpmkit audit") found beside the images it is about.
-    A file there that ddpmkit did not write is refused, before anything is written."""
+    A file there that ddpmkit did not write is refused, before anything is written, as is a folder
+    a job is writing now."""
+    for folder in {path.parent for path in files}:
+        refuse_being_written(folder)
     for path in files:
         if path.is_symlink() or path.is_dir() or (path.exists() and not _about_images_file(path)):
             raise UserError(f"{path} is not a file ddpmkit wrote, and {mark} would replace it: "
                             f"move it out of {path.parent}")
     for path, text in files.items():
         atomic.write_text(path, text)
+
+
+def refuse_being_written(folder: Path) -> None:
+    """Images a job is writing now: what is said about them would describe half of them."""
+    job = atomic.writing_job(folder)
+    if job:
+        raise UserError(f"a ddpmkit {job} is writing to {folder} now: wait for it to finish, "
+                        f"then run this again")
 
 
 def _own_folders(top: Path) -> list[Path]:

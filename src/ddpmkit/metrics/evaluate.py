@@ -25,7 +25,8 @@ from .. import atomic
 from ..config import DataConfig, data_config, parse_override
 from ..data import check_npz_member, load_images
 from ..errors import UserError
-from ..outputs import job_runs, manifest_images, write_about_images
+from ..outputs import (job_runs, manifest_images, refuse_being_written,
+                       write_about_images)
 from ..pixels import IMAGE_SUFFIXES, read_image_files
 from ..run import RunDir, recorded_bit_depth
 from ..runtime import version
@@ -57,6 +58,7 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"generated-images folder not found: {folder}")
+    refuse_being_written(folder)
     # sample and balance outputs name images in "file", restoration outputs in "output"; a balanced
     # set lists its real images too (synthetic=false): they are not generated
     files = [path for path, _ in manifest_images(folder, "file")
