@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import SafetensorError
 
 import ddpmkit.checkpoint
 import ddpmkit.generation
@@ -47,8 +48,9 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tiny, monkeypatch)
     def full_disk(tensors, filename, metadata=None):
         real_save(tensors, filename, metadata=metadata)
         with open(filename, "r+b") as f:
-            f.truncate(1000)  # half-written, then the disk is full
-        raise OSError(errno.ENOSPC, "No space left on device")
+            f.truncate(1000)  # half-written, then the disk is full, as safetensors reports it
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
 
     monkeypatch.setattr(ddpmkit.checkpoint, "save_file", full_disk)
     with pytest.raises(UserError, match="No space left on device; checkpoint of step 10 kept"):
@@ -56,6 +58,31 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tiny, monkeypatch)
     assert leftovers(run.path) == []
     assert [e["step"] for e in RunDir(run.path).verified_checkpoints()] == [10]
     assert load_run(run.path).step == 10
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="limits a child process's file size")
+def test_a_file_size_limit_on_checkpoints_and_exports_is_one_line(tmp_path):
+    """A real write failure (RLIMIT_FSIZE, as a full disk or quota fails it): safetensors raises its
+    own error type, not an OSError; each is one line naming the file, and nothing half-written."""
+    import resource
+
+    def run(*args, limit=None):
+        cap = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))) if limit else None
+        return subprocess.run([sys.executable, "-m", "ddpmkit", *map(str, args)],
+                              capture_output=True, text=True, timeout=300, preexec_fn=cap)
+
+    model = [*TINY_ARGS, "train.max_steps=2", "--quiet"]
+    done = run("train", "--out", tmp_path / "run", *model, limit=1_000_000)  # the digests fit
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-2000:]
+    assert "cannot write checkpoint" in err[0] and "File too large" in err[0], err
+    assert leftovers(tmp_path / "run") == []
+    assert run("train", "--out", tmp_path / "run", *model).returncode == 0
+    done = run("export", tmp_path / "run", "--out", tmp_path / "exported", limit=300_000)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-2000:]
+    assert "diffusion_pytorch_model.safetensors: File too large" in err[0], err
+    assert not (tmp_path / "exported").exists() and not list(tmp_path.glob(".exported*"))
 
 
 def test_disk_full_while_sampling_keeps_finished_images(tiny, tmp_path, monkeypatch, capsys):

@@ -42,6 +42,11 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         if fsync:  # make the rename durable where folders can be fsynced
             with contextlib.suppress(OSError):
                 fsync_file(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a write that failed (disk full, quota): name what it was for
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

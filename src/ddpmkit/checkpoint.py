@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -55,8 +57,19 @@ def save_checkpoint(path: Path, model: nn.Module, ema: nn.Module,
     metadata = {"format": FORMAT, "step": str(step), "optimizer": json.dumps(optim_meta),
                 "extra": json.dumps(extra or {})}
     with atomic.atomic_path(path, fsync=True) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_tensors(tensors, tmp, metadata)
     return file_sha256(path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    """safetensors' save_file, whose I/O failures (a full disk included) are OSErrors here, as
+    Python's own writes' are (`atomic_path` names the file)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        number = int(code[1]) if code else None
+        raise OSError(number, os.strerror(number) if number else str(exc)) from None
 
 
 def read_checkpoint(path: Path,

@@ -11,10 +11,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import atomic
-from .checkpoint import save_checkpoint
+from .checkpoint import save_checkpoint, save_tensors
 from .config import updated
 from .diffusers_format import (CLASS_NAMES_FILE, DIFFUSERS_VERSION, WEIGHTS,
                                ddpmkit_to_diffusers_config, ddpmkit_to_diffusers_state_dict,
@@ -67,8 +66,8 @@ def export_diffusers(run_path: str | Path, out: str | Path, checkpoint: str = "l
         write_json(tmp / "model_index.json", index)
         write_json(tmp / "unet" / "config.json", unet_config)
         with atomic.atomic_path(tmp / "unet" / f"{WEIGHTS}.safetensors") as path:
-            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path),
-                      metadata={"format": "pt"})
+            save_tensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}, path,
+                         {"format": "pt"})
         write_json(tmp / "scheduler" / "scheduler_config.json", scheduler_config)
         if run.config.data.class_names:  # and whether guidance other than 1 has a model to use
             write_json(tmp / CLASS_NAMES_FILE, {"class_names": run.config.data.class_names,

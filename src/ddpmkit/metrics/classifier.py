@@ -102,7 +102,9 @@ def cached_fit(cache_dir: Path, images_u8: torch.Tensor, labels: np.ndarray, cla
     """fit(), loaded from `cache_dir` when the same images, labels and options were fitted before
     (the fit is seeded, so the file holds what fitting again would give); `announce` is logged
     when it fits."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from ..checkpoint import save_tensors
 
     weights = options.get("weights")
     recipe = {k: v for k, v in options.items() if k != "weights"}
@@ -117,7 +119,7 @@ def cached_fit(cache_dir: Path, images_u8: torch.Tensor, labels: np.ndarray, cla
     log(announce)
     net = fit(images_u8, labels, classes, **options)
     with atomic.atomic_path(path) as tmp:
-        save_file(net.state_dict(), str(tmp))
+        save_tensors(net.state_dict(), tmp)
     return net
 
 
