@@ -84,6 +84,18 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
                  "sample.steps=3"]) == 0
     assert mine.is_symlink()
     mine.unlink()
+    # a link replaced by a file of the user's: refused by name before any link is touched
+    links = sorted(p.name for p in (out / "by_class").rglob("*"))
+    theirs = next((out / "by_class" / "dog").iterdir())
+    theirs.unlink()
+    theirs.write_text("precious")
+    capsys.readouterr()
+    assert main(["balance", str(run), "--out", str(out), "--by-class-folders", "--quiet",
+                 "sample.steps=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{theirs} is not a file ddpmkit wrote" in err[0], err
+    assert sorted(p.name for p in (out / "by_class").rglob("*")) == links
+    theirs.unlink()
     # a smaller target: the class folders follow the new manifest, no stale link is left
     assert main(["balance", str(run), "--out", str(out), "--target", "3", "--class", "dog",
                  "--by-class-folders", "--quiet", "sample.steps=3"]) == 0

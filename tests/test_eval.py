@@ -16,6 +16,14 @@ from ddpmkit.metrics.inception import FIDInceptionV3, load_fid_inception
 from ddpmkit.run import RunDir
 
 
+def _made_by(gen, run):
+    """A sample folder's record naming the run that made it."""
+    from ddpmkit.outputs import FORMAT, RECORD
+
+    (gen / RECORD).write_text(json.dumps({"format": FORMAT, "kind": "sample",
+                                          "job": {"run": str(run.resolve())}}))
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPMKIT_CACHE", str(tmp_path / "cache"))
@@ -365,8 +373,7 @@ def test_reference_data_is_read_at_the_generators_bit_depth(tmp_path):
     RunDir(run).start(load_config(None, {"data.bit_depth": 12}), {}, step=0)
     images, _ = digits(20)
     gen = write_pngs(tmp_path / "g", images)
-    (gen / ".ddpmkit.json").write_text(
-        json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
+    _made_by(gen, run)
     (tmp_path / "real").mkdir()
     for i, img in enumerate(images.numpy()):
         # 16-bit, largest 765
@@ -409,16 +416,14 @@ def test_a_data_override_without_a_path_changes_the_data_of_the_run_that_made_ge
     RunDir(run).start(load_config(None, {"data.path": str(data)}), {}, step=0)
     gen = write_pngs(tmp_path / "g", images[:4])
     plain = write_pngs(tmp_path / "plain", images[:4])
-    (gen / ".ddpmkit.json").write_text(
-        json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
+    _made_by(gen, run)
     assert resolve_reference(["data.split=test"], 8, gen).images.shape == (10, 1, 8, 8)
     with pytest.raises(UserError, match="no data.path, and .* was not made by one run"):
         resolve_reference(["data.split=test"], 8, plain)
     # an imported model has no data of its own: not the bundled digits a missing data.path reads
     imported = tmp_path / "imported"
     RunDir(imported).start(load_config(None, {}), {"imported_from": "hub"}, step=0)
-    (gen / ".ddpmkit.json").write_text(
-        json.dumps({"kind": "sample", "job": {"run": str(imported.resolve())}}))
+    _made_by(gen, imported)
     with pytest.raises(UserError, match="is an imported model, which has no training data"):
         resolve_reference(["data.split=train"], 8, gen)
     # a folder whose name holds '=' is a folder, not an override
@@ -440,8 +445,7 @@ def test_one_class_of_samples_against_every_class_is_noted_and_the_class_can_be_
     gen = write_pngs(tmp_path / "g", threes)
     (gen / "manifest.csv").write_text("file,label\n" + "".join(
         f"individual/{i:06d}.png,3\n" for i in range(len(threes))))
-    (gen / ".ddpmkit.json").write_text(
-        json.dumps({"kind": "sample", "job": {"run": str(run.resolve())}}))
+    _made_by(gen, run)
     said = []
     every = evaluate(gen, [str(run)], ("fid",), "efficientnet", log=said.append)
     assert any("every generated image is of class 3, and the reference holds 10 classes" in s

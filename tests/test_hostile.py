@@ -782,6 +782,10 @@ def test_sample_never_writes_into_the_runs_data_and_gif_replaces_only_a_gif(tmp_
     assert photo.read_bytes() == before == (tmp_path / "photo.gif").read_bytes()
     for _ in range(2):  # its own GIF it replaces
         assert cli("gif", run, "--out", tmp_path / "learning.gif") == 0
+    for folder in ("checkpoints", "grids"):  # the run's own folders, which it prunes
+        one_line(capsys, "gif", run, "--out", run / folder / "x.gif",
+                 says=f"is inside the {folder}/ folder that training keeps in run")
+    assert cli("gif", run) == 0 and (run / "learning.gif").is_file()
 
 
 def test_a_huge_stats_file_is_read_in_bounded_memory_and_thinned_for_the_report(

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -642,6 +643,27 @@ def test_a_rerun_restores_only_what_an_interrupted_run_left(tiny_run, tmp_path, 
     assert restored == [1]  # the one image the interrupted run had not written
     for name in ["grid.png", "manifest.csv", *(f"individual/{n}" for n in names)]:
         assert (tmp_path / "out" / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_an_input_changed_since_the_last_run_is_not_taken_for_done(tiny_run, tmp_path):
+    """The record holds the inputs' pixels, not only their names: a rerun after an input changed
+    is another job (refused, or redone with fresh), never the old output under the new input."""
+    rng = np.random.default_rng(6)
+    _write_pngs(tmp_path / "in", [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in "ab"],
+                ["a.png", "b.png"])
+    restore = partial(restore_folder, tiny_run, "img2img", tmp_path / "in", tmp_path / "out",
+                      steps=3, log=lambda *a: None)
+    before = restore()
+    old = (before / "individual" / "a.png").read_bytes()
+    _write_pngs(tmp_path / "in", [np.zeros((8, 8), dtype=np.uint8)], ["a.png"])
+    with pytest.raises(UserError, match=r"another restoration \(files: 1 differ \('a.png'\)\)"):
+        restore()
+    assert (before / "individual" / "a.png").read_bytes() == old
+    restore(fresh=True)
+    again = restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "new", steps=3,
+                           log=lambda *a: None)
+    assert (before / "individual" / "a.png").read_bytes() == (
+        again / "individual" / "a.png").read_bytes() != old
 
 
 def test_a_file_name_that_is_not_utf8_is_refused_before_anything_is_written(tiny_run, tmp_path):

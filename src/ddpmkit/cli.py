@@ -530,6 +530,7 @@ def cmd_info(ns: argparse.Namespace) -> None:
 
 def cmd_gif(ns: argparse.Namespace) -> None:
     from . import atomic
+    from .outputs import refuse_run_folders
     from .report import learning_gif, training_grids
     from .run import RunDir
 
@@ -547,6 +548,7 @@ def cmd_gif(ns: argparse.Namespace) -> None:
                         f"e.g. {out / 'learning.gif'}")
     if out.suffix.lower() != ".gif":
         raise UserError(f"--out {out}: a GIF's name ends in .gif")
+    refuse_run_folders(out, "learning GIF")
     if out.is_symlink() or (out.is_file() and atomic.head(out, 4) != b"GIF8"):
         raise UserError(f"{out} is not a GIF: choose another --out (ddpmkit never replaces it)")
     # a data or samples folder: "no training grids" would read as a run that lost them

@@ -31,7 +31,7 @@ from . import atomic
 from .errors import UserError
 from .run import RUN_FOLDERS, RunDir
 
-FORMAT = "ddpmkit-output/1"
+FORMAT = "ddpmkit-output/2"
 RECORD = atomic.RECORD_NAME
 
 
@@ -140,7 +140,13 @@ def read_record(folder: Path) -> dict | None:
         record = atomic.read_json(folder / RECORD)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("job"), dict) else None
+    if not (isinstance(record, dict) and isinstance(record.get("job"), dict)):
+        return None
+    if record.get("format") != FORMAT:
+        raise UserError(f"{folder} was written by another version of ddpmkit (its {RECORD} is "
+                        f"{str(record.get('format'))[:40]!r}, this one reads {FORMAT!r}): write "
+                        f"into a new folder, or rerun that job there")
+    return record
 
 
 def job_identities(folder: Path) -> list[dict]:
@@ -177,6 +183,11 @@ def refuse_special(out: Path, reads: tuple[Path, ...] = (), what: str = "outputs
     if RunDir(out).is_run():
         raise UserError(f"--out {out} is a training run: write the {what} into a folder "
                         f"of their own, e.g. --out {out / what.split()[-1]}")
+    refuse_run_folders(out, what)
+
+
+def refuse_run_folders(out: Path, what: str) -> None:
+    """A path inside the checkpoints/ or grids/ a training run keeps (and prunes) for itself."""
     where = out.expanduser().resolve()
     for run in where.parents:
         top = where.relative_to(run).parts[0]
@@ -242,8 +253,8 @@ class OutputFolder:
         ours = self.kind.own_files(self.path) if record else []
         if record and record["job"] != self.identity and ours and not self.fresh:
             raise UserError(self._differs(record["job"]))
+        self._refuse_writing_over(ours)  # a resume's too: a user's file may sit among its own
         if not record or record["job"] != self.identity or self.fresh:  # not a resume
-            self._refuse_writing_over(ours)
             self.delete(ours)
         # temporaries a killed job of ours left (names atomic writes make), in its subfolders too
         atomic.remove_stale_temps(*_own_folders(self.path))
@@ -267,8 +278,7 @@ class OutputFolder:
             return self.kind.differs(old, self.identity).format(out=self.path)
         diff = [k for k in sorted(set(old) | set(self.identity))
                 if old.get(k) != self.identity.get(k)]
-        shown = "; ".join(f"{k}: {_shown(old.get(k))} -> {_shown(self.identity.get(k))}"
-                          for k in diff[:4])
+        shown = "; ".join(_change(k, old.get(k), self.identity.get(k)) for k in diff[:4])
         return (f"{self.path} holds {self.kind.what} of another {self.kind.job} ({shown}): "
                 f"use --fresh to replace them, or another --out")
 
@@ -289,6 +299,13 @@ class OutputFolder:
 def matching(regex: str) -> Callable[[dict], Callable[[str], object]]:
     """Kind.writes for a kind whose jobs write the same paths whatever their identity."""
     return lambda _job: re.compile(regex).fullmatch
+
+
+def _change(key: str, old, new) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):  # inputs by name: which ones changed
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"{key}: {len(changed)} differ ({', '.join(map(repr, changed[:3]))})"
+    return f"{key}: {_shown(old)} -> {_shown(new)}"
 
 
 def _shown(value) -> str:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import batch_to_model, resize_center_crop
+from .data import batch_to_model, image_digests, resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .outputs import (Kind, OutputFolder, about_images, existing, inside, read_record,
@@ -456,13 +456,17 @@ class Restoration:
             for sigma in set(_sigma_list(self.sigma, count)):
                 sigma_to_timestep(schedule, sigma)
 
-    def identity(self, run: Run, inputs: Path, files: list[Path]) -> dict:
-        """What determines the job's files: its output folder's record."""
+    def identity(self, run: Run, inputs: Path, files: list[Path], images: list[torch.Tensor],
+                 masks: list[torch.Tensor] | None) -> dict:
+        """What determines the job's files: its output folder's record. The inputs' (and masks')
+        pixels are part of it: an input changed since an interrupted run is another job."""
         sigma = (self.sigma if isinstance(self.sigma, str)
                  else np.asarray(self.sigma, dtype=float).tolist())
+        pixels = zip(image_digests(images), image_digests(masks) if masks else [None] * len(files))
         return {"run": str(run.path.resolve()), "checkpoint": run.checkpoint, "ema": run.ema,
                 "kind": self.kind, "inputs": str(inputs.resolve()),
-                "files": [p.name for p in files], "seed": self.seed,
+                "files": {p.name: [image, mask] if mask else image
+                          for p, (image, mask) in zip(files, pixels)}, "seed": self.seed,
                 "parameters": self.parameters(),
                 **({"sigma": sigma} if self.kind == "denoise" else {}),
                 **({"masks": str(Path(self.masks_dir).resolve())} if self.masks_dir else {})}
@@ -583,8 +587,8 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
             f"those images come back unchanged")
     out, text = Path(out_dir), {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
     reads = (Path(inputs_dir),) + ((Path(job.masks_dir),) if masks else ())
-    with OutputFolder(out, RESTORE, job.identity(run, Path(inputs_dir), files), fresh, force,
-                      reads):
+    identity = job.identity(run, Path(inputs_dir), files, images, masks)
+    with OutputFolder(out, RESTORE, identity, fresh, force, reads):
         outputs, sigmas = _finished(out, files), [""] * len(files)  # a rerun of this job resumes
         for i in (i for i, done in enumerate(outputs) if done is not None and kind == "denoise"):
             sigmas[i] = resolve_sigma(run.schedule, images[i][None], job.sigma)[0]
@@ -644,7 +648,7 @@ def _restored_files(out: Path) -> list[Path]:
     them."""
     names = (read_record(out) or {"job": {}})["job"].get("files")
     outputs = [inside(out, _output_of(name))
-               for name in (names if isinstance(names, list) else []) if isinstance(name, str)]
+               for name in (names if isinstance(names, dict) else {}) if isinstance(name, str)]
     return [p for p in outputs if p is not None and (p.is_file() or p.is_symlink())] + existing(
         out, ("grid.png", "manifest.csv")) + about_images(out)
 
