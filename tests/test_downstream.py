@@ -130,8 +130,9 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
     summary = json.loads((out / "results.json").read_text())
     assert summary["calibration_images"] == 60  # the 5 the generator saw were dropped
     assert tuned_on == [60] * 6  # 3 arms x 2 seeds; the test split holds 100
-    assert summary["leakage"].startswith("5 calibration images a classifier or the generator "
-                                         "trained on were dropped; checked")
+    assert summary["leakage"].startswith("checked: no test image") and summary[
+        "leakage"].endswith(" (5 calibration images a classifier or the generator trained on "
+                            "were dropped)")
     tuned = {arm: [r["balanced_accuracy@tuned"] for r in runs]
              for arm, runs in summary["per_seed"].items()}
     assert (summary["table"]["real"]["balanced_accuracy@tuned"][0]
@@ -216,8 +217,8 @@ def test_calibration_images_can_come_from_a_folder_of_class_subfolders(tmp_path)
         Image.fromarray(images[i]).save(folder / str(labels[i, 0]) / f"{i}.png")
     synthetic = str(_balanced(tmp_path, data, "folder"))
     *_, calibration, leakage = load_study_data(str(data), synthetic, calibration=str(folder))
-    assert len(calibration.labels) == 40 and leakage.startswith(
-        "2 calibration images a classifier or the generator trained on")
+    assert len(calibration.labels) == 40 and leakage.endswith(
+        " (2 calibration images a classifier or the generator trained on were dropped)")
     assert sorted(np.bincount(calibration.labels)) == sorted(np.bincount(labels[250:290, 0]))
     # a split named for a source that has none is refused, not ignored
     from ddpmkit.errors import UserError
@@ -352,8 +353,8 @@ def test_a_generator_that_saw_the_test_images_is_refused(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
     # for choosing on a validation split, the seen images can be dropped instead (and are counted)
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
-    assert len(test.labels) == 50 and leakage.startswith(
-        "50 test images the generator saw were dropped; checked")
+    assert len(test.labels) == 50 and leakage.startswith("checked: no test image") and (
+        leakage.endswith(" (50 test images the generator saw were dropped)"))
     # a generator moved away cannot vouch for its set
     (tmp_path / "run_leaky").rename(tmp_path / "elsewhere")
     assert main(["downstream", "--real", str(data), "--synthetic", str(synthetic),
@@ -374,8 +375,8 @@ def test_test_images_the_classifiers_train_on_are_refused(tmp_path, capsys):
     assert len(err) == 1 and "30 of its images are among the real training images" in err[0]
     assert not (tmp_path / "s").exists()
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
-    assert len(test.labels) == 50 and leakage.startswith(
-        "0 test images the generator saw were dropped; 30 more that the classifiers train on")
+    assert len(test.labels) == 50 and leakage.endswith(
+        " (0 test images the generator saw were dropped; 30 more that the classifiers train on)")
 
 
 def test_real_images_are_read_at_the_bit_depth_the_generator_recorded(tmp_path):
@@ -391,8 +392,8 @@ def test_real_images_are_read_at_the_bit_depth_the_generator_recorded(tmp_path):
                  "train.max_steps=4", f"--out={run}", "--quiet", *TINY_ARGS]) == 0
     assert main(["balance", str(run), "--out", str(synthetic), "--quiet", "sample.steps=3"]) == 0
     *_, test, _, leakage = load_study_data(str(data), str(synthetic), drop_seen=True)
-    assert len(test.labels) == 50 and leakage.startswith(
-        "50 test images the generator saw were dropped")
+    assert len(test.labels) == 50 and leakage.endswith(
+        " (50 test images the generator saw were dropped)")
 
 
 def test_the_leakage_guard_holds_when_the_synthetic_images_were_upsampled(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Generation jobs: resumable after kill -9, refusing to mix jobs, sharded under torchrun, GIFs."""
 
 import csv
+import json
 import os
 import re
 import signal
@@ -209,6 +210,23 @@ def test_results_about_a_job_still_writing_are_refused_or_removed(run_dir, tmp_p
             assert "is writing to" in err[0] and "wait for it to finish" in err[0]
     assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
     assert not (out / "audit.json").exists() and len(rows(out)) == 4
+
+
+def test_a_folder_another_version_wrote_is_refused_and_still_readable(run_dir, tmp_path, capsys):
+    """Its files cannot be told from a user's, so no job claims it, --fresh included; its images
+    can still be audited or evaluated as any folder of images."""
+    out = tmp_path / "o"
+    assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
+    record = json.loads((out / ".ddpmkit.json").read_text())
+    (out / ".ddpmkit.json").write_text(json.dumps({**record, "format": "ddpmkit-output/1"}))
+    for extra in ((), ("--fresh",)):
+        capsys.readouterr()
+        assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out, *extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "was written by another version of ddpmkit" in err[0], err
+        assert "choose another --out, or move that folder aside" in err[0]
+    assert len(list((out / "individual").iterdir())) == 4
+    assert cli("audit", out, "--ref", run_dir, "--features", "none") == 0
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "euler", "heun"])

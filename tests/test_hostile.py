@@ -153,6 +153,10 @@ def test_a_pipe_in_place_of_a_runs_record_is_one_line_not_a_hang(run_dir, tmp_pa
                     ["audit", gen, "--ref", run_dir, "--features", "none"]):
         with no_hang():
             one_line(capsys, *command, says="000001.png: it is not a regular file")
+    (gen / "individual" / "000001.png").unlink()  # and a listed image that is missing
+    for command in (["eval", gen, "--ref", run_dir, "--features", "classifier"],
+                    ["audit", gen, "--ref", run_dir, "--features", "none"]):
+        one_line(capsys, *command, says="000001.png: no such file")
 
 
 @pytest.mark.parametrize("lost", ["config.yaml", "state.json"])
@@ -918,3 +922,13 @@ def test_torchrun_variables_naming_no_peer_say_so_and_fail_in_one_line(tmp_path,
     assert len(err) == 2 and err[0].startswith(f"ddpmkit: joining 2 processes at 127.0.0.1:{port}")
     assert err[1].startswith("ddpmkit: error: the 2 processes did not all join"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reader_that_stops_reading_is_no_error():
+    """`ddpmkit info RUN --json | head`: the closed pipe ends the command quietly."""
+    code = ("import sys, ddpmkit.cli as c\n"
+            "def stopped(ns):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "c.COMMANDS['info'] = stopped\nsys.exit(c.main(['info']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and done.stderr == "", done.stderr

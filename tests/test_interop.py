@@ -10,9 +10,11 @@ import dataclasses
 import inspect
 import json
 import os
+import shutil
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -504,8 +506,11 @@ def test_hub_id_without_network_or_huggingface_hub_is_a_user_error(tmp_path, mon
         raise OSError("offline: no network")
 
     monkeypatch.setattr(hub, "snapshot_download", offline)
-    with pytest.raises(UserError, match="download it on a machine with network"):
+    with pytest.raises(UserError, match="download it on a machine with network") as refused:
         import_diffusers("google/ddpm-cifar10-32", tmp_path / "out", log=lambda m: None)
+    # the command it names is the one huggingface_hub installs
+    command = str(refused.value).split("with network (")[1].split()[0]
+    assert shutil.which(command, path=str(Path(sys.executable).parent)), command
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(UserError, match="huggingface_hub is not installed"):
         import_diffusers("google/ddpm-cifar10-32", tmp_path / "out", log=lambda m: None)

@@ -7,6 +7,7 @@ Every config key can be set as `section.key=value`; the everyday flags set exact
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -707,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"ddpmkit: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped (| head): no error, and nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:  # a path the user named cannot be read or written
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"ddpmkit: error: {one_line(where)}{exc.strerror or exc}", file=sys.stderr)

@@ -439,7 +439,7 @@ def _fetch(source: str, log) -> tuple[Path, str]:
     if not _HUB_ID.match(source) or path.parent.is_dir():  # runs/typo: a path, not a repo
         raise UserError(f"{source}: no such folder "
                         f"(pass a diffusers folder, or a hub id like google/ddpm-cifar10-32)")
-    hint = (f"download it on a machine with network (huggingface-cli download {source} "
+    hint = (f"download it on a machine with network (hf download {source} "
             f"--local-dir DIR) and pass the folder DIR instead")
     try:
         from huggingface_hub import snapshot_download

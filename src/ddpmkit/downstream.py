@@ -48,8 +48,8 @@ from .data import (class_order, has_named_splits, image_digests, load_images, na
 from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import audit, is_copy, nearest, seen_views
-from .outputs import (Kind, OutputFolder, existing, job_identities, job_runs, manifest_images,
-                      read_record, refuse_special)
+from .outputs import (RECORD, Kind, OutputFolder, existing, job_identities, job_runs,
+                      manifest_images, read_record, refuse_special)
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
 
@@ -201,20 +201,22 @@ def among(pool: Pool, digests: set[str]) -> np.ndarray:
     return np.array([d in digests for d in image_digests(pool.images)], dtype=bool)
 
 
-def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: bool) -> str:
-    """Refuse when a test image is among the training images of a run that made the synthetic
-    set."""
+def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: bool,
+                     split: str = "test") -> str:
+    """Refuse when a test image (of `split`) is among the training images of a run that made the
+    synthetic set."""
     if not runs:
         if verified:
-            raise UserError("the synthetic images do not say which run made them "
-                            "(no .ddpmkit-job.json), so leakage cannot be ruled out; "
+            raise UserError(f"the synthetic images do not say which run made them "
+                            f"(no {RECORD}), so leakage cannot be ruled out; "
                             "pass --unverified to run the study anyway (reported)")
         return "not checked (--unverified): the synthetic set does not name its generator"
     overlap = int(among(test, trained).sum())
     if overlap:
         raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on "
-                        f"{overlap} of the test images; retrain it without the test split")
-    checked = (f"checked: no test image is among the training images of "
+                        f"{overlap} of the {split} images; retrain it without the {split} "
+                        f"split")
+    checked = (f"checked: no {split} image is among the training images of "
                f"{', '.join(str(r) for r in runs)}")
     sources = [str(start) for start in (RunDir(r).meta().get("init_from") for r in runs) if start]
     return checked + (f" (not among those of the pretrained weights it started from: "
@@ -656,7 +658,8 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
                                                   test_pool, trained, names)
         dropped += note
     _every_class(test_pool, names, _named(*test_source))
-    leakage = dropped + check_no_leakage(test_pool, runs, trained, verified=not unverified)
+    leakage = check_no_leakage(test_pool, runs, trained, not unverified, test_split or "test")
+    leakage += f" ({dropped.removesuffix('; ')})" if dropped else ""
     in_real = int(among(test_pool, real_digests).sum())
     if in_real:  # every arm's classifier trains on them: each score would be flattered
         raise UserError(f"{_named(*test_source)}: {in_real} of its images are among the real "

@@ -135,18 +135,23 @@ def holds_data(folder: Path, data_path: str | None) -> bool:
 
 def read_record(folder: Path) -> dict | None:
     """The folder's record, or None when it has none (or one ddpmkit cannot read: a pipe, a
-    file far larger than a record)."""
+    file far larger than a record, another version's record)."""
     try:
         record = atomic.read_json(folder / RECORD)
     except (OSError, ValueError):
         return None
-    if not (isinstance(record, dict) and isinstance(record.get("job"), dict)):
+    ours = isinstance(record, dict) and record.get("format") == FORMAT
+    return record if ours and isinstance(record.get("job"), dict) else None
+
+
+def _other_version(folder: Path) -> str | None:
+    """The format of a record another version of ddpmkit wrote in `folder`, if one did."""
+    try:
+        record = atomic.read_json(folder / RECORD)
+    except (OSError, ValueError):
         return None
-    if record.get("format") != FORMAT:
-        raise UserError(f"{folder} was written by another version of ddpmkit (its {RECORD} is "
-                        f"{str(record.get('format'))[:40]!r}, this one reads {FORMAT!r}): write "
-                        f"into a new folder, or rerun that job there")
-    return record
+    found = record.get("format") if isinstance(record, dict) else None
+    return found if isinstance(found, str) and found != FORMAT else None
 
 
 def job_identities(folder: Path) -> list[dict]:
@@ -238,6 +243,11 @@ class OutputFolder:
 
     def _claim(self) -> None:
         refuse_linked_folders(self.path)
+        other = _other_version(self.path)
+        if other:  # its files cannot be told apart from a user's: not ours to delete
+            raise UserError(f"{self.path} was written by another version of ddpmkit (its {RECORD} "
+                            f"is {other[:40]!r}, this one writes {FORMAT!r}): choose another "
+                            f"--out, or move that folder aside")
         record = read_record(self.path)
         if record is None:
             foreign = [p.name for p in self.path.iterdir()

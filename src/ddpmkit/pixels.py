@@ -69,6 +69,8 @@ def open_image(path: Path) -> Image.Image:
     """An image file opened (its header read, no pixel decoded), refused when it declares more
     pixels than ddpmkit decodes. Pillow's own check (a warning, or an error without the size) is
     set aside while the header is read: this one names the size."""
+    if not Path(path).exists():
+        raise ValueError("no such file")
     if not Path(path).is_file():  # a pipe would block the open until something writes to it
         raise ValueError("it is not a regular file")
     with _PILLOW_LIMIT, warnings.catch_warnings():
