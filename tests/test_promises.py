@@ -1,6 +1,6 @@
 """What the README and a resume promise, held to the letter: the keys a resume accepts, refuses or
-records, a failed start that writes nothing, a refused --save-ref, and the Makefile's PyTorch
-choice."""
+records, a failed start that writes nothing, a refused --save-ref, the Makefile's PyTorch choice,
+and the configuration table's defaults."""
 
 import json
 import re
@@ -157,3 +157,38 @@ def test_a_run_stopped_between_log_steps_records_the_losses_an_uninterrupted_one
 
     assert losses(resumed)[0] == losses(straight)[0]
     assert [c for c in losses(resumed)[1] if c[0] != 7] == losses(straight)[1]
+
+
+def _split_top_level(text: str) -> list[str]:
+    """'32, [1, 2], 2' -> ['32', '[1, 2]', '2']."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p.strip() for p in [*parts, current]]
+
+
+def test_the_readmes_configuration_table_gives_the_defaults_a_config_has():
+    from ddpmkit.config import load_config
+
+    cfg = load_config(None, {})
+    rows = re.findall(r"^\| (`[a-z]+\.[a-z_0-9]+`(?:, `[a-z]+\.[a-z_0-9]+`)*) \| ([^|]*) \|",
+                      (ROOT / "README.md").read_text(), re.M)
+    checked = 0
+    for keys, defaults in rows:
+        keys, defaults = re.findall(r"`([^`]+)`", keys), _split_top_level(defaults)
+        assert len(keys) == len(defaults), (keys, defaults)
+        for key, text in zip(keys, defaults):
+            said = yaml.safe_load(text.strip("`"))
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            value = list(value) if isinstance(value, tuple) else value
+            if isinstance(said, str) and isinstance(value, float):
+                said = float(said)  # YAML 1.1 reads 1e-3 as text
+            assert said == value, f"README says {key} is {text}, a Config has {value!r}"
+            checked += 1
+    assert checked >= 80  # the whole table was read
