@@ -192,3 +192,16 @@ def test_the_readmes_configuration_table_gives_the_defaults_a_config_has():
             assert said == value, f"README says {key} is {text}, a Config has {value!r}"
             checked += 1
     assert checked >= 80  # the whole table was read
+
+
+def test_the_readmes_sampler_table_names_every_sampler_and_its_default_steps():
+    from ddpmkit.samplers import SAMPLERS
+
+    said = {}
+    for names, steps in re.findall(r"^\| (`[a-z0-9-]+`(?:, `[a-z0-9-]+`)*) \| ([^|]*) \|",
+                                   (ROOT / "README.md").read_text(), re.M):
+        names = re.findall(r"`([^`]+)`", names)
+        if names[0] in SAMPLERS:  # the sampler table's rows
+            for name, count in zip(names, _split_top_level(steps)):
+                said[name] = None if count == "all T" else int(count)
+    assert said == {name: sampler.default_steps for name, sampler in SAMPLERS.items()}
