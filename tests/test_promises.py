@@ -61,6 +61,17 @@ def test_a_resume_that_would_compute_something_else_is_refused(tiny):
     assert not any("near-copy threshold" in m or "evaluation classifier" in m for m in said), said
 
 
+def test_a_fresh_start_whose_monitors_cannot_be_built_leaves_the_run_as_it_was(tiny, monkeypatch):
+    run = train(tiny(**{"train.max_steps": 2}), log=quiet, progress=False)
+    before = sorted(p.relative_to(run.path) for p in run.path.rglob("*"))
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # as if not installed
+    with pytest.raises(UserError, match="--features efficientnet needs"):
+        train(tiny(**{"train.max_steps": 4, "train.eval_every": 2,
+                      "train.eval_features": "efficientnet"}), fresh=True, log=quiet,
+              progress=False)
+    assert sorted(p.relative_to(run.path) for p in run.path.rglob("*")) == before
+
+
 def test_a_failed_start_writes_nothing(tiny, tmp_path, monkeypatch):
     """train.tensorboard=true without the package used to leave config.yaml, meta.json, the digests
     and the lock in --out."""

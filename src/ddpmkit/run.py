@@ -391,16 +391,21 @@ class RunDir:
             raise UserError(f"{self.path} holds a run's checkpoints but its {lost.name} is "
                             f"missing: restore it to resume, or rerun with --fresh to start over")
 
-    def _check_resumable(self, cfg: Config, log) -> None:
-        """Refuse a resume whose config changes what is computed; record the changes that only
-        round."""
+    def refuse_changed_config(self, cfg: Config) -> None:
+        """A resume whose config changes what is computed is refused (a run with a config only)."""
         old, new = flatten(self.config().to_dict()), flatten(cfg.to_dict())
-        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         refused = refused_changes(old, new)
         if refused:
             shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused[:5])
             raise UserError(f"{self.path} was trained with a different config ({shown}): "
                             f"rerun with --fresh to start over there, or choose another --out")
+
+    def _check_resumable(self, cfg: Config, log) -> None:
+        """Refuse a resume whose config changes what is computed; record the changes that only
+        round."""
+        self.refuse_changed_config(cfg)
+        old, new = flatten(self.config().to_dict()), flatten(cfg.to_dict())
+        diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         self.changes = []
         for key in diff:
             if key.startswith(ROUNDING_ONLY):

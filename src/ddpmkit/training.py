@@ -154,15 +154,17 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
                      f"a step's noise and images of train.batch_size={tc.batch_size}",
                      "use a smaller train.batch_size (train.grad_accum splits activations only)")
     _check_monitors(prep)
-    board = _tensorboard_writer() if tc.tensorboard and world.is_main else None
     run = RunDir(tc.out_dir)
+    if world.is_main and not fresh and run.config_path.is_file():
+        run.refuse_changed_config(prep.cfg)  # before the monitors' set-up, which takes minutes
+    # built before the run is touched: a failure here leaves it as it was (--fresh included)
+    evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
+    copies = _copy_filter(prep, log) if tc.audit_every and world.is_main else None
+    board = _tensorboard_writer() if tc.tensorboard and world.is_main else None
+    job = Job(prep, run, world, device, amp_dtype, share, evaluator, copies, log)
     with atomic.FolderLock(run.path, "train") if world.is_main else contextlib.nullcontext():
         # rank 0 chooses a fresh start or a resume; the others learn the outcome (or its error)
-        resume_from = on_main_then_shared(world, lambda: run.prepare(prep.cfg, fresh, log))
-        # built once the run is accepted: a refused resume should not wait for them
-        evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
-        copies = _copy_filter(prep, log) if tc.audit_every and world.is_main else None
-        job = Job(prep, run, world, device, amp_dtype, share, evaluator, copies, log)
+        resume_from = on_main_then_shared(world, lambda: run.prepare(job.cfg, fresh, log))
         state = _build_state(job)
         if not _start(job, state, resume_from):
             return job.run
