@@ -212,20 +212,24 @@ def test_results_about_a_job_still_writing_are_refused_or_removed(run_dir, tmp_p
     assert not (out / "audit.json").exists() and len(rows(out)) == 4
 
 
-def test_a_folder_another_version_wrote_is_refused_and_still_readable(run_dir, tmp_path, capsys):
-    """Its files cannot be told from a user's, so no job claims it, --fresh included; its images
-    can still be audited or evaluated as any folder of images."""
+def test_a_folder_another_version_wrote_is_refused_until_its_record_goes(run_dir, tmp_path,
+                                                                         capsys):
+    """What another version's record says is not read (nor is it taken for no record, which would
+    skip its provenance checks); without the record its images are a plain folder."""
     out = tmp_path / "o"
     assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
     record = json.loads((out / ".ddpmkit.json").read_text())
     (out / ".ddpmkit.json").write_text(json.dumps({**record, "format": "ddpmkit-output/1"}))
-    for extra in ((), ("--fresh",)):
+    for command in (("sample", run_dir, "--num", 4, "--steps", 3, "--out", out),
+                    ("sample", run_dir, "--num", 4, "--steps", 3, "--out", out, "--fresh"),
+                    ("audit", out, "--ref", run_dir, "--features", "none"), ("audit", out)):
         capsys.readouterr()
-        assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out, *extra) == 2
+        assert cli(*command) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "was written by another version of ddpmkit" in err[0], err
-        assert "choose another --out, or move that folder aside" in err[0]
+        assert f"or delete {out / '.ddpmkit.json'} to use its images as a plain folder" in err[0]
     assert len(list((out / "individual").iterdir())) == 4
+    (out / ".ddpmkit.json").unlink()
     assert cli("audit", out, "--ref", run_dir, "--features", "none") == 0
 
 

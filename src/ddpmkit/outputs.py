@@ -135,23 +135,19 @@ def holds_data(folder: Path, data_path: str | None) -> bool:
 
 def read_record(folder: Path) -> dict | None:
     """The folder's record, or None when it has none (or one ddpmkit cannot read: a pipe, a
-    file far larger than a record, another version's record)."""
+    file far larger than a record); another version's record is refused."""
     try:
         record = atomic.read_json(folder / RECORD)
     except (OSError, ValueError):
         return None
-    ours = isinstance(record, dict) and record.get("format") == FORMAT
-    return record if ours and isinstance(record.get("job"), dict) else None
-
-
-def _other_version(folder: Path) -> str | None:
-    """The format of a record another version of ddpmkit wrote in `folder`, if one did."""
-    try:
-        record = atomic.read_json(folder / RECORD)
-    except (OSError, ValueError):
+    if not (isinstance(record, dict) and isinstance(record.get("job"), dict)):
         return None
-    found = record.get("format") if isinstance(record, dict) else None
-    return found if isinstance(found, str) and found != FORMAT else None
+    if record.get("format") != FORMAT:  # what it says of its images is not this version's to read
+        raise UserError(f"{folder} was written by another version of ddpmkit (its {RECORD} says "
+                        f"{str(record.get('format'))[:40]!r}, this one reads {FORMAT!r}): make "
+                        f"a new folder with this version, or delete {folder / RECORD} to use its "
+                        f"images as a plain folder")
+    return record
 
 
 def job_identities(folder: Path) -> list[dict]:
@@ -243,11 +239,6 @@ class OutputFolder:
 
     def _claim(self) -> None:
         refuse_linked_folders(self.path)
-        other = _other_version(self.path)
-        if other:  # its files cannot be told apart from a user's: not ours to delete
-            raise UserError(f"{self.path} was written by another version of ddpmkit (its {RECORD} "
-                            f"is {other[:40]!r}, this one writes {FORMAT!r}): choose another "
-                            f"--out, or move that folder aside")
         record = read_record(self.path)
         if record is None:
             foreign = [p.name for p in self.path.iterdir()
