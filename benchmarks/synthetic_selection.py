@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ddpmkit.downstream import (Pool, combine, load_study_data, predict, scores,  # noqa: E402
                                 train_classifier)
-from ddpmkit.errors import UserError, one_line  # noqa: E402
+from ddpmkit.errors import UserError, escape_controls  # noqa: E402
 
 
 def main() -> None:
@@ -87,4 +87,4 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as exc:  # the README points users here: one line, as ddpmkit's own commands
-        sys.exit(f"synthetic_selection: error: {one_line(exc)}")
+        sys.exit(f"synthetic_selection: error: {escape_controls(exc)}")

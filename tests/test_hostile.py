@@ -708,6 +708,22 @@ def test_a_class_name_that_is_a_formula_is_written_so_spreadsheets_do_not_run_it
             == ["=cmd|'/C calc'!A0", "+1", "dog", "'=quoted"])  # each name as it was
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_class_named_with_control_characters_is_refused(tmp_path, capsys, stream):
+    """Class names are printed and written into reports: one that drives the terminal is not
+    taken (a labels CSV's, a class folder's)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(data / f"{i}.png")
+    (data / "labels.csv").write_text("image,label\n0.png,cat\n1.png,\"dog\x1b]0;pwned\x07\"\n")
+    one_line(capsys, "train", "--data", data, f"data.labels={data / 'labels.csv'}",
+             f"data.stream={stream}",
+             "--out", tmp_path / "run", *TINY_ARGS,
+             says="has a class named 'dog\\x1b]0;pwned\\x07', which holds control characters")
+    assert not (tmp_path / "run").exists()
+
+
 def test_kid_has_no_spread_when_every_subset_is_the_whole_set():
     from ddpmkit.metrics.stats import kid
 
@@ -787,8 +803,9 @@ def test_sample_never_writes_into_the_runs_data_and_gif_replaces_only_a_gif(tmp_
     for _ in range(2):  # its own GIF it replaces
         assert cli("gif", run, "--out", tmp_path / "learning.gif") == 0
     for folder in ("checkpoints", "grids"):  # the run's own folders, which it prunes
-        one_line(capsys, "gif", run, "--out", run / folder / "x.gif",
-                 says=f"is inside the {folder}/ folder that training keeps in run")
+        said = one_line(capsys, "gif", run, "--out", run / folder / "x.gif",
+                        says=f"is inside the {folder}/ folder that training keeps in run")
+        assert said.endswith(f"e.g. --out {run.resolve() / 'learning.gif'}"), said
     assert cli("gif", run) == 0 and (run / "learning.gif").is_file()
 
 
@@ -883,10 +900,13 @@ def test_a_checkpoint_with_crafted_metadata_is_one_line(run_dir, tmp_path, capsy
     ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE='abc' is no number"),
     ({"WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "environment variable LOCAL_RANK='x' is no number"),
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but MASTER_ADDR is not: start the job with"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "WORLD_SIZE=2 is set but MASTER_PORT is not"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"},
+     "environment variable MASTER_PORT='http' is no number"),
 ])
 def test_torchrun_variables_left_in_the_environment_are_one_line(run_dir, tmp_path, capsys,
                                                                  monkeypatch, env, says):
-    for name in ("MASTER_ADDR", "RANK", "LOCAL_RANK"):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -919,7 +939,8 @@ def test_torchrun_variables_naming_no_peer_say_so_and_fail_in_one_line(tmp_path,
     assert cli("train", *TINY_ARGS, "--steps", 2, "--out", tmp_path / "run",
                "train.dist_timeout_minutes=0.02") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith(f"ddpmkit: joining 2 processes at 127.0.0.1:{port}")
+    assert len(err) == 2 and err[0].startswith(
+        f"ddpmkit: process 0 of 2 joining at 127.0.0.1:{port}"), err
     assert err[1].startswith("ddpmkit: error: the 2 processes did not all join"), err
     assert not (tmp_path / "run").exists()
 

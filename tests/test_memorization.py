@@ -392,6 +392,15 @@ def test_audit_without_ref_audits_against_the_run_the_folder_names(run, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "names no run that made it: give the run" in err[0], err
     assert not (plain / "audit.json").exists()
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    assert main(["sample", str(moved), "-n", "2", "--steps", "2", "--out", str(tmp_path / "m"),
+                 "--quiet"]) == 0
+    shutil.rmtree(moved)
+    capsys.readouterr()
+    assert main(["audit", str(tmp_path / "m"), "--features", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"names the run {moved}, which is not there" in err[0], err
 
 
 def _tiny_run(out, **overrides):

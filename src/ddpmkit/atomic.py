@@ -98,7 +98,7 @@ def open_in_place(path: Path, mode: str):
     return os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""}))
 
 
-MAX_RECORD_BYTES = 64 << 20  # a restoration's record lists its inputs: a million names fit
+MAX_RECORD_BYTES = 64 << 20  # a restoration record lists its inputs: half a million fit
 
 
 def read_small_text(path: Path, limit: int = MAX_RECORD_BYTES) -> str:
@@ -172,7 +172,6 @@ class FolderLock:
         self.folder, self.job = Path(folder), job
 
     def __enter__(self) -> FolderLock:
-        import fcntl
         import sys
         import time
 
@@ -183,7 +182,7 @@ class FolderLock:
         while True:  # a lock taken on a file its last holder unlinked meanwhile is taken again
             self.file = open_in_place(self.folder / self.NAME, "r+")
             try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_soon(self.file)
             except OSError:
                 self.file.seek(0)
                 job, detail = _holder(self.file.read())
@@ -215,9 +214,25 @@ class FolderLock:
                 self.folder.rmdir()
 
 
+def _flock_soon(file, tries: int = 20) -> None:
+    """An exclusive lock, tried for a second: `writing_job` holds a shared one for an instant."""
+    import fcntl
+    import time
+
+    for attempt in range(tries):
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+
+
 def writing_job(folder: Path) -> str | None:
-    """The job holding FOLDER's lock now ("sample (pid 1, since ...)"), or None. Looked at without
-    taking the lock, so a folder one may only read can be read."""
+    """The job holding FOLDER's lock now ("sample (pid 1, since ...)"), or None. Asked with a
+    shared lock held for an instant, on a file opened read-only, so a folder one may only read
+    can be read."""
     import fcntl
 
     try:

@@ -26,7 +26,7 @@ from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
 from .metrics.memorization import Audit, audit, nearest, nearest_features, seen_views
 from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
-                      write_about_images)
+                      refuse_being_written, write_about_images)
 from .report import CSS, data_uri, svg_plot
 from .run import RunDir
 from .runtime import resolve_device
@@ -83,6 +83,9 @@ def _maker(gen: Path) -> Path:
     if len(runs) != 1:
         made_by = f"was made by {len(runs)} runs" if runs else "names no run that made it"
         raise UserError(f"{gen} {made_by}: give the run that generated it with --ref RUN")
+    if not RunDir(runs[0]).is_run():
+        raise UserError(f"{gen}'s {RECORD} names the run {runs[0]}, which is not there (moved?): "
+                        f"give the run with --ref RUN")
     return runs[0]
 
 
@@ -99,6 +102,7 @@ def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = Non
         raise UserError(f"{gen} is a file: give the folder of generated images that holds it")
     if not gen.is_dir():
         raise UserError(f"generated-images folder not found: {gen}")
+    refuse_being_written(gen)  # before the training images are read
     run = RunDir(_maker(gen) if ref is None else ref)
     if features not in FEATURES:
         raise UserError(f"--features {features}: one of {', '.join(FEATURES)}")

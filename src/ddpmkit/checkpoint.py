@@ -68,8 +68,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
         code = re.search(r"os error (\d+)", str(exc))
-        number = int(code[1]) if code else None
-        raise OSError(number, os.strerror(number) if number else str(exc)) from None
+        if not code:  # not a failed write: a bug, with its traceback
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from None
 
 
 def read_checkpoint(path: Path,

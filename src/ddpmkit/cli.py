@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import data_config, load_config, parse_override, updated
-from .errors import UserError, one_line
+from .errors import UserError, escape_controls, warn
 from .runtime import version
 
 TRAIN_FLAGS = {  # flag -> config key
@@ -549,7 +549,7 @@ def cmd_gif(ns: argparse.Namespace) -> None:
                         f"e.g. {out / 'learning.gif'}")
     if out.suffix.lower() != ".gif":
         raise UserError(f"--out {out}: a GIF's name ends in .gif")
-    refuse_run_folders(out, "learning GIF")
+    refuse_run_folders(out, "learning.gif")
     if out.is_symlink() or (out.is_file() and atomic.head(out, 4) != b"GIF8"):
         raise UserError(f"{out} is not a GIF: choose another --out (ddpmkit never replaces it)")
     # a data or samples folder: "no training grids" would read as a run that lost them
@@ -568,7 +568,7 @@ def cmd_gif(ns: argparse.Namespace) -> None:
                         f"(train.sample_every writes them)")
     atomic.write_bytes(out, gif)
     for message in damaged:
-        print(f"warning: {message}", file=sys.stderr)
+        warn(message)
     frames = len(training_grids(run_dir)) - len(damaged)
     print(f"wrote {out} ({frames} training grid{'' if frames == 1 else 's'})")
 
@@ -706,14 +706,17 @@ def main(argv: list[str] | None = None) -> int:
                             f"without torchrun")
         COMMANDS[ns.command](ns)
     except UserError as exc:
-        print(f"ddpmkit: error: {one_line(exc)}", file=sys.stderr)
+        print(f"ddpmkit: error: {escape_controls(exc)}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader stopped (| head): no error, and nothing more to print
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # the reader stopped (| head): exit non-zero, as a cut-off output is,
+        devnull = os.open(os.devnull, os.O_WRONLY)  # and keep Python's exit flush from failing
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 1
     except OSError as exc:  # a path the user named cannot be read or written
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ddpmkit: error: {one_line(where)}{exc.strerror or exc}", file=sys.stderr)
+        said = escape_controls(f"{where}{exc.strerror or exc}")
+        print(f"ddpmkit: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddpmkit: interrupted", file=sys.stderr)

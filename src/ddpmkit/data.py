@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .atomic import RECORD_NAME, read_json
 from .config import DataConfig, class_name
-from .errors import UserError
+from .errors import UserError, escape_controls
 from .limits import check_memory
 from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, array_to_uint8_nchw, as_nchw,
                      open_image, read_image_files, scales_note, value_scale)
@@ -78,6 +78,7 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
             raise UserError(f"data path {path} is a single image: point data.path at its folder")
         else:
             raise UserError(f"data path {path}: not a folder, .npy/.npz or IDX file")
+    refuse_control_characters(data.labels or (), data.source_path or "the data")
     if cfg.filter_label is not None:
         data = keep_label(data, cfg.filter_label)
     if min(data.images.shape[-2:]) < cfg.image_size:  # arrays: one size (folders count their own)
@@ -85,6 +86,15 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
     images = set_channels(data.images, cfg.channels)
     data.images = resize_center_crop(images, cfg.image_size)
     return data
+
+
+def refuse_control_characters(labels, where: str) -> None:
+    """A class name is printed in logs and written into reports: one holding control characters
+    could drive the terminal, so it is refused."""
+    odd = next((name for name in set(labels) if escape_controls(name) != name), None)
+    if odd is not None:
+        raise UserError(f"{where} has a class named '{escape_controls(odd)}', which holds control "
+                        f"characters: rename the class")
 
 
 def keep_label(data: ImageData, label: str) -> ImageData:

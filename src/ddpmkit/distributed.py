@@ -36,24 +36,26 @@ def init_from_env(device_name: str = "auto", timeout_minutes: float = 60.0) -> W
         return World()
     local_rank = _env_int("LOCAL_RANK", "0")
     rank = _env_int("RANK", "0")  # read by init_process_group, which would raise a bare ValueError
-    if not os.environ.get("MASTER_ADDR"):
-        raise UserError(f"WORLD_SIZE={size} is set but MASTER_ADDR is not: start the job with "
-                        f"torchrun (which sets both), or unset WORLD_SIZE")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise UserError(f"WORLD_SIZE={size} is set but {name} is not: start the job with "
+                            f"torchrun (which sets both), or unset WORLD_SIZE")
+    _env_int("MASTER_PORT", "")
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '')}"
-        if rank == 0:  # variables left from another job would wait here, silent, for no one
-            print(f"ddpmkit: joining {size} processes at {where} (waits up to "
-                  f"{timeout_minutes:g} minutes for the others; unset WORLD_SIZE to run as one "
-                  f"process)", file=sys.stderr)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        # variables left from another job would wait here, silent, for processes that never come
+        print(f"ddpmkit: process {rank} of {size} joining at {where} (waits up to "
+              f"{timeout_minutes:g} minutes for the others)", file=sys.stderr)
         try:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(minutes=timeout_minutes))
         except dist.DistError as exc:
-            raise UserError(f"the {size} processes did not all join at {where} ({exc}): start "
-                            f"the job with torchrun, or unset WORLD_SIZE") from None
+            raise UserError(f"the {size} processes did not all join at {where} ({exc}): check "
+                            f"that each was started (torchrun starts them), or unset WORLD_SIZE "
+                            f"to run as one process") from None
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

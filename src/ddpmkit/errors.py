@@ -18,7 +18,7 @@ _CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
                        *range(0x2066, 0x206a))}
 
 
-def one_line(text: object) -> str:
+def escape_controls(text: object) -> str:
     """`text` with its control characters written as escapes, for the terminal."""
     return str(text).translate(_CONTROLS)
 
@@ -26,7 +26,7 @@ def one_line(text: object) -> str:
 def warn(message: str) -> None:
     """A warning of a library call given no log: on stderr, so stdout stays a command's result
     (`--json`)."""
-    print(f"warning: {one_line(message)}", file=sys.stderr)
+    print(f"warning: {escape_controls(message)}", file=sys.stderr)
 
 
 def expect(value, kind: type, what: str) -> None:

@@ -349,11 +349,18 @@ def write_about_images(files: dict[Path, str], mark: str) -> None:
 
 
 def refuse_being_written(folder: Path) -> None:
-    """Images a job is writing now: what is said about them would describe half of them."""
-    job = atomic.writing_job(folder)
-    if job:
-        raise UserError(f"a ddpmkit {job} is writing to {folder} now: wait for it to finish, "
-                        f"then run this again")
+    """Images a job is writing now, in `folder`, one below it, or the job's folder above it (up
+    to the first folder with a record): what is said about them would describe half of them."""
+    folder = Path(folder).resolve()
+    above = [folder]
+    while not (above[-1] / RECORD).is_file() and above[-1] != above[-1].parent:
+        above.append(above[-1].parent)
+    for lock in (*(p / atomic.FolderLock.NAME for p in above),
+                 *folder.rglob(atomic.FolderLock.NAME)):
+        job = atomic.writing_job(lock.parent) if lock.is_file() else None
+        if job:
+            raise UserError(f"a ddpmkit {job} is writing to {lock.parent} now: wait for it to "
+                            f"finish, then run this again")
 
 
 def _own_folders(top: Path) -> list[Path]:

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .data import (is_idx_data, labelled, list_image_files, refuse_labels_off_folder,
-                   refuse_split_of_npy, resize_center_crop, set_channels, split_folder)
+from .data import (is_idx_data, labelled, list_image_files, refuse_control_characters,
+                   refuse_labels_off_folder, refuse_split_of_npy, resize_center_crop,
+                   set_channels, split_folder)
 from .errors import UserError
 from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, WIDE_MODES, ValueScale,
                      array_to_uint8_nchw, as_nchw, image_scales, open_image, range_scale,
@@ -62,6 +63,7 @@ class FolderImages:
 
     def __init__(self, root: Path, cfg: DataConfig, log=print):
         files, labels = list_image_files(root, cfg, log)
+        refuse_control_characters(labels or (), str(root))
         if cfg.filter_label is not None:  # as in memory (a labels CSV has chosen them already)
             keep = labelled(labels, cfg.filter_label, str(root))
             files, labels = [files[i] for i in keep], [labels[i] for i in keep]
