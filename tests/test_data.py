@@ -1,4 +1,5 @@
 import gzip
+import json
 import struct
 import unicodedata
 import zlib
@@ -8,7 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from conftest import SHARED_DATA, write_images
+from conftest import SHARED_DATA, TINY, write_images
+from ddpmkit.cli import main
 from ddpmkit.config import DataConfig, data_config, load_config
 from ddpmkit.data import batch_to_model, load_images, resize_center_crop
 from ddpmkit.pixels import array_to_uint8_nchw, value_scale
@@ -367,6 +369,29 @@ def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path
                                         r"\(no train/val/test folders\)"):
         load_images(DataConfig(path=str(root / "train" / "NORMAL"), split="val", image_size=8))
     assert has_named_splits(root) and not has_named_splits(root / "test")
+
+
+def test_folders_beside_the_splits_do_not_turn_them_into_classes(tmp_path):
+    """Samples written into the data folder, or an empty folder, leave it split; another folder
+    of images beside the splits is refused rather than making train/ and test/ two classes."""
+    root = tmp_path / "set"
+    for split, n in (("train", 5), ("test", 3)):
+        for cls in ("cat", "dog"):
+            write_images(root / split / cls, n=n, size=(8, 8), seed=len(split) + len(cls))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--out", str(run), "--quiet", "train.max_steps=2",
+                 *[f"{k}={json.dumps(v) if isinstance(v, list) else v}"
+                   for k, v in TINY.items()]]) == 0
+    assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(root / "generated"),
+                 "--quiet"]) == 0
+    (root / "checkpoints").mkdir()
+    train = load_images(DataConfig(path=str(root), image_size=8), log=lambda *_: None)
+    assert len(train) == 10 and sorted(set(train.labels)) == ["cat", "dog"]
+    assert len(load_images(DataConfig(path=str(root), split="test", image_size=8))) == 6
+    write_images(root / "extra", n=2, size=(8, 8))
+    with pytest.raises(UserError, match=r"set holds split folders \(test, train\) and other "
+                                        r"folders of images \(extra\): move those out"):
+        load_images(DataConfig(path=str(root), image_size=8))
 
 
 def test_pickled_object_arrays_are_refused(tmp_path):

@@ -419,17 +419,39 @@ def test_a_study_that_cannot_give_a_verdict_is_refused_first(tmp_path, capsys, f
     assert code == 2 and message in capsys.readouterr().err
 
 
-def test_the_leakage_note_says_what_a_fine_tuned_generator_started_from(tmp_path):
+def test_the_leakage_check_follows_a_fine_tuned_generator_to_what_it_started_from(
+        tmp_path, capsys):
+    """A run fine-tuned from a run that trained on the test split leaks as that run does; weights
+    whose training images are unknown (a hub model) are said to be unchecked, not clean."""
     import torch
+    from ddpmkit.config import load_config
     from ddpmkit.downstream import Pool, check_no_leakage
+    from ddpmkit.run import RunDir
 
-    run = tmp_path / "tuned"
-    run.mkdir()
-    (run / "meta.json").write_text(json.dumps({"init_from": "google/ddpm-cifar10-32"}))
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:30], ones[:60]]),
+                np.concatenate([zeros[100:], ones[150:]]))
+    leaky = tmp_path / "leaky"
+    assert main(["train", f"--data={data}", "data.split=test", "model.class_conditional=true",
+                 "train.max_steps=2", f"--out={leaky}", "--quiet", *TINY_ARGS]) == 0
+    assert main(["train", f"--data={data}", "model.class_conditional=true", f"--init-from={leaky}",
+                 "train.max_steps=2", f"--out={tmp_path / 'from_leaky'}", "--quiet",
+                 *TINY_ARGS]) == 0
+    assert main(["balance", str(tmp_path / "from_leaky"), "--out", str(tmp_path / "bal_from"),
+                 "--quiet", "sample.steps=3"]) == 0
+    capsys.readouterr()
+    assert main(["downstream", "--real", str(data), "--synthetic", str(tmp_path / "bal_from"),
+                 "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "(or a run it was fine-tuned from) was trained on" in err and "of the test images" in err
+    hub = tmp_path / "hub_tuned"  # the record of a run fine-tuned from a hub model
+    RunDir(hub).start(load_config(None, {"train.init_from": "google/ddpm-cifar10-32"}), {}, step=0)
     test = Pool(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), np.array([0, 1]))
-    note = check_no_leakage(test, [run], set(), verified=True)
-    assert (note.startswith("checked:")
-            and "not among those of the pretrained weights it started from: google/" in note)
+    note = check_no_leakage(test, [hub], set(), verified=True)
+    assert note.startswith("checked:") and note.endswith(
+        "; not checked against the pretrained weights it started from, whose training images are "
+        "unknown: google/ddpm-cifar10-32")
 
 
 def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():

@@ -218,13 +218,25 @@ HIDDEN = (".", "__")  # .ipynb_checkpoints, macOS's ._x.png, __MACOSX
 
 
 def _split_subfolders(root: Path) -> list[Path]:
-    """The split folders of a folder whose every subfolder is named as a split and that has no image
-    beside them (a README or LICENSE may be); [] for any other folder."""
+    """The split folders of a folder whose subfolders are named as splits and that has no image
+    beside them (a README or LICENSE may be); [] for any other folder. Folders ddpmkit wrote
+    there (samples, a run) and folders without images are no classes and no splits: ignored."""
     entries = [p for p in root.iterdir() if not p.name.startswith(HIDDEN)]
-    subdirs = [p for p in entries if p.is_dir()]
+    subdirs = [p for p in entries if p.is_dir() and not _generated_folders([(p, os.listdir(p))])
+               and _holds_images(p)]
     loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    is_split = not loose_images and all(p.name.lower() in SPLIT_FOLDERS for p in subdirs)
-    return subdirs if is_split else []
+    splits = [p for p in subdirs if p.name.lower() in SPLIT_FOLDERS]
+    others = sorted(p.name for p in subdirs if p not in splits)
+    if splits and others and not loose_images and any(p.name.lower() == "train" for p in splits):
+        raise UserError(f"{root} holds split folders ({', '.join(sorted(p.name for p in splits))}) "
+                        f"and other folders of images ({', '.join(others[:3])}): move those out, "
+                        f"so the splits are not read as classes")
+    return subdirs if subdirs and not loose_images and not others else []
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(not n.startswith(HIDDEN) and Path(n).suffix.lower() in IMAGE_SUFFIXES
+               for _, _, names in os.walk(folder) for n in names)
 
 
 def data_channels(data: DataConfig) -> int:

@@ -177,7 +177,7 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
     those; otherwise its training data is read again from its config, straight to the study's size
     (a record at the run's size, resampled again, would match no test image byte for byte)."""
     seen: set[str] = set()
-    for run in runs:
+    for run in [*runs, *_sources(runs)[0]]:
         if not RunDir(run).config_path.is_file():
             raise UserError(f"the synthetic images were made by {run}, which is no longer there: "
                             f"the leakage check reads its training data, so put the run back "
@@ -194,6 +194,25 @@ def generators_training_digests(runs: list[Path], size: int, channels: int) -> s
             as_study = replace(cfg.data, image_size=size, channels=channels)
             seen |= set(image_digests(load_images(as_study).images))
     return seen
+
+
+def _sources(runs: list[Path]) -> tuple[list[Path], list[str]]:
+    """The weights these runs were fine-tuned from (train.init_from), followed back: the ddpmkit
+    runs, whose training images are known, and the other sources, whose are not."""
+    known: list[Path] = []
+    unknown: list[str] = []
+    todo = [RunDir(r).config().train.init_from for r in runs if RunDir(r).config_path.is_file()]
+    while todo:
+        source = todo.pop()
+        if not source or Path(source) in known or source in unknown:
+            continue
+        run = RunDir(source)
+        if run.is_run() and not run.imported_from():
+            known.append(Path(source))
+            todo.append(run.config().train.init_from)
+        else:
+            unknown.append(source)
+    return known, unknown
 
 
 def among(pool: Pool, digests: set[str]) -> np.ndarray:
@@ -213,14 +232,16 @@ def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: 
         return "not checked (--unverified): the synthetic set does not name its generator"
     overlap = int(among(test, trained).sum())
     if overlap:
-        raise UserError(f"leakage: the generator {', '.join(map(str, runs))} was trained on "
-                        f"{overlap} of the {split} images; retrain it without the {split} "
-                        f"split")
+        raise UserError(f"leakage: the generator {', '.join(map(str, runs))} (or a run it was "
+                        f"fine-tuned from) was trained on {overlap} of the {split} images; "
+                        f"retrain it without the {split} split")
+    known, unknown = _sources(runs)
     checked = (f"checked: no {split} image is among the training images of "
-               f"{', '.join(str(r) for r in runs)}")
-    sources = [str(start) for start in (RunDir(r).meta().get("init_from") for r in runs) if start]
-    return checked + (f" (not among those of the pretrained weights it started from: "
-                      f"{'; '.join(sources)})" if sources else "")
+               f"{', '.join(str(r) for r in runs)}"
+               + (f" or of the runs it was fine-tuned from ({', '.join(map(str, known))})"
+                  if known else ""))
+    return checked + (f"; not checked against the pretrained weights it started from, whose "
+                      f"training images are unknown: {'; '.join(unknown)}" if unknown else "")
 
 
 # --- training and metrics ----------------------------------------------------------------------
