@@ -607,3 +607,25 @@ def test_a_balanced_sets_class_job_is_refused_as_the_synthetic_set(tmp_path, cap
                  str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds one class's candidates of the balanced set" in err[0], err
+
+
+def test_a_selection_tuned_on_the_test_images_is_refused(tmp_path, capsys):
+    """balance --select-val on the test split (by any name) records the images that set its
+    thresholds; a study testing on them would score the selected arm on what tuned it."""
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:30], ones[:60]]),
+                np.concatenate([zeros[100:], ones[150:]]), np.concatenate([zeros[90:100],
+                                                                           ones[140:150]]))
+    selected = _balanced(tmp_path, data, "sel", "--select", "--select-val", "data.split=test",
+                         "--max-candidates", "200")
+    tuned = json.loads((selected / "selection.json").read_text())["tuned_on_sha256"]
+    assert len(tuned) == len(set(tuned)) > 0
+    capsys.readouterr()
+    assert main(["downstream", "--real", str(data), "--synthetic", str(selected), "--out",
+                 str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "of the test images set the thresholds that selected" in err[0], err
+    fair = _balanced(tmp_path, data, "fair", "--select", "--max-candidates", "200")  # its val split
+    assert main(["downstream", "--real", str(data), "--synthetic", str(fair), "--out",
+                 str(tmp_path / "f"), "--seeds", "2", "--steps", "2"]) == 0

@@ -342,7 +342,8 @@ class TopUp:
         classes = {c: {**s, **({"auto_guidance": self.probes[c]} if c in self.probes else {})}
                    for c, s in self.summary.items()}
         atomic.write_text(self.out / "selection.json", atomic.json_text(
-            {"calibrated_on": self.selector.calibrated_on, "classes": classes}))
+            {"calibrated_on": self.selector.calibrated_on, "classes": classes,
+             "tuned_on_sha256": sorted(self.selector.tuned_on)}))
 
 
 def _earlier_probe(out: Path, name: str) -> dict:

@@ -215,6 +215,20 @@ def _sources(runs: list[Path]) -> tuple[list[Path], list[str]]:
     return known, unknown
 
 
+def refuse_selection_tuned_on(test: Pool, synthetic: Path, split: str) -> None:
+    """Test images that set a `balance --select` output's thresholds (its selection.json): the
+    selected arm would be scored on the images it was tuned on."""
+    try:
+        tuned = atomic.read_json(synthetic / "selection.json").get("tuned_on_sha256") or []
+    except (OSError, ValueError, AttributeError):
+        return  # no selection, or none ddpmkit wrote
+    overlap = int(among(test, {d for d in tuned if isinstance(d, str)}).sum())
+    if overlap:
+        raise UserError(f"{overlap} of the {split} images set the thresholds that selected "
+                        f"{synthetic}'s images (its selection.json): test on other images, or "
+                        f"balance again with --select-val on a validation split")
+
+
 def among(pool: Pool, digests: set[str]) -> np.ndarray:
     """Per image of the pool: is it (byte for byte) one of these?"""
     return np.array([d in digests for d in image_digests(pool.images)], dtype=bool)
@@ -679,6 +693,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
                                                   test_pool, trained, names)
         dropped += note
     _every_class(test_pool, names, _named(*test_source))
+    refuse_selection_tuned_on(test_pool, synth_folder, test_split or "test")
     leakage = check_no_leakage(test_pool, runs, trained, not unverified, test_split or "test")
     leakage += f" ({dropped.removesuffix('; ')})" if dropped else ""
     in_real = int(among(test_pool, real_digests).sum())

@@ -60,6 +60,7 @@ class Selector:
     calibrated_on: str
     real_pass: dict[str, float]  # share of each class's real images (val, else training) passing
     real_fidelity: dict[str, float]  # share of them the selector assigns to their class
+    tuned_on: frozenset[str] = frozenset()  # digests of the real images that set the thresholds
 
     def scores(self, images_u8: torch.Tensor, class_name: str) -> np.ndarray:
         """Each image's probability of `class_name`."""
@@ -145,7 +146,9 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
                else trained[[label == c for label in labels]])
         real[c] = _shares(own, i, limits[c]) if len(own) else (1.0, 1.0)
     selector = Selector(net, names, limits, how, {c: p for c, (_, p) in real.items()},
-                        {c: f for c, (f, _) in real.items()})
+                        {c: f for c, (f, _) in real.items()},
+                        frozenset(image_digests(real_images)) if val and options.threshold is None
+                        else frozenset())
     log(f"select: thresholds {selector.describe()} ({how})")
     quantile_rule = val is not None and options.threshold is None
     for c in [c for c in names if quantile_rule and limits[c] < WEAK_THRESHOLD]:
