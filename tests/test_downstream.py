@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -629,3 +630,37 @@ def test_a_selection_tuned_on_the_test_images_is_refused(tmp_path, capsys):
     fair = _balanced(tmp_path, data, "fair", "--select", "--max-candidates", "200")  # its val split
     assert main(["downstream", "--real", str(data), "--synthetic", str(fair), "--out",
                  str(tmp_path / "f"), "--seeds", "2", "--steps", "2"]) == 0
+
+
+def test_a_synthetic_set_edited_to_hold_test_images_or_other_sizes_is_refused(tmp_path, capsys):
+    """Test images copied over generated ones would be trained on and scored on; an image of
+    another size, or one the manifest does not list, must not set the study's size."""
+    from PIL import Image
+
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:30], ones[:60]]),
+                np.concatenate([zeros[100:], ones[150:]]))
+    balanced = _balanced(tmp_path, data, "edit")
+    study = ["downstream", "--real", str(data), "--out", str(tmp_path / "s"), "--seeds", "2",
+             "--steps", "2", "--synthetic"]
+    stray = tmp_path / "stray"  # a PNG at 32x32 that no manifest lists, found first by a scan
+    shutil.copytree(balanced, stray)
+    (stray / "a" / "individual").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(stray / "a" / "individual" / "x.png")
+    capsys.readouterr()
+    assert main([*study, str(stray)]) == 0
+    assert " images at 8x8; leakage checked" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(balanced / "manifest.csv")))
+    first = balanced / next(r["file"] for r in rows if r["synthetic"] == "true")
+    resized = tmp_path / "resized"
+    shutil.copytree(balanced, resized)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(resized / first.relative_to(balanced))
+    capsys.readouterr()
+    assert main([*study, str(resized)]) == 2
+    assert "lists images of 2 size(s)" in capsys.readouterr().err
+    test = np.load(data)["test_images"]  # a test image copied over a generated one
+    Image.fromarray(test[0]).save(first)
+    assert main([*study, str(balanced)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 of the test images are among the synthetic images" in err[0], err

@@ -126,9 +126,9 @@ def load_real(source: str | DataConfig, split: str, size: int, channels: int | N
                 source=_named(where, split))
 
 
-def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, list[Path]]:
-    """The synthetic rows of a balance (or sample) manifest -> images, labels, and the runs that
-    made them."""
+def load_synthetic(folder: Path, names: list[str]) -> tuple[Pool, list[Path]]:
+    """The synthetic rows of a balance (or sample) manifest -> images (at the size they were
+    written, which the study runs at), labels, and the runs that made them."""
     manifest, balanced = folder / "manifest.csv", folder.resolve().parent.parent
     if (folder.resolve().parent.name == "classes"
             and (read_record(balanced) or {}).get("kind") == "balance"):
@@ -140,10 +140,21 @@ def load_synthetic(folder: Path, size: int, names: list[str]) -> tuple[Pool, lis
     rows = manifest_images(folder, "file")
     if not rows:
         raise UserError(f"{manifest} lists no synthetic images")
-    images = torch.stack([read_image(path) for path, _ in rows])
+    images = _of_one_size([path for path, _ in rows], manifest)
     labels = _indices([row["label"] for _, row in rows], names, str(manifest))
-    return (Pool(resize_center_crop(images, size), labels, source=str(folder.resolve())),
-            job_runs(folder))
+    return Pool(images, labels, source=str(folder.resolve())), job_runs(folder)
+
+
+def _of_one_size(paths: list[Path], listed_in: Path) -> torch.Tensor:
+    """The images a manifest lists, which a balance output writes at the generator's one square
+    size, the size the study runs at."""
+    images = [read_image(path) for path in paths]
+    sizes = sorted({tuple(img.shape[-2:]) for img in images})
+    if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
+        raise UserError(f"{listed_in} lists images of {len(sizes)} size(s) ({sizes[0]}, "
+                        f"{sizes[-1]}): the study runs at the generator's one square size; give "
+                        f"the balance output as ddpmkit wrote it")
+    return torch.stack(images)
 
 
 def load_unselected(folder: Path, size: int, names: list[str], kept: Pool) -> Pool | None:
@@ -159,7 +170,7 @@ def load_unselected(folder: Path, size: int, names: list[str], kept: Pool) -> Po
     for i, name in enumerate(names):
         mine = sorted((int(row["index"]), path) for path, row in rows if row["class"] == name)
         chosen += [(path, i) for _, path in mine[:counts[i]]]
-    images = torch.stack([read_image(path) for path, _ in chosen])
+    images = _of_one_size([path for path, _ in chosen], folder / "selection.csv")
     return Pool(resize_center_crop(images, size), np.array([i for _, i in chosen]))
 
 
@@ -213,6 +224,18 @@ def _sources(runs: list[Path]) -> tuple[list[Path], list[str]]:
         else:
             unknown.append(source)
     return known, unknown
+
+
+def refuse_real_among_synthetic(synth: Pool, *pools: tuple[Pool | None, str]) -> None:
+    """Test or calibration images put among the synthetic ones: a classifier would train on the
+    images it is scored or tuned on."""
+    made = set(image_digests(synth.images))
+    for pool, what in pools:
+        found = 0 if pool is None else int(among(pool, made).sum())
+        if found:
+            raise UserError(f"{found} of the {what} images are among the synthetic images of "
+                            f"{synth.source}, which every synthetic arm trains on: take them out "
+                            f"of its manifest.csv, or balance again")
 
 
 def refuse_selection_tuned_on(test: Pool, synthetic: Path, split: str) -> None:
@@ -663,11 +686,8 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
                         f"(class subfolders, an .npz with *_labels, "
                         f"or a CSV naming them: --real-labels)")
     names = class_order(probe.labels)
-    first = next(synth_folder.rglob("individual/*.png"), None)
-    if first is None:
-        raise UserError(f"{synth_folder} holds no generated images (individual/*.png)")
-    size = read_image(first).shape[-1]  # the study runs at the generator's resolution
-    synth, runs = load_synthetic(synth_folder, size, names)
+    synth, runs = load_synthetic(synth_folder, names)
+    size = synth.images.shape[-1]  # the study runs at the generator's resolution
     depth = recorded_bit_depth(runs)
     real, test, calibration = (source if source is None or source.bit_depth is not None
                                else replace(source, bit_depth=depth)
@@ -694,6 +714,8 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
         dropped += note
     _every_class(test_pool, names, _named(*test_source))
     refuse_selection_tuned_on(test_pool, synth_folder, test_split or "test")
+    refuse_real_among_synthetic(synth, (test_pool, test_split or "test"),
+                                (calibration_pool, "calibration"))
     leakage = check_no_leakage(test_pool, runs, trained, not unverified, test_split or "test")
     leakage += f" ({dropped.removesuffix('; ')})" if dropped else ""
     in_real = int(among(test_pool, real_digests).sum())
