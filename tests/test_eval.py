@@ -349,6 +349,17 @@ def test_saved_reference_features_serve_every_metric_and_refuse_other_weights(tm
     assert main([*args, "--ref", str(ref_file)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "do not fit its mu" in err[0], err
+    dim = len(arrays["mu"])
+    forged = {"extractor": np.asarray("{x"), "read_at": np.array([1, 2]), "n": np.array([1, 2]),
+              "feats": arrays["feats"] * 0 + 5, "mu": np.full(dim, np.nan),
+              "sigma": -np.eye(dim)}
+    for key, value in forged.items():  # each a traceback or a wrong number once
+        np.savez(ref_file, **arrays | {key: value})
+        assert main([*args, "--ref", str(ref_file)]) == 2, key
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(ref_file) in err[0], (key, err)
+        assert not (gen / "eval_efficientnet.json").exists() or json.loads(
+            (gen / "eval_efficientnet.json").read_text())["metrics"] == from_file["metrics"]
 
 
 def test_wide_generated_images_are_read_at_one_scale_for_the_set(tmp_path):

@@ -151,14 +151,24 @@ def _statistics(path: Path) -> Reference:
         check_npz_member(path, key, "give the reference images instead")
     stats = FeatureStats.load(path)
     with np.load(path, allow_pickle=False) as z:
-        if "feats" in z.files and "extractor" in z.files:
-            if z["feats"].ndim != 2 or z["feats"].shape[1] != len(stats.mu):
-                raise UserError(f"{path}: its feats {z['feats'].shape} do not fit its mu "
-                                f"{stats.mu.shape}: write it again with --save-ref")
-            return Reference(f"features {path}", stats=stats, feats=z["feats"].astype(np.float64),
-                             extractor=json.loads(str(z["extractor"])),
-                             read_at=int(z["read_at"]) if "read_at" in z.files else None)
-    return Reference(f"statistics {path}", stats=stats)
+        if not {"feats", "extractor"} <= set(z.files):
+            return Reference(f"statistics {path}", stats=stats)
+        try:
+            feats, extractor = z["feats"].astype(np.float64), json.loads(str(z["extractor"]))
+            read_at = int(z["read_at"]) if "read_at" in z.files else None
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"{path}: its feats, extractor or read_at cannot be read "
+                            f"({str(exc)[:80]}): write it again with --save-ref") from None
+    if feats.ndim != 2 or feats.shape[1] != len(stats.mu):
+        raise UserError(f"{path}: its feats {feats.shape} do not fit its mu "
+                        f"{stats.mu.shape}: write it again with --save-ref")
+    scale = np.abs(stats.mu).max() + 1e-12  # its mu is its feats' mean, as --save-ref writes it
+    if not (isinstance(extractor, dict) and isinstance(extractor.get("features"), str)
+            and np.isfinite(feats).all() and np.abs(feats.mean(0) - stats.mu).max() < 1e-3 * scale):
+        raise UserError(f"{path}: its feats, mu and extractor are not what --save-ref writes "
+                        f"together: write it again with --save-ref")
+    return Reference(f"features {path}", stats=stats, feats=feats, extractor=extractor,
+                     read_at=read_at)
 
 
 def _from_data(data_cfg: DataConfig, suffix: str = "") -> Reference:

@@ -87,12 +87,23 @@ class FeatureStats:
                     raise UserError(bad)
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 n = int(data["n"]) if "n" in data.files else None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot read feature statistics {path}: {reason}") from None
         if mu.ndim != 1 or sigma.shape != mu.shape * 2:
             raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all() and _covariance(sigma)):
+            raise UserError(f"{path}: its mu or sigma holds values no feature statistics have "
+                            f"(not finite, or sigma not a covariance): compute it again")
         return cls(mu, sigma, n)
+
+
+def _covariance(sigma: np.ndarray) -> bool:
+    """Symmetric and positive semi-definite, to rounding."""
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8 * (np.abs(sigma).max() + 1e-30)):
+        return False
+    eig = np.linalg.eigvalsh(sigma) if len(sigma) else np.zeros(1)
+    return bool(eig.min() >= -1e-6 * max(abs(eig.max()), 1e-30))
 
 
 def kid(feats_real: np.ndarray, feats_gen: np.ndarray, subsets: int = 100, subset_size: int = 1000,
