@@ -128,6 +128,14 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
                  "--target", "9", "--class", "dog"]) == 2
     # balance decides the counts
     assert main(["balance", str(run), "--out", str(out), "sample.num=100"]) == 2
+    # a plan beyond the limit of one job is refused before any class is generated
+    capsys.readouterr()
+    huge = tmp_path / "huge"
+    assert main(["balance", str(run), "--out", str(huge), "--proportions",
+                 "cat=0.0000005,dog=0.9999995", "sample.steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "balance would generate 11,999,992 dog images" in err[0], err
+    assert not huge.exists()
     # nor is anything else a balanced set's root: a sampling job, a training run, someone's manifest
     job = tmp_path / "job"
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(job), "--quiet"]) == 0

@@ -34,6 +34,7 @@ from .errors import UserError
 from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, SamplingSpec, finished_rows, generate,
                          keys_asked, no_unconditional_model, sample_batch)
 from .images import to_uint8, upsample
+from .limits import MAX_IMAGES_PER_JOB
 from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
 from .pixels import read_image
@@ -168,6 +169,10 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
     need = plan(counts, target, class_labels, proportions)
+    for c in [c for c in need if need[c] > MAX_IMAGES_PER_JOB]:  # before any class is generated
+        raise UserError(f"balance would generate {need[c]:,} {c} images, more than ddpmkit's "
+                        f"limit of {MAX_IMAGES_PER_JOB:,} for one job: ask for fewer (--target, "
+                        f"--proportions)")
     for c in [c for c in counts if not counts[c] and need[c]]:
         log(f"balance: warning: {run.path} trained on no image of {c}: its generated {c} images "
             f"show only what the model learnt of it elsewhere (--init-from), if anything")
