@@ -180,6 +180,10 @@ def test_class_names_that_clean_to_one_folder_name_get_distinct_folders():
     assert class_folders(["Cat", "cat", "dog"], {"cat": "cat", "Cat": "Cat", "bird": "bird"}) == \
         {"Cat": "Cat", "cat": "cat", "dog": "dog"}
     assert class_folders(["Cat", "cat"], {"cat": "cat"}) == {"Cat": "Cat-0", "cat": "cat"}
+    # names longer than a file system takes: cut, and told apart by their digest
+    long = class_folders(["x" * 300, "x" * 299, "ж" * 130])
+    assert len(set(long.values())) == 3
+    assert all(len(f.encode()) <= 100 for f in long.values()), long
 
 
 def test_balance_keeps_classes_apart_whose_names_make_one_folder_name(tmp_path):

@@ -17,6 +17,7 @@ Output (`balance`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -409,8 +410,12 @@ BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance w
 
 
 def _safe(name: str) -> str:
-    """A class name as a folder name (no separators, nothing hidden)."""
+    """A class name as a folder name (no separators, nothing hidden, well inside the 255 bytes a
+    file system allows: a longer name is cut and told apart by its digest)."""
     cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).lstrip(".")
+    if len(cleaned.encode()) > 100:
+        cut = cleaned.encode()[:80].decode("utf-8", "ignore")
+        cleaned = f"{cut}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
     return cleaned or "_"
 
 
