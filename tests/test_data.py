@@ -369,6 +369,11 @@ def test_a_folder_split_into_train_and_test_is_read_one_split_at_a_time(tmp_path
                                         r"\(no train/val/test folders\)"):
         load_images(DataConfig(path=str(root / "train" / "NORMAL"), split="val", image_size=8))
     assert has_named_splits(root) and not has_named_splits(root / "test")
+    labels = root / "train" / "labels.csv"  # a CSV names the images: another CSV names the split
+    labels.write_text("image,label\nNORMAL/0.png,NORMAL\n")
+    with pytest.raises(UserError, match=r"give the CSV naming the val images as data.labels"):
+        load_images(DataConfig(path=str(root / "train"), labels=str(labels), split="val",
+                               image_size=8))
 
 
 def test_folders_beside_the_splits_do_not_turn_them_into_classes(tmp_path):

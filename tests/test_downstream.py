@@ -664,3 +664,19 @@ def test_a_synthetic_set_edited_to_hold_test_images_or_other_sizes_is_refused(tm
     assert main([*study, str(balanced)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 of the test images are among the synthetic images" in err[0], err
+
+
+def test_samples_without_a_class_are_named_as_such(tmp_path, capsys):
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:30], ones[:60]]),
+                np.concatenate([zeros[100:], ones[150:]]))
+    run, gen = tmp_path / "plain", tmp_path / "gen"
+    assert main(["train", f"--data={data}", "train.max_steps=2", f"--out={run}", "--quiet",
+                 *TINY_ARGS]) == 0
+    assert main(["sample", str(run), "-n", "4", "--steps", "2", "--out", str(gen), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["downstream", "--real", str(data), "--synthetic", str(gen), "--out",
+                 str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "some images have no class label" in err[0], err

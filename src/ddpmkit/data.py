@@ -326,10 +326,11 @@ def split_folder(root: Path, cfg: DataConfig) -> Path:
                             f"and has no '{cfg.split}' split: set data.split to one of them")
         return chosen[0]
     if cfg.split != "train":
-        why = ("a CSV, data.labels, names its images" if cfg.labels is not None
-               else "no train/val/test folders")
-        raise UserError(f"data.split={cfg.split}: {root} has no splits ({why}): point data.path "
-                        f"at the {cfg.split} images instead")
+        why, fix = (("a CSV, data.labels, names its images", f"give the CSV naming the "
+                     f"{cfg.split} images as data.labels instead") if cfg.labels is not None
+                    else ("no train/val/test folders",
+                          f"point data.path at the {cfg.split} images instead"))
+        raise UserError(f"data.split={cfg.split}: {root} has no splits ({why}): {fix}")
     return root
 
 

@@ -176,6 +176,9 @@ def load_unselected(folder: Path, size: int, names: list[str], kept: Pool) -> Po
 
 def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
     unknown = sorted(set(labels) - set(names))
+    if "" in unknown:  # an unconditional run's samples name no class
+        raise UserError(f"{what}: some images have no class label: the study needs each "
+                        f"synthetic image's class (a balance output of a class-conditional run)")
     if unknown:
         raise UserError(f"{what}: labels {', '.join(unknown[:5])} are not among the classes "
                         f"{', '.join(names)}")

@@ -155,7 +155,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
                      "use a smaller train.batch_size (train.grad_accum splits activations only)")
     _check_monitors(prep)
     run = RunDir(tc.out_dir)
-    if world.is_main and not fresh and run.config_path.is_file():
+    if world.is_main and not fresh and run.is_run() and run.config_path.is_file():
         run.refuse_changed_config(prep.cfg)  # before the monitors' set-up, which takes minutes
     # built before the run is touched: a failure here leaves it as it was (--fresh included)
     evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
