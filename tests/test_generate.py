@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from ddpmkit.cli import main
+from ddpmkit.samplers import SAMPLERS
 from test_cli import TINY_ARGS
 
 
@@ -235,7 +236,7 @@ def test_a_folder_another_version_wrote_is_refused_until_its_record_goes(run_dir
     assert cli("audit", out, "--ref", run_dir, "--features", "none") == 0
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp-2m-sde", "euler", "heun"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_from_the_cli(run_dir, tmp_path, sampler):
     out = tmp_path / sampler
     assert cli("sample", run_dir, "--num", 2, "--sampler", sampler, "--steps", 3, "--spacing",

@@ -15,9 +15,8 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from ddpmkit.config import DiffusionConfig, load_config
+from ddpmkit.config import DiffusionConfig, load_config, updated
 from ddpmkit.errors import UserError
-from ddpmkit.config import updated
 from ddpmkit.pixels import read_image
 from ddpmkit.restoration import (
     denoise,
@@ -33,7 +32,7 @@ from ddpmkit.restoration import (
     timesteps_from,
 )
 from ddpmkit.run import Run, load_run
-from ddpmkit.samplers import Denoiser, ImageNoise
+from ddpmkit.samplers import SAMPLERS, Denoiser, ImageNoise
 from ddpmkit.schedule import Schedule
 from ddpmkit.training import train
 
@@ -124,7 +123,7 @@ def test_img2img_at_a_start_just_above_an_integer_works_with_every_sampler():
     s = Schedule.from_config(cfg.diffusion)
     den = Denoiser(ExactGaussianNet(s, mu, sd), s, "eps", clip_x0=False)
     x0 = mu + sd * torch.randn(500, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    for sampler in ("ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-sde", "euler", "heun"):
+    for sampler in SAMPLERS:
         out = img2img_tensor(den, x0, strength=0.07, sampler=sampler, steps=50)
         assert torch.isfinite(out).all() and 0.4 < out.std().item() < 0.6, sampler
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import data_config, load_config, parse_override, updated
 from .errors import UserError, escape_controls, warn
 from .runtime import version
+from .samplers import SAMPLERS, SPACINGS
 
 TRAIN_FLAGS = {  # flag -> config key
     "data": "data.path", "out": "train.out_dir", "image_size": "data.image_size",
@@ -106,11 +107,16 @@ GIF_EXAMPLES = """examples:
 ALIASES = {"num": ["-n", "--num-images"], "class_label": ["--class"]}
 
 
+# flags whose values come from a registry: --help lists them as the registry has them
+NAMED_VALUES = {"sample.sampler": SAMPLERS, "sample.spacing": SPACINGS}
+
+
 def _add_flags(p: argparse.ArgumentParser, flags: dict[str, str], types: dict[str, type]) -> None:
     for name, key in flags.items():
+        named = f": {', '.join(NAMED_VALUES[key])}" if key in NAMED_VALUES else ""
         p.add_argument(f"--{name.replace('_', '-')}", *ALIASES.get(name, []),
                        dest=name, type=types.get(name, str),
-                       default=None, metavar=name.upper(), help=f"sets {key}")
+                       default=None, metavar=name.upper(), help=f"sets {key}{named}")
 
 
 def _command(sub, name: str, helptext: str, epilog: str) -> argparse.ArgumentParser:
@@ -356,11 +362,12 @@ def _restore_parsers(sub) -> None:
             rp.add_argument("--samples", type=int, default=1,
                             help="--method sample: draws averaged")
             rp.add_argument("--sampler", default="ddpm",
-                            help="--method sample: a stochastic sampler, ddpm or dpmpp-2m-sde")
+                            help="--method sample: a stochastic sampler, " + ", ".join(
+                                name for name, s in SAMPLERS.items() if s.stochastic))
         elif kind == "img2img":
             rp.add_argument("--strength", type=float, default=0.5,
                             help="0 returns the input, 1 ignores it")
-            rp.add_argument("--sampler", default="ddim")
+            rp.add_argument("--sampler", default="ddim", help=", ".join(SAMPLERS))
         else:
             rp.add_argument("--mask", required=True,
                             help="a folder of masks named like the images (white = fill)")

@@ -82,13 +82,15 @@ class SamplingSpec:
         """This spec with its steps resolved for `run`; refused where an option asked for (`asked`:
         the sample.* keys given) would be ignored, or where values would overflow."""
         sampler_named(self.sampler)
-        for key, unused in (("eta", 0.0), ("variance", "small")):
+        defaults = SampleConfig()
+        for key in sorted({s.option for s in SAMPLERS.values() if s.option}):
             value = getattr(self, key)
-            if (f"sample.{key}" in asked and value != unused
+            if (f"sample.{key}" in asked and value != getattr(defaults, key)
                     and SAMPLERS[self.sampler].option != key):
-                owner = next(name for name, s in SAMPLERS.items() if s.option == key)
-                raise UserError(f"sample.{key}={value} applies to the {owner} sampler only, "
-                                f"not {self.sampler}")
+                owners = [name for name, s in SAMPLERS.items() if s.option == key]
+                raise UserError(f"sample.{key}={value} applies to the {' and '.join(owners)} "
+                                f"sampler{'s' if len(owners) > 1 else ''} only, not "
+                                f"{self.sampler}")
         if not 0 <= self.eta <= 1:
             raise UserError(f"sample.eta={self.eta}: DDIM's eta runs from 0 (deterministic) "
                             f"to 1 (DDPM's variance)")

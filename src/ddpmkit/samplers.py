@@ -297,6 +297,7 @@ class Sampler:
     default_steps: int | None  # None: all T
     stochastic: bool  # draws p(x0 | x_t) (fresh noise each step) or solves the probability-flow ODE
     option: str | None = None  # its one keyword option, if any
+    evaluations: Callable[[int], int] = lambda steps: steps  # network calls for `steps` steps
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         return self.fn(*args, **kwargs)
@@ -308,7 +309,8 @@ SAMPLERS = {
     "dpmpp-2m": Sampler(dpmpp_2m, 20, stochastic=False),
     "dpmpp-2m-sde": Sampler(dpmpp_2m_sde, 30, stochastic=True),
     "euler": Sampler(euler, 50, stochastic=False),
-    "heun": Sampler(heun, 25, stochastic=False),
+    # two evaluations a step, except the first's second (at sigma_max) and the last's (to 0)
+    "heun": Sampler(heun, 25, stochastic=False, evaluations=lambda steps: max(2 * steps - 2, 1)),
 }
 
 
@@ -319,5 +321,5 @@ def sampler_named(name: str) -> Sampler:
 
 
 def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations: Heun's steps take two, except its first and its last."""
-    return max(2 * steps - 2, 1) if sampler == "heun" else steps
+    """Network evaluations of `steps` steps of the sampler."""
+    return sampler_named(sampler).evaluations(steps)
