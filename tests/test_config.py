@@ -1,3 +1,4 @@
+import os
 import re
 
 import pytest
@@ -78,6 +79,9 @@ def test_yaml_file_unknown_section(tmp_path):
         load_config(p)
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    os.mkfifo(tmp_path / "piped.yaml")  # it exists: not "not found", and never read (a hang)
+    with pytest.raises(UserError, match="piped.yaml is not a regular file"):
+        load_config(tmp_path / "piped.yaml")
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):

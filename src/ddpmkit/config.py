@@ -529,7 +529,8 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path} is a folder, not a config file: to train on its images, "
                         f"write --data {path}")
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}" if not path.exists() else
+                        f"{path} is not a regular file (a pipe or device): give a YAML config")
     if path.stat().st_size > MAX_YAML_BYTES:
         raise UserError(f"config file {path} is {path.stat().st_size:,} bytes: a config is at most "
                         f"{MAX_YAML_BYTES:,}")
