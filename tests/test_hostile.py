@@ -792,6 +792,11 @@ def test_sample_never_writes_into_the_runs_data_and_gif_replaces_only_a_gif(tmp_
     for out in (data, tmp_path):
         one_line(capsys, "sample", run, "-n", 2, "--steps", 2, "--out", out, "--force",
                  says="training data: write the images into a folder of their own")
+    inputs = tmp_path / "in"  # nor does a restoration (its record would hide the data)
+    inputs.mkdir()
+    Image.fromarray(np.full((8, 8), 99, np.uint8)).save(inputs / "x.png")
+    one_line(capsys, "denoise", run, inputs, "--sigma", 0.1, "--out", data, "--force",
+             says="training data: write the images into a folder of their own")
     assert not (data / ".ddpmkit.json").exists()
     assert cli("sample", run, "-n", 2, "--steps", 2, "--out", data / "generated", "--quiet") == 0
     photo = data / "0.png"
@@ -953,3 +958,42 @@ def test_a_reader_that_stops_reading_is_no_error():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and done.stderr == "", done.stderr
+
+
+def test_one_huge_grid_cannot_make_the_learning_gif_take_every_frame_that_size(
+        run_dir, tmp_path, capsys, monkeypatch):
+    """Every frame is padded to the largest grid: one planted 3000x3000 grid (a 30 KB file) made
+    a GIF of a few dozen small grids take gigabytes. gif refuses in one line; the report leaves
+    its animation out and says why."""
+    import shutil
+
+    import ddpmkit.limits
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    Image.new("RGB", (3000, 3000), (10, 20, 30)).save(run / "grids" / "step_000000001.png")
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 100_000_000)
+    one_line(capsys, "gif", run, "--out", tmp_path / "l.gif",
+             says="training grids of 3000x3000 needs")
+    assert not (tmp_path / "l.gif").exists()
+    assert cli("report", run) == 0
+    assert "no learning GIF in the report" in capsys.readouterr().err
+    assert "alt='learning GIF'" not in (run / "report.html").read_text()
+
+
+def test_a_restoration_is_checked_against_memory_before_its_folder_is_claimed(
+        run_dir, tmp_path, capsys, monkeypatch):
+    """Only the decoding of the inputs was checked: a large image's float working set and a huge
+    --batch-size of tiles per network call took many times that."""
+    import ddpmkit.limits
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((1000, 1000), 99, np.uint8)).save(inputs / "big.png")
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 40_000_000)
+    one_line(capsys, "denoise", run_dir, inputs, "--sigma", 0.1, "--out", tmp_path / "a",
+             says="a batch of 1 image(s) of 1000x1000 and 64 images or tiles per network call")
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 4_000_000_000)
+    one_line(capsys, "denoise", run_dir, inputs, "--sigma", 0.1, "--out", tmp_path / "a",
+             "--batch-size", 10_000_000, says="lower --batch-size")

@@ -567,8 +567,12 @@ def test_a_mask_is_white_above_mid_gray_and_transparency_is_laid_on_black(tmp_pa
     stroke[..., 3] = square * 255
     Image.fromarray(stroke, "RGBA").save(tmp_path / "stroke.png")
     Image.fromarray(np.where(square, 200, 100).astype(np.uint8)).save(tmp_path / "gray.png")
-    for name in ("stroke.png", "gray.png"):
-        assert torch.equal(read_mask(tmp_path / name)[0], torch.from_numpy(square))
+    # 16-bit: mid-gray of 65535, whatever the largest value (1000 is near black, not white)
+    Image.fromarray(np.where(square, 50000, 1000).astype(np.uint16)).save(tmp_path / "wide.png")
+    for name in ("stroke.png", "gray.png", "wide.png"):
+        assert torch.equal(read_mask(tmp_path / name)[0], torch.from_numpy(square)), name
+    Image.fromarray(np.where(square, 1000, 0).astype(np.uint16)).save(tmp_path / "dark.png")
+    assert not read_mask(tmp_path / "dark.png").any()
 
 
 def test_img2img_records_the_steps_it_ran(tiny_run, tmp_path):
@@ -640,6 +644,14 @@ def test_a_rerun_restores_only_what_an_interrupted_run_left(tiny_run, tmp_path, 
     restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "out", steps=3, batch_size=1,
                    log=lambda *a: None)
     assert restored == [1]  # the one image the interrupted run had not written
+    for name in ["grid.png", "manifest.csv", *(f"individual/{n}" for n in names)]:
+        assert (tmp_path / "out" / name).read_bytes() == (whole / name).read_bytes(), name
+    # an output of another shape than its input (replaced by hand) is made again, not shown
+    Image.new("RGB", (3, 3), (255, 0, 0)).save(tmp_path / "out" / "individual" / "a.png")
+    restored.clear()
+    restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "out", steps=3, batch_size=1,
+                   log=lambda *a: None)
+    assert restored == [1]
     for name in ["grid.png", "manifest.csv", *(f"individual/{n}" for n in names)]:
         assert (tmp_path / "out" / name).read_bytes() == (whole / name).read_bytes(), name
 

@@ -36,7 +36,8 @@ from .errors import UserError, expect
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
 from .metrics.memorization import CopyFilter, is_copy
-from .outputs import SAMPLE, OutputFolder, escaped, holds_data, read_manifest, write_manifest
+from .outputs import (SAMPLE, OutputFolder, escaped, read_manifest, refuse_runs_data,
+                      write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
@@ -321,7 +322,7 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
                  f"a batch of {batch} images of {side}x{side} through the network",
                  "lower --batch-size or --size")
     out = Path(cfg.out_dir)
-    _refuse_the_runs_data(run, out)
+    refuse_runs_data(out, run.path, run.config.data.path)
     identity = _job_identity(run, cfg, spec)
     if copies:
         identity["drop_copies"] = {"threshold": copies.threshold, "redraws": copies.redraws}
@@ -342,15 +343,6 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     if copies and world.is_main:
         _report_copies(copy_summary(out, cfg.num, cfg.seed, copies), log)
     return out
-
-
-def _refuse_the_runs_data(run: Run, out: Path) -> None:
-    """The folder of the run's training data (or one above it) would have its images left out of
-    the next training as generated; a folder inside it is fine."""
-    if holds_data(out, run.config.data.path):
-        raise UserError(f"--out {out} holds {run.path}'s training data: write the images into "
-                        f"a folder of their own (one inside it is fine: training leaves out "
-                        f"the folders ddpmkit generated)")
 
 
 def copy_summary(out: Path, num: int, seed: int, copies: CopyFilter) -> dict:

@@ -133,6 +133,15 @@ def holds_data(folder: Path, data_path: str | None) -> bool:
     return where == data or where in data.parents
 
 
+def refuse_runs_data(out: Path, run: Path, data_path: str | None) -> None:
+    """The folder of a run's training data (or one above it) would have its images left out of
+    the run's next training as generated; a folder inside it is fine."""
+    if holds_data(out, data_path):
+        raise UserError(f"--out {out} holds {run}'s training data: write the images into a "
+                        f"folder of their own (one inside it is fine: training leaves out the "
+                        f"folders ddpmkit generated)")
+
+
 def read_record(folder: Path) -> dict | None:
     """The folder's record, or None when it has none (or one ddpmkit cannot read: a pipe, a
     file far larger than a record); another version's record is refused."""

@@ -202,9 +202,12 @@ def read_mask(path: Path) -> torch.Tensor:
             if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 rgba = np.asarray(ImageOps.exif_transpose(im.convert("RGBA")), dtype=np.float32)
                 return torch.from_numpy(rgba[..., :3].mean(-1) * rgba[..., 3] / 255 > 127)[None]
+            # mid-gray of the file's own range: a 16-bit mask's 1000 is near black, not white
+            depth = 16 if im.mode.startswith("I") else None
     except UNREADABLE as exc:
         raise UserError(f"cannot read mask {path}: {exc}") from None
-    return read_image(path).float().mean(0, keepdim=True) > 127
+    pixels = read_image_files([Path(path)], str(path), bit_depth=depth).images[0]
+    return pixels.float().mean(0, keepdim=True) > 127
 
 
 def image_scales(images, name: str, bit_depth: int | None = None, *,

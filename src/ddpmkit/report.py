@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import atomic
 from .images import gif_bytes
+from .limits import check_memory
 from .errors import UserError, warn
 from .pixels import ImageFiles, read_image_files
 from .run import RunDir
@@ -161,7 +162,18 @@ def readable_grids(run: RunDir, warn) -> ImageFiles | None:
 def learning_gif(run: RunDir, frame_ms: int = 200, warn=lambda message: None) -> bytes | None:
     """The periodic training grids as one animated GIF, or None if none can be read."""
     grids = readable_grids(run, warn)
-    return None if grids is None else gif_bytes(grids.images, frame_ms=frame_ms)
+    if grids is None:
+        return None
+    _check_gif_memory(run, grids)
+    return gif_bytes(grids.images, frame_ms=frame_ms)
+
+
+def _check_gif_memory(run: RunDir, grids: ImageFiles) -> None:
+    """Every frame is padded to the largest grid and held as a picture and in the file built."""
+    h, w = (max(g.shape[i] for g in grids.images) for i in (-2, -1))
+    check_memory(4 * len(grids.images) * 3 * h * w, f"a GIF of {len(grids.images)} training "
+                 f"grids of {w}x{h}", f"one grid far larger than the others in {run.grids} sets "
+                 f"every frame's size: move it out")
 
 
 def _number(value) -> float | None:
@@ -237,9 +249,14 @@ def _grids(run: RunDir, warn) -> str:
                     f"src='{data_uri(p.read_bytes(), 'image/png')}'>"
                     f"<figcaption>step {step:,}</figcaption></figure>" for step, p in shown)
     last_step, last = grids[-1]
-    gif = gif_bytes(readable.images, frame_ms=200)
-    animation = (f"<figure><img class='big' alt='learning GIF' src='{data_uri(gif, 'image/gif')}'>"
-                 f"<figcaption>the same noise at every grid, step by step</figcaption></figure>")
+    try:
+        _check_gif_memory(run, readable)
+        gif = data_uri(gif_bytes(readable.images, frame_ms=200), "image/gif")
+        animation = (f"<figure><img class='big' alt='learning GIF' src='{gif}'><figcaption>the "
+                     f"same noise at every grid, step by step</figcaption></figure>")
+    except UserError as exc:  # the report goes on without its animation
+        warn(f"no learning GIF in the report: {exc}")
+        animation = ""
     return (f"<h2>Samples while learning</h2><div class='strip'>{strip}</div><div class='plots'>"
             f"{animation}<figure><img class='big' alt='latest "
             f"samples' src='{data_uri(last.read_bytes(), 'image/png')}'><figcaption>latest "

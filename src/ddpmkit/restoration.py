@@ -51,13 +51,15 @@ from .data import batch_to_model, resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .outputs import (Kind, OutputFolder, about_images, existing, inside, read_record,
-                      write_manifest)
+                      refuse_runs_data, write_manifest)
+from .limits import check_memory
 from .pixels import IMAGE_SUFFIXES, read_image, read_image_files, read_mask
 from .run import Run
 from .runtime import mix_seed
 from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step, sampler_named
 from .schedule import Schedule
 from .tiling import TiledNet
+from .unet import sampling_bytes
 
 KINDS = ("denoise", "img2img", "inpaint")
 METHODS = ("mmse", "sample")
@@ -534,6 +536,18 @@ def read_inputs(run: Run, folder: Path) -> tuple[list[Path], list[torch.Tensor]]
     return files, read.images
 
 
+def _check_memory(run: Run, images: list[torch.Tensor], batch_size: int) -> None:
+    """Before the folder is claimed: a batch of the largest images as floats (input, noisy and
+    restored images, the noise, the tiles' sums and weights, and a few in between), and the
+    network's activations for `batch_size` images or tiles in one call."""
+    largest = max(images, key=lambda img: img.numel())
+    batch = min(batch_size, len(images))
+    network = sampling_bytes(run.config.model, run.image_size) * batch_size
+    check_memory(batch * largest.numel() * 4 * 16 + network,
+                 f"a batch of {batch} image(s) of {largest.shape[-1]}x{largest.shape[-2]} and "
+                 f"{batch_size} images or tiles per network call", "lower --batch-size")
+
+
 def _batches_of_one_size(images: list[torch.Tensor], batch_size: int,
                          skip: Sequence = ()) -> list[list[int]]:
     """Indices of the images in batches of at most batch_size images of one shape each, leaving out
@@ -586,9 +600,11 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
             f"those images come back unchanged")
     out, text = Path(out_dir), {"ddpmkit": kind, "source": f"{run.path.name}/{run.checkpoint}"}
     reads = (Path(inputs_dir),) + ((Path(job.masks_dir),) if masks else ())
+    refuse_runs_data(out, run.path, run.config.data.path)
+    _check_memory(run, images, job.batch_size)
     identity = job.identity(run, Path(inputs_dir), files, images, masks)
     with OutputFolder(out, RESTORE, identity, fresh, force, reads):
-        outputs, sigmas = _finished(out, files), [""] * len(files)  # a rerun of this job resumes
+        outputs, sigmas = _finished(out, files, images), [""] * len(files)  # a rerun resumes
         for i in (i for i, done in enumerate(outputs) if done is not None and kind == "denoise"):
             sigmas[i] = resolve_sigma(run.schedule, images[i][None], job.sigma)[0]
         for idx in _batches_of_one_size(images, job.batch_size, skip=outputs):
@@ -610,11 +626,15 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
     return out
 
 
-def _finished(out: Path, files: list[Path]) -> list[torch.Tensor | None]:
+def _finished(out: Path, files: list[Path], images: list[torch.Tensor]
+              ) -> list[torch.Tensor | None]:
     """Per input, the output an interrupted run of this same job wrote (each written whole and
-    depending only on the job and the file's name), else None."""
-    return [read_image(out / _output_of(f.name)) if (out / _output_of(f.name)).is_file() else None
-            for f in files]
+    depending only on the job and the file's name), else None; one of another shape than its
+    input is not what this job writes, and is made again."""
+    found = [read_image(out / _output_of(f.name)) if (out / _output_of(f.name)).is_file() else None
+             for f in files]
+    return [done if done is not None and done.shape == image.shape else None
+            for done, image in zip(found, images)]
 
 
 def _pixels_digest(image: torch.Tensor, mask: torch.Tensor | None) -> str:
