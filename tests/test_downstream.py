@@ -659,6 +659,13 @@ def test_a_synthetic_set_edited_to_hold_test_images_or_other_sizes_is_refused(tm
     capsys.readouterr()
     assert main([*study, str(resized)]) == 2
     assert "lists images of 2 size(s)" in capsys.readouterr().err
+    doubled = tmp_path / "doubled"  # a generated image listed twice would weigh twice
+    shutil.copytree(balanced, doubled)
+    lines = (doubled / "manifest.csv").read_text().splitlines()
+    synthetic_line = next(line for line in lines if line.endswith(",true"))
+    (doubled / "manifest.csv").write_text("\n".join([*lines, synthetic_line]) + "\n")
+    assert main([*study, str(doubled)]) == 2
+    assert "more than once" in capsys.readouterr().err
     test = np.load(data)["test_images"]  # a test image copied over a generated one
     Image.fromarray(test[0]).save(first)
     assert main([*study, str(balanced)]) == 2

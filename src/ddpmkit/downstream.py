@@ -33,6 +33,7 @@ import html
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -140,6 +141,10 @@ def load_synthetic(folder: Path, names: list[str]) -> tuple[Pool, list[Path]]:
     rows = manifest_images(folder, "file")
     if not rows:
         raise UserError(f"{manifest} lists no synthetic images")
+    twice = next((path for path, n in Counter(p for p, _ in rows).items() if n > 1), None)
+    if twice is not None:  # counted twice, it would weigh twice in every synthetic arm
+        raise UserError(f"{manifest} lists {twice} more than once: a manifest ddpmkit wrote "
+                        f"lists each image once; balance again")
     images = _of_one_size([path for path, _ in rows], manifest)
     labels = _indices([row["label"] for _, row in rows], names, str(manifest))
     return Pool(images, labels, source=str(folder.resolve())), job_runs(folder)
