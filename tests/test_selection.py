@@ -455,3 +455,17 @@ def test_auto_guidance_says_its_choice_is_no_measurement_when_the_selector_misse
     assert top._say_choice("a", {1.0: 0.02, 2.0: 0.03}, 1.0, "") == 1.0
     assert any("assigns only 0% of real a images to a" in m and "not a measurement" in m
                for m in said), said
+
+
+@pytest.mark.parametrize("name", ["val", "valid", "Validation"])
+def test_the_validation_split_is_found_under_the_names_published_sets_use(tmp_path, name):
+    from conftest import write_images
+    from ddpmkit.config import DataConfig
+
+    for split, seed in (("train", 1), (name, 2)):
+        for cls in ("a", "b"):
+            write_images(tmp_path / split / cls, n=3, size=(8, 8), seed=seed + len(cls))
+    train = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)  # no image of the split is a training one
+    found = selection._validation_split(DataConfig(path=str(tmp_path), image_size=8), train,
+                                        log=lambda *_: None)
+    assert found is not None and len(found[0]) == 6 and sorted(set(found[1])) == ["a", "b"]

@@ -158,14 +158,19 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     return selector
 
 
+VALIDATION_SPLITS = ("val", "valid", "validation", "dev")  # as published sets name it
+
+
 def _validation_split(data_cfg: DataConfig, train_u8: torch.Tensor,
                       log) -> tuple[torch.Tensor, list[str]] | None:
     """The data's val split, less any training images in it: the selector has learnt those, so
     they would set the thresholds too high."""
-    if not (data_cfg.path and "val" in (named_splits(data_cfg.path) or ())):
+    held = (named_splits(data_cfg.path) or set()) if data_cfg.path else set()
+    split = next((name for name in VALIDATION_SPLITS if name in held), None)
+    if split is None:
         return None  # the thresholds then say there was none, and what sets them instead
     try:
-        data = load_images(replace(data_cfg, split="val"), log=lambda *_: None)
+        data = load_images(replace(data_cfg, split=split), log=lambda *_: None)
     except UserError as exc:  # the source has splits, but no val split
         log(f"select: no validation split ({exc})")
         return None
