@@ -397,6 +397,18 @@ def test_folders_beside_the_splits_do_not_turn_them_into_classes(tmp_path):
     with pytest.raises(UserError, match=r"set holds split folders \(test, train\) and other "
                                         r"folders of images \(extra\): move those out"):
         load_images(DataConfig(path=str(root), image_size=8))
+    # class folders that are links still make splits; a lone class named "train" is a class
+    linked = tmp_path / "linked"
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (linked / split).mkdir(parents=True, exist_ok=True)
+            (linked / split / cls).symlink_to(root / split / cls)
+    assert len(load_images(DataConfig(path=str(linked), image_size=8))) == 10
+    classes = tmp_path / "classes"
+    for cls in ("bus", "train", "tank"):
+        write_images(classes / cls, n=2, size=(8, 8))
+    assert sorted(set(load_images(DataConfig(path=str(classes), image_size=8)).labels)) == [
+        "bus", "tank", "train"]
 
 
 def test_pickled_object_arrays_are_refused(tmp_path):

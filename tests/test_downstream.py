@@ -426,7 +426,7 @@ def test_the_leakage_check_follows_a_fine_tuned_generator_to_what_it_started_fro
     whose training images are unknown (a hub model) are said to be unchecked, not clean."""
     import torch
     from ddpmkit.config import load_config
-    from ddpmkit.downstream import Pool, check_no_leakage
+    from ddpmkit.downstream import Pool, check_no_leakage, generators_training_digests
     from ddpmkit.run import RunDir
 
     labels = _digits01()[1].ravel()
@@ -449,10 +449,16 @@ def test_the_leakage_check_follows_a_fine_tuned_generator_to_what_it_started_fro
     hub = tmp_path / "hub_tuned"  # the record of a run fine-tuned from a hub model
     RunDir(hub).start(load_config(None, {"train.init_from": "google/ddpm-cifar10-32"}), {}, step=0)
     test = Pool(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), np.array([0, 1]))
-    note = check_no_leakage(test, [hub], set(), verified=True)
+    note = check_no_leakage(test, [hub], generators_training_digests([hub], 8, 1), verified=True)
     assert note.startswith("checked:") and note.endswith(
         "; not checked against the pretrained weights it started from, whose training images are "
         "unknown: google/ddpm-cifar10-32")
+    # a source run whose training data moved away is named as unchecked, not a reason to stop
+    (tmp_path / "d.npz").rename(tmp_path / "moved.npz")
+    (leaky / "training_images.sha256").unlink()  # so its data must be read again
+    lineage = generators_training_digests([tmp_path / "from_leaky"], 8, 1)
+    assert lineage.sources == [] and lineage.unchecked == [
+        f"{leaky} (its training data cannot be read)"]
 
 
 def test_the_verdict_says_no_improvement_unless_the_gain_beats_the_spread():
@@ -630,6 +636,11 @@ def test_a_selection_tuned_on_the_test_images_is_refused(tmp_path, capsys):
     fair = _balanced(tmp_path, data, "fair", "--select", "--max-candidates", "200")  # its val split
     assert main(["downstream", "--real", str(data), "--synthetic", str(fair), "--out",
                  str(tmp_path / "f"), "--seeds", "2", "--steps", "2"]) == 0
+    # choosing on the val split that tuned it (benchmarks/synthetic_selection.py): kept, counted
+    *_, val, _, leakage = load_study_data(str(data), str(fair), None, "train", "val",
+                                          drop_seen=True)
+    assert len(val.labels) == 20 and leakage.endswith(
+        "20 of those kept set the selection's thresholds, which favours selected sets here)")
 
 
 def test_a_synthetic_set_edited_to_hold_test_images_or_other_sizes_is_refused(tmp_path, capsys):
@@ -658,7 +669,7 @@ def test_a_synthetic_set_edited_to_hold_test_images_or_other_sizes_is_refused(tm
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(resized / first.relative_to(balanced))
     capsys.readouterr()
     assert main([*study, str(resized)]) == 2
-    assert "lists images of 2 size(s)" in capsys.readouterr().err
+    assert "lists images of 8x8, 16x16: the study runs at" in capsys.readouterr().err
     doubled = tmp_path / "doubled"  # a generated image listed twice would weigh twice
     shutil.copytree(balanced, doubled)
     lines = (doubled / "manifest.csv").read_text().splitlines()

@@ -994,6 +994,16 @@ def test_a_restoration_is_checked_against_memory_before_its_folder_is_claimed(
     one_line(capsys, "denoise", run_dir, inputs, "--sigma", 0.1, "--out", tmp_path / "a",
              says="a batch of 1 image(s) of 1000x1000 and 64 images or tiles per network call")
     assert not (tmp_path / "a").exists()
-    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 4_000_000_000)
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 500_000_000)
     one_line(capsys, "denoise", run_dir, inputs, "--sigma", 0.1, "--out", tmp_path / "a",
-             "--batch-size", 10_000_000, says="lower --batch-size")
+             "--batch-size", 10_000_000, says="27889 images or tiles per network call")
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 4_000_000_000)
+    # one image of the model's size is one image per call, whatever --batch-size allows
+    import ddpmkit.restoration
+
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.fromarray(np.full((8, 8), 99, np.uint8)).save(small / "x.png")
+    monkeypatch.setattr(ddpmkit.restoration, "sampling_bytes", lambda *_: 1_000_000_000)
+    assert cli("denoise", run_dir, small, "--sigma", 0.1, "--out", tmp_path / "b",
+               "--quiet") == 0

@@ -227,7 +227,9 @@ def _split_subfolders(root: Path) -> list[Path]:
     loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     splits = [p for p in subdirs if p.name.lower() in SPLIT_FOLDERS]
     others = sorted(p.name for p in subdirs if p not in splits)
-    if splits and others and not loose_images and any(p.name.lower() == "train" for p in splits):
+    # train beside another split: a lone class named "train" (CIFAR-100 has one) is a class
+    if others and not loose_images and len(splits) > 1 and any(
+            p.name.lower() == "train" for p in splits):
         raise UserError(f"{root} holds split folders ({', '.join(sorted(p.name for p in splits))}) "
                         f"and other folders of images ({', '.join(others[:3])}): move those out, "
                         f"so the splits are not read as classes")
@@ -236,7 +238,7 @@ def _split_subfolders(root: Path) -> list[Path]:
 
 def _holds_images(folder: Path) -> bool:
     return any(not n.startswith(HIDDEN) and Path(n).suffix.lower() in IMAGE_SUFFIXES
-               for _, _, names in os.walk(folder) for n in names)
+               for _, names in _walk(folder) for n in names)
 
 
 def data_channels(data: DataConfig) -> int:

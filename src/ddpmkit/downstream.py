@@ -156,9 +156,10 @@ def _of_one_size(paths: list[Path], listed_in: Path) -> torch.Tensor:
     images = [read_image(path) for path in paths]
     sizes = sorted({tuple(img.shape[-2:]) for img in images})
     if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
-        raise UserError(f"{listed_in} lists images of {len(sizes)} size(s) ({sizes[0]}, "
-                        f"{sizes[-1]}): the study runs at the generator's one square size; give "
-                        f"the balance output as ddpmkit wrote it")
+        shown = ", ".join(f"{w}x{h}" for h, w in sizes[:3])
+        raise UserError(f"{listed_in} lists images of {shown}: the study runs at the "
+                        f"generator's one square size; give the balance output as ddpmkit "
+                        f"wrote it")
     return torch.stack(images)
 
 
@@ -190,29 +191,47 @@ def _indices(labels: list[str], names: list[str], what: str) -> np.ndarray:
     return np.array([names.index(label) for label in labels])
 
 
-def generators_training_digests(runs: list[Path], size: int, channels: int) -> set[str]:
-    """The digests of every image these runs trained on, as the study reads real images (at its
-    size and channels, resampled once from the source). A run's own record is used where it is at
-    those; otherwise its training data is read again from its config, straight to the study's size
-    (a record at the run's size, resampled again, would match no test image byte for byte)."""
-    seen: set[str] = set()
-    for run in [*runs, *_sources(runs)[0]]:
-        if not RunDir(run).config_path.is_file():
-            raise UserError(f"the synthetic images were made by {run}, which is no longer there: "
-                            f"the leakage check reads its training data, so put the run back "
-                            f"(or regenerate the set)")
-        if RunDir(run).imported_from():
-            raise UserError(f"the synthetic images come from {run}, an imported model: "
-                            f"the images it was trained on are unknown, "
-                            f"so leakage into the test split cannot be ruled out")
-        cfg = RunDir(run).config()
-        recorded = RunDir(run).recorded_digests()
-        if recorded and cfg.data.image_size == size and cfg.model.in_channels == channels:
-            seen |= recorded
-        else:
-            as_study = replace(cfg.data, image_size=size, channels=channels)
-            seen |= set(image_digests(load_images(as_study).images))
-    return seen
+@dataclass
+class TrainedOn:
+    """What the generators, and the runs they were fine-tuned from, trained on."""
+    digests: set[str]
+    sources: list[Path]  # runs they were fine-tuned from, whose images are among `digests`
+    unchecked: list[str]  # other starting points: their images are unknown or cannot be read
+
+
+def generators_training_digests(runs: list[Path], size: int, channels: int) -> TrainedOn:
+    """The digests of every image these runs (and the ddpmkit runs they were fine-tuned from)
+    trained on, as the study reads real images."""
+    known, unchecked = _sources(runs)
+    seen = set().union(*(_training_digests(run, size, channels) for run in runs))
+    sources = []
+    for source in known:
+        try:
+            seen |= _training_digests(source, size, channels)
+            sources.append(source)
+        except UserError:  # a starting point's data moved away: said, not a reason to stop
+            unchecked.append(f"{source} (its training data cannot be read)")
+    return TrainedOn(seen, sources, unchecked)
+
+
+def _training_digests(run: Path, size: int, channels: int) -> set[str]:
+    """At the study's size and channels, resampled once from the source: a run's own record where
+    it is at those; otherwise its training data read again from its config, straight to the
+    study's size (a record at the run's size, resampled again, would match no test image)."""
+    if not RunDir(run).config_path.is_file():
+        raise UserError(f"the synthetic images were made by {run}, which is no longer there: "
+                        f"the leakage check reads its training data, so put the run back "
+                        f"(or regenerate the set)")
+    if RunDir(run).imported_from():
+        raise UserError(f"the synthetic images come from {run}, an imported model: "
+                        f"the images it was trained on are unknown, "
+                        f"so leakage into the test split cannot be ruled out")
+    cfg = RunDir(run).config()
+    recorded = RunDir(run).recorded_digests()
+    if recorded and cfg.data.image_size == size and cfg.model.in_channels == channels:
+        return recorded
+    as_study = replace(cfg.data, image_size=size, channels=channels)
+    return set(image_digests(load_images(as_study).images))
 
 
 def _sources(runs: list[Path]) -> tuple[list[Path], list[str]]:
@@ -246,18 +265,42 @@ def refuse_real_among_synthetic(synth: Pool, *pools: tuple[Pool | None, str]) ->
                             f"of its manifest.csv, or balance again")
 
 
-def refuse_selection_tuned_on(test: Pool, synthetic: Path, split: str) -> None:
-    """Test images that set a `balance --select` output's thresholds (its selection.json): the
-    selected arm would be scored on the images it was tuned on."""
+def selection_tuned_on(synthetic: Path) -> set[str]:
+    """The digests of the real images that set a `balance --select` output's thresholds."""
     try:
         tuned = atomic.read_json(synthetic / "selection.json").get("tuned_on_sha256") or []
     except (OSError, ValueError, AttributeError):
-        return  # no selection, or none ddpmkit wrote
-    overlap = int(among(test, {d for d in tuned if isinstance(d, str)}).sum())
+        return set()  # no selection, or none ddpmkit wrote
+    return {d for d in tuned if isinstance(d, str)}
+
+
+def refuse_selection_tuned_on(test: Pool, synthetic: Path, split: str) -> None:
+    """Test images that set a `balance --select` output's thresholds (its selection.json): the
+    selected arm would be scored on the images it was tuned on."""
+    overlap = int(among(test, selection_tuned_on(synthetic)).sum())
     if overlap:
         raise UserError(f"{overlap} of the {split} images set the thresholds that selected "
                         f"{synthetic}'s images (its selection.json): test on other images, or "
                         f"balance again with --select-val on a validation split")
+
+
+def _drop_seen(pool: Pool, split: str, trained: set[str], real: set[str], synthetic: set[str],
+               tuned: set[str]) -> tuple[Pool, str]:
+    """For choosing on a validation split: its images the generator saw, the classifiers train
+    on, or that sit among the synthetic ones, dropped and counted; those that tuned the selection
+    are kept (the split that sets the thresholds is the one choices are made on) and counted."""
+    seen, in_real = among(pool, trained), among(pool, real)
+    in_synth = among(pool, synthetic) & ~seen & ~in_real
+    kept = _without(pool, seen | in_real | in_synth)
+    tuned_kept = int(among(kept, tuned).sum())
+    note = (f"{int(seen.sum())} {split} images the generator saw were dropped; "
+            + (f"{int((in_real & ~seen).sum())} more that the classifiers train on; "
+               if (in_real & ~seen).any() else "")
+            + (f"{int(in_synth.sum())} more that are among the synthetic images; "
+               if in_synth.any() else "")
+            + (f"{tuned_kept} of those kept set the selection's thresholds, which favours "
+               f"selected sets here; " if tuned_kept else ""))
+    return kept, note
 
 
 def among(pool: Pool, digests: set[str]) -> np.ndarray:
@@ -265,7 +308,7 @@ def among(pool: Pool, digests: set[str]) -> np.ndarray:
     return np.array([d in digests for d in image_digests(pool.images)], dtype=bool)
 
 
-def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: bool,
+def check_no_leakage(test: Pool, runs: list[Path], trained: TrainedOn, verified: bool,
                      split: str = "test") -> str:
     """Refuse when a test image (of `split`) is among the training images of a run that made the
     synthetic set."""
@@ -275,18 +318,18 @@ def check_no_leakage(test: Pool, runs: list[Path], trained: set[str], verified: 
                             f"(no {RECORD}), so leakage cannot be ruled out; "
                             "pass --unverified to run the study anyway (reported)")
         return "not checked (--unverified): the synthetic set does not name its generator"
-    overlap = int(among(test, trained).sum())
+    overlap = int(among(test, trained.digests).sum())
     if overlap:
         raise UserError(f"leakage: the generator {', '.join(map(str, runs))} (or a run it was "
                         f"fine-tuned from) was trained on {overlap} of the {split} images; "
                         f"retrain it without the {split} split")
-    known, unknown = _sources(runs)
     checked = (f"checked: no {split} image is among the training images of "
                f"{', '.join(str(r) for r in runs)}"
-               + (f" or of the runs it was fine-tuned from ({', '.join(map(str, known))})"
-                  if known else ""))
+               + (f" or of the runs it was fine-tuned from ({', '.join(map(str, trained.sources))})"
+                  if trained.sources else ""))
     return checked + (f"; not checked against the pretrained weights it started from, whose "
-                      f"training images are unknown: {'; '.join(unknown)}" if unknown else "")
+                      f"training images are unknown: {'; '.join(trained.unchecked)}"
+                      if trained.unchecked else "")
 
 
 # --- training and metrics ----------------------------------------------------------------------
@@ -704,15 +747,13 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     test_source = _split_source(real, test, test_split, "test", "--test")
     test_pool = load_real(*test_source, size, synth.images.shape[1], names)
     # read once, for every check below
-    trained = generators_training_digests(runs, size, synth.images.shape[1])
+    lineage = generators_training_digests(runs, size, synth.images.shape[1])
+    trained = lineage.digests
     dropped, real_digests = "", set(image_digests(real_pool.images))
     if drop_seen:
-        seen, in_real = among(test_pool, trained), among(test_pool, real_digests)
-        test_pool = _without(test_pool, seen | in_real)
-        dropped = (f"{int(seen.sum())} {test_split or 'test'} images the generator saw "
-                   f"were dropped; ") + (f"{int((in_real & ~seen).sum())} more that the "
-                                         f"classifiers train on; " if (in_real & ~seen).any()
-                                         else "")
+        test_pool, dropped = _drop_seen(test_pool, test_split or "test", trained, real_digests,
+                                        set(image_digests(synth.images)),
+                                        selection_tuned_on(synth_folder))
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
         source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
@@ -721,10 +762,11 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
                                                   test_pool, trained, names)
         dropped += note
     _every_class(test_pool, names, _named(*test_source))
-    refuse_selection_tuned_on(test_pool, synth_folder, test_split or "test")
+    if not drop_seen:  # a choice on a val split may be made where the thresholds were set
+        refuse_selection_tuned_on(test_pool, synth_folder, test_split or "test")
     refuse_real_among_synthetic(synth, (test_pool, test_split or "test"),
                                 (calibration_pool, "calibration"))
-    leakage = check_no_leakage(test_pool, runs, trained, not unverified, test_split or "test")
+    leakage = check_no_leakage(test_pool, runs, lineage, not unverified, test_split or "test")
     leakage += f" ({dropped.removesuffix('; ')})" if dropped else ""
     in_real = int(among(test_pool, real_digests).sum())
     if in_real:  # every arm's classifier trains on them: each score would be flattered

@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,7 +59,7 @@ from .run import Run
 from .runtime import mix_seed
 from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step, sampler_named
 from .schedule import Schedule
-from .tiling import TiledNet
+from .tiling import OVERLAP_FRACTION, TiledNet, tile_starts
 from .unet import sampling_bytes
 
 KINDS = ("denoise", "img2img", "inpaint")
@@ -537,15 +538,20 @@ def read_inputs(run: Run, folder: Path) -> tuple[list[Path], list[torch.Tensor]]
 
 
 def _check_memory(run: Run, images: list[torch.Tensor], batch_size: int) -> None:
-    """Before the folder is claimed: a batch of the largest images as floats (input, noisy and
-    restored images, the noise, the tiles' sums and weights, and a few in between), and the
-    network's activations for `batch_size` images or tiles in one call."""
-    largest = max(images, key=lambda img: img.numel())
-    batch = min(batch_size, len(images))
-    network = sampling_bytes(run.config.model, run.image_size) * batch_size
-    check_memory(batch * largest.numel() * 4 * 16 + network,
-                 f"a batch of {batch} image(s) of {largest.shape[-1]}x{largest.shape[-2]} and "
-                 f"{batch_size} images or tiles per network call", "lower --batch-size")
+    """Before the folder is claimed, for the batch of one shape that takes most: its images as
+    floats (input, noisy and restored images, the noise, the tiles' sums and weights, and a few in
+    between), and the network's activations for the images or tiles of one call."""
+    per_image = sampling_bytes(run.config.model, run.image_size)
+    overlap = run.image_size // OVERLAP_FRACTION
+    needs = []
+    for shape, count in Counter(tuple(img.shape) for img in images).items():
+        tiles = math.prod(len(tile_starts(side, run.image_size, overlap)) for side in shape[-2:])
+        batch = min(batch_size, count)
+        calls = min(batch_size, batch * tiles)
+        needs.append((batch * math.prod(shape) * 4 * 16 + calls * per_image, batch, shape, calls))
+    need, batch, shape, calls = max(needs)
+    check_memory(need, f"a batch of {batch} image(s) of {shape[-1]}x{shape[-2]} and {calls} "
+                       f"images or tiles per network call", "lower --batch-size")
 
 
 def _batches_of_one_size(images: list[torch.Tensor], batch_size: int,

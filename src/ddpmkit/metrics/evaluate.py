@@ -162,7 +162,7 @@ def _statistics(path: Path) -> Reference:
     if feats.ndim != 2 or feats.shape[1] != len(stats.mu):
         raise UserError(f"{path}: its feats {feats.shape} do not fit its mu "
                         f"{stats.mu.shape}: write it again with --save-ref")
-    scale = np.abs(stats.mu).max() + 1e-12  # its mu is its feats' mean, as --save-ref writes it
+    scale = np.abs(feats).max() + 1e-12  # its mu is its feats' mean, as --save-ref writes it
     if not (isinstance(extractor, dict) and isinstance(extractor.get("features"), str)
             and np.isfinite(feats).all() and np.abs(feats.mean(0) - stats.mu).max() < 1e-3 * scale):
         raise UserError(f"{path}: its feats, mu and extractor are not what --save-ref writes "
