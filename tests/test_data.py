@@ -1,5 +1,6 @@
 import gzip
 import json
+import shutil
 import struct
 import unicodedata
 import zlib
@@ -394,8 +395,8 @@ def test_folders_beside_the_splits_do_not_turn_them_into_classes(tmp_path):
     assert len(train) == 10 and sorted(set(train.labels)) == ["cat", "dog"]
     assert len(load_images(DataConfig(path=str(root), split="test", image_size=8))) == 6
     write_images(root / "extra", n=2, size=(8, 8))
-    with pytest.raises(UserError, match=r"set holds split folders \(test, train\) and other "
-                                        r"folders of images \(extra\): move those out"):
+    with pytest.raises(UserError, match=r"set holds split folders \(test, train\) and, beside "
+                                        r"them, folders of images \(extra\): move those out"):
         load_images(DataConfig(path=str(root), image_size=8))
     # class folders that are links still make splits; a lone class named "train" is a class
     linked = tmp_path / "linked"
@@ -409,6 +410,17 @@ def test_folders_beside_the_splits_do_not_turn_them_into_classes(tmp_path):
         write_images(classes / cls, n=2, size=(8, 8))
     assert sorted(set(load_images(DataConfig(path=str(classes), image_size=8)).labels)) == [
         "bus", "tank", "train"]
+    (root / "extra" / "img_000.png").rename(root / "cover.png")  # a dataset's preview image
+    shutil.rmtree(root / "extra")
+    with pytest.raises(UserError, match=r"and, beside them, images \(cover.png\): move those"):
+        load_images(DataConfig(path=str(root), image_size=8))
+    (root / "cover.png").unlink()
+    for split in ("train", "test"):  # Kaggle's Training/Testing are splits, not two classes
+        (root / split).rename(root / split.title().replace("Train", "Training")
+                              .replace("Test", "Testing"))
+    with pytest.raises(UserError, match=r"is split into Testing, Training and has no 'train'"):
+        load_images(DataConfig(path=str(root), image_size=8))
+    assert len(load_images(DataConfig(path=str(root), split="training", image_size=8))) == 10
 
 
 def test_pickled_object_arrays_are_refused(tmp_path):

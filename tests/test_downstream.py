@@ -446,6 +446,15 @@ def test_the_leakage_check_follows_a_fine_tuned_generator_to_what_it_started_fro
                  "--out", str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert "(or a run it was fine-tuned from) was trained on" in err and "of the test images" in err
+    # the source moved away, or trained again with --fresh: no longer what was fine-tuned from
+    tuned = tmp_path / "from_leaky"
+    leaky.rename(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="which is no longer there as it was"):
+        generators_training_digests([tuned], 8, 1)
+    assert generators_training_digests([tuned], 8, 1, verified=False).unchecked == [
+        f"{leaky} (no longer the run fine-tuned from)"]
+    (tmp_path / "elsewhere").rename(leaky)
+    assert generators_training_digests([tuned], 8, 1).sources == [leaky]
     hub = tmp_path / "hub_tuned"  # the record of a run fine-tuned from a hub model
     RunDir(hub).start(load_config(None, {"train.init_from": "google/ddpm-cifar10-32"}), {}, step=0)
     test = Pool(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), np.array([0, 1]))

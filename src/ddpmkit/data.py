@@ -212,7 +212,8 @@ def _load_digits() -> ImageData:
 # folders of images
 
 
-SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test", "dev")
+SPLIT_FOLDERS = ("train", "training", "val", "valid", "validate", "validation", "test", "testing",
+                 "dev")
 # names of what an editor, a notebook or an archive left beside the data: never images or classes
 HIDDEN = (".", "__")  # .ipynb_checkpoints, macOS's ._x.png, __MACOSX
 
@@ -228,11 +229,13 @@ def _split_subfolders(root: Path) -> list[Path]:
     splits = [p for p in subdirs if p.name.lower() in SPLIT_FOLDERS]
     others = sorted(p.name for p in subdirs if p not in splits)
     # train beside another split: a lone class named "train" (CIFAR-100 has one) is a class
-    if others and not loose_images and len(splits) > 1 and any(
-            p.name.lower() == "train" for p in splits):
+    if (others or loose_images) and len(splits) > 1 and any(
+            p.name.lower() in ("train", "training") for p in splits):
+        beside = others[:3] if others else sorted(p.name for p in loose_images)[:3]
         raise UserError(f"{root} holds split folders ({', '.join(sorted(p.name for p in splits))}) "
-                        f"and other folders of images ({', '.join(others[:3])}): move those out, "
-                        f"so the splits are not read as classes")
+                        f"and, beside them, {'folders of images' if others else 'images'} "
+                        f"({', '.join(beside)}): move those out, so the splits are not read as "
+                        f"one set")
     return subdirs if subdirs and not loose_images and not others else []
 
 

@@ -199,10 +199,11 @@ class TrainedOn:
     unchecked: list[str]  # other starting points: their images are unknown or cannot be read
 
 
-def generators_training_digests(runs: list[Path], size: int, channels: int) -> TrainedOn:
+def generators_training_digests(runs: list[Path], size: int, channels: int,
+                                verified: bool = True) -> TrainedOn:
     """The digests of every image these runs (and the ddpmkit runs they were fine-tuned from)
     trained on, as the study reads real images."""
-    known, unchecked = _sources(runs)
+    known, unchecked = _sources(runs, verified)
     seen = set().union(*(_training_digests(run, size, channels) for run in runs))
     sources = []
     for source in known:
@@ -234,20 +235,32 @@ def _training_digests(run: Path, size: int, channels: int) -> set[str]:
     return set(image_digests(load_images(as_study).images))
 
 
-def _sources(runs: list[Path]) -> tuple[list[Path], list[str]]:
+def _sources(runs: list[Path], verified: bool = True) -> tuple[list[Path], list[str]]:
     """The weights these runs were fine-tuned from (train.init_from), followed back: the ddpmkit
-    runs, whose training images are known, and the other sources, whose are not."""
+    runs, whose training images are known, and the other sources, whose are not. A ddpmkit run a
+    generator was fine-tuned from must still hold the checkpoint it started from (its meta.json
+    names it); moved or trained again, it is refused, or with `verified` off, left unchecked."""
     known: list[Path] = []
     unknown: list[str] = []
-    todo = [RunDir(r).config().train.init_from for r in runs if RunDir(r).config_path.is_file()]
+    todo = [Path(r) for r in runs]
     while todo:
-        source = todo.pop()
+        run = RunDir(todo.pop())
+        source = run.config().train.init_from if run.config_path.is_file() else None
         if not source or Path(source) in known or source in unknown:
             continue
-        run = RunDir(source)
-        if run.is_run() and not run.imported_from():
+        started = re.search(r" step \d+ \(([0-9a-f]{12})\)$", str(run.meta().get("init_from")))
+        held = {e["sha256"][:12] for e in RunDir(source).read_state()["checkpoints"]} if (
+            RunDir(source).is_run()) else set()
+        if started and started[1] not in held:
+            if verified:
+                raise UserError(f"{run.path} was fine-tuned from {source} (checkpoint "
+                                f"{started[1]}), which is no longer there as it was: the leakage "
+                                f"check reads its training images, so put that run back (or "
+                                f"pass --unverified)")
+            unknown.append(f"{source} (no longer the run fine-tuned from)")
+        elif started:
             known.append(Path(source))
-            todo.append(run.config().train.init_from)
+            todo.append(Path(source))
         else:
             unknown.append(source)
     return known, unknown
@@ -747,7 +760,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     test_source = _split_source(real, test, test_split, "test", "--test")
     test_pool = load_real(*test_source, size, synth.images.shape[1], names)
     # read once, for every check below
-    lineage = generators_training_digests(runs, size, synth.images.shape[1])
+    lineage = generators_training_digests(runs, size, synth.images.shape[1], not unverified)
     trained = lineage.digests
     dropped, real_digests = "", set(image_digests(real_pool.images))
     if drop_seen:
