@@ -201,11 +201,17 @@ def test_results_about_a_job_still_writing_are_refused_or_removed(run_dir, tmp_p
     assert cli("sample", run_dir, "--num", 4, "--steps", 3, "--out", out) == 0
     (out / "manifest.csv").unlink()  # as an interrupted job leaves it: no manifest.csv yet
     (out / "audit.json").write_text('{\n "written_by": "ddpmkit audit"}')
+    plain = tmp_path / "plain"  # a folder of images evaluated against the one being written
+    plain.mkdir()
+    for i in range(2):
+        Image.new("L", (8, 8), 60 * i).save(plain / f"{i}.png")
     with atomic.FolderLock(out, "sample"):  # the folder, one inside it, and one holding it
         for command in (("audit", out, "--ref", run_dir, "--features", "none"),
                         ("audit", out / "individual", "--ref", run_dir, "--features", "none"),
                         ("audit", tmp_path, "--ref", run_dir, "--features", "none"),
-                        ("eval", out, "--ref", run_dir, "--features", "classifier")):
+                        ("eval", out, "--ref", run_dir, "--features", "classifier"),
+                        ("eval", plain, "--ref", out / "individual", "--features",
+                         "classifier")):
             capsys.readouterr()
             assert cli(*command) == 2
             err = capsys.readouterr().err.strip().splitlines()

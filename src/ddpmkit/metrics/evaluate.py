@@ -96,6 +96,8 @@ def resolve_reference(refs: list[str], gen_size: int,
         _refuse_imported(path, paths[0])
         return _from_data(replace(RunDir(path).config().data, image_size=gen_size),
                           f" (training data of {path})")
+    if paths and Path(paths[0]).is_dir():  # a half-written reference would shift every metric
+        refuse_being_written(Path(paths[0]))
     if paths and not Path(paths[0]).exists():
         raise UserError(f"--ref {paths[0]}: not found (give a folder of images, a run directory, "
                         f"a statistics .npz, or data.path=...)")
