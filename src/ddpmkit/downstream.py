@@ -35,7 +35,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,11 @@ class Pool:
     labels: np.ndarray  # class index per image
     synthetic: np.ndarray | None = None  # per image: generated? (None: all real)
     source: str = ""  # what was read, for the study's record
+
+    @cached_property
+    def digests(self) -> list[str]:
+        """Each image's sha256 (identity at the study's size), hashed once for every check."""
+        return image_digests(self.images)
 
 
 def combine(real: Pool, synthetic: Pool) -> Pool:
@@ -249,27 +254,30 @@ def _sources(runs: list[Path], verified: bool = True) -> tuple[list[Path], list[
         if not source or Path(source) in known or source in unknown:
             continue
         started = re.search(r" step \d+ \(([0-9a-f]{12})\)$", str(run.meta().get("init_from")))
-        held = {e["sha256"][:12] for e in RunDir(source).read_state()["checkpoints"]} if (
-            RunDir(source).is_run()) else set()
-        if started and started[1] not in held:
+        if not started:  # a diffusers model or hub id: its training images are unknown
+            unknown.append(source)
+        elif started[1] not in _checkpoint_digests(RunDir(source)):
             if verified:
                 raise UserError(f"{run.path} was fine-tuned from {source} (checkpoint "
                                 f"{started[1]}), which is no longer there as it was: the leakage "
                                 f"check reads its training images, so put that run back (or "
                                 f"pass --unverified)")
             unknown.append(f"{source} (no longer the run fine-tuned from)")
-        elif started:
+        else:
             known.append(Path(source))
             todo.append(Path(source))
-        else:
-            unknown.append(source)
     return known, unknown
+
+
+def _checkpoint_digests(run: RunDir) -> set[str]:
+    """The short digests (as meta.json's init_from names them) of the run's checkpoints."""
+    return {e["sha256"][:12] for e in run.read_state()["checkpoints"]} if run.is_run() else set()
 
 
 def refuse_real_among_synthetic(synth: Pool, *pools: tuple[Pool | None, str]) -> None:
     """Test or calibration images put among the synthetic ones: a classifier would train on the
     images it is scored or tuned on."""
-    made = set(image_digests(synth.images))
+    made = set(synth.digests)
     for pool, what in pools:
         found = 0 if pool is None else int(among(pool, made).sum())
         if found:
@@ -318,7 +326,7 @@ def _drop_seen(pool: Pool, split: str, trained: set[str], real: set[str], synthe
 
 def among(pool: Pool, digests: set[str]) -> np.ndarray:
     """Per image of the pool: is it (byte for byte) one of these?"""
-    return np.array([d in digests for d in image_digests(pool.images)], dtype=bool)
+    return np.array([d in digests for d in pool.digests], dtype=bool)
 
 
 def check_no_leakage(test: Pool, runs: list[Path], trained: TrainedOn, verified: bool,
@@ -676,11 +684,11 @@ def load_calibration(pool: Pool, where: str, real_pool: Pool, test: Pool,
     classifier or the generator trained on (tuning on them would flatter every arm); refused if it
     shares images with the test split (a source without the named split falls back to another one,
     which must not pass silently)."""
-    in_test = int(among(pool, set(image_digests(test.images))).sum())
+    in_test = int(among(pool, set(test.digests)).sum())
     if in_test:
         raise UserError(f"calibration data {where}: {in_test} of its images are in the test split; "
                         f"tune thresholds on images the test does not hold")
-    seen = among(pool, set(image_digests(real_pool.images)) | generators_trained)
+    seen = among(pool, set(real_pool.digests) | generators_trained)
     pool = _without(pool, seen)
     if len(np.unique(pool.labels)) < 2:
         raise UserError(f"calibration data {where}: after dropping the {int(seen.sum())} images "
@@ -762,10 +770,10 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     # read once, for every check below
     lineage = generators_training_digests(runs, size, synth.images.shape[1], not unverified)
     trained = lineage.digests
-    dropped, real_digests = "", set(image_digests(real_pool.images))
+    dropped, real_digests = "", set(real_pool.digests)
     if drop_seen:
         test_pool, dropped = _drop_seen(test_pool, test_split or "test", trained, real_digests,
-                                        set(image_digests(synth.images)),
+                                        set(synth.digests),
                                         selection_tuned_on(synth_folder))
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
