@@ -212,8 +212,8 @@ def _load_digits() -> ImageData:
 # folders of images
 
 
-SPLIT_FOLDERS = ("train", "training", "val", "valid", "validate", "validation", "test", "testing",
-                 "dev")
+VALIDATION_FOLDERS = ("val", "valid", "validate", "validation", "dev")  # as published sets name it
+SPLIT_FOLDERS = ("train", "training", *VALIDATION_FOLDERS, "test", "testing")
 # names of what an editor, a notebook or an archive left beside the data: never images or classes
 HIDDEN = (".", "__")  # .ipynb_checkpoints, macOS's ._x.png, __MACOSX
 

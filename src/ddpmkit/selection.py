@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig, parse_override
-from .data import image_digests, load_images, named_splits
+from .data import VALIDATION_FOLDERS, image_digests, load_images, named_splits
 from .errors import UserError
 from .metrics.classifier import cached_fit, predict
 from .metrics.evaluate import cache_dir
@@ -158,15 +158,12 @@ def build_selector(data_cfg: DataConfig, images_u8: torch.Tensor, labels: list[s
     return selector
 
 
-VALIDATION_SPLITS = ("val", "valid", "validation", "dev")  # as published sets name it
-
-
 def _validation_split(data_cfg: DataConfig, train_u8: torch.Tensor,
                       log) -> tuple[torch.Tensor, list[str]] | None:
     """The data's val split, less any training images in it: the selector has learnt those, so
     they would set the thresholds too high."""
     held = (named_splits(data_cfg.path) or set()) if data_cfg.path else set()
-    split = next((name for name in VALIDATION_SPLITS if name in held), None)
+    split = next((name for name in VALIDATION_FOLDERS if name in held), None)
     if split is None:
         return None  # the thresholds then say there was none, and what sets them instead
     try:
