@@ -105,6 +105,8 @@ def test_user_errors_are_one_line(capsys, tmp_path, trained):
     user_error(capsys, "sample", trained, "--num", 0, "--out", tmp_path / "x", match="sample.num")
     (tmp_path / "afile").write_text("x")
     user_error(capsys, "sample", trained, "--out", tmp_path / "afile", match="is a file")
+    user_error(capsys, "sample", trained, "--out", tmp_path / "afile" / "x",  # the OS's words
+               match="afile/x: Not a directory; a part of this path is a file, not a folder")
     user_error(capsys, "sample", trained, "--checkpoint", 12345, "--out", tmp_path / "x",
                match="no checkpoint at step")
     user_error(capsys, "sample", trained, "train.lr=1", match="only sample.* keys")

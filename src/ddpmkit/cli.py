@@ -7,6 +7,7 @@ Every config key can be set as `section.key=value`; the everyday flags set exact
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -694,6 +695,18 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": 
 DISTRIBUTED = ("train", "sample")  # the commands that split their work among torchrun's processes
 
 
+# what the user can do about the operating system's errors they cause most
+OS_ERROR_FIXES = {
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    errno.ENOENT: "check the path",
+    errno.EACCES: "you lack permission for it: choose a path you can use, or change its mode",
+    errno.EPERM: "you lack permission for it: choose a path you can use, or change its mode",
+    errno.EROFS: "that file system is read-only: write somewhere else",
+    errno.ENOSPC: "free some space, or write somewhere else, then run the command again",
+    errno.EISDIR: "it is a folder: give a file",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after flags: argparse leaves the later ones unparsed.
@@ -722,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:  # a path the user named cannot be read or written
         where = f"{exc.filename}: " if exc.filename else ""
-        said = escape_controls(f"{where}{exc.strerror or exc}")
+        fix = OS_ERROR_FIXES.get(exc.errno, "")
+        said = escape_controls(f"{where}{exc.strerror or exc}{fix and '; '}{fix}")
         print(f"ddpmkit: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
