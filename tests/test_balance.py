@@ -7,10 +7,17 @@ from pathlib import Path
 
 
 import pytest
+import torch
 
 from ddpmkit.balance import class_folders, parse_proportions, plan
 from ddpmkit.cli import main
+from ddpmkit.data import batch_to_model
 from ddpmkit.errors import UserError
+from ddpmkit.generation import Anchors, SamplingSpec, sample_batch
+from ddpmkit.pixels import read_image
+from ddpmkit.restoration import img2img_tensor
+from ddpmkit.run import load_run
+from ddpmkit.samplers import Denoiser
 from conftest import TINY, write_images
 
 
@@ -285,3 +292,63 @@ def test_balance_counts_the_images_the_run_trained_on_not_new_ones(tmp_path, cap
     assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data has changed since it trained (3 image(s)" in err[0], err
+
+
+def _generated(out: Path, label: str) -> list[dict]:
+    rows = csv.DictReader(open(out / "manifest.csv"))
+    return sorted((r for r in rows if r["synthetic"] == "true" and r["label"] == label),
+                  key=lambda r: int(r["index"]))
+
+
+def test_from_real_varies_each_real_image_of_the_class_in_turn(tmp_path, capsys):
+    run, out = _class_run(tmp_path, {"cat": 6, "dog": 2}, "--quiet"), tmp_path / "balanced"
+    assert main(["balance", str(run), "--out", str(out), "--from-real", "0.05", "--quiet",
+                 "sample.steps=3"]) == 0
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    real = [r for r in rows if r["synthetic"] == "false"]
+    real_images = torch.stack([read_image(Path(r["file"])) for r in real]).float()
+    dogs = [i for i, r in enumerate(real) if r["label"] == "dog"]
+    generated = _generated(out, "dog")
+    assert len(generated) == 4
+    for k, row in enumerate(generated):  # image k stays nearest real dog k mod 2, of all 8
+        image = read_image(out / row["file"]).float()
+        distances = ((real_images - image) ** 2).flatten(1).sum(1)
+        assert int(distances.argmin()) == dogs[k % 2]
+        assert not torch.equal(image, real_images[dogs[k % 2]])  # varied, not copied
+    # the same job at another strength is another job: refused, not mixed in
+    assert main(["balance", str(run), "--out", str(out), "--from-real", "0.5", "--quiet",
+                 "sample.steps=3"]) == 2
+    assert "another" in capsys.readouterr().err
+
+
+def test_from_real_is_img2img_of_the_real_image_towards_its_class(tmp_path):
+    """Known answer: balance's image k is SDEdit (restoration.img2img_tensor) of real image
+    k mod n with the class label, from the same noise stream."""
+    run_path = _class_run(tmp_path, {"cat": 6, "dog": 3}, "--quiet")
+    run = load_run(run_path)
+    anchors = Anchors(torch.stack([read_image(p) for p in sorted(
+        (tmp_path / "data" / "dog").iterdir())]), strength=0.3)
+    spec = SamplingSpec(sampler="ddim", steps=4, class_label="dog").checked(run)
+    ours = sample_batch(run, [0, 1, 2, 3, 4], 7, spec, anchors=anchors)
+    label = torch.full((5,), run.config.data.class_names.index("dog"))
+    denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, True, labels=label)
+    x0 = batch_to_model(anchors.images[[0, 1, 2, 0, 1]])
+    theirs = img2img_tensor(denoiser, x0, 0.3, 7, indices=[0, 1, 2, 3, 4], sampler="ddim",
+                            steps=4)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from-real", "0"], "--from-real 0.0: use a strength above 0"),
+    (["--from-real", "1.5"], "--from-real 1.5: use a strength above 0"),
+    (["--from-real", "0.3", "sample.spacing=karras"], "sample.spacing does not apply"),
+    (["--from-real", "0.3", "--class", "fox", "--target", "3"], "trained on no fox image to vary"),
+])
+def test_from_real_bad_inputs_get_one_line(tmp_path, capsys, args, message):
+    run = _class_run(tmp_path, {"cat": 4, "dog": 2}, "--quiet", "data.class_names=[cat,dog,fox]")
+    out = tmp_path / "b"
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=2",
+                 *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (out / "manifest.csv").exists()

@@ -29,10 +29,9 @@ from ddpmkit.restoration import (
     restore_folder,
     sigma_range,
     sigma_to_timestep,
-    timesteps_from,
 )
 from ddpmkit.run import Run, load_run
-from ddpmkit.samplers import SAMPLERS, Denoiser, ImageNoise
+from ddpmkit.samplers import SAMPLERS, Denoiser, ImageNoise, timesteps_from
 from ddpmkit.schedule import Schedule
 from ddpmkit.training import train
 

@@ -12,6 +12,10 @@ Output (`balance`):
     OUT/manifest.csv              real images (their original paths, synthetic=false) and generated
                                   ones (paths relative to OUT, synthetic=true), one schema
     OUT/by_class/<class>/         with by_class_folders: symlinks to all of a class's images
+
+With `from_real` (--from-real STRENGTH), generated image k of a class is a variation of the
+class's real image k mod n (in the manifest's order): forward-noised to STRENGTH and denoised
+towards the class (SDEdit), instead of sampled from pure noise.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from .atomic import FolderLock
 from .config import SampleConfig, class_name
 from .data import load_images, resize_center_crop
 from .errors import UserError
-from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, SamplingSpec, finished_rows, generate,
-                         keys_asked, no_unconditional_model, sample_batch)
+from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, Anchors, SamplingSpec, finished_rows,
+                         generate, keys_asked, no_unconditional_model, sample_batch)
 from .images import to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB
 from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
@@ -149,11 +153,12 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
             by_class_folders: bool = False, log=print, progress: bool = True, amp_dtype=None,
             fresh: bool = False, force: bool = False, asked: set[str] | None = None, copies=None,
             guidance: dict[str, float] | str | None = None,
-            select: SelectOptions | None = None) -> dict[str, int]:
+            select: SelectOptions | None = None,
+            from_real: float | None = None) -> dict[str, int]:
     """Generate what `plan` asks for with the run's class-conditional model; returns the plan.
     `guidance`: a scale per class (--class-guidance), or "auto" (chosen with the selector);
     `select`: keep only candidates the selector recognises (selection.py), generating more up to a
-    limit."""
+    limit; `from_real`: vary the class's real images at this strength (the module's docstring)."""
     reads = (Path(run.config.data.path),) if run.config.data.path else ()
     refuse_special(Path(out), reads, BALANCE.what)  # before anything is read
     _refuse_unbalanceable(run, sample_cfg, guidance, select)
@@ -177,6 +182,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     for c in [c for c in counts if not counts[c] and need[c]]:
         log(f"balance: warning: {run.path} trained on no image of {c}: its generated {c} images "
             f"show only what the model learnt of it elsewhere (--init-from), if anything")
+    anchors = _anchors(data, need, from_real, asked)
     scales = (None if guidance == "auto"
               else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
     selector = None if select is None else build_selector(
@@ -203,8 +209,8 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                     sample_cfg, out_dir=str(out / "classes" / folders[name]), num=num,
                     class_label=name, gif=False,
                     seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
-                scale = scales[name] if scales else topping.choose_guidance(cfg)
-                rows += topping.add(dataclasses.replace(cfg, guidance=scale))
+                scale = scales[name] if scales else topping.choose_guidance(cfg, anchors[name])
+                rows += topping.add(dataclasses.replace(cfg, guidance=scale), anchors[name])
         topping.write_records()
         write_manifest(out / "manifest.csv", rows, columns)
         _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
@@ -214,6 +220,23 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, "
         f"{len(rows) - len(data.labels)} generated)")
     return need
+
+
+def _anchors(data, need: dict[str, int], strength: float | None,
+             asked: set[str]) -> dict[str, Anchors | None]:
+    """Each class's real images to vary (--from-real), or None per class (pure noise)."""
+    if strength is None:
+        return dict.fromkeys(need)
+    Anchors.check_strength(strength)
+    if "sample.spacing" in asked:
+        raise UserError("--from-real steps down from its strength evenly: sample.spacing does not "
+                        "apply; leave it out")
+    empty = [c for c in need if need[c] and c not in data.labels]
+    if empty:
+        raise UserError(f"--from-real: the run trained on no {empty[0]} image to vary; leave "
+                        f"--from-real out, or leave {empty[0]} out (--proportions, --target)")
+    return {c: Anchors(data.images[[i for i, label in enumerate(data.labels) if label == c]],
+                       strength) if need[c] else None for c in need}
 
 
 class TopUp:
@@ -228,14 +251,15 @@ class TopUp:
         self.summary: dict[str, dict] = {}  # OUT/selection.json
         self.probes: dict[str, dict] = {}  # --class-guidance auto: fidelity per scale
 
-    def choose_guidance(self, cfg: SampleConfig) -> float:
+    def choose_guidance(self, cfg: SampleConfig, anchors: Anchors | None = None) -> float:
         """--class-guidance auto: probe each scale of AUTO_SCALES with PROBE images (their own
         seed) and take selection.auto_scale's choice; an earlier run of this job that probed with
         the same generator, sampling settings and selector is not probed again."""
         spec, name = SamplingSpec.from_config(cfg), cfg.class_label
         probed_with = {**dataclasses.asdict(dataclasses.replace(spec, guidance=0.0)),
                        "checkpoint_sha256": self.run.checkpoint_sha256, "ema": self.run.ema,
-                       "seed": cfg.seed, "selector": self.selector.digest(name)}
+                       "seed": cfg.seed, "selector": self.selector.digest(name),
+                       "from_real": anchors and anchors.identity()}
         earlier = _earlier_probe(self.out, name)
         if earlier.get("probed_with") == probed_with:
             self.probes[name] = earlier
@@ -244,7 +268,7 @@ class TopUp:
         fidelity, passing = {}, {}
         for scale in AUTO_SCALES:
             x = sample_batch(self.run, range(PROBE), mix_seed(cfg.seed, PROBE),
-                             dataclasses.replace(spec, guidance=scale))
+                             dataclasses.replace(spec, guidance=scale), anchors=anchors)
             fidelity[scale], passing[scale] = self.selector.fidelity(self._as_scored(x, cfg), name)
         real = self.selector.real_fidelity[name]
         chosen = auto_scale(fidelity, real)
@@ -277,28 +301,31 @@ class TopUp:
                      f"(train.class_balance helps a rare class) before relying on these images")
         return chosen
 
-    def _generate(self, cfg: SampleConfig, first: bool) -> dict[int, list[str]]:
+    def _generate(self, cfg: SampleConfig, first: bool,
+                  anchors: Anchors | None) -> dict[int, list[str]]:
+        varied = (f" (varying its {len(anchors.images)} real one(s) at strength "
+                  f"{anchors.strength:g})" if anchors else "")
         self.log(f"balance: generating {cfg.num} image{'s' * (cfg.num != 1)} of {cfg.class_label} "
-                 f"into {cfg.out_dir}")
+                 f"into {cfg.out_dir}{varied}")
         # a job extended for more candidates keeps its images: --fresh applies to its first call
         generate(self.run, cfg, log=self.log, **self.generating,
-                 fresh=self.fresh and first)
+                 fresh=self.fresh and first, anchors=anchors)
         return finished_rows(Path(cfg.out_dir))
 
     def _row(self, folder: str, row: list[str]) -> list:
         """A class job's manifest row, its file relative to OUT."""
         return [(Path(folder) / row[0]).relative_to(self.out).as_posix(), *row[1:]]
 
-    def add(self, cfg: SampleConfig) -> list[list]:
+    def add(self, cfg: SampleConfig, anchors: Anchors | None = None) -> list[list]:
         """The manifest rows of the class's kept images."""
         need = cfg.num
         if self.selector is None:
-            finished = self._generate(cfg, first=True)
+            finished = self._generate(cfg, True, anchors)
             return [self._row(cfg.out_dir, r) for k, r in sorted(finished.items()) if k < need]
         name, limit = cfg.class_label, max(need, math.ceil(need * self.options.max_candidates))
         threshold, made, scores = self.selector.thresholds[name], need, {}
         while True:
-            finished = self._generate(dataclasses.replace(cfg, num=made), first=not scores)
+            finished = self._generate(dataclasses.replace(cfg, num=made), not scores, anchors)
             new = [k for k in range(made) if k not in scores]
             images = torch.stack([read_image(Path(cfg.out_dir) / finished[k][0]) for k in new])
             size = self.run.config.data.image_size

@@ -73,6 +73,7 @@ BALANCE_EXAMPLES = """examples:
   ddpmkit balance runs/derm --target 300 --class df --class vasc --out balanced/
   ddpmkit balance runs/lesions --proportions benign=0.5,malignant=0.5 --out balanced/
   ddpmkit balance runs/lesions --select --class-guidance malignant=2 --out balanced/
+  ddpmkit balance runs/lesions --from-real 0.2 --out balanced/   # variations of the real ones
   ddpmkit balance runs/lesions --select --select-val data.labels=val.csv --out balanced/
 needs a class-conditional run (model.class_conditional=true); reads the run's own training data."""
 
@@ -255,6 +256,9 @@ def _balance_parser(sub) -> None:
                         "with --select, each class's smallest scale whose candidates the selector "
                         "recognises nearly as often as real ones")
     b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
+    b.add_argument("--from-real", type=float, default=None, metavar="STRENGTH",
+                   help="make each image a variation of one of its class's real images, noised "
+                        "to STRENGTH in (0, 1] and denoised (SDEdit) instead of drawn from noise")
     b.add_argument("--select", action="store_true",
                    help="keep only candidates a classifier of the real images recognises as "
                         "their class, generating more up to --max-candidates")
@@ -622,7 +626,7 @@ def cmd_balance(ns: argparse.Namespace) -> None:
             fresh=ns.fresh, force=ns.force, asked=set(overrides), copies=_copy_filter(ns, print),
             guidance=(ns.class_guidance if ns.class_guidance in (None, "auto")
                       else parse_class_guidance(ns.class_guidance)),
-            select=select)
+            select=select, from_real=ns.from_real)
 
 
 def _study_source(path: str | None, labels: str | None, real: str, overrides: dict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import os
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from . import atomic
 from .config import SampleConfig, sample_config
+from .data import batch_to_model
 from .distributed import World, barrier
 from .errors import UserError, expect
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
@@ -41,7 +43,8 @@ from .outputs import (SAMPLE, OutputFolder, escaped, read_manifest, refuse_runs_
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
-from .samplers import SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps, sampler_named
+from .samplers import (SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps, sampler_named,
+                       timesteps_from)
 from .unet import sampling_bytes
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
@@ -126,11 +129,44 @@ class SamplingSpec:
         return {option: getattr(self, option)} if option else {}
 
 
+@dataclass(frozen=True)
+class Anchors:
+    """Real images that generated ones start from (balance --from-real): image k of a job is
+    images[k mod n] forward-noised to t = strength * (T - 1), then denoised (SDEdit, Meng et al.
+    2022), so it varies that image instead of coming from pure noise."""
+    images: torch.Tensor  # uint8 N x C x H x W at the run's size
+    strength: float  # in (0, 1]: near 0 the real image comes back, 1 ignores it
+
+    def __post_init__(self):
+        self.check_strength(self.strength)
+        if not len(self.images):
+            raise UserError("--from-real: no real images to start from")
+
+    @staticmethod
+    def check_strength(strength: float) -> None:
+        if not 0 < strength <= 1:
+            raise UserError(f"--from-real {strength}: use a strength above 0 (which would "
+                            f"return the real image itself) and at most 1 (pure noise)")
+
+    def identity(self) -> dict:
+        """What the job's images depend on: the strength and the images, in order."""
+        digest = hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()
+        return {"strength": self.strength, "images_sha256": digest, "images": len(self.images)}
+
+    def start(self, run: Run, indices: list[int], noise: ImageNoise,
+              steps: int) -> tuple[torch.Tensor, list[float]]:
+        """x_t of images `indices` and the timesteps from t down."""
+        t = self.strength * (run.schedule.num_timesteps - 1)
+        x0 = batch_to_model(self.images[[k % len(self.images) for k in indices]]).to(run.device)
+        return run.schedule.q_sample(x0, t, noise()), timesteps_from(t, steps)
+
+
 def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec,
-                 amp_dtype: torch.dtype | None = None,
-                 callback: Callback | None = None) -> torch.Tensor:
+                 amp_dtype: torch.dtype | None = None, callback: Callback | None = None, *,
+                 anchors: Anchors | None = None) -> torch.Tensor:
     """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)
-    (and, for a class-conditional run, on its class: spec.class_label, or class k mod K)."""
+    (and, for a class-conditional run, on its class: spec.class_label, or class k mod K). With
+    `anchors`, image k starts from real image k mod n instead of pure noise."""
     indices = list(indices)
     shape = (run.channels, run.image_size, run.image_size)
     noise = ImageNoise(seed, indices, shape, run.device)
@@ -138,9 +174,10 @@ def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec
     denoiser = Denoiser(
         run.net, run.schedule, run.config.diffusion.prediction, spec.clip_x0, amp_dtype=amp_dtype,
         labels=None if labels is None else labels.to(run.device), guidance=spec.guidance)
-    timesteps = make_timesteps(spec.steps_for(run.schedule.num_timesteps), run.schedule,
-                               spec.spacing)
-    return SAMPLERS[spec.sampler](denoiser, noise(), timesteps, noise, callback=callback,
+    steps = spec.steps_for(run.schedule.num_timesteps)
+    x, timesteps = (anchors.start(run, indices, noise, steps) if anchors else
+                    (noise(), make_timesteps(steps, run.schedule, spec.spacing)))
+    return SAMPLERS[spec.sampler](denoiser, x, timesteps, noise, callback=callback,
                                   **spec.options())
 
 
@@ -305,12 +342,12 @@ def _write_png(path: Path, img: torch.Tensor, text: dict) -> None:
 def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, world: World = World(),
              amp_dtype: torch.dtype | None = None, progress: bool = True,
              asked: set[str] | None = None, force: bool = False,
-             copies: CopyFilter | None = None) -> Path:
+             copies: CopyFilter | None = None, anchors: Anchors | None = None) -> Path:
     """Write cfg.num images into cfg.out_dir in the standard layout; returns the folder. Under
     torchrun every rank calls this and generates its share of the unfinished indices. `asked`: the
     sample.* keys the user gave (options they name that the sampler ignores are refused; default:
     those that differ from the run's own). `copies`: near-copies of training images are drawn
-    again (--drop-copies)."""
+    again (--drop-copies). `anchors`: each image varies a real one (balance --from-real)."""
     expect(run, Run, "generate() takes a run loaded by ddpmkit.load_run(path)")
     expect(cfg, SampleConfig, "generate()'s cfg is a SampleConfig (load_config(...).sample)")
     _refuse_other_weights(run, cfg)
@@ -326,6 +363,8 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     identity = _job_identity(run, cfg, spec)
     if copies:
         identity["drop_copies"] = {"threshold": copies.threshold, "redraws": copies.redraws}
+    if anchors:
+        identity["from_real"] = anchors.identity()
     folder = (OutputFolder(out, SAMPLE, identity, fresh, force) if world.is_main
               else contextlib.nullcontext())
     with folder:
@@ -336,10 +375,10 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
             log(f"resuming: {len([k for k in finished if k < cfg.num])} of {cfg.num} images "
                 f"already in {out}")
         _sample_into(run, cfg, spec, unfinished[world.rank::world.size], amp_dtype=amp_dtype,
-                     rank=world.rank, progress=progress, copies=copies)
+                     rank=world.rank, progress=progress, copies=copies, anchors=anchors)
         barrier()
         if world.is_main:
-            _finish(run, cfg, spec, len(unfinished), log)
+            _finish(run, cfg, spec, len(unfinished), log, anchors)
     if copies and world.is_main:
         _report_copies(copy_summary(out, cfg.num, cfg.seed, copies), log)
     return out
@@ -365,11 +404,12 @@ def _report_copies(summary: dict, log) -> None:
 
 
 def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype,
-          copies: CopyFilter | None) -> tuple[torch.Tensor, list[int], list[str]]:
+          copies: CopyFilter | None, *, anchors: Anchors | None = None
+          ) -> tuple[torch.Tensor, list[int], list[str]]:
     """Images `indices` as [-1, 1] floats; with `copies`, a near-copy of a training image is drawn
     again with the seed mix_seed(seed, attempt). Returns the images, the seed each was made with,
     and each one's distance to its nearest training image ('' unless checked)."""
-    x = sample_batch(run, indices, seed, spec, amp_dtype)
+    x = sample_batch(run, indices, seed, spec, amp_dtype, anchors=anchors)
     if not torch.isfinite(x).all():
         raise UserError(f"sampling {run.path} ({run.checkpoint}) gave non-finite values: its "
                         f"weights or these options ({spec.sampler}, guidance {spec.guidance}) do "
@@ -383,7 +423,7 @@ def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype
         if not len(again):
             break
         redrawn = sample_batch(run, [indices[i] for i in again], mix_seed(seed, attempt), spec,
-                               amp_dtype)
+                               amp_dtype, anchors=anchors)
         x = x.clone()  # the samplers return inference tensors, which cannot be updated in place
         x[torch.from_numpy(again)] = redrawn
         d1[again] = copies.distances(to_uint8(redrawn))
@@ -393,7 +433,8 @@ def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype
 
 
 def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int], *, amp_dtype,
-                 rank: int, progress: bool, copies: CopyFilter | None) -> None:
+                 rank: int, progress: bool, copies: CopyFilter | None,
+                 anchors: Anchors | None) -> None:
     out = Path(cfg.out_dir)
     text = {"ddpmkit": "synthetic", "source": f"{run.path.name}/{run.checkpoint}",
             "sampler": f"{spec.sampler}-{spec.steps}"}
@@ -403,7 +444,8 @@ def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int
     try:
         for start in range(0, len(todo), cfg.batch_size):
             indices = todo[start:start + cfg.batch_size]
-            x, seeds, nearest = _draw(run, indices, cfg.seed, spec, amp_dtype, copies)
+            x, seeds, nearest = _draw(run, indices, cfg.seed, spec, amp_dtype, copies,
+                                      anchors=anchors)
             images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
             rows = [[f"individual/{k:06d}.png", k, s, spec.sampler, spec.steps, run.checkpoint,
                      class_name(run, k, spec), "true", *([d] if copies else [])]
@@ -415,7 +457,8 @@ def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int
         writer.close()
 
 
-def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log) -> None:
+def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log,
+            anchors: Anchors | None = None) -> None:
     out = Path(cfg.out_dir)
     rows = finished_rows(out)
     missing = [k for k in range(cfg.num) if k not in rows]
@@ -431,7 +474,8 @@ def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log) -> 
             grid = scale_for_viewing(make_grid(torch.stack(first[: side * side]), side))
             atomic.write_bytes(out / "grids" / grids[-1], png_bytes(grid), fsync=False)
     if cfg.gif:
-        atomic.write_bytes(out / "trajectory.gif", trajectory_gif(run, cfg, spec), fsync=False)
+        atomic.write_bytes(out / "trajectory.gif", trajectory_gif(run, cfg, spec, anchors),
+                           fsync=False)
     # rows beyond --num stay listed if an earlier run of this job made more
     listed = [rows[k] for k in sorted(rows)]
     write_manifest(out / "manifest.csv", listed, manifest_columns(listed))
@@ -457,7 +501,8 @@ def manifest_columns(rows: list[list]) -> list[str]:
     return MANIFEST_COLUMNS + (["nearest"] if checked else [])
 
 
-def trajectory_gif(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> bytes:
+def trajectory_gif(run: Run, cfg: SampleConfig, spec: SamplingSpec,
+                   anchors: Anchors | None = None) -> bytes:
     """The first images (same noise as in the job) from noise to image, as a GIF of grids."""
     n = min(cfg.num, GIF_IMAGES)
     keep = set(np.round(np.linspace(0, spec.steps - 1,
@@ -470,5 +515,5 @@ def trajectory_gif(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> bytes:
             frames.append(scale_for_viewing(make_grid(to_uint8(upsample(imgs, cfg.size)
                                                                if cfg.size else imgs))))
 
-    sample_batch(run, range(n), cfg.seed, spec, callback=record)
+    sample_batch(run, range(n), cfg.seed, spec, callback=record, anchors=anchors)
     return gif_bytes(frames)

@@ -57,7 +57,8 @@ from .limits import check_memory
 from .pixels import IMAGE_SUFFIXES, read_image, read_image_files, read_mask
 from .run import Run
 from .runtime import mix_seed
-from .samplers import SAMPLERS, Denoiser, ImageNoise, ancestral_step, sampler_named
+from .samplers import (SAMPLERS, Denoiser, ImageNoise, ancestral_step, sampler_named,
+                       timesteps_from)
 from .schedule import Schedule
 from .tiling import OVERLAP_FRACTION, TiledNet, tile_starts
 from .unet import sampling_bytes
@@ -119,27 +120,6 @@ def estimate_sigma(images) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks on model-scale tensors (any Denoiser, e.g. an exact one in tests)
-
-def timesteps_from(t_start: float, steps: int | None = None) -> list[float]:
-    """Descending timesteps from t_start (possibly fractional): t_start itself, then integer
-    timesteps below it: all of them down to 0 (steps None), or `steps - 1` of them evenly spaced
-    as in trailing spacing, t_start * (1 - k / steps) rounded, the last step going from about
-    t_start / steps to the clean image. Each sampler steps to the clean image after the last
-    timestep, so `steps` is the number of network calls. An integer less than half a step below
-    t_start is skipped: solvers divide by the first step's width (DPM-Solver++'s ratio of steps)
-    or take a root of its noise level's difference, which rounding can make negative."""
-    below = np.arange(math.ceil(t_start) - 1, -1, -1, dtype=np.float64)  # integers < t_start
-    if len(below) and t_start - below[0] < 0.5:
-        below = below[1:]
-    if steps is not None:
-        if steps < 1:
-            raise UserError(f"steps must be at least 1, got {steps}")
-        if steps - 1 < len(below):
-            # evenly spaced from t_start: no call is spent on a sliver of a step at either end
-            grid = np.round(np.linspace(t_start, 0, steps + 1)[1:-1])
-            below = np.unique(np.minimum(grid, below[0]))[::-1]
-    return [float(t_start)] + [float(t) for t in below]
-
 
 def _to_images(run: Run, x: torch.Tensor) -> torch.Tensor:
     """uint8 images; non-finite values (broken weights) are refused, never written as black."""

@@ -150,6 +150,27 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int,
     return [float(t) for t in ts[::-1]]
 
 
+def timesteps_from(t_start: float, steps: int | None = None) -> list[float]:
+    """Descending timesteps from t_start (possibly fractional): t_start itself, then integer
+    timesteps below it: all of them down to 0 (steps None), or `steps - 1` of them evenly spaced
+    as in trailing spacing, t_start * (1 - k / steps) rounded, the last step going from about
+    t_start / steps to the clean image. Each sampler steps to the clean image after the last
+    timestep, so `steps` is the number of network calls. An integer less than half a step below
+    t_start is skipped: solvers divide by the first step's width (DPM-Solver++'s ratio of steps)
+    or take a root of its noise level's difference, which rounding can make negative."""
+    below = np.arange(math.ceil(t_start) - 1, -1, -1, dtype=np.float64)  # integers < t_start
+    if len(below) and t_start - below[0] < 0.5:
+        below = below[1:]
+    if steps is not None:
+        if steps < 1:
+            raise UserError(f"steps must be at least 1, got {steps}")
+        if steps - 1 < len(below):
+            # evenly spaced from t_start: no call is spent on a sliver of a step at either end
+            grid = np.round(np.linspace(t_start, 0, steps + 1)[1:-1])
+            below = np.unique(np.minimum(grid, below[0]))[::-1]
+    return [float(t_start)] + [float(t) for t in below]
+
+
 def _alphas(schedule: Schedule, timesteps: list[float], i: int) -> tuple[float, float]:
     """(abar at this step, abar at the next one; 1.0 after the last: the clean image)."""
     nxt = schedule.abar_at(timesteps[i + 1]) if i + 1 < len(timesteps) else 1.0
