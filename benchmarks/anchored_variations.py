@@ -1,114 +1,82 @@
-"""Rare-class images made from the real ones (SDEdit variations) against generated from noise.
+"""Rare-class images varied from the real ones (`balance --from-real`): near-copies, then the study.
 
-    python benchmarks/anchored_variations.py DATA.npz --run RUN --balanced BALANCED --out OUT
+    python benchmarks/anchored_variations.py DATA.npz --run RUN --work WORK
 
-A lever for the rare-class issue that `balance` does not have: instead of sampling the rare class
-from pure noise, each synthetic image k starts from the class's real training image k mod n,
-forward-noised to t = strength * (T - 1) and denoised by the run's class-conditional model
-(restoration.img2img_tensor, as `ddpmkit img2img`, but conditioned on the class). Low strengths
-stay near their real image (near-copies, which the audit flags); high ones approach free sampling.
-
-1. For each --strengths value, --probe variations: the near-copy rate (the audit's pixel search,
+RUN is a class-conditional generator trained on DATA's train split (rare_class.py trains one).
+1. For each --strengths value, --probe variations of the rare class's real images (sample_batch
+   with Anchors, as `balance --from-real` makes them): the near-copy rate (the audit's pixel search,
    threshold calibrated leave-one-out on the run's training images) and the share whose nearest
    training image is the one it was made from.
-2. The study strength, chosen by a rule fixed before the study: the lowest probed strength whose
-   copy rate is at most --max-copy-rate (the most faithful variations a user may hand out).
-3. `ddpmkit downstream`'s study (same classifier, recipe, seeds, val-tuned thresholds) with the
-   variations at that strength as the primary synthetic arm ("real+selected" in the study's
-   tables), beside BALANCED (a `balance` output of the same run) as "real+synthetic", real and
-   oversampled.
+2. The study strength, by a rule fixed before the study: the lowest probed strength whose copy
+   rate is at most --max-copy-rate (the most faithful variations a user may hand out).
+3. `ddpmkit balance RUN --from-real STRENGTH`, then `ddpmkit downstream` on DATA's test split with
+   thresholds tuned on its val split: real, real+synthetic (the variations) and oversampled,
+   --seeds seeds each.
 
-Prints JSON. BALANCED also supplies the study's leakage check (its record names the run).
+Prints JSON: the probe, the strength, the study's table and its paired tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ddpmkit.data import batch_to_model  # noqa: E402
-from ddpmkit.downstream import Pool, TUNED, load_study_data, study  # noqa: E402
+from ddpmkit.cli import main as ddpmkit  # noqa: E402
+from ddpmkit.generation import Anchors, SamplingSpec, sample_batch  # noqa: E402
 from ddpmkit.images import to_uint8  # noqa: E402
 from ddpmkit.metrics.memorization import audit  # noqa: E402
-from ddpmkit.restoration import img2img_tensor  # noqa: E402
 from ddpmkit.run import RunDir, load_run  # noqa: E402
-from ddpmkit.samplers import Denoiser  # noqa: E402
+
+
+def run_cli(argv: list[str]) -> None:
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
+        code = ddpmkit(argv)
+    if code:
+        raise SystemExit(f"ddpmkit {' '.join(argv[:2])} failed ({code})")
 
 
 @torch.inference_mode()
-def variations(run, anchors: torch.Tensor, num: int, strength: float, label: int, *,
-               guidance: float, steps: int, seed: int = 0, batch: int = 256) -> torch.Tensor:
-    """`num` uint8 images of class `label`; image k is a variation of anchors[k mod n]."""
-    made = []
-    for start in range(0, num, batch):
-        indices = list(range(start, min(num, start + batch)))
-        x0 = batch_to_model(anchors[[k % len(anchors) for k in indices]]).to(run.device)
-        labels = torch.full((len(indices),), label, dtype=torch.long, device=run.device)
-        denoiser = Denoiser(run.net, run.schedule, run.config.diffusion.prediction, True,
-                            labels=labels, guidance=guidance)
-        x = img2img_tensor(denoiser, x0, strength, seed, indices=indices, sampler="dpmpp-2m",
-                           steps=steps)
-        made.append(to_uint8(x).cpu())
-    return torch.cat(made)
-
-
-def probe(images: torch.Tensor, train: torch.Tensor, anchor_rows: np.ndarray) -> dict:
-    """Copy rate at the leave-one-out threshold, and how many sit nearest their own anchor."""
+def probe(run, rows: np.ndarray, train: torch.Tensor, rare: str, strength: float,
+          num: int) -> dict:
+    """`num` variations of the rare class's training images `rows`: the copy rate at the
+    leave-one-out threshold, and how many sit nearest the image they were made from."""
+    spec = SamplingSpec(steps=20, class_label=rare).checked(run)
+    anchors = Anchors(train[rows], strength)
+    images = to_uint8(sample_batch(run, range(num), 0, spec, anchors=anchors))
     found = audit(images, train)
     return {"copy_rate": found.copy_rate, "threshold": found.threshold,
             "median_nearest": float(np.median(found.neighbours.d1)),
-            "nearest_is_own_anchor": float((found.neighbours.index == anchor_rows).mean())}
-
-
-def paired(per_seed: dict, arm: str, metric: str) -> dict:
-    """`arm` minus oversampled, seed by seed: mean, std of the differences, and each arm's std."""
-    a = np.array([r[metric] for r in per_seed[arm]])
-    b = np.array([r[metric] for r in per_seed["oversampled"]])
-    return {"mean_gain": float((a - b).mean()), "std_of_gain": float((a - b).std(ddof=1)),
-            "largest_std": max(float(np.std([r[metric] for r in runs], ddof=1))
-                               for runs in per_seed.values())}
+            "nearest_is_own_anchor": float((found.neighbours.index
+                                            == rows[np.arange(num) % len(rows)]).mean())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data", help="an .npz with train, val and test splits")
     ap.add_argument("--run", required=True, help="the class-conditional generator")
-    ap.add_argument("--balanced", required=True, help="a balance output of --run")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--strengths", default="0.2,0.35,0.5,0.7")
     ap.add_argument("--max-copy-rate", type=float, default=0.01)
     ap.add_argument("--probe", type=int, default=512)
-    ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--probe-only", action="store_true")
     args = ap.parse_args()
 
-    names, real, synth, test, cal, leakage = load_study_data(args.data, args.balanced,
-                                                             calibration_split="val")
     run = load_run(args.run)
-    train = RunDir(run.path).training_images(log=lambda *_: None)
-    counts = np.bincount(real.labels, minlength=len(names))
-    rare = int(counts.argmin())
-    anchors = real.images[real.labels == rare]
-    # where each anchor sits in the run's training set, to see if a variation stays nearest it
-    where = {bytes(img.numpy()): i for i, img in enumerate(train)}
-    anchor_rows = np.array([where.get(bytes(img.numpy()), -1) for img in anchors])
-    label = run.config.data.class_names.index(names[rare])
-    common = {"guidance": args.guidance, "steps": args.steps}
-    result = {"rare": names[rare], "anchors": len(anchors), "probe": {}}
+    trained = RunDir(run.path).training_set(log=lambda *_: None)
+    rare = min(Counter(trained.labels).items(), key=lambda item: item[1])[0]
+    rows = np.flatnonzero(np.array(trained.labels) == rare)
+    result = {"rare": rare, "real_images": len(rows), "probe": {}}
     for s in map(float, args.strengths.split(",")):
-        t0 = time.time()
-        images = variations(run, anchors, args.probe, s, label, **common)
-        rows = anchor_rows[np.arange(args.probe) % len(anchors)]
-        result["probe"][s] = probe(images, train, rows) | {"seconds": time.time() - t0}
+        result["probe"][s] = probe(run, rows, trained.images, rare, s, args.probe)
         print(f"strength {s}: {result['probe'][s]}", file=sys.stderr)
     fit = [s for s, p in result["probe"].items() if p["copy_rate"] <= args.max_copy_rate]
     if args.probe_only or not fit:
@@ -116,16 +84,14 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         return
     strength = result["strength"] = min(fit)
-    need = int(counts.max() - counts[rare])
-    varied = variations(run, anchors, need, strength, label, **common)
-    result["copies"] = probe(varied, train, anchor_rows[np.arange(need) % len(anchors)])
-    pool = Pool(varied, np.full(need, rare), source=f"variations at strength {strength}")
-    summary = study(real, synth, test, names, args.out, leakage=leakage, calibration=cal,
-                    log=lambda m: print(m, file=sys.stderr), seeds=args.seeds, selected=pool)
-    result["table"], result["class_fidelity"] = summary["table"], summary["class_fidelity"]
-    result["against_oversampled"] = {
-        arm: {m: paired(summary["per_seed"], arm, m) for m in ("balanced_accuracy", TUNED)}
-        for arm in ("real+selected", "real+synthetic")}
+    balanced, study = args.work / f"from_real_{strength:g}", args.work / "study"
+    run_cli(["balance", args.run, "--out", str(balanced), "--from-real", str(strength),
+             "--quiet", "sample.steps=20"])
+    run_cli(["downstream", "--real", args.data, "--synthetic", str(balanced), "--out",
+             str(study), "--fresh", "--seeds", str(args.seeds), "--calibration-split", "val"])
+    summary = json.loads((study / "results.json").read_text())
+    result |= {k: summary[k] for k in ("verdict", "table", "paired_tests", "paired_tests_tuned",
+                                       "class_fidelity", "synthetic_copies")}
     print(json.dumps(result, indent=1))
 
 
