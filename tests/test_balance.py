@@ -315,6 +315,7 @@ def test_from_real_varies_each_real_image_of_the_class_in_turn(tmp_path, capsys)
         distances = ((real_images - image) ** 2).flatten(1).sum(1)
         assert int(distances.argmin()) == dogs[k % 2]
         assert not torch.equal(image, real_images[dogs[k % 2]])  # varied, not copied
+    assert {r["steps"] for r in generated} == {"3"}
     # the same job at another strength is another job: refused, not mixed in
     assert main(["balance", str(run), "--out", str(out), "--from-real", "0.5", "--quiet",
                  "sample.steps=3"]) == 2
@@ -341,7 +342,7 @@ def test_from_real_is_img2img_of_the_real_image_towards_its_class(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--from-real", "0"], "--from-real 0.0: use a strength above 0"),
     (["--from-real", "1.5"], "--from-real 1.5: use a strength above 0"),
-    (["--from-real", "0.3", "sample.spacing=karras"], "sample.spacing does not apply"),
+    (["--from-real", "0.3", "sample.spacing=karras"], "sample.spacing=karras does not apply"),
     (["--from-real", "0.3", "--class", "fox", "--target", "3"], "trained on no fox image to vary"),
 ])
 def test_from_real_bad_inputs_get_one_line(tmp_path, capsys, args, message):
@@ -352,3 +353,15 @@ def test_from_real_bad_inputs_get_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (out / "manifest.csv").exists()
+
+
+def test_from_real_records_the_steps_its_strength_leaves(tmp_path):
+    """At strength 0.05 of 100 timesteps, t = 4.95: five integer timesteps lie below it, so
+    sample.steps=50 takes six network calls, and the manifest says six."""
+    run, out = _class_run(tmp_path, {"cat": 3, "dog": 1}, "--quiet"), tmp_path / "balanced"
+    assert main(["balance", str(run), "--out", str(out), "--from-real", "0.05", "--quiet",
+                 "sample.steps=50"]) == 0
+    assert {r["steps"] for r in _generated(out, "dog")} == {"6"}
+    # steps=40 makes the same images: the same job, not another
+    assert main(["balance", str(run), "--out", str(out), "--from-real", "0.05", "--quiet",
+                 "sample.steps=40"]) == 0

@@ -1,6 +1,7 @@
 """The command line end to end: what a user types, what lands on disk, and each user error."""
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY, write_images
+import ddpmkit.cli
 from ddpmkit.cli import main
 
 TINY_ARGS = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in TINY.items()]
@@ -117,6 +119,20 @@ def test_user_errors_are_one_line(capsys, tmp_path, trained):
         user_error(capsys, "sample", trained, "--device", "mps", "--out", tmp_path / "x",
                    match="device mps asked for, but this PyTorch or machine has no Apple GPU")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("error, said", [
+    # a rename's target is the path the user knows, not the temporary file renamed onto it
+    (OSError(errno.EISDIR, "Is a directory", "out/.manifest.csv.ddpmkit-x.tmp", None,
+             "out/manifest.csv"), "out/manifest.csv: Is a directory; it is a folder"),
+    (OSError(errno.ENOENT, "No such file or directory"), "No such file or directory\n"),
+])
+def test_os_errors_name_the_path_the_user_knows(monkeypatch, capsys, error, said):
+    def fails(ns):
+        raise error
+    monkeypatch.setitem(ddpmkit.cli.COMMANDS, "info", fails)
+    assert main(["info", "anything"]) == 2
+    assert said in capsys.readouterr().err
 
 
 def test_checkpoint_from_another_architecture_is_refused(capsys, trained, tmp_path):

@@ -300,7 +300,8 @@ def test_auto_guidance_probes_each_scale_and_records_its_choice(generator, tmp_p
     from ddpmkit import balance
 
     probes, real = [], balance.sample_batch
-    monkeypatch.setattr(balance, "sample_batch", lambda *a: probes.append(a) or real(*a))
+    monkeypatch.setattr(balance, "sample_batch",
+                        lambda *a, **kw: probes.append(a) or real(*a, **kw))
     out = tmp_path / "bal"
     args = ["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
             "--select", "--select-threshold", "0.5", "--class-guidance", "auto"]
@@ -339,7 +340,7 @@ def test_auto_guidance_scores_probes_as_candidates_are_written_at_size(generator
     monkeypatch.setattr(selection.Selector, "fidelity",
                         lambda self, images, name: scored.append(images) or real(self, images,
                                                                                  name))
-    monkeypatch.setattr(balance, "sample_batch", lambda *_: x)
+    monkeypatch.setattr(balance, "sample_batch", lambda *_, **__: x)
     assert main(["balance", str(generator[1]), "--out", str(tmp_path / "bal"), "--quiet",
                  "sample.steps=3", "sample.size=16", "--select", "--select-threshold", "0.5",
                  "--class-guidance", "auto"]) == 0

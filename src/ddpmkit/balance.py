@@ -163,7 +163,9 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     refuse_special(Path(out), reads, BALANCE.what)  # before anything is read
     _refuse_unbalanceable(run, sample_cfg, guidance, select)
     asked = keys_asked(run, sample_cfg, asked)
-    SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read or written
+    spec = SamplingSpec.from_config(sample_cfg).checked(run, asked)  # before any image is read
+    if from_real is not None:
+        Anchors.check(from_real, spec)
     recorded = RunDir(run.path)  # its data must still hold only images it trained on
     data = (recorded.training_set() if recorded.digests_path.is_file()
             else load_images(run.config.data))
@@ -182,7 +184,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     for c in [c for c in counts if not counts[c] and need[c]]:
         log(f"balance: warning: {run.path} trained on no image of {c}: its generated {c} images "
             f"show only what the model learnt of it elsewhere (--init-from), if anything")
-    anchors = _anchors(data, need, from_real, asked)
+    anchors = _anchors(data, need, from_real)
     scales = (None if guidance == "auto"
               else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
     selector = None if select is None else build_selector(
@@ -194,8 +196,8 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     out = Path(out)
     if not force:  # before anything is deleted: a class job would refuse them halfway through
         _refuse_foreign_class_files(out, fresh)
-    with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed},
-                      fresh, force, reads):
+    with OutputFolder(out, BALANCE, {"run": str(run.path.resolve()), "seed": sample_cfg.seed,
+                                     "from_real": from_real}, fresh, force, reads):
         log("balance: " + "; ".join(f"{c}: {counts[c]} real + {need[c]} generated" for c in counts))
         rows = [[path, i, "", "", "", "", label, "false"] + [""] * (len(columns) - 8)
                 for i, (path, label) in enumerate(zip(data.origins(), data.labels))]
@@ -222,15 +224,10 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     return need
 
 
-def _anchors(data, need: dict[str, int], strength: float | None,
-             asked: set[str]) -> dict[str, Anchors | None]:
+def _anchors(data, need: dict[str, int], strength: float | None) -> dict[str, Anchors | None]:
     """Each class's real images to vary (--from-real), or None per class (pure noise)."""
     if strength is None:
         return dict.fromkeys(need)
-    Anchors.check_strength(strength)
-    if "sample.spacing" in asked:
-        raise UserError("--from-real steps down from its strength evenly: sample.spacing does not "
-                        "apply; leave it out")
     empty = [c for c in need if need[c] and c not in data.labels]
     if empty:
         raise UserError(f"--from-real: the run trained on no {empty[0]} image to vary; leave "
@@ -256,10 +253,12 @@ class TopUp:
         seed) and take selection.auto_scale's choice; an earlier run of this job that probed with
         the same generator, sampling settings and selector is not probed again."""
         spec, name = SamplingSpec.from_config(cfg), cfg.class_label
+        if anchors:
+            spec = anchors.checked(spec, self.run.schedule.num_timesteps)
         probed_with = {**dataclasses.asdict(dataclasses.replace(spec, guidance=0.0)),
                        "checkpoint_sha256": self.run.checkpoint_sha256, "ema": self.run.ema,
                        "seed": cfg.seed, "selector": self.selector.digest(name),
-                       "from_real": anchors and anchors.identity()}
+                       "from_real": anchors and anchors.identity}
         earlier = _earlier_probe(self.out, name)
         if earlier.get("probed_with") == probed_with:
             self.probes[name] = earlier

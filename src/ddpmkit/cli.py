@@ -738,8 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         os.close(devnull)
         return 1
     except OSError as exc:  # a path the user named cannot be read or written
-        where = f"{exc.filename}: " if exc.filename else ""
-        fix = OS_ERROR_FIXES.get(exc.errno, "")
+        path = exc.filename2 or exc.filename  # a rename's target: the name the user knows
+        where = f"{path}: " if path else ""
+        fix = OS_ERROR_FIXES.get(exc.errno, "") if path else ""
         said = escape_controls(f"{where}{exc.strerror or exc}{fix and '; '}{fix}")
         print(f"ddpmkit: error: {said}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
 from .samplers import (SAMPLERS, Callback, Denoiser, ImageNoise, make_timesteps, sampler_named,
-                       timesteps_from)
+                       sdedit_start, timesteps_from)
 from .unet import sampling_bytes
 
 MANIFEST_COLUMNS = ["file", "index", "seed", "sampler", "steps", "checkpoint", "label", "synthetic"]
@@ -138,16 +139,28 @@ class Anchors:
     strength: float  # in (0, 1]: near 0 the real image comes back, 1 ignores it
 
     def __post_init__(self):
-        self.check_strength(self.strength)
         if not len(self.images):
             raise UserError("--from-real: no real images to start from")
 
     @staticmethod
-    def check_strength(strength: float) -> None:
+    def check(strength: float, spec: SamplingSpec) -> None:
+        """Refused: a strength outside (0, 1], or a spacing other than the one it steps with."""
         if not 0 < strength <= 1:
             raise UserError(f"--from-real {strength}: use a strength above 0 (which would "
                             f"return the real image itself) and at most 1 (pure noise)")
+        if spec.spacing != SampleConfig.spacing:
+            raise UserError(f"--from-real steps down evenly from its strength: sample.spacing="
+                            f"{spec.spacing} does not apply; give sample.spacing="
+                            f"{SampleConfig.spacing} (the run's config.yaml names the other)")
 
+    def checked(self, spec: SamplingSpec, num_timesteps: int) -> SamplingSpec:
+        """`spec` checked, with the steps these images take: at most the integer timesteps below
+        the strength's t."""
+        self.check(self.strength, spec)
+        taken = timesteps_from(self.strength * (num_timesteps - 1), spec.steps_for(num_timesteps))
+        return dataclasses.replace(spec, steps=len(taken))
+
+    @cached_property
     def identity(self) -> dict:
         """What the job's images depend on: the strength and the images, in order."""
         digest = hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()
@@ -156,9 +169,8 @@ class Anchors:
     def start(self, run: Run, indices: list[int], noise: ImageNoise,
               steps: int) -> tuple[torch.Tensor, list[float]]:
         """x_t of images `indices` and the timesteps from t down."""
-        t = self.strength * (run.schedule.num_timesteps - 1)
         x0 = batch_to_model(self.images[[k % len(self.images) for k in indices]]).to(run.device)
-        return run.schedule.q_sample(x0, t, noise()), timesteps_from(t, steps)
+        return sdedit_start(run.schedule, x0, self.strength, noise, steps)
 
 
 def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec,
@@ -352,6 +364,8 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     expect(cfg, SampleConfig, "generate()'s cfg is a SampleConfig (load_config(...).sample)")
     _refuse_other_weights(run, cfg)
     spec = _checked(run, cfg, asked)
+    if anchors:
+        spec = anchors.checked(spec, run.schedule.num_timesteps)
     side = cfg.size or run.image_size
     batch = min(cfg.batch_size, cfg.num)
     network = sampling_bytes(run.config.model, run.image_size) * (2 if spec.guidance != 1 else 1)
@@ -364,7 +378,7 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     if copies:
         identity["drop_copies"] = {"threshold": copies.threshold, "redraws": copies.redraws}
     if anchors:
-        identity["from_real"] = anchors.identity()
+        identity["from_real"] = anchors.identity
     folder = (OutputFolder(out, SAMPLE, identity, fresh, force) if world.is_main
               else contextlib.nullcontext())
     with folder:

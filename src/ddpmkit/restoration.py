@@ -58,7 +58,7 @@ from .pixels import IMAGE_SUFFIXES, read_image, read_image_files, read_mask
 from .run import Run
 from .runtime import mix_seed
 from .samplers import (SAMPLERS, Denoiser, ImageNoise, ancestral_step, sampler_named,
-                       timesteps_from)
+                       sdedit_start, timesteps_from)
 from .schedule import Schedule
 from .tiling import OVERLAP_FRACTION, TiledNet, tile_starts
 from .unet import sampling_bytes
@@ -192,12 +192,10 @@ def img2img_tensor(denoiser: Denoiser, x0: torch.Tensor, strength: float, seed: 
         raise UserError(f"strength must be in [0, 1], got {strength}")
     if strength == 0.0:
         return x0
-    s = denoiser.schedule
-    t = strength * (s.num_timesteps - 1)
     indices = list(range(len(x0))) if indices is None else list(indices)
     noise = ImageNoise(seed, indices, tuple(x0.shape[1:]), x0.device)
-    x_t = s.q_sample(x0, t, noise())
-    return sampler_named(sampler)(denoiser, x_t, timesteps_from(t, steps), noise)
+    x_t, timesteps = sdedit_start(denoiser.schedule, x0, strength, noise, steps)
+    return sampler_named(sampler)(denoiser, x_t, timesteps, noise)
 
 
 MAX_RESAMPLINGS = 1000

@@ -150,6 +150,14 @@ def make_timesteps(steps: int, schedule_or_T: Schedule | int,
     return [float(t) for t in ts[::-1]]
 
 
+def sdedit_start(schedule: Schedule, x0: torch.Tensor, strength: float, noise: ImageNoise,
+                 steps: int | None = None) -> tuple[torch.Tensor, list[float]]:
+    """Where SDEdit (Meng et al. 2022) starts: x0 forward-noised to t = strength * (T - 1)
+    (fractional t: the schedule interpolates), and the timesteps from t down (timesteps_from)."""
+    t = strength * (schedule.num_timesteps - 1)
+    return schedule.q_sample(x0, t, noise()), timesteps_from(t, steps)
+
+
 def timesteps_from(t_start: float, steps: int | None = None) -> list[float]:
     """Descending timesteps from t_start (possibly fractional): t_start itself, then integer
     timesteps below it: all of them down to 0 (steps None), or `steps - 1` of them evenly spaced
