@@ -126,8 +126,8 @@ def test_balance_writes_real_and_synthetic_images_in_one_manifest(tmp_path, caps
     capsys.readouterr()
     assert main(balance) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert (len(err) == 1
-            and f"{out} holds a balanced set generated with --seed 0, not 5" in err[0]), err
+    assert len(err) == 1, err
+    assert f"{out} holds the balanced set of another balance job (seed: 0 -> 5)" in err[0]
     assert main([*balance, "--fresh"]) == 0 and not (out / "by_class").exists()
     # the balanced set's root is not a sampling job's folder
     assert main(["sample", str(run), "-n", "2", "--steps", "2", "--out", str(out), "--quiet"]) == 2
@@ -315,11 +315,14 @@ def test_from_real_varies_each_real_image_of_the_class_in_turn(tmp_path, capsys)
         distances = ((real_images - image) ** 2).flatten(1).sum(1)
         assert int(distances.argmin()) == dogs[k % 2]
         assert not torch.equal(image, real_images[dogs[k % 2]])  # varied, not copied
+        assert row["varies"] == real[dogs[k % 2]]["file"]  # the manifest names it
+    assert {r["varies"] for r in real} == {""}
     assert {r["steps"] for r in generated} == {"3"}
     # the same job at another strength is another job: refused, not mixed in
     assert main(["balance", str(run), "--out", str(out), "--from-real", "0.5", "--quiet",
                  "sample.steps=3"]) == 2
-    assert "another" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another balance job (from_real: 0.05 -> 0.5)" in err[0], err
 
 
 def test_from_real_is_img2img_of_the_real_image_towards_its_class(tmp_path):

@@ -250,7 +250,7 @@ def test_a_restoration_writes_over_no_file_its_record_does_not_name(run_dir, tmp
     noisy, out = _noisy(tmp_path / "noisy", 1), tmp_path / "out"
     assert cli("denoise", run_dir, noisy, "--sigma", 0.2, "--out", out) == 0
     one_line(capsys, "denoise", run_dir, noisy, "--sigma", 0.2, "--out", out, "--no-ema",
-             says="holds restored images of another restoration (ema: True -> False)")
+             says="holds the restored images of another restoration (ema: True -> False)")
     (out / "individual" / "img1.png").write_text("my picture")
     _noisy(noisy, 2)  # the inputs gain an img1.png
     one_line(capsys, "denoise", run_dir, noisy, "--sigma", 0.2, "--out", out,

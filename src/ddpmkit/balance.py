@@ -192,7 +192,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
         val=validation_images(recorded, select.validation, list(counts), log)
         if select.validation else None)
     columns = (MANIFEST_COLUMNS + (["nearest"] if copies else [])
-               + (["score", "reason"] if selector else []))
+               + (["score", "reason"] if selector else []) + (["varies"] if from_real else []))
     out = Path(out)
     if not force:  # before anything is deleted: a class job would refuse them halfway through
         _refuse_foreign_class_files(out, fresh)
@@ -212,7 +212,8 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                     class_label=name, gif=False,
                     seed=mix_seed(sample_cfg.seed, position))  # classes do not share noise
                 scale = scales[name] if scales else topping.choose_guidance(cfg, anchors[name])
-                rows += topping.add(dataclasses.replace(cfg, guidance=scale), anchors[name])
+                made = topping.add(dataclasses.replace(cfg, guidance=scale), anchors[name])
+                rows += _naming_varied(made, data, name) if anchors[name] else made
         topping.write_records()
         write_manifest(out / "manifest.csv", rows, columns)
         _unlink_by_class(out)  # links of an earlier run may name images this manifest no longer has
@@ -234,6 +235,13 @@ def _anchors(data, need: dict[str, int], strength: float | None) -> dict[str, An
                         f"--from-real out, or leave {empty[0]} out (--proportions, --target)")
     return {c: Anchors(data.images[[i for i, label in enumerate(data.labels) if label == c]],
                        strength) if need[c] else None for c in need}
+
+
+def _naming_varied(rows: list[list], data, name: str) -> list[list]:
+    """--from-real: each generated row with the real image it varies (image k: the class's k mod n,
+    in the order `_anchors` took them)."""
+    origins = [o for o, label in zip(data.origins(), data.labels) if label == name]
+    return [row + [origins[int(row[1]) % len(origins)]] for row in rows]
 
 
 class TopUp:
@@ -420,19 +428,9 @@ def _refuse_foreign_class_files(out: Path, fresh: bool) -> None:
                             f"it)")
 
 
-def _seed_differs(old: dict, new: dict) -> str:
-    if old.get("run") != new["run"]:
-        return (f"{{out}} holds a balanced set from another run ({old.get('run')}): "
-                f"use --fresh to replace it, or another --out")
-    return (f"{{out}} holds a balanced set generated with --seed {old.get('seed')}, "
-            f"not {new['seed']} (each class samples with a seed derived from it): "
-            f"use --fresh to replace its images, or another --out")
-
-
-BALANCE = Kind("balance", "balance", "balanced set", "files no ddpmkit balance wrote there",
+BALANCE = Kind("balance", "balance job", "balanced set", "files no ddpmkit balance wrote there",
                _balance_files,
-               matching(rf"manifest\.csv|selection\.(csv|json)|by_class/[^/]+/{_LINK.pattern}"),
-               differs=_seed_differs)
+               matching(rf"manifest\.csv|selection\.(csv|json)|by_class/[^/]+/{_LINK.pattern}"))
 
 
 def _safe(name: str) -> str:

@@ -45,7 +45,6 @@ class Kind:
     own_files: Callable[[Path], list[Path]]
     # the paths (relative, '/'-separated) a job of this identity writes, as a test of a path
     writes: Callable[[dict], Callable[[str], object]]
-    differs: Callable[[dict, dict], str] | None = None  # how identities differ, in the user's terms
 
 
 def inside(folder: Path, relative: str) -> Path | None:
@@ -284,12 +283,10 @@ class OutputFolder:
                                 f"another --out")
 
     def _differs(self, old: dict) -> str:
-        if self.kind.differs is not None:
-            return self.kind.differs(old, self.identity).format(out=self.path)
         diff = [k for k in sorted(set(old) | set(self.identity))
                 if old.get(k) != self.identity.get(k)]
         shown = "; ".join(_change(k, old.get(k), self.identity.get(k)) for k in diff[:4])
-        return (f"{self.path} holds {self.kind.what} of another {self.kind.job} ({shown}): "
+        return (f"{self.path} holds the {self.kind.what} of another {self.kind.job} ({shown}): "
                 f"use --fresh to replace them, or another --out")
 
     def delete(self, files: list[Path]) -> None:
