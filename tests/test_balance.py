@@ -52,6 +52,9 @@ def test_plan_proportions_keep_every_real_image():
     with pytest.raises(UserError, match="never removes"):
         plan(counts, proportions={"normal": 1.0})
     assert parse_proportions("benign=0.5, malignant=0.5") == {"benign": 0.5, "malignant": 0.5}
+    # class names holding "," or "=" (a CSV label may): a pair ends at "=number" then "," or the end
+    assert parse_proportions("nevus, atypical=0.25,a=b=0.75") == {"nevus, atypical": 0.25,
+                                                                  "a=b": 0.75}
     with pytest.raises(UserError, match="class=share"):
         parse_proportions("benign:0.5")
     with pytest.raises(UserError, match="names benign twice"):

@@ -97,19 +97,25 @@ def parse_class_guidance(text: str) -> dict[str, float]:
     return _class_values(text, "--class-guidance", "class=scale", "benign=1,malignant=3")
 
 
+# a class name may hold "," or "=": a pair ends at the first "=value" followed by "," or the end
+_PAIR = re.compile(r"(?P<name>.+?)=(?P<value>[^,=]*)(?:,|$)")
+
+
 def _class_values(text: str, flag: str, what: str, example: str) -> dict[str, float]:
-    out = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        name = class_name(name)
-        if name.strip() in out:
-            raise UserError(f"{flag} names {name.strip()} twice: give each class once")
+    out, at = {}, 0
+    while at < len(text):
+        pair = _PAIR.match(text, at)
+        name = class_name(pair["name"]).strip() if pair else ""
+        if name in out:
+            raise UserError(f"{flag} names {name} twice: give each class once")
         try:
-            out[name.strip()] = float(value)
+            value = float(pair["value"]) if name else math.nan
         except ValueError:
-            sep = ""
-        if not sep or not name.strip() or not math.isfinite(out.get(name.strip(), 0.0)):
-            raise UserError(f"{flag} takes {what} pairs like {example}, got {part!r}")
+            value = math.nan
+        if not math.isfinite(value):
+            raise UserError(f"{flag} takes {what} pairs like {example}, "
+                            f"got {(pair[0] if pair else text[at:]).rstrip(',')!r}")
+        out[name], at = value, pair.end()
     return out
 
 
