@@ -135,6 +135,19 @@ def test_os_errors_name_the_path_the_user_knows(monkeypatch, capsys, error, said
     assert said in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["sample", "run"], "ddpmkit: interrupted; rerun the same command to resume\n"),
+    (["downstream", "--real", "r", "--synthetic", "s", "--out", "o"],
+     "ddpmkit: interrupted\n"),  # a rerun starts again
+])
+def test_an_interrupted_job_says_whether_a_rerun_resumes(monkeypatch, capsys, argv, said):
+    def interrupted(ns):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(ddpmkit.cli.COMMANDS, argv[0], interrupted)
+    assert main(argv) == 130
+    assert capsys.readouterr().err == said
+
+
 def test_checkpoint_from_another_architecture_is_refused(capsys, trained, tmp_path):
     import shutil
 

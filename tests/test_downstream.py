@@ -150,6 +150,24 @@ def test_a_calibration_split_scores_every_classifier_at_a_tuned_threshold_too(tm
             in chart)
 
 
+def test_the_real_datas_val_split_calibrates_by_default(tmp_path):
+    """Thresholds are tuned wherever a calibration split exists; one the study cannot use (it
+    shares images with the test split) is left out with the reason, as it was not asked for."""
+    data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250), np.arange(250, 300))
+    synthetic = _balanced(tmp_path, data, "auto")
+    *_, calibration, leakage = load_study_data(str(data), str(synthetic))
+    assert len(calibration.labels) == 50 and "not tuned" not in leakage
+    # testing on the val split itself: nothing to calibrate on by default
+    *_, calibration, _ = load_study_data(str(data), str(synthetic), test_split="val")
+    assert calibration is None
+    overlapping = _npz(tmp_path / "o.npz", np.arange(0, 150), np.arange(150, 250),
+                       np.arange(240, 300))
+    *_, calibration, leakage = load_study_data(str(overlapping), str(synthetic))
+    assert calibration is None and leakage.endswith(
+        f"(thresholds not tuned on {overlapping} (val): calibration data {overlapping} (val): 10 "
+        f"of its images are in the test split; tune thresholds on images the test does not hold)")
+
+
 def test_a_calibration_split_that_is_not_separate_is_refused(tmp_path, capsys):
     # 10 val in test
     data = _npz(tmp_path / "d.npz", np.arange(0, 150), np.arange(150, 250), np.arange(240, 300))

@@ -312,8 +312,8 @@ def _downstream_parser(sub) -> None:
             ("real", "the labelled real training data (any data.path)", "train"),
             ("test", "the real test data (default: --real's test split)", "test"),
             ("calibration", "held-out labelled real images on which each classifier's "
-                            "per-class thresholds are also tuned (default: --real's split)",
-             "val")):
+                            "per-class thresholds are also tuned (default: --real's val "
+                            "split where it has one, else none)", "val")):
         d.add_argument(f"--{name}", required=name == "real", default=None, metavar="PATH",
                        help=what)
         d.add_argument(f"--{name}-labels", default=None, metavar="CSV",
@@ -697,6 +697,7 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": 
 
 
 DISTRIBUTED = ("train", "sample")  # the commands that split their work among torchrun's processes
+RESUMABLE = ("sample", "balance", "denoise", "img2img", "inpaint")  # rerun: finished images kept
 
 
 # what the user can do about the operating system's errors they cause most
@@ -745,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpmkit: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ddpmkit: interrupted", file=sys.stderr)
+        resume = "; rerun the same command to resume" if ns.command in RESUMABLE else ""
+        print(f"ddpmkit: interrupted{resume}", file=sys.stderr)
         return 130
     return 0
 

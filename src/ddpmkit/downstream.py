@@ -20,7 +20,8 @@ Balanced accuracy at the default threshold rewards a classifier for where its th
 much as for what it has learnt: training on a balanced mix moves the operating point. With a
 calibration split, each classifier is also scored at the per-class thresholds (offsets added to its
 log-probabilities; with two classes, one threshold on P(class 1)) that maximise its balanced
-accuracy there, and the verdict says whether the gain survives that tuning.
+accuracy there, and the verdict says whether the gain survives that tuning. The real data's val
+split is that calibration split unless another is named.
 
 Leakage guard: the synthetic set names the run that generated it (its sampling jobs record the
 run); the study reads that run's record of its training images (or loads its training data again)
@@ -709,6 +710,11 @@ def _has_splits(source: DataConfig) -> bool:
     return source.labels is None and has_named_splits(source.path)
 
 
+def _holds_val(source: DataConfig) -> bool:
+    """Whether `source` has a val split for the study's thresholds by default."""
+    return _has_splits(source) and "val" in (named_splits(source.path) or set())
+
+
 def _split_source(real: DataConfig, separate: DataConfig | None, split: str | None, default: str,
                   flag: str) -> tuple[DataConfig, str]:
     """What to read for the test or calibration images, and its split: `split` (None: `default`) of
@@ -742,13 +748,17 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     """Class names, the real, synthetic, test and calibration pools at the generator's resolution,
     and the leakage check. Each real source is a path or a data section (for a labels CSV).
     Calibration images come from `calibration` (default: `real`), split `calibration_split`
-    (default: val), when either is given; otherwise the calibration pool is None. drop_seen removes
+    (default: val), when either is given; with neither, from `real`'s val split where it has one
+    (and it can be used: otherwise the leakage note says why not), else None. drop_seen removes
     the test images the generator or the classifiers saw instead of refusing (for choosing on a
     validation split that shares images with the training split; never for the final study).
     """
     real, test, calibration = as_source(real), as_source(test), as_source(calibration)
     # a split flag that cannot apply: before any read
     _split_source(real, test, test_split, "test", "--test")
+    automatic = (calibration is None and calibration_split is None and _holds_val(real)
+                 and not (test is None and (test_split or "").lower() == "val"))
+    calibration_split = "val" if automatic else calibration_split
     if calibration is not None or calibration_split is not None:
         _split_source(real, calibration, calibration_split, "val", "--calibration")
     synth_folder = Path(synthetic)
@@ -778,9 +788,14 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
         source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
-        pool = load_real(source, split, size, synth.images.shape[1], names)
-        calibration_pool, note = load_calibration(pool, _named(source, split), real_pool,
-                                                  test_pool, trained, names)
+        try:
+            pool = load_real(source, split, size, synth.images.shape[1], names)
+            calibration_pool, note = load_calibration(pool, _named(source, split), real_pool,
+                                                      test_pool, trained, names)
+        except UserError as exc:
+            if not automatic:  # asked for: refused; taken by default: said in the report
+                raise
+            note = f"thresholds not tuned on {_named(source, split)}: {exc}; "
         dropped += note
     _every_class(test_pool, names, _named(*test_source))
     if not drop_seen:  # a choice on a val split may be made where the thresholds were set
