@@ -111,6 +111,12 @@ def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_
         threshold=0.6), log=QUIET)
     image = read_image(out / synthetic[0]["file"])[None]
     assert selector.scores(image, "0")[0] == pytest.approx(float(synthetic[0]["score"]), abs=1e-4)
+    # the same set rebalanced without --select: no record of a selection it did not make is left
+    # (downstream would take the manifest's images for selected ones)
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3"]) == 0
+    assert not (out / "selection.csv").exists() and not (out / "selection.json").exists()
+    rows = _rows(out / "manifest.csv")
+    assert sum(r["synthetic"] == "true" for r in rows) == 90 and "score" not in rows[0]
 
 
 def _selector_inputs(run):
@@ -256,12 +262,15 @@ def test_bad_balance_options_get_one_clear_line(generator, tmp_path, capsys, arg
     assert not (tmp_path / "bal").exists()
 
 
-def test_class_guidance_sets_each_class_job_its_scale(generator, tmp_path):
+def test_class_guidance_sets_each_class_job_its_scale(generator, tmp_path, capsys):
     out = tmp_path / "bal"
     assert main(["balance", str(generator[1]), "--out", str(out), "--quiet", "sample.steps=3",
-                 "--class-guidance", "0=2.5"]) == 0
+                 "--class-guidance", "0=2.5,1=3"]) == 0
     record = json.loads((out / "classes" / "0" / ".ddpmkit.json").read_text())
     assert record["job"]["guidance"] == 2.5
+    # class 1, the largest, gets no image: its scale is said to be unused, not silently dropped
+    assert ("warning: --class-guidance 1=... is not used: no 1 image is generated"
+            in capsys.readouterr().out)
 
 
 def test_downstream_adds_the_selected_arm_and_the_class_fidelity(generator, tmp_path):

@@ -193,6 +193,8 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     anchors = _anchors(data, need, from_real)
     scales = (None if guidance == "auto"
               else class_guidance(guidance or {}, list(counts), sample_cfg.guidance))
+    for c in [c for c in (guidance if isinstance(guidance, dict) else {}) if not need[c]]:
+        log(f"balance: warning: --class-guidance {c}=... is not used: no {c} image is generated")
     selector = None if select is None else build_selector(
         run.config.data, data.images, data.labels, list(counts), select.check(), log,
         val=validation_images(recorded, select.validation, list(counts), log)
@@ -269,7 +271,8 @@ class TopUp:
         spec, name = SamplingSpec.from_config(cfg), cfg.class_label
         if anchors:
             spec = anchors.checked(spec, self.run.schedule.num_timesteps)
-        probed_with = {**dataclasses.asdict(dataclasses.replace(spec, guidance=0.0)),
+        settings = {k: v for k, v in dataclasses.asdict(spec).items() if k != "guidance"}
+        probed_with = {**settings,
                        "checkpoint_sha256": self.run.checkpoint_sha256, "ema": self.run.ema,
                        "seed": cfg.seed, "selector": self.selector.digest(name),
                        "from_real": anchors and anchors.identity}
@@ -381,7 +384,9 @@ class TopUp:
     def write_records(self) -> None:
         """OUT/selection.csv (every candidate: score, kept, why) and OUT/selection.json (per
         class: candidates, acceptance rate, threshold)."""
-        if self.selector is None:
+        if self.selector is None:  # an earlier run's, with --select: not this manifest's
+            for path in existing(self.out, ("selection.csv", "selection.json")):
+                path.unlink()
             return
         write_manifest(self.out / "selection.csv", self.candidates,
                        ["class", "file", "index", "seed", "score", "kept", "reason"])
