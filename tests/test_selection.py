@@ -72,6 +72,12 @@ def generator(tmp_path_factory):
     return data, run
 
 
+def test_the_run_records_and_reports_its_images_per_class(generator):
+    run = generator[1]
+    assert json.loads((run / "meta.json").read_text())["class_counts"] == {"0": 30, "1": 120}
+    assert "0 30, 1 120 (drawn with train.class_balance=1)" in (run / "report.html").read_text()
+
+
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))

@@ -193,18 +193,22 @@ def _series(rows: list[dict], key: str) -> list[float | None]:
 
 
 def build_report(run: RunDir, warn=warn) -> str:
-    run.config()  # a run of this format, or one clear line
+    balance = run.config().train.class_balance  # a run of this format, or one clear line
     meta, rows, e = run.meta(), run.read_stats(), html.escape
     logs = [r for r in rows if _number(r.get("loss")) is not None]
     env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
     last_step = logs[-1]["step"] if logs else 0
     parameters = _number(meta.get("parameters")) or 0
+    counts = meta.get("class_counts") if isinstance(meta.get("class_counts"), dict) else {}
+    classes = (" · " + ", ".join(f"{name} {count}" for name, count in counts.items())
+               + (f" (drawn with train.class_balance={balance:g})" if balance else "")
+               if counts else "")
     return "".join([
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ddpmkit report: "
         f"{e(run.path.name)}</title><meta name='viewport' content='width=device-width, "
         f"initial-scale=1'><style>{CSS}</style></head><body><h1>{e(run.path.name)}</h1>"
         f"<p class='muted'>{last_step:,} steps · {parameters:,.0f} parameters · "
-        f"{e(str(meta.get('data', '')))} · {e(str(env.get('device', '')))}</p>",
+        f"{e(str(meta.get('data', '')))}{e(classes)} · {e(str(env.get('device', '')))}</p>",
         _curves(logs, [r for r in rows if isinstance(r.get("eval"), dict)],
                 [r for r in rows if isinstance(r.get("audit"), dict)]), _grids(run, warn),
         _checkpoints(run), _hardware(env, logs),

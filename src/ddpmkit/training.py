@@ -18,6 +18,7 @@ import math
 import resource
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,7 +273,7 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         meta = {"environment": environment(job.device), "data": data.source,
                 "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
                 "parameters": count_parameters(state.model), "processes": job.world.size,
-                "init_from": pretrained}
+                "init_from": pretrained, "class_counts": _class_counts(data, job.cfg)}
         run.start(job.cfg, meta, state.step)
         run.truncate_stats(state.step)
         if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
@@ -292,6 +293,14 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
     if job.cfg.model.compile:
         state.net = compile_network(state.net, job.cfg.model.compile_mode)
     return True
+
+
+def _class_counts(data, cfg: Config) -> dict[str, int] | None:
+    """A class-conditional run's training images per class (None for a streamed dataset)."""
+    if not cfg.model.class_conditional or not isinstance(data, ImageData) or not data.labels:
+        return None
+    counts = Counter(data.labels)
+    return {name: counts[name] for name in cfg.data.class_names}
 
 
 def _batches(job: Job, state: TrainState):
