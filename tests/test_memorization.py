@@ -66,6 +66,24 @@ def test_held_out_images_are_flagged_at_no_more_than_the_share(digits):
     assert loo.calibrated_on == "leave-one-out" and loo.copy_rate <= share + 3 * (share / n) ** 0.5
 
 
+def test_duplicates_among_the_calibration_images_do_not_blind_the_audit(digits):
+    """An image saved twice in the training set, or a held-out image re-encoded from a training
+    one, is no new image: left in the calibration, a few of them pull the threshold to 0 and
+    every copy passes. They are set aside, and the threshold is the clean set's."""
+    train, held = digits
+    copies = _perturbed("jpeg", train[100:400])
+    clean = audit(copies, train, None)
+    twice = torch.cat([train, train[:30]])  # 3% of the training images saved twice
+    loo = audit(copies, twice, None)
+    assert loo.set_aside >= 60 and clean.set_aside == 0
+    assert loo.threshold == pytest.approx(clean.threshold, rel=0.1) and loo.copy_rate >= 0.95
+    held_clean = audit(copies, train, held[:400])
+    leaky = audit(copies, train, torch.cat([held[:400], _jpeg(train[:12], quality=95)]))
+    assert leaky.set_aside >= 12 and held_clean.set_aside == 0
+    assert leaky.threshold == pytest.approx(held_clean.threshold, rel=0.1)
+    assert leaky.copy_rate >= 0.95
+
+
 @pytest.mark.parametrize("view, made", [("hflip", lambda x: x.flip(-1)),
                                          ("rot90", lambda x: x.rot90(3, (-2, -1)))])
 def test_copies_in_a_view_the_run_trained_on_are_flagged_and_new_images_are_not(digits, view, made):
@@ -449,6 +467,13 @@ def test_a_holdout_is_read_at_the_runs_size_and_the_data_folder_is_no_generated_
             assert main([*command, "--holdout", key]) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and "compared with the run's at its" in err[0], err
+    # another file's split: several data.key=value words in one --holdout
+    other = tmp_path / "other.npz"
+    np.savez(other, train_images=digits8[:5, 0].numpy(), val_images=digits8[60:85, 0].numpy())
+    from ddpmkit.run import RunDir
+    assert len(RunDir(run).other_data(f"data.path='{other}' data.split=val")) == 25
+    assert main(["audit", str(gen), "--ref", str(run), "--holdout", "data.path='x y"]) == 2
+    assert "No closing quotation; quote a path with spaces whole" in capsys.readouterr().err
     assert main(["audit", str(data), "--ref", str(run)]) == 2
     assert "holds " in capsys.readouterr().err and not (data / "audit.json").exists()
 
@@ -511,7 +536,7 @@ def test_the_summary_counts_copies_per_class_and_the_most_copied_training_images
 
     index = np.array([4, 4, 7, 1, 2, 3])  # generated images 0-2 copy training images 4, 4 and 7
     d1 = np.array([0.0, 0.001, 0.002, 0.5, 0.6, 0.7])
-    result = Audit(Neighbours(index, d1, np.ones(6)), 0.01, d1 < 0.01, "held-out", np.ones(10))
+    result = Audit(Neighbours(index, d1, np.ones(6)), 0.01, d1 < 0.01, "held-out", np.ones(10), 0)
     summary = summarise(result, ["a", "a", "b", "b", "b", ""], train_count=10)
     assert summary["per_class"] == {"(none)": {"generated": 1, "copy_rate": 0.0},
                                     "a": {"generated": 2, "copy_rate": 1.0},

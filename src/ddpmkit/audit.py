@@ -24,7 +24,8 @@ from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
-from .metrics.memorization import Audit, audit, nearest, nearest_features, seen_views
+from .metrics.memorization import (Audit, audit, nearest, nearest_features, seen_views,
+                                   set_aside_warning)
 from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
                       refuse_being_written, write_about_images)
 from .report import CSS, data_uri, svg_plot
@@ -114,11 +115,15 @@ def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = Non
     gen_images, labels, files, gen_size = generated_images(gen, cfg.data.image_size)
     train = as_sampled(data.images, gen_size)
     if gen_images.shape[1] != train.shape[1]:
+        kind = "grayscale" if train.shape[1] == 1 else "RGB"
         raise UserError(f"{gen} holds {gen_images.shape[1]}-channel images and {run.path} was "
-                        f"trained on {train.shape[1]}-channel ones: audit that run's own images")
+                        f"trained on {train.shape[1]}-channel ones: save them as {kind} images, "
+                        f"or audit them against the run that made them")
     held = as_sampled(run.holdout_images(holdout, drop_overlap, log), gen_size)
     views = seen_views(cfg)
     result = audit(gen_images, train, held, share, partial(nearest, views=views))
+    if result.set_aside:
+        log(f"audit: {set_aside_warning(result.calibrated_on, result.set_aside)}")
     summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
                "run": str(run.path.resolve()), "holdout": holdout,
                "holdout_images": 0 if held is None else len(held), "share": share,
@@ -175,6 +180,7 @@ def add_feature_view(summary: dict, extractor: fx.Extractor, sets: tuple, in_pix
                   summary["share"], search=nearest_features)
     summary["features"] = {"extractor": extractor.name, "threshold": found.threshold,
                            "calibrated_on": found.calibrated_on,
+                           "duplicates_set_aside": found.set_aside,
                            "copies": int(found.copies.sum()), "copy_rate": found.copy_rate,
                            "copies_in_both": int((found.copies & in_pixels.copies).sum()),
                            "same_nearest_image": float((found.neighbours.index
@@ -202,7 +208,8 @@ def summarise(result: Audit, labels: list[str], train_count: int) -> dict:
                                                                       result.copies))]
     return {"generated": len(labels), "copies": int(result.copies.sum()),
             "copy_rate": result.copy_rate, "threshold": result.threshold,
-            "calibrated_on": result.calibrated_on, "per_class": per_class,
+            "calibrated_on": result.calibrated_on, "duplicates_set_aside": result.set_aside,
+            "per_class": per_class,
             "training_images_copied": len(copied),
             "training_share_copied": len(copied) / train_count,
             "most_copied": [{"training_image": i, "times": k} for i, k in copied.most_common(10)],

@@ -458,7 +458,7 @@ def _loaded(run_path: str, overrides: dict, doing: str, world=None):
 
 def _copy_filter(ns: argparse.Namespace, log):
     """--drop-copies' filter: the run's training images and a threshold calibrated for them."""
-    from .metrics.memorization import CopyFilter, seen_views
+    from .metrics.memorization import CopyFilter, seen_views, set_aside_warning
     from .run import RunDir
 
     if not ns.drop_copies:
@@ -474,8 +474,11 @@ def _copy_filter(ns: argparse.Namespace, log):
         raise UserError(f"--max-redraws must be at least 1, got {redraws}")
     run = RunDir(ns.run)
     held = run.holdout_images(ns.holdout, ns.drop_overlap, log)
-    return CopyFilter.calibrated(run.training_images(log), held, redraws=redraws,
-                                 views=seen_views(run.config()))
+    copies = CopyFilter.calibrated(run.training_images(log), held, redraws=redraws,
+                                   views=seen_views(run.config()))
+    if copies.set_aside:
+        log(f"--drop-copies: {set_aside_warning(copies.calibrated_on, copies.set_aside)}")
+    return copies
 
 
 def cmd_sample(ns: argparse.Namespace) -> None:

@@ -405,7 +405,8 @@ def copy_summary(out: Path, num: int, seed: int, copies: CopyFilter) -> dict:
     left = int(is_copy(np.array([float(r[-1]) for r in rows if r[-1]]), copies.threshold).sum())
     return {"images": len(rows), "redrawn": sum(r[2] != str(seed) for r in rows),
             "copies_left": left, "threshold": copies.threshold,
-            "calibrated_on": copies.calibrated_on, "max_redraws": copies.redraws}
+            "calibrated_on": copies.calibrated_on, "duplicates_set_aside": copies.set_aside,
+            "max_redraws": copies.redraws}
 
 
 def _report_copies(summary: dict, log) -> None:

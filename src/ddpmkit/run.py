@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,15 +187,21 @@ class RunDir:
 
     def other_data(self, where: str) -> ImageData:
         """Real images besides the training ones, read as those were (size, channels, bit depth):
-        a folder or file, or data.key=value changing the run's own data (data.split=val)."""
+        a folder or file, or data.key=value words changing the run's own data (data.split=val;
+        'data.path=other.npz data.split=val')."""
         values = self.data_values()
         if "=" in where:
-            key, value = parse_override(where)
-            if key in READ_AS_TRAINED and value != values[key]:
-                raise UserError(f"{where}: real images are compared with the run's at its "
-                                f"{key}={values[key]}; give other images with data.path=... or "
-                                f"data.split=...")
-            values[key] = value
+            try:
+                words = shlex.split(where)
+            except ValueError as exc:  # an unclosed quote
+                raise UserError(f"{where}: {exc}; quote a path with spaces whole") from None
+            for word in words:
+                key, value = parse_override(word)
+                if key in READ_AS_TRAINED and value != values[key]:
+                    raise UserError(f"{word}: real images are compared with the run's at its "
+                                    f"{key}={values[key]}; give other images with data.path=... "
+                                    f"or data.split=...")
+                values[key] = value
         else:
             values |= {"data.path": where, "data.labels": None, "data.split": "train"}
         return load_images(data_config(values), log=lambda *_: None)

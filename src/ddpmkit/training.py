@@ -35,7 +35,7 @@ from .generation import SamplingSpec, sample, sample_batch
 from .limits import check_memory
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
-from .metrics.memorization import CopyFilter, is_copy, seen_views
+from .metrics.memorization import CopyFilter, is_copy, seen_views, set_aside_warning
 from .outputs import refuse_shared
 from .pretrained import load_pretrained
 from .report import write_report
@@ -659,6 +659,8 @@ def _copy_filter(prep: Prepared, log) -> CopyFilter:
     copies = CopyFilter.calibrated(prep.data.images, views=seen_views(prep.cfg))
     log(f"train.audit_every: near-copy threshold {copies.threshold:.4f} (leave-one-out distances "
         f"of the training images)")
+    if copies.set_aside:
+        log(f"train.audit_every: {set_aside_warning(copies.calibrated_on, copies.set_aside)}")
     return copies
 
 

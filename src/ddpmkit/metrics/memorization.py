@@ -17,7 +17,9 @@ reports both.
 A generated image is a near-copy when d1 is below the threshold: the `share` quantile of the same
 distance for held-out real images (a split the generator never saw), so that at most `share` of
 real, new images would be flagged. Without held-out images, the training images' own leave-one-out
-distances stand in for them (each image against all the others).
+distances stand in for them (each image against all the others). A reference image that is a
+training image over again (one saved twice, a held-out image re-encoded from a training one) is
+no new image: it is set aside (`duplicates`), as a few of them would pull the quantile to 0.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ CHUNK, REF_CHUNK = 256, 1024
 REFERENCE_MAX = 2000  # reference images a threshold is calibrated on
 REFERENCE_MIN = 20  # fewer give a quantile that is one image's distance, not a false-alarm rate
 EXACT = 1e-6  # a distance this small is a copy whatever the threshold: float rounding, not a change
+# a reference image this much nearer one training image than to its k-th nearest, and than real
+# images' median distance, is that image over again (a light JPEG re-save included), not a new
+# one; looser cuts also catch real near-twins
+DUPLICATE_RATIO, DUPLICATE_SCALE = 0.1, 0.05
 
 
 def _normalised(images_u8: torch.Tensor) -> torch.Tensor:
@@ -172,11 +178,38 @@ def threshold(reference_d1: np.ndarray, share: float) -> float:
 Search = Callable[..., Neighbours]  # nearest or nearest_features
 
 
+@dataclass
+class Calibration:
+    threshold: float
+    on: str  # "held-out" or "leave-one-out"
+    reference_d1: np.ndarray  # the distances the threshold is the quantile of
+    set_aside: int  # reference images that were duplicates of a training image
+
+
+def duplicates(found: Neighbours) -> np.ndarray:
+    """Reference images that are a training image over again: much nearer it than to the rest of
+    the training set (d1 / dk) and than real images are to theirs (the median d1)."""
+    return (found.ratio < DUPLICATE_RATIO) & (found.d1 < DUPLICATE_SCALE * np.median(found.d1))
+
+
+def set_aside_warning(calibrated_on: str, count: int) -> str:
+    """What a user is told when `count` calibration images were duplicates ('' if none)."""
+    if not count:
+        return ""
+    if calibrated_on == "held-out":
+        return (f"warning: {count} held-out image(s) are a training image over again (re-encoded "
+                f"or resized?): set aside from the copy threshold's calibration; hold out only "
+                f"images the run never trained on")
+    return (f"warning: {count} training image(s) are another one over again (an image saved "
+            f"twice?): set aside from the copy threshold's calibration; check the data for "
+            f"repeated images")
+
+
 def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 0.01,
-              search: Search = nearest) -> tuple[float, str, np.ndarray]:
-    """(threshold, what it was calibrated on, the reference distances): held-out images against
-    the training set, or the training set's leave-one-out distances; at most REFERENCE_MAX
-    reference images (a fixed random subset), plenty for a 1% quantile."""
+              search: Search = nearest) -> Calibration:
+    """The threshold from held-out images against the training set, or from the training set's
+    leave-one-out distances, duplicates set aside; at most REFERENCE_MAX reference images (a fixed
+    random subset), plenty for a 1% quantile."""
     reference, exclude = (holdout, False) if holdout is not None else (train, True)
     if exclude and len(train) < REFERENCE_MIN:
         raise UserError(f"{len(train)} training image(s) are too few to calibrate a copy "
@@ -188,7 +221,10 @@ def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 
         rows = rows[:REFERENCE_MAX].sort().values
     # leave-one-out: each reference image against every training image but itself
     found = search(reference[rows], train, exclude=rows if exclude else None)
-    return threshold(found.d1, share), "held-out" if not exclude else "leave-one-out", found.d1
+    aside = duplicates(found)
+    new = found.d1[~aside]
+    return Calibration(threshold(new, share), "leave-one-out" if exclude else "held-out", new,
+                       int(aside.sum()))
 
 
 @dataclass
@@ -198,6 +234,7 @@ class Audit:
     copies: np.ndarray  # bool per generated image: closer than the threshold
     calibrated_on: str  # "held-out" or "leave-one-out"
     reference_d1: np.ndarray  # the distances the threshold was calibrated on
+    set_aside: int  # reference images that duplicated a training image
 
     @property
     def copy_rate(self) -> float:
@@ -209,9 +246,10 @@ def audit(gen: torch.Tensor, train: torch.Tensor, holdout: torch.Tensor | None =
     """Each generated image against the training set, with the threshold calibrated on held-out
     real images (or, without them, on the training set's leave-one-out distances). Images are
     uint8 pixels for `nearest`, feature vectors for `nearest_features`."""
-    limit, calibrated_on, reference = calibrate(train, holdout, share, search)
+    cal = calibrate(train, holdout, share, search)
     found = search(gen, train)
-    return Audit(found, limit, is_copy(found.d1, limit), calibrated_on, reference)
+    return Audit(found, cal.threshold, is_copy(found.d1, cal.threshold), cal.on, cal.reference_d1,
+                 cal.set_aside)
 
 
 def is_copy(d1: np.ndarray, limit: float) -> np.ndarray:
@@ -230,14 +268,14 @@ class CopyFilter:
     calibrated_on: str
     redraws: int = 10
     views: tuple[str, ...] = ()  # seen_views of the run
+    set_aside: int = 0  # calibration images that duplicated a training image
 
     @classmethod
     def calibrated(cls, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
                    share: float = 0.01, redraws: int = 10,
                    views: tuple[str, ...] = ()) -> CopyFilter:
-        limit, calibrated_on, _ = calibrate(train_u8, holdout_u8, share,
-                                            partial(nearest, views=views))
-        return cls(train_u8, limit, calibrated_on, redraws, views)
+        cal = calibrate(train_u8, holdout_u8, share, partial(nearest, views=views))
+        return cls(train_u8, cal.threshold, cal.on, redraws, views, cal.set_aside)
 
     def distances(self, images_u8: torch.Tensor) -> np.ndarray:
         return nearest(images_u8, self.train, k=1, views=self.views).d1
