@@ -311,7 +311,11 @@ def test_drop_overlap_leaves_training_images_out_of_the_holdout(run, tmp_path, c
         Image.fromarray(img[0].numpy()).save(held / f"{i}.png")
     assert main(["audit", str(gen), "--ref", str(run), "--holdout", str(held), "--drop-overlap",
                  "--features", "none"]) == 0
-    assert "holdout: left out 40 of 70 images that are training images" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "holdout: left out 40 of 70 images that are training images" in said
+    # 30 calibration images cannot resolve a 1% quantile: the rate it gives instead is said
+    assert "--share 0.01 of 30 calibration images is less than one: " in said
+    assert "about 1/31 (3.2%) of new real images would be flagged, not 1.0%" in said
     saved = json.loads((gen / "audit.json").read_text())
     assert saved["calibrated_on"] == "held-out" and sum(saved["distances"]["reference"]) == 30
     assert saved["copies"] == 30  # every generated image is a training image
@@ -476,6 +480,14 @@ def test_a_holdout_is_read_at_the_runs_size_and_the_data_folder_is_no_generated_
     assert "No closing quotation; quote a path with spaces whole" in capsys.readouterr().err
     assert main(["audit", str(data), "--ref", str(run)]) == 2
     assert "holds " in capsys.readouterr().err and not (data / "audit.json").exists()
+    # a holdout that is not there names the flag; a run whose data moved says where it was
+    audit = ["audit", str(gen), "--ref", str(run), "--features", "none"]
+    assert main([*audit, "--holdout", str(tmp_path / "nope")]) == 2
+    assert f"--holdout {tmp_path / 'nope'}: data path not found" in capsys.readouterr().err
+    data.rename(tmp_path / "moved")
+    assert main(audit) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run} trained on {data}, which is no longer there: put it" in err[0]
 
 
 def test_sample_drop_copies_json_says_what_was_drawn_again(run, tmp_path, capsys):

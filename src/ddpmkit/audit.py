@@ -124,8 +124,16 @@ def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = Non
     result = audit(gen_images, train, held, share, partial(nearest, views=views))
     if result.set_aside:
         log(f"audit: {set_aside_warning(result.calibrated_on, result.set_aside)}")
+    calibrated = len(result.reference_d1)
+    if share * calibrated < 1:
+        log(f"audit: warning: --share {share:g} of {calibrated} calibration images is less than "
+            f"one: the threshold is their smallest distance, so about 1/{calibrated + 1} "
+            f"({1 / (calibrated + 1):.1%}) of new real images would be flagged, not {share:.1%}; "
+            f"give more held-out images (--holdout) or a larger --share")
     summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
-               "run": str(run.path.resolve()), "holdout": holdout,
+               "run": str(run.path.resolve()),
+               "holdout": holdout if holdout is None or "=" in holdout
+               else str(Path(holdout).resolve()),
                "holdout_images": 0 if held is None else len(held), "share": share,
                "training_views": ["as trained", *views],
                **summarise(result, labels, len(train))}

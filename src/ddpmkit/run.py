@@ -158,7 +158,13 @@ class RunDir:
         if not self.digests_path.is_file() and not streamed:
             raise UserError(f"{self.path} recorded no training images ({self.digests_path.name}): "
                             f"train it again to record them")
-        data = load_images(self.config().data, log)
+        source = self.config().data
+        for path in (source.path, source.labels):
+            if path and not Path(path).expanduser().exists():
+                raise UserError(f"{self.path} trained on {path}, which is no longer there: put it "
+                                f"back there (the images it trained on are needed, and checked "
+                                f"against {self.digests_path.name})")
+        data = load_images(source, log)
         if streamed:
             log(f"note: {self.path} streamed its data, so it recorded no training images: its "
                 f"data as it is now stands in for them")
@@ -185,7 +191,7 @@ class RunDir:
         values = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "class_names"}
         return values | {"data.channels": cfg.model.in_channels}
 
-    def other_data(self, where: str) -> ImageData:
+    def other_data(self, where: str, flag: str = "--holdout") -> ImageData:
         """Real images besides the training ones, read as those were (size, channels, bit depth):
         a folder or file, or data.key=value words changing the run's own data (data.split=val;
         'data.path=other.npz data.split=val')."""
@@ -204,7 +210,10 @@ class RunDir:
                 values[key] = value
         else:
             values |= {"data.path": where, "data.labels": None, "data.split": "train"}
-        return load_images(data_config(values), log=lambda *_: None)
+        try:
+            return load_images(data_config(values), log=lambda *_: None)
+        except UserError as exc:  # the flag it came from, for the user to find
+            raise UserError(f"{flag} {where}: {exc}") from None
 
     def unseen(self, images: torch.Tensor) -> torch.Tensor:
         """Per image (uint8): True unless it is one of the run's recorded training images."""
