@@ -7,7 +7,7 @@ For each set (the bundled digits at 16x16; PneumoniaMNIST's normal training X-ra
 ../shared/data holds them), the training images are split in two: `train` and `held` (held out).
 The probe: 300 training images re-saved as JPEG (quality 75), each a copy the audit should flag.
 Calibrations, each measured with the rule (`duplicates` set aside, as `calibrate` does) and
-without it (DUPLICATE_RATIO 0, as before the rule):
+without it (nothing set aside, as before the rule):
   - clean: leave-one-out on `train`, and on `held`;
   - train_twice: leave-one-out on `train` with 3% of its images saved a second time;
   - held_resaved: `held` plus JPEG (quality 95) re-saves of 3% as many training images.
@@ -32,7 +32,7 @@ from ddpmkit.config import DataConfig  # noqa: E402
 from ddpmkit.data import load_images, resize_center_crop  # noqa: E402
 from ddpmkit.metrics import memorization  # noqa: E402
 
-RULE = memorization.DUPLICATE_RATIO
+RULE = memorization.duplicates
 PNEUMONIA = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist/" \
     "pneumoniamnist_imbalanced.npz"
 
@@ -59,7 +59,7 @@ def row(probe, train, held, new, rule: bool) -> dict:
     """The calibration on (train, held), the share of the probe it flags and, calibrated
     leave-one-out, the share of real images the run never saw (`new`) it flags: the false alarms
     that --share 0.01 promises to keep near 1%."""
-    memorization.DUPLICATE_RATIO = RULE if rule else 0.0
+    memorization.duplicates = RULE if rule else lambda found: np.zeros(len(found.d1), bool)
     result = memorization.audit(torch.cat([probe, new]), train, held)
     return {"threshold": round(result.threshold, 5), "set_aside": result.set_aside,
             "probe_flagged": round(float(result.copies[:len(probe)].mean()), 3),

@@ -82,6 +82,13 @@ def test_duplicates_among_the_calibration_images_do_not_blind_the_audit(digits):
     assert leaky.set_aside >= 12 and held_clean.set_aside == 0
     assert leaky.threshold == pytest.approx(held_clean.threshold, rel=0.1)
     assert leaky.copy_rate >= 0.95
+    # duplicates the majority: still set aside (the scale is the distance to the k-th nearest
+    # training image, which a duplicate leaves as it is)
+    mostly = audit(copies, train, torch.cat([held[:40], _jpeg(train[:60], quality=95)]))
+    assert mostly.set_aside >= 60 and mostly.copy_rate >= 0.95
+    with pytest.raises(UserError, match="after setting aside 30 held-out images that are a "
+                                        "training image over again, 10 are left"):
+        audit(copies, train, torch.cat([held[:10], _jpeg(train[:30], quality=95)]))
 
 
 @pytest.mark.parametrize("view, made", [("hflip", lambda x: x.flip(-1)),

@@ -39,10 +39,10 @@ CHUNK, REF_CHUNK = 256, 1024
 REFERENCE_MAX = 2000  # reference images a threshold is calibrated on
 REFERENCE_MIN = 20  # fewer give a quantile that is one image's distance, not a false-alarm rate
 EXACT = 1e-6  # a distance this small is a copy whatever the threshold: float rounding, not a change
-# a reference image this much nearer one training image than to its k-th nearest, and than real
-# images' median distance, is that image over again (a light JPEG re-save included), not a new
-# one; looser cuts also catch real near-twins
-DUPLICATE_RATIO, DUPLICATE_SCALE = 0.1, 0.05
+# a reference image this much nearer one training image than to its k-th nearest, and than the
+# references' median distance to their k-th nearest (which duplicates leave as it is), is that
+# image over again (a light JPEG re-save included), not a new one; looser cuts catch real twins
+DUPLICATE_RATIO, DUPLICATE_SCALE = 0.1, 0.04
 
 
 def _normalised(images_u8: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,11 @@ def _same_constant(query_u8: torch.Tensor, ref_u8: torch.Tensor) -> torch.Tensor
 class Neighbours:
     index: np.ndarray  # nearest reference image of each query
     d1: np.ndarray  # its distance
-    ratio: np.ndarray  # d1 / distance to the k-th nearest
+    dk: np.ndarray  # the distance to the k-th nearest
+
+    @property
+    def ratio(self) -> np.ndarray:
+        return self.d1 / np.maximum(self.dk, 1e-12)
 
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # Q queries, R refs -> Q x R
@@ -166,7 +170,7 @@ def _search(query: torch.Tensor, ref: torch.Tensor, similarity: Similarity, k: i
         d1.append(1 - top.values[:, 0])
         dk.append(1 - top.values[:, -1])
     d1, dk = torch.cat(d1).clamp_min(0).numpy(), torch.cat(dk).clamp_min(0).numpy()
-    return Neighbours(torch.cat(index).numpy(), d1, d1 / np.maximum(dk, 1e-12))
+    return Neighbours(torch.cat(index).numpy(), d1, dk)
 
 
 def threshold(reference_d1: np.ndarray, share: float) -> float:
@@ -187,9 +191,11 @@ class Calibration:
 
 
 def duplicates(found: Neighbours) -> np.ndarray:
-    """Reference images that are a training image over again: much nearer it than to the rest of
-    the training set (d1 / dk) and than real images are to theirs (the median d1)."""
-    return (found.ratio < DUPLICATE_RATIO) & (found.d1 < DUPLICATE_SCALE * np.median(found.d1))
+    """Reference images that are a training image over again: exact copies, and those much nearer
+    it than to the rest of the training set (d1 / dk) and than images are to their k-th nearest
+    (the median dk)."""
+    near = (found.ratio < DUPLICATE_RATIO) & (found.d1 < DUPLICATE_SCALE * np.median(found.dk))
+    return near | (found.d1 <= EXACT)
 
 
 def set_aside_warning(calibrated_on: str, count: int) -> str:
@@ -222,9 +228,13 @@ def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 
     # leave-one-out: each reference image against every training image but itself
     found = search(reference[rows], train, exclude=rows if exclude else None)
     aside = duplicates(found)
-    new = found.d1[~aside]
-    return Calibration(threshold(new, share), "leave-one-out" if exclude else "held-out", new,
-                       int(aside.sum()))
+    new, on = found.d1[~aside], "leave-one-out" if exclude else "held-out"
+    if len(new) < REFERENCE_MIN:
+        raise UserError(f"after setting aside {int(aside.sum())} {'training' if exclude else on} "
+                        f"images that are a training image over again, {len(new)} are left to "
+                        f"calibrate the copy threshold on (at least {REFERENCE_MIN}): give more "
+                        f"held-out real images the run never trained on (--holdout)")
+    return Calibration(threshold(new, share), on, new, int(aside.sum()))
 
 
 @dataclass
