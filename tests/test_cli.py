@@ -137,6 +137,7 @@ def test_os_errors_name_the_path_the_user_knows(monkeypatch, capsys, error, said
 
 @pytest.mark.parametrize("argv, said", [
     (["sample", "run"], "ddpmkit: interrupted; rerun the same command to resume\n"),
+    (["sample", "run", "--fresh"], "ddpmkit: interrupted; rerun without --fresh to resume\n"),
     (["downstream", "--real", "r", "--synthetic", "s", "--out", "o"],
      "ddpmkit: interrupted\n"),  # a rerun starts again
 ])

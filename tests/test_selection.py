@@ -123,6 +123,10 @@ def test_select_keeps_only_candidates_scored_above_the_threshold(generator, tmp_
     assert not (out / "selection.csv").exists() and not (out / "selection.json").exists()
     rows = _rows(out / "manifest.csv")
     assert sum(r["synthetic"] == "true" for r in rows) == 90 and "score" not in rows[0]
+    # a user's file of that name is no record of balance's: refused, never deleted
+    (out / "selection.json").write_text("my notes")
+    assert main(["balance", str(run), "--out", str(out), "--quiet", "sample.steps=3"]) == 2
+    assert (out / "selection.json").read_text() == "my notes"
 
 
 def _selector_inputs(run):

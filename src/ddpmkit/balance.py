@@ -385,16 +385,28 @@ class TopUp:
         """OUT/selection.csv (every candidate: score, kept, why) and OUT/selection.json (per
         class: candidates, acceptance rate, threshold)."""
         if self.selector is None:  # an earlier run's, with --select: not this manifest's
-            for path in existing(self.out, ("selection.csv", "selection.json")):
+            for path in _selection_records(self.out):
                 path.unlink()
             return
-        write_manifest(self.out / "selection.csv", self.candidates,
-                       ["class", "file", "index", "seed", "score", "kept", "reason"])
+        write_manifest(self.out / "selection.csv", self.candidates, SELECTION_COLUMNS)
         classes = {c: {**s, **({"auto_guidance": self.probes[c]} if c in self.probes else {})}
                    for c, s in self.summary.items()}
         atomic.write_text(self.out / "selection.json", atomic.json_text(
             {"calibrated_on": self.selector.calibrated_on, "classes": classes,
              "tuned_on_sha256": sorted(self.selector.tuned_on)}))
+
+
+SELECTION_COLUMNS = ["class", "file", "index", "seed", "score", "kept", "reason"]
+_SELECTION_HEADS = {"selection.csv": ",".join(SELECTION_COLUMNS).encode(),
+                    "selection.json": b'{\n "calibrated_on": '}
+
+
+def _selection_records(out: Path) -> list[Path]:
+    """OUT's selection.csv and selection.json as balance --select writes them (a user's file of
+    the same name is not one: it is neither replaced nor deleted)."""
+    return [path for path in existing(out, _SELECTION_HEADS) if path.is_file()
+            and not path.is_symlink() and atomic.head(path, 40).startswith(
+                _SELECTION_HEADS[path.name])]
 
 
 def _earlier_probe(out: Path, name: str) -> dict:
@@ -418,7 +430,7 @@ def _balance_files(out: Path) -> list[Path]:
     for record in sorted(out.glob(f"classes/*/{RECORD}")):
         files += [*sample_files(record.parent), record, record.parent / FolderLock.NAME]
     links = [p for p in out.glob("by_class/*/*") if p.is_symlink() and _LINK.fullmatch(p.name)]
-    own = existing(out, ("manifest.csv", "selection.csv", "selection.json")) + about_images(out)
+    own = existing(out, ("manifest.csv",)) + _selection_records(out) + about_images(out)
     return [*files, *links, *own]
 
 

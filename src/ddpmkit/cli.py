@@ -749,7 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpmkit: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = "; rerun the same command to resume" if ns.command in RESUMABLE else ""
+        resume = ("" if ns.command not in RESUMABLE else "; rerun without --fresh to resume"
+                  if getattr(ns, "fresh", False) else "; rerun the same command to resume")
         print(f"ddpmkit: interrupted{resume}", file=sys.stderr)
         return 130
     return 0

@@ -287,7 +287,7 @@ class OutputFolder:
                 if old.get(k) != self.identity.get(k)]
         shown = "; ".join(_change(k, old.get(k), self.identity.get(k)) for k in diff[:4])
         return (f"{self.path} holds the {self.kind.what} of another {self.kind.job} ({shown}): "
-                f"use --fresh to replace them, or another --out")
+                f"use --fresh to replace that job's files, or another --out")
 
     def delete(self, files: list[Path]) -> None:
         """Delete these files of this folder's own jobs (each checked to lie inside it), then the
@@ -316,6 +316,8 @@ def _change(key: str, old, new) -> str:
 
 
 def _shown(value) -> str:
+    if value is None:  # an option left out
+        return "not given"
     return f"{len(value)} names" if isinstance(value, list) and len(value) > 4 else repr(value)
 
 

@@ -200,7 +200,8 @@ def build_report(run: RunDir, warn=warn) -> str:
     last_step = logs[-1]["step"] if logs else 0
     parameters = _number(meta.get("parameters")) or 0
     counts = meta.get("class_counts") if isinstance(meta.get("class_counts"), dict) else {}
-    classes = (" · " + ", ".join(f"{name} {count}" for name, count in counts.items())
+    shown = [f"{name} {count}" for name, count in list(counts.items())[:20]]
+    classes = (" · " + ", ".join(shown + ["…"] * (len(counts) > 20))
                + (f" (drawn with train.class_balance={balance:g})" if balance else "")
                if counts else "")
     return "".join([

@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import re
-import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +56,10 @@ SAME_COMPUTATION = ("train.max_steps", "train.max_minutes", "train.log_every", "
 ROUNDING_ONLY = ("train.grad_accum", "train.activation_checkpointing", "train.channels_last",
                  "train.device", "model.compile", "model.compile_mode")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# --holdout's words: a new one starts only at "data.key=", so a path keeps its spaces
+_DATA_WORD = re.compile(r"\s+(?=data\.\w+=)")
 
 
 class RunDir:
@@ -197,11 +200,7 @@ class RunDir:
         'data.path=other.npz data.split=val')."""
         values = self.data_values()
         if "=" in where:
-            try:
-                words = shlex.split(where)
-            except ValueError as exc:  # an unclosed quote
-                raise UserError(f"{where}: {exc}; quote a path with spaces whole") from None
-            for word in words:
+            for word in _DATA_WORD.split(where.strip()):
                 key, value = parse_override(word)
                 if key in READ_AS_TRAINED and value != values[key]:
                     raise UserError(f"{word}: real images are compared with the run's at its "
