@@ -97,7 +97,7 @@ def test_user_errors_are_one_line(capsys, tmp_path, trained):
     user_error(capsys, "train", "--data", tmp_path / "imgs", "data.on_error=fail", "--out", out,
                match="broken.png")
     (tmp_path / "labels.csv").write_text("image,label\nimg_000.png,a\nghost.png,a\n")
-    user_error(capsys, "train", "--data", tmp_path / "imgs",
+    user_error(capsys, "train", "--data", tmp_path / "imgs", "data.on_error=fail",
                f"data.labels={tmp_path / 'labels.csv'}", "--out", out, match="ghost.png")
     user_error(capsys, "train", "train.learning_rate=1", "--out", out, match="train.learning_rate")
     user_error(capsys, "train", "train.batch_size=-1", "--out", out, match="must be positive")

@@ -4,6 +4,7 @@ import shutil
 import struct
 import unicodedata
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -237,9 +238,19 @@ def test_labels_read_decomposed_are_one_class_with_their_composed_spelling(tmp_p
     assert d.labels == ["\u00f1and\u00fa"] * 2
 
 
+def test_rows_naming_missing_files_are_skipped_and_said_or_refused(tmp_path, capsys):
+    """As an unreadable file is: left out with a warning (data.on_error=skip), or refused."""
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "l.csv").write_text("image,label\nimg_000.png,1\nimg_999.png,1\n")
+    cfg = DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"), image_size=8)
+    assert len(load_images(cfg)) == 1
+    assert "names 1 image(s) not found under" in capsys.readouterr().out
+    with pytest.raises(UserError, match="img_999.png; remove their rows, or put the files there"):
+        load_images(replace(cfg, on_error="fail"))
+
+
 @pytest.mark.parametrize("content,message", [
     ("name,label\nimg_000.png,1\n", "no column 'image'"),
-    ("image,label\nimg_000.png,1\nimg_999.png,1\n", "not found under"),
     ("image,label\nimg_000.png,1\nimg_000.png,1\n", "listed twice"),
     ("image,label\nimg_000.png,1\nimg_000,1\n",  # one file, spelt two ways
      "'img_000' is img_000.png, which an earlier row lists too"),

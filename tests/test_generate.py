@@ -167,8 +167,8 @@ def test_a_larger_num_extends_the_job(run_dir, tmp_path, capsys):
     # make, and the summary says what the folder holds
     assert cli("sample", run_dir, "--num", 3, "--steps", 3, "--out", out) == 0
     said = capsys.readouterr().out
-    assert (f"all 3 images were already in {out}/individual, which holds 9: an earlier run of this "
-            f"job made more" in said)
+    assert (f"all 3 images were already in {out}/individual (it holds 9: an earlier run of this "
+            f"job made more); no grid" in said)
     assert len(rows(out)) == 9
 
 
@@ -322,7 +322,7 @@ def test_sampling_says_which_grids_it_wrote(run_dir, tmp_path, capsys):
     assert not (tmp_path / "two" / "grids").exists()
     assert cli("sample", run_dir, "--num", 16, "--steps", 2, "--out",
                tmp_path / "sixteen", "--quiet") == 0
-    assert f"grids grid_4x4.png to {tmp_path / 'sixteen'}/grids," in capsys.readouterr().out
+    assert f"grids grid_4x4.png to {tmp_path / 'sixteen'}/grids;" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "sixteen" / "grids").iterdir()] == ["grid_4x4.png"]
 
 

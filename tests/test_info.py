@@ -45,6 +45,8 @@ def test_info_command_on_a_run_and_on_overrides(tmp_path, capsys):
     # as its own (default) preset; so is --max-batch
     assert main(["info", f"train.init_from={run}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["parameters"] == info["parameters"] != 917_889
+    assert main(["info", str(tmp_path / "nope")]) == 2
+    assert f"no run or config at {tmp_path / 'nope'}" in capsys.readouterr().err
 
 
 def _idx(path, images):

@@ -491,6 +491,10 @@ def test_a_holdout_is_read_at_the_runs_size_and_the_data_folder_is_no_generated_
     audit = ["audit", str(gen), "--ref", str(run), "--features", "none"]
     assert main([*audit, "--holdout", str(tmp_path / "nope")]) == 2
     assert f"--holdout {tmp_path / 'nope'}: data path not found" in capsys.readouterr().err
+    (tmp_path / "val.csv").write_text("image,label\n0.png,a\n")
+    assert main([*audit, "--holdout", str(tmp_path / "val.csv")]) == 2
+    assert (f"--holdout {tmp_path / 'val.csv'}: data path {tmp_path / 'val.csv'} is a CSV, not "
+            f"images: a labels CSV is given as data.labels=" in capsys.readouterr().err)
     data.rename(tmp_path / "moved")
     assert main(audit) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -159,3 +159,15 @@ def test_an_unreadable_wide_image_is_skipped_when_streamed_as_in_memory(tmp_path
 def test_an_npy_with_idx_in_its_name_streams(tmp_path, tiny):
     np.save(tmp_path / "scans_idx.npy", np.zeros((4, 8, 8), dtype=np.uint8))
     assert len(open_stream(tiny(**{"data.path": str(tmp_path / "scans_idx.npy")}).data)) == 4
+
+
+def test_a_streamed_class_conditional_run_records_its_images_per_class(tmp_path, tiny):
+    import json
+
+    for name, n in (("cat", 3), ("dog", 2)):
+        write_images(tmp_path / "imgs" / name, n=n, size=(8, 8), seed=n)
+    run = train(tiny(**{"data.path": str(tmp_path / "imgs"), "data.stream": True,
+                        "data.workers": 0, "model.class_conditional": True,
+                        "train.max_steps": 2, "train.out_dir": str(tmp_path / "run")}),
+                log=quiet, progress=False)
+    assert json.loads((run.path / "meta.json").read_text())["class_counts"] == {"cat": 3, "dog": 2}

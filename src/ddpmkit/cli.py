@@ -277,8 +277,9 @@ def _balance_parser(sub) -> None:
 
 def _add_holdout_flags(p: argparse.ArgumentParser, use: str) -> None:
     p.add_argument("--holdout", default=None, metavar="DATA",
-                   help="real images the generator never saw: a folder or file, or data.key=value "
-                        f"changing the run's own data (data.split=val){use}; without it, the "
+                   help="real images the generator never saw: a folder, array or IDX file, or "
+                        "data.key=value words changing the run's own data (data.split=val; "
+                        f"data.labels=val.csv){use}; without it, the "
                         "training set's leave-one-out distances set the copy threshold")
     p.add_argument("--drop-overlap", action="store_true",
                    help="with --holdout: leave out its images that are training images of the run "
@@ -529,6 +530,8 @@ def cmd_info(ns: argparse.Namespace) -> None:
     if target and "=" in target:  # only overrides were given
         tokens, target = [target, *tokens], None
     overrides = dict(parse_override(tok) for tok in tokens)
+    if target and not Path(target).exists():
+        raise UserError(f"no run or config at {target}: give a run folder or a YAML config")
     if target and Path(target).is_dir():  # a run's config.yaml holds its source's architecture
         cfg = updated(RunDir(target).config(), {**overrides, "train.init_from": None})
     else:

@@ -76,6 +76,9 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
             data = _load_array_file(path, cfg.split, cfg.bit_depth)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             raise UserError(f"data path {path} is a single image: point data.path at its folder")
+        elif path.suffix.lower() == ".csv":
+            raise UserError(f"data path {path} is a CSV, not images: a labels CSV is given as "
+                            f"data.labels={path}, with data.path the folder of its images")
         else:
             raise UserError(f"data path {path}: not a folder, .npy/.npz or IDX file")
     refuse_control_characters(data.labels or (), data.source_path or "the data")
@@ -355,7 +358,7 @@ def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path]
         files = kept
     labels = None
     if cfg.labels is not None:
-        files, labels = _select_by_csv(root, files, cfg)
+        files, labels = _select_by_csv(root, files, cfg, log)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
     if labels is None:
@@ -481,8 +484,8 @@ class _FileNames:
         return found or (candidates[0] if candidates else None)
 
 
-def _select_by_csv(root: Path, files: list[Path],
-                   cfg: DataConfig) -> tuple[list[Path], list[str] | None]:
+def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig,
+                   log=print) -> tuple[list[Path], list[str] | None]:
     csv_path = Path(cfg.labels).expanduser()
     columns, rows = read_labels_csv(csv_path, cfg)
     has_labels = cfg.label_column in columns
@@ -510,11 +513,14 @@ def _select_by_csv(root: Path, files: list[Path],
                             f"which an earlier row lists too")
         chosen.append(match)
         labels.append(label)
-    if missing:
+    if missing:  # as an unreadable file is: skipped and said, or refused
         shown = (", ".join(missing[:3])
                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-        raise UserError(f"labels CSV {csv_path} names {len(missing)} image(s) "
-                        f"not found under {root}: {shown}")
+        said = (f"labels CSV {csv_path} names {len(missing)} image(s) not found under {root}: "
+                f"{shown}")
+        if cfg.on_error != "skip" or not chosen:
+            raise UserError(f"{said}; remove their rows, or put the files there")
+        log(f"warning: {said}; left out (data.on_error=skip)")
     if not chosen and cfg.filter_label is not None:
         present = sorted({(r.get(cfg.label_column) or "").strip() for r in rows})
         raise UserError(f"no rows of {csv_path} have {cfg.label_column} == '{cfg.filter_label}' "

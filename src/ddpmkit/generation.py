@@ -502,12 +502,12 @@ def _finish(run: Run, cfg: SampleConfig, spec: SamplingSpec, made: int, log,
     if not made:
         done = f"all {cfg.num} images were already in {out}/individual"
     else:
-        done = (f"wrote {made} images to {out}/individual"
+        done = (f"wrote {made} image{'s' * (made != 1)} to {out}/individual"
                 + (f" ({cfg.num - made} were there)" if made < cfg.num else ""))
     if len(rows) > cfg.num:
-        done += f", which holds {len(rows)}: an earlier run of this job made more"
-    log(f"{done}, {grid_note}, manifest {out}/manifest.csv"
-        + (f", trajectory {out}/trajectory.gif" if cfg.gif else ""))
+        done += f" (it holds {len(rows)}: an earlier run of this job made more)"
+    log("; ".join([done, grid_note, f"manifest {out}/manifest.csv"]
+                  + ([f"trajectory {out}/trajectory.gif"] if cfg.gif else [])))
 
 
 def manifest_columns(rows: list[list]) -> list[str]:

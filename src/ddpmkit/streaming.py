@@ -93,6 +93,7 @@ class FolderImages:
         self.channels = 1 if self.gray else 3
         self.bit_depth = resolved_depth(*self.scales.values())
         self.source = (f"{len(self.files)} images streamed from {root}"
+                       + (f" (labelled by {cfg.labels})" if cfg.labels else "")
                        + (f" ({len(self.skipped)} skipped)" if self.skipped else "")
                        + scales_note(*self.scales.values()))
 

@@ -296,8 +296,8 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
 
 
 def _class_counts(data, cfg: Config) -> dict[str, int] | None:
-    """A class-conditional run's training images per class (None for a streamed dataset)."""
-    if not cfg.model.class_conditional or not isinstance(data, ImageData) or not data.labels:
+    """A class-conditional run's training images per class."""
+    if not cfg.model.class_conditional or not data.labels:
         return None
     counts = Counter(data.labels)
     return {name: counts[name] for name in cfg.data.class_names}
