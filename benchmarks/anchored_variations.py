@@ -52,7 +52,7 @@ def probe(run, rows: np.ndarray, train: torch.Tensor, rare: str, strength: float
     anchors = Anchors(train[rows], strength)
     images = to_uint8(sample_batch(run, range(num), 0, spec, anchors=anchors))
     found = audit(images, train)
-    return {"copy_rate": found.copy_rate, "threshold": found.threshold,
+    return {"copy_rate": found.copy_rate, "threshold": found.calibration.threshold,
             "median_nearest": float(np.median(found.neighbours.d1)),
             "nearest_is_own_anchor": float((found.neighbours.index
                                             == rows[np.arange(num) % len(rows)]).mean())}

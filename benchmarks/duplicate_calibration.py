@@ -61,7 +61,8 @@ def row(probe, train, held, new, rule: bool) -> dict:
     that --share 0.01 promises to keep near 1%."""
     memorization.duplicates = RULE if rule else lambda found: np.zeros(len(found.d1), bool)
     result = memorization.audit(torch.cat([probe, new]), train, held)
-    return {"threshold": round(result.threshold, 5), "set_aside": result.set_aside,
+    return {"threshold": round(result.calibration.threshold, 5),
+            "set_aside": result.calibration.set_aside,
             "probe_flagged": round(float(result.copies[:len(probe)].mean()), 3),
             **({"new_flagged": round(float(result.copies[len(probe):].mean()), 4)}
                if held is None else {})}

@@ -108,7 +108,7 @@ def measure(path: Path, step: int, train_u8, held, extractor, population_stats, 
     return {"step": step, "copy_rate": result.copy_rate, "fd": fd,
             "training_share_copied": copied / len(train_u8),
             "median_distance": float(np.median(result.neighbours.d1)),
-            "threshold": result.threshold, "calibrated_on": result.calibrated_on}
+            "threshold": result.calibration.threshold, "calibrated_on": result.calibration.on}
 
 
 def standalone_plot(rows: list[dict]) -> str:

@@ -53,7 +53,7 @@ def _perturbed(kind: str, images: torch.Tensor) -> torch.Tensor:
 def test_training_images_slightly_perturbed_are_flagged(digits, kind):
     train, held = digits
     result = audit(_perturbed(kind, train[:300]), train, held[:400], share=0.01)
-    assert result.copy_rate >= 0.95 and result.calibrated_on == "held-out"
+    assert result.copy_rate >= 0.95 and result.calibration.on == "held-out"
     assert (result.neighbours.index[result.copies] == np.arange(300)[result.copies]).mean() > 0.95
 
 
@@ -63,7 +63,7 @@ def test_held_out_images_are_flagged_at_no_more_than_the_share(digits):
     result = audit(held[400:], train, held[:400], share=share)  # new images; calibrated on others
     assert result.copy_rate <= share + 3 * (share * (1 - share) / n) ** 0.5
     loo = audit(held[400:], train, None, share=share)  # calibrated on the training set itself
-    assert loo.calibrated_on == "leave-one-out" and loo.copy_rate <= share + 3 * (share / n) ** 0.5
+    assert loo.calibration.on == "leave-one-out" and loo.copy_rate <= share + 3 * (share / n) ** 0.5
 
 
 def test_duplicates_among_the_calibration_images_do_not_blind_the_audit(digits):
@@ -75,17 +75,18 @@ def test_duplicates_among_the_calibration_images_do_not_blind_the_audit(digits):
     clean = audit(copies, train, None)
     twice = torch.cat([train, train[:30]])  # 3% of the training images saved twice
     loo = audit(copies, twice, None)
-    assert loo.set_aside >= 60 and clean.set_aside == 0
-    assert loo.threshold == pytest.approx(clean.threshold, rel=0.1) and loo.copy_rate >= 0.95
+    assert loo.calibration.set_aside >= 60 and clean.calibration.set_aside == 0
+    assert loo.calibration.threshold == pytest.approx(clean.calibration.threshold, rel=0.1)
+    assert loo.copy_rate >= 0.95
     held_clean = audit(copies, train, held[:400])
     leaky = audit(copies, train, torch.cat([held[:400], _jpeg(train[:12], quality=95)]))
-    assert leaky.set_aside >= 12 and held_clean.set_aside == 0
-    assert leaky.threshold == pytest.approx(held_clean.threshold, rel=0.1)
+    assert leaky.calibration.set_aside >= 12 and held_clean.calibration.set_aside == 0
+    assert leaky.calibration.threshold == pytest.approx(held_clean.calibration.threshold, rel=0.1)
     assert leaky.copy_rate >= 0.95
     # duplicates the majority: still set aside (the scale is the distance to the k-th nearest
     # training image, which a duplicate leaves as it is)
     mostly = audit(copies, train, torch.cat([held[:40], _jpeg(train[:60], quality=95)]))
-    assert mostly.set_aside >= 60 and mostly.copy_rate >= 0.95
+    assert mostly.calibration.set_aside >= 60 and mostly.copy_rate >= 0.95
     with pytest.raises(UserError, match="after setting aside 30 held-out images that are a "
                                         "training image over again, 10 are left"):
         audit(copies, train, torch.cat([held[:10], _jpeg(train[:30], quality=95)]))
@@ -309,6 +310,20 @@ def test_bad_inputs_get_one_clear_line(run, tmp_path, capsys, case):
     assert len(err) == 1 and says in err[0], err
 
 
+def test_every_user_of_a_threshold_is_told_when_its_share_is_finer_than_its_images(digits):
+    """audit, --drop-copies and train.audit_every calibrate alike, so all three say it."""
+    from ddpmkit.metrics.memorization import CopyFilter
+
+    train, _ = digits
+    said = []
+    CopyFilter.calibrated(train[:24]).calibration.warn("--drop-copies", said.append)
+    assert len(said) == 1 and said[0].startswith("--drop-copies: warning: a share of 0.01 of 24")
+    assert "about 1/25 (4.0%) of new real images would be flagged" in said[0]
+    said.clear()
+    CopyFilter.calibrated(train[:200], share=0.01).calibration.warn("audit", said.append)
+    assert said == []
+
+
 def test_drop_overlap_leaves_training_images_out_of_the_holdout(run, tmp_path, capsys):
     digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
     gen, held = _pngs(tmp_path / "gen", digits8[:30]), tmp_path / "held"
@@ -321,7 +336,7 @@ def test_drop_overlap_leaves_training_images_out_of_the_holdout(run, tmp_path, c
     said = capsys.readouterr().out
     assert "holdout: left out 40 of 70 images that are training images" in said
     # 30 calibration images cannot resolve a 1% quantile: the rate it gives instead is said
-    assert "--share 0.01 of 30 calibration images is less than one: " in said
+    assert "a share of 0.01 of 30 calibration images is less than one: " in said
     assert "about 1/31 (3.2%) of new real images would be flagged, not 1.0%" in said
     saved = json.loads((gen / "audit.json").read_text())
     assert saved["calibrated_on"] == "held-out" and sum(saved["distances"]["reference"]) == 30
@@ -335,7 +350,7 @@ def test_drop_copies_draws_flagged_images_again_with_seeds_the_manifest_records(
 
     from ddpmkit.config import SampleConfig
     from ddpmkit.generation import generate
-    from ddpmkit.metrics.memorization import CopyFilter
+    from ddpmkit.metrics.memorization import Calibration, CopyFilter
     from ddpmkit.run import RunDir, load_run
 
     loaded, train_images = load_run(run), RunDir(run).training_images(log=lambda *_: None)
@@ -344,12 +359,13 @@ def test_drop_copies_draws_flagged_images_again_with_seeds_the_manifest_records(
              progress=False)
     files = [first / "individual" / f"{i:06d}.png" for i in range(40)]
     plain = torch.stack([torch.from_numpy(np.array(Image.open(f))) for f in files])[:, None]
-    d1 = CopyFilter(train_images, 1.0, "test").distances(plain)
+    d1 = CopyFilter(train_images, Calibration(1.0, "test", np.ones(0), 0)).distances(plain)
     limit = float(np.median(d1))  # half the images count as "copies" under this threshold
     said = []
     out = tmp_path / "dropped"
+    flag_half = CopyFilter(train_images, Calibration(limit, "test", np.ones(0), 0), redraws=10)
     generate(loaded, SampleConfig(out_dir=str(out), num=40, steps=3), log=said.append,
-             progress=False, copies=CopyFilter(train_images, limit, "test", redraws=10))
+             progress=False, copies=flag_half)
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     assert list(rows[0])[-1] == "nearest" and len(rows) == 40
     redrawn = [r for r in rows if r["seed"] != "0"]
@@ -555,11 +571,12 @@ def test_exact_copies_are_copies_whatever_the_rounding_and_few_images_are_refuse
 
 def test_the_summary_counts_copies_per_class_and_the_most_copied_training_images():
     from ddpmkit.audit import summarise
-    from ddpmkit.metrics.memorization import Audit, Neighbours
+    from ddpmkit.metrics.memorization import Audit, Calibration, Neighbours
 
     index = np.array([4, 4, 7, 1, 2, 3])  # generated images 0-2 copy training images 4, 4 and 7
     d1 = np.array([0.0, 0.001, 0.002, 0.5, 0.6, 0.7])
-    result = Audit(Neighbours(index, d1, np.ones(6)), 0.01, d1 < 0.01, "held-out", np.ones(10), 0)
+    result = Audit(Neighbours(index, d1, np.ones(6)), Calibration(0.01, "held-out", np.ones(10), 0),
+                   d1 < 0.01)
     summary = summarise(result, ["a", "a", "b", "b", "b", ""], train_count=10)
     assert summary["per_class"] == {"(none)": {"generated": 1, "copy_rate": 0.0},
                                     "a": {"generated": 2, "copy_rate": 1.0},

@@ -24,8 +24,8 @@ from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
-from .metrics.memorization import (Audit, audit, nearest, nearest_features, seen_views,
-                                   set_aside_warning)
+from .metrics.memorization import (Audit, Calibration, audit, nearest, nearest_features,
+                                   seen_views)
 from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
                       refuse_being_written, write_about_images)
 from .report import CSS, data_uri, svg_plot
@@ -122,14 +122,7 @@ def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = Non
     held = as_sampled(run.holdout_images(holdout, drop_overlap, log), gen_size)
     views = seen_views(cfg)
     result = audit(gen_images, train, held, share, partial(nearest, views=views))
-    if result.set_aside:
-        log(f"audit: {set_aside_warning(result.calibrated_on, result.set_aside)}")
-    calibrated = len(result.reference_d1)
-    if share * calibrated < 1:
-        log(f"audit: warning: --share {share:g} of {calibrated} calibration images is less than "
-            f"one: the threshold is their smallest distance, so about 1/{calibrated + 1} "
-            f"({1 / (calibrated + 1):.1%}) of new real images would be flagged, not {share:.1%}; "
-            f"give more held-out images (--holdout) or a larger --share")
+    result.calibration.warn("audit", log)
     summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
                "run": str(run.path.resolve()),
                "holdout": holdout if holdout is None or "=" in holdout
@@ -146,7 +139,7 @@ def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = Non
                        "ddpmkit audit")
     log(f"{summary['copies']} of {summary['generated']} generated images "
         f"({summary['copy_rate']:.1%}) are near-copies of training images (threshold "
-        f"{result.threshold:.4f}, calibrated on {result.calibrated_on} images"
+        f"{result.calibration.threshold:.4f}, calibrated on {result.calibration.on} images"
         f"{'; training images also searched ' + '/'.join(views) if views else ''})"
         f"{_in_features(summary)}; wrote {gen}/audit.json and {gen}/audit.html")
     return summary
@@ -186,9 +179,7 @@ def add_feature_view(summary: dict, extractor: fx.Extractor, sets: tuple, in_pix
     found = audit(torch.from_numpy(extractor(gen)[0]), _real_features(extractor, train, log),
                   None if held is None else _real_features(extractor, held, log),
                   summary["share"], search=nearest_features)
-    summary["features"] = {"extractor": extractor.name, "threshold": found.threshold,
-                           "calibrated_on": found.calibrated_on,
-                           "duplicates_set_aside": found.set_aside,
+    summary["features"] = {"extractor": extractor.name, **_calibration(found.calibration),
                            "copies": int(found.copies.sum()), "copy_rate": found.copy_rate,
                            "copies_in_both": int((found.copies & in_pixels.copies).sum()),
                            "same_nearest_image": float((found.neighbours.index
@@ -209,21 +200,26 @@ def summarise(result: Audit, labels: list[str], train_count: int) -> dict:
         rows = np.array([lab == label for lab in labels])
         per_class[label or "(none)"] = {"generated": int(rows.sum()),
                                         "copy_rate": float(result.copies[rows].mean())}
-    top = max(float(n.d1.max()), float(result.reference_d1.max()), 1e-6)
+    reference = result.calibration.reference_d1
+    top = max(float(n.d1.max()), float(reference.max()), 1e-6)
     bins = np.linspace(0, top, 31)
     nearest = [{"generated": i, "training_image": int(j), "distance": float(d), "ratio": float(r),
                 "copy": bool(c)} for i, (j, d, r, c) in enumerate(zip(n.index, n.d1, n.ratio,
                                                                       result.copies))]
     return {"generated": len(labels), "copies": int(result.copies.sum()),
-            "copy_rate": result.copy_rate, "threshold": result.threshold,
-            "calibrated_on": result.calibrated_on, "duplicates_set_aside": result.set_aside,
+            "copy_rate": result.copy_rate, **_calibration(result.calibration),
             "per_class": per_class,
             "training_images_copied": len(copied),
             "training_share_copied": len(copied) / train_count,
             "most_copied": [{"training_image": i, "times": k} for i, k in copied.most_common(10)],
             "distances": {"bins": bins.tolist(), "generated": np.histogram(n.d1, bins)[0].tolist(),
-                          "reference": np.histogram(result.reference_d1, bins)[0].tolist()},
+                          "reference": np.histogram(reference, bins)[0].tolist()},
             "nearest": nearest}
+
+
+def _calibration(cal: Calibration) -> dict:
+    return {"threshold": cal.threshold, "calibrated_on": cal.on,
+            "duplicates_set_aside": cal.set_aside}
 
 
 def _name_images(summary: dict, generated: list[str], training: list[str]) -> None:

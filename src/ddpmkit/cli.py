@@ -459,7 +459,7 @@ def _loaded(run_path: str, overrides: dict, doing: str, world=None):
 
 def _copy_filter(ns: argparse.Namespace, log):
     """--drop-copies' filter: the run's training images and a threshold calibrated for them."""
-    from .metrics.memorization import CopyFilter, seen_views, set_aside_warning
+    from .metrics.memorization import CopyFilter, seen_views
     from .run import RunDir
 
     if not ns.drop_copies:
@@ -477,8 +477,7 @@ def _copy_filter(ns: argparse.Namespace, log):
     held = run.holdout_images(ns.holdout, ns.drop_overlap, log)
     copies = CopyFilter.calibrated(run.training_images(log), held, redraws=redraws,
                                    views=seen_views(run.config()))
-    if copies.set_aside:
-        log(f"--drop-copies: {set_aside_warning(copies.calibrated_on, copies.set_aside)}")
+    copies.calibration.warn("--drop-copies", log)
     return copies
 
 

@@ -912,4 +912,4 @@ def copy_rate(synthetic: Pool, runs: list[Path], threshold: float | None = None)
                 f"{threshold:.4f}, the one --drop-copies used)")
     found = audit(synthetic.images, train, search=search)
     return (f"{found.copy_rate:.1%} ({int(found.copies.sum())} of {len(found.copies)}; threshold "
-            f"{found.threshold:.4f}, calibrated {found.calibrated_on})")
+            f"{found.calibration.threshold:.4f}, calibrated {found.calibration.on})")

@@ -376,7 +376,8 @@ def generate(run: Run, cfg: SampleConfig, *, log=print, fresh: bool = False, wor
     refuse_runs_data(out, run.path, run.config.data.path)
     identity = _job_identity(run, cfg, spec)
     if copies:
-        identity["drop_copies"] = {"threshold": copies.threshold, "redraws": copies.redraws}
+        identity["drop_copies"] = {"threshold": copies.calibration.threshold,
+                                   "redraws": copies.redraws}
     if anchors:
         identity["from_real"] = anchors.identity
     folder = (OutputFolder(out, SAMPLE, identity, fresh, force) if world.is_main
@@ -402,10 +403,11 @@ def copy_summary(out: Path, num: int, seed: int, copies: CopyFilter) -> dict:
     """What --drop-copies did to a job's `num` images: how many were drawn again (their seed is
     not the job's) and how many are still near-copies."""
     rows = [row for k, row in finished_rows(out).items() if k < num]
-    left = int(is_copy(np.array([float(r[-1]) for r in rows if r[-1]]), copies.threshold).sum())
+    cal = copies.calibration
+    left = int(is_copy(np.array([float(r[-1]) for r in rows if r[-1]]), cal.threshold).sum())
     return {"images": len(rows), "redrawn": sum(r[2] != str(seed) for r in rows),
-            "copies_left": left, "threshold": copies.threshold,
-            "calibrated_on": copies.calibrated_on, "duplicates_set_aside": copies.set_aside,
+            "copies_left": left, "threshold": cal.threshold,
+            "calibrated_on": cal.on, "duplicates_set_aside": cal.set_aside,
             "max_redraws": copies.redraws}
 
 
@@ -434,7 +436,7 @@ def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype
         return x, seeds, [""] * len(indices)
     d1 = copies.distances(to_uint8(x))
     for attempt in range(1, copies.redraws + 1):
-        again = np.flatnonzero(is_copy(d1, copies.threshold))
+        again = np.flatnonzero(is_copy(d1, copies.calibration.threshold))
         if not len(again):
             break
         redrawn = sample_batch(run, [indices[i] for i in again], mix_seed(seed, attempt), spec,

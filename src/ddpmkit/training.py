@@ -35,7 +35,7 @@ from .generation import SamplingSpec, sample, sample_batch
 from .limits import check_memory
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
-from .metrics.memorization import CopyFilter, is_copy, seen_views, set_aside_warning
+from .metrics.memorization import CopyFilter, is_copy, seen_views
 from .outputs import refuse_shared
 from .pretrained import load_pretrained
 from .report import write_report
@@ -585,10 +585,10 @@ def _audit(job: Job, state: TrainState) -> None:
     if job.world.is_main:
         copies = job.copies
         d1 = copies.distances(_fixed_samples(job, state, job.cfg.train.audit_num))
-        flagged = is_copy(d1, copies.threshold)
+        flagged = is_copy(d1, copies.calibration.threshold)
         job.run.append_stats({"step": state.step, "audit": {
             "generated": len(d1), "copy_rate": float(flagged.mean()),
-            "median_distance": float(np.median(d1)), "threshold": copies.threshold}})
+            "median_distance": float(np.median(d1)), "threshold": copies.calibration.threshold}})
     barrier()
 
 
@@ -657,10 +657,9 @@ def _check_monitors(prep: Prepared) -> None:
 
 def _copy_filter(prep: Prepared, log) -> CopyFilter:
     copies = CopyFilter.calibrated(prep.data.images, views=seen_views(prep.cfg))
-    log(f"train.audit_every: near-copy threshold {copies.threshold:.4f} (leave-one-out distances "
-        f"of the training images)")
-    if copies.set_aside:
-        log(f"train.audit_every: {set_aside_warning(copies.calibrated_on, copies.set_aside)}")
+    log(f"train.audit_every: near-copy threshold {copies.calibration.threshold:.4f} (leave-one-out "
+        f"distances of the training images)")
+    copies.calibration.warn("train.audit_every", log)
     return copies
 
 

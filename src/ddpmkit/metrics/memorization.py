@@ -188,6 +188,27 @@ class Calibration:
     on: str  # "held-out" or "leave-one-out"
     reference_d1: np.ndarray  # the distances the threshold is the quantile of
     set_aside: int  # reference images that were duplicates of a training image
+    share: float = 0.01  # of new real images the threshold would flag
+
+    def warn(self, prefix: str, log) -> None:
+        """Tell the user what to know of the threshold: calibration images set aside as duplicates,
+        and a share finer than the calibration images can resolve."""
+        n = len(self.reference_d1)
+        if self.share * n < 1:
+            log(f"{prefix}: warning: a share of {self.share:g} of {n} calibration images is less "
+                f"than one: the threshold is their smallest distance, so about 1/{n + 1} "
+                f"({1 / (n + 1):.1%}) of new real images would be flagged, not {self.share:.1%}; "
+                f"give more held-out images (--holdout) or a larger --share")
+        if not self.set_aside:
+            return
+        if self.on == "held-out":
+            log(f"{prefix}: warning: {self.set_aside} held-out image(s) are a training image over "
+                f"again (re-encoded or resized?): set aside from the copy threshold's "
+                f"calibration; hold out only images the run never trained on")
+        else:
+            log(f"{prefix}: warning: {self.set_aside} training image(s) are another one over "
+                f"again (an image saved twice?): set aside from the copy threshold's "
+                f"calibration; check the data for repeated images")
 
 
 def duplicates(found: Neighbours) -> np.ndarray:
@@ -196,19 +217,6 @@ def duplicates(found: Neighbours) -> np.ndarray:
     (the median dk)."""
     near = (found.ratio < DUPLICATE_RATIO) & (found.d1 < DUPLICATE_SCALE * np.median(found.dk))
     return near | (found.d1 <= EXACT)
-
-
-def set_aside_warning(calibrated_on: str, count: int) -> str:
-    """What a user is told when `count` calibration images were duplicates ('' if none)."""
-    if not count:
-        return ""
-    if calibrated_on == "held-out":
-        return (f"warning: {count} held-out image(s) are a training image over again (re-encoded "
-                f"or resized?): set aside from the copy threshold's calibration; hold out only "
-                f"images the run never trained on")
-    return (f"warning: {count} training image(s) are another one over again (an image saved "
-            f"twice?): set aside from the copy threshold's calibration; check the data for "
-            f"repeated images")
 
 
 def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 0.01,
@@ -234,17 +242,14 @@ def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 
                         f"images that are a training image over again, {len(new)} are left to "
                         f"calibrate the copy threshold on (at least {REFERENCE_MIN}): give more "
                         f"held-out real images the run never trained on (--holdout)")
-    return Calibration(threshold(new, share), on, new, int(aside.sum()))
+    return Calibration(threshold(new, share), on, new, int(aside.sum()), share)
 
 
 @dataclass
 class Audit:
     neighbours: Neighbours  # of each generated image among the training images
-    threshold: float
+    calibration: Calibration
     copies: np.ndarray  # bool per generated image: closer than the threshold
-    calibrated_on: str  # "held-out" or "leave-one-out"
-    reference_d1: np.ndarray  # the distances the threshold was calibrated on
-    set_aside: int  # reference images that duplicated a training image
 
     @property
     def copy_rate(self) -> float:
@@ -258,8 +263,7 @@ def audit(gen: torch.Tensor, train: torch.Tensor, holdout: torch.Tensor | None =
     uint8 pixels for `nearest`, feature vectors for `nearest_features`."""
     cal = calibrate(train, holdout, share, search)
     found = search(gen, train)
-    return Audit(found, cal.threshold, is_copy(found.d1, cal.threshold), cal.on, cal.reference_d1,
-                 cal.set_aside)
+    return Audit(found, cal, is_copy(found.d1, cal.threshold))
 
 
 def is_copy(d1: np.ndarray, limit: float) -> np.ndarray:
@@ -274,18 +278,16 @@ class CopyFilter:
     """What `--drop-copies` needs: the training images and a calibrated threshold. A generated
     image closer than it is drawn again with new noise, at most `redraws` times."""
     train: torch.Tensor
-    threshold: float
-    calibrated_on: str
+    calibration: Calibration
     redraws: int = 10
     views: tuple[str, ...] = ()  # seen_views of the run
-    set_aside: int = 0  # calibration images that duplicated a training image
 
     @classmethod
     def calibrated(cls, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
                    share: float = 0.01, redraws: int = 10,
                    views: tuple[str, ...] = ()) -> CopyFilter:
         cal = calibrate(train_u8, holdout_u8, share, partial(nearest, views=views))
-        return cls(train_u8, cal.threshold, cal.on, redraws, views, cal.set_aside)
+        return cls(train_u8, cal, redraws, views)
 
     def distances(self, images_u8: torch.Tensor) -> np.ndarray:
         return nearest(images_u8, self.train, k=1, views=self.views).d1
