@@ -49,6 +49,9 @@ def test_plan_proportions_keep_every_real_image():
     assert final == {"a": 30, "b": 15, "c": 15} and min(need.values()) >= 0
     with pytest.raises(UserError, match="sum to 1"):
         plan(counts, proportions={"normal": 0.5, "pneumonia": 0.2})
+    # thirds as people write them: taken as equal shares
+    assert plan({"a": 30, "b": 10, "c": 3}, proportions={"a": 0.333, "b": 0.333, "c": 0.333}) == {
+        "a": 0, "b": 20, "c": 27}
     with pytest.raises(UserError, match="never removes"):
         plan(counts, proportions={"normal": 1.0})
     assert parse_proportions("benign=0.5, malignant=0.5") == {"benign": 0.5, "malignant": 0.5}
@@ -256,6 +259,8 @@ def test_class_names_typed_decomposed_name_the_composed_class():
     decomposed, composed = "n\u0303andu\u0301", "\u00f1and\u00fa"
     counts = {"cat": 10, composed: 2}
     assert plan(counts, target=10, class_labels=[decomposed]) == {"cat": 0, composed: 8}
+    # spaces around a name, which reading the labels strips
+    assert plan(counts, target=10, class_labels=[" cat "]) == {"cat": 0, composed: 0}
     assert parse_proportions(f"cat=0.5,{decomposed}=0.5") == {"cat": 0.5, composed: 0.5}
 
 
@@ -295,6 +300,18 @@ def test_balance_counts_the_images_the_run_trained_on_not_new_ones(tmp_path, cap
     assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data has changed since it trained (3 image(s)" in err[0], err
+
+
+def test_balance_refuses_labels_changed_since_training(tmp_path, capsys):
+    """The same images under other labels: digests cannot tell, the recorded class counts can."""
+    run = _class_run(tmp_path, {"cat": 4, "dog": 2}, "--quiet")
+    moved = sorted((tmp_path / "data" / "cat").iterdir())[0]
+    moved.rename(tmp_path / "data" / "dog" / moved.name)
+    assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "now gives 3 image(s) of cat, and" in err[0], err
+    assert "trained on 4: its labels changed since training" in err[0]
+    assert not (tmp_path / "b").exists()
 
 
 def _generated(out: Path, label: str) -> list[dict]:

@@ -190,3 +190,6 @@ def test_config_files_that_are_not_one_are_named(tmp_path):
 def test_a_class_named_twice_is_refused_in_any_unicode_form():
     with pytest.raises(UserError, match="config key data.class_names: 'caf\u00e9' is named twice"):
         load_config(None, {"data.class_names": ["caf\u00e9", "a", "cafe\u0301"]})
+    # spaces around a name are not part of it, as when labels are read from a CSV
+    cfg = load_config(None, {"sample.class_label": " Off ", "model.class_conditional": True})
+    assert cfg.sample.class_label == "Off"

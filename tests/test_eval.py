@@ -22,6 +22,9 @@ def _made_by(gen, run):
 
     (gen / RECORD).write_text(json.dumps({"format": FORMAT, "kind": "sample",
                                           "job": {"run": str(run.resolve())}}))
+    images = sorted(p.relative_to(gen).as_posix() for p in gen.glob("individual/*.png"))
+    if not (gen / "manifest.csv").exists():  # a finished job has one
+        (gen / "manifest.csv").write_text("".join(f"{f}\n" for f in ["file", *images]))
 
 
 @pytest.fixture(autouse=True)
@@ -223,10 +226,18 @@ def test_reading_generated_images_never_takes_the_grids(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         read_generated(tmp_path / "empty")
+    # a folder named grids above the folder does not hide it
+    below = write_pngs(tmp_path / "grids" / "mine", torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    assert read_generated(below)[0].shape == (2, 1, 8, 8)
     # images of two sizes are not cropped to one: eval refuses them as audit does
     Image.new("L", (8, 16)).save(folder / "individual" / "wide.png")
     with pytest.raises(UserError, match="holds images of 2 sizes"):
         read_generated(folder)
+    # a ddpmkit job's folder without its manifest is a job that did not finish
+    _made_by(below, tmp_path)
+    (below / "manifest.csv").unlink()
+    with pytest.raises(UserError, match="holds a ddpmkit job that did not finish .* rerun"):
+        read_generated(below)
 
 
 def test_references_are_read_at_the_generated_resolution(tmp_path):

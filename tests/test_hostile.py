@@ -1007,3 +1007,20 @@ def test_a_restoration_is_checked_against_memory_before_its_folder_is_claimed(
     monkeypatch.setattr(ddpmkit.restoration, "sampling_bytes", lambda *_: 1_000_000_000)
     assert cli("denoise", run_dir, small, "--sigma", 0.1, "--out", tmp_path / "b",
                "--quiet") == 0
+
+
+def test_training_with_activation_checkpointing_still_counts_the_optimizer_state(monkeypatch):
+    """Checkpointing leaves activations out of the estimate, not the gradients, AdamW's moments
+    and the EMA: memory for the weights alone is not enough to train."""
+    import ddpmkit.limits
+    from ddpmkit.config import ModelConfig
+    from ddpmkit.unet import BYTES_PER_PARAMETER, check_fits, count_parameters, measure
+
+    cfg = ModelConfig(in_channels=1,
+                      **{k.split(".")[1]: v for k, v in TINY.items() if k.startswith("model.")})
+    params = count_parameters(measure(cfg, 8)[0])
+    monkeypatch.setattr(ddpmkit.limits, "available_memory",
+                        lambda: params * BYTES_PER_PARAMETER // 2)
+    check_fits(cfg, 8, torch.device("cpu"))  # sampling: the weights fit
+    with pytest.raises(UserError, match=f"the UNet \\({params:,} parameters\\) needs"):
+        check_fits(cfg, 8, torch.device("cpu"), batch=0)

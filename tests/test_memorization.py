@@ -501,6 +501,8 @@ def test_a_holdout_is_read_at_the_runs_size_and_the_data_folder_is_no_generated_
     from ddpmkit.run import RunDir
     for where in (f"data.path={other} data.split=val", f"data.path='{other}'  data.split=val"):
         assert len(RunDir(run).other_data(where)) == 25
+    named = _pngs(tmp_path / "held=2", digits8[60:63])  # a folder whose name holds "="
+    assert len(RunDir(run).other_data(str(named))) == 3
     assert main(["audit", str(data), "--ref", str(run)]) == 2
     assert "holds " in capsys.readouterr().err and not (data / "audit.json").exists()
     # a holdout that is not there names the flag; a run whose data moved says where it was

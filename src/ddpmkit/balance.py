@@ -57,7 +57,7 @@ def plan(counts: dict[str, int], target: int | None = None, class_labels: Sequen
     if proportions is not None and (target is not None or class_labels):
         raise UserError("--proportions sets every class's share; "
                         "--target and --class set the named classes' counts: use one")
-    class_labels = [class_name(name) for name in class_labels]
+    class_labels = [class_name(name).strip() for name in class_labels]
     if target is not None or class_labels:
         if target is None or not class_labels:
             raise UserError("--target and --class go together: the final count of each class "
@@ -75,9 +75,11 @@ def plan(counts: dict[str, int], target: int | None = None, class_labels: Sequen
             raise UserError(f"--proportions names {', '.join(unknown)}: "
                             f"not a class of the data ({', '.join(counts)})")
         shares = {c: proportions.get(c, 0.0) for c in counts}
-        if any(p < 0 for p in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-6:
+        # shares rounded as people write them (thirds as 0.333) are taken as meant
+        if any(p < 0 for p in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-3:
             raise UserError(f"--proportions must be non-negative and sum to 1, "
                             f"got {sum(shares.values()):g}")
+        shares = {c: p / sum(shares.values()) for c, p in shares.items()}
         stuck = [c for c, p in shares.items() if p == 0 and counts[c] > 0]
         if stuck:
             raise UserError(f"--proportions gives {stuck[0]} no share but it has "
@@ -182,6 +184,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                         f"learned; train again on the data as it is now")
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
+    _refuse_relabelled(recorded, counts, run.config.data)
     need = plan(counts, target, class_labels, proportions)
     for c in [c for c in need if need[c] > MAX_IMAGES_PER_JOB]:  # before any class is generated
         raise UserError(f"balance would generate {need[c]:,} {c} images, more than ddpmkit's "
@@ -231,6 +234,19 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     log(f"balance: wrote {out}/manifest.csv ({len(rows)} images, "
         f"{len(rows) - len(data.labels)} generated)")
     return need
+
+
+def _refuse_relabelled(recorded: RunDir, counts: dict[str, int], data_cfg) -> None:
+    """Images counted under other labels than training counted them (a labels CSV edited since):
+    the plan would top up classes as the generator never learned them."""
+    trained = recorded.meta().get("class_counts")
+    changed = [c for c in counts if isinstance(trained, dict) and trained.get(c) != counts[c]]
+    if changed:
+        c = changed[0]
+        raise UserError(f"{data_cfg.labels or data_cfg.path} now gives {counts[c]} image(s) of "
+                        f"{c}, and {recorded.path} trained on {trained.get(c)}: its labels "
+                        f"changed since training; restore them, or train again on the data as "
+                        f"it is now")
 
 
 def _anchors(data, need: dict[str, int], strength: float | None) -> dict[str, Anchors | None]:

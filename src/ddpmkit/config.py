@@ -287,8 +287,9 @@ def _section_from_dict(name: str, values: dict) -> Any:
                             f"{', '.join(sorted(fields))})")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
         if f"{name}.{key}" in _CLASS_NAME_KEYS and kwargs[key] is not None:
-            kwargs[key] = (class_name(kwargs[key]) if isinstance(kwargs[key], str)
-                           else [class_name(v) for v in kwargs[key]])
+            # stripped, as labels are read
+            kwargs[key] = (class_name(kwargs[key]).strip() if isinstance(kwargs[key], str)
+                           else [class_name(v).strip() for v in kwargs[key]])
             twice = [v for v in set(kwargs[key]) if kwargs[key].count(v) > 1] if isinstance(
                 kwargs[key], list) else []
             if twice:  # --class NAME would choose one of them

@@ -199,7 +199,7 @@ class RunDir:
         a folder or file, or data.key=value words changing the run's own data (data.split=val;
         'data.path=other.npz data.split=val')."""
         values = self.data_values()
-        if "=" in where:
+        if "=" in where and not Path(where).exists():  # a folder may be named a=b
             for word in _DATA_WORD.split(where.strip()):
                 key, value = parse_override(word)
                 if key in READ_AS_TRAINED and value != values[key]:

@@ -291,13 +291,15 @@ def sampling_bytes(cfg: ModelConfig, image_size: int) -> int:
     return sum(skips) + 6 * max(outputs)
 
 
-def check_fits(cfg: ModelConfig, image_size: int, device: torch.device, batch: int = 0) -> None:
-    """Refuse a network (and, training, `batch` images of activations) that `device` cannot hold,
-    before anything is built: a config's widths can ask for terabytes."""
+def check_fits(cfg: ModelConfig, image_size: int, device: torch.device,
+               batch: int | None = None) -> None:
+    """Refuse a network (and, training, its optimizer state and `batch` images of activations;
+    None: not training) that `device` cannot hold, before anything is built: a config's widths can
+    ask for terabytes."""
     net, per_image, _ = measure(cfg, image_size)
     params = count_parameters(net)
-    weights = params * (BYTES_PER_PARAMETER if batch else 4)
-    need = weights + batch * per_image
+    weights = params * (4 if batch is None else BYTES_PER_PARAMETER)
+    need = weights + (batch or 0) * per_image
     what = (f"the UNet ({params:,} parameters"
             + (f", activations of {batch} images)" if batch else ")"))
     fix = "use a smaller model (model.base_channels, model.channel_mult)" + (
