@@ -1,5 +1,5 @@
 # Two commands for a fresh machine with Python 3.10+:
-#   make demo   installs into .venv, trains on the bundled digits (8-11 min on 2 CPU cores), samples
+#   make demo   installs into .venv, trains on the bundled digits (minutes on a CPU), samples
 #   make test   installs into .venv (with test extras), lints (ruff) and runs the test suite
 # TORCH is what pip installs for PyTorch (its arguments, so an index may be named): torch==2.13.0 by
 # default, which is a small CPU build only where the package index serves one (on PyPI, Linux gets

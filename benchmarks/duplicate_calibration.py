@@ -7,7 +7,7 @@ For each set (the bundled digits at 16x16; PneumoniaMNIST's normal training X-ra
 ../shared/data holds them), the training images are split in two: `train` and `held` (held out).
 The probe: 300 training images re-saved as JPEG (quality 75), each a copy the audit should flag.
 Calibrations, each measured with the rule (`duplicates` set aside, as `calibrate` does) and
-without it (nothing set aside, as before the rule):
+without it (nothing set aside):
   - clean: leave-one-out on `train`, and on `held`;
   - train_twice: leave-one-out on `train` with 3% of its images saved a second time;
   - held_resaved: `held` plus JPEG (quality 95) re-saves of 3% as many training images.

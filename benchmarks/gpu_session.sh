@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 4 and 8 still owe (benchmarks/RESULTS.md), as one device-tool call of
-# about 8 minutes on an H100, so a session lent a GPU spends its few minutes measuring, not writing.
+# The GPU measurements of benchmarks/RESULTS.md, as one script: run it on a GPU machine with the
+# checkout and a diffusers wheel in .gpu/whl (git-ignored):
 #
-# Here, first:   pip download --no-deps diffusers -d .gpu/whl     (.gpu/ is git-ignored)
-# Device tool:   run(command="bash benchmarks/gpu_session.sh", carry=[".gpu"], timeout_s=600)
+#   pip download --no-deps diffusers -d .gpu/whl      # on a machine with network
+#   bash benchmarks/gpu_session.sh
 #
 # Each measurement writes NAME.json (the script's JSON) and NAME.err into $OUT; one that fails or
 # runs past its limit does not stop the others. What they answer:
 #   train_nchw / train_cl  training img/s, ddpmkit against diffusers, both bf16 autocast, NCHW (both
 #                          networks) and channels_last (64x64): which layout train.channels_last
-#                          should default to, now that ddpmkit's GroupNorms stay in bf16 under
-#                          autocast (unet.GroupNorm)
+#                          should default to, with ddpmkit's GroupNorms in bf16 under autocast
+#                          (unet.GroupNorm)
 #   sample_job             the seed's 5,900-image 64x64 job, eager, both with bf16 weights
 #                          (diffusers in channels_last, as its docs advise): never timed end to
 #                          end eager

@@ -52,7 +52,7 @@ ARMS["both"] = {**ARMS["augmented"], **ARMS["dropout"]}
 ARMS["shift"] = {"train.augment": ["translate"], "train.augment_p": 0.5}
 ARMS["dihedral"] = {"train.augment": ["hflip", "vflip", "rot90", "translate"],
                     "train.augment_p": 0.5}
-# Less capacity than the default UNet (918,017 parameters): 16 channels, then 8 with one block.
+# Less capacity than the default UNet: 16 channels, then 8 with one block.
 ARMS["narrow"] = {"model.base_channels": 16, "model.norm_groups": 16}
 ARMS["tiny"] = {"model.base_channels": 8, "model.norm_groups": 8, "model.num_res_blocks": 1}
 QUIET = lambda *_: None  # noqa: E731

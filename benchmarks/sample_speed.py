@@ -1,6 +1,6 @@
 """Sampling speed, ddpmkit against diffusers, side by side in one run. Prints JSON.
 
-Both sample the DDPM CIFAR-10 architecture (35.7M parameters, random weights) with DDIM (eta 0)
+Both sample the DDPM CIFAR-10 architecture (random weights) with DDIM (eta 0)
 for the same number of steps and batch: diffusers as `UNet2DModel` + `DDIMScheduler` in its own
 loop, ddpmkit through `sample_batch` (per-image seeded noise included). Median of --repeats runs,
 alternating the two so drift on the machine hits both.
@@ -17,9 +17,8 @@ its eager GroupNorms run faster in (RESULTS.md).
         # both compiled, with CUDA graphs
 
 --job reproduces the skin-lesion seed's job on a GPU: 5,900 images at 64x64 with 50 DDIM steps
-from a 101.1M-parameter UNet (base 128, mult 1,2,4,4, attention at 16), timed once for each. (Until
-2026-11-23 this network had mult 1,2,3,4 and 83.0M parameters; RESULTS says which one each figure
-used.)
+from a UNet of base 128, mult 1,2,4,4 and attention at 16, timed once for each (RESULTS says
+which network each figure used).
 """
 
 from __future__ import annotations

@@ -229,3 +229,33 @@ def test_eval_ref_takes_several_words_as_the_readme_writes_them():
         "data.path=/d", "data.split=test"]
     assert parse(["eval", "gen", "--ref", "data.path=/d", "--ref", "data.split=test"]).ref == [
         "data.path=/d", "data.split=test"]
+
+
+def test_the_readmes_flag_table_is_the_flags_keys():
+    """Each flag the table gives a config key is the flag that sets it, and every such flag is
+    in the table."""
+    import re
+    from pathlib import Path
+
+    from ddpmkit.cli import ALIASES, SAMPLE_FLAGS, TRAIN_FLAGS
+
+    def flags(table: dict) -> dict:
+        out = {}
+        for name, key in table.items():
+            for flag in ["--" + name.replace("_", "-"), *ALIASES.get(name, [])]:
+                out[flag] = key
+        return out
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| `train` flag | key |")[1].split("\n\n")[0]
+    told = {"train": {}, "sample": {}}
+    for row in table.strip().splitlines()[1:]:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        for side, (flag_cell, key_cell) in zip(told, (cells[:2], cells[2:])):
+            names, keys = re.findall(r"`(-[^`]+)`", flag_cell), re.findall(r"`(\w+\.\w+)`",
+                                                                           key_cell)
+            if len(names) == len(keys):
+                told[side].update(zip(names, keys))
+    for side, table in (("train", flags(TRAIN_FLAGS)), ("sample", flags(SAMPLE_FLAGS))):
+        assert told[side] == {f: table[f] for f in told[side]}
+        assert set(table.values()) <= set(told[side].values()), side

@@ -303,7 +303,7 @@ def test_gif_of_a_folder_that_is_not_a_training_run_says_so(run_dir, tmp_path, c
     assert not (images / "learning.gif").exists()
     for args, says in ((["--out", tmp_path],
                         f"--out {tmp_path} is a folder: give the GIF's file name"),
-                       (["--frame-ms", 0], "--frame-ms must be at least 1, got 0"),
+                       (["--frame-ms", 0], "--frame-ms 0: a GIF frame lasts 10 to 655350 ms"),
                        (["--frame-ms", 5], "--frame-ms 5: a GIF frame lasts 10 to 655350 ms"),
                        (["--frame-ms", 10**8], "a GIF frame lasts 10 to 655350 ms")):
         assert cli("gif", run_dir, *args) == 2 and says in capsys.readouterr().err

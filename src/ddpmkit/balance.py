@@ -10,7 +10,10 @@ Output (`balance`):
     OUT/classes/<class>/          one standard `ddpmkit sample` folder per class topped up
                                   (individual/, grids/, manifest.csv; resumable like any job)
     OUT/manifest.csv              real images (their original paths, synthetic=false) and generated
-                                  ones (paths relative to OUT, synthetic=true), one schema
+                                  ones (paths relative to OUT, synthetic=true), one schema; with
+                                  --drop-copies a nearest column, with --select score and reason,
+                                  with --from-real varies
+    OUT/selection.csv, .json      with --select: every candidate's score and the choice per class
     OUT/by_class/<class>/         with by_class_folders: symlinks to all of a class's images
 
 With `from_real` (--from-real STRENGTH), generated image k of a class is a variation of the

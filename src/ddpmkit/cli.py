@@ -555,8 +555,6 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     run_dir = RunDir(ns.run)
     if not run_dir.path.is_dir():
         raise UserError(f"run directory not found: {run_dir.path}")
-    if ns.frame_ms < 1:
-        raise UserError(f"--frame-ms must be at least 1, got {ns.frame_ms}")
     if not 10 <= ns.frame_ms <= 655_350:  # a GIF stores a frame's delay in 16-bit hundredths
         raise UserError(f"--frame-ms {ns.frame_ms}: a GIF frame lasts 10 to 655350 ms, in steps "
                         f"of 10")

@@ -191,11 +191,11 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConf
             "train": TrainConfig, "sample": SampleConfig}  # Config's fields, in its order
 
 MODEL_PRESETS = {
-    # the default: 0.9M parameters, minutes on a CPU for 8x8 to 32x32 data
+    # the default: small enough to train on a CPU, for 8x8 to 32x32 data
     "small": dict(base_channels=32, channel_mult=[1, 2], num_res_blocks=2,
                   attention_resolutions=[], dropout=0.0),
-    # Ho et al. 2020's CIFAR-10 network (35,746,307 parameters with 3 channels at 32x32),
-    # block for block the layout of diffusers' UNet2DModel for google/ddpm-cifar10-32.
+    # Ho et al. 2020's CIFAR-10 network, block for block the layout of diffusers' UNet2DModel
+    # for google/ddpm-cifar10-32.
     "ddpm-cifar10": dict(base_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
                          attention_resolutions=[16], dropout=0.1, attention_head_dim=None),
 }

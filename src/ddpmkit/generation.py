@@ -5,6 +5,7 @@ A sampling job's output layout (`sample`, and each class job of `balance`):
     OUT/individual/000000.png ...   one PNG per image, named by its index
     OUT/grids/grid_4x4.png ...      4x4, 6x6, 8x8 grids of the first images (those that fit)
     OUT/manifest.csv                file, index, seed, sampler, steps, checkpoint, label, synthetic
+                                    (and nearest, with --drop-copies)
     OUT/trajectory.gif              with --gif: the first images denoising from noise
 
 A generation job survives interruption: the folder's record (outputs.py) holds what is being

@@ -2,8 +2,8 @@
 
 Every random draw of step s (batch order, timesteps, noise, flips, augmentation, dropout) comes
 from seeds derived from (train.seed, s), so a run resumed from a checkpoint at step s continues
-exactly as if it had never stopped: the checkpoint needs only weights, EMA, optimizer state and
-the step.
+exactly as if it had never stopped: the checkpoint needs only weights, EMA, optimizer state, the
+step and the loss windows (so the resumed run logs the losses the uninterrupted one would).
 
 `train` resolves the config (resolve.py), checks what can fail, then `_fit` runs the loop: one
 screen of phases over one `TrainState`, each phase a small function below it. The run directory's

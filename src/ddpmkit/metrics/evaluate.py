@@ -383,7 +383,8 @@ SAME_EVALUATION = ("gen_sha256", "ref", "num_ref", "features", "preprocessing", 
 
 def write_result(result: dict, out: str | Path | None) -> tuple[Path, dict]:
     """Write the result's JSON; an earlier result there of the same images, reference and extractor
-    keeps the metrics this one did not compute (eval --metrics is after fid,kid,pr adds to them).
+    keeps the metrics this one did not compute (a later --metrics is run adds IS to an earlier
+    fid,kid,pr result).
     Returns the path and what it holds."""
     path = Path(out) if out else Path(result["gen"]) / f"eval_{result['features']}.json"
     try:
