@@ -167,6 +167,13 @@ def test_fine_tuning_a_run_without_augmentation_adds_a_new_embedding(tmp_path):
     assert any("augmentation embedding new" in m for m in said)
     groups, _ = read_checkpoint(tuned.checkpoint_file(10), prefixes=("model",))
     assert groups["model"]["augment_embedding.weight"].shape[1] == 1
+    # another operation of the same label size: the embedding's column meant vflip, so it is new
+    said.clear()
+    train(tiny_config(tmp_path / "again", **{
+        "train.init_from": str(tuned.path), "train.augment": ["hflip"], "train.augment_p": 0.5,
+        "train.max_steps": 1}), log=said.append, progress=False)
+    assert ("init_from: augmentation embedding new (train.augment ['hflip'], the source's "
+            "['vflip'])" in said)
 
 
 def test_audits_and_evaluations_between_checkpoints_are_made_at_their_own_steps(tmp_path):

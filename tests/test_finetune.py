@@ -96,7 +96,7 @@ def test_a_different_class_count_gets_a_new_class_embedding(source):
     model, ema = UNet(cfg.model, 8), UNet(cfg.model, 8)
     before = model.class_embedding.weight.clone()
     messages = []
-    load_pretrained(model, ema, Source(str(source)), log=messages.append)
+    load_pretrained(model, ema, Source(str(source)), [], log=messages.append)
     assert (torch.equal(model.class_embedding.weight, before)
             and any("new class embedding" in m for m in messages))
     assert torch.equal(model.conv_in.weight, _group(_ckpt(source, 20), "model")["conv_in.weight"])
@@ -158,7 +158,8 @@ def test_a_local_source_is_recorded_absolute_and_its_augmentation_change_named(
     run = train(tiny(**{"train.init_from": "aug", "train.max_steps": 2}), log=said.append,
                 progress=False)
     assert load_config(run.config_path).train.init_from == str(augmented.path.resolve())
-    assert "init_from: augmentation embedding dropped (train.augment)" in said
+    assert ("init_from: augmentation embedding dropped (train.augment [], the source's ['hflip'])"
+            in said)
 
 
 def test_a_fine_tuning_run_resumes_without_its_source(source, tiny, tmp_path):

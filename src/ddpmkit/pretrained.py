@@ -97,13 +97,17 @@ def adopt_architecture(cfg: Config, source: Config, log=print) -> Config:
     return updated(cfg, {**values, "model.preset": None})  # the architecture is spelled out now
 
 
-def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source, log=print) -> str:
+def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source,
+                    augment: list[str], log=print) -> str:
     """Copy the source's weights into model and EMA; a class or augmentation embedding the source
-    lacks, or has in another shape, stays new."""
+    lacks, or has in another shape, stays new, as does one for other operations than `augment`
+    (train.augment: each column of the embedding means one operation's label)."""
     weights, ema_weights, what = source.weights()
     own = model.state_dict()
+    other_ops = list(source.config.train.augment) != list(augment)
     fresh = [k for k in own if k.startswith(OWN_EMBEDDINGS)
-             and (k not in weights or weights[k].shape != own[k].shape)]
+             and (k not in weights or weights[k].shape != own[k].shape
+                  or k.startswith("augment_embedding.") and other_ops)]
     dropped = [k for k in weights if k.startswith(OWN_EMBEDDINGS) and k not in own]
     keep = {k: v for k, v in own.items() if k in fresh}
 
@@ -120,5 +124,6 @@ def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source
         log("init_from: the source's class embedding is dropped (this model is unconditional)")
     if "augment_embedding.weight" in fresh + dropped:
         change = "new" if "augment_embedding.weight" in fresh else "dropped"
-        log(f"init_from: augmentation embedding {change} (train.augment)")
+        log(f"init_from: augmentation embedding {change} (train.augment {list(augment)}, the "
+            f"source's {list(source.config.train.augment)})")
     return what

@@ -259,7 +259,8 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         log(f"resuming {run.path} from step {state.step} ({resume_from.name})")
     pretrained = None
     if resume_from is None and job.prep.source:
-        pretrained = load_pretrained(state.model, state.ema, job.prep.source, log)
+        pretrained = load_pretrained(state.model, state.ema, job.prep.source,
+                                     job.cfg.train.augment, log)
         log(f"starting from {pretrained}; optimizer and step start from zero")
     tc = job.cfg.train
     if state.step >= tc.max_steps:  # nothing to train: the run's record stays as it is
