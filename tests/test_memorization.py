@@ -341,6 +341,12 @@ def test_drop_overlap_leaves_training_images_out_of_the_holdout(run, tmp_path, c
     saved = json.loads((gen / "audit.json").read_text())
     assert saved["calibrated_on"] == "held-out" and sum(saved["distances"]["reference"]) == 30
     assert saved["copies"] == 30  # every generated image is a training image
+    # --json: stdout holds the JSON alone; the warnings still reach the user, on stderr
+    assert main(["audit", str(gen), "--ref", str(run), "--holdout", str(held), "--drop-overlap",
+                 "--features", "none", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["copies"] == 30
+    assert "a share of 0.01 of 30 calibration images is less than one" in err
     assert main(["audit", str(gen), "--ref", str(run), "--drop-overlap"]) == 2
     assert "add --holdout DATA" in capsys.readouterr().err
 

@@ -406,6 +406,13 @@ def _silent(*_) -> None:
     pass
 
 
+def _warnings_only(message: str) -> None:
+    """--json's log: stdout holds the JSON alone, and warnings (every one says "warning:") still
+    reach the user, on stderr."""
+    if "warning:" in message:
+        print(message, file=sys.stderr)
+
+
 def _print_json(obj: dict) -> None:
     from .atomic import json_text
 
@@ -419,7 +426,7 @@ def cmd_train(ns: argparse.Namespace) -> None:
     tokens = list(ns.args)
     config_path = tokens.pop(0) if tokens and "=" not in tokens[0] else None
     cfg = load_config(config_path, _overrides(tokens, TRAIN_FLAGS, ns))
-    log = _silent if ns.json else print
+    log = _warnings_only if ns.json else print
     if ns.max_batch:
         from .batchprobe import probe
 
@@ -493,7 +500,7 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     world = distributed.init_from_env(overrides.get("sample.device", "auto"))
     try:
         run, sc, amp = _loaded(ns.run, overrides, "sampling", world)
-        log = print if world.is_main and not ns.json else _silent
+        log = _silent if not world.is_main else _warnings_only if ns.json else print
         copies = _copy_filter(ns, log)
         out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp,
                        progress=not (ns.quiet or ns.json), log=log, asked=set(overrides),
@@ -515,7 +522,8 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     metrics = tuple(m.strip() for m in ns.metrics.split(",") if m.strip())
     quiet = ns.quiet or ns.json
     result = evaluate(ns.gen, ns.ref, metrics, ns.features, inception_weights=ns.inception_weights,
-                      device=str(resolve_device(ns.device)), log=_silent if quiet else print,
+                      device=str(resolve_device(ns.device)),
+                      log=_warnings_only if ns.json else _silent if ns.quiet else print,
                       progress=not quiet, save_ref=ns.save_ref)
     path, result = write_result(result, ns.out)
     _print_json(result) if ns.json else print(f"{format_table(result)}\nwrote {path}")
@@ -681,7 +689,7 @@ def cmd_audit(ns: argparse.Namespace) -> None:
     from .audit import run_audit
 
     summary = run_audit(ns.gen, ns.ref, ns.holdout, ns.share, ns.features,
-                        drop_overlap=ns.drop_overlap, log=_silent if ns.json else print)
+                        drop_overlap=ns.drop_overlap, log=_warnings_only if ns.json else print)
     if ns.json:
         _print_json(summary)
 
