@@ -725,3 +725,16 @@ def test_samples_without_a_class_are_named_as_such(tmp_path, capsys):
                  str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "some images have no class label" in err[0], err
+
+
+def test_a_synthetic_folder_whose_job_did_not_finish_is_refused_as_unfinished(tmp_path):
+    from ddpmkit.downstream import load_synthetic
+    from ddpmkit.errors import UserError
+    from ddpmkit.outputs import FORMAT, RECORD
+
+    folder = tmp_path / "balanced"
+    folder.mkdir()
+    (folder / RECORD).write_text(json.dumps({"format": FORMAT, "kind": "balance", "job": {}}))
+    with pytest.raises(UserError, match="holds a ddpmkit job that did not finish .* rerun the "
+                                        "command that made it"):
+        load_synthetic(folder, ["a", "b"])

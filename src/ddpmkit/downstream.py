@@ -51,7 +51,7 @@ from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import audit, is_copy, nearest, seen_views
 from .outputs import (RECORD, Kind, OutputFolder, existing, job_identities, job_runs,
-                      manifest_images, read_record, refuse_special)
+                      manifest_images, read_record, refuse_special, refuse_unfinished)
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
 
@@ -141,6 +141,7 @@ def load_synthetic(folder: Path, names: list[str]) -> tuple[Pool, list[Path]]:
             and (read_record(balanced) or {}).get("kind") == "balance"):
         raise UserError(f"{folder} holds one class's candidates of the balanced set {balanced}: "
                         f"give {balanced}, whose manifest.csv lists the images it kept")
+    refuse_unfinished(folder)
     if not manifest.is_file():
         raise UserError(f"{folder} has no manifest.csv: "
                         f"pass a `ddpmkit balance` (or `sample`) output folder")

@@ -158,6 +158,14 @@ def read_record(folder: Path) -> dict | None:
     return record
 
 
+def refuse_unfinished(folder: Path) -> None:
+    """A job's folder without its manifest: what is in it is what the job had made when it
+    stopped, not what it was asked for."""
+    if not (folder / "manifest.csv").exists() and read_record(folder):
+        raise UserError(f"{folder} holds a ddpmkit job that did not finish (it has no "
+                        f"manifest.csv yet): rerun the command that made it to finish it")
+
+
 def job_identities(folder: Path) -> list[dict]:
     """What the records of the jobs under `folder` (a sample output, or a balanced set with one
     sampling job per class) say each job is."""

@@ -25,7 +25,7 @@ from .. import atomic
 from ..config import DataConfig, data_config, parse_override
 from ..data import check_npz_member, load_images
 from ..errors import UserError
-from ..outputs import (job_runs, manifest_images, read_record, refuse_being_written,
+from ..outputs import (job_runs, manifest_images, refuse_being_written, refuse_unfinished,
                        write_about_images)
 from ..pixels import IMAGE_SUFFIXES, read_image_files
 from ..run import RunDir, recorded_bit_depth
@@ -63,10 +63,8 @@ def read_generated(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     # set lists its real images too (synthetic=false): they are not generated
     files = [path for path, _ in manifest_images(folder, "file")
                                  or manifest_images(folder, "output")]
-    if not files and read_record(folder) and not (folder / "manifest.csv").exists():
-        raise UserError(f"{folder} holds a ddpmkit job that did not finish (it has no "
-                        f"manifest.csv yet): rerun the command that made it to finish it")
     if not files:
+        refuse_unfinished(folder)
         root = folder / "individual" if (folder / "individual").is_dir() else folder
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                        and "grids" not in p.relative_to(root).parts)
