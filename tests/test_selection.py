@@ -456,13 +456,13 @@ def test_scores_near_one_are_written_so_each_rows_comparison_reads_true(tmp_path
     rows = {k: [f"individual/{k:06d}.png", str(k), "0", "", "", "", "a", "true"] for k in range(2)}
     threshold, scores = 0.9999632835, {0: 0.99996330, 1: 0.99996320}  # both print 0.999963 at 6
     kept = top._keep(SampleConfig(out_dir=str(folder), num=1, class_label="a"), threshold,
-                     scores, [0], rows)
+                     scores, [0], rows, near=set())
     assert float(kept[0][-2]) >= threshold and kept[0][-1].startswith("score 0.9999633")
     written = {row[2]: float(row[4]) for row in top.candidates}
     assert written["0"] >= threshold > written["1"]
     with pytest.raises(UserError, match=r"\(best 0.9999632\d*\)"):
         top._keep(SampleConfig(out_dir=str(folder), num=1, class_label="a"), threshold,
-                  {0: 0.99996320}, [], rows)
+                  {0: 0.99996320}, [], rows, near=set())
 
 
 def test_auto_guidance_says_its_choice_is_no_measurement_when_the_selector_misses_the_class():
@@ -489,3 +489,23 @@ def test_the_validation_split_is_found_under_the_names_published_sets_use(tmp_pa
     found = selection._validation_split(DataConfig(path=str(tmp_path), image_size=8), train,
                                         log=lambda *_: None)
     assert found is not None and len(found[0]) == 6 and sorted(set(found[1])) == ["a", "b"]
+
+
+def test_select_never_keeps_a_near_copy_that_drop_copies_left(generator, tmp_path, capsys,
+                                                               monkeypatch):
+    """--drop-copies redraws a near-copy a few times; one still a copy after them is no candidate,
+    however well it scores. Here every image counts as a copy, so none is kept."""
+    import numpy as np
+
+    from ddpmkit.metrics import memorization
+
+    monkeypatch.setattr(memorization, "calibrate", lambda *a, **k: memorization.Calibration(
+        10.0, "leave-one-out", np.ones(100), 0))
+    _, run = generator
+    code = main(["balance", str(run), "--out", str(tmp_path / "bal"), "--quiet",
+                 "sample.steps=2", "--select", "--select-threshold", "0.01", "--max-candidates",
+                 "1", "--drop-copies", "--max-redraws", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "scored 0.01 or more (best" in err
+    assert "that is not a near-copy of a training image (90 are)" in err

@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import atomic
@@ -43,6 +44,7 @@ from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, Anchors, SamplingSpec, 
                          generate, keys_asked, no_unconditional_model, sample_batch)
 from .images import to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB
+from .metrics.memorization import is_copy
 from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
                       read_record, refuse_special, sample_files, write_manifest)
 from .pixels import read_image
@@ -365,26 +367,39 @@ class TopUp:
             images = torch.stack([read_image(Path(cfg.out_dir) / finished[k][0]) for k in new])
             size = self.run.config.data.image_size
             scores.update(zip(new, self.selector.scores(resize_center_crop(images, size), name)))
-            passed = [k for k in range(made) if scores[k] >= threshold]
+            near = self._near_copies(finished, made)
+            passed = [k for k in range(made) if scores[k] >= threshold and k not in near]
             if len(passed) >= need or made >= limit:
                 break
             made = next_count(made, len(passed), need, limit)
-        return self._keep(cfg, threshold, scores, passed, finished)
+        return self._keep(cfg, threshold, scores, passed, finished, near=near)
+
+    def _near_copies(self, finished: dict[int, list[str]], made: int) -> set[int]:
+        """Candidates --drop-copies left near-copies (its redraws ran out): never kept."""
+        copies = self.generating.get("copies")
+        if copies is None:
+            return set()
+        d1 = np.array([float(finished[k][-1]) for k in range(made)])  # the nearest column
+        return set(np.flatnonzero(is_copy(d1, copies.calibration.threshold)).tolist())
 
     def _keep(self, cfg: SampleConfig, threshold: float, scores: dict[int, float],
-              passed: list[int], finished: dict[int, list[str]]) -> list[list]:
+              passed: list[int], finished: dict[int, list[str]], *,
+              near: set[int]) -> list[list]:
         name, need, made = cfg.class_label, cfg.num, len(scores)
         if not passed:
             raise UserError(
                 f"--select: none of {made} candidates of {name} scored {threshold:.10g} or more "
-                f"(best {max(scores.values()):.10g}): lower --select-threshold or "
-                f"--select-quantile (which needs validation images: --select-val), raise "
-                f"--max-candidates, or train the generator longer "
-                f"(train.class_balance helps a rare class)")
+                f"(best {max(scores.values()):.10g})"
+                + (f" that is not a near-copy of a training image ({len(near)} are)" if near
+                   else "") + ": lower --select-threshold or "
+                "--select-quantile (which needs validation images: --select-val), raise "
+                "--max-candidates, or train the generator longer "
+                "(train.class_balance helps a rare class)")
         kept = set(passed[:need])
         # scores written as precisely as the threshold, so each row's comparison reads true
         reasons = {k: (f"score {scores[k]:.10g} >= {threshold:.10g}" if k in kept else
-                       "beyond the number needed" if k in passed else "below the threshold")
+                       "beyond the number needed" if k in passed else
+                       "a near-copy of a training image" if k in near else "below the threshold")
                    for k in range(made)}
         for k in range(made):
             self.candidates.append([name, *self._row(cfg.out_dir, finished[k])[:3],
