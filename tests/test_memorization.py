@@ -640,3 +640,29 @@ def test_a_holdout_of_classes_the_run_never_saw_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds classes" in err[0] and "(c)" in err[0] and "(a, b)" in err[0]
     assert not (gen / "audit.json").exists()
+
+
+def test_drop_copies_at_size_applies_the_audits_test(run, tmp_path, capsys):
+    """Images written at --size: --drop-copies judges each as the audit will read it back (taken
+    to the run's size again, against training images taken up and down alike), so both give the
+    same threshold and the same distances."""
+    out = tmp_path / "big"
+    assert main(["sample", str(run), "-n", "6", "--steps", "2", "--size", "16", "--out", str(out),
+                 "--drop-copies", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)["drop_copies"]
+    assert main(["audit", str(out), "--features", "none", "--json"]) == 0
+    audited = json.loads(capsys.readouterr().out)
+    assert audited["threshold"] == pytest.approx(said["threshold"], abs=1e-7)
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert [float(r["nearest"]) for r in rows] == pytest.approx(
+        [n["distance"] for n in audited["nearest"]], abs=2e-6)
+    # downstream measures the set it is given the same way, at the threshold --drop-copies used
+    from types import SimpleNamespace
+
+    from ddpmkit.downstream import copy_rate, recorded_copy_threshold
+    from ddpmkit.metrics.evaluate import read_generated
+
+    pool = SimpleNamespace(images=read_generated(out)[0])
+    assert copy_rate(pool, [run], recorded_copy_threshold(out)) == (
+        f"{audited['copy_rate']:.1%} ({audited['copies']} of 6; threshold "
+        f"{said['threshold']:.4f}, the one --drop-copies used)")

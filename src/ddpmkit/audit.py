@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import ImageData, in_chunks, resize_center_crop
+from .data import ImageData, resize_center_crop
 from .errors import UserError
-from .images import make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
+from .images import make_grid, png_bytes, scale_for_viewing
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
-from .metrics.memorization import (Audit, Calibration, audit, nearest, nearest_features,
-                                   seen_views)
+from .metrics.memorization import (Audit, Calibration, as_sampled, audit, nearest,
+                                   nearest_features, seen_views)
 from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
                       refuse_being_written, write_about_images)
 from .report import CSS, data_uri, svg_plot
@@ -44,21 +44,6 @@ def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], lis
     written = min(images.shape[-2:])
     return (resize_center_crop(images, min(size, written)), [labels.get(f, "") for f in files],
             files, written)
-
-
-def as_sampled(images: torch.Tensor | None, size: int) -> torch.Tensor | None:
-    """Real images as the generated ones of `size` are compared. Larger: taken up to `size` as
-    `sample --size` takes a sample (bicubic), then down again as the audit takes the generated ones,
-    so an upsampled copy of a training image matches it exactly, where the two resizes alone would
-    blur it past the threshold. Smaller: taken down to `size`, rather than blurring the generated
-    images up to the run's."""
-    if images is None or images.shape[-1] == size:
-        return images
-    if images.shape[-1] > size:
-        return resize_center_crop(images, size)
-    return in_chunks(lambda part: resize_center_crop(
-        to_uint8(upsample(part.float() / 127.5 - 1, size)), part.shape[-1]), images,
-        images.shape[1] * size * size)
 
 
 def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:

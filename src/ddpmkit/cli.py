@@ -464,8 +464,9 @@ def _loaded(run_path: str, overrides: dict, doing: str, world=None):
     return run, sc, amp
 
 
-def _copy_filter(ns: argparse.Namespace, log):
-    """--drop-copies' filter: the run's training images and a threshold calibrated for them."""
+def _copy_filter(ns: argparse.Namespace, log, written_at: int | None):
+    """--drop-copies' filter: the run's training images and a threshold calibrated for them, as
+    the audit compares images written at --size (`written_at`)."""
     from .metrics.memorization import CopyFilter, seen_views
     from .run import RunDir
 
@@ -483,7 +484,7 @@ def _copy_filter(ns: argparse.Namespace, log):
     run = RunDir(ns.run)
     held = run.holdout_images(ns.holdout, ns.drop_overlap, log)
     copies = CopyFilter.calibrated(run.training_images(log), held, redraws=redraws,
-                                   views=seen_views(run.config()))
+                                   views=seen_views(run.config()), written_at=written_at)
     copies.calibration.warn("--drop-copies", log)
     return copies
 
@@ -501,7 +502,7 @@ def cmd_sample(ns: argparse.Namespace) -> None:
     try:
         run, sc, amp = _loaded(ns.run, overrides, "sampling", world)
         log = _silent if not world.is_main else _warnings_only if ns.json else print
-        copies = _copy_filter(ns, log)
+        copies = _copy_filter(ns, log, sc.size)
         out = generate(run, sc, fresh=ns.fresh, world=world, amp_dtype=amp,
                        progress=not (ns.quiet or ns.json), log=log, asked=set(overrides),
                        force=ns.force, copies=copies)
@@ -634,7 +635,8 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     balance(run, sc, ns.out, target=ns.target, class_labels=ns.class_labels,
             proportions=parse_proportions(ns.proportions) if ns.proportions else None,
             by_class_folders=ns.by_class_folders, progress=not ns.quiet, amp_dtype=amp,
-            fresh=ns.fresh, force=ns.force, asked=set(overrides), copies=_copy_filter(ns, print),
+            fresh=ns.fresh, force=ns.force, asked=set(overrides),
+            copies=_copy_filter(ns, print, sc.size),
             guidance=(ns.class_guidance if ns.class_guidance in (None, "auto")
                       else parse_class_guidance(ns.class_guidance)),
             select=select, from_real=ns.from_real)

@@ -49,7 +49,7 @@ from .data import (class_order, has_named_splits, image_digests, load_images, na
                    resize_center_crop)
 from .errors import UserError
 from .metrics.classifier import fit, predict
-from .metrics.memorization import audit, is_copy, nearest, seen_views
+from .metrics.memorization import as_sampled, audit, is_copy, nearest, seen_views
 from .outputs import (RECORD, Kind, OutputFolder, existing, job_identities, job_runs,
                       manifest_images, read_record, refuse_special, refuse_unfinished)
 from .pixels import read_image
@@ -904,13 +904,16 @@ def copy_rate(synthetic: Pool, runs: list[Path], threshold: float | None = None)
         train = RunDir(runs[0]).training_images(log=lambda *_: None)
     except UserError as exc:
         return f"not measured ({exc})"
-    if train.shape[1:] != synthetic.images.shape[1:]:
-        return "not measured (the synthetic images are not at the generator's size)"
+    if train.shape[1] != synthetic.images.shape[1]:
+        return "not measured (the synthetic images have other channels than the generator's)"
+    # as the audit compares images written at --size: both at the generator's size
+    images = resize_center_crop(synthetic.images, train.shape[-1])
+    train = as_sampled(train, synthetic.images.shape[-1])
     search = partial(nearest, views=seen_views(RunDir(runs[0]).config()))  # as the run trained
     if threshold is not None:
-        copies = is_copy(search(synthetic.images, train).d1, threshold)
+        copies = is_copy(search(images, train).d1, threshold)
         return (f"{copies.mean():.1%} ({int(copies.sum())} of {len(copies)}; threshold "
                 f"{threshold:.4f}, the one --drop-copies used)")
-    found = audit(synthetic.images, train, search=search)
+    found = audit(images, train, search=search)
     return (f"{found.copy_rate:.1%} ({int(found.copies.sum())} of {len(found.copies)}; threshold "
             f"{found.calibration.threshold:.4f}, calibrated {found.calibration.on})")

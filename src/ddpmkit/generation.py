@@ -435,7 +435,7 @@ def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype
     seeds = [seed] * len(indices)
     if copies is None:
         return x, seeds, [""] * len(indices)
-    d1 = copies.distances(to_uint8(x))
+    d1 = copies.distances(copies.compared(x))
     for attempt in range(1, copies.redraws + 1):
         again = np.flatnonzero(is_copy(d1, copies.calibration.threshold))
         if not len(again):
@@ -444,7 +444,7 @@ def _draw(run: Run, indices: list[int], seed: int, spec: SamplingSpec, amp_dtype
                                amp_dtype, anchors=anchors)
         x = x.clone()  # the samplers return inference tensors, which cannot be updated in place
         x[torch.from_numpy(again)] = redrawn
-        d1[again] = copies.distances(to_uint8(redrawn))
+        d1[again] = copies.distances(copies.compared(redrawn))
         for i in again:
             seeds[i] = mix_seed(seed, attempt)
     return x, seeds, [f"{d:.6f}" for d in d1]

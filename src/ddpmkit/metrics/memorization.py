@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..data import in_chunks, resize_center_crop
 from ..errors import UserError
+from ..images import to_uint8, upsample
 
 # query and reference images per matrix product: memory stays bounded whatever the set sizes
 CHUNK, REF_CHUNK = 256, 1024
@@ -179,6 +181,21 @@ def threshold(reference_d1: np.ndarray, share: float) -> float:
     return float(np.quantile(reference_d1, share, method="lower"))
 
 
+def as_sampled(images: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """Real images as the generated ones of `size` are compared. Larger: taken up to `size` as
+    `sample --size` takes a sample (bicubic), then down again as the audit takes the generated ones,
+    so an upsampled copy of a training image matches it exactly, where the two resizes alone would
+    blur it past the threshold. Smaller: taken down to `size`, rather than blurring the generated
+    images up to the run's."""
+    if images is None or images.shape[-1] == size:
+        return images
+    if images.shape[-1] > size:
+        return resize_center_crop(images, size)
+    return in_chunks(lambda part: resize_center_crop(
+        to_uint8(upsample(part.float() / 127.5 - 1, size)), part.shape[-1]), images,
+        images.shape[1] * size * size)
+
+
 Search = Callable[..., Neighbours]  # nearest or nearest_features
 
 
@@ -277,17 +294,28 @@ def is_copy(d1: np.ndarray, limit: float) -> np.ndarray:
 class CopyFilter:
     """What `--drop-copies` needs: the training images and a calibrated threshold. A generated
     image closer than it is drawn again with new noise, at most `redraws` times."""
-    train: torch.Tensor
+    train: torch.Tensor  # as_sampled at written_at
     calibration: Calibration
     redraws: int = 10
     views: tuple[str, ...] = ()  # seen_views of the run
+    written_at: int | None = None  # sample --size
 
     @classmethod
     def calibrated(cls, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
-                   share: float = 0.01, redraws: int = 10,
-                   views: tuple[str, ...] = ()) -> CopyFilter:
+                   share: float = 0.01, redraws: int = 10, views: tuple[str, ...] = (),
+                   written_at: int | None = None) -> CopyFilter:
+        """The threshold as `ddpmkit audit` will calibrate it on the images written."""
+        train_u8 = as_sampled(train_u8, written_at or train_u8.shape[-1])
+        holdout_u8 = as_sampled(holdout_u8, written_at or train_u8.shape[-1])
         cal = calibrate(train_u8, holdout_u8, share, partial(nearest, views=views))
-        return cls(train_u8, cal, redraws, views)
+        return cls(train_u8, cal, redraws, views, written_at)
+
+    def compared(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples ([-1, 1]) as the audit reads them back: written at --size, then taken to the
+        run's size again."""
+        if not self.written_at:
+            return to_uint8(x)
+        return resize_center_crop(to_uint8(upsample(x, self.written_at)), x.shape[-1])
 
     def distances(self, images_u8: torch.Tensor) -> np.ndarray:
         return nearest(images_u8, self.train, k=1, views=self.views).d1
