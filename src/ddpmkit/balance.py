@@ -50,8 +50,8 @@ from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matchi
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
-from .selection import (SelectOptions, Selector, auto_scale, build_selector, next_count,
-                        validation_images)
+from .selection import (CLOSE_TO_REAL, SelectOptions, Selector, auto_scale, build_selector,
+                        next_count, validation_images)
 
 AUTO_SCALES, PROBE = (1.0, 1.5, 2.0, 3.0, 4.0), 128  # --class-guidance auto
 
@@ -331,7 +331,7 @@ class TopUp:
                      f"images to {name}, so it cannot judge which scale makes better {name} "
                      f"images: guidance {chosen:g} is a default, not a measurement; give the class "
                      f"a scale (--class-guidance {name}=SCALE) or more real images")
-        elif fidelity[chosen] < 0.9 * real:
+        elif fidelity[chosen] < CLOSE_TO_REAL * real:
             self.log(f"select: warning: at every scale fewer generated {name} images look like "
                      f"{name} to the selector ({fidelity[chosen]:.0%} at best) than real ones "
                      f"({real:.0%}): the generator has not learnt this class; train it longer "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import data_config, load_config, parse_override, updated
 from .errors import UserError, escape_controls, warn
+from .metrics.memorization import REDRAWS
 from .runtime import version
 from .samplers import SAMPLERS, SPACINGS
 
@@ -142,7 +143,8 @@ def _add_output_flags(p: argparse.ArgumentParser, fresh: str) -> None:
     p.add_argument("--drop-copies", action="store_true",
                    help="draw again (new noise) every image that nearly copies a training image")
     _add_holdout_flags(p, ", with --drop-copies")
-    p.add_argument("--max-redraws", type=int, default=None, help="with --drop-copies (default 10)")
+    p.add_argument("--max-redraws", type=int, default=None,
+                   help=f"with --drop-copies (default {REDRAWS})")
     _add_fresh_force(p, fresh)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -478,7 +480,7 @@ def _copy_filter(ns: argparse.Namespace, log, written_at: int | None):
             raise UserError("--max-redraws limits --drop-copies: add --drop-copies, or leave it "
                             "out")
         return None
-    redraws = 10 if ns.max_redraws is None else ns.max_redraws
+    redraws = REDRAWS if ns.max_redraws is None else ns.max_redraws
     if redraws < 1:
         raise UserError(f"--max-redraws must be at least 1, got {redraws}")
     run = RunDir(ns.run)

@@ -210,7 +210,7 @@ def class_indices(run: Run, indices: list[int], class_label: str | None) -> torc
     return torch.full((len(indices),), names.index(class_label))
 
 
-def class_name(run: Run, index: int, spec: SamplingSpec) -> str:
+def manifest_label(run: Run, index: int, spec: SamplingSpec) -> str:
     """The manifest's label column: the class of image `index`, empty for unconditional runs and
     for guidance 0 (the unconditional model of a conditional run)."""
     names = run.config.data.class_names
@@ -466,7 +466,7 @@ def _sample_into(run: Run, cfg: SampleConfig, spec: SamplingSpec, todo: list[int
                                       anchors=anchors)
             images = to_uint8(upsample(x, cfg.size) if cfg.size else x)
             rows = [[f"individual/{k:06d}.png", k, s, spec.sampler, spec.steps, run.checkpoint,
-                     class_name(run, k, spec), "true", *([d] if copies else [])]
+                     manifest_label(run, k, spec), "true", *([d] if copies else [])]
                     for k, s, d in zip(indices, seeds, nearest)]
             writer.submit(images, rows, text)
             bar.update(len(indices))

@@ -210,12 +210,16 @@ def validation_images(run: RunDir, where: str, names: list[str],
     return data.images[keep], [label for label, k in zip(data.labels, keep.tolist()) if k]
 
 
+CLOSE_TO_REAL = 0.9  # a scale whose fidelity is this share of the real images' is enough
+
+
 def auto_scale(fidelity: dict[float, float], real_fidelity: float) -> float:
     """--class-guidance auto: the smallest scale whose probe candidates the selector assigns to
     their class at least nine tenths as often as it does the class's real images (more guidance
     costs diversity); where none does, the scale with the highest fidelity. Fidelity, not the pass
     rate: a class the selector barely recognises has a threshold near 0 that every scale passes."""
-    enough = [scale for scale, rate in sorted(fidelity.items()) if rate >= 0.9 * real_fidelity]
+    enough = [scale for scale, rate in sorted(fidelity.items())
+              if rate >= CLOSE_TO_REAL * real_fidelity]
     return enough[0] if enough else max(fidelity, key=lambda s: (fidelity[s], -s))
 
 

@@ -100,7 +100,7 @@ class Job:
     world: World
     device: torch.device
     amp_dtype: torch.dtype | None
-    share: int  # images per process per micro-batch
+    micro_batch: int  # images per process per micro-batch
     evaluator: object | None
     copies: object | None  # train.audit_every: the training images and their copy threshold
     log: object = print
@@ -111,8 +111,9 @@ class Job:
 
     @property
     def rows(self) -> slice:
-        """This process's rows of each global batch: rank r takes [r*A*share, (r+1)*A*share)."""
-        per_rank = self.cfg.train.grad_accum * self.share
+        """This process's rows of each global batch: rank r takes [r*A*m, (r+1)*A*m), for A
+        micro-batches of m images."""
+        per_rank = self.cfg.train.grad_accum * self.micro_batch
         return slice(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)
 
 
@@ -126,7 +127,7 @@ class TrainState:
     step: int = 0
     net: torch.nn.Module | None = None  # what the loop calls: the model, in DDP and/or compiled
     ddp: torch.nn.Module | None = None
-    meter: dict | None = None  # the loss windows the checkpoint resumed from recorded
+    resumed_windows: dict | None = None  # the loss windows the checkpoint resumed from recorded
 
 
 def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
@@ -138,8 +139,8 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
         log, progress = (lambda *_: None), False
     device = resolve_device(device_for(world, cfg.train.device))
     tc = cfg.train
-    share = tc.batch_size // (world.size * tc.grad_accum)
-    if share * world.size * tc.grad_accum != tc.batch_size:
+    micro_batch = tc.batch_size // (world.size * tc.grad_accum)
+    if micro_batch * world.size * tc.grad_accum != tc.batch_size:
         raise UserError(f"train.batch_size={tc.batch_size} does not split into {world.size} "
                         f"process(es) x train.grad_accum={tc.grad_accum} equal micro-batches: make "
                         f"it a multiple of {world.size * tc.grad_accum}")
@@ -148,7 +149,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
     prep = prepare_training(cfg, fresh, log)
     # before anything is written: a refusal here leaves no half-made run behind
     check_fits(prep.cfg.model, prep.cfg.data.image_size, device,
-               batch=0 if tc.activation_checkpointing else share)
+               batch=0 if tc.activation_checkpointing else micro_batch)
     if device.type == "cpu":  # each step draws the global batch's noise and images whole
         pixels = prep.cfg.model.in_channels * prep.cfg.data.image_size**2
         check_memory(3 * 4 * tc.batch_size * pixels,
@@ -162,7 +163,7 @@ def train(cfg: Config, fresh: bool = False, log=print, progress: bool = True,
     evaluator = _evaluator(prep, device, log) if tc.eval_every and world.is_main else None
     copies = _copy_filter(prep, log) if tc.audit_every and world.is_main else None
     board = _tensorboard_writer() if tc.tensorboard and world.is_main else None
-    job = Job(prep, run, world, device, amp_dtype, share, evaluator, copies, log)
+    job = Job(prep, run, world, device, amp_dtype, micro_batch, evaluator, copies, log)
     with atomic.FolderLock(run.path, "train") if world.is_main else contextlib.nullcontext():
         # rank 0 chooses a fresh start or a resume; the others learn the outcome (or its error)
         resume_from = on_main_then_shared(world, lambda: run.prepare(job.cfg, fresh, log))
@@ -190,7 +191,7 @@ def _fit(job: Job, state: TrainState, progress: bool, board) -> str | None:
     tc = job.cfg.train
     next_batch = _batches(job, state)
     meter = Meter(job.device, state.step, _progress_bar(progress, state.step, tc.max_steps), board)
-    meter.resume(state.meter or {})
+    meter.resume(state.resumed_windows or {})
     stopping = False
     with StopSignal() as signal_:
         while state.step < tc.max_steps:
@@ -255,7 +256,7 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
     run, data, log = job.run, job.prep.data, job.log
     if resume_from is not None:
         meta = restore(resume_from, state.model, state.ema, state.opt)
-        state.step, state.meter = meta["step"], meta["extra"].get("meter")
+        state.step, state.resumed_windows = meta["step"], meta["extra"].get("meter")
         log(f"resuming {run.path} from step {state.step} ({resume_from.name})")
     pretrained = None
     if resume_from is None and job.prep.source:
@@ -282,7 +283,8 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
     log(f"training {run.path}: {count_parameters(state.model):,} parameters, {data.source}, "
         f"on {job.device}"
         + (f" x {job.world.size} processes" if job.world.size > 1 else "")
-        + (f", {tc.grad_accum} micro-batches of {job.share} per step" if tc.grad_accum > 1 else ""))
+        + (f", {tc.grad_accum} micro-batches of {job.micro_batch} per step"
+           if tc.grad_accum > 1 else ""))
     state.model.train()
     state.model.activation_checkpointing = tc.activation_checkpointing
     state.net = state.model
@@ -354,14 +356,14 @@ def _draw(job: Job, schedule: Schedule, step: int, next_batch) -> Batch:
 
 
 def _accumulate_gradients(job: Job, state: TrainState, batch: Batch) -> torch.Tensor:
-    tc, share = job.cfg.train, job.share
+    tc, m = job.cfg.train, job.micro_batch
     for group in state.opt.param_groups:
         group["lr"] = tc.lr * min(1.0, (state.step + 1) / max(1, tc.warmup_steps))
     loss = torch.zeros((), device=job.device)
     state.opt.zero_grad(set_to_none=True)
     for k in range(tc.grad_accum):
-        mine = slice(k * share, (k + 1) * share)  # of this process's rows
-        rows = slice(job.rows.start + k * share, job.rows.start + (k + 1) * share)  # global batch
+        mine = slice(k * m, (k + 1) * m)  # of this process's rows
+        rows = slice(job.rows.start + k * m, job.rows.start + (k + 1) * m)  # global batch
         x0 = batch_to_model(batch.images[mine], None if batch.flips is None else batch.flips[rows])
         augment = None
         if batch.augment is not None:

@@ -40,6 +40,7 @@ from ..images import to_uint8, upsample
 CHUNK, REF_CHUNK = 256, 1024
 REFERENCE_MAX = 2000  # reference images a threshold is calibrated on
 REFERENCE_MIN = 20  # fewer give a quantile that is one image's distance, not a false-alarm rate
+REDRAWS = 10  # --drop-copies' default: draws of an image after the first that was a near-copy
 EXACT = 1e-6  # a distance this small is a copy whatever the threshold: float rounding, not a change
 # a reference image this much nearer one training image than to its k-th nearest, and than the
 # references' median distance to their k-th nearest (which duplicates leave as it is), is that
@@ -296,13 +297,13 @@ class CopyFilter:
     image closer than it is drawn again with new noise, at most `redraws` times."""
     train: torch.Tensor  # as_sampled at written_at
     calibration: Calibration
-    redraws: int = 10
+    redraws: int = REDRAWS
     views: tuple[str, ...] = ()  # seen_views of the run
     written_at: int | None = None  # sample --size
 
     @classmethod
     def calibrated(cls, train_u8: torch.Tensor, holdout_u8: torch.Tensor | None = None,
-                   share: float = 0.01, redraws: int = 10, views: tuple[str, ...] = (),
+                   share: float = 0.01, redraws: int = REDRAWS, views: tuple[str, ...] = (),
                    written_at: int | None = None) -> CopyFilter:
         """The threshold as `ddpmkit audit` will calibrate it on the images written."""
         train_u8 = as_sampled(train_u8, written_at or train_u8.shape[-1])
