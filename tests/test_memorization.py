@@ -666,3 +666,23 @@ def test_drop_copies_at_size_applies_the_audits_test(run, tmp_path, capsys):
     assert copy_rate(pool, [run], recorded_copy_threshold(out)) == (
         f"{audited['copy_rate']:.1%} ({audited['copies']} of 6; threshold "
         f"{said['threshold']:.4f}, the one --drop-copies used)")
+
+
+def test_a_holdout_folders_unreadable_and_generated_images_are_said(run, tmp_path):
+    """As training says what it leaves out of a folder, so does --holdout."""
+    from ddpmkit.audit import run_audit
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    held = tmp_path / "held"
+    held.mkdir()
+    for i, img in enumerate(digits8[300:340].flip(-1)):  # digits the run never saw
+        Image.fromarray(img[0].numpy()).save(held / f"{i}.png")
+    (held / "broken.png").write_bytes(b"not a png")
+    assert main(["sample", str(run), "-n", "3", "--steps", "2", "--out", str(held / "gen"),
+                 "--quiet"]) == 0
+    said = []
+    run_audit(_pngs(tmp_path / "gen", digits8[:20]), run,
+              holdout=f"data.path={held} data.on_error=skip", features="none", log=said.append)
+    assert any(m.startswith("--holdout: warning: skipped 1 unreadable image(s), e.g.")
+               and "broken.png" in m for m in said), said
+    assert any(m.startswith("--holdout: left out 3 image(s) under") for m in said), said

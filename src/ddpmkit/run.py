@@ -194,10 +194,11 @@ class RunDir:
         values = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "class_names"}
         return values | {"data.channels": cfg.model.in_channels}
 
-    def other_data(self, where: str, flag: str = "--holdout") -> ImageData:
+    def other_data(self, where: str, flag: str = "--holdout", log=print) -> ImageData:
         """Real images besides the training ones, read as those were (size, channels, bit depth):
         a folder or file, or data.key=value words changing the run's own data (data.split=val;
-        'data.path=other.npz data.split=val')."""
+        'data.path=other.npz data.split=val'). What reading them leaves out is said, as in
+        training."""
         values = self.data_values()
         if "=" in where and not Path(where).exists():  # a folder may be named a=b
             for word in _DATA_WORD.split(where.strip()):
@@ -210,9 +211,13 @@ class RunDir:
         else:
             values |= {"data.path": where, "data.labels": None, "data.split": "train"}
         try:
-            return load_images(data_config(values), log=lambda *_: None)
+            data = load_images(data_config(values), log=lambda message: log(f"{flag}: {message}"))
         except UserError as exc:  # the flag it came from, for the user to find
             raise UserError(f"{flag} {where}: {exc}") from None
+        if data.skipped:
+            log(f"{flag}: warning: skipped {len(data.skipped)} unreadable image(s), e.g. "
+                f"{data.skipped[0][0]}: {data.skipped[0][1]}")
+        return data
 
     def unseen(self, images: torch.Tensor) -> torch.Tensor:
         """Per image (uint8): True unless it is one of the run's recorded training images."""
@@ -233,7 +238,7 @@ class RunDir:
                 raise UserError("--drop-overlap leaves training images out of --holdout: add "
                                 "--holdout DATA, or leave --drop-overlap out")
             return None
-        data = self.other_data(where)
+        data = self.other_data(where, log=log)
         if data.upsampled:
             side = self.config().data.image_size
             log(f"holdout: warning: {data.upsampled} of its {len(data)} images are smaller than "

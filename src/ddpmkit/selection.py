@@ -185,7 +185,7 @@ def validation_images(run: RunDir, where: str, names: list[str],
     """--select-val: labelled real images for the thresholds (`RunDir.other_data`). Training
     images among them are left out: the selector has learnt those, so they would set the
     thresholds too high."""
-    data = run.other_data(where, "--select-val")
+    data = run.other_data(where, "--select-val", log)
     if not data.labels or any(label is None for label in data.labels):
         raise UserError(f"--select-val {where}: its images have no labels, and each class has its "
                         f"own threshold: give labelled images (data.labels=CSV, class subfolders, "
