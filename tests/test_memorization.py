@@ -483,6 +483,15 @@ def test_a_run_trained_on_mirrored_images_is_audited_for_mirrored_copies(tmp_pat
     saved = json.loads(capsys.readouterr().out)
     assert saved["training_views"] == ["as trained", "hflip"] and saved["copies"] == 10
     assert [r["training_image"] for r in saved["nearest"][:10]] == list(range(10))
+    # the page shows each mirrored copy's training image mirrored, as it matched
+    from ddpmkit.metrics.memorization import as_matched
+
+    shown, turned = as_matched(digits8[3].flip(-1), digits8[3], ("hflip",))
+    assert turned and torch.equal(shown, digits8[3].flip(-1))
+    shown, turned = as_matched(digits8[3], digits8[3], ("hflip",))
+    assert not turned and torch.equal(shown, digits8[3])
+    copies = [f for f in (gen / "audit.html").read_text().split("<figure>") if "· copy<" in f]
+    assert len(copies) == 10 and all("(shown as matched: flipped or turned)" in f for f in copies)
 
 
 def test_a_holdout_is_read_at_the_runs_size_and_the_data_folder_is_no_generated_folder(

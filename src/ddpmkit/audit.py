@@ -24,7 +24,7 @@ from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
-from .metrics.memorization import (Audit, Calibration, as_sampled, audit, nearest,
+from .metrics.memorization import (Audit, Calibration, as_matched, as_sampled, audit, nearest,
                                    nearest_features, seen_views)
 from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
                       refuse_being_written, write_about_images)
@@ -220,12 +220,7 @@ def _name_images(summary: dict, generated: list[str], training: list[str]) -> No
 def page(summary: dict, result: Audit, gen: torch.Tensor, train: torch.Tensor) -> str:
     """The audit as one self-contained page: numbers, the two distance histograms, closest pairs."""
     e, n = html.escape, result.neighbours
-    pairs = "".join(
-        f"<figure><img alt='pair {i}' src='{_uri(torch.stack([gen[i], train[n.index[i]]]))}'>"
-        f"<figcaption>{e(summary['nearest'][i]['file'])} · training "
-        f"{e(Path(summary['nearest'][i]['training_file']).name)} · d {n.d1[i]:.4f}"
-        f"{' · copy' if result.copies[i] else ''}</figcaption></figure>"
-        for i in np.argsort(n.d1)[:PAIRS_SHOWN])
+    pairs = "".join(_pair(summary, result, gen, train, i) for i in np.argsort(n.d1)[:PAIRS_SHOWN])
     bins, hist = summary["distances"]["bins"], summary["distances"]
     centres = [(a + b) / 2 for a, b in zip(bins, bins[1:])]
     shares = {k: (np.array(hist[k], float) / max(1, sum(hist[k]))).tolist()
@@ -249,6 +244,19 @@ def page(summary: dict, result: Audit, gen: torch.Tensor, train: torch.Tensor) -
             f"<h2>Per class</h2><table><tr><th>class</th><th>generated</th><th>copies</th></tr>"
             f"{classes}</table><h2>Closest pairs (generated, training)</h2>"
             f"<div class='strip'>{pairs}</div></body></html>")
+
+
+def _pair(summary: dict, result: Audit, gen: torch.Tensor, train: torch.Tensor, i: int) -> str:
+    """Generated image i beside its nearest training image, shown in the view it matched in."""
+    shown, turned = as_matched(gen[i], train[result.neighbours.index[i]],
+                               tuple(summary["training_views"][1:]))
+    row = summary["nearest"][i]
+    return (f"<figure><img alt='pair {i}' src='{_uri(torch.stack([gen[i], shown]))}'>"
+            f"<figcaption>{html.escape(row['file'])} · training "
+            f"{html.escape('/'.join(Path(row['training_file']).parts[-2:]))}"
+            f"{' (shown as matched: flipped or turned)' if turned else ''} · d "
+            f"{result.neighbours.d1[i]:.4f}{' · copy' if result.copies[i] else ''}</figcaption>"
+            f"</figure>")
 
 
 def _in_features(summary: dict) -> str:

@@ -141,11 +141,26 @@ def nearest(query_u8: torch.Tensor, ref_u8: torch.Tensor, k: int = 5, shift: int
     """Nearest reference image of each query image in pixels, the references also seen in
     `views` (FLIPS); `exclude[i]`: a reference image left out for query i (itself, for
     leave-one-out distances within one set)."""
-    if "translate" in views:  # as far as train.augment's translations reach (augmentation.py)
-        shift = max(shift, ref_u8.shape[-1] // 8)
-    windows = _overlaps(*ref_u8.shape[-2:], shift)
-    group = _group(tuple(v for v in views if v in FLIPS))
+    windows, group = _searched(ref_u8.shape[-2:], shift, views)
     return _search(query_u8, ref_u8, lambda q, r: _similarities(q, r, windows, group), k, exclude)
+
+
+def _searched(size: tuple[int, int], shift: int, views: tuple[str, ...]) -> tuple[list, list]:
+    """The windows and the reference views `nearest` compares in."""
+    if "translate" in views:  # as far as train.augment's translations reach (augmentation.py)
+        shift = max(shift, size[-1] // 8)
+    return _overlaps(*size, shift), _group(tuple(v for v in views if v in FLIPS))
+
+
+def as_matched(query_u8: torch.Tensor, ref_u8: torch.Tensor,
+               views: tuple[str, ...] = ()) -> tuple[torch.Tensor, bool]:
+    """One reference image (C x H x W) in the view `nearest` matched the query in, and whether
+    that view is another than the image as stored: a mirrored copy is shown mirrored."""
+    windows, group = _searched(ref_u8.shape[-2:], 1, views)
+    sims = [float(_similarities(query_u8[None], view(ref_u8[None]), windows, [lambda x: x]))
+            for view in group]
+    best = int(np.argmax(sims))
+    return group[best](ref_u8[None])[0], best != 0
 
 
 def nearest_features(query: torch.Tensor, ref: torch.Tensor, k: int = 5,
