@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 
@@ -312,6 +313,23 @@ def test_balance_refuses_labels_changed_since_training(tmp_path, capsys):
     assert len(err) == 1 and "now gives 3 image(s) of cat, and" in err[0], err
     assert "trained on 4: its labels changed since training" in err[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_images_added_before_a_resume_are_counted_in_the_runs_classes(tmp_path, capsys):
+    """Training resumed on more images records their classes too, so balance takes them as the
+    run's own and tops up the classes as they are now."""
+    run = _class_run(tmp_path, {"cat": 4, "dog": 2}, "--quiet")
+    write_images(tmp_path / "more", n=3, size=(8, 8), seed=9)
+    for f in (tmp_path / "more").iterdir():
+        f.rename(tmp_path / "data" / "dog" / f"new_{f.name}")
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'data'}", "model.class_conditional=true",
+                 "train.max_steps=4", f"--out={run}", *args, "--quiet"]) == 0
+    assert json.loads((run / "meta.json").read_text())["class_counts"] == {"cat": 4, "dog": 5}
+    capsys.readouterr()
+    assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 0
+    assert "cat: 4 real + 1 generated; dog: 5 real + 0 generated" in capsys.readouterr().out
 
 
 def _generated(out: Path, label: str) -> list[dict]:

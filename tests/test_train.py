@@ -200,6 +200,18 @@ def test_evaluation_during_training_picks_the_best_checkpoint(tiny, monkeypatch)
     assert all(r["eval"]["features"] == "classifier" and r["eval"]["fd"] > 0 for r in evals)
     state = run.read_state()
     assert state["best"] == min(state["checkpoints"], key=lambda e: e["fd"])["step"]
+    # resumed with another eval_num: its FDs are not compared with the earlier ones (an FD of
+    # fewer images is biased upward), so the one checkpoint measured so is the best
+    run = train(tiny(**{**{k: getattr(cfg.train, k.split(".")[1]) for k in (
+        "train.checkpoint_every", "train.eval_every")}, "train.max_steps": 40,
+        "train.eval_num": 16}), log=quiet, progress=False)
+    state = run.read_state()
+    assert state["best"] == 40 and [e.get("fd_of") for e in state["checkpoints"]][-1] == (
+        "classifier features of 16 images")
+    from ddpmkit.report import write_report
+
+    page = write_report(run.path).read_text()
+    assert "(classifier features of 16 images); 3 earlier evaluation(s) of other" in page
 
 
 def test_a_refused_start_leaves_no_files(tiny, tmp_path):

@@ -18,7 +18,7 @@ from .images import gif_bytes
 from .limits import check_memory
 from .errors import UserError, warn
 from .pixels import ImageFiles, read_image_files
-from .run import RunDir
+from .run import RunDir, fd_of
 
 MAX_STRIP = 10  # grids shown in the "learning" strip, evenly spaced over the run
 MAX_GRID_BYTES = 64 << 20  # a grid of 256 images of 256x256 pixels is about 50 MB
@@ -228,11 +228,15 @@ def _curves(logs: list[dict], evals: list[dict], audits: list[dict]) -> str:
              _figure(svg_plot([("images/s", steps, _series(logs, "images_per_sec"))], "step",
                               "images/s"),
                      "throughput (images per second)")]
-    if evals:
-        fd = [_number(r["eval"].get("fd")) for r in evals]
-        parts.append(_figure(svg_plot([("FD", [r["step"] for r in evals], fd)],
+    if evals:  # those measured as the latest was: FDs of other features or counts do not compare
+        latest = fd_of(evals[-1]["eval"])
+        same = [r for r in evals if fd_of(r["eval"]) == latest]
+        fd = [_number(r["eval"].get("fd")) for r in same]
+        left_out = (f"; {len(evals) - len(same)} earlier evaluation(s) of other features or "
+                    f"counts left out" if len(same) < len(evals) else "")
+        parts.append(_figure(svg_plot([("FD", [r["step"] for r in same], fd)],
                                       "step", "Frechet distance"),
-                             f"evaluation: Frechet distance ({evals[-1]['eval'].get('features')})"))
+                             f"evaluation: Frechet distance ({latest}){left_out}"))
     if audits:
         rate = [_number(r["audit"].get("copy_rate")) for r in audits]
         parts.append(_figure(svg_plot([("copies", [r["step"] for r in audits], rate)], "step",

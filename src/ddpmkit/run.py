@@ -38,7 +38,7 @@ from .unet import UNet, check_fits
 MAX_STATS_LINE = 1 << 20  # a row ddpmkit writes is a few hundred bytes
 FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
 # meta.json's fields a resume brings up to date: what the run trains on from then on
-RESUMED_META = ("data", "num_images", "skipped_images", "processes")
+RESUMED_META = ("data", "num_images", "skipped_images", "processes", "class_counts")
 READ_AS_TRAINED = ("data.image_size", "data.channels", "data.bit_depth")
 RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html",
              "learning.gif")
@@ -505,13 +505,16 @@ class RunDir:
         entries = self.read_state()["checkpoints"]
         for e in entries:
             if e["step"] == step:
-                e["fd"] = metrics["fd"]
+                e["fd"], e["fd_of"] = metrics["fd"], fd_of(metrics)
         self._commit(entries, keep_last)
 
     def _commit(self, entries: list[dict], keep_last: int) -> None:
         """Name the kept checkpoints and the best one in state.json, then delete the others: files
         of checkpoints/ that hold what ddpmkit recorded there, nothing else."""
-        scored = [e for e in entries if "fd" in e]  # best: lowest eval FD, else lowest mean loss
+        # best: lowest eval FD of those measured as the latest was (train.eval_features and
+        # eval_num may change on resume), else lowest mean loss
+        scored = [e for e in entries if "fd" in e]
+        scored = [e for e in scored if e.get("fd_of") == max(scored, key=_step).get("fd_of")]
         by_loss = [e for e in entries if e["loss"] is not None and math.isfinite(e["loss"])]
         if scored:
             best = min(scored, key=lambda e: e["fd"])["step"]
@@ -532,6 +535,15 @@ def refused_changes(old: dict, new: dict) -> list[str]:
     a, b = flatten(old), flatten(new)
     return [k for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not k.startswith(SAME_COMPUTATION + ROUNDING_ONLY)]
+
+
+def fd_of(metrics: dict) -> str:
+    """What an evaluation's FD was measured on: only FDs of the same are compared."""
+    return f"{metrics.get('features')} features of {metrics.get('images')} images"
+
+
+def _step(entry: dict) -> int:
+    return entry["step"]
 
 
 def _is_int(value) -> bool:
