@@ -584,6 +584,18 @@ def test_img2img_records_the_steps_it_ran(tiny_run, tmp_path):
         assert json.loads(next(csv.DictReader(f))["parameters"])["steps"] == 11
     restore_folder(tiny_run, "img2img", tmp_path / "in", out, strength=0.1, steps=40,
                    log=lambda *a: None)  # not refused as another job
+    # inpainting and denoise sampling: at most the schedule's 100 steps, recorded as run
+    masks = tmp_path / "masks"
+    _write_pngs(masks, [np.full((8, 8), 255, np.uint8)], ["a.png"])
+    for kind, options in (("inpaint", {"masks_dir": masks, "resamplings": 1}),
+                          ("denoise", {"method": "sample", "sigma": 0.3})):
+        out = tmp_path / kind
+        restore_folder(tiny_run, kind, tmp_path / "in", out, steps=5000, log=lambda *a: None,
+                       **options)
+        with open(out / "manifest.csv") as f:
+            assert json.loads(next(csv.DictReader(f))["parameters"])["steps"] == 100, kind
+        restore_folder(tiny_run, kind, tmp_path / "in", out, steps=100, log=lambda *a: None,
+                       **options)  # the same job
 
 
 def test_restoration_keeps_the_runs_clipping_choice(tiny_run, tmp_path):
@@ -608,11 +620,14 @@ def test_a_flat_image_reads_as_clean_and_gets_the_smallest_level(tiny_run, tmp_p
         assert estimate_sigma(black) == [0.0]
         assert estimate_sigma(red) == [pytest.approx(0.0, abs=1e-12)]
     _write_pngs(tmp_path / "in", [np.zeros((8, 8), np.uint8)], ["black.png"])
+    said = []
     out = restore_folder(tiny_run, "denoise", tmp_path / "in", tmp_path / "out", sigma="auto",
-                         log=lambda *a: None)
+                         log=said.append)
     with open(out / "manifest.csv") as f:
         assert float(next(csv.DictReader(f))["sigma"]) == pytest.approx(
             sigma_range(tiny_run.schedule)[0], rel=1e-5)
+    assert any(m.startswith("denoise: note: 1 image(s) look cleaner than the least noise")
+               for m in said), said
 
 
 def test_a_rerun_restores_only_what_an_interrupted_run_left(tiny_run, tmp_path, monkeypatch):
@@ -640,9 +655,11 @@ def test_a_rerun_restores_only_what_an_interrupted_run_left(tiny_run, tmp_path, 
     restored, real_run_on = [], restoration.Restoration.run_on
     monkeypatch.setattr(restoration.Restoration, "run_on", lambda self, run, batch, *a:
                         restored.append(len(batch)) or real_run_on(self, run, batch, *a))
+    said = []
     restore_folder(tiny_run, "img2img", tmp_path / "in", tmp_path / "out", steps=3, batch_size=1,
-                   log=lambda *a: None)
+                   log=said.append)
     assert restored == [1]  # the one image the interrupted run had not written
+    assert f"resuming: 2 of 3 images already in {tmp_path / 'out'}" in said
     for name in ["grid.png", "manifest.csv", *(f"individual/{n}" for n in names)]:
         assert (tmp_path / "out" / name).read_bytes() == (whole / name).read_bytes(), name
     # an output of another shape than its input (replaced by hand) is made again, not shown

@@ -424,8 +424,11 @@ class Restoration:
         return replace(self, sampler=sampler, steps=steps, sigma=sigma)
 
     def on_schedule(self, schedule: Schedule) -> Restoration:
-        """img2img's steps as the timesteps it runs: at most the integers below its t, whatever
-        --steps asked (so the manifest says what ran, and 50 and 5,000 calls there are one job)."""
+        """The steps as they run, so the manifest says what ran and 250 and 5,000 asked of a
+        1,000-step schedule are one job: img2img's at most the integers below its t, inpainting's
+        and denoise sampling's at most the schedule's."""
+        if self.kind != "img2img" and self.steps is not None:
+            return replace(self, steps=min(self.steps, schedule.num_timesteps))
         if self.kind != "img2img" or self.strength == 0:
             return self
         t = self.strength * (schedule.num_timesteps - 1)
@@ -589,6 +592,9 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
     identity = job.identity(run, Path(inputs_dir), files, images, masks)
     with OutputFolder(out, RESTORE, identity, fresh, force, reads):
         outputs, sigmas = _finished(out, files, images), [""] * len(files)  # a rerun resumes
+        done = sum(o is not None for o in outputs)
+        if done:
+            log(f"resuming: {done} of {len(files)} images already in {out}")
         for i in (i for i, done in enumerate(outputs) if done is not None and kind == "denoise"):
             sigmas[i] = resolve_sigma(run.schedule, images[i][None], job.sigma)[0]
         for idx in _batches_of_one_size(images, job.batch_size, skip=outputs):
@@ -605,9 +611,23 @@ def restore_folder(run: Run, kind: str, inputs_dir, out_dir, *, log: Callable[[s
                                    png_bytes(img, text), fsync=False)
                 outputs[i] = img
         _write_summary(out, files, images, outputs, sigmas, job)
+    if kind == "denoise" and job.sigma == "auto":
+        _say_clamped(run, sigmas, log)
     log(f"{kind}: wrote {len(files)} images to {out}/individual, before/after grid {out}/grid.png, "
         f"manifest {out}/manifest.csv")
     return out
+
+
+def _say_clamped(run: Run, sigmas: list[float], log) -> None:
+    """Estimates outside the noise the model was trained to remove are denoised at its edge."""
+    lo, hi = sigma_range(run.schedule)
+    low, high = sum(s == lo for s in sigmas), sum(s == hi for s in sigmas)
+    if low:
+        log(f"denoise: note: {low} image(s) look cleaner than the least noise {run.path} was "
+            f"trained to remove (sigma {lo:.4g}): denoised at that level (the manifest's sigma)")
+    if high:
+        log(f"denoise: note: {high} image(s) look noisier than the most noise {run.path} was "
+            f"trained on (sigma {hi:.4g}): denoised at that level (the manifest's sigma)")
 
 
 def _finished(out: Path, files: list[Path], images: list[torch.Tensor]
