@@ -24,7 +24,7 @@ from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing
 from .metrics import features as fx
 from .metrics.evaluate import cache_dir, cached_features, read_generated
-from .metrics.memorization import (Audit, Calibration, as_matched, as_sampled, audit, nearest,
+from .metrics.memorization import (Audit, as_matched, as_sampled, audit, nearest,
                                    nearest_features, seen_views)
 from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
                       refuse_being_written, write_about_images)
@@ -164,7 +164,7 @@ def add_feature_view(summary: dict, extractor: fx.Extractor, sets: tuple, in_pix
     found = audit(torch.from_numpy(extractor(gen)[0]), _real_features(extractor, train, log),
                   None if held is None else _real_features(extractor, held, log),
                   summary["share"], search=nearest_features)
-    summary["features"] = {"extractor": extractor.name, **_calibration(found.calibration),
+    summary["features"] = {"extractor": extractor.name, **found.calibration.summary(),
                            "copies": int(found.copies.sum()), "copy_rate": found.copy_rate,
                            "copies_in_both": int((found.copies & in_pixels.copies).sum()),
                            "same_nearest_image": float((found.neighbours.index
@@ -192,7 +192,7 @@ def summarise(result: Audit, labels: list[str], train_count: int) -> dict:
                 "copy": bool(c)} for i, (j, d, r, c) in enumerate(zip(n.index, n.d1, n.ratio,
                                                                       result.copies))]
     return {"generated": len(labels), "copies": int(result.copies.sum()),
-            "copy_rate": result.copy_rate, **_calibration(result.calibration),
+            "copy_rate": result.copy_rate, **result.calibration.summary(),
             "per_class": per_class,
             "training_images_copied": len(copied),
             "training_share_copied": len(copied) / train_count,
@@ -200,11 +200,6 @@ def summarise(result: Audit, labels: list[str], train_count: int) -> dict:
             "distances": {"bins": bins.tolist(), "generated": np.histogram(n.d1, bins)[0].tolist(),
                           "reference": np.histogram(reference, bins)[0].tolist()},
             "nearest": nearest}
-
-
-def _calibration(cal: Calibration) -> dict:
-    return {"threshold": cal.threshold, "calibrated_on": cal.on,
-            "duplicates_set_aside": cal.set_aside}
 
 
 def _name_images(summary: dict, generated: list[str], training: list[str]) -> None:

@@ -407,9 +407,7 @@ def copy_summary(out: Path, num: int, seed: int, copies: CopyFilter) -> dict:
     cal = copies.calibration
     left = int(is_copy(np.array([float(r[-1]) for r in rows if r[-1]]), cal.threshold).sum())
     return {"images": len(rows), "redrawn": sum(r[2] != str(seed) for r in rows),
-            "copies_left": left, "threshold": cal.threshold,
-            "calibrated_on": cal.on, "duplicates_set_aside": cal.set_aside,
-            "max_redraws": copies.redraws}
+            "copies_left": left, **cal.summary(), "max_redraws": copies.redraws}
 
 
 def _report_copies(summary: dict, log) -> None:

@@ -223,6 +223,11 @@ class Calibration:
     set_aside: int  # reference images that were duplicates of a training image
     share: float = 0.01  # of new real images the threshold would flag
 
+    def summary(self) -> dict:
+        """The threshold as the JSON outputs record it."""
+        return {"threshold": self.threshold, "calibrated_on": self.on,
+                "duplicates_set_aside": self.set_aside}
+
     def warn(self, prefix: str, log) -> None:
         """Tell the user what to know of the threshold: calibration images set aside as duplicates,
         and a share finer than the calibration images can resolve."""
