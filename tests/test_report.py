@@ -33,6 +33,19 @@ def test_training_writes_a_self_contained_report(report, capsys):
     assert capsys.readouterr().out.strip() == str(report.parent / "report.html")
 
 
+def test_the_header_counts_the_steps_to_the_latest_checkpoint(report, tmp_path):
+    """A run stopped between log intervals saved a checkpoint past its last logged step."""
+    from ddpmkit.report import build_report
+    from ddpmkit.run import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(report.parent, run)
+    stats = (run / "stats.jsonl").read_text().splitlines()
+    (run / "stats.jsonl").write_text("".join(
+        line + "\n" for line in stats if json.loads(line)["step"] <= 16))
+    assert "<p class='muted'>20 steps · " in build_report(RunDir(run))
+
+
 def test_a_damaged_grid_is_left_out_of_the_gif_not_the_end_of_training(report, tmp_path, capsys):
     run = shutil.copytree(report.parent, tmp_path / "run")
     grids = sorted((run / "grids").glob("step_*.png"))

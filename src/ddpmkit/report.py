@@ -197,7 +197,9 @@ def build_report(run: RunDir, warn=warn) -> str:
     meta, rows, e = run.meta(), run.read_stats(), html.escape
     logs = [r for r in rows if _number(r.get("loss")) is not None]
     env = meta.get("environment") if isinstance(meta.get("environment"), dict) else {}
-    last_step = logs[-1]["step"] if logs else 0
+    # a stop saves a checkpoint between log intervals: the run is as far as its latest one
+    last_step = max([logs[-1]["step"] if logs else 0,
+                     *(c["step"] for c in run.read_state()["checkpoints"])])
     parameters = _number(meta.get("parameters")) or 0
     counts = meta.get("class_counts") if isinstance(meta.get("class_counts"), dict) else {}
     shown = [f"{name} {count}" for name, count in list(counts.items())[:20]]
