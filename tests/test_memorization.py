@@ -695,3 +695,26 @@ def test_a_holdout_folders_unreadable_and_generated_images_are_said(run, tmp_pat
     assert any(m.startswith("--holdout: warning: skipped 1 unreadable image(s), e.g.")
                and "broken.png" in m for m in said), said
     assert any(m.startswith("--holdout: left out 3 image(s) under") for m in said), said
+
+
+def test_image_files_the_audit_does_not_read_are_named(run, tmp_path):
+    """A copy a user put into a sample's individual/ (in no manifest), or beside a folder's
+    individual/, is not audited: it would go unreported, so the audit says so."""
+    from ddpmkit.audit import run_audit
+
+    digits8 = load_images(DataConfig(image_size=8), log=lambda *_: None).images
+    out = tmp_path / "s"
+    assert main(["sample", str(run), "-n", "4", "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    said = []
+    run_audit(out, run, features="none", log=said.append)
+    assert not [m for m in said if "not audited" in m], said  # its own files, grids included
+    Image.fromarray(digits8[5, 0].numpy()).save(out / "individual" / "999999.png")
+    said.clear()
+    run_audit(out, run, features="none", log=said.append)
+    assert any(m.startswith(f"audit: warning: 1 image file(s) under {out} are not audited")
+               and "999999.png" in m for m in said), said
+    plain = _pngs(tmp_path / "plain", digits8[:3])
+    Image.fromarray(digits8[5, 0].numpy()).save(plain / "beside.png")
+    said.clear()
+    run_audit(plain, run, features="none", log=said.append)
+    assert any("1 image file(s)" in m and "beside.png" in m for m in said), said

@@ -28,6 +28,7 @@ from .metrics.memorization import (Audit, as_matched, as_sampled, audit, nearest
                                    nearest_features, seen_views)
 from .outputs import (PAGE_HEAD, RECORD, holds_data, job_identities, job_runs, manifest_images,
                       refuse_being_written, write_about_images)
+from .pixels import IMAGE_SUFFIXES
 from .report import CSS, data_uri, svg_plot
 from .run import RunDir
 from .runtime import resolve_device
@@ -44,6 +45,22 @@ def generated_images(gen: Path, size: int) -> tuple[torch.Tensor, list[str], lis
     written = min(images.shape[-2:])
     return (resize_center_crop(images, min(size, written)), [labels.get(f, "") for f in files],
             files, written)
+
+
+def _say_unread(gen: Path, files: list[str], log) -> None:
+    """Image files under GEN the audit does not read: in no manifest there (a sample's
+    individual/ holds one a user copied in) or beside a folder's individual/. A copy among
+    them would go unreported, so they are named."""
+    jobs = [m.parent for m in gen.rglob("manifest.csv")]
+    listed = {str(p) for job in jobs for p, _ in manifest_images(job, "file")
+              or manifest_images(job, "output")} | set(files)
+    written = {str(job / "grid.png") for job in jobs}  # a restoration's before/after grid
+    unread = sorted(p for p in gen.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                    and p.is_file() and not p.is_symlink() and str(p) not in listed | written
+                    and "grids" not in p.relative_to(gen).parts)
+    if unread:
+        log(f"audit: warning: {len(unread)} image file(s) under {gen} are not audited (in no "
+            f"manifest there, or beside individual/), e.g. {unread[0]}: audit them on their own")
 
 
 def _refuse_another_runs_images(gen: Path, run: RunDir) -> None:
@@ -98,6 +115,7 @@ def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = Non
                         f"images (one inside the data folder is fine)")
     _refuse_another_runs_images(gen, run)
     gen_images, labels, files, gen_size = generated_images(gen, cfg.data.image_size)
+    _say_unread(gen, files, log)
     train = as_sampled(data.images, gen_size)
     if gen_images.shape[1] != train.shape[1]:
         kind = "grayscale" if train.shape[1] == 1 else "RGB"
