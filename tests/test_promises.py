@@ -54,6 +54,9 @@ def test_a_resume_that_would_compute_something_else_is_refused(tiny):
     with pytest.raises(UserError,
                        match=r"trained with a different config \(train.lr: 0.002 -> 0.5\)"):
         train(tiny(**{"train.max_steps": 4, "train.lr": 0.5}), log=quiet, progress=False)
+    with pytest.raises(UserError, match=r"; train.augment: \[\] -> \[hflip\]; "):  # as typed
+        train(tiny(**{"train.max_steps": 4, "train.augment": ["hflip"], "train.augment_p": 0.5}),
+              log=quiet, progress=False)
     said = []  # refused before the audit's threshold and the evaluation classifier are computed
     with pytest.raises(UserError, match="trained with a different config"):
         train(tiny(**{"train.max_steps": 4, "train.lr": 0.5, "train.audit_every": 2,

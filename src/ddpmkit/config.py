@@ -389,8 +389,9 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config key train.augment: {t.augment} is not a list of distinct "
                         f"operations from: {', '.join(OPERATIONS)}")
     if bool(t.augment) != (t.augment_p > 0):
-        raise UserError(f"config keys train.augment={t.augment} and train.augment_p={t.augment_p}: "
-                        f"set both (operations and a probability above 0) or neither")
+        raise UserError(f"config keys train.augment={as_typed(t.augment)} and "
+                        f"train.augment_p={t.augment_p}: set both (operations and a probability "
+                        f"above 0) or neither")
 
 
 def level_resolutions(cfg: Config) -> list[int]:
@@ -551,6 +552,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None,
                           allow_unicode=True)
+
+
+def as_typed(value: Any) -> str:
+    """A config value as a user types it in an override: `false`, `null`, `[1, 2]`."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -28,7 +28,8 @@ import torch
 
 from . import atomic
 from .checkpoint import file_sha256, load_into, read_checkpoint
-from .config import Config, data_config, flatten, from_dict, parse_override, read_yaml, to_yaml
+from .config import (Config, as_typed, data_config, flatten, from_dict, parse_override, read_yaml,
+                     to_yaml)
 from .data import ImageData, image_digests, load_images
 from .errors import UserError, warn
 from .runtime import resolve_device
@@ -416,7 +417,8 @@ class RunDir:
         old, new = flatten(self.config().to_dict()), flatten(cfg.to_dict())
         refused = refused_changes(old, new)
         if refused:
-            shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused[:5])
+            shown = "; ".join(f"{k}: {as_typed(old.get(k))} -> {as_typed(new.get(k))}"
+                              for k in refused[:5])
             raise UserError(f"{self.path} was trained with a different config ({shown}): "
                             f"rerun with --fresh to start over there, or choose another --out")
 
@@ -435,8 +437,8 @@ class RunDir:
         """A resume's change that rounds differently: said, and recorded in meta.json with its
         step."""
         self.changes.append({"key": key, "from": old, "to": new})
-        log(f"note: {key} changes from {old!r} to {new!r}: from here the run equals an "
-            f"uninterrupted one to float rounding, not bit for bit (recorded in "
+        log(f"note: {key} changes from {as_typed(old)} to {as_typed(new)}: from here the run "
+            f"equals an uninterrupted one to float rounding, not bit for bit (recorded in "
             f"{self.meta_path.name})")
 
     def start(self, cfg: Config, meta: dict, step: int) -> None:
