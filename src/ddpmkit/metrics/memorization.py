@@ -24,6 +24,7 @@ no new image: it is set aside (`duplicates`), as a few of them would pull the qu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -192,9 +193,11 @@ def _search(query: torch.Tensor, ref: torch.Tensor, similarity: Similarity, k: i
 
 
 def threshold(reference_d1: np.ndarray, share: float) -> float:
-    """The distance below which `share` of the reference (held-out real) images fall: the
-    `share` quantile (lower interpolation, so no more than that share is under it)."""
-    return float(np.quantile(reference_d1, share, method="lower"))
+    """The distance a new real image falls below with probability at most `share`: the j-th
+    smallest of the n reference distances, j = floor(share (n + 1)), since a new image is as
+    likely to rank anywhere among n + 1. Where j would be 0, the smallest (`Calibration.warn`)."""
+    rank = max(1, math.floor(share * (len(reference_d1) + 1) + 1e-9))
+    return float(np.partition(reference_d1, rank - 1)[rank - 1])
 
 
 def as_sampled(images: torch.Tensor | None, size: int) -> torch.Tensor | None:
@@ -232,7 +235,7 @@ class Calibration:
         """Tell the user what to know of the threshold: calibration images set aside as duplicates,
         and a share finer than the calibration images can resolve."""
         n = len(self.reference_d1)
-        if self.share * n < 1:
+        if self.share * (n + 1) < 1:
             log(f"{prefix}: warning: a share of {self.share:g} of {n} calibration images is less "
                 f"than one: the threshold is their smallest distance, so about 1/{n + 1} "
                 f"({1 / (n + 1):.1%}) of new real images would be flagged, not {self.share:.1%}; "
