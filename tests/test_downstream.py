@@ -660,6 +660,13 @@ def test_a_selection_tuned_on_the_test_images_is_refused(tmp_path, capsys):
                  str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "of the test images set the thresholds that selected" in err[0], err
+    # written above the generator's size: its tuning images are compared at the size they had
+    sized = _balanced(tmp_path, data, "sized", "--select", "--select-val", "data.split=test",
+                      "--max-candidates", "200", "sample.size=16")
+    assert json.loads((sized / "selection.json").read_text())["tuned_on_size"] == 8
+    assert main(["downstream", "--real", str(data), "--synthetic", str(sized), "--out",
+                 str(tmp_path / "z"), "--seeds", "2", "--steps", "2"]) == 2
+    assert "of the test images set the thresholds" in capsys.readouterr().err
     fair = _balanced(tmp_path, data, "fair", "--select", "--max-candidates", "200")  # its val split
     assert main(["downstream", "--real", str(data), "--synthetic", str(fair), "--out",
                  str(tmp_path / "f"), "--seeds", "2", "--steps", "2"]) == 0

@@ -427,7 +427,8 @@ class TopUp:
                    for c, s in self.summary.items()}
         atomic.write_text(self.out / "selection.json", atomic.json_text(
             {"calibrated_on": self.selector.calibrated_on, "classes": classes,
-             "tuned_on_sha256": sorted(self.selector.tuned_on)}))
+             "tuned_on_sha256": sorted(self.selector.tuned_on),
+             "tuned_on_size": self.run.config.data.image_size}))
 
 
 SELECTION_COLUMNS = ["class", "file", "index", "seed", "score", "kept", "reason"]

@@ -288,34 +288,49 @@ def refuse_real_among_synthetic(synth: Pool, *pools: tuple[Pool | None, str]) ->
                             f"of its manifest.csv, or balance again")
 
 
-def selection_tuned_on(synthetic: Path) -> set[str]:
-    """The digests of the real images that set a `balance --select` output's thresholds."""
+def selection_tuned_on(synthetic: Path) -> tuple[set[str], int | None]:
+    """The digests of the real images that set a `balance --select` output's thresholds, and the
+    size they were taken at (the generator's, which the output may have been written above)."""
     try:
-        tuned = atomic.read_json(synthetic / "selection.json").get("tuned_on_sha256") or []
+        record = atomic.read_json(synthetic / "selection.json")
+        tuned, size = record.get("tuned_on_sha256") or [], record.get("tuned_on_size")
     except (OSError, ValueError, AttributeError):
-        return set()  # no selection, or none ddpmkit wrote
-    return {d for d in tuned if isinstance(d, str)}
+        return set(), None  # no selection, or none ddpmkit wrote
+    if tuned and type(size) is not int:
+        raise UserError(f"{synthetic}/selection.json was written by an earlier ddpmkit and does "
+                        f"not say at what size its thresholds' images were recorded: balance again")
+    return {d for d in tuned if isinstance(d, str)}, size
 
 
-def refuse_selection_tuned_on(test: Pool, synthetic: Path, split: str) -> None:
+def tuned_on(test: Pool, source: tuple[DataConfig, str], synthetic: Path,
+             names: list[str]) -> np.ndarray:
+    """Per test image: did it set a `balance --select` output's thresholds? Compared at the size
+    the selection recorded them at, reading the test split again there when the study's differs
+    (a recorded image resampled to another size would match no test image)."""
+    digests, size = selection_tuned_on(synthetic)
+    if not digests or size == test.images.shape[-1]:
+        return among(test, digests)
+    return among(load_real(*source, size, test.images.shape[1], names), digests)
+
+
+def refuse_selection_tuned_on(tuned: np.ndarray, synthetic: Path, split: str) -> None:
     """Test images that set a `balance --select` output's thresholds (its selection.json): the
     selected arm would be scored on the images it was tuned on."""
-    overlap = int(among(test, selection_tuned_on(synthetic)).sum())
-    if overlap:
-        raise UserError(f"{overlap} of the {split} images set the thresholds that selected "
-                        f"{synthetic}'s images (its selection.json): test on other images, or "
-                        f"balance again with --select-val on a validation split")
+    if tuned.any():
+        raise UserError(f"{int(tuned.sum())} of the {split} images set the thresholds that "
+                        f"selected {synthetic}'s images (its selection.json): test on other "
+                        f"images, or balance again with --select-val on a validation split")
 
 
 def _drop_seen(pool: Pool, split: str, trained: set[str], real: set[str], synthetic: set[str],
-               tuned: set[str]) -> tuple[Pool, str]:
+               tuned: np.ndarray) -> tuple[Pool, str]:
     """For choosing on a validation split: its images the generator saw, the classifiers train
     on, or that sit among the synthetic ones, dropped and counted; those that tuned the selection
     are kept (the split that sets the thresholds is the one choices are made on) and counted."""
     seen, in_real = among(pool, trained), among(pool, real)
     in_synth = among(pool, synthetic) & ~seen & ~in_real
     kept = _without(pool, seen | in_real | in_synth)
-    tuned_kept = int(among(kept, tuned).sum())
+    tuned_kept = int((tuned & ~(seen | in_real | in_synth)).sum())
     note = (f"{int(seen.sum())} {split} images the generator saw were dropped; "
             + (f"{int((in_real & ~seen).sum())} more that the classifiers train on; "
                if (in_real & ~seen).any() else "")
@@ -782,10 +797,10 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     lineage = generators_training_digests(runs, size, synth.images.shape[1], not unverified)
     trained = lineage.digests
     dropped, real_digests = "", set(real_pool.digests)
+    tuned = tuned_on(test_pool, test_source, synth_folder, names)
     if drop_seen:
         test_pool, dropped = _drop_seen(test_pool, test_split or "test", trained, real_digests,
-                                        set(synth.digests),
-                                        selection_tuned_on(synth_folder))
+                                        set(synth.digests), tuned)
     calibration_pool = None
     if calibration is not None or calibration_split is not None:
         source, split = _split_source(real, calibration, calibration_split, "val", "--calibration")
@@ -800,7 +815,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
         dropped += note
     _every_class(test_pool, names, _named(*test_source))
     if not drop_seen:  # a choice on a val split may be made where the thresholds were set
-        refuse_selection_tuned_on(test_pool, synth_folder, test_split or "test")
+        refuse_selection_tuned_on(tuned, synth_folder, test_split or "test")
     refuse_real_among_synthetic(synth, (test_pool, test_split or "test"),
                                 (calibration_pool, "calibration"))
     leakage = check_no_leakage(test_pool, runs, lineage, not unverified, test_split or "test")
