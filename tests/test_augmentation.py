@@ -77,6 +77,7 @@ def test_no_label_is_the_same_as_nothing_done(tiny, tmp_path):
     ({"train.augment": ["hflip", "hflip"], "train.augment_p": 0.5}, "train.augment"),
     ({"train.augment": ["hflip"]}, "augment_p"),
     ({"train.augment_p": 0.5}, "augment_p"),
+    ({"train.augment": ["translate"], "train.augment_p": 1}, "augment_p=1: every training image"),
 ])
 def test_bad_augmentation_keys_are_refused(tmp_path, overrides, says):
     with pytest.raises(UserError, match=says):
