@@ -200,6 +200,11 @@ def test_json_output_for_scripts(trained, tmp_path, capsys):
     assert cli("train", *TINY_ARGS, "--steps", 20, "--out", trained, "--json") == 0
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == 20 and out["report"].endswith("report.html")
+    assert out["stopped_by"] == "train.max_steps"
+    assert cli("train", *TINY_ARGS, "--steps", 50, "--max-minutes", 1e-6, "train.log_every=2",
+               "--out", tmp_path / "timed", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stopped_by"] == "train.max_minutes" and out["step"] < 50
     # fewer steps than it has: still a no-op, and its record is not rewritten
     recorded = (trained / "config.yaml").read_text()
     assert cli("train", *TINY_ARGS, "--steps", 5, "--out", trained, "--json") == 0

@@ -442,7 +442,9 @@ def cmd_train(ns: argparse.Namespace) -> None:
     if ns.json and world.is_main:
         state = run.read_state()
         latest = max(state["checkpoints"], key=lambda e: e["step"])
+        done = latest["step"] >= run.config().train.max_steps
         _print_json({"run": str(run.path), "step": latest["step"],
+                     "stopped_by": "train.max_steps" if done else "train.max_minutes",
                      "checkpoint": str(run.path / latest["file"]), "best_step": state["best"],
                      "report": str(run.path / "report.html"), "stats": str(run.stats_path)})
 
