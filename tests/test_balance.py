@@ -313,6 +313,14 @@ def test_balance_refuses_labels_changed_since_training(tmp_path, capsys):
     assert len(err) == 1 and "now gives 3 image(s) of cat, and" in err[0], err
     assert "trained on 4: its labels changed since training" in err[0]
     assert not (tmp_path / "b").exists()
+    # trained on from here: said, as a resume on changed images is, and recorded
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'data'}", "model.class_conditional=true",
+                 "train.max_steps=4", f"--out={run}", *args, "--quiet"]) == 0
+    assert ("warning: the labels changed since " + str(run) + " started (images per class cat: "
+            "4 -> 3)") in capsys.readouterr().out  # the moved image replaced one of the same name
+    assert json.loads((run / "meta.json").read_text())["class_counts"] == {"cat": 3, "dog": 2}
 
 
 def test_images_added_before_a_resume_are_counted_in_the_runs_classes(tmp_path, capsys):

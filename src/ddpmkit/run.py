@@ -492,6 +492,18 @@ class RunDir:
                 f"{self.digests_path.name} now records those too")
         atomic.write_text(self.digests_path, "\n".join(sorted(before | now)) + "\n")
 
+    def warn_relabelled(self, counts: dict[str, int] | None, log) -> None:
+        """A resume on relabelled data (a labels CSV edited since) is said, as one on changed
+        images is: the run has learnt its classes from both labellings."""
+        before = self.meta().get("class_counts")
+        if not isinstance(before, dict) or not counts or before == counts:
+            return
+        changed = [f"{c}: {before.get(c, 0)} -> {counts.get(c, 0)}"
+                   for c in sorted(set(before) | set(counts)) if before.get(c) != counts.get(c)]
+        log(f"warning: the labels changed since {self.path} started (images per class "
+            f"{', '.join(changed[:5])}): training goes on with them, and {self.meta_path.name} "
+            f"now records the new counts")
+
     def add_checkpoint(self, sha256: str, step: int, mean_loss: float, keep_last: int) -> None:
         """Record the checkpoint of `step` (already written to checkpoint_file(step)), then
         prune."""

@@ -276,6 +276,8 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
                 "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
                 "parameters": count_parameters(state.model), "processes": job.world.size,
                 "init_from": pretrained, "class_counts": _class_counts(data, job.cfg)}
+        if resume_from is not None:
+            run.warn_relabelled(meta["class_counts"], log)
         run.start(job.cfg, meta, state.step)
         run.truncate_stats(state.step)
         if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
