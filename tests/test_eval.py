@@ -215,6 +215,12 @@ def test_the_classifier_against_an_unlabelled_run_is_refused_in_one_line(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"(training data of {run}), has no labels" in err[0], err
     assert "use --features inception or efficientnet" in err[0] and "statistics" not in err[0]
+    # the run's data edited since it trained: not the reference it names any more
+    edited = sorted((tmp_path / "plain").iterdir())[0]
+    Image.fromarray(255 - np.asarray(Image.open(edited))).save(edited)
+    assert main(["eval", str(gen), "--ref", str(run), "--features", "efficientnet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data has changed since it trained (1 image(s)" in err[0], err
 
 
 def test_reading_generated_images_never_takes_the_grids(tmp_path):

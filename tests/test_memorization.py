@@ -321,6 +321,7 @@ def test_every_user_of_a_threshold_is_told_when_its_share_is_finer_than_its_imag
     CopyFilter.calibrated(train[:24]).calibration.warn("--drop-copies", said.append)
     assert len(said) == 1 and said[0].startswith("--drop-copies: warning: a share of 0.01 of 24")
     assert "about 1/25 (4.0%) of new real images would be flagged" in said[0]
+    assert said[0].endswith("give more held-out images (--holdout)")  # no --share here
     said.clear()
     CopyFilter.calibrated(train[:200], share=0.01).calibration.warn("audit", said.append)
     assert said == []
@@ -340,6 +341,7 @@ def test_drop_overlap_leaves_training_images_out_of_the_holdout(run, tmp_path, c
     # 30 calibration images cannot resolve a 1% quantile: the rate it gives instead is said
     assert "a share of 0.01 of 30 calibration images is less than one: " in said
     assert "about 1/31 (3.2%) of new real images would be flagged, not 1.0%" in said
+    assert "give more held-out images (--holdout) or a larger --share" in said
     saved = json.loads((gen / "audit.json").read_text())
     assert saved["calibrated_on"] == "held-out" and sum(saved["distances"]["reference"]) == 30
     assert saved["copies"] == 30  # every generated image is a training image

@@ -125,7 +125,8 @@ def run_audit(gen: str | Path, ref: str | Path | None, holdout: str | None = Non
     held = as_sampled(run.holdout_images(holdout, drop_overlap, log), gen_size)
     views = seen_views(cfg)
     result = audit(gen_images, train, held, share, partial(nearest, views=views))
-    result.calibration.warn("audit", log)
+    result.calibration.warn("audit", log, "give more held-out images (--holdout) or a larger "
+                                          "--share")
     summary = {"written_by": "ddpmkit audit", "gen": str(gen.resolve()),
                "run": str(run.path.resolve()),
                "holdout": holdout if holdout is None or "=" in holdout

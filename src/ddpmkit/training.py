@@ -664,7 +664,8 @@ def _copy_filter(prep: Prepared, log) -> CopyFilter:
     copies = CopyFilter.calibrated(prep.data.images, views=seen_views(prep.cfg))
     log(f"train.audit_every: near-copy threshold {copies.calibration.threshold:.4f} (leave-one-out "
         f"distances of the training images)")
-    copies.calibration.warn("train.audit_every", log)
+    copies.calibration.warn("train.audit_every", log, "audit the samples of a checkpoint against "
+                            "held-out images (ddpmkit audit --holdout)")
     return copies
 
 

@@ -95,6 +95,7 @@ def resolve_reference(refs: list[str], gen_size: int,
     if paths and RunDir(paths[0]).is_run():
         path = Path(paths[0])
         _refuse_imported(path, paths[0])
+        RunDir(path).training_set(log=lambda *_: None)  # refused where its data changed since
         return _from_data(replace(RunDir(path).config().data, image_size=gen_size),
                           f" (training data of {path})")
     if paths and Path(paths[0]).is_dir():  # a half-written reference would shift every metric

@@ -231,15 +231,15 @@ class Calibration:
         return {"threshold": self.threshold, "calibrated_on": self.on,
                 "duplicates_set_aside": self.set_aside}
 
-    def warn(self, prefix: str, log) -> None:
+    def warn(self, prefix: str, log, remedy: str = "give more held-out images (--holdout)") -> None:
         """Tell the user what to know of the threshold: calibration images set aside as duplicates,
-        and a share finer than the calibration images can resolve."""
+        and a share finer than the calibration images can resolve (and the command's `remedy`)."""
         n = len(self.reference_d1)
         if self.share * (n + 1) < 1:
             log(f"{prefix}: warning: a share of {self.share:g} of {n} calibration images is less "
                 f"than one: the threshold is their smallest distance, so about 1/{n + 1} "
                 f"({1 / (n + 1):.1%}) of new real images would be flagged, not {self.share:.1%}; "
-                f"give more held-out images (--holdout) or a larger --share")
+                f"{remedy}")
         if not self.set_aside:
             return
         if self.on == "held-out":
