@@ -155,8 +155,8 @@ class Anchors:
                             f"{SampleConfig.spacing} (the run's config.yaml names the other)")
 
     def checked(self, spec: SamplingSpec, num_timesteps: int) -> SamplingSpec:
-        """`spec` checked, with the steps these images take: at most the integer timesteps below
-        the strength's t."""
+        """`spec` checked, with the steps these images take: the strength's t, then at most the
+        integer timesteps below it (`timesteps_from`)."""
         self.check(self.strength, spec)
         taken = timesteps_from(self.strength * (num_timesteps - 1), spec.steps_for(num_timesteps))
         return dataclasses.replace(spec, steps=len(taken))
