@@ -48,8 +48,8 @@ def test_sample_writes_the_layout(trained, tmp_path):
     assert (len(rows) == 40 and rows[3]["file"] == "individual/000003.png"
             and rows[3]["synthetic"] == "true")
     assert rows[0]["steps"] == "5" and rows[0]["checkpoint"] == "step_000000020.safetensors"
-    with Image.open(out / "trajectory.gif") as gif:
-        assert gif.n_frames == 5
+    with Image.open(out / "trajectory.gif") as gif:  # the noise, then each of the 5 steps
+        assert gif.n_frames == 6
 
 
 def test_sampling_does_not_depend_on_batch_size(trained, tmp_path):

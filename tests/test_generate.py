@@ -248,12 +248,12 @@ def test_every_sampler_from_the_cli(run_dir, tmp_path, sampler):
     assert cli("sample", run_dir, "--num", 2, "--sampler", sampler, "--steps", 3, "--spacing",
                "karras", "--out", out, "--gif") == 0
     assert len(rows(out)) == 2 and rows(out)[0]["sampler"] == sampler
-    with Image.open(out / "trajectory.gif") as gif:  # 3 frames (the image library merges equal
-        durations = []                                # neighbours, adding their durations)
+    with Image.open(out / "trajectory.gif") as gif:  # noise and 3 steps (the image library
+        durations = []                                # merges equal neighbours, adding durations)
         for k in range(gif.n_frames):
             gif.seek(k)
             durations.append(gif.info["duration"])
-        assert sum(durations) == 2 * 80 + 1500
+        assert sum(durations) == 3 * 80 + 1500
 
 
 def test_a_sampler_default_longer_than_the_schedule_is_capped_at_T(tmp_path):

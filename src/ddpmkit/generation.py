@@ -179,7 +179,8 @@ def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec
                  anchors: Anchors | None = None) -> torch.Tensor:
     """Images `indices` as [-1, 1] floats on the run's device; image k depends only on (seed, k)
     (and, for a class-conditional run, on its class: spec.class_label, or class k mod K). With
-    `anchors`, image k starts from real image k mod n instead of pure noise."""
+    `anchors`, image k starts from real image k mod n instead of pure noise. `callback` is first
+    called as (-1, the starting images, None), then after each step."""
     indices = list(indices)
     shape = (run.channels, run.image_size, run.image_size)
     noise = ImageNoise(seed, indices, shape, run.device)
@@ -190,6 +191,8 @@ def sample_batch(run: Run, indices: Sequence[int], seed: int, spec: SamplingSpec
     steps = spec.steps_for(run.schedule.num_timesteps)
     x, timesteps = (anchors.start(run, indices, noise, steps) if anchors else
                     (noise(), make_timesteps(steps, run.schedule, spec.spacing)))
+    if callback:
+        callback(-1, x, None)
     return SAMPLERS[spec.sampler](denoiser, x, timesteps, noise, callback=callback,
                                   **spec.options())
 
@@ -521,8 +524,8 @@ def trajectory_gif(run: Run, cfg: SampleConfig, spec: SamplingSpec,
                    anchors: Anchors | None = None) -> bytes:
     """The first images (same noise as in the job) from noise to image, as a GIF of grids."""
     n = min(cfg.num, GIF_IMAGES)
-    keep = set(np.round(np.linspace(0, spec.steps - 1,
-                                    min(GIF_FRAMES, spec.steps))).astype(int).tolist())
+    keep = {-1} | set(np.round(np.linspace(0, spec.steps - 1,
+                                           min(GIF_FRAMES, spec.steps))).astype(int).tolist())
     frames = []
 
     def record(i, x, x0):
