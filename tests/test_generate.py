@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -307,6 +308,13 @@ def test_gif_of_a_folder_that_is_not_a_training_run_says_so(run_dir, tmp_path, c
                        (["--frame-ms", 5], "--frame-ms 5: a GIF frame lasts 10 to 655350 ms"),
                        (["--frame-ms", 10**8], "a GIF frame lasts 10 to 655350 ms")):
         assert cli("gif", run_dir, *args) == 2 and says in capsys.readouterr().err
+    other = tmp_path / "other"  # another run's learning.gif is not this run's to replace
+    shutil.copytree(run_dir, other)
+    assert cli("gif", other) == 0
+    made = (other / "learning.gif").read_bytes()
+    assert cli("gif", run_dir, "--out", other / "learning.gif") == 2
+    assert f"is inside {other}, another training run" in capsys.readouterr().err
+    assert (other / "learning.gif").read_bytes() == made
     assert cli("info", run_dir, "--batch-sizes", "8,0") == 2
     assert ("--batch-sizes takes comma-separated positive integers, got '8,0'"
             in capsys.readouterr().err)

@@ -578,6 +578,11 @@ def cmd_gif(ns: argparse.Namespace) -> None:
     if out.suffix.lower() != ".gif":
         raise UserError(f"--out {out}: a GIF's name ends in .gif")
     refuse_run_folders(out, "learning.gif")
+    owner = out.expanduser().resolve().parent
+    if RunDir(owner).is_run() and owner != run_dir.path.resolve():
+        raise UserError(f"--out {out} is inside {owner}, another training run, whose files are its "
+                        f"own: write {run_dir.path}'s GIF elsewhere, e.g. "
+                        f"--out {run_dir.path / 'learning.gif'}")
     if out.is_symlink() or (out.is_file() and atomic.head(out, 4) != b"GIF8"):
         raise UserError(f"{out} is not a GIF: choose another --out (ddpmkit never replaces it)")
     # a data or samples folder: "no training grids" would read as a run that lost them
