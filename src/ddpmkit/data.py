@@ -129,7 +129,7 @@ def refuse_labels_off_folder(path: Path, cfg: DataConfig) -> None:
     if cfg.labels is not None and (not path.is_dir() or is_idx_data(path)):
         raise UserError(f"data.labels={cfg.labels} names images in a folder, and {path} is not "
                         f"a folder of images: drop data.labels (an .npz takes labels from its "
-                        f"*_labels arrays, IDX from its labels file)")
+                        f"*_labels or y arrays, IDX from its labels file)")
 
 
 def class_order(labels) -> list[str]:

@@ -127,7 +127,7 @@ def load_real(source: str | DataConfig, split: str, size: int, channels: int | N
     if not data.labels:
         raise UserError(f"{_named(source, split)}: no labels; "
                         f"the study needs labelled real images (class subfolders, an .npz with "
-                        f"*_labels, or a CSV: --real-labels, --test-labels)")
+                        f"*_labels or y, or a CSV: --real-labels, --test-labels)")
     where = replace(source, path=str(Path(source.path).expanduser().resolve()))
     return Pool(data.images, _indices(data.labels, names, _named(source, split)),
                 source=_named(where, split))
@@ -781,7 +781,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     probe = load_images(replace(real, split=real_split, image_size=8))  # its labels only
     if not probe.labels:
         raise UserError(f"{real.path}: no labels; the study needs labelled real images "
-                        f"(class subfolders, an .npz with *_labels, "
+                        f"(class subfolders, an .npz with *_labels or y, "
                         f"or a CSV naming them: --real-labels)")
     names = class_order(probe.labels)
     synth, runs = load_synthetic(synth_folder, names)

@@ -81,7 +81,7 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
 
 
 NEEDS_LABELS = ("model.class_conditional=true needs labels: a CSV (data.labels), class subfolders "
-                "(DATA/<class>/image.png), an .npz with *_labels, or the bundled digits")
+                "(DATA/<class>/image.png), an .npz with *_labels or y, or the bundled digits")
 
 
 def architecture(cfg: Config, log=print) -> tuple[Config, str]:

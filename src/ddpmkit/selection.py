@@ -189,7 +189,7 @@ def validation_images(run: RunDir, where: str, names: list[str],
     if not data.labels or any(label is None for label in data.labels):
         raise UserError(f"--select-val {where}: its images have no labels, and each class has its "
                         f"own threshold: give labelled images (data.labels=CSV, class subfolders, "
-                        f"or an .npz with *_labels)")
+                        f"or an .npz with *_labels or y)")
     known = torch.tensor([label in names for label in data.labels], dtype=torch.bool)
     keep = known & run.unseen(data.images)
     if known.any() and not keep.any():
