@@ -482,3 +482,15 @@ def test_one_class_of_samples_against_every_class_is_noted_and_the_class_can_be_
     own = evaluate(gen, ["data.filter_label=3"], ("fid",), "efficientnet", log=said.append)
     assert not any("every generated image" in s for s in said)
     assert own["metrics"]["fd"] < every["metrics"]["fd"] / 2
+
+
+def test_the_classifier_features_do_not_depend_on_the_reference_images_order(tmp_path):
+    """A folder and the run that trained on it list the same images in other orders: the
+    evaluation classifier, and so every FD it gives, must be the same."""
+    images, labels = digits(96)
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    one = fx.classifier(images, labels, tmp_path, log=lambda *_: None)
+    other = fx.classifier(images[order], [labels[i] for i in order], tmp_path / "b",
+                          log=lambda *_: None)
+    assert one.identity() == other.identity()
+    assert np.array_equal(one(images[:8])[0], other(images[:8])[0])

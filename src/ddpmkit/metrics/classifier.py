@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import atomic
-from ..data import batch_to_model
+from ..data import batch_to_model, image_digests
 from ..runtime import mix_seed
 
 
@@ -101,11 +101,16 @@ def cached_fit(cache_dir: Path, images_u8: torch.Tensor, labels: np.ndarray, cla
                announce: str, log=print, **options) -> SmallResNet:
     """fit(), loaded from `cache_dir` when the same images, labels and options were fitted before
     (the fit is seeded, so the file holds what fitting again would give); `announce` is logged
-    when it fits."""
+    when it fits. The images are fitted in the order of their digests, so the same labelled set
+    read in another order (a folder against the run that trained on it) gives the same network."""
     from safetensors.torch import load_file
 
     from ..checkpoint import save_tensors
 
+    order = np.lexsort((np.asarray(labels), np.array(image_digests(images_u8))))
+    images_u8, labels = images_u8[torch.from_numpy(order)], np.asarray(labels)[order]
+    if options.get("weights") is not None:
+        options = options | {"weights": options["weights"][torch.from_numpy(order)]}
     weights = options.get("weights")
     recipe = {k: v for k, v in options.items() if k != "weights"}
     key = hashlib.sha256(images_u8.cpu().numpy().tobytes() + np.asarray(labels).tobytes()
