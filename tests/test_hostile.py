@@ -5,6 +5,7 @@ import base64
 import contextlib
 import csv
 import gzip
+import io
 import json
 import os
 import signal
@@ -581,6 +582,19 @@ def test_array_files_that_declare_more_than_they_hold_or_than_memory_are_refused
             member.write(bytes(2**20))
     with pytest.raises(UserError, match=r"bomb.npz\[train_images\] declares an array of shape"):
         load_images(DataConfig(path=str(tmp_path / "bomb.npz")))
+    # the same bomb behind a small decoy: numpy reads the member named `train_images` first
+    decoy = tmp_path / "decoy.npz"
+    with zipfile.ZipFile(tmp_path / "bomb.npz") as bomb, zipfile.ZipFile(decoy, "w") as z:
+        small = io.BytesIO()
+        np.save(small, np.zeros((4, 8, 8), np.uint8))
+        z.writestr("train_images.npy", small.getvalue())
+        z.writestr("train_images", bomb.read("train_images.npy"))
+    with pytest.raises(UserError, match=r"decoy.npz\[train_images\] declares an array of shape"):
+        load_images(DataConfig(path=str(decoy)))
+    plain = tmp_path / "plain.npz"  # a member without the .npy suffix is read, and checked
+    with zipfile.ZipFile(plain, "w") as z:
+        z.writestr("train_images", small.getvalue())
+    assert load_images(DataConfig(path=str(plain), image_size=8)).images.shape == (4, 1, 8, 8)
 
 
 def test_a_statistics_file_is_checked_before_it_is_inflated(tmp_path, monkeypatch, capsys):

@@ -619,7 +619,8 @@ def check_npz_member(path: Path, key: str, fix: str = _SMALLER) -> None:
     """An .npz member's declared shape against its stored (uncompressed) size and the memory it
     takes, before numpy inflates it: a few compressed megabytes can inflate to gigabytes."""
     with zipfile.ZipFile(path) as z:
-        info = z.getinfo(f"{key}.npy")
+        # the member numpy reads for this key: one named exactly `key` before `key`.npy
+        info = z.getinfo(key if key in z.namelist() else f"{key}.npy")
         with z.open(info) as f:
             _check_npy_header(f, info.file_size, f"{path}[{key}]", fix)
 
