@@ -745,3 +745,18 @@ def test_a_synthetic_folder_whose_job_did_not_finish_is_refused_as_unfinished(tm
     with pytest.raises(UserError, match="holds a ddpmkit job that did not finish .* rerun the "
                                         "command that made it"):
         load_synthetic(folder, ["a", "b"])
+
+
+def test_an_edited_selection_record_is_refused_in_one_line(tmp_path):
+    from ddpmkit.downstream import selection_tuned_on
+
+    assert selection_tuned_on(tmp_path) == (set(), None)  # no selection
+    for record, says in (({"tuned_on_sha256": 5}, "is not a list of digests"),
+                         ({"tuned_on_sha256": ["ab", 3]}, "is not a list of digests"),
+                         ({"tuned_on_sha256": ["ab"]}, "written by an earlier ddpmkit")):
+        (tmp_path / "selection.json").write_text(json.dumps(record))
+        with pytest.raises(UserError, match=says):
+            selection_tuned_on(tmp_path)
+    (tmp_path / "selection.json").write_text(json.dumps({"tuned_on_sha256": ["ab"],
+                                                         "tuned_on_size": 8}))
+    assert selection_tuned_on(tmp_path) == ({"ab"}, 8)

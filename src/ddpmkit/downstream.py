@@ -296,10 +296,13 @@ def selection_tuned_on(synthetic: Path) -> tuple[set[str], int | None]:
         tuned, size = record.get("tuned_on_sha256") or [], record.get("tuned_on_size")
     except (OSError, ValueError, AttributeError):
         return set(), None  # no selection, or none ddpmkit wrote
+    if not isinstance(tuned, list) or not all(isinstance(d, str) for d in tuned):
+        raise UserError(f"{synthetic}/selection.json: tuned_on_sha256 is not a list of digests, so "
+                        f"not a record balance wrote: balance again")
     if tuned and type(size) is not int:
         raise UserError(f"{synthetic}/selection.json was written by an earlier ddpmkit and does "
                         f"not say at what size its thresholds' images were recorded: balance again")
-    return {d for d in tuned if isinstance(d, str)}, size
+    return set(tuned), size
 
 
 def tuned_on(test: Pool, source: tuple[DataConfig, str], synthetic: Path,
