@@ -1038,3 +1038,15 @@ def test_training_with_activation_checkpointing_still_counts_the_optimizer_state
     check_fits(cfg, 8, torch.device("cpu"))  # sampling: the weights fit
     with pytest.raises(UserError, match=f"the UNet \\({params:,} parameters\\) needs"):
         check_fits(cfg, 8, torch.device("cpu"), batch=0)
+
+
+def test_a_manifest_index_that_is_a_digit_only_to_unicode_is_not_an_index(tmp_path):
+    """'²' passes str.isdigit and fails int(): an edited manifest's row is not a finished image."""
+    from ddpmkit.generation import MANIFEST_COLUMNS, finished_rows
+
+    (tmp_path / "individual").mkdir()
+    (tmp_path / "individual" / "000002.png").write_bytes(b"")
+    rows = [MANIFEST_COLUMNS, ["individual/000002.png", "²", "0", "ddim", "3", "c", "", "true"],
+            ["individual/000002.png", "2", "0", "ddim", "3", "c", "", "true"]]
+    (tmp_path / "manifest.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    assert list(finished_rows(tmp_path)) == [2]

@@ -50,7 +50,7 @@ from .data import (class_order, has_named_splits, image_digests, load_images, na
 from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import as_sampled, audit, is_copy, nearest, seen_views
-from .outputs import (RECORD, Kind, OutputFolder, existing, job_identities, job_runs,
+from .outputs import (RECORD, Kind, OutputFolder, existing, is_index, job_identities, job_runs,
                       manifest_images, read_record, refuse_special, refuse_unfinished)
 from .pixels import read_image
 from .run import RunDir, recorded_bit_depth
@@ -176,7 +176,7 @@ def load_unselected(folder: Path, size: int, names: list[str], kept: Pool) -> Po
     rows = manifest_images(folder, "file", name="selection.csv")
     if not rows:
         return None
-    if any(not row.get("index", "").isdigit() or row.get("class") not in names for _, row in rows):
+    if any(not is_index(row.get("index", "")) or row.get("class") not in names for _, row in rows):
         raise UserError(f"{folder / 'selection.csv'} is not a selection record ddpmkit wrote: "
                         f"every row needs a class of the study and an index")
     counts, chosen = np.bincount(kept.labels, minlength=len(names)), []

@@ -40,7 +40,7 @@ from .errors import UserError, expect
 from .images import gif_bytes, make_grid, png_bytes, scale_for_viewing, to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE, check_count, check_memory
 from .metrics.memorization import CopyFilter, is_copy
-from .outputs import (SAMPLE, OutputFolder, escaped, read_manifest, refuse_runs_data,
+from .outputs import (SAMPLE, OutputFolder, escaped, is_index, read_manifest, refuse_runs_data,
                       write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
@@ -288,7 +288,7 @@ def finished_rows(out: Path) -> dict[int, list[str]]:
     rows: dict[int, list[str]] = {}
     for path in [out / "manifest.csv", *sorted(out.glob(".manifest-rank*.csv"))]:
         for row in read_manifest(path, header=path.name == "manifest.csv"):
-            if len(row) in (len(MANIFEST_COLUMNS), len(MANIFEST_COLUMNS) + 1) and row[1].isdigit() \
+            if len(row) in (len(MANIFEST_COLUMNS), len(MANIFEST_COLUMNS) + 1) and is_index(row[1]) \
                     and row[0] == f"individual/{int(row[1]):06d}.png" and (out / row[0]).is_file():
                 rows[int(row[1])] = row
     return rows

@@ -88,6 +88,11 @@ def write_manifest(path: Path, rows: list[list], columns: list[str]) -> None:
     atomic.write_text(path, buf.getvalue(), fsync=True)
 
 
+def is_index(cell: str) -> bool:
+    """A manifest's index cell: ASCII digits (str.isdigit also takes '²', which int() refuses)."""
+    return cell.isascii() and cell.isdigit()
+
+
 def read_manifest(path: Path, header: bool = True) -> list[list[str]]:
     """The rows of a manifest `write_manifest` (or a job's partial manifest) wrote, without the
     header; a torn last line (a crash mid-append) is left out."""
