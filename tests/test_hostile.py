@@ -1040,8 +1040,8 @@ def test_training_with_activation_checkpointing_still_counts_the_optimizer_state
         check_fits(cfg, 8, torch.device("cpu"), batch=0)
 
 
-def test_a_manifest_index_that_is_a_digit_only_to_unicode_is_not_an_index(tmp_path):
-    """'²' passes str.isdigit and fails int(): an edited manifest's row is not a finished image."""
+def test_an_edited_manifest_row_is_not_a_finished_image(tmp_path):
+    """An index of "²" passes str.isdigit and fails int(); a nearest distance that is no number."""
     from ddpmkit.generation import MANIFEST_COLUMNS, finished_rows
 
     (tmp_path / "individual").mkdir()
@@ -1050,3 +1050,9 @@ def test_a_manifest_index_that_is_a_digit_only_to_unicode_is_not_an_index(tmp_pa
             ["individual/000002.png", "2", "0", "ddim", "3", "c", "", "true"]]
     (tmp_path / "manifest.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
     assert list(finished_rows(tmp_path)) == [2]
+    # with --drop-copies, a nearest distance that is not a number: the image is drawn again
+    for nearest, finished in (("0.25", [2]), ("abc", []), ("nan", []), ("", [])):
+        row = ["individual/000002.png", "2", "0", "ddim", "3", "c", "", "true", nearest]
+        (tmp_path / "manifest.csv").write_text(",".join([*MANIFEST_COLUMNS, "nearest"]) + "\n"
+                                               + ",".join(row) + "\n")
+        assert list(finished_rows(tmp_path)) == finished, nearest

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -284,14 +285,27 @@ def _job_identity(run: Run, cfg: SampleConfig, spec: SamplingSpec) -> dict:
 
 def finished_rows(out: Path) -> dict[int, list[str]]:
     """Rows of a finished manifest and of every rank's partial one whose image is there; a torn
-    last line (a crash mid-append) is ignored."""
+    last line (a crash mid-append), or one edited past reading, is not finished."""
     rows: dict[int, list[str]] = {}
     for path in [out / "manifest.csv", *sorted(out.glob(".manifest-rank*.csv"))]:
         for row in read_manifest(path, header=path.name == "manifest.csv"):
-            if len(row) in (len(MANIFEST_COLUMNS), len(MANIFEST_COLUMNS) + 1) and is_index(row[1]) \
-                    and row[0] == f"individual/{int(row[1]):06d}.png" and (out / row[0]).is_file():
+            if _finished(row, out):
                 rows[int(row[1])] = row
     return rows
+
+
+def _finished(row: list[str], out: Path) -> bool:
+    """A manifest row naming its image by index, the image there, and (with --drop-copies) its
+    nearest distance a number."""
+    if len(row) not in (len(MANIFEST_COLUMNS), len(MANIFEST_COLUMNS) + 1) or not is_index(row[1]):
+        return False
+    if len(row) > len(MANIFEST_COLUMNS):
+        try:
+            if not math.isfinite(float(row[-1])):
+                return False
+        except ValueError:
+            return False
+    return row[0] == f"individual/{int(row[1]):06d}.png" and (out / row[0]).is_file()
 
 
 class _Writer:
