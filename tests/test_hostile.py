@@ -94,6 +94,17 @@ def test_checkpoints_a_state_file_names_outside_the_run_are_never_deleted(
     assert victim.read_text() == "not ddpmkit's"
 
 
+def test_run_records_edited_to_hold_odd_types_are_refused_in_one_line(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path / "huge")
+    state = json.loads((run / "state.json").read_text())
+    state["checkpoints"][-1]["loss"] = 10**400  # an integer no float holds
+    (run / "state.json").write_text(json.dumps(state))
+    one_line(capsys, "report", run, says="with a loss or FD that is not a number")
+    odd = copy_run(run_dir, tmp_path / "odd")  # a meta.json of no format, environment a number
+    (odd / "meta.json").write_text(json.dumps({"environment": 5}))
+    one_line(capsys, "report", odd, says="is not a ddpmkit")
+
+
 def test_a_checkpoint_is_deleted_only_when_it_holds_what_ddpmkit_recorded(run_dir, tmp_path):
     run = copy_run(run_dir, tmp_path / "run")
     swapped = RunDir(run).checkpoint_file(2)

@@ -88,8 +88,9 @@ class RunDir:
     def is_run(self) -> bool:
         """Whether ddpmkit made this folder a run (of any version): its meta.json says so."""
         meta = self.meta()
+        environment = meta.get("environment")
         return (str(meta.get("format", "")).startswith("ddpmkit-run/")
-                or "ddpmkit" in (meta.get("environment") or {}))
+                or isinstance(environment, dict) and "ddpmkit" in environment)
 
     def config(self) -> Config:
         """The run's resolved config; a folder that is not a run of this format is refused."""
@@ -139,7 +140,8 @@ class RunDir:
         if not isinstance(e.get("sha256"), str) or not _SHA256.fullmatch(e["sha256"]):
             return f"checkpoint of step {e['step']} without a SHA-256"
         numbers = [e.get("loss"), e.get("fd")]
-        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or isinstance(v, int) and abs(v) >= 2**1024)  # past a float
                for v in numbers):
             return f"checkpoint of step {e['step']} with a loss or FD that is not a number"
         return None
