@@ -760,3 +760,24 @@ def test_an_edited_selection_record_is_refused_in_one_line(tmp_path):
     (tmp_path / "selection.json").write_text(json.dumps({"tuned_on_sha256": ["ab"],
                                                          "tuned_on_size": 8}))
     assert selection_tuned_on(tmp_path) == ({"ab"}, 8)
+
+
+def test_a_study_the_machine_cannot_hold_is_refused_before_its_folder_is_made(
+        tmp_path, capsys, monkeypatch):
+    """A balance output written far above the generator's size (sample.size) sets the study's
+    size: its classifiers' activations are checked against memory before anything is written."""
+    import ddpmkit.limits
+
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:30], ones[:60]]),
+                np.concatenate([zeros[100:], ones[150:]]))
+    balanced = _balanced(tmp_path, data, "mem")
+    monkeypatch.setattr(ddpmkit.limits, "available_memory", lambda: 4_000_000)
+    capsys.readouterr()
+    assert main(["downstream", "--real", str(data), "--synthetic", str(balanced), "--out",
+                 str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training the study's classifiers on 8x8 images (batch 64) needs" \
+        in err[0], err
+    assert not (tmp_path / "s").exists()

@@ -52,7 +52,8 @@ from .metrics.classifier import fit, predict
 from .metrics.memorization import as_sampled, audit, is_copy, nearest, seen_views
 from .outputs import (RECORD, Kind, OutputFolder, existing, is_index, job_identities, job_runs,
                       manifest_images, read_record, refuse_special, refuse_unfinished)
-from .pixels import read_image
+from .limits import check_memory
+from .pixels import declared_bytes, read_image
 from .run import RunDir, recorded_bit_depth
 
 TUNED = "balanced_accuracy@tuned"  # at the threshold tuned on the calibration split
@@ -160,6 +161,8 @@ def load_synthetic(folder: Path, names: list[str]) -> tuple[Pool, list[Path]]:
 def _of_one_size(paths: list[Path], listed_in: Path) -> torch.Tensor:
     """The images a manifest lists, which a balance output writes at the generator's one square
     size, the size the study runs at."""
+    check_memory(2 * sum(map(declared_bytes, paths)), f"decoding the images {listed_in} lists",
+                 "study the balance output written at the generator's size (without sample.size)")
     images = [read_image(path) for path in paths]
     sizes = sorted({tuple(img.shape[-2:]) for img in images})
     if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
@@ -889,12 +892,19 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
         log(f"study: balance --select output: arm real+selected takes its {len(synth.labels)} kept "
             f"images, real+synthetic as many unselected candidates")
     synth, selected = (synth, None) if unselected is None else (unselected, synth)
+    check_memory(max(recipe.batch * FIT_BYTES_PER_PIXEL, 512 * PREDICT_BYTES_PER_PIXEL) * size**2,
+                 f"training the study's classifiers on {size}x{size} images (batch "
+                 f"{recipe.batch})", "study the balance output written at the generator's size "
+                 "(without sample.size)")
     with out:
         return study(real_pool, synth, test_pool, names, out.path, leakage=leakage,
                      calibration=calibration_pool, log=log, copies=copies, selected=selected,
                      **asdict(recipe))
 
 
+# per input pixel of an image: what the classifier keeps for its backward (saved_tensors_hooks),
+# with headroom, and what a forward without gradients holds at once (predict's chunks of 512)
+FIT_BYTES_PER_PIXEL, PREDICT_BYTES_PER_PIXEL = 4096, 512
 STUDY_FILES = ("report.md", "results.json", "balanced_accuracy.svg")
 STUDY = Kind("study", "downstream study", "study results", "files no ddpmkit study wrote there",
              lambda out: existing(out, STUDY_FILES), lambda _job: set(STUDY_FILES).__contains__)

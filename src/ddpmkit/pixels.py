@@ -142,7 +142,7 @@ def read_image_files(files: list[Path], name: str, *, bit_depth: int | None = No
     size; images wider than 8 bits are decoded twice for that (once for the set's value range).
     Without `fit`, the decoded size the headers declare is checked against memory first."""
     if fit is None:
-        check_memory(2 * sum(map(_declared_bytes, files)), f"decoding {name} at full size",
+        check_memory(2 * sum(map(declared_bytes, files)), f"decoding {name} at full size",
                      "give fewer or smaller images")
     fit = fit or (lambda image: image)
     images, kept, skipped, wide = [], [], [], []  # wide: (place in images, file), scaled later
@@ -180,7 +180,7 @@ def read_image_files(files: list[Path], name: str, *, bit_depth: int | None = No
     return ImageFiles(images, kept, skipped, scales)
 
 
-def _declared_bytes(path: Path) -> int:
+def declared_bytes(path: Path) -> int:
     """The bytes an image file's header says its pixels take decoded (0 if it cannot be read)."""
     try:
         with open_image(path) as im:
