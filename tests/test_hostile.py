@@ -747,6 +747,15 @@ def test_a_class_named_with_control_characters_is_refused(tmp_path, capsys, stre
              "--out", tmp_path / "run", *TINY_ARGS,
              says="has a class named 'dog\\x1b]0;pwned\\x07', which holds control characters")
     assert not (tmp_path / "run").exists()
+    folders = os.fsencode(tmp_path / "folders")  # a class folder whose name is not UTF-8
+    for name in (b"cat", b"bad\xff"):
+        os.makedirs(os.path.join(folders, name))
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.fsdecode(os.path.join(folders, name,
+                                                                                  b"0.png")))
+    one_line(capsys, "train", "--data", os.fsdecode(folders), "model.class_conditional=true",
+             f"data.stream={stream}", "--out", tmp_path / "run", *TINY_ARGS,
+             says="has a class named 'bad\\udcff', which holds bytes that are not UTF-8")
+    assert not (tmp_path / "run").exists()
 
 
 def test_kid_has_no_spread_when_every_subset_is_the_whole_set():

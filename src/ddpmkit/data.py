@@ -93,11 +93,14 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
 
 def refuse_control_characters(labels, where: str) -> None:
     """A class name is printed in logs and written into reports: one holding control characters
-    could drive the terminal, so it is refused."""
+    could drive the terminal, and one that is not UTF-8 (a folder name's bytes) cannot be written
+    as text, so either is refused."""
     odd = next((name for name in set(labels) if escape_controls(name) != name), None)
     if odd is not None:
-        raise UserError(f"{where} has a class named '{escape_controls(odd)}', which holds control "
-                        f"characters: rename the class")
+        what = ("bytes that are not UTF-8" if any("\ud800" <= c <= "\udfff" for c in odd)
+                else "control characters")
+        raise UserError(f"{where} has a class named '{escape_controls(odd)}', which holds {what}: "
+                        f"rename the class")
 
 
 def keep_label(data: ImageData, label: str) -> ImageData:

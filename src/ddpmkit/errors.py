@@ -12,10 +12,11 @@ class UserError(Exception):
 
 
 # C0/C1 controls and bidirectional overrides: a file or class name holding them could move the
-# cursor, recolour the terminal or break the one-line message
+# cursor, recolour the terminal or break the one-line message. Surrogates: the bytes of a name
+# that are not UTF-8, as Python reads them, which no UTF-8 terminal or file can take.
 _CONTROLS = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
              for c in (*range(0x20), *range(0x7f, 0xa0), *range(0x202a, 0x202f),
-                       *range(0x2066, 0x206a))}
+                       *range(0x2066, 0x206a), *range(0xd800, 0xe000))}
 
 
 def escape_controls(text: object) -> str:
