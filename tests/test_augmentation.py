@@ -77,11 +77,19 @@ def test_no_label_is_the_same_as_nothing_done(tiny, tmp_path):
     ({"train.augment": ["hflip", "hflip"], "train.augment_p": 0.5}, "train.augment"),
     ({"train.augment": ["hflip"]}, "augment_p"),
     ({"train.augment_p": 0.5}, "augment_p"),
-    ({"train.augment": ["translate"], "train.augment_p": 1}, "augment_p=1: every training image"),
 ])
 def test_bad_augmentation_keys_are_refused(tmp_path, overrides, says):
     with pytest.raises(UserError, match=says):
         tiny_config(tmp_path, **overrides)
+
+
+def test_augmenting_every_image_is_refused_by_training_not_by_a_trained_runs_readers(tmp_path):
+    """At p = 1 the network never sees the 'none' label sampling gives it. Refused before training;
+    a run's config that holds it still loads (to sample, evaluate or report on it)."""
+    cfg = tiny_config(tmp_path, **{"train.augment": ["translate"], "train.augment_p": 1})
+    with pytest.raises(UserError, match="augment_p=1: every training image would be augmented"):
+        train(cfg, log=lambda *_: None, progress=False)
+    assert not (tmp_path / "run").exists() or not RunDir(tmp_path / "run").is_run()
 
 
 def _half_bright(folder, n=96):
@@ -157,6 +165,14 @@ def test_audit_every_is_refused_for_streamed_data_before_anything_is_written(tmp
     with pytest.raises(UserError, match="audit_every"):
         train(cfg, **QUIET)
     assert not (tmp_path / "run").exists()
+    # too few images for its leave-one-out threshold: the advice is one train can follow
+    few = tmp_path / "few.npy"
+    np.save(few, np.load(path)[:15])
+    cfg = tiny_config(tmp_path, **{"data.path": str(few), "train.audit_every": 10})
+    with pytest.raises(UserError, match=r"and 15 are fewer than 20: set train.audit_every=0 and "
+                                        r"audit samples afterwards against held-out images"):
+        train(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()
 
 
 def test_fine_tuning_a_run_without_augmentation_adds_a_new_embedding(tmp_path):
@@ -173,8 +189,8 @@ def test_fine_tuning_a_run_without_augmentation_adds_a_new_embedding(tmp_path):
     train(tiny_config(tmp_path / "again", **{
         "train.init_from": str(tuned.path), "train.augment": ["hflip"], "train.augment_p": 0.5,
         "train.max_steps": 1}), log=said.append, progress=False)
-    assert ("init_from: augmentation embedding new (train.augment ['hflip'], the source's "
-            "['vflip'])" in said)
+    assert ("init_from: augmentation embedding new (train.augment [hflip], the source's "
+            "[vflip])" in said)
 
 
 def test_audits_and_evaluations_between_checkpoints_are_made_at_their_own_steps(tmp_path):

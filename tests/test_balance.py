@@ -307,7 +307,7 @@ def test_balance_refuses_labels_changed_since_training(tmp_path, capsys):
     """The same images under other labels: digests cannot tell, the recorded class counts can."""
     run = _class_run(tmp_path, {"cat": 4, "dog": 2}, "--quiet")
     moved = sorted((tmp_path / "data" / "cat").iterdir())[0]
-    moved.rename(tmp_path / "data" / "dog" / moved.name)
+    moved.rename(tmp_path / "data" / "dog" / f"moved_{moved.name}")
     assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "now gives 3 image(s) of cat, and" in err[0], err
@@ -319,8 +319,8 @@ def test_balance_refuses_labels_changed_since_training(tmp_path, capsys):
     assert main(["train", f"--data={tmp_path / 'data'}", "model.class_conditional=true",
                  "train.max_steps=4", f"--out={run}", *args, "--quiet"]) == 0
     assert ("warning: the labels changed since " + str(run) + " started (images per class cat: "
-            "4 -> 3)") in capsys.readouterr().out  # the moved image replaced one of the same name
-    assert json.loads((run / "meta.json").read_text())["class_counts"] == {"cat": 3, "dog": 2}
+            "4 -> 3, dog: 2 -> 3)") in capsys.readouterr().out
+    assert json.loads((run / "meta.json").read_text())["class_counts"] == {"cat": 3, "dog": 3}
 
 
 def test_images_added_before_a_resume_are_counted_in_the_runs_classes(tmp_path, capsys):
@@ -335,7 +335,8 @@ def test_images_added_before_a_resume_are_counted_in_the_runs_classes(tmp_path, 
     assert main(["train", f"--data={tmp_path / 'data'}", "model.class_conditional=true",
                  "train.max_steps=4", f"--out={run}", *args, "--quiet"]) == 0
     assert json.loads((run / "meta.json").read_text())["class_counts"] == {"cat": 4, "dog": 5}
-    capsys.readouterr()
+    said = capsys.readouterr().out  # new images, not new labels
+    assert "the data changed since" in said and "the labels changed" not in said
     assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 0
     assert "cat: 4 real + 1 generated; dog: 5 real + 0 generated" in capsys.readouterr().out
 

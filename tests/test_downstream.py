@@ -778,6 +778,6 @@ def test_a_study_the_machine_cannot_hold_is_refused_before_its_folder_is_made(
     assert main(["downstream", "--real", str(data), "--synthetic", str(balanced), "--out",
                  str(tmp_path / "s"), "--seeds", "2", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "training the study's classifiers on 8x8 images (batch 64) needs" \
+    assert len(err) == 1 and "a study at 8x8 (" in err[0] and "trained at batch 64) needs" \
         in err[0], err
     assert not (tmp_path / "s").exists()

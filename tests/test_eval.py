@@ -248,7 +248,8 @@ def test_reading_generated_images_never_takes_the_grids(tmp_path):
 
 def test_references_are_read_at_the_generated_resolution(tmp_path):
     from conftest import write_images
-    from ddpmkit.config import load_config
+    from ddpmkit.config import DataConfig, load_config
+    from ddpmkit.data import image_digests, load_images
     from ddpmkit.metrics.evaluate import resolve_reference
 
     # no UNet could train at 75: none is asked to
@@ -260,6 +261,8 @@ def test_references_are_read_at_the_generated_resolution(tmp_path):
         resolve_reference([f"data.path={tmp_path / 'photos'}", "model.base_channels=8"], 75)
     run = tmp_path / "run"  # trained on the 8x8 digits; samples written at 32x32 (--size 32)
     RunDir(run).start(load_config(None, {}), {}, step=0)
+    digits8 = load_images(DataConfig(), log=lambda *_: None).images  # what it trained on
+    RunDir(run).record_training_images(image_digests(digits8), log=print)
     assert resolve_reference([str(run)], 32).images.shape == (1797, 1, 32, 32)
     # an .npz of images is data, as data.path takes it; one of mu and sigma is statistics
     np.savez(tmp_path / "imgs.npz", train_images=np.zeros((5, 8, 8), np.uint8))

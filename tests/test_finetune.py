@@ -158,7 +158,7 @@ def test_a_local_source_is_recorded_absolute_and_its_augmentation_change_named(
     run = train(tiny(**{"train.init_from": "aug", "train.max_steps": 2}), log=said.append,
                 progress=False)
     assert load_config(run.config_path).train.init_from == str(augmented.path.resolve())
-    assert ("init_from: augmentation embedding dropped (train.augment [], the source's ['hflip'])"
+    assert ("init_from: augmentation embedding dropped (train.augment [], the source's [hflip])"
             in said)
 
 

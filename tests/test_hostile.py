@@ -754,7 +754,13 @@ def test_a_class_named_with_control_characters_is_refused(tmp_path, capsys, stre
                                                                                   b"0.png")))
     one_line(capsys, "train", "--data", os.fsdecode(folders), "model.class_conditional=true",
              f"data.stream={stream}", "--out", tmp_path / "run", *TINY_ARGS,
-             says="has a class named 'bad\\udcff', which holds bytes that are not UTF-8")
+             says="bad\\udcff/0.png: this path is not valid UTF-8: rename it")
+    assert not (tmp_path / "run").exists()
+    os.rename(os.path.join(folders, b"bad\xff"), os.path.join(folders, b"dog"))  # a file, then
+    os.rename(os.path.join(folders, b"dog", b"0.png"), os.path.join(folders, b"dog", b"\xff.png"))
+    one_line(capsys, "train", "--data", os.fsdecode(folders), f"data.stream={stream}",
+             "--out", tmp_path / "run", *TINY_ARGS,
+             says="\\udcff.png: this path is not valid UTF-8: rename it")
     assert not (tmp_path / "run").exists()
 
 

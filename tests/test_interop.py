@@ -648,8 +648,15 @@ def test_class_names_that_do_not_fit_the_model_are_refused_on_import(tmp_path):
     export_diffusers(tmp_path / "run", tmp_path / "export", log=lambda m: None)
     names = tmp_path / "export" / CLASS_NAMES_FILE
     assert json.loads(names.read_text()) == {"class_names": ["0", "1", "2"], "label_dropout": 0.1}
-    for wrong in (["a", "b"], ["a", "a", "b"], "abc"):
+    for wrong in (["a", "b"], ["a", "a", "b"], "abc", ["a", "", "c"], ["a", 1, "c"]):
         names.write_text(json.dumps({"class_names": wrong}))
         with pytest.raises(UserError, match="class_names must be 3 distinct names"):
+            import_diffusers(tmp_path / "export", tmp_path / "back", log=lambda m: None)
+        assert not (tmp_path / "back").exists()
+    for record, says in (({"class_names": ["a\x1b[31m", "b", "c"]}, "which holds control"),
+                         ({"class_names": ["a", "b", "c"], "label_dropout": 2},
+                          "label_dropout 2 is not a share in")):
+        names.write_text(json.dumps(record))
+        with pytest.raises(UserError, match=says):
             import_diffusers(tmp_path / "export", tmp_path / "back", log=lambda m: None)
         assert not (tmp_path / "back").exists()

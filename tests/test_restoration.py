@@ -699,9 +699,20 @@ def test_a_file_name_that_is_not_utf8_is_refused_before_anything_is_written(tiny
     folder = tmp_path / "in"
     _write_pngs(folder, [np.full((8, 8), 90, np.uint8)], ["x.png"])
     (folder / "x.png").rename(folder / os.fsdecode(b"bad\xff.png"))
-    with pytest.raises(UserError, match="its name is not valid UTF-8: rename it"):
+    with pytest.raises(UserError, match="this path is not valid UTF-8: rename it"):
         restore_folder(tiny_run, "img2img", folder, tmp_path / "out", steps=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_hidden_files_in_the_input_folder_are_not_inputs(tiny_run, tmp_path):
+    """A folder copied from a Mac holds ._x.png beside x.png; tools leave .cache.png: skipped, as
+    the data folders' are."""
+    folder = tmp_path / "in"
+    _write_pngs(folder, [np.full((8, 8), 90, np.uint8)] * 2, ["x.png", ".cache.png"])
+    (folder / "._x.png").write_bytes(b"\x00\x05\x16\x07junk")  # AppleDouble, no image
+    out = restore_folder(tiny_run, "denoise", folder, tmp_path / "out", sigma=0.1,
+                         log=lambda *a: None)
+    assert sorted(p.name for p in (out / "individual").iterdir()) == ["x.png"]
 
 
 def test_a_transparent_mask_is_turned_upright_as_an_opaque_one_is(tmp_path):

@@ -206,12 +206,17 @@ def test_evaluation_during_training_picks_the_best_checkpoint(tiny, monkeypatch)
         "train.checkpoint_every", "train.eval_every")}, "train.max_steps": 40,
         "train.eval_num": 16}), log=quiet, progress=False)
     state = run.read_state()
+    weights = evals[-1]["eval"]["weights"]  # the classifier's: another one's FDs differ too
     assert state["best"] == 40 and [e.get("fd_of") for e in state["checkpoints"]][-1] == (
-        "classifier features of 16 images")
+        f"classifier features ({weights}) of 16 images")
     from ddpmkit.report import write_report
 
     page = write_report(run.path).read_text()
-    assert "(classifier features of 16 images); 3 earlier evaluation(s) of other" in page
+    assert (f"(classifier features ({weights}) of 16 images); 3 earlier evaluation(s) of other"
+            in page)
+    # the checkpoint table says what each FD was measured on: "best" is among the latest kind
+    assert f"<td>classifier features ({weights}) of 16 images</td>" in page
+    assert f"<td>classifier features ({weights}) of 24 images</td>" in page
 
 
 def test_a_refused_start_leaves_no_files(tiny, tmp_path):

@@ -392,10 +392,6 @@ def _check_values(cfg: Config) -> None:
         raise UserError(f"config keys train.augment={as_typed(t.augment)} and "
                         f"train.augment_p={t.augment_p}: set both (operations and a probability "
                         f"above 0) or neither")
-    if t.augment_p == 1:  # sampling asks for no augmentation: the network must have seen some
-        raise UserError("config key train.augment_p=1: every training image would be augmented, "
-                        "so the network never learns the un-augmented images it samples; give a "
-                        "probability below 1 (EDM uses about 0.12)")
 
 
 def level_resolutions(cfg: Config) -> list[int]:

@@ -93,14 +93,19 @@ def load_images(cfg: DataConfig, log=print) -> ImageData:
 
 def refuse_control_characters(labels, where: str) -> None:
     """A class name is printed in logs and written into reports: one holding control characters
-    could drive the terminal, and one that is not UTF-8 (a folder name's bytes) cannot be written
-    as text, so either is refused."""
+    could drive the terminal, so it is refused."""
     odd = next((name for name in set(labels) if escape_controls(name) != name), None)
     if odd is not None:
-        what = ("bytes that are not UTF-8" if any("\ud800" <= c <= "\udfff" for c in odd)
-                else "control characters")
-        raise UserError(f"{where} has a class named '{escape_controls(odd)}', which holds {what}: "
-                        f"rename the class")
+        raise UserError(f"{where} has a class named '{escape_controls(odd)}', which holds control "
+                        f"characters: rename the class")
+
+
+def refuse_non_utf8_names(files: list[Path]) -> None:
+    """Manifests and reports name the files in UTF-8 text: a path holding bytes that are not UTF-8
+    (which Python reads as lone surrogates) is refused."""
+    odd = next((f for f in files if any("\ud800" <= c <= "\udfff" for c in str(f))), None)
+    if odd is not None:
+        raise UserError(f"{escape_controls(odd)}: this path is not valid UTF-8: rename it")
 
 
 def keep_label(data: ImageData, label: str) -> ImageData:
@@ -364,6 +369,7 @@ def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path]
         files, labels = _select_by_csv(root, files, cfg, log)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
+    refuse_non_utf8_names(files)
     if labels is None:
         labels = _class_folder_labels(root, files)
     return files, labels

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 from . import atomic
 from .checkpoint import check_weights, load_into
 from .config import UPPER, Config, load_config, updated
-from .errors import UserError
+from .data import refuse_control_characters
+from .errors import UserError, escape_controls
 from .schedule import cosine_betas, linear_betas
 from .unet import UNet
 
@@ -481,15 +482,20 @@ def read_diffusers(source: str | Path, log=print) -> tuple[Config, UNet, dict]:
     ours = _read_json(folder / CLASS_NAMES_FILE) if _present(folder / CLASS_NAMES_FILE) else {}
     names, dropout = ours.get("class_names"), ours.get("label_dropout")
     known = isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1
+    if dropout is not None and not known:
+        raise UserError(f"{folder / CLASS_NAMES_FILE}: label_dropout {escape_controls(dropout)} is "
+                        f"not a share in [0, 1); fix or remove the file")
     if cfg.model.class_conditional:  # unknown counts as none: guidance needs the unconditional one
         cfg = updated(cfg, {"train.label_dropout": float(dropout) if known else 0.0})
     if names is not None and cfg.model.class_conditional:  # from a ddpmkit export
         if not (isinstance(names, list) and len(names) == cfg.model.num_classes
-                and len(set(map(str, names))) == len(names)):
+                and all(isinstance(n, str) and n.strip() for n in names)
+                and len(set(names)) == len(names)):
             raise UserError(f"{folder / CLASS_NAMES_FILE}: class_names must be "
                             f"{cfg.model.num_classes} distinct names, one per class of the model; "
                             f"fix or remove the file")
-        cfg = updated(cfg, {"data.class_names": [str(n) for n in names]})
+        refuse_control_characters(names, str(folder / CLASS_NAMES_FILE))
+        cfg = updated(cfg, {"data.class_names": names})
     weights = diffusers_to_ddpmkit_state_dict(_read_weights(unet_dir), cfg)
     with torch.device("meta"):  # the config's net checked against the weights before it is built
         check_weights(UNet(cfg.model, cfg.data.image_size), weights, f"the weights in {unet_dir}")

@@ -765,8 +765,9 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
                     real_split: str = "train", test_split: str | None = None, *,
                     unverified: bool = False, drop_seen: bool = False,
                     calibration: str | DataConfig | None = None,
-                    calibration_split: str | None = None) -> tuple[list[str], Pool, Pool, Pool,
-                                                                   Pool | None, str]:
+                    calibration_split: str | None = None,
+                    batch: int = Recipe.batch
+                    ) -> tuple[list[str], Pool, Pool, Pool, Pool | None, str]:
     """Class names, the real, synthetic, test and calibration pools at the generator's resolution,
     and the leakage check. Each real source is a path or a data section (for a labels CSV).
     Calibration images come from `calibration` (default: `real`), split `calibration_split`
@@ -792,6 +793,7 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     names = class_order(probe.labels)
     synth, runs = load_synthetic(synth_folder, names)
     size = synth.images.shape[-1]  # the study runs at the generator's resolution
+    check_study_fits(size, synth.images.shape[1], len(probe.labels) + len(synth.labels), batch)
     depth = recorded_bit_depth(runs)
     real, test, calibration = (source if source is None or source.bit_depth is not None
                                else replace(source, bit_depth=depth)
@@ -832,6 +834,16 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
                         f"training images ({_named(real, real_split)}); test on images no "
                         f"classifier trains on")
     return names, real_pool, synth, test_pool, calibration_pool, leakage
+
+
+def check_study_fits(size: int, channels: int, images: int, batch: int) -> None:
+    """The study's images at its size, and its classifiers' activations, against memory: before
+    the real images are read at that size."""
+    pools = 2 * images * channels * size**2  # the real and synthetic pools, and as many for test
+    nets = max(batch * FIT_BYTES_PER_PIXEL, 512 * PREDICT_BYTES_PER_PIXEL) * size**2
+    check_memory(pools + nets, f"a study at {size}x{size} ({images} real and synthetic images, "
+                               f"classifiers trained at batch {batch})",
+                 "study the balance output written at the generator's size (without sample.size)")
 
 
 def run_study(real: str | DataConfig, synthetic: str, out: str, *,
@@ -879,7 +891,7 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
     end)."""
     names, real_pool, synth, test_pool, calibration_pool, leakage = load_study_data(
         real, synthetic, test, real_split, test_split, unverified=unverified,
-        calibration=calibration, calibration_split=calibration_split)
+        calibration=calibration, calibration_split=calibration_split, batch=recipe.batch)
     size = synth.images.shape[-1]
     calibrated = "" if calibration_pool is None else f", {len(calibration_pool.labels)} calibration"
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, "
@@ -892,10 +904,6 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
         log(f"study: balance --select output: arm real+selected takes its {len(synth.labels)} kept "
             f"images, real+synthetic as many unselected candidates")
     synth, selected = (synth, None) if unselected is None else (unselected, synth)
-    check_memory(max(recipe.batch * FIT_BYTES_PER_PIXEL, 512 * PREDICT_BYTES_PER_PIXEL) * size**2,
-                 f"training the study's classifiers on {size}x{size} images (batch "
-                 f"{recipe.batch})", "study the balance output written at the generator's size "
-                 "(without sample.size)")
     with out:
         return study(real_pool, synth, test_pool, names, out.path, leakage=leakage,
                      calibration=calibration_pool, log=log, copies=copies, selected=selected,

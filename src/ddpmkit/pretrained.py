@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_into, read_checkpoint
-from .config import Config, updated
+from .config import Config, as_typed, updated
 from .errors import UserError
 from .run import RunDir
 
@@ -124,6 +124,6 @@ def load_pretrained(model: torch.nn.Module, ema: torch.nn.Module, source: Source
         log("init_from: the source's class embedding is dropped (this model is unconditional)")
     if "augment_embedding.weight" in fresh + dropped:
         change = "new" if "augment_embedding.weight" in fresh else "dropped"
-        log(f"init_from: augmentation embedding {change} (train.augment {list(augment)}, the "
-            f"source's {list(source.config.train.augment)})")
+        log(f"init_from: augmentation embedding {change} (train.augment "
+            f"{as_typed(list(augment))}, the source's {as_typed(source.config.train.augment)})")
     return what

@@ -280,11 +280,12 @@ def _checkpoints(run: RunDir) -> str:
     for c in sorted(state["checkpoints"], key=lambda c: c["step"]):
         fd = f"{c['fd']:.4f}" if c.get("fd") is not None else ""
         loss = f"{c['loss']:.5f}" if c.get("loss") is not None else ""
-        rows.append(f"<tr><td>{c['step']:,}</td><td>{loss}</td><td>{fd}</td><td><code>"
-                    f"{html.escape(c['sha256'][:12])}</code></td>"
+        on = html.escape(str(c.get("fd_of") or "")) if fd else ""  # best: among the latest's
+        rows.append(f"<tr><td>{c['step']:,}</td><td>{loss}</td><td>{fd}</td><td>{on}</td><td>"
+                    f"<code>{html.escape(c['sha256'][:12])}</code></td>"
                     f"<td>{'best' if c['step'] == state['best'] else ''}</td></tr>")
     return ("<h2>Checkpoints</h2><table><tr><th>step</th><th>mean loss</th><th>eval FD</th>"
-            "<th>SHA-256</th><th></th></tr>" + "".join(rows) + "</table>")
+            "<th>FD of</th><th>SHA-256</th><th></th></tr>" + "".join(rows) + "</table>")
 
 
 def _hardware(env: dict, logs: list[dict]) -> str:

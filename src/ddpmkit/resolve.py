@@ -43,6 +43,10 @@ def absolute(path: str | None) -> str | None:
 def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     """Read the data the config names and resolve what it decides; refusals come before any
     write."""
+    if cfg.train.augment_p == 1:  # sampling asks for no augmentation: the network must see some
+        raise UserError("config key train.augment_p=1: every training image would be augmented, "
+                        "so the network never learns the un-augmented images it samples; give a "
+                        "probability below 1 (EDM uses about 0.12)")
     # recorded absolute: sampling, eval --ref RUN and balance find the data from any folder
     values = {"data.path": absolute(cfg.data.path), "data.labels": absolute(cfg.data.labels)}
     if cfg.train.init_from and Path(cfg.train.init_from).expanduser().exists():  # not a hub id

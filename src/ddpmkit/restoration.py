@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from . import atomic
-from .data import batch_to_model, resize_center_crop
+from .data import HIDDEN, batch_to_model, refuse_non_utf8_names, resize_center_crop
 from .errors import UserError
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .outputs import (Kind, OutputFolder, about_images, existing, inside, read_record,
@@ -486,16 +486,13 @@ def _input_files(folder: Path) -> list[Path]:
         raise UserError(f"{folder} is a file: give the folder that holds the images")
     if not folder.is_dir():
         raise UserError(f"input folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.iterdir()  # hidden ones skipped, as data folders' are
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(HIDDEN)
+                   and p.is_file())
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {folder} "
                         f"(its subfolders are not searched)")
-    for p in files:
-        try:
-            p.name.encode()
-        except UnicodeEncodeError:  # the manifest, in UTF-8, could not name it
-            raise UserError(f"{p}: its name is not valid UTF-8: rename it") from None
+    refuse_non_utf8_names(files)
     stems = [p.stem for p in files]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:

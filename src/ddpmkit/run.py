@@ -140,9 +140,7 @@ class RunDir:
         if not isinstance(e.get("sha256"), str) or not _SHA256.fullmatch(e["sha256"]):
             return f"checkpoint of step {e['step']} without a SHA-256"
         numbers = [e.get("loss"), e.get("fd")]
-        if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or isinstance(v, int) and abs(v) >= 2**1024)  # past a float
-               for v in numbers):
+        if any(v is not None and not _is_number(v) for v in numbers):
             return f"checkpoint of step {e['step']} with a loss or FD that is not a number"
         return None
 
@@ -494,11 +492,12 @@ class RunDir:
                 f"{self.digests_path.name} now records those too")
         atomic.write_text(self.digests_path, "\n".join(sorted(before | now)) + "\n")
 
-    def warn_relabelled(self, counts: dict[str, int] | None, log) -> None:
-        """A resume on relabelled data (a labels CSV edited since) is said, as one on changed
-        images is: the run has learnt its classes from both labellings."""
+    def warn_relabelled(self, counts: dict[str, int] | None, digests: list[str], log) -> None:
+        """A resume on the same images under other labels (a labels CSV edited since) is said, as
+        one on changed images is: the run has learnt its classes from both labellings."""
         before = self.meta().get("class_counts")
-        if not isinstance(before, dict) or not counts or before == counts:
+        if (not isinstance(before, dict) or not counts or before == counts
+                or set(digests) != self.recorded_digests()):  # new images: said as such
             return
         changed = [f"{c}: {before.get(c, 0)} -> {counts.get(c, 0)}"
                    for c in sorted(set(before) | set(counts)) if before.get(c) != counts.get(c)]
@@ -555,11 +554,23 @@ def refused_changes(old: dict, new: dict) -> list[str]:
 
 def fd_of(metrics: dict) -> str:
     """What an evaluation's FD was measured on: only FDs of the same are compared."""
-    return f"{metrics.get('features')} features of {metrics.get('images')} images"
+    return (f"{metrics.get('features')} features ({metrics.get('weights')}) of "
+            f"{metrics.get('images')} images")
 
 
 def _step(entry: dict) -> int:
     return entry["step"]
+
+
+def _is_number(value) -> bool:
+    """A JSON number a float holds (an integer past a float's range is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _is_int(value) -> bool:

@@ -39,7 +39,8 @@ from .errors import UserError
 from .runtime import autocast, mix_seed
 from .schedule import Schedule, x0_eps_from_output
 
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x_t, x0_hat)
+# (step index, x_t, x0_hat); generation.sample_batch first passes (-1, the starting x, None)
+Callback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
 
 
 class Denoiser:

@@ -35,7 +35,7 @@ from .generation import SamplingSpec, sample, sample_batch
 from .limits import check_memory
 from .images import make_grid, png_bytes, scale_for_viewing, to_uint8
 from .loss import diffusion_loss
-from .metrics.memorization import CopyFilter, is_copy, seen_views
+from .metrics.memorization import REFERENCE_MIN, CopyFilter, is_copy, seen_views
 from .outputs import refuse_shared
 from .pretrained import load_pretrained
 from .report import write_report
@@ -276,12 +276,14 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
                 "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
                 "parameters": count_parameters(state.model), "processes": job.world.size,
                 "init_from": pretrained, "class_counts": _class_counts(data, job.cfg)}
-        if resume_from is not None:
-            run.warn_relabelled(meta["class_counts"], log)
+        # a streamed dataset is not read whole just for its digests
+        digests = image_digests(data.images) if isinstance(data, ImageData) else None
+        if resume_from is not None and digests is not None:
+            run.warn_relabelled(meta["class_counts"], digests, log)
         run.start(job.cfg, meta, state.step)
         run.truncate_stats(state.step)
-        if isinstance(data, ImageData):  # a streamed dataset is not read whole just for this
-            run.record_training_images(image_digests(data.images), log)
+        if digests is not None:
+            run.record_training_images(digests, log)
     log(f"training {run.path}: {count_parameters(state.model):,} parameters, {data.source}, "
         f"on {job.device}"
         + (f" x {job.world.size} processes" if job.world.size > 1 else "")
@@ -654,6 +656,11 @@ def _check_monitors(prep: Prepared) -> None:
         raise UserError("train.audit_every compares samples with every training image, which a "
                         "streamed dataset does not hold: set train.audit_every=0 and audit "
                         "samples afterwards (ddpmkit audit)")
+    if tc.audit_every and len(data) < REFERENCE_MIN:
+        raise UserError(f"train.audit_every calibrates its copy threshold on the training images' "
+                        f"leave-one-out distances, and {len(data)} are fewer than "
+                        f"{REFERENCE_MIN}: set train.audit_every=0 and audit samples afterwards "
+                        f"against held-out images (ddpmkit audit --holdout)")
     if tc.eval_every and tc.eval_features == "classifier" and not data.labels:
         raise UserError(f"train.eval_every needs labelled training images for "
                         f"train.eval_features=classifier, and {prep.cfg.data.path or 'the data'} "

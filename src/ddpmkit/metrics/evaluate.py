@@ -424,7 +424,8 @@ class TrainingEvaluator:
         feats, logits = self.extractor(gen_u8)
         s = FeatureStats.from_features(feats)
         out = {"fd": frechet_distance(s.mu, s.sigma, self.ref.mu, self.ref.sigma),
-               "features": self.extractor.name, "images": len(gen_u8)}
+               "features": self.extractor.name, "weights": self.extractor.weights_sha256[:12],
+               "images": len(gen_u8)}
         if self.extractor.name == "classifier":
             report = _class_report(logits, self.extractor.class_names)
             out.update(confident_share=report["confident_share"],
