@@ -466,12 +466,14 @@ def test_one_class_of_samples_against_every_class_is_noted_and_the_class_can_be_
     """`sample --class 3` against the run's data of ten digits: the distance would count the gap
     between threes and the other digits; the note says so and names the reference that fits."""
     from ddpmkit.config import load_config
+    from ddpmkit.data import image_digests
 
     images, labels = digits(200)
     data = tmp_path / "d.npz"
     np.savez(data, train_images=images[:, 0].numpy(), train_labels=np.array(labels, dtype=int))
     run = tmp_path / "run"
     RunDir(run).start(load_config(None, {"data.path": str(data)}), {}, step=0)
+    RunDir(run).record_training_images(image_digests(images), log=print)
     threes = images[[i for i, c in enumerate(labels) if c == "3"]]
     gen = write_pngs(tmp_path / "g", threes)
     (gen / "manifest.csv").write_text("file,label\n" + "".join(
