@@ -536,6 +536,7 @@ def test_a_holdout_is_read_at_the_runs_size_and_the_data_folder_is_no_generated_
     assert main(audit) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{run} trained on {data}, which is no longer there: put it" in err[0]
+    assert err[0].endswith("and checked against training_images.sha256)")
 
 
 def test_sample_drop_copies_json_says_what_was_drawn_again(run, tmp_path, capsys):

@@ -740,3 +740,6 @@ def test_a_missing_mask_names_each_expected_file_once(tmp_path):
         with pytest.raises(UserError) as caught:
             load_masks(tmp_path / "m", [tmp_path / name], [image])
         assert str(caught.value).endswith(f"(expected {expected})")
+    (tmp_path / "m" / "b.png").write_bytes(b"")  # one mask file given for the folder
+    with pytest.raises(UserError, match="is a file: give the folder of masks"):
+        load_masks(tmp_path / "m" / "b.png", [tmp_path / "b.png"], [image])

@@ -171,3 +171,15 @@ def test_a_streamed_class_conditional_run_records_its_images_per_class(tmp_path,
                         "train.max_steps": 2, "train.out_dir": str(tmp_path / "run")}),
                 log=quiet, progress=False)
     assert json.loads((run.path / "meta.json").read_text())["class_counts"] == {"cat": 3, "dog": 2}
+
+
+def test_a_streamed_runs_moved_data_is_named_without_the_record_it_never_wrote(npy, tiny, tmp_path):
+    from ddpmkit.run import RunDir
+
+    run = train(tiny(**{"data.path": str(npy), "data.stream": True, "data.workers": 0,
+                        "train.max_steps": 2}),
+                log=quiet, progress=False)
+    npy.rename(tmp_path / "moved.npy")
+    with pytest.raises(UserError, match=r"which is no longer there: put it back there \(the "
+                                        r"images it trained on are needed\)$"):
+        RunDir(run.path).training_set(log=quiet)

@@ -547,6 +547,9 @@ def _batches_of_one_size(images: list[torch.Tensor], batch_size: int,
 def load_masks(masks_dir: Path, files: list[Path],
                images: list[torch.Tensor]) -> list[torch.Tensor]:
     """The mask of each image (named like it, white = fill) as bool 1 x H x W."""
+    if masks_dir.is_file():
+        raise UserError(f"--mask {masks_dir} is a file: give the folder of masks, each named like "
+                        f"its image")
     if not masks_dir.is_dir():
         raise UserError(f"mask folder not found: {masks_dir} (--mask: a folder of masks named "
                         f"like the images)")

@@ -163,11 +163,11 @@ class RunDir:
             raise UserError(f"{self.path} recorded no training images ({self.digests_path.name}): "
                             f"train it again to record them")
         source = self.config().data
+        checked = "" if streamed else f", and checked against {self.digests_path.name}"
         for path in (source.path, source.labels):
             if path and not Path(path).expanduser().exists():
                 raise UserError(f"{self.path} trained on {path}, which is no longer there: put it "
-                                f"back there (the images it trained on are needed, and checked "
-                                f"against {self.digests_path.name})")
+                                f"back there (the images it trained on are needed{checked})")
         data = load_images(source, log)
         if streamed:
             log(f"note: {self.path} streamed its data, so it recorded no training images: its "
