@@ -350,6 +350,11 @@ def test_scheduler_options_map_to_ours():
     ({"down_block_types": [["x"], "DownBlock2D"]}, "down_block_types"),
     ({"layers_per_block": 10**9}, "model.num_res_blocks: 1,000,000,000 is more than"),
     ({"sample_size": 10**12}, "data.image_size: 1,000,000,000,000 is more than"),
+    # named by the option the user wrote, not by another one or by ddpmkit's key alone
+    ({"in_channels": "x", "out_channels": 3}, "option in_channels=.x. is not supported"),
+    ({"in_channels": 0, "out_channels": 0}, "option in_channels=0 is not supported"),
+    ({"layers_per_block": 0}, "option layers_per_block, read as config key model.num_res_blocks: "
+                              "must be positive"),
 ])
 def test_unsupported_unet_options_are_refused(change, key):
     config = {**GRAY, **change}

@@ -85,6 +85,15 @@ _HUB_FILES = ["model_index.json", "config.json", "scheduler_config.json", "unet/
               "scheduler/scheduler_config.json", CLASS_NAMES_FILE]
 
 
+# ddpmkit keys taken as they are from a UNet2DModel option
+_UNET_OPTION_OF = {
+    "model.in_channels": "in_channels", "model.num_res_blocks": "layers_per_block",
+    "model.attention_head_dim": "attention_head_dim", "model.dropout": "dropout",
+    "model.norm_groups": "norm_num_groups", "model.norm_eps": "norm_eps",
+    "model.time_flip_sin_to_cos": "flip_sin_to_cos", "model.time_freq_shift": "freq_shift",
+}
+
+
 def _unsupported(key: str, value, allowed=None, owner: str = "UNet2DModel") -> UserError:
     shown = f" (ddpmkit supports {', '.join(json.dumps(a) for a in allowed)})" if allowed else ""
     why = f": {_WHY[key]}" if key in _WHY else ""
@@ -109,8 +118,11 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
     for key, allowed in _UNET_FIXED.items():
         if u[key] not in allowed:
             raise _unsupported(key, u[key], allowed)
-    if u["out_channels"] != u["in_channels"]:
-        raise _unsupported("out_channels", u["out_channels"], [u["in_channels"]])
+    channels = u["in_channels"]
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise _unsupported("in_channels", channels, ["a positive integer"])
+    if u["out_channels"] != channels:
+        raise _unsupported("out_channels", u["out_channels"], [channels])
 
     size = u["sample_size"]
     if isinstance(size, (list, tuple)):  # (height, width): square only
@@ -152,20 +164,24 @@ def diffusers_config_to_ddpmkit(unet_config: dict, scheduler_config: dict | None
     # above; with "positional" diffusers ignores it, so it changes nothing here.
 
     overrides = {
-        "model.preset": None, "model.in_channels": u["in_channels"], "model.base_channels": base,
+        **{ours: u[theirs] for ours, theirs in _UNET_OPTION_OF.items()},
+        "model.preset": None, "model.base_channels": base,
         "model.channel_mult": [w // base for w in widths],
-        "model.num_res_blocks": u["layers_per_block"],
         "model.attention_resolutions": [size // 2**i for i, a in enumerate(attn) if a],
-        "model.attention_head_dim": head_dim, "model.dropout": u["dropout"],
-        "model.norm_groups": groups, "model.norm_eps": u["norm_eps"],
-        "model.time_flip_sin_to_cos": u["flip_sin_to_cos"],
-        "model.time_freq_shift": u["freq_shift"], "model.num_classes": classes or 0,
-        "data.image_size": size, **_scheduler_overrides(scheduler_config),
+        "model.num_classes": classes or 0, "data.image_size": size,
+        **_scheduler_overrides(scheduler_config),
     }
     if classes:  # diffusers' UNet always has a class embedding: sample with labels (named by index)
         overrides.update({"model.class_conditional": True,
                           "data.class_names": [str(i) for i in range(classes)]})
-    return load_config(None, overrides)
+    try:
+        return load_config(None, overrides)
+    except UserError as e:  # named as the user wrote it, in the diffusers config
+        named = {**_UNET_OPTION_OF, "data.image_size": "sample_size"}
+        key = str(e).removeprefix("config key ").split(":")[0]
+        if key not in named:
+            raise
+        raise UserError(f"cannot convert: UNet2DModel option {named[key]}, read as {e}") from None
 
 
 def _attention_levels(u: dict, levels: int) -> list[bool]:
