@@ -192,3 +192,20 @@ def test_a_standalone_plot_carries_its_colours_and_legend():
         assert f'<text class="s{i}" x="68" y="{24 + 14 * i}">run {i}</text>' in alone
         assert f'<polyline class="s{i}" fill="none"' in alone
     assert alone.startswith('<svg xmlns="http://www.w3.org/2000/svg"')
+
+
+def _tick_labels(svg: str, anchor: str) -> list[str]:
+    return re.findall(rf'text-anchor="{anchor}">([^<]*)</text>', svg)
+
+
+@pytest.mark.parametrize("ys, logy", [([2.051, 2.054, 2.058], True), ([2.051, 2.054, 2.058], False),
+                                      ([1000.1, 1000.3], False), ([0.0, 0.0, 0.0], False),
+                                      ([3.5, 3.5], True)])
+def test_every_tick_label_differs_and_a_flat_series_gets_a_readable_axis(ys, logy):
+    from ddpmkit.report import svg_plot
+
+    svg = svg_plot([("FD", list(range(len(ys))), ys)], "step", "FD", logy=logy)
+    labels = _tick_labels(svg, "end")
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels
+    assert all("e-" not in label for label in labels), labels  # no 1e-10 axis for a flat zero
+    assert all(float(label.replace(",", "")) >= 0 for label in labels), labels  # rates stay >= 0

@@ -64,15 +64,21 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
-    """Ticks at 1, 2 and 5 times powers of ten (in log10 units) within [lo, hi]."""
+    """Ticks at 1, 2 and 5 times powers of ten (in log10 units) within [lo, hi]; on a span too
+    narrow for two of them, round values placed on the log scale."""
     ticks = [math.log10(m * 10**k) for k in range(math.floor(lo) - 1, math.ceil(hi) + 1)
              for m in (1, 2, 5)]
     inside = [t for t in ticks if lo <= t <= hi]
-    return inside if len(inside) >= 2 else _ticks(lo, hi)
+    return inside if len(inside) >= 2 else [math.log10(v) for v in _ticks(10**lo, 10**hi)]
 
 
-def _fmt(v: float) -> str:
-    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+def _labels(values: list[float]) -> list[str]:
+    """Tick labels with as many digits as it takes to tell them apart."""
+    for digits in range(3, 16):
+        labels = [f"{v:,.0f}" if 10**digits <= abs(v) < 1e15 else f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
 
 
 def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, *,
@@ -90,8 +96,10 @@ def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, yl
     f = (lambda v: math.log10(v)) if logy else (lambda v: v)  # noqa: E731
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(f(p[1]) for p in pts), max(f(p[1]) for p in pts)
-    # a flat series still needs a span (relative: 1e-9 vanishes next to 1e30)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + max(1e-9, abs(y0) * 1e-6))
+    x1 = x1 if x1 > x0 else x0 + 1
+    if y1 <= y0:  # a flat series: a span around it (a flat zero from zero up)
+        pad = 0.05 if logy else abs(y0) * 0.05
+        y0, y1 = (y0 - pad, y1 + pad) if pad else (y0, y0 + 1)
     left, right, top, bottom = 58, 26, 12, 38
     sx = lambda v: left + (v - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda v: height - bottom - (f(v) - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
@@ -103,12 +111,13 @@ def svg_plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, yl
                    + "".join(f".s{i}{{stroke:{c}}}text.s{i}{{fill:{c};stroke:none}}"
                            for i, c in enumerate(PALETTE))
                    + "</style>")
-    for t in _ticks(x0, x1):
+    xticks = _ticks(x0, x1)
+    for t, label in zip(xticks, _labels(xticks)):
         out.append(f'<line class="gridline" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" '
                    f'y2="{height - bottom}"/><text x="{sx(t):.1f}" y="{height - bottom + 14}" '
-                   f'text-anchor="middle">{_fmt(t)}</text>')
-    for t in _log_ticks(y0, y1) if logy else _ticks(y0, y1):
-        label = _fmt(10**t if logy else t)
+                   f'text-anchor="middle">{label}</text>')
+    yticks = _log_ticks(y0, y1) if logy else _ticks(y0, y1)
+    for t, label in zip(yticks, _labels([10**t for t in yticks] if logy else yticks)):
         y = height - bottom - (t - y0) / (y1 - y0) * (height - top - bottom)
         out.append(f'<line class="gridline" x1="{left}" x2="{width - right}" y1="{y:.1f}" '
                    f'y2="{y:.1f}"/><text x="{left - 6}" y="{y + 4:.1f}" '
