@@ -319,6 +319,7 @@ def test_a_users_file_named_as_an_audit_result_is_neither_replaced_nor_deleted(
 @pytest.mark.parametrize("args, says", [
     (["--sigma", "abc"], "--sigma abc: give the noise's standard deviation"),
     (["--sigma", 0.2, "--steps", 5], "--method mmse is one network call"),
+    (["--sigma", 0.2, "--sampler", "ddpm"], "--method mmse is one network call"),
     (["--mask", "{tmp}/nowhere"], "mask folder not found"),
     (["--mask", "{tmp}/noisy", "--jump-length", 0], "--jump-length and --resamplings must be"),
     (["--mask", "{tmp}/noisy", "--resamplings", 10**9], "--resamplings 1,000,000,000: at most"),

@@ -369,8 +369,9 @@ def _restore_parsers(sub) -> None:
                                  "sample: reverse process")
             rp.add_argument("--samples", type=int, default=1,
                             help="--method sample: draws averaged")
-            rp.add_argument("--sampler", default="ddpm",
-                            help="--method sample: a stochastic sampler, " + ", ".join(
+            rp.add_argument("--sampler", default=None,
+                            help="--method sample: a stochastic sampler (ddpm unless given), "
+                                 + ", ".join(
                                 name for name, s in SAMPLERS.items() if s.stochastic))
         elif kind == "img2img":
             rp.add_argument("--strength", type=float, default=0.5,

@@ -402,7 +402,7 @@ class Restoration:
         if self.kind == "inpaint":
             _check_jumps(self.jump_length, self.resamplings)
         if self.kind == "denoise" and self.method == "mmse" and (
-                self.steps is not None or self.samples != 1 or self.sampler not in (None, "ddpm")):
+                self.steps is not None or self.samples != 1 or self.sampler is not None):
             raise UserError("--method mmse is one network call: --steps, --samples and --sampler "
                             "are for --method sample")
         if self.kind == "img2img" and not 0 <= self.strength <= 1:
