@@ -822,6 +822,26 @@ def test_a_sampling_job_that_makes_non_finite_images_fails_and_does_not_block_th
     assert len(list((out / "individual").glob("*.png"))) == 4
 
 
+def test_sample_never_writes_into_a_split_or_class_folder_of_the_runs_data(tmp_path, capsys):
+    data = tmp_path / "data"
+    for split, cls, i in [(s, c, i) for s in ("train", "val") for c in ("a", "b") for i in (0, 1)]:
+        (data / split / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 40 * i + (cls == "b") * 100, np.uint8)).save(
+            data / split / cls / f"{i}.png")
+    run = tmp_path / "run"
+    assert cli("train", *TINY_ARGS, "--data", data, "data.split=train", "--steps", 2,
+               "--out", run, "--quiet") == 0
+    for out in (data / "train", data / "train" / "b", data / "val"):
+        one_line(capsys, "sample", run, "-n", 2, "--steps", 2, "--out", out, "--force",
+                 says=f"--out {out} holds 2 of the images of {run}'s data (e.g. 0.png)"
+                 if out.name == "b" else "of the images of")
+        assert not (out / ".ddpmkit.json").exists()
+    assert cli("sample", run, "-n", 2, "--steps", 2, "--out", data / "train" / "gen", "--quiet",
+               "--force") == 0
+    assert cli("train", *TINY_ARGS, "--data", data, "data.split=train", "--steps", 3,
+               "--out", run, "--quiet") == 0  # resumes on the same four images
+
+
 def test_sample_never_writes_into_the_runs_data_and_gif_replaces_only_a_gif(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

@@ -353,11 +353,7 @@ def split_folder(root: Path, cfg: DataConfig) -> Path:
 def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path], list[str] | None]:
     """The folder's images (recursive, sorted), selected and labelled by the CSV if one is given.
     Folders ddpmkit wrote (generated images, a run's grids) are left out, and said so."""
-    listing = list(_walk(root))
-    files = sorted(folder / n for folder, names in listing for n in names
-                   if not n.startswith(HIDDEN) and Path(n).suffix.lower() in IMAGE_SUFFIXES
-                   and (folder / n).is_file())
-    ours = _generated_folders(listing)
+    files, ours = _listed(root)
     if ours:
         kept = [f for f in files if not any(folder in f.parents for folder in ours)]
         folders = ", ".join(map(str, sorted(ours)))
@@ -373,6 +369,21 @@ def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path]
     if labels is None:
         labels = _class_folder_labels(root, files)
     return files, labels
+
+
+def _listed(root: Path) -> tuple[list[Path], set[Path]]:
+    """The image files under root (sorted) and the folders among them that ddpmkit wrote."""
+    listing = list(_walk(root))
+    files = sorted(folder / n for folder, names in listing for n in names
+                   if not n.startswith(HIDDEN) and Path(n).suffix.lower() in IMAGE_SUFFIXES
+                   and (folder / n).is_file())
+    return files, _generated_folders(listing)
+
+
+def users_images(root: Path) -> list[Path]:
+    """The image files under root that reading it as data would take: none ddpmkit wrote."""
+    files, ours = _listed(root)
+    return [f for f in files if not any(folder in f.parents for folder in ours)]
 
 
 def _walk(root: Path):

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic
-from .errors import UserError
+from .data import users_images
+from .errors import UserError, escape_controls
 from .run import RUN_FOLDERS, RunDir
 
 FORMAT = "ddpmkit-output/2"
@@ -138,12 +139,22 @@ def holds_data(folder: Path, data_path: str | None) -> bool:
 
 
 def refuse_runs_data(out: Path, run: Path, data_path: str | None) -> None:
-    """The folder of a run's training data (or one above it) would have its images left out of
-    the run's next training as generated; a folder inside it is fine."""
+    """The folder of a run's training data (or one above it, or one inside it holding its images:
+    a split or class folder) would have its images left out of the run's next training as
+    generated; a folder of its own inside it is fine."""
     if holds_data(out, data_path):
         raise UserError(f"--out {out} holds {run}'s training data: write the images into a "
                         f"folder of their own (one inside it is fine: training leaves out the "
                         f"folders ddpmkit generated)")
+    where = out.expanduser().resolve()
+    if data_path and Path(data_path).expanduser().resolve() in where.parents and where.is_dir() \
+            and not (where / RECORD).exists():
+        real = users_images(where)
+        if real:
+            raise UserError(f"--out {out} holds {len(real)} of the images of {run}'s data (e.g. "
+                            f"{escape_controls(real[0].name)}): written into, its folder would "
+                            f"be read as generated and they would be left out of training; "
+                            f"write into a folder of their own")
 
 
 def read_record(folder: Path) -> dict | None:
