@@ -27,7 +27,8 @@ def quiet(*_):
 
 
 def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional(tiny):
-    cfg = tiny(**{"model.in_channels": 1, "model.num_classes": 4})
+    cfg = tiny(**{"model.in_channels": 1, "model.num_classes": 4,
+                  "model.class_conditional": True})
     torch.manual_seed(0)
     net = UNet(cfg.model, 8).eval()
     torch.nn.init.normal_(net.class_embedding.weight)  # make the classes matter

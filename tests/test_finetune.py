@@ -92,7 +92,8 @@ def test_architecture_comes_from_the_source_and_attention_follows_a_new_image_si
 
 
 def test_a_different_class_count_gets_a_new_class_embedding(source):
-    cfg = load_config(None, {**TINY, "model.in_channels": 1, "model.num_classes": 3})
+    cfg = load_config(None, {**TINY, "model.in_channels": 1, "model.num_classes": 3,
+                             "model.class_conditional": True})
     model, ema = UNet(cfg.model, 8), UNet(cfg.model, 8)
     before = model.class_embedding.weight.clone()
     messages = []

@@ -68,7 +68,8 @@ def test_the_dropped_label_is_the_one_the_sampler_gives_the_unconditional_branch
     class_ids, labels = _training_labels(tiny, 0.3, steps=10)
     null = set(labels[labels != class_ids].tolist())
     assert null == {-1}
-    cfg = tiny(**{"model.in_channels": 1, "model.num_classes": CLASSES})
+    cfg = tiny(**{"model.in_channels": 1, "model.num_classes": CLASSES,
+                  "model.class_conditional": True})
     torch.manual_seed(0)
     net = UNet(cfg.model, 8).eval()
     torch.nn.init.normal_(net.class_embedding.weight)
