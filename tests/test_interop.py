@@ -376,6 +376,7 @@ def test_unsupported_unet_options_are_refused(change, key):
     ({"beta_schedule": {"linear": 1}}, "beta_schedule"),
     ({"trained_betas": "abc"}, "trained_betas"),
     ({"trained_betas": [[0.1, 0.2]]}, "trained_betas"),
+    ({"clip_sample": "false"}, "option clip_sample=.false. is not supported"),
 ])
 def test_unsupported_scheduler_options_are_refused(change, key):
     with pytest.raises(UserError, match=key):

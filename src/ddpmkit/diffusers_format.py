@@ -219,6 +219,8 @@ def _scheduler_overrides(scheduler_config: dict | None) -> dict:
         raise _unsupported("prediction_type", s["prediction_type"], list(_PREDICTIONS), owner)
     if s["variance_type"] not in _VARIANCES_IN:
         raise _unsupported("variance_type", s["variance_type"], list(_VARIANCES_IN), owner)
+    if not isinstance(s["clip_sample"], bool):  # the string "false" is truthy
+        raise _unsupported("clip_sample", s["clip_sample"], [True, False], owner)
     if s["clip_sample"] and s["clip_sample_range"] != 1.0:  # our clip_x0 clips to [-1, 1]
         raise _unsupported("clip_sample_range", s["clip_sample_range"], [1.0], owner)
 
@@ -250,7 +252,7 @@ def _scheduler_overrides(scheduler_config: dict | None) -> dict:
         schedule == "linear") else {}
     return {"diffusion.num_timesteps": T, "diffusion.schedule": schedule, **betas,
             "diffusion.prediction": _PREDICTIONS[s["prediction_type"]],
-            "sample.clip_x0": bool(s["clip_sample"]),
+            "sample.clip_x0": s["clip_sample"],
             "sample.variance": _VARIANCES_IN[s["variance_type"]]}
 
 
