@@ -254,6 +254,18 @@ def test_files_of_the_user_in_a_class_folder_are_refused_before_anything_is_dele
     # folders holding nothing but folders (what removing the user's files leaves) are nobody's
     (tmp_path / "emptied" / "classes" / "dog" / "individual").mkdir(parents=True)
     assert main([*balance[:3], str(tmp_path / "emptied"), *balance[4:]]) == 0
+    # a file where a class's job writes: --force cannot help, so it is not offered, and nothing
+    # (not the balance job's record either) is written
+    theirs = tmp_path / "theirs"
+    (theirs / "classes" / "dog" / "individual").mkdir(parents=True)
+    (theirs / "classes" / "dog" / "individual" / "000000.png").write_bytes(b"the user's")
+    for force in ([], ["--force"]):
+        capsys.readouterr()
+        assert main([*balance[:3], str(theirs), *balance[4:], *force]) == 2
+        err = capsys.readouterr().err
+        assert "this balance job would write over it" in err and "--force" not in err, err
+        assert sorted(p.name for p in theirs.rglob("*")) == ["000000.png", "classes", "dog",
+                                                             "individual"]
 
 
 def test_class_names_typed_decomposed_name_the_composed_class():

@@ -45,8 +45,8 @@ from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, Anchors, SamplingSpec, 
 from .images import to_uint8, upsample
 from .limits import MAX_IMAGES_PER_JOB
 from .metrics.memorization import is_copy
-from .outputs import (RECORD, Kind, OutputFolder, about_images, existing, matching, read_manifest,
-                      read_record, refuse_special, sample_files, write_manifest)
+from .outputs import (RECORD, SAMPLE_WRITES, Kind, OutputFolder, about_images, existing, matching,
+                      read_manifest, read_record, refuse_special, sample_files, write_manifest)
 from .pixels import read_image
 from .run import Run, RunDir
 from .runtime import mix_seed
@@ -480,6 +480,10 @@ def _refuse_foreign_class_files(out: Path, fresh: bool) -> None:
         foreign = [p for p in sorted(folder.rglob("*"))
                    if (p.is_symlink() or p.is_file()) and p not in own
                    and not atomic.is_temporary(p) and p.name != FolderLock.NAME]
+        over = [p for p in foreign if re.fullmatch(SAMPLE_WRITES, p.relative_to(folder).as_posix())]
+        if over:  # --force would not help: the class's job writes there
+            raise UserError(f"{over[0]} is not a file ddpmkit wrote, and this balance job would "
+                            f"write over it: move it out of {folder}, or choose another --out")
         if foreign:
             raise UserError(f"{foreign[0]} is not a file ddpmkit wrote: move it out of "
                             f"{folder}, or add --force to write beside it (ddpmkit never deletes "
@@ -488,7 +492,8 @@ def _refuse_foreign_class_files(out: Path, fresh: bool) -> None:
 
 BALANCE = Kind("balance", "balance job", "balanced set", "files no ddpmkit balance wrote there",
                _balance_files,
-               matching(rf"manifest\.csv|selection\.(csv|json)|by_class/[^/]+/{_LINK.pattern}"))
+               matching(rf"manifest\.csv|selection\.(csv|json)|by_class/[^/]+/{_LINK.pattern}"
+                        rf"|classes/[^/]+/({SAMPLE_WRITES})"))  # its sampling jobs' too
 
 
 def _safe(name: str) -> str:

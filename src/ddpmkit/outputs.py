@@ -273,6 +273,7 @@ class OutputFolder:
         refuse_linked_folders(self.path)
         record = read_record(self.path)
         if record is None:
+            self._refuse_writing_over([])  # before --force is offered: it would not help
             foreign = [p.name for p in self.path.iterdir()
                        if p.name != atomic.FolderLock.NAME and not _empty_folder(p)]
             if foreign and not self.force:
@@ -425,9 +426,10 @@ def sample_files(folder: Path) -> list[Path]:
             *about_images(folder)]
 
 
+SAMPLE_WRITES = (r"individual/\d+\.png|grids/grid_\d+x\d+\.png|manifest\.csv|trajectory\.gif"
+                 r"|\.manifest-rank\d+\.csv")
 SAMPLE = Kind("sample", "sampling job", "images", "images no ddpmkit sampling job made there",
-              sample_files, matching(r"individual/\d+\.png|grids/grid_\d+x\d+\.png|manifest\.csv"
-                                     r"|trajectory\.gif|\.manifest-rank\d+\.csv"))
+              sample_files, matching(SAMPLE_WRITES))
 _KIND_WHAT = {"sample": "a sampling job's images", "balance": "a balanced set",
               "restore": "restored images", "study": "a downstream study's results"}
 
