@@ -273,13 +273,16 @@ class OutputFolder:
         refuse_linked_folders(self.path)
         record = read_record(self.path)
         if record is None:
-            self._refuse_writing_over([])  # before --force is offered: it would not help
             foreign = [p.name for p in self.path.iterdir()
                        if p.name != atomic.FolderLock.NAME and not _empty_folder(p)]
             if foreign and not self.force:
+                over = self._written_over([])
+                fix = (f"this {self.kind.job} would write over {over}, even with --force: move "
+                       f"it out, or choose another --out" if over else
+                       "choose another --out, or add --force to write beside them (ddpmkit "
+                       "never deletes them)")
                 raise UserError(f"{self.path} holds {self.kind.foreign} "
-                                f"({', '.join(sorted(foreign)[:3])}): choose another --out, "
-                                f"or add --force to write beside them (ddpmkit never deletes them)")
+                                f"({', '.join(sorted(foreign)[:3])}): {fix}")
         elif record.get("kind") != self.kind.name:
             raise UserError(
                 f"--out {self.path} holds {_KIND_WHAT.get(record.get('kind'), 'another job')}: "
@@ -295,17 +298,24 @@ class OutputFolder:
         atomic.write_text(self.path / RECORD, json.dumps({"format": FORMAT, "kind": self.kind.name,
                                                           "job": self.identity}, indent=1))
 
-    def _refuse_writing_over(self, own: list[Path]) -> None:
-        """Before anything is deleted: a file where this job writes that is not the folder's own
-        job's (a user's, beside which --force writes) is refused, never replaced."""
+    def _written_over(self, own: list[Path]) -> Path | None:
+        """A file where this job writes that is not among `own`, the folder's own job's."""
         own_names, writes = {p.relative_to(self.path).as_posix() for p in own}, self.kind.writes(
             self.identity)
         for path in sorted(self.path.rglob("*")):
             name = path.relative_to(self.path).as_posix()
             if (path.is_file() or path.is_symlink()) and name not in own_names and writes(name):
-                raise UserError(f"{path} is not a file ddpmkit wrote, and this {self.kind.job} "
-                                f"would write over it: move it out of {self.path}, or choose "
-                                f"another --out")
+                return path
+        return None
+
+    def _refuse_writing_over(self, own: list[Path]) -> None:
+        """Before anything is deleted: a file where this job writes that is not the folder's own
+        job's (a user's, beside which --force writes) is refused, never replaced."""
+        path = self._written_over(own)
+        if path is not None:
+            raise UserError(f"{path} is not a file ddpmkit wrote, and this {self.kind.job} "
+                            f"would write over it: move it out of {self.path}, or choose "
+                            f"another --out")
 
     def _differs(self, old: dict) -> str:
         diff = [k for k in sorted(set(old) | set(self.identity))
