@@ -50,6 +50,8 @@ def test_plan_proportions_keep_every_real_image():
     assert final == {"a": 30, "b": 15, "c": 15} and min(need.values()) >= 0
     with pytest.raises(UserError, match="sum to 1"):
         plan(counts, proportions={"normal": 0.5, "pneumonia": 0.2})
+    with pytest.raises(UserError, match="--proportions normal=-1: a share must not be negative"):
+        plan(counts, proportions={"normal": -1.0, "pneumonia": 2.0})  # which sums to 1
     # thirds as people write them: taken as equal shares
     assert plan({"a": 30, "b": 10, "c": 3}, proportions={"a": 0.333, "b": 0.333, "c": 0.333}) == {
         "a": 0, "b": 20, "c": 27}

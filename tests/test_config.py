@@ -142,6 +142,13 @@ def test_a_text_key_takes_the_text_as_typed():
         load_config(None, dict([parse_override("data.path=''")]))  # not the current folder
 
 
+def test_a_yaml_mistake_is_named_with_its_line_and_column(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 5.0e-4\n\tmax_steps: 2\n")
+    with pytest.raises(UserError, match=r"not valid YAML: found character '\\t' that cannot "
+                                        r"start any token \(line 3, column 1\)"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 5.0e-4\ntrain:\n  max_steps: 2\n")
     with pytest.raises(UserError, match="not valid YAML: key 'train' is given twice"):

@@ -81,9 +81,12 @@ def plan(counts: dict[str, int], target: int | None = None, class_labels: Sequen
                             f"not a class of the data ({', '.join(counts)})")
         shares = {c: proportions.get(c, 0.0) for c in counts}
         # shares rounded as people write them (thirds as 0.333) are taken as meant
-        if any(p < 0 for p in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-3:
-            raise UserError(f"--proportions must be non-negative and sum to 1, "
-                            f"got {sum(shares.values()):g}")
+        negative = [c for c, p in shares.items() if p < 0]
+        if negative:
+            raise UserError(f"--proportions {negative[0]}={shares[negative[0]]:g}: a share must "
+                            f"not be negative")
+        if abs(sum(shares.values()) - 1.0) > 1e-3:
+            raise UserError(f"--proportions must sum to 1, got {sum(shares.values()):g}")
         shares = {c: p / sum(shares.values()) for c, p in shares.items()}
         stuck = [c for c, p in shares.items() if p == 0 and counts[c] > 0]
         if stuck:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from .augmentation import OPERATIONS
-from .errors import UserError, expect
+from .errors import UserError, escape_controls, expect
 from .limits import MAX_IMAGES_PER_JOB, MAX_SIDE
 from .samplers import SAMPLERS, SPACINGS
 from .schedule import PREDICTIONS, SCHEDULES
@@ -513,6 +513,11 @@ def safe_yaml(text: str, what: str, loader: type = _UniqueKeyLoader) -> Any:
     hundred bytes of nested aliases can name billions."""
     try:
         data = yaml.load(text, Loader=loader)
+    except yaml.MarkedYAMLError as exc:  # where, and what (a tab, an unclosed quote...)
+        at = exc.problem_mark
+        where = f" (line {at.line + 1}, column {at.column + 1})" if at else ""
+        raise UserError(f"{what} is not valid YAML: "
+                        f"{escape_controls(exc.problem or exc.context)[:200]}{where}") from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise UserError(f"{what} is not valid YAML: {str(exc).splitlines()[0][:200]}") from None
     stack, seen = [data], 0
