@@ -246,3 +246,13 @@ def test_classes_of_other_names_at_the_same_places_are_said(tmp_path):
     said.clear()
     adopt_architecture(ours, ours, log=said.append)
     assert said == []
+
+
+def test_resuming_a_fine_tuned_run_without_its_source_names_init_from_first(source, tiny):
+    run = train(tiny(**{"train.init_from": str(source), "train.max_steps": 2,
+                        "model.base_channels": 32}), log=quiet, progress=False)
+    with pytest.raises(UserError, match=rf"different config \(train.init_from: {source} -> null; "
+                                        r"model.base_channels: 16 -> 32; "):
+        train(tiny(**{"train.max_steps": 3, "model.base_channels": 32}), log=quiet,
+              progress=False)
+    assert run.path.is_dir()

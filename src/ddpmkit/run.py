@@ -415,10 +415,12 @@ class RunDir:
     def refuse_changed_config(self, cfg: Config) -> None:
         """A resume whose config changes what is computed is refused (a run with a config only)."""
         old, new = flatten(self.config().to_dict()), flatten(cfg.to_dict())
-        refused = refused_changes(old, new)
+        # train.init_from first: its architecture explains the model.* keys that change with it
+        refused = sorted(refused_changes(old, new), key=lambda k: k != "train.init_from")
         if refused:
             shown = "; ".join(f"{k}: {as_typed(old.get(k))} -> {as_typed(new.get(k))}"
-                              for k in refused[:5])
+                              for k in refused[:5]) + (f"; {len(refused) - 5} more" if len(
+                                  refused) > 5 else "")
             raise UserError(f"{self.path} was trained with a different config ({shown}): "
                             f"rerun with --fresh to start over there, or choose another --out")
 
