@@ -369,10 +369,10 @@ def _restore_parsers(sub) -> None:
                                  "sample: reverse process")
             rp.add_argument("--samples", type=int, default=1,
                             help="--method sample: draws averaged")
+            stochastic = ", ".join(name for name, s in SAMPLERS.items() if s.stochastic)
             rp.add_argument("--sampler", default=None,
-                            help="--method sample: a stochastic sampler (ddpm unless given), "
-                                 + ", ".join(
-                                name for name, s in SAMPLERS.items() if s.stochastic))
+                            help=f"--method sample: a stochastic sampler (ddpm unless given), "
+                                 f"{stochastic}")
         elif kind == "img2img":
             rp.add_argument("--strength", type=float, default=0.5,
                             help="0 returns the input, 1 ignores it")

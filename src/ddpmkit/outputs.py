@@ -147,8 +147,8 @@ def refuse_runs_data(out: Path, run: Path, data_path: str | None) -> None:
                         f"folder of their own (one inside it is fine: training leaves out the "
                         f"folders ddpmkit generated)")
     where = out.expanduser().resolve()
-    if data_path and Path(data_path).expanduser().resolve() in where.parents and where.is_dir() \
-            and not (where / RECORD).exists():
+    inside = data_path and Path(data_path).expanduser().resolve() in where.parents
+    if inside and where.is_dir() and not (where / RECORD).exists():  # not yet a folder of ours
         real = users_images(where)
         if real:
             raise UserError(f"--out {out} holds {len(real)} of the images of {run}'s data (e.g. "
