@@ -733,3 +733,21 @@ def test_upsampling_runs_in_chunks_sized_by_its_output(monkeypatch):
         lambda part: sizes.append(len(part)) or fn(part), images, out))
     out = resize_center_crop(torch.zeros(40, 1, 28, 28, dtype=torch.uint8), 1024)
     assert out.shape == (40, 1, 1024, 1024) and max(sizes) * 1024 * 1024 <= 2**24
+
+
+def test_an_array_file_under_the_other_kinds_name_is_refused_in_one_line(tmp_path, capsys):
+    # numpy reads a file by its first bytes: an .npy named .npz was read as an array, not an archive
+    np.save(tmp_path / "a.npy", np.zeros((4, 8, 8), np.uint8))
+    np.savez(tmp_path / "b.npz", images=np.zeros((4, 8, 8), np.uint8))
+    shutil.copy(tmp_path / "a.npy", tmp_path / "a_as.npz")
+    shutil.copy(tmp_path / "b.npz", tmp_path / "b_as.npy")
+    for name, says in (("a_as.npz", "is an .npy array under an .npz name: rename it to a_as.npy"),
+                       ("b_as.npy", "is an .npz archive under an .npy name: rename it to "
+                                    "b_as.npz")):
+        with pytest.raises(UserError, match=says):
+            load_images(data_config({"data.path": str(tmp_path / name)}))
+        for stream in ("false", "true")[name.endswith(".npz"):]:  # .npz files are not streamed
+            assert main(["info", f"data.path={tmp_path / name}", f"data.stream={stream}"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and says in err[0], err
+    assert len(load_images(data_config({"data.path": str(tmp_path / "a.npy")}))) == 4

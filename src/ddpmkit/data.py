@@ -271,6 +271,7 @@ def data_channels(data: DataConfig) -> int:
                 continue  # skipped by training too (or refused, with data.on_error=fail)
         return 1
     if path.suffix.lower() == ".npy":
+        refuse_misnamed_array(path)
         try:
             first = np.load(path, mmap_mode="r", allow_pickle=False)[:1]
         except (ValueError, OSError, IndexError):  # not an array file, or a 0-d array
@@ -555,9 +556,21 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig,
 # arrays
 
 
+def refuse_misnamed_array(path: Path) -> None:
+    """numpy reads a file by its first bytes, not its name: an .npy array named .npz (or an .npz
+    archive named .npy) would be read as the other kind."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    kind = ".npy" if magic == b"\x93NUMPY" else ".npz" if magic[:2] == b"PK" else None
+    if kind is not None and kind != path.suffix.lower():
+        raise UserError(f"{path} is an {kind} {'array' if kind == '.npy' else 'archive'} under an "
+                        f"{path.suffix} name: rename it to {path.stem}{kind}")
+
+
 def _load_array_file(path: Path, split: str, bit_depth: int | None = None) -> ImageData:
     key, labels = None, None
     try:
+        refuse_misnamed_array(path)
         if path.suffix.lower() == ".npy":
             refuse_split_of_npy(path, split)
             with open(path, "rb") as f:

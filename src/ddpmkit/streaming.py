@@ -15,8 +15,8 @@ import torch
 
 from .config import DataConfig
 from .data import (is_idx_data, labelled, list_image_files, refuse_control_characters,
-                   refuse_labels_off_folder, refuse_split_of_npy, resize_center_crop,
-                   set_channels, split_folder)
+                   refuse_labels_off_folder, refuse_misnamed_array, refuse_split_of_npy,
+                   resize_center_crop, set_channels, split_folder)
 from .errors import UserError
 from .pixels import (GRAY_MODES, IMAGE_SUFFIXES, UNREADABLE, WIDE_MODES, ValueScale,
                      array_to_uint8_nchw, as_nchw, image_scales, open_image, range_scale,
@@ -27,6 +27,7 @@ class NpyImages:
     """A memory-mapped .npy of N images in any layout `array_to_uint8_nchw` accepts."""
 
     def __init__(self, path: Path, cfg: DataConfig):
+        refuse_misnamed_array(path)
         try:
             self.array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
