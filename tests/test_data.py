@@ -298,6 +298,10 @@ def test_float_ranges_map_to_uint8(lo, hi):
     (np.full((2, 4, 4), 300.0), "float values"),
     (np.linspace(0, 1.5, 32).reshape(2, 4, 4),
      r"float values in \[0, 1.5\] are past \[0,1\] yet would be nearly black"),
+    (np.linspace(0, 1.0001, 32).reshape(2, 4, 4), r"float values in \[0, 1.0001\] are past"),
+    # [0, 1] data with a rounding error below 0: read as [-1, 1] it would be washed out
+    (np.linspace(-1e-6, 1, 32).reshape(2, 4, 4), r"float values in \[-1e-06, 1\] are barely "
+                                                 r"below 0: read as \[-1,1\] every image"),
     (np.zeros((0, 4, 4), dtype=np.uint8), "no images"),
 ])
 def test_bad_arrays(arr, message):
