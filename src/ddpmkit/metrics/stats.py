@@ -40,7 +40,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
     # imaginary parts or negative values, which carry no information.
     eig = np.linalg.eigvals(sigma1 @ sigma2)
     tr_covmean = np.sqrt(np.clip(eig.real, 0.0, None)).sum()
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    # a distance: the round-off that leaves identical statistics a hair below 0 is not one
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean))
 
 
 @dataclass(eq=False)  # arrays make the generated __eq__ ambiguous
