@@ -337,6 +337,26 @@ def test_balance_refuses_labels_changed_since_training(tmp_path, capsys):
     assert json.loads((run / "meta.json").read_text())["class_counts"] == {"cat": 3, "dog": 3}
 
 
+def test_labels_swapped_with_the_counts_unchanged_are_refused_by_balance_and_said_by_train(
+        tmp_path, capsys):
+    run = _class_run(tmp_path, {"cat": 4, "dog": 2}, "--quiet")  # other seeds: other images
+    cat, dog = (sorted((tmp_path / "data" / c).iterdir())[0] for c in ("cat", "dog"))
+    cat.rename(tmp_path / "data" / "dog" / f"was_cat_{cat.name}")
+    dog.rename(tmp_path / "data" / "cat" / f"was_dog_{dog.name}")
+    assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "now gives some images other labels than" in err[0], err
+    assert not (tmp_path / "b").exists()
+    args = [f"{k}={v}" if not isinstance(v, list) else f"{k}=[{','.join(map(str, v))}]"
+            for k, v in TINY.items()]
+    assert main(["train", f"--data={tmp_path / 'data'}", "model.class_conditional=true",
+                 "train.max_steps=4", f"--out={run}", *args, "--quiet"]) == 0
+    assert (f"warning: the labels changed since {run} started (the same counts per class, other "
+            f"images in them)") in capsys.readouterr().out
+    assert main(["balance", str(run), "--out", str(tmp_path / "b"), "sample.steps=2",
+                 "--quiet"]) == 0  # trained on them now
+
+
 def test_images_added_before_a_resume_are_counted_in_the_runs_classes(tmp_path, capsys):
     """Training resumed on more images records their classes too, so balance takes them as the
     run's own and tops up the classes as they are now."""

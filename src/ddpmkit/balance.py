@@ -38,7 +38,7 @@ import torch
 from . import atomic
 from .atomic import FolderLock
 from .config import SampleConfig, class_name
-from .data import load_images, resize_center_crop
+from .data import ImageData, image_digests, labelling_digest, load_images, resize_center_crop
 from .errors import UserError
 from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, Anchors, SamplingSpec, finished_rows,
                          generate, keys_asked, no_unconditional_model, sample_batch)
@@ -192,7 +192,7 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
                         f"learned; train again on the data as it is now")
     counts = Counter(data.labels)
     counts = {c: counts.get(c, 0) for c in run.config.data.class_names}
-    _refuse_relabelled(recorded, counts, run.config.data)
+    _refuse_relabelled(recorded, counts, data, run.config.data)
     need = plan(counts, target, class_labels, proportions)
     for c in [c for c in need if need[c] > MAX_IMAGES_PER_JOB]:  # before any class is generated
         raise UserError(f"balance would generate {need[c]:,} {c} images, more than ddpmkit's "
@@ -244,7 +244,8 @@ def balance(run: Run, sample_cfg: SampleConfig, out: str | Path, *, target: int 
     return need
 
 
-def _refuse_relabelled(recorded: RunDir, counts: dict[str, int], data_cfg) -> None:
+def _refuse_relabelled(recorded: RunDir, counts: dict[str, int], data: ImageData,
+                       data_cfg) -> None:
     """Images counted under other labels than training counted them (a labels CSV edited since):
     the plan would top up classes as the generator never learned them."""
     trained = recorded.meta().get("class_counts")
@@ -255,6 +256,12 @@ def _refuse_relabelled(recorded: RunDir, counts: dict[str, int], data_cfg) -> No
                         f"{c}, and {recorded.path} trained on {trained.get(c)}: its labels "
                         f"changed since training; restore them, or train again on the data as "
                         f"it is now")
+    labelled = recorded.meta().get("labels_sha256")
+    if labelled not in (None, labelling_digest(image_digests(data.images), data.labels)):
+        raise UserError(f"{data_cfg.labels or data_cfg.path} now gives some images other labels "
+                        f"than {recorded.path} trained on (the counts per class are the same): "
+                        f"its labels changed since training; restore them, or train again on "
+                        f"the data as it is now")
 
 
 def _anchors(data, need: dict[str, int], strength: float | None) -> dict[str, Anchors | None]:

@@ -154,6 +154,13 @@ def image_digests(images: torch.Tensor) -> list[str]:
     return [hashlib.sha256(img.numpy().tobytes()).hexdigest() for img in images]
 
 
+def labelling_digest(digests: list[str], labels: list[str]) -> str:
+    """sha256 of which image (by its digest) carries which label, whatever their order: the same
+    images relabelled with the counts per class unchanged get another."""
+    pairs = sorted(f"{d} {label}" for d, label in zip(digests, labels))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+
+
 def batch_to_model(images_u8: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 N x C x H x W -> float in [-1, 1]; images where the bool mask `flip` is set are
     mirrored."""

@@ -39,7 +39,8 @@ from .unet import UNet, check_fits
 MAX_STATS_LINE = 1 << 20  # a row ddpmkit writes is a few hundred bytes
 FORMAT = "ddpmkit-run/2"  # meta.json's "format": a run of another format is refused, not converted
 # meta.json's fields a resume brings up to date: what the run trains on from then on
-RESUMED_META = ("data", "num_images", "skipped_images", "processes", "class_counts")
+RESUMED_META = ("data", "num_images", "skipped_images", "processes", "class_counts",
+                "labels_sha256")
 READ_AS_TRAINED = ("data.image_size", "data.channels", "data.bit_depth")
 RUN_FILES = ("config.yaml", "state.json", "stats.jsonl", "training_images.sha256", "report.html",
              "learning.gif")
@@ -494,18 +495,24 @@ class RunDir:
                 f"{self.digests_path.name} now records those too")
         atomic.write_text(self.digests_path, "\n".join(sorted(before | now)) + "\n")
 
-    def warn_relabelled(self, counts: dict[str, int] | None, digests: list[str], log) -> None:
+    def warn_relabelled(self, meta: dict, digests: list[str], log) -> None:
         """A resume on the same images under other labels (a labels CSV edited since) is said, as
-        one on changed images is: the run has learnt its classes from both labellings."""
-        before = self.meta().get("class_counts")
-        if (not isinstance(before, dict) or not counts or before == counts
-                or set(digests) != self.recorded_digests()):  # new images: said as such
+        one on changed images is: the run has learnt its classes from both labellings. `meta`:
+        the resume's class_counts and labels_sha256."""
+        before, counts = self.meta(), meta["class_counts"]
+        if set(digests) != self.recorded_digests() or not counts:  # new images: said as such
             return
-        changed = [f"{c}: {before.get(c, 0)} -> {counts.get(c, 0)}"
-                   for c in sorted(set(before) | set(counts)) if before.get(c) != counts.get(c)]
-        log(f"warning: the labels changed since {self.path} started (images per class "
-            f"{', '.join(changed[:5])}): training goes on with them, and {self.meta_path.name} "
-            f"now records the new counts")
+        old = before.get("class_counts") if isinstance(before.get("class_counts"), dict) else {}
+        changed = [f"{c}: {old.get(c, 0)} -> {counts.get(c, 0)}"
+                   for c in sorted(set(old) | set(counts)) if old.get(c) != counts.get(c)]
+        if old and changed:
+            said = f"images per class {', '.join(changed[:5])}"
+        elif before.get("labels_sha256") not in (None, meta["labels_sha256"]):
+            said = "the same counts per class, other images in them"
+        else:
+            return
+        log(f"warning: the labels changed since {self.path} started ({said}): training goes on "
+            f"with them, and {self.meta_path.name} now records the new labels")
 
     def add_checkpoint(self, sha256: str, step: int, mean_loss: float, keep_last: int) -> None:
         """Record the checkpoint of `step` (already written to checkpoint_file(step)), then

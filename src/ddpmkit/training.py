@@ -28,7 +28,7 @@ import torch
 from . import atomic, augmentation
 from .checkpoint import restore, save_checkpoint
 from .config import Config
-from .data import ImageData, batch_to_model, image_digests
+from .data import ImageData, batch_to_model, image_digests, labelling_digest
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError, expect
 from .generation import SamplingSpec, sample, sample_batch
@@ -272,14 +272,17 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         processes = run.meta().get("processes", 1)
         if resume_from is not None and processes != job.world.size:  # the shards sum otherwise
             run.add_change("processes", processes, job.world.size, log)
+        # a streamed dataset is not read whole just for its digests
+        digests = image_digests(data.images) if isinstance(data, ImageData) else None
+        counts = _class_counts(data, job.cfg)
         meta = {"environment": environment(job.device), "data": data.source,
                 "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
                 "parameters": count_parameters(state.model), "processes": job.world.size,
-                "init_from": pretrained, "class_counts": _class_counts(data, job.cfg)}
-        # a streamed dataset is not read whole just for its digests
-        digests = image_digests(data.images) if isinstance(data, ImageData) else None
+                "init_from": pretrained, "class_counts": counts,
+                "labels_sha256": labelling_digest(digests, data.labels)
+                if counts is not None and digests is not None else None}
         if resume_from is not None and digests is not None:
-            run.warn_relabelled(meta["class_counts"], digests, log)
+            run.warn_relabelled(meta, digests, log)
         run.start(job.cfg, meta, state.step)
         run.truncate_stats(state.step)
         if digests is not None:
