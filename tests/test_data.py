@@ -261,6 +261,9 @@ def test_rows_naming_missing_files_are_skipped_and_said_or_refused(tmp_path, cap
     ("image,label\nimg_000.png,1,benign\n",
      "data row 1 has 3 values where the header names 2 columns: quote"),
     ("image,label\nimg_001.png,1\nimg_000.png\n", "data row 2 has 1 values where"),
+    # csv.DictReader keeps the last of two columns of one name: refused, not guessed
+    ("image,label,label\nimg_000.png,1,x\n", "names column 'label' twice: rename or remove one"),
+    ("image,label\n,1\nimg_000.png,1\n", "data row 1 names no image .its image is empty."),
 ])
 def test_bad_csvs_are_named(tmp_path, content, message):
     write_images(tmp_path / "imgs", 2)
@@ -755,3 +758,14 @@ def test_an_array_file_under_the_other_kinds_name_is_refused_in_one_line(tmp_pat
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and says in err[0], err
     assert len(load_images(data_config({"data.path": str(tmp_path / "a.npy")}))) == 4
+
+
+def test_images_a_labels_csv_has_no_row_for_are_said_to_be_left_out(tmp_path):
+    write_images(tmp_path / "imgs", 4)
+    (tmp_path / "l.csv").write_text("image,label\nimg_000.png,a\nimg_001.png,b\n")
+    said = []
+    data = load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"),
+                                  image_size=8), log=said.append)
+    assert len(data) == 2 and data.labels == ["a", "b"]
+    assert any("has no row for 2 of the 4 images under" in m and "(e.g. img_002.png): they are "
+               "left out" in m for m in said), said

@@ -470,6 +470,10 @@ def read_labels_csv(csv_path: Path, cfg: DataConfig) -> tuple[list[str], list[di
         raise UserError(f"labels CSV {csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
     except csv.Error as exc:
         raise UserError(f"labels CSV {csv_path} cannot be read as CSV: {exc}") from None
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:  # csv.DictReader would keep the last column of the name, silently
+        raise UserError(f"labels CSV {csv_path} names column '{twice[0]}' twice: rename or "
+                        f"remove one")
     if cfg.image_column not in columns:
         raise UserError(f"labels CSV {csv_path} has no column '{cfg.image_column}' "
                         f"(columns: {', '.join(columns)}); set data.image_column")
@@ -526,6 +530,9 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig,
                             f"{len(columns) + len(extra) - short} values where the header names "
                             f"{len(columns)} columns: quote a value that holds a comma")
         name = (row.get(cfg.image_column) or "").strip()
+        if not name:
+            raise UserError(f"labels CSV {csv_path}: data row {number} names no image (its "
+                            f"{cfg.image_column} is empty): fill it in, or remove the row")
         label = class_name((row.get(cfg.label_column) or "").strip()) if has_labels else None
         if cfg.filter_label is not None and label != cfg.filter_label:
             continue
@@ -556,6 +563,11 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig,
     if not chosen and files:
         raise UserError(f"labels CSV {csv_path} lists none of the {len(files)} images under "
                         f"{root}: give a row per image ({cfg.image_column}, {cfg.label_column})")
+    if cfg.filter_label is None and len(chosen) < len(files):  # selected by the CSV: said
+        unlisted = sorted(set(files) - set(chosen))
+        log(f"note: labels CSV {csv_path} has no row for {len(unlisted)} of the {len(files)} "
+            f"images under {root} (e.g. {escape_controls(unlisted[0].relative_to(root))}): "
+            f"they are left out")
     return chosen, (labels if has_labels else None)
 
 
