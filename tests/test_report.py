@@ -46,6 +46,25 @@ def test_the_header_counts_the_steps_to_the_latest_checkpoint(report, tmp_path):
     assert "<p class='muted'>20 steps · " in build_report(RunDir(run))
 
 
+def test_a_checkpoint_whose_file_is_gone_is_marked_in_the_report(report, tmp_path):
+    from ddpmkit.report import build_report
+    from ddpmkit.run import RunDir
+
+    run = RunDir(shutil.copytree(report.parent, tmp_path / "run"))
+    assert "file missing" not in build_report(run)
+    run.checkpoint_file(20).unlink()
+    assert "<td>best, file missing</td>" in build_report(run)
+
+
+def test_a_state_file_that_is_not_json_is_named_with_what_to_do(report, tmp_path, capsys):
+    run = shutil.copytree(report.parent, tmp_path / "run")
+    (run / "state.json").write_text("{not json")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state.json (" in err[0] and err[0].endswith(
+        "): restore it, or rerun with --fresh to start the run over"), err
+
+
 def test_a_damaged_grid_is_left_out_of_the_gif_not_the_end_of_training(report, tmp_path, capsys):
     run = shutil.copytree(report.parent, tmp_path / "run")
     grids = sorted((run / "grids").glob("step_*.png"))

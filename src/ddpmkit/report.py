@@ -290,9 +290,11 @@ def _checkpoints(run: RunDir) -> str:
         fd = f"{c['fd']:.4f}" if c.get("fd") is not None else ""
         loss = f"{c['loss']:.5f}" if c.get("loss") is not None else ""
         on = html.escape(str(c.get("fd_of") or "")) if fd else ""  # best: among the latest's
+        notes = ["best"] * (c["step"] == state["best"]) + ["file missing"] * (
+            not run.checkpoint_file(c["step"]).is_file())
         rows.append(f"<tr><td>{c['step']:,}</td><td>{loss}</td><td>{fd}</td><td>{on}</td><td>"
                     f"<code>{html.escape(c['sha256'][:12])}</code></td>"
-                    f"<td>{'best' if c['step'] == state['best'] else ''}</td></tr>")
+                    f"<td>{', '.join(notes)}</td></tr>")
     return ("<h2>Checkpoints</h2><table><tr><th>step</th><th>mean loss</th><th>eval FD</th>"
             "<th>FD of</th><th>SHA-256</th><th></th></tr>" + "".join(rows) + "</table>")
 

@@ -122,7 +122,8 @@ class RunDir:
         try:
             state = atomic.read_json(self.state_path)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {self.state_path}: {exc}") from None
+            raise UserError(f"cannot read {self.state_path} ({exc}): restore it, or rerun with "
+                            f"--fresh to start the run over") from None
         entries = state.get("checkpoints") if isinstance(state, dict) else None
         bad = "not a mapping with a checkpoints list" if not isinstance(entries, list) else next(
             (why for why in map(self._entry_problem, entries) if why), None)
