@@ -781,3 +781,19 @@ def test_a_study_the_machine_cannot_hold_is_refused_before_its_folder_is_made(
     assert len(err) == 1 and "a study at 8x8 (" in err[0] and "trained at batch 64) needs" \
         in err[0], err
     assert not (tmp_path / "s").exists()
+
+
+def test_real_images_other_than_those_the_balance_topped_up_are_warned_of(tmp_path, capsys):
+    labels = _digits01()[1].ravel()
+    zeros, ones = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    # the balance tops up 30 zeros to 120; a val split of 20 and 20 is no set it planned for
+    data = _npz(tmp_path / "d.npz", np.concatenate([zeros[:30], ones[:120]]),
+                np.concatenate([zeros[100:], ones[150:]]),
+                np.concatenate([zeros[60:80], ones[130:150]]))
+    assert main(["downstream", "--real", str(data), "--real-split", "val", "--synthetic",
+                 str(_balanced(tmp_path, data, "v")), "--out", str(tmp_path / "s"),
+                 "--seeds", "2", "--steps", "2"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "tops up" in line]
+    assert len(said) == 1 and said[0].startswith("warning: ") and said[0].endswith(
+        "manifest.csv tops up 30 real 0 images, and --real " + f"{data} (val) has 20: the "
+        "real+synthetic arm is not the balanced set; give --real the data the balance read"), said

@@ -51,7 +51,8 @@ from .errors import UserError
 from .metrics.classifier import fit, predict
 from .metrics.memorization import as_sampled, audit, is_copy, nearest, seen_views
 from .outputs import (RECORD, Kind, OutputFolder, existing, is_index, job_identities, job_runs,
-                      manifest_images, read_record, refuse_special, refuse_unfinished)
+                      manifest_images, read_manifest, read_record, refuse_special,
+                      refuse_unfinished)
 from .limits import check_memory
 from .pixels import declared_bytes, read_image
 from .run import RunDir, recorded_bit_depth
@@ -836,6 +837,25 @@ def load_study_data(real: str | DataConfig, synthetic: str, test: str | DataConf
     return names, real_pool, synth, test_pool, calibration_pool, leakage
 
 
+def other_real(folder: Path, real: Pool, names: list[str], named: str) -> str | None:
+    """A balanced set tops up the real images its manifest lists: with other real images, the
+    real+synthetic arm is not the set balance planned (a balanced split made imbalanced)."""
+    header, *rows = read_manifest(folder / "manifest.csv", header=False)
+    real_rows = [r for r in (dict(zip(header, row)) for row in rows)
+                 if r.get("synthetic") == "false"]
+    if not real_rows:  # a sampling job's folder: no plan to keep to
+        return None
+    planned = Counter(row.get("label") for row in real_rows)
+    given = Counter(names[i] for i in real.labels)
+    other = [c for c in names if planned.get(c, 0) != given.get(c, 0)]
+    if not other:
+        return None
+    c = other[0]
+    return (f"{folder}/manifest.csv tops up {planned.get(c, 0)} real {c} images, and --real "
+            f"{named} has {given.get(c, 0)}: the real+synthetic arm is not the balanced set; give "
+            f"--real the data the balance read")
+
+
 def check_study_fits(size: int, channels: int, images: int, batch: int) -> None:
     """The study's images at its size, and its classifiers' activations, against memory: before
     the real images are read at that size."""
@@ -892,6 +912,9 @@ def _run_study(real, synthetic: str, out: OutputFolder, test, real_split: str,
     names, real_pool, synth, test_pool, calibration_pool, leakage = load_study_data(
         real, synthetic, test, real_split, test_split, unverified=unverified,
         calibration=calibration, calibration_split=calibration_split, batch=recipe.batch)
+    unplanned = other_real(Path(synthetic), real_pool, names, _named(as_source(real), real_split))
+    if unplanned:
+        log(f"warning: {unplanned}")
     size = synth.images.shape[-1]
     calibrated = "" if calibration_pool is None else f", {len(calibration_pool.labels)} calibration"
     log(f"study: {len(real_pool.labels)} real, {len(synth.labels)} synthetic, "
