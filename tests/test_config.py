@@ -202,10 +202,12 @@ def test_a_class_named_twice_is_refused_in_any_unicode_form():
     assert cfg.sample.class_label == "Off"
 
 
-def test_a_class_count_without_class_conditioning_is_refused():
-    # the embedding would be built, never trained, and exported as a conditional model
+def test_a_class_count_without_class_conditioning_is_refused_when_training_starts():
+    # the embedding would be built, never trained, and exported as a conditional model; a run
+    # already trained so still opens
+    from ddpmkit.resolve import prepare_training
+
+    cfg = load_config(None, {"model.num_classes": 3})
     with pytest.raises(UserError, match="model.num_classes: 3 classes for a model that is not "
                                         "class-conditional: add model.class_conditional=true"):
-        load_config(None, {"model.num_classes": 3})
-    assert load_config(None, {"model.num_classes": 3,
-                              "model.class_conditional": True}).model.num_classes == 3
+        prepare_training(cfg, fresh=True)

@@ -769,3 +769,11 @@ def test_images_a_labels_csv_has_no_row_for_are_said_to_be_left_out(tmp_path):
     assert len(data) == 2 and data.labels == ["a", "b"]
     assert any("has no row for 2 of the 4 images under" in m and "(e.g. img_002.png): they are "
                "left out" in m for m in said), said
+
+
+def test_blank_rows_and_unnamed_columns_a_spreadsheet_writes_are_read_past(tmp_path):
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "l.csv").write_text("image,label,,\n,,,\nimg_000.png,a,,\n,,,\nimg_001.png,b,,\n")
+    data = load_images(DataConfig(path=str(tmp_path / "imgs"), labels=str(tmp_path / "l.csv"),
+                                  image_size=8))
+    assert data.labels == ["a", "b"]

@@ -315,10 +315,6 @@ def sample_config(values: dict[str, Any]) -> SampleConfig:
 
 def _check_model(cfg: Config) -> None:
     m = cfg.model
-    if m.num_classes and not m.class_conditional:  # an embedding nothing would train or ask for
-        raise UserError(f"config key model.num_classes: {m.num_classes} classes for a model that "
-                        f"is not class-conditional: add model.class_conditional=true, or drop "
-                        f"model.num_classes")
     if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
         raise UserError(f"config key model.channel_mult: needs positive entries, "
                         f"got {m.channel_mult}")

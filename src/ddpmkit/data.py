@@ -470,7 +470,7 @@ def read_labels_csv(csv_path: Path, cfg: DataConfig) -> tuple[list[str], list[di
         raise UserError(f"labels CSV {csv_path} is not UTF-8 text: save it as UTF-8 CSV") from None
     except csv.Error as exc:
         raise UserError(f"labels CSV {csv_path} cannot be read as CSV: {exc}") from None
-    twice = sorted({c for c in columns if columns.count(c) > 1})
+    twice = [c for c in (cfg.image_column, cfg.label_column) if columns.count(c) > 1]
     if twice:  # csv.DictReader would keep the last column of the name, silently
         raise UserError(f"labels CSV {csv_path} names column '{twice[0]}' twice: rename or "
                         f"remove one")
@@ -530,6 +530,8 @@ def _select_by_csv(root: Path, files: list[Path], cfg: DataConfig,
                             f"{len(columns) + len(extra) - short} values where the header names "
                             f"{len(columns)} columns: quote a value that holds a comma")
         name = (row.get(cfg.image_column) or "").strip()
+        if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue  # a blank row, as spreadsheets write them
         if not name:
             raise UserError(f"labels CSV {csv_path}: data row {number} names no image (its "
                             f"{cfg.image_column} is empty): fill it in, or remove the row")

@@ -43,6 +43,10 @@ def absolute(path: str | None) -> str | None:
 def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
     """Read the data the config names and resolve what it decides; refusals come before any
     write."""
+    if cfg.model.num_classes and not cfg.model.class_conditional:  # an embedding never trained
+        raise UserError(f"config key model.num_classes: {cfg.model.num_classes} classes for a "
+                        f"model that is not class-conditional: add model.class_conditional=true, "
+                        f"or drop model.num_classes")
     if cfg.train.augment_p == 1:  # sampling asks for no augmentation: the network must see some
         raise UserError("config key train.augment_p=1: every training image would be augmented, "
                         "so the network never learns the un-augmented images it samples; give a "
