@@ -144,8 +144,13 @@ def test_a_text_key_takes_the_text_as_typed():
 
 def test_a_yaml_mistake_is_named_with_its_line_and_column(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 5.0e-4\n\tmax_steps: 2\n")
-    with pytest.raises(UserError, match=r"not valid YAML: found character '\\t' that cannot "
-                                        r"start any token \(line 3, column 1\)"):
+    with pytest.raises(UserError, match=r"not valid YAML: while scanning for the next token; "
+                                        r"found character '\\t' that cannot start any token "
+                                        r"\(line 3, column 1\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 5.0e-4\n  max_steps: 2\n  lr: 1.0e-3\n")
+    with pytest.raises(UserError, match=r"key 'lr' is given twice in one mapping \(line 4, "
+                                        r"column 3\)"):  # where it is given again
         load_config(tmp_path / "c.yaml")
 
 

@@ -833,11 +833,22 @@ def test_sample_never_writes_into_a_split_or_class_folder_of_the_runs_data(tmp_p
                "--out", run, "--quiet") == 0
     for out in (data / "train", data / "train" / "b", data / "val"):
         one_line(capsys, "sample", run, "-n", 2, "--steps", 2, "--out", out, "--force",
-                 says=f"--out {out} holds 2 of the images of {run}'s data (e.g. 0.png)"
-                 if out.name == "b" else "of the images of")
+                 says=f"--out {out} holds 2 of the images in {run}'s data folder (e.g. 0.png)"
+                 if out.name == "b" else "of the images in")
         assert not (out / ".ddpmkit.json").exists()
     assert cli("sample", run, "-n", 2, "--steps", 2, "--out", data / "train" / "gen", "--quiet",
                "--force") == 0
+    # inside a folder of ddpmkit's own, no image of the data: written into
+    assert cli("sample", run, "-n", 2, "--steps", 2, "--out", data / "train" / "gen" / "individual",
+               "--quiet", "--force") == 0
+    # a class folder linked in from elsewhere is the data's too
+    store = tmp_path / "store" / "c"
+    store.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(store / "linked.png")
+    (data / "train" / "c").symlink_to(store, target_is_directory=True)
+    one_line(capsys, "sample", run, "-n", 2, "--steps", 2, "--out", store, "--force",
+             says="holds 1 of the images in")
+    (data / "train" / "c").unlink()
     assert cli("train", *TINY_ARGS, "--data", data, "data.split=train", "--steps", 3,
                "--out", run, "--quiet") == 0  # resumes on the same four images
 

@@ -263,3 +263,4 @@ def test_the_frechet_distance_of_identical_singular_statistics_is_not_negative()
         x = np.random.default_rng(seed).normal(size=(10, 64))
         mu, sigma = x.mean(0), np.cov(x, rowvar=False)
         assert 0.0 <= frechet_distance(mu, sigma, mu, sigma) < 1e-6
+    assert np.isnan(frechet_distance(np.array([np.nan, 0.0]), np.eye(2), np.zeros(2), np.eye(2)))

@@ -257,7 +257,8 @@ def _refuse_relabelled(recorded: RunDir, counts: dict[str, int], data: ImageData
                         f"changed since training; restore them, or train again on the data as "
                         f"it is now")
     labelled = recorded.meta().get("labels_sha256")
-    if labelled not in (None, labelling_digest(image_digests(data.images), data.labels)):
+    if labelled is not None and labelled != labelling_digest(image_digests(data.images),
+                                                             data.labels):
         raise UserError(f"{data_cfg.labels or data_cfg.path} now gives some images other labels "
                         f"than {recorded.path} trained on (the counts per class are the same): "
                         f"its labels changed since training; restore them, or train again on "

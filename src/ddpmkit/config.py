@@ -487,12 +487,14 @@ class _RefuseRepeatedKeys:
     a duplicated section was never used (a merge key's keys may still be overridden)."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [k.value for k, _ in node.value
-                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"]
-        repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
-        if repeated is not None:
-            raise yaml.constructor.ConstructorError(None, None, f"key {repeated!r} is given twice "
-                                                    f"in one mapping", node.start_mark)
+        named = [k for k, _ in node.value
+                 if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"]
+        keys = [k.value for k in named]
+        repeated = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+        if repeated is not None:  # located at its second appearance
+            raise yaml.constructor.ConstructorError(None, None, f"key {keys[repeated]!r} is given "
+                                                    f"twice in one mapping",
+                                                    named[repeated].start_mark)
         return super().construct_mapping(node, deep)
 
 
@@ -512,8 +514,8 @@ def safe_yaml(text: str, what: str, loader: type = _UniqueKeyLoader) -> Any:
     except yaml.MarkedYAMLError as exc:  # where, and what (a tab, an unclosed quote...)
         at = exc.problem_mark
         where = f" (line {at.line + 1}, column {at.column + 1})" if at else ""
-        raise UserError(f"{what} is not valid YAML: "
-                        f"{escape_controls(exc.problem or exc.context)[:200]}{where}") from None
+        said = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise UserError(f"{what} is not valid YAML: {escape_controls(said)[:200]}{where}") from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise UserError(f"{what} is not valid YAML: {str(exc).splitlines()[0][:200]}") from None
     stack, seen = [data], 0

@@ -139,22 +139,23 @@ def holds_data(folder: Path, data_path: str | None) -> bool:
 
 
 def refuse_runs_data(out: Path, run: Path, data_path: str | None) -> None:
-    """The folder of a run's training data (or one above it, or one inside it holding its images:
-    a split or class folder) would have its images left out of the run's next training as
-    generated; a folder of its own inside it is fine."""
+    """The folder of a run's training data (or one above it, or one holding its images: a split or
+    class folder) would have its images left out of the run's next training as generated; a
+    folder of its own inside it is fine."""
     if holds_data(out, data_path):
         raise UserError(f"--out {out} holds {run}'s training data: write the images into a "
                         f"folder of their own (one inside it is fine: training leaves out the "
                         f"folders ddpmkit generated)")
-    where = out.expanduser().resolve()
-    inside = data_path and Path(data_path).expanduser().resolve() in where.parents
-    if inside and where.is_dir() and not (where / RECORD).exists():  # not yet a folder of ours
-        real = users_images(where)
-        if real:
-            raise UserError(f"--out {out} holds {len(real)} of the images of {run}'s data (e.g. "
-                            f"{escape_controls(real[0].name)}): written into, its folder would "
-                            f"be read as generated and they would be left out of training; "
-                            f"write into a folder of their own")
+    where, root = out.expanduser().resolve(), Path(data_path or "").expanduser()
+    if not (data_path and root.is_dir() and where.is_dir()):  # a new folder holds no data
+        return
+    # the data folder's images as reading it finds them (through linked class folders)
+    real = [f for f in users_images(root) if where in f.resolve().parents]
+    if real:
+        raise UserError(f"--out {out} holds {len(real)} of the images in {run}'s data folder "
+                        f"(e.g. {escape_controls(real[0].name)}): written into, its folder would "
+                        f"be read as generated and they would be left out of every read of that "
+                        f"data; write into a folder of their own")
 
 
 def read_record(folder: Path) -> dict | None:

@@ -269,7 +269,8 @@ def range_scale(is_float: bool, lo, hi, name: str, bit_depth: int | None, *,
             raise UserError(f"{name}: float values in [{lo:.6g}, {hi:.6g}] are past [0,1] yet "
                             f"would be nearly black read as [0,255]: rescale them to [0,1] "
                             f"(e.g. divide by the largest value)")
-        if usual == (-1, 1) and lo > -0.05:  # [0, 1] data just below 0, not [-1, 1] data
+        # a whole array of [0, 1] data just below 0, not [-1, 1] data (one bright image may be)
+        if usual == (-1, 1) and lo > -0.05 and not image_files:
             raise UserError(f"{name}: float values in [{lo:.6g}, {hi:.6g}] are barely below 0: "
                             f"read as [-1,1] every image would be washed out to light grey; clip "
                             f"them to [0,1] (numpy.clip), or rescale [-1,1] data to [0,1]")

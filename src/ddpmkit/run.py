@@ -420,9 +420,9 @@ class RunDir:
         # train.init_from first: its architecture explains the model.* keys that change with it
         refused = sorted(refused_changes(old, new), key=lambda k: k != "train.init_from")
         if refused:
+            more = len(refused) - 5
             shown = "; ".join(f"{k}: {as_typed(old.get(k))} -> {as_typed(new.get(k))}"
-                              for k in refused[:5]) + (f"; {len(refused) - 5} more" if len(
-                                  refused) > 5 else "")
+                              for k in refused[:5]) + (f"; {more} more" if more > 0 else "")
             raise UserError(f"{self.path} was trained with a different config ({shown}): "
                             f"rerun with --fresh to start over there, or choose another --out")
 

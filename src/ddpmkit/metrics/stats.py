@@ -40,8 +40,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray,
     # imaginary parts or negative values, which carry no information.
     eig = np.linalg.eigvals(sigma1 @ sigma2)
     tr_covmean = np.sqrt(np.clip(eig.real, 0.0, None)).sum()
-    # a distance: the round-off that leaves identical statistics a hair below 0 is not one
-    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean))
+    # a distance: the round-off that leaves identical statistics a hair below 0 is not one (NaN
+    # stays NaN, to be seen)
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    return 0.0 if distance < 0 else distance
 
 
 @dataclass(eq=False)  # arrays make the generated __eq__ ambiguous
