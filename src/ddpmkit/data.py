@@ -363,7 +363,7 @@ def list_image_files(root: Path, cfg: DataConfig, log=print) -> tuple[list[Path]
     Folders ddpmkit wrote (generated images, a run's grids) are left out, and said so."""
     files, ours = _listed(root)
     if ours:
-        kept = [f for f in files if not any(folder in f.parents for folder in ours)]
+        kept = _not_under(files, ours)
         folders = ", ".join(map(str, sorted(ours)))
         log(f"left out {len(files) - len(kept)} image(s) under {folders}: ddpmkit generated them "
             f"(its {RECORD_NAME} or a run's meta.json is there)")
@@ -388,10 +388,13 @@ def _listed(root: Path) -> tuple[list[Path], set[Path]]:
     return files, _generated_folders(listing)
 
 
+def _not_under(files: list[Path], folders: set[Path]) -> list[Path]:
+    return [f for f in files if not any(folder in f.parents for folder in folders)]
+
+
 def users_images(root: Path) -> list[Path]:
     """The image files under root that reading it as data would take: none ddpmkit wrote."""
-    files, ours = _listed(root)
-    return [f for f in files if not any(folder in f.parents for folder in ours)]
+    return _not_under(*_listed(root))
 
 
 def _walk(root: Path):
