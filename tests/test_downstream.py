@@ -77,6 +77,7 @@ def test_the_study_runs_and_writes_its_report(tmp_path):
             and "checked: no test image" in report)
     assert ("with generated images, they are 0.5 of a topped-up class's draws" in report
             and "random shifts and flips" in report)
+    assert "oversampled [30, 120] (each class drawn equally often)" in report
     chart = (out / "balanced_accuracy.svg").read_text()
     assert chart.startswith("<svg") and chart.count("<rect") == 3  # one bar per arm
     assert f'>{summary["table"]["oversampled"]["balanced_accuracy"][0]:.3f}</text>' in chart
@@ -797,3 +798,20 @@ def test_real_images_other_than_those_the_balance_topped_up_are_warned_of(tmp_pa
     assert len(said) == 1 and said[0].startswith("warning: ") and said[0].endswith(
         "manifest.csv tops up 30 real 0 images, and --real " + f"{data} (val) has 20: the "
         "real+synthetic arm is not the balanced set; give --real the data the balance read"), said
+
+
+def test_the_leakage_refusal_points_at_the_test_images_when_they_are_the_generators_own(
+        tmp_path):
+    """Testing on the generator's own training split is a wrong --test-split, not a reason to
+    retrain the generator without its training data."""
+    import torch
+    from ddpmkit.downstream import Pool, TrainedOn, check_no_leakage
+
+    test = Pool(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), np.array([0, 1]))
+    trained = TrainedOn(set(test.digests), [], [])
+    with pytest.raises(UserError) as refused:
+        check_no_leakage(test, [tmp_path / "run"], trained, verified=True, split="train")
+    message = str(refused.value)
+    assert "was trained on 2 of the train images, which the study tests on" in message
+    assert "(another --test or --test-split)" in message
+    assert "retrain it without the train split" not in message

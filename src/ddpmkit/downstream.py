@@ -366,8 +366,9 @@ def check_no_leakage(test: Pool, runs: list[Path], trained: TrainedOn, verified:
     overlap = int(among(test, trained.digests).sum())
     if overlap:
         raise UserError(f"leakage: the generator {', '.join(map(str, runs))} (or a run it was "
-                        f"fine-tuned from) was trained on {overlap} of the {split} images; "
-                        f"retrain it without the {split} split")
+                        f"fine-tuned from) was trained on {overlap} of the {split} images, which the "
+                        f"study tests on: choose test images it never saw (another --test or "
+                        f"--test-split), or retrain it without them")
     checked = (f"checked: no {split} image is among the training images of "
                f"{', '.join(str(r) for r in runs)}"
                + (f" or of the runs it was fine-tuned from ({', '.join(map(str, trained.sources))})"
@@ -612,8 +613,9 @@ def _report(s: dict) -> str:
              f"{s['steps']} steps of batch {s['batch']} (AdamW, one-cycle lr {s['lr']}), "
              f"{'with random shifts and flips' if s['augment'] else 'without augmentation'}: "
              f"the same recipe in every arm.", "",
-             "Training images per class: " + "; ".join(f"{arm} {c}"
-                                                       for arm, c in s["train_counts"].items())
+             "Training images per class: " + "; ".join(
+                 f"{arm} {c}" + (" (each class drawn equally often)" if arm == "oversampled"
+                                 else "") for arm, c in s["train_counts"].items())
              + ("" if s["synthetic_share"] is None else
                 f"; in the arms with generated images, they are {s['synthetic_share']:g} of "
                 f"a topped-up class's draws"), "",
