@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import data_config, load_config, parse_override, updated
+from .config import EVAL_FEATURES, data_config, load_config, parse_override, updated
 from .errors import UserError, escape_controls, warn
 from .metrics.memorization import REDRAWS
 from .runtime import version
@@ -32,6 +32,7 @@ SAMPLE_FLAGS = {
     "checkpoint": "sample.checkpoint", "out": "sample.out_dir", "device": "sample.device",
     "spacing": "sample.spacing", "class_label": "sample.class_label", "guidance": "sample.guidance",
 }
+BALANCE_FLAGS = {"guidance": "sample.guidance", "seed": "sample.seed"}
 
 TRAIN_EXAMPLES = """examples:
   ddpmkit train                                  # bundled digits, defaults, runs/default
@@ -188,8 +189,7 @@ def _eval_parser(sub) -> None:
                         "or data.key=value ... (several)")
     e.add_argument("--metrics", default="fid,kid,pr",
                    help="comma-separated: fid, kid, pr, is (default fid,kid,pr)")
-    e.add_argument("--features", default="inception",
-                   choices=["inception", "efficientnet", "classifier"])
+    e.add_argument("--features", default="inception", choices=EVAL_FEATURES)
     e.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="pt_inception-2015-12-05-6726825d.pth")
     e.add_argument("--device", default="auto")
@@ -252,12 +252,11 @@ def _balance_parser(sub) -> None:
     b.add_argument("--proportions", default=None, help="class=share,... summing to 1")
     b.add_argument("--by-class-folders", action="store_true",
                    help="also OUT/by_class/<class>/ (symlinks)")
-    b.add_argument("--guidance", type=float, default=None, help="sets sample.guidance")
     b.add_argument("--class-guidance", default=None, metavar="CLASS=SCALE,...",
                    help="a guidance scale for some classes (the others: --guidance), or auto: "
                         "with --select, each class's smallest scale whose candidates the selector "
                         "recognises nearly as often as real ones")
-    b.add_argument("--seed", type=int, default=None, help="sets sample.seed")
+    _add_flags(b, BALANCE_FLAGS, {"guidance": float, "seed": int})
     b.add_argument("--from-real", type=float, default=None, metavar="STRENGTH",
                    help="make each image a variation of one of its class's real images, noised "
                         "to STRENGTH in (0, 1] and denoised (SDEdit) instead of drawn from noise")
@@ -623,15 +622,12 @@ def cmd_balance(ns: argparse.Namespace) -> None:
     from .balance import balance, parse_class_guidance, parse_proportions
     from .selection import SelectOptions
 
-    overrides = dict(parse_override(tok) for tok in ns.args)
+    overrides = _overrides(ns.args, BALANCE_FLAGS, ns)
     decided = [k for k in overrides
                if k in ("sample.num", "sample.out_dir", "sample.class_label", "sample.gif")]
     if decided:
         raise UserError(f"balance decides {decided[0]} for each class itself: "
                         f"use --target/--class, --proportions and --out instead")
-    overrides.update({key: value
-                      for key, value in (("sample.guidance", ns.guidance), ("sample.seed", ns.seed))
-                      if value is not None})
     given = [(flag, key, value) for flag, key, value in (
         ("--select-quantile", "quantile", ns.select_quantile),
         ("--select-threshold", "threshold", ns.select_threshold),
