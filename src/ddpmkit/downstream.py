@@ -366,9 +366,9 @@ def check_no_leakage(test: Pool, runs: list[Path], trained: TrainedOn, verified:
     overlap = int(among(test, trained.digests).sum())
     if overlap:
         raise UserError(f"leakage: the generator {', '.join(map(str, runs))} (or a run it was "
-                        f"fine-tuned from) was trained on {overlap} of the {split} images, which the "
-                        f"study tests on: choose test images it never saw (another --test or "
-                        f"--test-split), or retrain it without them")
+                        f"fine-tuned from) was trained on {overlap} of the {split} images, which "
+                        f"the study tests on: choose test images it never saw (another --test "
+                        f"or --test-split), or retrain it without them")
     checked = (f"checked: no {split} image is among the training images of "
                f"{', '.join(str(r) for r in runs)}"
                + (f" or of the runs it was fine-tuned from ({', '.join(map(str, trained.sources))})"

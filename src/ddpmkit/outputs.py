@@ -109,10 +109,10 @@ def read_manifest(path: Path, header: bool = True) -> list[list[str]]:
             for row in rows]
 
 
-def manifest_images(folder: Path, column: str, synthetic_only: bool = True,
+def manifest_images(folder: Path, column: str,
                     name: str = "manifest.csv") -> list[tuple[Path, dict]]:
-    """(file, row) for each image a manifest of `folder` names in `column` (the generated ones only,
-    unless not synthetic_only); a path leading out of the folder is refused."""
+    """(file, row) for each generated image a manifest of `folder` names in `column`; a path
+    leading out of the folder is refused."""
     manifest = folder / name
     rows = read_manifest(manifest, header=False)
     if not rows or column not in rows[0]:
@@ -120,7 +120,7 @@ def manifest_images(folder: Path, column: str, synthetic_only: bool = True,
     dicts = [dict(zip(rows[0], row)) for row in rows[1:]]
     out = []
     for row in dicts:
-        if synthetic_only and row.get("synthetic", "true") != "true":
+        if row.get("synthetic", "true") != "true":
             continue
         path = inside(folder, row.get(column) or "")
         if path is None:
