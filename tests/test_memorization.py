@@ -723,3 +723,25 @@ def test_image_files_the_audit_does_not_read_are_named(run, tmp_path):
     said.clear()
     run_audit(plain, run, features="none", log=said.append)
     assert any("1 image file(s)" in m and "beside.png" in m for m in said), said
+
+
+def test_the_feature_view_sets_aside_the_images_the_pixels_found_to_be_duplicates(digits):
+    """A coarse feature space maps distinct digits onto one another; those held-out images are
+    new images all the same, and stay in the feature threshold's calibration. Re-saved training
+    images are set aside in both views alike."""
+    from ddpmkit.audit import add_feature_view
+    from ddpmkit.metrics import features as fx
+
+    def coarse(images_u8):  # four numbers per image, in eight levels: many digits coincide
+        pooled = F.avg_pool2d(images_u8.float(), 8).flatten(1)
+        return (pooled / 32).floor() + 1, None
+
+    extractor = fx.Extractor("coarse", "2x2 mean, 8 levels", "none", coarse)
+    train, held = digits[0][:300], digits[1][:200]
+    for calibration, aside in ((held, 0), (torch.cat([held, _jpeg(train[:6], 95)]), 6)):
+        pixels = audit(held[:20], train, calibration)
+        assert pixels.calibration.set_aside == aside
+        summary = {"share": 0.01, "nearest": [{} for _ in range(20)]}
+        add_feature_view(summary, extractor, (held[:20], train, calibration), pixels,
+                         log=lambda *_: None)
+        assert summary["features"]["duplicates_set_aside"] == aside

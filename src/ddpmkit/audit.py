@@ -178,11 +178,12 @@ def add_feature_view(summary: dict, extractor: fx.Extractor, sets: tuple, in_pix
                      log=print) -> None:
     """The same audit on (generated, training, held-out or None) images' features, into the
     summary: its own numbers, and each generated image's nearest training image in features.
-    The real images' features are cached: auditing again against the same run is quicker."""
+    The real images' features are cached: auditing again against the same run is quicker. The
+    calibration sets aside the duplicates the pixels found."""
     gen, train, held = sets
     found = audit(torch.from_numpy(extractor(gen)[0]), _real_features(extractor, train, log),
                   None if held is None else _real_features(extractor, held, log),
-                  summary["share"], search=nearest_features)
+                  summary["share"], nearest_features, in_pixels.calibration.aside_rows)
     summary["features"] = {"extractor": extractor.name, **found.calibration.summary(),
                            "copies": int(found.copies.sum()), "copy_rate": found.copy_rate,
                            "copies_in_both": int((found.copies & in_pixels.copies).sum()),

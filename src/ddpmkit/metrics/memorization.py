@@ -225,6 +225,7 @@ class Calibration:
     reference_d1: np.ndarray  # the distances the threshold is the quantile of
     set_aside: int  # reference images that were duplicates of a training image
     share: float = 0.01  # of new real images the threshold would flag
+    aside_rows: np.ndarray | None = None  # which reference images were set aside
 
     def summary(self) -> dict:
         """The threshold as the JSON outputs record it."""
@@ -261,10 +262,12 @@ def duplicates(found: Neighbours) -> np.ndarray:
 
 
 def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 0.01,
-              search: Search = nearest) -> Calibration:
+              search: Search = nearest, aside_rows: np.ndarray | None = None) -> Calibration:
     """The threshold from held-out images against the training set, or from the training set's
     leave-one-out distances, duplicates set aside; at most REFERENCE_MAX reference images (a fixed
-    random subset), plenty for a 1% quantile."""
+    random subset), plenty for a 1% quantile. `aside_rows`: the duplicates as another view of the
+    same images found them (pixels are where an image is "the same"; in a feature space distinct
+    images of one class can be as close)."""
     reference, exclude = (holdout, False) if holdout is not None else (train, True)
     if exclude and len(train) < REFERENCE_MIN:
         raise UserError(f"{len(train)} training image(s) are too few to calibrate a copy "
@@ -276,14 +279,15 @@ def calibrate(train: torch.Tensor, holdout: torch.Tensor | None, share: float = 
         rows = rows[:REFERENCE_MAX].sort().values
     # leave-one-out: each reference image against every training image but itself
     found = search(reference[rows], train, exclude=rows if exclude else None)
-    aside = duplicates(found)
+    aside = duplicates(found) if aside_rows is None else np.isin(rows.numpy(), aside_rows)
     new, on = found.d1[~aside], "leave-one-out" if exclude else "held-out"
     if len(new) < REFERENCE_MIN:
         raise UserError(f"after setting aside {int(aside.sum())} {'training' if exclude else on} "
                         f"images that are a training image over again, {len(new)} are left to "
                         f"calibrate the copy threshold on (at least {REFERENCE_MIN}): give more "
                         f"held-out real images the run never trained on (--holdout)")
-    return Calibration(threshold(new, share), on, new, int(aside.sum()), share)
+    return Calibration(threshold(new, share), on, new, int(aside.sum()), share,
+                       rows.numpy()[aside])
 
 
 @dataclass
@@ -298,11 +302,12 @@ class Audit:
 
 
 def audit(gen: torch.Tensor, train: torch.Tensor, holdout: torch.Tensor | None = None,
-          share: float = 0.01, search: Search = nearest) -> Audit:
+          share: float = 0.01, search: Search = nearest,
+          aside_rows: np.ndarray | None = None) -> Audit:
     """Each generated image against the training set, with the threshold calibrated on held-out
     real images (or, without them, on the training set's leave-one-out distances). Images are
     uint8 pixels for `nearest`, feature vectors for `nearest_features`."""
-    cal = calibrate(train, holdout, share, search)
+    cal = calibrate(train, holdout, share, search, aside_rows)
     found = search(gen, train)
     return Audit(found, cal, is_copy(found.d1, cal.threshold))
 
