@@ -51,12 +51,13 @@ def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional(tiny):
 
 @pytest.fixture(scope="module")
 def conditional_run(tmp_path_factory):
-    """A small class-conditional model of the digits (about a minute on 2 CPU cores)."""
+    """A small class-conditional model of the digits."""
     out = tmp_path_factory.mktemp("cond") / "run"
     cfg = load_config(None, {"model.class_conditional": True, "model.base_channels": 32,
-                             "model.num_res_blocks": 1, "train.max_steps": 800, "train.lr": 2e-3,
+                             "model.num_res_blocks": 1, "train.max_steps": 400, "train.lr": 2e-3,
+                             "train.batch_size": 64,
                              "train.log_every": 100, "train.sample_every": 10**6,
-                             "train.checkpoint_every": 800, "train.out_dir": str(out)})
+                             "train.checkpoint_every": 400, "train.out_dir": str(out)})
     train(cfg, log=quiet, progress=False)
     return out
 
