@@ -256,3 +256,20 @@ def test_resuming_a_fine_tuned_run_without_its_source_names_init_from_first(sour
         train(tiny(**{"train.max_steps": 3, "model.base_channels": 32}), log=quiet,
               progress=False)
     assert run.path.is_dir()
+
+
+def test_a_fine_tuning_run_resumes_without_its_source_named_relative(source, tiny, tmp_path,
+                                                                    monkeypatch):
+    """The same command again, --init-from a relative path whose folder is gone since: the run
+    recorded it absolute, and resumes (not "a different config ... --fresh", which would throw
+    the fine-tuning away)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(source, tmp_path / "src")
+    run = train(tiny(**{"train.init_from": "src", "train.max_steps": 10}), log=quiet,
+                progress=False)
+    shutil.rmtree(tmp_path / "src")
+    train(tiny(**{"train.init_from": "src", "train.max_steps": 20}), log=quiet, progress=False)
+    assert run.read_state()["checkpoints"][-1]["step"] == 20
+    assert run.config().train.init_from == str(tmp_path / "src")

@@ -358,3 +358,28 @@ def test_a_lock_taken_on_a_file_its_last_holder_unlinked_is_taken_again(tmp_path
         with pytest.raises(UserError, match="another ddpmkit sample is writing"):
             with atomic.FolderLock(folder, "sample"):
                 pass
+
+
+def test_an_evaluation_measured_otherwise_after_a_resume_deletes_no_earlier_best(tmp_path):
+    """train.eval_num changed on resume: FDs of other image counts are not compared, so the best
+    is chosen among the new measure's, and the best of the earlier measure is kept beside it."""
+    from ddpmkit.checkpoint import file_sha256
+    from ddpmkit.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+
+    def checkpoint(step, fd, images):
+        run.checkpoint_file(step).write_bytes(str(step).encode())
+        run.add_checkpoint(file_sha256(run.checkpoint_file(step)), step, 1.0, keep_last=1)
+        run.record_evaluation(step, {"fd": fd, "features": "classifier", "weights": "w",
+                                     "images": images}, keep_last=1)
+
+    for step, fd in ((100, 20.0), (200, 18.0), (300, 21.0)):
+        checkpoint(step, fd, 32)
+    for step, fd in ((400, 19.0), (500, 18.5)):
+        checkpoint(step, fd, 1000)
+    state = run.read_state()
+    assert state["best"] == 500 and [e["step"] for e in state["checkpoints"]] == [200, 500]
+    assert sorted(p.name for p in run.checkpoint_file(1).parent.iterdir()) == [
+        run.checkpoint_file(200).name, run.checkpoint_file(500).name]

@@ -53,10 +53,12 @@ def prepare_training(cfg: Config, fresh: bool, log=print) -> Prepared:
                         "probability below 1 (EDM uses about 0.12)")
     # recorded absolute: sampling, eval --ref RUN and balance find the data from any folder
     values = {"data.path": absolute(cfg.data.path), "data.labels": absolute(cfg.data.labels)}
-    if cfg.train.init_from and Path(cfg.train.init_from).expanduser().exists():  # not a hub id
-        values["train.init_from"] = absolute(cfg.train.init_from)
     run = RunDir(cfg.train.out_dir)
     recorded = not fresh and run.is_run() and run.config_path.is_file()  # a run to resume
+    init_from = cfg.train.init_from
+    if init_from and (Path(init_from).expanduser().exists()  # not a hub id, nor a folder gone since
+                      or recorded and run.config().train.init_from == absolute(init_from)):
+        values["train.init_from"] = absolute(init_from)
     if cfg.data.bit_depth is None and recorded:
         values["data.bit_depth"] = run.config().data.bit_depth  # a resumed run reads data as before
     cfg = updated(cfg, values)

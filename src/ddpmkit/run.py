@@ -547,6 +547,10 @@ class RunDir:
             best = (min(by_loss, key=lambda e: e["loss"])["step"] if by_loss
                     else max(e["step"] for e in entries))
         keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
+        # and the best as each earlier measure saw it: one changed measure deletes no best
+        for measure in {e.get("fd_of") for e in entries if "fd" in e}:
+            keep.add(min((e for e in entries if "fd" in e and e.get("fd_of") == measure),
+                         key=lambda e: e["fd"])["step"])
         self.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
         for e in entries:  # only after state.json no longer names them
             path = self.checkpoint_file(e["step"])
