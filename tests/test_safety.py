@@ -383,3 +383,22 @@ def test_an_evaluation_measured_otherwise_after_a_resume_deletes_no_earlier_best
     assert state["best"] == 500 and [e["step"] for e in state["checkpoints"]] == [200, 500]
     assert sorted(p.name for p in run.checkpoint_file(1).parent.iterdir()) == [
         run.checkpoint_file(200).name, run.checkpoint_file(500).name]
+
+
+def test_damaged_log_lines_are_said_when_a_resume_drops_them_and_a_torn_last_one_is_not(
+        tmp_path):
+    from ddpmkit.run import RunDir
+
+    run = RunDir(tmp_path)
+    rows = [f'{{"step": {s}, "loss": 0.5}}\n' for s in (10, 20, 30, 40, 50)]
+    rows[1] = '{"step": 20, "lo\x00ss": \n'  # damaged bytes in the middle of the file
+    (tmp_path / "stats.jsonl").write_text("".join(rows) + '{"step": 60, "lo')  # then torn
+    said = []
+    run.truncate_stats(40, said.append)
+    assert [r["step"] for r in run.read_stats()] == [10, 30, 40]
+    assert said == [f"warning: 1 damaged line(s) of {tmp_path / 'stats.jsonl'} (line 2) were "
+                    f"left out: the log has no row for them"]
+    (tmp_path / "stats.jsonl").write_text("".join(rows[:1]) + '{"step": 20, "lo')
+    said.clear()
+    run.truncate_stats(40, said.append)
+    assert said == [] and [r["step"] for r in run.read_stats()] == [10]

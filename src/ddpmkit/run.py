@@ -269,19 +269,27 @@ class RunDir:
                             f"saw: calibrating a threshold needs at least 20 (hundreds are better)")
         return images
 
-    def stats_rows(self) -> Iterator[dict]:
+    def stats_rows(self, damaged: list[int] | None = None) -> Iterator[dict]:
         """The rows of stats.jsonl, a line at a time; a torn last line (a crash mid-append), a line
-        of damaged bytes and one longer than any row ddpmkit writes are left out."""
+        of damaged bytes and one longer than any row ddpmkit writes are left out (the numbers of
+        the last two kinds into `damaged`)."""
         if not self.stats_path.is_file():
             return
+        number, starts = 0, True  # the line a chunk of at most MAX_STATS_LINE is from
         with open(self.stats_path, errors="replace") as f:
             while line := f.readline(MAX_STATS_LINE):
+                first, starts = starts, line.endswith("\n")
+                number += first
                 try:
                     row = json.loads(line)
                 except (json.JSONDecodeError, RecursionError):
-                    continue
+                    row = None
                 if isinstance(row, dict) and _is_int(row.get("step")) and 0 <= row["step"] < 2**63:
                     yield row
+                elif first and damaged is not None:
+                    damaged.append(number)
+        if damaged and damaged[-1] == number and not starts:  # torn: a crash mid-append
+            damaged.pop()
 
     def read_stats(self, most: int = 20_000) -> list[dict]:
         """stats.jsonl's rows, thinned evenly to at most `most` (what a report plots), in bounded
@@ -470,14 +478,19 @@ class RunDir:
         with atomic.open_in_place(self.stats_path, "a") as f:
             f.write(atomic.json_text(record, indent=None) + "\n")
 
-    def truncate_stats(self, step: int) -> None:
+    def truncate_stats(self, step: int, log=warn) -> None:
         """Drop log lines past the step training restarts from (written after its checkpoint, before
-        the crash), and a torn last line."""
+        the crash), and a torn last line; damaged lines elsewhere are said."""
+        damaged: list[int] = []
         if self.stats_path.exists():
             with atomic.atomic_path(self.stats_path) as tmp, open(tmp, "w") as out:
-                for row in self.stats_rows():
+                for row in self.stats_rows(damaged):
                     if row["step"] <= step:
                         out.write(atomic.json_text(row, indent=None) + "\n")
+        if damaged:
+            log(f"warning: {len(damaged)} damaged line(s) of {self.stats_path} (line "
+                f"{', '.join(map(str, damaged[:5]))}{', ...' if len(damaged) > 5 else ''}) were "
+                f"left out: the log has no row for them")
 
     def record_training_images(self, digests: list[str], log) -> None:
         """Keep training_images.sha256 a record of every image the run has trained on: a resume on

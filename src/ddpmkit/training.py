@@ -284,7 +284,7 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         if resume_from is not None and digests is not None:
             run.warn_relabelled(meta, digests, log)
         run.start(job.cfg, meta, state.step)
-        run.truncate_stats(state.step)
+        run.truncate_stats(state.step, log)
         if digests is not None:
             run.record_training_images(digests, log)
     log(f"training {run.path}: {count_parameters(state.model):,} parameters, {data.source}, "
