@@ -334,3 +334,10 @@ def test_attention_at_no_level_is_refused(tiny, tmp_path):
                        match=r"model.attention_resolutions=\[3\]: no level of this model is 3x3"):
         train(tiny(**{"model.attention_resolutions": [3]}), **quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_first_line_says_the_size_the_model_trains_at_beside_the_datas_own(tiny):
+    """Digits are 8x8; trained at 16x16 (data.image_size), the model's size is the one said."""
+    said = []
+    train(tiny(**{"data.image_size": 16, "train.max_steps": 1}), log=said.append, progress=False)
+    assert " parameters at 16x16, scikit-learn digits (1797 images, 8x8), on cpu" in said[0], said

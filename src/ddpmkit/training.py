@@ -287,8 +287,9 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         run.truncate_stats(state.step, log)
         if digests is not None:
             run.record_training_images(digests, log)
-    log(f"training {run.path}: {count_parameters(state.model):,} parameters, {data.source}, "
-        f"on {job.device}"
+    size = job.cfg.data.image_size
+    log(f"training {run.path}: {count_parameters(state.model):,} parameters at {size}x{size}, "
+        f"{data.source}, on {job.device}"
         + (f" x {job.world.size} processes" if job.world.size > 1 else "")
         + (f", {tc.grad_accum} micro-batches of {job.micro_batch} per step"
            if tc.grad_accum > 1 else ""))
