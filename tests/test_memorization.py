@@ -745,3 +745,29 @@ def test_the_feature_view_sets_aside_the_images_the_pixels_found_to_be_duplicate
         add_feature_view(summary, extractor, (held[:20], train, calibration), pixels,
                          log=lambda *_: None)
         assert summary["features"]["duplicates_set_aside"] == aside
+
+
+def test_the_feature_view_sets_aside_the_very_images_the_pixels_did(digits):
+    """The same rows, not only as many: held out, and leave-one-out over more images than a
+    calibration takes (a fixed subset of them, the same in both views)."""
+    from ddpmkit.metrics.memorization import REFERENCE_MAX
+
+    train, held = digits[0][:300], digits[1][:200]
+    calibration = torch.cat([held, _jpeg(train[:6], 95)])
+    pixels = audit(held[:5], train, calibration)
+    assert pixels.calibration.aside_rows.tolist() == list(range(200, 206))
+
+    def features(images):
+        return images.flatten(1).float()
+
+    found = audit(features(held[:5]), features(train), features(calibration),
+                  search=nearest_features, aside_rows=pixels.calibration.aside_rows)
+    assert found.calibration.aside_rows.tolist() == list(range(200, 206))
+    many = torch.cat([digits[0], digits[1], _jpeg(digits[0][:300], 95)])
+    assert len(many) > REFERENCE_MAX
+    loo = audit(many[:5], many, None)
+    rows = loo.calibration.aside_rows
+    assert len(rows) > 0
+    again = audit(features(many[:5]), features(many), None, search=nearest_features,
+                  aside_rows=rows)
+    assert np.array_equal(again.calibration.aside_rows, rows)

@@ -402,3 +402,36 @@ def test_damaged_log_lines_are_said_when_a_resume_drops_them_and_a_torn_last_one
     said.clear()
     run.truncate_stats(40, said.append)
     assert said == [] and [r["step"] for r in run.read_stats()] == [10]
+
+
+def test_damaged_log_lines_are_counted_as_lines_of_the_file(tmp_path, capsys):
+    """A line longer than any row is one damaged line, and no row is read from its tail; a stray
+    carriage return does not split a line; blank lines are no damage."""
+    from ddpmkit.run import MAX_STATS_LINE, RunDir
+
+    def row(step):
+        return f'{{"step": {step}, "loss": 0.5}}\n'
+
+    (tmp_path / "stats.jsonl").write_text(
+        row(1) + "x" * MAX_STATS_LINE + '{"step": 999}\n' + row(3) + '{"step": 4, "lo\rss"\n'
+        + "\n" + row(5) + "garbage\n" + row(7))
+    RunDir(tmp_path).truncate_stats(10)
+    assert [r["step"] for r in RunDir(tmp_path).read_stats()] == [1, 3, 5, 7]
+    assert capsys.readouterr().out == (
+        f"warning: 3 damaged line(s) of {tmp_path / 'stats.jsonl'} (lines 2, 4, 7) were left "
+        f"out: the log has no row for them\n")
+
+
+def test_an_evaluation_that_gave_no_number_is_never_best_and_breaks_no_later_checkpoint(tmp_path):
+    from ddpmkit.checkpoint import file_sha256
+    from ddpmkit.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    measure = {"features": "classifier", "weights": "w", "images": 32}
+    for step, fd in ((100, 20.0), (200, float("nan")), (300, 25.0)):
+        run.checkpoint_file(step).write_bytes(str(step).encode())
+        run.add_checkpoint(file_sha256(run.checkpoint_file(step)), step, 1.0, keep_last=2)
+        run.record_evaluation(step, {"fd": fd, **measure}, keep_last=2)
+    state = run.read_state()
+    assert state["best"] == 100 and [e["step"] for e in state["checkpoints"]] == [100, 200, 300]

@@ -270,23 +270,22 @@ class RunDir:
         return images
 
     def stats_rows(self, damaged: list[int] | None = None) -> Iterator[dict]:
-        """The rows of stats.jsonl, a line at a time; a torn last line (a crash mid-append), a line
-        of damaged bytes and one longer than any row ddpmkit writes are left out (the numbers of
-        the last two kinds into `damaged`)."""
+        """The rows of stats.jsonl, a line at a time; blank lines, a torn last line (a crash
+        mid-append), a line of damaged bytes and one longer than any row ddpmkit writes are left
+        out (the numbers of the last two kinds into `damaged`)."""
         if not self.stats_path.is_file():
             return
         number, starts = 0, True  # the line a chunk of at most MAX_STATS_LINE is from
-        with open(self.stats_path, errors="replace") as f:
+        with open(self.stats_path, errors="replace", newline="\n") as f:
             while line := f.readline(MAX_STATS_LINE):
                 first, starts = starts, line.endswith("\n")
-                number += first
-                try:
-                    row = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    row = None
-                if isinstance(row, dict) and _is_int(row.get("step")) and 0 <= row["step"] < 2**63:
+                if not first:  # the rest of a line longer than any row
+                    continue
+                number += 1
+                row = _row(line) if starts or len(line) < MAX_STATS_LINE else None
+                if row is not None:
                     yield row
-                elif first and damaged is not None:
+                elif line.strip() and damaged is not None:
                     damaged.append(number)
         if damaged and damaged[-1] == number and not starts:  # torn: a crash mid-append
             damaged.pop()
@@ -478,7 +477,7 @@ class RunDir:
         with atomic.open_in_place(self.stats_path, "a") as f:
             f.write(atomic.json_text(record, indent=None) + "\n")
 
-    def truncate_stats(self, step: int, log=warn) -> None:
+    def truncate_stats(self, step: int, log=print) -> None:
         """Drop log lines past the step training restarts from (written after its checkpoint, before
         the crash), and a torn last line; damaged lines elsewhere are said."""
         damaged: list[int] = []
@@ -488,7 +487,8 @@ class RunDir:
                     if row["step"] <= step:
                         out.write(atomic.json_text(row, indent=None) + "\n")
         if damaged:
-            log(f"warning: {len(damaged)} damaged line(s) of {self.stats_path} (line "
+            log(f"warning: {len(damaged)} damaged line(s) of {self.stats_path} "
+                f"({'line' if len(damaged) == 1 else 'lines'} "
                 f"{', '.join(map(str, damaged[:5]))}{', ...' if len(damaged) > 5 else ''}) were "
                 f"left out: the log has no row for them")
 
@@ -551,8 +551,8 @@ class RunDir:
         of checkpoints/ that hold what ddpmkit recorded there, nothing else."""
         # best: lowest eval FD of those measured as the latest was (train.eval_features and
         # eval_num may change on resume), else lowest mean loss
-        scored = [e for e in entries if "fd" in e]
-        scored = [e for e in scored if e.get("fd_of") == max(scored, key=_step).get("fd_of")]
+        measured = [e for e in entries if _is_number(e.get("fd")) and math.isfinite(e["fd"])]
+        scored = [e for e in measured if e.get("fd_of") == max(measured, key=_step).get("fd_of")]
         by_loss = [e for e in entries if e["loss"] is not None and math.isfinite(e["loss"])]
         if scored:
             best = min(scored, key=lambda e: e["fd"])["step"]
@@ -561,8 +561,8 @@ class RunDir:
                     else max(e["step"] for e in entries))
         keep = {e["step"] for e in sorted(entries, key=lambda e: -e["step"])[:keep_last]} | {best}
         # and the best as each earlier measure saw it: one changed measure deletes no best
-        for measure in {e.get("fd_of") for e in entries if "fd" in e}:
-            keep.add(min((e for e in entries if "fd" in e and e.get("fd_of") == measure),
+        for measure in {e.get("fd_of") for e in measured}:
+            keep.add(min((e for e in measured if e.get("fd_of") == measure),
                          key=lambda e: e["fd"])["step"])
         self.write_state({"checkpoints": [e for e in entries if e["step"] in keep], "best": best})
         for e in entries:  # only after state.json no longer names them
@@ -587,6 +587,16 @@ def fd_of(metrics: dict) -> str:
 
 def _step(entry: dict) -> int:
     return entry["step"]
+
+
+def _row(line: str) -> dict | None:
+    """A stats.jsonl line's row, or None where it is none."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    ok = isinstance(row, dict) and _is_int(row.get("step")) and 0 <= row["step"] < 2**63
+    return row if ok else None
 
 
 def _is_number(value) -> bool:
