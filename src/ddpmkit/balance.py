@@ -38,7 +38,7 @@ import torch
 from . import atomic
 from .atomic import FolderLock
 from .config import SampleConfig, class_name
-from .data import ImageData, image_digests, labelling_digest, load_images, resize_center_crop
+from .data import ImageData, labelling_digest, load_images, resize_center_crop
 from .errors import UserError
 from .generation import (MANIFEST_COLUMNS, MAX_GUIDANCE, Anchors, SamplingSpec, finished_rows,
                          generate, keys_asked, no_unconditional_model, sample_batch)
@@ -257,8 +257,7 @@ def _refuse_relabelled(recorded: RunDir, counts: dict[str, int], data: ImageData
                         f"changed since training; restore them, or train again on the data as "
                         f"it is now")
     labelled = recorded.meta().get("labels_sha256")
-    if labelled is not None and labelled != labelling_digest(image_digests(data.images),
-                                                             data.labels):
+    if labelled is not None and labelled != labelling_digest(data.digests, data.labels):
         raise UserError(f"{data_cfg.labels or data_cfg.path} now gives some images other labels "
                         f"than {recorded.path} trained on (the counts per class are the same): "
                         f"its labels changed since training; restore them, or train again on "

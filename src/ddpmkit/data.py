@@ -17,6 +17,7 @@ import re
 import struct
 import zipfile
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -49,6 +50,11 @@ class ImageData:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @cached_property
+    def digests(self) -> list[str]:
+        """Each image's sha256, hashed once for every check that needs it."""
+        return image_digests(self.images)
 
     def origins(self) -> list[str]:
         """Where each image came from: its file, or `array#index` for arrays and the digits."""

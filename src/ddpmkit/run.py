@@ -176,7 +176,7 @@ class RunDir:
                 f"data as it is now stands in for them")
             return data
         recorded = self.recorded_digests()
-        unseen = sum(d not in recorded for d in image_digests(data.images))
+        unseen = sum(d not in recorded for d in data.digests)
         if unseen:
             raise UserError(f"{self.path}'s data has changed since it trained ({unseen} image(s) "
                             f"it never saw): the images it trained on are needed")

@@ -28,7 +28,7 @@ import torch
 from . import atomic, augmentation
 from .checkpoint import restore, save_checkpoint
 from .config import Config
-from .data import ImageData, batch_to_model, image_digests, labelling_digest
+from .data import ImageData, batch_to_model, labelling_digest
 from .distributed import World, agreed, barrier, device_for, on_main_then_shared
 from .errors import UserError, expect
 from .generation import SamplingSpec, sample, sample_batch
@@ -273,7 +273,7 @@ def _start(job: Job, state: TrainState, resume_from) -> bool:
         if resume_from is not None and processes != job.world.size:  # the shards sum otherwise
             run.add_change("processes", processes, job.world.size, log)
         # a streamed dataset is not read whole just for its digests
-        digests = image_digests(data.images) if isinstance(data, ImageData) else None
+        digests = data.digests if isinstance(data, ImageData) else None
         counts = _class_counts(data, job.cfg)
         meta = {"environment": environment(job.device), "data": data.source,
                 "num_images": len(data), "skipped_images": [f for f, _ in data.skipped],
